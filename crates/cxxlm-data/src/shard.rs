@@ -1,0 +1,89 @@
+//! jsonl.zst shards written under a temporary name and renamed when complete, so a
+//! reader (or a killed run) never sees half a shard.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use crate::document::Document;
+use crate::error::{DataError, Result};
+
+pub struct ShardWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    out: zstd::stream::write::Encoder<'static, BufWriter<File>>,
+    pub docs: u64,
+    /// Bytes of JSON lines written (before compression).
+    pub bytes: u64,
+    line: Vec<u8>,
+}
+
+impl ShardWriter {
+    pub fn create(path: PathBuf, level: i32) -> Result<Self> {
+        let tmp = tmp_name(&path);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+        }
+        let file = File::create(&tmp).map_err(|e| DataError::io(&tmp, e))?;
+        let out = zstd::stream::write::Encoder::new(BufWriter::with_capacity(1 << 20, file), level)
+            .map_err(|e| DataError::io(&tmp, e))?;
+        Ok(ShardWriter { path, tmp, out, docs: 0, bytes: 0, line: Vec::new() })
+    }
+
+    pub fn write(&mut self, doc: &Document) -> Result<()> {
+        self.line.clear();
+        serde_json::to_writer(&mut self.line, doc).map_err(|e| DataError::io(&self.tmp, e.into()))?;
+        self.line.push(b'\n');
+        self.out.write_all(&self.line).map_err(|e| DataError::io(&self.tmp, e))?;
+        self.docs += 1;
+        self.bytes += self.line.len() as u64;
+        Ok(())
+    }
+
+    /// Flush, sync and rename into place; returns the final path.
+    pub fn finish(self) -> Result<PathBuf> {
+        let tmp = self.tmp;
+        let file = self
+            .out
+            .finish()
+            .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
+            .map_err(|e| DataError::io(&tmp, e))?;
+        file.sync_all().map_err(|e| DataError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| DataError::io(&self.path, e))?;
+        Ok(self.path)
+    }
+}
+
+pub fn tmp_name(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+/// Write `bytes` to `path` atomically (temporary file, sync, rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = tmp_name(path);
+    let mut f = File::create(&tmp).map_err(|e| DataError::io(&tmp, e))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| DataError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead;
+
+    #[test]
+    fn shard_reads_back_and_appears_only_when_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("part-00000.jsonl.zst");
+        let mut w = ShardWriter::create(path.clone(), 3).unwrap();
+        let doc = Document { id: "a".into(), text: "int x;\n".into(), meta: Default::default() };
+        w.write(&doc).unwrap();
+        assert!(!path.exists());
+        assert_eq!(w.finish().unwrap(), path);
+        let reader = std::io::BufReader::new(zstd::Decoder::new(File::open(&path).unwrap()).unwrap());
+        let lines: Vec<Document> = reader.lines().map(|l| serde_json::from_str(&l.unwrap()).unwrap()).collect();
+        assert_eq!(lines, vec![doc]);
+    }
+}

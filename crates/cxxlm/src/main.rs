@@ -1,0 +1,38 @@
+//! `cxxlm`: train C++-specialist code language models end to end.
+
+mod data;
+mod interrupt;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cxxlm", version, about = "Train C++-specialist code language models end to end")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Collect and clean C++ sources into jsonl.zst shards.
+    #[command(subcommand)]
+    Data(data::DataCommand),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CXXLM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Data(cmd) => data::run(cmd),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
