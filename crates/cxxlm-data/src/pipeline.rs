@@ -437,7 +437,7 @@ impl<'a> TaskRun<'a> {
                 Outcome::Ignored => {}
                 Outcome::Skipped { skipped, bytes } => {
                     self.stats.read.skipped.entry(skipped.reason.clone()).or_default().add(bytes);
-                    tracing::warn!("skipped {}: {} ({})", skipped.input, skipped.reason, skipped.detail);
+                    tracing::info!("skipped {}: {} ({})", skipped.input, skipped.reason, skipped.detail);
                     self.stats.read.skipped_inputs.push(skipped);
                 }
                 Outcome::Dropped { doc, step, reason, records } => {

@@ -1,5 +1,8 @@
 //! `cxxlm`: train C++-specialist code language models end to end.
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod data;
 mod interrupt;
 

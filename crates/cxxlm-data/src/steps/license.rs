@@ -55,7 +55,11 @@ impl Licenses {
     pub fn new(head_bytes: usize) -> Self {
         Licenses {
             head_bytes,
-            phrases: AhoCorasick::new(PHRASES.iter().map(|(p, _)| p)).expect("static patterns"),
+            phrases: AhoCorasick::builder()
+                .kind(Some(aho_corasick::AhoCorasickKind::DFA))
+                .prefilter(false)
+                .build(PHRASES.iter().map(|(p, _)| p))
+                .expect("static patterns"),
             spdx: Regex::new(r"SPDX-License-Identifier:\s*([A-Za-z0-9.+() -]+)").expect("static"),
         }
     }
@@ -75,6 +79,9 @@ impl Licenses {
         }
         let words = normalize_words(head);
         let mut found: Vec<String> = Vec::new();
+        // A GNU license named without a version ("a copy of the GNU General Public
+        // License") counts only if no versioned mention of the same license exists.
+        let mut unversioned: Vec<String> = Vec::new();
         for m in self.phrases.find_iter(&words) {
             let after = &words[m.end()..words.len().min(m.end() + 400)];
             let id = match PHRASES[m.pattern().as_usize()].1 {
@@ -90,10 +97,27 @@ impl Licenses {
                         "BSD-2-Clause".into()
                     }
                 }
-                Family::Gpl => gnu_version("GPL", after, &["3", "2"]),
-                Family::Lgpl => gnu_version("LGPL", after, &["3", "2 1", "2"]),
+                Family::Gpl | Family::Lgpl => {
+                    let (name, versions): (&str, &[&str]) = match PHRASES[m.pattern().as_usize()].1 {
+                        Family::Gpl => ("GPL", &["3", "2"]),
+                        _ => ("LGPL", &["3", "2 1", "2"]),
+                    };
+                    match gnu_version(name, after, versions) {
+                        Some(id) => id,
+                        None => {
+                            unversioned.push(format!("{name}-2.0-or-later"));
+                            continue;
+                        }
+                    }
+                }
             };
             if !found.contains(&id) {
+                found.push(id);
+            }
+        }
+        for id in unversioned {
+            let family = id.split('-').next().unwrap_or("");
+            if !found.iter().any(|f| f.split('-').next() == Some(family)) && !found.contains(&id) {
                 found.push(id);
             }
         }
@@ -106,7 +130,9 @@ impl Licenses {
     }
 }
 
-fn gnu_version(name: &str, after: &str, versions: &[&str]) -> String {
+fn gnu_version(name: &str, after: &str, versions: &[&str]) -> Option<String> {
+    // Only the sentence that names the license: up to the next mention of another one.
+    let after = after.split("license").take(2).collect::<Vec<_>>().join("license");
     for v in versions {
         if after.contains(&format!("version {v} ")) {
             let spdx_v = match *v {
@@ -115,24 +141,47 @@ fn gnu_version(name: &str, after: &str, versions: &[&str]) -> String {
                 _ => "2.0",
             };
             let later = after.contains("any later version");
-            return format!("{name}-{spdx_v}{}", if later { "-or-later" } else { "-only" });
+            return Some(format!("{name}-{spdx_v}{}", if later { "-or-later" } else { "-only" }));
         }
     }
-    format!("{name}-2.0-or-later")
+    None
 }
 
-/// Lower-cased words of the head, comment markers and punctuation gone.
+/// Lower-cased ASCII words of the head, comment markers and punctuation gone (license
+/// phrases are ASCII; other characters separate words).
 fn normalize_words(head: &str) -> String {
-    let mut out = String::with_capacity(head.len());
-    for ch in head.chars() {
-        if ch.is_alphanumeric() {
-            out.extend(ch.to_lowercase());
-        } else if !out.ends_with(' ') {
-            out.push(' ');
+    const FOLD: [u8; 256] = {
+        let mut t = [0u8; 256];
+        let mut b = 0;
+        while b < 128 {
+            let c = b as u8;
+            if c.is_ascii_alphanumeric() {
+                t[b] = c.to_ascii_lowercase();
+            }
+            b += 1;
+        }
+        t
+    };
+    let bytes = head.as_bytes();
+    let mut out = vec![0u8; bytes.len() + 1];
+    let mut n = 0;
+    let mut space = false;
+    for &b in bytes {
+        let c = FOLD[b as usize];
+        if c != 0 {
+            out[n] = c;
+            n += 1;
+            space = false;
+        } else if !space {
+            out[n] = b' ';
+            n += 1;
+            space = true;
         }
     }
-    out.push(' ');
-    out
+    out[n] = b' ';
+    out.truncate(n + 1);
+    // Only ASCII bytes were written.
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// Whether an SPDX expression allows permissive use: some `OR` alternative whose every
@@ -205,7 +254,7 @@ mod tests {
     fn license_texts_in_comments() {
         let mit = "/*\n * Permission is hereby granted, free of charge, to any person\n * obtaining a copy of this software */";
         assert_eq!(detect(mit).as_deref(), Some("MIT"));
-        let libstdcxx = "// This library is free software; you can redistribute it and/or modify it under the\n// terms of the GNU General Public License as published by the\n// Free Software Foundation; either version 3, or (at your option)\n// any later version.\n// Under Section 7 of GPL version 3, you are granted additional\n// permissions described in the GCC Runtime Library Exception, version\n// 3.1, as published by the Free Software Foundation.";
+        let libstdcxx = "// This library is free software; you can redistribute it and/or modify it under the\n// terms of the GNU General Public License as published by the\n// Free Software Foundation; either version 3, or (at your option)\n// any later version.\n// Under Section 7 of GPL version 3, you are granted additional\n// permissions described in the GCC Runtime Library Exception, version\n// 3.1, as published by the Free Software Foundation.\n// You should have received a copy of the GNU General Public License and\n// a copy of the GCC Runtime Library Exception along with this program.";
         assert_eq!(
             detect(libstdcxx).as_deref(),
             Some("GPL-3.0-or-later WITH GCC-exception-3.1")

@@ -1,4 +1,5 @@
 use regex::Regex;
+use regex_automata::{meta, Input};
 
 use super::{Counters, Step, Verdict};
 use crate::config::QualityConfig;
@@ -27,7 +28,9 @@ const GENERATED_PREFIXES: [&str; 2] = ["moc_", "qrc_"];
 /// The first failing rule names the drop.
 pub struct QualityFilter {
     config: QualityConfig,
-    encoded: [Regex; 3],
+    /// The Stack v2's hex byte list pattern, run only where a scan found room for it.
+    hex: meta::Regex,
+    unicode: Regex,
 }
 
 impl QualityFilter {
@@ -35,11 +38,9 @@ impl QualityFilter {
         let re = |p: &str| Regex::new(p).expect("static pattern");
         QualityFilter {
             config,
-            encoded: [
-                re(r"[a-zA-Z0-9+/\n=]{64,}"),
-                re(r"(?:(?-u:\b)(?:0x|\\x)?[0-9a-fA-F]{2}(?:,|(?-u:\b)\s*)){8,}"),
-                re(r"(?:\\u[0-9a-fA-F]{4}){8,}"),
-            ],
+            hex: meta::Regex::new(r"(?:(?-u:\b)(?:0x|\\x)?[0-9a-fA-F]{2}(?:,|(?-u:\b)\s*)){8,}")
+                .expect("static pattern"),
+            unicode: re(r"(?:\\u[0-9a-fA-F]{4}){8,}"),
         }
     }
 
@@ -86,17 +87,21 @@ impl QualityFilter {
     }
 
     fn has_encoded_data(&self, text: &str, chars: usize) -> bool {
-        let mut covered = 0usize;
-        for re in &self.encoded {
-            for m in re.find_iter(text) {
-                // Every pattern matches ASCII only but `\s`, so bytes are characters.
-                let len = m.as_str().chars().count();
-                if len > self.config.encoded_max_match_chars {
-                    return true;
-                }
-                covered += len;
+        let max = self.config.encoded_max_match_chars;
+        let runs = scan_runs(text.as_bytes());
+        let mut lengths = runs.base64;
+        for (start, end) in runs.hex {
+            // The range keeps the text around it visible to the word boundaries.
+            for m in self.hex.find_iter(Input::new(text).range(start..end)) {
+                lengths.push(text[m.range()].chars().count());
             }
         }
+        // Every pattern matches ASCII only but `\s`, so most bytes are characters.
+        lengths.extend(self.unicode.find_iter(text).map(|m| m.as_str().len()));
+        if lengths.iter().any(|&n| n > max) {
+            return true;
+        }
+        let covered: usize = lengths.iter().sum();
         chars > 0 && covered as f64 / chars as f64 > self.config.encoded_max_fraction
     }
 }
@@ -112,6 +117,60 @@ impl Step for QualityFilter {
             None => Verdict::Keep,
         }
     }
+}
+
+const BASE64: u8 = 1;
+const HEX: u8 = 2;
+/// `[a-zA-Z0-9+/\n=]` (the base64 pattern's class) and the characters a hex byte list
+/// can consist of (`[0-9a-fA-Fx\\,]` and whitespace).
+const CLASSES: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 128 {
+        let c = b as u8;
+        if c.is_ascii_alphanumeric() || c == b'+' || c == b'/' || c == b'\n' || c == b'=' {
+            t[b] |= BASE64;
+        }
+        if c.is_ascii_hexdigit() || c == b'x' || c == b'\\' || c == b',' || c.is_ascii_whitespace() {
+            t[b] |= HEX;
+        }
+        b += 1;
+    }
+    t
+};
+
+#[derive(Default)]
+struct Runs {
+    /// Lengths of the base64 pattern's matches (`[a-zA-Z0-9+/\n=]{64,}`).
+    base64: Vec<usize>,
+    /// Byte ranges that could hold a hex byte list match (16 or more characters).
+    hex: Vec<(usize, usize)>,
+}
+
+fn scan_runs(bytes: &[u8]) -> Runs {
+    let mut runs = Runs::default();
+    let (mut b64, mut hex) = (0usize, 0usize);
+    // Branch-free counting: code alternates between classes too often for branches
+    // on them to predict well; only the rare end of a long run branches.
+    for (i, &b) in bytes.iter().enumerate() {
+        let c = CLASSES[b as usize];
+        let (prev64, prevhex) = (b64, hex);
+        b64 = (b64 + 1) & 0usize.wrapping_sub((c & BASE64) as usize);
+        hex = (hex + 1) & 0usize.wrapping_sub(((c & HEX) >> 1) as usize);
+        if b64 == 0 && prev64 >= 64 {
+            runs.base64.push(prev64);
+        }
+        if hex == 0 && prevhex >= 16 {
+            runs.hex.push((i - prevhex, i));
+        }
+    }
+    if b64 >= 64 {
+        runs.base64.push(b64);
+    }
+    if hex >= 16 {
+        runs.hex.push((bytes.len() - hex, bytes.len()));
+    }
+    runs
 }
 
 fn head_chars(text: &str, n: usize) -> &str {
@@ -147,23 +206,40 @@ impl TextShape {
             return s;
         }
         let body = text.strip_suffix('\n').unwrap_or(text);
+        if text.is_ascii() {
+            // The common case, in loops the compiler vectorizes.
+            let mut start = 0;
+            for nl in memchr::memchr_iter(b'\n', body.as_bytes()).chain([body.len()]) {
+                s.lines += 1;
+                s.max_line = s.max_line.max(nl - start);
+                start = nl + 1;
+            }
+            s.line_chars = body.len() + 1 - s.lines;
+            s.chars = text.len();
+            let (mut alpha, mut digit) = (0usize, 0usize);
+            for chunk in text.as_bytes().chunks(255) {
+                let (mut a, mut d) = (0u8, 0u8);
+                for &b in chunk {
+                    a += ((b | 0x20).wrapping_sub(b'a') < 26) as u8;
+                    d += (b.wrapping_sub(b'0') < 10) as u8;
+                }
+                alpha += a as usize;
+                digit += d as usize;
+            }
+            s.alphabetic = alpha;
+            s.alphanumeric = alpha + digit;
+            return s;
+        }
         for line in body.split('\n') {
             s.lines += 1;
-            let len = if line.is_ascii() {
-                s.alphanumeric += line.bytes().filter(u8::is_ascii_alphanumeric).count();
-                s.alphabetic += line.bytes().filter(u8::is_ascii_alphabetic).count();
-                line.len()
-            } else {
-                let mut n = 0;
-                for ch in line.chars() {
-                    n += 1;
-                    s.alphanumeric += ch.is_alphanumeric() as usize;
-                    s.alphabetic += ch.is_alphabetic() as usize;
-                }
-                n
-            };
-            s.max_line = s.max_line.max(len);
-            s.line_chars += len;
+            let mut n = 0;
+            for ch in line.chars() {
+                n += 1;
+                s.alphanumeric += ch.is_alphanumeric() as usize;
+                s.alphabetic += ch.is_alphabetic() as usize;
+            }
+            s.max_line = s.max_line.max(n);
+            s.line_chars += n;
         }
         s.chars = s.line_chars + memchr::memchr_iter(b'\n', text.as_bytes()).count();
         s

@@ -1,0 +1,96 @@
+"""Compare the keep/drop decisions of the shared filters (size bounds, binary and UTF-8
+checks, the quality rules) between a `cxxlm data run --write-removed` output and the
+DataTrove pipeline's output, and print the timing table from GNU time's reports.
+
+Usage: compare.py CXXLM_OUT CXXLM_TIME DATATROVE_OUT DATATROVE_TIME CORPUS_MB [EXTRA_LABEL EXTRA_TIME]...
+"""
+
+import glob
+import io
+import json
+import re
+import sys
+
+import zstandard
+
+SHARED_STEPS = {"decode", "quality"}
+
+
+def jsonl(path):
+    if path.endswith(".zst"):
+        with open(path, "rb") as f:
+            stream = zstandard.ZstdDecompressor().stream_reader(f)
+            yield from (json.loads(line) for line in io.TextIOWrapper(stream, encoding="utf-8"))
+    else:
+        with open(path, encoding="utf-8") as f:
+            yield from (json.loads(line) for line in f)
+
+
+def cxxlm_decisions(out):
+    decisions = {}
+    for path in glob.glob(f"{out}/part-*.jsonl.zst"):
+        for doc in jsonl(path):
+            decisions[doc["id"]] = "keep"
+    for path in glob.glob(f"{out}/removed/part-*.jsonl.zst"):
+        for doc in jsonl(path):
+            removed = doc["meta"]["removed"]
+            shared = removed["step"] in SHARED_STEPS
+            decisions[doc["id"]] = f"drop:{removed['reason']}" if shared else "keep"
+    stats = json.load(open(f"{out}/stats.json"))["stats"]
+    for s in stats["read"]["skipped_inputs"]:
+        decisions[s["input"]] = f"drop:{s['reason']}"
+    return decisions
+
+
+def datatrove_decisions(out):
+    decisions = {}
+    for path in glob.glob(f"{out}/kept/*.jsonl"):
+        for doc in jsonl(path):
+            decisions[doc["id"]] = "keep"
+    for path in glob.glob(f"{out}/removed/*.jsonl"):
+        for doc in jsonl(path):
+            decisions[doc["id"]] = f"drop:{doc['metadata'].get('filter_reason', '?')}"
+    return decisions
+
+
+def gnu_time(path):
+    text = open(path).read()
+    wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", text)
+    h, m, s = wall.groups()
+    seconds = int(h or 0) * 3600 + int(m) * 60 + float(s)
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1))
+    return seconds, rss_kb / 1024
+
+
+def main():
+    cx_out, cx_time, dt_out, dt_time, corpus_mb, *extra = sys.argv[1:]
+    corpus_mb = float(corpus_mb)
+    dt_s, dt_rss = gnu_time(dt_time)
+    rows = [("datatrove", dt_s, dt_rss), ("cxxlm", *gnu_time(cx_time))]
+    for label, path in zip(extra[::2], extra[1::2]):
+        rows.append((label, *gnu_time(path)))
+    print(f"{'pipeline':<28}{'seconds':>9}{'MB/s':>9}{'peak RSS MB':>13}{'vs DataTrove':>14}")
+    for label, s, rss in rows:
+        print(f"{label:<28}{s:>9.2f}{corpus_mb / s:>9.1f}{rss:>13.0f}{dt_s / s:>13.1f}x")
+
+    ours, theirs = cxxlm_decisions(cx_out), datatrove_decisions(dt_out)
+    # A file DataTrove's reader skipped (size, binary, UTF-8) is a drop on its side.
+    files = sorted(set(ours) | set(theirs))
+    agree = 0
+    disagreements = []
+    for f in files:
+        a = ours.get(f, "missing")
+        b = theirs.get(f, "drop:reader")
+        if (a == "keep") == (b == "keep") and a != "missing":
+            agree += 1
+        else:
+            disagreements.append((f, a, b))
+    print(f"\nshared-filter decisions: {agree}/{len(files)} files agree ({100 * agree / len(files):.2f}%)")
+    for f, a, b in disagreements[:25]:
+        print(f"  {f}: cxxlm={a} datatrove={b}")
+    if len(disagreements) > 25:
+        print(f"  ... {len(disagreements) - 25} more")
+
+
+if __name__ == "__main__":
+    main()
