@@ -1,0 +1,90 @@
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn cxxlm() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cxxlm"));
+    cmd.env_remove("SLURM_ARRAY_TASK_ID").env_remove("SLURM_ARRAY_TASK_COUNT");
+    cmd
+}
+
+/// Run `cxxlm` and insist that it succeeds.
+pub fn run_ok(args: &[&str]) -> Output {
+    let out = cxxlm().args(args).output().expect("cxxlm runs");
+    assert!(
+        out.status.success(),
+        "cxxlm {args:?} failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn write(path: &Path, bytes: impl AsRef<[u8]>) {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// The JSON lines of every `part-*.jsonl.zst` in `dir`, in file-name order.
+pub fn read_shards(dir: &Path) -> Vec<Value> {
+    let mut docs = Vec::new();
+    for path in shard_paths(dir) {
+        let file = std::fs::File::open(&path).unwrap();
+        let reader = std::io::BufReader::new(zstd::Decoder::new(file).unwrap());
+        for line in reader.lines() {
+            docs.push(serde_json::from_str(&line.unwrap()).unwrap());
+        }
+    }
+    docs
+}
+
+pub fn shard_paths(dir: &Path) -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    paths.retain(|p| {
+        let name = p.file_name().unwrap().to_string_lossy();
+        name.starts_with("part-") && name.ends_with(".jsonl.zst")
+    });
+    paths.sort();
+    paths
+}
+
+pub fn stats(dir: &Path) -> Value {
+    let text = std::fs::read_to_string(dir.join("stats.json")).unwrap();
+    serde_json::from_str::<Value>(&text).unwrap()["stats"].clone()
+}
+
+pub fn step<'a>(stats: &'a Value, name: &str) -> &'a Value {
+    stats["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no step {name} in {stats}"))
+}
+
+pub fn dropped(stats: &Value, step_name: &str, reason: &str) -> u64 {
+    step(stats, step_name)["dropped"][reason]["docs"].as_u64().unwrap_or(0)
+}
+
+pub fn skipped(stats: &Value, reason: &str) -> u64 {
+    stats["read"]["skipped"][reason]["docs"].as_u64().unwrap_or(0)
+}
+
+pub fn ids(docs: &[Value]) -> Vec<String> {
+    docs.iter().map(|d| d["id"].as_str().unwrap().to_string()).collect()
+}
+
+/// A plausible, unique C++ source file.
+pub fn cpp_source(n: usize) -> String {
+    format!(
+        "// Widget {n}\n#include <vector>\n\nnamespace demo{n} {{\n\nint sum_{n}(const std::vector<int>& values) {{\n    int total = {n};\n    for (int v : values) {{\n        total += v * {m};\n    }}\n    return total;\n}}\n\n}}  // namespace demo{n}\n",
+        m = n % 7 + 1
+    )
+}

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Fetch real C/C++ Debian source packages (their upstream and Debian tarballs, not
+# unpacked: `cxxlm data run` reads the archives directly) into an ignored folder.
+#
+# Usage: scripts/corpus/debian-cpp.sh [OUT_DIR] [PACKAGE...]
+# Default OUT_DIR: corpus/debian. Needs root (it adds deb-src entries derived from the
+# machine's own apt sources and runs apt-get update).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+out=${1:-corpus/debian}
+shift || true
+packages=("$@")
+if [ ${#packages[@]} -eq 0 ]; then
+    packages=(llvm-toolchain-15 boost1.81 qtbase-opensource-src opencv grpc protobuf abseil
+              fmtlib spdlog googletest eigen3 ninja-build)
+fi
+
+src_list=/etc/apt/sources.list.d/cxxlm-deb-src.sources
+if ! grep -rqs '^Types:.*deb-src\|^deb-src ' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    tmp=$(mktemp)
+    # deb822 files: the same stanzas with Types: deb-src.
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [ -e "$f" ] || continue
+        sed -n '/^Types:/s/^Types:.*/Types: deb-src/p; /^Types:/!p' "$f" >>"$tmp"
+        echo >>"$tmp"
+    done
+    # One-line lists: each `deb` line again as `deb-src`.
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [ -e "$f" ] || continue
+        grep -E '^deb ' "$f" | sed 's/^deb /deb-src /' >>"${src_list%.sources}.list" || true
+    done
+    if [ -s "$tmp" ]; then mv "$tmp" "$src_list"; else rm -f "$tmp"; fi
+    apt-get update -qq
+fi
+
+mkdir -p "$out"
+cd "$out"
+for p in "${packages[@]}"; do
+    if ls "${p}"_*.dsc >/dev/null 2>&1; then
+        echo "$p: already here"
+        continue
+    fi
+    echo "$p: fetching"
+    apt-get source --download-only -qq "$p" || echo "$p: not available, skipped" >&2
+done
+du -sh .
