@@ -35,7 +35,10 @@ pub struct TaskSpec {
 impl TaskSpec {
     pub fn validate(&self) -> Result<()> {
         if self.tasks == 0 || self.index >= self.tasks {
-            return Err(DataError::Config(format!("task index {} is not below task count {}", self.index, self.tasks)));
+            return Err(DataError::Config(format!(
+                "task index {} is not below task count {}",
+                self.index, self.tasks
+            )));
         }
         Ok(())
     }
@@ -94,19 +97,25 @@ impl Layout {
         self.dir.join("tasks")
     }
     pub fn done_marker(&self, task: &TaskSpec) -> PathBuf {
-        self.tasks_dir().join(format!("task-{}.done.json", task.name()))
+        self.tasks_dir()
+            .join(format!("task-{}.done.json", task.name()))
     }
     fn checkpoint(&self, task: &TaskSpec) -> PathBuf {
-        self.tasks_dir().join(format!("task-{}.state.json", task.name()))
+        self.tasks_dir()
+            .join(format!("task-{}.state.json", task.name()))
     }
     fn hashes(&self, task: &TaskSpec) -> PathBuf {
-        self.tasks_dir().join(format!("task-{}.hashes", task.name()))
+        self.tasks_dir()
+            .join(format!("task-{}.hashes", task.name()))
     }
     fn shard(&self, task: &TaskSpec, n: u64) -> PathBuf {
-        self.dir.join(format!("part-{}-{n:05}.jsonl.zst", task.name()))
+        self.dir
+            .join(format!("part-{}-{n:05}.jsonl.zst", task.name()))
     }
     fn removed_shard(&self, task: &TaskSpec, n: u64) -> PathBuf {
-        self.dir.join("removed").join(format!("part-{}-{n:05}.jsonl.zst", task.name()))
+        self.dir
+            .join("removed")
+            .join(format!("part-{}-{n:05}.jsonl.zst", task.name()))
     }
     pub fn stats(&self) -> PathBuf {
         self.dir.join("stats.json")
@@ -119,7 +128,12 @@ pub fn hub_client(config: &PipelineConfig) -> Option<HubClient> {
         .paths
         .iter()
         .any(|p| p.starts_with("hf://"))
-        .then(|| HubClient::from_env(config.input.hub_endpoint.as_deref(), config.input.hub_cache.clone()))
+        .then(|| {
+            HubClient::from_env(
+                config.input.hub_endpoint.as_deref(),
+                config.input.hub_cache.clone(),
+            )
+        })
 }
 
 /// What identifies a run's output: the settings that shape it and the units it reads.
@@ -127,7 +141,11 @@ fn fingerprint(config: &PipelineConfig, task: &TaskSpec, units: &[Unit]) -> Stri
     let mut shaping = config.clone();
     shaping.output.dir = PathBuf::new();
     let mut h = xxhash_rust::xxh3::Xxh3::new();
-    h.update(serde_json::to_string(&shaping).unwrap_or_default().as_bytes());
+    h.update(
+        serde_json::to_string(&shaping)
+            .unwrap_or_default()
+            .as_bytes(),
+    );
     h.update(format!("tasks={}", task.tasks).as_bytes());
     for u in units {
         h.update(u.describe().as_bytes());
@@ -144,13 +162,21 @@ pub fn run_task(
 ) -> Result<TaskOutcome> {
     config.validate()?;
     task.validate()?;
-    let layout = Layout { dir: config.output.dir.clone() };
+    let layout = Layout {
+        dir: config.output.dir.clone(),
+    };
     let tasks_dir = layout.tasks_dir();
     std::fs::create_dir_all(&tasks_dir).map_err(|e| DataError::io(&tasks_dir, e))?;
 
     let hub = hub_client(config);
     let plan = read::plan(&config.input, hub.as_ref())?;
-    let mine: Vec<Unit> = plan.units.iter().skip(task.index).step_by(task.tasks).cloned().collect();
+    let mine: Vec<Unit> = plan
+        .units
+        .iter()
+        .skip(task.index)
+        .step_by(task.tasks)
+        .cloned()
+        .collect();
     let fingerprint = fingerprint(config, &task, &plan.units);
 
     let marker = layout.done_marker(&task);
@@ -169,7 +195,12 @@ pub fn run_task(
         // Listing problems are the same for every task: task 0 counts them.
         if task.index == 0 {
             for s in &plan.skipped {
-                run.stats.read.skipped.entry(s.reason.clone()).or_default().add(0);
+                run.stats
+                    .read
+                    .skipped
+                    .entry(s.reason.clone())
+                    .or_default()
+                    .add(0);
                 run.stats.read.skipped_inputs.push(s.clone());
             }
             run.stats.read.ignored_files += plan.ignored_files;
@@ -184,7 +215,15 @@ pub fn run_task(
     let reader = {
         let input = config.input.clone();
         let reader_stop = reader_stop.clone();
-        std::thread::spawn(move || produce(mine, start_at, UnitReader::new(input, hub), tx, &reader_stop))
+        std::thread::spawn(move || {
+            produce(
+                mine,
+                start_at,
+                UnitReader::new(input, hub),
+                tx,
+                &reader_stop,
+            )
+        })
     };
 
     let result = (|| -> Result<()> {
@@ -192,7 +231,9 @@ pub fn run_task(
         let mut bytes_read = 0u64;
         for batch in rx.iter() {
             if stop.load(Ordering::Relaxed) {
-                return Err(DataError::Config("interrupted; rerun the same command to resume".into()));
+                return Err(DataError::Config(
+                    "interrupted; rerun the same command to resume".into(),
+                ));
             }
             let batch = batch?;
             bytes_read += batch.iter().map(|(_, i)| item_bytes(i)).sum::<u64>();
@@ -204,7 +245,12 @@ pub fn run_task(
             );
             written?;
             pending = Some(processed);
-            progress(Progress { units_done: last_unit, units_total, bytes_read, docs_written: run.stats.written.docs });
+            progress(Progress {
+                units_done: last_unit,
+                units_total,
+                bytes_read,
+                docs_written: run.stats.written.docs,
+            });
         }
         if let Some(p) = pending {
             run.absorb(p)?;
@@ -218,14 +264,30 @@ pub fn run_task(
 
     run.stats.seconds = previous_seconds + started.elapsed().as_secs_f64();
     run.stats.read.units = units_total;
-    run.next = Position { unit: units_total, item: 0 };
+    run.next = Position {
+        unit: units_total,
+        item: 0,
+    };
     run.checkpoint()?;
     let stats = run.stats.clone();
-    let done = TaskDone { fingerprint, task: task.index, tasks: task.tasks, stats: stats.clone() };
-    write_atomic(&marker, &serde_json::to_vec_pretty(&done).unwrap_or_default())?;
+    let done = TaskDone {
+        fingerprint,
+        task: task.index,
+        tasks: task.tasks,
+        stats: stats.clone(),
+    };
+    write_atomic(
+        &marker,
+        &serde_json::to_vec_pretty(&done).unwrap_or_default(),
+    )?;
     let _ = std::fs::remove_file(layout.checkpoint(&task));
     let _ = std::fs::remove_file(layout.hashes(&task));
-    progress(Progress { units_done: units_total, units_total, bytes_read: stats.read.docs.bytes, docs_written: stats.written.docs });
+    progress(Progress {
+        units_done: units_total,
+        units_total,
+        bytes_read: stats.read.docs.bytes,
+        docs_written: stats.written.docs,
+    });
     Ok(TaskOutcome::Completed(stats))
 }
 
@@ -265,10 +327,17 @@ fn produce(
     for (u, unit) in units.iter().enumerate().skip(start.unit as usize) {
         let unit_index = u as u64;
         let mut item = 0u64;
-        let first = if unit_index == start.unit { start.item } else { 0 };
+        let first = if unit_index == start.unit {
+            start.item
+        } else {
+            0
+        };
         let mut hung_up = false;
         let res = reader.read(unit, &mut |it: ReadItem| {
-            let pos = Position { unit: unit_index, item };
+            let pos = Position {
+                unit: unit_index,
+                item,
+            };
             item += 1;
             if pos.item < first {
                 return true;
@@ -277,7 +346,8 @@ fn produce(
             batch.push((pos, it));
             if batch.len() >= BATCH_ITEMS || batch_bytes >= BATCH_BYTES {
                 batch_bytes = 0;
-                if tx.send(Ok(std::mem::take(&mut batch))).is_err() || stop.load(Ordering::Relaxed) {
+                if tx.send(Ok(std::mem::take(&mut batch))).is_err() || stop.load(Ordering::Relaxed)
+                {
                     hung_up = true;
                     return false;
                 }
@@ -306,9 +376,21 @@ struct StepRecord {
 }
 
 enum Outcome {
-    Kept { doc: Document, hash: u128, records: Vec<StepRecord> },
-    Dropped { doc: Document, step: usize, reason: &'static str, records: Vec<StepRecord> },
-    Skipped { skipped: crate::stats::Skipped, bytes: u64 },
+    Kept {
+        doc: Document,
+        hash: u128,
+        records: Vec<StepRecord>,
+    },
+    Dropped {
+        doc: Document,
+        step: usize,
+        reason: &'static str,
+        records: Vec<StepRecord>,
+    },
+    Skipped {
+        skipped: crate::stats::Skipped,
+        bytes: u64,
+    },
     Ignored,
 }
 
@@ -332,18 +414,38 @@ fn run_steps(steps: &[Box<dyn Step>], raw: RawDocument) -> Outcome {
     let t = Instant::now();
     let bytes_in = raw.bytes.len() as u64;
     let (mut doc, verdict) = steps::decode(raw);
-    records.push(StepRecord { bytes_in, bytes_out: doc.text.len() as u64, nanos: t.elapsed().as_nanos() as u64, counters: Counters::default() });
+    records.push(StepRecord {
+        bytes_in,
+        bytes_out: doc.text.len() as u64,
+        nanos: t.elapsed().as_nanos() as u64,
+        counters: Counters::default(),
+    });
     if let Verdict::Drop(reason) = verdict {
-        return Outcome::Dropped { doc, step: 0, reason, records };
+        return Outcome::Dropped {
+            doc,
+            step: 0,
+            reason,
+            records,
+        };
     }
     for (i, step) in steps.iter().enumerate() {
         let t = Instant::now();
         let bytes_in = doc.text.len() as u64;
         let mut counters = Counters::default();
         let verdict = step.apply(&mut doc, &mut counters);
-        records.push(StepRecord { bytes_in, bytes_out: doc.text.len() as u64, nanos: t.elapsed().as_nanos() as u64, counters });
+        records.push(StepRecord {
+            bytes_in,
+            bytes_out: doc.text.len() as u64,
+            nanos: t.elapsed().as_nanos() as u64,
+            counters,
+        });
         if let Verdict::Drop(reason) = verdict {
-            return Outcome::Dropped { doc, step: i + 1, reason, records };
+            return Outcome::Dropped {
+                doc,
+                step: i + 1,
+                reason,
+                records,
+            };
         }
     }
     let hash = content_hash(&doc.text);
@@ -382,7 +484,11 @@ impl<'a> TaskRun<'a> {
         }
         let state_path = layout.checkpoint(&task);
         let hashes_path = layout.hashes(&task);
-        let checkpoint: Option<Checkpoint> = if state_path.exists() { Some(read_json(&state_path)?) } else { None };
+        let checkpoint: Option<Checkpoint> = if state_path.exists() {
+            Some(read_json(&state_path)?)
+        } else {
+            None
+        };
         if let Some(c) = &checkpoint {
             if c.version != STATE_VERSION || c.fingerprint != fingerprint {
                 return Err(mismatch(&layout.dir));
@@ -395,22 +501,46 @@ impl<'a> TaskRun<'a> {
             let mut buf = vec![0u8; hash_count as usize * 16];
             File::open(&hashes_path)
                 .and_then(|mut f| f.read_exact(&mut buf))
-                .map_err(|e| DataError::Resume { dir: hashes_path.clone(), message: format!("dedup state unreadable ({e}); remove {} to start this task over", state_path.display()) })?;
-            seen = buf.chunks_exact(16).map(|c| u128::from_le_bytes(c.try_into().unwrap_or([0; 16]))).collect();
+                .map_err(|e| DataError::Resume {
+                    dir: hashes_path.clone(),
+                    message: format!(
+                        "dedup state unreadable ({e}); remove {} to start this task over",
+                        state_path.display()
+                    ),
+                })?;
+            seen = buf
+                .chunks_exact(16)
+                .map(|c| u128::from_le_bytes(c.try_into().unwrap_or([0; 16])))
+                .collect();
         }
-        let file = OpenOptions::new().create(true).write(true).truncate(false).open(&hashes_path).map_err(|e| DataError::io(&hashes_path, e))?;
-        file.set_len(hash_count * 16).map_err(|e| DataError::io(&hashes_path, e))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(&hashes_path)
+            .map_err(|e| DataError::io(&hashes_path, e))?;
+        file.set_len(hash_count * 16)
+            .map_err(|e| DataError::io(&hashes_path, e))?;
         let mut hashes = BufWriter::new(file);
-        std::io::Seek::seek(&mut hashes, std::io::SeekFrom::End(0)).map_err(|e| DataError::io(&hashes_path, e))?;
+        std::io::Seek::seek(&mut hashes, std::io::SeekFrom::End(0))
+            .map_err(|e| DataError::io(&hashes_path, e))?;
 
         let (stats, next, next_shard) = match checkpoint {
             Some(c) => {
-                tracing::info!("task {}: resuming at unit {} item {} (shard {})", task.index, c.next.unit, c.next.item, c.next_shard);
+                tracing::info!(
+                    "task {}: resuming at unit {} item {} (shard {})",
+                    task.index,
+                    c.next.unit,
+                    c.next.item,
+                    c.next_shard
+                );
                 (c.stats, c.next, c.next_shard)
             }
             None => {
-                let mut stats = RunStats::default();
-                stats.steps = step_names.iter().map(|n| StepStats::new(n)).collect();
+                let stats = RunStats {
+                    steps: step_names.iter().map(|n| StepStats::new(n)).collect(),
+                    ..Default::default()
+                };
                 (stats, Position::default(), 0)
             }
         };
@@ -436,11 +566,26 @@ impl<'a> TaskRun<'a> {
             match outcome {
                 Outcome::Ignored => {}
                 Outcome::Skipped { skipped, bytes } => {
-                    self.stats.read.skipped.entry(skipped.reason.clone()).or_default().add(bytes);
-                    tracing::info!("skipped {}: {} ({})", skipped.input, skipped.reason, skipped.detail);
+                    self.stats
+                        .read
+                        .skipped
+                        .entry(skipped.reason.clone())
+                        .or_default()
+                        .add(bytes);
+                    tracing::info!(
+                        "skipped {}: {} ({})",
+                        skipped.input,
+                        skipped.reason,
+                        skipped.detail
+                    );
                     self.stats.read.skipped_inputs.push(skipped);
                 }
-                Outcome::Dropped { doc, step, reason, records } => {
+                Outcome::Dropped {
+                    doc,
+                    step,
+                    reason,
+                    records,
+                } => {
                     self.record(&records, Some(reason));
                     self.write_removed(doc, self.step_names[step], reason)?;
                 }
@@ -458,7 +603,9 @@ impl<'a> TaskRun<'a> {
                             continue;
                         }
                         s.output.add(bytes);
-                        self.hashes.write_all(&hash.to_le_bytes()).map_err(|e| DataError::io(self.layout.hashes(&self.task), e))?;
+                        self.hashes
+                            .write_all(&hash.to_le_bytes())
+                            .map_err(|e| DataError::io(self.layout.hashes(&self.task), e))?;
                         self.hash_count += 1;
                     }
                     self.write_kept(&doc)?;
@@ -470,7 +617,10 @@ impl<'a> TaskRun<'a> {
     }
 
     fn record(&mut self, records: &[StepRecord], dropped: Option<&'static str>) {
-        self.stats.read.docs.add(records.first().map_or(0, |r| r.bytes_in));
+        self.stats
+            .read
+            .docs
+            .add(records.first().map_or(0, |r| r.bytes_in));
         let last = records.len() - 1;
         for (i, r) in records.iter().enumerate() {
             let s = &mut self.stats.steps[i];
@@ -480,7 +630,11 @@ impl<'a> TaskRun<'a> {
                 *s.counters.entry(k.clone()).or_default() += v;
             }
             match dropped {
-                Some(reason) if i == last => s.dropped.entry(reason.to_string()).or_default().add(r.bytes_in),
+                Some(reason) if i == last => s
+                    .dropped
+                    .entry(reason.to_string())
+                    .or_default()
+                    .add(r.bytes_in),
                 _ => s.output.add(r.bytes_out),
             }
         }
@@ -488,7 +642,10 @@ impl<'a> TaskRun<'a> {
 
     fn write_kept(&mut self, doc: &Document) -> Result<()> {
         if self.shard.is_none() {
-            self.shard = Some(ShardWriter::create(self.layout.shard(&self.task, self.next_shard), self.config.output.zstd_level)?);
+            self.shard = Some(ShardWriter::create(
+                self.layout.shard(&self.task, self.next_shard),
+                self.config.output.zstd_level,
+            )?);
         }
         if let Some(w) = self.shard.as_mut() {
             w.write(doc)?;
@@ -502,9 +659,13 @@ impl<'a> TaskRun<'a> {
             return Ok(());
         }
         if self.removed.is_none() {
-            self.removed = Some(ShardWriter::create(self.layout.removed_shard(&self.task, self.next_shard), self.config.output.zstd_level)?);
+            self.removed = Some(ShardWriter::create(
+                self.layout.removed_shard(&self.task, self.next_shard),
+                self.config.output.zstd_level,
+            )?);
         }
-        doc.meta.insert("removed".into(), json!({ "step": step, "reason": reason }));
+        doc.meta
+            .insert("removed".into(), json!({ "step": step, "reason": reason }));
         if let Some(w) = self.removed.as_mut() {
             w.write(&doc)?;
             self.stats.removed_written.add(doc.text.len() as u64);
@@ -514,8 +675,15 @@ impl<'a> TaskRun<'a> {
 
     /// The item at `pos` is fully accounted for; close the shard if it is full.
     fn advance(&mut self, pos: Position) -> Result<()> {
-        self.next = Position { unit: pos.unit, item: pos.item + 1 };
-        if self.shard.as_ref().is_some_and(|w| w.bytes >= self.config.output.shard_bytes) {
+        self.next = Position {
+            unit: pos.unit,
+            item: pos.item + 1,
+        };
+        if self
+            .shard
+            .as_ref()
+            .is_some_and(|w| w.bytes >= self.config.output.shard_bytes)
+        {
             self.checkpoint()?;
         }
         Ok(())
@@ -539,7 +707,10 @@ impl<'a> TaskRun<'a> {
             self.next_shard += 1;
         }
         let hashes_path = self.layout.hashes(&self.task);
-        self.hashes.flush().and_then(|_| self.hashes.get_ref().sync_data()).map_err(|e| DataError::io(&hashes_path, e))?;
+        self.hashes
+            .flush()
+            .and_then(|_| self.hashes.get_ref().sync_data())
+            .map_err(|e| DataError::io(&hashes_path, e))?;
         let c = Checkpoint {
             version: STATE_VERSION,
             fingerprint: self.fingerprint.clone(),
@@ -548,14 +719,19 @@ impl<'a> TaskRun<'a> {
             hashes: self.hash_count,
             stats: self.stats.clone(),
         };
-        write_atomic(&self.layout.checkpoint(&self.task), &serde_json::to_vec(&c).unwrap_or_default())
+        write_atomic(
+            &self.layout.checkpoint(&self.task),
+            &serde_json::to_vec(&c).unwrap_or_default(),
+        )
     }
 }
 
 fn remove_stale_tmp(dir: &Path, task: &TaskSpec) -> Result<()> {
     let prefix = format!("part-{}-", task.name());
     for d in [dir.to_path_buf(), dir.join("removed")] {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with(&prefix) && name.ends_with(".tmp") {
@@ -568,7 +744,9 @@ fn remove_stale_tmp(dir: &Path, task: &TaskSpec) -> Result<()> {
 
 /// Merge the stats of every finished task into `stats.json`.
 pub fn write_merged_stats(dir: &Path) -> Result<serde_json::Value> {
-    let layout = Layout { dir: dir.to_path_buf() };
+    let layout = Layout {
+        dir: dir.to_path_buf(),
+    };
     let mut merged = RunStats::default();
     let mut done = 0usize;
     let mut total = 0usize;
@@ -587,6 +765,9 @@ pub fn write_merged_stats(dir: &Path) -> Result<serde_json::Value> {
         done += 1;
     }
     let value = json!({ "tasks": { "total": total, "done": done }, "stats": merged });
-    write_atomic(&layout.stats(), &serde_json::to_vec_pretty(&value).unwrap_or_default())?;
+    write_atomic(
+        &layout.stats(),
+        &serde_json::to_vec_pretty(&value).unwrap_or_default(),
+    )?;
     Ok(value)
 }

@@ -27,14 +27,24 @@ impl ShardWriter {
         let file = File::create(&tmp).map_err(|e| DataError::io(&tmp, e))?;
         let out = zstd::stream::write::Encoder::new(BufWriter::with_capacity(1 << 20, file), level)
             .map_err(|e| DataError::io(&tmp, e))?;
-        Ok(ShardWriter { path, tmp, out, docs: 0, bytes: 0, line: Vec::new() })
+        Ok(ShardWriter {
+            path,
+            tmp,
+            out,
+            docs: 0,
+            bytes: 0,
+            line: Vec::new(),
+        })
     }
 
     pub fn write(&mut self, doc: &Document) -> Result<()> {
         self.line.clear();
-        serde_json::to_writer(&mut self.line, doc).map_err(|e| DataError::io(&self.tmp, e.into()))?;
+        serde_json::to_writer(&mut self.line, doc)
+            .map_err(|e| DataError::io(&self.tmp, e.into()))?;
         self.line.push(b'\n');
-        self.out.write_all(&self.line).map_err(|e| DataError::io(&self.tmp, e))?;
+        self.out
+            .write_all(&self.line)
+            .map_err(|e| DataError::io(&self.tmp, e))?;
         self.docs += 1;
         self.bytes += self.line.len() as u64;
         Ok(())
@@ -64,7 +74,9 @@ pub fn tmp_name(path: &Path) -> PathBuf {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = tmp_name(path);
     let mut f = File::create(&tmp).map_err(|e| DataError::io(&tmp, e))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| DataError::io(&tmp, e))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| DataError::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))
 }
 
@@ -78,12 +90,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("part-00000.jsonl.zst");
         let mut w = ShardWriter::create(path.clone(), 3).unwrap();
-        let doc = Document { id: "a".into(), text: "int x;\n".into(), meta: Default::default() };
+        let doc = Document {
+            id: "a".into(),
+            text: "int x;\n".into(),
+            meta: Default::default(),
+        };
         w.write(&doc).unwrap();
         assert!(!path.exists());
         assert_eq!(w.finish().unwrap(), path);
-        let reader = std::io::BufReader::new(zstd::Decoder::new(File::open(&path).unwrap()).unwrap());
-        let lines: Vec<Document> = reader.lines().map(|l| serde_json::from_str(&l.unwrap()).unwrap()).collect();
+        let reader =
+            std::io::BufReader::new(zstd::Decoder::new(File::open(&path).unwrap()).unwrap());
+        let lines: Vec<Document> = reader
+            .lines()
+            .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+            .collect();
         assert_eq!(lines, vec![doc]);
     }
 }

@@ -119,7 +119,9 @@ mod tests {
     fn merge_adds_counts_and_keeps_step_order() {
         let mut a = RunStats::default();
         a.steps.push(StepStats::new("decode"));
-        a.steps[0].dropped.insert("binary".into(), Count { docs: 1, bytes: 10 });
+        a.steps[0]
+            .dropped
+            .insert("binary".into(), Count { docs: 1, bytes: 10 });
         let mut b = a.clone();
         b.steps.push(StepStats::new("quality"));
         b.written.add(7);

@@ -77,7 +77,8 @@ pub fn run(cmd: DataCommand) -> Result<()> {
 fn config_from(args: &RunArgs) -> Result<PipelineConfig> {
     let mut config = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
             PipelineConfig::from_toml(&text).with_context(|| format!("in {}", path.display()))?
         }
         None => PipelineConfig::default(),
@@ -98,7 +99,11 @@ fn config_from(args: &RunArgs) -> Result<PipelineConfig> {
         config.license.permissive_only = true;
     }
     if let Some(action) = &args.secrets {
-        config.secrets.action = if action == "drop" { SecretAction::Drop } else { SecretAction::Redact };
+        config.secrets.action = if action == "drop" {
+            SecretAction::Drop
+        } else {
+            SecretAction::Redact
+        };
     }
     if let Some(mib) = args.shard_mib {
         config.output.shard_bytes = mib << 20;
@@ -113,7 +118,10 @@ fn config_from(args: &RunArgs) -> Result<PipelineConfig> {
 fn run_pipeline(args: RunArgs) -> Result<()> {
     let config = config_from(&args)?;
     if let Some(threads) = args.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .ok();
     }
     interrupt::install();
     let tasks = args.tasks.unwrap_or(1);
@@ -127,10 +135,14 @@ fn run_pipeline(args: RunArgs) -> Result<()> {
         let task = TaskSpec { tasks, index };
         let display = ProgressDisplay::new(task);
         let outcome = pipeline::run_task(&config, task, &interrupt::STOP, &|p| display.update(p))
-            .with_context(|| format!("task {index} of {tasks} ({})", config.output.dir.display()))?;
+            .with_context(|| {
+            format!("task {index} of {tasks} ({})", config.output.dir.display())
+        })?;
         display.finish();
         match outcome {
-            TaskOutcome::AlreadyDone(_) => eprintln!("task {index}/{tasks}: already complete, skipped"),
+            TaskOutcome::AlreadyDone(_) => {
+                eprintln!("task {index}/{tasks}: already complete, skipped")
+            }
             TaskOutcome::Completed(stats) => print_summary(index, tasks, &stats),
         }
     }
@@ -162,7 +174,10 @@ fn print_summary(index: usize, tasks: usize, s: &RunStats) {
         println!("  {:<14} skipped {:>8} {reason}", "read", c.docs);
     }
     for step in &s.steps {
-        println!("  {:<14} {:>8} in {:>8} out", step.name, step.input.docs, step.output.docs);
+        println!(
+            "  {:<14} {:>8} in {:>8} out",
+            step.name, step.input.docs, step.output.docs
+        );
         for (reason, c) in &step.dropped {
             println!("  {:<14} dropped {:>8} {reason}", "", c.docs);
         }
@@ -180,17 +195,27 @@ impl ProgressDisplay {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(0);
             bar.set_style(
-                ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} units {msg} ({elapsed})")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {pos}/{len} units {msg} ({elapsed})",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
             bar.set_prefix(format!("task {}/{}", task.index, task.tasks));
             bar
         });
-        ProgressDisplay { bar, task, last_log: std::sync::Mutex::new(Instant::now()) }
+        ProgressDisplay {
+            bar,
+            task,
+            last_log: std::sync::Mutex::new(Instant::now()),
+        }
     }
 
     fn update(&self, p: Progress) {
-        let msg = format!("{:.0} MB read, {} docs kept", p.bytes_read as f64 / 1e6, p.docs_written);
+        let msg = format!(
+            "{:.0} MB read, {} docs kept",
+            p.bytes_read as f64 / 1e6,
+            p.docs_written
+        );
         match &self.bar {
             Some(bar) => {
                 bar.set_length(p.units_total);
@@ -198,10 +223,18 @@ impl ProgressDisplay {
                 bar.set_message(msg);
             }
             None => {
-                let Ok(mut last) = self.last_log.lock() else { return };
+                let Ok(mut last) = self.last_log.lock() else {
+                    return;
+                };
                 if last.elapsed() >= Duration::from_secs(30) {
                     *last = Instant::now();
-                    tracing::info!("task {}/{}: {}/{} units, {msg}", self.task.index, self.task.tasks, p.units_done, p.units_total);
+                    tracing::info!(
+                        "task {}/{}: {}/{} units, {msg}",
+                        self.task.index,
+                        self.task.tasks,
+                        p.units_done,
+                        p.units_total
+                    );
                 }
             }
         }

@@ -9,7 +9,11 @@ mod interrupt;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cxxlm", version, about = "Train C++-specialist code language models end to end")]
+#[command(
+    name = "cxxlm",
+    version,
+    about = "Train C++-specialist code language models end to end"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

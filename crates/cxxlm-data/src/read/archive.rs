@@ -29,7 +29,12 @@ pub fn read(file: File, compression: Compression, name: &str, config: &InputConf
         let mut entry = match entry {
             Ok(e) => e,
             Err(e) => {
-                sink(skip(name, "corrupt_archive", format!("after {seen} members: {e}"), 0));
+                sink(skip(
+                    name,
+                    "corrupt_archive",
+                    format!("after {seen} members: {e}"),
+                    0,
+                ));
                 return;
             }
         };
@@ -40,7 +45,12 @@ pub fn read(file: File, compression: Compression, name: &str, config: &InputConf
         let member = match entry.path() {
             Ok(p) => p.to_string_lossy().into_owned(),
             Err(e) => {
-                sink(skip(name, "corrupt_archive", format!("member {seen}: bad path: {e}"), 0));
+                sink(skip(
+                    name,
+                    "corrupt_archive",
+                    format!("member {seen}: bad path: {e}"),
+                    0,
+                ));
                 continue;
             }
         };
@@ -61,8 +71,16 @@ pub fn read(file: File, compression: Compression, name: &str, config: &InputConf
             continue;
         }
         let mut bytes = Vec::with_capacity(size as usize);
-        if let Err(e) = (&mut entry).take(config.max_bytes + 1).read_to_end(&mut bytes) {
-            sink(skip(name, "corrupt_archive", format!("member {member}: {e}"), size));
+        if let Err(e) = (&mut entry)
+            .take(config.max_bytes + 1)
+            .read_to_end(&mut bytes)
+        {
+            sink(skip(
+                name,
+                "corrupt_archive",
+                format!("member {member}: {e}"),
+                size,
+            ));
             return;
         }
         if kind == Kind::MaybeSource && !looks_like_cxx(&bytes) {

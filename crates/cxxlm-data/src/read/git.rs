@@ -24,13 +24,20 @@ pub fn plan(repo: &Path, plan: &mut Plan) -> Result<()> {
         .map_err(|e| git_error(repo, format!("cannot run git: {e}")))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        return Err(git_error(repo, format!("git ls-tree HEAD failed: {}", err.trim())));
+        return Err(git_error(
+            repo,
+            format!("git ls-tree HEAD failed: {}", err.trim()),
+        ));
     }
     for record in out.stdout.split(|&b| b == 0).filter(|r| !r.is_empty()) {
         let record = String::from_utf8_lossy(record);
-        let Some((head, path)) = record.split_once('\t') else { continue };
+        let Some((head, path)) = record.split_once('\t') else {
+            continue;
+        };
         let fields: Vec<&str> = head.split_whitespace().collect();
-        let [mode, kind, oid, size] = fields[..] else { continue };
+        let [mode, kind, oid, size] = fields[..] else {
+            continue;
+        };
         if kind != "blob" || mode == "120000" {
             continue;
         }
@@ -66,9 +73,21 @@ impl CatFile {
             .stdout(Stdio::piped())
             .spawn()
             .map_err(|e| git_error(repo, format!("cannot run git cat-file: {e}")))?;
-        let stdin = child.stdin.take().ok_or_else(|| git_error(repo, "no stdin"))?;
-        let stdout = BufReader::new(child.stdout.take().ok_or_else(|| git_error(repo, "no stdout"))?);
-        Ok(CatFile { child, stdin, stdout })
+        let stdin = child
+            .stdin
+            .take()
+            .ok_or_else(|| git_error(repo, "no stdin"))?;
+        let stdout = BufReader::new(
+            child
+                .stdout
+                .take()
+                .ok_or_else(|| git_error(repo, "no stdout"))?,
+        );
+        Ok(CatFile {
+            child,
+            stdin,
+            stdout,
+        })
     }
 
     fn blob(&mut self, oid: &str) -> std::io::Result<Vec<u8>> {
@@ -80,7 +99,9 @@ impl CatFile {
             .split_whitespace()
             .nth(2)
             .and_then(|s| s.parse().ok())
-            .ok_or_else(|| std::io::Error::other(format!("unexpected reply {:?}", header.trim())))?;
+            .ok_or_else(|| {
+                std::io::Error::other(format!("unexpected reply {:?}", header.trim()))
+            })?;
         let mut bytes = vec![0; size + 1];
         self.stdout.read_exact(&mut bytes)?;
         bytes.pop();
@@ -96,7 +117,16 @@ impl Drop for CatFile {
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn read_blob(cat: &mut CatFile, repo: &Path, oid: &str, path: &str, size: u64, kind: Kind, config: &InputConfig, sink: Sink) {
+pub fn read_blob(
+    cat: &mut CatFile,
+    repo: &Path,
+    oid: &str,
+    path: &str,
+    size: u64,
+    kind: Kind,
+    config: &InputConfig,
+    sink: Sink,
+) {
     let id = format!("{}/{path}", repo.display());
     if let Some(item) = size_skip(&id, size, config) {
         sink(item);

@@ -27,7 +27,11 @@ impl HubSpec {
     /// `None` when `input` is not a Hub address at all.
     pub fn parse(input: &str) -> Option<Result<HubSpec>> {
         let rest = input.strip_prefix("hf://")?;
-        let bad = || DataError::Config(format!("{input}: expected hf://datasets/<owner>/<name>[@revision]/<path>"));
+        let bad = || {
+            DataError::Config(format!(
+                "{input}: expected hf://datasets/<owner>/<name>[@revision]/<path>"
+            ))
+        };
         let Some(rest) = rest.strip_prefix("datasets/") else {
             return Some(Err(bad()));
         };
@@ -131,7 +135,10 @@ impl HubClient {
     }
 
     fn get(&self, url: &str) -> ureq::Request {
-        let req = self.agent.get(url).set("User-Agent", concat!("cxxlm/", env!("CARGO_PKG_VERSION")));
+        let req = self
+            .agent
+            .get(url)
+            .set("User-Agent", concat!("cxxlm/", env!("CARGO_PKG_VERSION")));
         match &self.token {
             Some(t) => req.set("Authorization", &format!("Bearer {t}")),
             None => req,
@@ -150,13 +157,13 @@ impl HubClient {
     /// Every file under the spec's path, in the Hub's order, following pagination.
     pub fn list(&self, spec: &HubSpec) -> Result<Vec<HubFile>> {
         let revision = spec.revision.replace('/', "%2F");
-        let mut url = format!("{}/api/datasets/{}/tree/{revision}/{}?recursive=true", self.endpoint, spec.repo, spec.path);
+        let mut url = format!(
+            "{}/api/datasets/{}/tree/{revision}/{}?recursive=true",
+            self.endpoint, spec.repo, spec.path
+        );
         let mut files = Vec::new();
         loop {
-            let resp = self.with_retries(&url, || self.get(&url).call()).map_err(|e| match e {
-                ureq::Error::Status(code, _) => self.status_error(&spec.repo, code, &url),
-                other => DataError::Hub(format!("listing {url}: {other}")),
-            })?;
+            let resp = self.get_with_retries(&url, &spec.repo)?;
             let next = resp.header("Link").and_then(next_link);
             let entries: Vec<TreeEntry> = resp
                 .into_json()
@@ -184,19 +191,25 @@ impl HubClient {
         Ok(files)
     }
 
-    fn with_retries<T>(&self, what: &str, mut call: impl FnMut() -> std::result::Result<T, ureq::Error>) -> std::result::Result<T, ureq::Error> {
+    /// GET with retries on transport errors, 5xx and 429; other statuses are final.
+    fn get_with_retries(&self, url: &str, repo: &str) -> Result<ureq::Response> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match call() {
-                Err(ureq::Error::Status(code, r)) if code < 500 && code != 429 => {
-                    return Err(ureq::Error::Status(code, r))
+            match self.get(url).call() {
+                Ok(r) => return Ok(r),
+                Err(ureq::Error::Status(code, _)) if code < 500 && code != 429 => {
+                    return Err(self.status_error(repo, code, url))
                 }
                 Err(e) if attempt < ATTEMPTS => {
-                    tracing::warn!("{what}: {e}; retrying ({attempt}/{ATTEMPTS})");
+                    tracing::warn!("{url}: {e}; retrying ({attempt}/{ATTEMPTS})");
                     std::thread::sleep(self.retry_pause * attempt);
                 }
-                other => return other,
+                Err(e) => {
+                    return Err(DataError::Hub(format!(
+                        "{url}: {e} (after {ATTEMPTS} attempts)"
+                    )))
+                }
             }
         }
     }
@@ -209,6 +222,13 @@ impl HubClient {
             .join(&file.path)
     }
 
+    /// Where a download in progress lives until it is complete and verified.
+    pub fn partial_path(&self, file: &HubFile) -> PathBuf {
+        let mut name = self.cached_path(file).into_os_string();
+        name.push(".part");
+        PathBuf::from(name)
+    }
+
     /// The file's local path, downloading it (or the rest of it) first if needed.
     pub fn fetch(&self, file: &HubFile) -> Result<PathBuf> {
         let dest = self.cached_path(file);
@@ -217,8 +237,14 @@ impl HubClient {
         }
         let dir = dest.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
-        let part = dest.with_extension(format!("{}.part", dest.extension().and_then(|e| e.to_str()).unwrap_or("")));
-        let url = format!("{}/datasets/{}/resolve/{}/{}", self.endpoint, file.repo, file.revision.replace('/', "%2F"), file.path);
+        let part = self.partial_path(file);
+        let url = format!(
+            "{}/datasets/{}/resolve/{}/{}",
+            self.endpoint,
+            file.repo,
+            file.revision.replace('/', "%2F"),
+            file.path
+        );
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -230,19 +256,28 @@ impl HubClient {
                     std::thread::sleep(self.retry_pause * attempt);
                 }
                 Err(DownloadError::Retry(msg)) => {
-                    return Err(DataError::Hub(format!("{url}: {msg} (gave up after {ATTEMPTS} attempts; rerun to resume)")))
+                    return Err(DataError::Hub(format!(
+                        "{url}: {msg} (gave up after {ATTEMPTS} attempts; rerun to resume)"
+                    )))
                 }
             }
         }
         if let Err(msg) = verify(&part, file) {
             let _ = std::fs::remove_file(&part);
-            return Err(DataError::Hub(format!("{url}: {msg}; the partial download was removed, rerun to fetch it again")));
+            return Err(DataError::Hub(format!(
+                "{url}: {msg}; the partial download was removed, rerun to fetch it again"
+            )));
         }
         std::fs::rename(&part, &dest).map_err(|e| DataError::io(&dest, e))?;
         Ok(dest)
     }
 
-    fn download_rest(&self, url: &str, part: &Path, file: &HubFile) -> std::result::Result<(), DownloadError> {
+    fn download_rest(
+        &self,
+        url: &str,
+        part: &Path,
+        file: &HubFile,
+    ) -> std::result::Result<(), DownloadError> {
         let have = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
         if have == file.size {
             return Ok(());
@@ -255,11 +290,14 @@ impl HubClient {
             Ok(r) => r,
             Err(ureq::Error::Status(416, _)) => {
                 // The partial file is not a prefix of this file: start over.
-                std::fs::remove_file(part).map_err(|e| DownloadError::Fatal(DataError::io(part, e)))?;
+                std::fs::remove_file(part)
+                    .map_err(|e| DownloadError::Fatal(DataError::io(part, e)))?;
                 return Err(DownloadError::Retry("range not satisfiable".into()));
             }
             Err(ureq::Error::Status(code, _)) if code < 500 && code != 429 => {
-                return Err(DownloadError::Fatal(self.status_error(&file.repo, code, url)))
+                return Err(DownloadError::Fatal(
+                    self.status_error(&file.repo, code, url),
+                ))
             }
             Err(e) => return Err(DownloadError::Retry(e.to_string())),
         };
@@ -271,7 +309,9 @@ impl HubClient {
             .truncate(!append)
             .open(part)
             .map_err(|e| DownloadError::Fatal(DataError::io(part, e)))?;
-        let mut body = resp.into_reader().take(file.size.saturating_sub(if append { have } else { 0 }));
+        let mut body =
+            resp.into_reader()
+                .take(file.size.saturating_sub(if append { have } else { 0 }));
         let mut buf = vec![0u8; 1 << 20];
         loop {
             let n = match body.read(&mut buf) {
@@ -279,12 +319,17 @@ impl HubClient {
                 Ok(n) => n,
                 Err(e) => return Err(DownloadError::Retry(format!("connection lost: {e}"))),
             };
-            out.write_all(&buf[..n]).map_err(|e| DownloadError::Fatal(DataError::io(part, e)))?;
+            out.write_all(&buf[..n])
+                .map_err(|e| DownloadError::Fatal(DataError::io(part, e)))?;
         }
-        out.sync_all().map_err(|e| DownloadError::Fatal(DataError::io(part, e)))?;
+        out.sync_all()
+            .map_err(|e| DownloadError::Fatal(DataError::io(part, e)))?;
         let now = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
         if now < file.size {
-            return Err(DownloadError::Retry(format!("got {now} of {} bytes", file.size)));
+            return Err(DownloadError::Retry(format!(
+                "got {now} of {} bytes",
+                file.size
+            )));
         }
         Ok(())
     }
@@ -323,7 +368,9 @@ fn verify(path: &Path, file: &HubFile) -> std::result::Result<(), String> {
     if expected.eq_ignore_ascii_case(&actual) {
         Ok(())
     } else {
-        Err(format!("checksum mismatch: expected {expected}, got {actual}"))
+        Err(format!(
+            "checksum mismatch: expected {expected}, got {actual}"
+        ))
     }
 }
 
@@ -331,9 +378,12 @@ fn verify(path: &Path, file: &HubFile) -> std::result::Result<(), String> {
 fn next_link(header: &str) -> Option<String> {
     header.split(',').find_map(|part| {
         let (url, params) = part.split_once(';')?;
-        params
-            .contains("rel=\"next\"")
-            .then(|| url.trim().trim_start_matches('<').trim_end_matches('>').to_string())
+        params.contains("rel=\"next\"").then(|| {
+            url.trim()
+                .trim_start_matches('<')
+                .trim_end_matches('>')
+                .to_string()
+        })
     })
 }
 
@@ -343,10 +393,20 @@ mod tests {
 
     #[test]
     fn specs() {
-        let s = HubSpec::parse("hf://datasets/bigcode/the-stack-dedup/data/c++").unwrap().unwrap();
-        assert_eq!((s.repo.as_str(), s.revision.as_str(), s.path.as_str()), ("bigcode/the-stack-dedup", "main", "data/c++"));
-        let s = HubSpec::parse("hf://datasets/a/b@refs%2Fconvert%2Fparquet/default").unwrap().unwrap();
-        assert_eq!((s.revision.as_str(), s.path.as_str()), ("refs/convert/parquet", "default"));
+        let s = HubSpec::parse("hf://datasets/bigcode/the-stack-dedup/data/c++")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (s.repo.as_str(), s.revision.as_str(), s.path.as_str()),
+            ("bigcode/the-stack-dedup", "main", "data/c++")
+        );
+        let s = HubSpec::parse("hf://datasets/a/b@refs%2Fconvert%2Fparquet/default")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (s.revision.as_str(), s.path.as_str()),
+            ("refs/convert/parquet", "default")
+        );
         assert!(HubSpec::parse("/usr/include").is_none());
         assert!(HubSpec::parse("hf://models/x/y").unwrap().is_err());
     }
@@ -354,7 +414,10 @@ mod tests {
     #[test]
     fn link_header() {
         let h = "<https://hub/api/x?cursor=abc>; rel=\"next\"";
-        assert_eq!(next_link(h).as_deref(), Some("https://hub/api/x?cursor=abc"));
+        assert_eq!(
+            next_link(h).as_deref(),
+            Some("https://hub/api/x?cursor=abc")
+        );
         assert_eq!(next_link("<a>; rel=\"prev\""), None);
     }
 }

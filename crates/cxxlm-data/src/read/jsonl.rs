@@ -9,7 +9,14 @@ use crate::document::RawDocument;
 /// JSON lines records `{"id"?, <text field>, "meta"?}`; our own shards read back as
 /// they were written. A malformed line is a named skip; a truncated or corrupt
 /// compressed stream ends the file with one.
-pub fn read(file: File, compression: Compression, name: &str, config: &InputConfig, base: Map<String, Value>, sink: Sink) {
+pub fn read(
+    file: File,
+    compression: Compression,
+    name: &str,
+    config: &InputConfig,
+    base: Map<String, Value>,
+    sink: Sink,
+) {
     let reader = match decompress(file, compression) {
         Ok(r) => r,
         Err(e) => {
@@ -28,7 +35,12 @@ pub fn read(file: File, compression: Compression, name: &str, config: &InputConf
             Ok(0) => return,
             Ok(n) => n,
             Err(e) => {
-                sink(skip(name, "corrupt_compressed", format!("after line {lineno}: {e}"), 0));
+                sink(skip(
+                    name,
+                    "corrupt_compressed",
+                    format!("after line {lineno}: {e}"),
+                    0,
+                ));
                 return;
             }
         };
@@ -55,7 +67,12 @@ fn record(line: &[u8], at: &str, config: &InputConfig, base: &Map<String, Value>
     let text = match obj.remove(&config.jsonl_text_field) {
         Some(Value::String(s)) => s,
         _ => {
-            return skip(at, "missing_text_field", format!("no string field {:?}", config.jsonl_text_field), line.len() as u64)
+            return skip(
+                at,
+                "missing_text_field",
+                format!("no string field {:?}", config.jsonl_text_field),
+                line.len() as u64,
+            )
         }
     };
     if let Some(item) = size_skip(at, text.len() as u64, config) {
@@ -74,12 +91,20 @@ fn record(line: &[u8], at: &str, config: &InputConfig, base: &Map<String, Value>
         meta.entry(k.clone()).or_insert_with(|| v.clone());
     }
     meta.entry("path").or_insert_with(|| id.clone().into());
-    ReadItem::Doc(RawDocument { id, bytes: text.into_bytes(), meta })
+    ReadItem::Doc(RawDocument {
+        id,
+        bytes: text.into_bytes(),
+        meta,
+    })
 }
 
 /// Reads one line into `buf`, keeping at most `limit + 1` bytes of it; returns the
 /// line's full length (newline included), 0 at the end of input.
-fn read_line_bounded(reader: &mut impl BufRead, buf: &mut Vec<u8>, limit: usize) -> std::io::Result<usize> {
+fn read_line_bounded(
+    reader: &mut impl BufRead,
+    buf: &mut Vec<u8>,
+    limit: usize,
+) -> std::io::Result<usize> {
     let mut total = 0;
     loop {
         let chunk = reader.fill_buf()?;

@@ -90,9 +90,21 @@ impl Kind {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Unit {
-    Local { path: PathBuf, kind: Kind },
-    GitBlob { repo: PathBuf, oid: String, path: String, size: u64, kind: Kind },
-    Hub { file: HubFile, kind: Kind },
+    Local {
+        path: PathBuf,
+        kind: Kind,
+    },
+    GitBlob {
+        repo: PathBuf,
+        oid: String,
+        path: String,
+        size: u64,
+        kind: Kind,
+    },
+    Hub {
+        file: HubFile,
+        kind: Kind,
+    },
 }
 
 impl Unit {
@@ -100,7 +112,9 @@ impl Unit {
     pub fn describe(&self) -> String {
         match self {
             Unit::Local { path, .. } => path.display().to_string(),
-            Unit::GitBlob { repo, path, oid, .. } => format!("{}:{path}@{oid}", repo.display()),
+            Unit::GitBlob {
+                repo, path, oid, ..
+            } => format!("{}:{path}@{oid}", repo.display()),
             Unit::Hub { file, .. } => format!("{}@{}", file.url_path(), file.git_oid),
         }
     }
@@ -199,9 +213,9 @@ pub fn looks_like_cxx(head: &[u8]) -> bool {
     if head.starts_with(b"#!") || memchr::memchr(0, head).is_some() {
         return false;
     }
-    let Ok(text) = std::str::from_utf8(head).or_else(|e| {
-        std::str::from_utf8(&head[..e.valid_up_to()])
-    }) else {
+    let Ok(text) =
+        std::str::from_utf8(head).or_else(|e| std::str::from_utf8(&head[..e.valid_up_to()]))
+    else {
         return false;
     };
     if text.contains("-*- C++ -*-") || text.contains("-*- c++ -*-") {
@@ -209,9 +223,17 @@ pub fn looks_like_cxx(head: &[u8]) -> bool {
     }
     text.lines().any(|l| {
         let l = l.trim_start();
-        ["#include ", "#include<", "#pragma once", "#ifndef ", "namespace ", "template <", "template<"]
-            .iter()
-            .any(|p| l.starts_with(p))
+        [
+            "#include ",
+            "#include<",
+            "#pragma once",
+            "#ifndef ",
+            "namespace ",
+            "template <",
+            "template<",
+        ]
+        .iter()
+        .any(|p| l.starts_with(p))
     })
 }
 
@@ -220,14 +242,22 @@ pub fn looks_like_cxx(head: &[u8]) -> bool {
 pub enum ReadItem {
     Doc(RawDocument),
     /// Could not become a document; `bytes` is its size where known.
-    Skip { skipped: Skipped, bytes: u64 },
+    Skip {
+        skipped: Skipped,
+        bytes: u64,
+    },
     /// Not C++ after all (an extension-less file that is not a header).
     Ignored,
 }
 
 pub type Sink<'a> = &'a mut dyn FnMut(ReadItem) -> bool;
 
-pub(crate) fn skip(input: impl Into<String>, reason: &str, detail: impl Into<String>, bytes: u64) -> ReadItem {
+pub(crate) fn skip(
+    input: impl Into<String>,
+    reason: &str,
+    detail: impl Into<String>,
+    bytes: u64,
+) -> ReadItem {
     ReadItem::Skip {
         skipped: Skipped {
             input: input.into(),
@@ -269,16 +299,27 @@ impl UnitReader {
                 self.read_local(path, &name, *kind, meta(&[("source", "file".into())]), sink);
                 Ok(())
             }
-            Unit::GitBlob { repo, oid, path, size, kind } => {
+            Unit::GitBlob {
+                repo,
+                oid,
+                path,
+                size,
+                kind,
+            } => {
                 let cat = match self.git.entry(repo.clone()) {
                     std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(v) => v.insert(git::CatFile::start(repo)?),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(git::CatFile::start(repo)?)
+                    }
                 };
                 git::read_blob(cat, repo, oid, path, *size, *kind, &self.config, sink);
                 Ok(())
             }
             Unit::Hub { file, kind } => {
-                let client = self.hub.as_ref().ok_or_else(|| DataError::Hub("no hub client configured".into()))?;
+                let client = self
+                    .hub
+                    .as_ref()
+                    .ok_or_else(|| DataError::Hub("no hub client configured".into()))?;
                 let local = client.fetch(file)?;
                 let name = file.url_path();
                 let m = meta(&[("source", "hub".into()), ("hub_file", name.clone().into())]);
@@ -288,7 +329,14 @@ impl UnitReader {
         }
     }
 
-    fn read_local(&self, path: &Path, name: &str, kind: Kind, base: Map<String, Value>, sink: Sink) {
+    fn read_local(
+        &self,
+        path: &Path,
+        name: &str,
+        kind: Kind,
+        base: Map<String, Value>,
+        sink: Sink,
+    ) {
         let file = match File::open(path) {
             Ok(f) => f,
             Err(e) => {
@@ -307,7 +355,13 @@ impl UnitReader {
         }
     }
 
-    fn source_file(&self, file: File, name: &str, kind: Kind, mut base: Map<String, Value>) -> ReadItem {
+    fn source_file(
+        &self,
+        file: File,
+        name: &str,
+        kind: Kind,
+        mut base: Map<String, Value>,
+    ) -> ReadItem {
         let len = match file.metadata() {
             Ok(m) => m.len(),
             Err(e) => return skip(name, "unreadable", e.to_string(), 0),
@@ -338,15 +392,28 @@ impl UnitReader {
 /// The size bounds, checked before anything is read where the size is known.
 pub(crate) fn size_skip(name: &str, len: u64, config: &InputConfig) -> Option<ReadItem> {
     if len > config.max_bytes {
-        return Some(skip(name, "too_large", format!("{len} bytes > max_bytes {}", config.max_bytes), len));
+        return Some(skip(
+            name,
+            "too_large",
+            format!("{len} bytes > max_bytes {}", config.max_bytes),
+            len,
+        ));
     }
     if len < config.min_bytes {
-        return Some(skip(name, "empty", format!("{len} bytes < min_bytes {}", config.min_bytes), len));
+        return Some(skip(
+            name,
+            "empty",
+            format!("{len} bytes < min_bytes {}", config.min_bytes),
+            len,
+        ));
     }
     None
 }
 
-pub(crate) fn decompress<'a, R: Read + 'a>(reader: R, c: Compression) -> std::io::Result<Box<dyn Read + 'a>> {
+pub(crate) fn decompress<'a, R: Read + 'a>(
+    reader: R,
+    c: Compression,
+) -> std::io::Result<Box<dyn Read + 'a>> {
     Ok(match c {
         Compression::None => Box::new(reader),
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(reader)),
@@ -366,7 +433,10 @@ mod tests {
         assert_eq!(Kind::of("A.H"), Some(Kind::Source));
         assert_eq!(Kind::of("vector"), Some(Kind::MaybeSource));
         assert_eq!(Kind::of("x.tar.xz"), Some(Kind::Archive(Compression::Xz)));
-        assert_eq!(Kind::of("p.jsonl.zst"), Some(Kind::Jsonl(Compression::Zstd)));
+        assert_eq!(
+            Kind::of("p.jsonl.zst"),
+            Some(Kind::Jsonl(Compression::Zstd))
+        );
         assert_eq!(Kind::of("t.parquet"), Some(Kind::Parquet));
         assert_eq!(Kind::of("notes.txt"), None);
         assert_eq!(Kind::of(".hidden"), None);

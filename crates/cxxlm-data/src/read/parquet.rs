@@ -19,7 +19,12 @@ pub fn read(file: File, name: &str, config: &InputConfig, base: Map<String, Valu
             return;
         }
     };
-    let root = reader.metadata().file_metadata().schema_descr().root_schema().clone();
+    let root = reader
+        .metadata()
+        .file_metadata()
+        .schema_descr()
+        .root_schema()
+        .clone();
     let wanted: Vec<&str> = std::iter::once(config.parquet_text_column.as_str())
         .chain(config.parquet_id_column.as_deref())
         .collect();
@@ -29,13 +34,23 @@ pub fn read(file: File, name: &str, config: &InputConfig, base: Map<String, Valu
         .filter(|f| wanted.contains(&f.name()))
         .cloned()
         .collect();
-    if !fields.iter().any(|f| f.name() == config.parquet_text_column) {
+    if !fields
+        .iter()
+        .any(|f| f.name() == config.parquet_text_column)
+    {
         let have: Vec<&str> = root.get_fields().iter().map(|f| f.name()).collect();
-        let detail = format!("no column {:?} (columns: {}); set input.parquet_text_column", config.parquet_text_column, have.join(", "));
+        let detail = format!(
+            "no column {:?} (columns: {}); set input.parquet_text_column",
+            config.parquet_text_column,
+            have.join(", ")
+        );
         sink(skip(name, "missing_column", detail, 0));
         return;
     }
-    let projection = match Type::group_type_builder(root.name()).with_fields(fields).build() {
+    let projection = match Type::group_type_builder(root.name())
+        .with_fields(fields)
+        .build()
+    {
         Ok(p) => p,
         Err(e) => {
             sink(skip(name, "corrupt_parquet", e.to_string(), 0));

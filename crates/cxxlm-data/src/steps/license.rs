@@ -29,9 +29,24 @@ const PHRASES: &[(&str, Family)] = &[
 ];
 
 const PERMISSIVE: &[&str] = &[
-    "MIT", "BSD-2-Clause", "BSD-3-Clause", "0BSD", "Apache-2.0", "BSL-1.0", "Zlib", "ISC",
-    "Unlicense", "CC0-1.0", "X11", "NCSA", "PSF-2.0", "Python-2.0", "curl", "libpng",
-    "LLVM-exception", "Apache-2.0 WITH LLVM-exception",
+    "MIT",
+    "BSD-2-Clause",
+    "BSD-3-Clause",
+    "0BSD",
+    "Apache-2.0",
+    "BSL-1.0",
+    "Zlib",
+    "ISC",
+    "Unlicense",
+    "CC0-1.0",
+    "X11",
+    "NCSA",
+    "PSF-2.0",
+    "Python-2.0",
+    "curl",
+    "libpng",
+    "LLVM-exception",
+    "Apache-2.0 WITH LLVM-exception",
 ];
 
 #[derive(Clone, Copy)]
@@ -98,7 +113,8 @@ impl Licenses {
                     }
                 }
                 Family::Gpl | Family::Lgpl => {
-                    let (name, versions): (&str, &[&str]) = match PHRASES[m.pattern().as_usize()].1 {
+                    let (name, versions): (&str, &[&str]) = match PHRASES[m.pattern().as_usize()].1
+                    {
                         Family::Gpl => ("GPL", &["3", "2"]),
                         _ => ("LGPL", &["3", "2 1", "2"]),
                     };
@@ -132,7 +148,11 @@ impl Licenses {
 
 fn gnu_version(name: &str, after: &str, versions: &[&str]) -> Option<String> {
     // Only the sentence that names the license: up to the next mention of another one.
-    let after = after.split("license").take(2).collect::<Vec<_>>().join("license");
+    let after = after
+        .split("license")
+        .take(2)
+        .collect::<Vec<_>>()
+        .join("license");
     for v in versions {
         if after.contains(&format!("version {v} ")) {
             let spdx_v = match *v {
@@ -141,7 +161,10 @@ fn gnu_version(name: &str, after: &str, versions: &[&str]) -> Option<String> {
                 _ => "2.0",
             };
             let later = after.contains("any later version");
-            return Some(format!("{name}-{spdx_v}{}", if later { "-or-later" } else { "-only" }));
+            return Some(format!(
+                "{name}-{spdx_v}{}",
+                if later { "-or-later" } else { "-only" }
+            ));
         }
     }
     None
@@ -247,7 +270,10 @@ mod tests {
     fn spdx_tag_wins() {
         let t = "// SPDX-License-Identifier: Apache-2.0 WITH LLVM-exception\n// MIT text...\n";
         assert_eq!(detect(t).as_deref(), Some("Apache-2.0 WITH LLVM-exception"));
-        assert_eq!(detect("/* SPDX-License-Identifier: MIT */\n").as_deref(), Some("MIT"));
+        assert_eq!(
+            detect("/* SPDX-License-Identifier: MIT */\n").as_deref(),
+            Some("MIT")
+        );
     }
 
     #[test]
@@ -270,7 +296,10 @@ mod tests {
 
     #[test]
     fn only_the_head_is_searched() {
-        let late = format!("{}// Licensed under the Apache License, Version 2.0\n", "int a;\n".repeat(2000));
+        let late = format!(
+            "{}// Licensed under the Apache License, Version 2.0\n",
+            "int a;\n".repeat(2000)
+        );
         assert_eq!(detect(&late), None);
     }
 
@@ -291,7 +320,10 @@ mod tests {
         });
         let mut gpl = super::super::doc("// SPDX-License-Identifier: GPL-2.0-only\nint x;\n");
         let mut c = Counters::default();
-        assert_eq!(step.apply(&mut gpl, &mut c), Verdict::Drop("not_permissive"));
+        assert_eq!(
+            step.apply(&mut gpl, &mut c),
+            Verdict::Drop("not_permissive")
+        );
         assert_eq!(gpl.meta["license"], "GPL-2.0-only");
         let mut unknown = super::super::doc("int x;\n");
         assert_eq!(step.apply(&mut unknown, &mut c), Verdict::Keep);

@@ -6,14 +6,26 @@ use crate::config::PiiConfig;
 use crate::document::Document;
 
 const EMAIL: &str = r#"[^\s@?!;,:)('"<]+@[^\s@!?;,/]*[^\s@?!;,/:)('">.]\.\p{L}\w+"#;
-const IPV4: &str = r"(?:(?:25[0-5]|2[0-4][0-9]|[01]?[0-9][0-9]?)\.){3}(?:25[0-5]|2[0-4][0-9]|[01]?[0-9][0-9]?)";
+const IPV4: &str =
+    r"(?:(?:25[0-5]|2[0-4][0-9]|[01]?[0-9][0-9]?)\.){3}(?:25[0-5]|2[0-4][0-9]|[01]?[0-9][0-9]?)";
 const IPV6: &str = r"(?:[0-9a-fA-F]{1,4}:){7}[0-9a-fA-F]{1,4}|(?:[0-9a-fA-F]{1,4}:){1,7}:|(?:[0-9a-fA-F]{1,4}:){1,6}:[0-9a-fA-F]{1,4}|(?:[0-9a-fA-F]{1,4}:){1,5}(?::[0-9a-fA-F]{1,4}){1,2}|(?:[0-9a-fA-F]{1,4}:){1,4}(?::[0-9a-fA-F]{1,4}){1,3}|(?:[0-9a-fA-F]{1,4}:){1,3}(?::[0-9a-fA-F]{1,4}){1,4}|(?:[0-9a-fA-F]{1,4}:){1,2}(?::[0-9a-fA-F]{1,4}){1,5}|[0-9a-fA-F]{1,4}:(?::[0-9a-fA-F]{1,4}){1,6}|:(?:(?::[0-9a-fA-F]{1,4}){1,7}|:)|fe80:(?::[0-9a-fA-F]{0,4}){0,4}%[0-9a-zA-Z]+|::(?:ffff(?::0{1,4})?:)?(?:(?:25[0-5]|(?:2[0-4]|1?[0-9])?[0-9])\.){3}(?:25[0-5]|(?:2[0-4]|1?[0-9])?[0-9])|(?:[0-9a-fA-F]{1,4}:){1,4}:(?:(?:25[0-5]|(?:2[0-4]|1?[0-9])?[0-9])\.){3}(?:25[0-5]|(?:2[0-4]|1?[0-9])?[0-9])";
 
 /// Public DNS resolvers that pii-lib leaves in place.
 const POPULAR_DNS_SERVERS: [&str; 14] = [
-    "8.8.8.8", "8.8.4.4", "1.1.1.1", "1.0.0.1", "76.76.19.19", "76.223.122.150", "9.9.9.9",
-    "149.112.112.112", "208.67.222.222", "208.67.220.220", "8.26.56.26", "8.20.247.20",
-    "94.140.14.14", "94.140.15.15",
+    "8.8.8.8",
+    "8.8.4.4",
+    "1.1.1.1",
+    "1.0.0.1",
+    "76.76.19.19",
+    "76.223.122.150",
+    "9.9.9.9",
+    "149.112.112.112",
+    "208.67.222.222",
+    "208.67.220.220",
+    "8.26.56.26",
+    "8.20.247.20",
+    "94.140.14.14",
+    "94.140.15.15",
 ];
 
 /// pii-lib's regex pipeline: emails and IP addresses become `<EMAIL>` and
@@ -57,7 +69,11 @@ impl Pii {
             let run = text[m.start()..]
                 .find(|c: char| !(c.is_ascii_hexdigit() || c == ':' || c == '.'))
                 .map_or(text.len(), |n| m.start() + n);
-            let end = if run > m.end() && text[m.start()..run].parse::<IpAddr>().is_ok() { run } else { m.end() };
+            let end = if run > m.end() && text[m.start()..run].parse::<IpAddr>().is_ok() {
+                run
+            } else {
+                m.end()
+            };
             let value = &text[m.start()..end];
             if !bounded(text, m.start(), end, IP_LEFT, IP_RIGHT) {
                 continue;
@@ -139,7 +155,8 @@ fn is_private(addr: IpAddr) -> bool {
                 || (s[0] & 0xfe00) == 0xfc00
                 || (s[0] & 0xffc0) == 0xfe80
                 || (s[0] == 0x2001 && s[1] == 0x0db8)
-                || a.to_ipv4_mapped().is_some_and(|v4| is_private(IpAddr::V4(v4)))
+                || a.to_ipv4_mapped()
+                    .is_some_and(|v4| is_private(IpAddr::V4(v4)))
         }
     }
 }
@@ -205,13 +222,25 @@ mod tests {
 
     #[test]
     fn public_ips_are_replaced_private_and_versions_kept() {
-        assert_eq!(redact("connect(\"93.184.216.34\");"), "connect(\"<IP_ADDRESS>\");");
+        assert_eq!(
+            redact("connect(\"93.184.216.34\");"),
+            "connect(\"<IP_ADDRESS>\");"
+        );
         assert_eq!(redact("host 192.168.1.10 here"), "host 192.168.1.10 here");
         assert_eq!(redact("dns 8.8.8.8 here"), "dns 8.8.8.8 here");
         assert_eq!(redact("version 1.2.3.4 here"), "version 1.2.3.4 here");
-        assert_eq!(redact("server at 5.6.7.8 here"), "server at <IP_ADDRESS> here");
-        assert_eq!(redact("bad 300.1.1.1 and 33.01.33.33"), "bad 300.1.1.1 and 33.01.33.33");
-        assert_eq!(redact("v6 2a00:1450:4001:81b::200e here"), "v6 <IP_ADDRESS> here");
+        assert_eq!(
+            redact("server at 5.6.7.8 here"),
+            "server at <IP_ADDRESS> here"
+        );
+        assert_eq!(
+            redact("bad 300.1.1.1 and 33.01.33.33"),
+            "bad 300.1.1.1 and 33.01.33.33"
+        );
+        assert_eq!(
+            redact("v6 2a00:1450:4001:81b::200e here"),
+            "v6 <IP_ADDRESS> here"
+        );
     }
 
     #[test]

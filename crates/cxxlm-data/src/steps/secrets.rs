@@ -8,17 +8,53 @@ use crate::document::Document;
 
 /// detect-secrets' pattern plugins: (name, pattern, capture group holding the secret).
 const PATTERNS: &[(&str, &str, usize)] = &[
-    ("aws_access_key", r"(?:A3T[A-Z0-9]|ABIA|ACCA|AKIA|ASIA)[0-9A-Z]{16}", 0),
-    ("aws_secret_key", r#"(?i)aws.{0,20}?(?:key|pwd|pw|password|pass|token).{0,20}?['"]([0-9a-zA-Z/+]{40})['"]"#, 1),
-    ("github_token", r"(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9_]{36}", 0),
-    ("gitlab_token", r"(?:glpat|gldt|glft|glsoat|glrt|glcbt|glptt|glagent|gloas)-[A-Za-z0-9_\-]{20,50}|GR1348941[A-Za-z0-9_\-]{20,50}", 0),
+    (
+        "aws_access_key",
+        r"(?:A3T[A-Z0-9]|ABIA|ACCA|AKIA|ASIA)[0-9A-Z]{16}",
+        0,
+    ),
+    (
+        "aws_secret_key",
+        r#"(?i)aws.{0,20}?(?:key|pwd|pw|password|pass|token).{0,20}?['"]([0-9a-zA-Z/+]{40})['"]"#,
+        1,
+    ),
+    (
+        "github_token",
+        r"(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9_]{36}",
+        0,
+    ),
+    (
+        "gitlab_token",
+        r"(?:glpat|gldt|glft|glsoat|glrt|glcbt|glptt|glagent|gloas)-[A-Za-z0-9_\-]{20,50}|GR1348941[A-Za-z0-9_\-]{20,50}",
+        0,
+    ),
     ("slack_token", r"xox(?:a|b|p|o|s|r)-(?:\d+-)+[a-z0-9]+", 0),
-    ("slack_webhook", r"https://hooks\.slack\.com/services/T[a-zA-Z0-9_]+/B[a-zA-Z0-9_]+/[a-zA-Z0-9_]+", 0),
+    (
+        "slack_webhook",
+        r"https://hooks\.slack\.com/services/T[a-zA-Z0-9_]+/B[a-zA-Z0-9_]+/[a-zA-Z0-9_]+",
+        0,
+    ),
     ("stripe_key", r"(?:r|s)k_live_[0-9a-zA-Z]{24}", 0),
-    ("openai_key", r"sk-[A-Za-z0-9_-]*[A-Za-z0-9]{20}T3BlbkFJ[A-Za-z0-9]{20}", 0),
-    ("jwt", r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.?[A-Za-z0-9_.+/=-]*", 0),
-    ("private_key", r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----(?s:.)*?-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|PuTTY-User-Key-File-2", 0),
-    ("basic_auth", r"://[^\s:/?#\[\]@!$&'()*+,;=]+:([^\s:/?#\[\]@!$&'()*+,;=]+)@", 1),
+    (
+        "openai_key",
+        r"sk-[A-Za-z0-9_-]*[A-Za-z0-9]{20}T3BlbkFJ[A-Za-z0-9]{20}",
+        0,
+    ),
+    (
+        "jwt",
+        r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.?[A-Za-z0-9_.+/=-]*",
+        0,
+    ),
+    (
+        "private_key",
+        r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----(?s:.)*?-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|PuTTY-User-Key-File-2",
+        0,
+    ),
+    (
+        "basic_auth",
+        r"://[^\s:/?#\[\]@!$&'()*+,;=]+:([^\s:/?#\[\]@!$&'()*+,;=]+)@",
+        1,
+    ),
 ];
 
 const SEQUENCES: [&str; 4] = [
@@ -51,10 +87,8 @@ impl Secrets {
                 .collect(),
             quoted: Regex::new(r#""([A-Za-z0-9+/=_-]{9,})"|'([A-Za-z0-9+/=_-]{9,})'"#)
                 .expect("static pattern"),
-            uuid: Regex::new(
-                r"(?i)^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
-            )
-            .expect("static pattern"),
+            uuid: Regex::new(r"(?i)^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+                .expect("static pattern"),
         }
     }
 
@@ -170,7 +204,10 @@ mod tests {
             ["github_token", "base64_high_entropy"]
         );
         assert_eq!(kinds("sk_live_4eC39HqLyjWDarjtT1zdp7dc"), ["stripe_key"]);
-        assert_eq!(kinds("url = \"https://user:hunter2@example.com/x\";"), ["basic_auth"]);
+        assert_eq!(
+            kinds("url = \"https://user:hunter2@example.com/x\";"),
+            ["basic_auth"]
+        );
         let jwt = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0In0.abc";
         assert_eq!(kinds(jwt), ["jwt"]);
         assert!(kinds("eyJnotjson.eyJx.y").is_empty());
@@ -178,17 +215,30 @@ mod tests {
 
     #[test]
     fn private_key_blocks() {
-        let pem = "k = \"-----BEGIN RSA PRIVATE KEY-----\\nMIIEow\\n-----END RSA PRIVATE KEY-----\";";
+        let pem =
+            "k = \"-----BEGIN RSA PRIVATE KEY-----\\nMIIEow\\n-----END RSA PRIVATE KEY-----\";";
         assert_eq!(kinds(pem), ["private_key"]);
     }
 
     #[test]
     fn entropy_and_its_false_positive_filters() {
-        assert_eq!(kinds("key = \"Zx9Qm2Lr7Tb4Wk1Np8Vd3Hs6Jf0Gc5YeUaRoPiK\";"), ["base64_high_entropy"]);
-        assert_eq!(kinds("h = \"9f86d081884c7d659a2feaa0c55ad015\";"), ["hex_high_entropy"]);
+        assert_eq!(
+            kinds("key = \"Zx9Qm2Lr7Tb4Wk1Np8Vd3Hs6Jf0Gc5YeUaRoPiK\";"),
+            ["base64_high_entropy"]
+        );
+        assert_eq!(
+            kinds("h = \"9f86d081884c7d659a2feaa0c55ad015\";"),
+            ["hex_high_entropy"]
+        );
         assert!(kinds("s = \"0123456789abcdef\";").is_empty(), "sequential");
-        assert!(kinds("u = \"123e4567-e89b-12d3-a456-426614174000\";").is_empty(), "uuid");
-        assert!(kinds("n = \"someVeryLongIdentifierName_withWords\";").is_empty(), "identifier");
+        assert!(
+            kinds("u = \"123e4567-e89b-12d3-a456-426614174000\";").is_empty(),
+            "uuid"
+        );
+        assert!(
+            kinds("n = \"someVeryLongIdentifierName_withWords\";").is_empty(),
+            "identifier"
+        );
         assert!(kinds("n = \"1234567890\";").is_empty(), "digits");
     }
 
@@ -204,6 +254,9 @@ mod tests {
             ..Default::default()
         });
         let mut d = super::super::doc(text);
-        assert_eq!(step.apply(&mut d, &mut Counters::default()), Verdict::Drop("secret"));
+        assert_eq!(
+            step.apply(&mut d, &mut Counters::default()),
+            Verdict::Drop("secret")
+        );
     }
 }

@@ -7,7 +7,8 @@ use std::process::{Command, Output};
 
 pub fn cxxlm() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cxxlm"));
-    cmd.env_remove("SLURM_ARRAY_TASK_ID").env_remove("SLURM_ARRAY_TASK_COUNT");
+    cmd.env_remove("SLURM_ARRAY_TASK_ID")
+        .env_remove("SLURM_ARRAY_TASK_COUNT");
     cmd
 }
 
@@ -70,15 +71,21 @@ pub fn step<'a>(stats: &'a Value, name: &str) -> &'a Value {
 }
 
 pub fn dropped(stats: &Value, step_name: &str, reason: &str) -> u64 {
-    step(stats, step_name)["dropped"][reason]["docs"].as_u64().unwrap_or(0)
+    step(stats, step_name)["dropped"][reason]["docs"]
+        .as_u64()
+        .unwrap_or(0)
 }
 
 pub fn skipped(stats: &Value, reason: &str) -> u64 {
-    stats["read"]["skipped"][reason]["docs"].as_u64().unwrap_or(0)
+    stats["read"]["skipped"][reason]["docs"]
+        .as_u64()
+        .unwrap_or(0)
 }
 
 pub fn ids(docs: &[Value]) -> Vec<String> {
-    docs.iter().map(|d| d["id"].as_str().unwrap().to_string()).collect()
+    docs.iter()
+        .map(|d| d["id"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// A plausible, unique C++ source file.
