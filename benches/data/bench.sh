@@ -26,12 +26,16 @@ rm -rf "$out/cxxlm" "$out/cxxlm-shared" "$out/datatrove"
 find "$corpus" -type f -print0 | xargs -0 cat >/dev/null 2>&1 || true
 corpus_mb=$(find "$corpus" -type f -size -1000001c -printf '%s\n' | awk '{s+=$1} END {printf "%.1f", s/1e6}')
 
-/usr/bin/time -v -o "$out/datatrove.time" \
-    "$venv/bin/python" benches/data/datatrove_pipeline.py "$corpus" "$out/datatrove" --workers "$workers" >/dev/null 2>&1
-/usr/bin/time -v -o "$out/cxxlm.time" \
-    target/release/cxxlm data run -i "$corpus" -o "$out/cxxlm" --write-removed >/dev/null
-/usr/bin/time -v -o "$out/cxxlm-shared.time" \
-    target/release/cxxlm data run --config benches/data/shared-steps.toml -i "$corpus" -o "$out/cxxlm-shared" --write-removed >/dev/null
+timed() {
+    local name=$1
+    shift
+    /usr/bin/time -v -o "$out/$name.time" "$@" >"$out/$name.log" 2>&1 ||
+        { tail -n 30 "$out/$name.log"; echo "$name failed (log: $out/$name.log)" >&2; exit 1; }
+}
+timed datatrove "$venv/bin/python" benches/data/datatrove_pipeline.py "$corpus" "$out/datatrove" --workers "$workers"
+timed cxxlm target/release/cxxlm data run -i "$corpus" -o "$out/cxxlm" --write-removed
+timed cxxlm-shared target/release/cxxlm data run --config benches/data/shared-steps.toml \
+    -i "$corpus" -o "$out/cxxlm-shared" --write-removed
 
 echo "corpus: $corpus ($corpus_mb MB of files <= 1 MB), $workers cores"
 "$venv/bin/python" benches/data/compare.py "$out/cxxlm" "$out/cxxlm.time" \

@@ -50,6 +50,10 @@ def datatrove_decisions(out):
     for path in glob.glob(f"{out}/removed/*.jsonl"):
         for doc in jsonl(path):
             decisions[doc["id"]] = f"drop:{doc['metadata'].get('filter_reason', '?')}"
+    for path in glob.glob(f"{out}/reader-skips/*.txt"):
+        for line in open(path, encoding="utf-8"):
+            name, reason = line.rstrip("\n").rsplit("\t", 1)
+            decisions[name] = f"drop:{reason}"
     return decisions
 
 
@@ -74,18 +78,20 @@ def main():
         print(f"{label:<28}{s:>9.2f}{corpus_mb / s:>9.1f}{rss:>13.0f}{dt_s / s:>13.1f}x")
 
     ours, theirs = cxxlm_decisions(cx_out), datatrove_decisions(dt_out)
-    # A file DataTrove's reader skipped (size, binary, UTF-8) is a drop on its side.
-    files = sorted(set(ours) | set(theirs))
+    # DataTrove's file listing (fsspec) does not follow symlinked directories; cxxlm's
+    # does. Decisions are compared on the files both read.
+    files = sorted(set(ours) & set(theirs))
+    only = len(set(ours) - set(theirs)), len(set(theirs) - set(ours))
     agree = 0
     disagreements = []
     for f in files:
-        a = ours.get(f, "missing")
-        b = theirs.get(f, "drop:reader")
-        if (a == "keep") == (b == "keep") and a != "missing":
+        a, b = ours[f], theirs[f]
+        if (a == "keep") == (b == "keep"):
             agree += 1
         else:
             disagreements.append((f, a, b))
-    print(f"\nshared-filter decisions: {agree}/{len(files)} files agree ({100 * agree / len(files):.2f}%)")
+    print(f"\nfiles read by cxxlm only: {only[0]}, by DataTrove only: {only[1]}")
+    print(f"shared-filter decisions: {agree}/{len(files)} files agree ({100 * agree / len(files):.2f}%)")
     for f, a, b in disagreements[:25]:
         print(f"  {f}: cxxlm={a} datatrove={b}")
     if len(disagreements) > 25:

@@ -46,6 +46,17 @@ def looks_like_cxx(head):
 class SourceFileReader(BaseDiskReader):
     name = "C/C++ source files"
 
+    def __init__(self, data_folder, skips_dir, **kwargs):
+        super().__init__(data_folder, **kwargs)
+        self.skips_dir = skips_dir
+
+    def record_skip(self, path, reason):
+        """Name the file, as cxxlm does, so decisions can be compared."""
+        self.stat_update(reason)
+        os.makedirs(self.skips_dir, exist_ok=True)
+        with open(f"{self.skips_dir}/{os.getpid()}.txt", "a") as f:
+            f.write(f"{path}\t{reason}\n")
+
     def read_file(self, filepath):
         k = kind(os.path.basename(filepath))
         if k is None:
@@ -56,17 +67,17 @@ class SourceFileReader(BaseDiskReader):
         with self.data_folder.open(filepath, "rb") as f:
             data = f.read(MAX_BYTES + 1)
         if len(data) > MAX_BYTES or len(data) < MIN_BYTES:
-            self.stat_update("size")
+            self.record_skip(path, "size")
             return
         if k == "maybe" and not looks_like_cxx(data):
             return
         if b"\0" in data:
-            self.stat_update("binary")
+            self.record_skip(path, "binary")
             return
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
-            self.stat_update("invalid_utf8")
+            self.record_skip(path, "invalid_utf8")
             return
         yield Document(text=text, id=path, metadata={"path": path})
 
@@ -128,7 +139,7 @@ def main():
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     args = ap.parse_args()
     pipeline = [
-        SourceFileReader(args.corpus, recursive=True),
+        SourceFileReader(args.corpus, f"{args.out}/reader-skips", recursive=True),
         CodeQualityFilter(exclusion_writer=JsonlWriter(f"{args.out}/removed", compression=None)),
         PIIFormatter(),
         JsonlWriter(f"{args.out}/kept", compression=None),

@@ -34,7 +34,9 @@ const POPULAR_DNS_SERVERS: [&str; 14] = [
 /// address must parse, must not look like a version (`1.2.3.4` without "dns" or
 /// "server" nearby), and private ranges and popular DNS servers stay. One addition for
 /// C++: an IPv6 candidate needs a digit and three colons, so `a::b` scope operators
-/// are never taken for addresses. Keys are the secrets step's job.
+/// are never taken for addresses, and an IPv4 candidate must be in a string literal or
+/// near a word about addresses (see [`in_address_context`]). Keys are the secrets
+/// step's job.
 pub struct Pii {
     config: PiiConfig,
     email: Regex,
@@ -89,6 +91,9 @@ impl Pii {
             if looks_like_version(text, m.start(), end) {
                 continue;
             }
+            if addr.is_ipv4() && !in_address_context(text, m.start(), end) {
+                continue;
+            }
             if is_private(addr) || POPULAR_DNS_SERVERS.contains(&value) {
                 continue;
             }
@@ -120,16 +125,38 @@ fn looks_like_version(text: &str, start: usize, end: usize) -> bool {
     if !(value.len() == 7 && value.matches('.').count() == 3) {
         return false;
     }
-    let mut lo = start.saturating_sub(100);
+    let (lo, hi) = context_bounds(text, start, end, 100);
+    let context = text[lo..hi].to_lowercase();
+    !(context.contains("dns") || context.contains("server"))
+}
+
+const ADDRESS_WORDS: [&str; 19] = [
+    "ip ", "ip:", "ip=", "ip_", "_ip", "ipv4", "address", "addr", "host", "server", "dns",
+    "inet", "socket", "connect", "http", "url", "gateway", "proxy", "subnet",
+];
+
+/// C++ text is full of dotted numbers that are not addresses: standard section
+/// references ("per 20.9.3.2 para 8"), versions, OIDs. A dotted quad counts as an
+/// address only inside a string literal or near a word about addresses.
+fn in_address_context(text: &str, start: usize, end: usize) -> bool {
+    if text[..start].ends_with(['"', '\'']) {
+        return true;
+    }
+    let (lo, hi) = context_bounds(text, start, end, 100);
+    let context = text[lo..hi].to_ascii_lowercase();
+    ADDRESS_WORDS.iter().any(|w| context.contains(w))
+}
+
+fn context_bounds(text: &str, start: usize, end: usize, width: usize) -> (usize, usize) {
+    let mut lo = start.saturating_sub(width);
     while !text.is_char_boundary(lo) {
         lo -= 1;
     }
-    let mut hi = (end + 100).min(text.len());
+    let mut hi = (end + width).min(text.len());
     while !text.is_char_boundary(hi) {
         hi += 1;
     }
-    let context = text[lo..hi].to_lowercase();
-    !(context.contains("dns") || context.contains("server"))
+    (lo, hi)
 }
 
 /// Python's `ipaddress` notion of private (not globally reachable) addresses.
@@ -241,6 +268,13 @@ mod tests {
             redact("v6 2a00:1450:4001:81b::200e here"),
             "v6 <IP_ADDRESS> here"
         );
+    }
+
+    #[test]
+    fn standard_section_numbers_are_not_addresses() {
+        let text = "// again automatically per 20.9.3.2 para 8\n// RFC-2068, section 19.6.1.1\n";
+        assert_eq!(redact(text), text);
+        assert_eq!(redact("const char* h = \"93.184.216.34\";"), "const char* h = \"<IP_ADDRESS>\";");
     }
 
     #[test]
