@@ -14,6 +14,8 @@ pub enum DataError {
     Input { input: String, message: String },
     #[error("hub: {0}")]
     Hub(String),
+    #[error("interrupted; rerun the same command to resume")]
+    Interrupted,
     #[error("{dir}: {message}")]
     Resume { dir: PathBuf, message: String },
 }

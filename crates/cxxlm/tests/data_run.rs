@@ -274,3 +274,52 @@ fn archives_json_lines_and_git_checkouts() {
     );
     assert_eq!(docs.len(), 4 + 2 + 2);
 }
+
+#[test]
+fn a_full_disk_stops_the_run_with_the_file_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    // Varied text, so zstd cannot shrink it below the disk's size.
+    let mut x: u64 = 88172645463325252;
+    for n in 0..400 {
+        let mut text = String::new();
+        for _ in 0..40 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            text.push_str(&format!(
+                "int v{x:x} = compute_{:x}({});\n",
+                x >> 20,
+                x % 1000
+            ));
+        }
+        write(&corpus.join(format!("f{n}.cc")), text);
+    }
+    let out = tmp.path().join("small-disk");
+    std::fs::create_dir_all(&out).unwrap();
+    // A 64 KiB tmpfs in a private mount namespace stands in for a full disk.
+    let script = format!(
+        "mount -t tmpfs -o size=64k tmpfs {out} || exit 99; exec {bin} data run --keep-indentation -i {src} -o {out}",
+        out = out.display(),
+        bin = env!("CARGO_BIN_EXE_cxxlm"),
+        src = corpus.display()
+    );
+    let res = Command::new("unshare")
+        .args(["-rm", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    if res.status.code() == Some(99) || !res.status.code().is_some() {
+        eprintln!(
+            "cannot mount a tmpfs here; full-disk behaviour not exercised: {}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        return;
+    }
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("No space left on device") && err.contains("small-disk"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -131,8 +131,8 @@ fn looks_like_version(text: &str, start: usize, end: usize) -> bool {
 }
 
 const ADDRESS_WORDS: [&str; 19] = [
-    "ip ", "ip:", "ip=", "ip_", "_ip", "ipv4", "address", "addr", "host", "server", "dns",
-    "inet", "socket", "connect", "http", "url", "gateway", "proxy", "subnet",
+    "ip ", "ip:", "ip=", "ip_", "_ip", "ipv4", "address", "addr", "host", "server", "dns", "inet",
+    "socket", "connect", "http", "url", "gateway", "proxy", "subnet",
 ];
 
 /// C++ text is full of dotted numbers that are not addresses: standard section
@@ -274,7 +274,10 @@ mod tests {
     fn standard_section_numbers_are_not_addresses() {
         let text = "// again automatically per 20.9.3.2 para 8\n// RFC-2068, section 19.6.1.1\n";
         assert_eq!(redact(text), text);
-        assert_eq!(redact("const char* h = \"93.184.216.34\";"), "const char* h = \"<IP_ADDRESS>\";");
+        assert_eq!(
+            redact("const char* h = \"93.184.216.34\";"),
+            "const char* h = \"<IP_ADDRESS>\";"
+        );
     }
 
     #[test]
