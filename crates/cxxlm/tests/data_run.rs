@@ -308,7 +308,7 @@ fn a_full_disk_stops_the_run_with_the_file_named() {
         .args(["-rm", "sh", "-c", &script])
         .output()
         .unwrap();
-    if res.status.code() == Some(99) || !res.status.code().is_some() {
+    if res.status.code() == Some(99) || res.status.code().is_none() {
         eprintln!(
             "cannot mount a tmpfs here; full-disk behaviour not exercised: {}",
             String::from_utf8_lossy(&res.stderr)
