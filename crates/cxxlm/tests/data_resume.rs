@@ -40,8 +40,9 @@ fn without_timings(mut stats: serde_json::Value) -> serde_json::Value {
     stats
 }
 
-#[test]
-fn sigkill_midway_then_rerun_gives_the_uninterrupted_output() {
+/// Start a run, wait for its first checkpoint, send `signal`, then rerun it to the end:
+/// the output must equal an uninterrupted run's.
+fn interrupt_and_resume(signal: i32) -> std::process::Output {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("corpus");
     corpus(&src, 3000);
@@ -69,7 +70,11 @@ fn sigkill_midway_then_rerun_gives_the_uninterrupted_output() {
     run_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
 
     let killed = tmp.path().join("killed");
-    let mut child = cxxlm().args(args(&killed)).spawn().unwrap();
+    let mut child = cxxlm()
+        .args(args(&killed))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let checkpoint = killed.join("tasks/task-00000.state.json");
     let started = Instant::now();
     while !checkpoint.exists() {
@@ -84,16 +89,17 @@ fn sigkill_midway_then_rerun_gives_the_uninterrupted_output() {
         std::thread::sleep(Duration::from_millis(1));
     }
     // SAFETY: plain kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-    child.wait().unwrap();
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let interrupted = child.wait_with_output().unwrap();
+    assert!(!interrupted.status.success());
     assert!(
         !killed.join("tasks/task-00000.done.json").exists(),
-        "killed too late to test resume"
+        "stopped too late to test resume"
     );
     let partial = tree(&killed).len();
     assert!(
         partial > 0 && partial < tree(&whole).len(),
-        "killed midway: {partial} shards"
+        "stopped midway: {partial} shards"
     );
 
     let k: Vec<String> = args(&killed);
@@ -108,6 +114,23 @@ fn sigkill_midway_then_rerun_gives_the_uninterrupted_output() {
         .file_name()
         .to_string_lossy()
         .ends_with(".tmp")));
+    interrupted
+}
+
+#[test]
+fn sigkill_midway_then_rerun_gives_the_uninterrupted_output() {
+    interrupt_and_resume(libc::SIGKILL);
+}
+
+#[test]
+fn ctrl_c_stops_with_a_message_and_the_rerun_resumes() {
+    let out = interrupt_and_resume(libc::SIGINT);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("interrupted; rerun the same command to resume"),
+        "{err}"
+    );
 }
 
 #[test]
