@@ -139,14 +139,7 @@ fn tasks_split_the_inputs_and_finished_tasks_are_skipped() {
     let src = tmp.path().join("corpus");
     corpus(&src, 300);
     let one = tmp.path().join("one");
-    run_ok(&[
-        "data",
-        "run",
-        "-i",
-        src.to_str().unwrap(),
-        "-o",
-        one.to_str().unwrap(),
-    ]);
+    data_run(&src, &one, &[]);
 
     let three = tmp.path().join("three");
     for i in ["0", "1", "2"] {
@@ -201,14 +194,7 @@ fn other_settings_or_inputs_are_refused_in_the_same_output() {
     let src = tmp.path().join("corpus");
     corpus(&src, 20);
     let out = tmp.path().join("out");
-    run_ok(&[
-        "data",
-        "run",
-        "-i",
-        src.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    data_run(&src, &out, &[]);
     let res = cxxlm()
         .args([
             "data",

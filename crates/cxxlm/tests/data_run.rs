@@ -44,15 +44,7 @@ fn writes_shards_and_stats_with_a_count_for_every_rule() {
     let corpus = tmp.path().join("corpus");
     messy_corpus(&corpus);
     let out = tmp.path().join("out");
-    run_ok(&[
-        "data",
-        "run",
-        "-i",
-        corpus.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--write-removed",
-    ]);
+    data_run(&corpus, &out, &["--write-removed"]);
 
     let docs = read_shards(&out);
     let mut kept = ids(&docs);
@@ -140,14 +132,7 @@ fn python_reads_the_shards() {
         write(&corpus.join(format!("f{n}.cc")), cpp_source(n));
     }
     let out = tmp.path().join("out");
-    run_ok(&[
-        "data",
-        "run",
-        "-i",
-        corpus.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    data_run(&corpus, &out, &[]);
     let script = "import glob, io, json, sys, zstandard\n\
         n = 0\n\
         for p in sorted(glob.glob(sys.argv[1] + '/part-*.jsonl.zst')):\n\

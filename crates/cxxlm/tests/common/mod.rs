@@ -24,6 +24,20 @@ pub fn run_ok(args: &[&str]) -> Output {
     out
 }
 
+/// `cxxlm data run -i <input> -o <out> <extra...>`, which must succeed.
+pub fn data_run(input: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "data",
+        "run",
+        "-i",
+        input.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    run_ok(&args)
+}
+
 pub fn write(path: &Path, bytes: impl AsRef<[u8]>) {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).unwrap();
