@@ -9,6 +9,7 @@
 pub mod config;
 pub mod document;
 pub mod error;
+pub mod near_dedup;
 pub mod pipeline;
 pub mod read;
 pub mod shard;

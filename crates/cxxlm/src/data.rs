@@ -1,6 +1,9 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use cxxlm_data::config::SecretAction;
+use cxxlm_data::near_dedup::{
+    DedupConfig, MinHashConfig, NearDedup, Stage, StageOutcome, Survivor,
+};
 use cxxlm_data::pipeline::{self, Progress, TaskOutcome, TaskSpec};
 use cxxlm_data::stats::RunStats;
 use cxxlm_data::PipelineConfig;
@@ -15,6 +18,8 @@ use crate::interrupt;
 pub enum DataCommand {
     /// Read, filter, redact and deduplicate C++ sources into jsonl.zst shards.
     Run(RunArgs),
+    /// Remove near-duplicates (MinHash LSH) from the shards of `data run`.
+    Dedup(DedupArgs),
     /// Merge the stats of the finished tasks of an output directory into stats.json.
     Stats {
         /// The output directory of `cxxlm data run`.
@@ -63,9 +68,114 @@ pub struct RunArgs {
     max_bytes: Option<u64>,
 }
 
+#[derive(Args)]
+pub struct DedupArgs {
+    /// The output directory of `cxxlm data run` (its part-*.jsonl.zst shards).
+    #[arg(long, short)]
+    input: PathBuf,
+    /// Where the deduplicated shards, the report and the stages' work go.
+    #[arg(long, short)]
+    out: PathBuf,
+    /// One stage, or all of them in order.
+    #[arg(long, default_value = "all", value_parser = ["all", "signatures", "buckets", "clusters", "filter"])]
+    stage: String,
+    /// Split each stage into this many tasks (a Slurm array's size).
+    #[arg(long, env = "SLURM_ARRAY_TASK_COUNT")]
+    tasks: Option<usize>,
+    /// Run only this task; without it every task runs here.
+    #[arg(long, env = "SLURM_ARRAY_TASK_ID")]
+    task_index: Option<usize>,
+    /// Which document of a cluster is kept.
+    #[arg(long, default_value = "first", value_parser = ["first", "stack-v2"])]
+    survivor: String,
+    /// Also write the removed documents under removed/.
+    #[arg(long)]
+    write_removed: bool,
+    #[arg(long, default_value_t = 5)]
+    ngram: usize,
+    #[arg(long, default_value_t = 256)]
+    perms: usize,
+    #[arg(long, default_value_t = 25)]
+    bands: usize,
+    #[arg(long, default_value_t = 10)]
+    rows: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn run_dedup(args: DedupArgs) -> Result<()> {
+    if let Some(threads) = args.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .ok();
+    }
+    let config = DedupConfig {
+        input: args.input.clone(),
+        output: args.out.clone(),
+        minhash: MinHashConfig {
+            ngram: args.ngram,
+            perms: args.perms,
+            bands: args.bands,
+            rows: args.rows,
+            ..Default::default()
+        },
+        survivor: if args.survivor == "stack-v2" {
+            Survivor::StackV2
+        } else {
+            Survivor::First
+        },
+        write_removed: args.write_removed,
+        zstd_level: 3,
+    };
+    let dedup = NearDedup::new(config)?;
+    let stages: Vec<Stage> = match args.stage.as_str() {
+        "all" => Stage::ALL.to_vec(),
+        one => Stage::ALL.into_iter().filter(|s| s.name() == one).collect(),
+    };
+    let tasks = args.tasks.unwrap_or(1);
+    let indices: Vec<usize> = match args.task_index {
+        Some(i) if i >= tasks => bail!("--task-index {i} is not below --tasks {tasks}"),
+        Some(i) => vec![i],
+        None => (0..tasks).collect(),
+    };
+    for stage in stages {
+        for &index in &indices {
+            let outcome = dedup
+                .run(stage, TaskSpec { tasks, index })
+                .with_context(|| format!("{} task {index} of {tasks}", stage.name()))?;
+            match outcome {
+                StageOutcome::Done { seconds } => {
+                    eprintln!("{} {index}/{tasks}: done in {seconds:.2}s", stage.name())
+                }
+                StageOutcome::AlreadyDone => eprintln!(
+                    "{} {index}/{tasks}: already complete, skipped",
+                    stage.name()
+                ),
+                StageOutcome::NothingToDo => {}
+            }
+        }
+    }
+    if let Ok(text) = std::fs::read_to_string(dedup.report_path()) {
+        let r: serde_json::Value = serde_json::from_str(&text)?;
+        println!(
+            "{} documents, {} in {} clusters; {} removed ({:.1} MB); report: {}",
+            r["documents"],
+            r["documents_in_clusters"],
+            r["clusters"],
+            r["removed"]["documents"],
+            r["removed"]["bytes"].as_f64().unwrap_or(0.0) / 1e6,
+            dedup.report_path().display()
+        );
+    }
+    Ok(())
+}
+
 pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
         DataCommand::Run(args) => run_pipeline(args),
+        DataCommand::Dedup(args) => run_dedup(args),
         DataCommand::Stats { dir } => {
             let merged = pipeline::write_merged_stats(&dir)?;
             println!("{}", serde_json::to_string_pretty(&merged)?);

@@ -11,7 +11,7 @@ mod secrets;
 
 pub use decode::decode;
 pub use exact_dedup::{content_hash, ExactDedup};
-pub use license::{LicenseFilter, Licenses};
+pub use license::{is_permissive, LicenseFilter, Licenses};
 pub use normalize::Normalize;
 pub use pii::Pii;
 pub use quality::QualityFilter;

@@ -1,0 +1,552 @@
+//! Near-duplicate removal over the shards of `cxxlm data run`, in four stages that each
+//! run as N independent tasks or all here: signatures (MinHash band keys per document),
+//! buckets (per band, documents with equal keys become candidate pairs), clusters
+//! (union-find over all pairs, one survivor per cluster) and filter (shards without the
+//! removed documents). Documents are named by `(shard, index)` in the sorted list of
+//! input shards, so results do not depend on how many tasks ran.
+
+mod minhash;
+mod records;
+mod union_find;
+
+pub use minhash::{MinHashConfig, MinHasher};
+pub use records::{read_records, RecordWriter};
+pub use union_find::UnionFind;
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+
+use crate::document::Document;
+use crate::error::{DataError, Result};
+use crate::pipeline::TaskSpec;
+use crate::shard::{write_atomic, ShardWriter};
+use crate::steps::is_permissive;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Survivor {
+    /// The first document of the cluster in input order.
+    First,
+    /// The Stack v2 rank: permissive license first, then the larger file, then input order.
+    StackV2,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DedupConfig {
+    pub input: PathBuf,
+    pub output: PathBuf,
+    pub minhash: MinHashConfig,
+    pub survivor: Survivor,
+    pub write_removed: bool,
+    pub zstd_level: i32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Signatures,
+    Buckets,
+    Clusters,
+    Filter,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 4] = [
+        Stage::Signatures,
+        Stage::Buckets,
+        Stage::Clusters,
+        Stage::Filter,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Signatures => "signatures",
+            Stage::Buckets => "buckets",
+            Stage::Clusters => "clusters",
+            Stage::Filter => "filter",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum StageOutcome {
+    Done {
+        seconds: f64,
+    },
+    AlreadyDone,
+    /// The stage has fewer units of work than tasks; this task had none.
+    NothingToDo,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Marker {
+    fingerprint: String,
+    tasks: usize,
+    seconds: f64,
+}
+
+const DOC_SHIFT: u32 = 32;
+
+fn doc_ref(shard: usize, index: usize) -> u64 {
+    ((shard as u64) << DOC_SHIFT) | index as u64
+}
+
+fn split_ref(r: u64) -> (usize, usize) {
+    ((r >> DOC_SHIFT) as usize, (r & 0xffff_ffff) as usize)
+}
+
+/// The input shards, in the order that defines document order.
+pub fn input_shards(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| DataError::io(dir, e))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let n = p.file_name().unwrap_or_default().to_string_lossy();
+            n.starts_with("part-") && n.ends_with(".jsonl.zst")
+        })
+        .collect();
+    shards.sort();
+    if shards.is_empty() {
+        return Err(DataError::Input {
+            input: dir.display().to_string(),
+            message: "holds no part-*.jsonl.zst shards (the output of `cxxlm data run`)".into(),
+        });
+    }
+    Ok(shards)
+}
+
+fn read_shard(path: &Path) -> Result<Vec<Document>> {
+    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    let reader =
+        std::io::BufReader::new(zstd::Decoder::new(file).map_err(|e| DataError::io(path, e))?);
+    let mut docs = Vec::new();
+    for (i, line) in reader.lines().enumerate() {
+        let line = line.map_err(|e| DataError::io(path, e))?;
+        let doc: Document = serde_json::from_str(&line).map_err(|e| DataError::Input {
+            input: format!("{}:{}", path.display(), i + 1),
+            message: e.to_string(),
+        })?;
+        docs.push(doc);
+    }
+    Ok(docs)
+}
+
+pub struct NearDedup {
+    config: DedupConfig,
+    shards: Vec<PathBuf>,
+    fingerprint: String,
+}
+
+impl NearDedup {
+    pub fn new(config: DedupConfig) -> Result<Self> {
+        config.minhash.validate().map_err(DataError::Config)?;
+        let shards = input_shards(&config.input)?;
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(
+            serde_json::to_string(&(&config.minhash, config.survivor, config.write_removed))
+                .unwrap_or_default()
+                .as_bytes(),
+        );
+        for s in &shards {
+            let len = std::fs::metadata(s).map(|m| m.len()).unwrap_or(0);
+            h.update(
+                format!(
+                    "{}:{len}\n",
+                    s.file_name().unwrap_or_default().to_string_lossy()
+                )
+                .as_bytes(),
+            );
+        }
+        Ok(NearDedup {
+            fingerprint: format!("{:032x}", h.digest128()),
+            config,
+            shards,
+        })
+    }
+
+    fn work(&self) -> PathBuf {
+        self.config.output.join("near-dedup")
+    }
+
+    fn marker(&self, stage: Stage, task: usize) -> PathBuf {
+        self.work()
+            .join(stage.name())
+            .join(format!("task-{task:05}.done.json"))
+    }
+
+    fn signature_dir(&self, task: usize) -> PathBuf {
+        self.work()
+            .join("signatures")
+            .join(format!("task-{task:05}"))
+    }
+
+    fn pairs_file(&self, band: usize) -> PathBuf {
+        self.work()
+            .join("buckets")
+            .join(format!("band-{band:03}.bin"))
+    }
+
+    fn removed_file(&self) -> PathBuf {
+        self.work().join("clusters").join("removed.bin")
+    }
+
+    pub fn report_path(&self) -> PathBuf {
+        self.config.output.join("near-dedup-report.json")
+    }
+
+    /// Every task of a finished stage, or an error saying which stage to run first.
+    fn finished_tasks(&self, stage: Stage) -> Result<usize> {
+        let first = self.marker(stage, 0);
+        let missing = || DataError::Resume {
+            dir: self.work(),
+            message: format!("stage {} has not finished: run it first", stage.name()),
+        };
+        let m: Marker = read_marker(&first)?.ok_or_else(missing)?;
+        if m.fingerprint != self.fingerprint {
+            return Err(self.mismatch());
+        }
+        for t in 1..m.tasks {
+            if read_marker(&self.marker(stage, t))?.is_none() {
+                return Err(missing());
+            }
+        }
+        Ok(m.tasks)
+    }
+
+    fn mismatch(&self) -> DataError {
+        DataError::Resume { dir: self.work(), message: "holds work for other settings or other input shards; use another output directory or remove it".into() }
+    }
+
+    pub fn run(&self, stage: Stage, task: TaskSpec) -> Result<StageOutcome> {
+        task.validate()?;
+        let marker = self.marker(stage, task.index);
+        if let Some(m) = read_marker(&marker)? {
+            if m.fingerprint != self.fingerprint {
+                return Err(self.mismatch());
+            }
+            return Ok(StageOutcome::AlreadyDone);
+        }
+        let started = std::time::Instant::now();
+        let did = match stage {
+            Stage::Signatures => self.signatures(task)?,
+            Stage::Buckets => self.buckets(task)?,
+            Stage::Clusters => self.clusters(task)?,
+            Stage::Filter => self.filter(task)?,
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        let dir = marker.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+        let m = Marker {
+            fingerprint: self.fingerprint.clone(),
+            tasks: task.tasks,
+            seconds,
+        };
+        write_atomic(&marker, &serde_json::to_vec(&m).unwrap_or_default())?;
+        Ok(if did {
+            StageOutcome::Done { seconds }
+        } else {
+            StageOutcome::NothingToDo
+        })
+    }
+
+    fn signatures(&self, task: TaskSpec) -> Result<bool> {
+        let hasher = MinHasher::new(self.config.minhash);
+        let bands = self.config.minhash.bands;
+        let mut keys: Vec<Vec<[u64; 2]>> = vec![Vec::new(); bands];
+        let mut docs: Vec<[u64; 3]> = Vec::new();
+        let mine: Vec<usize> = (task.index..self.shards.len())
+            .step_by(task.tasks)
+            .collect();
+        for &s in &mine {
+            let shard = read_shard(&self.shards[s])?;
+            let sigs: Vec<Option<Vec<u64>>> = shard
+                .par_iter()
+                .map(|d| hasher.band_keys(&d.text))
+                .collect();
+            for (i, (doc, sig)) in shard.iter().zip(sigs).enumerate() {
+                let r = doc_ref(s, i);
+                let permissive = doc
+                    .meta
+                    .get("license")
+                    .and_then(Value::as_str)
+                    .is_some_and(is_permissive);
+                docs.push([r, doc.text.len() as u64, permissive as u64]);
+                if let Some(sig) = sig {
+                    for (band, key) in sig.into_iter().enumerate() {
+                        keys[band].push([key, r]);
+                    }
+                }
+            }
+        }
+        let dir = self.signature_dir(task.index);
+        let mut w = RecordWriter::create(&dir.join("docs.bin"), "docs", 3)?;
+        for d in &docs {
+            w.push(d)?;
+        }
+        w.finish()?;
+        keys.par_iter_mut().for_each(|k| k.sort_unstable());
+        for (band, k) in keys.iter().enumerate() {
+            let mut w = RecordWriter::create(&dir.join(format!("band-{band:03}.bin")), "bands", 2)?;
+            for rec in k {
+                w.push(rec)?;
+            }
+            w.finish()?;
+        }
+        Ok(!mine.is_empty())
+    }
+
+    fn buckets(&self, task: TaskSpec) -> Result<bool> {
+        let sig_tasks = self.finished_tasks(Stage::Signatures)?;
+        let mine: Vec<usize> = (task.index..self.config.minhash.bands)
+            .step_by(task.tasks)
+            .collect();
+        mine.par_iter().try_for_each(|&band| -> Result<()> {
+            let mut keys: Vec<(u64, u64)> = Vec::new();
+            for t in 0..sig_tasks {
+                let recs = read_records(
+                    &self.signature_dir(t).join(format!("band-{band:03}.bin")),
+                    "bands",
+                    2,
+                )?;
+                keys.extend(recs.chunks_exact(2).map(|c| (c[0], c[1])));
+            }
+            keys.sort_unstable();
+            let mut w = RecordWriter::create(&self.pairs_file(band), "pairs", 2)?;
+            // Each bucket becomes a star around its first document: enough for
+            // union-find, linear in the bucket size.
+            for bucket in keys.chunk_by(|a, b| a.0 == b.0) {
+                for &(_, other) in &bucket[1..] {
+                    w.push(&[bucket[0].1, other])?;
+                }
+            }
+            w.finish()?;
+            Ok(())
+        })?;
+        Ok(!mine.is_empty())
+    }
+
+    fn clusters(&self, task: TaskSpec) -> Result<bool> {
+        if task.index != 0 {
+            return Ok(false);
+        }
+        let sig_tasks = self.finished_tasks(Stage::Signatures)?;
+        self.finished_tasks(Stage::Buckets)?;
+        let mut table: Vec<[u64; 3]> = Vec::new();
+        for t in 0..sig_tasks {
+            let recs = read_records(&self.signature_dir(t).join("docs.bin"), "docs", 3)?;
+            table.extend(recs.chunks_exact(3).map(|c| [c[0], c[1], c[2]]));
+        }
+        table.sort_unstable_by_key(|d| d[0]);
+        let index: HashMap<u64, u32> = table
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d[0], i as u32))
+            .collect();
+        let uf = UnionFind::new(table.len());
+        let bands: Vec<usize> = (0..self.config.minhash.bands).collect();
+        let pairs: u64 = bands
+            .par_iter()
+            .map(|&band| -> Result<u64> {
+                let recs = read_records(&self.pairs_file(band), "pairs", 2)?;
+                for c in recs.chunks_exact(2) {
+                    let (Some(&a), Some(&b)) = (index.get(&c[0]), index.get(&c[1])) else {
+                        return Err(DataError::Resume { dir: self.pairs_file(band), message: "names a document the signatures do not list; rerun the buckets stage".into() });
+                    };
+                    uf.union(a, b);
+                }
+                Ok(recs.len() as u64 / 2)
+            })
+            .try_reduce(|| 0, |a, b| Ok(a + b))?;
+
+        let roots: Vec<u32> = (0..table.len() as u32).map(|i| uf.find(i)).collect();
+        let mut members: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        for (i, &r) in roots.iter().enumerate() {
+            if r as usize != i || members.contains_key(&r) {
+                members.entry(r).or_default().push(i as u32);
+            }
+        }
+        for (root, m) in members.iter_mut() {
+            m.insert(0, *root);
+        }
+        let mut removed: Vec<[u64; 2]> = Vec::new();
+        let mut removed_bytes = 0u64;
+        let mut clusters: Vec<(u32, Vec<u32>)> = Vec::new();
+        for (_, m) in members {
+            let survivor = match self.config.survivor {
+                Survivor::First => m[0],
+                Survivor::StackV2 => *m
+                    .iter()
+                    .max_by_key(|&&i| {
+                        (
+                            table[i as usize][2],
+                            table[i as usize][1],
+                            std::cmp::Reverse(i),
+                        )
+                    })
+                    .unwrap_or(&m[0]),
+            };
+            for &i in &m {
+                if i != survivor {
+                    removed.push([table[i as usize][0], table[survivor as usize][0]]);
+                    removed_bytes += table[i as usize][1];
+                }
+            }
+            clusters.push((survivor, m));
+        }
+        removed.sort_unstable();
+        let mut w = RecordWriter::create(&self.removed_file(), "removed", 2)?;
+        for r in &removed {
+            w.push(r)?;
+        }
+        w.finish()?;
+        let report = self.report(&table, &clusters, removed.len(), removed_bytes, pairs)?;
+        write_atomic(
+            &self.report_path(),
+            &serde_json::to_vec_pretty(&report).unwrap_or_default(),
+        )?;
+        Ok(true)
+    }
+
+    fn report(
+        &self,
+        table: &[[u64; 3]],
+        clusters: &[(u32, Vec<u32>)],
+        removed: usize,
+        removed_bytes: u64,
+        pairs: u64,
+    ) -> Result<Value> {
+        let mut histogram: BTreeMap<String, usize> = BTreeMap::new();
+        for (_, m) in clusters {
+            let n = m.len();
+            let bucket = match n {
+                2 => "2".to_string(),
+                3..=4 => "3-4".into(),
+                5..=8 => "5-8".into(),
+                9..=16 => "9-16".into(),
+                17..=64 => "17-64".into(),
+                _ => "65+".into(),
+            };
+            *histogram.entry(bucket).or_default() += 1;
+        }
+        let mut largest: Vec<&(u32, Vec<u32>)> = clusters.iter().collect();
+        largest.sort_by_key(|(s, m)| (std::cmp::Reverse(m.len()), *s));
+        largest.truncate(10);
+        // Example ids come from the shards themselves: only those shards are read.
+        let wanted: Vec<u64> = largest
+            .iter()
+            .flat_map(|(s, m)| {
+                let s = *s;
+                std::iter::once(s).chain(m.iter().copied().filter(move |&i| i != s).take(3))
+            })
+            .map(|i| table[i as usize][0])
+            .collect();
+        let mut ids: HashMap<u64, String> = HashMap::new();
+        let mut shards: Vec<usize> = wanted.iter().map(|r| split_ref(*r).0).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        for s in shards {
+            for (i, doc) in read_shard(&self.shards[s])?.into_iter().enumerate() {
+                let r = doc_ref(s, i);
+                if wanted.contains(&r) {
+                    ids.insert(
+                        r,
+                        doc.meta
+                            .get("path")
+                            .and_then(Value::as_str)
+                            .map(str::to_string)
+                            .unwrap_or(doc.id),
+                    );
+                }
+            }
+        }
+        let name = |i: u32| ids.get(&table[i as usize][0]).cloned().unwrap_or_default();
+        let largest: Vec<Value> = largest
+            .iter()
+            .map(|(s, m)| json!({ "size": m.len(), "survivor": name(*s), "examples": m.iter().filter(|i| *i != s).take(3).map(|&i| name(i)).collect::<Vec<_>>() }))
+            .collect();
+        let total_bytes: u64 = table.iter().map(|d| d[1]).sum();
+        Ok(json!({
+            "documents": table.len(),
+            "bytes": total_bytes,
+            "candidate_pairs": pairs,
+            "clusters": clusters.len(),
+            "documents_in_clusters": clusters.iter().map(|(_, m)| m.len()).sum::<usize>(),
+            "removed": { "documents": removed, "bytes": removed_bytes },
+            "cluster_sizes": histogram,
+            "largest_clusters": largest,
+            "settings": { "minhash": self.config.minhash, "threshold": self.config.minhash.threshold(), "survivor": self.config.survivor },
+            "clustering_memory_bytes_per_document": UnionFind::BYTES_PER_DOCUMENT + CLUSTER_TABLE_BYTES_PER_DOCUMENT,
+        }))
+    }
+
+    fn filter(&self, task: TaskSpec) -> Result<bool> {
+        self.finished_tasks(Stage::Clusters)?;
+        let recs = read_records(&self.removed_file(), "removed", 2)?;
+        let removed: HashMap<u64, u64> = recs.chunks_exact(2).map(|c| (c[0], c[1])).collect();
+        let mine: Vec<usize> = (task.index..self.shards.len())
+            .step_by(task.tasks)
+            .collect();
+        for &s in &mine {
+            let name = self.shards[s]
+                .file_name()
+                .unwrap_or_default()
+                .to_os_string();
+            let mut kept =
+                ShardWriter::create(self.config.output.join(&name), self.config.zstd_level)?;
+            let mut dropped = if self.config.write_removed {
+                Some(ShardWriter::create(
+                    self.config.output.join("removed").join(&name),
+                    self.config.zstd_level,
+                )?)
+            } else {
+                None
+            };
+            for (i, mut doc) in read_shard(&self.shards[s])?.into_iter().enumerate() {
+                match removed.get(&doc_ref(s, i)) {
+                    None => kept.write(&doc)?,
+                    Some(&survivor) => {
+                        if let Some(w) = dropped.as_mut() {
+                            let (ss, si) = split_ref(survivor);
+                            let of = format!(
+                                "{}:{}",
+                                self.shards[ss]
+                                    .file_name()
+                                    .unwrap_or_default()
+                                    .to_string_lossy(),
+                                si + 1
+                            );
+                            doc.meta.insert("removed".into(), json!({ "step": "near_dedup", "reason": "near_duplicate", "survivor": of }));
+                            w.write(&doc)?;
+                        }
+                    }
+                }
+            }
+            kept.finish()?;
+            if let Some(w) = dropped {
+                w.finish()?;
+            }
+        }
+        Ok(!mine.is_empty())
+    }
+}
+
+/// The document table the clusters stage holds: reference, size and license flag
+/// (3 x 8 bytes), plus the reference-to-index map (about 16 bytes with its overhead).
+const CLUSTER_TABLE_BYTES_PER_DOCUMENT: usize = 24 + 16 + 4;
+
+fn read_marker(path: &Path) -> Result<Option<Marker>> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| DataError::Resume {
+                dir: path.to_path_buf(),
+                message: format!("unreadable marker ({e}); remove it to redo the task"),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(DataError::io(path, e)),
+    }
+}
