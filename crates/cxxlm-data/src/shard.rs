@@ -50,6 +50,17 @@ impl ShardWriter {
         Ok(())
     }
 
+    /// Write one JSON line that is already serialized (without its newline).
+    pub fn write_line(&mut self, line: &str) -> Result<()> {
+        self.out
+            .write_all(line.as_bytes())
+            .and_then(|_| self.out.write_all(b"\n"))
+            .map_err(|e| DataError::io(&self.tmp, e))?;
+        self.docs += 1;
+        self.bytes += line.len() as u64 + 1;
+        Ok(())
+    }
+
     /// Flush, sync and rename into place; returns the final path.
     pub fn finish(self) -> Result<PathBuf> {
         let tmp = self.tmp;

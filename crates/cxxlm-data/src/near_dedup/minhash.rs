@@ -149,22 +149,36 @@ unsafe fn minimize_avx512(a: &[u64], b: &[u64], shingles: &[u64], mins: &mut [u6
 /// Hashes of the lower-cased tokens, split on non-word characters (`\W+`): ASCII
 /// letters, digits and `_` are word characters, and so is every non-ASCII character.
 pub fn token_hashes(text: &str) -> Vec<u64> {
+    // Lower-cased value + 1 for word bytes, 0 for separators.
+    const CLASS: [u8; 256] = {
+        let mut t = [0u8; 256];
+        let mut b = 0;
+        while b < 256 {
+            let c = b as u8;
+            if c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80 {
+                t[b] = c.to_ascii_lowercase().wrapping_add(1);
+            }
+            b += 1;
+        }
+        t
+    };
     let mut out = Vec::with_capacity(text.len() / 4);
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut in_token = false;
+    // Rotate-xor keeps the per-byte dependency chain short; splitmix64 mixes at the end.
+    let mut h: u64 = 0;
+    let mut len = 0u32;
     for &byte in text.as_bytes() {
-        let word = byte.is_ascii_alphanumeric() || byte == b'_' || byte >= 0x80;
-        if word {
-            h = (h ^ byte.to_ascii_lowercase() as u64).wrapping_mul(0x100_0000_01b3);
-            in_token = true;
-        } else if in_token {
-            out.push(splitmix64(h));
-            h = 0xcbf2_9ce4_8422_2325;
-            in_token = false;
+        let c = CLASS[byte as usize];
+        if c != 0 {
+            h = h.rotate_left(7) ^ c as u64;
+            len += 1;
+        } else if len > 0 {
+            out.push(splitmix64(h ^ ((len as u64) << 56)));
+            h = 0;
+            len = 0;
         }
     }
-    if in_token {
-        out.push(splitmix64(h));
+    if len > 0 {
+        out.push(splitmix64(h ^ ((len as u64) << 56)));
     }
     out
 }

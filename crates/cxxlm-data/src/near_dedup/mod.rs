@@ -119,21 +119,33 @@ pub fn input_shards(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(shards)
 }
 
-fn read_shard(path: &Path) -> Result<Vec<Document>> {
+/// The lines of a shard, each with its index, streamed.
+fn shard_lines(path: &Path) -> Result<impl Iterator<Item = Result<(usize, String)>> + '_> {
     let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
-    let reader =
-        std::io::BufReader::new(zstd::Decoder::new(file).map_err(|e| DataError::io(path, e))?);
-    let mut docs = Vec::new();
-    for (i, line) in reader.lines().enumerate() {
-        let line = line.map_err(|e| DataError::io(path, e))?;
-        let doc: Document = serde_json::from_str(&line).map_err(|e| DataError::Input {
-            input: format!("{}:{}", path.display(), i + 1),
-            message: e.to_string(),
-        })?;
-        docs.push(doc);
-    }
-    Ok(docs)
+    let reader = std::io::BufReader::with_capacity(
+        1 << 20,
+        zstd::Decoder::new(file).map_err(|e| DataError::io(path, e))?,
+    );
+    Ok(reader
+        .lines()
+        .enumerate()
+        .map(move |(i, l)| l.map(|l| (i, l)).map_err(|e| DataError::io(path, e))))
 }
+
+fn parse(path: &Path, index: usize, line: &str) -> Result<Document> {
+    serde_json::from_str(line).map_err(|e| DataError::Input {
+        input: format!("{}:{}", path.display(), index + 1),
+        message: e.to_string(),
+    })
+}
+
+/// Signature records of one shard: its document table and per-band bucket keys.
+struct ShardSignatures {
+    docs: Vec<[u64; 3]>,
+    keys: Vec<Vec<[u64; 2]>>,
+}
+
+const SIGNATURE_BATCH: usize = 512;
 
 pub struct NearDedup {
     config: DedupConfig,
@@ -253,49 +265,77 @@ impl NearDedup {
         })
     }
 
+    fn shard_signatures(&self, hasher: &MinHasher, s: usize) -> Result<ShardSignatures> {
+        let bands = self.config.minhash.bands;
+        let mut out = ShardSignatures {
+            docs: Vec::new(),
+            keys: vec![Vec::new(); bands],
+        };
+        let path = &self.shards[s];
+        let mut lines = shard_lines(path)?;
+        loop {
+            let batch: Vec<(usize, String)> = lines
+                .by_ref()
+                .take(SIGNATURE_BATCH)
+                .collect::<Result<_>>()?;
+            if batch.is_empty() {
+                return Ok(out);
+            }
+            let sigs: Vec<([u64; 3], Option<Vec<u64>>)> = batch
+                .par_iter()
+                .map(|(i, line)| {
+                    let doc = parse(path, *i, line)?;
+                    let permissive = doc
+                        .meta
+                        .get("license")
+                        .and_then(Value::as_str)
+                        .is_some_and(is_permissive);
+                    Ok((
+                        [doc_ref(s, *i), doc.text.len() as u64, permissive as u64],
+                        hasher.band_keys(&doc.text),
+                    ))
+                })
+                .collect::<Result<_>>()?;
+            for (doc, sig) in sigs {
+                for (band, key) in sig.into_iter().flatten().enumerate() {
+                    out.keys[band].push([key, doc[0]]);
+                }
+                out.docs.push(doc);
+            }
+        }
+    }
+
     fn signatures(&self, task: TaskSpec) -> Result<bool> {
         let hasher = MinHasher::new(self.config.minhash);
-        let bands = self.config.minhash.bands;
-        let mut keys: Vec<Vec<[u64; 2]>> = vec![Vec::new(); bands];
-        let mut docs: Vec<[u64; 3]> = Vec::new();
         let mine: Vec<usize> = (task.index..self.shards.len())
             .step_by(task.tasks)
             .collect();
-        for &s in &mine {
-            let shard = read_shard(&self.shards[s])?;
-            let sigs: Vec<Option<Vec<u64>>> = shard
-                .par_iter()
-                .map(|d| hasher.band_keys(&d.text))
-                .collect();
-            for (i, (doc, sig)) in shard.iter().zip(sigs).enumerate() {
-                let r = doc_ref(s, i);
-                let permissive = doc
-                    .meta
-                    .get("license")
-                    .and_then(Value::as_str)
-                    .is_some_and(is_permissive);
-                docs.push([r, doc.text.len() as u64, permissive as u64]);
-                if let Some(sig) = sig {
-                    for (band, key) in sig.into_iter().enumerate() {
-                        keys[band].push([key, r]);
-                    }
-                }
-            }
-        }
+        let per_shard: Vec<ShardSignatures> = mine
+            .par_iter()
+            .map(|&s| self.shard_signatures(&hasher, s))
+            .collect::<Result<_>>()?;
         let dir = self.signature_dir(task.index);
         let mut w = RecordWriter::create(&dir.join("docs.bin"), "docs", 3)?;
-        for d in &docs {
+        for d in per_shard.iter().flat_map(|p| &p.docs) {
             w.push(d)?;
         }
         w.finish()?;
-        keys.par_iter_mut().for_each(|k| k.sort_unstable());
-        for (band, k) in keys.iter().enumerate() {
-            let mut w = RecordWriter::create(&dir.join(format!("band-{band:03}.bin")), "bands", 2)?;
-            for rec in k {
-                w.push(rec)?;
-            }
-            w.finish()?;
-        }
+        (0..self.config.minhash.bands)
+            .into_par_iter()
+            .try_for_each(|band| -> Result<()> {
+                let mut keys: Vec<[u64; 2]> = per_shard
+                    .iter()
+                    .flat_map(|p| p.keys[band].iter().copied())
+                    .collect();
+                keys.sort_unstable();
+                let mut w =
+                    RecordWriter::create(&dir.join(format!("band-{band:03}.bin")), "bands", 2)?;
+                for rec in &keys {
+                    w.push(rec)?;
+                }
+                w.finish()?;
+                Ok(())
+            })?;
         Ok(!mine.is_empty())
     }
 
@@ -449,9 +489,12 @@ impl NearDedup {
         shards.sort_unstable();
         shards.dedup();
         for s in shards {
-            for (i, doc) in read_shard(&self.shards[s])?.into_iter().enumerate() {
+            let path = &self.shards[s];
+            for line in shard_lines(path)? {
+                let (i, line) = line?;
                 let r = doc_ref(s, i);
                 if wanted.contains(&r) {
+                    let doc = parse(path, i, &line)?;
                     ids.insert(
                         r,
                         doc.meta
@@ -490,47 +533,51 @@ impl NearDedup {
         let mine: Vec<usize> = (task.index..self.shards.len())
             .step_by(task.tasks)
             .collect();
-        for &s in &mine {
-            let name = self.shards[s]
-                .file_name()
-                .unwrap_or_default()
-                .to_os_string();
-            let mut kept =
-                ShardWriter::create(self.config.output.join(&name), self.config.zstd_level)?;
-            let mut dropped = if self.config.write_removed {
-                Some(ShardWriter::create(
-                    self.config.output.join("removed").join(&name),
-                    self.config.zstd_level,
-                )?)
-            } else {
-                None
-            };
-            for (i, mut doc) in read_shard(&self.shards[s])?.into_iter().enumerate() {
-                match removed.get(&doc_ref(s, i)) {
-                    None => kept.write(&doc)?,
-                    Some(&survivor) => {
-                        if let Some(w) = dropped.as_mut() {
-                            let (ss, si) = split_ref(survivor);
-                            let of = format!(
-                                "{}:{}",
-                                self.shards[ss]
-                                    .file_name()
-                                    .unwrap_or_default()
-                                    .to_string_lossy(),
-                                si + 1
-                            );
-                            doc.meta.insert("removed".into(), json!({ "step": "near_dedup", "reason": "near_duplicate", "survivor": of }));
-                            w.write(&doc)?;
-                        }
+        mine.par_iter()
+            .try_for_each(|&s| self.filter_shard(s, &removed))?;
+        Ok(!mine.is_empty())
+    }
+
+    /// Kept lines are copied as they are; only removed documents are parsed (to record
+    /// why they went).
+    fn filter_shard(&self, s: usize, removed: &HashMap<u64, u64>) -> Result<()> {
+        let path = &self.shards[s];
+        let name = path.file_name().unwrap_or_default().to_os_string();
+        let mut kept = ShardWriter::create(self.config.output.join(&name), self.config.zstd_level)?;
+        let mut dropped = match self.config.write_removed {
+            true => Some(ShardWriter::create(
+                self.config.output.join("removed").join(&name),
+                self.config.zstd_level,
+            )?),
+            false => None,
+        };
+        for line in shard_lines(path)? {
+            let (i, line) = line?;
+            match removed.get(&doc_ref(s, i)) {
+                None => kept.write_line(&line)?,
+                Some(&survivor) => {
+                    if let Some(w) = dropped.as_mut() {
+                        let mut doc = parse(path, i, &line)?;
+                        let (ss, si) = split_ref(survivor);
+                        let of = format!(
+                            "{}:{}",
+                            self.shards[ss]
+                                .file_name()
+                                .unwrap_or_default()
+                                .to_string_lossy(),
+                            si + 1
+                        );
+                        doc.meta.insert("removed".into(), json!({ "step": "near_dedup", "reason": "near_duplicate", "survivor": of }));
+                        w.write(&doc)?;
                     }
                 }
             }
-            kept.finish()?;
-            if let Some(w) = dropped {
-                w.finish()?;
-            }
         }
-        Ok(!mine.is_empty())
+        kept.finish()?;
+        if let Some(w) = dropped {
+            w.finish()?;
+        }
+        Ok(())
     }
 }
 

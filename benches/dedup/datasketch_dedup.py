@@ -1,0 +1,67 @@
+"""The datasketch side of `benches/dedup/bench.sh`: MinHash LSH at the same settings
+(lower-cased text split on non-word characters, 5-gram shingles, 256 permutations,
+25 bands x 10 rows) over the same shards, the first document of each cluster kept.
+
+Usage: datasketch_dedup.py SHARD_DIR REMOVED_IDS_OUT
+"""
+
+import glob
+import io
+import json
+import re
+import sys
+
+import zstandard
+from datasketch import MinHash, MinHashLSH
+
+NON_WORD = re.compile(r"\W+")
+
+
+def documents(shard_dir):
+    for path in sorted(glob.glob(f"{shard_dir}/part-*.jsonl.zst")):
+        with open(path, "rb") as f:
+            stream = zstandard.ZstdDecompressor().stream_reader(f)
+            for line in io.TextIOWrapper(stream, encoding="utf-8"):
+                doc = json.loads(line)
+                yield doc["id"], doc["text"]
+
+
+def shingles(text, n=5):
+    tokens = [t for t in NON_WORD.split(text.lower()) if t]
+    return {" ".join(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
+
+
+def main():
+    shard_dir, out = sys.argv[1:]
+    lsh = MinHashLSH(threshold=0.7, num_perm=256, params=(25, 10))
+    ids = []
+    parent = []
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for doc_id, text in documents(shard_dir):
+        i = len(ids)
+        ids.append(doc_id)
+        parent.append(i)
+        sh = shingles(text)
+        if not sh:
+            continue
+        m = MinHash(num_perm=256)
+        m.update_batch([s.encode("utf-8") for s in sh])
+        for j in lsh.query(m):
+            a, b = find(i), find(j)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+        lsh.insert(i, m)
+    removed = [ids[i] for i in range(len(ids)) if find(i) != i]
+    with open(out, "w", encoding="utf-8") as f:
+        f.write("\n".join(removed) + "\n")
+    print(f"{len(ids)} documents, {len(removed)} removed")
+
+
+if __name__ == "__main__":
+    main()
