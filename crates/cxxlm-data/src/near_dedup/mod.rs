@@ -242,6 +242,14 @@ impl NearDedup {
             }
             return Ok(StageOutcome::AlreadyDone);
         }
+        if let Some(first) = read_marker(&self.marker(stage, 0))? {
+            if first.tasks != task.tasks {
+                return Err(DataError::Resume {
+                    dir: self.work(),
+                    message: format!("stage {} ran as {} tasks; rerun it with --tasks {} (or remove its output to change the split)", stage.name(), first.tasks, first.tasks),
+                });
+            }
+        }
         let started = std::time::Instant::now();
         let did = match stage {
             Stage::Signatures => self.signatures(task)?,
