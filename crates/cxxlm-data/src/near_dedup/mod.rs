@@ -235,13 +235,6 @@ impl NearDedup {
 
     pub fn run(&self, stage: Stage, task: TaskSpec) -> Result<StageOutcome> {
         task.validate()?;
-        let marker = self.marker(stage, task.index);
-        if let Some(m) = read_marker(&marker)? {
-            if m.fingerprint != self.fingerprint {
-                return Err(self.mismatch());
-            }
-            return Ok(StageOutcome::AlreadyDone);
-        }
         if let Some(first) = read_marker(&self.marker(stage, 0))? {
             if first.tasks != task.tasks {
                 return Err(DataError::Resume {
@@ -249,6 +242,13 @@ impl NearDedup {
                     message: format!("stage {} ran as {} tasks; rerun it with --tasks {} (or remove its output to change the split)", stage.name(), first.tasks, first.tasks),
                 });
             }
+        }
+        let marker = self.marker(stage, task.index);
+        if let Some(m) = read_marker(&marker)? {
+            if m.fingerprint != self.fingerprint {
+                return Err(self.mismatch());
+            }
+            return Ok(StageOutcome::AlreadyDone);
         }
         let started = std::time::Instant::now();
         let did = match stage {
