@@ -91,6 +91,10 @@ pub struct DedupArgs {
     /// Also write the removed documents under removed/.
     #[arg(long)]
     write_removed: bool,
+    /// Check every candidate pair's exact Jaccard similarity against this threshold
+    /// and report how many clusters would split (the output is not changed).
+    #[arg(long, num_args = 0..=1, default_missing_value = "0.7")]
+    verify: Option<f64>,
     #[arg(long, default_value_t = 5)]
     ngram: usize,
     #[arg(long, default_value_t = 256)]
@@ -128,6 +132,7 @@ fn run_dedup(args: DedupArgs) -> Result<()> {
         },
         write_removed: args.write_removed,
         zstd_level: 3,
+        verify_threshold: args.verify,
     };
     let dedup = NearDedup::new(config)?;
     let stages: Vec<Stage> = match args.stage.as_str() {

@@ -122,7 +122,7 @@ fn near_duplicates_cluster_and_unrelated_files_do_not() {
         None,
     );
     let out = s.root.join("dedup");
-    dedup(&s.shards, &out, &[]);
+    dedup(&s.shards, &out, &["--verify"]);
     let mut kept = ids(&read_shards(&out));
     kept.sort();
     let mut expected = vec![

@@ -43,6 +43,8 @@ pub struct DedupConfig {
     pub survivor: Survivor,
     pub write_removed: bool,
     pub zstd_level: i32,
+    /// Check candidate pairs against their exact Jaccard similarity (report only).
+    pub verify_threshold: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,9 +161,14 @@ impl NearDedup {
         let shards = input_shards(&config.input)?;
         let mut h = xxhash_rust::xxh3::Xxh3::new();
         h.update(
-            serde_json::to_string(&(&config.minhash, config.survivor, config.write_removed))
-                .unwrap_or_default()
-                .as_bytes(),
+            serde_json::to_string(&(
+                &config.minhash,
+                config.survivor,
+                config.write_removed,
+                config.verify_threshold,
+            ))
+            .unwrap_or_default()
+            .as_bytes(),
         );
         for s in &shards {
             let len = std::fs::metadata(s).map(|m| m.len()).unwrap_or(0);
@@ -396,19 +403,32 @@ impl NearDedup {
             .collect();
         let uf = UnionFind::new(table.len());
         let bands: Vec<usize> = (0..self.config.minhash.bands).collect();
-        let pairs: u64 = bands
+        let verify = self.config.verify_threshold.is_some();
+        let per_band: Vec<(u64, Vec<(u32, u32)>)> = bands
             .par_iter()
-            .map(|&band| -> Result<u64> {
+            .map(|&band| -> Result<(u64, Vec<(u32, u32)>)> {
                 let recs = read_records(&self.pairs_file(band), "pairs", 2)?;
+                let mut kept = Vec::new();
                 for c in recs.chunks_exact(2) {
                     let (Some(&a), Some(&b)) = (index.get(&c[0]), index.get(&c[1])) else {
                         return Err(DataError::Resume { dir: self.pairs_file(band), message: "names a document the signatures do not list; rerun the buckets stage".into() });
                     };
                     uf.union(a, b);
+                    if verify {
+                        kept.push((a, b));
+                    }
                 }
-                Ok(recs.len() as u64 / 2)
+                Ok((recs.len() as u64 / 2, kept))
             })
-            .try_reduce(|| 0, |a, b| Ok(a + b))?;
+            .collect::<Result<_>>()?;
+        let pairs: u64 = per_band.iter().map(|(n, _)| n).sum();
+        let candidate_pairs: Vec<(u32, u32)> = per_band.into_iter().flat_map(|(_, p)| p).collect();
+        let verification = match self.config.verify_threshold {
+            Some(threshold) => {
+                Some(self.verify(threshold, &table, &index, &uf, candidate_pairs)?)
+            }
+            None => None,
+        };
 
         let roots: Vec<u32> = (0..table.len() as u32).map(|i| uf.find(i)).collect();
         let mut members: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
@@ -451,12 +471,79 @@ impl NearDedup {
             w.push(r)?;
         }
         w.finish()?;
-        let report = self.report(&table, &clusters, removed.len(), removed_bytes, pairs)?;
+        let mut report = self.report(&table, &clusters, removed.len(), removed_bytes, pairs)?;
+        if let Some(v) = verification {
+            report["verification"] = v;
+        }
         write_atomic(
             &self.report_path(),
             &serde_json::to_vec_pretty(&report).unwrap_or_default(),
         )?;
         Ok(true)
+    }
+
+    /// Exact Jaccard similarity of every candidate pair, from the documents' shingle
+    /// sets, and how many clusters would split if only pairs at or above `threshold`
+    /// linked documents. Reported only: the clusters stay as MinHash found them.
+    fn verify(
+        &self,
+        threshold: f64,
+        table: &[[u64; 3]],
+        index: &HashMap<u64, u32>,
+        clusters: &UnionFind,
+        pairs: Vec<(u32, u32)>,
+    ) -> Result<Value> {
+        let hasher = MinHasher::new(self.config.minhash);
+        let mut wanted: Vec<u32> = pairs.iter().flat_map(|&(a, b)| [a, b]).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let mut by_shard: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for &d in &wanted {
+            let (s, i) = split_ref(table[d as usize][0]);
+            by_shard.entry(s).or_default().push(i);
+        }
+        let sets: Vec<(u32, Vec<u64>)> = by_shard
+            .par_iter()
+            .map(|(&s, rows)| -> Result<Vec<(u32, Vec<u64>)>> {
+                let path = &self.shards[s];
+                let mut out = Vec::new();
+                for line in shard_lines(path)? {
+                    let (i, line) = line?;
+                    if rows.binary_search(&i).is_ok() {
+                        let doc = parse(path, i, &line)?;
+                        let mut set = hasher.shingles(&doc.text).unwrap_or_default();
+                        set.sort_unstable();
+                        set.dedup();
+                        out.push((index[&doc_ref(s, i)], set));
+                    }
+                }
+                Ok(out)
+            })
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .collect();
+        let sets: HashMap<u32, Vec<u64>> = sets.into_iter().collect();
+        let verified = UnionFind::new(table.len());
+        let mut below = 0u64;
+        for &(a, b) in &pairs {
+            if jaccard(&sets[&a], &sets[&b]) >= threshold {
+                verified.union(a, b);
+            } else {
+                below += 1;
+            }
+        }
+        let mut parts: HashMap<u32, std::collections::HashSet<u32>> = HashMap::new();
+        for &d in &wanted {
+            parts
+                .entry(clusters.find(d))
+                .or_default()
+                .insert(verified.find(d));
+        }
+        let split = parts.values().filter(|p| p.len() > 1).count();
+        Ok(
+            json!({ "threshold": threshold, "pairs_checked": pairs.len(), "pairs_below_threshold": below, "clusters_that_would_split": split }),
+        )
     }
 
     fn report(
@@ -589,6 +676,28 @@ impl NearDedup {
     }
 }
 
+/// |A ∩ B| / |A ∪ B| of two sorted, distinct sets.
+fn jaccard(a: &[u64], b: &[u64]) -> f64 {
+    let (mut i, mut j, mut common) = (0, 0, 0usize);
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                common += 1;
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    let union = a.len() + b.len() - common;
+    if union == 0 {
+        1.0
+    } else {
+        common as f64 / union as f64
+    }
+}
+
 /// The document table the clusters stage holds: reference, size and license flag
 /// (3 x 8 bytes), plus the reference-to-index map (about 16 bytes with its overhead).
 const CLUSTER_TABLE_BYTES_PER_DOCUMENT: usize = 24 + 16 + 4;
@@ -603,5 +712,15 @@ fn read_marker(path: &Path) -> Result<Option<Marker>> {
             }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(DataError::io(path, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn jaccard_of_sorted_sets() {
+        assert_eq!(super::jaccard(&[1, 2, 3, 4], &[2, 3, 4, 5]), 0.6);
+        assert_eq!(super::jaccard(&[], &[]), 1.0);
+        assert_eq!(super::jaccard(&[1], &[2]), 0.0);
     }
 }
