@@ -360,22 +360,18 @@ impl NearDedup {
             .step_by(task.tasks)
             .collect();
         mine.par_iter().try_for_each(|&band| -> Result<()> {
-            let mut keys: Vec<(u64, u64)> = Vec::new();
+            let mut keys: Vec<[u64; 2]> = Vec::new();
             for t in 0..sig_tasks {
-                let recs = read_records(
-                    &self.signature_dir(t).join(format!("band-{band:03}.bin")),
-                    "bands",
-                    2,
-                )?;
-                keys.extend(recs.chunks_exact(2).map(|c| (c[0], c[1])));
+                let file = self.signature_dir(t).join(format!("band-{band:03}.bin"));
+                keys.extend(read_records::<2>(&file, "bands")?);
             }
             keys.sort_unstable();
             let mut w = RecordWriter::create(&self.pairs_file(band), "pairs", 2)?;
             // Each bucket becomes a star around its first document: enough for
             // union-find, linear in the bucket size.
-            for bucket in keys.chunk_by(|a, b| a.0 == b.0) {
-                for &(_, other) in &bucket[1..] {
-                    w.push(&[bucket[0].1, other])?;
+            for bucket in keys.chunk_by(|a, b| a[0] == b[0]) {
+                for &[_, other] in &bucket[1..] {
+                    w.push(&[bucket[0][1], other])?;
                 }
             }
             w.finish()?;
@@ -392,25 +388,30 @@ impl NearDedup {
         self.finished_tasks(Stage::Buckets)?;
         let mut table: Vec<[u64; 3]> = Vec::new();
         for t in 0..sig_tasks {
-            let recs = read_records(&self.signature_dir(t).join("docs.bin"), "docs", 3)?;
-            table.extend(recs.chunks_exact(3).map(|c| [c[0], c[1], c[2]]));
+            table.extend(read_records::<3>(
+                &self.signature_dir(t).join("docs.bin"),
+                "docs",
+            )?);
         }
         table.sort_unstable_by_key(|d| d[0]);
-        let index: HashMap<u64, u32> = table
-            .iter()
-            .enumerate()
-            .map(|(i, d)| (d[0], i as u32))
-            .collect();
+        // Sorted by reference: a document's dense index is found by binary search, so
+        // no map per document is held.
+        let index = |r: u64| {
+            table
+                .binary_search_by_key(&r, |d| d[0])
+                .ok()
+                .map(|i| i as u32)
+        };
         let uf = UnionFind::new(table.len());
         let bands: Vec<usize> = (0..self.config.minhash.bands).collect();
         let verify = self.config.verify_threshold.is_some();
         let per_band: Vec<(u64, Vec<(u32, u32)>)> = bands
             .par_iter()
             .map(|&band| -> Result<(u64, Vec<(u32, u32)>)> {
-                let recs = read_records(&self.pairs_file(band), "pairs", 2)?;
+                let recs = read_records::<2>(&self.pairs_file(band), "pairs")?;
                 let mut kept = Vec::new();
-                for c in recs.chunks_exact(2) {
-                    let (Some(&a), Some(&b)) = (index.get(&c[0]), index.get(&c[1])) else {
+                for [x, y] in &recs {
+                    let (Some(a), Some(b)) = (index(*x), index(*y)) else {
                         return Err(DataError::Resume { dir: self.pairs_file(band), message: "names a document the signatures do not list; rerun the buckets stage".into() });
                     };
                     uf.union(a, b);
@@ -418,15 +419,13 @@ impl NearDedup {
                         kept.push((a, b));
                     }
                 }
-                Ok((recs.len() as u64 / 2, kept))
+                Ok((recs.len() as u64, kept))
             })
             .collect::<Result<_>>()?;
         let pairs: u64 = per_band.iter().map(|(n, _)| n).sum();
         let candidate_pairs: Vec<(u32, u32)> = per_band.into_iter().flat_map(|(_, p)| p).collect();
         let verification = match self.config.verify_threshold {
-            Some(threshold) => {
-                Some(self.verify(threshold, &table, &index, &uf, candidate_pairs)?)
-            }
+            Some(threshold) => Some(self.verify(threshold, &table, &uf, candidate_pairs)?),
             None => None,
         };
 
@@ -489,7 +488,6 @@ impl NearDedup {
         &self,
         threshold: f64,
         table: &[[u64; 3]],
-        index: &HashMap<u64, u32>,
         clusters: &UnionFind,
         pairs: Vec<(u32, u32)>,
     ) -> Result<Value> {
@@ -514,7 +512,9 @@ impl NearDedup {
                         let mut set = hasher.shingles(&doc.text).unwrap_or_default();
                         set.sort_unstable();
                         set.dedup();
-                        out.push((index[&doc_ref(s, i)], set));
+                        let r = doc_ref(s, i);
+                        let dense = table.binary_search_by_key(&r, |d| d[0]).unwrap_or_default();
+                        out.push((dense as u32, set));
                     }
                 }
                 Ok(out)
@@ -623,8 +623,10 @@ impl NearDedup {
 
     fn filter(&self, task: TaskSpec) -> Result<bool> {
         self.finished_tasks(Stage::Clusters)?;
-        let recs = read_records(&self.removed_file(), "removed", 2)?;
-        let removed: HashMap<u64, u64> = recs.chunks_exact(2).map(|c| (c[0], c[1])).collect();
+        let removed: HashMap<u64, u64> = read_records::<2>(&self.removed_file(), "removed")?
+            .into_iter()
+            .map(|[d, s]| (d, s))
+            .collect();
         let mine: Vec<usize> = (task.index..self.shards.len())
             .step_by(task.tasks)
             .collect();
@@ -698,9 +700,9 @@ fn jaccard(a: &[u64], b: &[u64]) -> f64 {
     }
 }
 
-/// The document table the clusters stage holds: reference, size and license flag
-/// (3 x 8 bytes), plus the reference-to-index map (about 16 bytes with its overhead).
-const CLUSTER_TABLE_BYTES_PER_DOCUMENT: usize = 24 + 16 + 4;
+/// The document table the clusters stage holds (reference, size and license flag:
+/// 3 x 8 bytes) and every document's root (4 bytes).
+const CLUSTER_TABLE_BYTES_PER_DOCUMENT: usize = 24 + 4;
 
 fn read_marker(path: &Path) -> Result<Option<Marker>> {
     match std::fs::read(path) {

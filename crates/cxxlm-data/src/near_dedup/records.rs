@@ -4,7 +4,7 @@
 //! source of wrong pairs. Written under a temporary name and renamed.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use crate::error::{DataError, Result};
@@ -95,53 +95,62 @@ impl RecordWriter {
     }
 }
 
-/// Reads a whole record file, verifying kind, size, count and checksum.
-pub fn read_records(path: &Path, kind: &str, width: usize) -> Result<Vec<u64>> {
-    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
-    if bytes.len() < HEADER + 8 || &bytes[..8] != MAGIC {
+/// Reads a record file of `W`-word records, streaming, verifying kind, width, size,
+/// count and checksum; nothing read is returned unless all of it checks out.
+pub fn read_records<const W: usize>(path: &Path, kind: &str) -> Result<Vec<[u64; W]>> {
+    let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+    let len = file.metadata().map_err(|e| DataError::io(path, e))?.len() as usize;
+    let mut r = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut header = [0u8; HEADER];
+    if len < HEADER + 8 || r.read_exact(&mut header).is_err() || &header[..8] != MAGIC {
         return Err(corrupt(path, "not a cxxlm near-dedup file or truncated"));
     }
     let mut k = [b' '; 8];
     k[..kind.len().min(8)].copy_from_slice(&kind.as_bytes()[..kind.len().min(8)]);
-    if bytes[8..16] != k {
+    if header[8..16] != k {
         return Err(corrupt(
             path,
             format!(
                 "holds {:?} records, expected {kind:?}",
-                String::from_utf8_lossy(&bytes[8..16]).trim()
+                String::from_utf8_lossy(&header[8..16]).trim()
             ),
         ));
     }
-    let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap_or([0; 8]));
-    let file_width = u32::from_le_bytes(bytes[16..20].try_into().unwrap_or([0; 4])) as usize;
-    let count = word(24) as usize;
-    if file_width != width {
+    let width = u32::from_le_bytes(header[16..20].try_into().unwrap_or([0; 4])) as usize;
+    let count = u64::from_le_bytes(header[24..32].try_into().unwrap_or([0; 8])) as usize;
+    if width != W {
         return Err(corrupt(
             path,
-            format!("records of {file_width} words, expected {width}"),
+            format!("records of {width} words, expected {W}"),
         ));
     }
-    let body = count
-        .checked_mul(width * 8)
-        .filter(|n| HEADER + n + 8 == bytes.len());
-    let Some(body) = body else {
+    if count.checked_mul(W * 8).map(|n| HEADER + n + 8) != Some(len) {
         return Err(corrupt(
             path,
             format!(
-                "{} bytes do not hold the {count} records its header announces (truncated?)",
-                bytes.len()
+                "{len} bytes do not hold the {count} records its header announces (truncated?)"
             ),
         ));
-    };
-    let data = &bytes[HEADER..HEADER + body];
-    let stored = word(HEADER + body);
-    if xxhash_rust::xxh3::xxh3_64(data) != stored {
+    }
+    let mut hash = xxhash_rust::xxh3::Xxh3::new();
+    let mut records = Vec::with_capacity(count);
+    let mut buf = vec![0u8; W * 8];
+    for _ in 0..count {
+        r.read_exact(&mut buf).map_err(|e| DataError::io(path, e))?;
+        hash.update(&buf);
+        let mut rec = [0u64; W];
+        for (w, c) in rec.iter_mut().zip(buf.chunks_exact(8)) {
+            *w = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
+        }
+        records.push(rec);
+    }
+    let mut stored = [0u8; 8];
+    r.read_exact(&mut stored)
+        .map_err(|e| DataError::io(path, e))?;
+    if hash.digest() != u64::from_le_bytes(stored) {
         return Err(corrupt(path, "checksum mismatch (corrupt)"));
     }
-    Ok(data
-        .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-        .collect())
+    Ok(records)
 }
 
 #[cfg(test)]
@@ -157,17 +166,20 @@ mod tests {
             w.push(&[i * 7, i]).unwrap();
         }
         assert_eq!(w.finish().unwrap(), 100);
-        let recs = read_records(&path, "bucket", 2).unwrap();
-        assert_eq!(recs.len(), 200);
-        assert_eq!(recs[14], 49);
-
-        assert!(read_records(&path, "pairs", 2)
+        let recs = read_records::<2>(&path, "bucket").unwrap();
+        assert_eq!(recs.len(), 100);
+        assert_eq!(recs[7], [49, 7]);
+        assert!(read_records::<3>(&path, "bucket")
+            .unwrap_err()
+            .to_string()
+            .contains("expected 3"));
+        assert!(read_records::<2>(&path, "pairs")
             .unwrap_err()
             .to_string()
             .contains("expected \"pairs\""));
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 20]).unwrap();
-        let err = read_records(&path, "bucket", 2).unwrap_err().to_string();
+        let err = read_records::<2>(&path, "bucket").unwrap_err().to_string();
         assert!(
             err.contains("band-000.bin") && err.contains("truncated"),
             "{err}"
@@ -175,7 +187,7 @@ mod tests {
         let mut flipped = bytes.clone();
         flipped[HEADER + 5] ^= 1;
         std::fs::write(&path, &flipped).unwrap();
-        assert!(read_records(&path, "bucket", 2)
+        assert!(read_records::<2>(&path, "bucket")
             .unwrap_err()
             .to_string()
             .contains("checksum"));
