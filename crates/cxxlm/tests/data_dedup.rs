@@ -65,7 +65,8 @@ fn setup(files: &[(&str, String)], shard_bytes: Option<u64>) -> Setup {
     }
 }
 
-fn dedup(input: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+/// `cxxlm data dedup -i <input> -o <out> --write-removed <extra...>`.
+fn dedup_args<'a>(input: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "data",
         "dedup",
@@ -76,21 +77,16 @@ fn dedup(input: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
         "--write-removed",
     ];
     args.extend(extra);
-    run_ok(&args)
+    args
+}
+
+fn dedup(input: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    run_ok(&dedup_args(input, out, extra))
 }
 
 /// A dedup run that must fail; returns its stderr.
 fn dedup_fails(input: &Path, out: &Path, extra: &[&str]) -> String {
-    let mut args = vec![
-        "data",
-        "dedup",
-        "-i",
-        input.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--write-removed",
-    ];
-    args.extend(extra);
+    let args = dedup_args(input, out, extra);
     let res = cxxlm().args(&args).output().unwrap();
     assert!(!res.status.success(), "{args:?} succeeded");
     String::from_utf8_lossy(&res.stderr).into_owned()
