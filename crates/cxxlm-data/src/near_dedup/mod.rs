@@ -10,7 +10,7 @@ mod records;
 mod union_find;
 
 pub use minhash::{MinHashConfig, MinHasher};
-pub use records::{read_records, RecordWriter};
+pub use records::{read_records, record_count, RecordWriter};
 pub use union_find::UnionFind;
 
 use rayon::prelude::*;
@@ -386,12 +386,17 @@ impl NearDedup {
         }
         let sig_tasks = self.finished_tasks(Stage::Signatures)?;
         self.finished_tasks(Stage::Buckets)?;
-        let mut table: Vec<[u64; 3]> = Vec::new();
-        for t in 0..sig_tasks {
-            table.extend(read_records::<3>(
-                &self.signature_dir(t).join("docs.bin"),
-                "docs",
-            )?);
+        let tables: Vec<PathBuf> = (0..sig_tasks)
+            .map(|t| self.signature_dir(t).join("docs.bin"))
+            .collect();
+        // Sized from the headers first, so the table is never copied while it grows.
+        let total = tables
+            .iter()
+            .map(|p| record_count(p))
+            .sum::<Result<u64>>()?;
+        let mut table: Vec<[u64; 3]> = Vec::with_capacity(total as usize);
+        for path in &tables {
+            table.extend(read_records::<3>(path, "docs")?);
         }
         table.sort_unstable_by_key(|d| d[0]);
         // Sorted by reference: a document's dense index is found by binary search, so
@@ -429,15 +434,15 @@ impl NearDedup {
             None => None,
         };
 
-        let roots: Vec<u32> = (0..table.len() as u32).map(|i| uf.find(i)).collect();
+        // A root is the smallest index of its cluster, so listing the non-roots under
+        // their root (which then goes first) builds every cluster without an entry for
+        // the many documents that are alone.
         let mut members: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
-        for (i, &r) in roots.iter().enumerate() {
-            if r as usize != i || members.contains_key(&r) {
-                members.entry(r).or_default().push(i as u32);
+        for i in 0..table.len() as u32 {
+            let root = uf.find(i);
+            if root != i {
+                members.entry(root).or_insert_with(|| vec![root]).push(i);
             }
-        }
-        for (root, m) in members.iter_mut() {
-            m.insert(0, *root);
         }
         let mut removed: Vec<[u64; 2]> = Vec::new();
         let mut removed_bytes = 0u64;
@@ -700,9 +705,8 @@ fn jaccard(a: &[u64], b: &[u64]) -> f64 {
     }
 }
 
-/// The document table the clusters stage holds (reference, size and license flag:
-/// 3 x 8 bytes) and every document's root (4 bytes).
-const CLUSTER_TABLE_BYTES_PER_DOCUMENT: usize = 24 + 4;
+/// The document table the clusters stage holds (reference, size and license flag).
+const CLUSTER_TABLE_BYTES_PER_DOCUMENT: usize = 24;
 
 fn read_marker(path: &Path) -> Result<Option<Marker>> {
     match std::fs::read(path) {

@@ -95,6 +95,20 @@ impl RecordWriter {
     }
 }
 
+/// The record count a file's header announces (checked again when it is read).
+pub fn record_count(path: &Path) -> Result<u64> {
+    let mut header = [0u8; HEADER];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut header))
+        .map_err(|e| DataError::io(path, e))?;
+    if &header[..8] != MAGIC {
+        return Err(corrupt(path, "not a cxxlm near-dedup file"));
+    }
+    Ok(u64::from_le_bytes(
+        header[24..32].try_into().unwrap_or([0; 8]),
+    ))
+}
+
 /// Reads a record file of `W`-word records, streaming, verifying kind, width, size,
 /// count and checksum; nothing read is returned unless all of it checks out.
 pub fn read_records<const W: usize>(path: &Path, kind: &str) -> Result<Vec<[u64; W]>> {
@@ -168,6 +182,7 @@ mod tests {
         assert_eq!(w.finish().unwrap(), 100);
         let recs = read_records::<2>(&path, "bucket").unwrap();
         assert_eq!(recs.len(), 100);
+        assert_eq!(record_count(&path).unwrap(), 100);
         assert_eq!(recs[7], [49, 7]);
         assert!(read_records::<3>(&path, "bucket")
             .unwrap_err()
