@@ -5,6 +5,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod data;
 mod interrupt;
+mod tok;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +25,9 @@ enum Command {
     /// Collect and clean C++ sources into jsonl.zst shards.
     #[command(subcommand)]
     Data(data::DataCommand),
+    /// Train and evaluate the C++ tokenizer.
+    #[command(subcommand)]
+    Tok(tok::TokCommand),
 }
 
 fn main() {
@@ -37,6 +41,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Data(cmd) => data::run(cmd),
+        Command::Tok(cmd) => tok::run(cmd),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,0 +1,147 @@
+//! HF `tokenizer.json`: a byte-level BPE model with our split pattern as pre-tokenizer
+//! and the special tokens as added tokens, loadable by `tokenizers` and `transformers`.
+
+use serde_json::{json, Value};
+use std::collections::HashMap;
+
+use crate::byte_level::{byte_to_char, decode, encode};
+use crate::{special_tokens, Bpe, TokenizerError, PATTERN};
+
+pub fn to_hf_json(bpe: &Bpe) -> Value {
+    let table = byte_to_char();
+    let names: Vec<String> = bpe.tokens().iter().map(|t| encode(t, &table)).collect();
+    let vocab: serde_json::Map<String, Value> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.clone(), json!(i)))
+        .collect();
+    let merges: Vec<Value> = bpe
+        .merges()
+        .iter()
+        .map(|m| json!([names[m[0] as usize], names[m[1] as usize]]))
+        .collect();
+    let added: Vec<Value> = special_tokens()
+        .iter()
+        .enumerate()
+        .map(|(i, s)| json!({ "id": bpe.special_base() + i as u32, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true }))
+        .collect();
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                { "type": "Split", "pattern": { "Regex": PATTERN }, "behavior": "Isolated", "invert": false },
+                { "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false }
+            ]
+        },
+        "post_processor": null,
+        "decoder": { "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false },
+        "model": {
+            "type": "BPE",
+            "dropout": null,
+            "unk_token": null,
+            "continuing_subword_prefix": null,
+            "end_of_word_suffix": null,
+            "fuse_unk": false,
+            "byte_fallback": false,
+            "ignore_merges": false,
+            "vocab": vocab,
+            "merges": merges
+        }
+    })
+}
+
+fn bad(what: impl Into<String>) -> TokenizerError {
+    TokenizerError::Format(what.into())
+}
+
+/// Read a `tokenizer.json` written by [`to_hf_json`]. A tokenizer with another split
+/// pattern, model type or special tokens is refused: ids from it would not mean what
+/// our models were trained on.
+pub fn from_hf_json(text: &str) -> Result<Bpe, TokenizerError> {
+    let v: Value = serde_json::from_str(text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let pattern = v
+        .pointer("/pre_tokenizer/pretokenizers/0/pattern/Regex")
+        .and_then(Value::as_str);
+    if pattern != Some(PATTERN) {
+        return Err(bad("not a cxxlm tokenizer: its pre-tokenizer pattern differs from this version's (retrain it with `cxxlm tok train`)"));
+    }
+    if v.pointer("/model/type").and_then(Value::as_str) != Some("BPE") {
+        return Err(bad("model is not BPE"));
+    }
+    let table = byte_to_char();
+    let vocab = v
+        .pointer("/model/vocab")
+        .and_then(Value::as_object)
+        .ok_or_else(|| bad("no model.vocab"))?;
+    let mut tokens: Vec<Option<Vec<u8>>> = vec![None; vocab.len()];
+    let mut ids: HashMap<&str, u32> = HashMap::new();
+    for (name, id) in vocab {
+        let id = id
+            .as_u64()
+            .ok_or_else(|| bad(format!("vocab id of {name:?} is not a number")))?
+            as usize;
+        let bytes = decode(name, &table)
+            .ok_or_else(|| bad(format!("vocab entry {name:?} is not byte-level")))?;
+        *tokens
+            .get_mut(id)
+            .ok_or_else(|| bad(format!("vocab id {id} out of range")))? = Some(bytes);
+        ids.insert(name, id as u32);
+    }
+    let tokens: Vec<Vec<u8>> = tokens
+        .into_iter()
+        .collect::<Option<_>>()
+        .ok_or_else(|| bad("vocab ids have gaps"))?;
+    let merges = v
+        .pointer("/model/merges")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("no model.merges"))?;
+    let mut out = Vec::with_capacity(merges.len());
+    for m in merges {
+        let (a, b) = match m {
+            Value::Array(p) if p.len() == 2 => {
+                (p[0].as_str().unwrap_or(""), p[1].as_str().unwrap_or(""))
+            }
+            Value::String(s) => s
+                .split_once(' ')
+                .ok_or_else(|| bad(format!("merge {s:?}")))?,
+            _ => return Err(bad(format!("merge {m}"))),
+        };
+        let joined = format!("{a}{b}");
+        let (Some(&x), Some(&y), Some(&z)) = (ids.get(a), ids.get(b), ids.get(joined.as_str()))
+        else {
+            return Err(bad(format!(
+                "merge {a:?} {b:?} names tokens not in the vocabulary"
+            )));
+        };
+        out.push([x, y, z]);
+    }
+    let added = v
+        .get("added_tokens")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("no added_tokens"))?;
+    let specials = special_tokens();
+    if added.len() != specials.len() {
+        return Err(bad("special tokens differ from this version's"));
+    }
+    let base = added
+        .first()
+        .and_then(|a| a["id"].as_u64())
+        .ok_or_else(|| bad("special token without id"))? as usize;
+    for (i, a) in added.iter().enumerate() {
+        if a["content"].as_str() != Some(specials[i].as_str())
+            || a["id"].as_u64() != Some((base + i) as u64)
+        {
+            return Err(bad(format!(
+                "special token {i} is not {} at id {}",
+                specials[i],
+                base + i
+            )));
+        }
+    }
+    Bpe::new(tokens, out, base + specials.len())
+}

@@ -1,0 +1,64 @@
+//! The C++ tokenizer: a pre-tokenizer that knows C++ lexemes and layout, a byte-level
+//! BPE trainer, an encoder, and the HF `tokenizer.json` format (so `tokenizers` and
+//! `transformers` load what we train).
+
+mod bpe;
+mod byte_level;
+mod hf;
+mod train;
+
+pub use bpe::Bpe;
+pub use hf::{from_hf_json, to_hf_json};
+pub use train::Trainer;
+
+/// First-stage pieces: identifiers (with the space before them), numbers of up to three
+/// digits, punctuation runs together with a line break and the indentation after it
+/// (`;\n    ` is one piece: C++ layout is regular), then line breaks and spaces.
+/// Written without look-around so that Rust's `regex`, Oniguruma (Python `tokenizers`)
+/// and `fancy-regex` split identically; every character is matched by some branch.
+pub const PIECE_PATTERN: &str = r" ?[\p{L}_][\p{L}\p{N}_]*|\p{N}{1,3}| ?[^\s\p{L}\p{N}_]+(?:[\r\n]+[ \t]*)?|[\r\n]+[ \t]*|[ \t]+|\s+";
+
+/// Second-stage (and encoding) pieces: whole lines with their line break. Merges learned
+/// in the second stage cross the first stage's boundaries (superwords such as
+/// ` = 0;\n` or `std::string&`), as SuperBPE does; first-stage merges rank first.
+pub const PATTERN: &str = r"[^\n]*\n|[^\n]+";
+
+/// The share of learned tokens that come from the first stage.
+pub const FIRST_STAGE_SHARE: f64 = 0.8;
+
+/// The special tokens of the design, at fixed ids at the top of the vocabulary, followed
+/// by reserved ones up to [`RESERVED_SPECIALS`].
+pub const SPECIALS: [&str; 12] = [
+    "<|bos|>",
+    "<|eos|>",
+    "<|pad|>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|thought_start|>",
+    "<|thought_end|>",
+    "<|query_tool|>",
+    "<|tool_result|>",
+    "<|file_sep|>",
+    "<|repo_name|>",
+];
+pub const RESERVED_SPECIALS: usize = 64;
+pub const DEFAULT_VOCAB: usize = 32_768;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("{0}")]
+    Format(String),
+    #[error("vocabulary of {0} is too small: it needs 256 byte tokens and {RESERVED_SPECIALS} special ids")]
+    VocabTooSmall(usize),
+}
+
+/// The special tokens' strings, reserved ones included, in id order.
+pub fn special_tokens() -> Vec<String> {
+    (0..RESERVED_SPECIALS)
+        .map(|i| match SPECIALS.get(i) {
+            Some(s) => s.to_string(),
+            None => format!("<|reserved_{i}|>"),
+        })
+        .collect()
+}

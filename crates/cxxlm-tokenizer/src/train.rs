@@ -1,0 +1,311 @@
+//! A lean byte-level BPE trainer: pieces are counted once (in parallel), then merges
+//! are applied only to the pieces that contain the merged pair, with pair counts kept
+//! up to date incrementally and a lazily corrected max-heap choosing the next merge.
+
+use rayon::prelude::*;
+use regex::Regex;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+
+use crate::{Bpe, TokenizerError, FIRST_STAGE_SHARE, PATTERN, PIECE_PATTERN, RESERVED_SPECIALS};
+
+type Pair = (u32, u32);
+/// Changes of pair counts.
+type Deltas = Vec<(Pair, i64)>;
+
+pub struct Trainer {
+    vocab_size: usize,
+    splitter: Regex,
+    line_splitter: Regex,
+    counts: HashMap<String, u64>,
+    line_counts: HashMap<String, u64>,
+}
+
+impl Trainer {
+    pub fn new(vocab_size: usize) -> Result<Self, TokenizerError> {
+        if vocab_size < 256 + RESERVED_SPECIALS {
+            return Err(TokenizerError::VocabTooSmall(vocab_size));
+        }
+        Ok(Trainer {
+            vocab_size,
+            splitter: Regex::new(PIECE_PATTERN).expect("static pattern"),
+            line_splitter: Regex::new(PATTERN).expect("static pattern"),
+            counts: HashMap::new(),
+            line_counts: HashMap::new(),
+        })
+    }
+
+    /// Count the pieces and lines of a batch of texts (the texts can be dropped after).
+    pub fn feed(&mut self, texts: &[String]) {
+        count_into(&mut self.counts, &self.splitter, texts);
+        count_into(&mut self.line_counts, &self.line_splitter, texts);
+    }
+
+    pub fn distinct_pieces(&self) -> usize {
+        self.counts.len()
+    }
+
+    pub fn train(self) -> Result<Bpe, TokenizerError> {
+        let learned = self.vocab_size - RESERVED_SPECIALS;
+        let first = 256 + ((learned - 256) as f64 * FIRST_STAGE_SHARE) as usize;
+        let mut state = Learner::new(self.counts, None);
+        state.learn(first);
+        let stage_one = Bpe::with_pattern(
+            state.tokens.clone(),
+            state.merges.clone(),
+            self.vocab_size,
+            PIECE_PATTERN,
+        )?;
+        let mut state = Learner::new(self.line_counts, Some((&stage_one, state)));
+        state.learn(learned);
+        Bpe::new(state.tokens, state.merges, self.vocab_size)
+    }
+}
+
+fn count_into(counts: &mut HashMap<String, u64>, splitter: &Regex, texts: &[String]) {
+    let batch = texts
+        .par_iter()
+        .fold(HashMap::<&str, u64>::new, |mut m, t| {
+            for piece in splitter.find_iter(t) {
+                *m.entry(piece.as_str()).or_default() += 1;
+            }
+            m
+        })
+        .reduce(HashMap::new, |mut a, b| {
+            let (big, small) = if a.len() >= b.len() {
+                (&mut a, b)
+            } else {
+                return merge_into(b, a);
+            };
+            for (k, v) in small {
+                *big.entry(k).or_default() += v;
+            }
+            a
+        });
+    for (piece, n) in batch {
+        match counts.get_mut(piece) {
+            Some(c) => *c += n,
+            None => {
+                counts.insert(piece.to_string(), n);
+            }
+        }
+    }
+}
+
+/// The state of BPE learning: words (distinct pieces as symbol ids) with their counts,
+/// the tokens and merges so far, pair counts and where each pair occurs.
+struct Learner {
+    words: Vec<Vec<u32>>,
+    counts: Vec<i64>,
+    tokens: Vec<Vec<u8>>,
+    ids: HashMap<Vec<u8>, u32>,
+    merges: Vec<[u32; 3]>,
+}
+
+impl Learner {
+    /// Words from counted pieces: as bytes, or encoded by the previous stage (whose
+    /// tokens and merges are kept and extended).
+    fn new(pieces: HashMap<String, u64>, previous: Option<(&Bpe, Learner)>) -> Self {
+        let mut pieces: Vec<(String, u64)> = pieces.into_iter().collect();
+        pieces.sort_unstable();
+        let counts: Vec<i64> = pieces.iter().map(|(_, c)| *c as i64).collect();
+        match previous {
+            None => {
+                let tokens: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+                Learner {
+                    words: pieces
+                        .iter()
+                        .map(|(p, _)| p.bytes().map(u32::from).collect())
+                        .collect(),
+                    counts,
+                    ids: tokens
+                        .iter()
+                        .enumerate()
+                        .map(|(i, t)| (t.clone(), i as u32))
+                        .collect(),
+                    tokens,
+                    merges: Vec::new(),
+                }
+            }
+            Some((bpe, prev)) => Learner {
+                words: pieces.par_iter().map(|(p, _)| bpe.encode(p)).collect(),
+                counts,
+                tokens: prev.tokens,
+                ids: prev.ids,
+                merges: prev.merges,
+            },
+        }
+    }
+
+    /// Learn merges until there are `target` tokens (or no pair occurs twice).
+    fn learn(&mut self, target: usize) {
+        let Learner {
+            words,
+            counts,
+            tokens,
+            ids,
+            merges,
+        } = self;
+
+        // Where each pair occurs: word indices, appended (a word may be listed twice or
+        // no longer hold the pair; both are sorted out when the pair is merged). Vectors
+        // cost a quarter of hash sets here.
+        let mut pair_counts: HashMap<Pair, i64> = HashMap::new();
+        let mut positions: HashMap<Pair, Vec<u32>> = HashMap::new();
+        for (i, w) in words.iter().enumerate() {
+            for p in w.windows(2) {
+                let pair = (p[0], p[1]);
+                *pair_counts.entry(pair).or_default() += counts[i];
+                let list = positions.entry(pair).or_default();
+                if list.last() != Some(&(i as u32)) {
+                    list.push(i as u32);
+                }
+            }
+        }
+        let mut heap: BinaryHeap<(i64, Reverse<Pair>)> =
+            pair_counts.iter().map(|(&p, &c)| (c, Reverse(p))).collect();
+
+        while tokens.len() < target {
+            let Some((count, Reverse(pair))) = heap.pop() else {
+                break;
+            };
+            let current = pair_counts.get(&pair).copied().unwrap_or(0);
+            if current != count {
+                if current > 0 {
+                    heap.push((current, Reverse(pair)));
+                }
+                continue;
+            }
+            if count < 2 {
+                break;
+            }
+            let bytes: Vec<u8> = [
+                tokens[pair.0 as usize].as_slice(),
+                tokens[pair.1 as usize].as_slice(),
+            ]
+            .concat();
+            let new = match ids.get(&bytes) {
+                Some(&id) => id,
+                None => {
+                    let id = tokens.len() as u32;
+                    ids.insert(bytes.clone(), id);
+                    tokens.push(bytes);
+                    id
+                }
+            };
+            merges.push([pair.0, pair.1, new]);
+            let mut affected: Vec<u32> = positions.remove(&pair).unwrap_or_default();
+            affected.sort_unstable();
+            affected.dedup();
+            let updates: Vec<(u32, Vec<u32>, Deltas)> = affected
+                .par_iter()
+                .filter_map(|&w| {
+                    let (merged, deltas) = merge_word(&words[w as usize], pair, new)?;
+                    let n = counts[w as usize];
+                    Some((
+                        w,
+                        merged,
+                        deltas.into_iter().map(|(p, d)| (p, d * n)).collect(),
+                    ))
+                })
+                .collect();
+            let mut changed: HashMap<Pair, i64> = HashMap::new();
+            for (w, merged, deltas) in updates {
+                for (p, d) in deltas {
+                    *changed.entry(p).or_default() += d;
+                    if d > 0 {
+                        positions.entry(p).or_default().push(w);
+                    }
+                }
+                words[w as usize] = merged;
+            }
+            pair_counts.remove(&pair);
+            for (p, d) in changed {
+                if p == pair {
+                    continue;
+                }
+                let c = pair_counts.entry(p).or_default();
+                *c += d;
+                if d > 0 {
+                    heap.push((*c, Reverse(p)));
+                }
+            }
+        }
+    }
+}
+
+fn merge_into<'a>(
+    mut big: HashMap<&'a str, u64>,
+    small: HashMap<&'a str, u64>,
+) -> HashMap<&'a str, u64> {
+    for (k, v) in small {
+        *big.entry(k).or_default() += v;
+    }
+    big
+}
+
+/// `word` with every occurrence of `pair` (left to right) replaced by `new`, and the
+/// changes in adjacent pair counts, computed locally at each occurrence as HF's trainer
+/// does: the neighbour on the left is the current symbol (possibly `new` from the
+/// previous occurrence, whose right-hand change this then corrects). `None` if the pair
+/// does not occur.
+fn merge_word(word: &[u32], pair: Pair, new: u32) -> Option<(Vec<u32>, Deltas)> {
+    let mut out = Vec::with_capacity(word.len());
+    let mut deltas = Vec::new();
+    let mut i = 0;
+    while i < word.len() {
+        if i + 1 < word.len() && (word[i], word[i + 1]) == pair {
+            if let Some(&left) = out.last() {
+                deltas.push(((left, pair.0), -1));
+                deltas.push(((left, new), 1));
+            }
+            deltas.push((pair, -1));
+            if let Some(&right) = word.get(i + 2) {
+                deltas.push(((pair.1, right), -1));
+                deltas.push(((new, right), 1));
+            }
+            out.push(new);
+            i += 2;
+        } else {
+            out.push(word[i]);
+            i += 1;
+        }
+    }
+    (out.len() < word.len()).then_some((out, deltas))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recount(words: &[Vec<u32>]) -> HashMap<Pair, i64> {
+        let mut m = HashMap::new();
+        for w in words {
+            for p in w.windows(2) {
+                *m.entry((p[0], p[1])).or_default() += 1;
+            }
+        }
+        m.retain(|_, v| *v != 0);
+        m
+    }
+
+    #[test]
+    fn merge_deltas_match_a_recount() {
+        for word in [
+            vec![1, 2, 1, 2, 3],
+            vec![1, 2, 1, 2],
+            vec![5, 1, 2],
+            vec![1, 1, 1, 1],
+            vec![3, 1, 2, 2, 1, 2],
+        ] {
+            let pair = if word == [1, 1, 1, 1] { (1, 1) } else { (1, 2) };
+            let (merged, deltas) = merge_word(&word, pair, 9).unwrap();
+            let mut counts = recount(std::slice::from_ref(&word));
+            for (p, d) in deltas {
+                *counts.entry(p).or_default() += d;
+            }
+            counts.retain(|_, v| *v != 0);
+            assert_eq!(counts, recount(&[merged]), "{word:?}");
+        }
+    }
+}
