@@ -62,3 +62,51 @@ pub fn special_tokens() -> Vec<String> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trained() -> (Bpe, Vec<String>) {
+        let texts: Vec<String> = (0..50)
+            .map(|i| format!("int value_{i} = compute({i});\nreturn value_{i};\n}}\n"))
+            .collect();
+        let mut t = Trainer::new(512).unwrap();
+        t.feed(&texts);
+        (t.train().unwrap(), texts)
+    }
+
+    #[test]
+    fn round_trip_compression_and_json_reload() {
+        let (bpe, texts) = trained();
+        for x in &texts {
+            assert_eq!(bpe.decode(&bpe.encode(x)), x.as_bytes());
+        }
+        assert!(bpe.encode(&texts[0]).len() * 3 < texts[0].len());
+        let odd = "naïve — 😀\t\r\n\u{0}";
+        assert_eq!(bpe.decode(&bpe.encode(odd)), odd.as_bytes());
+        let back = from_hf_json(&to_hf_json(&bpe).to_string()).unwrap();
+        assert_eq!(back.encode(&texts[3]), bpe.encode(&texts[3]));
+        assert_eq!(back.merges(), bpe.merges());
+    }
+
+    #[test]
+    fn specials_have_fixed_ids_and_never_come_from_text() {
+        let (bpe, _) = trained();
+        assert_eq!(bpe.special_id("<|bos|>"), Some(448));
+        assert_eq!(bpe.special_id("<|repo_name|>"), Some(459));
+        assert!(!bpe.encode("<|bos|><|eos|>").iter().any(|&id| id >= 448));
+        assert_eq!(bpe.decode(&[448]), b"<|bos|>");
+    }
+
+    #[test]
+    fn superword_merges_cross_piece_boundaries() {
+        let (bpe, _) = trained();
+        // `;\n}` spans two first-stage pieces (`;\n` and `}`).
+        let crossing = bpe.tokens().iter().any(|t| {
+            let s = String::from_utf8_lossy(t);
+            s.contains(";\n}") || s.contains("return value")
+        });
+        assert!(crossing);
+    }
+}

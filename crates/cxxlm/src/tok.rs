@@ -3,7 +3,7 @@ use clap::{Args, Subcommand};
 use cxxlm_data::config::{InputConfig, NormalizeConfig};
 use cxxlm_data::read::{self, ReadItem, UnitReader};
 use cxxlm_data::steps::Normalize;
-use cxxlm_tokenizer::{from_hf_json, to_hf_json, Trainer, DEFAULT_VOCAB};
+use cxxlm_tokenizer::{from_hf_json, to_hf_json, Bpe, Trainer, DEFAULT_VOCAB};
 use rayon::prelude::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -16,6 +16,12 @@ pub enum TokCommand {
     Train(TrainArgs),
     /// Bytes per token of ours and tiktoken's encodings, raw and normalized, per project.
     Eval(EvalArgs),
+    /// Print the token ids of a file (special tokens are never produced from text).
+    Encode {
+        #[arg(long)]
+        tokenizer: PathBuf,
+        file: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -48,7 +54,21 @@ pub fn run(cmd: TokCommand) -> Result<()> {
     match cmd {
         TokCommand::Train(a) => train(a),
         TokCommand::Eval(a) => eval(a),
+        TokCommand::Encode { tokenizer, file } => {
+            let bpe = load(&tokenizer)?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let ids: Vec<String> = bpe.encode(&text).iter().map(u32::to_string).collect();
+            println!("{}", ids.join(" "));
+            Ok(())
+        }
     }
+}
+
+fn load(path: &PathBuf) -> Result<Bpe> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    from_hf_json(&text).with_context(|| format!("loading {}", path.display()))
 }
 
 /// Every document of the inputs as (project, text), in input order; inputs that are not
