@@ -1,7 +1,8 @@
 use rayon::prelude::*;
 use regex::Regex;
+use rustc_hash::FxHashMap as HashMap;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 
 use crate::{special_tokens, TokenizerError, PATTERN, RESERVED_SPECIALS};
 

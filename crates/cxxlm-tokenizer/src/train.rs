@@ -4,8 +4,9 @@
 
 use rayon::prelude::*;
 use regex::Regex;
+use rustc_hash::FxHashMap as HashMap;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 
 use crate::{Bpe, TokenizerError, FIRST_STAGE_SHARE, PATTERN, PIECE_PATTERN, RESERVED_SPECIALS};
 
@@ -30,8 +31,8 @@ impl Trainer {
             vocab_size,
             splitter: Regex::new(PIECE_PATTERN).expect("static pattern"),
             line_splitter: Regex::new(PATTERN).expect("static pattern"),
-            counts: HashMap::new(),
-            line_counts: HashMap::new(),
+            counts: HashMap::default(),
+            line_counts: HashMap::default(),
         })
     }
 
@@ -65,13 +66,13 @@ impl Trainer {
 fn count_into(counts: &mut HashMap<String, u64>, splitter: &Regex, texts: &[String]) {
     let batch = texts
         .par_iter()
-        .fold(HashMap::<&str, u64>::new, |mut m, t| {
+        .fold(HashMap::<&str, u64>::default, |mut m, t| {
             for piece in splitter.find_iter(t) {
                 *m.entry(piece.as_str()).or_default() += 1;
             }
             m
         })
-        .reduce(HashMap::new, |mut a, b| {
+        .reduce(HashMap::default, |mut a, b| {
             let (big, small) = if a.len() >= b.len() {
                 (&mut a, b)
             } else {
@@ -150,8 +151,8 @@ impl Learner {
         // Where each pair occurs: word indices, appended (a word may be listed twice or
         // no longer hold the pair; both are sorted out when the pair is merged). Vectors
         // cost a quarter of hash sets here.
-        let mut pair_counts: HashMap<Pair, i64> = HashMap::new();
-        let mut positions: HashMap<Pair, Vec<u32>> = HashMap::new();
+        let mut pair_counts: HashMap<Pair, i64> = HashMap::default();
+        let mut positions: HashMap<Pair, Vec<u32>> = HashMap::default();
         for (i, w) in words.iter().enumerate() {
             for p in w.windows(2) {
                 let pair = (p[0], p[1]);
@@ -209,7 +210,7 @@ impl Learner {
                     ))
                 })
                 .collect();
-            let mut changed: HashMap<Pair, i64> = HashMap::new();
+            let mut changed: HashMap<Pair, i64> = HashMap::default();
             for (w, merged, deltas) in updates {
                 for (p, d) in deltas {
                     *changed.entry(p).or_default() += d;
@@ -279,7 +280,7 @@ mod tests {
     use super::*;
 
     fn recount(words: &[Vec<u32>]) -> HashMap<Pair, i64> {
-        let mut m = HashMap::new();
+        let mut m = HashMap::default();
         for w in words {
             for p in w.windows(2) {
                 *m.entry((p[0], p[1])).or_default() += 1;
