@@ -9,7 +9,7 @@ mod train;
 
 pub use bpe::Bpe;
 pub use hf::{from_hf_json, to_hf_json};
-pub use train::Trainer;
+pub use train::{Trainer, SECOND_STAGE_BYTES};
 
 /// First-stage pieces: identifiers (with the space before them), numbers of up to three
 /// digits, punctuation runs together with a line break and the indentation after it

@@ -20,7 +20,13 @@ pub struct Trainer {
     line_splitter: Regex,
     counts: HashMap<String, u64>,
     line_counts: HashMap<String, u64>,
+    line_bytes: usize,
+    second_stage_bytes: usize,
 }
+
+/// Text whose lines the second stage learns from, by default. Distinct lines are what
+/// costs memory; superwords need fewer of them than subwords need pieces.
+pub const SECOND_STAGE_BYTES: usize = 512 << 20;
 
 impl Trainer {
     pub fn new(vocab_size: usize) -> Result<Self, TokenizerError> {
@@ -33,13 +39,24 @@ impl Trainer {
             line_splitter: Regex::new(PATTERN).expect("static pattern"),
             counts: HashMap::default(),
             line_counts: HashMap::default(),
+            line_bytes: 0,
+            second_stage_bytes: SECOND_STAGE_BYTES,
         })
+    }
+
+    /// Learn second-stage merges from the lines of the first `bytes` of text only.
+    pub fn with_second_stage_bytes(mut self, bytes: usize) -> Self {
+        self.second_stage_bytes = bytes;
+        self
     }
 
     /// Count the pieces and lines of a batch of texts (the texts can be dropped after).
     pub fn feed(&mut self, texts: &[String]) {
         count_into(&mut self.counts, &self.splitter, texts);
-        count_into(&mut self.line_counts, &self.line_splitter, texts);
+        if self.line_bytes < self.second_stage_bytes {
+            count_into(&mut self.line_counts, &self.line_splitter, texts);
+            self.line_bytes += texts.iter().map(String::len).sum::<usize>();
+        }
     }
 
     pub fn distinct_pieces(&self) -> usize {

@@ -3,7 +3,7 @@ use clap::{Args, Subcommand};
 use cxxlm_data::config::{InputConfig, NormalizeConfig};
 use cxxlm_data::read::{self, ReadItem, UnitReader};
 use cxxlm_data::steps::Normalize;
-use cxxlm_tokenizer::{from_hf_json, to_hf_json, Bpe, Trainer, DEFAULT_VOCAB};
+use cxxlm_tokenizer::{from_hf_json, to_hf_json, Bpe, Trainer, DEFAULT_VOCAB, SECOND_STAGE_BYTES};
 use rayon::prelude::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -34,6 +34,9 @@ pub struct TrainArgs {
     /// Use at most this many bytes of text.
     #[arg(long)]
     max_bytes: Option<u64>,
+    /// Learn superword (second-stage) merges from the lines of this many MiB of text.
+    #[arg(long, default_value_t = SECOND_STAGE_BYTES >> 20)]
+    second_stage_mib: usize,
     #[arg(long, short)]
     out: PathBuf,
 }
@@ -130,7 +133,8 @@ fn project_of(meta: &serde_json::Map<String, Value>, inputs: &[String]) -> Strin
 
 fn train(args: TrainArgs) -> Result<()> {
     let started = Instant::now();
-    let mut trainer = Trainer::new(args.vocab)?;
+    let mut trainer =
+        Trainer::new(args.vocab)?.with_second_stage_bytes(args.second_stage_mib << 20);
     let mut batch: Vec<String> = Vec::new();
     let mut batch_bytes = 0usize;
     let total = read_texts(&args.inputs, args.max_bytes, |_, text| {
