@@ -89,16 +89,13 @@ fn count_into(counts: &mut HashMap<String, u64>, splitter: &Regex, texts: &[Stri
             }
             m
         })
-        .reduce(HashMap::default, |mut a, b| {
-            let (big, small) = if a.len() >= b.len() {
-                (&mut a, b)
+        .reduce(HashMap::default, |a, b| {
+            // Fold the smaller map into the larger.
+            if a.len() >= b.len() {
+                merge_into(a, b)
             } else {
-                return merge_into(b, a);
-            };
-            for (k, v) in small {
-                *big.entry(k).or_default() += v;
+                merge_into(b, a)
             }
-            a
         });
     for (piece, n) in batch {
         match counts.get_mut(piece) {
