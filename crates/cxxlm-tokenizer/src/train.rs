@@ -162,18 +162,28 @@ impl Learner {
             merges,
         } = self;
 
+        let mut pair_counts: HashMap<Pair, i64> = HashMap::default();
+        for (i, w) in words.iter().enumerate() {
+            for p in w.windows(2) {
+                *pair_counts.entry((p[0], p[1])).or_default() += counts[i];
+            }
+        }
+        // A pair of existing tokens that occurs once can never be merged (merges only
+        // take occurrences away from such pairs), so it is not tracked at all: most
+        // pairs that cross piece boundaries in the second stage are of this kind.
+        pair_counts.retain(|_, c| *c >= 2);
         // Where each pair occurs: word indices, appended (a word may be listed twice or
         // no longer hold the pair; both are sorted out when the pair is merged). Vectors
         // cost a quarter of hash sets here.
-        let mut pair_counts: HashMap<Pair, i64> = HashMap::default();
         let mut positions: HashMap<Pair, Vec<u32>> = HashMap::default();
         for (i, w) in words.iter().enumerate() {
             for p in w.windows(2) {
                 let pair = (p[0], p[1]);
-                *pair_counts.entry(pair).or_default() += counts[i];
-                let list = positions.entry(pair).or_default();
-                if list.last() != Some(&(i as u32)) {
-                    list.push(i as u32);
+                if pair_counts.contains_key(&pair) {
+                    let list = positions.entry(pair).or_default();
+                    if list.last() != Some(&(i as u32)) {
+                        list.push(i as u32);
+                    }
                 }
             }
         }
@@ -212,37 +222,56 @@ impl Learner {
             let mut affected: Vec<u32> = positions.remove(&pair).unwrap_or_default();
             affected.sort_unstable();
             affected.dedup();
-            let updates: Vec<(u32, Vec<u32>, Deltas)> = affected
-                .par_iter()
-                .filter_map(|&w| {
-                    let (merged, deltas) = merge_word(&words[w as usize], pair, new)?;
-                    let n = counts[w as usize];
-                    Some((
-                        w,
-                        merged,
-                        deltas.into_iter().map(|(p, d)| (p, d * n)).collect(),
-                    ))
-                })
-                .collect();
             let mut changed: HashMap<Pair, i64> = HashMap::default();
-            for (w, merged, deltas) in updates {
-                for (p, d) in deltas {
-                    *changed.entry(p).or_default() += d;
-                    if d > 0 {
-                        positions.entry(p).or_default().push(w);
+            let mut gained: Vec<(Pair, u32)> = Vec::new();
+            // In chunks, so a pair found in most words does not hold a second copy of
+            // all of them at once.
+            for chunk in affected.chunks(1 << 14) {
+                let updates: Vec<(u32, Vec<u32>, Deltas)> = chunk
+                    .par_iter()
+                    .filter_map(|&w| {
+                        let (merged, deltas) = merge_word(&words[w as usize], pair, new)?;
+                        let n = counts[w as usize];
+                        Some((
+                            w,
+                            merged,
+                            deltas.into_iter().map(|(p, d)| (p, d * n)).collect(),
+                        ))
+                    })
+                    .collect();
+                for (w, merged, deltas) in updates {
+                    for (p, d) in deltas {
+                        *changed.entry(p).or_default() += d;
+                        if d > 0 {
+                            gained.push((p, w));
+                        }
                     }
+                    words[w as usize] = merged;
                 }
-                words[w as usize] = merged;
             }
             pair_counts.remove(&pair);
             for (p, d) in changed {
                 if p == pair {
                     continue;
                 }
-                let c = pair_counts.entry(p).or_default();
-                *c += d;
                 if d > 0 {
-                    heap.push((*c, Reverse(p)));
+                    // Pairs with the new token only grow now: one seen once stays so
+                    // and is not tracked, like the first ones.
+                    let c = pair_counts.entry(p).or_default();
+                    *c += d;
+                    if *c >= 2 {
+                        heap.push((*c, Reverse(p)));
+                    } else {
+                        pair_counts.remove(&p);
+                    }
+                } else if let Some(c) = pair_counts.get_mut(&p) {
+                    // Untracked pairs (seen once) have nothing to count down.
+                    *c += d;
+                }
+            }
+            for (p, w) in gained {
+                if pair_counts.contains_key(&p) {
+                    positions.entry(p).or_default().push(w);
                 }
             }
         }

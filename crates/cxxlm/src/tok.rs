@@ -51,6 +51,9 @@ pub struct EvalArgs {
     /// Also write the table as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Skip the tiktoken encodings (only ours and the round-trip check).
+    #[arg(long)]
+    no_baselines: bool,
 }
 
 pub fn run(cmd: TokCommand) -> Result<()> {
@@ -140,7 +143,7 @@ fn train(args: TrainArgs) -> Result<()> {
     let total = read_texts(&args.inputs, args.max_bytes, |_, text| {
         batch_bytes += text.len();
         batch.push(text);
-        if batch_bytes >= 64 << 20 {
+        if batch_bytes >= 16 << 20 {
             trainer.feed(&batch);
             batch.clear();
             batch_bytes = 0;
@@ -234,7 +237,7 @@ fn eval(args: EvalArgs) -> Result<()> {
             };
             t.tokens[0] = ours.len() as u64;
             t.tokens[1] = bpe.encode(&norm).len() as u64;
-            for (i, b) in baselines.iter().enumerate() {
+            for (i, b) in baselines.iter().enumerate().filter(|_| !args.no_baselines) {
                 t.tokens[2 + 2 * i] = b.encode_ordinary(raw).len() as u64;
                 t.tokens[3 + 2 * i] = b.encode_ordinary(&norm).len() as u64;
             }
@@ -253,7 +256,10 @@ fn eval(args: EvalArgs) -> Result<()> {
     let mut rows: Vec<(String, Tally)> = projects.into_iter().collect();
     rows.push(("overall".into(), overall.clone()));
 
-    let bpt = |bytes: u64, tokens: u64| bytes as f64 / tokens.max(1) as f64;
+    let bpt = |bytes: u64, tokens: u64| match tokens {
+        0 => "-".to_string(),
+        n => format!("{:.2}", bytes as f64 / n as f64),
+    };
     println!("bytes per token (raw text | normalized text); ratio = cl100k tokens on raw / ours");
     print!("{:<28}{:>7}{:>10}", "project", "files", "MB");
     print!("{:>15}", "ours");
