@@ -277,7 +277,7 @@ fn eval(args: EvalArgs) -> Result<()> {
         );
         for i in 0..1 + BASELINES.len() {
             print!(
-                "{:>7.2} |{:>6.2}",
+                "{:>7} |{:>6}",
                 bpt(t.bytes_raw, t.tokens[2 * i]),
                 bpt(t.bytes_norm, t.tokens[2 * i + 1])
             );
