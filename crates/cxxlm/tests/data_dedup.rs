@@ -86,10 +86,7 @@ fn dedup(input: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
 
 /// A dedup run that must fail; returns its stderr.
 fn dedup_fails(input: &Path, out: &Path, extra: &[&str]) -> String {
-    let args = dedup_args(input, out, extra);
-    let res = cxxlm().args(&args).output().unwrap();
-    assert!(!res.status.success(), "{args:?} succeeded");
-    String::from_utf8_lossy(&res.stderr).into_owned()
+    run_fails(&dedup_args(input, out, extra))
 }
 
 fn file_id(setup: &Setup, name: &str) -> String {

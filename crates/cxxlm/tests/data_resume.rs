@@ -195,37 +195,26 @@ fn other_settings_or_inputs_are_refused_in_the_same_output() {
     corpus(&src, 20);
     let out = tmp.path().join("out");
     data_run(&src, &out, &[]);
-    let res = cxxlm()
-        .args([
-            "data",
-            "run",
-            "--keep-indentation",
-            "-i",
-            src.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(!res.status.success());
-    let err = String::from_utf8_lossy(&res.stderr);
+    let err = run_fails(&[
+        "data",
+        "run",
+        "--keep-indentation",
+        "-i",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     assert!(err.contains("other settings or other inputs"), "{err}");
+    // A grown corpus must not be mistaken for the finished one.
     write(&src.join("new.cpp"), cpp_source(999));
-    let res = cxxlm()
-        .args([
-            "data",
-            "run",
-            "-i",
-            src.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        !res.status.success(),
-        "a grown corpus must not be mistaken for the finished one"
-    );
+    run_fails(&[
+        "data",
+        "run",
+        "-i",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
 }
 
 #[test]
@@ -233,34 +222,26 @@ fn config_errors_are_named() {
     let tmp = tempfile::tempdir().unwrap();
     let config = tmp.path().join("bad.toml");
     write(&config, "[quality]\nmax_line_lenght = 3\n");
-    let res = cxxlm()
-        .args([
-            "data",
-            "run",
-            "--config",
-            config.to_str().unwrap(),
-            "-i",
-            "/nonexistent",
-        ])
-        .output()
-        .unwrap();
-    assert!(!res.status.success());
-    let err = String::from_utf8_lossy(&res.stderr);
+    let err = run_fails(&[
+        "data",
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "-i",
+        "/nonexistent",
+    ]);
     assert!(
         err.contains("max_line_lenght") && err.contains("bad.toml"),
         "{err}"
     );
-    let res = cxxlm()
-        .args([
-            "data",
-            "run",
-            "-i",
-            "/nonexistent/dir",
-            "-o",
-            tmp.path().join("o").to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(!res.status.success());
-    assert!(String::from_utf8_lossy(&res.stderr).contains("/nonexistent/dir"));
+    let out = tmp.path().join("o");
+    let err = run_fails(&[
+        "data",
+        "run",
+        "-i",
+        "/nonexistent/dir",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(err.contains("/nonexistent/dir"), "{err}");
 }

@@ -24,6 +24,13 @@ pub fn run_ok(args: &[&str]) -> Output {
     out
 }
 
+/// Run `cxxlm`, insist that it fails, and return what it said on stderr.
+pub fn run_fails(args: &[&str]) -> String {
+    let out = cxxlm().args(args).output().expect("cxxlm runs");
+    assert!(!out.status.success(), "cxxlm {args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// `cxxlm data run -i <input> -o <out> <extra...>`, which must succeed.
 pub fn data_run(input: &Path, out: &Path, extra: &[&str]) -> Output {
     let mut args = vec![
