@@ -6,6 +6,16 @@ use std::collections::BinaryHeap;
 
 use crate::{special_tokens, TokenizerError, PATTERN, RESERVED_SPECIALS};
 
+/// Encoded pieces, per thread (see [`Bpe::encode_cached`]); cleared when full.
+#[derive(Default)]
+pub struct PieceCache {
+    map: HashMap<String, Vec<u32>>,
+}
+
+impl PieceCache {
+    const CAPACITY: usize = 1 << 16;
+}
+
 /// A trained byte-level BPE: ids 0-255 are the bytes, then one id per learned token,
 /// and the special tokens occupy the last [`RESERVED_SPECIALS`] ids of the vocabulary.
 #[derive(Debug, Clone)]
@@ -98,15 +108,34 @@ impl Bpe {
     /// Plain text to ids. Special tokens are never produced: `<|bos|>` in the text is
     /// encoded as the characters it is made of.
     pub fn encode(&self, text: &str) -> Vec<u32> {
+        self.encode_cached(text, &mut PieceCache::default())
+    }
+
+    /// [`Bpe::encode`] remembering pieces already encoded: C++ repeats whole lines
+    /// (`}\n`, `return 0;\n`, include lines), so a cache kept across the texts one
+    /// thread encodes saves most of the merging.
+    pub fn encode_cached(&self, text: &str, cache: &mut PieceCache) -> Vec<u32> {
         let mut out = Vec::with_capacity(text.len() / 3);
         for piece in self.pieces(text) {
+            if let Some(ids) = cache.map.get(piece) {
+                out.extend_from_slice(ids);
+                continue;
+            }
+            let start = out.len();
             self.encode_piece(piece.as_bytes(), &mut out);
+            if cache.map.len() >= PieceCache::CAPACITY {
+                cache.map.clear();
+            }
+            cache.map.insert(piece.to_string(), out[start..].to_vec());
         }
         out
     }
 
     pub fn encode_batch(&self, texts: &[&str]) -> Vec<Vec<u32>> {
-        texts.par_iter().map(|t| self.encode(t)).collect()
+        texts
+            .par_iter()
+            .map_init(PieceCache::default, |cache, t| self.encode_cached(t, cache))
+            .collect()
     }
 
     /// Merge the lowest-ranked adjacent pair, leftmost first, until none is left (what

@@ -7,7 +7,7 @@ mod byte_level;
 mod hf;
 mod train;
 
-pub use bpe::Bpe;
+pub use bpe::{Bpe, PieceCache};
 pub use hf::{from_hf_json, to_hf_json};
 pub use train::{Trainer, SECOND_STAGE_BYTES};
 

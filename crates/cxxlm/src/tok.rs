@@ -3,7 +3,9 @@ use clap::{Args, Subcommand};
 use cxxlm_data::config::{InputConfig, NormalizeConfig};
 use cxxlm_data::read::{self, ReadItem, UnitReader};
 use cxxlm_data::steps::Normalize;
-use cxxlm_tokenizer::{from_hf_json, to_hf_json, Bpe, Trainer, DEFAULT_VOCAB, SECOND_STAGE_BYTES};
+use cxxlm_tokenizer::{
+    from_hf_json, to_hf_json, Bpe, PieceCache, Trainer, DEFAULT_VOCAB, SECOND_STAGE_BYTES,
+};
 use rayon::prelude::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -220,14 +222,15 @@ fn eval(args: EvalArgs) -> Result<()> {
     }
 
     let started = Instant::now();
-    let ours_raw: Vec<Vec<u32>> = docs.par_iter().map(|(_, t)| bpe.encode(t)).collect();
+    let texts: Vec<&str> = docs.iter().map(|(_, t)| t.as_str()).collect();
+    let ours_raw = bpe.encode_batch(&texts);
     let encode_seconds = started.elapsed().as_secs_f64();
     let raw_bytes: u64 = docs.iter().map(|(_, t)| t.len() as u64).sum();
 
     let tallies: Vec<(String, Tally)> = docs
         .par_iter()
         .zip(ours_raw.par_iter())
-        .map(|((project, raw), ours)| {
+        .map_init(PieceCache::default, |cache, ((project, raw), ours)| {
             let norm = normalize.normalize(raw);
             let mut t = Tally {
                 docs: 1,
@@ -236,7 +239,7 @@ fn eval(args: EvalArgs) -> Result<()> {
                 ..Default::default()
             };
             t.tokens[0] = ours.len() as u64;
-            t.tokens[1] = bpe.encode(&norm).len() as u64;
+            t.tokens[1] = bpe.encode_cached(&norm, cache).len() as u64;
             for (i, b) in baselines.iter().enumerate().filter(|_| !args.no_baselines) {
                 t.tokens[2 + 2 * i] = b.encode_ordinary(raw).len() as u64;
                 t.tokens[3 + 2 * i] = b.encode_ordinary(&norm).len() as u64;
