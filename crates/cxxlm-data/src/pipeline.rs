@@ -180,8 +180,7 @@ pub fn run_task(
     let fingerprint = fingerprint(config, &task, &plan.units);
 
     let marker = layout.done_marker(&task);
-    if marker.exists() {
-        let done: TaskDone = read_json(&marker)?;
+    if let Some(done) = read_json_if_present::<TaskDone>(&marker)? {
         if done.fingerprint != fingerprint {
             return Err(mismatch(&layout.dir));
         }
@@ -291,7 +290,7 @@ pub fn run_task(
     Ok(TaskOutcome::Completed(stats))
 }
 
-fn mismatch(dir: &Path) -> DataError {
+pub(crate) fn mismatch(dir: &Path) -> DataError {
     DataError::Resume {
         dir: dir.to_path_buf(),
         message: "holds a run with other settings or other inputs; use another output directory or remove this one".into(),
@@ -299,11 +298,23 @@ fn mismatch(dir: &Path) -> DataError {
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
-    serde_json::from_slice(&bytes).map_err(|e| DataError::Resume {
-        dir: path.to_path_buf(),
-        message: format!("unreadable ({e}); remove it to start this task over"),
-    })
+    read_json_if_present(path)?
+        .ok_or_else(|| DataError::io(path, std::io::ErrorKind::NotFound.into()))
+}
+
+/// A state or marker file, or `None` when there is none yet.
+pub(crate) fn read_json_if_present<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(DataError::io(path, e)),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| DataError::Resume {
+            dir: path.to_path_buf(),
+            message: format!("unreadable ({e}); remove it to redo this task"),
+        })
 }
 
 fn item_bytes(item: &ReadItem) -> u64 {
@@ -484,11 +495,7 @@ impl<'a> TaskRun<'a> {
         }
         let state_path = layout.checkpoint(&task);
         let hashes_path = layout.hashes(&task);
-        let checkpoint: Option<Checkpoint> = if state_path.exists() {
-            Some(read_json(&state_path)?)
-        } else {
-            None
-        };
+        let checkpoint: Option<Checkpoint> = read_json_if_present(&state_path)?;
         if let Some(c) = &checkpoint {
             if c.version != STATE_VERSION || c.fingerprint != fingerprint {
                 return Err(mismatch(&layout.dir));

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use crate::document::Document;
 use crate::error::{DataError, Result};
-use crate::pipeline::TaskSpec;
+use crate::pipeline::{mismatch, read_json_if_present, TaskSpec};
 use crate::shard::{write_atomic, ShardWriter};
 use crate::steps::is_permissive;
 
@@ -237,7 +237,7 @@ impl NearDedup {
     }
 
     fn mismatch(&self) -> DataError {
-        DataError::Resume { dir: self.work(), message: "holds work for other settings or other input shards; use another output directory or remove it".into() }
+        mismatch(&self.work())
     }
 
     pub fn run(&self, stage: Stage, task: TaskSpec) -> Result<StageOutcome> {
@@ -709,16 +709,7 @@ fn jaccard(a: &[u64], b: &[u64]) -> f64 {
 const CLUSTER_TABLE_BYTES_PER_DOCUMENT: usize = 24;
 
 fn read_marker(path: &Path) -> Result<Option<Marker>> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| DataError::Resume {
-                dir: path.to_path_buf(),
-                message: format!("unreadable marker ({e}); remove it to redo the task"),
-            }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(DataError::io(path, e)),
-    }
+    read_json_if_present(path)
 }
 
 #[cfg(test)]

@@ -341,29 +341,14 @@ enum DownloadError {
 }
 
 fn verify(path: &Path, file: &HubFile) -> std::result::Result<(), String> {
-    let mut f = File::open(path).map_err(|e| e.to_string())?;
-    let mut buf = vec![0u8; 1 << 20];
-    let (expected, actual) = if let Some(sha) = &file.sha256 {
-        let mut h = sha2::Sha256::new();
-        loop {
-            let n = f.read(&mut buf).map_err(|e| e.to_string())?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
+    let f = File::open(path).map_err(|e| e.to_string())?;
+    let (expected, actual) = match &file.sha256 {
+        Some(sha) => (sha.clone(), digest(f, sha2::Sha256::new())?),
+        None => {
+            let mut h = sha1::Sha1::new();
+            h.update(format!("blob {}\0", file.size));
+            (file.git_oid.clone(), digest(f, h)?)
         }
-        (sha.clone(), hex::encode(h.finalize()))
-    } else {
-        let mut h = sha1::Sha1::new();
-        h.update(format!("blob {}\0", file.size));
-        loop {
-            let n = f.read(&mut buf).map_err(|e| e.to_string())?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-        (file.git_oid.clone(), hex::encode(h.finalize()))
     };
     if expected.eq_ignore_ascii_case(&actual) {
         Ok(())
@@ -371,6 +356,18 @@ fn verify(path: &Path, file: &HubFile) -> std::result::Result<(), String> {
         Err(format!(
             "checksum mismatch: expected {expected}, got {actual}"
         ))
+    }
+}
+
+/// The hex digest of everything `reader` yields, fed to `hasher`.
+fn digest<D: Digest>(mut reader: impl Read, mut hasher: D) -> std::result::Result<String, String> {
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = reader.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Ok(hex::encode(hasher.finalize()));
+        }
+        hasher.update(&buf[..n]);
     }
 }
 
