@@ -6,24 +6,14 @@ Usage: compare.py CXXLM_OUT CXXLM_TIME DATATROVE_OUT DATATROVE_TIME CORPUS_MB [E
 """
 
 import glob
-import io
 import json
-import re
 import sys
+from pathlib import Path
 
-import zstandard
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import gnu_time, jsonl  # noqa: E402
 
 SHARED_STEPS = {"decode", "quality"}
-
-
-def jsonl(path):
-    if path.endswith(".zst"):
-        with open(path, "rb") as f:
-            stream = zstandard.ZstdDecompressor().stream_reader(f)
-            yield from (json.loads(line) for line in io.TextIOWrapper(stream, encoding="utf-8"))
-    else:
-        with open(path, encoding="utf-8") as f:
-            yield from (json.loads(line) for line in f)
 
 
 def cxxlm_decisions(out):
@@ -55,15 +45,6 @@ def datatrove_decisions(out):
             name, reason = line.rstrip("\n").rsplit("\t", 1)
             decisions[name] = f"drop:{reason}"
     return decisions
-
-
-def gnu_time(path):
-    text = open(path).read()
-    wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", text)
-    h, m, s = wall.groups()
-    seconds = int(h or 0) * 3600 + int(m) * 60 + float(s)
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1))
-    return seconds, rss_kb / 1024
 
 
 def main():

@@ -4,27 +4,18 @@ Usage: compare.py CXXLM_OUT CXXLM_TIME DATASKETCH_REMOVED DATASKETCH_TIME
 """
 
 import glob
-import io
 import json
-import re
 import sys
+from pathlib import Path
 
-import zstandard
-
-
-def gnu_time(path):
-    text = open(path).read()
-    h, m, s = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", text).groups()
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1)) / 1024
-    return int(h or 0) * 3600 + int(m) * 60 + float(s), rss
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import gnu_time, jsonl  # noqa: E402
 
 
 def removed_ids(out):
     ids = set()
     for path in glob.glob(f"{out}/removed/part-*.jsonl.zst"):
-        with open(path, "rb") as f:
-            for line in io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding="utf-8"):
-                ids.add(json.loads(line)["id"])
+        ids.update(doc["id"] for doc in jsonl(path))
     return ids
 
 

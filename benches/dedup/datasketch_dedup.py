@@ -5,25 +5,16 @@
 Usage: datasketch_dedup.py SHARD_DIR REMOVED_IDS_OUT
 """
 
-import glob
-import io
-import json
 import re
 import sys
+from pathlib import Path
 
-import zstandard
 from datasketch import MinHash, MinHashLSH
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import shard_docs  # noqa: E402
+
 NON_WORD = re.compile(r"\W+")
-
-
-def documents(shard_dir):
-    for path in sorted(glob.glob(f"{shard_dir}/part-*.jsonl.zst")):
-        with open(path, "rb") as f:
-            stream = zstandard.ZstdDecompressor().stream_reader(f)
-            for line in io.TextIOWrapper(stream, encoding="utf-8"):
-                doc = json.loads(line)
-                yield doc["id"], doc["text"]
 
 
 def shingles(text, n=5):
@@ -43,7 +34,8 @@ def main():
             x = parent[x]
         return x
 
-    for doc_id, text in documents(shard_dir):
+    for doc in shard_docs(shard_dir):
+        doc_id, text = doc["id"], doc["text"]
         i = len(ids)
         ids.append(doc_id)
         parent.append(i)

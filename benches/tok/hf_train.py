@@ -4,20 +4,13 @@ of the same vocabulary size, with the same first-stage split pattern, on the sam
 Usage: hf_train.py SHARD_DIR VOCAB PATTERN OUT_JSON
 """
 
-import glob
-import io
-import json
 import sys
+from pathlib import Path
 
-import zstandard
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-
-def texts(shard_dir):
-    for path in sorted(glob.glob(f"{shard_dir}/part-*.jsonl.zst")):
-        with open(path, "rb") as f:
-            for line in io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding="utf-8"):
-                yield json.loads(line)["text"]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import shard_docs  # noqa: E402
 
 
 def main():
@@ -31,7 +24,7 @@ def main():
     specials = [f"<|reserved_{i}|>" for i in range(64)]
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts(shard_dir), trainer=trainer)
+    tok.train_from_iterator((d["text"] for d in shard_docs(shard_dir)), trainer=trainer)
     tok.save(out)
     print(f"vocabulary {tok.get_vocab_size()}")
 
