@@ -87,7 +87,7 @@ fn read_texts(
     mut sink: impl FnMut(String, String) -> bool,
 ) -> Result<u64> {
     let config = InputConfig {
-        paths: inputs.to_vec(),
+        paths: read::shard_inputs(inputs),
         ..Default::default()
     };
     let plan = read::plan(&config, None)?;

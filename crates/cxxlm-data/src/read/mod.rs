@@ -207,6 +207,25 @@ fn plan_dir(root: &Path, plan: &mut Plan) {
     }
 }
 
+/// The inputs, with each directory that holds `part-*.jsonl.zst` shards (the output of
+/// `data run` or `data dedup`) replaced by those shards, so that `removed/` and work
+/// files are not read as documents.
+pub fn shard_inputs(inputs: &[String]) -> Vec<String> {
+    inputs
+        .iter()
+        .flat_map(|input| {
+            let path = Path::new(input);
+            match path.is_dir().then(|| crate::near_dedup::input_shards(path)) {
+                Some(Ok(shards)) => shards
+                    .into_iter()
+                    .map(|p| p.display().to_string())
+                    .collect(),
+                _ => vec![input.clone()],
+            }
+        })
+        .collect()
+}
+
 /// Whether the head of an extension-less file reads like C or C++.
 pub fn looks_like_cxx(head: &[u8]) -> bool {
     let head = &head[..head.len().min(4096)];

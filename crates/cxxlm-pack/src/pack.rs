@@ -1,0 +1,362 @@
+//! The pack driver: documents in, `train`, `val` and `val_fim` indexed datasets and a
+//! manifest (`pack.json`) out.
+//!
+//! Each input unit (one shard) is packed into its own files under `parts/`, finished by a
+//! marker, so a killed run resumes at the first unfinished shard; the parts are then
+//! concatenated into the final files and removed. Validation documents are chosen by a
+//! hash of their id, so they stay validation documents when the corpus grows.
+
+use cxxlm_data::config::InputConfig;
+use cxxlm_data::pipeline::read_json_if_present;
+use cxxlm_data::read::{self, ReadItem, UnitReader};
+use cxxlm_data::shard::write_atomic;
+use cxxlm_tokenizer::{to_hf_json, Bpe, PieceCache};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::fim::{FimConfig, Layout, Packer};
+use crate::indexed::{IndexedDataset, IndexedWriter, TokenType};
+use crate::{PackError, Result};
+
+/// The packed datasets: training (with FIM), plain validation (for bits per byte) and
+/// the same validation documents, all rearranged, for FIM evaluation.
+pub const SPLITS: [&str; 3] = ["train", "val", "val_fim"];
+
+pub struct PackConfig {
+    pub inputs: Vec<String>,
+    pub out: PathBuf,
+    pub fim: FimConfig,
+    pub val_fraction: f64,
+    /// Text read before a batch is encoded in parallel.
+    pub batch_bytes: usize,
+}
+
+/// What changes the packed tokens; a resumed or repeated pack must match it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    pub tokenizer_sha256: String,
+    pub vocab_size: usize,
+    pub token_type: TokenType,
+    pub fim: FimConfig,
+    pub val_fraction: f64,
+    pub inputs: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SplitCounts {
+    pub documents: u64,
+    pub tokens: u64,
+    /// UTF-8 bytes of source text (the denominator of bits per byte).
+    pub text_bytes: u64,
+    pub fim_psm: u64,
+    pub fim_spm: u64,
+}
+
+impl SplitCounts {
+    fn count(&mut self, tokens: usize, text_bytes: usize, layout: Layout) {
+        self.documents += 1;
+        self.tokens += tokens as u64;
+        self.text_bytes += text_bytes as u64;
+        match layout {
+            Layout::Psm => self.fim_psm += 1,
+            Layout::Spm => self.fim_spm += 1,
+            Layout::Plain => {}
+        }
+    }
+
+    fn add(&mut self, o: &SplitCounts) {
+        self.documents += o.documents;
+        self.tokens += o.tokens;
+        self.text_bytes += o.text_bytes;
+        self.fim_psm += o.fim_psm;
+        self.fim_spm += o.fim_spm;
+    }
+}
+
+/// Counts of one part (or, summed, of the whole pack).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Counts {
+    splits: BTreeMap<String, SplitCounts>,
+    /// Inputs that did not become documents, by reason.
+    skipped: BTreeMap<String, u64>,
+}
+
+impl Counts {
+    fn add(&mut self, o: &Counts) {
+        for (k, v) in &o.splits {
+            self.splits.entry(k.clone()).or_default().add(v);
+        }
+        for (k, v) in &o.skipped {
+            *self.skipped.entry(k.clone()).or_default() += v;
+        }
+    }
+}
+
+/// `pack.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub settings: Settings,
+    /// Where the tokenizer was read from (informational; the hash is what is checked).
+    pub tokenizer_path: String,
+    pub splits: BTreeMap<String, SplitCounts>,
+    pub skipped: BTreeMap<String, u64>,
+}
+
+impl Manifest {
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join("pack.json")
+    }
+
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = Self::path(dir);
+        read_json_if_present(&path)?.ok_or_else(|| PackError::Format {
+            path,
+            message: "missing: not the output of a finished `cxxlm pack`".into(),
+        })
+    }
+
+    /// Refuses a tokenizer other than the one the tokens were made with.
+    pub fn check_tokenizer(&self, dir: &Path, bpe: &Bpe) -> Result<()> {
+        let found = tokenizer_sha256(bpe);
+        if found != self.settings.tokenizer_sha256 {
+            return Err(PackError::TokenizerMismatch {
+                manifest: Self::path(dir),
+                expected: self.settings.tokenizer_sha256.clone(),
+                found,
+            });
+        }
+        Ok(())
+    }
+
+    /// Opens one split, checking that it is the one this manifest describes.
+    pub fn open(&self, dir: &Path, split: &str) -> Result<IndexedDataset> {
+        let ds = IndexedDataset::open(&dir.join(split))?;
+        let expected = self.splits.get(split).map_or(0, |c| c.tokens);
+        if ds.total_tokens() != expected || ds.token_type() != self.settings.token_type {
+            return Err(PackError::Format {
+                path: ds.path().to_path_buf(),
+                message: format!(
+                    "holds {} {:?} tokens, {} records {expected} {:?}: the files come from different packs",
+                    ds.total_tokens(),
+                    ds.token_type(),
+                    Self::path(dir).display(),
+                    self.settings.token_type
+                ),
+            });
+        }
+        Ok(ds)
+    }
+}
+
+/// A fingerprint of the vocabulary, merges and specials (not of the file's formatting).
+pub fn tokenizer_sha256(bpe: &Bpe) -> String {
+    hex::encode(Sha256::digest(to_hf_json(bpe).to_string().as_bytes()))
+}
+
+fn is_validation(id: &str, fraction: f64) -> bool {
+    let h = xxhash_rust::xxh3::xxh3_64(id.as_bytes());
+    (h as f64 / u64::MAX as f64) < fraction
+}
+
+/// Packs the inputs, resuming a previous run of the same settings; `progress` hears the
+/// text bytes and documents done so far.
+pub fn pack(
+    bpe: &Bpe,
+    tokenizer_path: &Path,
+    config: &PackConfig,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<Manifest> {
+    if !(0.0..=1.0).contains(&config.fim.rate)
+        || !(0.0..=1.0).contains(&config.fim.spm_rate)
+        || !(0.0..1.0).contains(&config.val_fraction)
+    {
+        return Err(PackError::Config(
+            "FIM rates must lie in [0, 1] and the validation fraction in [0, 1)".into(),
+        ));
+    }
+    let input = InputConfig {
+        paths: read::shard_inputs(&config.inputs),
+        ..Default::default()
+    };
+    let plan = read::plan(&input, None)?;
+    let settings = Settings {
+        tokenizer_sha256: tokenizer_sha256(bpe),
+        vocab_size: bpe.vocab_size(),
+        token_type: TokenType::for_vocab(bpe.vocab_size()),
+        fim: config.fim,
+        val_fraction: config.val_fraction,
+        inputs: plan.units.iter().map(|u| u.describe()).collect(),
+    };
+    let refuse = |dir: &Path, what: &str| {
+        PackError::Resume {
+        dir: dir.to_path_buf(),
+        message: format!("{what} was packed with other settings, tokenizer or inputs; remove it or choose another --out"),
+    }
+    };
+    if let Some(done) = read_json_if_present::<Manifest>(&Manifest::path(&config.out))? {
+        if done.settings != settings {
+            return Err(refuse(&config.out, "this directory"));
+        }
+        return Ok(done);
+    }
+    let parts = config.out.join("parts");
+    std::fs::create_dir_all(&parts).map_err(|e| PackError::io(&parts, e))?;
+    let settings_path = parts.join("settings.json");
+    match read_json_if_present::<Settings>(&settings_path)? {
+        Some(s) if s != settings => return Err(refuse(&config.out, "an unfinished pack here")),
+        Some(_) => {}
+        None => write_atomic(
+            &settings_path,
+            &serde_json::to_vec_pretty(&settings).expect("json"),
+        )?,
+    }
+
+    let mut total = Counts::default();
+    for s in &plan.skipped {
+        *total.skipped.entry(s.reason.clone()).or_default() += 1;
+    }
+    let packer = Packer::new(bpe, config.fim);
+    let mut reader = UnitReader::new(input.clone(), None);
+    let (mut bytes_done, mut docs_done) = (0u64, 0u64);
+    for (i, unit) in plan.units.iter().enumerate() {
+        let marker = parts.join(format!("{i:05}.json"));
+        let counts = match read_json_if_present::<Counts>(&marker)? {
+            Some(c) => c,
+            None => {
+                let c = pack_unit(
+                    &packer,
+                    config,
+                    &settings,
+                    &parts.join(format!("{i:05}")),
+                    |sink| reader.read(unit, sink),
+                    &mut |b, d| progress(bytes_done + b, docs_done + d),
+                )?;
+                write_atomic(&marker, &serde_json::to_vec(&c).expect("json"))?;
+                c
+            }
+        };
+        for c in counts.splits.values() {
+            bytes_done += c.text_bytes;
+            docs_done += c.documents;
+        }
+        total.add(&counts);
+    }
+
+    for split in SPLITS {
+        let mut w = IndexedWriter::create(&config.out.join(split), settings.token_type)?;
+        for i in 0..plan.units.len() {
+            w.append(&IndexedDataset::open(
+                &parts.join(format!("{i:05}.{split}")),
+            )?)?;
+        }
+        w.finish()?;
+    }
+    let manifest = Manifest {
+        settings,
+        tokenizer_path: tokenizer_path.display().to_string(),
+        splits: SPLITS
+            .iter()
+            .map(|s| {
+                (
+                    s.to_string(),
+                    total.splits.get(*s).cloned().unwrap_or_default(),
+                )
+            })
+            .collect(),
+        skipped: total.skipped,
+    };
+    write_atomic(
+        &Manifest::path(&config.out),
+        &serde_json::to_vec_pretty(&manifest).expect("json"),
+    )?;
+    std::fs::remove_dir_all(&parts).map_err(|e| PackError::io(&parts, e))?;
+    Ok(manifest)
+}
+
+/// Packs one unit's documents into `<prefix>.<split>.bin/.idx`.
+fn pack_unit(
+    packer: &Packer,
+    config: &PackConfig,
+    settings: &Settings,
+    prefix: &Path,
+    read: impl FnOnce(read::Sink) -> cxxlm_data::error::Result<()>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Counts> {
+    let mut writers = SPLITS
+        .iter()
+        .map(|s| {
+            IndexedWriter::create(
+                &PathBuf::from(format!("{}.{s}", prefix.display())),
+                settings.token_type,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut counts = Counts::default();
+    let mut batch: Vec<(String, String)> = Vec::new();
+    let mut batch_bytes = 0;
+    let mut failure = None;
+    let (mut bytes, mut docs) = (0u64, 0u64);
+    let mut flush = |batch: &mut Vec<(String, String)>, counts: &mut Counts| -> Result<()> {
+        let packed: Vec<_> = batch
+            .par_iter()
+            .map_init(PieceCache::default, |cache, (id, text)| {
+                if is_validation(id, config.val_fraction) {
+                    let plain = packer.document(id, text, 0.0, cache);
+                    let fim = packer.document(id, text, 1.0, cache);
+                    vec![(1, plain), (2, fim)]
+                } else {
+                    vec![(0, packer.document(id, text, config.fim.rate, cache))]
+                }
+            })
+            .collect();
+        for ((_, text), outputs) in batch.iter().zip(packed) {
+            for (split, (tokens, layout)) in outputs {
+                writers[split].push(&tokens)?;
+                counts
+                    .splits
+                    .entry(SPLITS[split].to_string())
+                    .or_default()
+                    .count(tokens.len(), text.len(), layout);
+            }
+            bytes += text.len() as u64;
+            docs += 1;
+        }
+        progress(bytes, docs);
+        batch.clear();
+        Ok(())
+    };
+    read(&mut |item| {
+        match item {
+            ReadItem::Doc(doc) => match String::from_utf8(doc.bytes) {
+                Ok(text) => {
+                    batch_bytes += text.len();
+                    batch.push((doc.id, text));
+                }
+                Err(_) => *counts.skipped.entry("invalid_utf8".into()).or_default() += 1,
+            },
+            ReadItem::Skip { skipped, .. } => {
+                *counts.skipped.entry(skipped.reason).or_default() += 1
+            }
+            ReadItem::Ignored => {}
+        }
+        if batch_bytes >= config.batch_bytes {
+            batch_bytes = 0;
+            if let Err(e) = flush(&mut batch, &mut counts) {
+                failure = Some(e);
+                return false;
+            }
+        }
+        true
+    })?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    flush(&mut batch, &mut counts)?;
+    for w in writers {
+        w.finish()?;
+    }
+    Ok(counts)
+}
