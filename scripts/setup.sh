@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Everything a fresh Debian 12 machine with a Rust toolchain needs for cxxlm's main job
-# and its tests: archive tools and git for the readers' tests, and Python's zstandard
-# and tokenizers modules to check that Python reads our shards and our tokenizer.
+# and its tests: archive tools and git for the readers' tests, g++ (libstdc++'s headers
+# are test data), and the Python modules that check that other tools read our files:
+# zstandard (shards), tokenizers (tokenizer.json), megatron-core with torch (.bin/.idx).
 set -euo pipefail
 missing=()
-for tool in git tar xz zstd bzip2 python3; do
+for tool in git tar xz zstd bzip2 python3 g++; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -19,8 +20,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
 fi
-if ! python3 -c 'import zstandard, tokenizers' 2>/dev/null; then
-    python3 -m pip install -q zstandard tokenizers 2>/dev/null ||
-        python3 -m pip install -q --break-system-packages zstandard tokenizers
+python_modules=(zstandard tokenizers torch==2.11.0 megatron-core==0.16.1)
+if ! python3 -W ignore -c 'import zstandard, tokenizers, torch, megatron.core.datasets.indexed_dataset' 2>/dev/null; then
+    python3 -m pip install -q "${python_modules[@]}" 2>/dev/null ||
+        python3 -m pip install -q --break-system-packages "${python_modules[@]}"
 fi
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }

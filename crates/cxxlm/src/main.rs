@@ -5,6 +5,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod data;
 mod interrupt;
+mod pack;
 mod tok;
 
 use clap::{Parser, Subcommand};
@@ -28,6 +29,8 @@ enum Command {
     /// Train and evaluate the C++ tokenizer.
     #[command(subcommand)]
     Tok(tok::TokCommand),
+    /// Tokenize shards with fill-in-the-middle into Megatron .bin/.idx files.
+    Pack(pack::PackArgs),
 }
 
 fn main() {
@@ -42,6 +45,7 @@ fn main() {
     let result = match cli.command {
         Command::Data(cmd) => data::run(cmd),
         Command::Tok(cmd) => tok::run(cmd),
+        Command::Pack(args) => pack::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

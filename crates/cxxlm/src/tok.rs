@@ -9,7 +9,7 @@ use cxxlm_tokenizer::{
 use rayon::prelude::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(Subcommand)]
@@ -63,7 +63,7 @@ pub fn run(cmd: TokCommand) -> Result<()> {
         TokCommand::Train(a) => train(a),
         TokCommand::Eval(a) => eval(a),
         TokCommand::Encode { tokenizer, file } => {
-            let bpe = load(&tokenizer)?;
+            let bpe = load_tokenizer(&tokenizer)?;
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             let ids: Vec<String> = bpe.encode(&text).iter().map(u32::to_string).collect();
@@ -73,7 +73,7 @@ pub fn run(cmd: TokCommand) -> Result<()> {
     }
 }
 
-fn load(path: &PathBuf) -> Result<Bpe> {
+pub(crate) fn load_tokenizer(path: &Path) -> Result<Bpe> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     from_hf_json(&text).with_context(|| format!("loading {}", path.display()))
