@@ -196,7 +196,7 @@ fn inspect_one(ds: &IndexedDataset, bpe: &Bpe, sample_chars: usize) -> Result<()
         }
     }
     println!(
-        "\n{}: {:?}, {} documents, {} tokens, lengths {}..{} (mean {:.0}); FIM {} PSM + {} SPM",
+        "\n{}: {:?}, {} documents, {} tokens, lengths {}..{} (mean {:.0}); FIM {} ({} in SPM order or with an empty prefix)",
         ds.path().display(),
         ds.token_type(),
         ds.len(),
@@ -204,7 +204,7 @@ fn inspect_one(ds: &IndexedDataset, bpe: &Bpe, sample_chars: usize) -> Result<()
         if ds.is_empty() { 0 } else { shortest },
         longest,
         ds.total_tokens() as f64 / ds.len().max(1) as f64,
-        psm,
+        psm + spm,
         spm
     );
     if unframed > 0 || out_of_vocab > 0 {
