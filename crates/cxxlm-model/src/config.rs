@@ -1,0 +1,215 @@
+use serde::{Deserialize, Serialize};
+
+use crate::ModelError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    /// `relu(x)^2` (nanochat).
+    Relu2,
+    /// `silu(gate) * up`, hidden width 8/3 of the model's (rounded to 64).
+    Swiglu,
+}
+
+/// The GPT's shape. Width is depth x 64 and heads are 128 wide unless a preset or an
+/// override says otherwise.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub depth: usize,
+    pub width: usize,
+    pub heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than `heads`).
+    pub kv_heads: usize,
+    pub vocab_size: usize,
+    pub seq_len: usize,
+    pub activation: Activation,
+    pub softcap: f64,
+    pub rope_base: f64,
+}
+
+/// Optional overrides of a preset (the `[model]` table of a training config).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelOverrides {
+    pub preset: Option<String>,
+    pub depth: Option<usize>,
+    pub width: Option<usize>,
+    pub heads: Option<usize>,
+    pub kv_heads: Option<usize>,
+    pub seq_len: Option<usize>,
+    pub activation: Option<Activation>,
+    pub softcap: Option<f64>,
+    pub rope_base: Option<f64>,
+}
+
+pub const PRESETS: [&str; 5] = ["tiny", "d12", "d20", "d26", "3b"];
+
+impl ModelConfig {
+    /// nanochat's family: width = depth x 64, head dimension 128.
+    pub fn from_depth(depth: usize, vocab_size: usize, seq_len: usize) -> Self {
+        let width = depth * 64;
+        let heads = width.div_ceil(128).max(1);
+        ModelConfig {
+            depth,
+            width,
+            heads,
+            kv_heads: heads,
+            vocab_size,
+            seq_len,
+            activation: Activation::Relu2,
+            softcap: 15.0,
+            rope_base: 10_000.0,
+        }
+    }
+
+    pub fn preset(name: &str, vocab_size: usize) -> Result<Self, ModelError> {
+        Ok(match name {
+            // Small enough to train on a CPU in tests: two layers, heads of 64.
+            "tiny" => ModelConfig {
+                heads: 2,
+                kv_heads: 2,
+                ..Self::from_depth(2, vocab_size, 128)
+            },
+            "d12" => Self::from_depth(12, vocab_size, 2048),
+            "d20" => Self::from_depth(20, vocab_size, 2048),
+            "d26" => Self::from_depth(26, vocab_size, 2048),
+            // The seeds' 3B: 32 layers of 2560, 32 heads (80 wide), 8 key/value heads.
+            "3b" => ModelConfig {
+                width: 2560,
+                heads: 32,
+                kv_heads: 8,
+                rope_base: 500_000.0,
+                ..Self::from_depth(32, vocab_size, 8192)
+            },
+            other => {
+                return Err(ModelError::Config(format!(
+                    "unknown preset {other:?} (one of {PRESETS:?})"
+                )))
+            }
+        })
+    }
+
+    /// A preset (default `d12`) with overrides applied; `depth` alone rescales width and
+    /// heads as the family does.
+    pub fn resolve(o: &ModelOverrides, vocab_size: usize) -> Result<Self, ModelError> {
+        let mut c = Self::preset(o.preset.as_deref().unwrap_or("d12"), vocab_size)?;
+        if let Some(depth) = o.depth {
+            c = ModelConfig {
+                activation: c.activation,
+                softcap: c.softcap,
+                rope_base: c.rope_base,
+                ..Self::from_depth(depth, vocab_size, c.seq_len)
+            };
+        }
+        c.width = o.width.unwrap_or(c.width);
+        c.heads = o.heads.unwrap_or(c.heads);
+        c.kv_heads = o.kv_heads.or(o.heads).unwrap_or(c.kv_heads);
+        c.seq_len = o.seq_len.unwrap_or(c.seq_len);
+        c.activation = o.activation.unwrap_or(c.activation);
+        c.softcap = o.softcap.unwrap_or(c.softcap);
+        c.rope_base = o.rope_base.unwrap_or(c.rope_base);
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let bad = |m: String| Err(ModelError::Config(m));
+        if self.depth == 0 || self.width == 0 || self.heads == 0 || self.seq_len == 0 {
+            return bad(format!(
+                "depth, width, heads and seq_len must be positive: {self:?}"
+            ));
+        }
+        if self.width % self.heads != 0 || self.head_dim() % 2 != 0 {
+            return bad(format!(
+                "width {} must split into {} heads of an even size",
+                self.width, self.heads
+            ));
+        }
+        if self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+            return bad(format!(
+                "{} heads cannot be shared by {} key/value heads",
+                self.heads, self.kv_heads
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.width / self.heads
+    }
+
+    pub fn hidden(&self) -> usize {
+        match self.activation {
+            Activation::Relu2 => 4 * self.width,
+            Activation::Swiglu => (8 * self.width / 3).div_ceil(64) * 64,
+        }
+    }
+
+    /// The shapes (`[out, in]`) of one block's matrices, by name.
+    pub fn block_shapes(&self) -> Vec<(&'static str, [usize; 2])> {
+        let (w, hd) = (self.width, self.head_dim());
+        let fc_out = match self.activation {
+            Activation::Relu2 => self.hidden(),
+            Activation::Swiglu => 2 * self.hidden(),
+        };
+        vec![
+            ("attn.q", [self.heads * hd, w]),
+            ("attn.k", [self.kv_heads * hd, w]),
+            ("attn.v", [self.kv_heads * hd, w]),
+            ("attn.proj", [w, self.heads * hd]),
+            ("mlp.fc", [fc_out, w]),
+            ("mlp.proj", [w, self.hidden()]),
+        ]
+    }
+
+    /// Parameters of the embedding table (not counted in FLOPs).
+    pub fn embedding_params(&self) -> usize {
+        self.vocab_size * self.width
+    }
+
+    pub fn params(&self) -> usize {
+        let block: usize = self.block_shapes().iter().map(|(_, [o, i])| o * i).sum();
+        self.embedding_params() + self.depth * block + self.vocab_size * self.width
+    }
+
+    /// Training FLOPs per token: 6 per non-embedding parameter plus attention's
+    /// `12 x layers x width x seq_len` (nanochat's and PaLM's estimate).
+    pub fn flops_per_token(&self) -> f64 {
+        6.0 * (self.params() - self.embedding_params()) as f64
+            + 12.0 * (self.depth * self.width * self.seq_len) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_follow_the_family() {
+        let d12 = ModelConfig::preset("d12", 32_768).unwrap();
+        assert_eq!((d12.width, d12.heads, d12.head_dim()), (768, 6, 128));
+        let d20 = ModelConfig::preset("d20", 32_768).unwrap();
+        assert_eq!((d20.width, d20.heads), (1280, 10));
+        let big = ModelConfig::preset("3b", 32_768).unwrap();
+        assert_eq!((big.head_dim(), big.kv_heads, big.seq_len), (80, 8, 8192));
+        // 2 x 32768 x 2560 embeddings + 32 x (q 2560^2, k/v 2 x 640 x 2560, proj, mlp 8 x 2560^2)
+        assert_eq!(
+            big.params(),
+            2 * 32_768 * 2560 + 32 * (2 * 2560 * 2560 + 2 * 640 * 2560 + 8 * 2560 * 2560)
+        );
+        assert!(ModelConfig::preset("d7", 100).is_err());
+        let o = ModelOverrides {
+            preset: Some("d12".into()),
+            depth: Some(4),
+            ..Default::default()
+        };
+        let c = ModelConfig::resolve(&o, 1000).unwrap();
+        assert_eq!((c.width, c.heads, c.seq_len), (256, 2, 2048));
+        let bad = ModelOverrides {
+            heads: Some(5),
+            ..Default::default()
+        };
+        assert!(ModelConfig::resolve(&bad, 1000).is_err());
+    }
+}

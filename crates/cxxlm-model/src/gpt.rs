@@ -1,0 +1,393 @@
+//! The GPT of nanochat's family: token embedding, parameter-free RMSNorm before every
+//! sub-layer and the head, rotary positions, QK-norm, relu^2 (or SwiGLU) MLP, no biases,
+//! an untied head with a tanh logit softcap. On CUDA, activations are bf16 and weights
+//! are kept in fp32 and cast for each matmul (what autocast does); on CPU everything is
+//! fp32.
+
+use tch::{Device, Kind, Reduction, Tensor};
+
+use crate::config::{Activation, ModelConfig};
+use crate::ModelError;
+
+/// Tokens whose fp32 logits are materialized at once by the loss.
+const LOSS_CHUNK_ELEMENTS: i64 = 1 << 27;
+
+pub struct Gpt {
+    pub config: ModelConfig,
+    /// `wte`, then each block's matrices, then `lm_head`, as fp32 leaves.
+    params: Vec<(String, Tensor)>,
+    device: Device,
+    compute: Kind,
+    cos: Tensor,
+    sin: Tensor,
+    /// Tokens whose logits the loss materializes at once.
+    loss_chunk: i64,
+}
+
+fn norm(x: &Tensor) -> Tensor {
+    let d = *x.size().last().expect("a tensor with dimensions");
+    x.rms_norm([d], None::<Tensor>, None)
+}
+
+fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let d = x.size()[3] / 2;
+    let (x1, x2) = (x.narrow(3, 0, d), x.narrow(3, d, d));
+    let y1 = &x1 * cos + &x2 * sin;
+    let y2 = &x2 * cos - &x1 * sin;
+    Tensor::cat(&[y1, y2], 3).to_kind(x.kind())
+}
+
+impl Gpt {
+    /// A freshly initialised model (nanochat's scheme: N(0, 1) embedding, matrices
+    /// N(0, 1/sqrt(in) x min(1, sqrt(out/in))), zero output projections and head), drawn
+    /// on the CPU from `seed` so that every device starts from the same weights.
+    pub fn new(config: ModelConfig, device: Device, seed: u64) -> Result<Self, ModelError> {
+        config.validate()?;
+        tch::manual_seed(seed as i64);
+        let normal = |shape: [usize; 2], std: f64| {
+            (Tensor::randn(
+                [shape[0] as i64, shape[1] as i64],
+                (Kind::Float, Device::Cpu),
+            ) * std)
+                .to_device(device)
+        };
+        let zeros = |shape: [usize; 2]| {
+            Tensor::zeros([shape[0] as i64, shape[1] as i64], (Kind::Float, device))
+        };
+        let mut params = vec![(
+            "wte".to_string(),
+            normal([config.vocab_size, config.width], 1.0),
+        )];
+        for layer in 0..config.depth {
+            for (name, [out, inp]) in config.block_shapes() {
+                let w = if name.ends_with("proj") {
+                    zeros([out, inp])
+                } else {
+                    let std = (inp as f64).powf(-0.5) * (out as f64 / inp as f64).sqrt().min(1.0);
+                    normal([out, inp], std)
+                };
+                params.push((format!("blocks.{layer}.{name}"), w));
+            }
+        }
+        params.push((
+            "lm_head".to_string(),
+            zeros([config.vocab_size, config.width]),
+        ));
+        for (_, p) in &mut params {
+            *p = p.set_requires_grad(true);
+        }
+        let compute = if device.is_cuda() {
+            Kind::BFloat16
+        } else {
+            Kind::Float
+        };
+        let half = config.head_dim() as i64 / 2;
+        let inv = (Tensor::arange(half, (Kind::Float, Device::Cpu))
+            * (2.0 / config.head_dim() as f64))
+            .multiply_scalar(-config.rope_base.ln())
+            .exp();
+        let freqs = Tensor::arange(config.seq_len as i64, (Kind::Float, Device::Cpu))
+            .outer(&inv)
+            .view([1, config.seq_len as i64, 1, half]);
+        Ok(Gpt {
+            cos: freqs.cos().to_kind(compute).to_device(device),
+            sin: freqs.sin().to_kind(compute).to_device(device),
+            loss_chunk: (LOSS_CHUNK_ELEMENTS / config.vocab_size as i64).max(1),
+            config,
+            params,
+            device,
+            compute,
+        })
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn params(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+
+    pub fn param_count(&self) -> usize {
+        self.params.iter().map(|(_, p)| p.numel()).sum()
+    }
+
+    /// Replaces every weight with the tensor of the same name and shape.
+    pub fn load(&mut self, tensors: &[(String, Tensor)]) -> Result<(), ModelError> {
+        if tensors.len() != self.params.len() {
+            return Err(ModelError::Config(format!(
+                "checkpoint holds {} tensors, the model has {}",
+                tensors.len(),
+                self.params.len()
+            )));
+        }
+        let _guard = tch::no_grad_guard();
+        for (name, p) in &mut self.params {
+            let t = tensors
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t)
+                .ok_or_else(|| ModelError::Config(format!("checkpoint lacks {name}")))?;
+            if t.size() != p.size() {
+                return Err(ModelError::Config(format!(
+                    "{name} is {:?} in the checkpoint, {:?} in the model",
+                    t.size(),
+                    p.size()
+                )));
+            }
+            p.copy_(t);
+        }
+        Ok(())
+    }
+
+    fn weight(&self, index: usize) -> Tensor {
+        let p = &self.params[index].1;
+        if p.kind() == self.compute {
+            p.shallow_clone()
+        } else {
+            p.to_kind(self.compute)
+        }
+    }
+
+    /// The final normalized hidden states `(B, T, width)` of token ids `(B, T)`.
+    pub fn hidden(&self, idx: &Tensor) -> Tensor {
+        let t = idx.size()[1];
+        let c = &self.config;
+        let (nh, nkv, hd) = (c.heads as i64, c.kv_heads as i64, c.head_dim() as i64);
+        let cos = self.cos.narrow(1, 0, t);
+        let sin = self.sin.narrow(1, 0, t);
+        let mut x = norm(
+            &Tensor::embedding(&self.params[0].1, idx, -1, false, false).to_kind(self.compute),
+        );
+        for layer in 0..c.depth {
+            let w = |k: usize| self.weight(1 + layer * 6 + k);
+            let b = x.size()[0];
+            let h = norm(&x);
+            let q = h.linear(&w(0), None::<Tensor>).view([b, t, nh, hd]);
+            let k = h.linear(&w(1), None::<Tensor>).view([b, t, nkv, hd]);
+            let v = h.linear(&w(2), None::<Tensor>).view([b, t, nkv, hd]);
+            let q = norm(&rotary(&q, &cos, &sin)).transpose(1, 2);
+            let k = norm(&rotary(&k, &cos, &sin)).transpose(1, 2);
+            let y = Tensor::scaled_dot_product_attention(
+                &q,
+                &k,
+                &v.transpose(1, 2),
+                None::<Tensor>,
+                0.0,
+                true,
+                None,
+                nkv != nh,
+            );
+            let y = y.transpose(1, 2).contiguous().view([b, t, nh * hd]);
+            x = x + y.linear(&w(3), None::<Tensor>);
+            let h = norm(&x).linear(&w(4), None::<Tensor>);
+            let h = match c.activation {
+                Activation::Relu2 => h.relu().square(),
+                Activation::Swiglu => {
+                    let parts = h.chunk(2, -1);
+                    parts[0].silu() * &parts[1]
+                }
+            };
+            x = x + h.linear(&w(5), None::<Tensor>);
+        }
+        norm(&x)
+    }
+
+    /// Softcapped fp32 logits of hidden states `(N, width)`.
+    fn logits(&self, h: &Tensor) -> Tensor {
+        let cap = self.config.softcap;
+        let z = h.linear(&self.weight(self.params.len() - 1), None::<Tensor>);
+        ((z / cap).tanh() * cap).to_kind(Kind::Float)
+    }
+
+    /// Forward and backward of one micro-batch: gradients of `scale` x the mean loss are
+    /// added to the weights' gradients. The head and loss run over chunks of tokens, each
+    /// chunk's backward right after its forward, so the fp32 logits of the whole batch
+    /// never exist at once. Returns the mean loss.
+    pub fn forward_backward(&self, inputs: &Tensor, targets: &Tensor, scale: f64) -> Tensor {
+        let h = self.hidden(inputs);
+        let n = inputs.numel() as i64;
+        let flat = h.view([n, self.config.width as i64]);
+        let targets = targets.reshape([n]);
+        let mut total = Tensor::zeros([], (Kind::Float, self.device));
+        let mut grads = Vec::new();
+        let chunk = self.loss_chunk;
+        let mut start = 0;
+        while start < n {
+            let len = chunk.min(n - start);
+            let x = flat.narrow(0, start, len).detach().set_requires_grad(true);
+            let loss = self.logits(&x).cross_entropy_loss::<Tensor>(
+                &targets.narrow(0, start, len),
+                None,
+                Reduction::Sum,
+                -1,
+                0.0,
+            );
+            (&loss * (scale / n as f64)).backward();
+            total += loss.detach();
+            grads.push(x.grad());
+            start += len;
+        }
+        (flat * Tensor::cat(&grads, 0)).sum(Kind::Float).backward();
+        total / n as f64
+    }
+
+    /// Loss in nats of every target token `(B*T)`, without gradients.
+    pub fn token_losses(&self, inputs: &Tensor, targets: &Tensor) -> Tensor {
+        let _guard = tch::no_grad_guard();
+        let n = inputs.numel() as i64;
+        let flat = self.hidden(inputs).view([n, self.config.width as i64]);
+        let targets = targets.reshape([n]);
+        let chunk = self.loss_chunk;
+        let parts: Vec<Tensor> = (0..n)
+            .step_by(chunk as usize)
+            .map(|s| {
+                let len = chunk.min(n - s);
+                self.logits(&flat.narrow(0, s, len))
+                    .cross_entropy_loss::<Tensor>(
+                        &targets.narrow(0, s, len),
+                        None,
+                        Reduction::None,
+                        -1,
+                        0.0,
+                    )
+            })
+            .collect();
+        Tensor::cat(&parts, 0)
+    }
+
+    /// Continues `prompt` by up to `max_new` tokens (stopping after `stop`), sampling at
+    /// `temperature` (0 = greedy) from the `top_k` most likely tokens. Recomputes the
+    /// whole context per token: meant for a few progress samples, not for serving.
+    pub fn sample(
+        &self,
+        prompt: &[u32],
+        max_new: usize,
+        temperature: f64,
+        top_k: i64,
+        stop: Option<u32>,
+        seed: u64,
+    ) -> Vec<u32> {
+        let _guard = tch::no_grad_guard();
+        tch::manual_seed(seed as i64);
+        let mut tokens: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+        let mut out = Vec::new();
+        for _ in 0..max_new {
+            let from = tokens.len().saturating_sub(self.config.seq_len);
+            let idx = Tensor::from_slice(&tokens[from..])
+                .to_device(self.device)
+                .unsqueeze(0);
+            let h = self.hidden(&idx);
+            let last = h.select(1, h.size()[1] - 1);
+            let logits = self.logits(&last).squeeze_dim(0);
+            let next = if temperature <= 0.0 {
+                logits.argmax(0, false)
+            } else {
+                let (values, indices) = logits.topk(top_k.min(logits.size()[0]), 0, true, true);
+                let probs = (values / temperature).softmax(0, Kind::Float);
+                indices.gather(0, &probs.multinomial(1, false), false)
+            };
+            let next = next.int64_value(&[]) as u32;
+            out.push(next);
+            tokens.push(next as i64);
+            if Some(next) == stop {
+                break;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> ModelConfig {
+        ModelConfig {
+            seq_len: 16,
+            ..ModelConfig::preset("tiny", 300).unwrap()
+        }
+    }
+
+    #[test]
+    fn parameter_count_matches_the_formula() {
+        let m = Gpt::new(tiny(), Device::Cpu, 0).unwrap();
+        assert_eq!(m.param_count(), m.config.params());
+        let gqa = ModelConfig {
+            kv_heads: 1,
+            activation: Activation::Swiglu,
+            ..tiny()
+        };
+        assert_eq!(
+            Gpt::new(gqa.clone(), Device::Cpu, 0).unwrap().param_count(),
+            gqa.params()
+        );
+    }
+
+    #[test]
+    fn chunked_loss_matches_the_whole_batch_loss_and_its_gradients() {
+        let mut m = Gpt::new(tiny(), Device::Cpu, 1).unwrap();
+        // The zero-initialised head gives no signal; give it weights.
+        tch::no_grad(|| {
+            m.params
+                .last_mut()
+                .unwrap()
+                .1
+                .copy_(&(Tensor::randn([300, 128], (Kind::Float, Device::Cpu)) * 0.05))
+        });
+        m.loss_chunk = 7;
+        let idx = Tensor::randint(300, [3, 16], (Kind::Int64, Device::Cpu));
+        let tgt = Tensor::randint(300, [3, 16], (Kind::Int64, Device::Cpu));
+        let loss = m.forward_backward(&idx, &tgt, 1.0);
+        let grads: Vec<Tensor> = m.params.iter().map(|(_, p)| p.grad().copy()).collect();
+        for (_, p) in &m.params {
+            p.zero_grad();
+        }
+        let h = m.hidden(&idx).view([48, 128]);
+        let whole = m.logits(&h).cross_entropy_loss::<Tensor>(
+            &tgt.view([48]),
+            None,
+            Reduction::Mean,
+            -1,
+            0.0,
+        );
+        whole.backward();
+        assert!((loss.double_value(&[]) - whole.double_value(&[])).abs() < 1e-5);
+        for ((name, p), g) in m.params.iter().zip(grads) {
+            let diff = (p.grad() - &g).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "{name}: {diff}");
+        }
+        assert!(
+            (m.token_losses(&idx, &tgt).mean(Kind::Float) - whole)
+                .abs()
+                .double_value(&[])
+                < 1e-5
+        );
+    }
+
+    #[test]
+    fn attention_is_causal() {
+        let mut m = Gpt::new(tiny(), Device::Cpu, 2).unwrap();
+        tch::no_grad(|| {
+            for (_, p) in &mut m.params {
+                p.copy_(&(p.randn_like() * 0.1));
+            }
+        });
+        let h = |ids: &[i64]| tch::no_grad(|| m.hidden(&Tensor::from_slice(ids).unsqueeze(0)));
+        let diff = |a: &Tensor, b: &Tensor, from: i64, len: i64| {
+            (a.narrow(1, from, len) - b.narrow(1, from, len))
+                .abs()
+                .max()
+                .double_value(&[])
+        };
+        let base = h(&[5, 6, 7, 8]);
+        assert!(
+            diff(&base, &h(&[5, 6, 7, 9]), 0, 3) < 1e-6,
+            "the future leaks into the past"
+        );
+        assert!(
+            diff(&base, &h(&[4, 6, 7, 8]), 3, 1) > 1e-4,
+            "the past reaches the future"
+        );
+    }
+}
