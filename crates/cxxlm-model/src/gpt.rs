@@ -340,7 +340,7 @@ mod tests {
         let tgt = Tensor::randint(300, [3, 16], (Kind::Int64, Device::Cpu));
         let loss = m.forward_backward(&idx, &tgt, 1.0);
         let grads: Vec<Tensor> = m.params.iter().map(|(_, p)| p.grad().copy()).collect();
-        for (_, p) in &m.params {
+        for (_, p) in &mut m.params {
             p.zero_grad();
         }
         let h = m.hidden(&idx).view([48, 128]);
