@@ -1,1 +1,53 @@
-//! placeholder
+//! Training: the optimizers and schedule ([`optim`]), the pretraining loop
+//! ([`pretrain`]), checkpoints ([`checkpoint`]) and metrics ([`metrics`]).
+
+pub mod checkpoint;
+pub mod gpu_memory;
+pub mod metrics;
+pub mod optim;
+pub mod pretrain;
+
+pub use optim::{OptimConfig, Optimizer, Schedule};
+pub use pretrain::{pretrain, Event, TrainConfig};
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config: {0}")]
+    Config(String),
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+    #[error("the loss became {loss} at step {step}, micro-batch {micro_batch}; the state before that step is saved in {saved}")]
+    NonFinite {
+        step: u64,
+        micro_batch: usize,
+        loss: f64,
+        saved: PathBuf,
+    },
+    #[error("out of GPU memory at step {step} with train.device_batch = {device_batch}: lower train.device_batch (gradient accumulation keeps the total batch) or the model size")]
+    OutOfMemory { step: u64, device_batch: usize },
+    #[error(transparent)]
+    Pack(#[from] cxxlm_pack::PackError),
+    #[error(transparent)]
+    Model(#[from] cxxlm_model::ModelError),
+    #[error("{0}")]
+    Torch(String),
+}
+
+impl TrainError {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        TrainError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = TrainError> = std::result::Result<T, E>;

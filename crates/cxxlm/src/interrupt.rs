@@ -16,3 +16,7 @@ pub fn install() {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
 }
+
+pub fn requested() -> bool {
+    STOP.load(Ordering::Relaxed)
+}

@@ -7,6 +7,7 @@ mod data;
 mod interrupt;
 mod pack;
 mod tok;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -31,6 +32,9 @@ enum Command {
     Tok(tok::TokCommand),
     /// Tokenize shards with fill-in-the-middle into Megatron .bin/.idx files.
     Pack(pack::PackArgs),
+    /// Train the GPT.
+    #[command(subcommand)]
+    Train(train::TrainCommand),
 }
 
 fn main() {
@@ -46,6 +50,7 @@ fn main() {
         Command::Data(cmd) => data::run(cmd),
         Command::Tok(cmd) => tok::run(cmd),
         Command::Pack(args) => pack::run(args),
+        Command::Train(cmd) => train::run(cmd),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

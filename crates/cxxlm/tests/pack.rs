@@ -5,64 +5,9 @@ mod common;
 
 use common::*;
 use cxxlm_pack::{IndexedDataset, Manifest, Packer};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// libstdc++'s `bits/` headers: real C++ on every machine with g++.
-fn libstdcxx_bits() -> PathBuf {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/include/c++")
-        .expect("/usr/include/c++ (install g++: scripts/setup.sh)")
-        .flatten()
-        .map(|e| e.path().join("bits"))
-        .filter(|p| p.is_dir())
-        .collect();
-    dirs.sort();
-    dirs.pop()
-        .expect("a libstdc++ version under /usr/include/c++")
-}
-
-struct Fixture {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-    data: PathBuf,
-    tokenizer: PathBuf,
-}
-
-/// Shards of libstdc++ (`shard_kb` per shard) and a tokenizer of `vocab` trained on them.
-fn fixture(shard_kb: usize, vocab: usize) -> Fixture {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().to_path_buf();
-    let config = root.join("data.toml");
-    write(
-        &config,
-        format!("[output]\nshard_bytes = {}\n", shard_kb * 1000),
-    );
-    let data = root.join("data");
-    data_run(
-        &libstdcxx_bits(),
-        &data,
-        &["--config", config.to_str().unwrap()],
-    );
-    let tokenizer = root.join("tokenizer.json");
-    let vocab = vocab.to_string();
-    run_ok(&[
-        "tok",
-        "train",
-        "-i",
-        data.to_str().unwrap(),
-        "--vocab",
-        &vocab,
-        "-o",
-        tokenizer.to_str().unwrap(),
-    ]);
-    Fixture {
-        _tmp: tmp,
-        root,
-        data,
-        tokenizer,
-    }
-}
 
 fn pack_args<'a>(f: &'a Fixture, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![

@@ -1,0 +1,156 @@
+//! Checkpoints: `step-NNNNNN/` with `model.safetensors`, `optimizer-rank0.safetensors`,
+//! `config.json` and `trainer.json` (step, loader state, loss EMA, checksums of the other
+//! files). Written under `step-NNNNNN.tmp/` and renamed; the last K are kept.
+
+use cxxlm_model::ModelConfig;
+use cxxlm_pack::LoaderState;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tch::{Device, Tensor};
+
+use crate::{Result, TrainError};
+
+const MODEL: &str = "model.safetensors";
+const OPTIMIZER: &str = "optimizer-rank0.safetensors";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Steps finished.
+    pub step: u64,
+    pub total_steps: u64,
+    pub tokens: u64,
+    pub loss_ema: f64,
+    pub loader: LoaderState,
+    pub tokenizer_sha256: String,
+    pub model: ModelConfig,
+    /// Hyper-parameters that must not change on resume, as written in the config.
+    pub run: serde_json::Value,
+    /// sha256 of every other file of the checkpoint.
+    #[serde(default)]
+    pub files: BTreeMap<String, String>,
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
+    Ok(hex::encode(Sha256::digest(&bytes)))
+}
+
+fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let cpu: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.detach().to_device(Device::Cpu).contiguous()))
+        .collect();
+    Tensor::write_safetensors(&cpu, path).map_err(|e| TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+fn checkpoint_dirs(root: &Path) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let n = p.file_name().unwrap_or_default().to_string_lossy();
+            n.starts_with("step-") && !n.ends_with(".tmp") && p.join("trainer.json").exists()
+        })
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+pub fn latest(root: &Path) -> Option<PathBuf> {
+    checkpoint_dirs(root).pop()
+}
+
+/// Writes a checkpoint of `state.step` and removes all but the newest `keep`.
+pub fn save(
+    root: &Path,
+    mut state: TrainerState,
+    model: &[(String, Tensor)],
+    optimizer: &[(String, Tensor)],
+    keep: usize,
+) -> Result<PathBuf> {
+    let dir = root.join(format!("step-{:06}", state.step));
+    let tmp = root.join(format!("step-{:06}.tmp", state.step));
+    let io = |p: &Path, e| TrainError::io(p, e);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    write_tensors(&tmp.join(MODEL), model)?;
+    write_tensors(&tmp.join(OPTIMIZER), optimizer)?;
+    let config = tmp.join("config.json");
+    std::fs::write(
+        &config,
+        serde_json::to_vec_pretty(&state.model).expect("json"),
+    )
+    .map_err(|e| io(&config, e))?;
+    for name in [MODEL, OPTIMIZER, "config.json"] {
+        state
+            .files
+            .insert(name.to_string(), sha256_file(&tmp.join(name))?);
+    }
+    let trainer = tmp.join("trainer.json");
+    std::fs::write(&trainer, serde_json::to_vec_pretty(&state).expect("json"))
+        .map_err(|e| io(&trainer, e))?;
+    for name in [MODEL, OPTIMIZER, "config.json", "trainer.json"] {
+        let p = tmp.join(name);
+        std::fs::File::open(&p)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io(&p, e))?;
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))?;
+    }
+    std::fs::rename(&tmp, &dir).map_err(|e| io(&dir, e))?;
+    let all = checkpoint_dirs(root);
+    for old in &all[..all.len().saturating_sub(keep.max(1))] {
+        std::fs::remove_dir_all(old).map_err(|e| io(old, e))?;
+    }
+    Ok(dir)
+}
+
+pub struct Loaded {
+    pub state: TrainerState,
+    pub model: Vec<(String, Tensor)>,
+    pub optimizer: Vec<(String, Tensor)>,
+}
+
+/// Reads a checkpoint, verifying every file against the checksums in `trainer.json`.
+pub fn load(dir: &Path) -> Result<Loaded> {
+    let bad = |path: &Path, message: String| TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        message,
+    };
+    let trainer = dir.join("trainer.json");
+    let bytes = std::fs::read(&trainer).map_err(|e| TrainError::io(&trainer, e))?;
+    let state: TrainerState =
+        serde_json::from_slice(&bytes).map_err(|e| bad(&trainer, format!("unreadable: {e}")))?;
+    for name in [MODEL, OPTIMIZER, "config.json"] {
+        let path = dir.join(name);
+        let expected = state
+            .files
+            .get(name)
+            .ok_or_else(|| bad(&trainer, format!("no checksum for {name}")))?;
+        if &sha256_file(&path)? != expected {
+            return Err(bad(
+                &path,
+                "checksum mismatch: the file is corrupt; resume from an older checkpoint (move this one away)".into(),
+            ));
+        }
+    }
+    let read = |name: &str| {
+        let path = dir.join(name);
+        Tensor::read_safetensors(&path).map_err(|e| bad(&path, e.to_string()))
+    };
+    Ok(Loaded {
+        model: read(MODEL)?,
+        optimizer: read(OPTIMIZER)?,
+        state,
+    })
+}

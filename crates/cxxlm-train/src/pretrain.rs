@@ -1,0 +1,549 @@
+//! The pretraining loop: packed tokens in, checkpoints, `metrics.jsonl`, TensorBoard
+//! events and samples out; resumes bit-exactly from its last checkpoint.
+
+use cxxlm_model::{Gpt, ModelConfig, ModelOverrides};
+use cxxlm_pack::loader::eval_batches;
+use cxxlm_pack::{IndexedDataset, Loader, LoaderConfig, Manifest, Mode};
+use cxxlm_tokenizer::{from_hf_json, Bpe};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map};
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::{self, TrainerState};
+use crate::metrics::Metrics;
+use crate::optim::{OptimConfig, Optimizer, Schedule};
+use crate::{gpu_memory, Result, TrainError};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Run directory: checkpoints, metrics, TensorBoard events, samples.
+    pub out: PathBuf,
+    pub model: ModelOverrides,
+    pub data: DataConfig,
+    pub train: RunConfig,
+    pub optim: OptimConfig,
+    pub schedule: Schedule,
+    pub eval: EvalConfig,
+    pub checkpoint: CheckpointConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// The output directory of `cxxlm pack`.
+    pub pack: PathBuf,
+    /// Defaults to the tokenizer recorded in `pack.json`.
+    pub tokenizer: Option<PathBuf>,
+    pub loader: Mode,
+    /// Documents a best-fit row chooses among.
+    pub buffer: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            pack: PathBuf::new(),
+            tokenizer: None,
+            loader: Mode::BestFit,
+            buffer: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// `auto` (CUDA when available), `cpu` or `cuda`.
+    pub device: String,
+    /// Rows of `seq_len` tokens per forward pass.
+    pub device_batch: usize,
+    /// Tokens per optimizer step (0 = one device batch); reached by gradient accumulation.
+    pub total_batch_tokens: usize,
+    /// Optimizer steps; 0 = from `tokens`.
+    pub steps: u64,
+    /// Training tokens; 0 = 20 per parameter (Chinchilla, as nanochat).
+    pub tokens: u64,
+    pub seed: u64,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            device: "auto".into(),
+            device_batch: 32,
+            total_batch_tokens: 524_288,
+            steps: 0,
+            tokens: 0,
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Validation bits per byte every this many steps (and at the start and the end).
+    pub every: u64,
+    /// Validation tokens per evaluation.
+    pub tokens: usize,
+    /// Completions sampled at each evaluation.
+    pub samples: usize,
+    pub sample_tokens: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            every: 250,
+            tokens: 10 * 1_048_576,
+            samples: 4,
+            sample_tokens: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    pub every: u64,
+    pub keep: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            every: 1000,
+            keep: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Peak dense bf16 FLOP/s of one device, for MFU (H100 SXM: 989e12).
+    pub peak_flops: f64,
+    /// Warn when MFU falls below this (0 = never).
+    pub mfu_warn: f64,
+    /// A loss above this multiple of its moving average saves a checkpoint and warns.
+    pub spike_factor: f64,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            peak_flops: 989e12,
+            mfu_warn: 0.0,
+            spike_factor: 2.0,
+        }
+    }
+}
+
+/// What the loop reports as it goes.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Start {
+        model: ModelConfig,
+        params: usize,
+        device: String,
+        steps: u64,
+        grad_accum: usize,
+        resumed_from: Option<u64>,
+    },
+    Step {
+        step: u64,
+        steps: u64,
+        loss: f64,
+        loss_ema: f64,
+        lr_scale: f64,
+        tok_s: f64,
+        mfu: f64,
+        gpu_memory_gib: f64,
+    },
+    Eval {
+        step: u64,
+        val_bpb: f64,
+    },
+    Sample {
+        step: u64,
+        prompt: String,
+        completion: String,
+    },
+    Warning(String),
+    Checkpoint(PathBuf),
+}
+
+/// Openings the progress samples continue.
+const SAMPLE_PROMPTS: [&str; 4] = [
+    "#include <vector>\n",
+    "int main() {\n",
+    "template <typename T>\n",
+    "// Returns the greatest common divisor of a and b.\nint gcd(int a, int b) {\n",
+];
+
+const EMA_BETA: f64 = 0.9;
+
+fn device(name: &str) -> Result<Device> {
+    match name {
+        "auto" => Ok(Device::cuda_if_available()),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        "cuda" => Err(TrainError::Config(
+            "train.device = \"cuda\" but CUDA is not available".into(),
+        )),
+        other => Err(TrainError::Config(format!(
+            "train.device {other:?}: use auto, cpu or cuda"
+        ))),
+    }
+}
+
+fn load_tokenizer(path: &Path) -> Result<Bpe> {
+    let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+    from_hf_json(&text).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))
+}
+
+/// UTF-8 bytes of every token id; special and unused ids count 0 (bits per byte).
+fn token_bytes(bpe: &Bpe, device: Device) -> Tensor {
+    let bytes: Vec<f32> = (0..bpe.vocab_size())
+        .map(|i| bpe.tokens().get(i).map_or(0.0, |t| t.len() as f32))
+        .collect();
+    Tensor::from_slice(&bytes).to_device(device)
+}
+
+fn to_device_ids(tokens: &[u32], rows: usize, cols: usize, device: Device) -> Tensor {
+    let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+    Tensor::from_slice(&ids)
+        .view([rows as i64, cols as i64])
+        .to_device(device)
+}
+
+/// Validation bits per byte over up to `max_tokens` tokens of `data`.
+fn bits_per_byte(
+    model: &Gpt,
+    data: &IndexedDataset,
+    batch: usize,
+    max_tokens: usize,
+    bytes_of: &Tensor,
+) -> Option<f64> {
+    let t = model.config.seq_len;
+    let (mut nats, mut bytes) = (0.0, 0.0);
+    let mut seen = 0;
+    for b in eval_batches(data, batch, t, 0, 1) {
+        if seen >= max_tokens {
+            break;
+        }
+        let ids = to_device_ids(&b.tokens, b.rows, b.cols, model.device());
+        let (x, y) = (ids.narrow(1, 0, t as i64), ids.narrow(1, 1, t as i64));
+        let losses = model.token_losses(&x, &y);
+        let w = bytes_of.index_select(0, &y.reshape([-1]));
+        let counted = w.gt(0.0).to_kind(Kind::Float);
+        nats += (losses * counted).sum(Kind::Double).double_value(&[]);
+        bytes += w.sum(Kind::Double).double_value(&[]);
+        seen += b.rows * t;
+    }
+    (bytes > 0.0).then(|| nats / std::f64::consts::LN_2 / bytes)
+}
+
+/// Trains as configured; with `resume`, continues from the newest checkpoint in
+/// `out/checkpoints`. `stop` is asked before each step (with the number of steps done):
+/// when it says so, the loop saves a checkpoint and returns.
+pub fn pretrain(
+    cfg: &TrainConfig,
+    resume: bool,
+    report: &mut dyn FnMut(Event),
+    stop: &dyn Fn(u64) -> bool,
+) -> Result<TrainerState> {
+    let dev = device(&cfg.train.device)?;
+    let manifest = Manifest::load(&cfg.data.pack)?;
+    let tok_path = cfg
+        .data
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(&manifest.tokenizer_path));
+    let bpe = load_tokenizer(&tok_path)?;
+    manifest.check_tokenizer(&cfg.data.pack, &bpe)?;
+    let model_config = ModelConfig::resolve(&cfg.model, bpe.vocab_size())?;
+    let seq = model_config.seq_len;
+    let run = &cfg.train;
+    let micro_tokens = run.device_batch * seq;
+    let total_batch = if run.total_batch_tokens == 0 {
+        micro_tokens
+    } else {
+        run.total_batch_tokens
+    };
+    if run.device_batch == 0 || total_batch % micro_tokens != 0 {
+        return Err(TrainError::Config(format!(
+            "train.total_batch_tokens ({total_batch}) must be a multiple of device_batch x seq_len ({} x {seq})",
+            run.device_batch
+        )));
+    }
+    let grad_accum = total_batch / micro_tokens;
+    let steps = if run.steps > 0 {
+        run.steps
+    } else {
+        let tokens = if run.tokens > 0 {
+            run.tokens
+        } else {
+            20 * model_config.params() as u64
+        };
+        (tokens / total_batch as u64).max(1)
+    };
+
+    let train = Arc::new(manifest.open(&cfg.data.pack, "train")?);
+    let val = manifest.open(&cfg.data.pack, "val")?;
+    let mut loader = Loader::new(
+        train,
+        LoaderConfig {
+            batch: run.device_batch,
+            seq_len: seq,
+            rank: 0,
+            world: 1,
+            mode: cfg.data.loader,
+            seed: run.seed,
+            buffer: cfg.data.buffer,
+        },
+    )?;
+    let mut model = Gpt::new(model_config.clone(), dev, run.seed)?;
+    let mut optimizer = Optimizer::new(model.params(), model_config.width, cfg.optim.clone());
+    // What a resumed run must share with the run that wrote the checkpoint.
+    let run_identity = json!({
+        "device_batch": run.device_batch,
+        "total_batch_tokens": total_batch,
+        "steps": steps,
+        "seed": run.seed,
+        "loader": cfg.data.loader,
+        "optim": cfg.optim,
+        "schedule": cfg.schedule,
+    });
+
+    let ckpt_root = cfg.out.join("checkpoints");
+    std::fs::create_dir_all(&ckpt_root).map_err(|e| TrainError::io(&ckpt_root, e))?;
+    let mut state = TrainerState {
+        step: 0,
+        total_steps: steps,
+        tokens: 0,
+        loss_ema: 0.0,
+        loader: loader.state().clone(),
+        tokenizer_sha256: manifest.settings.tokenizer_sha256.clone(),
+        model: model_config.clone(),
+        run: run_identity.clone(),
+        files: Default::default(),
+    };
+    let mut resumed_from = None;
+    if resume {
+        if let Some(dir) = checkpoint::latest(&ckpt_root) {
+            let loaded = checkpoint::load(&dir)?;
+            let bad = |message: String| TrainError::Checkpoint {
+                path: dir.clone(),
+                message,
+            };
+            if loaded.state.model != model_config {
+                return Err(bad(format!(
+                    "was written by another model ({:?}); this config asks for {:?}",
+                    loaded.state.model, model_config
+                )));
+            }
+            if loaded.state.tokenizer_sha256 != state.tokenizer_sha256 {
+                return Err(bad("was trained with another tokenizer".into()));
+            }
+            if loaded.state.run != run_identity {
+                return Err(bad(format!(
+                    "was written with other training settings ({}); resume with those, or start a new --out",
+                    loaded.state.run
+                )));
+            }
+            model.load(&loaded.model)?;
+            optimizer
+                .load_state(&loaded.optimizer)
+                .map_err(|m| bad(m))?;
+            loader.restore(loaded.state.loader.clone())?;
+            resumed_from = Some(loaded.state.step);
+            state = loaded.state;
+        }
+    } else if checkpoint::latest(&ckpt_root).is_some() {
+        return Err(TrainError::Config(format!(
+            "{} already holds checkpoints: pass --resume to continue, or choose another out directory",
+            ckpt_root.display()
+        )));
+    }
+    report(Event::Start {
+        model: model_config.clone(),
+        params: model.param_count(),
+        device: format!("{dev:?}"),
+        steps,
+        grad_accum,
+        resumed_from,
+    });
+    let mut metrics = Metrics::open(&cfg.out, resumed_from)?;
+    let bytes_of = token_bytes(&bpe, dev);
+    let bos = bpe.special_id("<|bos|>");
+    let eos = bpe.special_id("<|eos|>");
+    let flops_per_token = model_config.flops_per_token();
+    let mut peak_memory = 0u64;
+
+    let save = |state: &TrainerState, model: &Gpt, optimizer: &Optimizer| {
+        checkpoint::save(
+            &ckpt_root,
+            state.clone(),
+            model.params(),
+            &optimizer.state(),
+            cfg.checkpoint.keep,
+        )
+    };
+
+    loop {
+        let step = state.step;
+        let last = step == steps;
+        if cfg.eval.every > 0 && (step % cfg.eval.every == 0 || last) {
+            let bpb = tch::no_grad(|| {
+                bits_per_byte(&model, &val, run.device_batch, cfg.eval.tokens, &bytes_of)
+            });
+            match bpb {
+                Some(bpb) => {
+                    let mut f = Map::new();
+                    f.insert("val_bpb".into(), bpb.into());
+                    metrics.log(step, &f)?;
+                    report(Event::Eval { step, val_bpb: bpb });
+                }
+                None => report(Event::Warning(format!(
+                    "the validation split holds less than one window of {} tokens: no bits per byte",
+                    seq + 1
+                ))),
+            }
+            for (i, prompt) in SAMPLE_PROMPTS.iter().take(cfg.eval.samples).enumerate() {
+                let mut ids: Vec<u32> = bos.into_iter().collect();
+                ids.extend(bpe.encode(prompt));
+                let out = model.sample(
+                    &ids,
+                    cfg.eval.sample_tokens,
+                    0.0,
+                    1,
+                    eos,
+                    run.seed + i as u64,
+                );
+                let completion = String::from_utf8_lossy(&bpe.decode(&out)).into_owned();
+                report(Event::Sample {
+                    step,
+                    prompt: prompt.to_string(),
+                    completion,
+                });
+            }
+        }
+        if last {
+            break;
+        }
+        if stop(step) {
+            report(Event::Warning(format!(
+                "stopping at step {step}; rerun with --resume to continue"
+            )));
+            report(Event::Checkpoint(save(&state, &model, &optimizer)?));
+            return Ok(state);
+        }
+
+        let started = Instant::now();
+        let loader_before = loader.state().clone();
+        let lr_scale = cfg.schedule.lr_scale(step, steps);
+        let mut micro_losses = Vec::with_capacity(grad_accum);
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            for _ in 0..grad_accum {
+                let b = loader.next_batch();
+                let ids = to_device_ids(&b.tokens, b.rows, b.cols, dev);
+                let (x, y) = (ids.narrow(1, 0, seq as i64), ids.narrow(1, 1, seq as i64));
+                micro_losses.push(model.forward_backward(&x, &y, 1.0 / grad_accum as f64));
+            }
+        }));
+        if let Err(panic) = outcome {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            if message.contains("out of memory") {
+                return Err(TrainError::OutOfMemory {
+                    step,
+                    device_batch: run.device_batch,
+                });
+            }
+            return Err(TrainError::Torch(message));
+        }
+        let values: Vec<f64> = micro_losses.iter().map(|l| l.double_value(&[])).collect();
+        if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
+            let mut before = state.clone();
+            before.loader = loader_before;
+            let saved = save(&before, &model, &optimizer)?;
+            return Err(TrainError::NonFinite {
+                step,
+                micro_batch: bad,
+                loss: values[bad],
+                saved,
+            });
+        }
+        let loss = values.iter().sum::<f64>() / grad_accum as f64;
+        let grad_norm = optimizer.clip_gradients().double_value(&[]);
+        optimizer.step(step, lr_scale);
+        optimizer.zero_grad();
+        if dev.is_cuda() {
+            tch::Cuda::synchronize(0);
+        }
+        let seconds = started.elapsed().as_secs_f64();
+
+        state.step += 1;
+        state.tokens += total_batch as u64;
+        state.loader = loader.state().clone();
+        let ema_before = state.loss_ema / (1.0 - EMA_BETA.powi(step as i32)).max(1e-12);
+        state.loss_ema = EMA_BETA * state.loss_ema + (1.0 - EMA_BETA) * loss;
+        let loss_ema = state.loss_ema / (1.0 - EMA_BETA.powi(state.step as i32));
+        let tok_s = total_batch as f64 / seconds;
+        let mfu = if dev.is_cuda() {
+            flops_per_token * tok_s / cfg.log.peak_flops
+        } else {
+            0.0
+        };
+        if let Some(used) = gpu_memory::used_bytes() {
+            peak_memory = peak_memory.max(used);
+        }
+        let gib = peak_memory as f64 / (1u64 << 30) as f64;
+        let fields = json!({
+            "loss": loss, "loss_ema": loss_ema, "lr_scale": lr_scale, "grad_norm": grad_norm,
+            "tok_s": tok_s, "mfu": mfu, "gpu_memory_gib": gib, "tokens": state.tokens,
+            "step_seconds": seconds,
+        });
+        metrics.log(state.step, fields.as_object().expect("object"))?;
+        report(Event::Step {
+            step: state.step,
+            steps,
+            loss,
+            loss_ema,
+            lr_scale,
+            tok_s,
+            mfu,
+            gpu_memory_gib: gib,
+        });
+        if step > 10 && cfg.log.mfu_warn > 0.0 && mfu < cfg.log.mfu_warn {
+            report(Event::Warning(format!(
+                "MFU {:.1}% at step {} is under log.mfu_warn ({:.0}%)",
+                mfu * 100.0,
+                state.step,
+                cfg.log.mfu_warn * 100.0
+            )));
+        }
+        let spiked = step > 20 && loss > cfg.log.spike_factor * ema_before;
+        if spiked {
+            report(Event::Warning(format!(
+                "loss spike at step {}: {loss:.3} against a moving average of {ema_before:.3}; checkpointing",
+                state.step
+            )));
+        }
+        let due = cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0;
+        if spiked || due || state.step == steps {
+            report(Event::Checkpoint(save(&state, &model, &optimizer)?));
+        }
+    }
+    Ok(state)
+}

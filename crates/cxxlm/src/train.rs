@@ -1,0 +1,186 @@
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use cxxlm_train::{pretrain, Event, TrainConfig};
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use crate::interrupt;
+
+#[derive(Subcommand)]
+pub enum TrainCommand {
+    /// Pretrain the GPT on packed tokens (Muon + AdamW), with evaluation, checkpoints and
+    /// metrics; `--resume` continues bit-exactly from the newest checkpoint.
+    Pretrain(PretrainArgs),
+}
+
+#[derive(Args)]
+pub struct PretrainArgs {
+    /// TOML with the sections out, [model], [data], [train], [optim], [schedule], [eval],
+    /// [checkpoint], [log]; every key optional except data.pack.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override one key, e.g. `--set train.steps=200 --set model.preset=d20`. Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Shorthand for `--set data.pack=...`.
+    #[arg(long)]
+    pack: Option<PathBuf>,
+    /// Shorthand for `--set out=...`.
+    #[arg(long, short)]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    resume: bool,
+    /// Stop (with a checkpoint) once this many steps are done; `--resume` continues.
+    #[arg(long)]
+    stop_at: Option<u64>,
+    /// Print a progress line every this many steps when not on a terminal.
+    #[arg(long, default_value_t = 10)]
+    log_every: u64,
+}
+
+/// Applies `a.b.c=value` to a TOML document; the value is read as TOML, or as a string.
+fn set(doc: &mut toml::Table, assignment: &str) -> Result<()> {
+    let (key, raw) = assignment
+        .split_once('=')
+        .with_context(|| format!("--set {assignment}: expected KEY=VALUE"))?;
+    let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let mut parts: Vec<&str> = key.trim().split('.').collect();
+    let last = parts.pop().context("empty key")?;
+    let mut table = doc;
+    for p in parts {
+        table = table
+            .entry(p)
+            .or_insert_with(|| toml::Value::Table(Default::default()))
+            .as_table_mut()
+            .with_context(|| format!("--set {key}: {p} is not a table"))?;
+    }
+    table.insert(last.to_string(), value);
+    Ok(())
+}
+
+pub fn load_config(path: Option<&PathBuf>, overrides: &[String]) -> Result<TrainConfig> {
+    let mut doc: toml::Table = match path {
+        Some(p) => toml::from_str(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )
+        .with_context(|| format!("parsing {}", p.display()))?,
+        None => Default::default(),
+    };
+    for o in overrides {
+        set(&mut doc, o)?;
+    }
+    let config: TrainConfig = toml::Value::Table(doc)
+        .try_into()
+        .context("training config")?;
+    Ok(config)
+}
+
+pub fn run(cmd: TrainCommand) -> Result<()> {
+    let TrainCommand::Pretrain(args) = cmd;
+    let mut overrides = args.overrides.clone();
+    if let Some(p) = &args.pack {
+        overrides.push(format!("data.pack={:?}", p.display().to_string()));
+    }
+    if let Some(o) = &args.out {
+        overrides.push(format!("out={:?}", o.display().to_string()));
+    }
+    let config = load_config(args.config.as_ref(), &overrides)?;
+    if config.data.pack.as_os_str().is_empty() || config.out.as_os_str().is_empty() {
+        bail!("say where the packed tokens are and where the run goes: --pack DIR --out DIR (or data.pack and out in --config)");
+    }
+    std::fs::create_dir_all(&config.out)
+        .with_context(|| format!("creating {}", config.out.display()))?;
+    std::fs::write(
+        config.out.join("config.toml"),
+        toml::to_string_pretty(&config).context("config")?,
+    )?;
+    interrupt::install();
+    let tty = std::io::stderr().is_terminal();
+    let started = Instant::now();
+    let mut samples = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(config.out.join("samples.jsonl"))?;
+    let state = pretrain(
+        &config,
+        args.resume,
+        &mut |event| match event {
+            Event::Start {
+                model,
+                params,
+                device,
+                steps,
+                grad_accum,
+                resumed_from,
+            } => {
+                eprintln!(
+                    "model: depth {} width {} heads {}/{} seq {} vocab {}, {:.1}M parameters on {device}; {steps} steps, {grad_accum} micro-batches each{}",
+                    model.depth, model.width, model.heads, model.kv_heads, model.seq_len, model.vocab_size,
+                    params as f64 / 1e6,
+                    resumed_from.map_or(String::new(), |s| format!(", resumed after step {s}"))
+                );
+            }
+            Event::Step {
+                step,
+                steps,
+                loss,
+                loss_ema,
+                lr_scale,
+                tok_s,
+                mfu,
+                gpu_memory_gib,
+            } => {
+                let line = format!(
+                    "step {step}/{steps} | loss {loss:.4} (ema {loss_ema:.4}) | lr x{lr_scale:.3} | {:.0} tok/s | MFU {:.1}% | GPU {gpu_memory_gib:.1} GiB | {:.0}s",
+                    tok_s,
+                    mfu * 100.0,
+                    started.elapsed().as_secs_f64()
+                );
+                if tty {
+                    eprint!("\r\x1b[2K{line}");
+                } else if step % args.log_every == 0 || step == steps {
+                    eprintln!("{line}");
+                }
+            }
+            Event::Eval { step, val_bpb } => {
+                eprintln!(
+                    "{}step {step}: validation {val_bpb:.4} bits per byte",
+                    if tty { "\n" } else { "" }
+                );
+            }
+            Event::Sample {
+                step,
+                prompt,
+                completion,
+            } => {
+                let record =
+                    serde_json::json!({"step": step, "prompt": prompt, "completion": completion});
+                let _ = writeln!(samples, "{record}");
+                eprintln!("  sample: {:?}", format!("{prompt}{completion}"));
+            }
+            Event::Warning(w) => eprintln!("{}warning: {w}", if tty { "\n" } else { "" }),
+            Event::Checkpoint(dir) => {
+                if !tty {
+                    eprintln!("checkpoint {}", dir.display());
+                }
+            }
+        },
+        &|step| interrupt::requested() || args.stop_at.is_some_and(|s| step >= s),
+    )?;
+    if tty {
+        eprintln!();
+    }
+    println!(
+        "{} of {} steps, {} tokens, {:.1}s: {}",
+        state.step,
+        state.total_steps,
+        state.tokens,
+        started.elapsed().as_secs_f64(),
+        config.out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,213 @@
+//! `cxxlm train pretrain` on the CPU with the tiny preset, on libstdc++ tokens: the loss
+//! falls, an interrupted and resumed run repeats the uninterrupted one exactly, and bad
+//! input (another tokenizer, a corrupt or foreign checkpoint, a diverging loss) is named.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+struct Packed {
+    f: Fixture,
+    pack: PathBuf,
+}
+
+fn packed() -> Packed {
+    let f = fixture(400, 2048);
+    let pack = f.root.join("pack");
+    run_ok(&[
+        "pack",
+        "--tokenizer",
+        f.tokenizer.to_str().unwrap(),
+        "-i",
+        f.data.to_str().unwrap(),
+        "-o",
+        pack.to_str().unwrap(),
+        "--val-fraction",
+        "0.1",
+    ]);
+    Packed { f, pack }
+}
+
+const TINY: [&str; 12] = [
+    "--set",
+    "model.preset=tiny",
+    "--set",
+    "train.device_batch=4",
+    "--set",
+    "train.total_batch_tokens=1024",
+    "--set",
+    "eval.every=10",
+    "--set",
+    "eval.tokens=2048",
+    "--set",
+    "eval.sample_tokens=8",
+];
+
+fn train(p: &Packed, out: &Path, extra: &[&str]) -> std::process::Output {
+    run_ok(
+        &train_args(p, out, extra)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )
+}
+
+fn train_args(p: &Packed, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "train",
+        "pretrain",
+        "--pack",
+        p.pack.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .chain(TINY.iter())
+    .chain(extra.iter())
+    .map(|s| s.to_string())
+    .collect();
+    args.push("--set".into());
+    args.push("train.device=cpu".into());
+    args
+}
+
+fn fails(p: &Packed, out: &Path, extra: &[&str]) -> String {
+    run_fails(
+        &train_args(p, out, extra)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// `(step, loss)` of every training record, and the validation bits per byte.
+fn metrics(out: &Path) -> (Vec<(u64, String)>, Vec<f64>) {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let mut losses = Vec::new();
+    let mut bpb = Vec::new();
+    for line in text.lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        if let Some(l) = v.get("loss") {
+            losses.push((v["step"].as_u64().unwrap(), l.to_string()));
+        }
+        if let Some(b) = v.get("val_bpb") {
+            bpb.push(b.as_f64().unwrap());
+        }
+    }
+    (losses, bpb)
+}
+
+#[test]
+fn the_loss_falls_and_a_resumed_run_repeats_the_uninterrupted_one() {
+    let p = packed();
+    let whole = p.f.root.join("whole");
+    train(&p, &whole, &["--set", "train.steps=40"]);
+    let (losses, bpb) = metrics(&whole);
+    assert_eq!(losses.len(), 40);
+    let first: f64 = losses[0].1.parse().unwrap();
+    let last: f64 = losses[39].1.parse().unwrap();
+    assert!(first > 7.0 && last < first - 2.0, "loss {first} -> {last}");
+    assert!(bpb.len() == 5 && bpb[4] < bpb[0] * 0.7, "{bpb:?}");
+    assert!(whole
+        .join("checkpoints/step-000040/model.safetensors")
+        .exists());
+    let tb = std::fs::read_dir(whole.join("tensorboard"))
+        .unwrap()
+        .count();
+    assert_eq!(tb, 1);
+    let samples = std::fs::read_to_string(whole.join("samples.jsonl")).unwrap();
+    assert!(samples.lines().count() >= 5);
+
+    let split = p.f.root.join("split");
+    let said = train(&p, &split, &["--set", "train.steps=40", "--stop-at", "17"]);
+    assert!(String::from_utf8_lossy(&said.stdout).contains("17 of 40 steps"));
+    train(&p, &split, &["--set", "train.steps=40", "--resume"]);
+    assert_eq!(
+        metrics(&split),
+        metrics(&whole),
+        "losses and bpb repeat bit for bit"
+    );
+}
+
+#[test]
+fn bad_input_is_named() {
+    let p = packed();
+    let out = p.f.root.join("run");
+    train(&p, &out, &["--set", "train.steps=3"]);
+
+    // Without --resume an existing run is not overwritten.
+    let e = fails(&p, &out, &["--set", "train.steps=3"]);
+    assert!(e.contains("--resume"), "{e}");
+    // Another model, or other settings, cannot resume this run.
+    let e = fails(
+        &p,
+        &out,
+        &[
+            "--set",
+            "train.steps=6",
+            "--resume",
+            "--set",
+            "model.depth=3",
+        ],
+    );
+    assert!(e.contains("another model"), "{e}");
+    let e = fails(&p, &out, &["--set", "train.steps=6", "--resume"]);
+    assert!(e.contains("other training settings"), "{e}");
+    // A corrupt checkpoint is caught by its checksum.
+    let weights = out.join("checkpoints/step-000003/model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let n = bytes.len();
+    bytes[n - 5] ^= 0x55;
+    std::fs::write(&weights, bytes).unwrap();
+    let e = fails(&p, &out, &["--set", "train.steps=3", "--resume"]);
+    assert!(
+        e.contains("checksum mismatch") && e.contains("model.safetensors"),
+        "{e}"
+    );
+
+    // Tokens packed with another tokenizer.
+    let other = p.f.root.join("other.json");
+    run_ok(&[
+        "tok",
+        "train",
+        "-i",
+        p.f.data.to_str().unwrap(),
+        "--vocab",
+        "1024",
+        "-o",
+        other.to_str().unwrap(),
+    ]);
+    let fresh = p.f.root.join("fresh");
+    let e = fails(
+        &p,
+        &fresh,
+        &[
+            "--set",
+            &format!("data.tokenizer={:?}", other.to_str().unwrap()),
+        ],
+    );
+    assert!(e.contains("packed with tokenizer"), "{e}");
+
+    // A diverging loss stops the run with the step and saves the state before it.
+    let diverge = p.f.root.join("diverge");
+    let e = fails(
+        &p,
+        &diverge,
+        &[
+            "--set",
+            "train.steps=10",
+            "--set",
+            "optim.embedding_lr=1e39",
+        ],
+    );
+    assert!(e.contains("the loss became NaN at step"), "{e}");
+    assert!(
+        std::fs::read_dir(diverge.join("checkpoints"))
+            .unwrap()
+            .count()
+            == 1,
+        "{e}"
+    );
+}
