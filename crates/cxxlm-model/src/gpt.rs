@@ -193,11 +193,14 @@ impl Gpt {
         norm(&x)
     }
 
+    fn head(&self) -> Tensor {
+        self.weight(self.params.len() - 1)
+    }
+
     /// Softcapped fp32 logits of hidden states `(N, width)`.
-    fn logits(&self, h: &Tensor) -> Tensor {
+    fn logits(&self, h: &Tensor, head: &Tensor) -> Tensor {
         let cap = self.config.softcap;
-        let z = h.linear(&self.weight(self.params.len() - 1), None::<Tensor>);
-        ((z / cap).tanh() * cap).to_kind(Kind::Float)
+        ((h.linear(head, None::<Tensor>) / cap).tanh() * cap).to_kind(Kind::Float)
     }
 
     /// Forward and backward of one micro-batch: gradients of `scale` x the mean loss are
@@ -211,12 +214,13 @@ impl Gpt {
         let targets = targets.reshape([n]);
         let mut total = Tensor::zeros([], (Kind::Float, self.device));
         let mut grads = Vec::new();
+        let head = self.head();
         let chunk = self.loss_chunk;
         let mut start = 0;
         while start < n {
             let len = chunk.min(n - start);
             let x = flat.narrow(0, start, len).detach().set_requires_grad(true);
-            let loss = self.logits(&x).cross_entropy_loss::<Tensor>(
+            let loss = self.logits(&x, &head).cross_entropy_loss::<Tensor>(
                 &targets.narrow(0, start, len),
                 None,
                 Reduction::Sum,
@@ -239,11 +243,12 @@ impl Gpt {
         let flat = self.hidden(inputs).view([n, self.config.width as i64]);
         let targets = targets.reshape([n]);
         let chunk = self.loss_chunk;
+        let head = self.head();
         let parts: Vec<Tensor> = (0..n)
             .step_by(chunk as usize)
             .map(|s| {
                 let len = chunk.min(n - s);
-                self.logits(&flat.narrow(0, s, len))
+                self.logits(&flat.narrow(0, s, len), &head)
                     .cross_entropy_loss::<Tensor>(
                         &targets.narrow(0, s, len),
                         None,
@@ -279,7 +284,7 @@ impl Gpt {
                 .unsqueeze(0);
             let h = self.hidden(&idx);
             let last = h.select(1, h.size()[1] - 1);
-            let logits = self.logits(&last).squeeze_dim(0);
+            let logits = self.logits(&last, &self.head()).squeeze_dim(0);
             let next = if temperature <= 0.0 {
                 logits.argmax(0, false)
             } else {
@@ -344,7 +349,7 @@ mod tests {
             p.zero_grad();
         }
         let h = m.hidden(&idx).view([48, 128]);
-        let whole = m.logits(&h).cross_entropy_loss::<Tensor>(
+        let whole = m.logits(&h, &m.head()).cross_entropy_loss::<Tensor>(
             &tgt.view([48]),
             None,
             Reduction::Mean,

@@ -1,5 +1,5 @@
 //! Muon for the blocks' matrices, AdamW for the embedding and the head (nanochat's
-//! split), gradient clipping and the learning-rate schedule. State is kept per
+//! split), gradient clipping and the learning-rate schedule. State is named per
 //! parameter, so that it can be split by rank.
 
 use serde::{Deserialize, Serialize};
@@ -79,43 +79,52 @@ impl Schedule {
 
 /// The orthogonal factor of `g`'s polar decomposition, approximately: five steps of the
 /// quintic Newton-Schulz iteration in bf16 (Keller Jordan's coefficients), which map
-/// every singular value into roughly [0.7, 1.2].
+/// every singular value into roughly [0.7, 1.2]. `g` is one matrix or a stack of them.
 pub fn orthogonalize(g: &Tensor, steps: usize) -> Tensor {
+    if g.dim() == 2 {
+        return orthogonalize(&g.unsqueeze(0), steps).squeeze_dim(0);
+    }
     let (a, b, c) = (3.4445, -4.7750, 2.0315);
     let size = g.size();
-    let tall = size[0] > size[1];
+    let tall = size[1] > size[2];
     let mut x = g.to_kind(Kind::BFloat16);
     if tall {
-        x = x.tr();
+        x = x.transpose(-2, -1);
     }
-    x = &x / (x.norm().to_kind(Kind::Float) + 1e-7).to_kind(Kind::BFloat16);
+    let norm = x.norm_scalaropt_dim(2, [-2, -1], true);
+    x = &x / (norm + 1e-7);
     for _ in 0..steps {
-        let s = x.matmul(&x.tr());
-        let poly = &s * b + s.matmul(&s) * c;
-        x = &x * a + poly.matmul(&x);
+        // a X + (b A + c A^2) X with A = X X^T, as three batched GEMMs.
+        let s = x.matmul(&x.transpose(-2, -1));
+        let poly = s.baddbmm(&s, &s, b, c);
+        x = x.baddbmm(&poly, &x, a, 1.0);
     }
     if tall {
-        x = x.tr();
+        x = x.transpose(-2, -1);
     }
     x
 }
 
-enum Rule {
-    Muon { lr: f64, shape_scale: f64 },
-    Adam { lr: f64 },
+/// Same-shape matrices updated together: their gradients are stacked so that
+/// Newton-Schulz runs as a few batched GEMMs instead of many small ones.
+struct MuonGroup {
+    params: Vec<(String, Tensor)>,
+    momentum: Tensor,
+    shape_scale: f64,
 }
 
-struct Slot {
+struct AdamSlot {
     name: String,
     param: Tensor,
-    rule: Rule,
-    /// Muon: momentum; AdamW: first and second moments.
-    state: Vec<Tensor>,
+    lr: f64,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
 }
 
 pub struct Optimizer {
     config: OptimConfig,
-    slots: Vec<Slot>,
+    muon: Vec<MuonGroup>,
+    adam: Vec<AdamSlot>,
 }
 
 impl Optimizer {
@@ -123,124 +132,132 @@ impl Optimizer {
     /// every other (2-D) weight.
     pub fn new(params: &[(String, Tensor)], width: usize, config: OptimConfig) -> Self {
         let dmodel_scale = (width as f64 / 768.0).powf(-0.5);
-        let slots = params
-            .iter()
-            .map(|(name, p)| {
-                let zeros = || p.zeros_like();
-                let (rule, state) = match name.as_str() {
-                    "wte" => (
-                        Rule::Adam {
-                            lr: config.embedding_lr * dmodel_scale,
-                        },
-                        vec![zeros(), zeros()],
-                    ),
-                    "lm_head" => (
-                        Rule::Adam {
-                            lr: config.unembedding_lr * dmodel_scale,
-                        },
-                        vec![zeros(), zeros()],
-                    ),
-                    _ => {
-                        let s = p.size();
-                        let shape_scale = (s[0] as f64 / s[1] as f64).max(1.0).sqrt();
-                        (
-                            Rule::Muon {
-                                lr: config.matrix_lr,
-                                shape_scale,
-                            },
-                            vec![zeros()],
-                        )
-                    }
-                };
-                Slot {
+        let mut muon: Vec<MuonGroup> = Vec::new();
+        let mut adam = Vec::new();
+        for (name, p) in params {
+            let lr = match name.as_str() {
+                "wte" => Some(config.embedding_lr),
+                "lm_head" => Some(config.unembedding_lr),
+                _ => None,
+            };
+            if let Some(lr) = lr {
+                adam.push(AdamSlot {
                     name: name.clone(),
                     param: p.shallow_clone(),
-                    rule,
-                    state,
+                    lr: lr * dmodel_scale,
+                    exp_avg: p.zeros_like(),
+                    exp_avg_sq: p.zeros_like(),
+                });
+                continue;
+            }
+            let entry = (name.clone(), p.shallow_clone());
+            match muon.iter_mut().find(|g| g.params[0].1.size() == p.size()) {
+                Some(g) => g.params.push(entry),
+                None => {
+                    let s = p.size();
+                    muon.push(MuonGroup {
+                        params: vec![entry],
+                        momentum: Tensor::new(),
+                        shape_scale: (s[0] as f64 / s[1] as f64).max(1.0).sqrt(),
+                    })
                 }
-            })
-            .collect();
-        Optimizer { config, slots }
+            }
+        }
+        for g in &mut muon {
+            let s = g.params[0].1.size();
+            g.momentum = g.params[0].1.new_zeros(
+                [g.params.len() as i64, s[0], s[1]],
+                (Kind::Float, g.params[0].1.device()),
+            );
+        }
+        Optimizer { config, muon, adam }
     }
 
-    /// Clips gradients to the configured global norm; returns the norm before clipping
-    /// (a device scalar: reading it waits for the GPU).
-    pub fn clip_gradients(&self) -> Tensor {
+    /// One update at `lr_scale` of the configured LRs (`step` counts from 0), after
+    /// clipping the gradients to the configured global norm. Returns the norm before
+    /// clipping (a device scalar: reading it waits for the GPU).
+    pub fn step(&mut self, step: u64, lr_scale: f64) -> Tensor {
         let _guard = tch::no_grad_guard();
-        let squares: Vec<Tensor> = self
-            .slots
+        let c = &self.config;
+        let stacked: Vec<Tensor> = self
+            .muon
             .iter()
-            .map(|s| s.param.grad().square().sum(Kind::Float))
+            .map(|g| {
+                Tensor::stack(
+                    &g.params.iter().map(|(_, p)| p.grad()).collect::<Vec<_>>(),
+                    0,
+                )
+            })
+            .collect();
+        let adam_grads: Vec<Tensor> = self.adam.iter().map(|s| s.param.grad()).collect();
+        let squares: Vec<Tensor> = stacked
+            .iter()
+            .chain(&adam_grads)
+            .map(|g| g.square().sum(Kind::Float))
             .collect();
         let norm = Tensor::stack(&squares, 0).sum(Kind::Float).sqrt();
-        if self.config.grad_clip > 0.0 {
-            let coef = (self.config.grad_clip / (&norm + 1e-6)).clamp_max(1.0);
-            for s in &self.slots {
-                let _ = s.param.grad().g_mul_(&coef);
+        if c.grad_clip > 0.0 {
+            let coef = (c.grad_clip / (&norm + 1e-6)).clamp_max(1.0);
+            for g in stacked.iter().chain(&adam_grads) {
+                let _ = g.shallow_clone().g_mul_(&coef);
             }
+        }
+
+        let warm = (step as f64 / c.momentum_warmup_steps.max(1) as f64).min(1.0);
+        let momentum = (1.0 - warm) * c.muon_momentum_start + warm * c.muon_momentum;
+        for (group, g) in self.muon.iter_mut().zip(&stacked) {
+            let _ = group.momentum.lerp_(g, 1.0 - momentum);
+            let nesterov = g.lerp(&group.momentum, momentum);
+            let update = orthogonalize(&nesterov, c.newton_schulz_steps).to_kind(Kind::Float)
+                * (-c.matrix_lr * lr_scale * group.shape_scale);
+            for (i, (_, p)) in group.params.iter_mut().enumerate() {
+                let _ = p.g_add_(&update.select(0, i as i64));
+            }
+        }
+
+        let t = step as f64 + 1.0;
+        let (b1, b2) = (c.betas[0], c.betas[1]);
+        for (slot, g) in self.adam.iter_mut().zip(&adam_grads) {
+            let lr = slot.lr * lr_scale;
+            if c.weight_decay > 0.0 {
+                let _ = slot.param.g_mul_scalar_(1.0 - lr * c.weight_decay);
+            }
+            let _ = slot.exp_avg.lerp_(g, 1.0 - b1);
+            let _ = slot.exp_avg_sq.g_mul_scalar_(b2);
+            let _ = slot.exp_avg_sq.g_add_(&(g.square() * (1.0 - b2)));
+            let denom = (slot.exp_avg_sq.sqrt() / (1.0 - b2.powf(t)).sqrt()) + c.eps;
+            let _ = slot
+                .param
+                .g_add_(&(&slot.exp_avg / denom * (-lr / (1.0 - b1.powf(t)))));
         }
         norm
     }
 
-    /// One update at `lr_scale` of the configured LRs; `step` counts from 0.
-    pub fn step(&mut self, step: u64, lr_scale: f64) {
-        let _guard = tch::no_grad_guard();
-        let c = &self.config;
-        let warm = (step as f64 / c.momentum_warmup_steps.max(1) as f64).min(1.0);
-        let momentum = (1.0 - warm) * c.muon_momentum_start + warm * c.muon_momentum;
-        let t = step as f64 + 1.0;
-        let (b1, b2) = (c.betas[0], c.betas[1]);
-        for slot in &mut self.slots {
-            let g = slot.param.grad();
-            match slot.rule {
-                Rule::Muon { lr, shape_scale } => {
-                    let buf = &mut slot.state[0];
-                    let _ = buf.lerp_(&g, 1.0 - momentum);
-                    let nesterov = g.lerp(buf, momentum);
-                    let update = orthogonalize(&nesterov, c.newton_schulz_steps);
-                    let _ = slot
-                        .param
-                        .g_add_(&(update.to_kind(Kind::Float) * (-lr * lr_scale * shape_scale)));
-                }
-                Rule::Adam { lr } => {
-                    let lr = lr * lr_scale;
-                    if c.weight_decay > 0.0 {
-                        let _ = slot.param.g_mul_scalar_(1.0 - lr * c.weight_decay);
-                    }
-                    let _ = slot.state[0].lerp_(&g, 1.0 - b1);
-                    let _ = slot.state[1].g_mul_scalar_(b2);
-                    let _ = slot.state[1].g_add_(&(g.square() * (1.0 - b2)));
-                    let denom = (slot.state[1].sqrt() / (1.0 - b2.powf(t)).sqrt()) + c.eps;
-                    let _ = slot
-                        .param
-                        .g_add_(&(&slot.state[0] / denom * (-lr / (1.0 - b1.powf(t)))));
-                }
-            }
-        }
-    }
-
     pub fn zero_grad(&mut self) {
-        for s in &mut self.slots {
+        for (_, p) in self.muon.iter_mut().flat_map(|g| g.params.iter_mut()) {
+            p.zero_grad();
+        }
+        for s in &mut self.adam {
             s.param.zero_grad();
         }
     }
 
     /// Every state tensor by name (`<param>.momentum`, `<param>.exp_avg`, ...).
     pub fn state(&self) -> Vec<(String, Tensor)> {
-        self.slots
-            .iter()
-            .flat_map(|s| {
-                let names: &[&str] = match s.rule {
-                    Rule::Muon { .. } => &["momentum"],
-                    Rule::Adam { .. } => &["exp_avg", "exp_avg_sq"],
-                };
-                names
-                    .iter()
-                    .zip(&s.state)
-                    .map(|(n, t)| (format!("{}.{n}", s.name), t.shallow_clone()))
-                    .collect::<Vec<_>>()
-            })
-            .collect()
+        let mut out = Vec::new();
+        for g in &self.muon {
+            for (i, (name, _)) in g.params.iter().enumerate() {
+                out.push((format!("{name}.momentum"), g.momentum.select(0, i as i64)));
+            }
+        }
+        for s in &self.adam {
+            out.push((format!("{}.exp_avg", s.name), s.exp_avg.shallow_clone()));
+            out.push((
+                format!("{}.exp_avg_sq", s.name),
+                s.exp_avg_sq.shallow_clone(),
+            ));
+        }
+        out
     }
 
     /// Restores what [`Optimizer::state`] returned.
@@ -276,8 +293,24 @@ mod tests {
     #[test]
     fn newton_schulz_orthogonalizes() {
         tch::manual_seed(0);
-        for shape in [[64, 64], [96, 32], [32, 128]] {
-            let g = Tensor::randn(shape, (Kind::Float, Device::Cpu));
+        // Gaussian rectangular matrices are well conditioned; give the square one singular
+        // values from 0.02 to 1 (five iterations cannot lift values near zero).
+        let (q1, _) = Tensor::linalg_qr(
+            &Tensor::randn([64, 64], (Kind::Float, Device::Cpu)),
+            "reduced",
+        );
+        let (q2, _) = Tensor::linalg_qr(
+            &Tensor::randn([64, 64], (Kind::Float, Device::Cpu)),
+            "reduced",
+        );
+        let spectrum = Tensor::linspace(0.02, 1.0, 64, (Kind::Float, Device::Cpu));
+        let square = q1.matmul(&spectrum.diag(0)).matmul(&q2);
+        for g in [
+            square,
+            Tensor::randn([96, 32], (Kind::Float, Device::Cpu)),
+            Tensor::randn([32, 128], (Kind::Float, Device::Cpu)),
+        ] {
+            let shape = g.size();
             let x = orthogonalize(&g, 5).to_kind(Kind::Float);
             let (_, s, _) = x.svd(true, true);
             let (lo, hi) = (s.min().double_value(&[]), s.max().double_value(&[]));
@@ -291,6 +324,15 @@ mod tests {
             let cos = (&x * &polar).sum(Kind::Float) / (x.norm() * polar.norm());
             assert!(cos.double_value(&[]) > 0.95, "{shape:?}");
         }
+        // A stack is orthogonalized matrix by matrix.
+        let stack = Tensor::randn([3, 16, 48], (Kind::Float, Device::Cpu));
+        let together = orthogonalize(&stack, 5);
+        let alone = orthogonalize(&stack.select(0, 1), 5);
+        let diff = (together.select(0, 1) - alone)
+            .abs()
+            .max()
+            .to_kind(Kind::Float);
+        assert!(diff.double_value(&[]) < 1e-2);
     }
 
     #[test]
@@ -315,7 +357,8 @@ mod tests {
             .sum(Kind::Float)
             .backward();
         let mut opt = Optimizer::new(&params, 768, OptimConfig::default());
-        opt.step(0, 1.0);
+        let norm = opt.step(0, 1.0).double_value(&[]);
+        assert!((norm - (9.0f64 + 0.25).sqrt()).abs() < 1e-5);
         // First AdamW step moves each weight by lr against the gradient's sign.
         let moved: Vec<f32> = Vec::try_from(&p).unwrap();
         assert!(

@@ -484,9 +484,9 @@ pub fn pretrain(
                 saved,
             });
         }
+        let forward_backward_seconds = started.elapsed().as_secs_f64();
         let loss = values.iter().sum::<f64>() / grad_accum as f64;
-        let grad_norm = optimizer.clip_gradients().double_value(&[]);
-        optimizer.step(step, lr_scale);
+        let grad_norm = optimizer.step(step, lr_scale).double_value(&[]);
         optimizer.zero_grad();
         if dev.is_cuda() {
             tch::Cuda::synchronize(0);
@@ -512,7 +512,7 @@ pub fn pretrain(
         let fields = json!({
             "loss": loss, "loss_ema": loss_ema, "lr_scale": lr_scale, "grad_norm": grad_norm,
             "tok_s": tok_s, "mfu": mfu, "gpu_memory_gib": gib, "tokens": state.tokens,
-            "step_seconds": seconds,
+            "step_seconds": seconds, "forward_backward_seconds": forward_backward_seconds,
         });
         metrics.log(state.step, fields.as_object().expect("object"))?;
         report(Event::Step {

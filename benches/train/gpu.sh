@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Training on the GPU machine, side by side with the PyTorch reference of our architecture
+# (`ref_gpt.py`, eager and torch.compile, same shapes, same call).
+#
+# Run from the repository root with gpu/ carried (see benches/train/prepare.sh):
+#   benches/train/gpu.sh bench            # d12 B=32 and d20 B=16, T=2048: tok/s and memory
+#   benches/train/gpu.sh train STEPS      # d12 on the packed corpus, eval + samples
+# Results land in $OUT (or gpu-out/).
+set -euo pipefail
+out=${OUT:-gpu-out}
+work=/tmp/cxxlm-gpu
+mkdir -p "$out" "$work"
+export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
+[ -x "$work/cxxlm" ] || { python3 -c "import lzma,sys;open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" gpu/cxxlm.xz "$work/cxxlm"; chmod +x "$work/cxxlm"; }
+if [ ! -f "$work/pack/pack.json" ]; then
+    /usr/bin/time -f "pack: %e s, %M KB" "$work/cxxlm" pack --tokenizer gpu/tokenizer.json -i gpu/data -o "$work/pack" --val-fraction 0.005 | tee "$out/pack.log"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+
+ours() { # depth batch steps out extra...
+    local depth=$1 batch=$2 steps=$3 dir=$4
+    shift 4
+    "$work/cxxlm" train pretrain --pack "$work/pack" --out "$dir" \
+        --set model.preset=d$depth --set train.device_batch=$batch \
+        --set train.total_batch_tokens=$((batch * 2048)) --set train.steps=$steps \
+        --set eval.every=0 --set checkpoint.every=0 --log-every 5 "$@"
+}
+
+summary() { # metrics.jsonl -> median tok/s, MFU, memory over steps after the first 5
+    python3 - "$1" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"loss"' in l]
+rows = rows[5:]
+tok = statistics.median(r["tok_s"] for r in rows)
+mfu = statistics.median(r["mfu"] for r in rows)
+mem = max(r["gpu_memory_gib"] for r in rows)
+fb = statistics.median(r["forward_backward_seconds"] for r in rows) * 1e3
+step = statistics.median(r["step_seconds"] for r in rows) * 1e3
+print(f"RESULT impl=cxxlm tok_s={tok:.0f} mfu={mfu:.4f} gpu_used_gib={mem:.2f} step_ms={step:.1f} "
+      f"fwd_bwd_ms={fb:.1f} opt_ms={step - fb:.1f} loss_last={rows[-1]['loss']:.4f}")
+PY
+}
+
+case ${1:-bench} in
+bench)
+    for shape in "12 32" "20 16"; do
+        set -- $shape
+        for mode in eager compile; do
+            python3 gpu/ref_gpt.py train --depth "$1" --batch "$2" --mode $mode --steps 20 2>&1 | grep RESULT | tee -a "$out/bench.txt"
+        done
+        rm -rf "$work/bench-d$1"
+        ours "$1" "$2" 25 "$work/bench-d$1" >"$out/ours-d$1.log" 2>&1 || { tail -20 "$out/ours-d$1.log"; exit 1; }
+        echo "d$1 B=$2: $(summary "$work/bench-d$1/metrics.jsonl")" | tee -a "$out/bench.txt"
+        cp "$work/bench-d$1/metrics.jsonl" "$out/metrics-d$1.jsonl"
+    done
+    ;;
+train)
+    steps=${2:-300}
+    rm -rf "$work/d12"
+    ours 12 32 "$steps" "$work/d12" --set train.total_batch_tokens=524288 \
+        --set eval.every=50 --set eval.tokens=4194304 --set eval.samples=4 --set eval.sample_tokens=96 \
+        --set checkpoint.every=1000 --log-every 10 2>&1 | tee "$out/train.log"
+    cp "$work/d12/metrics.jsonl" "$work/d12/samples.jsonl" "$work/d12/config.toml" "$out/"
+    ;;
+esac
