@@ -4,7 +4,7 @@
 #
 # Run from the repository root with gpu/ carried (see benches/train/prepare.sh):
 #   benches/train/gpu.sh bench            # d12 B=32 and d20 B=16, T=2048: tok/s and memory
-#   benches/train/gpu.sh train STEPS      # d12 on the packed corpus, eval + samples
+#   benches/train/gpu.sh train STEPS      # d12 on the packed corpus (B=32 x 2048 per step), eval + samples
 # Results land in $OUT (or gpu-out/).
 set -euo pipefail
 out=${OUT:-gpu-out}
@@ -17,13 +17,14 @@ if [ ! -f "$work/pack/pack.json" ]; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 
+runner=
 ours() { # depth batch steps out extra...
     local depth=$1 batch=$2 steps=$3 dir=$4
     shift 4
-    "$work/cxxlm" train pretrain --pack "$work/pack" --out "$dir" \
+    $runner "$work/cxxlm" train pretrain --pack "$work/pack" --out "$dir" \
         --set model.preset=d$depth --set train.device_batch=$batch \
         --set train.total_batch_tokens=$((batch * 2048)) --set train.steps=$steps \
-        --set eval.every=0 --set checkpoint.every=0 --log-every 5 "$@"
+        --set eval.every=0 --set checkpoint.every=0 "$@"
 }
 
 summary() { # metrics.jsonl -> median tok/s, MFU, memory over steps after the first 5
@@ -49,17 +50,19 @@ bench)
             python3 gpu/ref_gpt.py train --depth "$1" --batch "$2" --mode $mode --steps 20 2>&1 | grep RESULT | tee -a "$out/bench.txt"
         done
         rm -rf "$work/bench-d$1"
-        ours "$1" "$2" 25 "$work/bench-d$1" >"$out/ours-d$1.log" 2>&1 || { tail -20 "$out/ours-d$1.log"; exit 1; }
+        ours "$1" "$2" 25 "$work/bench-d$1" --log-every 5 >"$out/ours-d$1.log" 2>&1 || { tail -20 "$out/ours-d$1.log"; exit 1; }
         echo "d$1 B=$2: $(summary "$work/bench-d$1/metrics.jsonl")" | tee -a "$out/bench.txt"
         cp "$work/bench-d$1/metrics.jsonl" "$out/metrics-d$1.jsonl"
     done
     ;;
 train)
-    steps=${2:-300}
+    steps=${2:-1800}
     rm -rf "$work/d12"
-    ours 12 32 "$steps" "$work/d12" --set train.total_batch_tokens=524288 \
-        --set eval.every=50 --set eval.tokens=4194304 --set eval.samples=4 --set eval.sample_tokens=96 \
-        --set checkpoint.every=1000 --log-every 10 2>&1 | tee "$out/train.log"
+    # SIGTERM (the timeout) makes the trainer checkpoint and stop cleanly.
+    runner="timeout ${TRAIN_SECONDS:-540}"
+    ours 12 32 "$steps" "$work/d12" \
+        --set eval.every=300 --set eval.tokens=2097152 --set eval.samples=4 --set eval.sample_tokens=64 \
+        --set checkpoint.every=1000 --log-every 50 2>&1 | tee "$out/train.log" || true
     cp "$work/d12/metrics.jsonl" "$work/d12/samples.jsonl" "$work/d12/config.toml" "$out/"
     ;;
 esac

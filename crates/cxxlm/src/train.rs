@@ -73,10 +73,7 @@ pub fn load_config(path: Option<&PathBuf>, overrides: &[String]) -> Result<Train
     for o in overrides {
         set(&mut doc, o)?;
     }
-    let config: TrainConfig = toml::Value::Table(doc)
-        .try_into()
-        .context("training config")?;
-    Ok(config)
+    Ok(TrainConfig::from_table(doc)?)
 }
 
 pub fn run(cmd: TrainCommand) -> Result<()> {
