@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Fills gpu/ (ignored by git; carried to the GPU machine, at most 64 MiB) for
+# benches/train/gpu.sh: the stripped release binary, xz-compressed; a tokenizer; the
+# PyTorch reference; and Debian C++ shards recompressed to fit.
+#
+# Usage: benches/train/prepare.sh [TOKENIZER] [SHARD...]
+# Defaults: bench-out/tok/tokenizer-605mb.json and the first three shards of
+# runs/debian-data (scripts/corpus/debian-cpp.sh, then `cxxlm data run -i corpus/debian
+# -o runs/debian-data`).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+tokenizer=${1:-bench-out/tok/tokenizer-605mb.json}
+shift || true
+shards=("$@")
+[ ${#shards[@]} -gt 0 ] || shards=(runs/debian-data/part-00000-0000{0,1,2}.jsonl.zst)
+mkdir -p gpu/data
+cargo build --release -q -p cxxlm
+strip -o gpu/cxxlm target/release/cxxlm
+xz -9 -T0 -f gpu/cxxlm
+cp "$tokenizer" gpu/tokenizer.json
+cp ../shared/bench/ref_gpt.py gpu/
+# The trainer's zstd reader accepts windows up to 2^27.
+for s in "${shards[@]}"; do zstd -dc "$s"; done | zstd -16 --long=27 -T0 -q -f -o gpu/data/part-00000-00000.jsonl.zst
+du -sh gpu
