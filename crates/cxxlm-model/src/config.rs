@@ -120,13 +120,13 @@ impl ModelConfig {
                 "depth, width, heads and seq_len must be positive: {self:?}"
             ));
         }
-        if self.width % self.heads != 0 || self.head_dim() % 2 != 0 {
+        if !self.width.is_multiple_of(self.heads) || !self.head_dim().is_multiple_of(2) {
             return bad(format!(
                 "width {} must split into {} heads of an even size",
                 self.width, self.heads
             ));
         }
-        if self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+        if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             return bad(format!(
                 "{} heads cannot be shared by {} key/value heads",
                 self.heads, self.kv_heads

@@ -150,6 +150,9 @@ impl Gpt {
     }
 
     /// The final normalized hidden states `(B, T, width)` of token ids `(B, T)`.
+    // `x += ...` on a tch tensor adds in place, which would overwrite the residual that
+    // the norms saved for the backward pass.
+    #[allow(clippy::assign_op_pattern)]
     pub fn hidden(&self, idx: &Tensor) -> Tensor {
         let t = idx.size()[1];
         let c = &self.config;

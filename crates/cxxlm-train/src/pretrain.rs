@@ -404,9 +404,7 @@ pub fn pretrain(
                 )));
             }
             model.load(&loaded.model)?;
-            optimizer
-                .load_state(&loaded.optimizer)
-                .map_err(|m| bad(m))?;
+            optimizer.load_state(&loaded.optimizer).map_err(bad)?;
             loader.restore(loaded.state.loader.clone())?;
             resumed_from = Some(loaded.state.step);
             state = loaded.state;
@@ -445,7 +443,7 @@ pub fn pretrain(
     loop {
         let step = state.step;
         let last = step == steps;
-        if cfg.eval.every > 0 && (step % cfg.eval.every == 0 || last) {
+        if cfg.eval.every > 0 && (step.is_multiple_of(cfg.eval.every) || last) {
             let bpb = tch::no_grad(|| {
                 bits_per_byte(&model, &val, run.device_batch, cfg.eval.tokens, &bytes_of)
             });
@@ -585,7 +583,7 @@ pub fn pretrain(
                 state.step
             )));
         }
-        let due = cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0;
+        let due = cfg.checkpoint.every > 0 && state.step.is_multiple_of(cfg.checkpoint.every);
         if spiked || due || state.step == steps {
             report(Event::Checkpoint(save(&state, &model, &optimizer)?));
         }
