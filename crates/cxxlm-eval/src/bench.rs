@@ -1,0 +1,221 @@
+//! Coding benchmarks with unit tests: MultiPL-E (`name`, `prompt`, `tests`,
+//! `stop_tokens`) and HumanEval-X (`task_id`, `prompt`, `declaration`,
+//! `canonical_solution`, `test`). A completion is cut at the first stop token, placed
+//! between the prompt and the tests, built and run in the sandbox; it passes when the
+//! program exits 0. pass@k is the unbiased estimator of Chen et al. (2021).
+
+use rayon::prelude::*;
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::compile::Compiler;
+use crate::sandbox::Ending;
+use crate::{EvalError, Result};
+
+#[derive(Debug, Clone)]
+pub struct Problem {
+    pub name: String,
+    pub prompt: String,
+    pub tests: String,
+    pub stop_tokens: Vec<String>,
+    /// A reference solution (HumanEval-X), to check the harness itself.
+    pub canonical: Option<String>,
+}
+
+/// Reads a JSON lines benchmark in either format.
+pub fn load(path: &Path) -> Result<Vec<Problem>> {
+    let text = std::fs::read_to_string(path).map_err(|e| EvalError::io(path, e))?;
+    let mut out = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let bad = |message: String| EvalError::Format {
+            path: path.to_path_buf(),
+            line: i + 1,
+            message,
+        };
+        let v: Value = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+        let field = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+        let problem = if let (Some(name), Some(tests)) = (field("name"), field("tests")) {
+            Problem {
+                name,
+                prompt: field("prompt").ok_or_else(|| bad("no prompt".into()))?,
+                tests,
+                stop_tokens: v
+                    .get("stop_tokens")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(Value::as_str)
+                            .map(str::to_string)
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                canonical: None,
+            }
+        } else if let (Some(name), Some(tests)) = (field("task_id"), field("test")) {
+            Problem {
+                name,
+                prompt: field("prompt").ok_or_else(|| bad("no prompt".into()))?,
+                tests: format!("\n{tests}"),
+                stop_tokens: vec!["\n}\n".into()],
+                canonical: field("canonical_solution"),
+            }
+        } else {
+            return Err(bad(
+                "neither MultiPL-E (name, prompt, tests) nor HumanEval-X (task_id, prompt, test)"
+                    .into(),
+            ));
+        };
+        out.push(problem);
+    }
+    Ok(out)
+}
+
+impl Problem {
+    /// The completion up to its first stop token.
+    pub fn truncate<'a>(&self, completion: &'a str) -> &'a str {
+        let end = self
+            .stop_tokens
+            .iter()
+            .filter_map(|s| completion.find(s.as_str()))
+            .min()
+            .unwrap_or(completion.len());
+        &completion[..end]
+    }
+
+    pub fn program(&self, completion: &str) -> String {
+        format!("{}{}{}", self.prompt, self.truncate(completion), self.tests)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    pub name: String,
+    pub passed: bool,
+    pub compiled: bool,
+    /// How the compile or the run ended when it did not end normally.
+    pub ending: Option<Ending>,
+    pub category: Option<String>,
+}
+
+pub fn judge(compiler: &Compiler, problem: &Problem, completion: &str) -> Result<Verdict> {
+    let (built, ran) = compiler.build_and_run(&problem.program(completion), b"")?;
+    let ending = match &ran {
+        Some(r) if r.ending != Ending::Exited => Some(r.ending),
+        _ => None,
+    };
+    Ok(Verdict {
+        name: problem.name.clone(),
+        passed: ran.as_ref().is_some_and(|r| r.success()),
+        compiled: built.ok,
+        ending,
+        category: built.category,
+    })
+}
+
+/// The probability that at least one of `k` samples drawn from `n`, of which `c` are
+/// correct, is correct.
+pub fn pass_at_k(n: usize, c: usize, k: usize) -> f64 {
+    if n < k || n == 0 {
+        return f64::NAN;
+    }
+    if n - c < k {
+        return 1.0;
+    }
+    1.0 - ((n - c + 1)..=n)
+        .map(|i| 1.0 - k as f64 / i as f64)
+        .product::<f64>()
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub problems: usize,
+    pub samples: usize,
+    pub compiled: usize,
+    pub passed: usize,
+    pub pass_at_k: BTreeMap<String, f64>,
+    pub verdicts: Vec<Verdict>,
+}
+
+/// Judges every `(problem name, completion)` (in parallel) and reports pass@k for each
+/// `k` over the problems with at least `k` samples.
+pub fn score(
+    compiler: &Compiler,
+    problems: &[Problem],
+    completions: &[(String, String)],
+    ks: &[usize],
+) -> Result<Report> {
+    let by_name: BTreeMap<&str, &Problem> = problems.iter().map(|p| (p.name.as_str(), p)).collect();
+    let verdicts = completions
+        .par_iter()
+        .map(|(name, completion)| {
+            let problem = by_name.get(name.as_str()).ok_or_else(|| {
+                EvalError::Sandbox(format!("completion for unknown problem {name:?}"))
+            })?;
+            judge(compiler, problem, completion)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut per: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    for v in &verdicts {
+        let e = per.entry(v.name.as_str()).or_default();
+        e.0 += 1;
+        e.1 += usize::from(v.passed);
+    }
+    let pass_at_k = ks
+        .iter()
+        .map(|&k| {
+            let scores: Vec<f64> = per
+                .values()
+                .filter(|(n, _)| *n >= k)
+                .map(|&(n, c)| pass_at_k(n, c, k))
+                .collect();
+            (
+                format!("pass@{k}"),
+                scores.iter().sum::<f64>() / scores.len().max(1) as f64,
+            )
+        })
+        .collect();
+    Ok(Report {
+        problems: per.len(),
+        samples: verdicts.len(),
+        compiled: verdicts.iter().filter(|v| v.compiled).count(),
+        passed: verdicts.iter().filter(|v| v.passed).count(),
+        pass_at_k,
+        verdicts,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pass_at_k_is_the_unbiased_estimator() {
+        assert_eq!(pass_at_k(10, 0, 1), 0.0);
+        assert!((pass_at_k(10, 3, 1) - 0.3).abs() < 1e-12);
+        assert_eq!(pass_at_k(10, 8, 5), 1.0);
+        // 1 - C(7,2)/C(10,2) = 1 - 21/45
+        assert!((pass_at_k(10, 3, 2) - (1.0 - 21.0 / 45.0)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn completions_stop_at_the_first_stop_token() {
+        let p = Problem {
+            name: "x".into(),
+            prompt: "int f() {\n".into(),
+            tests: "}\nint main() {}\n".into(),
+            stop_tokens: vec!["\n}".into(), "\nint main".into()],
+            canonical: None,
+        };
+        assert_eq!(p.truncate("  return 1;\n}\n\nint g() {}"), "  return 1;");
+        assert_eq!(
+            p.program("  return 1;"),
+            "int f() {\n  return 1;}\nint main() {}\n"
+        );
+    }
+}

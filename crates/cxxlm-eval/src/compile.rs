@@ -1,0 +1,238 @@
+//! g++ in the sandbox: syntax checks against a precompiled `<bits/stdc++.h>` (most of a
+//! check's time is parsing the standard library, which the header cache skips), and full
+//! builds whose binaries then run in the sandbox too.
+
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::sandbox::{Ending, Outcome, Sandbox};
+use crate::{EvalError, Result};
+
+pub const STD: &str = "-std=c++20";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Diagnosis {
+    pub ok: bool,
+    pub warnings: usize,
+    pub errors: usize,
+    /// Why it failed: a class of the first error, or how the compiler was stopped.
+    pub category: Option<String>,
+    pub first_error: Option<String>,
+}
+
+pub struct Compiler {
+    sandbox: Sandbox,
+    /// A directory holding `bits/stdc++.h.gch`.
+    pch: Option<PathBuf>,
+}
+
+/// The first error's class, from g++'s wording.
+fn categorize(first_error: &str) -> &'static str {
+    let rules: [(&str, &[&str]); 6] = [
+        (
+            "undeclared",
+            &[
+                "was not declared",
+                "does not name a type",
+                "has no member named",
+                "is not a member of",
+            ],
+        ),
+        ("end_of_input", &["at end of input"]),
+        ("syntax", &["expected ", "stray ", "missing terminating"]),
+        (
+            "type",
+            &[
+                "cannot convert",
+                "invalid conversion",
+                "no matching function",
+                "no match for",
+                "invalid operands",
+            ],
+        ),
+        (
+            "redefinition",
+            &["redefinition of", "conflicting declaration"],
+        ),
+        ("return", &["return-statement", "return type"]),
+    ];
+    rules
+        .iter()
+        .find(|(_, needles)| needles.iter().any(|n| first_error.contains(n)))
+        .map_or("other", |(name, _)| name)
+}
+
+fn diagnose(outcome: &Outcome) -> Diagnosis {
+    let text = String::from_utf8_lossy(&outcome.stderr);
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(" error: ") || l.contains("fatal error:"))
+        .collect();
+    let warnings = text.lines().filter(|l| l.contains(" warning: ")).count();
+    let ok = outcome.success();
+    let first_error = errors
+        .first()
+        .map(|l| l.split_once("error: ").map_or(*l, |(_, m)| m).to_string());
+    let category = if ok {
+        None
+    } else if outcome.ending != Ending::Exited {
+        Some(format!("{:?}", outcome.ending).to_lowercase())
+    } else {
+        Some(
+            first_error
+                .as_deref()
+                .map_or("other", categorize)
+                .to_string(),
+        )
+    };
+    Diagnosis {
+        ok,
+        warnings,
+        errors: errors.len(),
+        category,
+        first_error,
+    }
+}
+
+impl Compiler {
+    /// A compiler whose checks use a precompiled standard library header kept in
+    /// `cache` (built there once per g++ version).
+    pub fn new(sandbox: Sandbox, cache: &Path) -> Result<Self> {
+        let version = Command::new("g++")
+            .arg("-dumpfullversion")
+            .output()
+            .map_err(|e| {
+                EvalError::Sandbox(format!(
+                    "g++ is not installed ({e}); scripts/setup.sh installs it"
+                ))
+            })?;
+        let version = String::from_utf8_lossy(&version.stdout).trim().to_string();
+        let dir = cache.join(format!("pch-g++-{version}"));
+        let gch = dir.join("bits/stdc++.h.gch");
+        if !gch.exists() {
+            let header = find_stdcxx_header()?;
+            std::fs::create_dir_all(gch.parent().expect("parent"))
+                .map_err(|e| EvalError::io(&dir, e))?;
+            let tmp = dir.join("bits/stdc++.h.gch.tmp");
+            let out = Command::new("g++")
+                .args([STD, "-x", "c++-header"])
+                .arg(&header)
+                .arg("-o")
+                .arg(&tmp)
+                .output()
+                .map_err(|e| EvalError::io("g++", e))?;
+            if !out.status.success() {
+                return Err(EvalError::Sandbox(format!(
+                    "precompiling {}: {}",
+                    header.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                )));
+            }
+            std::fs::rename(&tmp, &gch).map_err(|e| EvalError::io(&gch, e))?;
+        }
+        Ok(Compiler {
+            sandbox: sandbox.with_read_only(&dir),
+            pch: Some(dir),
+        })
+    }
+
+    /// A compiler without the header cache (the baseline of the benchmark).
+    pub fn plain(sandbox: Sandbox) -> Self {
+        Compiler { sandbox, pch: None }
+    }
+
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.sandbox
+    }
+
+    fn pch_args(&self) -> Vec<String> {
+        match &self.pch {
+            Some(dir) => vec![
+                format!("-I{}", dir.display()),
+                "-include".into(),
+                "bits/stdc++.h".into(),
+            ],
+            None => Vec::new(),
+        }
+    }
+
+    /// `g++ -fsyntax-only -Wall` on one translation unit.
+    pub fn check(&self, source: &str) -> Result<Diagnosis> {
+        let scratch = tempfile::tempdir().map_err(|e| EvalError::io("temporary directory", e))?;
+        let file = scratch.path().join("main.cpp");
+        std::fs::write(&file, source).map_err(|e| EvalError::io(&file, e))?;
+        let mut args: Vec<String> = vec![
+            "/usr/bin/g++".into(),
+            STD.into(),
+            "-fsyntax-only".into(),
+            "-Wall".into(),
+        ];
+        args.extend(self.pch_args());
+        args.push("main.cpp".into());
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        Ok(diagnose(&self.sandbox.run(scratch.path(), &argv, b"")?))
+    }
+
+    /// Builds a program and, if it compiles, runs it; both in the sandbox.
+    pub fn build_and_run(
+        &self,
+        source: &str,
+        stdin: &[u8],
+    ) -> Result<(Diagnosis, Option<Outcome>)> {
+        let scratch = tempfile::tempdir().map_err(|e| EvalError::io("temporary directory", e))?;
+        let file = scratch.path().join("main.cpp");
+        std::fs::write(&file, source).map_err(|e| EvalError::io(&file, e))?;
+        let mut args: Vec<String> = vec![
+            "/usr/bin/g++".into(),
+            STD.into(),
+            "-O1".into(),
+            "-Wall".into(),
+        ];
+        args.extend(["main.cpp".into(), "-o".into(), "prog".into()]);
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let built = diagnose(&self.sandbox.run(scratch.path(), &argv, b"")?);
+        if !built.ok {
+            return Ok((built, None));
+        }
+        let ran = self.sandbox.run(scratch.path(), &["/work/prog"], stdin)?;
+        Ok((built, Some(ran)))
+    }
+}
+
+fn find_stdcxx_header() -> Result<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/include")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|arch| {
+            std::fs::read_dir(arch.path().join("c++"))
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .map(|v| v.path().join("bits/stdc++.h"))
+        .filter(|p| p.exists())
+        .collect();
+    found.sort();
+    found.pop().ok_or_else(|| {
+        EvalError::Sandbox("no bits/stdc++.h under /usr/include/<arch>/c++ (install g++)".into())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn categories_follow_gcc_wording() {
+        assert_eq!(
+            categorize("'foo' was not declared in this scope"),
+            "undeclared"
+        );
+        assert_eq!(categorize("expected ';' before '}' token"), "syntax");
+        assert_eq!(categorize("expected '}' at end of input"), "end_of_input");
+        assert_eq!(categorize("cannot convert 'std::string' to 'int'"), "type");
+        assert_eq!(categorize("something new"), "other");
+    }
+}
