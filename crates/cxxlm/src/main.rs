@@ -4,6 +4,7 @@
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod data;
+mod eval;
 mod interrupt;
 mod pack;
 mod tok;
@@ -35,6 +36,9 @@ enum Command {
     /// Train the GPT.
     #[command(subcommand)]
     Train(train::TrainCommand),
+    /// Judge C++ in a sandbox: coding benchmarks with unit tests.
+    #[command(subcommand)]
+    Eval(eval::EvalCommand),
 }
 
 fn main() {
@@ -51,6 +55,7 @@ fn main() {
         Command::Tok(cmd) => tok::run(cmd),
         Command::Pack(args) => pack::run(args),
         Command::Train(cmd) => train::run(cmd),
+        Command::Eval(cmd) => eval::run(cmd),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
