@@ -7,6 +7,7 @@
 use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::config::{Activation, ModelConfig};
+use crate::generate::KvCache;
 use crate::ModelError;
 
 /// Tokens whose fp32 logits are materialized at once by the loss.
@@ -140,50 +141,76 @@ impl Gpt {
         Ok(())
     }
 
-    fn weight(&self, index: usize) -> Tensor {
-        let p = &self.params[index].1;
-        if p.kind() == self.compute {
-            p.shallow_clone()
-        } else {
-            p.to_kind(self.compute)
-        }
+    /// Every weight in the compute precision (a cast per call on CUDA: once per
+    /// micro-batch in training, once per generation).
+    pub(crate) fn compute_weights(&self) -> Vec<Tensor> {
+        self.params
+            .iter()
+            .map(|(_, p)| {
+                if p.kind() == self.compute {
+                    p.shallow_clone()
+                } else {
+                    p.to_kind(self.compute)
+                }
+            })
+            .collect()
     }
 
     /// The final normalized hidden states `(B, T, width)` of token ids `(B, T)`.
+    pub fn hidden(&self, idx: &Tensor) -> Tensor {
+        self.forward(&self.compute_weights(), idx, None)
+    }
+
+    /// The transformer over `idx`, continuing what `cache` holds when there is one (a
+    /// prompt from position 0, or one token per sequence after it).
     // `x += ...` on a tch tensor adds in place, which would overwrite the residual that
     // the norms saved for the backward pass.
     #[allow(clippy::assign_op_pattern)]
-    pub fn hidden(&self, idx: &Tensor) -> Tensor {
+    pub(crate) fn forward(
+        &self,
+        w: &[Tensor],
+        idx: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> Tensor {
         let t = idx.size()[1];
         let c = &self.config;
         let (nh, nkv, hd) = (c.heads as i64, c.kv_heads as i64, c.head_dim() as i64);
-        let cos = self.cos.narrow(1, 0, t);
-        let sin = self.sin.narrow(1, 0, t);
+        let pos = cache.as_ref().map_or(0, |c| c.len);
+        let cos = self.cos.narrow(1, pos, t);
+        let sin = self.sin.narrow(1, pos, t);
         let mut x = norm(
             &Tensor::embedding(&self.params[0].1, idx, -1, false, false).to_kind(self.compute),
         );
         for layer in 0..c.depth {
-            let w = |k: usize| self.weight(1 + layer * 6 + k);
+            let w = |k: usize| &w[1 + layer * 6 + k];
             let b = x.size()[0];
             let h = norm(&x);
-            let q = h.linear(&w(0), None::<Tensor>).view([b, t, nh, hd]);
-            let k = h.linear(&w(1), None::<Tensor>).view([b, t, nkv, hd]);
-            let v = h.linear(&w(2), None::<Tensor>).view([b, t, nkv, hd]);
+            let q = h.linear(w(0), None::<Tensor>).view([b, t, nh, hd]);
+            let k = h.linear(w(1), None::<Tensor>).view([b, t, nkv, hd]);
+            let v = h.linear(w(2), None::<Tensor>).view([b, t, nkv, hd]);
             let q = norm(&rotary(&q, &cos, &sin)).transpose(1, 2);
-            let k = norm(&rotary(&k, &cos, &sin)).transpose(1, 2);
+            let mut k = norm(&rotary(&k, &cos, &sin)).transpose(1, 2);
+            let mut v = v.transpose(1, 2);
+            if let Some(cache) = cache.as_deref_mut() {
+                cache.keys[layer].narrow(2, pos, t).copy_(&k);
+                cache.values[layer].narrow(2, pos, t).copy_(&v);
+                k = cache.keys[layer].narrow(2, 0, pos + t);
+                v = cache.values[layer].narrow(2, 0, pos + t);
+            }
+            // A prompt attends causally; one new token attends to everything before it.
             let y = Tensor::scaled_dot_product_attention(
                 &q,
                 &k,
-                &v.transpose(1, 2),
+                &v,
                 None::<Tensor>,
                 0.0,
-                true,
+                t > 1,
                 None,
                 nkv != nh,
             );
             let y = y.transpose(1, 2).contiguous().view([b, t, nh * hd]);
-            x = x + y.linear(&w(3), None::<Tensor>);
-            let h = norm(&x).linear(&w(4), None::<Tensor>);
+            x = x + y.linear(w(3), None::<Tensor>);
+            let h = norm(&x).linear(w(4), None::<Tensor>);
             let h = match c.activation {
                 Activation::Relu2 => h.relu().square(),
                 Activation::Swiglu => {
@@ -191,17 +218,16 @@ impl Gpt {
                     parts[0].silu() * &parts[1]
                 }
             };
-            x = x + h.linear(&w(5), None::<Tensor>);
+            x = x + h.linear(w(5), None::<Tensor>);
+        }
+        if let Some(cache) = cache {
+            cache.len += t;
         }
         norm(&x)
     }
 
-    fn head(&self) -> Tensor {
-        self.weight(self.params.len() - 1)
-    }
-
     /// Softcapped fp32 logits of hidden states `(N, width)`.
-    fn logits(&self, h: &Tensor, head: &Tensor) -> Tensor {
+    pub(crate) fn logits(&self, h: &Tensor, head: &Tensor) -> Tensor {
         let cap = self.config.softcap;
         ((h.linear(head, None::<Tensor>) / cap).tanh() * cap).to_kind(Kind::Float)
     }
@@ -211,19 +237,20 @@ impl Gpt {
     /// chunk's backward right after its forward, so the fp32 logits of the whole batch
     /// never exist at once. Returns the mean loss.
     pub fn forward_backward(&self, inputs: &Tensor, targets: &Tensor, scale: f64) -> Tensor {
-        let h = self.hidden(inputs);
+        let weights = self.compute_weights();
+        let h = self.forward(&weights, inputs, None);
+        let head = weights.last().expect("lm_head");
         let n = inputs.numel() as i64;
         let flat = h.view([n, self.config.width as i64]);
         let targets = targets.reshape([n]);
         let mut total = Tensor::zeros([], (Kind::Float, self.device));
         let mut grads = Vec::new();
-        let head = self.head();
         let chunk = self.loss_chunk;
         let mut start = 0;
         while start < n {
             let len = chunk.min(n - start);
             let x = flat.narrow(0, start, len).detach().set_requires_grad(true);
-            let loss = self.logits(&x, &head).cross_entropy_loss::<Tensor>(
+            let loss = self.logits(&x, head).cross_entropy_loss::<Tensor>(
                 &targets.narrow(0, start, len),
                 None,
                 Reduction::Sum,
@@ -243,15 +270,18 @@ impl Gpt {
     pub fn token_losses(&self, inputs: &Tensor, targets: &Tensor) -> Tensor {
         let _guard = tch::no_grad_guard();
         let n = inputs.numel() as i64;
-        let flat = self.hidden(inputs).view([n, self.config.width as i64]);
+        let weights = self.compute_weights();
+        let flat = self
+            .forward(&weights, inputs, None)
+            .view([n, self.config.width as i64]);
+        let head = weights.last().expect("lm_head");
         let targets = targets.reshape([n]);
         let chunk = self.loss_chunk;
-        let head = self.head();
         let parts: Vec<Tensor> = (0..n)
             .step_by(chunk as usize)
             .map(|s| {
                 let len = chunk.min(n - s);
-                self.logits(&flat.narrow(0, s, len), &head)
+                self.logits(&flat.narrow(0, s, len), head)
                     .cross_entropy_loss::<Tensor>(
                         &targets.narrow(0, s, len),
                         None,
@@ -262,47 +292,6 @@ impl Gpt {
             })
             .collect();
         Tensor::cat(&parts, 0)
-    }
-
-    /// Continues `prompt` by up to `max_new` tokens (stopping after `stop`), sampling at
-    /// `temperature` (0 = greedy) from the `top_k` most likely tokens. Recomputes the
-    /// whole context per token: meant for a few progress samples, not for serving.
-    pub fn sample(
-        &self,
-        prompt: &[u32],
-        max_new: usize,
-        temperature: f64,
-        top_k: i64,
-        stop: Option<u32>,
-        seed: u64,
-    ) -> Vec<u32> {
-        let _guard = tch::no_grad_guard();
-        tch::manual_seed(seed as i64);
-        let mut tokens: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
-        let mut out = Vec::new();
-        for _ in 0..max_new {
-            let from = tokens.len().saturating_sub(self.config.seq_len);
-            let idx = Tensor::from_slice(&tokens[from..])
-                .to_device(self.device)
-                .unsqueeze(0);
-            let h = self.hidden(&idx);
-            let last = h.select(1, h.size()[1] - 1);
-            let logits = self.logits(&last, &self.head()).squeeze_dim(0);
-            let next = if temperature <= 0.0 {
-                logits.argmax(0, false)
-            } else {
-                let (values, indices) = logits.topk(top_k.min(logits.size()[0]), 0, true, true);
-                let probs = (values / temperature).softmax(0, Kind::Float);
-                indices.gather(0, &probs.multinomial(1, false), false)
-            };
-            let next = next.int64_value(&[]) as u32;
-            out.push(next);
-            tokens.push(next as i64);
-            if Some(next) == stop {
-                break;
-            }
-        }
-        out
     }
 }
 
@@ -319,6 +308,7 @@ mod tests {
 
     #[test]
     fn parameter_count_matches_the_formula() {
+        let _rng = crate::TORCH_RNG.lock();
         let m = Gpt::new(tiny(), Device::Cpu, 0).unwrap();
         assert_eq!(m.param_count(), m.config.params());
         let gqa = ModelConfig {
@@ -334,6 +324,7 @@ mod tests {
 
     #[test]
     fn chunked_loss_matches_the_whole_batch_loss_and_its_gradients() {
+        let _rng = crate::TORCH_RNG.lock();
         let mut m = Gpt::new(tiny(), Device::Cpu, 1).unwrap();
         // The zero-initialised head gives no signal; give it weights.
         tch::no_grad(|| {
@@ -352,13 +343,9 @@ mod tests {
             p.zero_grad();
         }
         let h = m.hidden(&idx).view([48, 128]);
-        let whole = m.logits(&h, &m.head()).cross_entropy_loss::<Tensor>(
-            &tgt.view([48]),
-            None,
-            Reduction::Mean,
-            -1,
-            0.0,
-        );
+        let whole = m
+            .logits(&h, m.compute_weights().last().unwrap())
+            .cross_entropy_loss::<Tensor>(&tgt.view([48]), None, Reduction::Mean, -1, 0.0);
         whole.backward();
         assert!((loss.double_value(&[]) - whole.double_value(&[])).abs() < 1e-5);
         for ((name, p), g) in m.params.iter().zip(grads) {
@@ -375,6 +362,7 @@ mod tests {
 
     #[test]
     fn attention_is_causal() {
+        let _rng = crate::TORCH_RNG.lock();
         let mut m = Gpt::new(tiny(), Device::Cpu, 2).unwrap();
         tch::no_grad(|| {
             for (_, p) in &mut m.params {

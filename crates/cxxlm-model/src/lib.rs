@@ -1,10 +1,12 @@
-//! The cxxlm GPT in tch: configuration and presets ([`config`]) and the model with its
-//! memory-lean loss and a simple sampler ([`gpt`]).
+//! The cxxlm GPT in tch: configuration and presets ([`config`]), the model with its
+//! memory-lean loss ([`gpt`]) and batched generation with a KV cache ([`generate`]).
 
 pub mod config;
+pub mod generate;
 pub mod gpt;
 
 pub use config::{Activation, ModelConfig, ModelOverrides, PRESETS};
+pub use generate::{KvCache, Sampling};
 pub use gpt::Gpt;
 
 #[derive(Debug, thiserror::Error)]
@@ -12,3 +14,7 @@ pub enum ModelError {
     #[error("model: {0}")]
     Config(String),
 }
+
+/// libtorch's random generator is global: tests that seed it take turns.
+#[cfg(test)]
+pub(crate) static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());

@@ -1,7 +1,7 @@
 //! The pretraining loop: packed tokens in, checkpoints, `metrics.jsonl`, TensorBoard
 //! events and samples out; resumes bit-exactly from its last checkpoint.
 
-use cxxlm_model::{Gpt, ModelConfig, ModelOverrides};
+use cxxlm_model::{Gpt, ModelConfig, ModelOverrides, Sampling};
 use cxxlm_pack::loader::eval_batches;
 use cxxlm_pack::{IndexedDataset, Loader, LoaderConfig, Manifest, Mode};
 use cxxlm_tokenizer::{from_hf_json, Bpe};
@@ -462,14 +462,14 @@ pub fn pretrain(
             for (i, prompt) in SAMPLE_PROMPTS.iter().take(cfg.eval.samples).enumerate() {
                 let mut ids: Vec<u32> = bos.into_iter().collect();
                 ids.extend(bpe.encode(prompt));
-                let out = model.sample(
-                    &ids,
-                    cfg.eval.sample_tokens,
-                    0.0,
-                    1,
-                    eos,
-                    run.seed + i as u64,
-                );
+                let sampling = Sampling {
+                    max_new_tokens: cfg.eval.sample_tokens,
+                    seed: run.seed + i as u64,
+                    ..Default::default()
+                };
+                let out = model
+                    .generate(&[ids], &sampling, &mut |_, t| t.last().copied() == eos)
+                    .remove(0);
                 let completion = String::from_utf8_lossy(&bpe.decode(&out)).into_owned();
                 report(Event::Sample {
                     step,
