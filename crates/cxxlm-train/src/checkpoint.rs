@@ -154,3 +154,22 @@ pub fn load(dir: &Path) -> Result<Loaded> {
         state,
     })
 }
+
+/// A trained model from a checkpoint directory, or from a run directory's newest
+/// checkpoint.
+pub fn load_model(path: &Path, device: Device) -> Result<(cxxlm_model::Gpt, TrainerState)> {
+    let dir = if path.join("trainer.json").exists() {
+        path.to_path_buf()
+    } else {
+        latest(&path.join("checkpoints"))
+            .or_else(|| latest(path))
+            .ok_or_else(|| TrainError::Checkpoint {
+                path: path.to_path_buf(),
+                message: "holds no checkpoint (step-NNNNNN/trainer.json)".into(),
+            })?
+    };
+    let loaded = load(&dir)?;
+    let mut model = cxxlm_model::Gpt::new(loaded.state.model.clone(), device, 0)?;
+    model.load(&loaded.model)?;
+    Ok((model, loaded.state))
+}

@@ -254,7 +254,7 @@ fn load_tokenizer(path: &Path) -> Result<Bpe> {
 }
 
 /// UTF-8 bytes of every token id; special and unused ids count 0 (bits per byte).
-fn token_bytes(bpe: &Bpe, device: Device) -> Tensor {
+pub fn token_bytes(bpe: &Bpe, device: Device) -> Tensor {
     let bytes: Vec<f32> = (0..bpe.vocab_size())
         .map(|i| bpe.tokens().get(i).map_or(0.0, |t| t.len() as f32))
         .collect();
@@ -269,7 +269,7 @@ fn to_device_ids(tokens: &[u32], rows: usize, cols: usize, device: Device) -> Te
 }
 
 /// Validation bits per byte over up to `max_tokens` tokens of `data`.
-fn bits_per_byte(
+pub fn bits_per_byte(
     model: &Gpt,
     data: &IndexedDataset,
     batch: usize,

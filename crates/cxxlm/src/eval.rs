@@ -1,9 +1,13 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use cxxlm_eval::bench::{self, Report};
+use cxxlm_eval::bench::{self, Problem, Report};
 use cxxlm_eval::{Compiler, Limits, Sandbox};
-use serde_json::Value;
+use cxxlm_model::Sampling;
+use cxxlm_pack::{Manifest, Packer};
+use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
+
+use crate::sample::{load_checkpoint, prompt_ids, special};
 
 #[derive(Subcommand)]
 pub enum EvalCommand {
@@ -11,6 +15,54 @@ pub enum EvalCommand {
     Mbpp(BenchArgs),
     /// HumanEval-X C++ (task_id, prompt, declaration, canonical_solution, test).
     Humaneval(BenchArgs),
+    /// Bits per byte of a checkpoint on a pack's validation split.
+    Bpb(BpbArgs),
+    /// Fill-in-the-middle: hide one line of validation documents, let the model fill it.
+    Fim(FimArgs),
+}
+
+#[derive(Args)]
+pub struct ModelArgs {
+    /// A checkpoint directory, or a run directory (its newest checkpoint).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Defaults to the tokenizer of the checkpoint's run.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct BpbArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The output directory of `cxxlm pack`.
+    #[arg(long)]
+    pack: PathBuf,
+    #[arg(long, default_value = "val")]
+    split: String,
+    /// Validation tokens to read (0 = all).
+    #[arg(long, default_value_t = 0)]
+    tokens: usize,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct FimArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    pack: PathBuf,
+    /// Documents to try (each hides one of its non-blank lines).
+    #[arg(long, default_value_t = 200)]
+    documents: usize,
+    /// Prefix and suffix are cut to this many characters around the hidden line.
+    #[arg(long, default_value_t = 3000)]
+    context_chars: usize,
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -20,8 +72,26 @@ pub struct BenchArgs {
     problems: Option<PathBuf>,
     /// Completions made elsewhere: JSON lines with the problem's `name` (or `task_id`)
     /// and `completion`; several lines per problem for pass@k.
-    #[arg(long, required_unless_present = "canonical")]
+    #[arg(long, required_unless_present_any = ["canonical", "checkpoint"])]
     completions: Option<PathBuf>,
+    /// Generate the completions with this checkpoint (or run directory) instead.
+    #[arg(long, conflicts_with = "completions")]
+    checkpoint: Option<PathBuf>,
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Completions per problem (greedy when 1, else sampled at --temperature).
+    #[arg(long, default_value_t = 1)]
+    samples: usize,
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    #[arg(long, default_value_t = 384)]
+    max_tokens: usize,
+    /// Only the first N problems.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Also write the generated completions here (JSON lines, as --completions reads).
+    #[arg(long)]
+    completions_out: Option<PathBuf>,
     /// Run the benchmark's reference solutions, to check the harness itself.
     #[arg(long)]
     canonical: bool,
@@ -37,14 +107,30 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
     let (args, default) = match cmd {
         EvalCommand::Mbpp(a) => (a, Some("evals/multipl-e_mbpp-cpp-keep.jsonl")),
         EvalCommand::Humaneval(a) => (a, None),
+        EvalCommand::Bpb(a) => return bpb(a),
+        EvalCommand::Fim(a) => return fim(a),
     };
     let problems_path = args
         .problems
         .clone()
         .or_else(|| default.map(PathBuf::from))
         .context("--problems: the benchmark's JSON lines")?;
-    let problems = bench::load(&problems_path)?;
-    let completions = if args.canonical {
+    let mut problems = bench::load(&problems_path)?;
+    if let Some(n) = args.limit {
+        problems.truncate(n);
+    }
+    let completions = if let Some(checkpoint) = &args.checkpoint {
+        let generated = generate_completions(&args, checkpoint, &problems)?;
+        if let Some(out) = &args.completions_out {
+            let lines: Vec<String> = generated
+                .iter()
+                .map(|(n, c)| json!({"name": n, "completion": c}).to_string())
+                .collect();
+            std::fs::write(out, lines.join("\n") + "\n")
+                .with_context(|| format!("writing {}", out.display()))?;
+        }
+        generated
+    } else if args.canonical {
         let refs: Vec<(String, String)> = problems
             .iter()
             .filter_map(|p| p.canonical.clone().map(|c| (p.name.clone(), c)))
@@ -62,6 +148,138 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// `samples` completions of every problem's prompt, each cut at its stop tokens.
+fn generate_completions(
+    args: &BenchArgs,
+    checkpoint: &Path,
+    problems: &[Problem],
+) -> Result<Vec<(String, String)>> {
+    let (model, bpe) = load_checkpoint(checkpoint, args.tokenizer.as_deref())?;
+    let eos = special(&bpe, "<|eos|>");
+    let mut out = Vec::new();
+    for (i, p) in problems.iter().enumerate() {
+        let ids = prompt_ids(&bpe, &p.prompt, None);
+        let sampling = Sampling {
+            temperature: if args.samples > 1 {
+                args.temperature
+            } else {
+                0.0
+            },
+            top_k: 0,
+            top_p: 0.95,
+            max_new_tokens: args.max_tokens,
+            seed: i as u64,
+        };
+        let rows = model.generate(&vec![ids; args.samples], &sampling, &mut |_, t| {
+            t.last() == Some(&eos) || {
+                let text = String::from_utf8_lossy(&bpe.decode(&t[t.len().saturating_sub(8)..]))
+                    .into_owned();
+                p.stop_tokens.iter().any(|s| text.contains(s.as_str()))
+            }
+        });
+        for row in rows {
+            let body: Vec<u32> = row.into_iter().filter(|&t| t != eos).collect();
+            let text = String::from_utf8_lossy(&bpe.decode(&body)).into_owned();
+            out.push((p.name.clone(), p.truncate(&text).to_string()));
+        }
+    }
+    Ok(out)
+}
+
+fn bpb(args: BpbArgs) -> Result<()> {
+    let (model, bpe) = load_checkpoint(&args.model.checkpoint, args.model.tokenizer.as_deref())?;
+    let manifest = Manifest::load(&args.pack)?;
+    manifest.check_tokenizer(&args.pack, &bpe)?;
+    let data = manifest.open(&args.pack, &args.split)?;
+    let max = if args.tokens == 0 {
+        usize::MAX
+    } else {
+        args.tokens
+    };
+    let bytes = cxxlm_train::pretrain::token_bytes(&bpe, model.device());
+    let bpb = cxxlm_train::pretrain::bits_per_byte(&model, &data, args.batch, max, &bytes)
+        .with_context(|| format!("{}: fewer tokens than one window", args.split))?;
+    println!("{}: {bpb:.4} bits per byte", args.split);
+    if let Some(path) = &args.json {
+        std::fs::write(
+            path,
+            json!({"split": args.split, "bits_per_byte": bpb}).to_string(),
+        )?;
+    }
+    Ok(())
+}
+
+fn squash(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn fim(args: FimArgs) -> Result<()> {
+    let (model, bpe) = load_checkpoint(&args.model.checkpoint, args.model.tokenizer.as_deref())?;
+    let manifest = Manifest::load(&args.pack)?;
+    manifest.check_tokenizer(&args.pack, &bpe)?;
+    let val = manifest.open(&args.pack, "val")?;
+    let packer = Packer::new(&bpe, manifest.settings.fim);
+    let eos = special(&bpe, "<|eos|>");
+    let (mut tried, mut exact) = (0usize, 0usize);
+    let mut examples = Vec::new();
+    for doc in 0..val.len() {
+        if tried == args.documents {
+            break;
+        }
+        let text = String::from_utf8(packer.restore(&val.doc(doc))?).unwrap_or_default();
+        let lines: Vec<(usize, &str)> = text
+            .match_indices('\n')
+            .scan(0, |start, (end, _)| {
+                let line = (*start, &text[*start..end]);
+                *start = end + 1;
+                Some(line)
+            })
+            .filter(|(_, l)| l.trim().len() > 3)
+            .collect();
+        if lines.len() < 3 {
+            continue;
+        }
+        let (start, line) = lines[(doc * 7919) % lines.len()];
+        let end = start + line.len();
+        let from = text.floor_char_boundary(start.saturating_sub(args.context_chars));
+        let to = text.ceil_char_boundary((end + args.context_chars).min(text.len()));
+        let ids = prompt_ids(&bpe, "", Some((&text[from..start], &text[end..to])));
+        let sampling = Sampling {
+            max_new_tokens: 64,
+            ..Default::default()
+        };
+        let out = model.generate(&[ids], &sampling, &mut |_, t| {
+            t.last() == Some(&eos) || bpe.decode(&t[t.len() - 1..]).contains(&b'\n')
+        });
+        let body: Vec<u32> = out[0].iter().copied().filter(|&t| t != eos).collect();
+        let filled = String::from_utf8_lossy(&bpe.decode(&body)).into_owned();
+        let filled = filled.split('\n').next().unwrap_or("").to_string();
+        let hit = squash(&filled) == squash(line);
+        tried += 1;
+        exact += usize::from(hit);
+        if examples.len() < 20 {
+            examples.push(json!({"expected": line, "filled": filled, "exact": hit}));
+        }
+    }
+    if tried == 0 {
+        bail!("no validation document has three non-blank lines");
+    }
+    let rate = exact as f64 / tried as f64;
+    println!(
+        "FIM (one hidden line): {exact} of {tried} exact after whitespace normalization ({:.1}%)",
+        rate * 100.0
+    );
+    if let Some(path) = &args.json {
+        std::fs::write(
+            path,
+            serde_json::to_vec_pretty(
+                &json!({"documents": tried, "exact": exact, "exact_rate": rate, "examples": examples}),
+            )?,
+        )?;
     }
     Ok(())
 }
@@ -96,6 +314,10 @@ fn print_report(r: &Report) {
     println!(
         "{} problems, {} samples: {} compiled, {} passed",
         r.problems, r.samples, r.compiled, r.passed
+    );
+    println!(
+        "compile rate: {:.4}",
+        r.compiled as f64 / r.samples.max(1) as f64
     );
     for (k, v) in &r.pass_at_k {
         println!("{k}: {:.4}", v);

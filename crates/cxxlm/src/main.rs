@@ -7,6 +7,7 @@ mod data;
 mod eval;
 mod interrupt;
 mod pack;
+mod sample;
 mod tok;
 mod train;
 
@@ -36,7 +37,9 @@ enum Command {
     /// Train the GPT.
     #[command(subcommand)]
     Train(train::TrainCommand),
-    /// Judge C++ in a sandbox: coding benchmarks with unit tests.
+    /// Continue a prompt, or fill in the middle, with a trained checkpoint.
+    Sample(sample::SampleArgs),
+    /// Judge C++ in a sandbox: coding benchmarks with unit tests, bits per byte, FIM.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
 }
@@ -56,6 +59,7 @@ fn main() {
         Command::Pack(args) => pack::run(args),
         Command::Train(cmd) => train::run(cmd),
         Command::Eval(cmd) => eval::run(cmd),
+        Command::Sample(args) => sample::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

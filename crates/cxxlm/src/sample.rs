@@ -1,0 +1,131 @@
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use cxxlm_model::{Gpt, Sampling};
+use cxxlm_pack::{tokenizer_sha256, Manifest};
+use cxxlm_tokenizer::Bpe;
+use std::path::{Path, PathBuf};
+
+use crate::tok::load_tokenizer;
+use crate::train::load_config;
+
+/// A checkpoint's model on the best device, and the tokenizer it was trained with
+/// (`--tokenizer`, else the one its run's pack records), checked against its hash.
+pub fn load_checkpoint(path: &Path, tokenizer: Option<&Path>) -> Result<(Gpt, Bpe)> {
+    let device = tch::Device::cuda_if_available();
+    let (model, state) = cxxlm_train::checkpoint::load_model(path, device)?;
+    let tok_path = match tokenizer {
+        Some(t) => t.to_path_buf(),
+        None => {
+            let run = path
+                .ancestors()
+                .find(|a| a.join("config.toml").exists())
+                .with_context(|| {
+                    format!(
+                        "{}: no run config.toml above it; pass --tokenizer",
+                        path.display()
+                    )
+                })?;
+            let config = load_config(Some(&run.join("config.toml")), &[])?;
+            match config.data.tokenizer {
+                Some(t) => t,
+                None => PathBuf::from(Manifest::load(&config.data.pack)?.tokenizer_path),
+            }
+        }
+    };
+    let bpe = load_tokenizer(&tok_path)?;
+    if tokenizer_sha256(&bpe) != state.tokenizer_sha256 {
+        bail!(
+            "{} is not the tokenizer this checkpoint was trained with",
+            tok_path.display()
+        );
+    }
+    Ok((model, bpe))
+}
+
+pub fn special(bpe: &Bpe, name: &str) -> u32 {
+    bpe.special_id(name).expect("the design's special tokens")
+}
+
+#[derive(Args)]
+pub struct SampleArgs {
+    /// A checkpoint directory, or a run directory (its newest checkpoint).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Text to continue.
+    #[arg(long, conflicts_with_all = ["fim_prefix", "fim_suffix"])]
+    prompt: Option<String>,
+    /// Fill in the middle between this prefix...
+    #[arg(long)]
+    fim_prefix: Option<String>,
+    /// ...and this suffix.
+    #[arg(long)]
+    fim_suffix: Option<String>,
+    /// Completions to draw.
+    #[arg(long, default_value_t = 1)]
+    n: usize,
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    #[arg(long, default_value_t = 50)]
+    top_k: i64,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f64,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// `<|bos|>` prompt, or the PSM layout `pack` trains on, up to `<|fim_middle|>`.
+pub fn prompt_ids(bpe: &Bpe, prompt: &str, fim: Option<(&str, &str)>) -> Vec<u32> {
+    let mut ids = vec![special(bpe, "<|bos|>")];
+    match fim {
+        Some((prefix, suffix)) => {
+            ids.push(special(bpe, "<|fim_prefix|>"));
+            ids.extend(bpe.encode(prefix));
+            ids.push(special(bpe, "<|fim_suffix|>"));
+            ids.extend(bpe.encode(suffix));
+            ids.push(special(bpe, "<|fim_middle|>"));
+        }
+        None => ids.extend(bpe.encode(prompt)),
+    }
+    ids
+}
+
+pub fn run(args: SampleArgs) -> Result<()> {
+    let (model, bpe) = load_checkpoint(&args.checkpoint, args.tokenizer.as_deref())?;
+    let fim = match (&args.fim_prefix, &args.fim_suffix) {
+        (Some(p), Some(s)) => Some((p.as_str(), s.as_str())),
+        (None, None) => None,
+        _ => bail!("--fim-prefix and --fim-suffix go together"),
+    };
+    let text = args.prompt.clone().unwrap_or_default();
+    if fim.is_none() && args.prompt.is_none() {
+        bail!("give --prompt, or --fim-prefix and --fim-suffix");
+    }
+    let ids = prompt_ids(&bpe, &text, fim);
+    let eos = special(&bpe, "<|eos|>");
+    let sampling = Sampling {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        max_new_tokens: args.max_tokens,
+        seed: args.seed,
+    };
+    let outs = model.generate(&vec![ids; args.n], &sampling, &mut |_, t| {
+        t.last() == Some(&eos)
+    });
+    for (i, out) in outs.iter().enumerate() {
+        let body: Vec<u32> = out.iter().copied().filter(|&t| t != eos).collect();
+        let completion = String::from_utf8_lossy(&bpe.decode(&body)).into_owned();
+        if args.n > 1 {
+            println!("--- sample {} ---", i + 1);
+        }
+        match fim {
+            Some((p, s)) => println!("{p}{completion}{s}"),
+            None => println!("{text}{completion}"),
+        }
+    }
+    Ok(())
+}
