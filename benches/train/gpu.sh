@@ -5,6 +5,8 @@
 # Run from the repository root with gpu/ carried (see benches/train/prepare.sh):
 #   benches/train/gpu.sh bench            # d12 B=32 and d20 B=16, T=2048: tok/s and memory
 #   benches/train/gpu.sh train STEPS      # d12 on the packed corpus (B=32 x 2048 per step), eval + samples
+#   benches/train/gpu.sh eval STEPS       # train d12, then bpb, FIM, MBPP completions and
+#                                         # generation speed against HF transformers
 # Results land in $OUT (or gpu-out/).
 set -euo pipefail
 out=${OUT:-gpu-out}
@@ -64,5 +66,23 @@ train)
         --set eval.every=300 --set eval.tokens=2097152 --set eval.samples=4 --set eval.sample_tokens=64 \
         --set checkpoint.every=1000 --log-every 50 2>&1 | tee "$out/train.log" || true
     cp "$work/d12/metrics.jsonl" "$work/d12/samples.jsonl" "$work/d12/config.toml" "$out/"
+    ;;
+eval)
+    steps=${2:-600}
+    rm -rf "$work/d12"
+    runner="timeout ${TRAIN_SECONDS:-240}"
+    ours 12 32 "$steps" "$work/d12" --log-every 100 2>&1 | tee "$out/train.log" || true
+    runner=
+    cp "$work/d12/metrics.jsonl" "$out/"
+    x="$work/cxxlm"
+    for b in 1 64; do
+        $x sample --checkpoint "$work/d12" --benchmark-batch $b --benchmark-prompt 128 --max-tokens 256 | tee -a "$out/eval.txt"
+        python3 benches/sample/hf_generate.py 12 768 6 6 32768 $b 128 256 2>&1 | grep RESULT | tee -a "$out/eval.txt"
+    done
+    $x eval bpb --checkpoint "$work/d12" --pack "$work/pack" --json "$out/bpb.json" | tee -a "$out/eval.txt"
+    $x eval fim --checkpoint "$work/d12" --pack "$work/pack" --documents 100 --json "$out/fim.json" | tee -a "$out/eval.txt"
+    # The sandbox may be unavailable here: the completions are scored where it is.
+    timeout "${MBPP_SECONDS:-150}" $x eval mbpp --checkpoint "$work/d12" --limit "${MBPP_LIMIT:-100}" --max-tokens 128 \
+        --completions-out "$out/mbpp-completions.jsonl" --json "$out/mbpp.json" 2>&1 | tee -a "$out/eval.txt" || true
     ;;
 esac

@@ -11,6 +11,9 @@ use crate::{EvalError, Result};
 
 pub const STD: &str = "-std=c++20";
 
+/// Where the sandbox sees the precompiled header cache.
+const PCH_INSIDE: &str = "/pch";
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Diagnosis {
     pub ok: bool,
@@ -23,8 +26,8 @@ pub struct Diagnosis {
 
 pub struct Compiler {
     sandbox: Sandbox,
-    /// A directory holding `bits/stdc++.h.gch`.
-    pch: Option<PathBuf>,
+    /// Whether checks use the precompiled `bits/stdc++.h`.
+    pch: bool,
 }
 
 /// The first error's class, from g++'s wording.
@@ -129,31 +132,37 @@ impl Compiler {
                     String::from_utf8_lossy(&out.stderr)
                 )));
             }
+            // The program's own `#include <bits/stdc++.h>` finds this directory first;
+            // past the first line the cache cannot serve it, so the real header must be here.
+            let link = dir.join("bits/stdc++.h");
+            if !link.exists() {
+                std::os::unix::fs::symlink(&header, &link).map_err(|e| EvalError::io(&link, e))?;
+            }
             std::fs::rename(&tmp, &gch).map_err(|e| EvalError::io(&gch, e))?;
         }
         Ok(Compiler {
-            sandbox: sandbox.with_read_only(&dir),
-            pch: Some(dir),
+            sandbox: sandbox.with_read_only(&dir, PCH_INSIDE),
+            pch: true,
         })
     }
 
     /// A compiler without the header cache (the baseline of the benchmark).
     pub fn plain(sandbox: Sandbox) -> Self {
-        Compiler { sandbox, pch: None }
-    }
-
-    pub fn sandbox(&self) -> &Sandbox {
-        &self.sandbox
+        Compiler {
+            sandbox,
+            pch: false,
+        }
     }
 
     fn pch_args(&self) -> Vec<String> {
-        match &self.pch {
-            Some(dir) => vec![
-                format!("-I{}", dir.display()),
+        if self.pch {
+            vec![
+                format!("-I{PCH_INSIDE}"),
                 "-include".into(),
                 "bits/stdc++.h".into(),
-            ],
-            None => Vec::new(),
+            ]
+        } else {
+            Vec::new()
         }
     }
 

@@ -77,8 +77,8 @@ fn run_uid() -> u32 {
 pub struct Sandbox {
     bwrap: PathBuf,
     pub limits: Limits,
-    /// Host directories mounted read-only at the same path (a precompiled header cache).
-    read_only: Vec<PathBuf>,
+    /// Host directories mounted read-only, and where (a precompiled header cache).
+    read_only: Vec<(PathBuf, PathBuf)>,
 }
 
 impl Sandbox {
@@ -109,8 +109,10 @@ impl Sandbox {
         Ok(sandbox)
     }
 
-    pub fn with_read_only(mut self, dir: &Path) -> Self {
-        self.read_only.push(dir.to_path_buf());
+    /// Mounts host directory `dir` read-only at `inside`.
+    pub fn with_read_only(mut self, dir: &Path, inside: &str) -> Self {
+        self.read_only
+            .push((dir.to_path_buf(), PathBuf::from(inside)));
         self
     }
 
@@ -137,8 +139,8 @@ impl Sandbox {
             }
         }
         cmd.args(["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]);
-        for dir in &self.read_only {
-            cmd.arg("--ro-bind").arg(dir).arg(dir);
+        for (dir, inside) in &self.read_only {
+            cmd.arg("--ro-bind").arg(dir).arg(inside);
         }
         cmd.args(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]);
         cmd.arg("--bind").arg(scratch).arg("/work");

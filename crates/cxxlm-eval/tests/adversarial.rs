@@ -115,3 +115,21 @@ fn a_compiler_bomb_is_stopped() {
         "{category}"
     );
 }
+
+#[test]
+fn syntax_checks_with_the_header_cache_classify_failures() {
+    let cache = tempfile::tempdir().unwrap();
+    let c = Compiler::new(Sandbox::new(Limits::default()).unwrap(), cache.path()).unwrap();
+    let good = c
+        .check("#include <bits/stdc++.h>\nint main() { std::vector<int> v{1}; return v[0] - 1; }\n")
+        .unwrap();
+    assert!(good.ok && good.warnings == 0, "{good:?}");
+    let warned = c
+        .check("int main() { int unused = 1; return 0; }\n")
+        .unwrap();
+    assert!(warned.ok && warned.warnings == 1, "{warned:?}");
+    let bad = c
+        .check("#include <vector>\nint main() { return undefined_thing; }\n")
+        .unwrap();
+    assert_eq!(bad.category.as_deref(), Some("undeclared"), "{bad:?}");
+}

@@ -15,6 +15,9 @@ pub enum EvalCommand {
     Mbpp(BenchArgs),
     /// HumanEval-X C++ (task_id, prompt, declaration, canonical_solution, test).
     Humaneval(BenchArgs),
+    /// Compile rate of completions: `g++ -fsyntax-only -Wall` on prompt + completion +
+    /// tests against a precompiled standard header, with failure classes and checks/s.
+    Compile(CompileArgs),
     /// Bits per byte of a checkpoint on a pack's validation split.
     Bpb(BpbArgs),
     /// Fill-in-the-middle: hide one line of validation documents, let the model fill it.
@@ -29,6 +32,23 @@ pub struct ModelArgs {
     /// Defaults to the tokenizer of the checkpoint's run.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct CompileArgs {
+    #[arg(long, default_value = "evals/multipl-e_mbpp-cpp-keep.jsonl")]
+    problems: PathBuf,
+    /// JSON lines with `name` and `completion` (as `eval mbpp --completions-out` writes).
+    #[arg(long)]
+    completions: PathBuf,
+    /// Also check every program with plain g++ (no header cache) and print the speed ratio.
+    #[arg(long)]
+    baseline: bool,
+    /// Where the precompiled header is kept.
+    #[arg(long, default_value = "runs/cache")]
+    cache: PathBuf,
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -107,6 +127,7 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
     let (args, default) = match cmd {
         EvalCommand::Mbpp(a) => (a, Some("evals/multipl-e_mbpp-cpp-keep.jsonl")),
         EvalCommand::Humaneval(a) => (a, None),
+        EvalCommand::Compile(a) => return compile(a),
         EvalCommand::Bpb(a) => return bpb(a),
         EvalCommand::Fim(a) => return fim(a),
     };
@@ -188,6 +209,82 @@ fn generate_completions(
         }
     }
     Ok(out)
+}
+
+/// Syntax-checks every program in parallel; returns the diagnoses and checks per second.
+fn check_all(
+    compiler: &Compiler,
+    programs: &[String],
+) -> Result<(Vec<cxxlm_eval::Diagnosis>, f64)> {
+    use rayon::prelude::*;
+    let started = std::time::Instant::now();
+    let diagnoses = programs
+        .par_iter()
+        .map(|p| compiler.check(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((
+        diagnoses,
+        programs.len() as f64 / started.elapsed().as_secs_f64(),
+    ))
+}
+
+fn compile(args: CompileArgs) -> Result<()> {
+    let problems = bench::load(&args.problems)?;
+    let by_name: std::collections::HashMap<&str, &Problem> =
+        problems.iter().map(|p| (p.name.as_str(), p)).collect();
+    let programs = read_completions(&args.completions)?
+        .iter()
+        .map(|(name, completion)| {
+            by_name
+                .get(name.as_str())
+                .map(|p| p.program(completion))
+                .with_context(|| format!("completion for unknown problem {name:?}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let fast = Compiler::new(Sandbox::new(Limits::default())?, &args.cache)?;
+    let (diagnoses, rate) = check_all(&fast, &programs)?;
+    let n = diagnoses.len().max(1) as f64;
+    let ok = diagnoses.iter().filter(|d| d.ok).count();
+    let clean = diagnoses.iter().filter(|d| d.ok && d.warnings == 0).count();
+    let mut categories: std::collections::BTreeMap<String, usize> = Default::default();
+    for d in &diagnoses {
+        if let Some(c) = &d.category {
+            *categories.entry(c.clone()).or_default() += 1;
+        }
+    }
+    println!(
+        "{} programs: compile rate {:.4}, warning-free {:.4}; {rate:.1} checks/s",
+        diagnoses.len(),
+        ok as f64 / n,
+        clean as f64 / n
+    );
+    for (c, k) in &categories {
+        println!("  {k:>5}  {c}");
+    }
+    let mut report = json!({
+        "programs": diagnoses.len(), "compile_rate": ok as f64 / n, "warning_free_rate": clean as f64 / n,
+        "checks_per_second": rate, "failures": categories,
+    });
+    if args.baseline {
+        let plain = Compiler::plain(Sandbox::new(Limits::default())?);
+        let (base, base_rate) = check_all(&plain, &programs)?;
+        let agree = base
+            .iter()
+            .zip(&diagnoses)
+            .filter(|(a, b)| a.ok == b.ok)
+            .count();
+        println!(
+            "plain g++: {base_rate:.1} checks/s; the header cache is {:.2}x; verdicts agree on {agree} of {}",
+            rate / base_rate,
+            base.len()
+        );
+        report["baseline_checks_per_second"] = base_rate.into();
+        report["verdicts_agree"] = agree.into();
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+    }
+    Ok(())
 }
 
 fn bpb(args: BpbArgs) -> Result<()> {

@@ -75,6 +75,12 @@ pub struct SampleArgs {
     max_tokens: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Instead of sampling a prompt: time greedy generation of --max-tokens for this many
+    /// sequences of --benchmark-prompt tokens each, never stopping early.
+    #[arg(long, conflicts_with_all = ["prompt", "fim_prefix"])]
+    benchmark_batch: Option<usize>,
+    #[arg(long, default_value_t = 128)]
+    benchmark_prompt: usize,
 }
 
 /// `<|bos|>` prompt, or the PSM layout `pack` trains on, up to `<|fim_middle|>`.
@@ -93,8 +99,35 @@ pub fn prompt_ids(bpe: &Bpe, prompt: &str, fim: Option<(&str, &str)>) -> Vec<u32
     ids
 }
 
+/// Tokens per second of batched greedy generation, after a warm-up.
+fn benchmark(model: &Gpt, bpe: &Bpe, batch: usize, prompt: usize, new: usize) {
+    let vocab = bpe.special_base() as usize;
+    let ids: Vec<u32> = (0..prompt).map(|i| ((i * 7919) % vocab) as u32).collect();
+    let prompts = vec![ids; batch];
+    let run = |n| {
+        let sampling = Sampling {
+            max_new_tokens: n,
+            ..Default::default()
+        };
+        model.generate(&prompts, &sampling, &mut |_, _| false)
+    };
+    run(8);
+    let started = std::time::Instant::now();
+    let out = run(new);
+    let seconds = started.elapsed().as_secs_f64();
+    let tokens: usize = out.iter().map(Vec::len).sum();
+    println!(
+        "RESULT impl=cxxlm batch={batch} prompt={prompt} new={new} seconds={seconds:.3} tok_s={:.0}",
+        tokens as f64 / seconds
+    );
+}
+
 pub fn run(args: SampleArgs) -> Result<()> {
     let (model, bpe) = load_checkpoint(&args.checkpoint, args.tokenizer.as_deref())?;
+    if let Some(batch) = args.benchmark_batch {
+        benchmark(&model, &bpe, batch, args.benchmark_prompt, args.max_tokens);
+        return Ok(());
+    }
     let fim = match (&args.fim_prefix, &args.fim_suffix) {
         (Some(p), Some(s)) => Some((p.as_str(), s.as_str())),
         (None, None) => None,
