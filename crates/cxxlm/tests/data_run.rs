@@ -308,3 +308,27 @@ fn a_full_disk_stops_the_run_with_the_file_named() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn the_evaluation_benchmark_is_never_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write(&src.join("a.cpp"), cpp_source(1));
+    let mbpp = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../evals/multipl-e_mbpp-cpp-keep.jsonl"
+    );
+    std::fs::copy(mbpp, src.join("multipl-e_mbpp-cpp-keep.jsonl")).unwrap();
+    let out = tmp.path().join("out");
+    data_run(&src, &out, &[]);
+    data_run(Path::new(mbpp), &tmp.path().join("direct"), &[]);
+    for dir in [&out, &tmp.path().join("direct")] {
+        assert_eq!(
+            skipped(&stats(dir), "evaluation_set"),
+            1,
+            "{}",
+            dir.display()
+        );
+    }
+    assert_eq!(read_shards(&out).len(), 1);
+}

@@ -129,6 +129,16 @@ pub struct Plan {
     pub skipped: Vec<Skipped>,
 }
 
+/// Benchmarks whose license forbids training on them (MultiPL-E's files are named
+/// `multipl-e_*`); the data stage never reads them.
+fn is_evaluation_set(path: &Path) -> bool {
+    path.file_name().is_some_and(|n| {
+        n.to_string_lossy()
+            .to_ascii_lowercase()
+            .starts_with("multipl-e")
+    })
+}
+
 pub fn plan(config: &InputConfig, hub: Option<&HubClient>) -> Result<Plan> {
     let mut plan = Plan::default();
     for input in &config.paths {
@@ -150,7 +160,13 @@ pub fn plan(config: &InputConfig, hub: Option<&HubClient>) -> Result<Plan> {
             input: input.clone(),
             message: format!("cannot be read: {e}"),
         })?;
-        if meta.is_dir() && path.join(".git").exists() {
+        if is_evaluation_set(&path) {
+            plan.skipped.push(Skipped {
+                input: input.clone(),
+                reason: "evaluation_set".into(),
+                detail: "an evaluation benchmark whose license forbids training on it".into(),
+            });
+        } else if meta.is_dir() && path.join(".git").exists() {
             git::plan(&path, &mut plan)?;
         } else if meta.is_dir() {
             plan_dir(&path, &mut plan);
@@ -197,6 +213,14 @@ fn plan_dir(root: &Path, plan: &mut Plan) {
             continue;
         }
         let name = entry.file_name().to_string_lossy();
+        if is_evaluation_set(entry.path()) {
+            plan.skipped.push(Skipped {
+                input: entry.path().display().to_string(),
+                reason: "evaluation_set".into(),
+                detail: "an evaluation benchmark whose license forbids training on it".into(),
+            });
+            continue;
+        }
         match Kind::of(&name) {
             Some(kind) => plan.units.push(Unit::Local {
                 path: entry.into_path(),
