@@ -166,21 +166,28 @@ impl Compiler {
         }
     }
 
-    /// `g++ -fsyntax-only -Wall` on one translation unit.
-    pub fn check(&self, source: &str) -> Result<Diagnosis> {
+    /// A scratch directory holding `source` as `main.cpp`.
+    fn scratch_with(source: &str) -> Result<tempfile::TempDir> {
         let scratch = tempfile::tempdir().map_err(|e| EvalError::io("temporary directory", e))?;
         let file = scratch.path().join("main.cpp");
         std::fs::write(&file, source).map_err(|e| EvalError::io(&file, e))?;
-        let mut args: Vec<String> = vec![
-            "/usr/bin/g++".into(),
-            STD.into(),
-            "-fsyntax-only".into(),
-            "-Wall".into(),
-        ];
-        args.extend(self.pch_args());
-        args.push("main.cpp".into());
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        Ok(diagnose(&self.sandbox.run(scratch.path(), &argv, b"")?))
+        Ok(scratch)
+    }
+
+    /// `g++ -std=c++20 -Wall <flags> main.cpp` in the sandbox.
+    fn gxx(&self, scratch: &Path, flags: &[String]) -> Result<Diagnosis> {
+        let mut argv = vec!["/usr/bin/g++", STD, "-Wall"];
+        argv.extend(flags.iter().map(String::as_str));
+        argv.push("main.cpp");
+        Ok(diagnose(&self.sandbox.run(scratch, &argv, b"")?))
+    }
+
+    /// `g++ -fsyntax-only -Wall` on one translation unit.
+    pub fn check(&self, source: &str) -> Result<Diagnosis> {
+        let scratch = Self::scratch_with(source)?;
+        let mut flags = vec!["-fsyntax-only".to_string(), "-Winvalid-pch".to_string()];
+        flags.extend(self.pch_args());
+        self.gxx(scratch.path(), &flags)
     }
 
     /// Builds a program and, if it compiles, runs it; both in the sandbox.
@@ -189,18 +196,8 @@ impl Compiler {
         source: &str,
         stdin: &[u8],
     ) -> Result<(Diagnosis, Option<Outcome>)> {
-        let scratch = tempfile::tempdir().map_err(|e| EvalError::io("temporary directory", e))?;
-        let file = scratch.path().join("main.cpp");
-        std::fs::write(&file, source).map_err(|e| EvalError::io(&file, e))?;
-        let mut args: Vec<String> = vec![
-            "/usr/bin/g++".into(),
-            STD.into(),
-            "-O1".into(),
-            "-Wall".into(),
-        ];
-        args.extend(["main.cpp".into(), "-o".into(), "prog".into()]);
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let built = diagnose(&self.sandbox.run(scratch.path(), &argv, b"")?);
+        let scratch = Self::scratch_with(source)?;
+        let built = self.gxx(scratch.path(), &["-O1", "-o", "prog"].map(String::from))?;
         if !built.ok {
             return Ok((built, None));
         }

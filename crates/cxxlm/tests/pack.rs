@@ -9,20 +9,6 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn pack_args<'a>(f: &'a Fixture, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "pack",
-        "--tokenizer",
-        f.tokenizer.to_str().unwrap(),
-        "-i",
-        f.data.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ];
-    args.extend(extra);
-    args
-}
-
 fn docs(ds: &IndexedDataset) -> Vec<Vec<u32>> {
     (0..ds.len()).map(|i| ds.doc(i)).collect()
 }

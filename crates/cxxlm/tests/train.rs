@@ -16,17 +16,7 @@ struct Packed {
 fn packed() -> Packed {
     let f = fixture(400, 2048);
     let pack = f.root.join("pack");
-    run_ok(&[
-        "pack",
-        "--tokenizer",
-        f.tokenizer.to_str().unwrap(),
-        "-i",
-        f.data.to_str().unwrap(),
-        "-o",
-        pack.to_str().unwrap(),
-        "--val-fraction",
-        "0.1",
-    ]);
+    run_ok(&pack_args(&f, &pack, &["--val-fraction", "0.1"]));
     Packed { f, pack }
 }
 

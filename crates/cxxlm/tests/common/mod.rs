@@ -171,3 +171,18 @@ pub fn fixture(shard_kb: usize, vocab: usize) -> Fixture {
         tokenizer,
     }
 }
+
+/// `cxxlm pack` of a fixture's shards with its tokenizer into `out`.
+pub fn pack_args<'a>(f: &'a Fixture, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "pack",
+        "--tokenizer",
+        f.tokenizer.to_str().unwrap(),
+        "-i",
+        f.data.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    args
+}
