@@ -145,10 +145,6 @@ impl IndexedWriter {
         Ok(())
     }
 
-    pub fn documents(&self) -> usize {
-        self.lengths.len()
-    }
-
     pub fn finish(self) -> Result<()> {
         let bin_tmp = tmp(&self.bin_path);
         let file = self
