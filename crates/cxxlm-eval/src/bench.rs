@@ -61,7 +61,8 @@ pub fn load(path: &Path) -> Result<Vec<Problem>> {
             Problem {
                 name,
                 prompt: field("prompt").ok_or_else(|| bad("no prompt".into()))?,
-                tests: format!("\n{tests}"),
+                // The completion is cut before the function's closing brace, as in MultiPL-E.
+                tests: format!("\n}}\n{tests}"),
                 stop_tokens: vec!["\n}\n".into()],
                 canonical: field("canonical_solution"),
             }
@@ -217,5 +218,33 @@ mod tests {
             p.program("  return 1;"),
             "int f() {\n  return 1;}\nint main() {}\n"
         );
+    }
+
+    #[test]
+    fn both_formats_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.jsonl");
+        let records = [
+            serde_json::json!({"task_id": "CPP/0", "prompt": "int add(int a, int b) {\n",
+                "declaration": "int add(int a, int b) {\n", "canonical_solution": "    return a + b;\n}\n",
+                "test": "int main() { return add(1, 2) == 3 ? 0 : 1; }\n"}),
+            serde_json::json!({"name": "m", "prompt": "int f() {\n", "tests": "}\nint main() {}\n",
+                "stop_tokens": ["\n}"]}),
+        ];
+        let text: Vec<String> = records.iter().map(|r| r.to_string()).collect();
+        std::fs::write(&path, text.join("\n")).unwrap();
+        let problems = load(&path).unwrap();
+        let x = &problems[0];
+        assert_eq!(x.name, "CPP/0");
+        let program = x.program(x.canonical.as_deref().unwrap());
+        assert!(
+            program
+                .ends_with("return a + b;\n}\nint main() { return add(1, 2) == 3 ? 0 : 1; }\n"),
+            "{program}"
+        );
+        assert_eq!(problems[1].stop_tokens, vec!["\n}".to_string()]);
+        std::fs::write(&path, "{\"prompt\": \"x\"}").unwrap();
+        let e = load(&path).unwrap_err().to_string();
+        assert!(e.contains("b.jsonl:1") && e.contains("HumanEval-X"), "{e}");
     }
 }
