@@ -238,8 +238,7 @@ mod tests {
         assert_eq!(x.name, "CPP/0");
         let program = x.program(x.canonical.as_deref().unwrap());
         assert!(
-            program
-                .ends_with("return a + b;\n}\nint main() { return add(1, 2) == 3 ? 0 : 1; }\n"),
+            program.ends_with("return a + b;\n}\nint main() { return add(1, 2) == 3 ? 0 : 1; }\n"),
             "{program}"
         );
         assert_eq!(problems[1].stop_tokens, vec!["\n}".to_string()]);
