@@ -62,6 +62,13 @@ fn bad(what: impl Into<String>) -> TokenizerError {
 /// Read a `tokenizer.json` written by [`to_hf_json`]. A tokenizer with another split
 /// pattern, model type or special tokens is refused: ids from it would not mean what
 /// our models were trained on.
+/// A `tokenizer.json` file; errors name the file.
+pub fn load(path: &std::path::Path) -> Result<Bpe, TokenizerError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| TokenizerError::Format(format!("{}: {e}", path.display())))?;
+    from_hf_json(&text).map_err(|e| TokenizerError::Format(format!("{}: {e}", path.display())))
+}
+
 pub fn from_hf_json(text: &str) -> Result<Bpe, TokenizerError> {
     let v: Value = serde_json::from_str(text).map_err(|e| bad(format!("not JSON: {e}")))?;
     let pattern = v

@@ -8,7 +8,7 @@ mod hf;
 mod train;
 
 pub use bpe::{Bpe, PieceCache};
-pub use hf::{from_hf_json, to_hf_json};
+pub use hf::{from_hf_json, load, to_hf_json};
 pub use train::{Trainer, SECOND_STAGE_BYTES};
 
 /// First-stage pieces: identifiers (with the space before them), numbers of up to three

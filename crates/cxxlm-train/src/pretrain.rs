@@ -4,11 +4,11 @@
 use cxxlm_model::{Gpt, ModelConfig, ModelOverrides, Sampling};
 use cxxlm_pack::loader::eval_batches;
 use cxxlm_pack::{IndexedDataset, Loader, LoaderConfig, Manifest, Mode};
-use cxxlm_tokenizer::{from_hf_json, Bpe};
+use cxxlm_tokenizer::Bpe;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map};
 use std::panic::AssertUnwindSafe;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -248,11 +248,6 @@ fn device(name: &str) -> Result<Device> {
     }
 }
 
-fn load_tokenizer(path: &Path) -> Result<Bpe> {
-    let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
-    from_hf_json(&text).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))
-}
-
 /// UTF-8 bytes of every token id; special and unused ids count 0 (bits per byte).
 pub fn token_bytes(bpe: &Bpe, device: Device) -> Tensor {
     let bytes: Vec<f32> = (0..bpe.vocab_size())
@@ -311,7 +306,7 @@ pub fn pretrain(
         .tokenizer
         .clone()
         .unwrap_or_else(|| PathBuf::from(&manifest.tokenizer_path));
-    let bpe = load_tokenizer(&tok_path)?;
+    let bpe = cxxlm_tokenizer::load(&tok_path).map_err(|e| TrainError::Config(e.to_string()))?;
     manifest.check_tokenizer(&cfg.data.pack, &bpe)?;
     let model_config = ModelConfig::resolve(&cfg.model, bpe.vocab_size())?;
     let seq = model_config.seq_len;

@@ -10,8 +10,6 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::tok::load_tokenizer;
-
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct PackArgs {
@@ -69,7 +67,7 @@ pub fn run(args: PackArgs) -> Result<()> {
     let (Some(tokenizer), Some(out)) = (args.tokenizer, args.out) else {
         bail!("--tokenizer and --out are required");
     };
-    let bpe = load_tokenizer(&tokenizer)?;
+    let bpe = cxxlm_tokenizer::load(&tokenizer)?;
     let config = PackConfig {
         inputs: args.inputs,
         out,
@@ -151,7 +149,7 @@ fn inspect(path: &Path, tokenizer: Option<PathBuf>, sample_chars: usize) -> Resu
     let tokenizer = tokenizer
         .or_else(|| manifest.as_ref().map(|m| PathBuf::from(&m.tokenizer_path)))
         .context("no pack.json beside the file names its tokenizer; pass --tokenizer")?;
-    let bpe = load_tokenizer(&tokenizer)?;
+    let bpe = cxxlm_tokenizer::load(&tokenizer)?;
     if let Some(m) = &manifest {
         m.check_tokenizer(&dir, &bpe)?;
         println!("{}: {:?}", Manifest::path(&dir).display(), m.settings.fim);

@@ -5,7 +5,6 @@ use cxxlm_pack::{tokenizer_sha256, Manifest};
 use cxxlm_tokenizer::Bpe;
 use std::path::{Path, PathBuf};
 
-use crate::tok::load_tokenizer;
 use crate::train::load_config;
 
 /// A checkpoint's model on the best device, and the tokenizer it was trained with
@@ -32,7 +31,7 @@ pub fn load_checkpoint(path: &Path, tokenizer: Option<&Path>) -> Result<(Gpt, Bp
             }
         }
     };
-    let bpe = load_tokenizer(&tok_path)?;
+    let bpe = cxxlm_tokenizer::load(&tok_path)?;
     if tokenizer_sha256(&bpe) != state.tokenizer_sha256 {
         bail!(
             "{} is not the tokenizer this checkpoint was trained with",

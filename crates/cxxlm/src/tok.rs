@@ -3,13 +3,11 @@ use clap::{Args, Subcommand};
 use cxxlm_data::config::{InputConfig, NormalizeConfig};
 use cxxlm_data::read::{self, ReadItem, UnitReader};
 use cxxlm_data::steps::Normalize;
-use cxxlm_tokenizer::{
-    from_hf_json, to_hf_json, Bpe, PieceCache, Trainer, DEFAULT_VOCAB, SECOND_STAGE_BYTES,
-};
+use cxxlm_tokenizer::{to_hf_json, PieceCache, Trainer, DEFAULT_VOCAB, SECOND_STAGE_BYTES};
 use rayon::prelude::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Subcommand)]
@@ -63,7 +61,7 @@ pub fn run(cmd: TokCommand) -> Result<()> {
         TokCommand::Train(a) => train(a),
         TokCommand::Eval(a) => eval(a),
         TokCommand::Encode { tokenizer, file } => {
-            let bpe = load_tokenizer(&tokenizer)?;
+            let bpe = cxxlm_tokenizer::load(&tokenizer)?;
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             let ids: Vec<String> = bpe.encode(&text).iter().map(u32::to_string).collect();
@@ -71,12 +69,6 @@ pub fn run(cmd: TokCommand) -> Result<()> {
             Ok(())
         }
     }
-}
-
-pub(crate) fn load_tokenizer(path: &Path) -> Result<Bpe> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    from_hf_json(&text).with_context(|| format!("loading {}", path.display()))
 }
 
 /// Every document of the inputs as (project, text), in input order; inputs that are not
@@ -201,10 +193,7 @@ impl Tally {
 }
 
 fn eval(args: EvalArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&args.tokenizer)
-        .with_context(|| format!("reading {}", args.tokenizer.display()))?;
-    let bpe =
-        from_hf_json(&text).with_context(|| format!("loading {}", args.tokenizer.display()))?;
+    let bpe = cxxlm_tokenizer::load(&args.tokenizer)?;
     let baselines = [
         tiktoken_rs::r50k_base()?,
         tiktoken_rs::p50k_base()?,
