@@ -272,7 +272,9 @@ pub fn bits_per_byte(
     bytes_of: &Tensor,
 ) -> Option<f64> {
     let t = model.config.seq_len;
-    let (mut nats, mut bytes) = (0.0, 0.0);
+    // Summed on the device and read once, so batches queue without a sync each.
+    let zero = || Tensor::zeros([], (Kind::Double, model.device()));
+    let (mut nats, mut bytes) = (zero(), zero());
     let mut seen = 0;
     for b in eval_batches(data, batch, t, 0, 1) {
         if seen >= max_tokens {
@@ -283,10 +285,11 @@ pub fn bits_per_byte(
         let losses = model.token_losses(&x, &y);
         let w = bytes_of.index_select(0, &y.reshape([-1]));
         let counted = w.gt(0.0).to_kind(Kind::Float);
-        nats += (losses * counted).sum(Kind::Double).double_value(&[]);
-        bytes += w.sum(Kind::Double).double_value(&[]);
+        nats += (losses * counted).sum(Kind::Double);
+        bytes += w.sum(Kind::Double);
         seen += b.rows * t;
     }
+    let (nats, bytes) = (nats.double_value(&[]), bytes.double_value(&[]));
     (bytes > 0.0).then(|| nats / std::f64::consts::LN_2 / bytes)
 }
 
