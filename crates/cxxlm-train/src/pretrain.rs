@@ -114,6 +114,10 @@ pub struct RunConfig {
     pub steps: u64,
     /// Training tokens; 0 = 20 per parameter (Chinchilla, as nanochat).
     pub tokens: u64,
+    /// Seconds of optimizer steps (0 = no limit): after the first steps, the step count
+    /// is cut to what fits, so the schedule still ends at its final learning rate.
+    /// Evaluation and checkpoints are not counted.
+    pub time_budget: f64,
     pub seed: u64,
 }
 
@@ -125,6 +129,7 @@ impl Default for RunConfig {
             total_batch_tokens: 524_288,
             steps: 0,
             tokens: 0,
+            time_budget: 0.0,
             seed: 0,
         }
     }
@@ -220,6 +225,11 @@ pub enum Event {
         prompt: String,
         completion: String,
     },
+    /// `train.time_budget` fixed the step count from the measured step time.
+    StepsFitted {
+        steps: u64,
+        step_seconds: f64,
+    },
     Warning(String),
     Checkpoint(PathBuf),
 }
@@ -233,6 +243,9 @@ const SAMPLE_PROMPTS: [&str; 4] = [
 ];
 
 const EMA_BETA: f64 = 0.9;
+
+/// With a time budget, the step count is fitted once this many steps are done.
+const FIT_AFTER_STEPS: u64 = 10;
 
 fn device(name: &str) -> Result<Device> {
     match name {
@@ -327,7 +340,7 @@ pub fn pretrain(
         )));
     }
     let grad_accum = total_batch / micro_tokens;
-    let steps = if run.steps > 0 {
+    let mut steps = if run.steps > 0 {
         run.steps
     } else {
         let tokens = if run.tokens > 0 {
@@ -359,6 +372,7 @@ pub fn pretrain(
         "device_batch": run.device_batch,
         "total_batch_tokens": total_batch,
         "steps": steps,
+        "time_budget": run.time_budget,
         "seed": run.seed,
         "loader": cfg.data.loader,
         "optim": cfg.optim,
@@ -406,6 +420,8 @@ pub fn pretrain(
             loader.restore(loaded.state.loader.clone())?;
             resumed_from = Some(loaded.state.step);
             state = loaded.state;
+            // A fitted step count lives in the checkpoint, not in the config.
+            steps = state.total_steps;
         }
     } else if checkpoint::latest(&ckpt_root).is_some() {
         return Err(TrainError::Config(format!(
@@ -427,6 +443,7 @@ pub fn pretrain(
     let eos = bpe.special_id("<|eos|>");
     let flops_per_token = model_config.flops_per_token();
     let mut peak_memory = 0u64;
+    let mut step_times: Vec<f64> = Vec::new();
 
     let save = |state: &TrainerState, model: &Gpt, optimizer: &Optimizer| {
         checkpoint::save(
@@ -556,6 +573,16 @@ pub fn pretrain(
             "step_seconds": seconds, "forward_backward_seconds": forward_backward_seconds,
         });
         metrics.log(state.step, fields.as_object().expect("object"))?;
+        step_times.push(seconds);
+        if run.time_budget > 0.0 && state.step == FIT_AFTER_STEPS && steps > state.step {
+            let (fitted, step_seconds) = fit_steps(run.time_budget, &step_times, state.step, steps);
+            steps = fitted;
+            state.total_steps = steps;
+            report(Event::StepsFitted {
+                steps,
+                step_seconds,
+            });
+        }
         report(Event::Step {
             step: state.step,
             steps,
@@ -589,6 +616,20 @@ pub fn pretrain(
     Ok(state)
 }
 
+/// Steps that fit `budget` seconds at the median time of the steps measured so far
+/// (the first two, which warm up kernels and allocators, left out when there are more),
+/// between `done` and the configured `upper`; and that median.
+fn fit_steps(budget: f64, times: &[f64], done: u64, upper: u64) -> (u64, f64) {
+    let mut t: Vec<f64> = times
+        .iter()
+        .skip(if times.len() > 4 { 2 } else { 0 })
+        .copied()
+        .collect();
+    t.sort_by(f64::total_cmp);
+    let median = t.get(t.len() / 2).copied().unwrap_or(f64::INFINITY);
+    (((budget / median) as u64).clamp(done, upper), median)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -611,5 +652,21 @@ mod tests {
             (0.02, 2_097_152)
         );
         assert!(TrainConfig::from_table(toml::toml! { [train] stepz = 3 }).is_err());
+    }
+
+    #[test]
+    fn a_time_budget_fits_the_step_count_to_the_measured_step_time() {
+        let warm = [9.0, 5.0, 1.0, 1.1, 0.9, 1.0, 1.0, 1.2, 1.0, 1.0];
+        assert_eq!(fit_steps(500.0, &warm, 10, 1_000_000), (500, 1.0));
+        assert_eq!(
+            fit_steps(500.0, &warm, 10, 300).0,
+            300,
+            "never above the configured steps"
+        );
+        assert_eq!(
+            fit_steps(2.0, &warm, 10, 300).0,
+            10,
+            "never below the steps done"
+        );
     }
 }

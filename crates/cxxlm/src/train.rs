@@ -159,6 +159,13 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
                 let _ = writeln!(samples, "{record}");
                 eprintln!("  sample: {:?}", format!("{prompt}{completion}"));
             }
+            Event::StepsFitted {
+                steps,
+                step_seconds,
+            } => eprintln!(
+                "{}time budget: {steps} steps of {step_seconds:.3}s",
+                if tty { "\n" } else { "" }
+            ),
             Event::Warning(w) => eprintln!("{}warning: {w}", if tty { "\n" } else { "" }),
             Event::Checkpoint(dir) => {
                 if !tty {

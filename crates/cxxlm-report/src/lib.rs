@@ -1,0 +1,850 @@
+//! The layout of a run directory, and its report card: `report.md`, `report.html` (the
+//! same text with the plots inline) and PNG plots under `plots/`, drawn from whatever
+//! the stages left there. A stage that has not run reads as "not run".
+
+pub mod plot;
+
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use plot::Series;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("plot {0}")]
+    Plot(String),
+}
+
+pub type Result<T, E = ReportError> = std::result::Result<T, E>;
+
+/// Where each stage of a run keeps its outputs.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub root: PathBuf,
+}
+
+impl Layout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Layout { root: root.into() }
+    }
+    /// The run's record: settings, host, and each stage's command, fingerprint and time.
+    pub fn record(&self) -> PathBuf {
+        self.root.join("speedrun.json")
+    }
+    pub fn data(&self) -> PathBuf {
+        self.root.join("data")
+    }
+    pub fn dedup(&self) -> PathBuf {
+        self.root.join("dedup")
+    }
+    pub fn tokenizer(&self) -> PathBuf {
+        self.root.join("tokenizer.json")
+    }
+    pub fn pack(&self) -> PathBuf {
+        self.root.join("pack")
+    }
+    pub fn train_config(&self) -> PathBuf {
+        self.root.join("pretrain.toml")
+    }
+    pub fn train(&self) -> PathBuf {
+        self.root.join("train")
+    }
+    /// One JSON file per evaluation: `eval/<name>.json`.
+    pub fn eval(&self, name: &str) -> PathBuf {
+        self.root.join("eval").join(format!("{name}.json"))
+    }
+    pub fn mbpp_completions(&self) -> PathBuf {
+        self.root.join("eval").join("mbpp-completions.jsonl")
+    }
+    pub fn logs(&self) -> PathBuf {
+        self.root.join("logs")
+    }
+    pub fn plots(&self) -> PathBuf {
+        self.root.join("plots")
+    }
+}
+
+fn read_json(path: &Path) -> Result<Option<Value>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(ReportError::Io {
+                path: path.into(),
+                source,
+            })
+        }
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| ReportError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })
+}
+
+/// Every line of a JSON-lines file that parses (a line cut by a kill is left out).
+fn read_json_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .map(|t| {
+            t.lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `v` at a dotted path.
+fn at<'a>(v: &'a Value, path: &str) -> &'a Value {
+    path.split('.').fold(v, |v, k| &v[k])
+}
+
+fn num(v: &Value, path: &str) -> f64 {
+    at(v, path).as_f64().unwrap_or(f64::NAN)
+}
+
+fn mb(bytes: f64) -> String {
+    format!("{:.1}", bytes / 1e6)
+}
+
+fn seconds(s: f64) -> String {
+    if s >= 120.0 {
+        format!("{:.1} min", s / 60.0)
+    } else {
+        format!("{s:.1} s")
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// A markdown table; `|` in cells is escaped.
+fn table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
+    let cell = |s: &str| s.replace('|', "\\|").replace('\n', " ");
+    let _ = writeln!(out, "| {} |", header.join(" | "));
+    let _ = writeln!(out, "|{}", "---|".repeat(header.len()));
+    for r in rows {
+        let cells: Vec<String> = r.iter().map(|c| cell(c)).collect();
+        let _ = writeln!(out, "| {} |", cells.join(" | "));
+    }
+    out.push('\n');
+}
+
+fn code_block(out: &mut String, lang: &str, text: &str) {
+    let fence = if text.contains("```") { "~~~~" } else { "```" };
+    let _ = writeln!(out, "{fence}{lang}\n{}\n{fence}\n", text.trim_end());
+}
+
+/// What the report writer produced.
+pub struct Written {
+    pub markdown: PathBuf,
+    pub html: PathBuf,
+    pub plots: Vec<PathBuf>,
+    /// Plots that could not be drawn, with the reason (the report says so too).
+    pub plot_errors: Vec<String>,
+}
+
+struct Report<'a> {
+    layout: &'a Layout,
+    md: String,
+    plots: Vec<PathBuf>,
+    plot_errors: Vec<String>,
+}
+
+impl Report<'_> {
+    fn section(&mut self, title: &str) {
+        let _ = writeln!(self.md, "## {title}\n");
+    }
+
+    fn not_run(&mut self, what: &str) {
+        let _ = writeln!(self.md, "_{what}: not run._\n");
+    }
+
+    /// Draws a plot into `plots/<name>.png` and links it, or notes why it could not.
+    fn plot(&mut self, name: &str, alt: &str, draw: impl FnOnce(&Path) -> Result<()>) {
+        let dir = self.layout.plots();
+        if let Err(source) = std::fs::create_dir_all(&dir) {
+            self.plot_errors
+                .push(format!("{}: {source}", dir.display()));
+            return;
+        }
+        let path = dir.join(format!("{name}.png"));
+        match draw(&path) {
+            Ok(()) => {
+                let _ = writeln!(self.md, "![{alt}](plots/{name}.png)\n");
+                self.plots.push(path);
+            }
+            Err(e) => {
+                let _ = writeln!(self.md, "_{alt}: plot not drawn ({e})._\n");
+                self.plot_errors.push(e.to_string());
+            }
+        }
+    }
+}
+
+/// Writes `report.md`, `report.html` and `plots/*.png` into the run directory.
+pub fn write(layout: &Layout) -> Result<Written> {
+    let record = read_json(&layout.record())?.unwrap_or(Value::Null);
+    let mut r = Report {
+        layout,
+        md: String::new(),
+        plots: Vec::new(),
+        plot_errors: Vec::new(),
+    };
+    let name = layout
+        .root
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| layout.root.display().to_string());
+    let _ = writeln!(r.md, "# cxxlm report card: {name}\n");
+    headline(&mut r, &record)?;
+    stages(&mut r, &record);
+    data(&mut r)?;
+    dedup(&mut r)?;
+    tokenizer(&mut r)?;
+    training(&mut r)?;
+    evaluation(&mut r)?;
+    samples(&mut r)?;
+    host(&mut r, &record);
+
+    let markdown = layout.root.join("report.md");
+    let html = layout.root.join("report.html");
+    let write = |path: &Path, text: &str| {
+        std::fs::write(path, text).map_err(|source| ReportError::Io {
+            path: path.into(),
+            source,
+        })
+    };
+    write(&markdown, &r.md)?;
+    write(&html, &to_html(&name, &r.md))?;
+    Ok(Written {
+        markdown,
+        html,
+        plots: r.plots,
+        plot_errors: r.plot_errors,
+    })
+}
+
+fn headline(r: &mut Report, record: &Value) -> Result<()> {
+    let l = r.layout;
+    let mut rows = Vec::new();
+    let mut row = |k: &str, v: String| rows.push(vec![k.to_string(), v]);
+    if let Some(p) = record["preset"].as_str() {
+        row("preset", format!("`{p}`"));
+    }
+    if let Some(s) = record["sources"].as_array() {
+        let s: Vec<String> = s
+            .iter()
+            .filter_map(Value::as_str)
+            .map(|s| format!("`{s}`"))
+            .collect();
+        row("sources", s.join(", "));
+    }
+    let total: f64 = record["stages"]
+        .as_object()
+        .map(|s| {
+            s.values()
+                .map(|v| num(v, "seconds"))
+                .filter(|x| x.is_finite())
+                .sum()
+        })
+        .unwrap_or(0.0);
+    if total > 0.0 {
+        row("time (all stages)", seconds(total));
+    }
+    if let Some(bpb) = read_json(&l.eval("bpb"))? {
+        row(
+            "validation bits per byte",
+            format!("{:.4}", num(&bpb, "bits_per_byte")),
+        );
+    }
+    if let Some(m) = read_json(&l.eval("mbpp"))? {
+        row(
+            "MBPP-C++ pass@1",
+            format!(
+                "{:.3} ({} of {} problems)",
+                num(&m, "pass_at_k.pass@1"),
+                m["passed"],
+                m["problems"]
+            ),
+        );
+    }
+    if let Some(c) = read_json(&l.eval("compile"))? {
+        row(
+            "compile rate (held-out function bodies)",
+            format!("{:.3} of {}", num(&c, "compile_rate"), c["programs"]),
+        );
+    }
+    if let Some(f) = read_json(&l.eval("fim"))? {
+        row(
+            "FIM exact (one hidden line)",
+            format!("{:.3} of {}", num(&f, "exact_rate"), f["documents"]),
+        );
+    }
+    if let Some(t) = read_json(&l.eval("tokenizer"))? {
+        if let Some(o) = overall_tokenizer_row(&t) {
+            row(
+                "tokens vs cl100k (pipeline text)",
+                format!("{:.3}x fewer", num(o, "cl100k_raw_over_ours_normalized")),
+            );
+        }
+    }
+    if !rows.is_empty() {
+        table(&mut r.md, &["", ""], &rows);
+    }
+    Ok(())
+}
+
+fn stages(r: &mut Report, record: &Value) {
+    let Some(stages) = record["stages"].as_object() else {
+        return;
+    };
+    r.section("Stages");
+    let mut rows: Vec<(u64, Vec<String>)> = stages
+        .iter()
+        .map(|(name, s)| {
+            let status = if s["finished"].as_bool() == Some(true) {
+                "done"
+            } else {
+                "started"
+            };
+            let secs = num(s, "seconds");
+            (
+                s["order"].as_u64().unwrap_or(u64::MAX),
+                vec![
+                    name.clone(),
+                    status.into(),
+                    if secs.is_finite() {
+                        seconds(secs)
+                    } else {
+                        "-".into()
+                    },
+                    format!("`{}`", s["command"].as_str().unwrap_or("")),
+                ],
+            )
+        })
+        .collect();
+    rows.sort_by_key(|(o, _)| *o);
+    let rows: Vec<Vec<String>> = rows.into_iter().map(|(_, r)| r).collect();
+    table(&mut r.md, &["stage", "status", "time", "command"], &rows);
+}
+
+fn data(r: &mut Report) -> Result<()> {
+    r.section("Data");
+    let Some(stats) = read_json(&r.layout.data().join("stats.json"))? else {
+        r.not_run("data");
+        return Ok(());
+    };
+    let s = &stats["stats"];
+    let _ = writeln!(
+        r.md,
+        "{} documents ({} MB) read, {} kept ({} MB) in {} shards.\n",
+        s["read"]["docs"]["docs"],
+        mb(num(s, "read.docs.bytes")),
+        s["written"]["docs"],
+        mb(num(s, "written.bytes")),
+        s["shards"]
+    );
+    let mut rows = Vec::new();
+    for (reason, c) in s["read"]["skipped"].as_object().into_iter().flatten() {
+        rows.push(vec![
+            "read".into(),
+            reason.clone(),
+            c["docs"].to_string(),
+            mb(num(c, "bytes")),
+        ]);
+    }
+    for step in s["steps"].as_array().into_iter().flatten() {
+        for (reason, c) in step["dropped"].as_object().into_iter().flatten() {
+            rows.push(vec![
+                step["name"].as_str().unwrap_or("").into(),
+                reason.clone(),
+                c["docs"].to_string(),
+                mb(num(c, "bytes")),
+            ]);
+        }
+    }
+    if !rows.is_empty() {
+        table(
+            &mut r.md,
+            &["step", "dropped for", "documents", "MB"],
+            &rows,
+        );
+    }
+    Ok(())
+}
+
+fn dedup(r: &mut Report) -> Result<()> {
+    r.section("Near-deduplication");
+    let Some(d) = read_json(&r.layout.dedup().join("near-dedup-report.json"))? else {
+        r.not_run("near-deduplication");
+        return Ok(());
+    };
+    let _ = writeln!(
+        r.md,
+        "{} documents; {} in {} clusters of near-duplicates; {} removed ({} MB).\n",
+        d["documents"],
+        d["documents_in_clusters"],
+        d["clusters"],
+        d["removed"]["documents"],
+        mb(num(&d, "removed.bytes"))
+    );
+    let rows: Vec<Vec<String>> = d["cluster_sizes"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(size, n)| vec![size.clone(), n.to_string()])
+        .collect();
+    if !rows.is_empty() {
+        table(&mut r.md, &["cluster size", "clusters"], &rows);
+    }
+    Ok(())
+}
+
+const ENCODINGS: [&str; 5] = ["ours", "gpt2", "p50k", "cl100k", "o200k"];
+
+fn overall_tokenizer_row(t: &Value) -> Option<&Value> {
+    t["projects"]
+        .as_array()?
+        .iter()
+        .find(|p| p["project"] == "overall")
+}
+
+fn tokenizer(r: &mut Report) -> Result<()> {
+    r.section("Tokenizer");
+    let Some(t) = read_json(&r.layout.eval("tokenizer"))? else {
+        r.not_run("tokenizer evaluation");
+        return Ok(());
+    };
+    let Some(o) = overall_tokenizer_row(&t) else {
+        r.not_run("tokenizer evaluation (no overall row)");
+        return Ok(());
+    };
+    let raw = num(o, "raw_bytes");
+    let norm = num(o, "normalized_bytes");
+    let _ = writeln!(
+        r.md,
+        "Bytes per token on {} files ({} MB): raw text, and the text as the pipeline feeds it to the model.\n",
+        o["files"],
+        mb(raw)
+    );
+    let mut rows = Vec::new();
+    let mut bars = Vec::new();
+    for e in ENCODINGS {
+        let raw_tokens = num(o, &format!("tokens.{e}.raw_tokens"));
+        let norm_tokens = num(o, &format!("tokens.{e}.normalized_tokens"));
+        if !(raw_tokens > 0.0) {
+            continue;
+        }
+        rows.push(vec![
+            e.to_string(),
+            format!("{:.2}", raw / raw_tokens),
+            format!("{:.2}", norm / norm_tokens),
+        ]);
+        bars.push((e.to_string(), (norm / norm_tokens * 100.0).round() / 100.0));
+    }
+    table(
+        &mut r.md,
+        &["encoding", "bytes/token (raw)", "bytes/token (pipeline)"],
+        &rows,
+    );
+    let _ = writeln!(
+        r.md,
+        "cl100k needs {:.3}x our tokens on raw text, {:.3}x on pipeline text. Encoding: {:.1} MB/s.\n",
+        num(o, "cl100k_raw_over_ours_raw"),
+        num(o, "cl100k_raw_over_ours_normalized"),
+        num(&t, "encode_mb_per_s")
+    );
+    r.plot("tokenizer", "bytes per token, pipeline text", |p| {
+        plot::bars(
+            p,
+            "Bytes per token (higher is better)",
+            "bytes per token",
+            &bars,
+        )
+    });
+    Ok(())
+}
+
+/// Every numeric field of `metrics.jsonl` as (step, value) points.
+fn metric_series(rows: &[Value]) -> BTreeMap<String, Vec<(f64, f64)>> {
+    let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for row in rows {
+        let Some(step) = row["step"].as_f64() else {
+            continue;
+        };
+        for (k, v) in row.as_object().into_iter().flatten() {
+            if let Some(x) = v.as_f64().filter(|x| x.is_finite() && k != "step") {
+                series.entry(k.clone()).or_default().push((step, x));
+            }
+        }
+    }
+    series
+}
+
+fn training(r: &mut Report) -> Result<()> {
+    r.section("Pretraining");
+    let l = r.layout.clone();
+    let metrics = read_json_lines(&l.train().join("metrics.jsonl"));
+    if metrics.is_empty() {
+        r.not_run("pretraining");
+        return Ok(());
+    }
+    let s = metric_series(&metrics);
+    let get = |k: &str| s.get(k).cloned().unwrap_or_default();
+    let last = |k: &str| get(k).last().map_or(f64::NAN, |p| p.1);
+    let steps = get("loss").last().map_or(0.0, |p| p.0);
+    let tok_s = median(get("tok_s").iter().map(|p| p.1).collect());
+    let mfu = median(get("mfu").iter().map(|p| p.1).collect());
+    let newest = std::fs::read_dir(l.train().join("checkpoints"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("config.json").exists())
+        .max();
+    let model = match newest {
+        Some(dir) => read_json(&dir.join("config.json"))?,
+        None => None,
+    };
+    let mut rows = vec![
+        vec!["steps".into(), format!("{steps}")],
+        vec!["tokens".into(), format!("{:.0}", last("tokens"))],
+        vec![
+            "final loss (moving average)".into(),
+            format!("{:.4}", last("loss_ema")),
+        ],
+        vec![
+            "final validation bits per byte".into(),
+            format!("{:.4}", last("val_bpb")),
+        ],
+        vec!["median tokens/s".into(), format!("{tok_s:.0}")],
+    ];
+    if mfu > 0.0 {
+        rows.push(vec!["median MFU".into(), format!("{:.1}%", mfu * 100.0)]);
+        rows.push(vec![
+            "peak GPU memory".into(),
+            format!("{:.1} GiB", last("gpu_memory_gib")),
+        ]);
+    }
+    if let Some(m) = model {
+        rows.push(vec![
+            "model".into(),
+            format!(
+                "depth {}, width {}, heads {}/{} (query/key-value), context {}, vocabulary {}, {}",
+                m["depth"],
+                m["width"],
+                m["heads"],
+                m["kv_heads"],
+                m["seq_len"],
+                m["vocab_size"],
+                m["activation"].as_str().unwrap_or("")
+            ),
+        ]);
+    }
+    table(&mut r.md, &["", ""], &rows);
+    let loss = vec![
+        Series {
+            name: "loss".into(),
+            points: get("loss"),
+        },
+        Series {
+            name: "moving average".into(),
+            points: get("loss_ema"),
+        },
+    ];
+    r.plot("loss", "training loss", |p| {
+        plot::lines(p, "Training loss", "step", "nats/token", &loss)
+    });
+    let bpb = vec![Series {
+        name: "validation".into(),
+        points: get("val_bpb"),
+    }];
+    if !bpb[0].points.is_empty() {
+        r.plot("bpb", "validation bits per byte", |p| {
+            plot::lines(p, "Validation bits per byte", "step", "bits/byte", &bpb)
+        });
+    }
+    let lr = vec![Series {
+        name: "lr".into(),
+        points: get("lr_scale"),
+    }];
+    r.plot("lr", "learning rate", |p| {
+        plot::lines(p, "Learning rate (x base)", "step", "scale", &lr)
+    });
+    let speed = vec![Series {
+        name: "tok/s".into(),
+        points: get("tok_s"),
+    }];
+    r.plot("tok_s", "throughput", |p| {
+        plot::lines(p, "Throughput", "step", "tokens/s", &speed)
+    });
+    if mfu > 0.0 {
+        let mfu: Vec<(f64, f64)> = get("mfu").iter().map(|&(x, y)| (x, y * 100.0)).collect();
+        let mfu = vec![Series {
+            name: "MFU".into(),
+            points: mfu,
+        }];
+        r.plot("mfu", "model FLOPs utilization", |p| {
+            plot::lines(p, "Model FLOPs utilization", "step", "%", &mfu)
+        });
+    }
+    Ok(())
+}
+
+fn evaluation(r: &mut Report) -> Result<()> {
+    r.section("Evaluation");
+    let l = r.layout.clone();
+    match read_json(&l.eval("bpb"))? {
+        Some(b) => {
+            let _ = writeln!(
+                r.md,
+                "**Bits per byte** on the packed validation split: {:.4}.\n",
+                num(&b, "bits_per_byte")
+            );
+        }
+        None => r.not_run("bits per byte"),
+    }
+    match read_json(&l.eval("compile"))? {
+        Some(c) => {
+            let _ = writeln!(
+                r.md,
+                "**Compile rate**: the model writes the bodies of {} functions of held-out files that compile; the file is checked again (`g++ -std=c++20 -fsyntax-only -Wall`). Compile rate {:.3}, warning-free {:.3}; {:.1} checks/s.\n",
+                c["programs"],
+                num(&c, "compile_rate"),
+                num(&c, "warning_free_rate"),
+                num(&c, "checks_per_second")
+            );
+            let mut bars: Vec<(String, f64)> = c["failures"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(0.0)))
+                .collect();
+            bars.sort_by(|a, b| b.1.total_cmp(&a.1));
+            if !bars.is_empty() {
+                let rows: Vec<Vec<String>> = bars
+                    .iter()
+                    .map(|(k, v)| vec![k.clone(), v.to_string()])
+                    .collect();
+                table(&mut r.md, &["failure", "programs"], &rows);
+                r.plot("compile_failures", "compile failures by category", |p| {
+                    plot::bars(p, "Compile failures", "programs", &bars)
+                });
+            }
+        }
+        None => r.not_run("compile rate"),
+    }
+    match read_json(&l.eval("fim"))? {
+        Some(f) => {
+            let _ = writeln!(
+                r.md,
+                "**Fill-in-the-middle**: one line hidden in each of {} validation documents; {} filled exactly after whitespace normalization ({:.1}%).\n",
+                f["documents"],
+                f["exact"],
+                num(&f, "exact_rate") * 100.0
+            );
+            let rows: Vec<Vec<String>> = f["examples"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .take(5)
+                .map(|e| {
+                    vec![
+                        format!("`{}`", e["expected"].as_str().unwrap_or("")),
+                        format!("`{}`", e["filled"].as_str().unwrap_or("")),
+                    ]
+                })
+                .collect();
+            table(&mut r.md, &["hidden line", "model's line"], &rows);
+        }
+        None => r.not_run("fill-in-the-middle"),
+    }
+    match read_json(&l.eval("mbpp"))? {
+        Some(m) => {
+            let _ = writeln!(
+                r.md,
+                "**MultiPL-E MBPP-C++**: {} problems, {} samples; {} compiled, {} passed their tests (sandboxed). pass@1 {:.3}.\n",
+                m["problems"],
+                m["samples"],
+                m["compiled"],
+                m["passed"],
+                num(&m, "pass_at_k.pass@1")
+            );
+            let mut why: BTreeMap<String, usize> = BTreeMap::new();
+            for v in m["verdicts"].as_array().into_iter().flatten() {
+                if v["passed"].as_bool() == Some(true) {
+                    continue;
+                }
+                let reason = match (v["category"].as_str(), v["ending"].as_str()) {
+                    (Some(c), _) => format!("compile: {c}"),
+                    (None, Some(e)) => format!("run: {e}"),
+                    (None, None) => "run: wrong answer".into(),
+                };
+                *why.entry(reason).or_default() += 1;
+            }
+            let rows: Vec<Vec<String>> = why
+                .iter()
+                .map(|(k, v)| vec![k.clone(), v.to_string()])
+                .collect();
+            if !rows.is_empty() {
+                table(&mut r.md, &["failed because", "samples"], &rows);
+            }
+        }
+        None => r.not_run("MBPP-C++"),
+    }
+    Ok(())
+}
+
+fn samples(r: &mut Report) -> Result<()> {
+    r.section("Samples");
+    let l = r.layout.clone();
+    let progress = read_json_lines(&l.train().join("samples.jsonl"));
+    if let Some(step) = progress.iter().filter_map(|s| s["step"].as_u64()).max() {
+        let _ = writeln!(r.md, "Greedy continuations at step {step}:\n");
+        for s in progress.iter().filter(|s| s["step"].as_u64() == Some(step)) {
+            let text = format!(
+                "{}{}",
+                s["prompt"].as_str().unwrap_or(""),
+                s["completion"].as_str().unwrap_or("")
+            );
+            code_block(&mut r.md, "cpp", &text);
+        }
+    }
+    let mbpp = read_json_lines(&l.mbpp_completions());
+    if !mbpp.is_empty() {
+        let _ = writeln!(r.md, "MBPP-C++ completions (the first three):\n");
+        for c in mbpp.iter().take(3) {
+            let _ = writeln!(r.md, "`{}`:\n", c["name"].as_str().unwrap_or(""));
+            code_block(&mut r.md, "cpp", c["completion"].as_str().unwrap_or(""));
+        }
+    }
+    if progress.is_empty() && mbpp.is_empty() {
+        r.not_run("samples");
+    }
+    Ok(())
+}
+
+fn host(r: &mut Report, record: &Value) {
+    r.section("Hardware, versions and configuration");
+    if let Some(h) = record["host"].as_object() {
+        let rows: Vec<Vec<String>> = h
+            .iter()
+            .map(|(k, v)| {
+                vec![
+                    k.clone(),
+                    v.as_str().map_or_else(|| v.to_string(), str::to_string),
+                ]
+            })
+            .collect();
+        table(&mut r.md, &["", ""], &rows);
+    }
+    if let Some(config) = record["config"].as_str() {
+        code_block(&mut r.md, "toml", config);
+    }
+}
+
+fn to_html(title: &str, markdown: &str) -> String {
+    use pulldown_cmark::{html, Options, Parser};
+    let mut body = String::new();
+    html::push_html(&mut body, Parser::new_ext(markdown, Options::ENABLE_TABLES));
+    let title = title.replace('&', "&amp;").replace('<', "&lt;");
+    format!(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>cxxlm report card: {title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5rem 0 1rem; }}
+td, th {{ border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: left; vertical-align: top; }}
+pre {{ background: #f6f6f6; padding: 0.6rem; overflow-x: auto; }}
+img {{ max-width: 100%; }}
+</style></head>
+<body>
+{body}</body></html>
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_run_directory_reads_as_not_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let written = write(&Layout::new(dir.path())).unwrap();
+        let md = std::fs::read_to_string(&written.markdown).unwrap();
+        for section in ["data", "pretraining", "compile rate", "MBPP-C++"] {
+            assert!(md.contains(&format!("_{section}: not run._")), "{section}");
+        }
+        let html = std::fs::read_to_string(&written.html).unwrap();
+        assert!(html.contains("<h2>Pretraining</h2>"));
+        assert!(written.plots.is_empty());
+    }
+
+    #[test]
+    fn metrics_become_tables_and_plots() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        std::fs::create_dir_all(layout.train()).unwrap();
+        let mut lines = vec![r#"{"step":0,"val_bpb":3.0}"#.to_string()];
+        for step in 1..=40 {
+            let loss = 9.0 - step as f64 * 0.1;
+            lines.push(format!(
+                r#"{{"step":{step},"loss":{loss},"loss_ema":{loss},"lr_scale":1.0,"tok_s":1000.0,"mfu":0.0,"tokens":{}}}"#,
+                step * 512
+            ));
+        }
+        lines.push(r#"{"step":40,"val_bpb":2.5}"#.into());
+        lines.push(r#"{"step":41,"loss":"#.into()); // cut by a kill
+        std::fs::write(layout.train().join("metrics.jsonl"), lines.join("\n")).unwrap();
+        std::fs::create_dir_all(layout.root.join("eval")).unwrap();
+        std::fs::write(
+            layout.eval("compile"),
+            r#"{"programs":8,"compile_rate":0.25,"warning_free_rate":0.125,"checks_per_second":3.0,"failures":{"undeclared":4,"syntax":2}}"#,
+        )
+        .unwrap();
+        let written = write(&layout).unwrap();
+        let md = std::fs::read_to_string(&written.markdown).unwrap();
+        assert!(
+            md.contains("| final validation bits per byte | 2.5000 |"),
+            "{md}"
+        );
+        assert!(md.contains("| tokens | 20480 |"), "{md}");
+        assert!(md.contains("| undeclared | 4 |"));
+        {
+            let names: Vec<String> = written
+                .plots
+                .iter()
+                .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+                .collect();
+            assert_eq!(
+                names,
+                [
+                    "loss.png",
+                    "bpb.png",
+                    "lr.png",
+                    "tok_s.png",
+                    "compile_failures.png"
+                ]
+            );
+            for p in &written.plots {
+                let bytes = std::fs::read(p).unwrap();
+                assert_eq!(&bytes[1..4], b"PNG", "{}", p.display());
+            }
+            assert!(md.contains("![training loss](plots/loss.png)"));
+        }
+    }
+}
