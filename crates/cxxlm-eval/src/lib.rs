@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod compile;
+pub mod functions;
 pub mod reward;
 pub mod sandbox;
 

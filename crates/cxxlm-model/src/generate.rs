@@ -11,6 +11,8 @@ pub struct KvCache {
     pub(crate) keys: Vec<Tensor>,
     pub(crate) values: Vec<Tensor>,
     pub(crate) len: i64,
+    /// `(B, capacity)`: false at the left padding of shorter prompts; None when there is none.
+    pub(crate) attend: Option<Tensor>,
 }
 
 #[derive(Debug, Clone)]
@@ -86,12 +88,14 @@ impl Gpt {
             keys: make(),
             values: make(),
             len: 0,
+            attend: None,
         }
     }
 
-    /// Continues each prompt (all of the same length) by up to `max_new_tokens`. A row
-    /// stops when `stop(row, generated so far)` says so; generation ends when every row
-    /// has stopped. Prompts longer than the model's context keep their last tokens.
+    /// Continues each prompt by up to `max_new_tokens`. Shorter prompts are padded on the
+    /// left and the padding masked, so each row continues as it would alone. A row stops
+    /// when `stop(row, generated so far)` says so; generation ends when every row has
+    /// stopped. Prompts longer than the model's context keep their last tokens.
     pub fn generate(
         &self,
         prompts: &[Vec<u32>],
@@ -102,27 +106,30 @@ impl Gpt {
         tch::manual_seed(sampling.seed as i64);
         let batch = prompts.len();
         let context = self.config.seq_len;
-        let keep = prompts
+        let lens: Vec<usize> = prompts
             .iter()
-            .map(Vec::len)
-            .min()
-            .unwrap_or(0)
-            .min(context.saturating_sub(1))
-            .max(1);
-        let budget = sampling.max_new_tokens.min(context - keep);
-        let ids: Vec<i64> = prompts
-            .iter()
-            .flat_map(|p| {
-                let p: Vec<u32> = if p.is_empty() { vec![0] } else { p.clone() };
-                p[p.len() - keep.min(p.len())..]
-                    .iter()
-                    .map(|&t| t as i64)
-                    .collect::<Vec<_>>()
-            })
+            .map(|p| p.len().clamp(1, context.saturating_sub(1).max(1)))
             .collect();
+        let keep = lens.iter().copied().max().unwrap_or(1);
+        let budget = sampling.max_new_tokens.min(context - keep);
+        let mut ids: Vec<i64> = Vec::with_capacity(batch * keep);
+        let mut attend: Vec<bool> = Vec::with_capacity(batch * (keep + budget));
+        for (p, &len) in prompts.iter().zip(&lens) {
+            let p: &[u32] = if p.is_empty() { &[0] } else { p };
+            ids.extend(std::iter::repeat_n(0, keep - len));
+            ids.extend(p[p.len() - len..].iter().map(|&t| t as i64));
+            attend.extend((0..keep + budget).map(|i| i >= keep - len));
+        }
         let weights = self.compute_weights();
         let head = weights.last().expect("lm_head");
         let mut cache = self.new_cache(batch, keep + budget);
+        if lens.iter().any(|&l| l != keep) {
+            cache.attend = Some(
+                Tensor::from_slice(&attend)
+                    .view([batch as i64, (keep + budget) as i64])
+                    .to_device(self.device()),
+            );
+        }
         let idx = Tensor::from_slice(&ids)
             .view([batch as i64, keep as i64])
             .to_device(self.device());
@@ -191,6 +198,22 @@ mod tests {
         }
         let want: Vec<u32> = seq[5..].iter().map(|&t| t as u32).collect();
         assert_eq!(got, vec![want.clone(), want]);
+    }
+
+    #[test]
+    fn prompts_of_different_lengths_continue_as_they_would_alone() {
+        let _rng = crate::TORCH_RNG.lock();
+        let m = model();
+        let prompts: Vec<Vec<u32>> = vec![vec![5, 17], vec![3, 99, 42, 7, 7, 1], vec![8, 8, 8]];
+        let greedy = Sampling {
+            max_new_tokens: 8,
+            ..Default::default()
+        };
+        let together = m.generate(&prompts, &greedy, &mut |_, _| false);
+        for (p, got) in prompts.iter().zip(&together) {
+            let alone = m.generate(std::slice::from_ref(p), &greedy, &mut |_, _| false);
+            assert_eq!(got, &alone[0], "prompt {p:?}");
+        }
     }
 
     #[test]

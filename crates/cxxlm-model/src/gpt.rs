@@ -30,6 +30,18 @@ fn norm(x: &Tensor) -> Tensor {
     x.rms_norm([d], None::<Tensor>, None)
 }
 
+/// Which keys each of `t` queries from position `pos` may attend to, `(B, 1, t, pos + t)`:
+/// earlier or equal positions whose `attend (B, capacity)` flag is set. Each query also
+/// sees itself, so the rows of padding (whose output is never used) do not divide by 0.
+fn padding_mask(attend: &Tensor, pos: i64, t: i64) -> Tensor {
+    let keys = attend.narrow(1, 0, pos + t).unsqueeze(1).unsqueeze(1);
+    let opts = (Kind::Int64, attend.device());
+    let q = Tensor::arange_start(pos, pos + t, opts).view([t, 1]);
+    let k = Tensor::arange(pos + t, opts).view([1, pos + t]);
+    keys.logical_and(&k.le_tensor(&q))
+        .logical_or(&k.eq_tensor(&q))
+}
+
 fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let d = x.size()[3] / 2;
     let (x1, x2) = (x.narrow(3, 0, d), x.narrow(3, d, d));
@@ -178,6 +190,10 @@ impl Gpt {
         let pos = cache.as_ref().map_or(0, |c| c.len);
         let cos = self.cos.narrow(1, pos, t);
         let sin = self.sin.narrow(1, pos, t);
+        let mask = cache
+            .as_ref()
+            .and_then(|c| c.attend.as_ref())
+            .map(|attend| padding_mask(attend, pos, t));
         let mut x = norm(
             &Tensor::embedding(&self.params[0].1, idx, -1, false, false).to_kind(self.compute),
         );
@@ -198,13 +214,14 @@ impl Gpt {
                 v = cache.values[layer].narrow(2, 0, pos + t);
             }
             // A prompt attends causally; one new token attends to everything before it.
+            // Left padding (prompts of different lengths) needs an explicit mask.
             let y = Tensor::scaled_dot_product_attention(
                 &q,
                 &k,
                 &v,
-                None::<Tensor>,
+                mask.as_ref(),
                 0.0,
-                t > 1,
+                t > 1 && mask.is_none(),
                 None,
                 nkv != nh,
             );

@@ -36,11 +36,32 @@ pub struct ModelArgs {
 
 #[derive(Args)]
 pub struct CompileArgs {
+    /// Held-out functions: the model writes the bodies of functions hidden in the pack's
+    /// validation files (those that compile as they are), and each file is checked again.
+    #[arg(long, requires = "pack", required_unless_present = "completions")]
+    checkpoint: Option<PathBuf>,
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// The output directory of `cxxlm pack` (held-out functions).
+    #[arg(long)]
+    pack: Option<PathBuf>,
+    /// Functions to hide, one per file.
+    #[arg(long, default_value_t = 64)]
+    functions: usize,
+    /// Longest body written, in tokens.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// The model sees at most this many tokens of the file before the body.
+    #[arg(long, default_value_t = 1024)]
+    context_tokens: usize,
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Or: completions of a benchmark, JSON lines with `name` and `completion` (as
+    /// `eval mbpp --completions-out` writes), checked as the benchmark's programs.
+    #[arg(long, conflicts_with = "checkpoint")]
+    completions: Option<PathBuf>,
     #[arg(long, default_value = "evals/multipl-e_mbpp-cpp-keep.jsonl")]
     problems: PathBuf,
-    /// JSON lines with `name` and `completion` (as `eval mbpp --completions-out` writes).
-    #[arg(long)]
-    completions: PathBuf,
     /// Also check every program with plain g++ (no header cache) and print the speed ratio.
     #[arg(long)]
     baseline: bool,
@@ -106,6 +127,9 @@ pub struct BenchArgs {
     temperature: f64,
     #[arg(long, default_value_t = 384)]
     max_tokens: usize,
+    /// Sequences generated together (prompts of any problems, padded on the left).
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
     /// Only the first N problems.
     #[arg(long)]
     limit: Option<usize>,
@@ -173,7 +197,8 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
     Ok(())
 }
 
-/// `samples` completions of every problem's prompt, each cut at its stop tokens.
+/// `samples` completions of every problem's prompt, each cut at its stop tokens;
+/// `batch` sequences (of any problems) are generated together.
 fn generate_completions(
     args: &BenchArgs,
     checkpoint: &Path,
@@ -181,9 +206,16 @@ fn generate_completions(
 ) -> Result<Vec<(String, String)>> {
     let (model, bpe) = load_checkpoint(checkpoint, args.tokenizer.as_deref())?;
     let eos = special(&bpe, "<|eos|>");
+    let rows: Vec<&Problem> = problems
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p, args.samples))
+        .collect();
     let mut out = Vec::new();
-    for (i, p) in problems.iter().enumerate() {
-        let ids = prompt_ids(&bpe, &p.prompt, None);
+    for (chunk, group) in rows.chunks(args.batch.max(1)).enumerate() {
+        let prompts: Vec<Vec<u32>> = group
+            .iter()
+            .map(|p| prompt_ids(&bpe, &p.prompt, None))
+            .collect();
         let sampling = Sampling {
             temperature: if args.samples > 1 {
                 args.temperature
@@ -193,20 +225,24 @@ fn generate_completions(
             top_k: 0,
             top_p: 0.95,
             max_new_tokens: args.max_tokens,
-            seed: i as u64,
+            seed: chunk as u64,
         };
-        let rows = model.generate(&vec![ids; args.samples], &sampling, &mut |_, t| {
+        let generated = model.generate(&prompts, &sampling, &mut |row, t| {
             t.last() == Some(&eos) || {
                 let text = String::from_utf8_lossy(&bpe.decode(&t[t.len().saturating_sub(8)..]))
                     .into_owned();
-                p.stop_tokens.iter().any(|s| text.contains(s.as_str()))
+                group[row]
+                    .stop_tokens
+                    .iter()
+                    .any(|s| text.contains(s.as_str()))
             }
         });
-        for row in rows {
+        for (p, row) in group.iter().zip(generated) {
             let body: Vec<u32> = row.into_iter().filter(|&t| t != eos).collect();
             let text = String::from_utf8_lossy(&bpe.decode(&body)).into_owned();
             out.push((p.name.clone(), p.truncate(&text).to_string()));
         }
+        eprintln!("generated {} of {} completions", out.len(), rows.len());
     }
     Ok(out)
 }
@@ -228,24 +264,179 @@ fn check_all(
     ))
 }
 
+/// A function of a held-out file with its body hidden.
+struct Hidden {
+    prefix: String,
+    body: String,
+    suffix: String,
+    /// Warnings of the file as it was.
+    warnings: usize,
+}
+
+/// Up to `n` functions from the validation files that compile as they are, one per file;
+/// files are tried in order, checked in parallel rounds. Returns them and the files tried.
+fn held_out_functions(
+    compiler: &Compiler,
+    pack: &Path,
+    bpe: &cxxlm_tokenizer::Bpe,
+    n: usize,
+) -> Result<(Vec<Hidden>, usize)> {
+    use rayon::prelude::*;
+    let manifest = Manifest::load(pack)?;
+    manifest.check_tokenizer(pack, bpe)?;
+    let val = manifest.open(pack, "val")?;
+    let packer = Packer::new(bpe, manifest.settings.fim);
+    let mut candidates = Vec::new();
+    for doc in 0..val.len() {
+        let Ok(text) = String::from_utf8(packer.restore(&val.doc(doc))?) else {
+            continue;
+        };
+        let bodies: Vec<_> = cxxlm_eval::functions::function_bodies(&text)
+            .into_iter()
+            .filter(|b| {
+                let body = &text[b.open..b.close];
+                body.trim().len() >= 16 && body.lines().count() <= 30
+            })
+            .collect();
+        if let Some(b) = bodies.get((doc * 7919) % bodies.len().max(1)) {
+            candidates.push(Hidden {
+                prefix: text[..b.open].to_string(),
+                body: text[b.open..b.close].to_string(),
+                suffix: text[b.close..].to_string(),
+                warnings: 0,
+            });
+        }
+    }
+    let mut kept = Vec::new();
+    let mut tried = 0;
+    while kept.len() < n && tried < candidates.len() {
+        let round = (2 * (n - kept.len())).max(8).min(candidates.len() - tried);
+        // The body must also be compiled: one in a branch the preprocessor drops
+        // (`#ifdef _WIN32`) would pass whatever the model wrote.
+        let checked = candidates[tried..tried + round]
+            .par_iter()
+            .map(|h| {
+                let original = compiler.check(&format!("{}{}{}", h.prefix, h.body, h.suffix))?;
+                let broken = compiler.check(&format!("{}@{}", h.prefix, h.suffix))?;
+                Ok((original, broken.ok))
+            })
+            .collect::<Result<Vec<_>, cxxlm_eval::EvalError>>()?;
+        for (i, (d, broken_compiles)) in checked.into_iter().enumerate() {
+            if d.ok && !broken_compiles && kept.len() < n {
+                let h = &candidates[tried + i];
+                kept.push(Hidden {
+                    prefix: h.prefix.clone(),
+                    body: h.body.clone(),
+                    suffix: h.suffix.clone(),
+                    warnings: d.warnings,
+                });
+            }
+        }
+        tried += round;
+    }
+    if kept.is_empty() {
+        bail!(
+            "none of the {tried} validation files with a function compiles as it is (g++ -fsyntax-only)"
+        );
+    }
+    Ok((kept, tried))
+}
+
+/// The model's body for each hidden function: generated until its braces close.
+fn write_bodies(
+    args: &CompileArgs,
+    model: &cxxlm_model::Gpt,
+    bpe: &cxxlm_tokenizer::Bpe,
+    hidden: &[Hidden],
+) -> Vec<String> {
+    use cxxlm_eval::functions::body_end;
+    let eos = special(bpe, "<|eos|>");
+    // Leave the body its room in the model's context.
+    let context = args
+        .context_tokens
+        .min(model.config.seq_len.saturating_sub(args.max_tokens))
+        .max(1);
+    let mut bodies = Vec::new();
+    for group in hidden.chunks(args.batch.max(1)) {
+        let prompts: Vec<Vec<u32>> = group
+            .iter()
+            .map(|h| {
+                let ids = bpe.encode(&h.prefix);
+                ids[ids.len().saturating_sub(context)..].to_vec()
+            })
+            .collect();
+        let sampling = Sampling {
+            max_new_tokens: args.max_tokens,
+            ..Default::default()
+        };
+        let generated = model.generate(&prompts, &sampling, &mut |_, t| {
+            t.last() == Some(&eos) || body_end(&String::from_utf8_lossy(&bpe.decode(t))).is_some()
+        });
+        for row in generated {
+            let ids: Vec<u32> = row.into_iter().filter(|&t| t != eos).collect();
+            let text = String::from_utf8_lossy(&bpe.decode(&ids)).into_owned();
+            // Up to the brace that closes the body, without it (the file's own follows).
+            let body = match body_end(&text) {
+                Some(end) => text[..end - 1].to_string(),
+                None => text,
+            };
+            bodies.push(body);
+        }
+        eprintln!("wrote {} of {} bodies", bodies.len(), hidden.len());
+    }
+    bodies
+}
+
 fn compile(args: CompileArgs) -> Result<()> {
-    let problems = bench::load(&args.problems)?;
-    let by_name: std::collections::HashMap<&str, &Problem> =
-        problems.iter().map(|p| (p.name.as_str(), p)).collect();
-    let programs = read_completions(&args.completions)?
-        .iter()
-        .map(|(name, completion)| {
-            by_name
-                .get(name.as_str())
-                .map(|p| p.program(completion))
-                .with_context(|| format!("completion for unknown problem {name:?}"))
-        })
-        .collect::<Result<Vec<_>>>()?;
     let fast = Compiler::new(Sandbox::new(Limits::default())?, &args.cache)?;
+    let mut baseline_warnings = None;
+    let mut held_out = None;
+    let programs = match (&args.checkpoint, &args.completions) {
+        (Some(checkpoint), _) => {
+            let pack = args.pack.as_deref().expect("clap requires --pack");
+            let (model, bpe) = load_checkpoint(checkpoint, args.tokenizer.as_deref())?;
+            let (hidden, tried) = held_out_functions(&fast, pack, &bpe, args.functions)?;
+            eprintln!(
+                "{} functions hidden in validation files that compile ({tried} files tried)",
+                hidden.len()
+            );
+            let bodies = write_bodies(&args, &model, &bpe, &hidden);
+            baseline_warnings = Some(hidden.iter().map(|h| h.warnings).collect::<Vec<_>>());
+            let programs: Vec<String> = hidden
+                .iter()
+                .zip(&bodies)
+                .map(|(h, b)| format!("{}{b}{}", h.prefix, h.suffix))
+                .collect();
+            held_out = Some((hidden, bodies, tried));
+            programs
+        }
+        (None, Some(completions)) => {
+            let problems = bench::load(&args.problems)?;
+            let by_name: std::collections::HashMap<&str, &Problem> =
+                problems.iter().map(|p| (p.name.as_str(), p)).collect();
+            read_completions(completions)?
+                .iter()
+                .map(|(name, completion)| {
+                    by_name
+                        .get(name.as_str())
+                        .map(|p| p.program(completion))
+                        .with_context(|| format!("completion for unknown problem {name:?}"))
+                })
+                .collect::<Result<Vec<_>>>()?
+        }
+        (None, None) => bail!("--checkpoint (with --pack) or --completions"),
+    };
     let (diagnoses, rate) = check_all(&fast, &programs)?;
     let n = diagnoses.len().max(1) as f64;
     let ok = diagnoses.iter().filter(|d| d.ok).count();
-    let clean = diagnoses.iter().filter(|d| d.ok && d.warnings == 0).count();
+    // Warning-free: no warnings beyond those the file had with its own body.
+    let clean = diagnoses
+        .iter()
+        .enumerate()
+        .filter(|(i, d)| {
+            d.ok && d.warnings <= baseline_warnings.as_ref().map_or(0, |w: &Vec<usize>| w[*i])
+        })
+        .count();
     let mut categories: std::collections::BTreeMap<String, usize> = Default::default();
     for d in &diagnoses {
         if let Some(c) = &d.category {
@@ -265,6 +456,19 @@ fn compile(args: CompileArgs) -> Result<()> {
         "programs": diagnoses.len(), "compile_rate": ok as f64 / n, "warning_free_rate": clean as f64 / n,
         "checks_per_second": rate, "failures": categories,
     });
+    if let Some((hidden, bodies, tried)) = &held_out {
+        report["files_tried"] = (*tried).into();
+        report["examples"] = hidden
+            .iter()
+            .zip(bodies)
+            .zip(&diagnoses)
+            .take(20)
+            .map(|((h, b), d)| {
+                let head = h.prefix.trim_end().lines().last().unwrap_or("");
+                json!({"head": head, "original": h.body, "written": b, "ok": d.ok, "first_error": d.first_error})
+            })
+            .collect();
+    }
     if args.baseline {
         let plain = Compiler::plain(Sandbox::new(Limits::default())?);
         let (base, base_rate) = check_all(&plain, &programs)?;
