@@ -9,6 +9,16 @@ fn main() {
         return;
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+    // The wheel's version, for reports (`torch/version.py` beside `torch/lib`).
+    let version_py = std::path::Path::new(&lib).join("../version.py");
+    if let Ok(text) = std::fs::read_to_string(version_py) {
+        if let Some(v) = text.lines().find_map(|l| l.strip_prefix("__version__ = ")) {
+            println!(
+                "cargo:rustc-env=CXXLM_LIBTORCH_VERSION={}",
+                v.trim_matches(['\'', '"'])
+            );
+        }
+    }
     if std::path::Path::new(&lib).join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }

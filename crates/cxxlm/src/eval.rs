@@ -102,6 +102,9 @@ pub struct FimArgs {
     /// Prefix and suffix are cut to this many characters around the hidden line.
     #[arg(long, default_value_t = 3000)]
     context_chars: usize,
+    /// Documents filled together.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
     #[arg(long)]
     json: Option<PathBuf>,
 }
@@ -525,10 +528,10 @@ fn fim(args: FimArgs) -> Result<()> {
     let val = manifest.open(&args.pack, "val")?;
     let packer = Packer::new(&bpe, manifest.settings.fim);
     let eos = special(&bpe, "<|eos|>");
-    let (mut tried, mut exact) = (0usize, 0usize);
-    let mut examples = Vec::new();
+    // (hidden line, prompt) of each document with three non-blank lines.
+    let mut cases: Vec<(String, Vec<u32>)> = Vec::new();
     for doc in 0..val.len() {
-        if tried == args.documents {
+        if cases.len() == args.documents {
             break;
         }
         let text = String::from_utf8(packer.restore(&val.doc(doc))?).unwrap_or_default();
@@ -549,21 +552,28 @@ fn fim(args: FimArgs) -> Result<()> {
         let from = text.floor_char_boundary(start.saturating_sub(args.context_chars));
         let to = text.ceil_char_boundary((end + args.context_chars).min(text.len()));
         let ids = prompt_ids(&bpe, "", Some((&text[from..start], &text[end..to])));
+        cases.push((line.to_string(), ids));
+    }
+    let (tried, mut exact) = (cases.len(), 0usize);
+    let mut examples = Vec::new();
+    for group in cases.chunks(args.batch.max(1)) {
+        let prompts: Vec<Vec<u32>> = group.iter().map(|c| c.1.clone()).collect();
         let sampling = Sampling {
             max_new_tokens: 64,
             ..Default::default()
         };
-        let out = model.generate(&[ids], &sampling, &mut |_, t| {
+        let out = model.generate(&prompts, &sampling, &mut |_, t| {
             t.last() == Some(&eos) || bpe.decode(&t[t.len() - 1..]).contains(&b'\n')
         });
-        let body: Vec<u32> = out[0].iter().copied().filter(|&t| t != eos).collect();
-        let filled = String::from_utf8_lossy(&bpe.decode(&body)).into_owned();
-        let filled = filled.split('\n').next().unwrap_or("").to_string();
-        let hit = squash(&filled) == squash(line);
-        tried += 1;
-        exact += usize::from(hit);
-        if examples.len() < 20 {
-            examples.push(json!({"expected": line, "filled": filled, "exact": hit}));
+        for ((line, _), row) in group.iter().zip(out) {
+            let body: Vec<u32> = row.into_iter().filter(|&t| t != eos).collect();
+            let filled = String::from_utf8_lossy(&bpe.decode(&body)).into_owned();
+            let filled = filled.split('\n').next().unwrap_or("").to_string();
+            let hit = squash(&filled) == squash(line);
+            exact += usize::from(hit);
+            if examples.len() < 20 {
+                examples.push(json!({"expected": line, "filled": filled, "exact": hit}));
+            }
         }
     }
     if tried == 0 {

@@ -8,6 +8,7 @@ mod eval;
 mod interrupt;
 mod pack;
 mod sample;
+mod speedrun;
 mod tok;
 mod train;
 
@@ -42,6 +43,13 @@ enum Command {
     /// Judge C++ in a sandbox: coding benchmarks with unit tests, bits per byte, FIM.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
+    /// Every stage from raw C++ sources to an evaluated model and its report card.
+    Speedrun(speedrun::SpeedrunArgs),
+    /// Write the report card (report.md, report.html, plots/) of a run directory again.
+    Report {
+        /// A speedrun's directory.
+        dir: std::path::PathBuf,
+    },
 }
 
 fn main() {
@@ -60,6 +68,15 @@ fn main() {
         Command::Train(cmd) => train::run(cmd),
         Command::Eval(cmd) => eval::run(cmd),
         Command::Sample(args) => sample::run(args),
+        Command::Speedrun(args) => speedrun::run(args),
+        Command::Report { dir } => cxxlm_report::write(&cxxlm_report::Layout::new(dir))
+            .map(|w| {
+                for e in &w.plot_errors {
+                    eprintln!("warning: {e}");
+                }
+                println!("{}\n{}", w.markdown.display(), w.html.display());
+            })
+            .map_err(Into::into),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -54,6 +54,9 @@ pub struct EvalArgs {
     /// Skip the tiktoken encodings (only ours and the round-trip check).
     #[arg(long)]
     no_baselines: bool,
+    /// Read at most this many bytes of text.
+    #[arg(long)]
+    max_bytes: Option<u64>,
 }
 
 pub fn run(cmd: TokCommand) -> Result<()> {
@@ -202,7 +205,7 @@ fn eval(args: EvalArgs) -> Result<()> {
     ];
     let normalize = Normalize::new(NormalizeConfig::default());
     let mut docs: Vec<(String, String)> = Vec::new();
-    read_texts(&args.inputs, None, |p, t| {
+    read_texts(&args.inputs, args.max_bytes, |p, t| {
         docs.push((p, t));
         true
     })?;

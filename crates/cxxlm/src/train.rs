@@ -40,7 +40,7 @@ pub struct PretrainArgs {
 }
 
 /// Applies `a.b.c=value` to a TOML document; the value is read as TOML, or as a string.
-fn set(doc: &mut toml::Table, assignment: &str) -> Result<()> {
+pub(crate) fn set(doc: &mut toml::Table, assignment: &str) -> Result<()> {
     let (key, raw) = assignment
         .split_once('=')
         .with_context(|| format!("--set {assignment}: expected KEY=VALUE"))?;

@@ -1,0 +1,672 @@
+//! `cxxlm speedrun`: data -> dedup -> tokenizer -> pack -> pretrain -> evaluations ->
+//! report card, each stage a `cxxlm` command run as its own process with its log kept.
+//! `speedrun.json` records each stage's command and a fingerprint of it and of the stages
+//! before it: a rerun skips finished stages whose outputs are still there, and continues
+//! an interrupted one (each stage resumes its own partial work).
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use cxxlm_report::Layout;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::interrupt;
+
+const PRESETS: [(&str, &str); 4] = [
+    ("cpu-tiny", include_str!("../presets/cpu-tiny.toml")),
+    ("gpu-10min", include_str!("../presets/gpu-10min.toml")),
+    ("m0", include_str!("../presets/m0.toml")),
+    ("m1", include_str!("../presets/m1.toml")),
+];
+
+#[derive(Args)]
+pub struct SpeedrunArgs {
+    /// cpu-tiny (minutes on a CPU), gpu-10min (one H100), m0 or m1 (the seeds' milestones).
+    #[arg(long, default_value = "cpu-tiny", value_parser = PRESETS.map(|p| p.0))]
+    preset: String,
+    /// Inputs of the data stage (any input `cxxlm data run` reads); replace the preset's.
+    #[arg(long, num_args = 1..)]
+    sources: Vec<String>,
+    /// The run directory (default runs/<preset>).
+    #[arg(long, short)]
+    out: Option<PathBuf>,
+    /// Override a setting of the preset, e.g. `--set pretrain.train.steps=20`. Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Discard the outputs of this stage and of every later one, and run them again.
+    #[arg(long, value_name = "STAGE")]
+    redo: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    sources: Vec<String>,
+    #[serde(default)]
+    data: DataSettings,
+    #[serde(default)]
+    tokenizer: TokenizerSettings,
+    #[serde(default)]
+    pack: PackSettings,
+    /// A `train pretrain` config; `out` and `data.pack` are set by the speedrun.
+    #[serde(default)]
+    pretrain: toml::Table,
+    #[serde(default)]
+    eval: EvalSettings,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct DataSettings {
+    /// Skip files larger than this (0 = the data stage's default).
+    max_file_bytes: u64,
+    keep_indentation: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct TokenizerSettings {
+    vocab: usize,
+    /// Train on at most this many MB of text (0 = all).
+    max_mb: u64,
+}
+
+impl Default for TokenizerSettings {
+    fn default() -> Self {
+        TokenizerSettings {
+            vocab: 32768,
+            max_mb: 0,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct PackSettings {
+    fim_rate: f64,
+    fim_spm_rate: f64,
+    line_aligned: bool,
+    val_fraction: f64,
+}
+
+impl Default for PackSettings {
+    fn default() -> Self {
+        PackSettings {
+            fim_rate: 0.5,
+            fim_spm_rate: 0.5,
+            line_aligned: true,
+            val_fraction: 0.01,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct EvalSettings {
+    /// MB of the shards the tokenizer is compared with tiktoken's encodings on.
+    tokenizer_mb: u64,
+    /// Validation tokens for bits per byte (0 = the whole split).
+    bpb_tokens: usize,
+    fim_documents: usize,
+    compile_functions: usize,
+    compile_max_tokens: usize,
+    /// MBPP-C++ problems (0 = all 398).
+    mbpp_problems: usize,
+    mbpp_max_tokens: usize,
+    mbpp_file: PathBuf,
+    /// Sequences generated together.
+    batch: usize,
+}
+
+impl Default for EvalSettings {
+    fn default() -> Self {
+        EvalSettings {
+            tokenizer_mb: 64,
+            bpb_tokens: 0,
+            fim_documents: 200,
+            compile_functions: 64,
+            compile_max_tokens: 256,
+            mbpp_problems: 0,
+            mbpp_max_tokens: 384,
+            mbpp_file: PathBuf::from("evals/multipl-e_mbpp-cpp-keep.jsonl"),
+            batch: 32,
+        }
+    }
+}
+
+/// One stage: the `cxxlm` arguments that run it, the files it writes, and whether what
+/// is there now is a complete output.
+struct Stage {
+    name: &'static str,
+    args: Vec<String>,
+    /// Also fingerprinted: inputs that the arguments only name (a config file's text).
+    content: String,
+    outputs: Vec<PathBuf>,
+    complete: Box<dyn Fn() -> bool>,
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn exists(p: PathBuf) -> Box<dyn Fn() -> bool> {
+    Box::new(move || p.exists())
+}
+
+fn stages(config: &Config, l: &Layout, pretrain_toml: &str) -> Vec<Stage> {
+    let mut data_args = vec!["data".into(), "run".into(), "-o".into(), s(&l.data())];
+    for src in &config.sources {
+        data_args.extend(["-i".into(), src.clone()]);
+    }
+    if config.data.max_file_bytes > 0 {
+        data_args.extend(["--max-bytes".into(), config.data.max_file_bytes.to_string()]);
+    }
+    if config.data.keep_indentation {
+        data_args.push("--keep-indentation".into());
+    }
+    let mut tok_args = vec![
+        "tok".into(),
+        "train".into(),
+        "-i".into(),
+        s(&l.dedup()),
+        "--vocab".into(),
+        config.tokenizer.vocab.to_string(),
+        "-o".into(),
+        s(&l.tokenizer()),
+    ];
+    if config.tokenizer.max_mb > 0 {
+        tok_args.extend([
+            "--max-bytes".into(),
+            (config.tokenizer.max_mb * 1_000_000).to_string(),
+        ]);
+    }
+    let p = &config.pack;
+    let mut pack_args = vec![
+        "pack".into(),
+        "--tokenizer".into(),
+        s(&l.tokenizer()),
+        "-i".into(),
+        s(&l.dedup()),
+        "-o".into(),
+        s(&l.pack()),
+        "--fim-rate".into(),
+        p.fim_rate.to_string(),
+        "--fim-spm-rate".into(),
+        p.fim_spm_rate.to_string(),
+        "--val-fraction".into(),
+        p.val_fraction.to_string(),
+    ];
+    if p.line_aligned {
+        pack_args.push("--fim-line-aligned".into());
+    }
+    let e = &config.eval;
+    let model = |cmd: &str, name: &str| -> Vec<String> {
+        vec![
+            "eval".into(),
+            cmd.into(),
+            "--checkpoint".into(),
+            s(&l.train()),
+            "--json".into(),
+            s(&l.eval(name)),
+        ]
+    };
+    let with = |mut a: Vec<String>, more: &[String]| {
+        a.extend_from_slice(more);
+        a
+    };
+    let train_done = {
+        let train = l.train();
+        Box::new(move || finished_training(&train)) as Box<dyn Fn() -> bool>
+    };
+    let pack = l.pack();
+    let tokenizer = l.tokenizer();
+    let mut list = vec![
+        Stage {
+            name: "data",
+            args: data_args,
+            content: String::new(),
+            outputs: vec![l.data()],
+            complete: exists(l.data().join("stats.json")),
+        },
+        Stage {
+            name: "dedup",
+            args: vec![
+                "data".into(),
+                "dedup".into(),
+                "-i".into(),
+                s(&l.data()),
+                "-o".into(),
+                s(&l.dedup()),
+            ],
+            content: String::new(),
+            outputs: vec![l.dedup()],
+            complete: exists(l.dedup().join("near-dedup-report.json")),
+        },
+        Stage {
+            name: "tokenizer",
+            args: tok_args,
+            content: String::new(),
+            outputs: vec![l.tokenizer()],
+            complete: Box::new({
+                let t = tokenizer.clone();
+                move || cxxlm_tokenizer::load(&t).is_ok()
+            }),
+        },
+        Stage {
+            name: "pack",
+            args: pack_args,
+            content: String::new(),
+            outputs: vec![l.pack()],
+            complete: Box::new(move || {
+                let (Ok(m), Ok(bpe)) = (
+                    cxxlm_pack::Manifest::load(&pack),
+                    cxxlm_tokenizer::load(&tokenizer),
+                ) else {
+                    return false;
+                };
+                m.check_tokenizer(&pack, &bpe).is_ok()
+            }),
+        },
+        Stage {
+            name: "pretrain",
+            args: vec![
+                "train".into(),
+                "pretrain".into(),
+                "--config".into(),
+                s(&l.train_config()),
+                "--resume".into(),
+            ],
+            content: pretrain_toml.to_string(),
+            outputs: vec![l.train(), l.train_config()],
+            complete: train_done,
+        },
+        Stage {
+            name: "eval-tokenizer",
+            args: vec![
+                "tok".into(),
+                "eval".into(),
+                "--tokenizer".into(),
+                s(&l.tokenizer()),
+                "--max-bytes".into(),
+                (e.tokenizer_mb * 1_000_000).to_string(),
+                "--json".into(),
+                s(&l.eval("tokenizer")),
+                s(&l.dedup()),
+            ],
+            content: String::new(),
+            outputs: vec![l.eval("tokenizer")],
+            complete: exists(l.eval("tokenizer")),
+        },
+        Stage {
+            name: "eval-bpb",
+            args: with(
+                model("bpb", "bpb"),
+                &[
+                    "--pack".into(),
+                    s(&l.pack()),
+                    "--tokens".into(),
+                    e.bpb_tokens.to_string(),
+                ],
+            ),
+            content: String::new(),
+            outputs: vec![l.eval("bpb")],
+            complete: exists(l.eval("bpb")),
+        },
+        Stage {
+            name: "eval-fim",
+            args: with(
+                model("fim", "fim"),
+                &[
+                    "--pack".into(),
+                    s(&l.pack()),
+                    "--documents".into(),
+                    e.fim_documents.to_string(),
+                    "--batch".into(),
+                    e.batch.to_string(),
+                ],
+            ),
+            content: String::new(),
+            outputs: vec![l.eval("fim")],
+            complete: exists(l.eval("fim")),
+        },
+        Stage {
+            name: "eval-compile",
+            args: with(
+                model("compile", "compile"),
+                &[
+                    "--pack".into(),
+                    s(&l.pack()),
+                    "--functions".into(),
+                    e.compile_functions.to_string(),
+                    "--max-tokens".into(),
+                    e.compile_max_tokens.to_string(),
+                    "--batch".into(),
+                    e.batch.to_string(),
+                    "--cache".into(),
+                    s(&l.root.join("cache")),
+                ],
+            ),
+            content: String::new(),
+            outputs: vec![l.eval("compile")],
+            complete: exists(l.eval("compile")),
+        },
+    ];
+    if e.mbpp_file.exists() {
+        let mut args = with(
+            model("mbpp", "mbpp"),
+            &[
+                "--problems".into(),
+                s(&e.mbpp_file),
+                "--max-tokens".into(),
+                e.mbpp_max_tokens.to_string(),
+                "--batch".into(),
+                e.batch.to_string(),
+                "--completions-out".into(),
+                s(&l.mbpp_completions()),
+            ],
+        );
+        if e.mbpp_problems > 0 {
+            args.extend(["--limit".into(), e.mbpp_problems.to_string()]);
+        }
+        list.push(Stage {
+            name: "eval-mbpp",
+            args,
+            content: String::new(),
+            outputs: vec![l.eval("mbpp"), l.mbpp_completions()],
+            complete: exists(l.eval("mbpp")),
+        });
+    } else {
+        eprintln!(
+            "MBPP-C++ is left out: {} not found (set eval.mbpp_file)",
+            e.mbpp_file.display()
+        );
+    }
+    list
+}
+
+/// Whether the newest checkpoint of a training run is its last step.
+fn finished_training(train: &Path) -> bool {
+    let Some(dir) = cxxlm_train::checkpoint::latest(&train.join("checkpoints")) else {
+        return false;
+    };
+    let state = std::fs::read_to_string(dir.join("trainer.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok());
+    state.is_some_and(|s| s["step"].is_u64() && s["step"] == s["total_steps"])
+}
+
+fn load_config(args: &SpeedrunArgs) -> Result<(Config, String)> {
+    let preset = PRESETS
+        .iter()
+        .find(|p| p.0 == args.preset)
+        .map(|p| p.1)
+        .context("unknown preset")?;
+    let mut doc: toml::Table = toml::from_str(preset).context("preset")?;
+    for o in &args.overrides {
+        crate::train::set(&mut doc, o)?;
+    }
+    if !args.sources.is_empty() {
+        doc.insert(
+            "sources".into(),
+            toml::Value::Array(
+                args.sources
+                    .iter()
+                    .cloned()
+                    .map(toml::Value::String)
+                    .collect(),
+            ),
+        );
+    }
+    let text = toml::to_string_pretty(&doc)?;
+    let config: Config = toml::Value::Table(doc)
+        .try_into()
+        .context("speedrun settings")?;
+    if config.sources.is_empty() {
+        bail!("no sources: pass --sources");
+    }
+    Ok((config, text))
+}
+
+/// The `train pretrain` config of the run, checked before anything runs.
+fn pretrain_config(config: &Config, l: &Layout) -> Result<String> {
+    let mut table = config.pretrain.clone();
+    table.insert("out".into(), toml::Value::String(s(&l.train())));
+    let data = table
+        .entry("data")
+        .or_insert_with(|| toml::Value::Table(Default::default()))
+        .as_table_mut()
+        .context("pretrain.data is not a table")?;
+    data.insert("pack".into(), toml::Value::String(s(&l.pack())));
+    data.insert("tokenizer".into(), toml::Value::String(s(&l.tokenizer())));
+    cxxlm_train::TrainConfig::from_table(table.clone()).context("pretrain settings")?;
+    Ok(toml::to_string_pretty(&table)?)
+}
+
+fn fingerprint(before: &str, stage: &Stage) -> String {
+    let text = format!("{before}\n{}\n{}", stage.args.join("\u{0}"), stage.content);
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()))
+}
+
+fn command_line(args: &[String]) -> String {
+    let quote = |a: &String| {
+        if !a.is_empty()
+            && a.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@+".contains(c))
+        {
+            a.clone()
+        } else {
+            format!("'{}'", a.replace('\'', "'\\''"))
+        }
+    };
+    std::iter::once("cxxlm".to_string())
+        .chain(args.iter().map(quote))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn first_line(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .next()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+}
+
+/// Hardware and versions, for the report card.
+fn host() -> Value {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let field = |text: &str, key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_once([':', '=']))
+            .map(|(_, v)| v.trim().trim_matches('"').to_string())
+    };
+    let cpuinfo = read("/proc/cpuinfo");
+    let mem_kb: f64 = field(&read("/proc/meminfo"), "MemTotal")
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    let gpus = first_line(
+        "nvidia-smi",
+        &["--query-gpu=name,memory.total", "--format=csv,noheader"],
+    );
+    json!({
+        "cxxlm": env!("CARGO_PKG_VERSION"),
+        "libtorch": option_env!("CXXLM_LIBTORCH_VERSION").unwrap_or("unknown"),
+        "CUDA devices": tch::Cuda::device_count(),
+        "GPU": gpus.unwrap_or_else(|| "none".into()),
+        "CPU": field(&cpuinfo, "model name").unwrap_or_else(|| "unknown".into()),
+        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "memory": format!("{:.1} GiB", mem_kb / (1u64 << 20) as f64),
+        "OS": field(&read("/etc/os-release"), "PRETTY_NAME").unwrap_or_else(|| std::env::consts::OS.into()),
+        "g++": first_line("g++", &["--version"]).unwrap_or_else(|| "not found".into()),
+    })
+}
+
+fn save(path: &Path, record: &Value) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(record)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Runs `cxxlm <args>`, its output shown and kept in `log`. Ctrl-C or SIGTERM reach it
+/// (it stops at a safe point), and then the speedrun stops too.
+fn run_stage(args: &[String], log: &Path) -> Result<()> {
+    let exe = std::env::current_exe().context("finding the cxxlm binary")?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    let file = Arc::new(Mutex::new(file));
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting a stage")?;
+    let tee = |mut from: Box<dyn Read + Send>, to_stdout: bool| {
+        let file = Arc::clone(&file);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = from.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if let Ok(mut f) = file.lock() {
+                    let _ = f.write_all(&buf[..n]);
+                }
+                let _ = if to_stdout {
+                    std::io::stdout().write_all(&buf[..n])
+                } else {
+                    std::io::stderr().write_all(&buf[..n])
+                };
+            }
+        })
+    };
+    let out = tee(Box::new(child.stdout.take().expect("piped")), true);
+    let err = tee(Box::new(child.stderr.take().expect("piped")), false);
+    let mut forwarded = false;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if interrupt::requested() && !forwarded {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            forwarded = true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = (out.join(), err.join());
+    if interrupt::requested() {
+        bail!("interrupted; run the same command again to continue");
+    }
+    if !status.success() {
+        bail!("failed ({status}); its log: {}", log.display());
+    }
+    Ok(())
+}
+
+pub fn run(args: SpeedrunArgs) -> Result<()> {
+    let (config, config_text) = load_config(&args)?;
+    let root = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(&args.preset));
+    let l = Layout::new(root);
+    std::fs::create_dir_all(l.logs())
+        .with_context(|| format!("creating {}", l.logs().display()))?;
+    std::fs::create_dir_all(l.root.join("eval"))?;
+    let pretrain_toml = pretrain_config(&config, &l)?;
+    let list = stages(&config, &l, &pretrain_toml);
+    let mut record: Value = match std::fs::read_to_string(l.record()) {
+        Ok(text) => serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a speedrun record", l.record().display()))?,
+        Err(_) => json!({ "stages": {} }),
+    };
+    if let Some(redo) = &args.redo {
+        let from = list
+            .iter()
+            .position(|st| st.name == redo)
+            .with_context(|| {
+                let names: Vec<&str> = list.iter().map(|st| st.name).collect();
+                format!("--redo {redo}: the stages are {}", names.join(", "))
+            })?;
+        for st in &list[from..] {
+            for out in &st.outputs {
+                let _ = std::fs::remove_dir_all(out).or_else(|_| std::fs::remove_file(out));
+            }
+            record["stages"].as_object_mut().map(|m| m.remove(st.name));
+        }
+    }
+    record["preset"] = args.preset.clone().into();
+    record["sources"] = json!(config.sources);
+    record["config"] = config_text.into();
+    record["host"] = host();
+    save(&l.record(), &record)?;
+    interrupt::install();
+
+    let started = Instant::now();
+    let mut before = String::new();
+    for (order, st) in list.iter().enumerate() {
+        let fp = fingerprint(&before, st);
+        before.clone_from(&fp);
+        let done = &record["stages"][st.name];
+        if done.is_object() && done["fingerprint"] != fp.as_str() {
+            bail!(
+                "{} holds a {} stage run with other settings (or after other earlier stages); \
+                 use another --out, or --redo {} to discard its outputs and those of the later stages",
+                l.root.display(),
+                st.name,
+                st.name
+            );
+        }
+        if done["finished"] == true && (st.complete)() {
+            eprintln!("== {}: done earlier, skipped", st.name);
+            continue;
+        }
+        if st.name == "pretrain" {
+            std::fs::write(l.train_config(), &pretrain_toml)?;
+        }
+        let command = command_line(&st.args);
+        eprintln!("== {}: {command}", st.name);
+        let earlier = done["seconds"].as_f64().unwrap_or(0.0);
+        record["stages"][st.name] = json!({
+            "order": order, "command": command, "fingerprint": fp, "finished": false,
+        });
+        save(&l.record(), &record)?;
+        let t = Instant::now();
+        let outcome = run_stage(&st.args, &l.logs().join(format!("{}.log", st.name)));
+        record["stages"][st.name]["seconds"] = (earlier + t.elapsed().as_secs_f64()).into();
+        if outcome.is_ok() && !(st.complete)() {
+            save(&l.record(), &record)?;
+            bail!(
+                "stage {} ended without its outputs; its log: {}",
+                st.name,
+                l.logs().join(format!("{}.log", st.name)).display()
+            );
+        }
+        record["stages"][st.name]["finished"] = outcome.is_ok().into();
+        save(&l.record(), &record)?;
+        outcome.with_context(|| format!("stage {}", st.name))?;
+    }
+    let written = cxxlm_report::write(&l)?;
+    for e in &written.plot_errors {
+        eprintln!("warning: {e}");
+    }
+    println!(
+        "speedrun {} finished ({:.0}s here): {} and {}",
+        args.preset,
+        started.elapsed().as_secs_f64(),
+        written.markdown.display(),
+        written.html.display()
+    );
+    Ok(())
+}
