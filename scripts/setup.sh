@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a fresh Debian 12 machine with a Rust toolchain needs for cxxlm's main job
 # and its tests: archive tools and git for the readers' tests; g++ (libstdc++'s headers
-# are test data, and it judges model programs) and bubblewrap (their sandbox); torch
+# are test data, and it judges model programs) and bubblewrap (their sandbox); a font
+# for the report card's plots; torch
 # 2.11 (libtorch for the trainer); and the Python modules that check that other tools
 # read our files: zstandard (shards), tokenizers (tokenizer.json), megatron-core (.bin/.idx).
 set -euo pipefail
@@ -9,12 +10,14 @@ missing=()
 for tool in git tar xz zstd bzip2 python3 g++ bwrap; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(font)
 if [ ${#missing[@]} -gt 0 ]; then
     pkgs=()
     for tool in "${missing[@]}"; do
         case $tool in
             xz) pkgs+=(xz-utils) ;;
             bwrap) pkgs+=(bubblewrap) ;;
+            font) pkgs+=(fonts-dejavu-core) ;;
             python3) pkgs+=(python3 python3-pip) ;;
             *) pkgs+=("$tool") ;;
         esac

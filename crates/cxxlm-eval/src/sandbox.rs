@@ -84,10 +84,15 @@ pub struct Sandbox {
 impl Sandbox {
     /// Finds `bwrap` and checks that it can create its namespaces here.
     pub fn new(limits: Limits) -> Result<Self> {
+        // The system's first: a `bwrap` earlier on PATH must not be able to widen it.
+        let on_path = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).map(|d| d.join("bwrap")).collect::<Vec<_>>())
+            .unwrap_or_default();
         let bwrap = ["/usr/bin/bwrap", "/bin/bwrap"]
             .iter()
             .map(PathBuf::from)
-            .find(|p| p.exists())
+            .chain(on_path)
+            .find(|p| p.is_file())
             .ok_or_else(|| {
                 EvalError::Sandbox(
                     "bubblewrap is not installed (Debian: apt-get install bubblewrap; scripts/setup.sh does it)".into(),

@@ -16,21 +16,28 @@ const FONT_PATHS: [&str; 4] = [
     "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
 ];
 
-/// Registers a system font for the charts' text, once; an error names what to install.
+/// Registers a font for the charts' text, once: `CXXLM_FONT` (a TrueType file) or a
+/// system font; an error names what to install.
 pub fn font_ready() -> Result<(), ReportError> {
     static READY: OnceLock<bool> = OnceLock::new();
     let ready = *READY.get_or_init(|| {
-        FONT_PATHS.iter().any(|p| {
-            std::fs::read(p).is_ok_and(|bytes| {
-                register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into())).is_ok()
-            })
-        })
+        let chosen = std::env::var("CXXLM_FONT").ok();
+        let found = chosen
+            .iter()
+            .map(String::as_str)
+            .chain(FONT_PATHS)
+            .any(|p| {
+                std::fs::read(p).is_ok_and(|bytes| {
+                    register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into())).is_ok()
+                })
+            });
+        found
     });
     if ready {
         Ok(())
     } else {
         Err(ReportError::Plot(format!(
-            "no TrueType font found (looked for {}); install fonts-dejavu-core",
+            "no TrueType font found (looked for {}); install fonts-dejavu-core or set CXXLM_FONT",
             FONT_PATHS.join(", ")
         )))
     }
