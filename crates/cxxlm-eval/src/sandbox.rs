@@ -86,7 +86,11 @@ impl Sandbox {
     pub fn new(limits: Limits) -> Result<Self> {
         // The system's first: a `bwrap` earlier on PATH must not be able to widen it.
         let on_path = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).map(|d| d.join("bwrap")).collect::<Vec<_>>())
+            .map(|p| {
+                std::env::split_paths(&p)
+                    .map(|d| d.join("bwrap"))
+                    .collect::<Vec<_>>()
+            })
             .unwrap_or_default();
         let bwrap = ["/usr/bin/bwrap", "/bin/bwrap"]
             .iter()

@@ -618,6 +618,13 @@ fn evaluation(r: &mut Report) -> Result<()> {
         None => r.not_run("bits per byte"),
     }
     match read_json(&l.eval("compile"))? {
+        Some(c) if c["programs"] == 0 => {
+            let _ = writeln!(
+                r.md,
+                "**Compile rate**: none of the {} held-out files with a function compiles as it is, so there is nothing to measure.\n",
+                c["files_tried"]
+            );
+        }
         Some(c) => {
             let _ = writeln!(
                 r.md,

@@ -1,0 +1,192 @@
+//! `cxxlm speedrun` end to end on a small slice of libstdc++: every stage, a kill in the
+//! middle of pretraining, a rerun that continues, a changed setting refused, `--redo`.
+
+mod common;
+
+use common::{cxxlm, libstdcxx_bits};
+use serde_json::Value;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+/// A small but real configuration: 40 headers, a 1K vocabulary, a 2-layer model.
+fn settings() -> Vec<String> {
+    let mbpp =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../evals/multipl-e_mbpp-cpp-keep.jsonl");
+    [
+        "tokenizer.vocab=1024",
+        "pack.val_fraction=0.3",
+        "pretrain.model.preset=\"tiny\"",
+        "pretrain.model.seq_len=64",
+        "pretrain.train.device=\"cpu\"",
+        "pretrain.train.device_batch=4",
+        "pretrain.train.total_batch_tokens=256",
+        "pretrain.train.steps=300",
+        "pretrain.train.time_budget=0",
+        "pretrain.eval.every=100",
+        "pretrain.eval.tokens=2048",
+        "pretrain.eval.samples=1",
+        "pretrain.eval.sample_tokens=8",
+        "pretrain.checkpoint.every=20",
+        "eval.tokenizer_mb=1",
+        "eval.bpb_tokens=4096",
+        "eval.fim_documents=4",
+        "eval.compile_functions=3",
+        "eval.compile_max_tokens=16",
+        "eval.mbpp_problems=2",
+        "eval.mbpp_max_tokens=16",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([format!("eval.mbpp_file={:?}", mbpp.display().to_string())])
+    .collect()
+}
+
+fn speedrun_args(sources: &Path, out: &Path, extra: &[String]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "speedrun".into(),
+        "--sources".into(),
+        sources.display().to_string(),
+        "-o".into(),
+        out.display().to_string(),
+    ];
+    for s in settings().iter().chain(extra) {
+        args.extend(["--set".into(), s.clone()]);
+    }
+    args
+}
+
+fn speedrun(sources: &Path, out: &Path, extra: &[String]) -> Output {
+    cxxlm()
+        .args(speedrun_args(sources, out, extra))
+        .output()
+        .unwrap()
+}
+
+fn record(out: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("speedrun.json")).unwrap()).unwrap()
+}
+
+fn sources() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut headers: Vec<PathBuf> = std::fs::read_dir(libstdcxx_bits())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "h"))
+        .collect();
+    headers.sort();
+    for h in headers.iter().take(40) {
+        std::fs::copy(h, src.join(h.file_name().unwrap())).unwrap();
+    }
+    (dir, src)
+}
+
+#[test]
+fn a_killed_speedrun_continues_from_its_last_finished_stage() {
+    let (dir, src) = sources();
+    let out = dir.path().join("run");
+
+    // Killed (with every process of the run) once pretraining has its first checkpoint.
+    let mut child = cxxlm()
+        .args(speedrun_args(&src, &out, &[]))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let checkpoints = out.join("train/checkpoints");
+    let started = Instant::now();
+    loop {
+        let saved = std::fs::read_dir(&checkpoints)
+            .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.path().join("trainer.json").exists())));
+        if saved {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the speedrun ended before its first checkpoint"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(900),
+            "no checkpoint"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: killpg on the process group the child leads.
+    unsafe { libc::killpg(child.id() as libc::pid_t, libc::SIGKILL) };
+    child.wait().unwrap();
+    let killed = record(&out);
+    for stage in ["data", "dedup", "tokenizer", "pack"] {
+        assert_eq!(killed["stages"][stage]["finished"], true, "{stage}");
+    }
+    assert_eq!(killed["stages"]["pretrain"]["finished"], false);
+
+    let again = speedrun(&src, &out, &[]);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{stderr}");
+    for stage in ["data", "dedup", "tokenizer", "pack"] {
+        assert!(
+            stderr.contains(&format!("== {stage}: done earlier, skipped")),
+            "{stage}: {stderr}"
+        );
+    }
+    assert!(stderr.contains("resumed after step"), "{stderr}");
+    let done = record(&out);
+    for (stage, s) in done["stages"].as_object().unwrap() {
+        assert_eq!(s["finished"], true, "{stage}");
+    }
+    let metrics = std::fs::read_to_string(out.join("train/metrics.jsonl")).unwrap();
+    let losses: Vec<f64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok()?["loss"].as_f64())
+        .collect();
+    assert!(
+        losses.len() >= 300,
+        "every step logged once it resumed: {}",
+        losses.len()
+    );
+    let head: f64 = losses[..10].iter().sum::<f64>() / 10.0;
+    let tail: f64 = losses[losses.len() - 10..].iter().sum::<f64>() / 10.0;
+    assert!(tail < head - 1.0, "loss falls: {head} -> {tail}");
+
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for expected in [
+        "## Pretraining",
+        "| steps | 300 |",
+        "![training loss](plots/loss.png)",
+        "**Compile rate**",
+        "**MultiPL-E MBPP-C++**: 2 problems",
+        "| ours |",
+    ] {
+        assert!(report.contains(expected), "{expected}\n{report}");
+    }
+    assert!(out.join("report.html").exists() && out.join("plots/loss.png").exists());
+    for name in ["bpb", "fim", "compile", "mbpp", "tokenizer"] {
+        assert!(out.join(format!("eval/{name}.json")).exists(), "{name}");
+    }
+
+    // Another FIM setting is refused, then redone with --redo (and only from there on).
+    let changed = ["eval.fim_documents=5".to_string()];
+    let refused = speedrun(&src, &out, &changed);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--redo eval-fim"));
+    let args: Vec<String> = speedrun_args(&src, &out, &changed)
+        .into_iter()
+        .chain(["--redo".into(), "eval-fim".into()])
+        .collect();
+    let redone = cxxlm().args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&redone.stderr);
+    assert!(redone.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("== pretrain: done earlier, skipped"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("== eval-fim: cxxlm eval fim"), "{stderr}");
+    let fim: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval/fim.json")).unwrap()).unwrap();
+    assert_eq!(fim["documents"], 5);
+}
