@@ -101,8 +101,15 @@ fn a_killed_speedrun_continues_from_its_last_finished_stage() {
     let checkpoints = out.join("train/checkpoints");
     let started = Instant::now();
     loop {
-        let saved = std::fs::read_dir(&checkpoints)
-            .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.path().join("trainer.json").exists())));
+        // A finished checkpoint: renamed from its temporary name.
+        let saved = std::fs::read_dir(&checkpoints).is_ok_and(|mut d| {
+            d.any(|e| {
+                e.is_ok_and(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    !name.ends_with(".tmp") && e.path().join("trainer.json").exists()
+                })
+            })
+        });
         if saved {
             break;
         }
