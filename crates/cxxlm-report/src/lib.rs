@@ -445,7 +445,7 @@ fn tokenizer(r: &mut Report) -> Result<()> {
     for e in ENCODINGS {
         let raw_tokens = num(o, &format!("tokens.{e}.raw_tokens"));
         let norm_tokens = num(o, &format!("tokens.{e}.normalized_tokens"));
-        if !(raw_tokens > 0.0) {
+        if raw_tokens.is_nan() || raw_tokens <= 0.0 {
             continue;
         }
         rows.push(vec![
