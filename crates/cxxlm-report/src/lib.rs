@@ -156,8 +156,13 @@ pub struct Written {
     pub plot_errors: Vec<String>,
 }
 
+/// The evaluations' JSON files under `eval/`, by name.
+const EVALS: [&str; 5] = ["bpb", "compile", "fim", "mbpp", "tokenizer"];
+
 struct Report<'a> {
     layout: &'a Layout,
+    /// Each evaluation's results, read once; absent when it has not run.
+    evals: BTreeMap<&'static str, Value>,
     md: String,
     plots: Vec<PathBuf>,
     plot_errors: Vec<String>,
@@ -197,8 +202,15 @@ impl Report<'_> {
 /// Writes `report.md`, `report.html` and `plots/*.png` into the run directory.
 pub fn write(layout: &Layout) -> Result<Written> {
     let record = read_json(&layout.record())?.unwrap_or(Value::Null);
+    let mut evals = BTreeMap::new();
+    for name in EVALS {
+        if let Some(v) = read_json(&layout.eval(name))? {
+            evals.insert(name, v);
+        }
+    }
     let mut r = Report {
         layout,
+        evals,
         md: String::new(),
         plots: Vec::new(),
         plot_errors: Vec::new(),
@@ -209,13 +221,13 @@ pub fn write(layout: &Layout) -> Result<Written> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| layout.root.display().to_string());
     let _ = writeln!(r.md, "# cxxlm report card: {name}\n");
-    headline(&mut r, &record)?;
+    headline(&mut r, &record);
     stages(&mut r, &record);
     data(&mut r)?;
     dedup(&mut r)?;
-    tokenizer(&mut r)?;
+    tokenizer(&mut r);
     training(&mut r)?;
-    evaluation(&mut r)?;
+    evaluation(&mut r);
     samples(&mut r)?;
     host(&mut r, &record);
 
@@ -237,8 +249,7 @@ pub fn write(layout: &Layout) -> Result<Written> {
     })
 }
 
-fn headline(r: &mut Report, record: &Value) -> Result<()> {
-    let l = r.layout;
+fn headline(r: &mut Report, record: &Value) {
     let mut rows = Vec::new();
     let mut row = |k: &str, v: String| rows.push(vec![k.to_string(), v]);
     if let Some(p) = record["preset"].as_str() {
@@ -264,13 +275,13 @@ fn headline(r: &mut Report, record: &Value) -> Result<()> {
     if total > 0.0 {
         row("time (all stages)", seconds(total));
     }
-    if let Some(bpb) = read_json(&l.eval("bpb"))? {
+    if let Some(bpb) = r.evals.get("bpb").cloned() {
         row(
             "validation bits per byte",
             format!("{:.4}", num(&bpb, "bits_per_byte")),
         );
     }
-    if let Some(m) = read_json(&l.eval("mbpp"))? {
+    if let Some(m) = r.evals.get("mbpp").cloned() {
         row(
             "MBPP-C++ pass@1",
             format!(
@@ -281,19 +292,19 @@ fn headline(r: &mut Report, record: &Value) -> Result<()> {
             ),
         );
     }
-    if let Some(c) = read_json(&l.eval("compile"))? {
+    if let Some(c) = r.evals.get("compile").cloned() {
         row(
             "compile rate (held-out function bodies)",
             format!("{:.3} of {}", num(&c, "compile_rate"), c["programs"]),
         );
     }
-    if let Some(f) = read_json(&l.eval("fim"))? {
+    if let Some(f) = r.evals.get("fim").cloned() {
         row(
             "FIM exact (one hidden line)",
             format!("{:.3} of {}", num(&f, "exact_rate"), f["documents"]),
         );
     }
-    if let Some(t) = read_json(&l.eval("tokenizer"))? {
+    if let Some(t) = r.evals.get("tokenizer").cloned() {
         if let Some(o) = overall_tokenizer_row(&t) {
             row(
                 "tokens vs cl100k (pipeline text)",
@@ -304,7 +315,6 @@ fn headline(r: &mut Report, record: &Value) -> Result<()> {
     if !rows.is_empty() {
         table(&mut r.md, &["", ""], &rows);
     }
-    Ok(())
 }
 
 fn stages(r: &mut Report, record: &Value) {
@@ -422,15 +432,15 @@ fn overall_tokenizer_row(t: &Value) -> Option<&Value> {
         .find(|p| p["project"] == "overall")
 }
 
-fn tokenizer(r: &mut Report) -> Result<()> {
+fn tokenizer(r: &mut Report) {
     r.section("Tokenizer");
-    let Some(t) = read_json(&r.layout.eval("tokenizer"))? else {
+    let Some(t) = r.evals.get("tokenizer").cloned() else {
         r.not_run("tokenizer evaluation");
-        return Ok(());
+        return;
     };
     let Some(o) = overall_tokenizer_row(&t) else {
         r.not_run("tokenizer evaluation (no overall row)");
-        return Ok(());
+        return;
     };
     let raw = num(o, "raw_bytes");
     let norm = num(o, "normalized_bytes");
@@ -475,7 +485,6 @@ fn tokenizer(r: &mut Report) -> Result<()> {
             &bars,
         )
     });
-    Ok(())
 }
 
 /// Every numeric field of `metrics.jsonl` as (step, value) points.
@@ -604,10 +613,9 @@ fn training(r: &mut Report) -> Result<()> {
     Ok(())
 }
 
-fn evaluation(r: &mut Report) -> Result<()> {
+fn evaluation(r: &mut Report) {
     r.section("Evaluation");
-    let l = r.layout.clone();
-    match read_json(&l.eval("bpb"))? {
+    match r.evals.get("bpb").cloned() {
         Some(b) => {
             let _ = writeln!(
                 r.md,
@@ -617,7 +625,7 @@ fn evaluation(r: &mut Report) -> Result<()> {
         }
         None => r.not_run("bits per byte"),
     }
-    match read_json(&l.eval("compile"))? {
+    match r.evals.get("compile").cloned() {
         Some(c) if c["programs"] == 0 => {
             let _ = writeln!(
                 r.md,
@@ -654,7 +662,7 @@ fn evaluation(r: &mut Report) -> Result<()> {
         }
         None => r.not_run("compile rate"),
     }
-    match read_json(&l.eval("fim"))? {
+    match r.evals.get("fim").cloned() {
         Some(f) => {
             let _ = writeln!(
                 r.md,
@@ -679,7 +687,7 @@ fn evaluation(r: &mut Report) -> Result<()> {
         }
         None => r.not_run("fill-in-the-middle"),
     }
-    match read_json(&l.eval("mbpp"))? {
+    match r.evals.get("mbpp").cloned() {
         Some(m) => {
             let _ = writeln!(
                 r.md,
@@ -712,7 +720,6 @@ fn evaluation(r: &mut Report) -> Result<()> {
         }
         None => r.not_run("MBPP-C++"),
     }
-    Ok(())
 }
 
 fn samples(r: &mut Report) -> Result<()> {

@@ -573,7 +573,9 @@ pub fn pretrain(
             "step_seconds": seconds, "forward_backward_seconds": forward_backward_seconds,
         });
         metrics.log(state.step, fields.as_object().expect("object"))?;
-        step_times.push(seconds);
+        if run.time_budget > 0.0 && state.step <= FIT_AFTER_STEPS {
+            step_times.push(seconds);
+        }
         if run.time_budget > 0.0 && state.step == FIT_AFTER_STEPS && steps > state.step {
             let (fitted, step_seconds) = fit_steps(run.time_budget, &step_times, state.step, steps);
             steps = fitted;

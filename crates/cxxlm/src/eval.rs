@@ -310,10 +310,10 @@ fn held_out_functions(
             });
         }
     }
-    let mut kept = Vec::new();
-    let mut tried = 0;
-    while kept.len() < n && tried < candidates.len() {
-        let round = (2 * (n - kept.len())).max(8).min(candidates.len() - tried);
+    let mut keep = vec![false; candidates.len()];
+    let (mut kept, mut tried) = (0, 0);
+    while kept < n && tried < candidates.len() {
+        let round = (2 * (n - kept)).max(8).min(candidates.len() - tried);
         // The body must also be compiled: one in a branch the preprocessor drops
         // (`#ifdef _WIN32`) would pass whatever the model wrote.
         let checked = candidates[tried..tried + round]
@@ -325,18 +325,19 @@ fn held_out_functions(
             })
             .collect::<Result<Vec<_>, cxxlm_eval::EvalError>>()?;
         for (i, (d, broken_compiles)) in checked.into_iter().enumerate() {
-            if d.ok && !broken_compiles && kept.len() < n {
-                let h = &candidates[tried + i];
-                kept.push(Hidden {
-                    prefix: h.prefix.clone(),
-                    body: h.body.clone(),
-                    suffix: h.suffix.clone(),
-                    warnings: d.warnings,
-                });
+            if d.ok && !broken_compiles && kept < n {
+                candidates[tried + i].warnings = d.warnings;
+                keep[tried + i] = true;
+                kept += 1;
             }
         }
         tried += round;
     }
+    let kept = candidates
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(h, k)| k.then_some(h))
+        .collect();
     Ok((kept, tried))
 }
 
@@ -398,11 +399,12 @@ fn compile(args: CompileArgs) -> Result<()> {
                 eprintln!(
                     "warning: none of the {tried} validation files with a function compiles as it is (g++ -fsyntax-only): no compile rate"
                 );
+            } else {
+                eprintln!(
+                    "{} functions hidden in validation files that compile ({tried} files tried)",
+                    hidden.len()
+                );
             }
-            eprintln!(
-                "{} functions hidden in validation files that compile ({tried} files tried)",
-                hidden.len()
-            );
             let bodies = write_bodies(&args, &model, &bpe, &hidden);
             baseline_warnings = Some(hidden.iter().map(|h| h.warnings).collect::<Vec<_>>());
             let programs: Vec<String> = hidden

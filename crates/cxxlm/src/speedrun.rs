@@ -205,24 +205,26 @@ fn stages(config: &Config, l: &Layout, pretrain_toml: &str) -> Vec<Stage> {
         pack_args.push("--fim-line-aligned".into());
     }
     let e = &config.eval;
-    let model = |cmd: &str, name: &str| -> Vec<String> {
-        vec![
+    // Stage `name`: `cxxlm eval <cmd>` of the trained model, its JSON at `eval/<cmd>.json`.
+    let model_eval = |name: &'static str, cmd: &str, more: &[String]| -> Stage {
+        let mut args: Vec<String> = vec![
             "eval".into(),
             cmd.into(),
             "--checkpoint".into(),
             s(&l.train()),
             "--json".into(),
-            s(&l.eval(name)),
-        ]
+            s(&l.eval(cmd)),
+        ];
+        args.extend_from_slice(more);
+        Stage {
+            name,
+            args,
+            content: String::new(),
+            outputs: vec![l.eval(cmd)],
+            complete: exists(l.eval(cmd)),
+        }
     };
-    let with = |mut a: Vec<String>, more: &[String]| {
-        a.extend_from_slice(more);
-        a
-    };
-    let train_done = {
-        let train = l.train();
-        Box::new(move || finished_training(&train)) as Box<dyn Fn() -> bool>
-    };
+    let train = l.train();
     let pack = l.pack();
     let tokenizer = l.tokenizer();
     let mut list = vec![
@@ -283,7 +285,7 @@ fn stages(config: &Config, l: &Layout, pretrain_toml: &str) -> Vec<Stage> {
             ],
             content: pretrain_toml.to_string(),
             outputs: vec![l.train(), l.train_config()],
-            complete: train_done,
+            complete: Box::new(move || finished_training(&train)),
         },
         Stage {
             name: "eval-tokenizer",
@@ -302,84 +304,62 @@ fn stages(config: &Config, l: &Layout, pretrain_toml: &str) -> Vec<Stage> {
             outputs: vec![l.eval("tokenizer")],
             complete: exists(l.eval("tokenizer")),
         },
-        Stage {
-            name: "eval-bpb",
-            args: with(
-                model("bpb", "bpb"),
-                &[
-                    "--pack".into(),
-                    s(&l.pack()),
-                    "--tokens".into(),
-                    e.bpb_tokens.to_string(),
-                ],
-            ),
-            content: String::new(),
-            outputs: vec![l.eval("bpb")],
-            complete: exists(l.eval("bpb")),
-        },
-        Stage {
-            name: "eval-fim",
-            args: with(
-                model("fim", "fim"),
-                &[
-                    "--pack".into(),
-                    s(&l.pack()),
-                    "--documents".into(),
-                    e.fim_documents.to_string(),
-                    "--batch".into(),
-                    e.batch.to_string(),
-                ],
-            ),
-            content: String::new(),
-            outputs: vec![l.eval("fim")],
-            complete: exists(l.eval("fim")),
-        },
-        Stage {
-            name: "eval-compile",
-            args: with(
-                model("compile", "compile"),
-                &[
-                    "--pack".into(),
-                    s(&l.pack()),
-                    "--functions".into(),
-                    e.compile_functions.to_string(),
-                    "--max-tokens".into(),
-                    e.compile_max_tokens.to_string(),
-                    "--batch".into(),
-                    e.batch.to_string(),
-                    "--cache".into(),
-                    s(&l.root.join("cache")),
-                ],
-            ),
-            content: String::new(),
-            outputs: vec![l.eval("compile")],
-            complete: exists(l.eval("compile")),
-        },
-    ];
-    if e.mbpp_file.exists() {
-        let mut args = with(
-            model("mbpp", "mbpp"),
+        model_eval(
+            "eval-bpb",
+            "bpb",
             &[
-                "--problems".into(),
-                s(&e.mbpp_file),
-                "--max-tokens".into(),
-                e.mbpp_max_tokens.to_string(),
+                "--pack".into(),
+                s(&l.pack()),
+                "--tokens".into(),
+                e.bpb_tokens.to_string(),
+            ],
+        ),
+        model_eval(
+            "eval-fim",
+            "fim",
+            &[
+                "--pack".into(),
+                s(&l.pack()),
+                "--documents".into(),
+                e.fim_documents.to_string(),
                 "--batch".into(),
                 e.batch.to_string(),
-                "--completions-out".into(),
-                s(&l.mbpp_completions()),
             ],
-        );
+        ),
+        model_eval(
+            "eval-compile",
+            "compile",
+            &[
+                "--pack".into(),
+                s(&l.pack()),
+                "--functions".into(),
+                e.compile_functions.to_string(),
+                "--max-tokens".into(),
+                e.compile_max_tokens.to_string(),
+                "--batch".into(),
+                e.batch.to_string(),
+                "--cache".into(),
+                s(&l.root.join("cache")),
+            ],
+        ),
+    ];
+    if e.mbpp_file.exists() {
+        let mut more = vec![
+            "--problems".into(),
+            s(&e.mbpp_file),
+            "--max-tokens".into(),
+            e.mbpp_max_tokens.to_string(),
+            "--batch".into(),
+            e.batch.to_string(),
+            "--completions-out".into(),
+            s(&l.mbpp_completions()),
+        ];
         if e.mbpp_problems > 0 {
-            args.extend(["--limit".into(), e.mbpp_problems.to_string()]);
+            more.extend(["--limit".into(), e.mbpp_problems.to_string()]);
         }
-        list.push(Stage {
-            name: "eval-mbpp",
-            args,
-            content: String::new(),
-            outputs: vec![l.eval("mbpp"), l.mbpp_completions()],
-            complete: exists(l.eval("mbpp")),
-        });
+        let mut mbpp = model_eval("eval-mbpp", "mbpp", &more);
+        mbpp.outputs.push(l.mbpp_completions());
+        list.push(mbpp);
     } else {
         eprintln!(
             "MBPP-C++ is left out: {} not found (set eval.mbpp_file)",
@@ -394,10 +374,10 @@ fn finished_training(train: &Path) -> bool {
     let Some(dir) = cxxlm_train::checkpoint::latest(&train.join("checkpoints")) else {
         return false;
     };
-    let state = std::fs::read_to_string(dir.join("trainer.json"))
+    std::fs::read_to_string(dir.join("trainer.json"))
         .ok()
-        .and_then(|t| serde_json::from_str::<Value>(&t).ok());
-    state.is_some_and(|s| s["step"].is_u64() && s["step"] == s["total_steps"])
+        .and_then(|t| serde_json::from_str::<cxxlm_train::checkpoint::TrainerState>(&t).ok())
+        .is_some_and(|state| state.step == state.total_steps)
 }
 
 fn load_config(args: &SpeedrunArgs) -> Result<(Config, String)> {
