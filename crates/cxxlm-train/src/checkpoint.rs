@@ -1,6 +1,8 @@
-//! Checkpoints: `step-NNNNNN/` with `model.safetensors`, `optimizer-rank0.safetensors`,
-//! `config.json` and `trainer.json` (step, loader state, loss EMA, checksums of the other
-//! files). Written under `step-NNNNNN.tmp/` and renamed; the last K are kept.
+//! Checkpoints: `step-NNNNNN/` with `model.safetensors`, `optimizer-rank<R>.safetensors`
+//! (each rank's part of the optimizer state), `config.json` and `trainer.json` (step,
+//! loader state, loss EMA, number of ranks, checksums of the other files). Written under
+//! `step-NNNNNN.tmp/` and renamed by rank 0 once every rank has written its part; the
+//! last K are kept.
 
 use cxxlm_model::ModelConfig;
 use cxxlm_pack::LoaderState;
@@ -10,10 +12,18 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
 
+use crate::dist::Comm;
 use crate::{Result, TrainError};
 
 const MODEL: &str = "model.safetensors";
-const OPTIMIZER: &str = "optimizer-rank0.safetensors";
+
+fn optimizer_file(rank: usize) -> String {
+    format!("optimizer-rank{rank}.safetensors")
+}
+
+fn one() -> usize {
+    1
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainerState {
@@ -27,6 +37,9 @@ pub struct TrainerState {
     pub model: ModelConfig,
     /// Hyper-parameters that must not change on resume, as written in the config.
     pub run: serde_json::Value,
+    /// Ranks of the run that wrote it (one optimizer file each).
+    #[serde(default = "one")]
+    pub world: usize,
     /// sha256 of every other file of the checkpoint.
     #[serde(default)]
     pub files: BTreeMap<String, String>,
@@ -67,58 +80,77 @@ pub fn latest(root: &Path) -> Option<PathBuf> {
     checkpoint_dirs(root).pop()
 }
 
-/// Writes a checkpoint of `state.step` and removes all but the newest `keep`.
+/// Writes a checkpoint of `state.step` and removes all but the newest `keep`. Every rank
+/// calls it, with its part of the optimizer state; rank 0 writes the rest.
 pub fn save(
     root: &Path,
     mut state: TrainerState,
     model: &[(String, Tensor)],
     optimizer: &[(String, Tensor)],
     keep: usize,
+    comm: &Comm,
 ) -> Result<PathBuf> {
     let dir = root.join(format!("step-{:06}", state.step));
     let tmp = root.join(format!("step-{:06}.tmp", state.step));
     let io = |p: &Path, e| TrainError::io(p, e);
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-    write_tensors(&tmp.join(MODEL), model)?;
-    write_tensors(&tmp.join(OPTIMIZER), optimizer)?;
-    let config = tmp.join("config.json");
-    std::fs::write(
-        &config,
-        serde_json::to_vec_pretty(&state.model).expect("json"),
-    )
-    .map_err(|e| io(&config, e))?;
-    for name in [MODEL, OPTIMIZER, "config.json"] {
-        state
-            .files
-            .insert(name.to_string(), sha256_file(&tmp.join(name))?);
-    }
-    let trainer = tmp.join("trainer.json");
-    std::fs::write(&trainer, serde_json::to_vec_pretty(&state).expect("json"))
-        .map_err(|e| io(&trainer, e))?;
-    for name in [MODEL, OPTIMIZER, "config.json", "trainer.json"] {
-        let p = tmp.join(name);
-        std::fs::File::open(&p)
+    let synced = |p: &Path| {
+        std::fs::File::open(p)
             .and_then(|f| f.sync_all())
-            .map_err(|e| io(&p, e))?;
+            .map_err(|e| io(p, e))
+    };
+    if comm.rank() == 0 {
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
     }
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))?;
+    comm.barrier()?;
+    let mine = tmp.join(optimizer_file(comm.rank()));
+    write_tensors(&mine, optimizer)?;
+    synced(&mine)?;
+    comm.barrier()?;
+    if comm.rank() == 0 {
+        write_tensors(&tmp.join(MODEL), model)?;
+        let config = tmp.join("config.json");
+        std::fs::write(
+            &config,
+            serde_json::to_vec_pretty(&state.model).expect("json"),
+        )
+        .map_err(|e| io(&config, e))?;
+        state.world = comm.size();
+        let files: Vec<String> = [MODEL.to_string(), "config.json".into()]
+            .into_iter()
+            .chain((0..comm.size()).map(optimizer_file))
+            .collect();
+        for name in &files {
+            state
+                .files
+                .insert(name.clone(), sha256_file(&tmp.join(name))?);
+        }
+        let trainer = tmp.join("trainer.json");
+        std::fs::write(&trainer, serde_json::to_vec_pretty(&state).expect("json"))
+            .map_err(|e| io(&trainer, e))?;
+        for name in [MODEL, "config.json", "trainer.json"] {
+            synced(&tmp.join(name))?;
+        }
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))?;
+        }
+        std::fs::rename(&tmp, &dir).map_err(|e| io(&dir, e))?;
+        let all = checkpoint_dirs(root);
+        for old in &all[..all.len().saturating_sub(keep.max(1))] {
+            std::fs::remove_dir_all(old).map_err(|e| io(old, e))?;
+        }
     }
-    std::fs::rename(&tmp, &dir).map_err(|e| io(&dir, e))?;
-    let all = checkpoint_dirs(root);
-    for old in &all[..all.len().saturating_sub(keep.max(1))] {
-        std::fs::remove_dir_all(old).map_err(|e| io(old, e))?;
-    }
+    comm.barrier()?;
     Ok(dir)
 }
 
 pub struct Loaded {
     pub state: TrainerState,
     pub model: Vec<(String, Tensor)>,
-    pub optimizer: Vec<(String, Tensor)>,
+    /// Every rank's part of the optimizer state, in rank order.
+    pub optimizer: Vec<Vec<(String, Tensor)>>,
 }
 
 /// Reads a checkpoint, verifying every file against the checksums in `trainer.json`.
@@ -131,7 +163,12 @@ pub fn load(dir: &Path) -> Result<Loaded> {
     let bytes = std::fs::read(&trainer).map_err(|e| TrainError::io(&trainer, e))?;
     let state: TrainerState =
         serde_json::from_slice(&bytes).map_err(|e| bad(&trainer, format!("unreadable: {e}")))?;
-    for name in [MODEL, OPTIMIZER, "config.json"] {
+    let optimizer_files: Vec<String> = (0..state.world).map(optimizer_file).collect();
+    for name in optimizer_files
+        .iter()
+        .map(String::as_str)
+        .chain([MODEL, "config.json"])
+    {
         let path = dir.join(name);
         let expected = state
             .files
@@ -150,7 +187,10 @@ pub fn load(dir: &Path) -> Result<Loaded> {
     };
     Ok(Loaded {
         model: read(MODEL)?,
-        optimizer: read(OPTIMIZER)?,
+        optimizer: optimizer_files
+            .iter()
+            .map(|name| read(name))
+            .collect::<Result<_>>()?,
         state,
     })
 }

@@ -1,8 +1,10 @@
 //! Training: the optimizers and schedule ([`optim`]), the pretraining loop
-//! ([`pretrain`]), checkpoints ([`checkpoint`]) and metrics ([`metrics`]).
+//! ([`pretrain`]), checkpoints ([`checkpoint`]), metrics ([`metrics`]) and data
+//! parallelism across processes ([`dist`]).
 
 pub mod checkpoint;
-pub mod gpu_memory;
+pub mod cuda;
+pub mod dist;
 pub mod metrics;
 pub mod optim;
 pub mod pretrain;
@@ -39,6 +41,8 @@ pub enum TrainError {
     Model(#[from] cxxlm_model::ModelError),
     #[error("{0}")]
     Torch(String),
+    #[error("between ranks: {0}")]
+    Collective(String),
 }
 
 impl TrainError {

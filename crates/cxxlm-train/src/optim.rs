@@ -1,9 +1,13 @@
 //! Muon for the blocks' matrices, AdamW for the embedding and the head (nanochat's
-//! split), gradient clipping and the learning-rate schedule. State is named per
-//! parameter, so that it can be split by rank.
+//! split), gradient clipping and the learning-rate schedule; the state is split among
+//! the ranks of a data-parallel run and named per parameter, so that a run resumes on
+//! any number of ranks.
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
+
+use crate::dist::{flat_padded, Comm};
+use crate::Result;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -106,13 +110,28 @@ pub fn orthogonalize(g: &Tensor, steps: usize) -> Tensor {
 }
 
 /// Same-shape matrices updated together: their gradients are stacked so that
-/// Newton-Schulz runs as a few batched GEMMs instead of many small ones.
+/// Newton-Schulz runs as a few batched GEMMs instead of many small ones. With several
+/// ranks, each owns `per_rank` consecutive matrices of the stack (padded with zero
+/// matrices to a multiple of the ranks): it keeps their momentum, orthogonalizes them,
+/// and the updates are gathered.
 struct MuonGroup {
     params: Vec<(String, Tensor)>,
+    per_rank: usize,
+    /// This rank's matrices: `[per_rank, rows, cols]`.
     momentum: Tensor,
     shape_scale: f64,
 }
 
+impl MuonGroup {
+    /// Indices into `params` of the matrices this rank owns, with their index in its part.
+    fn owned(&self, rank: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let first = rank * self.per_rank;
+        (first..(first + self.per_rank).min(self.params.len())).map(move |i| (i, i - first))
+    }
+}
+
+/// AdamW on one parameter; each rank keeps the state of its part of the flattened
+/// parameter (padded to a multiple of the ranks) and the updated parts are gathered.
 struct AdamSlot {
     name: String,
     param: Tensor,
@@ -121,16 +140,27 @@ struct AdamSlot {
     exp_avg_sq: Tensor,
 }
 
+/// Sharded like ZeRO stage 1-2 (nanochat's DistMuon and DistAdamW): gradients are
+/// reduce-scattered, each rank updates its part with its part of the state, and the
+/// results are all-gathered. On one rank every collective is the identity.
 pub struct Optimizer {
     config: OptimConfig,
     muon: Vec<MuonGroup>,
     adam: Vec<AdamSlot>,
+    rank: usize,
+    world: usize,
 }
 
 impl Optimizer {
     /// AdamW for `wte` and `lm_head` with LRs scaled by `(width / 768)^-0.5`, Muon for
-    /// every other (2-D) weight.
-    pub fn new(params: &[(String, Tensor)], width: usize, config: OptimConfig) -> Self {
+    /// every other (2-D) weight; state for rank `rank` of `world`.
+    pub fn new(
+        params: &[(String, Tensor)],
+        width: usize,
+        config: OptimConfig,
+        rank: usize,
+        world: usize,
+    ) -> Self {
         let dmodel_scale = (width as f64 / 768.0).powf(-0.5);
         let mut muon: Vec<MuonGroup> = Vec::new();
         let mut adam = Vec::new();
@@ -141,12 +171,14 @@ impl Optimizer {
                 _ => None,
             };
             if let Some(lr) = lr {
+                let part = flat_padded(p, world).size()[0] / world as i64;
+                let state = || p.new_zeros([part], (Kind::Float, p.device()));
                 adam.push(AdamSlot {
                     name: name.clone(),
                     param: p.shallow_clone(),
                     lr: lr * dmodel_scale,
-                    exp_avg: p.zeros_like(),
-                    exp_avg_sq: p.zeros_like(),
+                    exp_avg: state(),
+                    exp_avg_sq: state(),
                 });
                 continue;
             }
@@ -157,6 +189,7 @@ impl Optimizer {
                     let s = p.size();
                     muon.push(MuonGroup {
                         params: vec![entry],
+                        per_rank: 0,
                         momentum: Tensor::new(),
                         shape_scale: (s[0] as f64 / s[1] as f64).max(1.0).sqrt(),
                     })
@@ -165,51 +198,70 @@ impl Optimizer {
         }
         for g in &mut muon {
             let s = g.params[0].1.size();
+            g.per_rank = g.params.len().div_ceil(world);
             g.momentum = g.params[0].1.new_zeros(
-                [g.params.len() as i64, s[0], s[1]],
+                [g.per_rank as i64, s[0], s[1]],
                 (Kind::Float, g.params[0].1.device()),
             );
         }
-        Optimizer { config, muon, adam }
+        Optimizer {
+            config,
+            muon,
+            adam,
+            rank,
+            world,
+        }
     }
 
     /// One update at `lr_scale` of the configured LRs (`step` counts from 0), after
-    /// clipping the gradients to the configured global norm. Returns the norm before
-    /// clipping (a device scalar: reading it waits for the GPU).
-    pub fn step(&mut self, step: u64, lr_scale: f64) -> Tensor {
+    /// averaging the gradients over the ranks and clipping them to the configured global
+    /// norm. Returns the norm before clipping (a device scalar: reading it waits for the
+    /// GPU).
+    pub fn step(&mut self, step: u64, lr_scale: f64, comm: &Comm) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
         let c = &self.config;
-        let stacked: Vec<Tensor> = self
-            .muon
-            .iter()
-            .map(|g| {
-                Tensor::stack(
-                    &g.params.iter().map(|(_, p)| p.grad()).collect::<Vec<_>>(),
-                    0,
-                )
-            })
-            .collect();
-        let adam_grads: Vec<Tensor> = self.adam.iter().map(|s| s.param.grad()).collect();
-        let squares: Vec<Tensor> = stacked
+        let world = self.world;
+        let mut muon_grads = Vec::with_capacity(self.muon.len());
+        for g in &self.muon {
+            let grads: Vec<Tensor> = g.params.iter().map(|(_, p)| p.grad()).collect();
+            let mut stacked = Tensor::stack(&grads, 0);
+            let padding = (g.per_rank * world - grads.len()) as i64;
+            if padding > 0 {
+                let s = stacked.size();
+                let zeros =
+                    stacked.new_zeros([padding, s[1], s[2]], (stacked.kind(), stacked.device()));
+                stacked = Tensor::cat(&[stacked, zeros], 0);
+            }
+            muon_grads.push(comm.reduce_scatter_mean(&stacked)?);
+        }
+        let mut adam_grads = Vec::with_capacity(self.adam.len());
+        for s in &self.adam {
+            adam_grads.push(comm.reduce_scatter_mean(&flat_padded(&s.param.grad(), world))?);
+        }
+        let squares: Vec<Tensor> = muon_grads
             .iter()
             .chain(&adam_grads)
             .map(|g| g.square().sum(Kind::Float))
             .collect();
-        let norm = Tensor::stack(&squares, 0).sum(Kind::Float).sqrt();
+        let norm_sq = Tensor::stack(&squares, 0).sum(Kind::Float).reshape([1]);
+        comm.all_reduce_sum(&norm_sq)?;
+        let norm = norm_sq.sqrt().reshape([]);
         if c.grad_clip > 0.0 {
             let coef = (c.grad_clip / (&norm + 1e-6)).clamp_max(1.0);
-            for g in stacked.iter().chain(&adam_grads) {
+            for g in muon_grads.iter().chain(&adam_grads) {
                 let _ = g.shallow_clone().g_mul_(&coef);
             }
         }
 
         let warm = (step as f64 / c.momentum_warmup_steps.max(1) as f64).min(1.0);
         let momentum = (1.0 - warm) * c.muon_momentum_start + warm * c.muon_momentum;
-        for (group, g) in self.muon.iter_mut().zip(&stacked) {
+        for (group, g) in self.muon.iter_mut().zip(&muon_grads) {
             let _ = group.momentum.lerp_(g, 1.0 - momentum);
             let nesterov = g.lerp(&group.momentum, momentum);
-            let update = orthogonalize(&nesterov, c.newton_schulz_steps).to_kind(Kind::Float)
-                * (-c.matrix_lr * lr_scale * group.shape_scale);
+            // Gathered in bf16, as Newton-Schulz leaves them, and scaled after.
+            let orthogonal = comm.all_gather(&orthogonalize(&nesterov, c.newton_schulz_steps))?;
+            let update =
+                orthogonal.to_kind(Kind::Float) * (-c.matrix_lr * lr_scale * group.shape_scale);
             for (i, (_, p)) in group.params.iter_mut().enumerate() {
                 let _ = p.g_add_(&update.select(0, i as i64));
             }
@@ -219,18 +271,23 @@ impl Optimizer {
         let (b1, b2) = (c.betas[0], c.betas[1]);
         for (slot, g) in self.adam.iter_mut().zip(&adam_grads) {
             let lr = slot.lr * lr_scale;
+            let part = slot.exp_avg.size()[0];
+            let mut mine = flat_padded(&slot.param, world).narrow(0, self.rank as i64 * part, part);
             if c.weight_decay > 0.0 {
-                let _ = slot.param.g_mul_scalar_(1.0 - lr * c.weight_decay);
+                let _ = mine.g_mul_scalar_(1.0 - lr * c.weight_decay);
             }
             let _ = slot.exp_avg.lerp_(g, 1.0 - b1);
             let _ = slot.exp_avg_sq.g_mul_scalar_(b2);
             let _ = slot.exp_avg_sq.g_add_(&(g.square() * (1.0 - b2)));
             let denom = (slot.exp_avg_sq.sqrt() / (1.0 - b2.powf(t)).sqrt()) + c.eps;
-            let _ = slot
-                .param
-                .g_add_(&(&slot.exp_avg / denom * (-lr / (1.0 - b1.powf(t)))));
+            let _ = mine.g_add_(&(&slot.exp_avg / denom * (-lr / (1.0 - b1.powf(t)))));
+            if world > 1 {
+                let whole = comm.all_gather(&mine)?;
+                let numel = slot.param.numel() as i64;
+                slot.param.view([-1]).copy_(&whole.narrow(0, 0, numel));
+            }
         }
-        norm
+        Ok(norm)
     }
 
     pub fn zero_grad(&mut self) {
@@ -242,12 +299,17 @@ impl Optimizer {
         }
     }
 
-    /// Every state tensor by name (`<param>.momentum`, `<param>.exp_avg`, ...).
+    /// This rank's state tensors by name: `<param>.momentum` of the matrices it owns;
+    /// `<param>.exp_avg` and `<param>.exp_avg_sq`, its part of the flattened state.
     pub fn state(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
         for g in &self.muon {
-            for (i, (name, _)) in g.params.iter().enumerate() {
-                out.push((format!("{name}.momentum"), g.momentum.select(0, i as i64)));
+            for (i, part) in g.owned(self.rank) {
+                let name = &g.params[i].0;
+                out.push((
+                    format!("{name}.momentum"),
+                    g.momentum.select(0, part as i64),
+                ));
             }
         }
         for s in &self.adam {
@@ -260,26 +322,53 @@ impl Optimizer {
         out
     }
 
-    /// Restores what [`Optimizer::state`] returned.
-    pub fn load_state(&mut self, tensors: &[(String, Tensor)]) -> Result<(), String> {
+    /// Restores this rank's part from what [`Optimizer::state`] returned on every rank of
+    /// a run (`ranks`, in rank order), whatever its number of ranks was.
+    pub fn load_state(&mut self, ranks: &[Vec<(String, Tensor)>]) -> Result<(), String> {
         let _guard = tch::no_grad_guard();
-        let expected = self.state();
-        if expected.len() != tensors.len() {
-            return Err(format!(
-                "optimizer state holds {} tensors, this model needs {}",
-                tensors.len(),
-                expected.len()
-            ));
-        }
-        for (name, mut t) in expected {
-            let src = tensors
+        // A tensor's pieces from every rank, flattened and joined in rank order.
+        let whole = |name: &str| -> Result<Tensor, String> {
+            let pieces: Vec<Tensor> = ranks
                 .iter()
-                .find(|(n, _)| *n == name)
-                .ok_or_else(|| format!("optimizer state lacks {name}"))?;
-            if src.1.size() != t.size() {
-                return Err(format!("optimizer state {name} has another shape"));
+                .flat_map(|r| r.iter().filter(|(n, _)| n == name))
+                .map(|(_, t)| t.reshape([-1]))
+                .collect();
+            if pieces.is_empty() {
+                return Err(format!("optimizer state lacks {name}"));
             }
-            t.copy_(&src.1);
+            Ok(Tensor::cat(&pieces, 0))
+        };
+        for g in &mut self.muon {
+            for (i, part) in g.owned(self.rank).collect::<Vec<_>>() {
+                let (name, p) = &g.params[i];
+                let name = format!("{name}.momentum");
+                let t = whole(&name)?;
+                if t.numel() != p.numel() {
+                    return Err(format!("optimizer state {name} has another shape"));
+                }
+                g.momentum.select(0, part as i64).copy_(&t.view_as(p));
+            }
+        }
+        for s in &mut self.adam {
+            let numel = s.param.numel() as i64;
+            let part = s.exp_avg.size()[0];
+            for (suffix, state) in [
+                ("exp_avg", &mut s.exp_avg),
+                ("exp_avg_sq", &mut s.exp_avg_sq),
+            ] {
+                let name = format!("{}.{suffix}", s.name);
+                let t = whole(&name)?;
+                // Written by `w` ranks, it holds the state padded to a multiple of `w`.
+                if t.size()[0] < numel || t.size()[0] >= numel + ranks.len() as i64 {
+                    return Err(format!("optimizer state {name} has another shape"));
+                }
+                let mine = flat_padded(&t.narrow(0, 0, numel), self.world).narrow(
+                    0,
+                    self.rank as i64 * part,
+                    part,
+                );
+                state.copy_(&mine);
+            }
         }
         Ok(())
     }
@@ -356,8 +445,8 @@ mod tests {
         (&p * Tensor::from_slice(&[3.0f32, -0.5]))
             .sum(Kind::Float)
             .backward();
-        let mut opt = Optimizer::new(&params, 768, OptimConfig::default());
-        let norm = opt.step(0, 1.0).double_value(&[]);
+        let mut opt = Optimizer::new(&params, 768, OptimConfig::default(), 0, 1);
+        let norm = opt.step(0, 1.0, &Comm::single()).unwrap().double_value(&[]);
         assert!((norm - (9.0f64 + 0.25).sqrt()).abs() < 1e-5);
         // First AdamW step moves each weight by lr against the gradient's sign.
         let moved: Vec<f32> = Vec::try_from(&p).unwrap();
@@ -365,5 +454,138 @@ mod tests {
             (moved[0] - 0.8).abs() < 1e-5 && (moved[1] + 1.8).abs() < 1e-5,
             "{moved:?}"
         );
+    }
+
+    fn toy_params() -> Vec<(String, Tensor)> {
+        let shapes: [(&str, [i64; 2]); 6] = [
+            ("wte", [10, 4]),
+            ("lm_head", [7, 4]),
+            ("h.0.q", [4, 4]),
+            ("h.1.q", [4, 4]),
+            ("h.2.q", [4, 4]),
+            ("h.0.fc", [8, 4]),
+        ];
+        shapes
+            .iter()
+            .enumerate()
+            .map(|(i, (name, shape))| {
+                let n = shape[0] * shape[1];
+                let p = ((Tensor::arange(n, (Kind::Float, Device::Cpu)) * 0.37 + i as f64).cos()
+                    * 0.5)
+                    .view(*shape)
+                    .set_requires_grad(true);
+                (name.to_string(), p)
+            })
+            .collect()
+    }
+
+    /// A different gradient for every parameter, rank and step.
+    fn toy_grad(p: &Tensor, i: usize, rank: usize, step: u64) -> Tensor {
+        ((Tensor::arange(p.numel() as i64, (Kind::Float, Device::Cpu)) * (1.7 + i as f64)
+            + rank as f64 * 3.1
+            + step as f64)
+            .sin())
+        .view_as(p)
+    }
+
+    /// Three steps on rank `rank` of `world`; `grads_of` gives each parameter's gradient.
+    fn toy_run(
+        comm: &Comm,
+        grads_of: &dyn Fn(&Tensor, usize, u64) -> Tensor,
+    ) -> (Vec<Vec<f32>>, Vec<(String, Tensor)>) {
+        let params = toy_params();
+        let config = OptimConfig {
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        let mut opt = Optimizer::new(&params, 64, config, comm.rank(), comm.size());
+        for step in 0..3 {
+            for (i, (_, p)) in params.iter().enumerate() {
+                (p * grads_of(p, i, step)).sum(Kind::Float).backward();
+            }
+            opt.step(step, 1.0, comm).unwrap();
+            opt.zero_grad();
+        }
+        let values = params
+            .iter()
+            .map(|(_, p)| Vec::<f32>::try_from(&p.detach().reshape([-1])).unwrap())
+            .collect();
+        let state = opt
+            .state()
+            .into_iter()
+            .map(|(n, t)| (n, t.copy()))
+            .collect();
+        (values, state)
+    }
+
+    fn assert_close(a: &[Vec<f32>], b: &[Vec<f32>]) {
+        for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+            assert!((x - y).abs() < 1e-3, "{x} vs {y}");
+        }
+    }
+
+    /// The optimizer state of a run, merged from its ranks into one rank.
+    fn merged(ranks: &[Vec<(String, Tensor)>]) -> Vec<Vec<f32>> {
+        let mut one = Optimizer::new(&toy_params(), 64, OptimConfig::default(), 0, 1);
+        one.load_state(ranks).unwrap();
+        let mut state = one.state();
+        state.sort_by(|a, b| a.0.cmp(&b.0));
+        state
+            .iter()
+            .map(|(_, t)| Vec::<f32>::try_from(&t.reshape([-1])).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn sharded_over_ranks_it_equals_one_rank_on_the_mean_gradient() {
+        let (single_params, single_state) = toy_run(&Comm::single(), &|p, i, step| {
+            (toy_grad(p, i, 0, step) + toy_grad(p, i, 1, step)) / 2.0
+        });
+        let runs = crate::dist::with_ranks(2, |comm| {
+            let out = toy_run(&comm, &|p, i, step| toy_grad(p, i, comm.rank(), step));
+            comm.finish().unwrap();
+            out
+        });
+        for (params, _) in &runs {
+            assert_close(params, &single_params);
+        }
+        // Each rank holds part of the state; together they are the one-rank state, and
+        // they load into any number of ranks.
+        let two: Vec<Vec<(String, Tensor)>> = runs.into_iter().map(|(_, s)| s).collect();
+        assert!(two[0].len() < single_state.len());
+        let expected = merged(&[single_state]);
+        assert_close(&merged(&two), &expected);
+        // Tensors do not cross threads by reference: hand the values over.
+        let two: Vec<Vec<(String, Vec<f32>, Vec<i64>)>> = two
+            .iter()
+            .map(|r| {
+                r.iter()
+                    .map(|(n, t)| {
+                        (
+                            n.clone(),
+                            Vec::<f32>::try_from(&t.reshape([-1])).unwrap(),
+                            t.size(),
+                        )
+                    })
+                    .collect()
+            })
+            .collect();
+        let three = crate::dist::with_ranks(3, move |comm| {
+            let two: Vec<Vec<(String, Tensor)>> = two
+                .iter()
+                .map(|r| {
+                    r.iter()
+                        .map(|(n, v, shape)| {
+                            (n.clone(), Tensor::from_slice(v).view(shape.as_slice()))
+                        })
+                        .collect()
+                })
+                .collect();
+            let mut opt = Optimizer::new(&toy_params(), 64, OptimConfig::default(), comm.rank(), 3);
+            opt.load_state(&two).unwrap();
+            comm.finish().unwrap();
+            opt.state()
+        });
+        assert_close(&merged(&three), &expected);
     }
 }

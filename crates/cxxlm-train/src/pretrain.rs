@@ -14,9 +14,10 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, TrainerState};
+use crate::dist::{Comm, World};
 use crate::metrics::Metrics;
 use crate::optim::{OptimConfig, Optimizer, Schedule};
-use crate::{gpu_memory, Result, TrainError};
+use crate::{cuda, Result, TrainError};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -108,7 +109,8 @@ pub struct RunConfig {
     pub device: String,
     /// Rows of `seq_len` tokens per forward pass.
     pub device_batch: usize,
-    /// Tokens per optimizer step (0 = one device batch); reached by gradient accumulation.
+    /// Tokens per optimizer step over all ranks (0 = one device batch per rank); reached
+    /// by gradient accumulation.
     pub total_batch_tokens: usize,
     /// Optimizer steps; 0 = from `tokens`.
     pub steps: u64,
@@ -202,6 +204,8 @@ pub enum Event {
         model: ModelConfig,
         params: usize,
         device: String,
+        /// Processes training together (data parallel).
+        ranks: usize,
         steps: u64,
         grad_accum: usize,
         resumed_from: Option<u64>,
@@ -247,11 +251,16 @@ const EMA_BETA: f64 = 0.9;
 /// With a time budget, the step count is fitted once this many steps are done.
 const FIT_AFTER_STEPS: u64 = 10;
 
-fn device(name: &str) -> Result<Device> {
+/// The device named in the config; CUDA means this rank's GPU (`LOCAL_RANK`).
+fn device(name: &str, local_rank: usize) -> Result<Device> {
+    let gpus = tch::Cuda::device_count() as usize;
     match name {
-        "auto" => Ok(Device::cuda_if_available()),
+        "auto" if gpus == 0 => Ok(Device::Cpu),
+        "auto" | "cuda" if local_rank < gpus => Ok(Device::Cuda(local_rank)),
+        "auto" | "cuda" if gpus > 0 => Err(TrainError::Config(format!(
+            "LOCAL_RANK={local_rank} but this host has {gpus} GPUs"
+        ))),
         "cpu" => Ok(Device::Cpu),
-        "cuda" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
         "cuda" => Err(TrainError::Config(
             "train.device = \"cuda\" but CUDA is not available".into(),
         )),
@@ -276,20 +285,23 @@ fn to_device_ids(tokens: &[u32], rows: usize, cols: usize, device: Device) -> Te
         .to_device(device)
 }
 
-/// Validation bits per byte over up to `max_tokens` tokens of `data`.
+/// Validation bits per byte over up to `max_tokens` tokens of `data`, the windows
+/// shared among the ranks of `comm`.
 pub fn bits_per_byte(
     model: &Gpt,
     data: &IndexedDataset,
     batch: usize,
     max_tokens: usize,
     bytes_of: &Tensor,
-) -> Option<f64> {
+    comm: &Comm,
+) -> Result<Option<f64>> {
     let t = model.config.seq_len;
     // Summed on the device and read once, so batches queue without a sync each.
     let zero = || Tensor::zeros([], (Kind::Double, model.device()));
     let (mut nats, mut bytes) = (zero(), zero());
     let mut seen = 0;
-    for b in eval_batches(data, batch, t, 0, 1) {
+    let max_tokens = max_tokens.div_ceil(comm.size());
+    for b in eval_batches(data, batch, t, comm.rank(), comm.size()) {
         if seen >= max_tokens {
             break;
         }
@@ -302,20 +314,32 @@ pub fn bits_per_byte(
         bytes += w.sum(Kind::Double);
         seen += b.rows * t;
     }
-    let (nats, bytes) = (nats.double_value(&[]), bytes.double_value(&[]));
-    (bytes > 0.0).then(|| nats / std::f64::consts::LN_2 / bytes)
+    let sums = Tensor::stack(&[nats, bytes], 0);
+    comm.all_reduce_sum(&sums)?;
+    let (nats, bytes) = (sums.double_value(&[0]), sums.double_value(&[1]));
+    Ok((bytes > 0.0).then(|| nats / std::f64::consts::LN_2 / bytes))
 }
 
 /// Trains as configured; with `resume`, continues from the newest checkpoint in
-/// `out/checkpoints`. `stop` is asked before each step (with the number of steps done):
-/// when it says so, the loop saves a checkpoint and returns.
+/// `out/checkpoints` (written by any number of ranks). `stop` is asked before each step
+/// (with the number of steps done): when it says so on any rank, the loop saves a
+/// checkpoint and returns. With `WORLD_SIZE` set, this process is one rank of a
+/// data-parallel run ([`World::from_env`]); rank 0 reports and writes the metrics.
 pub fn pretrain(
     cfg: &TrainConfig,
     resume: bool,
     report: &mut dyn FnMut(Event),
     stop: &dyn Fn(u64) -> bool,
 ) -> Result<TrainerState> {
-    let dev = device(&cfg.train.device)?;
+    let world = World::from_env()?;
+    let dev = device(&cfg.train.device, world.local_rank)?;
+    let comm = Comm::connect(world, dev)?;
+    let (rank, ranks) = (comm.rank(), comm.size());
+    let mut report = |event: Event| {
+        if rank == 0 {
+            report(event)
+        }
+    };
     let manifest = Manifest::load(&cfg.data.pack)?;
     let tok_path = cfg
         .data
@@ -327,7 +351,7 @@ pub fn pretrain(
     let model_config = ModelConfig::resolve(&cfg.model, bpe.vocab_size())?;
     let seq = model_config.seq_len;
     let run = &cfg.train;
-    let micro_tokens = run.device_batch * seq;
+    let micro_tokens = run.device_batch * seq * ranks;
     let total_batch = if run.total_batch_tokens == 0 {
         micro_tokens
     } else {
@@ -335,7 +359,7 @@ pub fn pretrain(
     };
     if run.device_batch == 0 || total_batch % micro_tokens != 0 {
         return Err(TrainError::Config(format!(
-            "train.total_batch_tokens ({total_batch}) must be a multiple of device_batch x seq_len ({} x {seq})",
+            "train.total_batch_tokens ({total_batch}) must be a multiple of device_batch x seq_len x ranks ({} x {seq} x {ranks})",
             run.device_batch
         )));
     }
@@ -358,15 +382,21 @@ pub fn pretrain(
         LoaderConfig {
             batch: run.device_batch,
             seq_len: seq,
-            rank: 0,
-            world: 1,
+            rank,
+            world: ranks,
             mode: cfg.data.loader,
             seed: run.seed,
             buffer: cfg.data.buffer,
         },
     )?;
     let mut model = Gpt::new(model_config.clone(), dev, run.seed)?;
-    let mut optimizer = Optimizer::new(model.params(), model_config.width, cfg.optim.clone());
+    let mut optimizer = Optimizer::new(
+        model.params(),
+        model_config.width,
+        cfg.optim.clone(),
+        rank,
+        ranks,
+    );
     // What a resumed run must share with the run that wrote the checkpoint.
     let run_identity = json!({
         "device_batch": run.device_batch,
@@ -390,6 +420,7 @@ pub fn pretrain(
         tokenizer_sha256: manifest.settings.tokenizer_sha256.clone(),
         model: model_config.clone(),
         run: run_identity.clone(),
+        world: ranks,
         files: Default::default(),
     };
     let mut resumed_from = None;
@@ -433,11 +464,15 @@ pub fn pretrain(
         model: model_config.clone(),
         params: model.param_count(),
         device: format!("{dev:?}"),
+        ranks,
         steps,
         grad_accum,
         resumed_from,
     });
-    let mut metrics = Metrics::open(&cfg.out, resumed_from)?;
+    let mut metrics = match rank {
+        0 => Some(Metrics::open(&cfg.out, resumed_from)?),
+        _ => None,
+    };
     let bytes_of = token_bytes(&bpe, dev);
     let bos = bpe.special_id("<|bos|>");
     let eos = bpe.special_id("<|eos|>");
@@ -452,6 +487,7 @@ pub fn pretrain(
             model.params(),
             &optimizer.state(),
             cfg.checkpoint.keep,
+            &comm,
         )
     };
 
@@ -460,13 +496,22 @@ pub fn pretrain(
         let last = step == steps;
         if cfg.eval.every > 0 && (step.is_multiple_of(cfg.eval.every) || last) {
             let bpb = tch::no_grad(|| {
-                bits_per_byte(&model, &val, run.device_batch, cfg.eval.tokens, &bytes_of)
-            });
+                bits_per_byte(
+                    &model,
+                    &val,
+                    run.device_batch,
+                    cfg.eval.tokens,
+                    &bytes_of,
+                    &comm,
+                )
+            })?;
             match bpb {
                 Some(bpb) => {
                     let mut f = Map::new();
                     f.insert("val_bpb".into(), bpb.into());
-                    metrics.log(step, &f)?;
+                    if let Some(m) = &mut metrics {
+                        m.log(step, &f)?;
+                    }
                     report(Event::Eval { step, val_bpb: bpb });
                 }
                 None => report(Event::Warning(format!(
@@ -474,7 +519,8 @@ pub fn pretrain(
                     seq + 1
                 ))),
             }
-            for (i, prompt) in SAMPLE_PROMPTS.iter().take(cfg.eval.samples).enumerate() {
+            let samples = if rank == 0 { cfg.eval.samples } else { 0 };
+            for (i, prompt) in SAMPLE_PROMPTS.iter().take(samples).enumerate() {
                 let mut ids: Vec<u32> = bos.into_iter().collect();
                 ids.extend(bpe.encode(prompt));
                 let sampling = Sampling {
@@ -496,11 +542,12 @@ pub fn pretrain(
         if last {
             break;
         }
-        if stop(step) {
+        if comm.any(stop(step), dev)? {
             report(Event::Warning(format!(
                 "stopping at step {step}; rerun with --resume to continue"
             )));
             report(Event::Checkpoint(save(&state, &model, &optimizer)?));
+            comm.finish()?;
             return Ok(state);
         }
 
@@ -530,7 +577,10 @@ pub fn pretrain(
             }
             return Err(TrainError::Torch(message));
         }
-        let values: Vec<f64> = micro_losses.iter().map(|l| l.double_value(&[])).collect();
+        let losses = Tensor::stack(&micro_losses, 0);
+        comm.all_reduce_sum(&losses)?;
+        let values: Vec<f64> = Vec::<f64>::try_from(&(losses.to_kind(Kind::Double) / ranks as f64))
+            .map_err(|e| TrainError::Torch(e.to_string()))?;
         if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
             let mut before = state.clone();
             before.loader = loader_before;
@@ -544,10 +594,10 @@ pub fn pretrain(
         }
         let forward_backward_seconds = started.elapsed().as_secs_f64();
         let loss = values.iter().sum::<f64>() / grad_accum as f64;
-        let grad_norm = optimizer.step(step, lr_scale).double_value(&[]);
+        let grad_norm = optimizer.step(step, lr_scale, &comm)?.double_value(&[]);
         optimizer.zero_grad();
-        if dev.is_cuda() {
-            tch::Cuda::synchronize(0);
+        if let Device::Cuda(index) = dev {
+            tch::Cuda::synchronize(index as i64);
         }
         let seconds = started.elapsed().as_secs_f64();
 
@@ -563,7 +613,7 @@ pub fn pretrain(
         } else {
             0.0
         };
-        if let Some(used) = gpu_memory::used_bytes() {
+        if let Some(used) = cuda::used_bytes() {
             peak_memory = peak_memory.max(used);
         }
         let gib = peak_memory as f64 / (1u64 << 30) as f64;
@@ -572,13 +622,16 @@ pub fn pretrain(
             "tok_s": tok_s, "mfu": mfu, "gpu_memory_gib": gib, "tokens": state.tokens,
             "step_seconds": seconds, "forward_backward_seconds": forward_backward_seconds,
         });
-        metrics.log(state.step, fields.as_object().expect("object"))?;
+        if let Some(m) = &mut metrics {
+            m.log(state.step, fields.as_object().expect("object"))?;
+        }
         if run.time_budget > 0.0 && state.step <= FIT_AFTER_STEPS {
             step_times.push(seconds);
         }
         if run.time_budget > 0.0 && state.step == FIT_AFTER_STEPS && steps > state.step {
             let (fitted, step_seconds) = fit_steps(run.time_budget, &step_times, state.step, steps);
-            steps = fitted;
+            // Every rank must run the same number of steps: rank 0's fit decides.
+            steps = comm.from_rank0(fitted as f64, dev)? as u64;
             state.total_steps = steps;
             report(Event::StepsFitted {
                 steps,
@@ -615,6 +668,7 @@ pub fn pretrain(
             report(Event::Checkpoint(save(&state, &model, &optimizer)?));
         }
     }
+    comm.finish()?;
     Ok(state)
 }
 

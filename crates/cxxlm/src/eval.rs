@@ -507,8 +507,10 @@ fn bpb(args: BpbArgs) -> Result<()> {
         args.tokens
     };
     let bytes = cxxlm_train::pretrain::token_bytes(&bpe, model.device());
-    let bpb = cxxlm_train::pretrain::bits_per_byte(&model, &data, args.batch, max, &bytes)
-        .with_context(|| format!("{}: fewer tokens than one window", args.split))?;
+    let single = cxxlm_train::dist::Comm::single();
+    let bpb =
+        cxxlm_train::pretrain::bits_per_byte(&model, &data, args.batch, max, &bytes, &single)?
+            .with_context(|| format!("{}: fewer tokens than one window", args.split))?;
     println!("{}: {bpb:.4} bits per byte", args.split);
     if let Some(path) = &args.json {
         std::fs::write(

@@ -6,6 +6,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod data;
 mod eval;
 mod interrupt;
+mod launch;
 mod pack;
 mod sample;
 mod speedrun;
@@ -45,6 +46,8 @@ enum Command {
     Eval(eval::EvalCommand),
     /// Every stage from raw C++ sources to an evaluated model and its report card.
     Speedrun(speedrun::SpeedrunArgs),
+    /// Run a command (`train pretrain`) as N data-parallel ranks on this host, one per GPU.
+    Launch(launch::LaunchArgs),
     /// Write the report card (report.md, report.html, plots/) of a run directory again.
     Report {
         /// A speedrun's directory.
@@ -69,6 +72,7 @@ fn main() {
         Command::Eval(cmd) => eval::run(cmd),
         Command::Sample(args) => sample::run(args),
         Command::Speedrun(args) => speedrun::run(args),
+        Command::Launch(args) => launch::run(args),
         Command::Report { dir } => cxxlm_report::write(&cxxlm_report::Layout::new(dir))
             .map(|w| {
                 for e in &w.plot_errors {
@@ -79,7 +83,12 @@ fn main() {
             .map_err(Into::into),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        match std::env::var("RANK") {
+            Ok(rank) if std::env::var_os("WORLD_SIZE").is_some() => {
+                eprintln!("error (rank {rank}): {e:#}")
+            }
+            _ => eprintln!("error: {e:#}"),
+        }
         std::process::exit(1);
     }
 }

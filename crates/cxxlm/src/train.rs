@@ -91,10 +91,13 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
     }
     std::fs::create_dir_all(&config.out)
         .with_context(|| format!("creating {}", config.out.display()))?;
-    std::fs::write(
-        config.out.join("config.toml"),
-        toml::to_string_pretty(&config).context("config")?,
-    )?;
+    let rank0 = cxxlm_train::dist::World::from_env()?.rank == 0;
+    if rank0 {
+        std::fs::write(
+            config.out.join("config.toml"),
+            toml::to_string_pretty(&config).context("config")?,
+        )?;
+    }
     interrupt::install();
     let tty = std::io::stderr().is_terminal();
     let started = Instant::now();
@@ -110,14 +113,16 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
                 model,
                 params,
                 device,
+                ranks,
                 steps,
                 grad_accum,
                 resumed_from,
             } => {
                 eprintln!(
-                    "model: depth {} width {} heads {}/{} seq {} vocab {}, {:.1}M parameters on {device}; {steps} steps, {grad_accum} micro-batches each{}",
+                    "model: depth {} width {} heads {}/{} seq {} vocab {}, {:.1}M parameters on {device}{}; {steps} steps, {grad_accum} micro-batches each{}",
                     model.depth, model.width, model.heads, model.kv_heads, model.seq_len, model.vocab_size,
                     params as f64 / 1e6,
+                    if ranks > 1 { format!(" x {ranks} ranks") } else { String::new() },
                     resumed_from.map_or(String::new(), |s| format!(", resumed after step {s}"))
                 );
             }
@@ -177,6 +182,9 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
     )?;
     if tty {
         eprintln!();
+    }
+    if !rank0 {
+        return Ok(());
     }
     println!(
         "{} of {} steps, {} tokens, {:.1}s: {}",
