@@ -201,3 +201,122 @@ fn bad_input_is_named() {
         "{e}"
     );
 }
+
+/// `(step, loss)` as numbers.
+fn losses(out: &Path) -> Vec<(u64, f64)> {
+    metrics(out)
+        .0
+        .into_iter()
+        .map(|(s, l)| (s, l.parse().unwrap()))
+        .collect()
+}
+
+fn launch(ranks: usize, args: &[String]) -> std::process::Output {
+    let mut all: Vec<String> = vec![
+        "launch".into(),
+        "--gpus".into(),
+        ranks.to_string(),
+        "--".into(),
+    ];
+    all.extend_from_slice(args);
+    run_ok(&all.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+#[test]
+fn two_ranks_train_as_one_rank_with_two_micro_batches_and_resume_on_one() {
+    let p = packed();
+    // One rank: 2 micro-batches of 4 rows per step; two ranks: 4 rows each.
+    let one = p.f.root.join("one");
+    let said = train(&p, &one, &["--set", "train.steps=8"]);
+    assert!(String::from_utf8_lossy(&said.stderr).contains("2 micro-batches each"));
+    let two = p.f.root.join("two");
+    let said = launch(
+        2,
+        &train_args(&p, &two, &["--set", "train.steps=8", "--stop-at", "5"]),
+    );
+    let stderr = String::from_utf8_lossy(&said.stderr);
+    assert!(
+        stderr.contains("x 2 ranks; 8 steps, 1 micro-batches each"),
+        "{stderr}"
+    );
+    let ckpt = two.join("checkpoints/step-000005");
+    for f in ["optimizer-rank0.safetensors", "optimizer-rank1.safetensors"] {
+        assert!(ckpt.join(f).exists(), "{f}");
+    }
+    let trainer: Value =
+        serde_json::from_slice(&std::fs::read(ckpt.join("trainer.json")).unwrap()).unwrap();
+    assert_eq!(trainer["world"], 2);
+    // The two-rank run continues on one rank (with two micro-batches) to the end.
+    let said = train(&p, &two, &["--set", "train.steps=8", "--resume"]);
+    assert!(String::from_utf8_lossy(&said.stderr).contains("resumed after step 5"));
+
+    let (a, b) = (losses(&one), losses(&two));
+    assert_eq!(a.len(), 8);
+    assert_eq!(
+        a.iter().map(|x| x.0).collect::<Vec<_>>(),
+        b.iter().map(|x| x.0).collect::<Vec<_>>()
+    );
+    for ((step, x), (_, y)) in a.iter().zip(&b) {
+        assert!(
+            (x - y).abs() < 2e-3,
+            "step {step}: one rank {x}, two ranks {y}"
+        );
+    }
+    assert!(a[7].1 < a[0].1 - 0.5, "{a:?}");
+    let (_, bpb_one) = metrics(&one);
+    let (_, bpb_two) = metrics(&two);
+    assert!(
+        (bpb_one[0] - bpb_two[0]).abs() < 1e-4,
+        "{bpb_one:?} {bpb_two:?}"
+    );
+}
+
+#[test]
+fn a_rank_that_dies_stops_the_others_with_its_name() {
+    let p = packed();
+    let out = p.f.root.join("run");
+    let args = train_args(&p, &out, &["--set", "train.steps=100000"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // Started the way torchrun starts them, without `cxxlm launch`.
+    let start = |rank: usize| {
+        cxxlm()
+            .args(&args)
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", "2")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let rank0 = start(0);
+    let mut rank1 = start(1);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !out.join("metrics.jsonl").exists()
+        || std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count()
+            < 3
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "training did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    rank1.kill().unwrap();
+    rank1.wait().unwrap();
+    let said = rank0.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&said.stderr);
+    assert!(!said.status.success());
+    assert!(
+        stderr.contains("rank 1 exited before the run ended; rank 0 stops too"),
+        "{stderr}"
+    );
+}
