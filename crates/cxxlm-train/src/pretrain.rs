@@ -608,8 +608,9 @@ pub fn pretrain(
         state.loss_ema = EMA_BETA * state.loss_ema + (1.0 - EMA_BETA) * loss;
         let loss_ema = state.loss_ema / (1.0 - EMA_BETA.powi(state.step as i32));
         let tok_s = total_batch as f64 / seconds;
+        // Per GPU: every rank does its share of the step's tokens.
         let mfu = if dev.is_cuda() {
-            flops_per_token * tok_s / cfg.log.peak_flops
+            flops_per_token * tok_s / (cfg.log.peak_flops * ranks as f64)
         } else {
             0.0
         };
