@@ -38,9 +38,16 @@ pub fn run(args: LaunchArgs) -> Result<()> {
     };
     interrupt::install();
     let exe = std::env::current_exe().context("locating the cxxlm binary")?;
+    // Ranks share the host's cores (as torchrun does): without this, each rank's CPU
+    // thread pool would claim every core and the oversubscribed pools spin.
+    let threads = std::env::var("OMP_NUM_THREADS").unwrap_or_else(|_| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / args.gpus).max(1).to_string()
+    });
     let mut children: Vec<Child> = Vec::new();
     for rank in 0..args.gpus {
         let child = Command::new(&exe)
+            .env("OMP_NUM_THREADS", &threads)
             .args(&args.command)
             .env("RANK", rank.to_string())
             .env("LOCAL_RANK", rank.to_string())

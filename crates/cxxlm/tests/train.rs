@@ -223,7 +223,7 @@ fn launch(ranks: usize, args: &[String]) -> std::process::Output {
 }
 
 #[test]
-fn two_ranks_train_as_one_rank_with_two_micro_batches_and_resume_on_one() {
+fn two_and_four_ranks_train_as_one_rank_with_micro_batches_and_resume_on_one() {
     let p = packed();
     // One rank: 2 micro-batches of 4 rows per step; two ranks: 4 rows each.
     let one = p.f.root.join("one");
@@ -250,17 +250,30 @@ fn two_ranks_train_as_one_rank_with_two_micro_batches_and_resume_on_one() {
     let said = train(&p, &two, &["--set", "train.steps=8", "--resume"]);
     assert!(String::from_utf8_lossy(&said.stderr).contains("resumed after step 5"));
 
-    let (a, b) = (losses(&one), losses(&two));
+    let a = losses(&one);
     assert_eq!(a.len(), 8);
-    assert_eq!(
-        a.iter().map(|x| x.0).collect::<Vec<_>>(),
-        b.iter().map(|x| x.0).collect::<Vec<_>>()
+    // Four ranks of 2 rows each: the same 8 rows per step.
+    let four = p.f.root.join("four");
+    launch(
+        4,
+        &train_args(
+            &p,
+            &four,
+            &["--set", "train.steps=8", "--set", "train.device_batch=2"],
+        ),
     );
-    for ((step, x), (_, y)) in a.iter().zip(&b) {
-        assert!(
-            (x - y).abs() < 2e-3,
-            "step {step}: one rank {x}, two ranks {y}"
+    for (ranks, run) in [(2, &two), (4, &four)] {
+        let b = losses(run);
+        assert_eq!(
+            a.iter().map(|x| x.0).collect::<Vec<_>>(),
+            b.iter().map(|x| x.0).collect::<Vec<_>>()
         );
+        for ((step, x), (_, y)) in a.iter().zip(&b) {
+            assert!(
+                (x - y).abs() < 2e-3,
+                "step {step}: one rank {x}, {ranks} ranks {y}"
+            );
+        }
     }
     assert!(a[7].1 < a[0].1 - 0.5, "{a:?}");
     let (_, bpb_one) = metrics(&one);
