@@ -141,8 +141,19 @@ fn is_function_head(head: &str) -> bool {
 
 /// The bodies of functions defined outside other functions, in source order.
 pub fn function_bodies(src: &str) -> Vec<Body> {
+    braces(src).0
+}
+
+/// The insides of braces nested in function bodies (statement blocks of `if`, `for`,
+/// lambdas, initializer lists), in the order they close.
+pub fn inner_blocks(src: &str) -> Vec<Body> {
+    braces(src).1
+}
+
+/// Function bodies, and the brace pairs inside them.
+fn braces(src: &str) -> (Vec<Body>, Vec<Body>) {
     let code = code_only(src);
-    let mut bodies = Vec::new();
+    let (mut bodies, mut blocks) = (Vec::new(), Vec::new());
     // Open braces: (position, whether a function body starts there).
     let mut stack: Vec<(usize, bool)> = Vec::new();
     let mut segment = 0;
@@ -155,11 +166,16 @@ pub fn function_bodies(src: &str) -> Vec<Body> {
                 segment = i + 1;
             }
             b'}' => {
-                if let Some((open, true)) = stack.pop() {
-                    bodies.push(Body {
+                if let Some((open, function)) = stack.pop() {
+                    let span = Body {
                         open: open + 1,
                         close: i,
-                    });
+                    };
+                    if function {
+                        bodies.push(span);
+                    } else if stack.iter().any(|&(_, f)| f) {
+                        blocks.push(span);
+                    }
                 }
                 segment = i + 1;
             }
@@ -167,7 +183,7 @@ pub fn function_bodies(src: &str) -> Vec<Body> {
             _ => {}
         }
     }
-    bodies
+    (bodies, blocks)
 }
 
 /// How far the braces of generated code close: the offset just past the `}` that closes
@@ -251,5 +267,19 @@ int table[] = { 1, 2 };
         assert_eq!(body_end(" return f({1}); }\nint g();"), Some(17));
         assert_eq!(body_end(" if (x) { y(\"}\"); }\n return 0;\n}"), Some(32));
         assert_eq!(body_end(" while (true) {"), None);
+    }
+
+    #[test]
+    fn inner_blocks_are_the_braces_inside_function_bodies() {
+        let src = "struct S { int x; };\nint f(int n) {\n  if (n) { return 1; }\n  for (;;) {\n    auto g = [] { return 2; };\n  }\n  return 0;\n}\nnamespace a { int y; }\n";
+        let blocks: Vec<&str> = inner_blocks(src)
+            .iter()
+            .map(|b| src[b.open..b.close].trim())
+            .collect();
+        assert_eq!(
+            blocks,
+            ["return 1;", "return 2;", "auto g = [] { return 2; };"]
+        );
+        assert_eq!(bodies(src).len(), 1);
     }
 }

@@ -157,6 +157,9 @@ pub struct Written {
 }
 
 /// The evaluations' JSON files under `eval/`, by name.
+/// The kinds of span `cxxlm eval fim` hides, in report order.
+const FIM_SPANS: [&str; 3] = ["line", "block", "function"];
+
 const EVALS: [&str; 5] = ["bpb", "compile", "fim", "mbpp", "tokenizer"];
 
 struct Report<'a> {
@@ -299,9 +302,14 @@ fn headline(r: &mut Report, record: &Value) {
         );
     }
     if let Some(f) = r.evals.get("fim").cloned() {
+        let rates: Vec<String> = FIM_SPANS
+            .iter()
+            .filter(|k| f["spans"].get(**k).is_some())
+            .map(|k| format!("{:.3}", num(&f["spans"][*k], "exact_rate")))
+            .collect();
         row(
-            "FIM exact (one hidden line)",
-            format!("{:.3} of {}", num(&f, "exact_rate"), f["documents"]),
+            "FIM exact (line / block / function body)",
+            format!("{} of {} documents", rates.join(" / "), f["documents"]),
         );
     }
     if let Some(t) = r.evals.get("tokenizer").cloned() {
@@ -666,15 +674,40 @@ fn evaluation(r: &mut Report) {
         Some(f) => {
             let _ = writeln!(
                 r.md,
-                "**Fill-in-the-middle**: one line hidden in each of {} validation documents; {} filled exactly after whitespace normalization ({:.1}%).\n",
-                f["documents"],
-                f["exact"],
-                num(&f, "exact_rate") * 100.0
+                "**Fill-in-the-middle** on {} validation documents: in each, a line, a block inside a function and a function body hidden in turn; exact after whitespace normalization, and whether files that compiled as they were compile again with the model's fill.\n",
+                f["documents"]
+            );
+            let rows: Vec<Vec<String>> = FIM_SPANS
+                .iter()
+                .filter_map(|k| f["spans"].get(*k).map(|s| (k, s)))
+                .map(|(k, s)| {
+                    let compiled = if *k == "line" {
+                        "-".to_string()
+                    } else {
+                        format!("{} of {}", s["compiled"], s["self_contained"])
+                    };
+                    vec![
+                        k.to_string(),
+                        format!(
+                            "{} of {} ({:.1}%)",
+                            s["exact"],
+                            s["tried"],
+                            num(s, "exact_rate") * 100.0
+                        ),
+                        compiled,
+                    ]
+                })
+                .collect();
+            table(
+                &mut r.md,
+                &["span", "exact", "refilled file compiles"],
+                &rows,
             );
             let rows: Vec<Vec<String>> = f["examples"]
                 .as_array()
                 .into_iter()
                 .flatten()
+                .filter(|e| e["span"] == "line")
                 .take(5)
                 .map(|e| {
                     vec![

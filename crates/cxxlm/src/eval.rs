@@ -20,7 +20,8 @@ pub enum EvalCommand {
     Compile(CompileArgs),
     /// Bits per byte of a checkpoint on a pack's validation split.
     Bpb(BpbArgs),
-    /// Fill-in-the-middle: hide one line of validation documents, let the model fill it.
+    /// Fill-in-the-middle: hide a line, a block and a function body of validation
+    /// documents, let the model fill them; exact match, and whether the files compile again.
     Fim(FimArgs),
 }
 
@@ -96,17 +97,48 @@ pub struct FimArgs {
     model: ModelArgs,
     #[arg(long)]
     pack: PathBuf,
-    /// Documents to try (each hides one of its non-blank lines).
+    /// Documents to try (each hides one span of each kind).
     #[arg(long, default_value_t = 200)]
     documents: usize,
-    /// Prefix and suffix are cut to this many characters around the hidden line.
+    /// What is hidden: a non-blank line, a block inside a function, a function body.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "line,block,function"
+    )]
+    spans: Vec<Span>,
+    /// Prefix and suffix are cut to this many characters around the hidden span.
     #[arg(long, default_value_t = 3000)]
     context_chars: usize,
+    /// Longest block or body written, in tokens (a line gets 64).
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
     /// Documents filled together.
     #[arg(long, default_value_t = 32)]
     batch: usize,
+    /// Where the precompiled header is kept (for the compile check of refilled files).
+    #[arg(long, default_value = "runs/cache")]
+    cache: PathBuf,
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum Span {
+    Line,
+    Block,
+    Function,
+}
+
+impl Span {
+    fn name(self) -> &'static str {
+        match self {
+            Span::Line => "line",
+            Span::Block => "block",
+            Span::Function => "function",
+        }
+    }
 }
 
 #[derive(Args)]
@@ -267,13 +299,43 @@ fn check_all(
     ))
 }
 
-/// A function of a held-out file with its body hidden.
+/// A held-out file with a span (a function body, a block, a line) hidden.
 struct Hidden {
     prefix: String,
     body: String,
     suffix: String,
     /// Warnings of the file as it was.
     warnings: usize,
+}
+
+impl Hidden {
+    fn cut(text: &str, start: usize, end: usize) -> Hidden {
+        Hidden {
+            prefix: text[..start].to_string(),
+            body: text[start..end].to_string(),
+            suffix: text[end..].to_string(),
+            warnings: 0,
+        }
+    }
+}
+
+/// For each file with a hidden span: its warnings when it compiles as it is and stops
+/// compiling with the span replaced by `@`. The second test keeps out spans the compiler
+/// never sees (in a branch the preprocessor drops, like `#ifdef _WIN32`), which would
+/// pass whatever the model wrote.
+fn live_spans(compiler: &Compiler, hidden: &[&Hidden]) -> Result<Vec<Option<usize>>> {
+    use rayon::prelude::*;
+    Ok(hidden
+        .par_iter()
+        .map(|h| {
+            let original = compiler.check(&format!("{}{}{}", h.prefix, h.body, h.suffix))?;
+            if !original.ok {
+                return Ok(None);
+            }
+            let broken = compiler.check(&format!("{}@{}", h.prefix, h.suffix))?;
+            Ok((!broken.ok).then_some(original.warnings))
+        })
+        .collect::<Result<Vec<_>, cxxlm_eval::EvalError>>()?)
 }
 
 /// Up to `n` functions from the validation files that compile as they are, one per file;
@@ -284,7 +346,6 @@ fn held_out_functions(
     bpe: &cxxlm_tokenizer::Bpe,
     n: usize,
 ) -> Result<(Vec<Hidden>, usize)> {
-    use rayon::prelude::*;
     let manifest = Manifest::load(pack)?;
     manifest.check_tokenizer(pack, bpe)?;
     let val = manifest.open(pack, "val")?;
@@ -294,39 +355,19 @@ fn held_out_functions(
         let Ok(text) = String::from_utf8(packer.restore(&val.doc(doc))?) else {
             continue;
         };
-        let bodies: Vec<_> = cxxlm_eval::functions::function_bodies(&text)
-            .into_iter()
-            .filter(|b| {
-                let body = &text[b.open..b.close];
-                body.trim().len() >= 16 && body.lines().count() <= 30
-            })
-            .collect();
-        if let Some(b) = bodies.get((doc * 7919) % bodies.len().max(1)) {
-            candidates.push(Hidden {
-                prefix: text[..b.open].to_string(),
-                body: text[b.open..b.close].to_string(),
-                suffix: text[b.close..].to_string(),
-                warnings: 0,
-            });
+        if let Some((start, end)) = pick_span(&text, Span::Function, doc) {
+            candidates.push(Hidden::cut(&text, start, end));
         }
     }
     let mut keep = vec![false; candidates.len()];
     let (mut kept, mut tried) = (0, 0);
     while kept < n && tried < candidates.len() {
         let round = (2 * (n - kept)).max(8).min(candidates.len() - tried);
-        // The body must also be compiled: one in a branch the preprocessor drops
-        // (`#ifdef _WIN32`) would pass whatever the model wrote.
-        let checked = candidates[tried..tried + round]
-            .par_iter()
-            .map(|h| {
-                let original = compiler.check(&format!("{}{}{}", h.prefix, h.body, h.suffix))?;
-                let broken = compiler.check(&format!("{}@{}", h.prefix, h.suffix))?;
-                Ok((original, broken.ok))
-            })
-            .collect::<Result<Vec<_>, cxxlm_eval::EvalError>>()?;
-        for (i, (d, broken_compiles)) in checked.into_iter().enumerate() {
-            if d.ok && !broken_compiles && kept < n {
-                candidates[tried + i].warnings = d.warnings;
+        let batch: Vec<&Hidden> = candidates[tried..tried + round].iter().collect();
+        let checked = live_spans(compiler, &batch)?;
+        for (i, warnings) in checked.into_iter().enumerate() {
+            if let (Some(warnings), true) = (warnings, kept < n) {
+                candidates[tried + i].warnings = warnings;
                 keep[tried + i] = true;
                 kept += 1;
             }
@@ -525,74 +566,187 @@ fn squash(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// The span of `kind` that document number `doc` hides, if it has one.
+fn pick_span(text: &str, kind: Span, doc: usize) -> Option<(usize, usize)> {
+    use cxxlm_eval::functions::{function_bodies, inner_blocks};
+    let spans: Vec<(usize, usize)> = match kind {
+        Span::Line => text
+            .match_indices('\n')
+            .scan(0, |start, (end, _)| {
+                let line = (*start, end);
+                *start = end + 1;
+                Some(line)
+            })
+            .filter(|&(a, b)| text[a..b].trim().len() > 3)
+            .collect(),
+        Span::Block | Span::Function => {
+            let found = if kind == Span::Block {
+                inner_blocks(text)
+            } else {
+                function_bodies(text)
+            };
+            let shortest = if kind == Span::Block { 8 } else { 16 };
+            found
+                .into_iter()
+                .map(|b| (b.open, b.close))
+                .filter(|&(a, b)| {
+                    let inside = &text[a..b];
+                    inside.trim().len() >= shortest && inside.lines().count() <= 30
+                })
+                .collect()
+        }
+    };
+    // A line needs context: documents with fewer than three are skipped.
+    let enough = if kind == Span::Line { 3 } else { 1 };
+    (spans.len() >= enough).then(|| spans[(doc * 7919) % spans.len()])
+}
+
+struct FimCase {
+    span: Span,
+    hidden: Hidden,
+    /// The file compiles as it is, and the span is code the compiler sees.
+    self_contained: bool,
+}
+
 fn fim(args: FimArgs) -> Result<()> {
+    use cxxlm_eval::functions::body_end;
     let (model, bpe) = load_checkpoint(&args.model.checkpoint, args.model.tokenizer.as_deref())?;
     let manifest = Manifest::load(&args.pack)?;
     manifest.check_tokenizer(&args.pack, &bpe)?;
     let val = manifest.open(&args.pack, "val")?;
     let packer = Packer::new(&bpe, manifest.settings.fim);
     let eos = special(&bpe, "<|eos|>");
-    // (hidden line, prompt) of each document with three non-blank lines.
-    let mut cases: Vec<(String, Vec<u32>)> = Vec::new();
+    let mut cases: Vec<FimCase> = Vec::new();
+    let mut documents = 0;
     for doc in 0..val.len() {
-        if cases.len() == args.documents {
+        if documents == args.documents {
             break;
         }
-        let text = String::from_utf8(packer.restore(&val.doc(doc))?).unwrap_or_default();
-        let lines: Vec<(usize, &str)> = text
-            .match_indices('\n')
-            .scan(0, |start, (end, _)| {
-                let line = (*start, &text[*start..end]);
-                *start = end + 1;
-                Some(line)
-            })
-            .filter(|(_, l)| l.trim().len() > 3)
-            .collect();
-        if lines.len() < 3 {
+        let Ok(text) = String::from_utf8(packer.restore(&val.doc(doc))?) else {
             continue;
-        }
-        let (start, line) = lines[(doc * 7919) % lines.len()];
-        let end = start + line.len();
-        let from = text.floor_char_boundary(start.saturating_sub(args.context_chars));
-        let to = text.ceil_char_boundary((end + args.context_chars).min(text.len()));
-        let ids = prompt_ids(&bpe, "", Some((&text[from..start], &text[end..to])));
-        cases.push((line.to_string(), ids));
-    }
-    let (tried, mut exact) = (cases.len(), 0usize);
-    let mut examples = Vec::new();
-    for group in cases.chunks(args.batch.max(1)) {
-        let prompts: Vec<Vec<u32>> = group.iter().map(|c| c.1.clone()).collect();
-        let sampling = Sampling {
-            max_new_tokens: 64,
-            ..Default::default()
         };
-        let out = model.generate(&prompts, &sampling, &mut |_, t| {
-            t.last() == Some(&eos) || bpe.decode(&t[t.len() - 1..]).contains(&b'\n')
-        });
-        for ((line, _), row) in group.iter().zip(out) {
-            let body: Vec<u32> = row.into_iter().filter(|&t| t != eos).collect();
-            let filled = String::from_utf8_lossy(&bpe.decode(&body)).into_owned();
-            let filled = filled.split('\n').next().unwrap_or("").to_string();
-            let hit = squash(&filled) == squash(line);
-            exact += usize::from(hit);
-            if examples.len() < 20 {
-                examples.push(json!({"expected": line, "filled": filled, "exact": hit}));
+        let before = cases.len();
+        for &span in &args.spans {
+            if let Some((start, end)) = pick_span(&text, span, doc) {
+                cases.push(FimCase {
+                    span,
+                    hidden: Hidden::cut(&text, start, end),
+                    self_contained: false,
+                });
             }
         }
+        documents += usize::from(cases.len() > before);
     }
-    if tried == 0 {
-        bail!("no validation document has three non-blank lines");
+    if cases.is_empty() {
+        bail!("no validation document has a span to hide");
     }
-    let rate = exact as f64 / tried as f64;
-    println!(
-        "FIM (one hidden line): {exact} of {tried} exact after whitespace normalization ({:.1}%)",
-        rate * 100.0
-    );
+    let compiler = Compiler::new(Sandbox::new(Limits::default())?, &args.cache)?;
+    let code_spans: Vec<&Hidden> = cases
+        .iter()
+        .filter(|c| c.span != Span::Line)
+        .map(|c| &c.hidden)
+        .collect();
+    let mut live = live_spans(&compiler, &code_spans)?.into_iter();
+    for c in cases.iter_mut().filter(|c| c.span != Span::Line) {
+        c.self_contained = live.next().flatten().is_some();
+    }
+
+    let mut filled = Vec::with_capacity(cases.len());
+    for group in cases.chunks(args.batch.max(1)) {
+        let prompts: Vec<Vec<u32>> = group
+            .iter()
+            .map(|c| {
+                let (p, s) = (&c.hidden.prefix, &c.hidden.suffix);
+                let from = p.floor_char_boundary(p.len().saturating_sub(args.context_chars));
+                let to = s.ceil_char_boundary(args.context_chars.min(s.len()));
+                prompt_ids(&bpe, "", Some((&p[from..], &s[..to])))
+            })
+            .collect();
+        let only_lines = group.iter().all(|c| c.span == Span::Line);
+        let sampling = Sampling {
+            max_new_tokens: if only_lines { 64 } else { args.max_tokens },
+            ..Default::default()
+        };
+        let out = model.generate(&prompts, &sampling, &mut |row, t| {
+            t.last() == Some(&eos)
+                || match group[row].span {
+                    Span::Line => bpe.decode(&t[t.len() - 1..]).contains(&b'\n'),
+                    // Past the span: the text closes a brace it did not open.
+                    _ => body_end(&String::from_utf8_lossy(&bpe.decode(t))).is_some(),
+                }
+        });
+        for (c, row) in group.iter().zip(out) {
+            let ids: Vec<u32> = row.into_iter().filter(|&t| t != eos).collect();
+            let text = String::from_utf8_lossy(&bpe.decode(&ids)).into_owned();
+            filled.push(match c.span {
+                Span::Line => text.split('\n').next().unwrap_or("").to_string(),
+                _ => match body_end(&text) {
+                    Some(end) => text[..end - 1].to_string(),
+                    None => text,
+                },
+            });
+        }
+        eprintln!("filled {} of {} spans", filled.len(), cases.len());
+    }
+    let refilled: Vec<String> = cases
+        .iter()
+        .zip(&filled)
+        .filter(|(c, _)| c.self_contained)
+        .map(|(c, f)| format!("{}{f}{}", c.hidden.prefix, c.hidden.suffix))
+        .collect();
+    let (diagnoses, _) = check_all(&compiler, &refilled)?;
+    let mut compiles = diagnoses.iter().map(|d| d.ok);
+
+    let mut spans = serde_json::Map::new();
+    let mut examples = Vec::new();
+    println!("FIM on {documents} validation documents (exact after whitespace normalization):");
+    for &kind in &args.spans {
+        let (mut tried, mut exact, mut contained, mut compiled) = (0, 0, 0, 0);
+        for (c, f) in cases.iter().zip(&filled).filter(|(c, _)| c.span == kind) {
+            let hit = squash(f) == squash(&c.hidden.body);
+            tried += 1;
+            exact += usize::from(hit);
+            let compiles = c.self_contained.then(|| compiles.next().unwrap_or(false));
+            contained += usize::from(compiles.is_some());
+            compiled += usize::from(compiles == Some(true));
+            if examples
+                .iter()
+                .filter(|e: &&Value| e["span"] == kind.name())
+                .count()
+                < 4
+            {
+                examples.push(
+                    json!({"span": kind.name(), "expected": c.hidden.body, "filled": f,
+                    "exact": hit, "compiles": compiles}),
+                );
+            }
+        }
+        let rate = |a: usize, b: usize| a as f64 / b.max(1) as f64;
+        let compile_note = if kind == Span::Line {
+            String::new()
+        } else {
+            format!(
+                "; refilled files that compile: {compiled} of {contained} ({:.1}%)",
+                rate(compiled, contained) * 100.0
+            )
+        };
+        println!(
+            "  {:<8} {exact} of {tried} exact ({:.1}%){compile_note}",
+            kind.name(),
+            rate(exact, tried) * 100.0
+        );
+        spans.insert(
+            kind.name().into(),
+            json!({"tried": tried, "exact": exact, "exact_rate": rate(exact, tried),
+                "self_contained": contained, "compiled": compiled,
+                "compile_rate": rate(compiled, contained)}),
+        );
+    }
     if let Some(path) = &args.json {
         std::fs::write(
             path,
             serde_json::to_vec_pretty(
-                &json!({"documents": tried, "exact": exact, "exact_rate": rate, "examples": examples}),
+                &json!({"documents": documents, "spans": spans, "examples": examples}),
             )?,
         )?;
     }

@@ -324,6 +324,8 @@ fn stages(config: &Config, l: &Layout, pretrain_toml: &str) -> Vec<Stage> {
                 e.fim_documents.to_string(),
                 "--batch".into(),
                 e.batch.to_string(),
+                "--cache".into(),
+                s(&l.root.join("cache")),
             ],
         ),
         model_eval(

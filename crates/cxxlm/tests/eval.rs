@@ -83,3 +83,131 @@ fn correct_solutions_pass_and_wrong_ones_fail() {
         (11.0 + 0.5) / 12.0
     );
 }
+
+/// A small C++ program that compiles on its own, varied by `k`.
+fn program(k: usize) -> String {
+    format!(
+        r#"#include <string>
+#include <vector>
+
+// Sum of the first n squares, plus {k}.
+long squares_{k}(int n) {{
+    long total = {k};
+    for (int i = 1; i <= n; ++i) {{
+        total += static_cast<long>(i) * i;
+    }}
+    return total;
+}}
+
+std::string repeat_{k}(const std::string& s, int times) {{
+    std::string out;
+    while (times-- > 0) {{
+        out += s;
+    }}
+    return out;
+}}
+
+int main() {{
+    std::vector<long> v;
+    for (int i = 0; i < {k} + 3; ++i) {{
+        v.push_back(squares_{k}(i));
+    }}
+    return repeat_{k}("x", 2).size() == 2 ? 0 : 1;
+}}
+"#
+    )
+}
+
+#[test]
+fn fim_hides_lines_blocks_and_bodies_and_recompiles_self_contained_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let src = root.join("src");
+    for k in 0..40 {
+        write(&src.join(format!("p{k:02}.cpp")), program(k));
+    }
+    let p = |name: &str| root.join(name).to_str().unwrap().to_string();
+    data_run(&src, &root.join("data"), &[]);
+    run_ok(&[
+        "tok",
+        "train",
+        "-i",
+        &p("data"),
+        "--vocab",
+        "512",
+        "-o",
+        &p("tok.json"),
+    ]);
+    run_ok(&[
+        "pack",
+        "--tokenizer",
+        &p("tok.json"),
+        "-i",
+        &p("data"),
+        "-o",
+        &p("pack"),
+        "--val-fraction",
+        "0.3",
+    ]);
+    run_ok(&[
+        "train",
+        "pretrain",
+        "--pack",
+        &p("pack"),
+        "--out",
+        &p("run"),
+        "--set",
+        "model.preset=tiny",
+        "--set",
+        "model.seq_len=128",
+        "--set",
+        "train.device=cpu",
+        "--set",
+        "train.device_batch=4",
+        "--set",
+        "train.total_batch_tokens=512",
+        "--set",
+        "train.steps=20",
+        "--set",
+        "eval.every=0",
+    ]);
+    let said = run_ok(&[
+        "eval",
+        "fim",
+        "--checkpoint",
+        &p("run"),
+        "--pack",
+        &p("pack"),
+        "--documents",
+        "6",
+        "--max-tokens",
+        "48",
+        "--cache",
+        &p("cache"),
+        "--json",
+        &p("fim.json"),
+    ]);
+    let stdout = String::from_utf8_lossy(&said.stdout);
+    assert!(stdout.contains("FIM on 6 validation documents"), "{stdout}");
+    let fim: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("fim.json")).unwrap()).unwrap();
+    for span in ["line", "block", "function"] {
+        let s = &fim["spans"][span];
+        assert_eq!(s["tried"], 6, "{span}: {s}");
+        let (compiled, contained) = (
+            s["compiled"].as_u64().unwrap(),
+            s["self_contained"].as_u64().unwrap(),
+        );
+        assert!(compiled <= contained);
+        if span == "line" {
+            assert_eq!(contained, 0);
+        } else {
+            // Every file compiles on its own, and every body and block is code g++ sees.
+            assert_eq!(contained, 6, "{span}: {s}");
+        }
+    }
+    let examples = fim["examples"].as_array().unwrap();
+    assert!(examples
+        .iter()
+        .any(|e| e["span"] == "function" && e["expected"].as_str().unwrap().contains("return")));
+}
