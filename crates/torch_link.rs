@@ -1,17 +1,17 @@
-//! Build script shared by the crates that link libtorch (through `torch-sys`): find its
-//! libraries at run time without `LD_LIBRARY_PATH` where it was built, and keep
+//! Shared by the build scripts of the crates that link libtorch (through `torch-sys`): find
+//! its libraries at run time without `LD_LIBRARY_PATH` where it was built, and keep
 //! `libtorch_cuda` linked (nothing references it by symbol, so the linker would drop it
 //! and CUDA would read as unavailable).
 
-fn main() {
+use std::path::PathBuf;
+
+/// Links as described; returns libtorch's `lib` directory.
+pub fn link() -> Option<PathBuf> {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
-        return;
-    };
-    println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+    let lib = PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").ok()?);
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     // The wheel's version, for reports (`torch/version.py` beside `torch/lib`).
-    let version_py = std::path::Path::new(&lib).join("../version.py");
-    if let Ok(text) = std::fs::read_to_string(version_py) {
+    if let Ok(text) = std::fs::read_to_string(lib.join("../version.py")) {
         if let Some(v) = text.lines().find_map(|l| l.strip_prefix("__version__ = ")) {
             println!(
                 "cargo:rustc-env=CXXLM_LIBTORCH_VERSION={}",
@@ -19,7 +19,8 @@ fn main() {
             );
         }
     }
-    if std::path::Path::new(&lib).join("libtorch_cuda.so").exists() {
+    if lib.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }
+    Some(lib)
 }

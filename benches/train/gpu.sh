@@ -5,6 +5,7 @@
 # Run from the repository root with gpu/ carried (see benches/train/prepare.sh):
 #   benches/train/gpu.sh bench            # d12 B=32 and d20 B=16, T=2048: tok/s and memory
 #   benches/train/gpu.sh train STEPS      # d12 on the packed corpus (B=32 x 2048 per step), eval + samples
+#   benches/train/gpu.sh sample [STEPS]   # generation tok/s (CUDA graphs on and off) against HF
 #   benches/train/gpu.sh eval STEPS       # train d12, then bpb, FIM, MBPP completions and
 #                                         # generation speed against HF transformers
 # Results land in $OUT (or gpu-out/).
@@ -66,6 +67,16 @@ train)
         --set eval.every=300 --set eval.tokens=2097152 --set eval.samples=4 --set eval.sample_tokens=64 \
         --set checkpoint.every=1000 --log-every 50 2>&1 | tee "$out/train.log" || true
     cp "$work/d12/metrics.jsonl" "$work/d12/samples.jsonl" "$work/d12/config.toml" "$out/"
+    ;;
+sample)
+    # Generation speed only: a briefly trained d12 (the weights do not change the speed).
+    steps=${2:-20}
+    rm -rf "$work/d12"
+    ours 12 32 "$steps" "$work/d12" --log-every 10 >"$out/train.log" 2>&1 || { tail -20 "$out/train.log"; exit 1; }
+    for b in 1 64; do
+        "$work/cxxlm" sample --checkpoint "$work/d12" --benchmark-batch $b --benchmark-prompt 128 --max-tokens 256 | tee -a "$out/sample.txt"
+        python3 benches/sample/hf_generate.py 12 768 6 6 32768 $b 128 256 2>&1 | grep RESULT | tee -a "$out/sample.txt"
+    done
     ;;
 eval)
     steps=${2:-600}

@@ -1,9 +1,13 @@
 //! Batched generation with a KV cache: the prompts run through the model once (prefill),
 //! then each step feeds one new token per sequence and attends to the cached keys and
-//! values. Sampling: temperature (0 = greedy), top-k, top-p, a per-sequence stop test.
+//! values. On CUDA the step is captured once as a CUDA graph and replayed for every
+//! token (`CXXLM_CUDA_GRAPHS=0` turns that off). Sampling: temperature (0 = greedy),
+//! top-k, top-p, a per-sequence stop test.
 
 use tch::{Device, Kind, Tensor};
 
+use crate::cuda_graph::CudaGraph;
+use crate::gpt::Cached;
 use crate::Gpt;
 
 /// Keys and values of every layer, `(B, kv_heads, capacity, head_dim)`, filled up to `len`.
@@ -13,6 +17,13 @@ pub struct KvCache {
     pub(crate) len: i64,
     /// `(B, capacity)`: false at the left padding of shorter prompts; None when there is none.
     pub(crate) attend: Option<Tensor>,
+    /// `0..capacity` on the device, for the masks of decoding steps.
+    pub(crate) positions: Tensor,
+}
+
+/// Whether decoding steps are replayed as CUDA graphs on `device`.
+fn use_graphs(device: Device) -> bool {
+    device.is_cuda() && std::env::var("CXXLM_CUDA_GRAPHS").map_or(true, |v| v != "0")
 }
 
 #[derive(Debug, Clone)]
@@ -89,6 +100,7 @@ impl Gpt {
             values: make(),
             len: 0,
             attend: None,
+            positions: Tensor::arange(capacity as i64, (Kind::Int64, self.device())),
         }
     }
 
@@ -133,12 +145,21 @@ impl Gpt {
         let idx = Tensor::from_slice(&ids)
             .view([batch as i64, keep as i64])
             .to_device(self.device());
-        let h = self.forward(&weights, &idx, Some(&mut cache));
-        let mut last = h.select(1, keep as i64 - 1);
+        let h = self.forward(&weights, &idx, Cached::Fill(&mut cache));
+        let mut logits = self.logits(&h.select(1, keep as i64 - 1), head);
+        // The decoding step's inputs live in fixed tensors, so that a captured step
+        // replays on new values: the tokens, and the position they go to.
+        let step_ids = Tensor::zeros([batch as i64, 1], (Kind::Int64, self.device()));
+        let at = Tensor::zeros([1], (Kind::Int64, self.device()));
+        let step = || {
+            let h = self.forward(&weights, &step_ids, Cached::Step(&cache, &at));
+            self.logits(&h.select(1, 0), head)
+        };
+        let mut graph: Option<(CudaGraph, Tensor)> = None;
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); batch];
         let mut done = vec![false; batch];
-        for _ in 0..budget {
-            let next = choose(&self.logits(&last, head), sampling);
+        for i in 0..budget {
+            let next = choose(&logits, sampling);
             let host: Vec<i64> = Vec::try_from(&next.to_device(Device::Cpu)).expect("ids");
             for (row, &t) in host.iter().enumerate() {
                 if !done[row] {
@@ -149,8 +170,24 @@ impl Gpt {
             if done.iter().all(|&d| d) {
                 break;
             }
-            let h = self.forward(&weights, &next.unsqueeze(1), Some(&mut cache));
-            last = h.select(1, 0);
+            step_ids.shallow_clone().copy_(&next.unsqueeze(1));
+            let _ = at.shallow_clone().fill_((keep + i) as i64);
+            // The first step runs as it is (warming up what it uses); the second is
+            // captured, and replayed from then on.
+            if i == 1 && use_graphs(self.device()) {
+                if let Device::Cuda(index) = self.device() {
+                    graph = CudaGraph::capture(index, step)
+                        .map_err(|e| eprintln!("warning: decoding without CUDA graphs: {e}"))
+                        .ok();
+                }
+            }
+            logits = match &graph {
+                Some((g, captured)) => match g.replay() {
+                    Ok(()) => captured.shallow_clone(),
+                    Err(e) => panic!("replaying the decoding step: {e}"),
+                },
+                None => step(),
+            };
         }
         out
     }

@@ -42,6 +42,32 @@ fn padding_mask(attend: &Tensor, pos: i64, t: i64) -> Tensor {
         .logical_or(&k.eq_tensor(&q))
 }
 
+/// Which cached positions `(B, 1, 1, capacity)` one new token per row at position `pos`
+/// may attend to: those up to `pos` (whose `attend` flag is set, when there is padding).
+fn step_mask(cache: &KvCache, pos: &Tensor) -> Tensor {
+    let capacity = cache.positions.size()[0];
+    let earlier = cache.positions.le_tensor(pos);
+    match &cache.attend {
+        Some(attend) => attend
+            .logical_and(&earlier)
+            .logical_or(&cache.positions.eq_tensor(pos))
+            .view([-1, 1, 1, capacity]),
+        None => earlier.view([1, 1, 1, capacity]),
+    }
+}
+
+/// What the transformer does with a KV cache.
+pub(crate) enum Cached<'a> {
+    /// Training and scoring: none.
+    No,
+    /// A prompt, from the cache's current length: its keys and values are stored.
+    Fill(&'a mut KvCache),
+    /// One token per row at position `pos`, a device tensor `[1]` (so that a captured
+    /// step replays at any position): stored there, attending to the cache up to it.
+    /// Shapes do not depend on the position.
+    Step(&'a KvCache, &'a Tensor),
+}
+
 fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let d = x.size()[3] / 2;
     let (x1, x2) = (x.narrow(3, 0, d), x.narrow(3, d, d));
@@ -170,7 +196,7 @@ impl Gpt {
 
     /// The final normalized hidden states `(B, T, width)` of token ids `(B, T)`.
     pub fn hidden(&self, idx: &Tensor) -> Tensor {
-        self.forward(&self.compute_weights(), idx, None)
+        self.forward(&self.compute_weights(), idx, Cached::No)
     }
 
     /// The transformer over `idx`, continuing what `cache` holds when there is one (a
@@ -178,22 +204,27 @@ impl Gpt {
     // `x += ...` on a tch tensor adds in place, which would overwrite the residual that
     // the norms saved for the backward pass.
     #[allow(clippy::assign_op_pattern)]
-    pub(crate) fn forward(
-        &self,
-        w: &[Tensor],
-        idx: &Tensor,
-        mut cache: Option<&mut KvCache>,
-    ) -> Tensor {
+    pub(crate) fn forward(&self, w: &[Tensor], idx: &Tensor, mut cached: Cached) -> Tensor {
         let t = idx.size()[1];
         let c = &self.config;
         let (nh, nkv, hd) = (c.heads as i64, c.kv_heads as i64, c.head_dim() as i64);
-        let pos = cache.as_ref().map_or(0, |c| c.len);
-        let cos = self.cos.narrow(1, pos, t);
-        let sin = self.sin.narrow(1, pos, t);
-        let mask = cache
-            .as_ref()
-            .and_then(|c| c.attend.as_ref())
-            .map(|attend| padding_mask(attend, pos, t));
+        let pos = match &cached {
+            Cached::Fill(cache) => cache.len,
+            _ => 0,
+        };
+        let (cos, sin, mask) = match &cached {
+            Cached::Step(cache, at) => (
+                self.cos.index_select(1, at),
+                self.sin.index_select(1, at),
+                Some(step_mask(cache, at)),
+            ),
+            Cached::Fill(cache) => (
+                self.cos.narrow(1, pos, t),
+                self.sin.narrow(1, pos, t),
+                cache.attend.as_ref().map(|a| padding_mask(a, pos, t)),
+            ),
+            Cached::No => (self.cos.narrow(1, 0, t), self.sin.narrow(1, 0, t), None),
+        };
         let mut x = norm(
             &Tensor::embedding(&self.params[0].1, idx, -1, false, false).to_kind(self.compute),
         );
@@ -207,14 +238,24 @@ impl Gpt {
             let q = norm(&rotary(&q, &cos, &sin)).transpose(1, 2);
             let mut k = norm(&rotary(&k, &cos, &sin)).transpose(1, 2);
             let mut v = v.transpose(1, 2);
-            if let Some(cache) = cache.as_deref_mut() {
-                cache.keys[layer].narrow(2, pos, t).copy_(&k);
-                cache.values[layer].narrow(2, pos, t).copy_(&v);
-                k = cache.keys[layer].narrow(2, 0, pos + t);
-                v = cache.values[layer].narrow(2, 0, pos + t);
+            match &mut cached {
+                Cached::Fill(cache) => {
+                    cache.keys[layer].narrow(2, pos, t).copy_(&k);
+                    cache.values[layer].narrow(2, pos, t).copy_(&v);
+                    k = cache.keys[layer].narrow(2, 0, pos + t);
+                    v = cache.values[layer].narrow(2, 0, pos + t);
+                }
+                Cached::Step(cache, at) => {
+                    let _ = cache.keys[layer].shallow_clone().index_copy_(2, at, &k);
+                    let _ = cache.values[layer].shallow_clone().index_copy_(2, at, &v);
+                    k = cache.keys[layer].shallow_clone();
+                    v = cache.values[layer].shallow_clone();
+                }
+                Cached::No => {}
             }
-            // A prompt attends causally; one new token attends to everything before it.
-            // Left padding (prompts of different lengths) needs an explicit mask.
+            // A prompt attends causally; a decoding step, through its mask, to the cache
+            // up to its position. Left padding (prompts of different lengths) needs an
+            // explicit mask too.
             let y = Tensor::scaled_dot_product_attention(
                 &q,
                 &k,
@@ -237,7 +278,7 @@ impl Gpt {
             };
             x = x + h.linear(w(5), None::<Tensor>);
         }
-        if let Some(cache) = cache {
+        if let Cached::Fill(cache) = cached {
             cache.len += t;
         }
         norm(&x)
@@ -255,7 +296,7 @@ impl Gpt {
     /// never exist at once. Returns the mean loss.
     pub fn forward_backward(&self, inputs: &Tensor, targets: &Tensor, scale: f64) -> Tensor {
         let weights = self.compute_weights();
-        let h = self.forward(&weights, inputs, None);
+        let h = self.forward(&weights, inputs, Cached::No);
         let head = weights.last().expect("lm_head");
         let n = inputs.numel() as i64;
         let flat = h.view([n, self.config.width as i64]);
@@ -289,7 +330,7 @@ impl Gpt {
         let n = inputs.numel() as i64;
         let weights = self.compute_weights();
         let flat = self
-            .forward(&weights, inputs, None)
+            .forward(&weights, inputs, Cached::No)
             .view([n, self.config.width as i64]);
         let head = weights.last().expect("lm_head");
         let targets = targets.reshape([n]);

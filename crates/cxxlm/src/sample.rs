@@ -98,7 +98,9 @@ pub fn prompt_ids(bpe: &Bpe, prompt: &str, fim: Option<(&str, &str)>) -> Vec<u32
     ids
 }
 
-/// Tokens per second of batched greedy generation, after a warm-up.
+/// Tokens per second of batched greedy generation, after a warm-up; on CUDA with the
+/// decoding step replayed as a CUDA graph and without, checking that both write the
+/// same tokens.
 fn benchmark(model: &Gpt, bpe: &Bpe, batch: usize, prompt: usize, new: usize) {
     let vocab = bpe.special_base() as usize;
     let ids: Vec<u32> = (0..prompt).map(|i| ((i * 7919) % vocab) as u32).collect();
@@ -110,15 +112,31 @@ fn benchmark(model: &Gpt, bpe: &Bpe, batch: usize, prompt: usize, new: usize) {
         };
         model.generate(&prompts, &sampling, &mut |_, _| false)
     };
-    run(8);
-    let started = std::time::Instant::now();
-    let out = run(new);
-    let seconds = started.elapsed().as_secs_f64();
-    let tokens: usize = out.iter().map(Vec::len).sum();
-    println!(
-        "RESULT impl=cxxlm batch={batch} prompt={prompt} new={new} seconds={seconds:.3} tok_s={:.0}",
-        tokens as f64 / seconds
-    );
+    let modes: &[&str] = if model.device().is_cuda() {
+        &["0", "1"]
+    } else {
+        &["0"]
+    };
+    let mut outputs = Vec::new();
+    for graphs in modes {
+        std::env::set_var("CXXLM_CUDA_GRAPHS", graphs);
+        run(8);
+        let started = std::time::Instant::now();
+        let out = run(new);
+        let seconds = started.elapsed().as_secs_f64();
+        let tokens: usize = out.iter().map(Vec::len).sum();
+        println!(
+            "RESULT impl=cxxlm cuda_graphs={graphs} batch={batch} prompt={prompt} new={new} seconds={seconds:.3} tok_s={:.0}",
+            tokens as f64 / seconds
+        );
+        outputs.push(out);
+    }
+    if outputs.len() == 2 {
+        println!(
+            "same tokens with and without CUDA graphs: {}",
+            outputs[0] == outputs[1]
+        );
+    }
 }
 
 pub fn run(args: SampleArgs) -> Result<()> {
