@@ -3,7 +3,7 @@
 # and its tests: archive tools and git for the readers' tests; g++ (libstdc++'s headers
 # are test data, and it judges model programs) and bubblewrap (their sandbox); a font
 # for the report card's plots; torch
-# 2.11 (libtorch for the trainer); and the Python modules that check that other tools
+# 2.11 (libtorch for the trainer) with the CUDA headers its wheel lacks; and the Python modules that check that other tools
 # read our files: zstandard (shards), tokenizers (tokenizer.json), megatron-core (.bin/.idx).
 set -euo pipefail
 missing=()
@@ -25,8 +25,10 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
 fi
-python_modules=(zstandard tokenizers torch==2.11.0 megatron-core==0.16.1)
-if ! python3 -W ignore -c 'import zstandard, tokenizers, torch, megatron.core.datasets.indexed_dataset' 2>/dev/null; then
+# nvidia-cuda-crt completes the CUDA headers of torch's wheel, for the CUDA-graph shim.
+python_modules=(zstandard tokenizers torch==2.11.0 nvidia-cuda-crt==13.0.88 megatron-core==0.16.1)
+if ! python3 -W ignore -c 'import zstandard, tokenizers, torch, megatron.core.datasets.indexed_dataset, os
+assert os.path.exists(os.path.join(os.path.dirname(torch.__file__), "../nvidia/cu13/include/crt/host_config.h"))' 2>/dev/null; then
     python3 -m pip install -q "${python_modules[@]}" 2>/dev/null ||
         python3 -m pip install -q --break-system-packages "${python_modules[@]}"
 fi
