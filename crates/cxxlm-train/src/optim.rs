@@ -479,6 +479,9 @@ mod tests {
             .collect()
     }
 
+    /// A state tensor as plain values: name, elements, shape.
+    type Named = (String, Vec<f32>, Vec<i64>);
+
     /// A different gradient for every parameter, rank and step.
     fn toy_grad(p: &Tensor, i: usize, rank: usize, step: u64) -> Tensor {
         ((Tensor::arange(p.numel() as i64, (Kind::Float, Device::Cpu)) * (1.7 + i as f64)
@@ -503,7 +506,7 @@ mod tests {
             for (i, (_, p)) in params.iter().enumerate() {
                 (p * grads_of(p, i, step)).sum(Kind::Float).backward();
             }
-            opt.step(step, 1.0, comm).unwrap();
+            let _norm = opt.step(step, 1.0, comm).unwrap();
             opt.zero_grad();
         }
         let values = params
@@ -556,7 +559,7 @@ mod tests {
         let expected = merged(&[single_state]);
         assert_close(&merged(&two), &expected);
         // Tensors do not cross threads by reference: hand the values over.
-        let two: Vec<Vec<(String, Vec<f32>, Vec<i64>)>> = two
+        let two: Vec<Vec<Named>> = two
             .iter()
             .map(|r| {
                 r.iter()

@@ -16,30 +16,22 @@ pub(super) struct UniqueId {
 type Comm = *mut c_void;
 type Stream = *mut c_void;
 
+type GetUniqueId = unsafe extern "C" fn(*mut UniqueId) -> c_int;
+type CommInitRank = unsafe extern "C" fn(*mut Comm, c_int, UniqueId, c_int) -> c_int;
+/// `ncclAllReduce` and `ncclReduceScatter`: send, receive, count, type, op, comm, stream.
+type Reduce =
+    unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, Stream) -> c_int;
+type AllGather =
+    unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, Comm, Stream) -> c_int;
+type GetErrorString = unsafe extern "C" fn(c_int) -> *const c_char;
+
 struct Lib {
-    get_unique_id: unsafe extern "C" fn(*mut UniqueId) -> c_int,
-    comm_init_rank: unsafe extern "C" fn(*mut Comm, c_int, UniqueId, c_int) -> c_int,
-    all_reduce: unsafe extern "C" fn(
-        *const c_void,
-        *mut c_void,
-        usize,
-        c_int,
-        c_int,
-        Comm,
-        Stream,
-    ) -> c_int,
-    reduce_scatter: unsafe extern "C" fn(
-        *const c_void,
-        *mut c_void,
-        usize,
-        c_int,
-        c_int,
-        Comm,
-        Stream,
-    ) -> c_int,
-    all_gather:
-        unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, Comm, Stream) -> c_int,
-    get_error_string: unsafe extern "C" fn(c_int) -> *const c_char,
+    get_unique_id: GetUniqueId,
+    comm_init_rank: CommInitRank,
+    all_reduce: Reduce,
+    reduce_scatter: Reduce,
+    all_gather: AllGather,
+    get_error_string: GetErrorString,
 }
 
 const SUM: c_int = 0;
@@ -67,12 +59,12 @@ fn lib() -> Result<&'static Lib, String> {
                 }
             };
             Ok(Lib {
-                get_unique_id: std::mem::transmute::<*mut c_void, _>(sym(c"ncclGetUniqueId")?),
-                comm_init_rank: std::mem::transmute::<*mut c_void, _>(sym(c"ncclCommInitRank")?),
-                all_reduce: std::mem::transmute::<*mut c_void, _>(sym(c"ncclAllReduce")?),
-                reduce_scatter: std::mem::transmute::<*mut c_void, _>(sym(c"ncclReduceScatter")?),
-                all_gather: std::mem::transmute::<*mut c_void, _>(sym(c"ncclAllGather")?),
-                get_error_string: std::mem::transmute::<*mut c_void, _>(sym(c"ncclGetErrorString")?),
+                get_unique_id: std::mem::transmute::<*mut c_void, GetUniqueId>(sym(c"ncclGetUniqueId")?),
+                comm_init_rank: std::mem::transmute::<*mut c_void, CommInitRank>(sym(c"ncclCommInitRank")?),
+                all_reduce: std::mem::transmute::<*mut c_void, Reduce>(sym(c"ncclAllReduce")?),
+                reduce_scatter: std::mem::transmute::<*mut c_void, Reduce>(sym(c"ncclReduceScatter")?),
+                all_gather: std::mem::transmute::<*mut c_void, AllGather>(sym(c"ncclAllGather")?),
+                get_error_string: std::mem::transmute::<*mut c_void, GetErrorString>(sym(c"ncclGetErrorString")?),
             })
         }
     })
