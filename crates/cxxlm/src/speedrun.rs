@@ -56,6 +56,9 @@ struct Config {
     /// A `train pretrain` config; `out` and `data.pack` are set by the speedrun.
     #[serde(default)]
     pretrain: toml::Table,
+    /// GPUs (data-parallel ranks) of the pretraining stage, started by `cxxlm launch`.
+    #[serde(default = "one_gpu")]
+    gpus: usize,
     #[serde(default)]
     eval: EvalSettings,
 }
@@ -158,7 +161,15 @@ fn exists(p: PathBuf) -> Box<dyn Fn() -> bool> {
     Box::new(move || p.exists())
 }
 
+fn one_gpu() -> usize {
+    1
+}
+
 fn stages(config: &Config, l: &Layout, pretrain_toml: &str) -> Vec<Stage> {
+    let launch: Vec<String> = match config.gpus {
+        0 | 1 => Vec::new(),
+        n => vec!["launch".into(), "--gpus".into(), n.to_string(), "--".into()],
+    };
     let mut data_args = vec!["data".into(), "run".into(), "-o".into(), s(&l.data())];
     for src in &config.sources {
         data_args.extend(["-i".into(), src.clone()]);
@@ -276,13 +287,16 @@ fn stages(config: &Config, l: &Layout, pretrain_toml: &str) -> Vec<Stage> {
         },
         Stage {
             name: "pretrain",
-            args: vec![
-                "train".into(),
-                "pretrain".into(),
-                "--config".into(),
-                s(&l.train_config()),
-                "--resume".into(),
-            ],
+            args: launch
+                .into_iter()
+                .chain([
+                    "train".into(),
+                    "pretrain".into(),
+                    "--config".into(),
+                    s(&l.train_config()),
+                    "--resume".into(),
+                ])
+                .collect(),
             content: pretrain_toml.to_string(),
             outputs: vec![l.train(), l.train_config()],
             complete: Box::new(move || finished_training(&train)),
