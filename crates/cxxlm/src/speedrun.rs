@@ -666,3 +666,28 @@ pub fn run(args: SpeedrunArgs) -> Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pretraining_on_several_gpus_goes_through_the_launcher() {
+        let pretrain_args = |overrides: &[&str]| {
+            let args = SpeedrunArgs {
+                preset: "cpu-tiny".into(),
+                sources: vec!["src".into()],
+                out: None,
+                overrides: overrides.iter().map(|s| s.to_string()).collect(),
+                redo: None,
+            };
+            let (config, _) = load_config(&args).unwrap();
+            let l = Layout::new(PathBuf::from("run"));
+            let stages = stages(&config, &l, "");
+            let pretrain = stages.iter().find(|s| s.name == "pretrain").unwrap();
+            pretrain.args[..3].join(" ")
+        };
+        assert_eq!(pretrain_args(&[]), "train pretrain --config");
+        assert_eq!(pretrain_args(&["gpus=4"]), "launch --gpus 4");
+    }
+}
