@@ -5,11 +5,16 @@
 
 use std::path::PathBuf;
 
-/// Links as described; returns libtorch's `lib` directory.
-pub fn link() -> Option<PathBuf> {
+/// Links as described (for the binary `only_bin` alone, when given); returns
+/// libtorch's `lib` directory.
+pub fn link(only_bin: Option<&str>) -> Option<PathBuf> {
+    let arg = match only_bin {
+        Some(bin) => format!("cargo:rustc-link-arg-bin={bin}="),
+        None => "cargo:rustc-link-arg=".to_string(),
+    };
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let lib = PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").ok()?);
-    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    println!("{arg}-Wl,-rpath,{}", lib.display());
     // The wheel's version, for reports (`torch/version.py` beside `torch/lib`).
     if let Ok(text) = std::fs::read_to_string(lib.join("../version.py")) {
         if let Some(v) = text.lines().find_map(|l| l.strip_prefix("__version__ = ")) {
@@ -20,7 +25,7 @@ pub fn link() -> Option<PathBuf> {
         }
     }
     if lib.join("libtorch_cuda.so").exists() {
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+        println!("{arg}-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }
     Some(lib)
 }

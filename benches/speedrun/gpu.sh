@@ -17,7 +17,7 @@ export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch
 export CXXLM_FONT=$PWD/gpu/DejaVuSans.ttf
 # The model's programs are judged in bubblewrap; carry it (gpu/bin, gpu/lib) where it is missing.
 command -v bwrap >/dev/null || export PATH=$PWD/gpu/bin:$PATH LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$PWD/gpu/lib
-[ -x "$work/cxxlm" ] || { python3 -c "import lzma,sys;open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" gpu/cxxlm.xz "$work/cxxlm"; chmod +x "$work/cxxlm"; }
+[ -x "$work/cxxlm-torch" ] || python3 -c "import sys,tarfile;tarfile.open(sys.argv[1]).extractall(sys.argv[2])" gpu/cxxlm.tar.xz "$work"
 run=$work/gpu-10min
 start=$(date +%s)
 timeout -s INT "$limit" "$work/cxxlm" speedrun --preset gpu-10min --sources gpu/data -o "$run" \

@@ -14,7 +14,7 @@ out=${OUT:-gpu-out}
 work=/tmp/cxxlm-gpu
 mkdir -p "$out" "$work"
 export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
-[ -x "$work/cxxlm" ] || { python3 -c "import lzma,sys;open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" gpu/cxxlm.xz "$work/cxxlm"; chmod +x "$work/cxxlm"; }
+[ -x "$work/cxxlm-torch" ] || python3 -c "import sys,tarfile;tarfile.open(sys.argv[1]).extractall(sys.argv[2])" gpu/cxxlm.tar.xz "$work"
 if [ ! -f "$work/pack/pack.json" ]; then
     /usr/bin/time -f "pack: %e s, %M KB" "$work/cxxlm" pack --tokenizer gpu/tokenizer.json -i gpu/data -o "$work/pack" --val-fraction 0.005 | tee "$out/pack.log"
 fi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fills gpu/ (ignored by git; carried to the GPU machine, at most 64 MiB) for
-# benches/train/gpu.sh: the stripped release binary, xz-compressed; a tokenizer; the
+# benches/train/gpu.sh: the stripped release binaries, in an xz-compressed tar; a tokenizer; the
 # PyTorch reference; and Debian C++ shards recompressed to fit.
 #
 # Usage: benches/train/prepare.sh [TOKENIZER] [SHARD...]
@@ -15,8 +15,12 @@ shards=("$@")
 [ ${#shards[@]} -gt 0 ] || shards=(runs/debian-data/part-00000-0000{0,1,2}.jsonl.zst)
 mkdir -p gpu/data
 cargo build --release -q -p cxxlm
-strip -o gpu/cxxlm target/release/cxxlm
-xz -9 -T0 -f gpu/cxxlm
+# Both binaries: cxxlm hands model commands to cxxlm-torch beside it.
+bins=$(mktemp -d)
+strip -o "$bins/cxxlm" target/release/cxxlm
+strip -o "$bins/cxxlm-torch" target/release/cxxlm-torch
+tar -cJf gpu/cxxlm.tar.xz -C "$bins" cxxlm cxxlm-torch
+rm -rf "$bins" gpu/cxxlm.xz
 cp "$tokenizer" gpu/tokenizer.json
 cp ../shared/bench/ref_gpt.py gpu/
 # The trainer's zstd reader accepts windows up to 2^27.

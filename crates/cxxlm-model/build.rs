@@ -7,7 +7,7 @@ mod torch_link;
 fn main() {
     println!("cargo:rustc-check-cfg=cfg(cxxlm_cuda_graphs)");
     println!("cargo:rerun-if-changed=src/cuda_graph.cpp");
-    let Some(lib) = torch_link::link() else {
+    let Some(lib) = torch_link::link(None) else {
         return;
     };
     let torch = lib.join("..");

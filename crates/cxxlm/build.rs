@@ -2,5 +2,5 @@
 mod torch_link;
 
 fn main() {
-    torch_link::link();
+    torch_link::link(Some("cxxlm-torch"));
 }

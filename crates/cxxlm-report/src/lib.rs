@@ -58,6 +58,21 @@ impl Layout {
     pub fn train(&self) -> PathBuf {
         self.root.join("train")
     }
+    /// The newest finished checkpoint of the training run (`step-NNNNNN/trainer.json`).
+    pub fn newest_checkpoint(&self) -> Option<PathBuf> {
+        std::fs::read_dir(self.train().join("checkpoints"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                let name = p.file_name().unwrap_or_default().to_string_lossy();
+                name.starts_with("step-")
+                    && !name.ends_with(".tmp")
+                    && p.join("trainer.json").exists()
+            })
+            .max()
+    }
     /// One JSON file per evaluation: `eval/<name>.json`.
     pub fn eval(&self, name: &str) -> PathBuf {
         self.root.join("eval").join(format!("{name}.json"))
@@ -525,14 +540,7 @@ fn training(r: &mut Report) -> Result<()> {
     let steps = get("loss").last().map_or(0.0, |p| p.0);
     let tok_s = median(get("tok_s").iter().map(|p| p.1).collect());
     let mfu = median(get("mfu").iter().map(|p| p.1).collect());
-    let newest = std::fs::read_dir(l.train().join("checkpoints"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.join("config.json").exists())
-        .max();
-    let model = match newest {
+    let model = match l.newest_checkpoint() {
         Some(dir) => read_json(&dir.join("config.json"))?,
         None => None,
     };

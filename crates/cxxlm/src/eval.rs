@@ -2,12 +2,12 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use cxxlm_eval::bench::{self, Problem, Report};
 use cxxlm_eval::{Compiler, Limits, Sandbox};
-use cxxlm_model::Sampling;
 use cxxlm_pack::{Manifest, Packer};
+use cxxlm_tokenizer::Bpe;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
-use crate::sample::{load_checkpoint, prompt_ids, special};
+use crate::cli::{prompt_ids, special};
 
 #[derive(Subcommand)]
 pub enum EvalCommand {
@@ -29,10 +29,10 @@ pub enum EvalCommand {
 pub struct ModelArgs {
     /// A checkpoint directory, or a run directory (its newest checkpoint).
     #[arg(long)]
-    checkpoint: PathBuf,
+    pub checkpoint: PathBuf,
     /// Defaults to the tokenizer of the checkpoint's run.
     #[arg(long)]
-    tokenizer: Option<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -76,19 +76,19 @@ pub struct CompileArgs {
 #[derive(Args)]
 pub struct BpbArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    pub model: ModelArgs,
     /// The output directory of `cxxlm pack`.
     #[arg(long)]
-    pack: PathBuf,
+    pub pack: PathBuf,
     #[arg(long, default_value = "val")]
-    split: String,
+    pub split: String,
     /// Validation tokens to read (0 = all).
     #[arg(long, default_value_t = 0)]
-    tokens: usize,
+    pub tokens: usize,
     #[arg(long, default_value_t = 8)]
-    batch: usize,
+    pub batch: usize,
     #[arg(long)]
-    json: Option<PathBuf>,
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -182,13 +182,72 @@ pub struct BenchArgs {
     json: Option<PathBuf>,
 }
 
-pub fn run(cmd: EvalCommand) -> Result<()> {
+impl EvalCommand {
+    /// Whether it runs a model (a checkpoint's).
+    pub fn needs_model(&self) -> bool {
+        match self {
+            EvalCommand::Mbpp(a) | EvalCommand::Humaneval(a) => a.checkpoint.is_some(),
+            EvalCommand::Compile(a) => a.checkpoint.is_some(),
+            EvalCommand::Bpb(_) | EvalCommand::Fim(_) => true,
+        }
+    }
+}
+
+/// Generation settings: greedy at temperature 0.
+pub struct Generation {
+    pub temperature: f64,
+    pub top_k: i64,
+    pub top_p: f64,
+    pub max_new_tokens: usize,
+    pub seed: u64,
+}
+
+impl Default for Generation {
+    fn default() -> Self {
+        Generation {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            max_new_tokens: 256,
+            seed: 0,
+        }
+    }
+}
+
+/// A trained model, as the evaluations use it (`cxxlm-torch` provides it).
+pub trait TextModel {
+    fn tokenizer(&self) -> &Bpe;
+    /// Tokens it attends to.
+    fn context(&self) -> usize;
+    /// Continues each prompt until `stop(row, generated so far)` says so or
+    /// `max_new_tokens` are written; prompts of different lengths share the batch.
+    fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        generation: &Generation,
+        stop: &mut dyn FnMut(usize, &[u32]) -> bool,
+    ) -> Vec<Vec<u32>>;
+}
+
+/// Loads a checkpoint (or a run's newest) with its tokenizer, or `--tokenizer`'s.
+pub type LoadModel<'a> = &'a dyn Fn(&Path, Option<&Path>) -> Result<Box<dyn TextModel>>;
+
+fn needed(load: Option<LoadModel>) -> Result<LoadModel> {
+    load.context("this evaluation runs a model: it is cxxlm-torch's")
+}
+
+/// Runs an evaluation; those that need a model load it with `load` (`None` in `cxxlm`,
+/// which hands them to `cxxlm-torch`). Bits per byte is `cxxlm-torch`'s alone.
+pub fn run(cmd: EvalCommand, load: Option<LoadModel>) -> Result<()> {
     let (args, default) = match cmd {
         EvalCommand::Mbpp(a) => (a, Some("evals/multipl-e_mbpp-cpp-keep.jsonl")),
         EvalCommand::Humaneval(a) => (a, None),
-        EvalCommand::Compile(a) => return compile(a),
-        EvalCommand::Bpb(a) => return bpb(a),
-        EvalCommand::Fim(a) => return fim(a),
+        EvalCommand::Compile(a) => return compile(a, load),
+        EvalCommand::Bpb(_) => bail!("bits per byte runs a model: it is cxxlm-torch's"),
+        EvalCommand::Fim(a) => {
+            let model = needed(load)?(&a.model.checkpoint, a.model.tokenizer.as_deref())?;
+            return fim(a, model.as_ref());
+        }
     };
     let problems_path = args
         .problems
@@ -200,7 +259,8 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
         problems.truncate(n);
     }
     let completions = if let Some(checkpoint) = &args.checkpoint {
-        let generated = generate_completions(&args, checkpoint, &problems)?;
+        let model = needed(load)?(checkpoint, args.tokenizer.as_deref())?;
+        let generated = generate_completions(&args, model.as_ref(), &problems);
         if let Some(out) = &args.completions_out {
             let lines: Vec<String> = generated
                 .iter()
@@ -236,11 +296,11 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
 /// `batch` sequences (of any problems) are generated together.
 fn generate_completions(
     args: &BenchArgs,
-    checkpoint: &Path,
+    model: &dyn TextModel,
     problems: &[Problem],
-) -> Result<Vec<(String, String)>> {
-    let (model, bpe) = load_checkpoint(checkpoint, args.tokenizer.as_deref())?;
-    let eos = special(&bpe, "<|eos|>");
+) -> Vec<(String, String)> {
+    let bpe = model.tokenizer();
+    let eos = special(bpe, "<|eos|>");
     let rows: Vec<&Problem> = problems
         .iter()
         .flat_map(|p| std::iter::repeat_n(p, args.samples))
@@ -249,9 +309,9 @@ fn generate_completions(
     for (chunk, group) in rows.chunks(args.batch.max(1)).enumerate() {
         let prompts: Vec<Vec<u32>> = group
             .iter()
-            .map(|p| prompt_ids(&bpe, &p.prompt, None))
+            .map(|p| prompt_ids(bpe, &p.prompt, None))
             .collect();
-        let sampling = Sampling {
+        let generation = Generation {
             temperature: if args.samples > 1 {
                 args.temperature
             } else {
@@ -262,7 +322,7 @@ fn generate_completions(
             max_new_tokens: args.max_tokens,
             seed: chunk as u64,
         };
-        let generated = model.generate(&prompts, &sampling, &mut |row, t| {
+        let generated = model.generate(&prompts, &generation, &mut |row, t| {
             t.last() == Some(&eos) || {
                 let text = String::from_utf8_lossy(&bpe.decode(&t[t.len().saturating_sub(8)..]))
                     .into_owned();
@@ -279,7 +339,7 @@ fn generate_completions(
         }
         eprintln!("generated {} of {} completions", out.len(), rows.len());
     }
-    Ok(out)
+    out
 }
 
 /// Syntax-checks every program in parallel; returns the diagnoses and checks per second.
@@ -343,7 +403,7 @@ fn live_spans(compiler: &Compiler, hidden: &[&Hidden]) -> Result<Vec<Option<usiz
 fn held_out_functions(
     compiler: &Compiler,
     pack: &Path,
-    bpe: &cxxlm_tokenizer::Bpe,
+    bpe: &Bpe,
     n: usize,
 ) -> Result<(Vec<Hidden>, usize)> {
     let manifest = Manifest::load(pack)?;
@@ -383,18 +443,14 @@ fn held_out_functions(
 }
 
 /// The model's body for each hidden function: generated until its braces close.
-fn write_bodies(
-    args: &CompileArgs,
-    model: &cxxlm_model::Gpt,
-    bpe: &cxxlm_tokenizer::Bpe,
-    hidden: &[Hidden],
-) -> Vec<String> {
+fn write_bodies(args: &CompileArgs, model: &dyn TextModel, hidden: &[Hidden]) -> Vec<String> {
     use cxxlm_eval::functions::body_end;
+    let bpe = model.tokenizer();
     let eos = special(bpe, "<|eos|>");
     // Leave the body its room in the model's context.
     let context = args
         .context_tokens
-        .min(model.config.seq_len.saturating_sub(args.max_tokens))
+        .min(model.context().saturating_sub(args.max_tokens))
         .max(1);
     let mut bodies = Vec::new();
     for group in hidden.chunks(args.batch.max(1)) {
@@ -405,11 +461,11 @@ fn write_bodies(
                 ids[ids.len().saturating_sub(context)..].to_vec()
             })
             .collect();
-        let sampling = Sampling {
+        let generation = Generation {
             max_new_tokens: args.max_tokens,
             ..Default::default()
         };
-        let generated = model.generate(&prompts, &sampling, &mut |_, t| {
+        let generated = model.generate(&prompts, &generation, &mut |_, t| {
             t.last() == Some(&eos) || body_end(&String::from_utf8_lossy(&bpe.decode(t))).is_some()
         });
         for row in generated {
@@ -427,15 +483,16 @@ fn write_bodies(
     bodies
 }
 
-fn compile(args: CompileArgs) -> Result<()> {
+fn compile(args: CompileArgs, load: Option<LoadModel>) -> Result<()> {
     let fast = Compiler::new(Sandbox::new(Limits::default())?, &args.cache)?;
     let mut baseline_warnings = None;
     let mut held_out = None;
     let programs = match (&args.checkpoint, &args.completions) {
         (Some(checkpoint), _) => {
             let pack = args.pack.as_deref().expect("clap requires --pack");
-            let (model, bpe) = load_checkpoint(checkpoint, args.tokenizer.as_deref())?;
-            let (hidden, tried) = held_out_functions(&fast, pack, &bpe, args.functions)?;
+            let model = needed(load)?(checkpoint, args.tokenizer.as_deref())?;
+            let (hidden, tried) =
+                held_out_functions(&fast, pack, model.tokenizer(), args.functions)?;
             if hidden.is_empty() {
                 eprintln!(
                     "warning: none of the {tried} validation files with a function compiles as it is (g++ -fsyntax-only): no compile rate"
@@ -446,7 +503,7 @@ fn compile(args: CompileArgs) -> Result<()> {
                     hidden.len()
                 );
             }
-            let bodies = write_bodies(&args, &model, &bpe, &hidden);
+            let bodies = write_bodies(&args, model.as_ref(), &hidden);
             baseline_warnings = Some(hidden.iter().map(|h| h.warnings).collect::<Vec<_>>());
             let programs: Vec<String> = hidden
                 .iter()
@@ -537,31 +594,6 @@ fn compile(args: CompileArgs) -> Result<()> {
     Ok(())
 }
 
-fn bpb(args: BpbArgs) -> Result<()> {
-    let (model, bpe) = load_checkpoint(&args.model.checkpoint, args.model.tokenizer.as_deref())?;
-    let manifest = Manifest::load(&args.pack)?;
-    manifest.check_tokenizer(&args.pack, &bpe)?;
-    let data = manifest.open(&args.pack, &args.split)?;
-    let max = if args.tokens == 0 {
-        usize::MAX
-    } else {
-        args.tokens
-    };
-    let bytes = cxxlm_train::pretrain::token_bytes(&bpe, model.device());
-    let single = cxxlm_train::dist::Comm::single();
-    let bpb =
-        cxxlm_train::pretrain::bits_per_byte(&model, &data, args.batch, max, &bytes, &single)?
-            .with_context(|| format!("{}: fewer tokens than one window", args.split))?;
-    println!("{}: {bpb:.4} bits per byte", args.split);
-    if let Some(path) = &args.json {
-        std::fs::write(
-            path,
-            json!({"split": args.split, "bits_per_byte": bpb}).to_string(),
-        )?;
-    }
-    Ok(())
-}
-
 fn squash(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
@@ -608,14 +640,14 @@ struct FimCase {
     self_contained: bool,
 }
 
-fn fim(args: FimArgs) -> Result<()> {
+fn fim(args: FimArgs, model: &dyn TextModel) -> Result<()> {
     use cxxlm_eval::functions::body_end;
-    let (model, bpe) = load_checkpoint(&args.model.checkpoint, args.model.tokenizer.as_deref())?;
+    let bpe = model.tokenizer();
     let manifest = Manifest::load(&args.pack)?;
-    manifest.check_tokenizer(&args.pack, &bpe)?;
+    manifest.check_tokenizer(&args.pack, bpe)?;
     let val = manifest.open(&args.pack, "val")?;
-    let packer = Packer::new(&bpe, manifest.settings.fim);
-    let eos = special(&bpe, "<|eos|>");
+    let packer = Packer::new(bpe, manifest.settings.fim);
+    let eos = special(bpe, "<|eos|>");
     let mut cases: Vec<FimCase> = Vec::new();
     let mut documents = 0;
     for doc in 0..val.len() {
@@ -659,15 +691,15 @@ fn fim(args: FimArgs) -> Result<()> {
                 let (p, s) = (&c.hidden.prefix, &c.hidden.suffix);
                 let from = p.floor_char_boundary(p.len().saturating_sub(args.context_chars));
                 let to = s.ceil_char_boundary(args.context_chars.min(s.len()));
-                prompt_ids(&bpe, "", Some((&p[from..], &s[..to])))
+                prompt_ids(bpe, "", Some((&p[from..], &s[..to])))
             })
             .collect();
         let only_lines = group.iter().all(|c| c.span == Span::Line);
-        let sampling = Sampling {
+        let generation = Generation {
             max_new_tokens: if only_lines { 64 } else { args.max_tokens },
             ..Default::default()
         };
-        let out = model.generate(&prompts, &sampling, &mut |row, t| {
+        let out = model.generate(&prompts, &generation, &mut |row, t| {
             t.last() == Some(&eos)
                 || match group[row].span {
                     Span::Line => bpe.decode(&t[t.len() - 1..]).contains(&b'\n'),

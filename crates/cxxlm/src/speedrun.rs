@@ -235,7 +235,7 @@ fn stages(config: &Config, l: &Layout, pretrain_toml: &str) -> Vec<Stage> {
             complete: exists(l.eval(cmd)),
         }
     };
-    let train = l.train();
+    let layout = l.clone();
     let pack = l.pack();
     let tokenizer = l.tokenizer();
     let mut list = vec![
@@ -299,7 +299,7 @@ fn stages(config: &Config, l: &Layout, pretrain_toml: &str) -> Vec<Stage> {
                 .collect(),
             content: pretrain_toml.to_string(),
             outputs: vec![l.train(), l.train_config()],
-            complete: Box::new(move || finished_training(&train)),
+            complete: Box::new(move || finished_training(&layout)),
         },
         Stage {
             name: "eval-tokenizer",
@@ -385,15 +385,15 @@ fn stages(config: &Config, l: &Layout, pretrain_toml: &str) -> Vec<Stage> {
     list
 }
 
-/// Whether the newest checkpoint of a training run is its last step.
-fn finished_training(train: &Path) -> bool {
-    let Some(dir) = cxxlm_train::checkpoint::latest(&train.join("checkpoints")) else {
+/// Whether the newest checkpoint of the training run is its last step.
+fn finished_training(l: &Layout) -> bool {
+    let Some(dir) = l.newest_checkpoint() else {
         return false;
     };
-    std::fs::read_to_string(dir.join("trainer.json"))
+    let state: Option<Value> = std::fs::read_to_string(dir.join("trainer.json"))
         .ok()
-        .and_then(|t| serde_json::from_str::<cxxlm_train::checkpoint::TrainerState>(&t).ok())
-        .is_some_and(|state| state.step == state.total_steps)
+        .and_then(|t| serde_json::from_str(&t).ok());
+    state.is_some_and(|s| s["step"].is_u64() && s["step"] == s["total_steps"])
 }
 
 fn load_config(args: &SpeedrunArgs) -> Result<(Config, String)> {
@@ -404,7 +404,7 @@ fn load_config(args: &SpeedrunArgs) -> Result<(Config, String)> {
         .context("unknown preset")?;
     let mut doc: toml::Table = toml::from_str(preset).context("preset")?;
     for o in &args.overrides {
-        crate::train::set(&mut doc, o)?;
+        crate::cli::set(&mut doc, o)?;
     }
     if !args.sources.is_empty() {
         doc.insert(
@@ -428,7 +428,8 @@ fn load_config(args: &SpeedrunArgs) -> Result<(Config, String)> {
     Ok((config, text))
 }
 
-/// The `train pretrain` config of the run, checked before anything runs.
+/// The `train pretrain` config of the run, checked (by `train pretrain --check`) before
+/// anything runs.
 fn pretrain_config(config: &Config, l: &Layout) -> Result<String> {
     let mut table = config.pretrain.clone();
     table.insert("out".into(), toml::Value::String(s(&l.train())));
@@ -439,8 +440,22 @@ fn pretrain_config(config: &Config, l: &Layout) -> Result<String> {
         .context("pretrain.data is not a table")?;
     data.insert("pack".into(), toml::Value::String(s(&l.pack())));
     data.insert("tokenizer".into(), toml::Value::String(s(&l.tokenizer())));
-    cxxlm_train::TrainConfig::from_table(table.clone()).context("pretrain settings")?;
-    Ok(toml::to_string_pretty(&table)?)
+    let text = toml::to_string_pretty(&table)?;
+    let check = l.root.join("pretrain.check.toml");
+    std::fs::write(&check, &text).with_context(|| format!("writing {}", check.display()))?;
+    let checked = Command::new(std::env::current_exe()?)
+        .args(["train", "pretrain", "--check", "--config"])
+        .arg(&check)
+        .output()
+        .context("checking the pretrain settings")?;
+    let _ = std::fs::remove_file(&check);
+    if !checked.status.success() {
+        bail!(
+            "pretrain settings: {}",
+            String::from_utf8_lossy(&checked.stderr).trim()
+        );
+    }
+    Ok(text)
 }
 
 fn fingerprint(before: &str, stage: &Stage) -> String {
@@ -494,7 +509,6 @@ fn host() -> Value {
     json!({
         "cxxlm": env!("CARGO_PKG_VERSION"),
         "libtorch": option_env!("CXXLM_LIBTORCH_VERSION").unwrap_or("unknown"),
-        "CUDA devices": tch::Cuda::device_count(),
         "GPU": gpus.unwrap_or_else(|| "none".into()),
         "CPU": field(&cpuinfo, "model name").unwrap_or_else(|| "unknown".into()),
         "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),

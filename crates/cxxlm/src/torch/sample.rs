@@ -1,5 +1,7 @@
+//! `cxxlm sample`, and loading a checkpoint with its tokenizer.
+
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use cxxlm::cli::{prompt_ids, special, SampleArgs};
 use cxxlm_model::{Gpt, Sampling};
 use cxxlm_pack::{tokenizer_sha256, Manifest};
 use cxxlm_tokenizer::Bpe;
@@ -39,63 +41,6 @@ pub fn load_checkpoint(path: &Path, tokenizer: Option<&Path>) -> Result<(Gpt, Bp
         );
     }
     Ok((model, bpe))
-}
-
-pub fn special(bpe: &Bpe, name: &str) -> u32 {
-    bpe.special_id(name).expect("the design's special tokens")
-}
-
-#[derive(Args)]
-pub struct SampleArgs {
-    /// A checkpoint directory, or a run directory (its newest checkpoint).
-    #[arg(long)]
-    checkpoint: PathBuf,
-    #[arg(long)]
-    tokenizer: Option<PathBuf>,
-    /// Text to continue.
-    #[arg(long, conflicts_with_all = ["fim_prefix", "fim_suffix"])]
-    prompt: Option<String>,
-    /// Fill in the middle between this prefix...
-    #[arg(long)]
-    fim_prefix: Option<String>,
-    /// ...and this suffix.
-    #[arg(long)]
-    fim_suffix: Option<String>,
-    /// Completions to draw.
-    #[arg(long, default_value_t = 1)]
-    n: usize,
-    #[arg(long, default_value_t = 0.8)]
-    temperature: f64,
-    #[arg(long, default_value_t = 50)]
-    top_k: i64,
-    #[arg(long, default_value_t = 0.95)]
-    top_p: f64,
-    #[arg(long, default_value_t = 256)]
-    max_tokens: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Instead of sampling a prompt: time greedy generation of --max-tokens for this many
-    /// sequences of --benchmark-prompt tokens each, never stopping early.
-    #[arg(long, conflicts_with_all = ["prompt", "fim_prefix"])]
-    benchmark_batch: Option<usize>,
-    #[arg(long, default_value_t = 128)]
-    benchmark_prompt: usize,
-}
-
-/// `<|bos|>` prompt, or the PSM layout `pack` trains on, up to `<|fim_middle|>`.
-pub fn prompt_ids(bpe: &Bpe, prompt: &str, fim: Option<(&str, &str)>) -> Vec<u32> {
-    let mut ids = vec![special(bpe, "<|bos|>")];
-    match fim {
-        Some((prefix, suffix)) => {
-            ids.push(special(bpe, "<|fim_prefix|>"));
-            ids.extend(bpe.encode(prefix));
-            ids.push(special(bpe, "<|fim_suffix|>"));
-            ids.extend(bpe.encode(suffix));
-            ids.push(special(bpe, "<|fim_middle|>"));
-        }
-        None => ids.extend(bpe.encode(prompt)),
-    }
-    ids
 }
 
 /// Tokens per second of batched greedy generation, after a warm-up; on CUDA with the

@@ -1,66 +1,12 @@
+//! `cxxlm train pretrain`.
+
 use anyhow::{bail, Context, Result};
-use clap::{Args, Subcommand};
+use cxxlm::cli::{set, TrainCommand};
+use cxxlm::interrupt;
 use cxxlm_train::{pretrain, Event, TrainConfig};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Instant;
-
-use crate::interrupt;
-
-#[derive(Subcommand)]
-pub enum TrainCommand {
-    /// Pretrain the GPT on packed tokens (Muon + AdamW), with evaluation, checkpoints and
-    /// metrics; `--resume` continues bit-exactly from the newest checkpoint.
-    Pretrain(PretrainArgs),
-}
-
-#[derive(Args)]
-pub struct PretrainArgs {
-    /// TOML with the sections out, [model], [data], [train], [optim], [schedule], [eval],
-    /// [checkpoint], [log]; every key optional except data.pack.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Override one key, e.g. `--set train.steps=200 --set model.preset=d20`. Repeatable.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    overrides: Vec<String>,
-    /// Shorthand for `--set data.pack=...`.
-    #[arg(long)]
-    pack: Option<PathBuf>,
-    /// Shorthand for `--set out=...`.
-    #[arg(long, short)]
-    out: Option<PathBuf>,
-    #[arg(long)]
-    resume: bool,
-    /// Stop (with a checkpoint) once this many steps are done; `--resume` continues.
-    #[arg(long)]
-    stop_at: Option<u64>,
-    /// Print a progress line every this many steps when not on a terminal.
-    #[arg(long, default_value_t = 10)]
-    log_every: u64,
-}
-
-/// Applies `a.b.c=value` to a TOML document; the value is read as TOML, or as a string.
-pub(crate) fn set(doc: &mut toml::Table, assignment: &str) -> Result<()> {
-    let (key, raw) = assignment
-        .split_once('=')
-        .with_context(|| format!("--set {assignment}: expected KEY=VALUE"))?;
-    let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
-    let mut parts: Vec<&str> = key.trim().split('.').collect();
-    let last = parts.pop().context("empty key")?;
-    let mut table = doc;
-    for p in parts {
-        table = table
-            .entry(p)
-            .or_insert_with(|| toml::Value::Table(Default::default()))
-            .as_table_mut()
-            .with_context(|| format!("--set {key}: {p} is not a table"))?;
-    }
-    table.insert(last.to_string(), value);
-    Ok(())
-}
 
 pub fn load_config(path: Option<&PathBuf>, overrides: &[String]) -> Result<TrainConfig> {
     let mut doc: toml::Table = match path {
@@ -86,6 +32,9 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
         overrides.push(format!("out={:?}", o.display().to_string()));
     }
     let config = load_config(args.config.as_ref(), &overrides)?;
+    if args.check {
+        return Ok(());
+    }
     if config.data.pack.as_os_str().is_empty() || config.out.as_os_str().is_empty() {
         bail!("say where the packed tokens are and where the run goes: --pack DIR --out DIR (or data.pack and out in --config)");
     }

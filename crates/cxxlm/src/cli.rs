@@ -1,0 +1,219 @@
+//! The command line: every command's arguments, and running those that need no model.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use cxxlm_tokenizer::Bpe;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "cxxlm",
+    version,
+    about = "Train C++-specialist code language models end to end"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Collect and clean C++ sources into jsonl.zst shards.
+    #[command(subcommand)]
+    Data(crate::data::DataCommand),
+    /// Train and evaluate the C++ tokenizer.
+    #[command(subcommand)]
+    Tok(crate::tok::TokCommand),
+    /// Tokenize shards with fill-in-the-middle into Megatron .bin/.idx files.
+    Pack(crate::pack::PackArgs),
+    /// Train the GPT.
+    #[command(subcommand)]
+    Train(TrainCommand),
+    /// Continue a prompt, or fill in the middle, with a trained checkpoint.
+    Sample(SampleArgs),
+    /// Judge C++ in a sandbox: coding benchmarks with unit tests, bits per byte, FIM.
+    #[command(subcommand)]
+    Eval(crate::eval::EvalCommand),
+    /// Every stage from raw C++ sources to an evaluated model and its report card.
+    Speedrun(crate::speedrun::SpeedrunArgs),
+    /// Run a command (`train pretrain`) as N data-parallel ranks on this host, one per GPU.
+    Launch(crate::launch::LaunchArgs),
+    /// Write the report card (report.md, report.html, plots/) of a run directory again.
+    Report {
+        /// A speedrun's directory.
+        dir: std::path::PathBuf,
+    },
+}
+
+impl Command {
+    /// Whether the command runs a model, and so needs the `cxxlm-torch` binary.
+    pub fn needs_torch(&self) -> bool {
+        match self {
+            Command::Train(_) | Command::Sample(_) => true,
+            Command::Eval(e) => e.needs_model(),
+            _ => false,
+        }
+    }
+}
+
+/// Runs a command that needs no model.
+pub fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Data(cmd) => crate::data::run(cmd),
+        Command::Tok(cmd) => crate::tok::run(cmd),
+        Command::Pack(args) => crate::pack::run(args),
+        Command::Eval(cmd) => crate::eval::run(cmd, None),
+        Command::Speedrun(args) => crate::speedrun::run(args),
+        Command::Launch(args) => crate::launch::run(args),
+        Command::Report { dir } => cxxlm_report::write(&cxxlm_report::Layout::new(dir))
+            .map(|w| {
+                for e in &w.plot_errors {
+                    eprintln!("warning: {e}");
+                }
+                println!("{}\n{}", w.markdown.display(), w.html.display());
+            })
+            .map_err(Into::into),
+        Command::Train(_) | Command::Sample(_) => {
+            anyhow::bail!("this command runs a model: it is cxxlm-torch's")
+        }
+    }
+}
+
+/// Logs to stderr at `CXXLM_LOG` (default: warnings).
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CXXLM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Prints the error (naming the rank in a data-parallel run) and exits with status 1.
+pub fn exit_on_error(result: Result<()>) {
+    if let Err(e) = result {
+        match std::env::var("RANK") {
+            Ok(rank) if std::env::var_os("WORLD_SIZE").is_some() => {
+                eprintln!("error (rank {rank}): {e:#}")
+            }
+            _ => eprintln!("error: {e:#}"),
+        }
+        std::process::exit(1);
+    }
+}
+
+#[derive(Subcommand)]
+pub enum TrainCommand {
+    /// Pretrain the GPT on packed tokens (Muon + AdamW), with evaluation, checkpoints and
+    /// metrics; `--resume` continues bit-exactly from the newest checkpoint.
+    Pretrain(PretrainArgs),
+}
+
+#[derive(Args)]
+pub struct PretrainArgs {
+    /// TOML with the sections out, [model], [data], [train], [optim], [schedule], [eval],
+    /// [checkpoint], [log]; every key optional except data.pack.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override one key, e.g. `--set train.steps=200 --set model.preset=d20`. Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Shorthand for `--set data.pack=...`.
+    #[arg(long)]
+    pub pack: Option<PathBuf>,
+    /// Shorthand for `--set out=...`.
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+    #[arg(long)]
+    pub resume: bool,
+    /// Only check the config (settings and their types) and exit.
+    #[arg(long)]
+    pub check: bool,
+    /// Stop (with a checkpoint) once this many steps are done; `--resume` continues.
+    #[arg(long)]
+    pub stop_at: Option<u64>,
+    /// Print a progress line every this many steps when not on a terminal.
+    #[arg(long, default_value_t = 10)]
+    pub log_every: u64,
+}
+
+/// Applies `a.b.c=value` to a TOML document; the value is read as TOML, or as a string.
+pub fn set(doc: &mut toml::Table, assignment: &str) -> Result<()> {
+    let (key, raw) = assignment
+        .split_once('=')
+        .with_context(|| format!("--set {assignment}: expected KEY=VALUE"))?;
+    let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let mut parts: Vec<&str> = key.trim().split('.').collect();
+    let last = parts.pop().context("empty key")?;
+    let mut table = doc;
+    for p in parts {
+        table = table
+            .entry(p)
+            .or_insert_with(|| toml::Value::Table(Default::default()))
+            .as_table_mut()
+            .with_context(|| format!("--set {key}: {p} is not a table"))?;
+    }
+    table.insert(last.to_string(), value);
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct SampleArgs {
+    /// A checkpoint directory, or a run directory (its newest checkpoint).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Text to continue.
+    #[arg(long, conflicts_with_all = ["fim_prefix", "fim_suffix"])]
+    pub prompt: Option<String>,
+    /// Fill in the middle between this prefix...
+    #[arg(long)]
+    pub fim_prefix: Option<String>,
+    /// ...and this suffix.
+    #[arg(long)]
+    pub fim_suffix: Option<String>,
+    /// Completions to draw.
+    #[arg(long, default_value_t = 1)]
+    pub n: usize,
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 50)]
+    pub top_k: i64,
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Instead of sampling a prompt: time greedy generation of --max-tokens for this many
+    /// sequences of --benchmark-prompt tokens each, never stopping early.
+    #[arg(long, conflicts_with_all = ["prompt", "fim_prefix"])]
+    pub benchmark_batch: Option<usize>,
+    #[arg(long, default_value_t = 128)]
+    pub benchmark_prompt: usize,
+}
+
+pub fn special(bpe: &Bpe, name: &str) -> u32 {
+    bpe.special_id(name).expect("the design's special tokens")
+}
+
+/// `<|bos|>` prompt, or the PSM layout `pack` trains on, up to `<|fim_middle|>`.
+pub fn prompt_ids(bpe: &Bpe, prompt: &str, fim: Option<(&str, &str)>) -> Vec<u32> {
+    let mut ids = vec![special(bpe, "<|bos|>")];
+    match fim {
+        Some((prefix, suffix)) => {
+            ids.push(special(bpe, "<|fim_prefix|>"));
+            ids.extend(bpe.encode(prefix));
+            ids.push(special(bpe, "<|fim_suffix|>"));
+            ids.extend(bpe.encode(suffix));
+            ids.push(special(bpe, "<|fim_middle|>"));
+        }
+        None => ids.extend(bpe.encode(prompt)),
+    }
+    ids
+}

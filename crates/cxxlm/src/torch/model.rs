@@ -1,0 +1,80 @@
+//! Evaluations that run a model: bits per byte here, the others through
+//! [`cxxlm::eval::run`] with a checkpoint's model behind [`TextModel`].
+
+use anyhow::{Context, Result};
+use cxxlm::eval::{BpbArgs, EvalCommand, Generation, TextModel};
+use cxxlm_model::{Gpt, Sampling};
+use cxxlm_pack::Manifest;
+use cxxlm_tokenizer::Bpe;
+use serde_json::json;
+use std::path::Path;
+
+use crate::sample::load_checkpoint;
+
+struct Checkpoint {
+    model: Gpt,
+    bpe: Bpe,
+}
+
+impl TextModel for Checkpoint {
+    fn tokenizer(&self) -> &Bpe {
+        &self.bpe
+    }
+
+    fn context(&self) -> usize {
+        self.model.config.seq_len
+    }
+
+    fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        g: &Generation,
+        stop: &mut dyn FnMut(usize, &[u32]) -> bool,
+    ) -> Vec<Vec<u32>> {
+        let sampling = Sampling {
+            temperature: g.temperature,
+            top_k: g.top_k,
+            top_p: g.top_p,
+            max_new_tokens: g.max_new_tokens,
+            seed: g.seed,
+        };
+        self.model.generate(prompts, &sampling, stop)
+    }
+}
+
+fn load(path: &Path, tokenizer: Option<&Path>) -> Result<Box<dyn TextModel>> {
+    let (model, bpe) = load_checkpoint(path, tokenizer)?;
+    Ok(Box::new(Checkpoint { model, bpe }))
+}
+
+pub fn run(cmd: EvalCommand) -> Result<()> {
+    match cmd {
+        EvalCommand::Bpb(args) => bpb(args),
+        other => cxxlm::eval::run(other, Some(&load)),
+    }
+}
+
+fn bpb(args: BpbArgs) -> Result<()> {
+    let (model, bpe) = load_checkpoint(&args.model.checkpoint, args.model.tokenizer.as_deref())?;
+    let manifest = Manifest::load(&args.pack)?;
+    manifest.check_tokenizer(&args.pack, &bpe)?;
+    let data = manifest.open(&args.pack, &args.split)?;
+    let max = if args.tokens == 0 {
+        usize::MAX
+    } else {
+        args.tokens
+    };
+    let bytes = cxxlm_train::pretrain::token_bytes(&bpe, model.device());
+    let single = cxxlm_train::dist::Comm::single();
+    let bpb =
+        cxxlm_train::pretrain::bits_per_byte(&model, &data, args.batch, max, &bytes, &single)?
+            .with_context(|| format!("{}: fewer tokens than one window", args.split))?;
+    println!("{}: {bpb:.4} bits per byte", args.split);
+    if let Some(path) = &args.json {
+        std::fs::write(
+            path,
+            json!({"split": args.split, "bits_per_byte": bpb}).to_string(),
+        )?;
+    }
+    Ok(())
+}
