@@ -8,6 +8,7 @@ use rustc_hash::FxHashMap as HashMap;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
+use crate::bpe::PieceCache;
 use crate::{Bpe, TokenizerError, FIRST_STAGE_SHARE, PATTERN, PIECE_PATTERN, RESERVED_SPECIALS};
 
 type Pair = (u32, u32);
@@ -107,10 +108,52 @@ fn count_into(counts: &mut HashMap<String, u64>, splitter: &Regex, texts: &[Stri
     }
 }
 
+/// Words as symbol ids, all in one buffer: a `Vec` per word would cost its header and
+/// an allocation each, more than the symbols of most words. A merge only shortens a
+/// word, so it is rewritten in place.
+#[derive(Default)]
+struct Words {
+    symbols: Vec<u32>,
+    /// Start in `symbols` and current length of each word.
+    spans: Vec<(usize, u32)>,
+}
+
+impl Words {
+    fn extend(&mut self, words: impl IntoIterator<Item = Vec<u32>>) {
+        for word in words {
+            self.spans.push((self.symbols.len(), word.len() as u32));
+            self.symbols.extend(word);
+        }
+    }
+
+    /// Gives back what growing the buffers reserved beyond their contents.
+    fn shrink_to_fit(&mut self) {
+        self.symbols.shrink_to_fit();
+        self.spans.shrink_to_fit();
+    }
+
+    fn get(&self, i: usize) -> &[u32] {
+        let (start, len) = self.spans[i];
+        &self.symbols[start..start + len as usize]
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &[u32]> {
+        (0..self.spans.len()).map(|i| self.get(i))
+    }
+
+    /// Replaces word `i` by `shorter`, which is no longer than it.
+    fn shorten(&mut self, i: usize, shorter: &[u32]) {
+        let (start, len) = &mut self.spans[i];
+        debug_assert!(shorter.len() <= *len as usize);
+        self.symbols[*start..*start + shorter.len()].copy_from_slice(shorter);
+        *len = shorter.len() as u32;
+    }
+}
+
 /// The state of BPE learning: words (distinct pieces as symbol ids) with their counts,
 /// the tokens and merges so far, pair counts and where each pair occurs.
 struct Learner {
-    words: Vec<Vec<u32>>,
+    words: Words,
     counts: Vec<i64>,
     tokens: Vec<Vec<u8>>,
     ids: HashMap<Vec<u8>, u32>,
@@ -127,11 +170,15 @@ impl Learner {
         match previous {
             None => {
                 let tokens: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
-                Learner {
-                    words: pieces
+                let mut words = Words::default();
+                words.extend(
+                    pieces
                         .iter()
-                        .map(|(p, _)| p.bytes().map(u32::from).collect())
-                        .collect(),
+                        .map(|(p, _)| p.bytes().map(u32::from).collect()),
+                );
+                words.shrink_to_fit();
+                Learner {
+                    words,
                     counts,
                     ids: tokens
                         .iter()
@@ -142,13 +189,36 @@ impl Learner {
                     merges: Vec::new(),
                 }
             }
-            Some((bpe, prev)) => Learner {
-                words: pieces.par_iter().map(|(p, _)| bpe.encode(p)).collect(),
-                counts,
-                tokens: prev.tokens,
-                ids: prev.ids,
-                merges: prev.merges,
-            },
+            Some((bpe, prev)) => {
+                let Learner {
+                    tokens,
+                    ids,
+                    merges,
+                    words: earlier,
+                    ..
+                } = prev;
+                drop(earlier);
+                let mut words = Words::default();
+                // In chunks, so that the encoded lines never exist twice. Lines repeat
+                // pieces: each thread keeps the pieces it has encoded.
+                for chunk in pieces.chunks(1 << 16) {
+                    let encoded: Vec<Vec<u32>> = chunk
+                        .par_iter()
+                        .map_init(PieceCache::default, |cache, (p, _)| {
+                            bpe.encode_cached(p, cache)
+                        })
+                        .collect();
+                    words.extend(encoded);
+                }
+                words.shrink_to_fit();
+                Learner {
+                    words,
+                    counts,
+                    tokens,
+                    ids,
+                    merges,
+                }
+            }
         }
     }
 
@@ -191,6 +261,11 @@ impl Learner {
             pair_counts.iter().map(|(&p, &c)| (c, Reverse(p))).collect();
 
         while tokens.len() < target {
+            // Every change of a count pushes an entry and leaves the old one behind:
+            // rebuilt from the counts when stale entries outnumber live ones.
+            if heap.len() > 2 * pair_counts.len() + (1 << 16) {
+                heap = pair_counts.iter().map(|(&p, &c)| (c, Reverse(p))).collect();
+            }
             let Some((count, Reverse(pair))) = heap.pop() else {
                 break;
             };
@@ -230,7 +305,7 @@ impl Learner {
                 let updates: Vec<(u32, Vec<u32>, Deltas)> = chunk
                     .par_iter()
                     .filter_map(|&w| {
-                        let (merged, deltas) = merge_word(&words[w as usize], pair, new)?;
+                        let (merged, deltas) = merge_word(words.get(w as usize), pair, new)?;
                         let n = counts[w as usize];
                         Some((
                             w,
@@ -246,7 +321,7 @@ impl Learner {
                             gained.push((p, w));
                         }
                     }
-                    words[w as usize] = merged;
+                    words.shorten(w as usize, &merged);
                 }
             }
             pair_counts.remove(&pair);
