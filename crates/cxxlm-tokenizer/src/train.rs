@@ -150,6 +150,31 @@ impl Words {
     }
 }
 
+/// No occurrence list yet.
+const NO_SLOT: u32 = u32::MAX;
+
+/// Occurrence lists of the tracked pairs, in slots that are reused once freed.
+#[derive(Default)]
+struct Lists {
+    slots: Vec<Vec<u32>>,
+    free: Vec<u32>,
+}
+
+impl Lists {
+    fn take_slot(&mut self) -> u32 {
+        self.free.pop().unwrap_or_else(|| {
+            self.slots.push(Vec::new());
+            (self.slots.len() - 1) as u32
+        })
+    }
+
+    /// Empties a slot for reuse; returns what it listed.
+    fn free(&mut self, slot: u32) -> Vec<u32> {
+        self.free.push(slot);
+        std::mem::take(&mut self.slots[slot as usize])
+    }
+}
+
 /// The state of BPE learning: words (distinct pieces as symbol ids) with their counts,
 /// the tokens and merges so far, pair counts and where each pair occurs.
 struct Learner {
@@ -232,44 +257,54 @@ impl Learner {
             merges,
         } = self;
 
-        let mut pair_counts: HashMap<Pair, i64> = HashMap::default();
+        // Each tracked pair: its count, and the slot in `lists` of where it occurs
+        // (word indices, appended: a word may be listed twice or no longer hold the
+        // pair; both are sorted out when the pair is merged). One table for both, and
+        // plain vectors for the lists: they cost a quarter of hash sets.
+        let mut seen: HashMap<Pair, i64> = HashMap::default();
         for (i, w) in words.iter().enumerate() {
             for p in w.windows(2) {
-                *pair_counts.entry((p[0], p[1])).or_default() += counts[i];
+                *seen.entry((p[0], p[1])).or_default() += counts[i];
             }
         }
         // A pair of existing tokens that occurs once can never be merged (merges only
         // take occurrences away from such pairs), so it is not tracked at all: most
         // pairs that cross piece boundaries in the second stage are of this kind.
-        pair_counts.retain(|_, c| *c >= 2);
-        // Where each pair occurs: word indices, appended (a word may be listed twice or
-        // no longer hold the pair; both are sorted out when the pair is merged). Vectors
-        // cost a quarter of hash sets here.
-        let mut positions: HashMap<Pair, Vec<u32>> = HashMap::default();
+        seen.retain(|_, c| *c >= 2);
+        // New pairs (with new tokens) join as merges go: room for them now spares the
+        // table a resize, when old and new tables would both be held, at its largest.
+        let mut pairs: HashMap<Pair, (i64, u32)> = HashMap::default();
+        pairs.reserve(2 * seen.len());
+        let mut lists = Lists::default();
+        for (p, c) in seen {
+            pairs.insert(p, (c, lists.take_slot()));
+        }
         for (i, w) in words.iter().enumerate() {
             for p in w.windows(2) {
-                let pair = (p[0], p[1]);
-                if pair_counts.contains_key(&pair) {
-                    let list = positions.entry(pair).or_default();
+                if let Some(&(_, slot)) = pairs.get(&(p[0], p[1])) {
+                    let list = &mut lists.slots[slot as usize];
                     if list.last() != Some(&(i as u32)) {
                         list.push(i as u32);
                     }
                 }
             }
         }
+        for list in &mut lists.slots {
+            list.shrink_to_fit();
+        }
         let mut heap: BinaryHeap<(i64, Reverse<Pair>)> =
-            pair_counts.iter().map(|(&p, &c)| (c, Reverse(p))).collect();
+            pairs.iter().map(|(&p, &(c, _))| (c, Reverse(p))).collect();
 
         while tokens.len() < target {
             // Every change of a count pushes an entry and leaves the old one behind:
             // rebuilt from the counts when stale entries outnumber live ones.
-            if heap.len() > 2 * pair_counts.len() + (1 << 16) {
-                heap = pair_counts.iter().map(|(&p, &c)| (c, Reverse(p))).collect();
+            if heap.len() > 2 * pairs.len() + (1 << 16) {
+                heap = pairs.iter().map(|(&p, &(c, _))| (c, Reverse(p))).collect();
             }
             let Some((count, Reverse(pair))) = heap.pop() else {
                 break;
             };
-            let current = pair_counts.get(&pair).copied().unwrap_or(0);
+            let current = pairs.get(&pair).map_or(0, |e| e.0);
             if current != count {
                 if current > 0 {
                     heap.push((current, Reverse(pair)));
@@ -294,7 +329,8 @@ impl Learner {
                 }
             };
             merges.push([pair.0, pair.1, new]);
-            let mut affected: Vec<u32> = positions.remove(&pair).unwrap_or_default();
+            let (_, slot) = pairs.remove(&pair).expect("a counted pair");
+            let mut affected = lists.free(slot);
             affected.sort_unstable();
             affected.dedup();
             let mut changed: HashMap<Pair, i64> = HashMap::default();
@@ -324,7 +360,6 @@ impl Learner {
                     words.shorten(w as usize, &merged);
                 }
             }
-            pair_counts.remove(&pair);
             for (p, d) in changed {
                 if p == pair {
                     continue;
@@ -332,21 +367,26 @@ impl Learner {
                 if d > 0 {
                     // Pairs with the new token only grow now: one seen once stays so
                     // and is not tracked, like the first ones.
-                    let c = pair_counts.entry(p).or_default();
+                    let (c, slot) = pairs.entry(p).or_insert((0, NO_SLOT));
                     *c += d;
                     if *c >= 2 {
+                        if *slot == NO_SLOT {
+                            *slot = lists.take_slot();
+                        }
                         heap.push((*c, Reverse(p)));
-                    } else {
-                        pair_counts.remove(&p);
+                    } else if let Some((_, slot)) = pairs.remove(&p) {
+                        if slot != NO_SLOT {
+                            lists.free(slot);
+                        }
                     }
-                } else if let Some(c) = pair_counts.get_mut(&p) {
+                } else if let Some((c, _)) = pairs.get_mut(&p) {
                     // Untracked pairs (seen once) have nothing to count down.
                     *c += d;
                 }
             }
             for (p, w) in gained {
-                if pair_counts.contains_key(&p) {
-                    positions.entry(p).or_default().push(w);
+                if let Some(&(_, slot)) = pairs.get(&p) {
+                    lists.slots[slot as usize].push(w);
                 }
             }
         }

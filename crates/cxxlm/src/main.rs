@@ -24,6 +24,7 @@ fn hand_to_torch() -> Result<()> {
 }
 
 fn main() {
+    cli::tune_allocator();
     cli::init_logging();
     let cli = Cli::parse();
     cli::exit_on_error(if cli.command.needs_torch() {

@@ -12,6 +12,7 @@ use clap::Parser;
 use cxxlm::cli::{self, Cli, Command};
 
 fn main() {
+    cli::tune_allocator();
     cli::init_logging();
     let cli = Cli::parse();
     cli::exit_on_error(match cli.command {
