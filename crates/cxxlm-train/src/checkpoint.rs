@@ -155,6 +155,12 @@ pub struct Loaded {
 
 /// Reads a checkpoint, verifying every file against the checksums in `trainer.json`.
 pub fn load(dir: &Path) -> Result<Loaded> {
+    read(dir, true)
+}
+
+/// The checkpoint; with `optimizer`, every rank's optimizer state as well (resuming needs
+/// it, using the model does not). The files read are checked against their checksums.
+fn read(dir: &Path, optimizer: bool) -> Result<Loaded> {
     let bad = |path: &Path, message: String| TrainError::Checkpoint {
         path: path.to_path_buf(),
         message,
@@ -163,7 +169,10 @@ pub fn load(dir: &Path) -> Result<Loaded> {
     let bytes = std::fs::read(&trainer).map_err(|e| TrainError::io(&trainer, e))?;
     let state: TrainerState =
         serde_json::from_slice(&bytes).map_err(|e| bad(&trainer, format!("unreadable: {e}")))?;
-    let optimizer_files: Vec<String> = (0..state.world).map(optimizer_file).collect();
+    let optimizer_files: Vec<String> = match optimizer {
+        true => (0..state.world).map(optimizer_file).collect(),
+        false => Vec::new(),
+    };
     for name in optimizer_files
         .iter()
         .map(String::as_str)
@@ -208,7 +217,7 @@ pub fn load_model(path: &Path, device: Device) -> Result<(cxxlm_model::Gpt, Trai
                 message: "holds no checkpoint (step-NNNNNN/trainer.json)".into(),
             })?
     };
-    let loaded = load(&dir)?;
+    let loaded = read(&dir, false)?;
     let mut model = cxxlm_model::Gpt::new(loaded.state.model.clone(), device, 0)?;
     model.load(&loaded.model)?;
     Ok((model, loaded.state))
