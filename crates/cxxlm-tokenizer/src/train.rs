@@ -271,8 +271,8 @@ impl Learner {
         // take occurrences away from such pairs), so it is not tracked at all: most
         // pairs that cross piece boundaries in the second stage are of this kind.
         seen.retain(|_, c| *c >= 2);
-        // New pairs (with new tokens) join as merges go: room for them now spares the
-        // table a resize, when old and new tables would both be held, at its largest.
+        // New pairs (with new tokens) join as merges go: room for as many again spares
+        // the table a resize (old and new tables held at once) when it is largest.
         let mut pairs: HashMap<Pair, (i64, u32)> = HashMap::default();
         pairs.reserve(2 * seen.len());
         let mut lists = Lists::default();
