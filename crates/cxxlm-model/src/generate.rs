@@ -6,7 +6,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::cuda_graph::CudaGraph;
+use cxxlm_cuda::CudaGraph;
 use crate::gpt::Cached;
 use crate::Gpt;
 

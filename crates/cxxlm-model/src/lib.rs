@@ -2,7 +2,6 @@
 //! memory-lean loss ([`gpt`]) and batched generation with a KV cache ([`generate`]).
 
 pub mod config;
-pub mod cuda_graph;
 pub mod generate;
 pub mod gpt;
 

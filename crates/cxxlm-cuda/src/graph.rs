@@ -1,9 +1,9 @@
 //! GPU work captured once and replayed with one launch: libtorch's CUDA graphs, through
-//! `cuda_graph.cpp` (tch binds none). A decoding step is hundreds of small kernels whose
+//! `shim.cpp` (tch binds none). A decoding step is hundreds of small kernels whose
 //! launches, not their arithmetic, set its time; replayed as a graph it costs one.
 //! Builds without the CUDA headers have no graphs: [`CudaGraph::capture`] says so.
 
-#[cfg(cxxlm_cuda_graphs)]
+#[cfg(cxxlm_cuda)]
 mod ffi {
     use std::ffi::{c_char, c_int, c_void};
     extern "C" {
@@ -15,25 +15,17 @@ mod ffi {
 }
 
 pub struct CudaGraph {
-    #[cfg(cxxlm_cuda_graphs)]
+    #[cfg(cxxlm_cuda)]
     graph: *mut std::ffi::c_void,
 }
 
-#[cfg(cxxlm_cuda_graphs)]
-fn call(f: impl FnOnce(*mut std::ffi::c_char, usize) -> bool) -> Result<(), String> {
-    let mut error = [0 as std::ffi::c_char; 512];
-    if f(error.as_mut_ptr(), error.len()) {
-        return Ok(());
-    }
-    // SAFETY: the shim wrote a NUL-terminated message into `error`.
-    let text = unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) };
-    Err(text.to_string_lossy().into_owned())
-}
+#[cfg(cxxlm_cuda)]
+use crate::call;
 
 impl CudaGraph {
     /// Captures what `work` enqueues on CUDA device `device` (nothing runs yet), with
     /// what it returns: tensors that every [`CudaGraph::replay`] writes again.
-    #[cfg(cxxlm_cuda_graphs)]
+    #[cfg(cxxlm_cuda)]
     pub fn capture<T>(device: usize, work: impl FnOnce() -> T) -> Result<(CudaGraph, T), String> {
         let mut graph = std::ptr::null_mut();
         // SAFETY: the shim's functions take a buffer and its length for the message.
@@ -50,22 +42,22 @@ impl CudaGraph {
         ended.map(|_| (graph, out))
     }
 
-    #[cfg(not(cxxlm_cuda_graphs))]
+    #[cfg(not(cxxlm_cuda))]
     pub fn capture<T>(_device: usize, _work: impl FnOnce() -> T) -> Result<(CudaGraph, T), String> {
         Err("this build has no CUDA graphs (libtorch without CUDA, or no CUDA headers)".into())
     }
 
     /// Enqueues the captured work again on the current stream.
     pub fn replay(&self) -> Result<(), String> {
-        #[cfg(cxxlm_cuda_graphs)]
+        #[cfg(cxxlm_cuda)]
         // SAFETY: a graph from a finished capture.
         return call(|e, n| unsafe { ffi::cxxlm_graph_replay(self.graph, e, n) == 0 });
-        #[cfg(not(cxxlm_cuda_graphs))]
+        #[cfg(not(cxxlm_cuda))]
         unreachable!("no graph can be captured without CUDA graphs")
     }
 }
 
-#[cfg(cxxlm_cuda_graphs)]
+#[cfg(cxxlm_cuda)]
 impl Drop for CudaGraph {
     fn drop(&mut self) {
         // SAFETY: the pointer came from cxxlm_graph_begin and is freed once.

@@ -1,0 +1,410 @@
+//! The fused steps of the GPT's explicit forward and backward passes (`kernels.cu`): on a
+//! GPU, run-time compiled CUDA kernels enqueued on torch's current stream; elsewhere, the
+//! same arithmetic in plain tch operations, which is also the reference the kernels are
+//! tested against. Shapes are the model's: rows of `width`, heads of `dim`, tokens in
+//! (batch, time) order.
+
+use std::ffi::c_void;
+use std::sync::Mutex;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::nvrtc::{self, Arg, Function};
+
+const SOURCE: &str = include_str!("kernels.cu");
+
+const KERNELS: [&str; 12] = [
+    "rmsnorm_forward_v8",
+    "rmsnorm_forward_v1",
+    "rmsnorm_backward_v8",
+    "rmsnorm_backward_v1",
+    "rope_norm_forward",
+    "rope_norm_backward",
+    "relu2_forward_v8",
+    "relu2_forward_v1",
+    "relu2_backward_v8",
+    "relu2_backward_v1",
+    "softcap_cross_entropy_v8",
+    "softcap_cross_entropy_v1",
+];
+
+/// Head dimensions the rotary kernels take (`MAX_PAIR_STEPS` pairs of 64 per lane).
+pub const MAX_HEAD_DIM: usize = 512;
+
+/// The kernels loaded on one device.
+pub struct Kernels {
+    device: usize,
+    functions: Vec<Function>,
+}
+
+/// Compiles the kernels for compute capability `arch` (90: H100, H200).
+pub fn compile(arch: u32) -> Result<Vec<u8>, String> {
+    nvrtc::compile(SOURCE, arch)
+}
+
+impl Kernels {
+    /// The kernels of CUDA device `device`, compiled and loaded on first use.
+    pub fn on(device: usize) -> Result<&'static Kernels, String> {
+        static LOADED: Mutex<Vec<(usize, &'static Kernels)>> = Mutex::new(Vec::new());
+        let mut loaded = LOADED.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, k)) = loaded.iter().find(|(d, _)| *d == device) {
+            return Ok(k);
+        }
+        if crate::current_stream(device).is_none() {
+            return Err("this build has no CUDA shim (libtorch without CUDA, or no CUDA headers)".into());
+        }
+        let cubin = compile(nvrtc::compute_capability(device)?)?;
+        let functions = nvrtc::load(device, &cubin, &KERNELS)?;
+        let kernels: &'static Kernels = Box::leak(Box::new(Kernels { device, functions }));
+        loaded.push((device, kernels));
+        Ok(kernels)
+    }
+
+    fn launch(&self, name: &str, grid: usize, block: usize, args: &[Arg]) {
+        let index = KERNELS.iter().position(|k| *k == name).expect("a known kernel");
+        let stream = crate::current_stream(self.device).expect("a CUDA build");
+        self.functions[index]
+            .launch(stream, grid as u32, block as u32, args)
+            .unwrap_or_else(|e| panic!("kernel {name}: {e}"));
+    }
+}
+
+fn ptr(t: &Tensor) -> Arg {
+    Arg::Ptr(t.data_ptr() as *mut c_void)
+}
+
+/// Whether 8-element (16-byte) loads fit rows of `cols` in all of `tensors`.
+fn vec8(cols: i64, tensors: &[&Tensor]) -> bool {
+    cols % 8 == 0 && tensors.iter().all(|t| t.data_ptr() as usize % 16 == 0)
+}
+
+fn variant(name: &str, wide: bool) -> String {
+    format!("{name}_{}", if wide { "v8" } else { "v1" })
+}
+
+/// Warps of 32 threads, eight to a block.
+fn warp_grid(warps: i64) -> usize {
+    (warps as usize).div_ceil(8)
+}
+
+fn expect_bf16(t: &Tensor, what: &str) {
+    assert!(
+        t.kind() == Kind::BFloat16 && t.is_contiguous(),
+        "{what}: the fused kernels take contiguous bf16 tensors, got {:?} {:?}",
+        t.kind(),
+        t.size()
+    );
+}
+
+/// The fused steps, on the device of the tensors they are given.
+#[derive(Clone, Copy)]
+pub enum Fused {
+    Kernels(&'static Kernels),
+    /// Plain tch operations (fp32 arithmetic, results in the inputs' precision).
+    Reference,
+}
+
+impl Fused {
+    /// Kernels on a CUDA device (or why they cannot run), the reference elsewhere.
+    pub fn for_device(device: Device) -> Result<Fused, String> {
+        match device {
+            Device::Cuda(index) => Kernels::on(index).map(Fused::Kernels),
+            _ => Ok(Fused::Reference),
+        }
+    }
+
+    /// Parameter-free RMSNorm over the last dimension: `(x / rms(x), 1 / rms(x))`, the
+    /// second with one value per row in fp32.
+    pub fn rmsnorm(&self, x: &Tensor, eps: f64) -> (Tensor, Tensor) {
+        let size = x.size();
+        let cols = *size.last().expect("a tensor with dimensions");
+        let rows = x.numel() as i64 / cols;
+        match self {
+            Fused::Reference => {
+                let xf = x.to_kind(Kind::Float);
+                let r = (xf.square().mean_dim(-1, true, Kind::Float) + eps).rsqrt();
+                let rstd = r.squeeze_dim(-1);
+                ((xf * r).to_kind(x.kind()), rstd)
+            }
+            Fused::Kernels(k) => {
+                expect_bf16(x, "rmsnorm");
+                let y = x.empty_like();
+                let rstd = Tensor::empty(&size[..size.len() - 1], (Kind::Float, x.device()));
+                let name = variant("rmsnorm_forward", vec8(cols, &[x, &y]));
+                let args = [
+                    ptr(x),
+                    ptr(&y),
+                    ptr(&rstd),
+                    Arg::I32(rows as i32),
+                    Arg::I32(cols as i32),
+                    Arg::F32(eps as f32),
+                ];
+                k.launch(&name, warp_grid(rows), 256, &args);
+                (y, rstd)
+            }
+        }
+    }
+
+    /// The input's gradient from the output's `dy`, with the norm's output `y` and `rstd`;
+    /// added into `residual` (and returned) when given.
+    pub fn rmsnorm_backward(&self, dy: &Tensor, y: &Tensor, rstd: &Tensor, residual: Option<&Tensor>) -> Tensor {
+        let cols = *y.size().last().expect("a tensor with dimensions");
+        let rows = y.numel() as i64 / cols;
+        match self {
+            Fused::Reference => {
+                let (g, yf) = (dy.to_kind(Kind::Float), y.to_kind(Kind::Float));
+                let mean = (&g * &yf).mean_dim(-1, true, Kind::Float);
+                let dx = rstd.unsqueeze(-1) * (g - yf * mean);
+                match residual {
+                    Some(r) => {
+                        let mut sum = r.shallow_clone();
+                        sum.copy_(&(dx + r.to_kind(Kind::Float)));
+                        sum
+                    }
+                    None => dx.to_kind(y.kind()),
+                }
+            }
+            Fused::Kernels(k) => {
+                for (t, what) in [(dy, "rmsnorm gradient"), (y, "rmsnorm output")] {
+                    expect_bf16(t, what);
+                }
+                let dx = match residual {
+                    Some(r) => {
+                        expect_bf16(r, "residual gradient");
+                        r.shallow_clone()
+                    }
+                    None => y.empty_like(),
+                };
+                let wide = vec8(cols, &[dy, y, &dx]);
+                let args = [
+                    ptr(dy),
+                    ptr(y),
+                    ptr(rstd),
+                    residual.map_or(Arg::Ptr(std::ptr::null_mut()), ptr),
+                    ptr(&dx),
+                    Arg::I32(rows as i32),
+                    Arg::I32(cols as i32),
+                ];
+                k.launch(&variant("rmsnorm_backward", wide), warp_grid(rows), 256, &args);
+                dx
+            }
+        }
+    }
+
+    /// Rotary positions and RMSNorm on the q and k heads of `qkv (B, T, heads + 2 kv_heads,
+    /// dim)`, v copied: `(out, rstd (B, T, heads + kv_heads))`. `cos` and `sin` are
+    /// `(T', dim / 2)` with T' >= T, in the compute precision.
+    pub fn rope_norm(&self, qkv: &Tensor, cos: &Tensor, sin: &Tensor, heads: i64, eps: f64) -> (Tensor, Tensor) {
+        let [b, t, all, dim] = qkv.size()[..] else {
+            panic!("rope_norm takes (B, T, heads, dim), got {:?}", qkv.size())
+        };
+        let kv = (all - heads) / 2;
+        match self {
+            Fused::Reference => {
+                let x = qkv.narrow(2, 0, heads + kv).to_kind(Kind::Float);
+                let (c, s) = rotary_tables(cos, sin, t);
+                let (x1, x2) = (x.narrow(3, 0, dim / 2), x.narrow(3, dim / 2, dim / 2));
+                let y = Tensor::cat(&[&x1 * &c + &x2 * &s, &x2 * &c - &x1 * &s], 3);
+                let r = (y.square().mean_dim(-1, true, Kind::Float) + eps).rsqrt();
+                let z = (y * &r).to_kind(qkv.kind());
+                let out = Tensor::cat(&[z, qkv.narrow(2, heads + kv, kv)], 2);
+                (out, r.squeeze_dim(-1))
+            }
+            Fused::Kernels(k) => {
+                expect_bf16(qkv, "q|k|v");
+                expect_bf16(cos, "cos");
+                expect_bf16(sin, "sin");
+                assert!(dim % 4 == 0 && dim as usize <= MAX_HEAD_DIM, "head dim {dim}");
+                let out = qkv.empty_like();
+                let rstd = Tensor::empty([b, t, heads + kv], (Kind::Float, qkv.device()));
+                let args = [
+                    ptr(qkv),
+                    ptr(cos),
+                    ptr(sin),
+                    ptr(&out),
+                    ptr(&rstd),
+                    Arg::I32((b * t) as i32),
+                    Arg::I32(t as i32),
+                    Arg::I32(heads as i32),
+                    Arg::I32(kv as i32),
+                    Arg::I32(dim as i32),
+                    Arg::F32(eps as f32),
+                ];
+                k.launch("rope_norm_forward", warp_grid(b * t * all), 256, &args);
+                (out, rstd)
+            }
+        }
+    }
+
+    /// The gradient of `qkv` given to [`Fused::rope_norm`] from those of the attention's
+    /// q, k and v (`(B, T, heads, dim)` views, any strides but unit stride in dim), with
+    /// that call's `out` and `rstd`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_norm_backward(
+        &self,
+        gq: &Tensor,
+        gk: &Tensor,
+        gv: &Tensor,
+        out: &Tensor,
+        rstd: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Tensor {
+        let [b, t, all, dim] = out.size()[..] else {
+            panic!("rope_norm_backward takes (B, T, heads, dim), got {:?}", out.size())
+        };
+        let (heads, kv) = (gq.size()[2], gk.size()[2]);
+        assert_eq!(heads + 2 * kv, all, "q, k and v heads against q|k|v");
+        match self {
+            Fused::Reference => {
+                let g = Tensor::cat(&[gq, gk], 2).to_kind(Kind::Float);
+                let z = out.narrow(2, 0, heads + kv).to_kind(Kind::Float);
+                let r = rstd.unsqueeze(-1);
+                let mean = (&g * &z).mean_dim(-1, true, Kind::Float);
+                let dy = r * (g - z * mean);
+                let (c, s) = rotary_tables(cos, sin, t);
+                let (d1, d2) = (dy.narrow(3, 0, dim / 2), dy.narrow(3, dim / 2, dim / 2));
+                let dx = Tensor::cat(&[&d1 * &c - &d2 * &s, &d1 * &s + &d2 * &c], 3);
+                Tensor::cat(&[dx.to_kind(out.kind()), gv.to_kind(out.kind())], 2)
+            }
+            Fused::Kernels(k) => {
+                expect_bf16(out, "q|k|v output");
+                for (g, what) in [(gq, "q gradient"), (gk, "k gradient"), (gv, "v gradient")] {
+                    assert!(
+                        g.kind() == Kind::BFloat16 && g.stride()[3] == 1,
+                        "{what}: bf16 with unit stride in dim"
+                    );
+                }
+                let dqkv = out.empty_like();
+                let mut args = Vec::new();
+                for g in [gq, gk, gv] {
+                    let s = g.stride();
+                    args.extend([ptr(g), Arg::I64(s[0]), Arg::I64(s[1]), Arg::I64(s[2])]);
+                }
+                args.extend([
+                    ptr(out),
+                    ptr(rstd),
+                    ptr(cos),
+                    ptr(sin),
+                    ptr(&dqkv),
+                    Arg::I32((b * t) as i32),
+                    Arg::I32(t as i32),
+                    Arg::I32(heads as i32),
+                    Arg::I32(kv as i32),
+                    Arg::I32(dim as i32),
+                ]);
+                k.launch("rope_norm_backward", warp_grid(b * t * all), 256, &args);
+                dqkv
+            }
+        }
+    }
+
+    /// `u <- relu(u)^2`, in place.
+    pub fn relu2_(&self, u: &Tensor) {
+        match self {
+            Fused::Reference => {
+                let a = u.to_kind(Kind::Float).relu().square();
+                let _ = u.shallow_clone().copy_(&a);
+            }
+            Fused::Kernels(k) => {
+                expect_bf16(u, "relu^2 input");
+                let n = u.numel() as i64;
+                let wide = vec8(n, &[u]);
+                let per_block = 256 * if wide { 8 } else { 1 };
+                let grid = (n as usize).div_ceil(per_block);
+                k.launch(&variant("relu2_forward", wide), grid, 256, &[ptr(u), Arg::I64(n)]);
+            }
+        }
+    }
+
+    /// `da <- da * 2 relu(u)`, in place, from relu^2's output `a`.
+    pub fn relu2_backward_(&self, da: &Tensor, a: &Tensor) {
+        match self {
+            Fused::Reference => {
+                let du = da.to_kind(Kind::Float) * a.to_kind(Kind::Float).sqrt() * 2.0;
+                let _ = da.shallow_clone().copy_(&du);
+            }
+            Fused::Kernels(k) => {
+                expect_bf16(da, "relu^2 gradient");
+                expect_bf16(a, "relu^2 output");
+                let n = da.numel() as i64;
+                let wide = vec8(n, &[da, a]);
+                let per_block = 256 * if wide { 8 } else { 1 };
+                let grid = (n as usize).div_ceil(per_block);
+                k.launch(&variant("relu2_backward", wide), grid, 256, &[ptr(da), ptr(a), Arg::I64(n)]);
+            }
+        }
+    }
+
+    /// Cross-entropy of softcapped logits `cap tanh(logits / cap)` `(rows, vocab)` against
+    /// `targets (rows)` (negative: ignored): returns each row's loss (fp32) and writes
+    /// `scale` x the gradient of their sum over `logits`.
+    pub fn softcap_cross_entropy_(&self, logits: &Tensor, targets: &Tensor, cap: f64, scale: f64) -> Tensor {
+        let [rows, vocab] = logits.size()[..] else {
+            panic!("logits are (rows, vocab), got {:?}", logits.size())
+        };
+        match self {
+            Fused::Reference => {
+                let t = (logits.to_kind(Kind::Float) / cap).tanh();
+                let z = &t * cap;
+                let valid = targets.ge(0);
+                let target = targets.clamp_min(0).unsqueeze(1);
+                let loss = (z.logsumexp([1], false) - z.gather(1, &target, false).squeeze_dim(1))
+                    * valid.to_kind(Kind::Float);
+                let onehot = z.zeros_like().scatter_value(1, &target, 1.0);
+                let grad = (z.softmax(1, Kind::Float) - onehot) * (1.0 - t.square()) * scale
+                    * valid.to_kind(Kind::Float).unsqueeze(1);
+                let _ = logits.shallow_clone().copy_(&grad);
+                loss
+            }
+            Fused::Kernels(k) => {
+                expect_bf16(logits, "logits");
+                assert!(
+                    targets.kind() == Kind::Int64 && targets.is_contiguous() && targets.numel() as i64 == rows,
+                    "targets: contiguous int64, one per row"
+                );
+                let losses = Tensor::empty([rows], (Kind::Float, logits.device()));
+                let wide = vec8(vocab, &[logits]);
+                let args = [
+                    ptr(logits),
+                    ptr(targets),
+                    ptr(&losses),
+                    Arg::I32(vocab as i32),
+                    Arg::F32(cap as f32),
+                    Arg::F32(scale as f32),
+                ];
+                k.launch(&variant("softcap_cross_entropy", wide), rows as usize, 512, &args);
+                losses
+            }
+        }
+    }
+}
+
+/// `cos` and `sin` `(T', dim / 2)` as fp32 `(1, T, 1, dim / 2)` for broadcasting.
+fn rotary_tables(cos: &Tensor, sin: &Tensor, t: i64) -> (Tensor, Tensor) {
+    let half = cos.size()[1];
+    let shape = [1, t, 1, half];
+    (
+        cos.narrow(0, 0, t).to_kind(Kind::Float).view(shape),
+        sin.narrow(0, 0, t).to_kind(Kind::Float).view(shape),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// NVRTC needs no GPU: every kernel compiles for Hopper and Ampere on any host.
+    #[cfg(cxxlm_cuda)]
+    #[test]
+    fn kernels_compile_for_hopper_and_ampere() {
+        for arch in [90, 80] {
+            let cubin = compile(arch).unwrap_or_else(|e| panic!("sm_{arch}: {e}"));
+            assert!(cubin.starts_with(b"\x7fELF"), "a cubin is an ELF image");
+            let text = String::from_utf8_lossy(&cubin);
+            for name in KERNELS {
+                assert!(text.contains(name), "sm_{arch} lacks {name}");
+            }
+        }
+    }
+}

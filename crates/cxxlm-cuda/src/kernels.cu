@@ -1,0 +1,340 @@
+// Fused memory-bound steps of the GPT's forward and backward passes, compiled at run time
+// by NVRTC (`fused.rs` launches them). Tensors are bf16 (raw 16-bit words: NVRTC needs no
+// CUDA headers then), arithmetic is fp32. Each kernel reads its inputs once and writes its
+// outputs once where eager PyTorch makes a pass per elementary operation.
+//
+// `VEC` is 8 where rows are 16-byte aligned (8 bf16 per load) and 1 otherwise.
+
+typedef unsigned short bf16;
+
+__device__ __forceinline__ float to_f(bf16 h) { return __uint_as_float(((unsigned)h) << 16); }
+
+// Round to nearest even; NaN stays NaN.
+__device__ __forceinline__ bf16 to_bf(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16)(u >> 16);
+}
+
+template <int VEC>
+__device__ __forceinline__ void load(const bf16* p, float* out) {
+    if (VEC == 8) {
+        uint4 u = *reinterpret_cast<const uint4*>(p);
+        unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            out[2 * i] = __uint_as_float(w[i] << 16);
+            out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < VEC; i++) out[i] = to_f(p[i]);
+    }
+}
+
+template <int VEC>
+__device__ __forceinline__ void store(bf16* p, const float* in) {
+    if (VEC == 8) {
+        unsigned w[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            w[i] = (unsigned)to_bf(in[2 * i]) | ((unsigned)to_bf(in[2 * i + 1]) << 16);
+        *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < VEC; i++) p[i] = to_bf(in[i]);
+    }
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+// The sum over the block, returned to every thread. `scratch` holds 32 floats.
+__device__ float block_sum(float x, float* scratch) {
+    x = warp_sum(x);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();  // a previous call may still be reading `scratch`
+    if (lane == 0) scratch[warp] = x;
+    __syncthreads();
+    x = lane < (int)(blockDim.x >> 5) ? scratch[lane] : 0.f;
+    return warp_sum(x);
+}
+
+__device__ __forceinline__ float fast_tanh(float x) {
+    float y;
+    asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// ---- RMSNorm without weight: one warp per row of `cols` -------------------------------
+
+// y = x / sqrt(mean(x^2) + eps); rstd[row] = 1 / sqrt(mean(x^2) + eps).
+template <int VEC>
+__device__ void rmsnorm_forward(const bf16* x, bf16* y, float* rstd, int rows, int cols, float eps) {
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const bf16* xr = x + (long long)row * cols;
+    bf16* yr = y + (long long)row * cols;
+    float v[VEC], ss = 0.f;
+    for (int i = lane * VEC; i < cols; i += 32 * VEC) {
+        load<VEC>(xr + i, v);
+#pragma unroll
+        for (int j = 0; j < VEC; j++) ss += v[j] * v[j];
+    }
+    const float r = rsqrtf(warp_sum(ss) / cols + eps);
+    for (int i = lane * VEC; i < cols; i += 32 * VEC) {
+        load<VEC>(xr + i, v);
+#pragma unroll
+        for (int j = 0; j < VEC; j++) v[j] *= r;
+        store<VEC>(yr + i, v);
+    }
+    if (lane == 0) rstd[row] = r;
+}
+
+// From the norm's output y and rstd: dx = rstd * (dy - y * mean(dy * y)), plus the
+// residual stream's gradient `dres` when given (dx may be dres itself).
+template <int VEC>
+__device__ void rmsnorm_backward(const bf16* dy, const bf16* y, const float* rstd, const bf16* dres,
+                                 bf16* dx, int rows, int cols) {
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const long long base = (long long)row * cols;
+    float g[VEC], v[VEC], dot = 0.f;
+    for (int i = lane * VEC; i < cols; i += 32 * VEC) {
+        load<VEC>(dy + base + i, g);
+        load<VEC>(y + base + i, v);
+#pragma unroll
+        for (int j = 0; j < VEC; j++) dot += g[j] * v[j];
+    }
+    const float mean = warp_sum(dot) / cols, r = rstd[row];
+    for (int i = lane * VEC; i < cols; i += 32 * VEC) {
+        float res[VEC];
+        load<VEC>(dy + base + i, g);
+        load<VEC>(y + base + i, v);
+        if (dres) {
+            load<VEC>(dres + base + i, res);
+        } else {
+#pragma unroll
+            for (int j = 0; j < VEC; j++) res[j] = 0.f;
+        }
+#pragma unroll
+        for (int j = 0; j < VEC; j++) g[j] = res[j] + r * (g[j] - v[j] * mean);
+        store<VEC>(dx + base + i, g);
+    }
+}
+
+extern "C" __global__ void rmsnorm_forward_v8(const bf16* x, bf16* y, float* rstd, int rows, int cols, float eps) {
+    rmsnorm_forward<8>(x, y, rstd, rows, cols, eps);
+}
+extern "C" __global__ void rmsnorm_forward_v1(const bf16* x, bf16* y, float* rstd, int rows, int cols, float eps) {
+    rmsnorm_forward<1>(x, y, rstd, rows, cols, eps);
+}
+extern "C" __global__ void rmsnorm_backward_v8(const bf16* dy, const bf16* y, const float* rstd, const bf16* dres,
+                                               bf16* dx, int rows, int cols) {
+    rmsnorm_backward<8>(dy, y, rstd, dres, dx, rows, cols);
+}
+extern "C" __global__ void rmsnorm_backward_v1(const bf16* dy, const bf16* y, const float* rstd, const bf16* dres,
+                                               bf16* dx, int rows, int cols) {
+    rmsnorm_backward<1>(dy, y, rstd, dres, dx, rows, cols);
+}
+
+// ---- Rotary + QK-norm over the fused q|k|v projection --------------------------------
+//
+// `qkv` is (tokens, heads + 2 kv_heads, dim), tokens in (batch, time) order. One warp per
+// (token, head): q and k heads are rotated (y1 = x1 cos + x2 sin, y2 = x2 cos - x1 sin,
+// halves of the head) and RMS-normalized; v heads are copied, so that the output holds
+// all three and the input can be freed. Each lane takes two adjacent pairs per step.
+
+#define MAX_PAIR_STEPS 4  // head dims up to 4 * 64 * 2 = 512
+
+extern "C" __global__ void rope_norm_forward(const bf16* qkv, const bf16* cos, const bf16* sin, bf16* out,
+                                             float* rstd, int tokens, int time, int heads, int kv_heads,
+                                             int dim, float eps) {
+    const int all = heads + 2 * kv_heads;
+    const long long w = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (w >= (long long)tokens * all) return;
+    const int token = (int)(w / all), head = (int)(w % all), half = dim / 2;
+    const bf16* x = qkv + w * dim;
+    bf16* y = out + w * dim;
+    if (head >= heads + kv_heads) {
+        for (int j = 2 * lane; j < dim; j += 64)
+            *reinterpret_cast<unsigned*>(y + j) = *reinterpret_cast<const unsigned*>(x + j);
+        return;
+    }
+    const int t = token % time;
+    float y1[MAX_PAIR_STEPS][2], y2[MAX_PAIR_STEPS][2], ss = 0.f;
+#pragma unroll
+    for (int s = 0; s < MAX_PAIR_STEPS; s++) {
+        const int j = 2 * lane + 64 * s;
+        if (j >= half) break;
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            const float c = to_f(cos[t * half + j + e]), sn = to_f(sin[t * half + j + e]);
+            const float a = to_f(x[j + e]), b = to_f(x[half + j + e]);
+            y1[s][e] = a * c + b * sn;
+            y2[s][e] = b * c - a * sn;
+            ss += y1[s][e] * y1[s][e] + y2[s][e] * y2[s][e];
+        }
+    }
+    const float r = rsqrtf(warp_sum(ss) / dim + eps);
+#pragma unroll
+    for (int s = 0; s < MAX_PAIR_STEPS; s++) {
+        const int j = 2 * lane + 64 * s;
+        if (j >= half) break;
+        *reinterpret_cast<unsigned*>(y + j) =
+            (unsigned)to_bf(y1[s][0] * r) | ((unsigned)to_bf(y1[s][1] * r) << 16);
+        *reinterpret_cast<unsigned*>(y + half + j) =
+            (unsigned)to_bf(y2[s][0] * r) | ((unsigned)to_bf(y2[s][1] * r) << 16);
+    }
+    if (lane == 0) rstd[(long long)token * (heads + kv_heads) + head] = r;
+}
+
+// The gradient of the fused q|k|v projection from the attention's gradients of q, k and
+// v (each (batch, time, heads, dim) in elements' strides `s*[3]`, unit stride in dim):
+// through the norm (from its output z and rstd: dy = rstd (dz - z mean(dz z))), then the
+// inverse rotation (dx1 = dy1 cos - dy2 sin, dx2 = dy1 sin + dy2 cos); v's is copied.
+extern "C" __global__ void rope_norm_backward(const bf16* gq, long long sqb, long long sqt, long long sqh,
+                                              const bf16* gk, long long skb, long long skt, long long skh,
+                                              const bf16* gv, long long svb, long long svt, long long svh,
+                                              const bf16* z, const float* rstd, const bf16* cos, const bf16* sin,
+                                              bf16* dqkv, int tokens, int time, int heads, int kv_heads, int dim) {
+    const int all = heads + 2 * kv_heads;
+    const long long w = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (w >= (long long)tokens * all) return;
+    const int token = (int)(w / all), head = (int)(w % all), half = dim / 2;
+    const int b = token / time, t = token % time;
+    bf16* dx = dqkv + w * dim;
+    if (head >= heads + kv_heads) {
+        const bf16* g = gv + b * svb + t * svt + (head - heads - kv_heads) * svh;
+        for (int j = lane; j < dim; j += 32) dx[j] = g[j];
+        return;
+    }
+    const bf16* g = head < heads ? gq + b * sqb + t * sqt + head * sqh
+                                 : gk + b * skb + t * skt + (head - heads) * skh;
+    const bf16* zr = z + w * dim;
+    float g1[MAX_PAIR_STEPS][2], g2[MAX_PAIR_STEPS][2], dot = 0.f;
+#pragma unroll
+    for (int s = 0; s < MAX_PAIR_STEPS; s++) {
+        const int j = 2 * lane + 64 * s;
+        if (j >= half) break;
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            g1[s][e] = to_f(g[j + e]);
+            g2[s][e] = to_f(g[half + j + e]);
+            dot += g1[s][e] * to_f(zr[j + e]) + g2[s][e] * to_f(zr[half + j + e]);
+        }
+    }
+    const float mean = warp_sum(dot) / dim, r = rstd[(long long)token * (heads + kv_heads) + head];
+#pragma unroll
+    for (int s = 0; s < MAX_PAIR_STEPS; s++) {
+        const int j = 2 * lane + 64 * s;
+        if (j >= half) break;
+        float d1[2], d2[2];
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            const float dy1 = r * (g1[s][e] - to_f(zr[j + e]) * mean);
+            const float dy2 = r * (g2[s][e] - to_f(zr[half + j + e]) * mean);
+            const float c = to_f(cos[t * half + j + e]), sn = to_f(sin[t * half + j + e]);
+            d1[e] = dy1 * c - dy2 * sn;
+            d2[e] = dy1 * sn + dy2 * c;
+        }
+        *reinterpret_cast<unsigned*>(dx + j) = (unsigned)to_bf(d1[0]) | ((unsigned)to_bf(d1[1]) << 16);
+        *reinterpret_cast<unsigned*>(dx + half + j) = (unsigned)to_bf(d2[0]) | ((unsigned)to_bf(d2[1]) << 16);
+    }
+}
+
+// ---- relu^2, in place ------------------------------------------------------------------
+
+// u <- max(u, 0)^2 over `n` elements (`n` a multiple of VEC).
+template <int VEC>
+__device__ void relu2_forward(bf16* u, long long n) {
+    float v[VEC];
+    for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * VEC; i < n;
+         i += (long long)gridDim.x * blockDim.x * VEC) {
+        load<VEC>(u + i, v);
+#pragma unroll
+        for (int j = 0; j < VEC; j++) v[j] = v[j] > 0.f ? v[j] * v[j] : 0.f;
+        store<VEC>(u + i, v);
+    }
+}
+
+// From the output a = relu(u)^2: du = da * 2 relu(u) = da * 2 sqrt(a), written over da.
+template <int VEC>
+__device__ void relu2_backward(bf16* da, const bf16* a, long long n) {
+    float g[VEC], v[VEC];
+    for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * VEC; i < n;
+         i += (long long)gridDim.x * blockDim.x * VEC) {
+        load<VEC>(da + i, g);
+        load<VEC>(a + i, v);
+#pragma unroll
+        for (int j = 0; j < VEC; j++) g[j] *= 2.f * sqrtf(v[j]);
+        store<VEC>(da + i, g);
+    }
+}
+
+extern "C" __global__ void relu2_forward_v8(bf16* u, long long n) { relu2_forward<8>(u, n); }
+extern "C" __global__ void relu2_forward_v1(bf16* u, long long n) { relu2_forward<1>(u, n); }
+extern "C" __global__ void relu2_backward_v8(bf16* da, const bf16* a, long long n) { relu2_backward<8>(da, a, n); }
+extern "C" __global__ void relu2_backward_v1(bf16* da, const bf16* a, long long n) { relu2_backward<1>(da, a, n); }
+
+// ---- Softcapped cross-entropy, forward and backward in one kernel ----------------------
+//
+// One block per row of `vocab` bf16 logits l. z = cap tanh(l / cap) lies in [-cap, cap],
+// so exp(z - cap) neither overflows nor vanishes: no max pass is needed. Writes the row's
+// loss (logsumexp(z) - z[target]) and, over the logits, their gradient
+// scale (softmax(z) - onehot(target)) (1 - tanh^2). Rows whose target is negative
+// (ignored) get loss 0 and gradient 0.
+template <int VEC>
+__device__ void softcap_cross_entropy(bf16* logits, const long long* targets, float* losses, int vocab,
+                                      float cap, float scale) {
+    __shared__ float scratch[32];
+    const long long row = blockIdx.x;
+    bf16* l = logits + row * vocab;
+    const long long target = targets[row];
+    const float inv = 1.f / cap;
+    float v[VEC], sum = 0.f;
+    if (target < 0) {
+        for (int i = threadIdx.x * VEC; i < vocab; i += blockDim.x * VEC) {
+#pragma unroll
+            for (int j = 0; j < VEC; j++) v[j] = 0.f;
+            store<VEC>(l + i, v);
+        }
+        if (threadIdx.x == 0) losses[row] = 0.f;
+        return;
+    }
+    for (int i = threadIdx.x * VEC; i < vocab; i += blockDim.x * VEC) {
+        load<VEC>(l + i, v);
+#pragma unroll
+        for (int j = 0; j < VEC; j++) sum += __expf(cap * fast_tanh(v[j] * inv) - cap);
+    }
+    sum = block_sum(sum, scratch);
+    const float z_target = cap * fast_tanh(to_f(l[target]) * inv);
+    if (threadIdx.x == 0) losses[row] = cap + __logf(sum) - z_target;
+    __syncthreads();  // everyone has read l[target] before it is overwritten
+    const float norm = scale / sum;
+    for (int i = threadIdx.x * VEC; i < vocab; i += blockDim.x * VEC) {
+        load<VEC>(l + i, v);
+#pragma unroll
+        for (int j = 0; j < VEC; j++) {
+            const float t = fast_tanh(v[j] * inv);
+            const float p = __expf(cap * t - cap) * norm - (i + j == target ? scale : 0.f);
+            v[j] = p * (1.f - t * t);
+        }
+        store<VEC>(l + i, v);
+    }
+}
+
+extern "C" __global__ void softcap_cross_entropy_v8(bf16* logits, const long long* targets, float* losses,
+                                                    int vocab, float cap, float scale) {
+    softcap_cross_entropy<8>(logits, targets, losses, vocab, cap, scale);
+}
+extern "C" __global__ void softcap_cross_entropy_v1(bf16* logits, const long long* targets, float* losses,
+                                                    int vocab, float cap, float scale) {
+    softcap_cross_entropy<1>(logits, targets, losses, vocab, cap, scale);
+}

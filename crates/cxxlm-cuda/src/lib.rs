@@ -1,0 +1,41 @@
+//! CUDA work that tch does not bind: graphs of captured work ([`graph`]), causal
+//! attention with an explicit backward ([`attention`]), and the fused kernels of the
+//! GPT's explicit training step, compiled at run time by NVRTC ([`fused`], [`nvrtc`]).
+//! Builds whose libtorch lacks CUDA (or the CUDA headers) keep the CPU paths.
+
+pub mod attention;
+pub mod fused;
+pub mod graph;
+pub mod nvrtc;
+
+pub use fused::{Fused, Kernels};
+pub use graph::CudaGraph;
+
+#[cfg(cxxlm_cuda)]
+extern "C" {
+    fn cxxlm_current_stream(device: std::ffi::c_int) -> *mut std::ffi::c_void;
+}
+
+/// The stream torch enqueues work on for CUDA device `device` (None without the shim).
+pub fn current_stream(device: usize) -> Option<*mut std::ffi::c_void> {
+    #[cfg(cxxlm_cuda)]
+    // SAFETY: returns torch's current stream handle for the device.
+    return Some(unsafe { cxxlm_current_stream(device as std::ffi::c_int) });
+    #[cfg(not(cxxlm_cuda))]
+    {
+        let _ = device;
+        None
+    }
+}
+
+/// Runs a shim call that reports failure by returning false after writing a message.
+#[cfg(cxxlm_cuda)]
+pub(crate) fn call(f: impl FnOnce(*mut std::ffi::c_char, usize) -> bool) -> Result<(), String> {
+    let mut error = [0 as std::ffi::c_char; 512];
+    if f(error.as_mut_ptr(), error.len()) {
+        return Ok(());
+    }
+    // SAFETY: the shim wrote a NUL-terminated message into `error`.
+    let text = unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) };
+    Err(text.to_string_lossy().into_owned())
+}

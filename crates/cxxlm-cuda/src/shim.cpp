@@ -1,0 +1,135 @@
+// What libtorch has and tch does not bind: CUDA graphs (at::cuda::CUDAGraph: capture the
+// work torch enqueues between begin and end, on a side stream into the graph's own memory
+// pool, then replay it with one launch), torch's current stream (for our own kernels),
+// and the attention kernels' forward with the statistics their backward needs.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstring>
+#include <exception>
+
+namespace {
+
+struct Capture {
+    explicit Capture(c10::cuda::CUDAStream previous) : previous(previous) {}
+    at::cuda::CUDAGraph graph;
+    c10::cuda::CUDAStream previous;
+};
+
+void report(const std::exception& e, char* error, size_t len) {
+    std::strncpy(error, e.what(), len - 1);
+    error[len - 1] = '\0';
+}
+
+}  // namespace
+
+extern "C" {
+
+// Starts capturing what torch enqueues on `device`; null (and `error` filled) on failure.
+void* cxxlm_graph_begin(int device, char* error, size_t len) {
+    try {
+        auto previous = c10::cuda::getCurrentCUDAStream(device);
+        c10::cuda::device_synchronize();
+        auto* capture = new Capture(previous);
+        c10::cuda::setCurrentCUDAStream(c10::cuda::getStreamFromPool(false, device));
+        try {
+            capture->graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+        } catch (...) {
+            c10::cuda::setCurrentCUDAStream(previous);
+            delete capture;
+            throw;
+        }
+        return capture;
+    } catch (const std::exception& e) {
+        report(e, error, len);
+        return nullptr;
+    }
+}
+
+// Ends the capture and makes the previous stream current again; 0 on success.
+int cxxlm_graph_end(void* capture, char* error, size_t len) {
+    auto* c = static_cast<Capture*>(capture);
+    try {
+        c->graph.capture_end();
+        c10::cuda::setCurrentCUDAStream(c->previous);
+        return 0;
+    } catch (const std::exception& e) {
+        c10::cuda::setCurrentCUDAStream(c->previous);
+        report(e, error, len);
+        return 1;
+    }
+}
+
+// Enqueues the captured work on the current stream; 0 on success.
+int cxxlm_graph_replay(void* capture, char* error, size_t len) {
+    try {
+        static_cast<Capture*>(capture)->graph.replay();
+        return 0;
+    } catch (const std::exception& e) {
+        report(e, error, len);
+        return 1;
+    }
+}
+
+void cxxlm_graph_free(void* capture) { delete static_cast<Capture*>(capture); }
+
+// The stream torch enqueues work on for `device` (a cudaStream_t).
+void* cxxlm_current_stream(int device) { return c10::cuda::getCurrentCUDAStream(device).stream(); }
+
+// Causal attention over (B, H, T, D) views, by the kernel SDPA would choose (cuDNN or
+// flash), and what its backward needs.
+struct Attention {
+    bool cudnn;
+    at::Tensor logsumexp, cum_q, cum_k, seed, offset;
+    int64_t max_q, max_k;
+};
+
+void* cxxlm_attention_forward(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v, at::Tensor** out,
+                              char* error, size_t len) {
+    try {
+        auto choice = at::_fused_sdp_choice(*q, *k, *v, {}, 0.0, true, std::nullopt, q->size(1) != k->size(1));
+        auto* a = new Attention();
+        a->cudnn = choice == 3;  // sdp::SDPBackend::cudnn_attention
+        auto r = a->cudnn ? at::_scaled_dot_product_cudnn_attention(*q, *k, *v, std::nullopt, true, 0.0, true)
+                          : at::_scaled_dot_product_flash_attention(*q, *k, *v, 0.0, true);
+        *out = new at::Tensor(std::get<0>(r));
+        a->logsumexp = std::get<1>(r);
+        a->cum_q = std::get<2>(r);
+        a->cum_k = std::get<3>(r);
+        a->max_q = std::get<4>(r).expect_int();
+        a->max_k = std::get<5>(r).expect_int();
+        a->seed = std::get<6>(r);
+        a->offset = std::get<7>(r);
+        return a;
+    } catch (const std::exception& e) {
+        report(e, error, len);
+        return nullptr;
+    }
+}
+
+// The gradients of q, k and v from that of the output; 0 on success.
+int cxxlm_attention_backward(void* saved, const at::Tensor* dout, const at::Tensor* q, const at::Tensor* k,
+                             const at::Tensor* v, const at::Tensor* out, at::Tensor** dq, at::Tensor** dk,
+                             at::Tensor** dv, char* error, size_t len) {
+    try {
+        auto* a = static_cast<Attention*>(saved);
+        auto r = a->cudnn ? at::_scaled_dot_product_cudnn_attention_backward(
+                                *dout, *q, *k, *v, *out, a->logsumexp, a->seed, a->offset, at::Tensor(), a->cum_q,
+                                a->cum_k, a->max_q, a->max_k, 0.0, true)
+                          : at::_scaled_dot_product_flash_attention_backward(
+                                *dout, *q, *k, *v, *out, a->logsumexp, a->cum_q, a->cum_k, a->max_q, a->max_k, 0.0,
+                                true, a->seed, a->offset);
+        *dq = new at::Tensor(std::get<0>(r));
+        *dk = new at::Tensor(std::get<1>(r));
+        *dv = new at::Tensor(std::get<2>(r));
+        return 0;
+    } catch (const std::exception& e) {
+        report(e, error, len);
+        return 1;
+    }
+}
+
+void cxxlm_attention_free(void* saved) { delete static_cast<Attention*>(saved); }
+}
