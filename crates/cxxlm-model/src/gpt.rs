@@ -6,6 +6,8 @@
 
 use tch::{Device, Kind, Reduction, Tensor};
 
+use cxxlm_cuda::Fused;
+
 use crate::config::{Activation, ModelConfig};
 use crate::generate::KvCache;
 use crate::ModelError;
@@ -16,13 +18,16 @@ const LOSS_CHUNK_ELEMENTS: i64 = 1 << 27;
 pub struct Gpt {
     pub config: ModelConfig,
     /// `wte`, then each block's matrices, then `lm_head`, as fp32 leaves.
-    params: Vec<(String, Tensor)>,
-    device: Device,
-    compute: Kind,
-    cos: Tensor,
-    sin: Tensor,
+    pub(crate) params: Vec<(String, Tensor)>,
+    pub(crate) device: Device,
+    pub(crate) compute: Kind,
+    /// Rotary tables `(1, seq_len, 1, head_dim / 2)` in the compute precision.
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
     /// Tokens whose logits the loss materializes at once.
-    loss_chunk: i64,
+    pub(crate) loss_chunk: i64,
+    /// Trains by the explicit pass with these steps instead of autograd.
+    fused: Option<Fused>,
 }
 
 fn norm(x: &Tensor) -> Tensor {
@@ -136,7 +141,22 @@ impl Gpt {
             params,
             device,
             compute,
+            fused: None,
         })
+    }
+
+    /// Trains with the explicit backward pass and `fused`'s steps (None: autograd).
+    /// Refused for models that pass does not cover.
+    pub fn set_fused(&mut self, fused: Option<Fused>) -> Result<(), ModelError> {
+        if let (Some(_), Some(why)) = (fused, self.explicit_unsupported()) {
+            return Err(ModelError::Config(why));
+        }
+        self.fused = fused;
+        Ok(())
+    }
+
+    pub fn fused(&self) -> Option<Fused> {
+        self.fused
     }
 
     pub fn device(&self) -> Device {
@@ -291,10 +311,18 @@ impl Gpt {
     }
 
     /// Forward and backward of one micro-batch: gradients of `scale` x the mean loss are
-    /// added to the weights' gradients. The head and loss run over chunks of tokens, each
-    /// chunk's backward right after its forward, so the fp32 logits of the whole batch
-    /// never exist at once. Returns the mean loss.
+    /// added to the weights' gradients. Returns the mean loss.
     pub fn forward_backward(&self, inputs: &Tensor, targets: &Tensor, scale: f64) -> Tensor {
+        match self.fused {
+            Some(fused) => self.forward_backward_explicit(fused, inputs, targets, scale),
+            None => self.forward_backward_autograd(inputs, targets, scale),
+        }
+    }
+
+    /// [`Gpt::forward_backward`] by autograd. The head and loss run over chunks of tokens,
+    /// each chunk's backward right after its forward, so the fp32 logits of the whole
+    /// batch never exist at once.
+    pub(crate) fn forward_backward_autograd(&self, inputs: &Tensor, targets: &Tensor, scale: f64) -> Tensor {
         let weights = self.compute_weights();
         let h = self.forward(&weights, inputs, Cached::No);
         let head = weights.last().expect("lm_head");

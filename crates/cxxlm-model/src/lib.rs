@@ -2,6 +2,7 @@
 //! memory-lean loss ([`gpt`]) and batched generation with a KV cache ([`generate`]).
 
 pub mod config;
+mod explicit;
 pub mod generate;
 pub mod gpt;
 

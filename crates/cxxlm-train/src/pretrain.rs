@@ -209,6 +209,9 @@ pub enum Event {
         steps: u64,
         grad_accum: usize,
         resumed_from: Option<u64>,
+        /// How gradients are computed: the explicit pass with fused kernels, or autograd
+        /// (and why).
+        backward: String,
     },
     Step {
         step: u64,
@@ -390,6 +393,7 @@ pub fn pretrain(
         },
     )?;
     let mut model = Gpt::new(model_config.clone(), dev, run.seed)?;
+    let backward = choose_backward(&mut model);
     let mut optimizer = Optimizer::new(
         model.params(),
         model_config.width,
@@ -468,6 +472,7 @@ pub fn pretrain(
         steps,
         grad_accum,
         resumed_from,
+        backward,
     });
     let mut metrics = match rank {
         0 => Some(Metrics::open(&cfg.out, resumed_from)?),
@@ -725,5 +730,20 @@ mod tests {
             10,
             "never below the steps done"
         );
+    }
+}
+
+/// The explicit pass with fused kernels on CUDA unless `CXXLM_FUSED=0`, autograd
+/// otherwise; says which, and why not the fused kernels.
+fn choose_backward(model: &mut Gpt) -> String {
+    if !model.device().is_cuda() {
+        return "autograd".into();
+    }
+    if std::env::var("CXXLM_FUSED").is_ok_and(|v| v == "0") {
+        return "autograd (CXXLM_FUSED=0)".into();
+    }
+    match model.use_fused_kernels() {
+        Ok(()) => "explicit with fused kernels".into(),
+        Err(why) => format!("autograd (no fused kernels: {why})"),
     }
 }

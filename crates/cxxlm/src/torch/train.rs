@@ -66,9 +66,10 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
                 steps,
                 grad_accum,
                 resumed_from,
+                backward,
             } => {
                 eprintln!(
-                    "model: depth {} width {} heads {}/{} seq {} vocab {}, {:.1}M parameters on {device}{}; {steps} steps, {grad_accum} micro-batches each{}",
+                    "model: depth {} width {} heads {}/{} seq {} vocab {}, {:.1}M parameters on {device}{}; {steps} steps, {grad_accum} micro-batches each{}; backward: {backward}",
                     model.depth, model.width, model.heads, model.kv_heads, model.seq_len, model.vocab_size,
                     params as f64 / 1e6,
                     if ranks > 1 { format!(" x {ranks} ranks") } else { String::new() },

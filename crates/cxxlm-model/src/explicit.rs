@@ -1,0 +1,256 @@
+//! The training step with an explicit backward pass (llm.c's way) instead of autograd:
+//! the same model, with each layer's memory-bound steps done by one fused kernel each
+//! ([`cxxlm_cuda::Fused`]), residual additions folded into the matmuls (`addmm`), weight
+//! gradients accumulated in fp32 straight from bf16 matmuls, and only what the backward
+//! reads kept per layer: the normalized inputs of the matmuls, the rotated and normalized
+//! q|k|v, the attention output and its statistics, and relu^2's output. With
+//! [`Fused::Reference`] the same pass runs in plain tch operations, which is how it is
+//! tested against autograd on any host.
+
+use cxxlm_cuda::{attention, Fused};
+use tch::{Kind, Tensor};
+
+use crate::config::Activation;
+use crate::gpt::Gpt;
+
+/// The weights of one layer, in the order of `ModelConfig::block_shapes`.
+const Q: usize = 0;
+const K: usize = 1;
+const V: usize = 2;
+const PROJ: usize = 3;
+const FC: usize = 4;
+const MLP_PROJ: usize = 5;
+
+/// What one layer's backward reads.
+struct Saved {
+    h1: Tensor,
+    rstd1: Tensor,
+    /// Rotated and normalized q and k, and v: `(B, T, heads + 2 kv_heads, dim)`.
+    qkv: Tensor,
+    rstd_qk: Tensor,
+    /// The attention's output `(B, H, T, D)` as its backward wants it, and as `(N, width)`.
+    out: Tensor,
+    out_rows: Tensor,
+    attention: attention::Saved,
+    h2: Tensor,
+    rstd2: Tensor,
+    /// relu^2's output `(N, hidden)`.
+    act: Tensor,
+}
+
+/// `a b` in fp32 from bf16 (CUDA's matmul with fp32 output) or fp32 matrices.
+fn mm_f32(a: &Tensor, b: &Tensor) -> Tensor {
+    match a.kind() {
+        Kind::Float => a.mm(b),
+        _ => a.mm_dtype(b, Kind::Float),
+    }
+}
+
+/// `g += dy^T x`: a weight's gradient, accumulated in fp32.
+fn add_weight_grad(g: &mut Tensor, dy: &Tensor, x: &Tensor) {
+    *g += mm_f32(&dy.tr(), x);
+}
+
+impl Gpt {
+    /// Why the explicit pass cannot train this model, if it cannot.
+    pub fn explicit_unsupported(&self) -> Option<String> {
+        let c = &self.config;
+        if c.activation != Activation::Relu2 {
+            return Some("the fused path has relu^2 only".into());
+        }
+        if c.softcap <= 0.0 {
+            return Some("the fused loss needs a logit softcap".into());
+        }
+        let dim = c.head_dim();
+        if !dim.is_multiple_of(4) || dim > cxxlm_cuda::fused::MAX_HEAD_DIM {
+            return Some(format!("head dim {dim} is not a multiple of 4 up to {}", cxxlm_cuda::fused::MAX_HEAD_DIM));
+        }
+        None
+    }
+
+    /// Trains by the explicit pass with the fused CUDA kernels of the model's device;
+    /// why not, where they cannot run or do not cover the model.
+    pub fn use_fused_kernels(&mut self) -> Result<(), String> {
+        if !self.device.is_cuda() {
+            return Err("the fused kernels need a CUDA device".into());
+        }
+        let fused = Fused::for_device(self.device)?;
+        self.set_fused(Some(fused)).map_err(|e| e.to_string())
+    }
+
+    /// RMSNorm's epsilon in the compute precision (PyTorch's default: the type's machine
+    /// epsilon), as the autograd path uses it.
+    fn norm_eps(&self) -> f64 {
+        match self.compute {
+            Kind::BFloat16 => 0.0078125,
+            _ => f32::EPSILON as f64,
+        }
+    }
+
+    /// [`Gpt::forward_backward`] by the explicit pass with `fused`'s steps.
+    pub(crate) fn forward_backward_explicit(&self, fused: Fused, inputs: &Tensor, targets: &Tensor, scale: f64) -> Tensor {
+        let _guard = tch::no_grad_guard();
+        let c = &self.config;
+        let (b, t) = (inputs.size()[0], inputs.size()[1]);
+        let n = b * t;
+        let (heads, kv, dim) = (c.heads as i64, c.kv_heads as i64, c.head_dim() as i64);
+        let all = heads + 2 * kv;
+        let eps = self.norm_eps();
+        let half = dim / 2;
+        let cos = self.cos.view([-1, half]);
+        let sin = self.sin.view([-1, half]);
+        let w = self.compute_weights();
+        let mut grads = self.param_grads();
+        let views = |qkv: &Tensor| {
+            (
+                qkv.narrow(2, 0, heads).transpose(1, 2),
+                qkv.narrow(2, heads, kv).transpose(1, 2),
+                qkv.narrow(2, heads + kv, kv).transpose(1, 2),
+            )
+        };
+
+        let ids = inputs.reshape([n]);
+        let (x0, rstd0) = fused.rmsnorm(&w[0].index_select(0, &ids), eps);
+        let mut x = x0.shallow_clone();
+        let mut layers = Vec::with_capacity(c.depth);
+        let mut fused_qkv = Vec::with_capacity(c.depth);
+        for layer in 0..c.depth {
+            let w = |k: usize| &w[1 + layer * 6 + k];
+            let wqkv = Tensor::cat(&[w(Q), w(K), w(V)], 0);
+            let (h1, rstd1) = fused.rmsnorm(&x, eps);
+            let (qkv, rstd_qk) = fused.rope_norm(&h1.mm(&wqkv.tr()).view([b, t, all, dim]), &cos, &sin, heads, eps);
+            let (q, k, v) = views(&qkv);
+            let (out, attention) = attention::forward(&q, &k, &v);
+            let out_rows = out.transpose(1, 2).contiguous().view([n, heads * dim]);
+            x = x.addmm(&out_rows, &w(PROJ).tr());
+            let (h2, rstd2) = fused.rmsnorm(&x, eps);
+            let act = h2.mm(&w(FC).tr());
+            fused.relu2_(&act);
+            x = x.addmm(&act, &w(MLP_PROJ).tr());
+            layers.push(Saved { h1, rstd1, qkv, rstd_qk, out, out_rows, attention, h2, rstd2, act });
+            fused_qkv.push(wqkv);
+        }
+        let (hf, rstdf) = fused.rmsnorm(&x, eps);
+        drop(x);
+
+        // The head and loss in chunks of rows: logits (bf16), then their gradient written
+        // over them, then the head's weight gradient and the hidden states' gradient.
+        let head = w.last().expect("lm_head");
+        let targets = targets.reshape([n]);
+        let dhf = hf.empty_like();
+        let mut total = Tensor::zeros([], (Kind::Float, self.device));
+        let mut start = 0;
+        while start < n {
+            let len = self.loss_chunk.min(n - start);
+            let rows = hf.narrow(0, start, len);
+            let logits = rows.mm(&head.tr());
+            let losses = fused.softcap_cross_entropy_(&logits, &targets.narrow(0, start, len), c.softcap, scale / n as f64);
+            total += losses.sum(Kind::Float);
+            add_weight_grad(grads.last_mut().expect("lm_head"), &logits, &rows);
+            let _ = logits.mm_out(&dhf.narrow(0, start, len), head);
+            start += len;
+        }
+        let mut dx = fused.rmsnorm_backward(&dhf, &hf, &rstdf, None);
+        drop((dhf, hf));
+
+        for layer in (0..c.depth).rev() {
+            let s = layers.pop().expect("one saved state per layer");
+            let wqkv = fused_qkv.pop().expect("one q|k|v weight per layer");
+            let w = |k: usize| &w[1 + layer * 6 + k];
+            let g = |k: usize| 1 + layer * 6 + k;
+
+            add_weight_grad(&mut grads[g(MLP_PROJ)], &dx, &s.act);
+            let dact = dx.mm(w(MLP_PROJ));
+            fused.relu2_backward_(&dact, &s.act);
+            add_weight_grad(&mut grads[g(FC)], &dact, &s.h2);
+            let dh2 = dact.mm(w(FC));
+            dx = fused.rmsnorm_backward(&dh2, &s.h2, &s.rstd2, Some(&dx));
+
+            add_weight_grad(&mut grads[g(PROJ)], &dx, &s.out_rows);
+            let dout = dx.mm(w(PROJ)).view([b, t, heads, dim]).transpose(1, 2);
+            let (q, k, v) = views(&s.qkv);
+            let (dq, dk, dv) = attention::backward(&s.attention, &dout, &q, &k, &v, &s.out);
+            let dqkv = fused
+                .rope_norm_backward(
+                    &dq.transpose(1, 2),
+                    &dk.transpose(1, 2),
+                    &dv.transpose(1, 2),
+                    &s.qkv,
+                    &s.rstd_qk,
+                    &cos,
+                    &sin,
+                )
+                .view([n, all * dim]);
+            let mut dw = mm_f32(&dqkv.tr(), &s.h1);
+            for (k, rows) in [(Q, heads * dim), (K, kv * dim), (V, kv * dim)] {
+                grads[g(k)] += dw.narrow(0, 0, rows);
+                dw = dw.narrow(0, rows, dw.size()[0] - rows);
+            }
+            let dh1 = dqkv.mm(&wqkv);
+            dx = fused.rmsnorm_backward(&dh1, &s.h1, &s.rstd1, Some(&dx));
+        }
+        let de = fused.rmsnorm_backward(&dx, &x0, &rstd0, None);
+        let _ = grads[0].index_add_(0, &ids, &de.to_kind(Kind::Float));
+        total / n as f64
+    }
+
+    /// Each weight's gradient (created as zeros where there is none yet), to add into.
+    fn param_grads(&self) -> Vec<Tensor> {
+        self.params
+            .iter()
+            .map(|(_, p)| {
+                if !p.grad().defined() {
+                    tch::with_grad(|| (p.sum(Kind::Float) * 0.0).backward());
+                }
+                p.grad()
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelConfig;
+    use tch::Device;
+
+    /// The explicit pass with the reference steps against autograd, on the CPU (fp32):
+    /// the same loss and the same gradient for every weight, GQA included.
+    #[test]
+    fn explicit_backward_matches_autograd() {
+        let _rng = crate::TORCH_RNG.lock();
+        for kv_heads in [2, 1] {
+            let config = ModelConfig {
+                seq_len: 16,
+                kv_heads,
+                ..ModelConfig::preset("tiny", 300).unwrap()
+            };
+            assert_eq!(config.heads, 2, "the tiny preset has two heads");
+            let mut m = Gpt::new(config, Device::Cpu, 3).unwrap();
+            // Zero-initialised projections and head would leave most gradients zero.
+            tch::no_grad(|| {
+                for (_, p) in &mut m.params {
+                    p.copy_(&(p.randn_like() * 0.1));
+                }
+            });
+            m.loss_chunk = 20;
+            let idx = Tensor::randint(300, [3, 16], (Kind::Int64, Device::Cpu));
+            let tgt = Tensor::randint(300, [3, 16], (Kind::Int64, Device::Cpu));
+            let _ = tgt.get(0).get(5).fill_(-1);
+            let reference = m.forward_backward_autograd(&idx, &tgt, 0.5);
+            let expected: Vec<Tensor> = m.params.iter().map(|(_, p)| p.grad().copy()).collect();
+            for (_, p) in &mut m.params {
+                p.zero_grad();
+            }
+            let loss = m.forward_backward_explicit(Fused::Reference, &idx, &tgt, 0.5);
+            let diff = (loss.double_value(&[]) - reference.double_value(&[])).abs();
+            assert!(diff < 1e-5, "loss differs by {diff}");
+            for ((name, p), e) in m.params.iter().zip(expected) {
+                let err = (p.grad() - &e).abs().max().double_value(&[]);
+                let size = e.abs().max().double_value(&[]);
+                assert!(size > 0.0, "{name} has no gradient to compare");
+                assert!(err <= 1e-4 * size.max(1e-3), "{name} (kv heads {kv_heads}): {err} against {size}");
+            }
+        }
+    }
+}
