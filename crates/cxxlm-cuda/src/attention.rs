@@ -68,23 +68,44 @@ pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor) -> (Tensor, Saved) {
         let mut saved = std::ptr::null_mut();
         crate::call(|e, n| {
             // SAFETY: live tensors; the shim fills `out` on success.
-            saved = unsafe { ffi::cxxlm_attention_forward(q.as_ptr(), k.as_ptr(), v.as_ptr(), &mut out, e, n) };
+            saved = unsafe {
+                ffi::cxxlm_attention_forward(q.as_ptr(), k.as_ptr(), v.as_ptr(), &mut out, e, n)
+            };
             !saved.is_null()
         })
         .unwrap_or_else(|e| panic!("attention: {e}"));
         return (adopt(out), Saved::Cuda(saved));
     }
+    reference(q, k, v)
+}
+
+/// The attention by its definition, on any device.
+pub fn reference(q: &Tensor, k: &Tensor, v: &Tensor) -> (Tensor, Saved) {
     let p = probabilities(q, k);
-    (p.matmul(&repeat_heads(v, q.size()[1])).to_kind(q.kind()), Saved::Recompute)
+    (
+        p.matmul(&repeat_heads(v, q.size()[1])).to_kind(q.kind()),
+        Saved::Recompute,
+    )
 }
 
 /// The gradients of q, k and v from that of the output.
-pub fn backward(saved: &Saved, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor) -> (Tensor, Tensor, Tensor) {
+pub fn backward(
+    saved: &Saved,
+    dout: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+) -> (Tensor, Tensor, Tensor) {
     let _ = out;
     match saved {
         #[cfg(cxxlm_cuda)]
         Saved::Cuda(s) => {
-            let (mut dq, mut dk, mut dv) = (std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut());
+            let (mut dq, mut dk, mut dv) = (
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            );
             crate::call(|e, n| {
                 // SAFETY: live tensors and the forward's statistics; the shim fills the
                 // three gradients on success.
@@ -119,7 +140,11 @@ pub fn backward(saved: &Saved, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor
             let dq = ds.matmul(&kf) * scale;
             let dk = ds.transpose(-2, -1).matmul(&q.to_kind(Kind::Float)) * scale;
             let kv = k.size()[1];
-            (dq.to_kind(q.kind()), sum_groups(&dk, kv).to_kind(k.kind()), sum_groups(&dv, kv).to_kind(v.kind()))
+            (
+                dq.to_kind(q.kind()),
+                sum_groups(&dk, kv).to_kind(k.kind()),
+                sum_groups(&dv, kv).to_kind(v.kind()),
+            )
         }
     }
 }
@@ -130,7 +155,9 @@ fn probabilities(q: &Tensor, k: &Tensor) -> Tensor {
     let k = repeat_heads(k, heads);
     let scores = q.to_kind(Kind::Float).matmul(&k.transpose(-2, -1)) * (d as f64).powf(-0.5);
     let future = Tensor::ones([t, t], (Kind::Bool, q.device())).triu(1);
-    scores.masked_fill(&future, f64::NEG_INFINITY).softmax(-1, Kind::Float)
+    scores
+        .masked_fill(&future, f64::NEG_INFINITY)
+        .softmax(-1, Kind::Float)
 }
 
 /// k or v `(B, H_kv, T, D)` in fp32 with each head repeated for its group of q heads.
@@ -146,9 +173,12 @@ fn repeat_heads(x: &Tensor, heads: i64) -> Tensor {
 
 /// The gradient of a repeated k or v: each group of q heads summed into its kv head.
 fn sum_groups(g: &Tensor, kv: i64) -> Tensor {
-    let [b, h, t, d] = g.size()[..] else { unreachable!("4 dimensions") };
+    let [b, h, t, d] = g.size()[..] else {
+        unreachable!("4 dimensions")
+    };
     if h == kv {
         return g.shallow_clone();
     }
-    g.view([b, kv, h / kv, t, d]).sum_dim_intlist(2, false, Kind::Float)
+    g.view([b, kv, h / kv, t, d])
+        .sum_dim_intlist(2, false, Kind::Float)
 }

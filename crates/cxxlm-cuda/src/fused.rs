@@ -4,7 +4,6 @@
 //! tested against. Shapes are the model's: rows of `width`, heads of `dim`, tokens in
 //! (batch, time) order.
 
-use std::ffi::c_void;
 use std::sync::Mutex;
 
 use tch::{Device, Kind, Tensor};
@@ -51,7 +50,9 @@ impl Kernels {
             return Ok(k);
         }
         if crate::current_stream(device).is_none() {
-            return Err("this build has no CUDA shim (libtorch without CUDA, or no CUDA headers)".into());
+            return Err(
+                "this build has no CUDA shim (libtorch without CUDA, or no CUDA headers)".into(),
+            );
         }
         let cubin = compile(nvrtc::compute_capability(device)?)?;
         let functions = nvrtc::load(device, &cubin, &KERNELS)?;
@@ -61,21 +62,28 @@ impl Kernels {
     }
 
     fn launch(&self, name: &str, grid: usize, block: usize, args: &[Arg]) {
-        let index = KERNELS.iter().position(|k| *k == name).expect("a known kernel");
+        let index = KERNELS
+            .iter()
+            .position(|k| *k == name)
+            .expect("a known kernel");
         let stream = crate::current_stream(self.device).expect("a CUDA build");
-        self.functions[index]
-            .launch(stream, grid as u32, block as u32, args)
+        // SAFETY: torch's stream on this device; each wrapper checked its tensors' kinds,
+        // shapes and contiguity against what its kernel reads and writes.
+        unsafe { self.functions[index].launch(stream, grid as u32, block as u32, args) }
             .unwrap_or_else(|e| panic!("kernel {name}: {e}"));
     }
 }
 
 fn ptr(t: &Tensor) -> Arg {
-    Arg::Ptr(t.data_ptr() as *mut c_void)
+    Arg::Ptr(t.data_ptr())
 }
 
 /// Whether 8-element (16-byte) loads fit rows of `cols` in all of `tensors`.
 fn vec8(cols: i64, tensors: &[&Tensor]) -> bool {
-    cols % 8 == 0 && tensors.iter().all(|t| t.data_ptr() as usize % 16 == 0)
+    cols % 8 == 0
+        && tensors
+            .iter()
+            .all(|t| (t.data_ptr() as usize).is_multiple_of(16))
 }
 
 fn variant(name: &str, wide: bool) -> String {
@@ -147,7 +155,13 @@ impl Fused {
 
     /// The input's gradient from the output's `dy`, with the norm's output `y` and `rstd`;
     /// added into `residual` (and returned) when given.
-    pub fn rmsnorm_backward(&self, dy: &Tensor, y: &Tensor, rstd: &Tensor, residual: Option<&Tensor>) -> Tensor {
+    pub fn rmsnorm_backward(
+        &self,
+        dy: &Tensor,
+        y: &Tensor,
+        rstd: &Tensor,
+        residual: Option<&Tensor>,
+    ) -> Tensor {
         let cols = *y.size().last().expect("a tensor with dimensions");
         let rows = y.numel() as i64 / cols;
         match self {
@@ -185,7 +199,12 @@ impl Fused {
                     Arg::I32(rows as i32),
                     Arg::I32(cols as i32),
                 ];
-                k.launch(&variant("rmsnorm_backward", wide), warp_grid(rows), 256, &args);
+                k.launch(
+                    &variant("rmsnorm_backward", wide),
+                    warp_grid(rows),
+                    256,
+                    &args,
+                );
                 dx
             }
         }
@@ -194,7 +213,14 @@ impl Fused {
     /// Rotary positions and RMSNorm on the q and k heads of `qkv (B, T, heads + 2 kv_heads,
     /// dim)`, v copied: `(out, rstd (B, T, heads + kv_heads))`. `cos` and `sin` are
     /// `(T', dim / 2)` with T' >= T, in the compute precision.
-    pub fn rope_norm(&self, qkv: &Tensor, cos: &Tensor, sin: &Tensor, heads: i64, eps: f64) -> (Tensor, Tensor) {
+    pub fn rope_norm(
+        &self,
+        qkv: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        heads: i64,
+        eps: f64,
+    ) -> (Tensor, Tensor) {
         let [b, t, all, dim] = qkv.size()[..] else {
             panic!("rope_norm takes (B, T, heads, dim), got {:?}", qkv.size())
         };
@@ -214,7 +240,10 @@ impl Fused {
                 expect_bf16(qkv, "q|k|v");
                 expect_bf16(cos, "cos");
                 expect_bf16(sin, "sin");
-                assert!(dim % 4 == 0 && dim as usize <= MAX_HEAD_DIM, "head dim {dim}");
+                assert!(
+                    dim % 4 == 0 && dim as usize <= MAX_HEAD_DIM,
+                    "head dim {dim}"
+                );
                 let out = qkv.empty_like();
                 let rstd = Tensor::empty([b, t, heads + kv], (Kind::Float, qkv.device()));
                 let args = [
@@ -251,7 +280,10 @@ impl Fused {
         sin: &Tensor,
     ) -> Tensor {
         let [b, t, all, dim] = out.size()[..] else {
-            panic!("rope_norm_backward takes (B, T, heads, dim), got {:?}", out.size())
+            panic!(
+                "rope_norm_backward takes (B, T, heads, dim), got {:?}",
+                out.size()
+            )
         };
         let (heads, kv) = (gq.size()[2], gk.size()[2]);
         assert_eq!(heads + 2 * kv, all, "q, k and v heads against q|k|v");
@@ -304,7 +336,7 @@ impl Fused {
         match self {
             Fused::Reference => {
                 let a = u.to_kind(Kind::Float).relu().square();
-                let _ = u.shallow_clone().copy_(&a);
+                u.shallow_clone().copy_(&a);
             }
             Fused::Kernels(k) => {
                 expect_bf16(u, "relu^2 input");
@@ -312,7 +344,12 @@ impl Fused {
                 let wide = vec8(n, &[u]);
                 let per_block = 256 * if wide { 8 } else { 1 };
                 let grid = (n as usize).div_ceil(per_block);
-                k.launch(&variant("relu2_forward", wide), grid, 256, &[ptr(u), Arg::I64(n)]);
+                k.launch(
+                    &variant("relu2_forward", wide),
+                    grid,
+                    256,
+                    &[ptr(u), Arg::I64(n)],
+                );
             }
         }
     }
@@ -322,7 +359,7 @@ impl Fused {
         match self {
             Fused::Reference => {
                 let du = da.to_kind(Kind::Float) * a.to_kind(Kind::Float).sqrt() * 2.0;
-                let _ = da.shallow_clone().copy_(&du);
+                da.shallow_clone().copy_(&du);
             }
             Fused::Kernels(k) => {
                 expect_bf16(da, "relu^2 gradient");
@@ -331,7 +368,12 @@ impl Fused {
                 let wide = vec8(n, &[da, a]);
                 let per_block = 256 * if wide { 8 } else { 1 };
                 let grid = (n as usize).div_ceil(per_block);
-                k.launch(&variant("relu2_backward", wide), grid, 256, &[ptr(da), ptr(a), Arg::I64(n)]);
+                k.launch(
+                    &variant("relu2_backward", wide),
+                    grid,
+                    256,
+                    &[ptr(da), ptr(a), Arg::I64(n)],
+                );
             }
         }
     }
@@ -339,7 +381,13 @@ impl Fused {
     /// Cross-entropy of softcapped logits `cap tanh(logits / cap)` `(rows, vocab)` against
     /// `targets (rows)` (negative: ignored): returns each row's loss (fp32) and writes
     /// `scale` x the gradient of their sum over `logits`.
-    pub fn softcap_cross_entropy_(&self, logits: &Tensor, targets: &Tensor, cap: f64, scale: f64) -> Tensor {
+    pub fn softcap_cross_entropy_(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        cap: f64,
+        scale: f64,
+    ) -> Tensor {
         let [rows, vocab] = logits.size()[..] else {
             panic!("logits are (rows, vocab), got {:?}", logits.size())
         };
@@ -352,15 +400,19 @@ impl Fused {
                 let loss = (z.logsumexp([1], false) - z.gather(1, &target, false).squeeze_dim(1))
                     * valid.to_kind(Kind::Float);
                 let onehot = z.zeros_like().scatter_value(1, &target, 1.0);
-                let grad = (z.softmax(1, Kind::Float) - onehot) * (1.0 - t.square()) * scale
+                let grad = (z.softmax(1, Kind::Float) - onehot)
+                    * (1.0 - t.square())
+                    * scale
                     * valid.to_kind(Kind::Float).unsqueeze(1);
-                let _ = logits.shallow_clone().copy_(&grad);
+                logits.shallow_clone().copy_(&grad);
                 loss
             }
             Fused::Kernels(k) => {
                 expect_bf16(logits, "logits");
                 assert!(
-                    targets.kind() == Kind::Int64 && targets.is_contiguous() && targets.numel() as i64 == rows,
+                    targets.kind() == Kind::Int64
+                        && targets.is_contiguous()
+                        && targets.numel() as i64 == rows,
                     "targets: contiguous int64, one per row"
                 );
                 let losses = Tensor::empty([rows], (Kind::Float, logits.device()));
@@ -373,7 +425,12 @@ impl Fused {
                     Arg::F32(cap as f32),
                     Arg::F32(scale as f32),
                 ];
-                k.launch(&variant("softcap_cross_entropy", wide), rows as usize, 512, &args);
+                k.launch(
+                    &variant("softcap_cross_entropy", wide),
+                    rows as usize,
+                    512,
+                    &args,
+                );
                 losses
             }
         }

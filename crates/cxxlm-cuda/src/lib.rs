@@ -4,6 +4,7 @@
 //! Builds whose libtorch lacks CUDA (or the CUDA headers) keep the CPU paths.
 
 pub mod attention;
+pub mod check;
 pub mod fused;
 pub mod graph;
 pub mod nvrtc;

@@ -48,10 +48,14 @@ fn open_nvrtc() -> Result<*mut c_void, String> {
         let f = libc::dlsym(libc::RTLD_DEFAULT, c"cudaRuntimeGetVersion".as_ptr());
         let mut info: libc::Dl_info = std::mem::zeroed();
         if !f.is_null() && libc::dladdr(f, &mut info) != 0 && !info.dli_fname.is_null() {
-            let runtime = CStr::from_ptr(info.dli_fname).to_string_lossy().into_owned();
+            let runtime = CStr::from_ptr(info.dli_fname)
+                .to_string_lossy()
+                .into_owned();
             if let Some(dir) = std::path::Path::new(&runtime).parent() {
                 let path = |name: &str| CString::new(dir.join(name).to_string_lossy().as_bytes());
-                if let (Ok(builtins), Ok(nvrtc)) = (path("libnvrtc-builtins.so.13.0"), path("libnvrtc.so.13")) {
+                if let (Ok(builtins), Ok(nvrtc)) =
+                    (path("libnvrtc-builtins.so.13.0"), path("libnvrtc.so.13"))
+                {
                     libc::dlopen(builtins.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL);
                     names.push(nvrtc);
                 }
@@ -235,7 +239,9 @@ impl Driver {
             format!("error {code}")
         } else {
             // SAFETY: non-null, NUL-terminated.
-            unsafe { CStr::from_ptr(text) }.to_string_lossy().into_owned()
+            unsafe { CStr::from_ptr(text) }
+                .to_string_lossy()
+                .into_owned()
         };
         Err(format!("CUDA {what}: {text}"))
     }
@@ -281,7 +287,10 @@ pub fn load(device: usize, cubin: &[u8], names: &[&str]) -> Result<Vec<Function>
     api.enter(device)?;
     let mut module = std::ptr::null_mut();
     // SAFETY: a cubin image the driver copies.
-    api.check(unsafe { (api.load)(&mut module, cubin.as_ptr().cast()) }, "module load")?;
+    api.check(
+        unsafe { (api.load)(&mut module, cubin.as_ptr().cast()) },
+        "module load",
+    )?;
     names
         .iter()
         .map(|name| {
@@ -305,7 +314,17 @@ pub enum Arg {
 
 impl Function {
     /// Enqueues the kernel on `stream` over `grid` blocks of `block` threads.
-    pub fn launch(&self, stream: *mut c_void, grid: u32, block: u32, args: &[Arg]) -> Result<(), String> {
+    ///
+    /// # Safety
+    /// `stream` must be a live stream of the module's context, and `args` the kernel's
+    /// parameters, with pointers to device memory as large as the kernel reaches.
+    pub unsafe fn launch(
+        &self,
+        stream: *mut c_void,
+        grid: u32,
+        block: u32,
+        args: &[Arg],
+    ) -> Result<(), String> {
         let api = driver()?;
         let mut values = args.to_vec();
         let mut pointers: Vec<*mut c_void> = values
@@ -318,7 +337,7 @@ impl Function {
             })
             .collect();
         // SAFETY: `pointers` address argument values that live until the call returns
-        // (the driver copies them), in the kernel's parameter order.
+        // (the driver copies them); the rest is the caller's promise.
         api.check(
             unsafe {
                 (api.launch)(

@@ -7,10 +7,11 @@
 //! [`Fused::Reference`] the same pass runs in plain tch operations, which is how it is
 //! tested against autograd on any host.
 
+use cxxlm_cuda::check::Check;
 use cxxlm_cuda::{attention, Fused};
 use tch::{Kind, Tensor};
 
-use crate::config::Activation;
+use crate::config::{Activation, ModelConfig};
 use crate::gpt::Gpt;
 
 /// The weights of one layer, in the order of `ModelConfig::block_shapes`.
@@ -63,7 +64,10 @@ impl Gpt {
         }
         let dim = c.head_dim();
         if !dim.is_multiple_of(4) || dim > cxxlm_cuda::fused::MAX_HEAD_DIM {
-            return Some(format!("head dim {dim} is not a multiple of 4 up to {}", cxxlm_cuda::fused::MAX_HEAD_DIM));
+            return Some(format!(
+                "head dim {dim} is not a multiple of 4 up to {}",
+                cxxlm_cuda::fused::MAX_HEAD_DIM
+            ));
         }
         None
     }
@@ -88,7 +92,13 @@ impl Gpt {
     }
 
     /// [`Gpt::forward_backward`] by the explicit pass with `fused`'s steps.
-    pub(crate) fn forward_backward_explicit(&self, fused: Fused, inputs: &Tensor, targets: &Tensor, scale: f64) -> Tensor {
+    pub(crate) fn forward_backward_explicit(
+        &self,
+        fused: Fused,
+        inputs: &Tensor,
+        targets: &Tensor,
+        scale: f64,
+    ) -> Tensor {
         let _guard = tch::no_grad_guard();
         let c = &self.config;
         let (b, t) = (inputs.size()[0], inputs.size()[1]);
@@ -118,7 +128,13 @@ impl Gpt {
             let w = |k: usize| &w[1 + layer * 6 + k];
             let wqkv = Tensor::cat(&[w(Q), w(K), w(V)], 0);
             let (h1, rstd1) = fused.rmsnorm(&x, eps);
-            let (qkv, rstd_qk) = fused.rope_norm(&h1.mm(&wqkv.tr()).view([b, t, all, dim]), &cos, &sin, heads, eps);
+            let (qkv, rstd_qk) = fused.rope_norm(
+                &h1.mm(&wqkv.tr()).view([b, t, all, dim]),
+                &cos,
+                &sin,
+                heads,
+                eps,
+            );
             let (q, k, v) = views(&qkv);
             let (out, attention) = attention::forward(&q, &k, &v);
             let out_rows = out.transpose(1, 2).contiguous().view([n, heads * dim]);
@@ -127,7 +143,18 @@ impl Gpt {
             let act = h2.mm(&w(FC).tr());
             fused.relu2_(&act);
             x = x.addmm(&act, &w(MLP_PROJ).tr());
-            layers.push(Saved { h1, rstd1, qkv, rstd_qk, out, out_rows, attention, h2, rstd2, act });
+            layers.push(Saved {
+                h1,
+                rstd1,
+                qkv,
+                rstd_qk,
+                out,
+                out_rows,
+                attention,
+                h2,
+                rstd2,
+                act,
+            });
             fused_qkv.push(wqkv);
         }
         let (hf, rstdf) = fused.rmsnorm(&x, eps);
@@ -144,7 +171,12 @@ impl Gpt {
             let len = self.loss_chunk.min(n - start);
             let rows = hf.narrow(0, start, len);
             let logits = rows.mm(&head.tr());
-            let losses = fused.softcap_cross_entropy_(&logits, &targets.narrow(0, start, len), c.softcap, scale / n as f64);
+            let losses = fused.softcap_cross_entropy_(
+                &logits,
+                &targets.narrow(0, start, len),
+                c.softcap,
+                scale / n as f64,
+            );
             total += losses.sum(Kind::Float);
             add_weight_grad(grads.last_mut().expect("lm_head"), &logits, &rows);
             let _ = logits.mm_out(&dhf.narrow(0, start, len), head);
@@ -208,10 +240,57 @@ impl Gpt {
     }
 }
 
+/// The explicit pass with the fused kernels against autograd on CUDA device `device`, both
+/// in bf16: the loss and every weight's gradient of a small model (head dim 128) with
+/// random weights, on random tokens some of whose targets are ignored.
+pub fn check_explicit_pass(device: usize) -> Result<Vec<Check>, String> {
+    let _guard = crate::TORCH_RNG.lock().unwrap_or_else(|p| p.into_inner());
+    let config = ModelConfig {
+        seq_len: 256,
+        ..ModelConfig::from_depth(4, 4096, 256)
+    };
+    let dev = tch::Device::Cuda(device);
+    let mut model = Gpt::new(config, dev, 0).map_err(|e| e.to_string())?;
+    tch::no_grad(|| {
+        for (_, p) in &mut model.params {
+            let std = if p.size()[1] == model.config.width as i64 {
+                0.05
+            } else {
+                1.0
+            };
+            p.copy_(&(p.randn_like() * std));
+        }
+    });
+    let inputs = Tensor::randint(4096, [4, 256], (Kind::Int64, dev));
+    let targets = Tensor::randint(4096, [4, 256], (Kind::Int64, dev));
+    let _ = targets.narrow(1, 0, 16).fill_(-1);
+    let want_loss = model.forward_backward_autograd(&inputs, &targets, 1.0);
+    let want: Vec<Tensor> = model.params.iter().map(|(_, p)| p.grad().copy()).collect();
+    for (_, p) in &mut model.params {
+        p.zero_grad();
+    }
+    model.use_fused_kernels()?;
+    let loss = model.forward_backward(&inputs, &targets, 1.0);
+    let mut checks = vec![Check::relative_l2(
+        "model loss".into(),
+        &loss,
+        &want_loss,
+        1e-2,
+    )];
+    for ((name, p), w) in model.params.iter().zip(&want) {
+        checks.push(Check::relative_l2(
+            format!("model gradient {name}"),
+            &p.grad(),
+            w,
+            5e-2,
+        ));
+    }
+    Ok(checks)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ModelConfig;
     use tch::Device;
 
     /// The explicit pass with the reference steps against autograd, on the CPU (fp32):
@@ -249,7 +328,10 @@ mod tests {
                 let err = (p.grad() - &e).abs().max().double_value(&[]);
                 let size = e.abs().max().double_value(&[]);
                 assert!(size > 0.0, "{name} has no gradient to compare");
-                assert!(err <= 1e-4 * size.max(1e-3), "{name} (kv heads {kv_heads}): {err} against {size}");
+                assert!(
+                    err <= 1e-4 * size.max(1e-3),
+                    "{name} (kv heads {kv_heads}): {err} against {size}"
+                );
             }
         }
     }

@@ -6,9 +6,9 @@
 
 use tch::{Device, Kind, Tensor};
 
-use cxxlm_cuda::CudaGraph;
 use crate::gpt::Cached;
 use crate::Gpt;
+use cxxlm_cuda::CudaGraph;
 
 /// Keys and values of every layer, `(B, kv_heads, capacity, head_dim)`, filled up to `len`.
 pub struct KvCache {

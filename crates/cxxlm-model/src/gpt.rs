@@ -322,7 +322,12 @@ impl Gpt {
     /// [`Gpt::forward_backward`] by autograd. The head and loss run over chunks of tokens,
     /// each chunk's backward right after its forward, so the fp32 logits of the whole
     /// batch never exist at once.
-    pub(crate) fn forward_backward_autograd(&self, inputs: &Tensor, targets: &Tensor, scale: f64) -> Tensor {
+    pub(crate) fn forward_backward_autograd(
+        &self,
+        inputs: &Tensor,
+        targets: &Tensor,
+        scale: f64,
+    ) -> Tensor {
         let weights = self.compute_weights();
         let h = self.forward(&weights, inputs, Cached::No);
         let head = weights.last().expect("lm_head");

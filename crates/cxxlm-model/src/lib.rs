@@ -7,6 +7,7 @@ pub mod generate;
 pub mod gpt;
 
 pub use config::{Activation, ModelConfig, ModelOverrides, PRESETS};
+pub use explicit::check_explicit_pass;
 pub use generate::{KvCache, Sampling};
 pub use gpt::Gpt;
 
@@ -16,6 +17,5 @@ pub enum ModelError {
     Config(String),
 }
 
-/// libtorch's random generator is global: tests that seed it take turns.
-#[cfg(test)]
+/// libtorch's random generator is global: tests (and checks) that seed it take turns.
 pub(crate) static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());

@@ -692,6 +692,21 @@ fn fit_steps(budget: f64, times: &[f64], done: u64, upper: u64) -> (u64, f64) {
     (((budget / median) as u64).clamp(done, upper), median)
 }
 
+/// The explicit pass with fused kernels on CUDA unless `CXXLM_FUSED=0`, autograd
+/// otherwise; says which, and why not the fused kernels.
+fn choose_backward(model: &mut Gpt) -> String {
+    if !model.device().is_cuda() {
+        return "autograd".into();
+    }
+    if std::env::var("CXXLM_FUSED").is_ok_and(|v| v == "0") {
+        return "autograd (CXXLM_FUSED=0)".into();
+    }
+    match model.use_fused_kernels() {
+        Ok(()) => "explicit with fused kernels".into(),
+        Err(why) => format!("autograd (no fused kernels: {why})"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -730,20 +745,5 @@ mod tests {
             10,
             "never below the steps done"
         );
-    }
-}
-
-/// The explicit pass with fused kernels on CUDA unless `CXXLM_FUSED=0`, autograd
-/// otherwise; says which, and why not the fused kernels.
-fn choose_backward(model: &mut Gpt) -> String {
-    if !model.device().is_cuda() {
-        return "autograd".into();
-    }
-    if std::env::var("CXXLM_FUSED").is_ok_and(|v| v == "0") {
-        return "autograd (CXXLM_FUSED=0)".into();
-    }
-    match model.use_fused_kernels() {
-        Ok(()) => "explicit with fused kernels".into(),
-        Err(why) => format!("autograd (no fused kernels: {why})"),
     }
 }

@@ -122,6 +122,13 @@ pub enum TrainCommand {
     /// Pretrain the GPT on packed tokens (Muon + AdamW), with evaluation, checkpoints and
     /// metrics; `--resume` continues bit-exactly from the newest checkpoint.
     Pretrain(PretrainArgs),
+    /// Check the fused training kernels on a GPU against their definitions (forward and
+    /// gradients, fresh random inputs), and the explicit training step against autograd.
+    CheckKernels {
+        /// The CUDA device.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+    },
 }
 
 #[derive(Args)]

@@ -1,0 +1,271 @@
+//! Each fused kernel, and the attention through the shim, against its definition in
+//! plain tch operations on fresh random inputs: the forward's outputs, and the gradients
+//! that autograd derives from the definition against the kernels' backward. Shapes cover
+//! the presets (head dim 128 and 80, GQA, widths with and without 8-element rows).
+
+use tch::{Device, Kind, Reduction, Tensor};
+
+use crate::{attention, Fused};
+
+/// One compared output and its error relative to the definition.
+pub struct Check {
+    pub name: String,
+    pub error: f64,
+    pub tolerance: f64,
+}
+
+impl Check {
+    pub fn ok(&self) -> bool {
+        self.error <= self.tolerance
+    }
+
+    /// The norm of the difference relative to the definition's norm: for quantities that
+    /// differ by rounding everywhere (bf16 against bf16 by another route).
+    pub fn relative_l2(name: String, got: &Tensor, want: &Tensor, tolerance: f64) -> Check {
+        let (got, want) = (got.to_kind(Kind::Float), want.to_kind(Kind::Float));
+        let scale = want.norm().double_value(&[]).max(1e-30);
+        let error = (got - want).norm().double_value(&[]) / scale;
+        Check {
+            name,
+            error: if error.is_finite() {
+                error
+            } else {
+                f64::INFINITY
+            },
+            tolerance,
+        }
+    }
+}
+
+/// Outputs in bf16 against fp32 definitions: a few units of bf16's 2^-8.
+const BF16_TOLERANCE: f64 = 3e-2;
+
+/// The largest difference relative to the definition's largest magnitude.
+fn compare(name: String, got: &Tensor, want: &Tensor, tolerance: f64) -> Check {
+    let (got, want) = (got.to_kind(Kind::Float), want.to_kind(Kind::Float));
+    let scale = want.abs().max().double_value(&[]).max(1e-30);
+    let error = (got - want).abs().max().double_value(&[]) / scale;
+    Check {
+        name,
+        error: if error.is_finite() {
+            error
+        } else {
+            f64::INFINITY
+        },
+        tolerance,
+    }
+}
+
+/// A bf16 tensor of N(0, std^2) values, and the same values in fp32 as a leaf that
+/// records gradients.
+fn random(shape: &[i64], std: f64, device: Device) -> (Tensor, Tensor) {
+    let x = (Tensor::randn(shape, (Kind::Float, device)) * std).to_kind(Kind::BFloat16);
+    let leaf = x.to_kind(Kind::Float).set_requires_grad(true);
+    (x, leaf)
+}
+
+fn rms_norm(x: &Tensor, eps: f64) -> Tensor {
+    let d = *x.size().last().expect("dimensions");
+    x.rms_norm([d], None::<Tensor>, eps)
+}
+
+/// Compares every kernel on CUDA device `device`; the kernels are compiled first.
+pub fn kernels(device: usize) -> Result<Vec<Check>, String> {
+    let dev = Device::Cuda(device);
+    Ok(against_definitions(Fused::for_device(dev)?, dev))
+}
+
+/// Compares each of `fused`'s steps on `dev` with its definition.
+pub fn against_definitions(fused: Fused, dev: Device) -> Vec<Check> {
+    let eps = 0.0078125;
+    let mut checks = Vec::new();
+    tch::manual_seed(0);
+
+    for (rows, cols) in [(4096, 768), (1000, 1280), (333, 300)] {
+        let tag = format!("{rows}x{cols}");
+        let (x, xf) = random(&[rows, cols], 1.5, dev);
+        let want = rms_norm(&xf, eps);
+        let (y, rstd) = fused.rmsnorm(&x, eps);
+        checks.push(compare(
+            format!("rmsnorm forward {tag}"),
+            &y,
+            &want,
+            BF16_TOLERANCE,
+        ));
+        let rstd_want = (xf.square().mean_dim(-1, false, Kind::Float) + eps).rsqrt();
+        checks.push(compare(
+            format!("rmsnorm rstd {tag}"),
+            &rstd,
+            &rstd_want,
+            1e-3,
+        ));
+        let (dy, dyf) = random(&[rows, cols], 1.0, dev);
+        (&want * &dyf).sum(Kind::Float).backward();
+        let dx = fused.rmsnorm_backward(&dy, &y, &rstd, None);
+        checks.push(compare(
+            format!("rmsnorm backward {tag}"),
+            &dx,
+            &xf.grad(),
+            BF16_TOLERANCE,
+        ));
+        let (res, resf) = random(&[rows, cols], 1.0, dev);
+        let dx = fused.rmsnorm_backward(&dy, &y, &rstd, Some(&res));
+        let with_residual = xf.grad() + resf.detach();
+        checks.push(compare(
+            format!("rmsnorm backward + residual {tag}"),
+            &dx,
+            &with_residual,
+            BF16_TOLERANCE,
+        ));
+    }
+
+    // (batch, time, heads, kv heads, dim): d12 and the 3B preset's GQA with dim 80.
+    for (b, t, heads, kv, dim) in [(4, 256, 6, 6, 128), (2, 128, 4, 2, 80)] {
+        let tag = format!("B{b} T{t} H{heads}/{kv} D{dim}");
+        let all = heads + 2 * kv;
+        let half = dim / 2;
+        let angles = Tensor::randn([t, half], (Kind::Float, dev)) * 3.0;
+        let (cos, sin) = (
+            angles.cos().to_kind(Kind::BFloat16),
+            angles.sin().to_kind(Kind::BFloat16),
+        );
+        let (qkv, qkvf) = random(&[b, t, all, dim], 1.0, dev);
+        let (c, s) = (
+            cos.to_kind(Kind::Float).view([1, t, 1, half]),
+            sin.to_kind(Kind::Float).view([1, t, 1, half]),
+        );
+        let x = qkvf.narrow(2, 0, heads + kv);
+        let (x1, x2) = (x.narrow(3, 0, half), x.narrow(3, half, half));
+        let rotated = Tensor::cat(&[&x1 * &c + &x2 * &s, &x2 * &c - &x1 * &s], 3);
+        let want = Tensor::cat(
+            &[rms_norm(&rotated, eps), qkvf.narrow(2, heads + kv, kv)],
+            2,
+        );
+        let (out, rstd) = fused.rope_norm(&qkv, &cos, &sin, heads, eps);
+        checks.push(compare(
+            format!("rotary+qk-norm forward {tag}"),
+            &out,
+            &want,
+            BF16_TOLERANCE,
+        ));
+        // The attention's gradients arrive as (B, H, T, D) tensors viewed as (B, T, H, D).
+        let grad = |h: i64| random(&[b, h, t, dim], 1.0, dev);
+        let ((gq, gqf), (gk, gkf), (gv, gvf)) = (grad(heads), grad(kv), grad(kv));
+        let upstream = Tensor::cat(
+            &[
+                gqf.transpose(1, 2),
+                gkf.transpose(1, 2),
+                gvf.transpose(1, 2),
+            ],
+            2,
+        );
+        (&want * upstream.detach()).sum(Kind::Float).backward();
+        let dqkv = fused.rope_norm_backward(
+            &gq.transpose(1, 2),
+            &gk.transpose(1, 2),
+            &gv.transpose(1, 2),
+            &out,
+            &rstd,
+            &cos,
+            &sin,
+        );
+        checks.push(compare(
+            format!("rotary+qk-norm backward {tag}"),
+            &dqkv,
+            &qkvf.grad(),
+            BF16_TOLERANCE,
+        ));
+
+        let heads_first = |x: &Tensor, from: i64, n: i64| x.narrow(2, from, n).transpose(1, 2);
+        let (q, k, v) = (
+            heads_first(&out, 0, heads),
+            heads_first(&out, heads, kv),
+            heads_first(&out, heads + kv, kv),
+        );
+        let (y, saved) = attention::forward(&q, &k, &v);
+        let leaf = |x: &Tensor| x.to_kind(Kind::Float).set_requires_grad(true);
+        let (qf, kf, vf) = (leaf(&q), leaf(&k), leaf(&v));
+        let (want, reference) = attention::reference(&qf, &kf, &vf);
+        checks.push(compare(
+            format!("attention forward {tag}"),
+            &y,
+            &want,
+            BF16_TOLERANCE,
+        ));
+        let (dout, doutf) = random(&[b, t, heads, dim], 1.0, dev);
+        let dout = dout.transpose(1, 2);
+        let (dq, dk, dv) = attention::backward(&saved, &dout, &q, &k, &v, &y);
+        let (wq, wk, wv) =
+            attention::backward(&reference, &doutf.transpose(1, 2), &qf, &kf, &vf, &want);
+        for (name, got, want) in [("q", dq, wq), ("k", dk, wk), ("v", dv, wv)] {
+            checks.push(compare(
+                format!("attention backward d{name} {tag}"),
+                &got,
+                &want,
+                BF16_TOLERANCE,
+            ));
+        }
+    }
+
+    for n in [1 << 20, 1000] {
+        let (u, uf) = random(&[n], 1.0, dev);
+        let want = uf.relu().square();
+        fused.relu2_(&u);
+        checks.push(compare(
+            format!("relu^2 forward {n}"),
+            &u,
+            &want,
+            BF16_TOLERANCE,
+        ));
+        let (da, daf) = random(&[n], 1.0, dev);
+        (&want * &daf.detach()).sum(Kind::Float).backward();
+        fused.relu2_backward_(&da, &u);
+        checks.push(compare(
+            format!("relu^2 backward {n}"),
+            &da,
+            &uf.grad(),
+            BF16_TOLERANCE,
+        ));
+    }
+
+    for (rows, vocab) in [(512, 32768), (100, 300)] {
+        let tag = format!("{rows}x{vocab}");
+        let cap = 15.0;
+        let (logits, lf) = random(&[rows, vocab], 8.0, dev);
+        let targets = Tensor::randint(vocab, [rows], (Kind::Int64, dev));
+        let _ = targets.narrow(0, 0, rows / 10).fill_(-1);
+        let z = (&lf / cap).tanh() * cap;
+        let want = z.cross_entropy_loss::<Tensor>(&targets, None, Reduction::None, -1, 0.0);
+        let scale = 1.0 / rows as f64;
+        (want.sum(Kind::Float) * scale).backward();
+        let losses = fused.softcap_cross_entropy_(&logits, &targets, cap, scale);
+        checks.push(compare(
+            format!("softcap cross-entropy loss {tag}"),
+            &losses,
+            &want,
+            2e-3,
+        ));
+        checks.push(compare(
+            format!("softcap cross-entropy gradient {tag}"),
+            &logits,
+            &lf.grad(),
+            BF16_TOLERANCE,
+        ));
+    }
+    checks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CPU path's steps (the kernels' reference) against the same definitions.
+    #[test]
+    fn reference_steps_match_their_definitions() {
+        let checks = against_definitions(Fused::Reference, Device::Cpu);
+        assert!(checks.len() > 30);
+        for c in &checks {
+            assert!(c.ok(), "{}: {} > {}", c.name, c.error, c.tolerance);
+        }
+    }
+}
