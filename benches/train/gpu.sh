@@ -3,7 +3,12 @@
 # (`ref_gpt.py`, eager and torch.compile, same shapes, same call).
 #
 # Run from the repository root with gpu/ carried (see benches/train/prepare.sh):
-#   benches/train/gpu.sh bench            # d12 B=32 and d20 B=16, T=2048: tok/s and memory
+#   benches/train/gpu.sh bench            # d12 B=32, d20 B=16 and B=32, T=2048: tok/s and memory
+#                                         # against torch.compile (explicit pass with fused kernels,
+#                                         # and autograd with CXXLM_FUSED=0)
+#   benches/train/gpu.sh kernels          # each fused kernel against its definition, then the
+#                                         # explicit pass against autograd: speed, memory, phases
+#   benches/train/gpu.sh agree [STEPS]    # d12 loss curves, fused against autograd, same start
 #   benches/train/gpu.sh train STEPS      # d12 on the packed corpus (B=32 x 2048 per step), eval + samples
 #   benches/train/gpu.sh sample [STEPS]   # generation tok/s (CUDA graphs on and off) against HF
 #   benches/train/gpu.sh eval STEPS       # train d12, then bpb, FIM, MBPP completions and
@@ -38,25 +43,58 @@ rows = rows[5:]
 tok = statistics.median(r["tok_s"] for r in rows)
 mfu = statistics.median(r["mfu"] for r in rows)
 mem = max(r["gpu_memory_gib"] for r in rows)
+alloc = max(r.get("gpu_peak_allocated_gib", 0) for r in rows)
 fb = statistics.median(r["forward_backward_seconds"] for r in rows) * 1e3
 step = statistics.median(r["step_seconds"] for r in rows) * 1e3
-print(f"RESULT impl=cxxlm tok_s={tok:.0f} mfu={mfu:.4f} gpu_used_gib={mem:.2f} step_ms={step:.1f} "
-      f"fwd_bwd_ms={fb:.1f} opt_ms={step - fb:.1f} loss_last={rows[-1]['loss']:.4f}")
+print(f"RESULT impl=cxxlm tok_s={tok:.0f} mfu={mfu:.4f} gpu_used_gib={mem:.2f} peak_alloc_gib={alloc:.2f} "
+      f"step_ms={step:.1f} fwd_bwd_ms={fb:.1f} opt_ms={step - fb:.1f} loss_last={rows[-1]['loss']:.4f}")
 PY
 }
 
 case ${1:-bench} in
 bench)
-    for shape in "12 32" "20 16"; do
+    for shape in "12 32" "20 16" "20 32"; do
         set -- $shape
-        for mode in eager compile; do
-            python3 gpu/ref_gpt.py train --depth "$1" --batch "$2" --mode $mode --steps 20 2>&1 | grep RESULT | tee -a "$out/bench.txt"
+        python3 gpu/ref_gpt.py train --depth "$1" --batch "$2" --mode compile --steps 20 2>&1 | grep RESULT | tee -a "$out/bench.txt" || true
+        for backward in fused autograd; do
+            # Autograd at d20 B=32 needs more than 80 GB.
+            [ "$backward $1 $2" = "autograd 20 32" ] && continue
+            dir="$work/bench-d$1-b$2-$backward"
+            rm -rf "$dir"
+            CXXLM_FUSED=$([ $backward = fused ] && echo 1 || echo 0) \
+                ours "$1" "$2" 25 "$dir" --log-every 5 >"$out/ours-d$1-b$2-$backward.log" 2>&1 || { tail -20 "$out/ours-d$1-b$2-$backward.log"; continue; }
+            echo "d$1 B=$2 $backward: $(summary "$dir/metrics.jsonl")" | tee -a "$out/bench.txt"
+            cp "$dir/metrics.jsonl" "$out/metrics-d$1-b$2-$backward.jsonl"
         done
-        rm -rf "$work/bench-d$1"
-        ours "$1" "$2" 25 "$work/bench-d$1" --log-every 5 >"$out/ours-d$1.log" 2>&1 || { tail -20 "$out/ours-d$1.log"; exit 1; }
-        echo "d$1 B=$2: $(summary "$work/bench-d$1/metrics.jsonl")" | tee -a "$out/bench.txt"
-        cp "$work/bench-d$1/metrics.jsonl" "$out/metrics-d$1.jsonl"
     done
+    ;;
+kernels)
+    "$work/cxxlm" train check-kernels | tee "$out/check-kernels.md"
+    "$work/cxxlm" train profile --preset d12 --batch 32 | tee "$out/profile-d12.md"
+    "$work/cxxlm" train profile --preset d20 --batch 16 | tee "$out/profile-d20.md"
+    ;;
+agree)
+    # The same initialization and batches: the explicit pass with fused kernels against
+    # autograd, and, for the size of bf16 noise, autograd over 2 micro-batches of 16.
+    steps=${2:-200}
+    for run in fused:1:32 autograd:0:32 autograd-2x16:0:16; do
+        IFS=: read -r name fused batch <<<"$run"
+        rm -rf "$work/agree-$name"
+        CXXLM_FUSED=$fused ours 12 "$batch" "$steps" "$work/agree-$name" --set train.total_batch_tokens=65536 \
+            --log-every 50 >"$out/agree-$name.log" 2>&1 || { tail -20 "$out/agree-$name.log"; exit 1; }
+        cp "$work/agree-$name/metrics.jsonl" "$out/metrics-agree-$name.jsonl"
+    done
+    python3 - "$out" <<'PY' | tee "$out/agree.txt"
+import json, statistics, sys
+out = sys.argv[1]
+def losses(name):
+    return [json.loads(l)["loss"] for l in open(f"{out}/metrics-agree-{name}.jsonl") if '"loss"' in l]
+fused, auto, noise = losses("fused"), losses("autograd"), losses("autograd-2x16")
+for label, other in (("fused vs autograd", fused), ("autograd 2x16 vs autograd (bf16 noise)", noise)):
+    d = [abs(a - b) for a, b in zip(other, auto)]
+    print(f"{label}: {len(d)} steps, max |diff| {max(d):.4f}, mean {statistics.mean(d):.4f}, "
+          f"final {other[-1]:.4f} vs {auto[-1]:.4f}")
+PY
     ;;
 train)
     steps=${2:-1800}

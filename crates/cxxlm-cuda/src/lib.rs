@@ -15,6 +15,31 @@ pub use graph::CudaGraph;
 #[cfg(cxxlm_cuda)]
 extern "C" {
     fn cxxlm_current_stream(device: std::ffi::c_int) -> *mut std::ffi::c_void;
+    fn cxxlm_peak_allocated(device: std::ffi::c_int) -> u64;
+    fn cxxlm_reset_peak(device: std::ffi::c_int);
+}
+
+/// The most bytes torch's allocator has handed out on CUDA device `device` since
+/// [`reset_peak_allocated`] (PyTorch's `max_memory_allocated`); None without the shim.
+pub fn peak_allocated(device: usize) -> Option<u64> {
+    #[cfg(cxxlm_cuda)]
+    // SAFETY: reads the allocator's statistics of an initialized device.
+    return Some(unsafe { cxxlm_peak_allocated(device as std::ffi::c_int) });
+    #[cfg(not(cxxlm_cuda))]
+    {
+        let _ = device;
+        None
+    }
+}
+
+pub fn reset_peak_allocated(device: usize) {
+    #[cfg(cxxlm_cuda)]
+    // SAFETY: resets the allocator's peak statistics.
+    unsafe {
+        cxxlm_reset_peak(device as std::ffi::c_int)
+    };
+    #[cfg(not(cxxlm_cuda))]
+    let _ = device;
 }
 
 /// The stream torch enqueues work on for CUDA device `device` (None without the shim).

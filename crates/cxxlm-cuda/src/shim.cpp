@@ -4,6 +4,7 @@
 // and the attention kernels' forward with the statistics their backward needs.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -74,6 +75,14 @@ int cxxlm_graph_replay(void* capture, char* error, size_t len) {
 }
 
 void cxxlm_graph_free(void* capture) { delete static_cast<Capture*>(capture); }
+
+// The most memory torch's allocator has handed out on `device` since the last reset
+// (PyTorch's max_memory_allocated), and the reset.
+uint64_t cxxlm_peak_allocated(int device) {
+    auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device);
+    return stats.allocated_bytes[0].peak;  // StatType::AGGREGATE
+}
+void cxxlm_reset_peak(int device) { c10::cuda::CUDACachingAllocator::resetPeakStats(device); }
 
 // The stream torch enqueues work on for `device` (a cudaStream_t).
 void* cxxlm_current_stream(int device) { return c10::cuda::getCurrentCUDAStream(device).stream(); }

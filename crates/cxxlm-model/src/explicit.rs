@@ -39,6 +39,32 @@ struct Saved {
     act: Tensor,
 }
 
+/// Where the time of explicit steps goes: seconds per phase, in order of first
+/// appearance, each measured by synchronizing the device at its end.
+#[derive(Default)]
+pub struct Phases {
+    last: Option<std::time::Instant>,
+    pub seconds: Vec<(&'static str, f64)>,
+}
+
+impl Phases {
+    /// Ends the phase `name` (the empty name starts timing).
+    fn mark(&mut self, device: tch::Device, name: &'static str) {
+        if let tch::Device::Cuda(index) = device {
+            tch::Cuda::synchronize(index as i64);
+        }
+        let now = std::time::Instant::now();
+        if let (Some(last), false) = (self.last, name.is_empty()) {
+            let s = (now - last).as_secs_f64();
+            match self.seconds.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, total)) => *total += s,
+                None => self.seconds.push((name, s)),
+            }
+        }
+        self.last = Some(now);
+    }
+}
+
 /// `a b` in fp32 from bf16 (CUDA's matmul with fp32 output) or fp32 matrices.
 fn mm_f32(a: &Tensor, b: &Tensor) -> Tensor {
     match a.kind() {
@@ -91,6 +117,20 @@ impl Gpt {
         }
     }
 
+    /// [`Gpt::forward_backward`] by the explicit pass, with the time of each phase added
+    /// to `phases` (the device synchronized between phases, so slower than a real step).
+    pub fn forward_backward_profiled(
+        &self,
+        inputs: &Tensor,
+        targets: &Tensor,
+        phases: &mut Phases,
+    ) -> Result<Tensor, String> {
+        let fused = self
+            .fused()
+            .ok_or("the model trains by autograd, not the explicit pass")?;
+        Ok(self.forward_backward_explicit(fused, inputs, targets, 1.0, Some(phases)))
+    }
+
     /// [`Gpt::forward_backward`] by the explicit pass with `fused`'s steps.
     pub(crate) fn forward_backward_explicit(
         &self,
@@ -98,7 +138,15 @@ impl Gpt {
         inputs: &Tensor,
         targets: &Tensor,
         scale: f64,
+        mut phases: Option<&mut Phases>,
     ) -> Tensor {
+        let device = self.device;
+        let mut mark = |name: &'static str| {
+            if let Some(p) = phases.as_deref_mut() {
+                p.mark(device, name)
+            }
+        };
+        mark("");
         let _guard = tch::no_grad_guard();
         let c = &self.config;
         let (b, t) = (inputs.size()[0], inputs.size()[1]);
@@ -121,6 +169,7 @@ impl Gpt {
 
         let ids = inputs.reshape([n]);
         let (x0, rstd0) = fused.rmsnorm(&w[0].index_select(0, &ids), eps);
+        mark("weights cast, embedding");
         let mut x = x0.shallow_clone();
         let mut layers = Vec::with_capacity(c.depth);
         let mut fused_qkv = Vec::with_capacity(c.depth);
@@ -128,21 +177,26 @@ impl Gpt {
             let w = |k: usize| &w[1 + layer * 6 + k];
             let wqkv = Tensor::cat(&[w(Q), w(K), w(V)], 0);
             let (h1, rstd1) = fused.rmsnorm(&x, eps);
-            let (qkv, rstd_qk) = fused.rope_norm(
-                &h1.mm(&wqkv.tr()).view([b, t, all, dim]),
-                &cos,
-                &sin,
-                heads,
-                eps,
-            );
+            mark("forward: rmsnorm");
+            let projected = h1.mm(&wqkv.tr()).view([b, t, all, dim]);
+            mark("forward: matmuls");
+            let (qkv, rstd_qk) = fused.rope_norm(&projected, &cos, &sin, heads, eps);
+            drop(projected);
+            mark("forward: rotary + qk-norm");
             let (q, k, v) = views(&qkv);
             let (out, attention) = attention::forward(&q, &k, &v);
             let out_rows = out.transpose(1, 2).contiguous().view([n, heads * dim]);
+            mark("forward: attention");
             x = x.addmm(&out_rows, &w(PROJ).tr());
+            mark("forward: matmuls");
             let (h2, rstd2) = fused.rmsnorm(&x, eps);
+            mark("forward: rmsnorm");
             let act = h2.mm(&w(FC).tr());
+            mark("forward: matmuls");
             fused.relu2_(&act);
+            mark("forward: relu^2");
             x = x.addmm(&act, &w(MLP_PROJ).tr());
+            mark("forward: matmuls");
             layers.push(Saved {
                 h1,
                 rstd1,
@@ -159,6 +213,7 @@ impl Gpt {
         }
         let (hf, rstdf) = fused.rmsnorm(&x, eps);
         drop(x);
+        mark("forward: rmsnorm");
 
         // The head and loss in chunks of rows: logits (bf16), then their gradient written
         // over them, then the head's weight gradient and the hidden states' gradient.
@@ -182,8 +237,10 @@ impl Gpt {
             let _ = logits.mm_out(&dhf.narrow(0, start, len), head);
             start += len;
         }
+        mark("head and loss, both passes");
         let mut dx = fused.rmsnorm_backward(&dhf, &hf, &rstdf, None);
         drop((dhf, hf));
+        mark("backward: rmsnorm");
 
         for layer in (0..c.depth).rev() {
             let s = layers.pop().expect("one saved state per layer");
@@ -193,15 +250,21 @@ impl Gpt {
 
             add_weight_grad(&mut grads[g(MLP_PROJ)], &dx, &s.act);
             let dact = dx.mm(w(MLP_PROJ));
+            mark("backward: matmuls");
             fused.relu2_backward_(&dact, &s.act);
+            mark("backward: relu^2");
             add_weight_grad(&mut grads[g(FC)], &dact, &s.h2);
             let dh2 = dact.mm(w(FC));
+            mark("backward: matmuls");
             dx = fused.rmsnorm_backward(&dh2, &s.h2, &s.rstd2, Some(&dx));
+            mark("backward: rmsnorm");
 
             add_weight_grad(&mut grads[g(PROJ)], &dx, &s.out_rows);
             let dout = dx.mm(w(PROJ)).view([b, t, heads, dim]).transpose(1, 2);
+            mark("backward: matmuls");
             let (q, k, v) = views(&s.qkv);
             let (dq, dk, dv) = attention::backward(&s.attention, &dout, &q, &k, &v, &s.out);
+            mark("backward: attention");
             let dqkv = fused
                 .rope_norm_backward(
                     &dq.transpose(1, 2),
@@ -213,16 +276,20 @@ impl Gpt {
                     &sin,
                 )
                 .view([n, all * dim]);
+            mark("backward: rotary + qk-norm");
             let mut dw = mm_f32(&dqkv.tr(), &s.h1);
             for (k, rows) in [(Q, heads * dim), (K, kv * dim), (V, kv * dim)] {
                 grads[g(k)] += dw.narrow(0, 0, rows);
                 dw = dw.narrow(0, rows, dw.size()[0] - rows);
             }
             let dh1 = dqkv.mm(&wqkv);
+            mark("backward: matmuls");
             dx = fused.rmsnorm_backward(&dh1, &s.h1, &s.rstd1, Some(&dx));
+            mark("backward: rmsnorm");
         }
         let de = fused.rmsnorm_backward(&dx, &x0, &rstd0, None);
         let _ = grads[0].index_add_(0, &ids, &de.to_kind(Kind::Float));
+        mark("backward: embedding");
         total / n as f64
     }
 
@@ -321,7 +388,7 @@ mod tests {
             for (_, p) in &mut m.params {
                 p.zero_grad();
             }
-            let loss = m.forward_backward_explicit(Fused::Reference, &idx, &tgt, 0.5);
+            let loss = m.forward_backward_explicit(Fused::Reference, &idx, &tgt, 0.5, None);
             let diff = (loss.double_value(&[]) - reference.double_value(&[])).abs();
             assert!(diff < 1e-5, "loss differs by {diff}");
             for ((name, p), e) in m.params.iter().zip(expected) {

@@ -314,7 +314,7 @@ impl Gpt {
     /// added to the weights' gradients. Returns the mean loss.
     pub fn forward_backward(&self, inputs: &Tensor, targets: &Tensor, scale: f64) -> Tensor {
         match self.fused {
-            Some(fused) => self.forward_backward_explicit(fused, inputs, targets, scale),
+            Some(fused) => self.forward_backward_explicit(fused, inputs, targets, scale, None),
             None => self.forward_backward_autograd(inputs, targets, scale),
         }
     }

@@ -7,7 +7,7 @@ pub mod generate;
 pub mod gpt;
 
 pub use config::{Activation, ModelConfig, ModelOverrides, PRESETS};
-pub use explicit::check_explicit_pass;
+pub use explicit::{check_explicit_pass, Phases};
 pub use generate::{KvCache, Sampling};
 pub use gpt::Gpt;
 

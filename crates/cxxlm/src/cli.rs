@@ -129,6 +129,27 @@ pub enum TrainCommand {
         #[arg(long, default_value_t = 0)]
         device: usize,
     },
+    /// Time forward and backward passes of a preset on random tokens, by autograd and by
+    /// the explicit pass with fused kernels, with their peak memory and where the explicit
+    /// pass's time goes.
+    Profile(ProfileArgs),
+}
+
+#[derive(Args)]
+pub struct ProfileArgs {
+    #[arg(long, default_value = "d12")]
+    pub preset: String,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub batch: i64,
+    #[arg(long, default_value_t = 32_768)]
+    pub vocab: usize,
+    /// Timed passes per path (after two warm-up passes).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// The CUDA device.
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
 }
 
 #[derive(Args)]

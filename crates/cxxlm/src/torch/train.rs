@@ -3,6 +3,8 @@
 use anyhow::{bail, Context, Result};
 use cxxlm::cli::{set, TrainCommand};
 use cxxlm::interrupt;
+
+use crate::kernels;
 use cxxlm_train::{pretrain, Event, TrainConfig};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -25,7 +27,8 @@ pub fn load_config(path: Option<&PathBuf>, overrides: &[String]) -> Result<Train
 pub fn run(cmd: TrainCommand) -> Result<()> {
     let args = match cmd {
         TrainCommand::Pretrain(args) => args,
-        TrainCommand::CheckKernels { device } => return check_kernels(device),
+        TrainCommand::CheckKernels { device } => return kernels::check(device),
+        TrainCommand::Profile(args) => return kernels::profile(args),
     };
     let mut overrides = args.overrides.clone();
     if let Some(p) = &args.pack {
@@ -147,28 +150,5 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
         started.elapsed().as_secs_f64(),
         config.out.display()
     );
-    Ok(())
-}
-
-/// Prints each comparison of `train check-kernels`; fails if any is out of tolerance.
-fn check_kernels(device: usize) -> Result<()> {
-    if !tch::Cuda::is_available() || device >= tch::Cuda::device_count() as usize {
-        bail!("train check-kernels needs CUDA device {device}");
-    }
-    let mut checks = cxxlm_cuda::check::kernels(device).map_err(anyhow::Error::msg)?;
-    checks.extend(cxxlm_model::check_explicit_pass(device).map_err(anyhow::Error::msg)?);
-    println!("| check | error | tolerance | |\n|---|---:|---:|---|");
-    for c in &checks {
-        let verdict = if c.ok() { "ok" } else { "FAILED" };
-        println!(
-            "| {} | {:.2e} | {:.0e} | {verdict} |",
-            c.name, c.error, c.tolerance
-        );
-    }
-    let failed = checks.iter().filter(|c| !c.ok()).count();
-    if failed > 0 {
-        bail!("{failed} of {} checks out of tolerance", checks.len());
-    }
-    println!("all {} checks within tolerance", checks.len());
     Ok(())
 }
