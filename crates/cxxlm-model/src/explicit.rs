@@ -9,6 +9,8 @@
 
 use cxxlm_cuda::check::Check;
 use cxxlm_cuda::{attention, Fused};
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tch::{Kind, Tensor};
 
 use crate::config::{Activation, ModelConfig};
@@ -65,17 +67,21 @@ impl Phases {
     }
 }
 
-/// `a b` in fp32 from bf16 (CUDA's matmul with fp32 output) or fp32 matrices.
-fn mm_f32(a: &Tensor, b: &Tensor) -> Tensor {
-    match a.kind() {
-        Kind::Float => a.mm(b),
-        _ => a.mm_dtype(b, Kind::Float),
-    }
-}
+/// Whether torch's matmul can add bf16 products into an fp32 matrix in place (its
+/// `addmm` with an output type); if not, products are made in fp32 and then added.
+static ADDMM_INTO_FP32: AtomicBool = AtomicBool::new(true);
 
 /// `g += dy^T x`: a weight's gradient, accumulated in fp32.
 fn add_weight_grad(g: &mut Tensor, dy: &Tensor, x: &Tensor) {
-    *g += mm_f32(&dy.tr(), x);
+    let dy_t = dy.tr();
+    if dy.kind() == Kind::Float {
+        let _ = g.addmm_(&dy_t, x);
+    } else if !ADDMM_INTO_FP32.load(Ordering::Relaxed)
+        || g.f_addmm_dtype_out(g, &dy_t, x, Kind::Float).is_err()
+    {
+        ADDMM_INTO_FP32.store(false, Ordering::Relaxed);
+        *g += dy_t.mm_dtype(x, Kind::Float);
+    }
 }
 
 impl Gpt {
@@ -277,10 +283,10 @@ impl Gpt {
                 )
                 .view([n, all * dim]);
             mark("backward: rotary + qk-norm");
-            let mut dw = mm_f32(&dqkv.tr(), &s.h1);
-            for (k, rows) in [(Q, heads * dim), (K, kv * dim), (V, kv * dim)] {
-                grads[g(k)] += dw.narrow(0, 0, rows);
-                dw = dw.narrow(0, rows, dw.size()[0] - rows);
+            let mut column = 0;
+            for (k, width) in [(Q, heads * dim), (K, kv * dim), (V, kv * dim)] {
+                add_weight_grad(&mut grads[g(k)], &dqkv.narrow(1, column, width), &s.h1);
+                column += width;
             }
             let dh1 = dqkv.mm(&wqkv);
             mark("backward: matmuls");

@@ -393,7 +393,7 @@ pub fn pretrain(
         },
     )?;
     let mut model = Gpt::new(model_config.clone(), dev, run.seed)?;
-    let backward = choose_backward(&mut model);
+    let backward = choose_backward(&mut model)?;
     let mut optimizer = Optimizer::new(
         model.params(),
         model_config.width,
@@ -700,18 +700,24 @@ fn fit_steps(budget: f64, times: &[f64], done: u64, upper: u64) -> (u64, f64) {
 }
 
 /// The explicit pass with fused kernels on CUDA unless `CXXLM_FUSED=0`, autograd
-/// otherwise; says which, and why not the fused kernels.
-fn choose_backward(model: &mut Gpt) -> String {
+/// otherwise; `CXXLM_FUSED=reference` runs the explicit pass in plain tch operations on
+/// any device. Says which, and why not the fused kernels.
+fn choose_backward(model: &mut Gpt) -> Result<String> {
+    match std::env::var("CXXLM_FUSED").as_deref() {
+        Ok("0") => return Ok("autograd (CXXLM_FUSED=0)".into()),
+        Ok("reference") => {
+            model.set_fused(Some(cxxlm_cuda::Fused::Reference))?;
+            return Ok("explicit with reference steps (CXXLM_FUSED=reference)".into());
+        }
+        _ => {}
+    }
     if !model.device().is_cuda() {
-        return "autograd".into();
+        return Ok("autograd".into());
     }
-    if std::env::var("CXXLM_FUSED").is_ok_and(|v| v == "0") {
-        return "autograd (CXXLM_FUSED=0)".into();
-    }
-    match model.use_fused_kernels() {
+    Ok(match model.use_fused_kernels() {
         Ok(()) => "explicit with fused kernels".into(),
         Err(why) => format!("autograd (no fused kernels: {why})"),
-    }
+    })
 }
 
 #[cfg(test)]

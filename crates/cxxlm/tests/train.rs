@@ -333,3 +333,35 @@ fn a_rank_that_dies_stops_the_others_with_its_name() {
         "{stderr}"
     );
 }
+
+/// The explicit backward pass (here with its plain-tch steps, `CXXLM_FUSED=reference`)
+/// trains as autograd does: the same losses step by step, through the optimizer.
+#[test]
+fn the_explicit_backward_pass_trains_as_autograd_does() {
+    let p = packed();
+    let autograd = p.f.root.join("autograd");
+    let said = train(&p, &autograd, &["--set", "train.steps=6"]);
+    assert!(String::from_utf8_lossy(&said.stderr).contains("backward: autograd"));
+    let explicit = p.f.root.join("explicit");
+    let args = train_args(&p, &explicit, &["--set", "train.steps=6"]);
+    let out = cxxlm()
+        .env("CXXLM_FUSED", "reference")
+        .args(&args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("backward: explicit with reference steps"),
+        "{stderr}"
+    );
+    let (a, e) = (losses(&autograd), losses(&explicit));
+    assert_eq!(a.len(), 6);
+    for ((step, x), (_, y)) in a.iter().zip(&e) {
+        assert!(
+            (x - y).abs() < 1e-3,
+            "step {step}: autograd {x}, explicit {y}"
+        );
+    }
+    assert!(e[5].1 < e[0].1, "the loss falls: {e:?}");
+}
