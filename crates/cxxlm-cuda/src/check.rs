@@ -141,7 +141,8 @@ pub fn against_definitions(fused: Fused, dev: Device) -> Vec<Check> {
             &[rms_norm(&rotated, eps), qkvf.narrow(2, heads + kv, kv)],
             2,
         );
-        let (out, rstd) = fused.rope_norm(&qkv, &cos, &sin, heads, eps);
+        let out = qkv.copy();
+        let rstd = fused.rope_norm_(&out, &cos, &sin, heads, eps);
         checks.push(compare(
             format!("rotary+qk-norm forward {tag}"),
             &out,
@@ -160,11 +161,12 @@ pub fn against_definitions(fused: Fused, dev: Device) -> Vec<Check> {
             2,
         );
         (&want * upstream.detach()).sum(Kind::Float).backward();
-        let dqkv = fused.rope_norm_backward(
+        let dqkv = out.copy();
+        fused.rope_norm_backward_(
             &gq.transpose(1, 2),
             &gk.transpose(1, 2),
             &gv.transpose(1, 2),
-            &out,
+            &dqkv,
             &rstd,
             &cos,
             &sin,

@@ -211,30 +211,30 @@ impl Fused {
     }
 
     /// Rotary positions and RMSNorm on the q and k heads of `qkv (B, T, heads + 2 kv_heads,
-    /// dim)`, v copied: `(out, rstd (B, T, heads + kv_heads))`. `cos` and `sin` are
-    /// `(T', dim / 2)` with T' >= T, in the compute precision.
-    pub fn rope_norm(
+    /// dim)`, in place (v is left as it is); returns `rstd (B, T, heads + kv_heads)`.
+    /// `cos` and `sin` are `(T', dim / 2)` with T' >= T, in the compute precision.
+    pub fn rope_norm_(
         &self,
         qkv: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
         heads: i64,
         eps: f64,
-    ) -> (Tensor, Tensor) {
+    ) -> Tensor {
         let [b, t, all, dim] = qkv.size()[..] else {
             panic!("rope_norm takes (B, T, heads, dim), got {:?}", qkv.size())
         };
         let kv = (all - heads) / 2;
         match self {
             Fused::Reference => {
-                let x = qkv.narrow(2, 0, heads + kv).to_kind(Kind::Float);
+                let qk = qkv.narrow(2, 0, heads + kv);
+                let x = qk.to_kind(Kind::Float);
                 let (c, s) = rotary_tables(cos, sin, t);
                 let (x1, x2) = (x.narrow(3, 0, dim / 2), x.narrow(3, dim / 2, dim / 2));
                 let y = Tensor::cat(&[&x1 * &c + &x2 * &s, &x2 * &c - &x1 * &s], 3);
                 let r = (y.square().mean_dim(-1, true, Kind::Float) + eps).rsqrt();
-                let z = (y * &r).to_kind(qkv.kind());
-                let out = Tensor::cat(&[z, qkv.narrow(2, heads + kv, kv)], 2);
-                (out, r.squeeze_dim(-1))
+                qk.shallow_clone().copy_(&(y * &r));
+                r.squeeze_dim(-1)
             }
             Fused::Kernels(k) => {
                 expect_bf16(qkv, "q|k|v");
@@ -244,13 +244,11 @@ impl Fused {
                     dim % 4 == 0 && dim as usize <= MAX_HEAD_DIM,
                     "head dim {dim}"
                 );
-                let out = qkv.empty_like();
                 let rstd = Tensor::empty([b, t, heads + kv], (Kind::Float, qkv.device()));
                 let args = [
                     ptr(qkv),
                     ptr(cos),
                     ptr(sin),
-                    ptr(&out),
                     ptr(&rstd),
                     Arg::I32((b * t) as i32),
                     Arg::I32(t as i32),
@@ -259,30 +257,35 @@ impl Fused {
                     Arg::I32(dim as i32),
                     Arg::F32(eps as f32),
                 ];
-                k.launch("rope_norm_forward", warp_grid(b * t * all), 256, &args);
-                (out, rstd)
+                k.launch(
+                    "rope_norm_forward",
+                    warp_grid(b * t * (heads + kv)),
+                    256,
+                    &args,
+                );
+                rstd
             }
         }
     }
 
-    /// The gradient of `qkv` given to [`Fused::rope_norm`] from those of the attention's
-    /// q, k and v (`(B, T, heads, dim)` views, any strides but unit stride in dim), with
-    /// that call's `out` and `rstd`.
+    /// The gradient of the `qkv` that [`Fused::rope_norm_`] rewrote, written over it, from
+    /// those of the attention's q, k and v (`(B, T, heads, dim)` views, any strides but
+    /// unit stride in dim) and that call's `rstd`.
     #[allow(clippy::too_many_arguments)]
-    pub fn rope_norm_backward(
+    pub fn rope_norm_backward_(
         &self,
         gq: &Tensor,
         gk: &Tensor,
         gv: &Tensor,
-        out: &Tensor,
+        qkv: &Tensor,
         rstd: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-    ) -> Tensor {
-        let [b, t, all, dim] = out.size()[..] else {
+    ) {
+        let [b, t, all, dim] = qkv.size()[..] else {
             panic!(
                 "rope_norm_backward takes (B, T, heads, dim), got {:?}",
-                out.size()
+                qkv.size()
             )
         };
         let (heads, kv) = (gq.size()[2], gk.size()[2]);
@@ -290,35 +293,36 @@ impl Fused {
         match self {
             Fused::Reference => {
                 let g = Tensor::cat(&[gq, gk], 2).to_kind(Kind::Float);
-                let z = out.narrow(2, 0, heads + kv).to_kind(Kind::Float);
+                let z = qkv.narrow(2, 0, heads + kv).to_kind(Kind::Float);
                 let r = rstd.unsqueeze(-1);
                 let mean = (&g * &z).mean_dim(-1, true, Kind::Float);
                 let dy = r * (g - z * mean);
                 let (c, s) = rotary_tables(cos, sin, t);
                 let (d1, d2) = (dy.narrow(3, 0, dim / 2), dy.narrow(3, dim / 2, dim / 2));
                 let dx = Tensor::cat(&[&d1 * &c - &d2 * &s, &d1 * &s + &d2 * &c], 3);
-                Tensor::cat(&[dx.to_kind(out.kind()), gv.to_kind(out.kind())], 2)
+                qkv.shallow_clone().copy_(&Tensor::cat(
+                    &[dx.to_kind(qkv.kind()), gv.to_kind(qkv.kind())],
+                    2,
+                ));
             }
             Fused::Kernels(k) => {
-                expect_bf16(out, "q|k|v output");
+                expect_bf16(qkv, "q|k|v");
                 for (g, what) in [(gq, "q gradient"), (gk, "k gradient"), (gv, "v gradient")] {
                     assert!(
                         g.kind() == Kind::BFloat16 && g.stride()[3] == 1,
                         "{what}: bf16 with unit stride in dim"
                     );
                 }
-                let dqkv = out.empty_like();
                 let mut args = Vec::new();
                 for g in [gq, gk, gv] {
                     let s = g.stride();
                     args.extend([ptr(g), Arg::I64(s[0]), Arg::I64(s[1]), Arg::I64(s[2])]);
                 }
                 args.extend([
-                    ptr(out),
+                    ptr(qkv),
                     ptr(rstd),
                     ptr(cos),
                     ptr(sin),
-                    ptr(&dqkv),
                     Arg::I32((b * t) as i32),
                     Arg::I32(t as i32),
                     Arg::I32(heads as i32),
@@ -326,7 +330,6 @@ impl Fused {
                     Arg::I32(dim as i32),
                 ]);
                 k.launch("rope_norm_backward", warp_grid(b * t * all), 256, &args);
-                dqkv
             }
         }
     }

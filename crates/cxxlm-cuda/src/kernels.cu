@@ -142,30 +142,23 @@ extern "C" __global__ void rmsnorm_backward_v1(const bf16* dy, const bf16* y, co
     rmsnorm_backward<1>(dy, y, rstd, dres, dx, rows, cols);
 }
 
-// ---- Rotary + QK-norm over the fused q|k|v projection --------------------------------
+// ---- Rotary + QK-norm over the fused q|k|v projection, in place -----------------------
 //
 // `qkv` is (tokens, heads + 2 kv_heads, dim), tokens in (batch, time) order. One warp per
-// (token, head): q and k heads are rotated (y1 = x1 cos + x2 sin, y2 = x2 cos - x1 sin,
-// halves of the head) and RMS-normalized; v heads are copied, so that the output holds
-// all three and the input can be freed. Each lane takes two adjacent pairs per step.
+// (token, q or k head): rotated (y1 = x1 cos + x2 sin, y2 = x2 cos - x1 sin, halves of
+// the head) and RMS-normalized, in place; v is left as it is. Each lane takes two
+// adjacent pairs per step and holds them in registers between reading and writing.
 
 #define MAX_PAIR_STEPS 4  // head dims up to 4 * 64 * 2 = 512
 
-extern "C" __global__ void rope_norm_forward(const bf16* qkv, const bf16* cos, const bf16* sin, bf16* out,
-                                             float* rstd, int tokens, int time, int heads, int kv_heads,
-                                             int dim, float eps) {
-    const int all = heads + 2 * kv_heads;
+extern "C" __global__ void rope_norm_forward(bf16* qkv, const bf16* cos, const bf16* sin, float* rstd, int tokens,
+                                             int time, int heads, int kv_heads, int dim, float eps) {
+    const int qk = heads + kv_heads, all = heads + 2 * kv_heads;
     const long long w = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
-    if (w >= (long long)tokens * all) return;
-    const int token = (int)(w / all), head = (int)(w % all), half = dim / 2;
-    const bf16* x = qkv + w * dim;
-    bf16* y = out + w * dim;
-    if (head >= heads + kv_heads) {
-        for (int j = 2 * lane; j < dim; j += 64)
-            *reinterpret_cast<unsigned*>(y + j) = *reinterpret_cast<const unsigned*>(x + j);
-        return;
-    }
+    if (w >= (long long)tokens * qk) return;
+    const int token = (int)(w / qk), head = (int)(w % qk), half = dim / 2;
+    bf16* x = qkv + ((long long)token * all + head) * dim;
     const int t = token % time;
     float y1[MAX_PAIR_STEPS][2], y2[MAX_PAIR_STEPS][2], ss = 0.f;
 #pragma unroll
@@ -186,39 +179,40 @@ extern "C" __global__ void rope_norm_forward(const bf16* qkv, const bf16* cos, c
     for (int s = 0; s < MAX_PAIR_STEPS; s++) {
         const int j = 2 * lane + 64 * s;
         if (j >= half) break;
-        *reinterpret_cast<unsigned*>(y + j) =
+        *reinterpret_cast<unsigned*>(x + j) =
             (unsigned)to_bf(y1[s][0] * r) | ((unsigned)to_bf(y1[s][1] * r) << 16);
-        *reinterpret_cast<unsigned*>(y + half + j) =
+        *reinterpret_cast<unsigned*>(x + half + j) =
             (unsigned)to_bf(y2[s][0] * r) | ((unsigned)to_bf(y2[s][1] * r) << 16);
     }
-    if (lane == 0) rstd[(long long)token * (heads + kv_heads) + head] = r;
+    if (lane == 0) rstd[w] = r;
 }
 
-// The gradient of the fused q|k|v projection from the attention's gradients of q, k and
-// v (each (batch, time, heads, dim) in elements' strides `s*[3]`, unit stride in dim):
-// through the norm (from its output z and rstd: dy = rstd (dz - z mean(dz z))), then the
-// inverse rotation (dx1 = dy1 cos - dy2 sin, dx2 = dy1 sin + dy2 cos); v's is copied.
+// The gradient of the fused q|k|v projection, written over the forward's output z (which
+// it reads first), from the attention's gradients of q, k and v (each (batch, time,
+// heads, dim) in elements' strides `s*[3]`, unit stride in dim): through the norm (from
+// z and rstd: dy = rstd (dz - z mean(dz z))), then the inverse rotation
+// (dx1 = dy1 cos - dy2 sin, dx2 = dy1 sin + dy2 cos); v's is copied.
 extern "C" __global__ void rope_norm_backward(const bf16* gq, long long sqb, long long sqt, long long sqh,
                                               const bf16* gk, long long skb, long long skt, long long skh,
                                               const bf16* gv, long long svb, long long svt, long long svh,
-                                              const bf16* z, const float* rstd, const bf16* cos, const bf16* sin,
-                                              bf16* dqkv, int tokens, int time, int heads, int kv_heads, int dim) {
+                                              bf16* qkv, const float* rstd, const bf16* cos, const bf16* sin,
+                                              int tokens, int time, int heads, int kv_heads, int dim) {
     const int all = heads + 2 * kv_heads;
     const long long w = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (w >= (long long)tokens * all) return;
     const int token = (int)(w / all), head = (int)(w % all), half = dim / 2;
     const int b = token / time, t = token % time;
-    bf16* dx = dqkv + w * dim;
+    bf16* z = qkv + w * dim;
     if (head >= heads + kv_heads) {
         const bf16* g = gv + b * svb + t * svt + (head - heads - kv_heads) * svh;
-        for (int j = lane; j < dim; j += 32) dx[j] = g[j];
+        for (int j = lane; j < dim; j += 32) z[j] = g[j];
         return;
     }
     const bf16* g = head < heads ? gq + b * sqb + t * sqt + head * sqh
                                  : gk + b * skb + t * skt + (head - heads) * skh;
-    const bf16* zr = z + w * dim;
-    float g1[MAX_PAIR_STEPS][2], g2[MAX_PAIR_STEPS][2], dot = 0.f;
+    float g1[MAX_PAIR_STEPS][2], g2[MAX_PAIR_STEPS][2], z1[MAX_PAIR_STEPS][2], z2[MAX_PAIR_STEPS][2];
+    float dot = 0.f;
 #pragma unroll
     for (int s = 0; s < MAX_PAIR_STEPS; s++) {
         const int j = 2 * lane + 64 * s;
@@ -227,7 +221,9 @@ extern "C" __global__ void rope_norm_backward(const bf16* gq, long long sqb, lon
         for (int e = 0; e < 2; e++) {
             g1[s][e] = to_f(g[j + e]);
             g2[s][e] = to_f(g[half + j + e]);
-            dot += g1[s][e] * to_f(zr[j + e]) + g2[s][e] * to_f(zr[half + j + e]);
+            z1[s][e] = to_f(z[j + e]);
+            z2[s][e] = to_f(z[half + j + e]);
+            dot += g1[s][e] * z1[s][e] + g2[s][e] * z2[s][e];
         }
     }
     const float mean = warp_sum(dot) / dim, r = rstd[(long long)token * (heads + kv_heads) + head];
@@ -238,14 +234,14 @@ extern "C" __global__ void rope_norm_backward(const bf16* gq, long long sqb, lon
         float d1[2], d2[2];
 #pragma unroll
         for (int e = 0; e < 2; e++) {
-            const float dy1 = r * (g1[s][e] - to_f(zr[j + e]) * mean);
-            const float dy2 = r * (g2[s][e] - to_f(zr[half + j + e]) * mean);
+            const float dy1 = r * (g1[s][e] - z1[s][e] * mean);
+            const float dy2 = r * (g2[s][e] - z2[s][e] * mean);
             const float c = to_f(cos[t * half + j + e]), sn = to_f(sin[t * half + j + e]);
             d1[e] = dy1 * c - dy2 * sn;
             d2[e] = dy1 * sn + dy2 * c;
         }
-        *reinterpret_cast<unsigned*>(dx + j) = (unsigned)to_bf(d1[0]) | ((unsigned)to_bf(d1[1]) << 16);
-        *reinterpret_cast<unsigned*>(dx + half + j) = (unsigned)to_bf(d2[0]) | ((unsigned)to_bf(d2[1]) << 16);
+        *reinterpret_cast<unsigned*>(z + j) = (unsigned)to_bf(d1[0]) | ((unsigned)to_bf(d1[1]) << 16);
+        *reinterpret_cast<unsigned*>(z + half + j) = (unsigned)to_bf(d2[0]) | ((unsigned)to_bf(d2[1]) << 16);
     }
 }
 

@@ -24,9 +24,23 @@ pub struct Problem {
     pub canonical: Option<String>,
 }
 
+/// MultiPL-E's MBPP in C++ (398 problems, "keep" variant; `evals/`), built in so that
+/// `eval mbpp` needs no file from any working directory.
+const MBPP_CPP: &str = include_str!("../../../evals/multipl-e_mbpp-cpp-keep.jsonl");
+
+/// The built-in MBPP-C++ problems.
+pub fn mbpp_cpp() -> Result<Vec<Problem>> {
+    parse(MBPP_CPP, Path::new("<built-in MBPP-C++>"))
+}
+
 /// Reads a JSON lines benchmark in either format.
 pub fn load(path: &Path) -> Result<Vec<Problem>> {
     let text = std::fs::read_to_string(path).map_err(|e| EvalError::io(path, e))?;
+    parse(&text, path)
+}
+
+/// A JSON lines benchmark in either format; `path` names it in errors.
+fn parse(text: &str, path: &Path) -> Result<Vec<Problem>> {
     let mut out = Vec::new();
     for (i, line) in text
         .lines()

@@ -184,10 +184,9 @@ impl Gpt {
             let wqkv = Tensor::cat(&[w(Q), w(K), w(V)], 0);
             let (h1, rstd1) = fused.rmsnorm(&x, eps);
             mark("forward: rmsnorm");
-            let projected = h1.mm(&wqkv.tr()).view([b, t, all, dim]);
+            let qkv = h1.mm(&wqkv.tr()).view([b, t, all, dim]);
             mark("forward: matmuls");
-            let (qkv, rstd_qk) = fused.rope_norm(&projected, &cos, &sin, heads, eps);
-            drop(projected);
+            let rstd_qk = fused.rope_norm_(&qkv, &cos, &sin, heads, eps);
             mark("forward: rotary + qk-norm");
             let (q, k, v) = views(&qkv);
             let (out, attention) = attention::forward(&q, &k, &v);
@@ -271,17 +270,16 @@ impl Gpt {
             let (q, k, v) = views(&s.qkv);
             let (dq, dk, dv) = attention::backward(&s.attention, &dout, &q, &k, &v, &s.out);
             mark("backward: attention");
-            let dqkv = fused
-                .rope_norm_backward(
-                    &dq.transpose(1, 2),
-                    &dk.transpose(1, 2),
-                    &dv.transpose(1, 2),
-                    &s.qkv,
-                    &s.rstd_qk,
-                    &cos,
-                    &sin,
-                )
-                .view([n, all * dim]);
+            fused.rope_norm_backward_(
+                &dq.transpose(1, 2),
+                &dk.transpose(1, 2),
+                &dv.transpose(1, 2),
+                &s.qkv,
+                &s.rstd_qk,
+                &cos,
+                &sin,
+            );
+            let dqkv = s.qkv.view([n, all * dim]);
             mark("backward: rotary + qk-norm");
             let mut column = 0;
             for (k, width) in [(Q, heads * dim), (K, kv * dim), (V, kv * dim)] {

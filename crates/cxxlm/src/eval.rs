@@ -61,8 +61,10 @@ pub struct CompileArgs {
     /// `eval mbpp --completions-out` writes), checked as the benchmark's programs.
     #[arg(long, conflicts_with = "checkpoint")]
     completions: Option<PathBuf>,
-    #[arg(long, default_value = "evals/multipl-e_mbpp-cpp-keep.jsonl")]
-    problems: PathBuf,
+    /// The benchmark whose programs the completions complete (default: the built-in
+    /// MBPP-C++).
+    #[arg(long)]
+    problems: Option<PathBuf>,
     /// Also check every program with plain g++ (no header cache) and print the speed ratio.
     #[arg(long)]
     baseline: bool,
@@ -143,7 +145,8 @@ impl Span {
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// The benchmark (JSON lines); MBPP defaults to the copy under evals/.
+    /// The benchmark (JSON lines); MBPP defaults to its built-in copy (MultiPL-E's
+    /// MBPP-C++, also under evals/).
     #[arg(long)]
     problems: Option<PathBuf>,
     /// Completions made elsewhere: JSON lines with the problem's `name` (or `task_id`)
@@ -232,6 +235,14 @@ pub trait TextModel {
 /// Loads a checkpoint (or a run's newest) with its tokenizer, or `--tokenizer`'s.
 pub type LoadModel<'a> = &'a dyn Fn(&Path, Option<&Path>) -> Result<Box<dyn TextModel>>;
 
+/// The benchmark at `path`, or the built-in MBPP-C++.
+fn problems_or_mbpp(path: Option<&std::path::Path>) -> Result<Vec<bench::Problem>> {
+    Ok(match path {
+        Some(p) => bench::load(p)?,
+        None => bench::mbpp_cpp()?,
+    })
+}
+
 fn needed(load: Option<LoadModel>) -> Result<LoadModel> {
     load.context("this evaluation runs a model: it is cxxlm-torch's")
 }
@@ -239,9 +250,9 @@ fn needed(load: Option<LoadModel>) -> Result<LoadModel> {
 /// Runs an evaluation; those that need a model load it with `load` (`None` in `cxxlm`,
 /// which hands them to `cxxlm-torch`). Bits per byte is `cxxlm-torch`'s alone.
 pub fn run(cmd: EvalCommand, load: Option<LoadModel>) -> Result<()> {
-    let (args, default) = match cmd {
-        EvalCommand::Mbpp(a) => (a, Some("evals/multipl-e_mbpp-cpp-keep.jsonl")),
-        EvalCommand::Humaneval(a) => (a, None),
+    let (args, mbpp) = match cmd {
+        EvalCommand::Mbpp(a) => (a, true),
+        EvalCommand::Humaneval(a) => (a, false),
         EvalCommand::Compile(a) => return compile(a, load),
         EvalCommand::Bpb(_) => bail!("bits per byte runs a model: it is cxxlm-torch's"),
         EvalCommand::Fim(a) => {
@@ -249,12 +260,10 @@ pub fn run(cmd: EvalCommand, load: Option<LoadModel>) -> Result<()> {
             return fim(a, model.as_ref());
         }
     };
-    let problems_path = args
-        .problems
-        .clone()
-        .or_else(|| default.map(PathBuf::from))
-        .context("--problems: the benchmark's JSON lines")?;
-    let mut problems = bench::load(&problems_path)?;
+    let mut problems = match (&args.problems, mbpp) {
+        (None, false) => bail!("--problems: the benchmark's JSON lines"),
+        (path, _) => problems_or_mbpp(path.as_deref())?,
+    };
     if let Some(n) = args.limit {
         problems.truncate(n);
     }
@@ -276,7 +285,7 @@ pub fn run(cmd: EvalCommand, load: Option<LoadModel>) -> Result<()> {
             .filter_map(|p| p.canonical.clone().map(|c| (p.name.clone(), c)))
             .collect();
         if refs.is_empty() {
-            bail!("{} has no reference solutions", problems_path.display());
+            bail!("the benchmark has no reference solutions (HumanEval-X has)");
         }
         refs
     } else {
@@ -514,7 +523,7 @@ fn compile(args: CompileArgs, load: Option<LoadModel>) -> Result<()> {
             programs
         }
         (None, Some(completions)) => {
-            let problems = bench::load(&args.problems)?;
+            let problems = problems_or_mbpp(args.problems.as_deref())?;
             let by_name: std::collections::HashMap<&str, &Problem> =
                 problems.iter().map(|p| (p.name.as_str(), p)).collect();
             read_completions(completions)?

@@ -121,7 +121,8 @@ struct EvalSettings {
     /// MBPP-C++ problems (0 = all 398).
     mbpp_problems: usize,
     mbpp_max_tokens: usize,
-    mbpp_file: PathBuf,
+    /// Another MultiPL-E-format benchmark instead of the built-in MBPP-C++.
+    mbpp_file: Option<PathBuf>,
     /// Sequences generated together.
     batch: usize,
 }
@@ -136,7 +137,7 @@ impl Default for EvalSettings {
             compile_max_tokens: 256,
             mbpp_problems: 0,
             mbpp_max_tokens: 384,
-            mbpp_file: PathBuf::from("evals/multipl-e_mbpp-cpp-keep.jsonl"),
+            mbpp_file: None,
             batch: 32,
         }
     }
@@ -359,29 +360,23 @@ fn stages(config: &Config, l: &Layout, pretrain_toml: &str) -> Vec<Stage> {
             ],
         ),
     ];
-    if e.mbpp_file.exists() {
-        let mut more = vec![
-            "--problems".into(),
-            s(&e.mbpp_file),
-            "--max-tokens".into(),
-            e.mbpp_max_tokens.to_string(),
-            "--batch".into(),
-            e.batch.to_string(),
-            "--completions-out".into(),
-            s(&l.mbpp_completions()),
-        ];
-        if e.mbpp_problems > 0 {
-            more.extend(["--limit".into(), e.mbpp_problems.to_string()]);
-        }
-        let mut mbpp = model_eval("eval-mbpp", "mbpp", &more);
-        mbpp.outputs.push(l.mbpp_completions());
-        list.push(mbpp);
-    } else {
-        eprintln!(
-            "MBPP-C++ is left out: {} not found (set eval.mbpp_file)",
-            e.mbpp_file.display()
-        );
+    let mut more = vec![
+        "--max-tokens".into(),
+        e.mbpp_max_tokens.to_string(),
+        "--batch".into(),
+        e.batch.to_string(),
+        "--completions-out".into(),
+        s(&l.mbpp_completions()),
+    ];
+    if let Some(file) = &e.mbpp_file {
+        more.extend(["--problems".into(), s(file)]);
     }
+    if e.mbpp_problems > 0 {
+        more.extend(["--limit".into(), e.mbpp_problems.to_string()]);
+    }
+    let mut mbpp = model_eval("eval-mbpp", "mbpp", &more);
+    mbpp.outputs.push(l.mbpp_completions());
+    list.push(mbpp);
     list
 }
 

@@ -12,8 +12,6 @@ use std::time::{Duration, Instant};
 
 /// A small but real configuration: 40 headers, a 1K vocabulary, a 2-layer model.
 fn settings() -> Vec<String> {
-    let mbpp =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../evals/multipl-e_mbpp-cpp-keep.jsonl");
     [
         "tokenizer.vocab=1024",
         "pack.val_fraction=0.3",
@@ -39,7 +37,6 @@ fn settings() -> Vec<String> {
     ]
     .iter()
     .map(|s| s.to_string())
-    .chain([format!("eval.mbpp_file={:?}", mbpp.display().to_string())])
     .collect()
 }
 
