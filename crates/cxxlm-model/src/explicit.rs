@@ -31,8 +31,7 @@ struct Saved {
     /// Rotated and normalized q and k, and v: `(B, T, heads + 2 kv_heads, dim)`.
     qkv: Tensor,
     rstd_qk: Tensor,
-    /// The attention's output `(B, H, T, D)` as its backward wants it, and as `(N, width)`.
-    out: Tensor,
+    /// The attention's output as `(N, width)`.
     out_rows: Tensor,
     attention: attention::Saved,
     h2: Tensor,
@@ -207,7 +206,6 @@ impl Gpt {
                 rstd1,
                 qkv,
                 rstd_qk,
-                out,
                 out_rows,
                 attention,
                 h2,
@@ -268,7 +266,8 @@ impl Gpt {
             let dout = dx.mm(w(PROJ)).view([b, t, heads, dim]).transpose(1, 2);
             mark("backward: matmuls");
             let (q, k, v) = views(&s.qkv);
-            let (dq, dk, dv) = attention::backward(&s.attention, &dout, &q, &k, &v, &s.out);
+            let out = s.out_rows.view([b, t, heads, dim]).transpose(1, 2);
+            let (dq, dk, dv) = attention::backward(&s.attention, &dout, &q, &k, &v, &out);
             mark("backward: attention");
             fused.rope_norm_backward_(
                 &dq.transpose(1, 2),
