@@ -103,12 +103,36 @@ impl Gpt {
         None
     }
 
-    /// Trains by the explicit pass with the fused CUDA kernels of the model's device;
-    /// why not, where they cannot run or do not cover the model.
+    /// Trains by the explicit pass with the fused CUDA kernels of the model's device, once
+    /// a copy of this model two layers deep has given autograd's loss and gradients with
+    /// them on this GPU ([`check_explicit_pass`]); says why not otherwise.
     pub fn use_fused_kernels(&mut self) -> Result<(), String> {
-        if !self.device.is_cuda() {
+        let tch::Device::Cuda(index) = self.device else {
             return Err("the fused kernels need a CUDA device".into());
+        };
+        if let Some(why) = self.explicit_unsupported() {
+            return Err(why);
         }
+        let config = self.config.clone();
+        let checks = std::panic::catch_unwind(|| check_explicit_pass(index, &config)).map_err(
+            |panic| {
+                let text = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+                format!("their check failed: {}", text.unwrap_or_default())
+            },
+        )??;
+        if let Some(bad) = checks.iter().find(|c| !c.ok()) {
+            return Err(format!(
+                "they disagree with autograd on this GPU: {} error {:.2e} > {:.0e}",
+                bad.name, bad.error, bad.tolerance
+            ));
+        }
+        self.enable_fused_kernels()
+    }
+
+    fn enable_fused_kernels(&mut self) -> Result<(), String> {
         let fused = Fused::for_device(self.device)?;
         self.set_fused(Some(fused)).map_err(|e| e.to_string())
     }
@@ -311,35 +335,39 @@ impl Gpt {
 }
 
 /// The explicit pass with the fused kernels against autograd on CUDA device `device`, both
-/// in bf16: the loss and every weight's gradient of a small model (head dim 128) with
-/// random weights, on random tokens some of whose targets are ignored.
-pub fn check_explicit_pass(device: usize) -> Result<Vec<Check>, String> {
+/// in bf16: the loss and every weight's gradient of a model like `like` but two layers
+/// deep, with random weights, on random tokens (2 x 256) some of whose targets are
+/// ignored.
+pub fn check_explicit_pass(device: usize, like: &ModelConfig) -> Result<Vec<Check>, String> {
     let _guard = crate::TORCH_RNG.lock().unwrap_or_else(|p| p.into_inner());
+    let seq = like.seq_len.min(256);
     let config = ModelConfig {
-        seq_len: 256,
-        ..ModelConfig::from_depth(4, 4096, 256)
+        depth: 2,
+        seq_len: seq,
+        ..like.clone()
     };
     let dev = tch::Device::Cuda(device);
+    let vocab = config.vocab_size as i64;
     let mut model = Gpt::new(config, dev, 0).map_err(|e| e.to_string())?;
     tch::no_grad(|| {
-        for (_, p) in &mut model.params {
-            let std = if p.size()[1] == model.config.width as i64 {
-                0.05
-            } else {
-                1.0
+        for (name, p) in &mut model.params {
+            let std = match name.as_str() {
+                "wte" => 1.0,
+                _ => (p.size()[1] as f64).powf(-0.5),
             };
             p.copy_(&(p.randn_like() * std));
         }
     });
-    let inputs = Tensor::randint(4096, [4, 256], (Kind::Int64, dev));
-    let targets = Tensor::randint(4096, [4, 256], (Kind::Int64, dev));
+    let shape = [2, seq as i64];
+    let inputs = Tensor::randint(vocab, shape, (Kind::Int64, dev));
+    let targets = Tensor::randint(vocab, shape, (Kind::Int64, dev));
     let _ = targets.narrow(1, 0, 16).fill_(-1);
     let want_loss = model.forward_backward_autograd(&inputs, &targets, 1.0);
     let want: Vec<Tensor> = model.params.iter().map(|(_, p)| p.grad().copy()).collect();
     for (_, p) in &mut model.params {
         p.zero_grad();
     }
-    model.use_fused_kernels()?;
+    model.enable_fused_kernels()?;
     let loss = model.forward_backward(&inputs, &targets, 1.0);
     let mut checks = vec![Check::relative_l2(
         "model loss".into(),

@@ -18,7 +18,14 @@ fn require_cuda(device: usize) -> Result<()> {
 pub fn check(device: usize) -> Result<()> {
     require_cuda(device)?;
     let mut checks = cxxlm_cuda::check::kernels(device).map_err(anyhow::Error::msg)?;
-    checks.extend(cxxlm_model::check_explicit_pass(device).map_err(anyhow::Error::msg)?);
+    // The step of d12 (heads of 128) and of the 3B preset (heads of 80, GQA).
+    for preset in ["d12", "3b"] {
+        let like = ModelConfig::preset(preset, 32_768)?;
+        for mut c in cxxlm_model::check_explicit_pass(device, &like).map_err(anyhow::Error::msg)? {
+            c.name = format!("{preset}: {}", c.name);
+            checks.push(c);
+        }
+    }
     println!("| check | error | tolerance | |\n|---|---:|---:|---|");
     for c in &checks {
         let verdict = if c.ok() { "ok" } else { "FAILED" };
