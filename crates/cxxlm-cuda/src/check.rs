@@ -19,21 +19,30 @@ impl Check {
         self.error <= self.tolerance
     }
 
+    /// `error` of `name` (a NaN counts as infinitely wrong).
+    fn new(name: String, error: f64, tolerance: f64) -> Check {
+        let error = if error.is_finite() {
+            error
+        } else {
+            f64::INFINITY
+        };
+        Check {
+            name,
+            error,
+            tolerance,
+        }
+    }
+
     /// The norm of the difference relative to the definition's norm: for quantities that
     /// differ by rounding everywhere (bf16 against bf16 by another route).
     pub fn relative_l2(name: String, got: &Tensor, want: &Tensor, tolerance: f64) -> Check {
         let (got, want) = (got.to_kind(Kind::Float), want.to_kind(Kind::Float));
         let scale = want.norm().double_value(&[]).max(1e-30);
-        let error = (got - want).norm().double_value(&[]) / scale;
-        Check {
+        Check::new(
             name,
-            error: if error.is_finite() {
-                error
-            } else {
-                f64::INFINITY
-            },
+            (got - want).norm().double_value(&[]) / scale,
             tolerance,
-        }
+        )
     }
 }
 
@@ -44,16 +53,11 @@ const BF16_TOLERANCE: f64 = 3e-2;
 fn compare(name: String, got: &Tensor, want: &Tensor, tolerance: f64) -> Check {
     let (got, want) = (got.to_kind(Kind::Float), want.to_kind(Kind::Float));
     let scale = want.abs().max().double_value(&[]).max(1e-30);
-    let error = (got - want).abs().max().double_value(&[]) / scale;
-    Check {
+    Check::new(
         name,
-        error: if error.is_finite() {
-            error
-        } else {
-            f64::INFINITY
-        },
+        (got - want).abs().max().double_value(&[]) / scale,
         tolerance,
-    }
+    )
 }
 
 /// A bf16 tensor of N(0, std^2) values, and the same values in fp32 as a leaf that

@@ -90,6 +90,11 @@ fn variant(name: &str, wide: bool) -> String {
     format!("{name}_{}", if wide { "v8" } else { "v1" })
 }
 
+/// Blocks of 256 threads for `n` elements, each thread taking 8 (`wide`) or 1.
+fn elementwise_grid(n: i64, wide: bool) -> usize {
+    (n as usize).div_ceil(256 * if wide { 8 } else { 1 })
+}
+
 /// Warps of 32 threads, eight to a block.
 fn warp_grid(warps: i64) -> usize {
     (warps as usize).div_ceil(8)
@@ -345,11 +350,10 @@ impl Fused {
                 expect_bf16(u, "relu^2 input");
                 let n = u.numel() as i64;
                 let wide = vec8(n, &[u]);
-                let per_block = 256 * if wide { 8 } else { 1 };
-                let grid = (n as usize).div_ceil(per_block);
+                let name = variant("relu2_forward", wide);
                 k.launch(
-                    &variant("relu2_forward", wide),
-                    grid,
+                    &name,
+                    elementwise_grid(n, wide),
                     256,
                     &[ptr(u), Arg::I64(n)],
                 );
@@ -369,14 +373,9 @@ impl Fused {
                 expect_bf16(a, "relu^2 output");
                 let n = da.numel() as i64;
                 let wide = vec8(n, &[da, a]);
-                let per_block = 256 * if wide { 8 } else { 1 };
-                let grid = (n as usize).div_ceil(per_block);
-                k.launch(
-                    &variant("relu2_backward", wide),
-                    grid,
-                    256,
-                    &[ptr(da), ptr(a), Arg::I64(n)],
-                );
+                let args = [ptr(da), ptr(a), Arg::I64(n)];
+                let name = variant("relu2_backward", wide);
+                k.launch(&name, elementwise_grid(n, wide), 256, &args);
             }
         }
     }

@@ -151,6 +151,10 @@ extern "C" __global__ void rmsnorm_backward_v1(const bf16* dy, const bf16* y, co
 
 #define MAX_PAIR_STEPS 4  // head dims up to 4 * 64 * 2 = 512
 
+// Step `s` of a lane's pairs: elements j and j + 1 of each half of the head.
+#define FOR_EACH_PAIR(s, j) \
+    _Pragma("unroll") for (int s = 0, j = 2 * lane; s < MAX_PAIR_STEPS && j < half; s++, j += 64)
+
 extern "C" __global__ void rope_norm_forward(bf16* qkv, const bf16* cos, const bf16* sin, float* rstd, int tokens,
                                              int time, int heads, int kv_heads, int dim, float eps) {
     const int qk = heads + kv_heads, all = heads + 2 * kv_heads;
@@ -161,10 +165,7 @@ extern "C" __global__ void rope_norm_forward(bf16* qkv, const bf16* cos, const b
     bf16* x = qkv + ((long long)token * all + head) * dim;
     const int t = token % time;
     float y1[MAX_PAIR_STEPS][2], y2[MAX_PAIR_STEPS][2], ss = 0.f;
-#pragma unroll
-    for (int s = 0; s < MAX_PAIR_STEPS; s++) {
-        const int j = 2 * lane + 64 * s;
-        if (j >= half) break;
+    FOR_EACH_PAIR(s, j) {
 #pragma unroll
         for (int e = 0; e < 2; e++) {
             const float c = to_f(cos[t * half + j + e]), sn = to_f(sin[t * half + j + e]);
@@ -175,10 +176,7 @@ extern "C" __global__ void rope_norm_forward(bf16* qkv, const bf16* cos, const b
         }
     }
     const float r = rsqrtf(warp_sum(ss) / dim + eps);
-#pragma unroll
-    for (int s = 0; s < MAX_PAIR_STEPS; s++) {
-        const int j = 2 * lane + 64 * s;
-        if (j >= half) break;
+    FOR_EACH_PAIR(s, j) {
         *reinterpret_cast<unsigned*>(x + j) =
             (unsigned)to_bf(y1[s][0] * r) | ((unsigned)to_bf(y1[s][1] * r) << 16);
         *reinterpret_cast<unsigned*>(x + half + j) =
@@ -213,10 +211,7 @@ extern "C" __global__ void rope_norm_backward(const bf16* gq, long long sqb, lon
                                  : gk + b * skb + t * skt + (head - heads) * skh;
     float g1[MAX_PAIR_STEPS][2], g2[MAX_PAIR_STEPS][2], z1[MAX_PAIR_STEPS][2], z2[MAX_PAIR_STEPS][2];
     float dot = 0.f;
-#pragma unroll
-    for (int s = 0; s < MAX_PAIR_STEPS; s++) {
-        const int j = 2 * lane + 64 * s;
-        if (j >= half) break;
+    FOR_EACH_PAIR(s, j) {
 #pragma unroll
         for (int e = 0; e < 2; e++) {
             g1[s][e] = to_f(g[j + e]);
@@ -227,10 +222,7 @@ extern "C" __global__ void rope_norm_backward(const bf16* gq, long long sqb, lon
         }
     }
     const float mean = warp_sum(dot) / dim, r = rstd[(long long)token * (heads + kv_heads) + head];
-#pragma unroll
-    for (int s = 0; s < MAX_PAIR_STEPS; s++) {
-        const int j = 2 * lane + 64 * s;
-        if (j >= half) break;
+    FOR_EACH_PAIR(s, j) {
         float d1[2], d2[2];
 #pragma unroll
         for (int e = 0; e < 2; e++) {
