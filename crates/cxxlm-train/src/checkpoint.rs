@@ -158,6 +158,16 @@ pub fn load(dir: &Path) -> Result<Loaded> {
     read(dir, true)
 }
 
+/// A checkpoint's `trainer.json`.
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
+    let trainer = dir.join("trainer.json");
+    let bytes = std::fs::read(&trainer).map_err(|e| TrainError::io(&trainer, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| TrainError::Checkpoint {
+        path: trainer,
+        message: format!("unreadable: {e}"),
+    })
+}
+
 /// The checkpoint; with `optimizer`, every rank's optimizer state as well (resuming needs
 /// it, using the model does not). The files read are checked against their checksums.
 fn read(dir: &Path, optimizer: bool) -> Result<Loaded> {
@@ -166,9 +176,7 @@ fn read(dir: &Path, optimizer: bool) -> Result<Loaded> {
         message,
     };
     let trainer = dir.join("trainer.json");
-    let bytes = std::fs::read(&trainer).map_err(|e| TrainError::io(&trainer, e))?;
-    let state: TrainerState =
-        serde_json::from_slice(&bytes).map_err(|e| bad(&trainer, format!("unreadable: {e}")))?;
+    let state = read_state(dir)?;
     let optimizer_files: Vec<String> = match optimizer {
         true => (0..state.world).map(optimizer_file).collect(),
         false => Vec::new(),

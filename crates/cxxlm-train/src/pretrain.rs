@@ -355,10 +355,20 @@ pub fn pretrain(
     let seq = model_config.seq_len;
     let run = &cfg.train;
     let micro_tokens = run.device_batch * seq * ranks;
-    let total_batch = if run.total_batch_tokens == 0 {
-        micro_tokens
-    } else {
-        run.total_batch_tokens
+    let ckpt_root = cfg.out.join("checkpoints");
+    // Left to the device count (0), the batch is the first start's: a run resumed on
+    // another number of ranks keeps it, with more or fewer micro-batches.
+    let started_with = match (resume, run.total_batch_tokens) {
+        (true, 0) => checkpoint::latest(&ckpt_root)
+            .map(|dir| checkpoint::read_state(&dir))
+            .transpose()?
+            .and_then(|s| s.run.get("total_batch_tokens")?.as_u64()),
+        _ => None,
+    };
+    let total_batch = match (run.total_batch_tokens, started_with) {
+        (0, Some(tokens)) => tokens as usize,
+        (0, None) => micro_tokens,
+        (tokens, _) => tokens,
     };
     if run.device_batch == 0 || total_batch % micro_tokens != 0 {
         return Err(TrainError::Config(format!(
@@ -413,7 +423,6 @@ pub fn pretrain(
         "schedule": cfg.schedule,
     });
 
-    let ckpt_root = cfg.out.join("checkpoints");
     std::fs::create_dir_all(&ckpt_root).map_err(|e| TrainError::io(&ckpt_root, e))?;
     let mut state = TrainerState {
         step: 0,

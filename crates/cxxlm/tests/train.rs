@@ -229,10 +229,17 @@ fn two_and_four_ranks_train_as_one_rank_with_micro_batches_and_resume_on_one() {
     let one = p.f.root.join("one");
     let said = train(&p, &one, &["--set", "train.steps=8"]);
     assert!(String::from_utf8_lossy(&said.stderr).contains("2 micro-batches each"));
+    // The batch left to the device count (0: 2 ranks x 4 rows, the same 8 rows).
     let two = p.f.root.join("two");
+    let by_ranks = [
+        "--set",
+        "train.total_batch_tokens=0",
+        "--set",
+        "train.steps=8",
+    ];
     let said = launch(
         2,
-        &train_args(&p, &two, &["--set", "train.steps=8", "--stop-at", "5"]),
+        &train_args(&p, &two, &[&by_ranks[..], &["--stop-at", "5"]].concat()),
     );
     let stderr = String::from_utf8_lossy(&said.stderr);
     assert!(
@@ -246,9 +253,14 @@ fn two_and_four_ranks_train_as_one_rank_with_micro_batches_and_resume_on_one() {
     let trainer: Value =
         serde_json::from_slice(&std::fs::read(ckpt.join("trainer.json")).unwrap()).unwrap();
     assert_eq!(trainer["world"], 2);
-    // The two-rank run continues on one rank (with two micro-batches) to the end.
-    let said = train(&p, &two, &["--set", "train.steps=8", "--resume"]);
-    assert!(String::from_utf8_lossy(&said.stderr).contains("resumed after step 5"));
+    // The two-rank run continues on one rank (with two micro-batches: the batch it
+    // started with) to the end.
+    let said = train(&p, &two, &[&by_ranks[..], &["--resume"]].concat());
+    let stderr = String::from_utf8_lossy(&said.stderr);
+    assert!(
+        stderr.contains("2 micro-batches each, resumed after step 5"),
+        "{stderr}"
+    );
 
     let a = losses(&one);
     assert_eq!(a.len(), 8);
