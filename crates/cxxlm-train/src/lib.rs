@@ -9,7 +9,7 @@ pub mod metrics;
 pub mod optim;
 pub mod pretrain;
 
-pub use optim::{OptimConfig, Optimizer, Schedule};
+pub use optim::{Matrices, OptimConfig, Optimizer, Schedule};
 pub use pretrain::{pretrain, Event, TrainConfig};
 
 use std::path::PathBuf;

@@ -1,5 +1,5 @@
-//! Muon for the blocks' matrices, AdamW for the embedding and the head (nanochat's
-//! split), gradient clipping and the learning-rate schedule; the state is split among
+//! Muon for the blocks' matrices (or AdamW, `matrices = "adamw"`), AdamW for the
+//! embedding and the head (nanochat's split), gradient clipping and the learning-rate schedule; the state is split among
 //! the ranks of a data-parallel run and named per parameter, so that a run resumes on
 //! any number of ranks.
 
@@ -9,9 +9,21 @@ use tch::{Kind, Tensor};
 use crate::dist::{flat_padded, Comm};
 use crate::Result;
 
+/// What updates the blocks' matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Matrices {
+    Muon,
+    /// AdamW at `matrix_lr` (the baseline Muon is measured against; PyTorch references
+    /// use it).
+    Adamw,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OptimConfig {
+    pub matrices: Matrices,
+    /// Muon's rate, or AdamW's for the matrices with `matrices = "adamw"`.
     pub matrix_lr: f64,
     pub embedding_lr: f64,
     pub unembedding_lr: f64,
@@ -30,6 +42,7 @@ pub struct OptimConfig {
 impl Default for OptimConfig {
     fn default() -> Self {
         OptimConfig {
+            matrices: Matrices::Muon,
             matrix_lr: 0.02,
             embedding_lr: 0.2,
             unembedding_lr: 0.004,
@@ -165,10 +178,11 @@ impl Optimizer {
         let mut muon: Vec<MuonGroup> = Vec::new();
         let mut adam = Vec::new();
         for (name, p) in params {
-            let lr = match name.as_str() {
-                "wte" => Some(config.embedding_lr),
-                "lm_head" => Some(config.unembedding_lr),
-                _ => None,
+            let lr = match (name.as_str(), config.matrices) {
+                ("wte", _) => Some(config.embedding_lr * dmodel_scale),
+                ("lm_head", _) => Some(config.unembedding_lr * dmodel_scale),
+                (_, Matrices::Adamw) => Some(config.matrix_lr),
+                (_, Matrices::Muon) => None,
             };
             if let Some(lr) = lr {
                 let part = flat_padded(p, world).size()[0] / world as i64;
@@ -176,7 +190,7 @@ impl Optimizer {
                 adam.push(AdamSlot {
                     name: name.clone(),
                     param: p.shallow_clone(),
-                    lr: lr * dmodel_scale,
+                    lr,
                     exp_avg: state(),
                     exp_avg_sq: state(),
                 });
@@ -454,6 +468,28 @@ mod tests {
             (moved[0] - 0.8).abs() < 1e-5 && (moved[1] + 1.8).abs() < 1e-5,
             "{moved:?}"
         );
+    }
+
+    #[test]
+    fn adamw_can_update_the_matrices_instead_of_muon() {
+        let params = toy_params();
+        for (_, p) in &params {
+            (p * p.ones_like()).sum(Kind::Float).backward();
+        }
+        let before: Vec<Tensor> = params.iter().map(|(_, p)| p.detach().copy()).collect();
+        let config = OptimConfig {
+            matrices: Matrices::Adamw,
+            matrix_lr: 0.01,
+            grad_clip: 0.0,
+            ..Default::default()
+        };
+        let mut opt = Optimizer::new(&params, 768, config, 0, 1);
+        let _norm = opt.step(0, 1.0, &Comm::single()).unwrap();
+        assert!(opt.state().iter().all(|(n, _)| !n.ends_with(".momentum")));
+        // A first AdamW step: every matrix weight moves by its LR against the gradient.
+        let moved = (&params[2].1.detach() - &before[2]).abs();
+        let off = (moved - 0.01).abs().max().double_value(&[]);
+        assert!(off < 1e-6, "{off}");
     }
 
     fn toy_params() -> Vec<(String, Tensor)> {

@@ -376,6 +376,12 @@ pub fn pretrain(
             run.device_batch
         )));
     }
+    if cfg.optim.matrices == crate::Matrices::Adamw && cfg.optim.matrix_lr > 0.01 {
+        return Err(TrainError::Config(format!(
+            "optim.matrix_lr = {} is a Muon rate: with optim.matrices = \"adamw\" give AdamW's (3e-4, say)",
+            cfg.optim.matrix_lr
+        )));
+    }
     let grad_accum = total_batch / micro_tokens;
     let mut steps = if run.steps > 0 {
         run.steps
