@@ -145,6 +145,13 @@ fn bad_input_is_named() {
     assert!(e.contains("another model"), "{e}");
     let e = fails(&p, &out, &["--set", "train.steps=6", "--resume"]);
     assert!(e.contains("other training settings"), "{e}");
+    // A Muon learning rate given to AdamW.
+    let e = fails(
+        &p,
+        &p.f.root.join("adamw"),
+        &["--set", "optim.matrices=adamw"],
+    );
+    assert!(e.contains("is a Muon rate"), "{e}");
     // A corrupt checkpoint is caught by its checksum.
     let weights = out.join("checkpoints/step-000003/model.safetensors");
     let mut bytes = std::fs::read(&weights).unwrap();
