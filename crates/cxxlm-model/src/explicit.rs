@@ -335,9 +335,9 @@ impl Gpt {
 }
 
 /// The explicit pass with the fused kernels against autograd on CUDA device `device`, both
-/// in bf16: the loss and every weight's gradient of a model like `like` but two layers
-/// deep, with random weights, on random tokens (2 x 256) some of whose targets are
-/// ignored.
+/// in bf16: the loss and every weight's gradient (accumulated over two passes) of a model
+/// like `like` but two layers deep, with random weights, on random tokens (2 x 256) some
+/// of whose targets are ignored.
 pub fn check_explicit_pass(device: usize, like: &ModelConfig) -> Result<Vec<Check>, String> {
     let _guard = crate::TORCH_RNG.lock().unwrap_or_else(|p| p.into_inner());
     let seq = like.seq_len.min(256);
@@ -368,20 +368,16 @@ pub fn check_explicit_pass(device: usize, like: &ModelConfig) -> Result<Vec<Chec
         p.zero_grad();
     }
     model.enable_fused_kernels()?;
-    let loss = model.forward_backward(&inputs, &targets, 1.0);
-    let mut checks = vec![Check::relative_l2(
-        "model loss".into(),
-        &loss,
-        &want_loss,
-        1e-2,
-    )];
+    // Two passes: gradients must add up over micro-batches, not overwrite each other.
+    let mut checks = Vec::new();
+    for pass in ["first", "second"] {
+        let loss = model.forward_backward(&inputs, &targets, 1.0);
+        let name = format!("model loss, {pass} pass");
+        checks.push(Check::relative_l2(name, &loss, &want_loss, 1e-2));
+    }
     for ((name, p), w) in model.params.iter().zip(&want) {
-        checks.push(Check::relative_l2(
-            format!("model gradient {name}"),
-            &p.grad(),
-            w,
-            5e-2,
-        ));
+        let name = format!("model gradient {name}, two passes");
+        checks.push(Check::relative_l2(name, &p.grad(), &(w * 2.0), 5e-2));
     }
     Ok(checks)
 }
