@@ -120,7 +120,10 @@ impl Gpt {
                     .downcast_ref::<String>()
                     .cloned()
                     .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
-                format!("their check failed: {}", text.unwrap_or_default())
+                format!(
+                    "their check failed ({}); should CUDA fail from here on, run with CXXLM_FUSED=0",
+                    text.unwrap_or_default()
+                )
             },
         )??;
         if let Some(bad) = checks.iter().find(|c| !c.ok()) {
