@@ -258,6 +258,26 @@ pub fn against_definitions(fused: Fused, dev: Device) -> Vec<Check> {
             BF16_TOLERANCE,
         ));
     }
+    let state = |scale: f64| Tensor::randn([1 << 20], (Kind::Float, dev)) * scale;
+    let (p, g, m, v) = (state(0.1), state(1e-3), state(1e-4), state(1e-4).square());
+    let settings = crate::fused::AdamwStep {
+        lr: 0.004,
+        betas: [0.8, 0.95],
+        eps: 1e-10,
+        weight_decay: 0.1,
+        step: 3.0,
+    };
+    let want = [p.copy(), m.copy(), v.copy()];
+    Fused::Reference.adamw_(&want[0], &g, &want[1], &want[2], &settings);
+    let got = [p.copy(), m.copy(), v.copy()];
+    fused.adamw_(&got[0], &g, &got[1], &got[2], &settings);
+    for (name, got, want) in [
+        ("weights", &got[0], &want[0]),
+        ("exp_avg", &got[1], &want[1]),
+        ("exp_avg_sq", &got[2], &want[2]),
+    ] {
+        checks.push(compare(format!("AdamW {name}"), got, want, 1e-5));
+    }
     checks
 }
 

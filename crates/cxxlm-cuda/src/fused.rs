@@ -12,7 +12,7 @@ use crate::nvrtc::{self, Arg, Function};
 
 const SOURCE: &str = include_str!("kernels.cu");
 
-const KERNELS: [&str; 12] = [
+const KERNELS: [&str; 13] = [
     "rmsnorm_forward_v8",
     "rmsnorm_forward_v1",
     "rmsnorm_backward_v8",
@@ -25,6 +25,7 @@ const KERNELS: [&str; 12] = [
     "relu2_backward_v1",
     "softcap_cross_entropy_v8",
     "softcap_cross_entropy_v1",
+    "adamw_step",
 ];
 
 /// Head dimensions the rotary kernels take (`MAX_PAIR_STEPS` pairs of 64 per lane).
@@ -437,6 +438,73 @@ impl Fused {
             }
         }
     }
+
+    /// One AdamW update of fp32 weights `param` from `grad`, with their moments
+    /// `exp_avg` and `exp_avg_sq`, all in place (contiguous, same size).
+    pub fn adamw_(
+        &self,
+        param: &Tensor,
+        grad: &Tensor,
+        exp_avg: &Tensor,
+        exp_avg_sq: &Tensor,
+        s: &AdamwStep,
+    ) {
+        let [b1, b2] = s.betas;
+        let correction1 = 1.0 - b1.powf(s.step);
+        let correction2 = (1.0 - b2.powf(s.step)).sqrt();
+        match self {
+            Fused::Reference => {
+                let mut p = param.shallow_clone();
+                if s.weight_decay > 0.0 {
+                    let _ = p.g_mul_scalar_(1.0 - s.lr * s.weight_decay);
+                }
+                let _ = exp_avg.shallow_clone().lerp_(grad, 1.0 - b1);
+                let mut v = exp_avg_sq.shallow_clone();
+                let _ = v.g_mul_scalar_(b2);
+                let _ = v.g_add_(&(grad.square() * (1.0 - b2)));
+                let denom = (v.sqrt() / correction2) + s.eps;
+                let _ = p.g_add_(&(exp_avg / denom * (-s.lr / correction1)));
+            }
+            Fused::Kernels(k) => {
+                let n = param.numel();
+                for (t, what) in [
+                    (param, "weights"),
+                    (grad, "gradient"),
+                    (exp_avg, "exp_avg"),
+                    (exp_avg_sq, "exp_avg_sq"),
+                ] {
+                    assert!(
+                        t.kind() == Kind::Float && t.is_contiguous() && t.numel() == n,
+                        "AdamW {what}: contiguous fp32 of the weights' size"
+                    );
+                }
+                let args = [
+                    ptr(param),
+                    ptr(grad),
+                    ptr(exp_avg),
+                    ptr(exp_avg_sq),
+                    Arg::I64(n as i64),
+                    Arg::F32(s.lr as f32),
+                    Arg::F32(b1 as f32),
+                    Arg::F32(b2 as f32),
+                    Arg::F32(s.eps as f32),
+                    Arg::F32((1.0 - s.lr * s.weight_decay) as f32),
+                    Arg::F32(correction1 as f32),
+                    Arg::F32(correction2 as f32),
+                ];
+                k.launch("adamw_step", elementwise_grid(n as i64, false), 256, &args);
+            }
+        }
+    }
+}
+
+/// One AdamW update's settings; `step` counts from 1.
+pub struct AdamwStep {
+    pub lr: f64,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub step: f64,
 }
 
 /// `cos` and `sin` `(T', dim / 2)` as fp32 `(1, T, 1, dim / 2)` for broadcasting.

@@ -326,3 +326,21 @@ extern "C" __global__ void softcap_cross_entropy_v1(bf16* logits, const long lon
                                                     int vocab, float cap, float scale) {
     softcap_cross_entropy<1>(logits, targets, losses, vocab, cap, scale);
 }
+
+// ---- AdamW, one pass over fp32 weights and their state --------------------------------
+//
+// m <- m + (1 - beta1) (g - m); v <- beta2 v + (1 - beta2) g^2;
+// p <- p decay - lr / correction1 * m / (sqrt(v) / correction2 + eps), with
+// decay = 1 - lr weight_decay, correction1 = 1 - beta1^t, correction2 = sqrt(1 - beta2^t).
+extern "C" __global__ void adamw_step(float* p, const float* g, float* m, float* v, long long n, float lr,
+                                      float beta1, float beta2, float eps, float decay, float correction1,
+                                      float correction2) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float gi = g[i], mi = m[i] + (1.f - beta1) * (gi - m[i]);
+        const float vi = beta2 * v[i] + (1.f - beta2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = p[i] * decay - lr / correction1 * mi / (sqrtf(vi) / correction2 + eps);
+    }
+}

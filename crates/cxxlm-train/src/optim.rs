@@ -6,6 +6,9 @@
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+use cxxlm_cuda::fused::AdamwStep;
+use cxxlm_cuda::Fused;
+
 use crate::dist::{flat_padded, Comm};
 use crate::Result;
 
@@ -158,6 +161,8 @@ struct AdamSlot {
 /// results are all-gathered. On one rank every collective is the identity.
 pub struct Optimizer {
     config: OptimConfig,
+    /// Where AdamW's arithmetic runs: one kernel per weight on a GPU, or tch operations.
+    fused: Fused,
     muon: Vec<MuonGroup>,
     adam: Vec<AdamSlot>,
     rank: usize,
@@ -220,11 +225,17 @@ impl Optimizer {
         }
         Optimizer {
             config,
+            fused: Fused::Reference,
             muon,
             adam,
             rank,
             world,
         }
+    }
+
+    /// Runs AdamW with `fused`'s steps (the model's kernels, on a GPU).
+    pub fn use_fused(&mut self, fused: Fused) {
+        self.fused = fused;
     }
 
     /// One update at `lr_scale` of the configured LRs (`step` counts from 0), after
@@ -281,20 +292,18 @@ impl Optimizer {
             }
         }
 
-        let t = step as f64 + 1.0;
-        let (b1, b2) = (c.betas[0], c.betas[1]);
         for (slot, g) in self.adam.iter_mut().zip(&adam_grads) {
-            let lr = slot.lr * lr_scale;
             let part = slot.exp_avg.size()[0];
-            let mut mine = flat_padded(&slot.param, world).narrow(0, self.rank as i64 * part, part);
-            if c.weight_decay > 0.0 {
-                let _ = mine.g_mul_scalar_(1.0 - lr * c.weight_decay);
-            }
-            let _ = slot.exp_avg.lerp_(g, 1.0 - b1);
-            let _ = slot.exp_avg_sq.g_mul_scalar_(b2);
-            let _ = slot.exp_avg_sq.g_add_(&(g.square() * (1.0 - b2)));
-            let denom = (slot.exp_avg_sq.sqrt() / (1.0 - b2.powf(t)).sqrt()) + c.eps;
-            let _ = mine.g_add_(&(&slot.exp_avg / denom * (-lr / (1.0 - b1.powf(t)))));
+            let mine = flat_padded(&slot.param, world).narrow(0, self.rank as i64 * part, part);
+            let settings = AdamwStep {
+                lr: slot.lr * lr_scale,
+                betas: c.betas,
+                eps: c.eps,
+                weight_decay: c.weight_decay,
+                step: step as f64 + 1.0,
+            };
+            self.fused
+                .adamw_(&mine, g, &slot.exp_avg, &slot.exp_avg_sq, &settings);
             if world > 1 {
                 let whole = comm.all_gather(&mine)?;
                 let numel = slot.param.numel() as i64;

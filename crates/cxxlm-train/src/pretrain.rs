@@ -417,6 +417,9 @@ pub fn pretrain(
         rank,
         ranks,
     );
+    if let Some(fused) = model.fused() {
+        optimizer.use_fused(fused);
+    }
     // What a resumed run must share with the run that wrote the checkpoint.
     let run_identity = json!({
         "device_batch": run.device_batch,
