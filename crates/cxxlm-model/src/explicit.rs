@@ -1,8 +1,8 @@
 //! The training step with an explicit backward pass (llm.c's way) instead of autograd:
 //! the same model, with each layer's memory-bound steps done by one fused kernel each
-//! ([`cxxlm_cuda::Fused`]), residual additions folded into the matmuls (`addmm`), weight
-//! gradients accumulated in fp32 straight from bf16 matmuls, and only what the backward
-//! reads kept per layer: the normalized inputs of the matmuls, the rotated and normalized
+//! ([`cxxlm_cuda::Fused`]), residual additions folded into the matmuls (`addmm_` onto the
+//! stream in place), weight gradients accumulated in fp32 straight from bf16 matmuls,
+//! and only what the backward reads kept per layer: the normalized inputs of the matmuls, the rotated and normalized
 //! q|k|v, the attention output and its statistics, and relu^2's output. With
 //! [`Fused::Reference`] the same pass runs in plain tch operations, which is how it is
 //! tested against autograd on any host.
@@ -202,7 +202,9 @@ impl Gpt {
         let ids = inputs.reshape([n]);
         let (x0, rstd0) = fused.rmsnorm(&w[0].index_select(0, &ids), eps);
         mark("weights cast, embedding");
-        let mut x = x0.shallow_clone();
+        // The residual stream, added to in place by the matmuls (x0 is kept for the
+        // backward; nothing else reads the stream).
+        let mut x = x0.copy();
         let mut layers = Vec::with_capacity(c.depth);
         let mut fused_qkv = Vec::with_capacity(c.depth);
         for layer in 0..c.depth {
@@ -218,7 +220,7 @@ impl Gpt {
             let (out, attention) = attention::forward(&q, &k, &v);
             let out_rows = out.transpose(1, 2).contiguous().view([n, heads * dim]);
             mark("forward: attention");
-            x = x.addmm(&out_rows, &w(PROJ).tr());
+            let _ = x.addmm_(&out_rows, &w(PROJ).tr());
             mark("forward: matmuls");
             let (h2, rstd2) = fused.rmsnorm(&x, eps);
             mark("forward: rmsnorm");
@@ -226,7 +228,7 @@ impl Gpt {
             mark("forward: matmuls");
             fused.relu2_(&act);
             mark("forward: relu^2");
-            x = x.addmm(&act, &w(MLP_PROJ).tr());
+            let _ = x.addmm_(&act, &w(MLP_PROJ).tr());
             mark("forward: matmuls");
             layers.push(Saved {
                 h1,
