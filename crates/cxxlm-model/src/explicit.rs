@@ -2,8 +2,9 @@
 //! the same model, with each layer's memory-bound steps done by one fused kernel each
 //! ([`cxxlm_cuda::Fused`]), residual additions folded into the matmuls (`addmm_` onto the
 //! stream in place), weight gradients accumulated in fp32 straight from bf16 matmuls,
-//! and only what the backward reads kept per layer: the normalized inputs of the matmuls, the rotated and normalized
-//! q|k|v, the attention output and its statistics, and relu^2's output. With
+//! and only what the backward reads kept per layer: the normalized inputs of the
+//! matmuls, the rotated and normalized q|k|v, the attention output and its statistics,
+//! and relu^2's output. With
 //! [`Fused::Reference`] the same pass runs in plain tch operations, which is how it is
 //! tested against autograd on any host.
 
