@@ -5,7 +5,8 @@
 # Run from the repository root with gpu/ carried (see benches/train/prepare.sh):
 #   benches/train/gpu.sh bench            # d12 B=32, d20 B=16 and B=32, T=2048: tok/s and memory
 #                                         # against torch.compile (explicit pass with fused kernels,
-#                                         # and autograd with CXXLM_FUSED=0)
+#                                         # and autograd with CXXLM_FUSED=0; BENCH_VARIANTS
+#                                         # picks among fused, fused-adamw, autograd)
 #   benches/train/gpu.sh kernels          # each fused kernel against its definition, then the
 #                                         # explicit pass against autograd: speed, memory, phases
 #   benches/train/gpu.sh agree [STEPS]    # d12 loss curves, fused against autograd, same start
@@ -58,7 +59,7 @@ bench)
         python3 gpu/ref_gpt.py train --depth "$1" --batch "$2" --mode compile --steps 20 2>&1 | grep RESULT | tee -a "$out/bench.txt" || true
         # fused-adamw: AdamW on every weight, as the reference does (Muon's Newton-Schulz
         # is work the reference does not do).
-        for backward in fused fused-adamw autograd; do
+        for backward in ${BENCH_VARIANTS:-fused fused-adamw autograd}; do
             # Autograd at d20 B=32 needs more than 80 GB.
             [ "$backward $1 $2" = "autograd 20 32" ] && continue
             dir="$work/bench-d$1-b$2-$backward"

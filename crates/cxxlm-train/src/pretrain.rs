@@ -281,11 +281,17 @@ pub fn token_bytes(bpe: &Bpe, device: Device) -> Tensor {
     Tensor::from_slice(&bytes).to_device(device)
 }
 
+/// Token ids `(rows, cols)` on `device`; to a GPU through pinned memory, without waiting
+/// for the work already queued there.
 fn to_device_ids(tokens: &[u32], rows: usize, cols: usize, device: Device) -> Tensor {
     let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-    Tensor::from_slice(&ids)
-        .view([rows as i64, cols as i64])
-        .to_device(device)
+    let host = Tensor::from_slice(&ids).view([rows as i64, cols as i64]);
+    match device {
+        Device::Cuda(_) => host
+            .pin_memory(device)
+            .to_device_(device, Kind::Int64, true, false),
+        _ => host.to_device(device),
+    }
 }
 
 /// Validation bits per byte over up to `max_tokens` tokens of `data`, the windows
@@ -514,6 +520,9 @@ pub fn pretrain(
         )
     };
 
+    // The next step's first micro-batch, read while the GPU finishes this step (the loader
+    // position in `state` stays the one before it, for checkpoints).
+    let mut prefetched: Option<cxxlm_pack::loader::Batch> = None;
     loop {
         let step = state.step;
         let last = step == steps;
@@ -575,12 +584,12 @@ pub fn pretrain(
         }
 
         let started = Instant::now();
-        let loader_before = loader.state().clone();
+        let loader_before = state.loader.clone();
         let lr_scale = cfg.schedule.lr_scale(step, steps);
         let mut micro_losses = Vec::with_capacity(grad_accum);
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
             for _ in 0..grad_accum {
-                let b = loader.next_batch();
+                let b = prefetched.take().unwrap_or_else(|| loader.next_batch());
                 let ids = to_device_ids(&b.tokens, b.rows, b.cols, dev);
                 let (x, y) = (ids.narrow(1, 0, seq as i64), ids.narrow(1, 1, seq as i64));
                 micro_losses.push(model.forward_backward(&x, &y, 1.0 / grad_accum as f64));
@@ -617,7 +626,12 @@ pub fn pretrain(
         }
         let forward_backward_seconds = started.elapsed().as_secs_f64();
         let loss = values.iter().sum::<f64>() / grad_accum as f64;
-        let grad_norm = optimizer.step(step, lr_scale, &comm)?.double_value(&[]);
+        let grad_norm = optimizer.step(step, lr_scale, &comm)?;
+        let loader_after = loader.state().clone();
+        if step + 1 < steps {
+            prefetched = Some(loader.next_batch());
+        }
+        let grad_norm = grad_norm.double_value(&[]);
         optimizer.zero_grad();
         if let Device::Cuda(index) = dev {
             tch::Cuda::synchronize(index as i64);
@@ -626,7 +640,7 @@ pub fn pretrain(
 
         state.step += 1;
         state.tokens += total_batch as u64;
-        state.loader = loader.state().clone();
+        state.loader = loader_after;
         let ema_before = state.loss_ema / (1.0 - EMA_BETA.powi(step as i32)).max(1e-12);
         state.loss_ema = EMA_BETA * state.loss_ema + (1.0 - EMA_BETA) * loss;
         let loss_ema = state.loss_ema / (1.0 - EMA_BETA.powi(state.step as i32));
