@@ -10,6 +10,7 @@
 #   benches/train/gpu.sh kernels          # each fused kernel against its definition, then the
 #                                         # explicit pass against autograd: speed, memory, phases
 #   benches/train/gpu.sh agree [STEPS]    # d12 loss curves, fused against autograd, same start
+#   benches/train/gpu.sh ours D B STEPS [--set ...]  # one run of ours, summarized
 #   benches/train/gpu.sh train STEPS      # d12 on the packed corpus (B=32 x 2048 per step), eval + samples
 #   benches/train/gpu.sh sample [STEPS]   # generation tok/s (CUDA graphs on and off) against HF
 #   benches/train/gpu.sh eval STEPS       # train d12, then bpb, FIM, MBPP completions and
@@ -72,6 +73,15 @@ bench)
             cp "$dir/metrics.jsonl" "$out/metrics-d$1-b$2-$backward.jsonl"
         done
     done
+    ;;
+ours)
+    # One run of ours: benches/train/gpu.sh ours DEPTH BATCH STEPS [--set KEY=VALUE ...]
+    shift
+    depth=$1 batch=$2 steps=$3
+    shift 3
+    rm -rf "$work/ours"
+    ours "$depth" "$batch" "$steps" "$work/ours" --log-every 5 "$@" >"$out/ours.log" 2>&1 || { tail -20 "$out/ours.log"; exit 1; }
+    echo "d$depth B=$batch $*: $(summary "$work/ours/metrics.jsonl")" | tee -a "$out/ours.txt"
     ;;
 kernels)
     "$work/cxxlm" train check-kernels | tee "$out/check-kernels.md"
