@@ -6,7 +6,8 @@
 #   benches/train/gpu.sh bench            # d12 B=32, d20 B=16 and B=32, T=2048: tok/s and memory
 #                                         # against torch.compile (explicit pass with fused kernels,
 #                                         # and autograd with CXXLM_FUSED=0; BENCH_VARIANTS
-#                                         # picks among fused, fused-adamw, autograd)
+#                                         # picks among fused, fused-adamw, autograd;
+#                                         # BENCH_SHAPES="12 32,20 16" picks shapes)
 #   benches/train/gpu.sh kernels          # each fused kernel against its definition, then the
 #                                         # explicit pass against autograd: speed, memory, phases
 #   benches/train/gpu.sh agree [STEPS]    # d12 loss curves, fused against autograd, same start
@@ -55,7 +56,8 @@ PY
 
 case ${1:-bench} in
 bench)
-    for shape in "12 32" "20 16" "20 32"; do
+    IFS=, read -ra shapes <<<"${BENCH_SHAPES:-12 32,20 16,20 32}"
+    for shape in "${shapes[@]}"; do
         set -- $shape
         python3 gpu/ref_gpt.py train --depth "$1" --batch "$2" --mode compile --steps 20 2>&1 | grep RESULT | tee -a "$out/bench.txt" || true
         # fused-adamw: AdamW on every weight, as the reference does (Muon's Newton-Schulz

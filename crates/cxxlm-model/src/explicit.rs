@@ -320,7 +320,11 @@ impl Gpt {
             mark("backward: rmsnorm");
         }
         let de = fused.rmsnorm_backward(&dx, &x0, &rstd0, None);
-        let _ = grads[0].index_add_(0, &ids, &de.to_kind(Kind::Float));
+        // Sorted by token rather than atomic adds: real text repeats a few tokens so often
+        // that adds to their rows would queue.
+        let vocab = c.vocab_size as i64;
+        grads[0] +=
+            Tensor::embedding_dense_backward(&de.to_kind(Kind::Float), &ids, vocab, -1, false);
         mark("backward: embedding");
         total / n as f64
     }
