@@ -116,13 +116,9 @@ impl Gpt {
         let config = self.config.clone();
         let checks = std::panic::catch_unwind(|| check_explicit_pass(index, &config)).map_err(
             |panic| {
-                let text = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
                 format!(
                     "their check failed ({}); should CUDA fail from here on, run with CXXLM_FUSED=0",
-                    text.unwrap_or_default()
+                    crate::panic_message(panic.as_ref())
                 )
             },
         )??;

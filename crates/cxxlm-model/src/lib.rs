@@ -17,5 +17,14 @@ pub enum ModelError {
     Config(String),
 }
 
+/// The message of a caught panic (tch panics with libtorch's error text).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
 /// libtorch's random generator is global: tests (and checks) that seed it take turns.
 pub(crate) static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());

@@ -596,11 +596,7 @@ pub fn pretrain(
             }
         }));
         if let Err(panic) = outcome {
-            let message = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
+            let message = cxxlm_model::panic_message(panic.as_ref());
             if message.contains("out of memory") {
                 return Err(TrainError::OutOfMemory {
                     step,
