@@ -1,22 +1,26 @@
-//! Batched generation with a KV cache: the prompts run through the model once (prefill),
-//! then each step feeds one new token per sequence and attends to the cached keys and
-//! values. On CUDA the step is captured once as a CUDA graph and replayed for every
-//! token (`CXXLM_CUDA_GRAPHS=0` turns that off). Sampling: temperature (0 = greedy),
-//! top-k, top-p, a per-sequence stop test.
+//! Generation with a KV cache of slots: a prompt runs through the model once (prefill)
+//! into its slot, then each step feeds one new token per active slot, each at its own
+//! position, attending to what its slot holds. Slots are independent, so prompts of
+//! different lengths share a batch and a slot can start a new sequence (or continue
+//! a cached prefix) while the others decode: batched generation ([`Gpt::generate`]) and
+//! the server's continuous batching drive the same [`Decoder`]. On CUDA a step of each
+//! batch shape is captured once as a CUDA graph and replayed for every token
+//! (`CXXLM_CUDA_GRAPHS=0` turns that off). Sampling: temperature (0 = greedy), top-k,
+//! top-p, per row.
+
+use std::collections::{HashMap, HashSet};
 
 use tch::{Device, Kind, Tensor};
 
-use crate::gpt::Cached;
+use crate::gpt::{Cached, Read};
 use crate::Gpt;
 use cxxlm_cuda::CudaGraph;
 
-/// Keys and values of every layer, `(B, kv_heads, capacity, head_dim)`, filled up to `len`.
+/// Keys and values of every layer, `(slots + 1, kv_heads, capacity, head_dim)`; the last
+/// row is scratch, written by the padding entries of a captured step's batch.
 pub struct KvCache {
     pub(crate) keys: Vec<Tensor>,
     pub(crate) values: Vec<Tensor>,
-    pub(crate) len: i64,
-    /// `(B, capacity)`: false at the left padding of shorter prompts; None when there is none.
-    pub(crate) attend: Option<Tensor>,
     /// `0..capacity` on the device, for the masks of decoding steps.
     pub(crate) positions: Tensor,
 }
@@ -26,7 +30,7 @@ fn use_graphs(device: Device) -> bool {
     device.is_cuda() && std::env::var("CXXLM_CUDA_GRAPHS").map_or(true, |v| v != "0")
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Sampling {
     pub temperature: f64,
     /// Keep the `top_k` most likely tokens (0 = all).
@@ -76,38 +80,103 @@ fn choose(logits: &Tensor, s: &Sampling) -> Tensor {
         .squeeze_dim(1)
 }
 
+/// The next token of each row of `logits (B, V)`, row `i` sampled by `each[i]`
+/// (temperature, top-k and top-p; the other fields are not read).
+pub fn sample(logits: &Tensor, each: &[Sampling]) -> Vec<u32> {
+    let _guard = tch::no_grad_guard();
+    let same = |a: &Sampling, b: &Sampling| {
+        a.temperature == b.temperature && a.top_k == b.top_k && a.top_p == b.top_p
+    };
+    let chosen = match each.first() {
+        Some(first) if each.iter().all(|s| same(s, first)) => choose(logits, first),
+        _ => Tensor::cat(
+            &each
+                .iter()
+                .enumerate()
+                .map(|(i, s)| choose(&logits.narrow(0, i as i64, 1), s))
+                .collect::<Vec<_>>(),
+            0,
+        ),
+    };
+    let host: Vec<i64> = Vec::try_from(&chosen.to_device(Device::Cpu)).expect("token ids");
+    host.into_iter().map(|t| t as u32).collect()
+}
+
+/// The slots a decoding step advances.
+#[derive(Debug, Clone, Copy)]
+pub enum Rows<'a> {
+    /// Slots `first..first + n`, read in place (batched generation).
+    Range(usize, usize),
+    /// Any slots, their cache rows gathered for attention (the server's active set).
+    List(&'a [usize]),
+}
+
+impl Rows<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Rows::Range(_, n) => *n,
+            Rows::List(rows) => rows.len(),
+        }
+    }
+}
+
+/// A captured decoding step: its fixed inputs and the logits each replay writes.
+struct Captured {
+    graph: CudaGraph,
+    ids: Tensor,
+    rows: Tensor,
+    pos: Tensor,
+    logits: Tensor,
+}
+
+/// A KV cache of `slots` sequences of up to `capacity` tokens, and the decoding steps
+/// captured for it. Tensors it returns are valid until its next call.
+pub struct Decoder {
+    weights: Vec<Tensor>,
+    cache: KvCache,
+    slots: usize,
+    capacity: usize,
+    graphs: bool,
+    /// Step shapes run once eagerly (the second run of a shape is captured).
+    warm: HashSet<(usize, Read)>,
+    captured: HashMap<(usize, Read), Captured>,
+}
+
 impl Gpt {
-    pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
+    /// A decoder of `slots` sequences of up to `capacity` tokens (at most the context).
+    pub fn decoder(&self, slots: usize, capacity: usize) -> Decoder {
         let c = &self.config;
+        let capacity = capacity.clamp(1, c.seq_len);
         let shape = [
-            batch as i64,
+            slots as i64 + 1,
             c.kv_heads as i64,
             capacity as i64,
             c.head_dim() as i64,
         ];
-        let kind = if self.device().is_cuda() {
-            Kind::BFloat16
-        } else {
-            Kind::Float
-        };
         let make = || {
             (0..c.depth)
-                .map(|_| Tensor::zeros(shape, (kind, self.device())))
+                .map(|_| Tensor::zeros(shape, (self.compute, self.device())))
                 .collect()
         };
-        KvCache {
-            keys: make(),
-            values: make(),
-            len: 0,
-            attend: None,
-            positions: Tensor::arange(capacity as i64, (Kind::Int64, self.device())),
+        Decoder {
+            weights: self.compute_weights(),
+            cache: KvCache {
+                keys: make(),
+                values: make(),
+                positions: Tensor::arange(capacity as i64, (Kind::Int64, self.device())),
+            },
+            slots,
+            capacity,
+            graphs: use_graphs(self.device()),
+            warm: HashSet::new(),
+            captured: HashMap::new(),
         }
     }
 
-    /// Continues each prompt by up to `max_new_tokens`. Shorter prompts are padded on the
-    /// left and the padding masked, so each row continues as it would alone. A row stops
-    /// when `stop(row, generated so far)` says so; generation ends when every row has
-    /// stopped. Prompts longer than the model's context keep their last tokens.
+    /// Continues each prompt by up to `max_new_tokens`, in slots of one [`Decoder`], so
+    /// each row continues as it would alone. A row stops when `stop(row, generated so
+    /// far)` says so; generation ends when every row has stopped. Prompts longer than
+    /// the model's context keep their last tokens.
     pub fn generate(
         &self,
         prompts: &[Vec<u32>],
@@ -117,79 +186,226 @@ impl Gpt {
         let _guard = tch::no_grad_guard();
         tch::manual_seed(sampling.seed as i64);
         let batch = prompts.len();
+        if batch == 0 {
+            return Vec::new();
+        }
         let context = self.config.seq_len;
-        let lens: Vec<usize> = prompts
+        let trimmed: Vec<&[u32]> = prompts
             .iter()
-            .map(|p| p.len().clamp(1, context.saturating_sub(1).max(1)))
+            .map(|p| {
+                let p: &[u32] = if p.is_empty() { &[0] } else { p };
+                &p[p.len().saturating_sub(context.saturating_sub(1).max(1))..]
+            })
             .collect();
-        let keep = lens.iter().copied().max().unwrap_or(1);
+        let keep = trimmed.iter().map(|p| p.len()).max().unwrap_or(1);
         let budget = sampling.max_new_tokens.min(context - keep);
-        let mut ids: Vec<i64> = Vec::with_capacity(batch * keep);
-        let mut attend: Vec<bool> = Vec::with_capacity(batch * (keep + budget));
-        for (p, &len) in prompts.iter().zip(&lens) {
-            let p: &[u32] = if p.is_empty() { &[0] } else { p };
-            ids.extend(std::iter::repeat_n(0, keep - len));
-            ids.extend(p[p.len() - len..].iter().map(|&t| t as i64));
-            attend.extend((0..keep + budget).map(|i| i >= keep - len));
-        }
-        let weights = self.compute_weights();
-        let head = weights.last().expect("lm_head");
-        let mut cache = self.new_cache(batch, keep + budget);
-        if lens.iter().any(|&l| l != keep) {
-            cache.attend = Some(
-                Tensor::from_slice(&attend)
-                    .view([batch as i64, (keep + budget) as i64])
-                    .to_device(self.device()),
-            );
-        }
-        let idx = Tensor::from_slice(&ids)
-            .view([batch as i64, keep as i64])
-            .to_device(self.device());
-        let h = self.forward(&weights, &idx, Cached::Fill(&mut cache));
-        let mut logits = self.logits(&h.select(1, keep as i64 - 1), head);
-        // The decoding step's inputs live in fixed tensors, so that a captured step
-        // replays on new values: the tokens, and the position they go to.
-        let step_ids = Tensor::zeros([batch as i64, 1], (Kind::Int64, self.device()));
-        let at = Tensor::zeros([1], (Kind::Int64, self.device()));
-        let step = || {
-            let h = self.forward(&weights, &step_ids, Cached::Step(&cache, &at));
-            self.logits(&h.select(1, 0), head)
-        };
-        let mut graph: Option<(CudaGraph, Tensor)> = None;
+        let mut decoder = self.decoder(batch, keep + budget);
+        let mut logits = decoder.prefill(self, 0, 0, &trimmed);
+        let mut positions: Vec<usize> = trimmed.iter().map(|p| p.len()).collect();
+        let each = vec![sampling.clone(); batch];
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); batch];
         let mut done = vec![false; batch];
-        for i in 0..budget {
-            let next = choose(&logits, sampling);
-            let host: Vec<i64> = Vec::try_from(&next.to_device(Device::Cpu)).expect("ids");
-            for (row, &t) in host.iter().enumerate() {
+        for _ in 0..budget {
+            let next = sample(&logits, &each);
+            for (row, &t) in next.iter().enumerate() {
                 if !done[row] {
-                    out[row].push(t as u32);
+                    out[row].push(t);
                     done[row] = stop(row, &out[row]);
                 }
             }
             if done.iter().all(|&d| d) {
                 break;
             }
-            step_ids.shallow_clone().copy_(&next.unsqueeze(1));
-            let _ = at.shallow_clone().fill_((keep + i) as i64);
-            // The first step runs as it is (warming up what it uses); the second is
-            // captured, and replayed from then on.
-            if i == 1 && use_graphs(self.device()) {
-                if let Device::Cuda(index) = self.device() {
-                    graph = CudaGraph::capture(index, step)
-                        .map_err(|e| eprintln!("warning: decoding without CUDA graphs: {e}"))
-                        .ok();
-                }
+            logits = decoder.step(self, Rows::Range(0, batch), &next, &positions);
+            for p in &mut positions {
+                *p += 1;
             }
-            logits = match &graph {
-                Some((g, captured)) => match g.replay() {
-                    Ok(()) => captured.shallow_clone(),
-                    Err(e) => panic!("replaying the decoding step: {e}"),
-                },
-                None => step(),
-            };
         }
         out
+    }
+}
+
+impl Decoder {
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// Tokens a slot holds at most.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Stores `prompts[i]` in slot `first + i` from position `from` on (the slot's first
+    /// `from` positions are kept as they are) and returns the logits `(n, V)` after
+    /// each prompt's last token. Prompts must be non-empty and end within the capacity.
+    pub fn prefill(
+        &mut self,
+        model: &Gpt,
+        first: usize,
+        from: usize,
+        prompts: &[&[u32]],
+    ) -> Tensor {
+        let _guard = tch::no_grad_guard();
+        let n = prompts.len();
+        let t = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        assert!(
+            first + n <= self.slots && prompts.iter().all(|p| !p.is_empty()) && from + t <= self.capacity,
+            "prefill of {n} prompts of up to {t} tokens from {from} into slots {first}.. of {} x {}",
+            self.slots,
+            self.capacity
+        );
+        let mut ids: Vec<i64> = Vec::with_capacity(n * t);
+        for p in prompts {
+            ids.extend(p.iter().map(|&x| x as i64));
+            ids.extend(std::iter::repeat_n(0, t - p.len()));
+        }
+        let idx = Tensor::from_slice(&ids)
+            .view([n as i64, t as i64])
+            .to_device(model.device());
+        let cached = Cached::Fill {
+            cache: &self.cache,
+            first: first as i64,
+            from: from as i64,
+        };
+        let h = model.forward(&self.weights, &idx, cached);
+        let last: Vec<i64> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i * t + p.len() - 1) as i64)
+            .collect();
+        let last = Tensor::from_slice(&last).to_device(model.device());
+        let h = h.view([(n * t) as i64, -1]).index_select(0, &last);
+        model.logits(&h, self.weights.last().expect("lm_head"))
+    }
+
+    /// Feeds `tokens[i]` to slot `rows[i]` at position `positions[i]` (the slot holds
+    /// the positions before it) and returns the logits `(n, V)` after them.
+    pub fn step(&mut self, model: &Gpt, rows: Rows, tokens: &[u32], positions: &[usize]) -> Tensor {
+        let _guard = tch::no_grad_guard();
+        let n = rows.len();
+        assert!(tokens.len() == n && positions.len() == n && n > 0);
+        assert!(
+            positions.iter().all(|&p| p < self.capacity),
+            "a step past the capacity"
+        );
+        let slot_of: Vec<i64> = match rows {
+            Rows::Range(first, n) => (first..first + n).map(|r| r as i64).collect(),
+            Rows::List(list) => list.iter().map(|&r| r as i64).collect(),
+        };
+        assert!(slot_of.iter().all(|&r| (r as usize) < self.slots));
+        let device = model.device();
+        if !self.graphs {
+            let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+            let pos: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
+            let read = match rows {
+                Rows::Range(first, _) => Read::Range(first as i64),
+                Rows::List(_) => Read::Gather,
+            };
+            // Attention reads the filled part of the cache only.
+            let span = positions.iter().max().map_or(1, |&p| p + 1) as i64;
+            return self.run_step(model, &ids, &slot_of, &pos, read, span, device);
+        }
+        // A captured step has fixed shapes: a gathered batch is padded to a power of two
+        // with entries that write to the scratch row.
+        let (bucket, read) = match rows {
+            Rows::Range(first, n) => (n, Read::Range(first as i64)),
+            Rows::List(list) => (list.len().next_power_of_two(), Read::Gather),
+        };
+        let pad = bucket - n;
+        let ids: Vec<i64> = tokens
+            .iter()
+            .map(|&t| t as i64)
+            .chain(std::iter::repeat_n(0, pad))
+            .collect();
+        let pos: Vec<i64> = positions
+            .iter()
+            .map(|&p| p as i64)
+            .chain(std::iter::repeat_n(0, pad))
+            .collect();
+        let slot_of: Vec<i64> = slot_of
+            .into_iter()
+            .chain(std::iter::repeat_n(self.slots as i64, pad))
+            .collect();
+        let key = (bucket, read);
+        if !self.captured.contains_key(&key) && self.warm.insert(key) {
+            let span = self.capacity as i64;
+            let logits = self.run_step(model, &ids, &slot_of, &pos, read, span, device);
+            return logits.narrow(0, 0, n as i64);
+        }
+        if !self.captured.contains_key(&key) {
+            let Device::Cuda(index) = device else {
+                unreachable!("graphs are used on CUDA only")
+            };
+            let b = bucket as i64;
+            let ids_t = Tensor::zeros([b, 1], (Kind::Int64, device));
+            let rows_t = Tensor::zeros([b], (Kind::Int64, device));
+            let pos_t = Tensor::zeros([b], (Kind::Int64, device));
+            let span = self.capacity as i64;
+            let captured = CudaGraph::capture(index, || {
+                let cached = Cached::Step {
+                    cache: &self.cache,
+                    rows: &rows_t,
+                    read,
+                    pos: &pos_t,
+                    span,
+                };
+                let h = model.forward(&self.weights, &ids_t, cached);
+                model.logits(&h.select(1, 0), self.weights.last().expect("lm_head"))
+            });
+            match captured {
+                Ok((graph, logits)) => {
+                    let c = Captured {
+                        graph,
+                        ids: ids_t,
+                        rows: rows_t,
+                        pos: pos_t,
+                        logits,
+                    };
+                    self.captured.insert(key, c);
+                }
+                Err(e) => {
+                    eprintln!("warning: decoding without CUDA graphs: {e}");
+                    self.graphs = false;
+                    let span = self.capacity as i64;
+                    let logits = self.run_step(model, &ids, &slot_of, &pos, read, span, device);
+                    return logits.narrow(0, 0, n as i64);
+                }
+            }
+        }
+        let c = &self.captured[&key];
+        c.ids
+            .shallow_clone()
+            .copy_(&Tensor::from_slice(&ids).view([bucket as i64, 1]));
+        c.rows.shallow_clone().copy_(&Tensor::from_slice(&slot_of));
+        c.pos.shallow_clone().copy_(&Tensor::from_slice(&pos));
+        if let Err(e) = c.graph.replay() {
+            panic!("replaying the decoding step: {e}");
+        }
+        c.logits.narrow(0, 0, n as i64)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_step(
+        &self,
+        model: &Gpt,
+        ids: &[i64],
+        rows: &[i64],
+        pos: &[i64],
+        read: Read,
+        span: i64,
+        device: Device,
+    ) -> Tensor {
+        let to = |v: &[i64]| Tensor::from_slice(v).to_device(device);
+        let (ids_t, rows_t, pos_t) = (to(ids).view([ids.len() as i64, 1]), to(rows), to(pos));
+        let cached = Cached::Step {
+            cache: &self.cache,
+            rows: &rows_t,
+            read,
+            pos: &pos_t,
+            span,
+        };
+        let h = model.forward(&self.weights, &ids_t, cached);
+        model.logits(&h.select(1, 0), self.weights.last().expect("lm_head"))
     }
 }
 
@@ -251,6 +467,50 @@ mod tests {
             let alone = m.generate(std::slice::from_ref(p), &greedy, &mut |_, _| false);
             assert_eq!(got, &alone[0], "prompt {p:?}");
         }
+    }
+
+    /// Greedy continuations of `prompt` by `n` tokens, alone.
+    fn alone(m: &Gpt, prompt: &[u32], n: usize) -> Vec<u32> {
+        let greedy = Sampling {
+            max_new_tokens: n,
+            ..Default::default()
+        };
+        m.generate(&[prompt.to_vec()], &greedy, &mut |_, _| false)
+            .remove(0)
+    }
+
+    #[test]
+    fn slots_join_leave_and_reuse_a_cached_prefix_as_if_alone() {
+        let _rng = crate::TORCH_RNG.lock();
+        let m = model();
+        let greedy = [Sampling::default()];
+        let mut d = m.decoder(4, 32);
+        let (a, b): (Vec<u32>, Vec<u32>) = (vec![5, 17, 3, 99], vec![8, 1, 2, 3, 4, 5, 6]);
+        // Slot 2 decodes `a` alone for three tokens, then slot 0 joins with `b`.
+        let mut got_a = sample(&d.prefill(&m, 2, 0, &[&a]), &greedy);
+        for i in 0..3 {
+            let last = *got_a.last().unwrap();
+            let next = d.step(&m, Rows::List(&[2]), &[last], &[a.len() + i]);
+            got_a.extend(sample(&next, &greedy));
+        }
+        let mut got_b = sample(&d.prefill(&m, 0, 0, &[&b]), &greedy);
+        for i in 3..7 {
+            let tokens = [*got_a.last().unwrap(), *got_b.last().unwrap()];
+            let pos = [a.len() + i, b.len() + i - 3];
+            let next = sample(
+                &d.step(&m, Rows::List(&[2, 0]), &tokens, &pos),
+                &[Sampling::default(), Sampling::default()],
+            );
+            got_a.push(next[0]);
+            got_b.push(next[1]);
+        }
+        assert_eq!(got_a, alone(&m, &a, 8));
+        assert_eq!(got_b, alone(&m, &b, 5));
+        // Slot 2 holds `a` and what followed; a prompt sharing `a` continues from there.
+        let c: Vec<u32> = a.iter().copied().chain([42, 42]).collect();
+        let reused = d.prefill(&m, 2, a.len(), &[&c[a.len()..]]);
+        let fresh = m.decoder(1, 32).prefill(&m, 0, 0, &[&c]);
+        assert!((reused - fresh).abs().max().double_value(&[]) < 1e-4);
     }
 
     #[test]

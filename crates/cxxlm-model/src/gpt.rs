@@ -35,42 +35,47 @@ fn norm(x: &Tensor) -> Tensor {
     x.rms_norm([d], None::<Tensor>, None)
 }
 
-/// Which keys each of `t` queries from position `pos` may attend to, `(B, 1, t, pos + t)`:
-/// earlier or equal positions whose `attend (B, capacity)` flag is set. Each query also
-/// sees itself, so the rows of padding (whose output is never used) do not divide by 0.
-fn padding_mask(attend: &Tensor, pos: i64, t: i64) -> Tensor {
-    let keys = attend.narrow(1, 0, pos + t).unsqueeze(1).unsqueeze(1);
-    let opts = (Kind::Int64, attend.device());
-    let q = Tensor::arange_start(pos, pos + t, opts).view([t, 1]);
-    let k = Tensor::arange(pos + t, opts).view([1, pos + t]);
-    keys.logical_and(&k.le_tensor(&q))
-        .logical_or(&k.eq_tensor(&q))
+/// Which of the first `from + t` cached positions each of `t` queries from position `from`
+/// may attend to, `(t, from + t)`: itself and those before it.
+fn offset_causal_mask(from: i64, t: i64, device: Device) -> Tensor {
+    let opts = (Kind::Int64, device);
+    let q = Tensor::arange_start(from, from + t, opts).view([t, 1]);
+    let k = Tensor::arange(from + t, opts).view([1, from + t]);
+    k.le_tensor(&q)
 }
 
-/// Which cached positions `(B, 1, 1, capacity)` one new token per row at position `pos`
-/// may attend to: those up to `pos` (whose `attend` flag is set, when there is padding).
-fn step_mask(cache: &KvCache, pos: &Tensor) -> Tensor {
-    let capacity = cache.positions.size()[0];
-    let earlier = cache.positions.le_tensor(pos);
-    match &cache.attend {
-        Some(attend) => attend
-            .logical_and(&earlier)
-            .logical_or(&cache.positions.eq_tensor(pos))
-            .view([-1, 1, 1, capacity]),
-        None => earlier.view([1, 1, 1, capacity]),
-    }
+/// Which rows of the cache a decoding step reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Read {
+    /// Rows `first..first + n`, read in place.
+    Range(i64),
+    /// The rows the step's `rows` tensor names, gathered.
+    Gather,
 }
 
 /// What the transformer does with a KV cache.
 pub(crate) enum Cached<'a> {
     /// Training and scoring: none.
     No,
-    /// A prompt, from the cache's current length: its keys and values are stored.
-    Fill(&'a mut KvCache),
-    /// One token per row at position `pos`, a device tensor `[1]` (so that a captured
-    /// step replays at any position): stored there, attending to the cache up to it.
-    /// Shapes do not depend on the position.
-    Step(&'a KvCache, &'a Tensor),
+    /// Prompts of rows `first..first + n` of the cache, all starting at position `from`
+    /// (what the cache holds before it is kept): their keys and values are stored.
+    /// Shorter prompts are padded on the right, which causal attention never sees.
+    Fill {
+        cache: &'a KvCache,
+        first: i64,
+        from: i64,
+    },
+    /// One token per row: row `rows[i]` of the cache (device tensors, so that a captured
+    /// step replays on new values) at position `pos[i]`, stored there, attending to
+    /// the row's cached positions up to it, among the first `span`. Shapes do not
+    /// depend on the positions.
+    Step {
+        cache: &'a KvCache,
+        rows: &'a Tensor,
+        read: Read,
+        pos: &'a Tensor,
+        span: i64,
+    },
 }
 
 fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
@@ -224,24 +229,31 @@ impl Gpt {
     // `x += ...` on a tch tensor adds in place, which would overwrite the residual that
     // the norms saved for the backward pass.
     #[allow(clippy::assign_op_pattern)]
-    pub(crate) fn forward(&self, w: &[Tensor], idx: &Tensor, mut cached: Cached) -> Tensor {
+    pub(crate) fn forward(&self, w: &[Tensor], idx: &Tensor, cached: Cached) -> Tensor {
         let t = idx.size()[1];
         let c = &self.config;
         let (nh, nkv, hd) = (c.heads as i64, c.kv_heads as i64, c.head_dim() as i64);
-        let pos = match &cached {
-            Cached::Fill(cache) => cache.len,
-            _ => 0,
-        };
         let (cos, sin, mask) = match &cached {
-            Cached::Step(cache, at) => (
-                self.cos.index_select(1, at),
-                self.sin.index_select(1, at),
-                Some(step_mask(cache, at)),
-            ),
-            Cached::Fill(cache) => (
-                self.cos.narrow(1, pos, t),
-                self.sin.narrow(1, pos, t),
-                cache.attend.as_ref().map(|a| padding_mask(a, pos, t)),
+            Cached::Step {
+                cache, pos, span, ..
+            } => {
+                let n = idx.size()[0];
+                let half = self.cos.size()[3];
+                let visible = cache
+                    .positions
+                    .narrow(0, 0, *span)
+                    .view([1, *span])
+                    .le_tensor(&pos.view([n, 1]));
+                (
+                    self.cos.index_select(1, pos).view([n, 1, 1, half]),
+                    self.sin.index_select(1, pos).view([n, 1, 1, half]),
+                    Some(visible.view([n, 1, 1, *span])),
+                )
+            }
+            Cached::Fill { from, .. } => (
+                self.cos.narrow(1, *from, t),
+                self.sin.narrow(1, *from, t),
+                (*from > 0).then(|| offset_causal_mask(*from, t, self.device)),
             ),
             Cached::No => (self.cos.narrow(1, 0, t), self.sin.narrow(1, 0, t), None),
         };
@@ -258,24 +270,40 @@ impl Gpt {
             let q = norm(&rotary(&q, &cos, &sin)).transpose(1, 2);
             let mut k = norm(&rotary(&k, &cos, &sin)).transpose(1, 2);
             let mut v = v.transpose(1, 2);
-            match &mut cached {
-                Cached::Fill(cache) => {
-                    cache.keys[layer].narrow(2, pos, t).copy_(&k);
-                    cache.values[layer].narrow(2, pos, t).copy_(&v);
-                    k = cache.keys[layer].narrow(2, 0, pos + t);
-                    v = cache.values[layer].narrow(2, 0, pos + t);
+            match &cached {
+                Cached::Fill { cache, first, from } => {
+                    let rows = cache.keys[layer].narrow(0, *first, b);
+                    rows.narrow(2, *from, t).copy_(&k);
+                    k = rows.narrow(2, 0, from + t);
+                    let rows = cache.values[layer].narrow(0, *first, b);
+                    rows.narrow(2, *from, t).copy_(&v);
+                    v = rows.narrow(2, 0, from + t);
                 }
-                Cached::Step(cache, at) => {
-                    let _ = cache.keys[layer].shallow_clone().index_copy_(2, at, &k);
-                    let _ = cache.values[layer].shallow_clone().index_copy_(2, at, &v);
-                    k = cache.keys[layer].shallow_clone();
-                    v = cache.values[layer].shallow_clone();
+                Cached::Step {
+                    cache,
+                    rows,
+                    read,
+                    pos,
+                    span,
+                } => {
+                    let at = [Some(rows.shallow_clone()), None, Some(pos.shallow_clone())];
+                    let stored = |all: &Tensor, new: &Tensor| {
+                        let _ = all
+                            .shallow_clone()
+                            .index_put_(&at, &new.squeeze_dim(2), false);
+                        match read {
+                            Read::Range(first) => all.narrow(0, *first, b),
+                            Read::Gather => all.index_select(0, rows),
+                        }
+                        .narrow(2, 0, *span)
+                    };
+                    k = stored(&cache.keys[layer], &k);
+                    v = stored(&cache.values[layer], &v);
                 }
                 Cached::No => {}
             }
-            // A prompt attends causally; a decoding step, through its mask, to the cache
-            // up to its position. Left padding (prompts of different lengths) needs an
-            // explicit mask too.
+            // A prompt from position 0 attends causally; one after cached positions, and
+            // a decoding step, through their masks.
             let y = Tensor::scaled_dot_product_attention(
                 &q,
                 &k,
@@ -298,10 +326,15 @@ impl Gpt {
             };
             x = x + h.linear(w(5), None::<Tensor>);
         }
-        if let Cached::Fill(cache) = cached {
-            cache.len += t;
-        }
         norm(&x)
+    }
+
+    /// Softcapped fp32 logits `(B, T, V)` of token ids `(B, T)`, without gradients.
+    pub fn forward_logits(&self, idx: &Tensor) -> Tensor {
+        let _guard = tch::no_grad_guard();
+        let w = self.compute_weights();
+        let h = self.forward(&w, idx, Cached::No);
+        self.logits(&h, w.last().expect("lm_head"))
     }
 
     /// Softcapped fp32 logits of hidden states `(N, width)`.

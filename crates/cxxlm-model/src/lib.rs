@@ -1,5 +1,5 @@
 //! The cxxlm GPT in tch: configuration and presets ([`config`]), the model with its
-//! memory-lean loss ([`gpt`]) and batched generation with a KV cache ([`generate`]).
+//! memory-lean loss ([`gpt`]) and generation with a KV cache of slots ([`generate`]).
 
 pub mod config;
 mod explicit;
@@ -8,7 +8,7 @@ pub mod gpt;
 
 pub use config::{Activation, ModelConfig, ModelOverrides, PRESETS};
 pub use explicit::{check_explicit_pass, Phases};
-pub use generate::{KvCache, Sampling};
+pub use generate::{sample, Decoder, Rows, Sampling};
 pub use gpt::Gpt;
 
 #[derive(Debug, thiserror::Error)]

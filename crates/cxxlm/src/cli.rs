@@ -34,6 +34,12 @@ pub enum Command {
     /// Judge C++ in a sandbox: coding benchmarks with unit tests, bits per byte, FIM.
     #[command(subcommand)]
     Eval(crate::eval::EvalCommand),
+    /// Serve a checkpoint over HTTP to editors: OpenAI completions (with suffix) and
+    /// chat, llama.cpp /infill, Ollama /api/generate.
+    Serve(ServeArgs),
+    /// Write a checkpoint in another ecosystem's format.
+    #[command(subcommand)]
+    Export(ExportCommand),
     /// Every stage from raw C++ sources to an evaluated model and its report card.
     Speedrun(crate::speedrun::SpeedrunArgs),
     /// Run a command (`train pretrain`) as N data-parallel ranks on this host, one per GPU.
@@ -49,7 +55,7 @@ impl Command {
     /// Whether the command runs a model, and so needs the `cxxlm-torch` binary.
     pub fn needs_torch(&self) -> bool {
         match self {
-            Command::Train(_) | Command::Sample(_) => true,
+            Command::Train(_) | Command::Sample(_) | Command::Serve(_) | Command::Export(_) => true,
             Command::Eval(e) => e.needs_model(),
             _ => false,
         }
@@ -73,7 +79,7 @@ pub fn run(command: Command) -> Result<()> {
                 println!("{}\n{}", w.markdown.display(), w.html.display());
             })
             .map_err(Into::into),
-        Command::Train(_) | Command::Sample(_) => {
+        Command::Train(_) | Command::Sample(_) | Command::Serve(_) | Command::Export(_) => {
             anyhow::bail!("this command runs a model: it is cxxlm-torch's")
         }
     }
@@ -238,6 +244,60 @@ pub struct SampleArgs {
     pub benchmark_batch: Option<usize>,
     #[arg(long, default_value_t = 128)]
     pub benchmark_prompt: usize,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// A checkpoint directory, or a run directory (its newest checkpoint).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// llama.vim's and llama.vscode's default port.
+    #[arg(long, default_value_t = 8012)]
+    pub port: u16,
+    /// Sequences decoded together (each holds a cached prompt for reuse).
+    #[arg(long, default_value_t = 8)]
+    pub slots: usize,
+    /// Requests waiting for a slot beyond which new ones are answered 503.
+    #[arg(long, default_value_t = 64)]
+    pub queue: usize,
+    /// The model's name in responses and `/v1/models` (default: the run's directory name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Whether the model was trained without indentation (then prompts lose theirs and
+    /// completions are re-indented): `auto` reads it from the training shards.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "strip", "keep"])]
+    pub indentation: String,
+    /// Largest request body, in MiB.
+    #[arg(long, default_value_t = 16)]
+    pub max_body_mib: usize,
+}
+
+#[derive(Subcommand)]
+pub enum ExportCommand {
+    /// A transformers model (`NanoChatForCausalLM`, transformers >= 5, no remote code):
+    /// safetensors, config, generation config and tokenizer files, checked for logit
+    /// parity through transformers.
+    Hf(ExportHfArgs),
+}
+
+#[derive(Args)]
+pub struct ExportHfArgs {
+    /// A checkpoint directory, or a run directory (its newest checkpoint).
+    pub checkpoint: PathBuf,
+    #[arg(long, short)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// The Python with transformers >= 5 that runs the parity check.
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    /// Write the files without checking them through transformers (the result says so).
+    #[arg(long)]
+    pub no_parity: bool,
 }
 
 pub fn special(bpe: &Bpe, name: &str) -> u32 {

@@ -4,9 +4,11 @@
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod export;
 mod kernels;
 mod model;
 mod sample;
+mod serve;
 mod train;
 
 use clap::Parser;
@@ -20,6 +22,8 @@ fn main() {
         Command::Train(cmd) => train::run(cmd),
         Command::Sample(args) => sample::run(args),
         Command::Eval(cmd) => model::run(cmd),
+        Command::Serve(args) => serve::run(args),
+        Command::Export(cxxlm::cli::ExportCommand::Hf(args)) => export::hf(args),
         other => cli::run(other),
     });
 }

@@ -1,0 +1,339 @@
+//! Continuous batching: requests wait in a bounded queue, take a free slot of the
+//! model's cache (the one whose previous sequence shares the longest prefix with the
+//! prompt, so a client's next keystroke reuses what its last request computed), are
+//! prefilled there, and then advance one token per step together with every other
+//! active request. A cancelled request (its client went away, or its text hit a stop)
+//! leaves at the next step; the others are not disturbed.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::{Model, Sampling, StepRow};
+
+/// What [`Job::cancel`] says: the request goes on, its text is complete (a stop string,
+/// a time limit), or its client went away.
+pub const GO_ON: u8 = 0;
+pub const COMPLETE: u8 = 1;
+pub const GONE: u8 = 2;
+
+/// One sequence to generate.
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub sampling: Sampling,
+    /// New tokens at most (0: only compute the prompt into the cache).
+    pub max_tokens: usize,
+    /// Tokens that end the sequence (not part of it).
+    pub stop_tokens: Vec<u32>,
+    /// [`GO_ON`], [`COMPLETE`] or [`GONE`], set by the request's connection.
+    pub cancel: Arc<AtomicU8>,
+    pub events: Sender<Event>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// A stop token.
+    Stop,
+    /// `max_tokens`, or the end of the context.
+    Length,
+    /// Its connection said so ([`COMPLETE`] or [`GONE`]).
+    Cancelled,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    /// The prompt is in the cache: how many of its tokens were there already, and how
+    /// long it waited and took.
+    Prefilled {
+        slot: usize,
+        cached: usize,
+        queued_ms: f64,
+        prompt_ms: f64,
+    },
+    Token(u32),
+    Finished(Finish),
+    Failed(String),
+}
+
+/// Counters shown by `/health`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub finished: AtomicU64,
+    pub cancelled: AtomicU64,
+    pub rejected: AtomicU64,
+    pub failed: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub cached_tokens: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    pub active: AtomicUsize,
+}
+
+/// The submitting side of the engine.
+#[derive(Clone)]
+pub struct Engine {
+    jobs: Sender<Job>,
+    waiting: Arc<AtomicUsize>,
+    max_waiting: usize,
+    pub slots: usize,
+    pub counters: Arc<Counters>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the server is busy: {0} requests are waiting (the most it queues); retry later")]
+    Busy(usize),
+    #[error("the model has stopped")]
+    Stopped,
+}
+
+impl Engine {
+    /// Starts the engine thread; `load` makes the model on it (a model need not be
+    /// `Send`: CUDA graphs belong to their thread). `ready` is set once it is loaded.
+    pub fn start<M: Model + 'static>(
+        load: impl FnOnce() -> Result<M, String> + Send + 'static,
+        slots: usize,
+        max_waiting: usize,
+        ready: Arc<AtomicBool>,
+    ) -> Result<Engine, String> {
+        let (jobs, rx) = mpsc::channel();
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let counters = Arc::new(Counters::default());
+        let (w, c) = (waiting.clone(), counters.clone());
+        std::thread::Builder::new()
+            .name("cxxlm-engine".into())
+            .spawn(move || match load() {
+                Ok(model) => {
+                    ready.store(true, Ordering::SeqCst);
+                    run(model, rx, w, c)
+                }
+                Err(e) => {
+                    eprintln!("error: loading the model: {e}");
+                    std::process::exit(1);
+                }
+            })
+            .map_err(|e| format!("starting the engine thread: {e}"))?;
+        Ok(Engine {
+            jobs,
+            waiting,
+            max_waiting,
+            slots,
+            counters,
+        })
+    }
+
+    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        let before = self.waiting.fetch_add(1, Ordering::SeqCst);
+        if before >= self.max_waiting {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(SubmitError::Busy(before));
+        }
+        self.jobs.send(job).map_err(|_| {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            SubmitError::Stopped
+        })
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+}
+
+struct Active {
+    job: Job,
+    /// The sampled token not yet fed to the model.
+    next: u32,
+    generated: usize,
+}
+
+struct Slot {
+    /// Tokens whose keys and values the slot's cache holds, from position 0.
+    cached: Vec<u32>,
+    active: Option<Active>,
+    last_used: u64,
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+fn run<M: Model>(
+    mut model: M,
+    rx: Receiver<Job>,
+    waiting: Arc<AtomicUsize>,
+    counters: Arc<Counters>,
+) {
+    let context = model.context();
+    let mut slots: Vec<Slot> = (0..model.slots())
+        .map(|_| Slot {
+            cached: Vec::new(),
+            active: None,
+            last_used: 0,
+        })
+        .collect();
+    let mut queue: VecDeque<(Job, Instant)> = VecDeque::new();
+    let mut clock = 0u64;
+    let finish = |slot: &mut Slot, how: Finish, counters: &Counters| {
+        if let Some(a) = slot.active.take() {
+            let _ = a.job.events.send(Event::Finished(how));
+            let gone = a.job.cancel.load(Ordering::SeqCst) == GONE;
+            let counter = if gone {
+                &counters.cancelled
+            } else {
+                &counters.finished
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            counters.active.fetch_sub(1, Ordering::Relaxed);
+        }
+    };
+    loop {
+        let busy = slots.iter().any(|s| s.active.is_some());
+        if !busy && queue.is_empty() {
+            match rx.recv() {
+                Ok(job) => queue.push_back((job, Instant::now())),
+                Err(_) => return,
+            }
+        }
+        while let Ok(job) = rx.try_recv() {
+            queue.push_back((job, Instant::now()));
+        }
+        queue.retain(|(job, _)| {
+            let gone = job.cancel.load(Ordering::SeqCst) != GO_ON;
+            if gone {
+                waiting.fetch_sub(1, Ordering::SeqCst);
+                counters.cancelled.fetch_add(1, Ordering::Relaxed);
+                let _ = job.events.send(Event::Finished(Finish::Cancelled));
+            }
+            !gone
+        });
+        for slot in &mut slots {
+            if slot
+                .active
+                .as_ref()
+                .is_some_and(|a| a.job.cancel.load(Ordering::SeqCst) != GO_ON)
+            {
+                finish(slot, Finish::Cancelled, &counters);
+            }
+        }
+        // Waiting requests take free slots, reusing the longest cached prefix.
+        while let Some(free) = slots.iter().position(|s| s.active.is_none()) {
+            let Some((job, queued)) = queue.pop_front() else {
+                break;
+            };
+            waiting.fetch_sub(1, Ordering::SeqCst);
+            let index = (0..slots.len())
+                .filter(|&i| slots[i].active.is_none())
+                .max_by_key(|&i| {
+                    (
+                        common_prefix(&slots[i].cached, &job.prompt),
+                        u64::MAX - slots[i].last_used,
+                    )
+                })
+                .unwrap_or(free);
+            clock += 1;
+            let slot = &mut slots[index];
+            slot.last_used = clock;
+            let keep = common_prefix(&slot.cached, &job.prompt).min(job.prompt.len() - 1);
+            slot.cached.truncate(keep);
+            let started = Instant::now();
+            let first = model.prefill(index, keep, &job.prompt[keep..], &job.sampling);
+            let first = match first {
+                Ok(t) => t,
+                Err(e) => {
+                    slot.cached.clear();
+                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                    let _ = job.events.send(Event::Failed(e));
+                    continue;
+                }
+            };
+            slot.cached.extend_from_slice(&job.prompt[keep..]);
+            counters
+                .prompt_tokens
+                .fetch_add(job.prompt.len() as u64, Ordering::Relaxed);
+            counters
+                .cached_tokens
+                .fetch_add(keep as u64, Ordering::Relaxed);
+            let _ = job.events.send(Event::Prefilled {
+                slot: index,
+                cached: keep,
+                queued_ms: started.duration_since(queued).as_secs_f64() * 1e3,
+                prompt_ms: started.elapsed().as_secs_f64() * 1e3,
+            });
+            counters.active.fetch_add(1, Ordering::Relaxed);
+            slot.active = Some(Active {
+                job,
+                next: first,
+                generated: 0,
+            });
+            take_token(slot, context, &counters, &finish);
+        }
+        let rows: Vec<StepRow> = slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                s.active.as_ref().map(|a| StepRow {
+                    slot: i,
+                    token: a.next,
+                    position: s.cached.len(),
+                    sampling: a.job.sampling.clone(),
+                })
+            })
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        match model.step(&rows) {
+            Ok(next) => {
+                for (row, token) in rows.iter().zip(next) {
+                    let slot = &mut slots[row.slot];
+                    slot.cached.push(row.token);
+                    if let Some(a) = &mut slot.active {
+                        a.next = token;
+                    }
+                    take_token(slot, context, &counters, &finish);
+                }
+            }
+            Err(e) => {
+                for row in &rows {
+                    let slot = &mut slots[row.slot];
+                    slot.cached.clear();
+                    if let Some(a) = slot.active.take() {
+                        counters.failed.fetch_add(1, Ordering::Relaxed);
+                        counters.active.fetch_sub(1, Ordering::Relaxed);
+                        let _ = a.job.events.send(Event::Failed(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Hands the slot's sampled token to its request, or ends the request.
+fn take_token(
+    slot: &mut Slot,
+    context: usize,
+    counters: &Counters,
+    finish: &dyn Fn(&mut Slot, Finish, &Counters),
+) {
+    let Some(a) = &mut slot.active else {
+        return;
+    };
+    if a.generated >= a.job.max_tokens {
+        return finish(slot, Finish::Length, counters);
+    }
+    if a.job.stop_tokens.contains(&a.next) {
+        return finish(slot, Finish::Stop, counters);
+    }
+    a.generated += 1;
+    counters.generated_tokens.fetch_add(1, Ordering::Relaxed);
+    if a.job.events.send(Event::Token(a.next)).is_err() {
+        a.job.cancel.store(GONE, Ordering::SeqCst);
+        return finish(slot, Finish::Cancelled, counters);
+    }
+    // The token just sent is fed at position `cached.len()`, which must fit.
+    if a.generated >= a.job.max_tokens || slot.cached.len() >= context {
+        finish(slot, Finish::Length, counters);
+    }
+}

@@ -1,0 +1,620 @@
+//! Text between the editor and the model. The model was trained on normalized text (LF
+//! line ends, no trailing spaces, and by default no indentation), so prompts are
+//! normalized the same way; its completion is then put back into the user's layout:
+//! re-indented by the depth of brackets relative to the cursor's line, in the file's
+//! own indentation unit. Also: FIM and chat prompts from our special tokens, UTF-8
+//! assembled across tokens, and stop strings held back until they can be ruled out.
+
+use cxxlm_tokenizer::Bpe;
+
+/// The repository name that repository context is rendered under (clients send files,
+/// not a repository name).
+const REPO_NAME: &str = "project";
+
+/// A prompt's text as the model was trained to see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// The training text had its indentation stripped.
+    pub strip_indentation: bool,
+}
+
+fn trim_trailing(line: &str) -> &str {
+    line.trim_end_matches([' ', '\t', '\u{b}', '\u{c}'])
+}
+
+/// Whole lines normalized: LF, no trailing whitespace, no indentation when stripped.
+pub fn normalize(text: &str, layout: Layout) -> String {
+    let text = text.replace("\r\n", "\n").replace('\r', "\n");
+    text.split('\n')
+        .map(|line| {
+            let line = trim_trailing(line);
+            if layout.strip_indentation {
+                line.trim_start_matches([' ', '\t'])
+            } else {
+                line
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The text before the cursor, normalized (the cursor's line loses its trailing
+/// whitespace too: [`Reindent`] drops it from the completion's start).
+#[derive(Debug, Clone)]
+pub struct Prefix {
+    pub text: String,
+}
+
+pub fn prefix(text: &str, layout: Layout) -> Prefix {
+    let text = text.replace("\r\n", "\n").replace('\r', "\n");
+    let (before, cursor_line) = match text.rfind('\n') {
+        Some(i) => (&text[..=i], &text[i + 1..]),
+        None => ("", text.as_str()),
+    };
+    let kept = trim_trailing(cursor_line);
+    let kept = if layout.strip_indentation {
+        kept.trim_start_matches([' ', '\t'])
+    } else {
+        kept
+    };
+    let before = if before.is_empty() {
+        String::new()
+    } else {
+        normalize(&before[..before.len() - 1], layout) + "\n"
+    };
+    Prefix {
+        text: before + kept,
+    }
+}
+
+/// The text after the cursor, normalized: the rest of the cursor's line keeps its
+/// leading spaces (they are inside the line) unless the cursor is in the indentation.
+pub fn suffix(text: &str, prefix_cursor_line: &str, layout: Layout) -> String {
+    let text = text.replace("\r\n", "\n").replace('\r', "\n");
+    let (first, rest) = match text.find('\n') {
+        Some(i) => (&text[..i], Some(&text[i + 1..])),
+        None => (text.as_str(), None),
+    };
+    let in_indentation = prefix_cursor_line
+        .trim_start_matches([' ', '\t'])
+        .is_empty();
+    let first = trim_trailing(first);
+    let first = if layout.strip_indentation && in_indentation {
+        first.trim_start_matches([' ', '\t'])
+    } else {
+        first
+    };
+    match rest {
+        Some(rest) => format!("{first}\n{}", normalize(rest, layout)),
+        None => first.to_string(),
+    }
+}
+
+/// The last line of `text` (the cursor's line, up to the cursor).
+pub fn cursor_line(text: &str) -> &str {
+    let text = text.strip_suffix('\r').unwrap_or(text);
+    text.rsplit(['\n', '\r']).next().unwrap_or("")
+}
+
+/// Tracks the nesting of brackets through C++ text, outside comments and literals.
+#[derive(Debug, Clone, Default)]
+struct Nesting {
+    depth: i64,
+    state: LexState,
+    prev: char,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+enum LexState {
+    #[default]
+    Code,
+    LineComment,
+    BlockComment,
+    Str,
+    Char,
+}
+
+impl Nesting {
+    fn feed(&mut self, c: char) {
+        use LexState::*;
+        let prev = self.prev;
+        // A backslash escapes one character in literals; `\\` escapes itself.
+        self.prev = if prev == '\\' && c == '\\' { ' ' } else { c };
+        match self.state {
+            Code => match c {
+                '{' | '(' | '[' => self.depth += 1,
+                '}' | ')' | ']' => self.depth -= 1,
+                '/' if prev == '/' => self.state = LineComment,
+                '*' if prev == '/' => {
+                    self.state = BlockComment;
+                    self.prev = ' ';
+                }
+                '"' => self.state = Str,
+                // A digit separator (1'000) is not a character literal.
+                '\'' if !prev.is_ascii_alphanumeric() => self.state = Char,
+                _ => {}
+            },
+            LineComment if c == '\n' => self.state = Code,
+            BlockComment if c == '/' && prev == '*' => self.state = Code,
+            Str if (c == '"' && prev != '\\') || c == '\n' => self.state = Code,
+            Char if (c == '\'' && prev != '\\') || c == '\n' => self.state = Code,
+            _ => {}
+        }
+    }
+}
+
+fn is_closer(c: char) -> bool {
+    matches!(c, '}' | ')' | ']')
+}
+
+/// Leading whitespace of a line, in columns of `unit` (a tab is one column when the
+/// unit is a tab, and a unit's width otherwise).
+fn columns(line: &str, unit: &str) -> usize {
+    let tab = if unit == "\t" { 1 } else { unit.len() };
+    line.chars()
+        .take_while(|c| *c == ' ' || *c == '\t')
+        .map(|c| if c == '\t' { tab } else { 1 })
+        .sum()
+}
+
+/// The file's indentation unit: a tab if most indented lines start with one, else the
+/// most common step between consecutive lines' indentation (4 when there is none).
+fn indent_unit(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tabs = lines.iter().filter(|l| l.starts_with('\t')).count();
+    let spaces = lines.iter().filter(|l| l.starts_with(' ')).count();
+    if tabs > spaces {
+        return "\t".into();
+    }
+    let widths: Vec<usize> = lines
+        .iter()
+        .map(|l| l.chars().take_while(|&c| c == ' ').count())
+        .collect();
+    let mut counts = [0usize; 9];
+    for w in widths.windows(2) {
+        if w[1] > w[0] && w[1] - w[0] <= 8 {
+            counts[w[1] - w[0]] += 1;
+        }
+    }
+    let best = (1..=8).max_by_key(|&d| (counts[d], d == 4)).unwrap_or(4);
+    " ".repeat(if counts[best] == 0 { 4 } else { best })
+}
+
+/// Puts a completion (in the model's layout) into the user's: drops the whitespace the
+/// cursor's line already ends with, indents each new line by the bracket depth
+/// relative to the reference line (the cursor's, or the last non-blank one above it
+/// when the cursor's line is blank) when the model was trained without indentation,
+/// and stops before the first line indented less than `min_indent` columns (llama.cpp's
+/// `n_indent`). Fed the completion in pieces; returns what can be shown so far.
+#[derive(Debug, Clone)]
+pub struct Reindent {
+    strip: bool,
+    unit: String,
+    /// Columns of the reference line's indentation.
+    base: i64,
+    /// The reference line's depth minus its leading closer.
+    reference: i64,
+    nesting: Nesting,
+    /// Whitespace already on the cursor's line before the first completion line (when
+    /// the completion starts a line), in columns.
+    present: usize,
+    /// The completion's next characters that repeat the cursor line's trailing spaces.
+    skip: usize,
+    at_line_start: bool,
+    first_line: bool,
+    /// Whitespace at the start of the current line, held until its first character.
+    pending: String,
+    min_indent: usize,
+    stopped: bool,
+}
+
+impl Reindent {
+    /// For a completion after `prefix` (the user's text, as sent) in a file whose other
+    /// text is `suffix`.
+    pub fn new(prefix: &str, suffix: &str, layout: Layout, min_indent: usize) -> Self {
+        let prefix = prefix.replace("\r\n", "\n");
+        let unit = indent_unit(&format!("{prefix}\n{suffix}"));
+        let cursor = cursor_line(&prefix);
+        let blank_cursor = cursor.trim().is_empty();
+        // The reference line, and the text from its start to the cursor.
+        let (reference, upto) = if blank_cursor {
+            let before = &prefix[..prefix.len() - cursor.len()];
+            let lines: Vec<&str> = before.split('\n').collect();
+            match lines.iter().rposition(|l| !l.trim().is_empty()) {
+                Some(i) => (lines[i], lines[i..].join("\n") + cursor),
+                None => ("", String::new()),
+            }
+        } else {
+            (cursor, cursor.to_string())
+        };
+        let mut nesting = Nesting::default();
+        let content = upto.trim_start_matches([' ', '\t']);
+        for c in content.chars() {
+            nesting.feed(c);
+        }
+        let leading_closer = content.chars().next().is_some_and(is_closer);
+        Reindent {
+            strip: layout.strip_indentation,
+            base: columns(reference, &unit) as i64,
+            reference: -(leading_closer as i64),
+            present: if blank_cursor {
+                columns(cursor, &unit)
+            } else {
+                0
+            },
+            skip: if blank_cursor {
+                0
+            } else {
+                cursor.len() - trim_trailing(cursor).len()
+            },
+            unit,
+            nesting,
+            at_line_start: blank_cursor,
+            first_line: true,
+            pending: String::new(),
+            min_indent,
+            stopped: false,
+        }
+    }
+
+    /// Whether a line indented less than `min_indent` ended the completion.
+    pub fn stopped(&self) -> bool {
+        self.stopped
+    }
+
+    pub fn push(&mut self, text: &str) -> String {
+        let mut out = String::new();
+        for c in text.chars() {
+            if self.stopped {
+                break;
+            }
+            if self.skip > 0 {
+                if c == ' ' || c == '\t' {
+                    self.skip -= 1;
+                    continue;
+                }
+                self.skip = 0;
+            }
+            if !self.at_line_start {
+                out.push(c);
+                self.nesting.feed(c);
+                if c == '\n' {
+                    self.at_line_start = true;
+                    self.first_line = false;
+                }
+                continue;
+            }
+            match c {
+                ' ' | '\t' => self.pending.push(c),
+                '\n' => {
+                    // A blank line keeps no indentation.
+                    self.pending.clear();
+                    out.push(c);
+                    self.nesting.feed(c);
+                    self.first_line = false;
+                }
+                _ => {
+                    let indent = self.indentation(c);
+                    if self.min_indent > 0
+                        && columns(&indent, " ") < self.min_indent
+                        && !self.first_line
+                    {
+                        self.stopped = true;
+                        break;
+                    }
+                    if self.first_line {
+                        out.push_str(indent.get(self.present.min(indent.len())..).unwrap_or(""));
+                    } else {
+                        out.push_str(&indent);
+                    }
+                    out.push(c);
+                    self.nesting.feed(c);
+                    self.at_line_start = false;
+                }
+            }
+        }
+        out
+    }
+
+    /// The indentation of a line whose first character is `first`.
+    fn indentation(&mut self, first: char) -> String {
+        let pending = std::mem::take(&mut self.pending);
+        if !self.strip {
+            return pending;
+        }
+        let level = self.nesting.depth - is_closer(first) as i64;
+        let width = if self.unit == "\t" {
+            1
+        } else {
+            self.unit.len() as i64
+        };
+        let cols = (self.base + (level - self.reference) * width).max(0) as usize;
+        if self.unit == "\t" {
+            "\t".repeat(cols)
+        } else {
+            " ".repeat(cols)
+        }
+    }
+
+    /// What is still held at the end (the whitespace of an unfinished line: none).
+    pub fn finish(&mut self) -> String {
+        self.pending.clear();
+        String::new()
+    }
+}
+
+/// Bytes of tokens assembled into text: a character split across tokens waits for its
+/// last byte; invalid bytes become U+FFFD.
+#[derive(Debug, Default)]
+pub struct Utf8Stream {
+    pending: Vec<u8>,
+}
+
+impl Utf8Stream {
+    pub fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        let mut out = String::new();
+        loop {
+            match std::str::from_utf8(&self.pending) {
+                Ok(s) => {
+                    out.push_str(s);
+                    self.pending.clear();
+                    return out;
+                }
+                Err(e) => {
+                    let valid = e.valid_up_to();
+                    out.push_str(std::str::from_utf8(&self.pending[..valid]).unwrap_or(""));
+                    match e.error_len() {
+                        Some(bad) => {
+                            out.push('\u{fffd}');
+                            self.pending.drain(..valid + bad);
+                        }
+                        None => {
+                            self.pending.drain(..valid);
+                            return out;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn finish(&mut self) -> String {
+        let rest = std::mem::take(&mut self.pending);
+        String::from_utf8_lossy(&rest).into_owned()
+    }
+}
+
+/// Stop strings over a stream of text: text that could begin a stop string is held
+/// until it can be ruled out; a stop string ends the text before it.
+#[derive(Debug, Default)]
+pub struct Stops {
+    stops: Vec<String>,
+    held: String,
+    /// The stop string that ended the text.
+    pub matched: Option<String>,
+}
+
+impl Stops {
+    pub fn new(stops: Vec<String>) -> Self {
+        Stops {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            ..Default::default()
+        }
+    }
+
+    pub fn push(&mut self, text: &str) -> String {
+        if self.matched.is_some() {
+            return String::new();
+        }
+        self.held.push_str(text);
+        let first = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()).map(|at| (at, s)))
+            .min_by_key(|(at, _)| *at);
+        if let Some((at, s)) = first {
+            self.matched = Some(s.clone());
+            let out = self.held[..at].to_string();
+            self.held.clear();
+            return out;
+        }
+        // Keep the longest end of the held text that begins some stop string.
+        let keep = self
+            .stops
+            .iter()
+            .flat_map(|s| {
+                (1..s.len())
+                    .filter(|&n| s.is_char_boundary(n) && self.held.ends_with(&s[..n]))
+                    .max()
+            })
+            .max()
+            .unwrap_or(0);
+        let cut = self.held.len() - keep;
+        let out = self.held[..cut].to_string();
+        self.held.drain(..cut);
+        out
+    }
+
+    pub fn finish(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+}
+
+/// A file of repository context (llama.cpp's `input_extra`).
+#[derive(Debug, Clone)]
+pub struct ContextFile {
+    pub name: String,
+    pub text: String,
+}
+
+fn special(bpe: &Bpe, name: &str) -> u32 {
+    bpe.special_id(name)
+        .unwrap_or_else(|| panic!("{name} is one of the tokenizer's specials"))
+}
+
+/// A fill-in-the-middle prompt in the layout the model was trained on
+/// (`<|bos|><|fim_prefix|>P<|fim_suffix|>S<|fim_middle|>`), after repository context
+/// (`<|repo_name|>name`, then `<|file_sep|>path\ncode` per file, and one for the
+/// current file), fitted into `budget` tokens: context files go first (the earliest
+/// first), then the start of the prefix and the end of the suffix (3:1). Returns the
+/// tokens and whether anything was left out.
+pub fn fim_prompt(
+    bpe: &Bpe,
+    files: &[ContextFile],
+    prefix: &str,
+    suffix: &str,
+    layout: Layout,
+    budget: usize,
+) -> (Vec<u32>, bool) {
+    let mut p = bpe.encode(prefix);
+    let mut s = bpe.encode(suffix);
+    let fixed = 4;
+    let mut truncated = false;
+    let room = budget.saturating_sub(fixed);
+    if p.len() + s.len() > room {
+        truncated = true;
+        let s_room = (room / 4).max(room.saturating_sub(p.len()));
+        s.truncate(s_room.min(s.len()));
+        let p_room = room - s.len();
+        p.drain(..p.len() - p_room.min(p.len()));
+    }
+    let mut context: Vec<Vec<u32>> = Vec::new();
+    if !files.is_empty() {
+        let sep = special(bpe, "<|file_sep|>");
+        for f in files {
+            let mut t = vec![sep];
+            t.extend(bpe.encode(&format!("{}\n{}", f.name, normalize(&f.text, layout))));
+            context.push(t);
+        }
+        let mut current = vec![sep];
+        current.extend(bpe.encode("current\n"));
+        context.push(current);
+        let mut head = vec![special(bpe, "<|repo_name|>")];
+        head.extend(bpe.encode(&format!("{REPO_NAME}\n")));
+        let left = room.saturating_sub(p.len() + s.len());
+        let total = |c: &[Vec<u32>]| head.len() + c.iter().map(Vec::len).sum::<usize>();
+        while context.len() > 1 && total(&context) > left {
+            context.remove(0);
+            truncated = true;
+        }
+        if total(&context) > left {
+            context.clear();
+            truncated = true;
+        } else {
+            context.insert(0, head);
+        }
+    }
+    let mut ids = vec![special(bpe, "<|bos|>")];
+    ids.extend(context.into_iter().flatten());
+    ids.push(special(bpe, "<|fim_prefix|>"));
+    ids.extend(p);
+    ids.push(special(bpe, "<|fim_suffix|>"));
+    ids.extend(s);
+    ids.push(special(bpe, "<|fim_middle|>"));
+    (ids, truncated)
+}
+
+/// A chat as the model reads it: `<|bos|>`, then each message as `role\ncontent<|eos|>`,
+/// then `assistant\n`; the reply ends at `<|eos|>`.
+pub fn chat_prompt(bpe: &Bpe, messages: &[(String, String)]) -> Vec<u32> {
+    let eos = special(bpe, "<|eos|>");
+    let mut ids = vec![special(bpe, "<|bos|>")];
+    for (role, content) in messages {
+        ids.extend(bpe.encode(&format!("{role}\n{content}")));
+        ids.push(eos);
+    }
+    ids.extend(bpe.encode("assistant\n"));
+    ids
+}
+
+/// The chat template of [`chat_prompt`] in Jinja, for `tokenizer_config.json`.
+pub const CHAT_TEMPLATE: &str = "<|bos|>{% for m in messages %}{{ m['role'] }}\n{{ m['content'] }}<|eos|>{% endfor %}{% if add_generation_prompt %}assistant\n{% endif %}";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STRIP: Layout = Layout {
+        strip_indentation: true,
+    };
+    const KEEP: Layout = Layout {
+        strip_indentation: false,
+    };
+
+    fn fill(prefix: &str, suffix: &str, completion: &str, layout: Layout) -> String {
+        let mut r = Reindent::new(prefix, suffix, layout, 0);
+        let mut out = String::new();
+        // In pieces, as tokens arrive.
+        for piece in completion.split_inclusive(['\n', ' ']) {
+            out += &r.push(piece);
+        }
+        out + &r.finish()
+    }
+
+    #[test]
+    fn prompts_are_normalized_as_the_training_text_was() {
+        let p = prefix("int f() {\r\n    int x = 1;  \n    return x +  ", STRIP);
+        assert_eq!(p.text, "int f() {\nint x = 1;\nreturn x +");
+        let kept = prefix("  a;\n  b", KEEP);
+        assert_eq!(kept.text, "  a;\n  b");
+        assert_eq!(
+            suffix(" + 1;  \n    }\n", "    return x", STRIP),
+            " + 1;\n}\n"
+        );
+        assert_eq!(suffix("    foo();\n}", "    ", STRIP), "foo();\n}");
+    }
+
+    #[test]
+    fn completions_take_the_files_indentation() {
+        // The cursor at the end of a line that opens a block.
+        let prefix = "void f() {\n    if (x) {";
+        let got = fill(prefix, "\n}\n", "\nreturn 1;\n}\nint y = 2;", STRIP);
+        assert_eq!(got, "\n        return 1;\n    }\n    int y = 2;");
+        // On a blank, already indented line: the first line adds only what is missing.
+        let got = fill(
+            "int g() {\n  int a = 0;\n  ",
+            "\n}\n",
+            "a += 1;\nreturn a;\n}",
+            STRIP,
+        );
+        assert_eq!(got, "a += 1;\n  return a;\n}");
+        // Tabs, and brackets inside comments and strings do not count.
+        let got = fill(
+            "void h() {\n\tcall(\"{\"); // {\n\t",
+            "}\n",
+            "for (;;) {\nbreak;\n}",
+            STRIP,
+        );
+        assert_eq!(got, "for (;;) {\n\t\tbreak;\n\t}");
+        // The model already writes indentation: it is kept.
+        let got = fill("void f() {\n", "}\n", "    return;\n", KEEP);
+        assert_eq!(got, "    return;\n");
+        // The space the cursor's line ends with is not repeated.
+        assert_eq!(fill("int x = ", ";", " 42", STRIP), "42");
+    }
+
+    #[test]
+    fn a_line_indented_less_than_n_indent_ends_the_completion() {
+        let mut r = Reindent::new("int f() {\n    int a =", "\n}", STRIP, 4);
+        let out = r.push(" 1;\nreturn a;\n}\nint g();");
+        assert_eq!(out, " 1;\n    return a;\n");
+        assert!(r.stopped());
+    }
+
+    #[test]
+    fn utf8_waits_for_a_characters_last_byte_and_stops_are_held_back() {
+        let mut u = Utf8Stream::default();
+        let e = "é".as_bytes();
+        assert_eq!(u.push(&e[..1]), "");
+        assert_eq!(u.push(&e[1..]), "é");
+        assert_eq!(u.push(&[0xff, b'a']), "\u{fffd}a");
+        let mut s = Stops::new(vec!["\n\n".into(), "END".into()]);
+        assert_eq!(s.push("int a;\n"), "int a;");
+        assert_eq!(s.push("int b;"), "\nint b;");
+        assert_eq!(s.push("E"), "");
+        assert_eq!(s.push("N"), "");
+        assert_eq!(s.push("D tail"), "");
+        assert_eq!(s.matched.as_deref(), Some("END"));
+    }
+}

@@ -1,0 +1,178 @@
+//! `cxxlm serve`: a checkpoint's model behind [`cxxlm_serve::Model`], on the sampler's
+//! [`Decoder`] (slots of a KV cache, CUDA graphs on a GPU).
+
+use anyhow::{Context, Result};
+use cxxlm::cli::ServeArgs;
+use cxxlm_model::{sample, Decoder, Gpt, Rows};
+use cxxlm_pack::Manifest;
+use cxxlm_serve::text::Layout;
+use cxxlm_serve::{ModelInfo, Options, StepRow};
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::sample::load_checkpoint;
+use crate::train::load_config;
+
+struct Served {
+    model: Gpt,
+    decoder: Decoder,
+}
+
+fn sampling(s: &cxxlm_serve::Sampling) -> cxxlm_model::Sampling {
+    cxxlm_model::Sampling {
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        ..Default::default()
+    }
+}
+
+/// libtorch reports errors by panicking: a failed request must not stop the server.
+fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .map_err(|p| format!("{what}: {}", cxxlm_model::panic_message(&*p)))
+}
+
+impl cxxlm_serve::Model for Served {
+    fn slots(&self) -> usize {
+        self.decoder.slots()
+    }
+
+    fn context(&self) -> usize {
+        self.decoder.capacity()
+    }
+
+    fn prefill(
+        &mut self,
+        slot: usize,
+        from: usize,
+        tokens: &[u32],
+        s: &cxxlm_serve::Sampling,
+    ) -> Result<u32, String> {
+        let Served { model, decoder } = self;
+        guarded("prefill", || {
+            let logits = decoder.prefill(model, slot, from, &[tokens]);
+            sample(&logits, &[sampling(s)])[0]
+        })
+    }
+
+    fn step(&mut self, rows: &[StepRow]) -> Result<Vec<u32>, String> {
+        let Served { model, decoder } = self;
+        let slots: Vec<usize> = rows.iter().map(|r| r.slot).collect();
+        let tokens: Vec<u32> = rows.iter().map(|r| r.token).collect();
+        let positions: Vec<usize> = rows.iter().map(|r| r.position).collect();
+        let each: Vec<cxxlm_model::Sampling> = rows.iter().map(|r| sampling(&r.sampling)).collect();
+        guarded("decoding step", || {
+            let logits = decoder.step(model, Rows::List(&slots), &tokens, &positions);
+            sample(&logits, &each)
+        })
+    }
+}
+
+/// Whether the model's training text had its indentation stripped, read from the first
+/// document of its shards (run config -> pack -> the pack's inputs), and where from.
+fn trained_layout(checkpoint: &Path) -> Result<(bool, String)> {
+    let run = checkpoint
+        .ancestors()
+        .find(|a| a.join("config.toml").exists())
+        .context("no run config.toml above the checkpoint")?;
+    let config = load_config(Some(&run.join("config.toml")), &[])?;
+    let manifest = Manifest::load(&config.data.pack)?;
+    for input in &manifest.settings.inputs {
+        let input = PathBuf::from(input);
+        let mut shards: Vec<PathBuf> = if input.is_dir() {
+            std::fs::read_dir(&input)?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.to_string_lossy().ends_with(".jsonl.zst"))
+                .collect()
+        } else {
+            vec![input]
+        };
+        shards.sort();
+        if let Some(shard) = shards.first() {
+            let file = std::fs::File::open(shard)
+                .with_context(|| format!("opening {}", shard.display()))?;
+            let mut lines = std::io::BufReader::new(zstd::Decoder::new(file)?).lines();
+            let first = lines
+                .next()
+                .with_context(|| format!("{} is empty", shard.display()))??;
+            let doc: serde_json::Value = serde_json::from_str(&first)?;
+            let stripped = doc["meta"]["normalized"]["indent_stripped"]
+                .as_bool()
+                .with_context(|| {
+                    format!("{}: documents record no normalization", shard.display())
+                })?;
+            return Ok((stripped, shard.display().to_string()));
+        }
+    }
+    anyhow::bail!("the pack {} lists no shards", config.data.pack.display())
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    let (model, bpe) = load_checkpoint(&args.checkpoint, args.tokenizer.as_deref())?;
+    let strip = match args.indentation.as_str() {
+        "strip" => true,
+        "keep" => false,
+        _ => match trained_layout(&args.checkpoint) {
+            Ok((strip, from)) => {
+                eprintln!(
+                    "indentation: {} (the training text's, from {from})",
+                    if strip {
+                        "stripped from prompts, re-indented in completions"
+                    } else {
+                        "kept"
+                    }
+                );
+                strip
+            }
+            Err(e) => {
+                eprintln!(
+                    "indentation: stripped from prompts, re-indented in completions (the data pipeline's default; the training shards could not be read: {e:#}; --indentation keep if the model was trained with it)"
+                );
+                true
+            }
+        },
+    };
+    let context = model.config.seq_len;
+    let name = args.name.clone().unwrap_or_else(|| {
+        let run = args
+            .checkpoint
+            .ancestors()
+            .find(|a| a.join("config.toml").exists())
+            .unwrap_or(&args.checkpoint);
+        run.file_name()
+            .map_or("cxxlm".into(), |n| n.to_string_lossy().into_owned())
+    });
+    let info = ModelInfo {
+        name,
+        tokenizer: Arc::new(bpe),
+        context,
+        layout: Layout {
+            strip_indentation: strip,
+        },
+    };
+    let address = format!("{}:{}", args.host, args.port);
+    let listener = std::net::TcpListener::bind(&address)
+        .with_context(|| format!("listening on {address} (is another server there? --port)"))?;
+    let bound = listener.local_addr()?;
+    eprintln!(
+        "serving {} (d{}, {:?}, context {context}, {} slots) at http://{bound}",
+        info.name,
+        model.config.depth,
+        model.device(),
+        args.slots
+    );
+    let slots = args.slots.max(1);
+    let options = Options {
+        slots,
+        max_waiting: args.queue,
+        max_body: args.max_body_mib << 20,
+    };
+    cxxlm_serve::serve(listener, info, options, move || {
+        let decoder = model.decoder(slots, context);
+        Ok(Served { model, decoder })
+    })
+    .map_err(anyhow::Error::msg)
+}

@@ -1,0 +1,200 @@
+//! `cxxlm serve` with a tiny model trained here, driven by real clients on loopback:
+//! the `openai` Python package (completions with suffix, streamed and not, chat),
+//! requests shaped as llama.vim sends `/infill` (its `n_predict: 0` warm-up too), as
+//! Continue sends Ollama's `/api/generate`, concurrent requests with one cancelled
+//! mid-stream, a full queue, and bad requests. Then `cxxlm export hf`, loaded by
+//! transformers with logits matching ours.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+
+const CLIENTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/serve_clients.py");
+
+struct Trained {
+    _f: Fixture,
+    pack: PathBuf,
+    run: PathBuf,
+}
+
+/// A tiny model with a context long enough for a request to be cancelled mid-stream.
+fn trained() -> &'static Trained {
+    static TRAINED: OnceLock<Trained> = OnceLock::new();
+    TRAINED.get_or_init(|| {
+        let f = fixture(400, 2048);
+        let pack = f.root.join("pack");
+        run_ok(&pack_args(&f, &pack, &["--val-fraction", "0.1"]));
+        let run = f.root.join("run");
+        run_ok(&[
+            "train",
+            "pretrain",
+            "--pack",
+            pack.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+            "--set",
+            "model.preset=tiny",
+            "--set",
+            "model.seq_len=512",
+            "--set",
+            "train.device=cpu",
+            "--set",
+            "train.device_batch=2",
+            "--set",
+            "train.total_batch_tokens=1024",
+            "--set",
+            "train.steps=30",
+            "--set",
+            "eval.every=0",
+        ]);
+        Trained { _f: f, pack, run }
+    })
+}
+
+/// A running server, stopped when dropped.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(run: &Path, extra: &[&str]) -> Server {
+    let mut child = cxxlm()
+        .args([
+            "serve",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--port",
+            "0",
+            "--name",
+            "tiny",
+        ])
+        .args(extra)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("cxxlm serve starts");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut url = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        eprintln!("server: {line}");
+        if let Some(at) = line
+            .split(" at ")
+            .nth(1)
+            .filter(|u| u.starts_with("http://"))
+        {
+            url = Some(at.trim().to_string());
+            break;
+        }
+    }
+    // The server's log goes on to this test's output.
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            eprintln!("server: {line}");
+        }
+    });
+    let url = url.expect("the server prints its address");
+    Server { child, url }
+}
+
+fn clients(server: &Server, scenario: &str) {
+    let out = Command::new("python3")
+        .args([CLIENTS, &server.url, scenario])
+        .output()
+        .expect("python3 runs (scripts/setup.sh installs the clients)");
+    let said = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{said}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "clients ({scenario}) failed:\n{said}");
+    assert!(
+        said.contains(&format!("all {scenario} checks passed")),
+        "{said}"
+    );
+}
+
+#[test]
+fn editors_and_clients_are_served_and_bad_requests_answered() {
+    let t = trained();
+    let server = serve(&t.run, &["--slots", "4"]);
+    clients(&server, "editors");
+}
+
+#[test]
+fn a_full_queue_is_answered_503() {
+    let t = trained();
+    let server = serve(&t.run, &["--slots", "1", "--queue", "1"]);
+    clients(&server, "busy");
+}
+
+#[test]
+fn the_hf_export_loads_in_transformers_with_our_logits() {
+    let t = trained();
+    let out = t.run.parent().unwrap().join("hf");
+    let said = run_ok(&[
+        "export",
+        "hf",
+        t.run.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let said = String::from_utf8_lossy(&said.stdout);
+    assert!(said.contains("greedy tokens equal: true"), "{said}");
+    let parity: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("parity.json")).unwrap()).unwrap();
+    assert_eq!(parity["passed"], true, "{parity}");
+    assert_eq!(parity["class"], "NanoChatForCausalLM");
+    assert!(parity["max_abs_logit_diff"].as_f64().unwrap() < 1e-3);
+    for file in [
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(out.join(file).exists(), "{file}");
+    }
+    // A SwiGLU model has no slot in NanoChatForCausalLM: refused, and nothing written.
+    let swiglu = t.run.parent().unwrap().join("swiglu");
+    run_ok(&[
+        "train",
+        "pretrain",
+        "--pack",
+        t.pack.to_str().unwrap(),
+        "--out",
+        swiglu.to_str().unwrap(),
+        "--set",
+        "model.preset=tiny",
+        "--set",
+        "model.activation=swiglu",
+        "--set",
+        "train.device=cpu",
+        "--set",
+        "train.device_batch=2",
+        "--set",
+        "train.total_batch_tokens=256",
+        "--set",
+        "train.steps=1",
+        "--set",
+        "eval.every=0",
+    ]);
+    let refused = swiglu.parent().unwrap().join("swiglu-hf");
+    let err = run_fails(&[
+        "export",
+        "hf",
+        swiglu.to_str().unwrap(),
+        "-o",
+        refused.to_str().unwrap(),
+    ]);
+    assert!(err.contains("SwiGLU") && err.contains("refused"), "{err}");
+    assert!(!refused.exists());
+}
