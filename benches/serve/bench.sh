@@ -5,7 +5,7 @@
 # layers of 256) with a 2,048-token context, trained briefly on /usr/include here (speed
 # does not depend on how well it is trained).
 #
-# Usage: benches/serve/bench.sh [OUT_DIR]     (default bench-out/serve)
+# Usage: benches/serve/bench.sh [OUT_DIR]     (default bench-out/serve; STEPS=N training steps, 20)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${1:-bench-out/serve}
@@ -20,7 +20,7 @@ if [ ! -f "$out/run/checkpoints/.done" ]; then
     "$bin" train pretrain --pack "$out/pack" --out "$out/run" --set model.preset=tiny \
         --set model.depth=4 --set model.width=256 --set model.heads=4 --set model.kv_heads=4 \
         --set model.seq_len=2048 --set train.device=cpu --set train.device_batch=2 \
-        --set train.total_batch_tokens=4096 --set train.steps=40 --set eval.every=0 >/dev/null
+        --set train.total_batch_tokens=4096 --set train.steps=${STEPS:-20} --set eval.every=0 >/dev/null
     touch "$out/run/checkpoints/.done"
 fi
 "$bin" export hf "$out/run" -o "$out/hf"
