@@ -12,7 +12,7 @@ shift || true
 packages=("$@")
 if [ ${#packages[@]} -eq 0 ]; then
     packages=(llvm-toolchain-15 boost1.81 qtbase-opensource-src opencv grpc protobuf abseil
-              fmtlib spdlog googletest eigen3 ninja-build)
+              fmtlib spdlog googletest eigen3 ninja-build gcc-12)
 fi
 
 src_list=/etc/apt/sources.list.d/cxxlm-deb-src.sources
@@ -42,5 +42,19 @@ for p in "${packages[@]}"; do
     fi
     echo "$p: fetching"
     apt-get source --download-only -qq "$p" || echo "$p: not available, skipped" >&2
+done
+# Some packages (gcc) ship upstream tarballs inside their orig tarball: those are
+# taken out beside it, named so that the package stays the project.
+for f in *.orig.tar.*; do
+    [ -e "$f" ] || continue
+    stem=${f%%.orig.tar.*}
+    ls "$stem".orig-*.tar.* >/dev/null 2>&1 && continue
+    members=$(tar tf "$f" | grep -v '/$' || true)
+    [ "$(echo "$members" | wc -l)" -le 5 ] || continue
+    inner=$(echo "$members" | grep -E '/[^/]*(-dfsg)?\.tar\.(xz|gz|bz2)$' | grep -v -E 'newlib|gm2' | head -1 || true)
+    [ -n "$inner" ] || continue
+    echo "$f: taking out $inner"
+    tar xf "$f" -O "$inner" >"$stem.orig-$(basename "$inner").tmp"
+    mv "$stem.orig-$(basename "$inner").tmp" "$stem.orig-$(basename "$inner")"
 done
 du -sh .

@@ -17,6 +17,7 @@ pub struct PipelineConfig {
     pub pii: PiiConfig,
     pub secrets: SecretsConfig,
     pub dedup: ExactDedupConfig,
+    pub decontaminate: crate::steps::DecontaminateConfig,
 }
 
 impl PipelineConfig {

@@ -188,7 +188,7 @@ pub fn run_task(
     }
 
     let started = Instant::now();
-    let steps = steps::build_steps(config);
+    let steps = steps::build_steps(config)?;
     let mut run = TaskRun::resume_or_start(config, &layout, task, &fingerprint, &steps)?;
     if run.next == Position::default() {
         // Listing problems are the same for every task: task 0 counts them.

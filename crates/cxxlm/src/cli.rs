@@ -40,6 +40,10 @@ pub enum Command {
     /// Write a checkpoint in another ecosystem's format.
     #[command(subcommand)]
     Export(ExportCommand),
+    /// Verifiable C++ tasks: injected bugs with sanitizer debug states, fixes from git
+    /// history, a teacher's answers, decontamination.
+    #[command(subcommand)]
+    Tasks(crate::tasks::TasksCommand),
     /// Every stage from raw C++ sources to an evaluated model and its report card.
     Speedrun(crate::speedrun::SpeedrunArgs),
     /// Run a command (`train pretrain`) as N data-parallel ranks on this host, one per GPU.
@@ -69,6 +73,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Tok(cmd) => crate::tok::run(cmd),
         Command::Pack(args) => crate::pack::run(args),
         Command::Eval(cmd) => crate::eval::run(cmd, None),
+        Command::Tasks(cmd) => crate::tasks::run(cmd),
         Command::Speedrun(args) => crate::speedrun::run(args),
         Command::Launch(args) => crate::launch::run(args),
         Command::Report { dir } => cxxlm_report::write(&cxxlm_report::Layout::new(dir))

@@ -23,6 +23,49 @@ pub enum EvalCommand {
     /// Fill-in-the-middle: hide a line, a block and a function body of validation
     /// documents, let the model fill them; exact match, and whether the files compile again.
     Fim(FimArgs),
+    /// Bug fixing on held-out tasks of `tasks bugs`: the model writes the fixed function
+    /// after the task's debug state; scored in the sandbox (compiles, sanitizers silent,
+    /// the oracle's output), pass@k overall and per mutation operator.
+    Bugfix(BugfixArgs),
+}
+
+#[derive(Args)]
+pub struct BugfixArgs {
+    /// Outputs of `tasks bugs` (directories or part files).
+    #[arg(long = "tasks", required = true)]
+    tasks: Vec<PathBuf>,
+    /// The split to evaluate on (by project; the training never saw its projects).
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// At most this many tasks, spread evenly over the split.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Check the harness instead of a model: `fixed` answers with each task's fix (all
+    /// must pass), `buggy` with its bug (none may).
+    #[arg(long, value_parser = ["fixed", "buggy"], conflicts_with_all = ["checkpoint", "completions"])]
+    answers: Option<String>,
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Answers made elsewhere: JSON lines with `id` and `completion`.
+    #[arg(long)]
+    completions: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    samples: usize,
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    #[arg(long, default_value_t = 768)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    k: Vec<usize>,
+    /// Also write the generated answers here (JSON lines, as --completions reads).
+    #[arg(long)]
+    completions_out: Option<PathBuf>,
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -191,6 +234,7 @@ impl EvalCommand {
         match self {
             EvalCommand::Mbpp(a) | EvalCommand::Humaneval(a) => a.checkpoint.is_some(),
             EvalCommand::Compile(a) => a.checkpoint.is_some(),
+            EvalCommand::Bugfix(a) => a.checkpoint.is_some(),
             EvalCommand::Bpb(_) | EvalCommand::Fim(_) => true,
         }
     }
@@ -259,6 +303,7 @@ pub fn run(cmd: EvalCommand, load: Option<LoadModel>) -> Result<()> {
             let model = needed(load)?(&a.model.checkpoint, a.model.tokenizer.as_deref())?;
             return fim(a, model.as_ref());
         }
+        EvalCommand::Bugfix(a) => return bugfix(a, load),
     };
     let mut problems = match (&args.problems, mbpp) {
         (None, false) => bail!("--problems: the benchmark's JSON lines"),
@@ -844,4 +889,238 @@ fn print_report(r: &Report) {
     for (why, n) in failures {
         println!("  {n:>5}  {why}");
     }
+}
+
+/// Whether a bug-fix answer is complete: past its reasoning, the function's braces
+/// opened and closed again.
+fn answer_complete(text: &str) -> bool {
+    let code = cxxlm_tasks::task::answer_code(text);
+    if text.contains("/* REASONING:") && !text.contains("*/") {
+        return false;
+    }
+    let mut depth = 0i64;
+    let mut opened = false;
+    for &c in cxxlm_eval::functions::code_only(code).iter() {
+        match c {
+            b'{' => {
+                depth += 1;
+                opened = true;
+            }
+            b'}' => {
+                depth -= 1;
+                if opened && depth == 0 {
+                    return true;
+                }
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
+/// The answer up to the end of the function it writes.
+fn cut_answer(text: &str) -> String {
+    let start = text.len() - cxxlm_tasks::task::answer_code(text).len();
+    let start = text[..start].rfind("*/").map_or(0, |p| p + 2).min(start);
+    let head = &text[..start];
+    let code = &text[start..];
+    let mut depth = 0i64;
+    let mut opened = false;
+    for (i, &c) in cxxlm_eval::functions::code_only(code).iter().enumerate() {
+        match c {
+            b'{' => {
+                depth += 1;
+                opened = true;
+            }
+            b'}' => {
+                depth -= 1;
+                if opened && depth == 0 {
+                    return format!("{head}{}", &code[..=i]);
+                }
+            }
+            _ => {}
+        }
+    }
+    text.to_string()
+}
+
+fn bugfix(args: BugfixArgs, load: Option<LoadModel>) -> Result<()> {
+    use cxxlm_tasks::bugs;
+    use rayon::prelude::*;
+    let all = bugs::read_tasks(&args.tasks)?;
+    let mut tasks: Vec<cxxlm_tasks::task::Task> = all
+        .into_iter()
+        .filter(|t| t.split == args.split && t.check.is_some())
+        .collect();
+    if tasks.is_empty() {
+        bail!("no runnable tasks of split {:?} in the input", args.split);
+    }
+    if let Some(n) = args.limit.filter(|&n| n < tasks.len()) {
+        let len = tasks.len();
+        tasks = (0..n).map(|i| tasks[i * len / n].clone()).collect();
+    }
+    let answers: Vec<(usize, String)> = match (&args.answers, &args.checkpoint, &args.completions) {
+        (Some(which), _, _) => tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let check = t.check.as_ref().expect("filtered");
+                let answer = if which == "fixed" {
+                    t.output.clone()
+                } else {
+                    check.buggy[check.span.0..check.span.1].to_string()
+                };
+                (i, answer)
+            })
+            .collect(),
+        (None, Some(checkpoint), _) => {
+            let model = needed(load)?(checkpoint, args.tokenizer.as_deref())?;
+            let generated = bugfix_answers(&args, model.as_ref(), &tasks);
+            if let Some(out) = &args.completions_out {
+                let lines: Vec<String> = generated
+                    .iter()
+                    .map(|(i, c)| json!({"id": tasks[*i].id, "completion": c}).to_string())
+                    .collect();
+                std::fs::write(out, lines.join("\n") + "\n")
+                    .with_context(|| format!("writing {}", out.display()))?;
+            }
+            generated
+        }
+        (None, None, Some(path)) => {
+            let by_id: std::collections::HashMap<&str, usize> = tasks
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.id.as_str(), i))
+                .collect();
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let mut out = Vec::new();
+            for (n, line) in text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+            {
+                let v: Value = serde_json::from_str(line)
+                    .with_context(|| format!("{}:{}", path.display(), n + 1))?;
+                let (Some(id), Some(c)) = (v["id"].as_str(), v["completion"].as_str()) else {
+                    bail!("{}:{}: needs `id` and `completion`", path.display(), n + 1);
+                };
+                if let Some(&i) = by_id.get(id) {
+                    out.push((i, c.to_string()));
+                }
+            }
+            out
+        }
+        (None, None, None) => bail!("--answers fixed|buggy, --checkpoint or --completions"),
+    };
+    let judge = cxxlm_tasks::judge::Judge::new()?;
+    let verdicts = answers
+        .par_iter()
+        .map(|(i, answer)| {
+            let check = tasks[*i].check.as_ref().expect("filtered");
+            bugs::score(&judge, check, answer, true).map(|v| (*i, v))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // Per task: (samples, passed); then pass@k overall and per operator.
+    let mut per_task: Vec<(usize, usize)> = vec![(0, 0); tasks.len()];
+    let mut compiled = 0;
+    let mut failures: std::collections::BTreeMap<String, usize> = Default::default();
+    for (i, v) in &verdicts {
+        per_task[*i].0 += 1;
+        per_task[*i].1 += usize::from(v.passed);
+        compiled += usize::from(v.compiled);
+        if let Some(f) = &v.failure {
+            *failures.entry(f.clone()).or_default() += 1;
+        }
+    }
+    let pass = |filter: &dyn Fn(&cxxlm_tasks::task::Task) -> bool, k: usize| -> (usize, f64) {
+        let scores: Vec<f64> = per_task
+            .iter()
+            .zip(&tasks)
+            .filter(|((n, _), t)| *n >= k && filter(t))
+            .map(|(&(n, c), _)| bench::pass_at_k(n, c, k))
+            .collect();
+        (
+            scores.len(),
+            scores.iter().sum::<f64>() / scores.len().max(1) as f64,
+        )
+    };
+    println!(
+        "{} tasks of split {}, {} answers: {} compiled",
+        tasks.len(),
+        args.split,
+        verdicts.len(),
+        compiled
+    );
+    let mut report = json!({"tasks": tasks.len(), "answers": verdicts.len(), "compiled": compiled, "failures": failures});
+    for &k in &args.k {
+        let (n, p) = pass(&|_| true, k);
+        println!("pass@{k}: {p:.4} ({n} tasks)");
+        report[format!("pass@{k}")] = p.into();
+        let mut per_op = serde_json::Map::new();
+        for op in cxxlm_tasks::mutate::Operator::ALL {
+            let (n, p) = pass(&|t| t.provenance.operator == Some(op), k);
+            if n > 0 {
+                println!("  {:<24} {p:.4} ({n} tasks)", op.name());
+                per_op.insert(op.name().into(), json!({"tasks": n, "pass": p}));
+            }
+        }
+        report[format!("pass@{k}_by_operator")] = per_op.into();
+    }
+    for (f, n) in &failures {
+        println!("  {n:>5}  {f}");
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+    }
+    Ok(())
+}
+
+/// `samples` answers per task from the model: the task's input as the prompt, cut where
+/// the fixed function closes. Tasks whose prompt leaves no room to answer are skipped.
+fn bugfix_answers(
+    args: &BugfixArgs,
+    model: &dyn TextModel,
+    tasks: &[cxxlm_tasks::task::Task],
+) -> Vec<(usize, String)> {
+    let bpe = model.tokenizer();
+    let eos = special(bpe, "<|eos|>");
+    let room = model.context().saturating_sub(args.max_tokens);
+    let mut rows: Vec<(usize, Vec<u32>)> = Vec::new();
+    let mut skipped = 0;
+    for (i, t) in tasks.iter().enumerate() {
+        let ids = prompt_ids(bpe, &t.input, None);
+        if ids.len() > room {
+            skipped += 1;
+            continue;
+        }
+        rows.extend(std::iter::repeat_n((i, ids), args.samples));
+    }
+    if skipped > 0 {
+        eprintln!("{skipped} tasks skipped: their prompt leaves fewer than --max-tokens of the model's context");
+    }
+    let mut out = Vec::new();
+    for (chunk, group) in rows.chunks(args.batch.max(1)).enumerate() {
+        let prompts: Vec<Vec<u32>> = group.iter().map(|(_, p)| p.clone()).collect();
+        let generation = Generation {
+            temperature: if args.samples > 1 {
+                args.temperature
+            } else {
+                0.0
+            },
+            top_k: 0,
+            top_p: 0.95,
+            max_new_tokens: args.max_tokens,
+            seed: chunk as u64,
+        };
+        let generated = model.generate(&prompts, &generation, &mut |_, t| {
+            t.last() == Some(&eos) || answer_complete(&String::from_utf8_lossy(&bpe.decode(t)))
+        });
+        for ((i, _), row) in group.iter().zip(generated) {
+            let ids: Vec<u32> = row.into_iter().filter(|&t| t != eos).collect();
+            out.push((*i, cut_answer(&String::from_utf8_lossy(&bpe.decode(&ids)))));
+        }
+        eprintln!("answered {} of {}", out.len(), rows.len());
+    }
+    out
 }

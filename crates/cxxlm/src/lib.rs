@@ -11,4 +11,5 @@ pub mod interrupt;
 pub mod launch;
 pub mod pack;
 pub mod speedrun;
+pub mod tasks;
 pub mod tok;

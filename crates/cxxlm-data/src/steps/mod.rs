@@ -2,6 +2,7 @@
 //! pipeline runs them in order, in parallel over documents, and counts what each did.
 
 mod decode;
+pub mod decontaminate;
 mod exact_dedup;
 mod license;
 mod normalize;
@@ -10,6 +11,7 @@ mod quality;
 mod secrets;
 
 pub use decode::decode;
+pub use decontaminate::{BenchmarkIndex, Decontaminate, DecontaminateConfig};
 pub use exact_dedup::{content_hash, ExactDedup};
 pub use license::{is_permissive, LicenseFilter, Licenses};
 pub use normalize::Normalize;
@@ -54,8 +56,9 @@ pub trait Step: Send + Sync {
 }
 
 /// The configured steps in pipeline order: filters see the text as it was written
-/// (their thresholds are defined on raw files), the rest see normalized text.
-pub fn build_steps(config: &PipelineConfig) -> Vec<Box<dyn Step>> {
+/// (their thresholds are defined on raw files), the rest see normalized text;
+/// decontamination comes last, on the text that would be written.
+pub fn build_steps(config: &PipelineConfig) -> crate::error::Result<Vec<Box<dyn Step>>> {
     let mut steps: Vec<Box<dyn Step>> = Vec::new();
     if config.quality.enabled {
         steps.push(Box::new(QualityFilter::new(config.quality.clone())));
@@ -72,7 +75,10 @@ pub fn build_steps(config: &PipelineConfig) -> Vec<Box<dyn Step>> {
     if config.secrets.enabled {
         steps.push(Box::new(Secrets::new(config.secrets.clone())));
     }
-    steps
+    if config.decontaminate.enabled {
+        steps.push(Box::new(Decontaminate::new(&config.decontaminate)?));
+    }
+    Ok(steps)
 }
 
 #[cfg(test)]
