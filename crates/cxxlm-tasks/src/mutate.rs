@@ -199,7 +199,7 @@ pub fn schema(text: &str, sites: &[&Site]) -> (String, Vec<Vec<(usize, usize)>>)
 /// Sites whose spans do not overlap, picked round-robin over operators so that every
 /// operator is represented, at most `per_operator` each and `total` in all; the order
 /// within an operator is spread over the file by a fixed stride.
-pub fn choose<'a>(sites: &'a [Site], per_operator: usize, total: usize) -> Vec<&'a Site> {
+pub fn choose(sites: &[Site], per_operator: usize, total: usize) -> Vec<&Site> {
     let mut by_op: Vec<Vec<&Site>> = Operator::ALL
         .iter()
         .map(|op| sites.iter().filter(|s| s.operator == *op).collect())

@@ -355,8 +355,8 @@ impl<'p> Finder<'p> {
             let mut depth = 0i32;
             for line in text.lines() {
                 let t = line.trim_start();
-                if t.starts_with('#') {
-                    let d = t[1..].trim_start();
+                if let Some(d) = t.strip_prefix('#') {
+                    let d = d.trim_start();
                     if d.starts_with("if") {
                         depth += 1;
                     } else if d.starts_with("endif") {
