@@ -116,6 +116,8 @@ pub struct Verdict {
     /// How the compile or the run ended when it did not end normally.
     pub ending: Option<Ending>,
     pub category: Option<String>,
+    /// The first lines of the compiler's message when it did not compile.
+    pub compiler_message: Option<String>,
 }
 
 pub fn judge(compiler: &Compiler, problem: &Problem, completion: &str) -> Result<Verdict> {
@@ -130,6 +132,7 @@ pub fn judge(compiler: &Compiler, problem: &Problem, completion: &str) -> Result
         compiled: built.ok,
         ending,
         category: built.category,
+        compiler_message: built.message,
     })
 }
 

@@ -22,7 +22,13 @@ pub struct Diagnosis {
     /// Why it failed: a class of the first error, or how the compiler was stopped.
     pub category: Option<String>,
     pub first_error: Option<String>,
+    /// The first lines of what the compiler said, when it failed.
+    pub message: Option<String>,
 }
+
+/// Lines of the compiler's message kept in a failed diagnosis, and characters per line.
+const MESSAGE_LINES: usize = 6;
+const MESSAGE_LINE_CHARS: usize = 240;
 
 pub struct Compiler {
     sandbox: Sandbox,
@@ -32,7 +38,8 @@ pub struct Compiler {
 
 /// The first error's class, from g++'s wording.
 fn categorize(first_error: &str) -> &'static str {
-    let rules: [(&str, &[&str]); 6] = [
+    let rules: [(&str, &[&str]); 7] = [
+        ("missing_header", &["No such file or directory"]),
         (
             "undeclared",
             &[
@@ -58,7 +65,15 @@ fn categorize(first_error: &str) -> &'static str {
             "redefinition",
             &["redefinition of", "conflicting declaration"],
         ),
-        ("return", &["return-statement", "return type"]),
+        (
+            "return",
+            &[
+                "return-statement",
+                "return type",
+                "non-void function",
+                "no return statement",
+            ],
+        ),
     ];
     rules
         .iter()
@@ -89,12 +104,23 @@ fn diagnose(outcome: &Outcome) -> Diagnosis {
                 .to_string(),
         )
     };
+    let message = (!ok).then(|| {
+        text.lines()
+            .take(MESSAGE_LINES)
+            .map(|l| match l.char_indices().nth(MESSAGE_LINE_CHARS) {
+                Some((cut, _)) => format!("{}...", &l[..cut]),
+                None => l.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
     Diagnosis {
         ok,
         warnings,
         errors: errors.len(),
         category,
         first_error,
+        message,
     }
 }
 
@@ -174,9 +200,11 @@ impl Compiler {
         Ok(scratch)
     }
 
-    /// `g++ -std=c++20 -Wall <flags> main.cpp` in the sandbox.
+    /// `g++ -std=c++20 -Wall -Werror=return-type <flags> main.cpp` in the sandbox.
     fn gxx(&self, scratch: &Path, flags: &[String]) -> Result<Diagnosis> {
-        let mut argv = vec!["/usr/bin/g++", STD, "-Wall"];
+        // A function that falls off its end without a value is an error, not a program
+        // whose behaviour is undefined (and which often passes tests when optimized).
+        let mut argv = vec!["/usr/bin/g++", STD, "-Wall", "-Werror=return-type"];
         argv.extend(flags.iter().map(String::as_str));
         argv.push("main.cpp");
         Ok(diagnose(&self.sandbox.run(scratch, &argv, b"")?))
@@ -190,14 +218,29 @@ impl Compiler {
         self.gxx(scratch.path(), &flags)
     }
 
-    /// Builds a program and, if it compiles, runs it; both in the sandbox.
+    /// Builds a program unoptimized and with the undefined behaviour sanitizer (so that
+    /// undefined behaviour does not pass for correct) and, if it compiles, runs it; both
+    /// in the sandbox. (The address sanitizer cannot run under the address-space limit:
+    /// it reserves terabytes for its shadow memory.)
     pub fn build_and_run(
         &self,
         source: &str,
         stdin: &[u8],
     ) -> Result<(Diagnosis, Option<Outcome>)> {
         let scratch = Self::scratch_with(source)?;
-        let built = self.gxx(scratch.path(), &["-O1", "-o", "prog"].map(String::from))?;
+        // The sandbox writes only into files that exist: the program's is made here.
+        let prog = scratch.path().join("prog");
+        std::fs::File::create(&prog).map_err(|e| EvalError::io(&prog, e))?;
+        std::fs::set_permissions(&prog, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .map_err(|e| EvalError::io(&prog, e))?;
+        let flags = [
+            "-O0",
+            "-fsanitize=undefined",
+            "-fno-sanitize-recover=undefined",
+            "-o",
+            "prog",
+        ];
+        let built = self.gxx(scratch.path(), &flags.map(String::from))?;
         if !built.ok {
             return Ok((built, None));
         }
@@ -239,6 +282,10 @@ mod tests {
         assert_eq!(categorize("expected ';' before '}' token"), "syntax");
         assert_eq!(categorize("expected '}' at end of input"), "end_of_input");
         assert_eq!(categorize("cannot convert 'std::string' to 'int'"), "type");
+        assert_eq!(
+            categorize("boost/any.hpp: No such file or directory"),
+            "missing_header"
+        );
         assert_eq!(categorize("something new"), "other");
     }
 }

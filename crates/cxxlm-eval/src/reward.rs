@@ -36,6 +36,7 @@ mod tests {
             errors: usize::from(!ok),
             category: None,
             first_error: None,
+            message: None,
         }
     }
 
