@@ -217,6 +217,10 @@ pub struct BenchArgs {
     /// Also write the generated completions here (JSON lines, as --completions reads).
     #[arg(long)]
     completions_out: Option<PathBuf>,
+    /// Only generate and write the completions (to --completions-out), without judging
+    /// them: for machines without bubblewrap, judged elsewhere with --completions.
+    #[arg(long, requires_all = ["checkpoint", "completions_out"])]
+    generate_only: bool,
     /// Run the benchmark's reference solutions, to check the harness itself.
     #[arg(long)]
     canonical: bool,
@@ -320,8 +324,15 @@ pub fn run(cmd: EvalCommand, load: Option<LoadModel>) -> Result<()> {
                 .iter()
                 .map(|(n, c)| json!({"name": n, "completion": c}).to_string())
                 .collect();
-            std::fs::write(out, lines.join("\n") + "\n")
-                .with_context(|| format!("writing {}", out.display()))?;
+            write_atomically(out, (lines.join("\n") + "\n").as_bytes())?;
+            if args.generate_only {
+                eprintln!(
+                    "wrote {} completions to {}; judge them with --completions {0}",
+                    generated.len(),
+                    out.display()
+                );
+                return Ok(());
+            }
         }
         generated
     } else if args.canonical {
@@ -340,8 +351,7 @@ pub fn run(cmd: EvalCommand, load: Option<LoadModel>) -> Result<()> {
     let report = bench::score(&compiler, &problems, &completions, &args.k)?;
     print_report(&report);
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+        write_atomically(path, &serde_json::to_vec_pretty(&report)?)?;
     }
     Ok(())
 }
@@ -839,6 +849,14 @@ fn fim(args: FimArgs, model: &dyn TextModel) -> Result<()> {
     Ok(())
 }
 
+/// Writes `bytes` to a temporary name beside `path`, then renames it to `path`.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
 fn read_completions(path: &Path) -> Result<Vec<(String, String)>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -888,6 +906,23 @@ fn print_report(r: &Report) {
     }
     for (why, n) in failures {
         println!("  {n:>5}  {why}");
+    }
+    let unbuilt: Vec<&bench::Verdict> = r.verdicts.iter().filter(|v| !v.compiled).collect();
+    if !unbuilt.is_empty() {
+        println!("first compile failures (the start of g++'s message):");
+    }
+    for v in unbuilt.iter().take(SHOWN_COMPILE_FAILURES) {
+        let message = v.compiler_message.as_deref().unwrap_or("");
+        println!("  {}:", v.name);
+        for line in message.lines() {
+            println!("    {line}");
+        }
+    }
+    if unbuilt.len() > SHOWN_COMPILE_FAILURES {
+        println!(
+            "  ... and {} more (every message is in the --json report)",
+            unbuilt.len() - SHOWN_COMPILE_FAILURES
+        );
     }
 }
 
@@ -1124,3 +1159,5 @@ fn bugfix_answers(
     }
     out
 }
+/// Compile failures whose message the printed report shows.
+const SHOWN_COMPILE_FAILURES: usize = 5;

@@ -36,11 +36,14 @@ fn correct_solutions_pass_and_wrong_ones_fail() {
         lines.push(json!({"name": name, "completion": good}).to_string());
         lines.push(json!({"name": name, "completion": bad}).to_string());
     }
-    // A body that does not compile, and one that crashes.
+    // A body that does not compile, and one that dereferences a null pointer.
     lines.push(
         json!({"name": "mbpp_127_multiply_int", "completion": "    return x * ;\n}\n"}).to_string(),
     );
     lines.push(json!({"name": "mbpp_127_multiply_int", "completion": "    int* p = nullptr;\n    return *p + x * y;\n}\n"}).to_string());
+    // Falls off the end without a value: undefined behaviour that "passes" when built
+    // without -Werror=return-type, at any optimization level.
+    lines.push(json!({"name": "mbpp_127_multiply_int", "completion": "    long r = x * y;\n    if (r < 0) return -r;\n}\n"}).to_string());
     write(&completions, lines.join("\n"));
     let report = tmp.path().join("report.json");
     let out = run_ok(&[
@@ -57,7 +60,7 @@ fn correct_solutions_pass_and_wrong_ones_fail() {
     ]);
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
-        said.contains("12 problems, 26 samples: 25 compiled, 12 passed"),
+        said.contains("12 problems, 27 samples: 25 compiled, 12 passed"),
         "{said}"
     );
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
@@ -73,15 +76,72 @@ fn correct_solutions_pass_and_wrong_ones_fail() {
         assert_eq!(verdicts[2 * i + 1]["passed"], false, "{name}");
     }
     assert_eq!(verdicts[24]["category"], "syntax");
-    assert_eq!(verdicts[25]["ending"], "signal");
-    // Each problem has one good sample among two (four for multiply_int): pass@2 is 1
+    assert_eq!(verdicts[25]["ending"], "undefined_behaviour");
+    assert_eq!(verdicts[26]["category"], "return", "{}", verdicts[26]);
+    assert!(
+        said.contains("control reaches end of non-void function"),
+        "{said}"
+    );
+    // Each problem has one good sample among two (five for multiply_int): pass@2 is 1
     // for those two-sample problems, pass@1 the share of good samples.
     let p1 = r["pass_at_k"]["pass@1"].as_f64().unwrap();
-    assert!((p1 - (11.0 * 0.5 + 0.25) / 12.0).abs() < 1e-9, "{p1}");
+    assert!((p1 - (11.0 * 0.5 + 0.2) / 12.0).abs() < 1e-9, "{p1}");
     assert_eq!(
         r["pass_at_k"]["pass@2"].as_f64().unwrap(),
-        (11.0 + 0.5) / 12.0
+        (11.0 + 0.4) / 12.0
     );
+}
+
+#[test]
+fn humaneval_reference_solutions_that_do_not_build_say_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let problems = tmp.path().join("humaneval.jsonl");
+    let record = |id: &str, solution: &str| {
+        json!({"task_id": id, "prompt": "#include <vector>\nint add(int a, int b) {\n",
+            "declaration": "int add(int a, int b) {\n", "canonical_solution": solution,
+            "test": "int main() { return add(1, 2) == 3 ? 0 : 1; }\n"})
+        .to_string()
+    };
+    write(
+        &problems,
+        [
+            record("CPP/0", "    return a + b;\n}\n"),
+            record(
+                "CPP/1",
+                "    #include <cxxlm_absent/any.hpp>\n    return a + b;\n}\n",
+            ),
+        ]
+        .join("\n"),
+    );
+    let report = tmp.path().join("report.json");
+    let out = run_ok(&[
+        "eval",
+        "humaneval",
+        "--problems",
+        problems.to_str().unwrap(),
+        "--canonical",
+        "--json",
+        report.to_str().unwrap(),
+    ]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("2 problems, 2 samples: 1 compiled, 1 passed"),
+        "{said}"
+    );
+    assert!(said.contains("compile: missing_header"), "{said}");
+    assert!(
+        said.contains("CPP/1:") && said.contains("cxxlm_absent/any.hpp: No such file or directory"),
+        "{said}"
+    );
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let failed = &r["verdicts"][1];
+    assert_eq!(failed["category"], "missing_header", "{failed}");
+    let message = failed["compiler_message"].as_str().unwrap();
+    assert!(
+        message.contains("fatal error: cxxlm_absent/any.hpp"),
+        "{message}"
+    );
+    assert!(r["verdicts"][0]["compiler_message"].is_null());
 }
 
 /// A small C++ program that compiles on its own, varied by `k`.
@@ -189,6 +249,35 @@ fn fim_hides_lines_blocks_and_bodies_and_recompiles_self_contained_files() {
     ]);
     let stdout = String::from_utf8_lossy(&said.stdout);
     assert!(stdout.contains("FIM on 6 validation documents"), "{stdout}");
+
+    // Completions written without judging them (for machines without bubblewrap).
+    let generated = run_ok(&[
+        "eval",
+        "mbpp",
+        "--checkpoint",
+        &p("run"),
+        "--limit",
+        "2",
+        "--max-tokens",
+        "8",
+        "--completions-out",
+        &p("completions.jsonl"),
+        "--generate-only",
+    ]);
+    let judged = String::from_utf8_lossy(&generated.stdout);
+    assert!(!judged.contains("compile rate"), "{judged}");
+    let written = std::fs::read_to_string(root.join("completions.jsonl")).unwrap();
+    let names: Vec<String> = written
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["name"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(names.len(), 2, "{written}");
+    assert!(names.iter().all(|n| n.starts_with("mbpp_")), "{names:?}");
     let fim: Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("fim.json")).unwrap()).unwrap();
     for span in ["line", "block", "function"] {
