@@ -112,6 +112,13 @@ pub struct Sandbox {
     filter: Vec<u8>,
 }
 
+/// A file (bound writable) or directory (read-only) of the scratch directory.
+struct Entry {
+    host: PathBuf,
+    name: std::ffi::OsString,
+    dir: bool,
+}
+
 impl Sandbox {
     /// Finds `bwrap` and checks that it can create its namespaces here.
     pub fn new(limits: Limits) -> Result<Self> {
@@ -157,7 +164,7 @@ impl Sandbox {
         self
     }
 
-    fn command(&self, files: &[(PathBuf, std::ffi::OsString)], argv: &[&str]) -> Command {
+    fn command(&self, entries: &[Entry], argv: &[&str]) -> Command {
         let mut cmd = Command::new(&self.bwrap);
         // bubblewrap itself gets no environment: its init's is readable in the sandbox.
         cmd.env_clear();
@@ -203,10 +210,10 @@ impl Sandbox {
                 "work/.tmp",
                 "/tmp",
             ]);
-        for (host, name) in files {
-            cmd.arg("--bind")
-                .arg(host)
-                .arg(Path::new("/work").join(name));
+        for e in entries {
+            cmd.arg(if e.dir { "--ro-bind" } else { "--bind" })
+                .arg(&e.host)
+                .arg(Path::new("/work").join(&e.name));
         }
         // Everything else of the root (a tmpfs of bubblewrap's) is read-only.
         cmd.args(["--remount-ro", "/", "--chdir", "/work"]);
@@ -218,8 +225,9 @@ impl Sandbox {
     }
 
     /// Runs `argv` in the sandbox. The regular files directly in `scratch` appear in
-    /// `/work` under their names, writable in place (each up to the file size limit);
-    /// whatever else the run writes lives in memory and is gone when it ends.
+    /// `/work` under their names, writable in place (each up to the file size limit), its
+    /// directories read-only; whatever else the run writes lives in memory and is gone
+    /// when it ends.
     pub fn run(&self, scratch: &Path, argv: &[&str], stdin: &[u8]) -> Result<Outcome> {
         // SAFETY: getuid has no preconditions.
         let root = unsafe { libc::getuid() } == 0;
@@ -227,12 +235,26 @@ impl Sandbox {
         let mut files = Vec::new();
         for entry in std::fs::read_dir(scratch).map_err(|e| EvalError::io(scratch, e))? {
             let entry = entry.map_err(|e| EvalError::io(scratch, e))?;
-            if entry.file_type().is_ok_and(|t| t.is_file()) {
+            let kind = entry
+                .file_type()
+                .map_err(|e| EvalError::io(entry.path(), e))?;
+            if kind.is_dir() {
+                files.push(Entry {
+                    host: entry.path(),
+                    name: entry.file_name(),
+                    dir: true,
+                });
+            }
+            if kind.is_file() {
                 if root {
                     std::os::unix::fs::chown(entry.path(), Some(uid), Some(uid))
                         .map_err(|e| EvalError::io(entry.path(), e))?;
                 }
-                files.push((entry.path(), entry.file_name()));
+                files.push(Entry {
+                    host: entry.path(),
+                    name: entry.file_name(),
+                    dir: false,
+                });
             }
         }
         let mut cmd = self.command(&files, argv);

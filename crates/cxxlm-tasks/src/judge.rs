@@ -79,6 +79,11 @@ impl Workdir {
         }
         std::fs::create_dir_all(dir.path().join("include"))
             .map_err(|e| TaskError::io(dir.path(), e))?;
+        // The sandbox writes only into files that exist: the program's is made here.
+        let prog = dir.path().join("prog");
+        std::fs::File::create(&prog).map_err(|e| TaskError::io(&prog, e))?;
+        std::fs::set_permissions(&prog, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .map_err(|e| TaskError::io(&prog, e))?;
         Ok(Workdir { dir })
     }
 
@@ -122,6 +127,7 @@ impl Judge {
                 processes: 16,
                 file_bytes: 16 << 20,
                 output_bytes: 256 << 10,
+                ..Limits::default()
             })
             .map_err(TaskError::Eval)
         };

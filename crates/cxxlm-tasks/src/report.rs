@@ -250,7 +250,14 @@ pub fn classify(outcome: &Outcome, oracle: &Oracle, own: &dyn Fn(&str) -> bool) 
             f.message = "the program ran out of memory".into();
             return Some(f);
         }
-        Ending::Signal | Ending::Exited => {}
+        Ending::Storage => {
+            f.kind = "storage-limit".into();
+            f.detector = "sandbox".into();
+            f.message = "the program filled its scratch space".into();
+            return Some(f);
+        }
+        // A sanitizer's own report, parsed above, describes undefined behaviour.
+        Ending::Signal | Ending::Exited | Ending::UndefinedBehaviour => {}
     }
     if let Some(sig) = &signal {
         f.kind = "crash".into();

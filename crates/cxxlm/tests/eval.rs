@@ -86,10 +86,8 @@ fn correct_solutions_pass_and_wrong_ones_fail() {
     // for those two-sample problems, pass@1 the share of good samples.
     let p1 = r["pass_at_k"]["pass@1"].as_f64().unwrap();
     assert!((p1 - (11.0 * 0.5 + 0.2) / 12.0).abs() < 1e-9, "{p1}");
-    assert_eq!(
-        r["pass_at_k"]["pass@2"].as_f64().unwrap(),
-        (11.0 + 0.4) / 12.0
-    );
+    let p2 = r["pass_at_k"]["pass@2"].as_f64().unwrap();
+    assert!((p2 - (11.0 + 0.4) / 12.0).abs() < 1e-9, "{p2}");
 }
 
 #[test]
