@@ -126,6 +126,11 @@ impl ModelConfig {
                 self.width, self.heads
             ));
         }
+        for (key, value) in [("softcap", self.softcap), ("rope_base", self.rope_base)] {
+            if !(value.is_finite() && value > 0.0) {
+                return bad(format!("model.{key} = {value} must be finite and > 0"));
+            }
+        }
         if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             return bad(format!(
                 "{} heads cannot be shared by {} key/value heads",
@@ -211,5 +216,13 @@ mod tests {
             ..Default::default()
         };
         assert!(ModelConfig::resolve(&bad, 1000).is_err());
+        for softcap in [0.0, -15.0, f64::NAN] {
+            let bad = ModelOverrides {
+                softcap: Some(softcap),
+                ..Default::default()
+            };
+            let e = ModelConfig::resolve(&bad, 1000).unwrap_err().to_string();
+            assert!(e.contains("model.softcap"), "{e}");
+        }
     }
 }

@@ -58,20 +58,11 @@ impl Layout {
     pub fn train(&self) -> PathBuf {
         self.root.join("train")
     }
-    /// The newest finished checkpoint of the training run (`step-NNNNNN/trainer.json`).
+    /// The newest finished checkpoint of the training run.
     pub fn newest_checkpoint(&self) -> Option<PathBuf> {
-        std::fs::read_dir(self.train().join("checkpoints"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                let name = p.file_name().unwrap_or_default().to_string_lossy();
-                name.starts_with("step-")
-                    && !name.ends_with(".tmp")
-                    && p.join("trainer.json").exists()
-            })
-            .max()
+        finished_checkpoints(&self.train().join("checkpoints"))
+            .pop()
+            .map(|(_, dir)| dir)
     }
     /// One JSON file per evaluation: `eval/<name>.json`.
     pub fn eval(&self, name: &str) -> PathBuf {
@@ -86,6 +77,30 @@ impl Layout {
     pub fn plots(&self) -> PathBuf {
         self.root.join("plots")
     }
+}
+
+/// The finished checkpoints under `root` with their steps, oldest first: directories
+/// `step-N` (six digits or more) holding a `trainer.json`, which is written last; a
+/// `step-N.tmp` is still being written. Ordered by step, not by name: past step
+/// 999,999 the names no longer sort as their numbers do.
+pub fn finished_checkpoints(root: &Path) -> Vec<(u64, PathBuf)> {
+    let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let step = e
+                .file_name()
+                .to_str()?
+                .strip_prefix("step-")?
+                .parse()
+                .ok()?;
+            let dir = e.path();
+            dir.join("trainer.json").is_file().then_some((step, dir))
+        })
+        .collect();
+    found.sort();
+    found
 }
 
 fn read_json(path: &Path) -> Result<Option<Value>> {
@@ -434,11 +449,21 @@ fn dedup(r: &mut Report) -> Result<()> {
         d["removed"]["documents"],
         mb(num(&d, "removed.bytes"))
     );
-    let rows: Vec<Vec<String>> = d["cluster_sizes"]
+    // Sizes are `2`, `3-4`, `17-64`, ...: in the order of their first number.
+    let mut sizes: Vec<(u64, &String, &Value)> = d["cluster_sizes"]
         .as_object()
         .into_iter()
         .flatten()
-        .map(|(size, n)| vec![size.clone(), n.to_string()])
+        .map(|(size, n)| {
+            let first = size.split('-').next().unwrap_or(size);
+            let from = first.trim().trim_end_matches('+').parse().ok();
+            (from.unwrap_or(u64::MAX), size, n)
+        })
+        .collect();
+    sizes.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    let rows: Vec<Vec<String>> = sizes
+        .into_iter()
+        .map(|(_, size, n)| vec![size.clone(), n.to_string()])
         .collect();
     if !rows.is_empty() {
         table(&mut r.md, &["cluster size", "clusters"], &rows);
@@ -847,6 +872,51 @@ mod tests {
         let html = std::fs::read_to_string(&written.html).unwrap();
         assert!(html.contains("<h2>Pretraining</h2>"));
         assert!(written.plots.is_empty());
+    }
+
+    #[test]
+    fn checkpoints_are_ordered_by_step_past_a_million() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        let root = layout.train().join("checkpoints");
+        for name in [
+            "step-999999",
+            "step-1000000",
+            "step-000005",
+            "step-2000000.tmp",
+        ] {
+            std::fs::create_dir_all(root.join(name)).unwrap();
+            std::fs::write(root.join(name).join("trainer.json"), "{}").unwrap();
+        }
+        std::fs::create_dir_all(root.join("step-3000000")).unwrap(); // still empty
+        let steps: Vec<u64> = finished_checkpoints(&root).iter().map(|c| c.0).collect();
+        assert_eq!(steps, [5, 999_999, 1_000_000]);
+        assert_eq!(layout.newest_checkpoint(), Some(root.join("step-1000000")));
+    }
+
+    #[test]
+    fn cluster_sizes_are_listed_by_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        std::fs::create_dir_all(layout.dedup()).unwrap();
+        std::fs::write(
+            layout.dedup().join("near-dedup-report.json"),
+            r#"{"documents":100,"documents_in_clusters":40,"clusters":9,"removed":{"documents":31,"bytes":1000},
+               "cluster_sizes":{"17-64":1,"2":4,"3-4":2,"5-8":1,"65+":1}}"#,
+        )
+        .unwrap();
+        let md = std::fs::read_to_string(write(&layout).unwrap().markdown).unwrap();
+        let order: Vec<usize> = [
+            "\n| 2 |",
+            "\n| 3-4 |",
+            "\n| 5-8 |",
+            "\n| 17-64 |",
+            "\n| 65+ |",
+        ]
+        .iter()
+        .map(|row| md.find(row).unwrap_or_else(|| panic!("{row} in {md}")))
+        .collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{md}");
     }
 
     #[test]

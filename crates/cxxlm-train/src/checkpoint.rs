@@ -1,8 +1,8 @@
 //! Checkpoints: `step-NNNNNN/` with `model.safetensors`, `optimizer-rank<R>.safetensors`
 //! (each rank's part of the optimizer state), `config.json` and `trainer.json` (step,
-//! loader state, loss EMA, number of ranks, checksums of the other files). Written under
-//! `step-NNNNNN.tmp/` and renamed by rank 0 once every rank has written its part; the
-//! last K are kept.
+//! loader state, loss EMA, number of ranks, checksums of the other files and of itself).
+//! Written under `step-NNNNNN.tmp/` and renamed by rank 0 once every rank has written
+//! its part; the last K (by step) are kept.
 
 use cxxlm_model::ModelConfig;
 use cxxlm_pack::LoaderState;
@@ -43,6 +43,20 @@ pub struct TrainerState {
     /// sha256 of every other file of the checkpoint.
     #[serde(default)]
     pub files: BTreeMap<String, String>,
+    /// sha256 of this state's JSON with this field empty.
+    #[serde(default)]
+    pub checksum: String,
+}
+
+impl TrainerState {
+    /// The checksum of everything but the checksum.
+    fn own_checksum(&self) -> String {
+        let unsigned = TrainerState {
+            checksum: String::new(),
+            ..self.clone()
+        };
+        hex::encode(Sha256::digest(serde_json::to_vec(&unsigned).expect("json")))
+    }
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
@@ -61,19 +75,12 @@ fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     })
 }
 
+/// Finished checkpoints, oldest first (by step).
 fn checkpoint_dirs(root: &Path) -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
+    cxxlm_report::finished_checkpoints(root)
         .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            let n = p.file_name().unwrap_or_default().to_string_lossy();
-            n.starts_with("step-") && !n.ends_with(".tmp") && p.join("trainer.json").exists()
-        })
-        .collect();
-    dirs.sort();
-    dirs
+        .map(|(_, dir)| dir)
+        .collect()
 }
 
 pub fn latest(root: &Path) -> Option<PathBuf> {
@@ -127,6 +134,7 @@ pub fn save(
                 .files
                 .insert(name.clone(), sha256_file(&tmp.join(name))?);
         }
+        state.checksum = state.own_checksum();
         let trainer = tmp.join("trainer.json");
         std::fs::write(&trainer, serde_json::to_vec_pretty(&state).expect("json"))
             .map_err(|e| io(&trainer, e))?;
@@ -158,14 +166,30 @@ pub fn load(dir: &Path) -> Result<Loaded> {
     read(dir, true)
 }
 
-/// A checkpoint's `trainer.json`.
+/// A checkpoint's `trainer.json`, checked against its own checksum.
 pub fn read_state(dir: &Path) -> Result<TrainerState> {
     let trainer = dir.join("trainer.json");
+    let bad = |message: String| TrainError::Checkpoint {
+        path: trainer.clone(),
+        message,
+    };
     let bytes = std::fs::read(&trainer).map_err(|e| TrainError::io(&trainer, e))?;
-    serde_json::from_slice(&bytes).map_err(|e| TrainError::Checkpoint {
-        path: trainer,
-        message: format!("unreadable: {e}"),
-    })
+    let state: TrainerState =
+        serde_json::from_slice(&bytes).map_err(|e| bad(format!("unreadable: {e}")))?;
+    if state.checksum != state.own_checksum() {
+        return Err(bad(if state.checksum.is_empty() {
+            "carries no checksum of its own (an older cxxlm wrote it): retrain, or resume from a newer checkpoint".into()
+        } else {
+            "checksum mismatch: it was edited or is corrupt; resume from an older checkpoint (move this one away)".into()
+        }));
+    }
+    if state.step > state.total_steps {
+        return Err(bad(format!(
+            "step {} is beyond the run's {} steps",
+            state.step, state.total_steps
+        )));
+    }
+    Ok(state)
 }
 
 /// The checkpoint; with `optimizer`, every rank's optimizer state as well (resuming needs
@@ -229,4 +253,72 @@ pub fn load_model(path: &Path, device: Device) -> Result<(cxxlm_model::Gpt, Trai
     let mut model = cxxlm_model::Gpt::new(loaded.state.model.clone(), device, 0)?;
     model.load(&loaded.model)?;
     Ok((model, loaded.state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cxxlm_pack::Mode;
+    use tch::Kind;
+
+    fn state(step: u64) -> TrainerState {
+        TrainerState {
+            step,
+            total_steps: 2_000_000,
+            tokens: 0,
+            loss_ema: 0.25,
+            loader: LoaderState {
+                mode: Mode::BestFit,
+                seed: 0,
+                seq_len: 8,
+                epoch: 0,
+                next: 0,
+                buffer: vec![3, 1],
+                rows: 0,
+                cropped_tokens: 0,
+            },
+            tokenizer_sha256: String::new(),
+            model: cxxlm_model::ModelConfig::preset("tiny", 512).unwrap(),
+            run: serde_json::json!({"steps": 2_000_000, "optim": {"betas": [0.8, 0.95]}}),
+            world: 1,
+            files: BTreeMap::new(),
+            checksum: String::new(),
+        }
+    }
+
+    fn save_at(root: &Path, step: u64, keep: usize) -> PathBuf {
+        let w = vec![(
+            "w".to_string(),
+            Tensor::ones([2], (Kind::Float, Device::Cpu)),
+        )];
+        save(root, state(step), &w, &w, keep, &Comm::single()).unwrap()
+    }
+
+    #[test]
+    fn past_a_million_steps_the_newest_checkpoint_is_kept_and_resumed() {
+        let root = tempfile::tempdir().unwrap();
+        save_at(root.path(), 999_999, 1);
+        let newest = save_at(root.path(), 1_000_000, 1);
+        assert_eq!(latest(root.path()), Some(newest.clone()));
+        assert_eq!(checkpoint_dirs(root.path()), std::slice::from_ref(&newest));
+        assert_eq!(load(&newest).unwrap().state.step, 1_000_000);
+    }
+
+    #[test]
+    fn an_edited_trainer_json_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = save_at(root.path(), 7, 3);
+        let trainer = dir.join("trainer.json");
+        let text = std::fs::read_to_string(&trainer).unwrap();
+        std::fs::write(&trainer, text.replace("\"step\": 7", "\"step\": 3")).unwrap();
+        let e = read_state(&dir).unwrap_err().to_string();
+        assert!(e.contains("trainer.json: checksum mismatch"), "{e}");
+
+        // Even one whose checksum was recomputed cannot claim a step beyond the run.
+        let mut beyond = state(2_000_001);
+        beyond.checksum = beyond.own_checksum();
+        std::fs::write(&trainer, serde_json::to_vec_pretty(&beyond).unwrap()).unwrap();
+        let e = read_state(&dir).unwrap_err().to_string();
+        assert!(e.contains("beyond the run's 2000000 steps"), "{e}");
+    }
 }

@@ -1,6 +1,7 @@
 //! Training: the optimizers and schedule ([`optim`]), the pretraining loop
 //! ([`pretrain`]), checkpoints ([`checkpoint`]), metrics ([`metrics`]) and data
-//! parallelism across processes ([`dist`]).
+//! parallelism across processes ([`dist`]); every setting is range-checked
+//! (`TrainConfig::validate`).
 
 pub mod checkpoint;
 pub mod cuda;
@@ -8,6 +9,7 @@ pub mod dist;
 pub mod metrics;
 pub mod optim;
 pub mod pretrain;
+mod validate;
 
 pub use optim::{Matrices, OptimConfig, Optimizer, Schedule};
 pub use pretrain::{pretrain, Event, TrainConfig};

@@ -340,6 +340,7 @@ pub fn pretrain(
     report: &mut dyn FnMut(Event),
     stop: &dyn Fn(u64) -> bool,
 ) -> Result<TrainerState> {
+    cfg.validate()?;
     let world = World::from_env()?;
     let dev = device(&cfg.train.device, world.local_rank)?;
     let comm = Comm::connect(world, dev)?;
@@ -450,6 +451,7 @@ pub fn pretrain(
         run: run_identity.clone(),
         world: ranks,
         files: Default::default(),
+        checksum: String::new(),
     };
     let mut resumed_from = None;
     if resume {

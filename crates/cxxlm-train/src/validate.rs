@@ -1,0 +1,184 @@
+//! Range checks of every training setting, each problem named by its key, so that a
+//! typo (a negative rate, a beta of 1.5, NaN) stops the run before it starts instead of
+//! training something meaningless.
+
+use crate::optim::{OptimConfig, Schedule};
+use crate::pretrain::TrainConfig;
+use crate::{Result, TrainError};
+
+/// The problems found so far, one line per key.
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn check(&mut self, key: &str, value: f64, ok: bool, want: &str) {
+        if !ok || value.is_nan() {
+            self.0.push(format!("{key} = {value} must be {want}"));
+        }
+    }
+    /// Finite and at least 0.
+    fn non_negative(&mut self, key: &str, value: f64) {
+        self.check(
+            key,
+            value,
+            value.is_finite() && value >= 0.0,
+            "finite and >= 0",
+        );
+    }
+    /// In [0, 1).
+    fn below_one(&mut self, key: &str, value: f64) {
+        self.check(key, value, (0.0..1.0).contains(&value), "in [0, 1)");
+    }
+    /// In [0, 1].
+    fn fraction(&mut self, key: &str, value: f64) {
+        self.check(key, value, (0.0..=1.0).contains(&value), "in [0, 1]");
+    }
+    fn at_least_one(&mut self, key: &str, value: u64) {
+        if value == 0 {
+            self.0.push(format!("{key} = 0 must be at least 1"));
+        }
+    }
+}
+
+impl OptimConfig {
+    fn problems(&self, p: &mut Problems) {
+        p.non_negative("optim.matrix_lr", self.matrix_lr);
+        p.non_negative("optim.embedding_lr", self.embedding_lr);
+        p.non_negative("optim.unembedding_lr", self.unembedding_lr);
+        p.below_one("optim.betas[0]", self.betas[0]);
+        p.below_one("optim.betas[1]", self.betas[1]);
+        p.check(
+            "optim.eps",
+            self.eps,
+            self.eps.is_finite() && self.eps > 0.0,
+            "finite and > 0",
+        );
+        p.non_negative("optim.weight_decay", self.weight_decay);
+        p.below_one("optim.muon_momentum", self.muon_momentum);
+        p.below_one("optim.muon_momentum_start", self.muon_momentum_start);
+        p.at_least_one("optim.newton_schulz_steps", self.newton_schulz_steps as u64);
+        p.non_negative("optim.grad_clip", self.grad_clip);
+    }
+}
+
+impl Schedule {
+    fn problems(&self, p: &mut Problems) {
+        p.fraction("schedule.warmup_frac", self.warmup_frac);
+        p.fraction("schedule.warmdown_frac", self.warmdown_frac);
+        p.fraction("schedule.final_lr_frac", self.final_lr_frac);
+        let both = self.warmup_frac + self.warmdown_frac;
+        if both > 1.0 {
+            p.0.push(format!(
+                "schedule.warmup_frac + schedule.warmdown_frac = {both} must be at most 1"
+            ));
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Every setting in its range, or an error naming each one that is not. Settings
+    /// that depend on the data or the ranks (the batch's divisibility) are checked when
+    /// training starts.
+    pub fn validate(&self) -> Result<()> {
+        let mut p = Problems::default();
+        let t = &self.train;
+        if !["auto", "cpu", "cuda"].contains(&t.device.as_str()) {
+            p.0.push(format!(
+                "train.device = {:?} must be auto, cpu or cuda",
+                t.device
+            ));
+        }
+        p.at_least_one("train.device_batch", t.device_batch as u64);
+        p.non_negative("train.time_budget", t.time_budget);
+        p.at_least_one("data.buffer", self.data.buffer as u64);
+        self.optim.problems(&mut p);
+        self.schedule.problems(&mut p);
+        p.at_least_one("checkpoint.keep", self.checkpoint.keep as u64);
+        let log = &self.log;
+        p.check(
+            "log.peak_flops",
+            log.peak_flops,
+            log.peak_flops.is_finite() && log.peak_flops > 0.0,
+            "finite and > 0",
+        );
+        p.fraction("log.mfu_warn", log.mfu_warn);
+        p.check(
+            "log.spike_factor",
+            log.spike_factor,
+            log.spike_factor.is_finite() && log.spike_factor > 1.0,
+            "finite and > 1",
+        );
+        match p.0.is_empty() {
+            true => Ok(()),
+            false => Err(TrainError::Config(p.0.join("; "))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(toml: &str) -> String {
+        TrainConfig::from_table(toml.parse().unwrap())
+            .unwrap()
+            .validate()
+            .map_or_else(|e| e.to_string(), |_| String::new())
+    }
+
+    #[test]
+    fn the_defaults_and_the_presets_are_valid() {
+        for preset in cxxlm_model::PRESETS {
+            assert_eq!(problems(&format!("[model]\npreset = {preset:?}")), "");
+        }
+    }
+
+    #[test]
+    fn every_bad_value_is_named() {
+        let e = problems(
+            r#"
+            [train]
+            device = "tpu"
+            device_batch = 0
+            time_budget = -1.0
+            [optim]
+            matrix_lr = -0.02
+            embedding_lr = nan
+            betas = [1.5, 1.0]
+            eps = 0.0
+            weight_decay = -0.1
+            muon_momentum = 1.0
+            grad_clip = nan
+            [schedule]
+            warmup_frac = -0.1
+            warmdown_frac = 0.6
+            final_lr_frac = 2.0
+            [checkpoint]
+            keep = 0
+            [log]
+            spike_factor = 0.5
+            "#,
+        );
+        for key in [
+            "train.device = \"tpu\"",
+            "train.device_batch = 0",
+            "train.time_budget = -1",
+            "optim.matrix_lr = -0.02",
+            "optim.embedding_lr = NaN",
+            "optim.betas[0] = 1.5",
+            "optim.betas[1] = 1 must be in [0, 1)",
+            "optim.eps = 0",
+            "optim.weight_decay = -0.1",
+            "optim.muon_momentum = 1",
+            "optim.grad_clip = NaN",
+            "schedule.warmup_frac = -0.1",
+            "schedule.final_lr_frac = 2",
+            "checkpoint.keep = 0",
+            "log.spike_factor = 0.5",
+        ] {
+            assert!(e.contains(key), "{key} not in {e}");
+        }
+        let e = problems("[schedule]\nwarmup_frac = 0.6\nwarmdown_frac = 0.6");
+        assert!(e.contains("must be at most 1"), "{e}");
+    }
+}
