@@ -1,6 +1,7 @@
 //! `cxxlm launch --gpus N -- <cxxlm command>`: the command as N ranks of one
 //! data-parallel job on this host, with the variables `torchrun` sets (so the same
-//! command also runs under `torchrun --no-python` or a Slurm wrapper, without this).
+//! command also runs under `torchrun --no-python` or a Slurm wrapper, without this)
+//! and a fresh secret the ranks prove to each other (`CXXLM_RENDEZVOUS_SECRET`).
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -44,6 +45,11 @@ pub fn run(args: LaunchArgs) -> Result<()> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         (cores / args.gpus).max(1).to_string()
     });
+    let mut secret = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut secret))
+        .context("making the job's secret from /dev/urandom")?;
+    let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
     let mut children: Vec<Child> = Vec::new();
     for rank in 0..args.gpus {
         let child = Command::new(&exe)
@@ -55,6 +61,7 @@ pub fn run(args: LaunchArgs) -> Result<()> {
             .env("LOCAL_WORLD_SIZE", args.gpus.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", port.to_string())
+            .env("CXXLM_RENDEZVOUS_SECRET", &secret)
             // NVLink multicast stays off: it needs fabric support shared hosts lack.
             .env("NCCL_NVLS_ENABLE", "0")
             .env("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")

@@ -10,6 +10,7 @@ mod nccl;
 mod rendezvous;
 mod tcp;
 
+use std::time::Duration;
 use tch::{Device, Kind, Tensor};
 
 use crate::{Result, TrainError};
@@ -22,7 +23,13 @@ pub struct World {
     pub size: usize,
     /// `MASTER_ADDR:MASTER_PORT`, where rank 0 listens.
     pub master: String,
+    /// The job's secret (`CXXLM_RENDEZVOUS_SECRET`), which every rank must prove to know.
+    pub secret: String,
+    /// How long the ranks wait for each other at the start (`CXXLM_RENDEZVOUS_TIMEOUT`).
+    pub timeout: Duration,
 }
+
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
 impl World {
     pub fn single() -> World {
@@ -31,6 +38,8 @@ impl World {
             local_rank: 0,
             size: 1,
             master: String::new(),
+            secret: String::new(),
+            timeout: DEFAULT_TIMEOUT,
         }
     }
 
@@ -64,11 +73,27 @@ impl World {
         }
         let addr = var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
         let port = number("MASTER_PORT", var("MASTER_PORT"))?;
+        let secret = var("CXXLM_RENDEZVOUS_SECRET").unwrap_or_default();
+        if size > 1 && secret.is_empty() {
+            return Err(TrainError::Config(
+                "CXXLM_RENDEZVOUS_SECRET is not set: give every rank of the job the same random secret (`cxxlm launch` makes one; with another launcher, e.g. `export CXXLM_RENDEZVOUS_SECRET=$(openssl rand -hex 32)` before it), so that no other process can join or disturb the run".into(),
+            ));
+        }
+        let timeout = match var("CXXLM_RENDEZVOUS_TIMEOUT") {
+            Some(v) => Duration::from_secs(v.trim().parse().map_err(|_| {
+                TrainError::Config(format!(
+                    "CXXLM_RENDEZVOUS_TIMEOUT={v:?} is not a number of seconds"
+                ))
+            })?),
+            None => DEFAULT_TIMEOUT,
+        };
         Ok(World {
             rank,
             local_rank,
             size,
             master: format!("{addr}:{port}"),
+            secret,
+            timeout,
         })
     }
 }
@@ -250,6 +275,9 @@ pub(crate) fn flat_padded(t: &Tensor, parts: usize) -> Tensor {
     }
 }
 
+#[cfg(test)]
+const TEST_SECRET: &str = "a secret of this test";
+
 /// Ranks as threads of this process, joined over loopback TCP.
 #[cfg(test)]
 pub(crate) fn with_ranks<T: Send + 'static>(
@@ -270,6 +298,8 @@ pub(crate) fn with_ranks<T: Send + 'static>(
                     local_rank: rank,
                     size,
                     master: format!("127.0.0.1:{port}"),
+                    secret: TEST_SECRET.into(),
+                    timeout: Duration::from_secs(60),
                 };
                 work(Comm::connect(world, Device::Cpu).expect("rendezvous"))
             })
@@ -303,10 +333,13 @@ mod tests {
             ("LOCAL_RANK", "1"),
             ("MASTER_ADDR", "node7"),
             ("MASTER_PORT", "29500"),
+            ("CXXLM_RENDEZVOUS_SECRET", "s3cret"),
+            ("CXXLM_RENDEZVOUS_TIMEOUT", "20"),
         ]))
         .unwrap();
         assert_eq!((w.rank, w.local_rank, w.size), (3, 1, 4));
         assert_eq!(w.master, "node7:29500");
+        assert_eq!((w.secret.as_str(), w.timeout.as_secs()), ("s3cret", 20));
         let err = |v: &[(&str, &str)]| World::from_vars(vars(v)).unwrap_err().to_string();
         assert!(err(&[("WORLD_SIZE", "2"), ("MASTER_PORT", "1")]).contains("RANK is not"));
         assert!(
@@ -315,6 +348,107 @@ mod tests {
         );
         assert!(err(&[("WORLD_SIZE", "2"), ("RANK", "x")]).contains("RANK=\"x\""));
         assert!(err(&[("WORLD_SIZE", "2"), ("RANK", "1")]).contains("MASTER_PORT"));
+        let no_secret = err(&[("WORLD_SIZE", "2"), ("RANK", "1"), ("MASTER_PORT", "1")]);
+        assert!(
+            no_secret.contains("CXXLM_RENDEZVOUS_SECRET is not set"),
+            "{no_secret}"
+        );
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port()
+    }
+
+    /// Rank `rank` of two on `port`, as a thread: it connects, sums its rank over both
+    /// ranks, and returns the sum (or why it could not).
+    fn rank_thread(
+        rank: usize,
+        port: u16,
+        timeout: Duration,
+    ) -> std::sync::mpsc::Receiver<std::result::Result<f64, String>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let world = World {
+                rank,
+                local_rank: rank,
+                size: 2,
+                master: format!("127.0.0.1:{port}"),
+                secret: TEST_SECRET.into(),
+                timeout,
+            };
+            let result = Comm::connect(world, Device::Cpu)
+                .and_then(|comm| {
+                    let t = Tensor::from_slice(&[rank as f64 + 1.0]);
+                    comm.all_reduce_sum(&t)?;
+                    comm.finish()?;
+                    Ok(t.double_value(&[0]))
+                })
+                .map_err(|e| e.to_string());
+            let _ = tx.send(result);
+        });
+        rx
+    }
+
+    #[test]
+    fn strangers_can_neither_abort_nor_hold_the_rendezvous() {
+        use std::io::Write;
+        let port = free_port();
+        let rank0 = rank_thread(0, port, Duration::from_secs(60));
+        let connect = || loop {
+            if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        // Claims another world size, without the secret.
+        let mut liar = connect();
+        liar.write_all(b"cxxlm-rendezvous control 1 99 00 00\n")
+            .unwrap();
+        // Sends a byte now and then, forever.
+        let mut slow = connect();
+        std::thread::spawn(move || {
+            while slow.write_all(b"c").is_ok() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        // Poses as rank 1's data link and announces a 2^62-byte message.
+        let mut bomb = connect();
+        bomb.write_all(b"cxxlm-rendezvous data 1 2 00 00\n")
+            .unwrap();
+        bomb.write_all(&(1u64 << 62).to_le_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let rank1 = rank_thread(1, port, Duration::from_secs(60));
+        for rank in [rank0, rank1] {
+            let sum = rank
+                .recv_timeout(Duration::from_secs(90))
+                .expect("the rendezvous ends")
+                .expect("and succeeds");
+            assert_eq!(sum, 3.0);
+        }
+    }
+
+    #[test]
+    fn a_stranger_at_the_master_address_cannot_hold_a_rank() {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for mut s in listener.incoming().flatten() {
+                std::thread::spawn(move || {
+                    while s.write_all(b"x").is_ok() {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                });
+            }
+        });
+        let e = rank_thread(1, port, Duration::from_secs(2))
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the rendezvous ends")
+            .unwrap_err();
+        assert!(e.contains("did not answer") && e.contains("in time"), "{e}");
     }
 
     #[test]

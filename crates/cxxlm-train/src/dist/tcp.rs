@@ -27,10 +27,19 @@ fn send(mut s: &TcpStream, bytes: &[u8]) -> io::Result<()> {
     s.write_all(bytes)
 }
 
-fn recv(mut s: &TcpStream) -> io::Result<Vec<u8>> {
+/// A message of exactly `expected` bytes: every collective knows its size, so a peer
+/// announcing another is refused before anything is allocated for it.
+fn recv(mut s: &TcpStream, expected: usize) -> io::Result<Vec<u8>> {
     let mut len = [0u8; 8];
     s.read_exact(&mut len)?;
-    let mut out = vec![0u8; u64::from_le_bytes(len) as usize];
+    let len = u64::from_le_bytes(len);
+    if len != expected as u64 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a rank announced {len} bytes where {expected} were expected (tensors of different shapes?)"),
+        ));
+    }
+    let mut out = vec![0u8; expected];
     s.read_exact(&mut out)?;
     Ok(out)
 }
@@ -59,17 +68,19 @@ impl Tcp {
     }
 
     /// Rank 0 gathers every rank's bytes (its own first) and sends back what `combine`
-    /// makes of them; the other ranks send theirs and receive that.
+    /// makes of them, `result_len` bytes; the other ranks send theirs and receive that.
     fn through_root(
         &self,
         mine: Vec<u8>,
+        result_len: usize,
         combine: impl FnOnce(Vec<Vec<u8>>) -> io::Result<Vec<u8>>,
     ) -> io::Result<Vec<u8>> {
         let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
         if self.rank == 0 {
+            let len = mine.len();
             let mut parts = vec![mine];
             for s in links.iter() {
-                parts.push(recv(s)?);
+                parts.push(recv(s, len)?);
             }
             let result = combine(parts)?;
             for s in links.iter() {
@@ -78,13 +89,15 @@ impl Tcp {
             Ok(result)
         } else {
             send(&links[0], &mine)?;
-            recv(&links[0])
+            recv(&links[0], result_len)
         }
     }
 
     pub(super) fn all_reduce_sum(&self, t: &Tensor) -> io::Result<()> {
         let shape = t.size();
-        let sum = self.through_root(bytes_of(t), |parts| {
+        let mine = bytes_of(t);
+        let len = mine.len();
+        let sum = self.through_root(mine, len, |parts| {
             let mut acc = tensor_like(t, &parts[0], &shape)?;
             for p in &parts[1..] {
                 acc += tensor_like(t, p, &shape)?;
@@ -96,9 +109,31 @@ impl Tcp {
     }
 
     pub(super) fn all_gather(&self, t: &Tensor) -> io::Result<Tensor> {
-        let all = self.through_root(bytes_of(t), |parts| Ok(parts.concat()))?;
+        let mine = bytes_of(t);
+        let len = mine.len() * self.size;
+        let all = self.through_root(mine, len, |parts| Ok(parts.concat()))?;
         let mut shape = t.size();
         shape[0] *= self.size as i64;
         tensor_like(t, &all, &shape)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_of_another_size_is_refused_before_allocating_it() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let sender = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (receiver, _) = listener.accept().unwrap();
+        (&sender).write_all(&(1u64 << 62).to_le_bytes()).unwrap();
+        let e = recv(&receiver, 16).unwrap_err().to_string();
+        assert!(
+            e.contains("announced 4611686018427387904 bytes where 16"),
+            "{e}"
+        );
+        send(&sender, &[7; 16]).unwrap();
+        assert_eq!(recv(&receiver, 16).unwrap(), [7; 16]);
     }
 }
