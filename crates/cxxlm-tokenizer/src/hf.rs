@@ -1,5 +1,10 @@
-//! HF `tokenizer.json`: a byte-level BPE model with our split pattern as pre-tokenizer
-//! and the special tokens as added tokens, loadable by `tokenizers` and `transformers`.
+//! HF `tokenizer.json`: a byte-level BPE model with our split pattern as pre-tokenizer,
+//! loadable by `tokenizers` and `transformers`. The special tokens are entries of the
+//! model's vocabulary, not `added_tokens`: `tokenizers` cuts added tokens out of any
+//! text before encoding it (and its switch against that, `encode_special_tokens`, is not
+//! saved in the file), whereas ours never makes a special token from text. So encoding
+//! gives our ids on every text, `<|bos|>` written in a file included; special tokens
+//! are put in by id (`token_to_id("<|bos|>")`), as we do.
 
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -10,9 +15,12 @@ use crate::{special_tokens, Bpe, TokenizerError, PATTERN};
 pub fn to_hf_json(bpe: &Bpe) -> Value {
     let table = byte_to_char();
     let names: Vec<String> = bpe.tokens().iter().map(|t| encode(t, &table)).collect();
+    let specials = special_tokens();
+    let special_ids = (bpe.special_base()..).map(|id| id as usize);
     let vocab: serde_json::Map<String, Value> = names
         .iter()
         .enumerate()
+        .chain(special_ids.zip(&specials))
         .map(|(i, n)| (n.clone(), json!(i)))
         .collect();
     let merges: Vec<Value> = bpe
@@ -20,16 +28,11 @@ pub fn to_hf_json(bpe: &Bpe) -> Value {
         .iter()
         .map(|m| json!([names[m[0] as usize], names[m[1] as usize]]))
         .collect();
-    let added: Vec<Value> = special_tokens()
-        .iter()
-        .enumerate()
-        .map(|(i, s)| json!({ "id": bpe.special_base() + i as u32, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true }))
-        .collect();
     json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
-        "added_tokens": added,
+        "added_tokens": [],
         "normalizer": null,
         "pre_tokenizer": {
             "type": "Sequence",
@@ -85,18 +88,57 @@ pub fn from_hf_json(text: &str) -> Result<Bpe, TokenizerError> {
         .pointer("/model/vocab")
         .and_then(Value::as_object)
         .ok_or_else(|| bad("no model.vocab"))?;
-    let mut tokens: Vec<Option<Vec<u8>>> = vec![None; vocab.len()];
-    let mut ids: HashMap<&str, u32> = HashMap::new();
+    let added = v
+        .get("added_tokens")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("no added_tokens"))?;
+    // The special tokens take the last ids: as vocabulary entries, or (in files written
+    // before they left it) as `added_tokens`.
+    let specials = special_tokens();
+    let id_of = |v: &Value| v.as_u64().map(|id| id as usize);
+    let base = match added.first() {
+        Some(a) => id_of(&a["id"]),
+        None => vocab.get(&specials[0]).and_then(id_of),
+    }
+    .ok_or_else(|| bad(format!("no special token {} with an id", specials[0])))?;
+    if !added.is_empty() && added.len() != specials.len() {
+        return Err(bad("special tokens differ from this version's"));
+    }
+    for (i, a) in added.iter().enumerate() {
+        if a["content"].as_str() != Some(specials[i].as_str()) || id_of(&a["id"]) != Some(base + i)
+        {
+            return Err(bad(format!(
+                "special token {i} is not {} at id {}",
+                specials[i],
+                base + i
+            )));
+        }
+    }
+    let mut regular: Vec<(&String, usize)> = Vec::with_capacity(vocab.len());
+    let mut listed = 0;
     for (name, id) in vocab {
-        let id = id
-            .as_u64()
-            .ok_or_else(|| bad(format!("vocab id of {name:?} is not a number")))?
-            as usize;
+        let id = id_of(id).ok_or_else(|| bad(format!("vocab id of {name:?} is not a number")))?;
+        match id.checked_sub(base) {
+            None => regular.push((name, id)),
+            Some(i) if specials.get(i) == Some(name) => listed += 1,
+            Some(i) => {
+                return Err(bad(format!(
+                    "vocab entry {name:?} at id {id} is not special token {i}"
+                )))
+            }
+        }
+    }
+    if listed != if added.is_empty() { specials.len() } else { 0 } {
+        return Err(bad("special tokens differ from this version's"));
+    }
+    let mut tokens: Vec<Option<Vec<u8>>> = vec![None; regular.len()];
+    let mut ids: HashMap<&str, u32> = HashMap::new();
+    for (name, id) in regular {
         let bytes = decode(name, &table)
             .ok_or_else(|| bad(format!("vocab entry {name:?} is not byte-level")))?;
         *tokens
             .get_mut(id)
-            .ok_or_else(|| bad(format!("vocab id {id} out of range")))? = Some(bytes);
+            .ok_or_else(|| bad("vocab ids have gaps"))? = Some(bytes);
         ids.insert(name, id as u32);
     }
     let tokens: Vec<Vec<u8>> = tokens
@@ -126,29 +168,6 @@ pub fn from_hf_json(text: &str) -> Result<Bpe, TokenizerError> {
             )));
         };
         out.push([x, y, z]);
-    }
-    let added = v
-        .get("added_tokens")
-        .and_then(Value::as_array)
-        .ok_or_else(|| bad("no added_tokens"))?;
-    let specials = special_tokens();
-    if added.len() != specials.len() {
-        return Err(bad("special tokens differ from this version's"));
-    }
-    let base = added
-        .first()
-        .and_then(|a| a["id"].as_u64())
-        .ok_or_else(|| bad("special token without id"))? as usize;
-    for (i, a) in added.iter().enumerate() {
-        if a["content"].as_str() != Some(specials[i].as_str())
-            || a["id"].as_u64() != Some((base + i) as u64)
-        {
-            return Err(bad(format!(
-                "special token {i} is not {} at id {}",
-                specials[i],
-                base + i
-            )));
-        }
     }
     Bpe::new(tokens, out, base + specials.len())
 }

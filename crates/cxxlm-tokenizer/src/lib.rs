@@ -91,6 +91,31 @@ mod tests {
     }
 
     #[test]
+    fn specials_are_vocabulary_entries_and_older_files_still_load() {
+        let (bpe, texts) = trained();
+        let mut json = to_hf_json(&bpe);
+        assert_eq!(json["added_tokens"], serde_json::json!([]));
+        assert_eq!(json["model"]["vocab"]["<|bos|>"], 448);
+        assert_eq!(json["model"]["vocab"]["<|reserved_63|>"], 511);
+        // Files written before listed the special tokens as added tokens only.
+        let vocab = json["model"]["vocab"].as_object_mut().unwrap();
+        let specials = special_tokens();
+        for s in &specials {
+            vocab.remove(s);
+        }
+        json["added_tokens"] = specials
+            .iter()
+            .enumerate()
+            .map(|(i, s)| serde_json::json!({"id": 448 + i, "content": s, "special": true}))
+            .collect();
+        let older = from_hf_json(&json.to_string()).unwrap();
+        assert_eq!(older.encode(&texts[1]), bpe.encode(&texts[1]));
+        assert_eq!(older.special_id("<|eos|>"), Some(449));
+        json["added_tokens"][3]["content"] = "<|oops|>".into();
+        assert!(from_hf_json(&json.to_string()).is_err());
+    }
+
+    #[test]
     fn specials_have_fixed_ids_and_never_come_from_text() {
         let (bpe, _) = trained();
         assert_eq!(bpe.special_id("<|bos|>"), Some(448));
