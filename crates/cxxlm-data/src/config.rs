@@ -39,6 +39,9 @@ impl PipelineConfig {
                 "input.min_bytes is larger than input.max_bytes".into(),
             ));
         }
+        for input in self.input.paths.iter().filter(|p| !p.starts_with("hf://")) {
+            crate::read::refuse_overlap(std::path::Path::new(input), &self.output.dir)?;
+        }
         Ok(())
     }
 }

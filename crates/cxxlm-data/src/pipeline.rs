@@ -25,6 +25,7 @@ use crate::steps::{self, content_hash, Counters, ExactDedup, Step, Verdict};
 const STATE_VERSION: u32 = 1;
 const BATCH_ITEMS: usize = 1024;
 const BATCH_BYTES: usize = 16 << 20;
+const STOP_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TaskSpec {
@@ -95,6 +96,13 @@ pub struct Layout {
 impl Layout {
     fn tasks_dir(&self) -> PathBuf {
         self.dir.join("tasks")
+    }
+    /// Held by the process running the task (`cxxlm data run`).
+    pub fn lock(&self, task: &TaskSpec) -> PathBuf {
+        self.tasks_dir().join(format!("task-{}.lock", task.name()))
+    }
+    fn run_fingerprint(&self) -> PathBuf {
+        self.tasks_dir().join("run.json")
     }
     pub fn done_marker(&self, task: &TaskSpec) -> PathBuf {
         self.tasks_dir()
@@ -169,7 +177,7 @@ pub fn run_task(
     std::fs::create_dir_all(&tasks_dir).map_err(|e| DataError::io(&tasks_dir, e))?;
 
     let hub = hub_client(config);
-    let plan = read::plan(&config.input, hub.as_ref())?;
+    let plan = read::plan(&config.input, hub.as_ref(), stop)?;
     let mine: Vec<Unit> = plan
         .units
         .iter()
@@ -179,6 +187,7 @@ pub fn run_task(
         .collect();
     let fingerprint = fingerprint(config, &task, &plan.units);
 
+    claim_run(&layout, &fingerprint)?;
     let marker = layout.done_marker(&task);
     if let Some(done) = read_json_if_present::<TaskDone>(&marker)? {
         if done.fingerprint != fingerprint {
@@ -228,11 +237,21 @@ pub fn run_task(
     let result = (|| -> Result<()> {
         let mut pending: Option<Vec<(Position, Outcome)>> = None;
         let mut bytes_read = 0u64;
-        for batch in rx.iter() {
+        loop {
+            // Waiting on the reader must not stop us from hearing `stop`: it may be
+            // blocked on a stalled download, which it abandons once told.
+            let batch = match rx.recv_timeout(STOP_POLL) {
+                Ok(batch) => batch,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    if stop.load(Ordering::Relaxed) {
+                        return Err(DataError::Interrupted);
+                    }
+                    continue;
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            };
             if stop.load(Ordering::Relaxed) {
-                return Err(DataError::Config(
-                    "interrupted; rerun the same command to resume".into(),
-                ));
+                return Err(DataError::Interrupted);
             }
             let batch = batch?;
             bytes_read += batch.iter().map(|(_, i)| item_bytes(i)).sum::<u64>();
@@ -290,6 +309,32 @@ pub fn run_task(
     Ok(TaskOutcome::Completed(stats))
 }
 
+#[derive(Serialize, Deserialize)]
+struct RunClaim {
+    fingerprint: String,
+}
+
+/// The tasks of one output directory belong to one run: the first to start records
+/// the run's fingerprint, and a task of a run with other settings, inputs or task count
+/// is refused, however the tasks are scheduled.
+fn claim_run(layout: &Layout, fingerprint: &str) -> Result<()> {
+    let path = layout.run_fingerprint();
+    if read_json_if_present::<RunClaim>(&path)?.is_none() {
+        let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+        let claim = RunClaim {
+            fingerprint: fingerprint.to_string(),
+        };
+        write_atomic(&tmp, &serde_json::to_vec(&claim).unwrap_or_default())?;
+        // Fails when another task recorded its run first; that one is checked below.
+        let _ = std::fs::hard_link(&tmp, &path);
+        std::fs::remove_file(&tmp).map_err(|e| DataError::io(&tmp, e))?;
+    }
+    match read_json_if_present::<RunClaim>(&path)? {
+        Some(claim) if claim.fingerprint == fingerprint => Ok(()),
+        _ => Err(mismatch(&layout.dir)),
+    }
+}
+
 pub(crate) fn mismatch(dir: &Path) -> DataError {
     DataError::Resume {
         dir: dir.to_path_buf(),
@@ -344,27 +389,32 @@ fn produce(
             0
         };
         let mut hung_up = false;
-        let res = reader.read(unit, &mut |it: ReadItem| {
-            let pos = Position {
-                unit: unit_index,
-                item,
-            };
-            item += 1;
-            if pos.item < first {
-                return true;
-            }
-            batch_bytes += item_bytes(&it) as usize;
-            batch.push((pos, it));
-            if batch.len() >= BATCH_ITEMS || batch_bytes >= BATCH_BYTES {
-                batch_bytes = 0;
-                if tx.send(Ok(std::mem::take(&mut batch))).is_err() || stop.load(Ordering::Relaxed)
-                {
-                    hung_up = true;
-                    return false;
+        let res = reader.read(
+            unit,
+            &mut |it: ReadItem| {
+                let pos = Position {
+                    unit: unit_index,
+                    item,
+                };
+                item += 1;
+                if pos.item < first {
+                    return true;
                 }
-            }
-            true
-        });
+                batch_bytes += item_bytes(&it) as usize;
+                batch.push((pos, it));
+                if batch.len() >= BATCH_ITEMS || batch_bytes >= BATCH_BYTES {
+                    batch_bytes = 0;
+                    if tx.send(Ok(std::mem::take(&mut batch))).is_err()
+                        || stop.load(Ordering::Relaxed)
+                    {
+                        hung_up = true;
+                        return false;
+                    }
+                }
+                true
+            },
+            stop,
+        );
         if let Err(e) = res {
             let _ = tx.send(Err(e));
             return;

@@ -8,14 +8,34 @@ use std::path::{Path, PathBuf};
 use crate::document::Document;
 use crate::error::{DataError, Result};
 
+/// JSON is serialized straight into the compressor through a small buffer: never a
+/// whole line at once, which for a document of hundreds of MB would double its memory.
+type Compressor = Counted<BufWriter<zstd::stream::write::Encoder<'static, BufWriter<File>>>>;
+
+/// Counts the bytes written through it.
+struct Counted<W> {
+    inner: W,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 pub struct ShardWriter {
     path: PathBuf,
     tmp: PathBuf,
-    out: zstd::stream::write::Encoder<'static, BufWriter<File>>,
+    out: Compressor,
     pub docs: u64,
     /// Bytes of JSON lines written (before compression).
     pub bytes: u64,
-    line: Vec<u8>,
 }
 
 impl ShardWriter {
@@ -25,28 +45,28 @@ impl ShardWriter {
             std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
         }
         let file = File::create(&tmp).map_err(|e| DataError::io(&tmp, e))?;
-        let out = zstd::stream::write::Encoder::new(BufWriter::with_capacity(1 << 20, file), level)
-            .map_err(|e| DataError::io(&tmp, e))?;
+        let encoder =
+            zstd::stream::write::Encoder::new(BufWriter::with_capacity(1 << 20, file), level)
+                .map_err(|e| DataError::io(&tmp, e))?;
         Ok(ShardWriter {
             path,
             tmp,
-            out,
+            out: Counted {
+                inner: BufWriter::with_capacity(1 << 18, encoder),
+                bytes: 0,
+            },
             docs: 0,
             bytes: 0,
-            line: Vec::new(),
         })
     }
 
     pub fn write(&mut self, doc: &Document) -> Result<()> {
-        self.line.clear();
-        serde_json::to_writer(&mut self.line, doc)
-            .map_err(|e| DataError::io(&self.tmp, e.into()))?;
-        self.line.push(b'\n');
-        self.out
-            .write_all(&self.line)
+        serde_json::to_writer(&mut self.out, doc)
+            .map_err(std::io::Error::from)
+            .and_then(|_| self.out.write_all(b"\n"))
             .map_err(|e| DataError::io(&self.tmp, e))?;
         self.docs += 1;
-        self.bytes += self.line.len() as u64;
+        self.bytes = self.out.bytes;
         Ok(())
     }
 
@@ -57,7 +77,7 @@ impl ShardWriter {
             .and_then(|_| self.out.write_all(b"\n"))
             .map_err(|e| DataError::io(&self.tmp, e))?;
         self.docs += 1;
-        self.bytes += line.len() as u64 + 1;
+        self.bytes = self.out.bytes;
         Ok(())
     }
 
@@ -66,7 +86,10 @@ impl ShardWriter {
         let tmp = self.tmp;
         let file = self
             .out
-            .finish()
+            .inner
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|encoder| encoder.finish())
             .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
             .map_err(|e| DataError::io(&tmp, e))?;
         file.sync_all().map_err(|e| DataError::io(&tmp, e))?;

@@ -181,7 +181,9 @@ pub fn pack(
         paths: read::shard_inputs(&config.inputs),
         ..Default::default()
     };
-    let plan = read::plan(&input, None)?;
+    // Only reads from the Hub look at a stop flag: shards are local files.
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let plan = read::plan(&input, None, &never)?;
     let settings = Settings {
         tokenizer_sha256: tokenizer_sha256(bpe),
         vocab_size: bpe.vocab_size(),
@@ -231,7 +233,7 @@ pub fn pack(
                     config,
                     &settings,
                     &parts.join(format!("{i:05}")),
-                    |sink| reader.read(unit, sink),
+                    |sink| reader.read(unit, sink, &never),
                     &mut |b, d| progress(bytes_done + b, docs_done + d),
                 )?;
                 write_atomic(&marker, &serde_json::to_vec(&c).expect("json"))?;

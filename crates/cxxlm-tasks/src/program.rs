@@ -85,13 +85,16 @@ pub fn for_each_package(
     each: &mut dyn FnMut(usize, Package) -> Result<()>,
 ) -> Result<()> {
     let mut groups: Vec<(String, String, Vec<Unit>, usize)> = Vec::new();
+    // Only reads from the Hub look at a stop flag, and no Hub client is configured here.
+    let never = std::sync::atomic::AtomicBool::new(false);
     for input in inputs {
         let config = InputConfig {
             paths: vec![input.clone()],
             max_bytes: max_file_bytes as u64,
             ..Default::default()
         };
-        let plan = read::plan(&config, None).map_err(|e| TaskError::Input(e.to_string()))?;
+        let plan =
+            read::plan(&config, None, &never).map_err(|e| TaskError::Input(e.to_string()))?;
         let root = Path::new(input);
         let (archives, files): (Vec<Unit>, Vec<Unit>) = plan.units.into_iter().partition(|u| {
             matches!(
@@ -139,21 +142,25 @@ pub fn for_each_package(
         };
         for unit in &units {
             reader
-                .read(unit, &mut |item| {
-                    if let ReadItem::Doc(doc) = item {
-                        if let Ok(text) = String::from_utf8(doc.bytes) {
-                            let path = doc
-                                .meta
-                                .get("path")
-                                .and_then(|p| p.as_str())
-                                .unwrap_or(&doc.id)
-                                .to_string();
-                            let path = path.strip_prefix(&prefix).unwrap_or(&path).to_string();
-                            files.insert(path, text);
+                .read(
+                    unit,
+                    &mut |item| {
+                        if let ReadItem::Doc(doc) = item {
+                            if let Ok(text) = String::from_utf8(doc.bytes) {
+                                let path = doc
+                                    .meta
+                                    .get("path")
+                                    .and_then(|p| p.as_str())
+                                    .unwrap_or(&doc.id)
+                                    .to_string();
+                                let path = path.strip_prefix(&prefix).unwrap_or(&path).to_string();
+                                files.insert(path, text);
+                            }
                         }
-                    }
-                    true
-                })
+                        true
+                    },
+                    &never,
+                )
                 .map_err(|e| TaskError::Input(e.to_string()))?;
         }
         each(

@@ -76,14 +76,14 @@ pub fn run(command: Command) -> Result<()> {
         Command::Tasks(cmd) => crate::tasks::run(cmd),
         Command::Speedrun(args) => crate::speedrun::run(args),
         Command::Launch(args) => crate::launch::run(args),
-        Command::Report { dir } => cxxlm_report::write(&cxxlm_report::Layout::new(dir))
-            .map(|w| {
-                for e in &w.plot_errors {
-                    eprintln!("warning: {e}");
-                }
-                println!("{}\n{}", w.markdown.display(), w.html.display());
-            })
-            .map_err(Into::into),
+        Command::Report { dir } => {
+            let w = cxxlm_report::write(&cxxlm_report::Layout::new(dir))?;
+            for e in &w.plot_errors {
+                eprintln!("warning: {e}");
+            }
+            outln!("{}\n{}", w.markdown.display(), w.html.display())?;
+            Ok(())
+        }
         Command::Train(_) | Command::Sample(_) | Command::Serve(_) | Command::Export(_) => {
             anyhow::bail!("this command runs a model: it is cxxlm-torch's")
         }
@@ -115,9 +115,30 @@ pub fn init_logging() {
         .init();
 }
 
-/// Prints the error (naming the rank in a data-parallel run) and exits with status 1.
+/// A failed write to standard output (see [`crate::outln!`]).
+#[derive(Debug)]
+pub struct Stdout(pub std::io::Error);
+
+impl std::fmt::Display for Stdout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "writing to standard output: {}", self.0)
+    }
+}
+
+impl std::error::Error for Stdout {}
+
+/// Prints the error (naming the rank in a data-parallel run) and exits with status 1;
+/// output that nobody reads any more (`| head` has exited) ends the run quietly, with
+/// success, as it does for other Unix tools.
 pub fn exit_on_error(result: Result<()>) {
     if let Err(e) = result {
+        let closed = e.chain().any(|c| {
+            c.downcast_ref::<Stdout>()
+                .is_some_and(|Stdout(io)| io.kind() == std::io::ErrorKind::BrokenPipe)
+        });
+        if closed {
+            std::process::exit(0);
+        }
         match std::env::var("RANK") {
             Ok(rank) if std::env::var_os("WORLD_SIZE").is_some() => {
                 eprintln!("error (rank {rank}): {e:#}")

@@ -12,7 +12,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::interrupt;
+use crate::{interrupt, lock};
 
 #[derive(Subcommand)]
 pub enum DataCommand {
@@ -147,6 +147,14 @@ fn run_dedup(args: DedupArgs) -> Result<()> {
     };
     for stage in stages {
         for &index in &indices {
+            let _lock = lock::hold(
+                &dedup.lock_path(stage, index),
+                &format!(
+                    "stage {} task {index} of {}",
+                    stage.name(),
+                    args.out.display()
+                ),
+            )?;
             let outcome = dedup
                 .run(stage, TaskSpec { tasks, index })
                 .with_context(|| format!("{} task {index} of {tasks}", stage.name()))?;
@@ -164,7 +172,7 @@ fn run_dedup(args: DedupArgs) -> Result<()> {
     }
     if let Ok(text) = std::fs::read_to_string(dedup.report_path()) {
         let r: serde_json::Value = serde_json::from_str(&text)?;
-        println!(
+        outln!(
             "{} documents, {} in {} clusters; {} removed ({:.1} MB); report: {}",
             r["documents"],
             r["documents_in_clusters"],
@@ -172,7 +180,7 @@ fn run_dedup(args: DedupArgs) -> Result<()> {
             r["removed"]["documents"],
             r["removed"]["bytes"].as_f64().unwrap_or(0.0) / 1e6,
             dedup.report_path().display()
-        );
+        )?;
     }
     Ok(())
 }
@@ -183,7 +191,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
         DataCommand::Dedup(args) => run_dedup(args),
         DataCommand::Stats { dir } => {
             let merged = pipeline::write_merged_stats(&dir)?;
-            println!("{}", serde_json::to_string_pretty(&merged)?);
+            outln!("{}", serde_json::to_string_pretty(&merged)?)?;
             Ok(())
         }
     }
@@ -248,6 +256,13 @@ fn run_pipeline(args: RunArgs) -> Result<()> {
     let started = Instant::now();
     for index in indices {
         let task = TaskSpec { tasks, index };
+        let _lock = lock::hold(
+            &pipeline::Layout {
+                dir: config.output.dir.clone(),
+            }
+            .lock(&task),
+            &format!("task {index} of {}", config.output.dir.display()),
+        )?;
         let display = ProgressDisplay::new(task);
         let outcome = pipeline::run_task(&config, task, &interrupt::STOP, &|p| display.update(p))
             .with_context(|| {
@@ -258,7 +273,7 @@ fn run_pipeline(args: RunArgs) -> Result<()> {
             TaskOutcome::AlreadyDone(_) => {
                 eprintln!("task {index}/{tasks}: already complete, skipped")
             }
-            TaskOutcome::Completed(stats) => print_summary(index, tasks, &stats),
+            TaskOutcome::Completed(stats) => print_summary(index, tasks, &stats)?,
         }
     }
     let merged = pipeline::write_merged_stats(&config.output.dir)?;
@@ -272,9 +287,9 @@ fn run_pipeline(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn print_summary(index: usize, tasks: usize, s: &RunStats) {
+fn print_summary(index: usize, tasks: usize, s: &RunStats) -> Result<()> {
     let mb = |b: u64| b as f64 / 1e6;
-    println!(
+    outln!(
         "task {index}/{tasks}: {} units, {} documents ({:.1} MB) read in {:.1}s ({:.1} MB/s); {} kept ({:.1} MB) in {} shards",
         s.read.units,
         s.read.docs.docs,
@@ -284,19 +299,22 @@ fn print_summary(index: usize, tasks: usize, s: &RunStats) {
         s.written.docs,
         mb(s.written.bytes),
         s.shards
-    );
+    )?;
     for (reason, c) in &s.read.skipped {
-        println!("  {:<14} skipped {:>8} {reason}", "read", c.docs);
+        outln!("  {:<14} skipped {:>8} {reason}", "read", c.docs)?;
     }
     for step in &s.steps {
-        println!(
+        outln!(
             "  {:<14} {:>8} in {:>8} out",
-            step.name, step.input.docs, step.output.docs
-        );
+            step.name,
+            step.input.docs,
+            step.output.docs
+        )?;
         for (reason, c) in &step.dropped {
-            println!("  {:<14} dropped {:>8} {reason}", "", c.docs);
+            outln!("  {:<14} dropped {:>8} {reason}", "", c.docs)?;
         }
     }
+    Ok(())
 }
 
 struct ProgressDisplay {

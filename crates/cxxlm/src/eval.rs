@@ -349,7 +349,7 @@ pub fn run(cmd: EvalCommand, load: Option<LoadModel>) -> Result<()> {
     };
     let compiler = Compiler::plain(Sandbox::new(Limits::default())?);
     let report = bench::score(&compiler, &problems, &completions, &args.k)?;
-    print_report(&report);
+    print_report(&report)?;
     if let Some(path) = &args.json {
         write_atomically(path, &serde_json::to_vec_pretty(&report)?)?;
     }
@@ -610,14 +610,14 @@ fn compile(args: CompileArgs, load: Option<LoadModel>) -> Result<()> {
             *categories.entry(c.clone()).or_default() += 1;
         }
     }
-    println!(
+    outln!(
         "{} programs: compile rate {:.4}, warning-free {:.4}; {rate:.1} checks/s",
         diagnoses.len(),
         ok as f64 / n,
         clean as f64 / n
-    );
+    )?;
     for (c, k) in &categories {
-        println!("  {k:>5}  {c}");
+        outln!("  {k:>5}  {c}")?;
     }
     let mut report = json!({
         "programs": diagnoses.len(), "compile_rate": ok as f64 / n, "warning_free_rate": clean as f64 / n,
@@ -644,11 +644,11 @@ fn compile(args: CompileArgs, load: Option<LoadModel>) -> Result<()> {
             .zip(&diagnoses)
             .filter(|(a, b)| a.ok == b.ok)
             .count();
-        println!(
+        outln!(
             "plain g++: {base_rate:.1} checks/s; the header cache is {:.2}x; verdicts agree on {agree} of {}",
             rate / base_rate,
             base.len()
-        );
+        )?;
         report["baseline_checks_per_second"] = base_rate.into();
         report["verdicts_agree"] = agree.into();
     }
@@ -795,7 +795,7 @@ fn fim(args: FimArgs, model: &dyn TextModel) -> Result<()> {
 
     let mut spans = serde_json::Map::new();
     let mut examples = Vec::new();
-    println!("FIM on {documents} validation documents (exact after whitespace normalization):");
+    outln!("FIM on {documents} validation documents (exact after whitespace normalization):")?;
     for &kind in &args.spans {
         let (mut tried, mut exact, mut contained, mut compiled) = (0, 0, 0, 0);
         for (c, f) in cases.iter().zip(&filled).filter(|(c, _)| c.span == kind) {
@@ -826,11 +826,11 @@ fn fim(args: FimArgs, model: &dyn TextModel) -> Result<()> {
                 rate(compiled, contained) * 100.0
             )
         };
-        println!(
+        outln!(
             "  {:<8} {exact} of {tried} exact ({:.1}%){compile_note}",
             kind.name(),
             rate(exact, tried) * 100.0
-        );
+        )?;
         spans.insert(
             kind.name().into(),
             json!({"tried": tried, "exact": exact, "exact_rate": rate(exact, tried),
@@ -883,17 +883,20 @@ fn read_completions(path: &Path) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
-fn print_report(r: &Report) {
-    println!(
+fn print_report(r: &Report) -> Result<()> {
+    outln!(
         "{} problems, {} samples: {} compiled, {} passed",
-        r.problems, r.samples, r.compiled, r.passed
-    );
-    println!(
+        r.problems,
+        r.samples,
+        r.compiled,
+        r.passed
+    )?;
+    outln!(
         "compile rate: {:.4}",
         r.compiled as f64 / r.samples.max(1) as f64
-    );
+    )?;
     for (k, v) in &r.pass_at_k {
-        println!("{k}: {:.4}", v);
+        outln!("{k}: {:.4}", v)?;
     }
     let mut failures: std::collections::BTreeMap<String, usize> = Default::default();
     for v in r.verdicts.iter().filter(|v| !v.passed) {
@@ -905,25 +908,26 @@ fn print_report(r: &Report) {
         *failures.entry(why).or_default() += 1;
     }
     for (why, n) in failures {
-        println!("  {n:>5}  {why}");
+        outln!("  {n:>5}  {why}")?;
     }
     let unbuilt: Vec<&bench::Verdict> = r.verdicts.iter().filter(|v| !v.compiled).collect();
     if !unbuilt.is_empty() {
-        println!("first compile failures (the start of g++'s message):");
+        outln!("first compile failures (the start of g++'s message):")?;
     }
     for v in unbuilt.iter().take(SHOWN_COMPILE_FAILURES) {
         let message = v.compiler_message.as_deref().unwrap_or("");
-        println!("  {}:", v.name);
+        outln!("  {}:", v.name)?;
         for line in message.lines() {
-            println!("    {line}");
+            outln!("    {line}")?;
         }
     }
     if unbuilt.len() > SHOWN_COMPILE_FAILURES {
-        println!(
+        outln!(
             "  ... and {} more (every message is in the --json report)",
             unbuilt.len() - SHOWN_COMPILE_FAILURES
-        );
+        )?;
     }
+    Ok(())
 }
 
 /// Whether a bug-fix answer is complete: past its reasoning, the function's braces
@@ -1080,30 +1084,30 @@ fn bugfix(args: BugfixArgs, load: Option<LoadModel>) -> Result<()> {
             scores.iter().sum::<f64>() / scores.len().max(1) as f64,
         )
     };
-    println!(
+    outln!(
         "{} tasks of split {}, {} answers: {} compiled",
         tasks.len(),
         args.split,
         verdicts.len(),
         compiled
-    );
+    )?;
     let mut report = json!({"tasks": tasks.len(), "answers": verdicts.len(), "compiled": compiled, "failures": failures});
     for &k in &args.k {
         let (n, p) = pass(&|_| true, k);
-        println!("pass@{k}: {p:.4} ({n} tasks)");
+        outln!("pass@{k}: {p:.4} ({n} tasks)")?;
         report[format!("pass@{k}")] = p.into();
         let mut per_op = serde_json::Map::new();
         for op in cxxlm_tasks::mutate::Operator::ALL {
             let (n, p) = pass(&|t| t.provenance.operator == Some(op), k);
             if n > 0 {
-                println!("  {:<24} {p:.4} ({n} tasks)", op.name());
+                outln!("  {:<24} {p:.4} ({n} tasks)", op.name())?;
                 per_op.insert(op.name().into(), json!({"tasks": n, "pass": p}));
             }
         }
         report[format!("pass@{k}_by_operator")] = per_op.into();
     }
     for (f, n) in &failures {
-        println!("  {n:>5}  {f}");
+        outln!("  {n:>5}  {f}")?;
     }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;

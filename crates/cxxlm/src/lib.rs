@@ -4,11 +4,31 @@
 //! are the `cxxlm-torch` binary's: `cxxlm` hands them over, so that everything else
 //! starts without loading libtorch and its CUDA libraries.
 
+/// `println!` that returns an error ([`cli::Stdout`]) where `println!` panics: when
+/// standard output was closed early (`cxxlm pack inspect | head`).
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*).map_err($crate::cli::Stdout)
+    }};
+}
+
+/// `print!` as [`outln!`] is `println!`.
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout(), $($arg)*).map_err($crate::cli::Stdout)
+    }};
+}
+
 pub mod cli;
 pub mod data;
 pub mod eval;
 pub mod interrupt;
 pub mod launch;
+pub mod lock;
 pub mod pack;
 pub mod speedrun;
 pub mod tasks;

@@ -99,30 +99,36 @@ pub fn run(args: PackArgs) -> Result<()> {
         .iter()
         .map(|s| manifest.splits[*s].text_bytes)
         .sum();
-    print_splits(&manifest);
+    print_splits(&manifest)?;
     for (reason, n) in &manifest.skipped {
-        println!("skipped {n} inputs: {reason}");
+        outln!("skipped {n} inputs: {reason}")?;
     }
-    println!(
+    outln!(
         "{:.1} MB of text in {seconds:.1}s ({:.1} MB/s): {}",
         bytes as f64 / 1e6,
         bytes as f64 / 1e6 / seconds.max(1e-9),
         config.out.display()
-    );
+    )?;
     if manifest.splits["val"].documents == 0 {
         eprintln!("warning: no validation documents; raise --val-fraction for a corpus this small");
     }
     Ok(())
 }
 
-fn print_splits(manifest: &Manifest) {
-    println!(
+fn print_splits(manifest: &Manifest) -> Result<()> {
+    outln!(
         "{:<8} {:>10} {:>13} {:>13} {:>8} {:>8} {:>8}",
-        "split", "documents", "tokens", "text bytes", "bytes/t", "PSM", "SPM"
-    );
+        "split",
+        "documents",
+        "tokens",
+        "text bytes",
+        "bytes/t",
+        "PSM",
+        "SPM"
+    )?;
     for split in SPLITS {
         let c: &SplitCounts = &manifest.splits[split];
-        println!(
+        outln!(
             "{split:<8} {:>10} {:>13} {:>13} {:>8.3} {:>8} {:>8}",
             c.documents,
             c.tokens,
@@ -130,8 +136,9 @@ fn print_splits(manifest: &Manifest) {
             c.text_bytes as f64 / c.tokens.max(1) as f64,
             c.fim_psm,
             c.fim_spm
-        );
+        )?;
     }
+    Ok(())
 }
 
 fn inspect(path: &Path, tokenizer: Option<PathBuf>, sample_chars: usize) -> Result<()> {
@@ -152,8 +159,8 @@ fn inspect(path: &Path, tokenizer: Option<PathBuf>, sample_chars: usize) -> Resu
     let bpe = cxxlm_tokenizer::load(&tokenizer)?;
     if let Some(m) = &manifest {
         m.check_tokenizer(&dir, &bpe)?;
-        println!("{}: {:?}", Manifest::path(&dir).display(), m.settings.fim);
-        print_splits(m);
+        outln!("{}: {:?}", Manifest::path(&dir).display(), m.settings.fim)?;
+        print_splits(m)?;
     }
     for file in files {
         let ds = IndexedDataset::open(&file)?;
@@ -193,7 +200,7 @@ fn inspect_one(ds: &IndexedDataset, bpe: &Bpe, sample_chars: usize) -> Result<()
             *slot = Some(doc);
         }
     }
-    println!(
+    outln!(
         "\n{}: {:?}, {} documents, {} tokens, lengths {}..{} (mean {:.0}); FIM {} ({} in SPM order or with an empty prefix)",
         ds.path().display(),
         ds.token_type(),
@@ -204,7 +211,7 @@ fn inspect_one(ds: &IndexedDataset, bpe: &Bpe, sample_chars: usize) -> Result<()
         ds.total_tokens() as f64 / ds.len().max(1) as f64,
         psm + spm,
         spm
-    );
+    )?;
     if unframed > 0 || out_of_vocab > 0 {
         bail!(
             "{}: {unframed} documents lack <|bos|>/<|eos|>, {out_of_vocab} tokens are outside the vocabulary of {}: packed with another tokenizer?",
@@ -215,14 +222,14 @@ fn inspect_one(ds: &IndexedDataset, bpe: &Bpe, sample_chars: usize) -> Result<()
     for doc in [plain_sample, fim_sample].into_iter().flatten() {
         let text = String::from_utf8_lossy(&bpe.decode(&doc)).into_owned();
         let cut: String = text.chars().take(sample_chars).collect();
-        println!("--- sample ({} tokens) ---\n{cut}", doc.len());
+        outln!("--- sample ({} tokens) ---\n{cut}", doc.len())?;
         if doc.get(1) == Some(&s.prefix) {
             let restored = packer.restore(&doc)?;
             let head: String = String::from_utf8_lossy(&restored)
                 .chars()
                 .take(sample_chars)
                 .collect();
-            println!("--- rearranged back ---\n{head}");
+            outln!("--- rearranged back ---\n{head}")?;
         }
     }
     Ok(())

@@ -666,13 +666,13 @@ pub fn run(args: SpeedrunArgs) -> Result<()> {
     for e in &written.plot_errors {
         eprintln!("warning: {e}");
     }
-    println!(
+    outln!(
         "speedrun {} finished ({:.0}s here): {} and {}",
         args.preset,
         started.elapsed().as_secs_f64(),
         written.markdown.display(),
         written.html.display()
-    );
+    )?;
     Ok(())
 }
 

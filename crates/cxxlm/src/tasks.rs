@@ -178,39 +178,44 @@ fn rate(n: u64, d: u64) -> f64 {
     n as f64 / d.max(1) as f64
 }
 
-pub fn print_bug_stats(s: &BugStats) {
-    println!(
+pub fn print_bug_stats(s: &BugStats) -> Result<()> {
+    outln!(
         "{} candidates -> {} programs with an oracle -> {} verified tasks ({} builds, {} runs)",
         s.candidates,
         s.programs,
         s.tasks(),
         s.builds,
         s.runs
-    );
-    println!(
+    )?;
+    outln!(
         "throughput: {:.2} tasks/s over {:.0} s of wall time; {:.0}% of the work's time in g++",
         s.tasks() as f64 / s.wall_seconds.max(1e-9),
         s.wall_seconds,
         100.0 * s.gxx_seconds / s.busy_seconds.max(1e-9)
-    );
-    println!("candidates not used: {:?}", s.rejected);
-    println!(
+    )?;
+    outln!("candidates not used: {:?}", s.rejected)?;
+    outln!(
         "{:<24} {:>7} {:>7} {:>8} {:>6}",
-        "operator", "sites", "tried", "verified", "yield"
-    );
+        "operator",
+        "sites",
+        "tried",
+        "verified",
+        "yield"
+    )?;
     for op in cxxlm_tasks::mutate::Operator::ALL {
         let n = op.name();
         let g = |m: &std::collections::BTreeMap<String, u64>| m.get(n).copied().unwrap_or(0);
-        println!(
+        outln!(
             "{n:<24} {:>7} {:>7} {:>8} {:>5.0}%",
             g(&s.sites),
             g(&s.tried),
             g(&s.verified),
             100.0 * rate(g(&s.verified), g(&s.tried))
-        );
+        )?;
     }
-    println!("failures shown: {:?}", s.failures);
-    println!("splits: {:?}", s.splits);
+    outln!("failures shown: {:?}", s.failures)?;
+    outln!("splits: {:?}", s.splits)?;
+    Ok(())
 }
 
 fn run_bugs(a: BugsArgs) -> Result<()> {
@@ -244,8 +249,7 @@ fn run_bugs(a: BugsArgs) -> Result<()> {
             total.tasks() as f64 / total.wall_seconds.max(1e-9)
         );
     })?;
-    print_bug_stats(&stats);
-    Ok(())
+    print_bug_stats(&stats)
 }
 
 fn run_mine(a: MineArgs) -> Result<()> {
@@ -262,7 +266,7 @@ fn run_mine(a: MineArgs) -> Result<()> {
         settings.pattern = p;
     }
     let s = mine::mine_to(&a.repo, &a.out, &settings)?;
-    println!(
+    outln!(
         "{} commits, {} with a fix message, {} of those change C/C++ files; {} function pairs from {} commits ({:.1}% of fix commits with C/C++ changes) in {:.1} s",
         s.commits,
         s.fix_messages,
@@ -271,8 +275,8 @@ fn run_mine(a: MineArgs) -> Result<()> {
         s.commits_with_pairs,
         100.0 * rate(s.commits_with_pairs, s.with_cxx_changes),
         s.seconds
-    );
-    println!("skipped: {:?}", s.skipped);
+    )?;
+    outln!("skipped: {:?}", s.skipped)?;
     Ok(())
 }
 
@@ -303,10 +307,14 @@ fn run_teacher(a: TeacherArgs) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     cxxlm_data::shard::write_atomic(&a.out, text.as_bytes())?;
-    println!(
+    outln!(
         "{} requests: {} from the cache, {} asked ({} retries), {} failed",
-        stats.requests, stats.cached, stats.asked, stats.retries, stats.failed
-    );
+        stats.requests,
+        stats.cached,
+        stats.asked,
+        stats.retries,
+        stats.failed
+    )?;
     for (id, e) in errors.iter().take(5) {
         eprintln!("  {id}: {e}");
     }
@@ -459,15 +467,15 @@ fn run_decontaminate(a: DecontaminateArgs) -> Result<()> {
         &a.out.join("report.json"),
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
-    println!(
+    outln!(
         "{records} records ({:.1} MB) against {} benchmark items ({} n-grams): {removed} removed; {:.1} MB/s",
         bytes as f64 / 1e6,
         index.items(),
         index.ngrams(),
         bytes as f64 / 1e6 / seconds.max(1e-9)
-    );
+    )?;
     for (item, n) in by_item.iter().take(20) {
-        println!("  {n:>5}  {item}");
+        outln!("  {n:>5}  {item}")?;
     }
     Ok(())
 }
@@ -493,18 +501,20 @@ fn run_verify(a: VerifyArgs) -> Result<()> {
     let fixed = results.iter().filter(|r| r.fixed_matches_oracle).count();
     let buggy = results.iter().filter(|r| r.buggy_fails).count();
     let same = results.iter().filter(|r| r.same_failure_kind).count();
-    println!(
+    outln!(
         "{n} tasks built on their own: fix matches the oracle {fixed}/{n}, bug fails {buggy}/{n}, with the recorded failure kind {same}/{n}"
-    );
+    )?;
     for r in results
         .iter()
         .filter(|r| !r.fixed_matches_oracle || !r.buggy_fails)
         .take(10)
     {
-        println!(
+        outln!(
             "  {}: fix ok {}, bug fails {}",
-            r.id, r.fixed_matches_oracle, r.buggy_fails
-        );
+            r.id,
+            r.fixed_matches_oracle,
+            r.buggy_fails
+        )?;
     }
     if let Some(path) = &a.json {
         let mut f = std::fs::File::create(path)?;

@@ -68,7 +68,7 @@ pub fn run(cmd: TokCommand) -> Result<()> {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             let ids: Vec<String> = bpe.encode(&text).iter().map(u32::to_string).collect();
-            println!("{}", ids.join(" "));
+            outln!("{}", ids.join(" "))?;
             Ok(())
         }
     }
@@ -85,29 +85,33 @@ fn read_texts(
         paths: read::shard_inputs(inputs),
         ..Default::default()
     };
-    let plan = read::plan(&config, None)?;
+    let plan = read::plan(&config, None, &crate::interrupt::STOP)?;
     let mut reader = UnitReader::new(config.clone(), None);
     let mut total = 0u64;
     let mut skipped = 0u64;
     for unit in &plan.units {
         let mut go = true;
-        reader.read(unit, &mut |item| {
-            match item {
-                ReadItem::Doc(doc) => {
-                    let project = project_of(&doc.meta, inputs);
-                    match String::from_utf8(doc.bytes) {
-                        Ok(text) => {
-                            total += text.len() as u64;
-                            go = sink(project, text) && max_bytes.is_none_or(|m| total < m);
+        reader.read(
+            unit,
+            &mut |item| {
+                match item {
+                    ReadItem::Doc(doc) => {
+                        let project = project_of(&doc.meta, inputs);
+                        match String::from_utf8(doc.bytes) {
+                            Ok(text) => {
+                                total += text.len() as u64;
+                                go = sink(project, text) && max_bytes.is_none_or(|m| total < m);
+                            }
+                            Err(_) => skipped += 1,
                         }
-                        Err(_) => skipped += 1,
                     }
+                    ReadItem::Skip { .. } => skipped += 1,
+                    ReadItem::Ignored => {}
                 }
-                ReadItem::Skip { .. } => skipped += 1,
-                ReadItem::Ignored => {}
-            }
-            go
-        })?;
+                go
+            },
+            &crate::interrupt::STOP,
+        )?;
         if !go {
             break;
         }
@@ -160,14 +164,14 @@ fn train(args: TrainArgs) -> Result<()> {
     let tmp = args.out.with_extension("json.tmp");
     std::fs::write(&tmp, json).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
-    println!(
+    outln!(
         "{} tokens ({} merges) + {} special ids in {:.1}s: {}",
         bpe.tokens().len(),
         bpe.merges().len(),
         bpe.vocab_size() - bpe.tokens().len(),
         started.elapsed().as_secs_f64(),
         args.out.display()
-    );
+    )?;
     Ok(())
 }
 
@@ -255,32 +259,32 @@ fn eval(args: EvalArgs) -> Result<()> {
         0 => "-".to_string(),
         n => format!("{:.2}", bytes as f64 / n as f64),
     };
-    println!("bytes per token (raw text | normalized text); ratio = cl100k tokens on raw / ours");
-    print!("{:<28}{:>7}{:>10}", "project", "files", "MB");
-    print!("{:>15}", "ours");
+    outln!("bytes per token (raw text | normalized text); ratio = cl100k tokens on raw / ours")?;
+    out!("{:<28}{:>7}{:>10}", "project", "files", "MB")?;
+    out!("{:>15}", "ours")?;
     for b in BASELINES {
-        print!("{:>15}", b);
+        out!("{:>15}", b)?;
     }
-    println!("{:>9}{:>11}", "raw x", "pipeline x");
+    outln!("{:>9}{:>11}", "raw x", "pipeline x")?;
     let mut json_rows = Vec::new();
     for (name, t) in &rows {
-        print!(
+        out!(
             "{:<28}{:>7}{:>10.1}",
             name,
             t.docs,
             t.bytes_raw as f64 / 1e6
-        );
+        )?;
         for i in 0..1 + BASELINES.len() {
-            print!(
+            out!(
                 "{:>7} |{:>6}",
                 bpt(t.bytes_raw, t.tokens[2 * i]),
                 bpt(t.bytes_norm, t.tokens[2 * i + 1])
-            );
+            )?;
         }
         let cl100k_raw = t.tokens[2 + 2 * 2] as f64;
         let like_for_like = cl100k_raw / t.tokens[0].max(1) as f64;
         let pipeline = cl100k_raw / t.tokens[1].max(1) as f64;
-        println!("{like_for_like:>9.3}{pipeline:>11.3}");
+        outln!("{like_for_like:>9.3}{pipeline:>11.3}")?;
         let mut enc = serde_json::Map::new();
         enc.insert(
             "ours".into(),
@@ -296,13 +300,13 @@ fn eval(args: EvalArgs) -> Result<()> {
         }));
     }
     let throughput = raw_bytes as f64 / 1e6 / encode_seconds;
-    println!(
+    outln!(
         "encode: {:.1} MB/s on {} threads; round trip: {} of {} files differ",
         throughput,
         rayon::current_num_threads(),
         overall.round_trip_failures,
         overall.docs
-    );
+    )?;
     if let Some(path) = args.json {
         let out = json!({ "projects": json_rows, "encode_mb_per_s": throughput, "threads": rayon::current_num_threads() });
         std::fs::write(&path, serde_json::to_vec_pretty(&out)?)

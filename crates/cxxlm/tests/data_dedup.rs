@@ -314,3 +314,28 @@ fn killing_and_rerunning_gives_the_uninterrupted_output() {
         assert_eq!(outputs(&out), outputs(&whole), "killed after {marker}");
     }
 }
+
+#[test]
+fn overlapping_directories_and_a_second_writer_are_refused() {
+    let files = corpus_with_clusters();
+    let refs: Vec<(&str, String)> = files.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let s = setup(&refs, None);
+    let before = read_shards(&s.shards);
+    for out in [s.shards.clone(), s.shards.join("dedup")] {
+        let err = dedup_fails(&s.shards, &out, &[]);
+        assert!(err.contains("would read its own output"), "{err}");
+    }
+    assert_eq!(read_shards(&s.shards), before, "the input is untouched");
+    assert!(!s.shards.join("dedup").exists());
+
+    let out = s.root.join("out");
+    let held = hold_lock(&out.join("near-dedup/signatures/task-00000.lock"));
+    let err = dedup_fails(&s.shards, &out, &[]);
+    assert!(
+        err.contains("is being written by another process")
+            && err.contains(&format!("process {}", std::process::id())),
+        "{err}"
+    );
+    drop(held);
+    dedup(&s.shards, &out, &[]);
+}

@@ -1,9 +1,11 @@
-//! Killing, rerunning and splitting `cxxlm data run`.
+//! Killing, rerunning and splitting `cxxlm data run`; runs that cannot stop by
+//! themselves (a stuck reader, a stalled download), and concurrent writers.
 
 mod common;
 
 use common::*;
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Enough files for many small shards; some dropped, some duplicated.
@@ -244,4 +246,173 @@ fn config_errors_are_named() {
         out.to_str().unwrap(),
     ]);
     assert!(err.contains("/nonexistent/dir"), "{err}");
+}
+
+#[test]
+fn a_second_writer_or_a_task_of_another_run_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("corpus");
+    corpus(&src, 20);
+    let out = tmp.path().join("out");
+    let held = hold_lock(&out.join("tasks/task-00000.lock"));
+    let args = [
+        "data",
+        "run",
+        "-i",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    let err = run_fails(&args);
+    assert!(
+        err.contains("is being written by another process")
+            && err.contains(&format!("process {}", std::process::id())),
+        "{err}"
+    );
+    drop(held);
+
+    // Task 0 of a run, then task 1 of a run with other settings: refused, however the
+    // tasks are scheduled.
+    let split = |index: &'static str, extra: &'static [&'static str]| {
+        let mut a = vec!["--tasks", "2", "--task-index", index];
+        a.extend(extra);
+        a
+    };
+    data_run(&src, &out, &split("0", &[]));
+    let mut other: Vec<&str> = args.to_vec();
+    other.extend(split("1", &["--keep-indentation"]));
+    let err = run_fails(&other);
+    assert!(err.contains("other settings or other inputs"), "{err}");
+    data_run(&src, &out, &split("1", &[]));
+}
+
+/// A `git` that answers `cat-file` by hanging (as on a stuck file system), and the
+/// real one for the rest; `cat-file` leaves a mark when it starts.
+fn hanging_git(dir: &Path) -> std::path::PathBuf {
+    let real = Command::new("sh")
+        .args(["-c", "command -v git"])
+        .output()
+        .unwrap();
+    let real = String::from_utf8(real.stdout).unwrap();
+    let bin = dir.join("bin");
+    write(
+        &bin.join("git"),
+        format!(
+            "#!/bin/sh\ncase \"$*\" in *cat-file*) touch {}; exec sleep 60 ;; esac\nexec {} \"$@\"\n",
+            dir.join("hung").display(),
+            real.trim()
+        ),
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(bin.join("git"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    bin
+}
+
+#[test]
+fn a_second_signal_ends_a_run_stuck_where_it_cannot_stop() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    write(&repo.join("a.cpp"), cpp_source(1));
+    for args in [&["init", "-q"][..], &["add", "."], &["commit", "-qm", "x"]] {
+        assert!(Command::new("git")
+            .arg("-C")
+            .arg(&repo)
+            .args(args)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@t")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@t")
+            .status()
+            .unwrap()
+            .success());
+    }
+    let bin = hanging_git(tmp.path());
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let child = cxxlm()
+        .args(["data", "run", "-i", repo.to_str().unwrap(), "-o"])
+        .arg(tmp.path().join("out"))
+        .env("PATH", path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !tmp.path().join("hung").exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "git cat-file never ran"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    send_signal(&child, libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    send_signal(&child, libc::SIGTERM);
+    let out = wait_within(child, 20, "data run after two SIGTERMs");
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("second interrupt: exiting now"), "{err}");
+}
+
+/// A Hub that lists one file and, asked for it, sends a tenth of it and then nothing.
+fn stalling_hub() -> (String, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let downloading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = downloading.clone();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let flag = flag.clone();
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8];
+                while !head.ends_with(b"\r\n\r\n") && stream.read_exact(&mut byte).is_ok() {
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head);
+                if head.starts_with("GET /api/") {
+                    let body = r#"[{"type":"file","oid":"0","size":1000,"path":"data/x.jsonl"}]"#;
+                    let _ = write!(stream, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                } else {
+                    let _ = write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n");
+                    let _ = stream.write_all(&[b'{'; 100]);
+                    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_secs(600));
+                }
+            });
+        }
+    });
+    (url, downloading)
+}
+
+#[test]
+fn a_stalled_hub_download_stops_at_the_first_signal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (url, downloading) = stalling_hub();
+    let child = cxxlm()
+        .args(["data", "run", "-i", "hf://datasets/org/set/data", "-o"])
+        .arg(tmp.path().join("out"))
+        .env("HF_ENDPOINT", &url)
+        .env("HF_HOME", tmp.path().join("hf"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !downloading.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no download began"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    send_signal(&child, libc::SIGTERM);
+    // The read timeout is 120 s, with five attempts: only the signal can end it soon.
+    let out = wait_within(child, 30, "a stalled download after SIGTERM");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("interrupted; rerun the same command to resume"),
+        "{err}"
+    );
 }

@@ -332,3 +332,150 @@ fn the_evaluation_benchmark_is_never_read() {
     }
     assert_eq!(read_shards(&out).len(), 1);
 }
+
+/// `git -C repo args...`, which must succeed.
+fn git(repo: &Path, args: &[&str]) {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@t")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@t")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Overwrites bytes of the loose object of `file`: near its start (git can no longer
+/// read its header) or in its middle (its content).
+fn corrupt_object(repo: &Path, file: &str, middle: bool) {
+    let oid = Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(["rev-parse", &format!("HEAD:{file}")])
+        .output()
+        .unwrap();
+    let oid = String::from_utf8(oid.stdout).unwrap();
+    let object = repo
+        .join(".git/objects")
+        .join(&oid[..2])
+        .join(oid[2..].trim());
+    let mut bytes = std::fs::read(&object).unwrap();
+    let at = if middle { bytes.len() / 2 } else { 2 };
+    bytes[at..at + 8].copy_from_slice(b"garbage!");
+    std::fs::remove_file(&object).unwrap();
+    std::fs::write(&object, bytes).unwrap();
+}
+
+#[test]
+fn a_corrupt_object_in_a_git_checkout_skips_only_that_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let text = |n: usize| {
+        (0..12)
+            .map(|k| cpp_source(1000 * n + k))
+            .collect::<String>()
+    };
+    for n in 0..5 {
+        write(&repo.join(format!("f{n}.cpp")), text(n));
+    }
+    git(&repo, &["init", "-q"]);
+    git(&repo, &["add", "."]);
+    git(&repo, &["commit", "-qm", "init"]);
+    corrupt_object(&repo, "f1.cpp", true);
+    corrupt_object(&repo, "f3.cpp", false);
+    let out = tmp.path().join("out");
+    data_run(&repo, &out, &["--keep-indentation"]);
+    let texts: Vec<String> = read_shards(&out)
+        .iter()
+        .map(|d| d["text"].as_str().unwrap().to_string())
+        .collect();
+    for n in [0, 2, 4] {
+        assert!(
+            texts.contains(&text(n)),
+            "f{n}.cpp, after a corrupt object, is read"
+        );
+    }
+    assert_eq!(texts.len(), 3);
+    let s = stats(&out);
+    assert_eq!(skipped(&s, "corrupt"), 2, "{s}");
+    assert_eq!(skipped(&s, "unreadable") + skipped(&s, "empty"), 0, "{s}");
+}
+
+#[test]
+fn fifos_and_devices_are_skipped_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write(&src.join("a.cpp"), cpp_source(1));
+    let fifo = |path: &Path| {
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) with a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    };
+    fifo(&src.join("pipe.cpp"));
+    let named = tmp.path().join("named.cpp");
+    fifo(&named);
+    let out = tmp.path().join("out");
+    let child = cxxlm()
+        .args(["data", "run", "-i", src.to_str().unwrap(), "-i"])
+        .arg(&named)
+        .args(["-i", "/dev/zero", "-o", out.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let done = wait_within(child, 60, "data run with FIFO inputs");
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let s = stats(&out);
+    assert_eq!(skipped(&s, "not_a_file"), 3, "{s}");
+    assert_eq!(read_shards(&out).len(), 1);
+}
+
+#[test]
+fn file_names_that_are_not_utf8_give_distinct_ids() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    for (byte, n) in [(0xffu8, 1), (0xfe, 2)] {
+        let name = [b'f', byte, b'.', b'c', b'p', b'p'];
+        write(&src.join(std::ffi::OsStr::from_bytes(&name)), cpp_source(n));
+    }
+    let out = tmp.path().join("out");
+    data_run(&src, &out, &[]);
+    let mut ids = ids(&read_shards(&out));
+    ids.sort();
+    let dir = src.display();
+    assert_eq!(
+        ids,
+        [format!("{dir}/f\\xfe.cpp"), format!("{dir}/f\\xff.cpp")]
+    );
+}
+
+#[test]
+fn an_output_inside_or_equal_to_an_input_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write(&src.join("a.cpp"), cpp_source(1));
+    for out in [src.join("out"), src.clone(), tmp.path().to_path_buf()] {
+        let e = run_fails(&[
+            "data",
+            "run",
+            "-i",
+            src.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        assert!(e.contains("would read its own output"), "{e}");
+    }
+    assert!(!src.join("out").exists());
+}

@@ -75,6 +75,20 @@ fn fim_documents_rearrange_back_to_the_shards_byte_for_byte() {
         shown.contains("rearranged back") && shown.contains("<|fim_middle|>"),
         "{shown}"
     );
+    // Output read no further (`| head`) ends the command quietly.
+    let mut child = cxxlm()
+        .args(["pack", "inspect", out.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let closed = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&closed.stderr);
+    assert!(
+        closed.status.success() && !stderr.contains("panicked"),
+        "{stderr}"
+    );
 
     // The same command again finds the pack complete; other settings are refused.
     run_ok(&pack_args(&f, &out, &["--val-fraction", "0.2"]));

@@ -163,6 +163,33 @@ fn bad_input_is_named() {
         e.contains("checksum mismatch") && e.contains("model.safetensors"),
         "{e}"
     );
+    // So is an edited trainer.json (a step changed by hand).
+    let trainer = out.join("checkpoints/step-000003/trainer.json");
+    let text = std::fs::read_to_string(&trainer).unwrap();
+    std::fs::write(&trainer, text.replace("\"step\": 3", "\"step\": 2")).unwrap();
+    let e = fails(&p, &out, &["--set", "train.steps=3", "--resume"]);
+    assert!(e.contains("trainer.json: checksum mismatch"), "{e}");
+    // A second process on a run directory that one is writing is refused.
+    let held = hold_lock(&out.join("train.lock"));
+    let e = fails(&p, &out, &["--set", "train.steps=3", "--resume"]);
+    assert!(e.contains("is being written by another process"), "{e}");
+    drop(held);
+    // Settings out of range are named, by --check too.
+    let e = fails(
+        &p,
+        &out,
+        &[
+            "--check",
+            "--set",
+            "train.device_batch=0",
+            "--set",
+            "optim.betas=[0.9, 1.5]",
+        ],
+    );
+    assert!(
+        e.contains("train.device_batch = 0") && e.contains("optim.betas[1] = 1.5"),
+        "{e}"
+    );
 
     // Tokens packed with another tokenizer.
     let other = p.f.root.join("other.json");
@@ -321,6 +348,7 @@ fn a_rank_that_dies_stops_the_others_with_its_name() {
             .env("WORLD_SIZE", "2")
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", port.to_string())
+            .env("CXXLM_RENDEZVOUS_SECRET", "this job's secret")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()

@@ -158,6 +158,7 @@ pub struct NearDedup {
 impl NearDedup {
     pub fn new(config: DedupConfig) -> Result<Self> {
         config.minhash.validate().map_err(DataError::Config)?;
+        crate::read::refuse_overlap(&config.input, &config.output)?;
         let shards = input_shards(&config.input)?;
         let mut h = xxhash_rust::xxh3::Xxh3::new();
         h.update(
@@ -195,6 +196,13 @@ impl NearDedup {
         self.work()
             .join(stage.name())
             .join(format!("task-{task:05}.done.json"))
+    }
+
+    /// Held by the process running a stage's task (`cxxlm data dedup`).
+    pub fn lock_path(&self, stage: Stage, task: usize) -> PathBuf {
+        self.work()
+            .join(stage.name())
+            .join(format!("task-{task:05}.lock"))
     }
 
     fn signature_dir(&self, task: usize) -> PathBuf {

@@ -1,7 +1,9 @@
 use std::fs::File;
 use std::io::{BufReader, Read};
 
-use super::{decompress, looks_like_cxx, meta, size_skip, skip, Compression, Kind, ReadItem, Sink};
+use super::{
+    decompress, looks_like_cxx, meta, name_of, size_skip, skip, Compression, Kind, ReadItem, Sink,
+};
 use crate::config::InputConfig;
 use crate::document::RawDocument;
 
@@ -24,8 +26,7 @@ pub fn read(file: File, compression: Compression, name: &str, config: &InputConf
             return;
         }
     };
-    let mut seen = 0usize;
-    for entry in entries {
+    for (seen, entry) in entries.enumerate() {
         let mut entry = match entry {
             Ok(e) => e,
             Err(e) => {
@@ -38,22 +39,10 @@ pub fn read(file: File, compression: Compression, name: &str, config: &InputConf
                 return;
             }
         };
-        seen += 1;
         if !entry.header().entry_type().is_file() {
             continue;
         }
-        let member = match entry.path() {
-            Ok(p) => p.to_string_lossy().into_owned(),
-            Err(e) => {
-                sink(skip(
-                    name,
-                    "corrupt_archive",
-                    format!("member {seen}: bad path: {e}"),
-                    0,
-                ));
-                continue;
-            }
-        };
+        let member = name_of(&entry.path_bytes());
         let base = member.rsplit('/').next().unwrap_or(&member);
         let kind = match Kind::of(base) {
             Some(k @ (Kind::Source | Kind::MaybeSource)) => k,

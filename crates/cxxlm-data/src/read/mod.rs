@@ -13,7 +13,10 @@ use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 
 use crate::config::InputConfig;
 use crate::document::RawDocument;
@@ -111,10 +114,10 @@ impl Unit {
     /// A stable one-line description (for logs and for the plan fingerprint).
     pub fn describe(&self) -> String {
         match self {
-            Unit::Local { path, .. } => path.display().to_string(),
+            Unit::Local { path, .. } => path_name(path),
             Unit::GitBlob {
                 repo, path, oid, ..
-            } => format!("{}:{path}@{oid}", repo.display()),
+            } => format!("{}:{path}@{oid}", path_name(repo)),
             Unit::Hub { file, .. } => format!("{}@{}", file.url_path(), file.git_oid),
         }
     }
@@ -139,13 +142,14 @@ fn is_evaluation_set(path: &Path) -> bool {
     })
 }
 
-pub fn plan(config: &InputConfig, hub: Option<&HubClient>) -> Result<Plan> {
+/// `stop` interrupts listing the Hub.
+pub fn plan(config: &InputConfig, hub: Option<&HubClient>, stop: &AtomicBool) -> Result<Plan> {
     let mut plan = Plan::default();
     for input in &config.paths {
         if let Some(spec) = HubSpec::parse(input) {
             let spec = spec?;
             let client = hub.ok_or_else(|| DataError::Hub("no hub client configured".into()))?;
-            for file in client.list(&spec)? {
+            for file in client.list(&spec, stop)? {
                 match Kind::of(&file.path) {
                     Some(kind) if kind != Kind::MaybeSource => {
                         plan.units.push(Unit::Hub { file, kind })
@@ -170,6 +174,9 @@ pub fn plan(config: &InputConfig, hub: Option<&HubClient>) -> Result<Plan> {
             git::plan(&path, &mut plan)?;
         } else if meta.is_dir() {
             plan_dir(&path, &mut plan);
+        } else if !meta.is_file() {
+            plan.skipped
+                .push(not_a_file(input.clone(), meta.file_type()));
         } else {
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
             // A file named explicitly is read as a source file unless it is a container.
@@ -183,6 +190,42 @@ pub fn plan(config: &InputConfig, hub: Option<&HubClient>) -> Result<Plan> {
     Ok(plan)
 }
 
+/// A file name as text, without loss: bytes that are not UTF-8 are written `\xNN`
+/// (`Path::display` makes each of them U+FFFD, so that names differing only there
+/// would give one document id).
+pub(crate) fn name_of(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        out.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
+pub(crate) fn path_name(path: &Path) -> String {
+    name_of(path.as_os_str().as_bytes())
+}
+
+/// A FIFO, socket or device: reading it could block forever or never end.
+fn not_a_file(input: String, kind: std::fs::FileType) -> Skipped {
+    let what = if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_char_device() || kind.is_block_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    };
+    Skipped {
+        input,
+        reason: "not_a_file".into(),
+        detail: format!("{what}; only regular files are read"),
+    }
+}
+
 fn plan_dir(root: &Path, plan: &mut Plan) {
     let walk = walkdir::WalkDir::new(root)
         .follow_links(true)
@@ -193,9 +236,7 @@ fn plan_dir(root: &Path, plan: &mut Plan) {
         let entry = match entry {
             Ok(e) => e,
             Err(e) => {
-                let input = e
-                    .path()
-                    .map_or_else(|| root.display().to_string(), |p| p.display().to_string());
+                let input = path_name(e.path().unwrap_or(root));
                 let reason = if e.loop_ancestor().is_some() {
                     "symlink_loop"
                 } else {
@@ -209,13 +250,18 @@ fn plan_dir(root: &Path, plan: &mut Plan) {
                 continue;
             }
         };
+        if entry.file_type().is_dir() {
+            continue;
+        }
         if !entry.file_type().is_file() {
+            plan.skipped
+                .push(not_a_file(path_name(entry.path()), entry.file_type()));
             continue;
         }
         let name = entry.file_name().to_string_lossy();
         if is_evaluation_set(entry.path()) {
             plan.skipped.push(Skipped {
-                input: entry.path().display().to_string(),
+                input: path_name(entry.path()),
                 reason: "evaluation_set".into(),
                 detail: "an evaluation benchmark whose license forbids training on it".into(),
             });
@@ -248,6 +294,46 @@ pub fn shard_inputs(inputs: &[String]) -> Vec<String> {
             }
         })
         .collect()
+}
+
+/// `path` made absolute with symlinks resolved, as far as it exists (an output
+/// directory may not exist yet).
+fn resolved(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut existing = absolute.as_path();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            return rest.iter().rev().fold(real, |p, c| p.join(c));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                existing = parent;
+            }
+            _ => return absolute,
+        }
+    }
+}
+
+/// An error when `output` is `input`, inside it or holds it: a stage would then read
+/// what it writes (or overwrite what it reads).
+pub fn refuse_overlap(input: &Path, output: &Path) -> Result<()> {
+    let (i, o) = (resolved(input), resolved(output));
+    let how = if i == o {
+        "is the input"
+    } else if o.starts_with(&i) {
+        "is inside the input"
+    } else if i.starts_with(&o) {
+        "holds the input"
+    } else {
+        return Ok(());
+    };
+    Err(DataError::Config(format!(
+        "the output directory {} {how} {}: a run would read its own output; write elsewhere",
+        output.display(),
+        input.display()
+    )))
 }
 
 /// Whether the head of an extension-less file reads like C or C++.
@@ -335,10 +421,11 @@ impl UnitReader {
         }
     }
 
-    pub fn read(&mut self, unit: &Unit, sink: Sink) -> Result<()> {
+    /// `stop` interrupts a download from the Hub.
+    pub fn read(&mut self, unit: &Unit, sink: Sink, stop: &AtomicBool) -> Result<()> {
         match unit {
             Unit::Local { path, kind } => {
-                let name = path.display().to_string();
+                let name = path_name(path);
                 self.read_local(path, &name, *kind, meta(&[("source", "file".into())]), sink);
                 Ok(())
             }
@@ -355,15 +442,14 @@ impl UnitReader {
                         v.insert(git::CatFile::start(repo)?)
                     }
                 };
-                git::read_blob(cat, repo, oid, path, *size, *kind, &self.config, sink);
-                Ok(())
+                git::read_blob(cat, repo, oid, path, *size, *kind, &self.config, sink)
             }
             Unit::Hub { file, kind } => {
                 let client = self
                     .hub
                     .as_ref()
                     .ok_or_else(|| DataError::Hub("no hub client configured".into()))?;
-                let local = client.fetch(file)?;
+                let local = client.fetch(file, stop)?;
                 let name = file.url_path();
                 let m = meta(&[("source", "hub".into()), ("hub_file", name.clone().into())]);
                 self.read_local(&local, &name, *kind, m, sink);
@@ -380,8 +466,22 @@ impl UnitReader {
         base: Map<String, Value>,
         sink: Sink,
     ) {
-        let file = match File::open(path) {
-            Ok(f) => f,
+        // Without blocking: a path that became a FIFO since it was listed must not hang
+        // the run (O_NONBLOCK changes nothing for regular files).
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .and_then(|f| f.metadata().map(|m| (f, m.file_type())));
+        let file = match opened {
+            Ok((f, kind)) if kind.is_file() => f,
+            Ok((_, kind)) => {
+                sink(ReadItem::Skip {
+                    skipped: not_a_file(name.to_string(), kind),
+                    bytes: 0,
+                });
+                return;
+            }
             Err(e) => {
                 sink(skip(name, "unreadable", e.to_string(), 0));
                 return;

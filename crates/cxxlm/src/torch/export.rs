@@ -5,6 +5,7 @@
 
 use anyhow::{bail, Context, Result};
 use cxxlm::cli::{prompt_ids, ExportHfArgs};
+use cxxlm::outln;
 use cxxlm_model::{Activation, Gpt, ModelConfig};
 use cxxlm_tokenizer::Bpe;
 use serde_json::{json, Value};
@@ -272,8 +273,8 @@ pub fn hf(args: ExportHfArgs) -> Result<()> {
     }
     std::fs::rename(&tmp, out)?;
     match args.no_parity {
-        true => println!("{}: written, not checked (--no-parity)", out.display()),
-        false => println!(
+        true => outln!("{}: written, not checked (--no-parity)", out.display()),
+        false => outln!(
             "{}: NanoChatForCausalLM; parity through transformers {}: max |logit difference| {:.2e} over {} positions, greedy tokens equal: {}, tokenizer ids equal: {} (parity.json)",
             out.display(),
             report["transformers"].as_str().unwrap_or("?"),
@@ -282,6 +283,6 @@ pub fn hf(args: ExportHfArgs) -> Result<()> {
             report["greedy_tokens_equal"],
             report["tokenizer_ids_equal"],
         ),
-    }
+    }?;
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Result};
 use cxxlm::cli::ProfileArgs;
+use cxxlm::outln;
 use cxxlm_model::{Gpt, ModelConfig, Phases};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -26,19 +27,21 @@ pub fn check(device: usize) -> Result<()> {
             checks.push(c);
         }
     }
-    println!("| check | error | tolerance | |\n|---|---:|---:|---|");
+    outln!("| check | error | tolerance | |\n|---|---:|---:|---|")?;
     for c in &checks {
         let verdict = if c.ok() { "ok" } else { "FAILED" };
-        println!(
+        outln!(
             "| {} | {:.2e} | {:.0e} | {verdict} |",
-            c.name, c.error, c.tolerance
-        );
+            c.name,
+            c.error,
+            c.tolerance
+        )?;
     }
     let failed = checks.iter().filter(|c| !c.ok()).count();
     if failed > 0 {
         bail!("{failed} of {} checks out of tolerance", checks.len());
     }
-    println!("all {} checks within tolerance", checks.len());
+    outln!("all {} checks within tolerance", checks.len())?;
     Ok(())
 }
 
@@ -86,13 +89,13 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
         let tok_s = (args.batch * t) as f64 / seconds;
         let peak =
             cxxlm_cuda::peak_allocated(args.device).unwrap_or(0) as f64 / (1u64 << 30) as f64;
-        println!(
+        outln!(
             "RESULT impl=cxxlm-{path} preset={} B={} T={t} fwd_bwd_ms={:.2} tok_s={tok_s:.0} mfu={:.4} peak_alloc_gib={peak:.2} loss={loss:.4}",
             args.preset,
             args.batch,
             seconds * 1e3,
             config.flops_per_token() * tok_s / 989e12,
-        );
+        )?;
     }
     let mut phases = Phases::default();
     let rounds = 3;
@@ -103,14 +106,14 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
         zero_grads(&model);
     }
     let total: f64 = phases.seconds.iter().map(|(_, s)| s).sum();
-    println!("| explicit pass, synchronized per phase | ms | share |\n|---|---:|---:|");
+    outln!("| explicit pass, synchronized per phase | ms | share |\n|---|---:|---:|")?;
     for (name, s) in &phases.seconds {
-        println!(
+        outln!(
             "| {name} | {:.2} | {:.1}% |",
             s * 1e3 / rounds as f64,
             100.0 * s / total
-        );
+        )?;
     }
-    println!("| total | {:.2} | |", total * 1e3 / rounds as f64);
+    outln!("| total | {:.2} | |", total * 1e3 / rounds as f64)?;
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result};
 use cxxlm::eval::{BpbArgs, EvalCommand, Generation, TextModel};
+use cxxlm::outln;
 use cxxlm_model::{Gpt, Sampling};
 use cxxlm_pack::Manifest;
 use cxxlm_tokenizer::Bpe;
@@ -69,7 +70,7 @@ fn bpb(args: BpbArgs) -> Result<()> {
     let bpb =
         cxxlm_train::pretrain::bits_per_byte(&model, &data, args.batch, max, &bytes, &single)?
             .with_context(|| format!("{}: fewer tokens than one window", args.split))?;
-    println!("{}: {bpb:.4} bits per byte", args.split);
+    outln!("{}: {bpb:.4} bits per byte", args.split)?;
     if let Some(path) = &args.json {
         std::fs::write(
             path,

@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use cxxlm::cli::{prompt_ids, special, SampleArgs};
+use cxxlm::outln;
 use cxxlm_model::{Gpt, Sampling};
 use cxxlm_pack::{tokenizer_sha256, Manifest};
 use cxxlm_tokenizer::Bpe;
@@ -46,7 +47,7 @@ pub fn load_checkpoint(path: &Path, tokenizer: Option<&Path>) -> Result<(Gpt, Bp
 /// Tokens per second of batched greedy generation, after a warm-up; on CUDA with the
 /// decoding step replayed as a CUDA graph and without, checking that both write the
 /// same tokens.
-fn benchmark(model: &Gpt, bpe: &Bpe, batch: usize, prompt: usize, new: usize) {
+fn benchmark(model: &Gpt, bpe: &Bpe, batch: usize, prompt: usize, new: usize) -> Result<()> {
     let vocab = bpe.special_base() as usize;
     let ids: Vec<u32> = (0..prompt).map(|i| ((i * 7919) % vocab) as u32).collect();
     let prompts = vec![ids; batch];
@@ -70,24 +71,25 @@ fn benchmark(model: &Gpt, bpe: &Bpe, batch: usize, prompt: usize, new: usize) {
         let out = run(new);
         let seconds = started.elapsed().as_secs_f64();
         let tokens: usize = out.iter().map(Vec::len).sum();
-        println!(
+        outln!(
             "RESULT impl=cxxlm cuda_graphs={graphs} batch={batch} prompt={prompt} new={new} seconds={seconds:.3} tok_s={:.0}",
             tokens as f64 / seconds
-        );
+        )?;
         outputs.push(out);
     }
     if outputs.len() == 2 {
-        println!(
+        outln!(
             "same tokens with and without CUDA graphs: {}",
             outputs[0] == outputs[1]
-        );
+        )?;
     }
+    Ok(())
 }
 
 pub fn run(args: SampleArgs) -> Result<()> {
     let (model, bpe) = load_checkpoint(&args.checkpoint, args.tokenizer.as_deref())?;
     if let Some(batch) = args.benchmark_batch {
-        benchmark(&model, &bpe, batch, args.benchmark_prompt, args.max_tokens);
+        benchmark(&model, &bpe, batch, args.benchmark_prompt, args.max_tokens)?;
         return Ok(());
     }
     let fim = match (&args.fim_prefix, &args.fim_suffix) {
@@ -115,11 +117,11 @@ pub fn run(args: SampleArgs) -> Result<()> {
         let body: Vec<u32> = out.iter().copied().filter(|&t| t != eos).collect();
         let completion = String::from_utf8_lossy(&bpe.decode(&body)).into_owned();
         if args.n > 1 {
-            println!("--- sample {} ---", i + 1);
+            outln!("--- sample {} ---", i + 1)?;
         }
         match fim {
-            Some((p, s)) => println!("{p}{completion}{s}"),
-            None => println!("{text}{completion}"),
+            Some((p, s)) => outln!("{p}{completion}{s}")?,
+            None => outln!("{text}{completion}")?,
         }
     }
     Ok(())

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use cxxlm::cli::{set, TrainCommand};
-use cxxlm::interrupt;
+use cxxlm::{interrupt, lock, outln};
 
 use crate::kernels;
 use cxxlm_train::{pretrain, Event, TrainConfig};
@@ -38,6 +38,7 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
         overrides.push(format!("out={:?}", o.display().to_string()));
     }
     let config = load_config(args.config.as_ref(), &overrides)?;
+    config.validate()?;
     if args.check {
         return Ok(());
     }
@@ -47,6 +48,14 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
     std::fs::create_dir_all(&config.out)
         .with_context(|| format!("creating {}", config.out.display()))?;
     let rank0 = cxxlm_train::dist::World::from_env()?.rank == 0;
+    // Rank 0 writes for all ranks of its job; another job on this directory is refused.
+    let _lock = match rank0 {
+        true => Some(lock::hold(
+            &config.out.join("train.lock"),
+            &format!("the training run {}", config.out.display()),
+        )?),
+        false => None,
+    };
     if rank0 {
         std::fs::write(
             config.out.join("config.toml"),
@@ -142,13 +151,13 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
     if !rank0 {
         return Ok(());
     }
-    println!(
+    outln!(
         "{} of {} steps, {} tokens, {:.1}s: {}",
         state.step,
         state.total_steps,
         state.tokens,
         started.elapsed().as_secs_f64(),
         config.out.display()
-    );
+    )?;
     Ok(())
 }

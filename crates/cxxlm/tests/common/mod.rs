@@ -186,3 +186,41 @@ pub fn pack_args<'a>(f: &'a Fixture, out: &'a Path, extra: &[&'a str]) -> Vec<&'
     args.extend(extra);
     args
 }
+
+/// Waits for `child`, killing it and failing the test if it runs past `seconds`.
+pub fn wait_within(mut child: std::process::Child, seconds: u64, what: &str) -> Output {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{what}: still running after {seconds}s; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Holds an exclusive lock on `path` as another writer would (released when dropped).
+pub fn hold_lock(path: &Path) -> std::fs::File {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut file = std::fs::File::create(path).unwrap();
+    // SAFETY: flock on a descriptor we own.
+    assert_eq!(
+        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+        0
+    );
+    write!(file, "{}", std::process::id()).unwrap();
+    file
+}
+
+/// Sends `signal` to `child`.
+pub fn send_signal(child: &std::process::Child, signal: i32) {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, signal) };
+}
