@@ -479,3 +479,71 @@ fn an_output_inside_or_equal_to_an_input_is_refused() {
     }
     assert!(!src.join("out").exists());
 }
+
+/// Runs `cmd`, which must succeed, and returns its peak resident memory in bytes.
+#[allow(clippy::zombie_processes)] // reaped by wait4, which also gives its peak memory
+fn peak_memory(mut cmd: Command, stderr: &Path) -> u64 {
+    let child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid, and wait4(2) reaps our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{}",
+        std::fs::read_to_string(stderr).unwrap_or_default()
+    );
+    usage.ru_maxrss as u64 * 1024
+}
+
+#[test]
+fn a_huge_file_is_not_held_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    // CRLF line ends and trailing blanks: normalizing rewrites every line.
+    let file = |name: &str, bytes: usize| {
+        let mut text = String::with_capacity(bytes + 200);
+        let mut i = 0;
+        while text.len() < bytes {
+            text.push_str(&format!(
+                "int value_{i}(const std::vector<int>& v) {{ return v.size() * {} + f(v); }}  \r\n",
+                i % 977
+            ));
+            i += 1;
+        }
+        let path = tmp.path().join(name).join("big.cpp");
+        write(&path, &text);
+        (path, text.len() as u64)
+    };
+    // Only the steps that hold or rewrite the whole text, so that the test stays fast.
+    let config = tmp.path().join("huge.toml");
+    write(
+        &config,
+        "[input]\nmax_bytes = 1000000000\n[quality]\nenabled = false\n[decontaminate]\nenabled = false\n",
+    );
+    let run = |input: &Path, out: &str| {
+        let mut cmd = cxxlm();
+        cmd.args(["data", "run", "--config"])
+            .arg(&config)
+            .arg("-i")
+            .arg(input)
+            .arg("-o")
+            .arg(tmp.path().join(out));
+        peak_memory(cmd, &tmp.path().join(format!("{out}.stderr")))
+    };
+    let (small, _) = file("small", 100_000);
+    let (big, size) = file("big", 24 << 20);
+    let base = run(&small, "small-out");
+    let peak = run(&big, "big-out");
+    let s = stats(&tmp.path().join("big-out"));
+    assert_eq!(s["written"]["docs"], 1, "{s}");
+    assert!(
+        peak.saturating_sub(base) < size * 7 / 4,
+        "a {size}-byte file took {} bytes more at peak than a small one",
+        peak.saturating_sub(base)
+    );
+}

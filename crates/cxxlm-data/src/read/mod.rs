@@ -512,7 +512,9 @@ impl UnitReader {
         if let Some(item) = size_skip(name, len, &self.config) {
             return item;
         }
-        let mut bytes = Vec::with_capacity(len as usize);
+        // One byte to spare: normalizing may end the last line with a line break, which
+        // must not make a copy of the whole text to grow it.
+        let mut bytes = Vec::with_capacity(len as usize + 1);
         // The length may change under us: never read more than the limit allows.
         if let Err(e) = file.take(self.config.max_bytes + 1).read_to_end(&mut bytes) {
             return skip(name, "unreadable", e.to_string(), len);

@@ -20,40 +20,90 @@ impl Normalize {
     }
 
     pub fn normalize(&self, text: &str) -> String {
-        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-        let unified;
-        let text = if text.contains('\r') {
-            unified = text.replace("\r\n", "\n").replace('\r', "\n");
-            unified.as_str()
+        let mut out = text.to_string();
+        self.normalize_in_place(&mut out);
+        out
+    }
+
+    /// [`Normalize::normalize`] over `text` itself: every change removes bytes or turns
+    /// `\r` into `\n`, so the result is written over the input as it is read, and a
+    /// document of hundreds of MB is never held twice. Returns whether it changed.
+    pub fn normalize_in_place(&self, text: &mut String) -> bool {
+        let mut buf = std::mem::take(text).into_bytes();
+        let len = buf.len();
+        let mut r = if buf.starts_with("\u{feff}".as_bytes()) {
+            3
         } else {
-            text
+            0
         };
-        let mut out = String::with_capacity(text.len());
-        let mut blank_run = 0usize;
-        let mut pending_blank = 0usize;
-        for line in text.split('\n') {
-            let mut line = line.trim_end_matches([' ', '\t', '\u{b}', '\u{c}']);
-            if self.config.strip_indentation {
-                line = line.trim_start_matches([' ', '\t']);
+        let mut changed = r > 0;
+        let mut w = 0;
+        let (mut blank_run, mut pending_blank) = (0usize, 0usize);
+        // Bytes are written at `w`, never past what has been read, except for the one
+        // line break a last line without one gets.
+        let mut put = |buf: &mut Vec<u8>, w: &mut usize, byte: u8| {
+            match buf.get_mut(*w) {
+                Some(b) if *b == byte => {}
+                Some(b) => {
+                    *b = byte;
+                    changed = true;
+                }
+                None => {
+                    buf.push(byte);
+                    changed = true;
+                }
             }
-            if line.is_empty() {
+            *w += 1;
+        };
+        let mut moved = false;
+        loop {
+            let end = r + memchr::memchr2(b'\n', b'\r', &buf[r..]).unwrap_or(len - r);
+            let next = match buf.get(end) {
+                None => len,
+                Some(b'\r') if buf.get(end + 1) == Some(&b'\n') => end + 2,
+                Some(_) => end + 1,
+            };
+            let mut stop = end;
+            while stop > r && matches!(buf[stop - 1], b' ' | b'\t' | 0x0b | 0x0c) {
+                stop -= 1;
+            }
+            let mut start = r;
+            if self.config.strip_indentation {
+                while start < stop && matches!(buf[start], b' ' | b'\t') {
+                    start += 1;
+                }
+            }
+            if start == stop {
                 blank_run += 1;
                 if blank_run <= self.config.max_blank_lines {
                     pending_blank += 1;
                 }
-                continue;
+            } else {
+                // Blank lines are emitted only once a non-blank line follows them, so
+                // trailing blank lines vanish and leading ones follow the same limit.
+                for _ in 0..pending_blank {
+                    put(&mut buf, &mut w, b'\n');
+                }
+                pending_blank = 0;
+                blank_run = 0;
+                if w != start {
+                    buf.copy_within(start..stop, w);
+                    moved = true;
+                }
+                w += stop - start;
+                put(&mut buf, &mut w, b'\n');
             }
-            // Blank lines are emitted only once a non-blank line follows them, so
-            // trailing blank lines vanish and leading ones follow the same limit.
-            for _ in 0..pending_blank {
-                out.push('\n');
+            if end == len {
+                break;
             }
-            pending_blank = 0;
-            blank_run = 0;
-            out.push_str(line);
-            out.push('\n');
+            r = next;
         }
-        out
+        changed |= moved || w != len;
+        buf.truncate(w);
+        // Only ASCII bytes were removed or replaced: still UTF-8.
+        *text = String::from_utf8(buf)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+        changed
     }
 }
 
@@ -63,11 +113,9 @@ impl Step for Normalize {
     }
 
     fn apply(&self, doc: &mut Document, counters: &mut Counters) -> Verdict {
-        let normalized = self.normalize(&doc.text);
-        if normalized.len() != doc.text.len() || normalized != doc.text {
+        if self.normalize_in_place(&mut doc.text) {
             counters.bump("changed", 1);
         }
-        doc.text = normalized;
         doc.meta.insert(
             "normalized".into(),
             json!({ "indent_stripped": self.config.strip_indentation }),
@@ -96,6 +144,58 @@ mod tests {
     fn line_ends_bom_trailing_space_and_blank_runs() {
         let raw = "\u{feff}int a;  \r\nint b;\t\r\r\n\n\n\n\n  int c;\n\n\n";
         assert_eq!(norm(false, raw), "int a;\nint b;\n\n\n  int c;\n");
+    }
+
+    /// The normalization written plainly, copying, to check the in-place one against.
+    fn copying(strip: bool, max_blank_lines: usize, text: &str) -> String {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        let text = text.replace("\r\n", "\n").replace('\r', "\n");
+        let (mut out, mut blank_run, mut pending) = (String::new(), 0, 0);
+        for line in text.split('\n') {
+            let mut line = line.trim_end_matches([' ', '\t', '\u{b}', '\u{c}']);
+            if strip {
+                line = line.trim_start_matches([' ', '\t']);
+            }
+            if line.is_empty() {
+                blank_run += 1;
+                pending += usize::from(blank_run <= max_blank_lines);
+                continue;
+            }
+            out.push_str(&"\n".repeat(pending));
+            (pending, blank_run) = (0, 0);
+            out.push_str(line);
+            out.push('\n');
+        }
+        out
+    }
+
+    #[test]
+    fn in_place_matches_copying_on_every_layout() {
+        let pieces = [
+            "a", "int x;", " ", "\t", "\r", "\n", "\r\n", "\u{b}", "\u{c}", "é", "\u{feff}",
+        ];
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for case in 0..5000 {
+            let mut text = String::new();
+            for _ in 0..case % 24 {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                text.push_str(pieces[(seed % pieces.len() as u64) as usize]);
+            }
+            for (strip, max_blank_lines) in [(false, 2), (true, 0), (false, 1)] {
+                let step = Normalize::new(NormalizeConfig {
+                    enabled: true,
+                    strip_indentation: strip,
+                    max_blank_lines,
+                });
+                let mut in_place = text.clone();
+                let changed = step.normalize_in_place(&mut in_place);
+                let expected = copying(strip, max_blank_lines, &text);
+                assert_eq!(in_place, expected, "{text:?}");
+                assert_eq!(changed, expected != text, "{text:?}");
+            }
+        }
     }
 
     #[test]
