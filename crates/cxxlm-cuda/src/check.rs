@@ -191,7 +191,7 @@ pub fn against_definitions(fused: Fused, dev: Device) -> Vec<Check> {
         let (y, saved) = attention::forward(&q, &k, &v);
         let leaf = |x: &Tensor| x.to_kind(Kind::Float).set_requires_grad(true);
         let (qf, kf, vf) = (leaf(&q), leaf(&k), leaf(&v));
-        let (want, reference) = attention::reference(&qf, &kf, &vf);
+        let (want, reference) = attention::reference(&qf, &kf, &vf, None);
         checks.push(compare(
             format!("attention forward {tag}"),
             &y,
@@ -211,6 +211,15 @@ pub fn against_definitions(fused: Fused, dev: Device) -> Vec<Check> {
                 BF16_TOLERANCE,
             ));
         }
+
+        // Examples packed side by side: attention within each, against each alone.
+        let lengths: Vec<Vec<usize>> = (0..b as usize)
+            .map(|r| {
+                let t = t as usize;
+                vec![t / 4 + r, t / 2, t - t / 4 - r - t / 2]
+            })
+            .collect();
+        checks.extend(segments_against_each_alone(&out, heads, kv, &lengths));
     }
 
     for n in [1 << 20, 1000] {
@@ -277,6 +286,69 @@ pub fn against_definitions(fused: Fused, dev: Device) -> Vec<Check> {
         ("exp_avg_sq", &got[2], &want[2]),
     ] {
         checks.push(compare(format!("AdamW {name}"), got, want, 1e-5));
+    }
+    checks
+}
+
+/// Attention within segments of the rotated q|k|v `(B, T, heads + 2 kv, D)` against the
+/// attention of each segment alone: outputs, and the gradients of q, k and v.
+fn segments_against_each_alone(
+    qkv: &Tensor,
+    heads: i64,
+    kv: i64,
+    lengths: &[Vec<usize>],
+) -> Vec<Check> {
+    let [b, t, _, dim] = qkv.size()[..] else {
+        unreachable!("4 dimensions")
+    };
+    let tag = format!("B{b} T{t} H{heads}/{kv} D{dim}, segments {lengths:?}");
+    let segments = attention::Segments::new(lengths, t as usize, qkv.device());
+    let (q, k, v) = (
+        qkv.narrow(2, 0, heads),
+        qkv.narrow(2, heads, kv),
+        qkv.narrow(2, heads + kv, kv),
+    );
+    let (y, saved) = attention::forward_segments(&q, &k, &v, &segments);
+    let leaf = |x: &Tensor| x.to_kind(Kind::Float).set_requires_grad(true);
+    let (qf, kf, vf) = (leaf(&q), leaf(&k), leaf(&v));
+    let rows: Vec<Tensor> = lengths
+        .iter()
+        .enumerate()
+        .map(|(r, row)| {
+            let mut start = 0;
+            let pieces: Vec<Tensor> = row
+                .iter()
+                .map(|&n| {
+                    let piece = |x: &Tensor| {
+                        x.narrow(0, r as i64, 1)
+                            .narrow(1, start, n as i64)
+                            .transpose(1, 2)
+                    };
+                    let (o, _) = attention::reference(&piece(&qf), &piece(&kf), &piece(&vf), None);
+                    start += n as i64;
+                    o.transpose(1, 2)
+                })
+                .collect();
+            Tensor::cat(&pieces, 1)
+        })
+        .collect();
+    let want = Tensor::cat(&rows, 0);
+    let mut checks = vec![compare(
+        format!("attention within segments, forward {tag}"),
+        &y,
+        &want,
+        BF16_TOLERANCE,
+    )];
+    let (dout, doutf) = random(&[b, t, heads, dim], 1.0, qkv.device());
+    (&want * &doutf).sum(Kind::Float).backward();
+    let (dq, dk, dv) = attention::backward_segments(&saved, &dout, &q, &k, &v, &y);
+    for (name, got, leaf) in [("q", dq, &qf), ("k", dk, &kf), ("v", dv, &vf)] {
+        checks.push(compare(
+            format!("attention within segments, backward d{name} {tag}"),
+            &got,
+            &leaf.grad(),
+            BF16_TOLERANCE,
+        ));
     }
     checks
 }

@@ -88,9 +88,12 @@ void cxxlm_reset_peak(int device) { c10::cuda::CUDACachingAllocator::resetPeakSt
 void* cxxlm_current_stream(int device) { return c10::cuda::getCurrentCUDAStream(device).stream(); }
 
 // Causal attention over (B, H, T, D) views, by the kernel SDPA would choose (cuDNN or
-// flash), and what its backward needs.
+// flash), or within segments of (N, H, D) token rows by flash attention's variable-length
+// kernel; and what its backward needs.
+enum class Kernel { Cudnn, Flash, FlashSegments };
+
 struct Attention {
-    bool cudnn;
+    Kernel kernel;
     at::Tensor logsumexp, cum_q, cum_k, seed, offset;
     int64_t max_q, max_k;
 };
@@ -100,9 +103,10 @@ void* cxxlm_attention_forward(const at::Tensor* q, const at::Tensor* k, const at
     try {
         auto choice = at::_fused_sdp_choice(*q, *k, *v, {}, 0.0, true, std::nullopt, q->size(1) != k->size(1));
         auto* a = new Attention();
-        a->cudnn = choice == 3;  // sdp::SDPBackend::cudnn_attention
-        auto r = a->cudnn ? at::_scaled_dot_product_cudnn_attention(*q, *k, *v, std::nullopt, true, 0.0, true)
-                          : at::_scaled_dot_product_flash_attention(*q, *k, *v, 0.0, true);
+        bool cudnn = choice == 3;  // sdp::SDPBackend::cudnn_attention
+        a->kernel = cudnn ? Kernel::Cudnn : Kernel::Flash;
+        auto r = cudnn ? at::_scaled_dot_product_cudnn_attention(*q, *k, *v, std::nullopt, true, 0.0, true)
+                       : at::_scaled_dot_product_flash_attention(*q, *k, *v, 0.0, true);
         *out = new at::Tensor(std::get<0>(r));
         a->logsumexp = std::get<1>(r);
         a->cum_q = std::get<2>(r);
@@ -118,18 +122,53 @@ void* cxxlm_attention_forward(const at::Tensor* q, const at::Tensor* k, const at
     }
 }
 
-// The gradients of q, k and v from that of the output; 0 on success.
+// Causal attention within segments: q (N, H, D), k and v (N, H_kv, D) with unit stride in
+// D, `starts` the int32 offsets where segments begin in the N rows, then N; `longest` the
+// longest segment.
+void* cxxlm_attention_forward_segments(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,
+                                       const at::Tensor* starts, int64_t longest, at::Tensor** out, char* error,
+                                       size_t len) {
+    try {
+        auto r = at::_flash_attention_forward(*q, *k, *v, *starts, *starts, longest, longest, 0.0, true, false);
+        auto* a = new Attention();
+        a->kernel = Kernel::FlashSegments;
+        *out = new at::Tensor(std::get<0>(r));
+        a->logsumexp = std::get<1>(r);
+        a->seed = std::get<2>(r);    // rng_state
+        a->offset = std::get<3>(r);  // unused
+        a->cum_q = a->cum_k = *starts;
+        a->max_q = a->max_k = longest;
+        return a;
+    } catch (const std::exception& e) {
+        report(e, error, len);
+        return nullptr;
+    }
+}
+
+// The gradients of q, k and v from that of the output (in the forward's layout); 0 on
+// success.
 int cxxlm_attention_backward(void* saved, const at::Tensor* dout, const at::Tensor* q, const at::Tensor* k,
                              const at::Tensor* v, const at::Tensor* out, at::Tensor** dq, at::Tensor** dk,
                              at::Tensor** dv, char* error, size_t len) {
     try {
         auto* a = static_cast<Attention*>(saved);
-        auto r = a->cudnn ? at::_scaled_dot_product_cudnn_attention_backward(
-                                *dout, *q, *k, *v, *out, a->logsumexp, a->seed, a->offset, at::Tensor(), a->cum_q,
-                                a->cum_k, a->max_q, a->max_k, 0.0, true)
-                          : at::_scaled_dot_product_flash_attention_backward(
-                                *dout, *q, *k, *v, *out, a->logsumexp, a->cum_q, a->cum_k, a->max_q, a->max_k, 0.0,
-                                true, a->seed, a->offset);
+        std::tuple<at::Tensor, at::Tensor, at::Tensor> r;
+        switch (a->kernel) {
+            case Kernel::Cudnn:
+                r = at::_scaled_dot_product_cudnn_attention_backward(*dout, *q, *k, *v, *out, a->logsumexp, a->seed,
+                                                                     a->offset, at::Tensor(), a->cum_q, a->cum_k,
+                                                                     a->max_q, a->max_k, 0.0, true);
+                break;
+            case Kernel::Flash:
+                r = at::_scaled_dot_product_flash_attention_backward(*dout, *q, *k, *v, *out, a->logsumexp, a->cum_q,
+                                                                     a->cum_k, a->max_q, a->max_k, 0.0, true,
+                                                                     a->seed, a->offset);
+                break;
+            case Kernel::FlashSegments:
+                r = at::_flash_attention_backward(*dout, *q, *k, *v, *out, a->logsumexp, a->cum_q, a->cum_k, a->max_q,
+                                                  a->max_k, 0.0, true, a->seed, a->offset);
+                break;
+        }
         *dq = new at::Tensor(std::get<0>(r));
         *dk = new at::Tensor(std::get<1>(r));
         *dv = new at::Tensor(std::get<2>(r));

@@ -15,6 +15,7 @@ use tch::{Kind, Tensor};
 
 use crate::config::{Activation, ModelConfig};
 use crate::gpt::Gpt;
+use crate::packing::Packing;
 
 /// The weights of one layer, in the order of `ModelConfig::block_shapes`.
 const Q: usize = 0;
@@ -28,7 +29,8 @@ const MLP_PROJ: usize = 5;
 struct Saved {
     h1: Tensor,
     rstd1: Tensor,
-    /// Rotated and normalized q and k, and v: `(B, T, heads + 2 kv_heads, dim)`.
+    /// Rotated and normalized q and k, and v: `(B, T, heads + 2 kv_heads, dim)`, or
+    /// `(1, B x T, ...)` for packed examples (whose rotary tables are per token).
     qkv: Tensor,
     rstd_qk: Tensor,
     /// The attention's output as `(N, width)`.
@@ -105,8 +107,9 @@ impl Gpt {
 
     /// Trains by the explicit pass with the fused CUDA kernels of the model's device, once
     /// a copy of this model two layers deep has given autograd's loss and gradients with
-    /// them on this GPU ([`check_explicit_pass`]); says why not otherwise.
-    pub fn use_fused_kernels(&mut self) -> Result<(), String> {
+    /// them on this GPU ([`check_explicit_pass`], with examples packed into rows when
+    /// `packed`); says why not otherwise.
+    pub fn use_fused_kernels(&mut self, packed: bool) -> Result<(), String> {
         let tch::Device::Cuda(index) = self.device else {
             return Err("the fused kernels need a CUDA device".into());
         };
@@ -114,7 +117,8 @@ impl Gpt {
             return Err(why);
         }
         let config = self.config.clone();
-        let checks = std::panic::catch_unwind(|| check_explicit_pass(index, &config)).map_err(
+        let checks = std::panic::catch_unwind(|| check_explicit_pass(index, &config, packed))
+            .map_err(
             |panic| {
                 format!(
                     "their check failed ({}); should CUDA fail from here on, run with CXXLM_FUSED=0",
@@ -156,7 +160,7 @@ impl Gpt {
         let fused = self
             .fused()
             .ok_or("the model trains by autograd, not the explicit pass")?;
-        Ok(self.forward_backward_explicit(fused, inputs, targets, 1.0, Some(phases)))
+        Ok(self.forward_backward_explicit(fused, inputs, targets, None, 1.0, Some(phases)))
     }
 
     /// [`Gpt::forward_backward`] by the explicit pass with `fused`'s steps.
@@ -165,6 +169,7 @@ impl Gpt {
         fused: Fused,
         inputs: &Tensor,
         targets: &Tensor,
+        packing: Option<&Packing>,
         scale: f64,
         mut phases: Option<&mut Phases>,
     ) -> Tensor {
@@ -183,17 +188,32 @@ impl Gpt {
         let all = heads + 2 * kv;
         let eps = self.norm_eps();
         let half = dim / 2;
-        let cos = self.cos.view([-1, half]);
-        let sin = self.sin.view([-1, half]);
+        // Packed examples restart their positions: their rotary tables have a row per
+        // token, and the rotary steps see the batch as one sequence.
+        let (cos, sin, rotary_shape) = match packing {
+            None => (
+                self.cos.view([-1, half]),
+                self.sin.view([-1, half]),
+                [b, t, all, dim],
+            ),
+            Some(p) => (
+                self.cos.view([-1, half]).index_select(0, &p.positions),
+                self.sin.view([-1, half]).index_select(0, &p.positions),
+                [1, n, all, dim],
+            ),
+        };
         let w = self.compute_weights();
         let mut grads = self.param_grads();
+        // q, k and v of the rotated q|k|v, token-major `(B, T, heads, dim)`.
         let views = |qkv: &Tensor| {
+            let qkv = qkv.view([b, t, all, dim]);
             (
-                qkv.narrow(2, 0, heads).transpose(1, 2),
-                qkv.narrow(2, heads, kv).transpose(1, 2),
-                qkv.narrow(2, heads + kv, kv).transpose(1, 2),
+                qkv.narrow(2, 0, heads),
+                qkv.narrow(2, heads, kv),
+                qkv.narrow(2, heads + kv, kv),
             )
         };
+        let heads_first = |x: &Tensor| x.transpose(1, 2);
 
         let ids = inputs.reshape([n]);
         let (x0, rstd0) = fused.rmsnorm(&w[0].index_select(0, &ids), eps);
@@ -208,13 +228,25 @@ impl Gpt {
             let wqkv = Tensor::cat(&[w(Q), w(K), w(V)], 0);
             let (h1, rstd1) = fused.rmsnorm(&x, eps);
             mark("forward: rmsnorm");
-            let qkv = h1.mm(&wqkv.tr()).view([b, t, all, dim]);
+            let qkv = h1.mm(&wqkv.tr()).view(rotary_shape);
             mark("forward: matmuls");
             let rstd_qk = fused.rope_norm_(&qkv, &cos, &sin, heads, eps);
             mark("forward: rotary + qk-norm");
             let (q, k, v) = views(&qkv);
-            let (out, attention) = attention::forward(&q, &k, &v);
-            let out_rows = out.transpose(1, 2).contiguous().view([n, heads * dim]);
+            let (out_rows, attention) = match packing {
+                None => {
+                    let (out, saved) =
+                        attention::forward(&heads_first(&q), &heads_first(&k), &heads_first(&v));
+                    (
+                        out.transpose(1, 2).contiguous().view([n, heads * dim]),
+                        saved,
+                    )
+                }
+                Some(p) => {
+                    let (out, saved) = attention::forward_segments(&q, &k, &v, &p.segments);
+                    (out.view([n, heads * dim]), saved)
+                }
+            };
             mark("forward: attention");
             let _ = x.addmm_(&out_rows, &w(PROJ).tr());
             mark("forward: matmuls");
@@ -258,7 +290,7 @@ impl Gpt {
                 &logits,
                 &targets.narrow(0, start, len),
                 c.softcap,
-                scale / n as f64,
+                scale,
             );
             total += losses.sum(Kind::Float);
             add_weight_grad(grads.last_mut().expect("lm_head"), &logits, &rows);
@@ -288,21 +320,32 @@ impl Gpt {
             mark("backward: rmsnorm");
 
             add_weight_grad(&mut grads[g(PROJ)], &dx, &s.out_rows);
-            let dout = dx.mm(w(PROJ)).view([b, t, heads, dim]).transpose(1, 2);
+            let dout = dx.mm(w(PROJ)).view([b, t, heads, dim]);
             mark("backward: matmuls");
             let (q, k, v) = views(&s.qkv);
-            let out = s.out_rows.view([b, t, heads, dim]).transpose(1, 2);
-            let (dq, dk, dv) = attention::backward(&s.attention, &dout, &q, &k, &v, &out);
+            let out = s.out_rows.view([b, t, heads, dim]);
+            // The gradients of q, k and v as the rotary step takes them.
+            let (dq, dk, dv) = match packing {
+                None => {
+                    let (dq, dk, dv) = attention::backward(
+                        &s.attention,
+                        &heads_first(&dout),
+                        &heads_first(&q),
+                        &heads_first(&k),
+                        &heads_first(&v),
+                        &heads_first(&out),
+                    );
+                    (heads_first(&dq), heads_first(&dk), heads_first(&dv))
+                }
+                Some(_) => {
+                    let (dq, dk, dv) =
+                        attention::backward_segments(&s.attention, &dout, &q, &k, &v, &out);
+                    let one_sequence = |g: Tensor| g.view([1, n, -1, dim]);
+                    (one_sequence(dq), one_sequence(dk), one_sequence(dv))
+                }
+            };
             mark("backward: attention");
-            fused.rope_norm_backward_(
-                &dq.transpose(1, 2),
-                &dk.transpose(1, 2),
-                &dv.transpose(1, 2),
-                &s.qkv,
-                &s.rstd_qk,
-                &cos,
-                &sin,
-            );
+            fused.rope_norm_backward_(&dq, &dk, &dv, &s.qkv, &s.rstd_qk, &cos, &sin);
             let dqkv = s.qkv.view([n, all * dim]);
             mark("backward: rotary + qk-norm");
             let mut column = 0;
@@ -322,7 +365,7 @@ impl Gpt {
         grads[0] +=
             Tensor::embedding_dense_backward(&de.to_kind(Kind::Float), &ids, vocab, -1, false);
         mark("backward: embedding");
-        total / n as f64
+        total
     }
 
     /// Each weight's gradient (created as zeros where there is none yet), to add into.
@@ -342,8 +385,13 @@ impl Gpt {
 /// The explicit pass with the fused kernels against autograd on CUDA device `device`, both
 /// in bf16: the loss and every weight's gradient (accumulated over two passes) of a model
 /// like `like` but two layers deep, with random weights, on random tokens (2 x 256) some
-/// of whose targets are ignored.
-pub fn check_explicit_pass(device: usize, like: &ModelConfig) -> Result<Vec<Check>, String> {
+/// of whose targets are ignored; with `packed`, as examples packed into the rows (each
+/// attending only to itself, positions restarting), the rows' ends padding.
+pub fn check_explicit_pass(
+    device: usize,
+    like: &ModelConfig,
+    packed: bool,
+) -> Result<Vec<Check>, String> {
     let _guard = crate::TORCH_RNG.lock().unwrap_or_else(|p| p.into_inner());
     let seq = like.seq_len.min(256);
     let config = ModelConfig {
@@ -367,21 +415,27 @@ pub fn check_explicit_pass(device: usize, like: &ModelConfig) -> Result<Vec<Chec
     let inputs = Tensor::randint(vocab, shape, (Kind::Int64, dev));
     let targets = Tensor::randint(vocab, shape, (Kind::Int64, dev));
     let _ = targets.narrow(1, 0, 16).fill_(-1);
-    let want_loss = model.forward_backward_autograd(&inputs, &targets, 1.0);
+    let packing = packed.then(|| {
+        let rows = [vec![seq / 3, seq / 2], vec![seq / 4, seq / 4, seq / 2]];
+        Packing::new(&rows, seq, dev)
+    });
+    let scale = 1.0 / inputs.numel() as f64;
+    let want_loss = model.forward_backward_autograd(&inputs, &targets, packing.as_ref(), scale);
     let want: Vec<Tensor> = model.params.iter().map(|(_, p)| p.grad().copy()).collect();
     for (_, p) in &mut model.params {
         p.zero_grad();
     }
     model.enable_fused_kernels()?;
+    let what = if packed { "packed examples" } else { "rows" };
     // Two passes: gradients must add up over micro-batches, not overwrite each other.
     let mut checks = Vec::new();
     for pass in ["first", "second"] {
-        let loss = model.forward_backward(&inputs, &targets, 1.0);
-        let name = format!("model loss, {pass} pass");
+        let loss = model.forward_backward(&inputs, &targets, packing.as_ref(), scale);
+        let name = format!("model loss of {what}, {pass} pass");
         checks.push(Check::relative_l2(name, &loss, &want_loss, 1e-2));
     }
     for ((name, p), w) in model.params.iter().zip(&want) {
-        let name = format!("model gradient {name}, two passes");
+        let name = format!("model gradient {name} of {what}, two passes");
         checks.push(Check::relative_l2(name, &p.grad(), &(w * 2.0), 5e-2));
     }
     Ok(checks)
@@ -393,11 +447,13 @@ mod tests {
     use tch::Device;
 
     /// The explicit pass with the reference steps against autograd, on the CPU (fp32):
-    /// the same loss and the same gradient for every weight, GQA included.
+    /// the same loss and the same gradient for every weight, GQA included, on rows and on
+    /// examples packed into rows.
     #[test]
     fn explicit_backward_matches_autograd() {
         let _rng = crate::TORCH_RNG.lock();
-        for kv_heads in [2, 1] {
+        let rows = [vec![5, 11], vec![16], vec![3, 4, 6]];
+        for (kv_heads, packed) in [(2, false), (1, false), (2, true), (1, true)] {
             let config = ModelConfig {
                 seq_len: 16,
                 kv_heads,
@@ -415,21 +471,30 @@ mod tests {
             let idx = Tensor::randint(300, [3, 16], (Kind::Int64, Device::Cpu));
             let tgt = Tensor::randint(300, [3, 16], (Kind::Int64, Device::Cpu));
             let _ = tgt.get(0).get(5).fill_(-1);
-            let reference = m.forward_backward_autograd(&idx, &tgt, 0.5);
+            let packing = packed.then(|| Packing::new(&rows, 16, Device::Cpu));
+            let scale = 0.5 / 48.0;
+            let reference = m.forward_backward_autograd(&idx, &tgt, packing.as_ref(), scale);
             let expected: Vec<Tensor> = m.params.iter().map(|(_, p)| p.grad().copy()).collect();
             for (_, p) in &mut m.params {
                 p.zero_grad();
             }
-            let loss = m.forward_backward_explicit(Fused::Reference, &idx, &tgt, 0.5, None);
-            let diff = (loss.double_value(&[]) - reference.double_value(&[])).abs();
-            assert!(diff < 1e-5, "loss differs by {diff}");
+            let loss = m.forward_backward_explicit(
+                Fused::Reference,
+                &idx,
+                &tgt,
+                packing.as_ref(),
+                scale,
+                None,
+            );
+            let diff = (loss.double_value(&[]) - reference.double_value(&[])).abs() / 48.0;
+            assert!(diff < 1e-5, "loss differs by {diff} (packed: {packed})");
             for ((name, p), e) in m.params.iter().zip(expected) {
                 let err = (p.grad() - &e).abs().max().double_value(&[]);
                 let size = e.abs().max().double_value(&[]);
                 assert!(size > 0.0, "{name} has no gradient to compare");
                 assert!(
                     err <= 1e-4 * size.max(1e-3),
-                    "{name} (kv heads {kv_heads}): {err} against {size}"
+                    "{name} (kv heads {kv_heads}, packed: {packed}): {err} against {size}"
                 );
             }
         }

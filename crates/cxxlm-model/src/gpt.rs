@@ -10,6 +10,7 @@ use cxxlm_cuda::Fused;
 
 use crate::config::{Activation, ModelConfig};
 use crate::generate::KvCache;
+use crate::packing::Packing;
 use crate::ModelError;
 
 /// Tokens whose fp32 logits are materialized at once by the loss.
@@ -76,6 +77,9 @@ pub(crate) enum Cached<'a> {
         pos: &'a Tensor,
         span: i64,
     },
+    /// Training and scoring of examples packed side by side: none, and each example
+    /// attends only to itself, from position 0.
+    Packed(&'a Packing),
 }
 
 fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
@@ -224,6 +228,11 @@ impl Gpt {
         self.forward(&self.compute_weights(), idx, Cached::No)
     }
 
+    /// Training and scoring without a cache, packed or not.
+    fn uncached(packing: Option<&Packing>) -> Cached<'_> {
+        packing.map_or(Cached::No, Cached::Packed)
+    }
+
     /// The transformer over `idx`, continuing what `cache` holds when there is one (a
     /// prompt from position 0, or one token per sequence after it).
     // `x += ...` on a tch tensor adds in place, which would overwrite the residual that
@@ -233,6 +242,7 @@ impl Gpt {
         let t = idx.size()[1];
         let c = &self.config;
         let (nh, nkv, hd) = (c.heads as i64, c.kv_heads as i64, c.head_dim() as i64);
+        let half = c.head_dim() as i64 / 2;
         let (cos, sin, mask) = match &cached {
             Cached::Step {
                 cache, pos, span, ..
@@ -256,6 +266,15 @@ impl Gpt {
                 (*from > 0).then(|| offset_causal_mask(*from, t, self.device)),
             ),
             Cached::No => (self.cos.narrow(1, 0, t), self.sin.narrow(1, 0, t), None),
+            Cached::Packed(p) => {
+                let at = |table: &Tensor| {
+                    table
+                        .view([-1, half])
+                        .index_select(0, &p.positions)
+                        .view([-1, t, 1, half])
+                };
+                (at(&self.cos), at(&self.sin), Some(p.segments.mask()))
+            }
         };
         let mut x = norm(
             &Tensor::embedding(&self.params[0].1, idx, -1, false, false).to_kind(self.compute),
@@ -300,10 +319,10 @@ impl Gpt {
                     k = stored(&cache.keys[layer], &k);
                     v = stored(&cache.values[layer], &v);
                 }
-                Cached::No => {}
+                Cached::No | Cached::Packed(_) => {}
             }
-            // A prompt from position 0 attends causally; one after cached positions, and
-            // a decoding step, through their masks.
+            // A prompt from position 0 attends causally; one after cached positions, a
+            // decoding step and packed examples, through their masks.
             let y = Tensor::scaled_dot_product_attention(
                 &q,
                 &k,
@@ -343,12 +362,21 @@ impl Gpt {
         ((h.linear(head, None::<Tensor>) / cap).tanh() * cap).to_kind(Kind::Float)
     }
 
-    /// Forward and backward of one micro-batch: gradients of `scale` x the mean loss are
-    /// added to the weights' gradients. Returns the mean loss.
-    pub fn forward_backward(&self, inputs: &Tensor, targets: &Tensor, scale: f64) -> Tensor {
+    /// Forward and backward of one micro-batch: gradients of `scale` x the summed loss of
+    /// its targets are added to the weights' gradients (negative targets are not
+    /// supervised: they add nothing). Returns that summed loss, a device scalar.
+    pub fn forward_backward(
+        &self,
+        inputs: &Tensor,
+        targets: &Tensor,
+        packing: Option<&Packing>,
+        scale: f64,
+    ) -> Tensor {
         match self.fused {
-            Some(fused) => self.forward_backward_explicit(fused, inputs, targets, scale, None),
-            None => self.forward_backward_autograd(inputs, targets, scale),
+            Some(fused) => {
+                self.forward_backward_explicit(fused, inputs, targets, packing, scale, None)
+            }
+            None => self.forward_backward_autograd(inputs, targets, packing, scale),
         }
     }
 
@@ -359,10 +387,11 @@ impl Gpt {
         &self,
         inputs: &Tensor,
         targets: &Tensor,
+        packing: Option<&Packing>,
         scale: f64,
     ) -> Tensor {
         let weights = self.compute_weights();
-        let h = self.forward(&weights, inputs, Cached::No);
+        let h = self.forward(&weights, inputs, Self::uncached(packing));
         let head = weights.last().expect("lm_head");
         let n = inputs.numel() as i64;
         let flat = h.view([n, self.config.width as i64]);
@@ -381,22 +410,28 @@ impl Gpt {
                 -1,
                 0.0,
             );
-            (&loss * (scale / n as f64)).backward();
+            (&loss * scale).backward();
             total += loss.detach();
             grads.push(x.grad());
             start += len;
         }
         (flat * Tensor::cat(&grads, 0)).sum(Kind::Float).backward();
-        total / n as f64
+        total
     }
 
-    /// Loss in nats of every target token `(B*T)`, without gradients.
-    pub fn token_losses(&self, inputs: &Tensor, targets: &Tensor) -> Tensor {
+    /// Loss in nats of every target token `(B*T)` (0 where the target is negative),
+    /// without gradients.
+    pub fn token_losses(
+        &self,
+        inputs: &Tensor,
+        targets: &Tensor,
+        packing: Option<&Packing>,
+    ) -> Tensor {
         let _guard = tch::no_grad_guard();
         let n = inputs.numel() as i64;
         let weights = self.compute_weights();
         let flat = self
-            .forward(&weights, inputs, Cached::No)
+            .forward(&weights, inputs, Self::uncached(packing))
             .view([n, self.config.width as i64]);
         let head = weights.last().expect("lm_head");
         let targets = targets.reshape([n]);
@@ -461,7 +496,7 @@ mod tests {
         m.loss_chunk = 7;
         let idx = Tensor::randint(300, [3, 16], (Kind::Int64, Device::Cpu));
         let tgt = Tensor::randint(300, [3, 16], (Kind::Int64, Device::Cpu));
-        let loss = m.forward_backward(&idx, &tgt, 1.0);
+        let loss = m.forward_backward(&idx, &tgt, None, 1.0 / 48.0) / 48.0;
         let grads: Vec<Tensor> = m.params.iter().map(|(_, p)| p.grad().copy()).collect();
         for (_, p) in &mut m.params {
             p.zero_grad();
@@ -477,7 +512,7 @@ mod tests {
             assert!(diff < 1e-5, "{name}: {diff}");
         }
         assert!(
-            (m.token_losses(&idx, &tgt).mean(Kind::Float) - whole)
+            (m.token_losses(&idx, &tgt, None).mean(Kind::Float) - whole)
                 .abs()
                 .double_value(&[])
                 < 1e-5

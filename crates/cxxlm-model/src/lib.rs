@@ -1,15 +1,18 @@
 //! The cxxlm GPT in tch: configuration and presets ([`config`]), the model with its
-//! memory-lean loss ([`gpt`]) and generation with a KV cache of slots ([`generate`]).
+//! memory-lean loss ([`gpt`]), examples packed into rows and kept apart ([`packing`]) and
+//! generation with a KV cache of slots ([`generate`]).
 
 pub mod config;
 mod explicit;
 pub mod generate;
 pub mod gpt;
+pub mod packing;
 
 pub use config::{Activation, ModelConfig, ModelOverrides, PRESETS};
 pub use explicit::{check_explicit_pass, Phases};
 pub use generate::{sample, Decoder, Rows, Sampling};
 pub use gpt::Gpt;
+pub use packing::Packing;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

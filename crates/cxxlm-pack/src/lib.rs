@@ -1,12 +1,14 @@
 //! Tokens for the trainer: [`pack`] turns shards into Megatron indexed datasets with
 //! fill-in-the-middle ([`fim`]) and a manifest; [`loader`] reads them back as batches of
-//! windows for each rank, with a small state that resumes a run exactly.
+//! windows for each rank, with a small state that resumes a run exactly; [`sft`] reads
+//! fine-tuning examples and packs them whole into rows.
 
 pub mod fim;
 pub mod indexed;
 pub mod loader;
 pub mod pack;
 mod rng;
+pub mod sft;
 
 pub use fim::{FimConfig, Layout, Packer, Specials};
 pub use indexed::{IndexedDataset, IndexedWriter, TokenType};

@@ -58,11 +58,16 @@ impl Layout {
     pub fn train(&self) -> PathBuf {
         self.root.join("train")
     }
-    /// The newest finished checkpoint of the training run.
+    /// The newest finished checkpoint of the pretraining run.
     pub fn newest_checkpoint(&self) -> Option<PathBuf> {
-        finished_checkpoints(&self.train().join("checkpoints"))
-            .pop()
-            .map(|(_, dir)| dir)
+        newest_checkpoint(&self.train())
+    }
+    pub fn sft_config(&self) -> PathBuf {
+        self.root.join("sft.toml")
+    }
+    /// The fine-tuning run (with SFT data).
+    pub fn sft(&self) -> PathBuf {
+        self.root.join("sft")
     }
     /// One JSON file per evaluation: `eval/<name>.json`.
     pub fn eval(&self, name: &str) -> PathBuf {
@@ -101,6 +106,13 @@ pub fn finished_checkpoints(root: &Path) -> Vec<(u64, PathBuf)> {
         .collect();
     found.sort();
     found
+}
+
+/// The newest finished checkpoint of the training run in `run`.
+pub fn newest_checkpoint(run: &Path) -> Option<PathBuf> {
+    finished_checkpoints(&run.join("checkpoints"))
+        .pop()
+        .map(|(_, dir)| dir)
 }
 
 fn read_json(path: &Path) -> Result<Option<Value>> {
@@ -190,7 +202,7 @@ pub struct Written {
 /// The kinds of span `cxxlm eval fim` hides, in report order.
 const FIM_SPANS: [&str; 3] = ["line", "block", "function"];
 
-const EVALS: [&str; 5] = ["bpb", "compile", "fim", "mbpp", "tokenizer"];
+const EVALS: [&str; 6] = ["bpb", "compile", "fim", "mbpp", "mbpp-sft", "tokenizer"];
 
 struct Report<'a> {
     layout: &'a Layout,
@@ -260,6 +272,7 @@ pub fn write(layout: &Layout) -> Result<Written> {
     dedup(&mut r)?;
     tokenizer(&mut r);
     training(&mut r)?;
+    fine_tuning(&mut r)?;
     evaluation(&mut r);
     samples(&mut r)?;
     host(&mut r, &record);
@@ -317,6 +330,17 @@ fn headline(r: &mut Report, record: &Value) {
     if let Some(m) = r.evals.get("mbpp").cloned() {
         row(
             "MBPP-C++ pass@1",
+            format!(
+                "{:.3} ({} of {} problems)",
+                num(&m, "pass_at_k.pass@1"),
+                m["passed"],
+                m["problems"]
+            ),
+        );
+    }
+    if let Some(m) = r.evals.get("mbpp-sft").cloned() {
+        row(
+            "MBPP-C++ pass@1 after SFT",
             format!(
                 "{:.3} ({} of {} problems)",
                 num(&m, "pass_at_k.pass@1"),
@@ -786,6 +810,89 @@ fn evaluation(r: &mut Report) {
         }
         None => r.not_run("MBPP-C++"),
     }
+}
+
+/// The SFT stage, when it ran: its data, losses, speed and MBPP-C++ before and after.
+fn fine_tuning(r: &mut Report) -> Result<()> {
+    let l = r.layout.clone();
+    let metrics = read_json_lines(&l.sft().join("metrics.jsonl"));
+    if metrics.is_empty() {
+        return Ok(());
+    }
+    r.section("Supervised fine-tuning");
+    let s = metric_series(&metrics);
+    let get = |k: &str| s.get(k).cloned().unwrap_or_default();
+    let first = |k: &str| get(k).first().map_or(f64::NAN, |p| p.1);
+    let last = |k: &str| get(k).last().map_or(f64::NAN, |p| p.1);
+    let median_of = |k: &str| median(get(k).iter().map(|p| p.1).collect());
+    let mut rows = vec![
+        vec![
+            "steps".into(),
+            format!("{}", get("loss").last().map_or(0.0, |p| p.0)),
+        ],
+        vec![
+            "held-out loss (first, last)".into(),
+            format!("{:.4}, {:.4}", first("val_loss"), last("val_loss")),
+        ],
+        vec![
+            "final training loss (moving average)".into(),
+            format!("{:.4}", last("loss_ema")),
+        ],
+        vec![
+            "median tokens/s (padding included)".into(),
+            format!("{:.0}", median_of("tok_s")),
+        ],
+        vec![
+            "median share of tokens learned / padding".into(),
+            format!(
+                "{:.1}% / {:.1}%",
+                100.0 * median_of("supervised_share"),
+                100.0 * median_of("padding_share")
+            ),
+        ],
+    ];
+    if let Some(data) = read_json(&l.sft().join("sft-data.json"))? {
+        let st = &data["stats"];
+        rows.push(vec![
+            "examples (training / held out)".into(),
+            format!("{} / {}", st["train_examples"], st["val_examples"]),
+        ]);
+        let skipped: u64 = st["skipped"].as_object().map_or(0, |m| {
+            m.values().filter_map(|v| v["records"].as_u64()).sum()
+        });
+        rows.push(vec![
+            "records skipped / examples cut to fit".into(),
+            format!("{skipped} / {}", st["truncated"]),
+        ]);
+    }
+    for (name, key) in [("before", "mbpp"), ("after", "mbpp-sft")] {
+        if let Some(m) = r.evals.get(key) {
+            rows.push(vec![
+                format!("MBPP-C++ pass@1 {name}"),
+                format!(
+                    "{:.3} ({} of {} compiled)",
+                    num(m, "pass_at_k.pass@1"),
+                    m["compiled"],
+                    m["problems"]
+                ),
+            ]);
+        }
+    }
+    table(&mut r.md, &["", ""], &rows);
+    let loss = vec![
+        Series {
+            name: "training".into(),
+            points: get("loss_ema"),
+        },
+        Series {
+            name: "held out".into(),
+            points: get("val_loss"),
+        },
+    ];
+    r.plot("sft-loss", "SFT loss", |p| {
+        plot::lines(p, "SFT loss on the answers", "step", "nats/token", &loss)
+    });
+    Ok(())
 }
 
 fn samples(r: &mut Report) -> Result<()> {

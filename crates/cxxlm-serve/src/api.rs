@@ -8,6 +8,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use cxxlm_tokenizer::chat::{self, Message, Role};
 use serde_json::{json, Map, Value};
 
 use crate::engine::{Engine, Event, Finish, Job, COMPLETE, GONE, GO_ON};
@@ -886,11 +887,11 @@ impl Server {
                 .get("role")
                 .and_then(Value::as_str)
                 .ok_or_else(|| bad(format!("messages[{i}] has no `role`")))?;
-            if !matches!(role, "system" | "developer" | "user" | "assistant") {
-                return Err(bad(format!(
-                    "messages[{i}]: role {role:?} is not supported"
-                )));
-            }
+            let role = match role {
+                "developer" => Role::System,
+                other => Role::parse(other)
+                    .ok_or_else(|| bad(format!("messages[{i}]: role {role:?} is not supported")))?,
+            };
             let content = match m.get("content") {
                 Some(Value::String(s)) => s.clone(),
                 Some(Value::Array(parts)) => parts
@@ -905,13 +906,12 @@ impl Server {
                     .concat(),
                 _ => return Err(bad(format!("messages[{i}] has no text `content`"))),
             };
-            let role = if role == "developer" { "system" } else { role };
-            messages.push((role.to_string(), content));
+            messages.push(Message::new(role, content));
         }
         if messages.is_empty() {
             return Err(bad("`messages` is empty"));
         }
-        let prompt = text::chat_prompt(&self.info.tokenizer, &messages);
+        let prompt = chat::prompt(&self.info.tokenizer, &messages);
         self.check_length(&prompt)?;
         let limit = match f.int("n_predict")? {
             Some(n) if n >= 0 => Some(n as usize),

@@ -515,22 +515,6 @@ pub fn fim_prompt(
     (ids, truncated)
 }
 
-/// A chat as the model reads it: `<|bos|>`, then each message as `role\ncontent<|eos|>`,
-/// then `assistant\n`; the reply ends at `<|eos|>`.
-pub fn chat_prompt(bpe: &Bpe, messages: &[(String, String)]) -> Vec<u32> {
-    let eos = special(bpe, "<|eos|>");
-    let mut ids = vec![special(bpe, "<|bos|>")];
-    for (role, content) in messages {
-        ids.extend(bpe.encode(&format!("{role}\n{content}")));
-        ids.push(eos);
-    }
-    ids.extend(bpe.encode("assistant\n"));
-    ids
-}
-
-/// The chat template of [`chat_prompt`] in Jinja, for `tokenizer_config.json`.
-pub const CHAT_TEMPLATE: &str = "<|bos|>{% for m in messages %}{{ m['role'] }}\n{{ m['content'] }}<|eos|>{% endfor %}{% if add_generation_prompt %}assistant\n{% endif %}";
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,9 +1,10 @@
 //! The C++ tokenizer: a pre-tokenizer that knows C++ lexemes and layout, a byte-level
-//! BPE trainer, an encoder, and the HF `tokenizer.json` format (so `tokenizers` and
-//! `transformers` load what we train).
+//! BPE trainer, an encoder, the HF `tokenizer.json` format (so `tokenizers` and
+//! `transformers` load what we train), and the chat template ([`chat`]).
 
 mod bpe;
 mod byte_level;
+pub mod chat;
 mod hf;
 mod train;
 

@@ -1,11 +1,10 @@
 //! Checkpoints: `step-NNNNNN/` with `model.safetensors`, `optimizer-rank<R>.safetensors`
 //! (each rank's part of the optimizer state), `config.json` and `trainer.json` (step,
-//! loader state, loss EMA, number of ranks, checksums of the other files and of itself).
+//! batch source's state, loss EMA, number of ranks, checksums of the other files and of itself).
 //! Written under `step-NNNNNN.tmp/` and renamed by rank 0 once every rank has written
 //! its part; the last K (by step) are kept.
 
 use cxxlm_model::ModelConfig;
-use cxxlm_pack::LoaderState;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -32,7 +31,8 @@ pub struct TrainerState {
     pub total_steps: u64,
     pub tokens: u64,
     pub loss_ema: f64,
-    pub loader: LoaderState,
+    /// Where the stage's batch source stands (for pretraining, the pack loader's state).
+    pub loader: serde_json::Value,
     pub tokenizer_sha256: String,
     pub model: ModelConfig,
     /// Hyper-parameters that must not change on resume, as written in the config.
@@ -236,19 +236,29 @@ fn read(dir: &Path, optimizer: bool) -> Result<Loaded> {
     })
 }
 
+/// The checkpoint `path` names: itself, or a run directory's newest.
+pub fn resolve(path: &Path) -> Result<PathBuf> {
+    if path.join("trainer.json").exists() {
+        return Ok(path.to_path_buf());
+    }
+    latest(&path.join("checkpoints"))
+        .or_else(|| latest(path))
+        .ok_or_else(|| TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            message: "holds no checkpoint (step-NNNNNN/trainer.json)".into(),
+        })
+}
+
+/// A checkpoint's weights and state, without its optimizer's, checked against their
+/// checksums.
+pub fn load_weights(dir: &Path) -> Result<Loaded> {
+    read(dir, false)
+}
+
 /// A trained model from a checkpoint directory, or from a run directory's newest
 /// checkpoint.
 pub fn load_model(path: &Path, device: Device) -> Result<(cxxlm_model::Gpt, TrainerState)> {
-    let dir = if path.join("trainer.json").exists() {
-        path.to_path_buf()
-    } else {
-        latest(&path.join("checkpoints"))
-            .or_else(|| latest(path))
-            .ok_or_else(|| TrainError::Checkpoint {
-                path: path.to_path_buf(),
-                message: "holds no checkpoint (step-NNNNNN/trainer.json)".into(),
-            })?
-    };
+    let dir = resolve(path)?;
     let loaded = read(&dir, false)?;
     let mut model = cxxlm_model::Gpt::new(loaded.state.model.clone(), device, 0)?;
     model.load(&loaded.model)?;
@@ -258,7 +268,6 @@ pub fn load_model(path: &Path, device: Device) -> Result<(cxxlm_model::Gpt, Trai
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cxxlm_pack::Mode;
     use tch::Kind;
 
     fn state(step: u64) -> TrainerState {
@@ -267,16 +276,7 @@ mod tests {
             total_steps: 2_000_000,
             tokens: 0,
             loss_ema: 0.25,
-            loader: LoaderState {
-                mode: Mode::BestFit,
-                seed: 0,
-                seq_len: 8,
-                epoch: 0,
-                next: 0,
-                buffer: vec![3, 1],
-                rows: 0,
-                cropped_tokens: 0,
-            },
+            loader: serde_json::json!({"epoch": 0, "next": 0, "buffer": [3, 1]}),
             tokenizer_sha256: String::new(),
             model: cxxlm_model::ModelConfig::preset("tiny", 512).unwrap(),
             run: serde_json::json!({"steps": 2_000_000, "optim": {"betas": [0.8, 0.95]}}),

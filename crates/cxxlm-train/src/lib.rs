@@ -1,7 +1,9 @@
-//! Training: the optimizers and schedule ([`optim`]), the pretraining loop
-//! ([`pretrain`]), checkpoints ([`checkpoint`]), metrics ([`metrics`]) and data
-//! parallelism across processes ([`dist`]); every setting is range-checked
-//! (`TrainConfig::validate`).
+//! Training: one loop for every stage ([`trainer`]: a batch source, a loss and an
+//! evaluation in; steps, checkpoints, metrics, resume and data parallelism out), its
+//! stages ([`pretrain`], [`sft`]), the optimizers and schedule ([`optim`]), checkpoints
+//! ([`checkpoint`]), metrics ([`metrics`]) and data parallelism across processes
+//! ([`dist`]); every setting is range-checked (`TrainConfig::validate`,
+//! `SftConfig::validate`).
 
 pub mod checkpoint;
 pub mod cuda;
@@ -9,10 +11,14 @@ pub mod dist;
 pub mod metrics;
 pub mod optim;
 pub mod pretrain;
+pub mod sft;
+pub mod trainer;
 mod validate;
 
 pub use optim::{Matrices, OptimConfig, Optimizer, Schedule};
-pub use pretrain::{pretrain, Event, TrainConfig};
+pub use pretrain::{pretrain, TrainConfig};
+pub use sft::{sft, SftConfig};
+pub use trainer::Event;
 
 use std::path::PathBuf;
 
@@ -37,6 +43,8 @@ pub enum TrainError {
     },
     #[error("out of GPU memory at step {step} with train.device_batch = {device_batch}: lower train.device_batch (gradient accumulation keeps the total batch) or the model size")]
     OutOfMemory { step: u64, device_batch: usize },
+    #[error("step {step} has no supervised target in any micro-batch on any rank: {data} gives nothing to learn there")]
+    NoSupervision { step: u64, data: String },
     #[error(transparent)]
     Pack(#[from] cxxlm_pack::PackError),
     #[error(transparent)]

@@ -61,13 +61,34 @@ impl Default for OptimConfig {
     }
 }
 
-/// Warmup, constant, then linear warmdown to `final_lr_frac`; fractions of the steps.
+/// Warmup, constant, then warmdown to `final_lr_frac`; fractions of the steps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Schedule {
     pub warmup_frac: f64,
     pub warmdown_frac: f64,
     pub final_lr_frac: f64,
+    /// The warmdown's shape (left out of the run's record when linear, as runs before
+    /// it had it).
+    #[serde(skip_serializing_if = "Warmdown::is_linear")]
+    pub warmdown: Warmdown,
+}
+
+/// How the learning rate falls over the warmdown, `f` going from 0 to 1 across it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Warmdown {
+    /// `1 - f`.
+    #[default]
+    Linear,
+    /// `1 - sqrt(f)` (nanochat's SFT, after arXiv:2405.18392).
+    Sqrt,
+}
+
+impl Warmdown {
+    fn is_linear(&self) -> bool {
+        *self == Warmdown::Linear
+    }
 }
 
 impl Default for Schedule {
@@ -77,6 +98,7 @@ impl Default for Schedule {
             warmup_frac: 0.0,
             warmdown_frac: 0.2,
             final_lr_frac: 0.0,
+            warmdown: Warmdown::Linear,
         }
     }
 }
@@ -92,6 +114,10 @@ impl Schedule {
             1.0
         } else {
             let left = ((total - step) / warmdown.max(1.0)).clamp(0.0, 1.0);
+            let left = match self.warmdown {
+                Warmdown::Linear => left,
+                Warmdown::Sqrt => 1.0 - (1.0 - left).sqrt(),
+            };
             left + (1.0 - left) * self.final_lr_frac
         }
     }
@@ -348,7 +374,26 @@ impl Optimizer {
     /// Restores this rank's part from what [`Optimizer::state`] returned on every rank of
     /// a run (`ranks`, in rank order), whatever its number of ranks was.
     pub fn load_state(&mut self, ranks: &[Vec<(String, Tensor)>]) -> Result<(), String> {
+        self.load(ranks, true).map(|_| ())
+    }
+
+    /// Starts from the moments of another run's optimizer (`ranks`, as for
+    /// [`Optimizer::load_state`]) wherever it kept a state of the same name and shape;
+    /// the others stay at zero. Returns how many of this optimizer's state tensors were
+    /// carried over, and how many it has.
+    pub fn warm_start(&mut self, ranks: &[Vec<(String, Tensor)>]) -> (usize, usize) {
+        self.load(ranks, false)
+            .expect("a lenient load fails on nothing")
+    }
+
+    /// Loads the states found in `ranks`; `strict`: every state must be there.
+    fn load(
+        &mut self,
+        ranks: &[Vec<(String, Tensor)>],
+        strict: bool,
+    ) -> Result<(usize, usize), String> {
         let _guard = tch::no_grad_guard();
+        let (mut loaded, mut all) = (0, 0);
         // A tensor's pieces from every rank, flattened and joined in rank order.
         let whole = |name: &str| -> Result<Tensor, String> {
             let pieces: Vec<Tensor> = ranks
@@ -361,15 +406,27 @@ impl Optimizer {
             }
             Ok(Tensor::cat(&pieces, 0))
         };
+        // Missing or of another shape: an error when strict, else left at zero.
+        let mut found = |name: &str, t: Result<Tensor, String>, fits: &dyn Fn(&Tensor) -> bool| {
+            all += 1;
+            match t {
+                Ok(t) if fits(&t) => {
+                    loaded += 1;
+                    Ok(Some(t))
+                }
+                Ok(_) if strict => Err(format!("optimizer state {name} has another shape")),
+                Err(e) if strict => Err(e),
+                _ => Ok(None),
+            }
+        };
         for g in &mut self.muon {
             for (i, part) in g.owned(self.rank).collect::<Vec<_>>() {
                 let (name, p) = &g.params[i];
                 let name = format!("{name}.momentum");
-                let t = whole(&name)?;
-                if t.numel() != p.numel() {
-                    return Err(format!("optimizer state {name} has another shape"));
+                let numel = p.numel();
+                if let Some(t) = found(&name, whole(&name), &|t| t.numel() == numel)? {
+                    g.momentum.select(0, part as i64).copy_(&t.view_as(p));
                 }
-                g.momentum.select(0, part as i64).copy_(&t.view_as(p));
             }
         }
         for s in &mut self.adam {
@@ -380,20 +437,20 @@ impl Optimizer {
                 ("exp_avg_sq", &mut s.exp_avg_sq),
             ] {
                 let name = format!("{}.{suffix}", s.name);
-                let t = whole(&name)?;
                 // Written by `w` ranks, it holds the state padded to a multiple of `w`.
-                if t.size()[0] < numel || t.size()[0] >= numel + ranks.len() as i64 {
-                    return Err(format!("optimizer state {name} has another shape"));
+                let fits =
+                    |t: &Tensor| t.size()[0] >= numel && t.size()[0] < numel + ranks.len() as i64;
+                if let Some(t) = found(&name, whole(&name), &fits)? {
+                    let mine = flat_padded(&t.narrow(0, 0, numel), self.world).narrow(
+                        0,
+                        self.rank as i64 * part,
+                        part,
+                    );
+                    state.copy_(&mine);
                 }
-                let mine = flat_padded(&t.narrow(0, 0, numel), self.world).narrow(
-                    0,
-                    self.rank as i64 * part,
-                    part,
-                );
-                state.copy_(&mine);
             }
         }
-        Ok(())
+        Ok((loaded, all))
     }
 }
 
@@ -453,6 +510,7 @@ mod tests {
             warmup_frac: 0.1,
             warmdown_frac: 0.3,
             final_lr_frac: 0.1,
+            ..Default::default()
         };
         assert!((s.lr_scale(0, 100) - 0.1).abs() < 1e-9);
         assert_eq!(s.lr_scale(10, 100), 1.0);

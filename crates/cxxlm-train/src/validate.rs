@@ -3,7 +3,8 @@
 //! training something meaningless.
 
 use crate::optim::{OptimConfig, Schedule};
-use crate::pretrain::TrainConfig;
+use crate::pretrain::{CheckpointConfig, LogConfig, RunConfig, TrainConfig};
+use crate::sft::SftConfig;
 use crate::{Result, TrainError};
 
 /// The problems found so far, one line per key.
@@ -81,7 +82,47 @@ impl TrainConfig {
     /// training starts.
     pub fn validate(&self) -> Result<()> {
         let mut p = Problems::default();
-        let t = &self.train;
+        p.at_least_one("data.buffer", self.data.buffer as u64);
+        p.stage(
+            &self.train,
+            &self.optim,
+            &self.schedule,
+            &self.checkpoint,
+            &self.log,
+        );
+        p.done()
+    }
+}
+
+impl SftConfig {
+    /// Every setting in its range, or an error naming each one that is not (the data
+    /// and the model are checked when training starts).
+    pub fn validate(&self) -> Result<()> {
+        let mut p = Problems::default();
+        p.at_least_one("sft.epochs", self.sft.epochs);
+        p.below_one("sft.val_fraction", self.sft.val_fraction);
+        p.stage(
+            &self.train,
+            &self.optim,
+            &self.schedule,
+            &self.checkpoint,
+            &self.log,
+        );
+        p.done()
+    }
+}
+
+impl Problems {
+    /// The sections every stage shares.
+    fn stage(
+        &mut self,
+        t: &RunConfig,
+        optim: &OptimConfig,
+        schedule: &Schedule,
+        checkpoint: &CheckpointConfig,
+        log: &LogConfig,
+    ) {
+        let p = self;
         if !["auto", "cpu", "cuda"].contains(&t.device.as_str()) {
             p.0.push(format!(
                 "train.device = {:?} must be auto, cpu or cuda",
@@ -90,11 +131,9 @@ impl TrainConfig {
         }
         p.at_least_one("train.device_batch", t.device_batch as u64);
         p.non_negative("train.time_budget", t.time_budget);
-        p.at_least_one("data.buffer", self.data.buffer as u64);
-        self.optim.problems(&mut p);
-        self.schedule.problems(&mut p);
-        p.at_least_one("checkpoint.keep", self.checkpoint.keep as u64);
-        let log = &self.log;
+        optim.problems(p);
+        schedule.problems(p);
+        p.at_least_one("checkpoint.keep", checkpoint.keep as u64);
         p.check(
             "log.peak_flops",
             log.peak_flops,
@@ -108,9 +147,12 @@ impl TrainConfig {
             log.spike_factor.is_finite() && log.spike_factor > 1.0,
             "finite and > 1",
         );
-        match p.0.is_empty() {
+    }
+
+    fn done(self) -> Result<()> {
+        match self.0.is_empty() {
             true => Ok(()),
-            false => Err(TrainError::Config(p.0.join("; "))),
+            false => Err(TrainError::Config(self.0.join("; "))),
         }
     }
 }
@@ -180,5 +222,21 @@ mod tests {
         }
         let e = problems("[schedule]\nwarmup_frac = 0.6\nwarmdown_frac = 0.6");
         assert!(e.contains("must be at most 1"), "{e}");
+        let sft = |toml: &str| {
+            SftConfig::from_table(toml.parse().unwrap())
+                .unwrap()
+                .validate()
+                .map_or_else(|e| e.to_string(), |_| String::new())
+        };
+        assert_eq!(sft(""), "");
+        assert_eq!(sft("[sft]\nrecipe = \"nanochat\""), "");
+        let e = sft("[sft]\nepochs = 0\nval_fraction = 1.0\n[optim]\nmatrix_lr = -1.0");
+        for key in [
+            "sft.epochs = 0",
+            "sft.val_fraction = 1",
+            "optim.matrix_lr = -1",
+        ] {
+            assert!(e.contains(key), "{key} not in {e}");
+        }
     }
 }

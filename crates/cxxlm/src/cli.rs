@@ -154,6 +154,11 @@ pub enum TrainCommand {
     /// Pretrain the GPT on packed tokens (Muon + AdamW), with evaluation, checkpoints and
     /// metrics; `--resume` continues bit-exactly from the newest checkpoint.
     Pretrain(PretrainArgs),
+    /// Fine-tune a pretrained model on JSON lines of examples (`{"input","output"}`,
+    /// chat `{"messages"}` or FIM `{"prefix","suffix","middle"}`), packed whole into rows
+    /// that keep them apart; the loss on their answers only. `--resume` continues
+    /// bit-exactly from the newest checkpoint.
+    Sft(SftArgs),
     /// Check the fused training kernels on a GPU against their definitions (forward and
     /// gradients, fresh random inputs), and the explicit training step against autograd.
     CheckKernels {
@@ -197,6 +202,45 @@ pub struct PretrainArgs {
     #[arg(long)]
     pub pack: Option<PathBuf>,
     /// Shorthand for `--set out=...`.
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+    #[arg(long)]
+    pub resume: bool,
+    /// Only check the config (settings and their types) and exit.
+    #[arg(long)]
+    pub check: bool,
+    /// Stop (with a checkpoint) once this many steps are done; `--resume` continues.
+    #[arg(long)]
+    pub stop_at: Option<u64>,
+    /// Print a progress line every this many steps when not on a terminal.
+    #[arg(long, default_value_t = 10)]
+    pub log_every: u64,
+}
+
+#[derive(Args)]
+pub struct SftArgs {
+    /// TOML with the sections out, init, [sft], [train], [optim], [schedule], [eval],
+    /// [checkpoint], [log]; every key optional except init and sft.data.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override one key, e.g. `--set sft.epochs=1 --set sft.recipe=nanochat`. Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// The pretrained model: a run directory (its newest checkpoint) or a checkpoint
+    /// directory (`init`).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// JSON lines of examples (`sft.data`).
+    #[arg(long, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    /// Held-out examples (`sft.val`; default: a share of --data, `sft.val_fraction`).
+    #[arg(long, num_args = 1..)]
+    pub val: Vec<PathBuf>,
+    /// The tokenizer the model was trained with (`sft.tokenizer`; default: the one its
+    /// run's config names).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// The run directory (`out`).
     #[arg(long, short)]
     pub out: Option<PathBuf>,
     #[arg(long)]

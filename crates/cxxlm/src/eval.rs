@@ -3,6 +3,7 @@ use clap::{Args, Subcommand};
 use cxxlm_eval::bench::{self, Problem, Report};
 use cxxlm_eval::{Compiler, Limits, Sandbox};
 use cxxlm_pack::{Manifest, Packer};
+use cxxlm_tokenizer::chat::{self, Message, Role};
 use cxxlm_tokenizer::Bpe;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -1128,7 +1129,8 @@ fn bugfix_answers(
     let mut rows: Vec<(usize, Vec<u32>)> = Vec::new();
     let mut skipped = 0;
     for (i, t) in tasks.iter().enumerate() {
-        let ids = prompt_ids(bpe, &t.input, None);
+        // As `train sft` shows an `{input, output}` pair: a user turn, then the answer.
+        let ids = chat::prompt(bpe, &[Message::new(Role::User, t.input.as_str())]);
         if ids.len() > room {
             skipped += 1;
             continue;

@@ -1,5 +1,5 @@
 //! `cxxlm speedrun`: data -> dedup -> tokenizer -> pack -> pretrain -> evaluations ->
-//! report card, each stage a `cxxlm` command run as its own process with its log kept.
+//! (with SFT data: sft -> MBPP-C++ again) -> report card, each stage a `cxxlm` command run as its own process with its log kept.
 //! `speedrun.json` records each stage's command and a fingerprint of it and of the stages
 //! before it: a rerun skips finished stages whose outputs are still there, and continues
 //! an interrupted one (each stage resumes its own partial work).
@@ -38,6 +38,10 @@ pub struct SpeedrunArgs {
     /// Override a setting of the preset, e.g. `--set pretrain.train.steps=20`. Repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
+    /// JSON lines of SFT examples (replace the preset's `sft_data`): an `sft` stage then
+    /// fine-tunes the pretrained model on them, and MBPP-C++ evaluates it again.
+    #[arg(long, num_args = 1..)]
+    sft_data: Vec<String>,
     /// Discard the outputs of this stage and of every later one, and run them again.
     #[arg(long, value_name = "STAGE")]
     redo: Option<String>,
@@ -61,6 +65,13 @@ struct Config {
     gpus: usize,
     #[serde(default)]
     eval: EvalSettings,
+    /// SFT examples; none: no fine-tuning stage.
+    #[serde(default)]
+    sft_data: Vec<String>,
+    /// A `train sft` config; `init`, `out`, `sft.data` and `sft.tokenizer` are set by the
+    /// speedrun.
+    #[serde(default)]
+    sft: toml::Table,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -166,11 +177,8 @@ fn one_gpu() -> usize {
     1
 }
 
-fn stages(config: &Config, l: &Layout, pretrain_toml: &str) -> Vec<Stage> {
-    let launch: Vec<String> = match config.gpus {
-        0 | 1 => Vec::new(),
-        n => vec!["launch".into(), "--gpus".into(), n.to_string(), "--".into()],
-    };
+fn stages(config: &Config, l: &Layout, pretrain_toml: &str, sft_toml: &str) -> Vec<Stage> {
+    let launch = launch_prefix(config.gpus);
     let mut data_args = vec!["data".into(), "run".into(), "-o".into(), s(&l.data())];
     for src in &config.sources {
         data_args.extend(["-i".into(), src.clone()]);
@@ -236,7 +244,7 @@ fn stages(config: &Config, l: &Layout, pretrain_toml: &str) -> Vec<Stage> {
             complete: exists(l.eval(cmd)),
         }
     };
-    let layout = l.clone();
+    let trained = l.train();
     let pack = l.pack();
     let tokenizer = l.tokenizer();
     let mut list = vec![
@@ -300,7 +308,7 @@ fn stages(config: &Config, l: &Layout, pretrain_toml: &str) -> Vec<Stage> {
                 .collect(),
             content: pretrain_toml.to_string(),
             outputs: vec![l.train(), l.train_config()],
-            complete: Box::new(move || finished_training(&layout)),
+            complete: Box::new(move || finished_training(&trained)),
         },
         Stage {
             name: "eval-tokenizer",
@@ -377,12 +385,63 @@ fn stages(config: &Config, l: &Layout, pretrain_toml: &str) -> Vec<Stage> {
     let mut mbpp = model_eval("eval-mbpp", "mbpp", &more);
     mbpp.outputs.push(l.mbpp_completions());
     list.push(mbpp);
+    if !config.sft_data.is_empty() {
+        let tuned = l.sft();
+        list.push(Stage {
+            name: "sft",
+            args: launch_prefix(config.gpus)
+                .into_iter()
+                .chain([
+                    "train".into(),
+                    "sft".into(),
+                    "--config".into(),
+                    s(&l.sft_config()),
+                    "--resume".into(),
+                ])
+                .collect(),
+            content: sft_toml.to_string(),
+            outputs: vec![l.sft(), l.sft_config()],
+            complete: Box::new(move || finished_training(&tuned)),
+        });
+        // The same benchmark, of the fine-tuned model.
+        let completions = l.root.join("eval").join("mbpp-sft-completions.jsonl");
+        let mut args = vec![
+            "eval".into(),
+            "mbpp".into(),
+            "--checkpoint".into(),
+            s(&l.sft()),
+            "--json".into(),
+            s(&l.eval("mbpp-sft")),
+        ];
+        args.extend(more.iter().map(|a| {
+            if *a == s(&l.mbpp_completions()) {
+                s(&completions)
+            } else {
+                a.clone()
+            }
+        }));
+        list.push(Stage {
+            name: "eval-mbpp-sft",
+            args,
+            content: String::new(),
+            outputs: vec![l.eval("mbpp-sft"), completions],
+            complete: exists(l.eval("mbpp-sft")),
+        });
+    }
     list
 }
 
-/// Whether the newest checkpoint of the training run is its last step.
-fn finished_training(l: &Layout) -> bool {
-    let Some(dir) = l.newest_checkpoint() else {
+/// `cxxlm launch --gpus N --` for several GPUs, nothing for one.
+fn launch_prefix(gpus: usize) -> Vec<String> {
+    match gpus {
+        0 | 1 => Vec::new(),
+        n => vec!["launch".into(), "--gpus".into(), n.to_string(), "--".into()],
+    }
+}
+
+/// Whether the newest checkpoint of the training run in `run` is its last step.
+fn finished_training(run: &Path) -> bool {
+    let Some(dir) = cxxlm_report::newest_checkpoint(run) else {
         return false;
     };
     let state: Option<Value> = std::fs::read_to_string(dir.join("trainer.json"))
@@ -400,6 +459,18 @@ fn load_config(args: &SpeedrunArgs) -> Result<(Config, String)> {
     let mut doc: toml::Table = toml::from_str(preset).context("preset")?;
     for o in &args.overrides {
         crate::cli::set(&mut doc, o)?;
+    }
+    if !args.sft_data.is_empty() {
+        doc.insert(
+            "sft_data".into(),
+            toml::Value::Array(
+                args.sft_data
+                    .iter()
+                    .cloned()
+                    .map(toml::Value::String)
+                    .collect(),
+            ),
+        );
     }
     if !args.sources.is_empty() {
         doc.insert(
@@ -447,6 +518,41 @@ fn pretrain_config(config: &Config, l: &Layout) -> Result<String> {
     if !checked.status.success() {
         bail!(
             "pretrain settings: {}",
+            String::from_utf8_lossy(&checked.stderr).trim()
+        );
+    }
+    Ok(text)
+}
+
+/// The `train sft` config of the run (empty without SFT data), checked (by `train sft
+/// --check`) before anything runs.
+fn sft_config(config: &Config, l: &Layout) -> Result<String> {
+    if config.sft_data.is_empty() {
+        return Ok(String::new());
+    }
+    let mut table = config.sft.clone();
+    table.insert("out".into(), toml::Value::String(s(&l.sft())));
+    table.insert("init".into(), toml::Value::String(s(&l.train())));
+    let sft = table
+        .entry("sft")
+        .or_insert_with(|| toml::Value::Table(Default::default()))
+        .as_table_mut()
+        .context("sft.sft is not a table")?;
+    let data = config.sft_data.iter().cloned().map(toml::Value::String);
+    sft.insert("data".into(), toml::Value::Array(data.collect()));
+    sft.insert("tokenizer".into(), toml::Value::String(s(&l.tokenizer())));
+    let text = toml::to_string_pretty(&table)?;
+    let check = l.root.join("sft.check.toml");
+    std::fs::write(&check, &text).with_context(|| format!("writing {}", check.display()))?;
+    let checked = Command::new(std::env::current_exe()?)
+        .args(["train", "sft", "--check", "--config"])
+        .arg(&check)
+        .output()
+        .context("checking the SFT settings")?;
+    let _ = std::fs::remove_file(&check);
+    if !checked.status.success() {
+        bail!(
+            "sft settings: {}",
             String::from_utf8_lossy(&checked.stderr).trim()
         );
     }
@@ -590,7 +696,8 @@ pub fn run(args: SpeedrunArgs) -> Result<()> {
         .with_context(|| format!("creating {}", l.logs().display()))?;
     std::fs::create_dir_all(l.root.join("eval"))?;
     let pretrain_toml = pretrain_config(&config, &l)?;
-    let list = stages(&config, &l, &pretrain_toml);
+    let sft_toml = sft_config(&config, &l)?;
+    let list = stages(&config, &l, &pretrain_toml, &sft_toml);
     let mut record: Value = match std::fs::read_to_string(l.record()) {
         Ok(text) => serde_json::from_str(&text)
             .with_context(|| format!("{} is not a speedrun record", l.record().display()))?,
@@ -640,6 +747,9 @@ pub fn run(args: SpeedrunArgs) -> Result<()> {
         if st.name == "pretrain" {
             std::fs::write(l.train_config(), &pretrain_toml)?;
         }
+        if st.name == "sft" {
+            std::fs::write(l.sft_config(), &sft_toml)?;
+        }
         let command = command_line(&st.args);
         eprintln!("== {}: {command}", st.name);
         let earlier = done["seconds"].as_f64().unwrap_or(0.0);
@@ -688,11 +798,12 @@ mod tests {
                 sources: vec!["src".into()],
                 out: None,
                 overrides: overrides.iter().map(|s| s.to_string()).collect(),
+                sft_data: Vec::new(),
                 redo: None,
             };
             let (config, _) = load_config(&args).unwrap();
             let l = Layout::new(PathBuf::from("run"));
-            let stages = stages(&config, &l, "");
+            let stages = stages(&config, &l, "", "");
             let pretrain = stages.iter().find(|s| s.name == "pretrain").unwrap();
             pretrain.args[..3].join(" ")
         };

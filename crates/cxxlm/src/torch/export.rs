@@ -98,7 +98,7 @@ fn tokenizer_config(c: &ModelConfig, bpe: &Bpe) -> Value {
         "fim_suffix_token": "<|fim_suffix|>",
         "file_separator_token": "<|file_sep|>",
         "repo_name_token": "<|repo_name|>",
-        "chat_template": cxxlm_serve::text::CHAT_TEMPLATE,
+        "chat_template": cxxlm_tokenizer::chat::TEMPLATE,
         "vocab_size": bpe.vocab_size(),
     })
 }

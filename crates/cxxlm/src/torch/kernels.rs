@@ -19,12 +19,17 @@ fn require_cuda(device: usize) -> Result<()> {
 pub fn check(device: usize) -> Result<()> {
     require_cuda(device)?;
     let mut checks = cxxlm_cuda::check::kernels(device).map_err(anyhow::Error::msg)?;
-    // The step of d12 (heads of 128) and of the 3B preset (heads of 80, GQA).
+    // The step of d12 (heads of 128) and of the 3B preset (heads of 80, GQA), on rows
+    // and on examples packed into rows (SFT's batches).
     for preset in ["d12", "3b"] {
         let like = ModelConfig::preset(preset, 32_768)?;
-        for mut c in cxxlm_model::check_explicit_pass(device, &like).map_err(anyhow::Error::msg)? {
-            c.name = format!("{preset}: {}", c.name);
-            checks.push(c);
+        for packed in [false, true] {
+            let step = cxxlm_model::check_explicit_pass(device, &like, packed)
+                .map_err(anyhow::Error::msg)?;
+            for mut c in step {
+                c.name = format!("{preset}: {}", c.name);
+                checks.push(c);
+            }
         }
     }
     outln!("| check | error | tolerance | |\n|---|---:|---:|---|")?;
@@ -67,7 +72,7 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
     };
     for path in ["autograd", "explicit"] {
         if path == "explicit" {
-            model.use_fused_kernels().map_err(anyhow::Error::msg)?;
+            model.use_fused_kernels(false).map_err(anyhow::Error::msg)?;
         }
         let mut times = Vec::new();
         let mut loss = 0.0;
@@ -77,7 +82,8 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
             }
             sync();
             let started = Instant::now();
-            let l = model.forward_backward(&inputs, &targets, 1.0);
+            let n = inputs.numel() as f64;
+            let l = model.forward_backward(&inputs, &targets, None, 1.0 / n) / n;
             sync();
             times.push(started.elapsed().as_secs_f64());
             loss = l.double_value(&[]);

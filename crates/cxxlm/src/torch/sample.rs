@@ -17,22 +17,7 @@ pub fn load_checkpoint(path: &Path, tokenizer: Option<&Path>) -> Result<(Gpt, Bp
     let (model, state) = cxxlm_train::checkpoint::load_model(path, device)?;
     let tok_path = match tokenizer {
         Some(t) => t.to_path_buf(),
-        None => {
-            let run = path
-                .ancestors()
-                .find(|a| a.join("config.toml").exists())
-                .with_context(|| {
-                    format!(
-                        "{}: no run config.toml above it; pass --tokenizer",
-                        path.display()
-                    )
-                })?;
-            let config = load_config(Some(&run.join("config.toml")), &[])?;
-            match config.data.tokenizer {
-                Some(t) => t,
-                None => PathBuf::from(Manifest::load(&config.data.pack)?.tokenizer_path),
-            }
-        }
+        None => run_tokenizer(path)?,
     };
     let bpe = cxxlm_tokenizer::load(&tok_path)?;
     if tokenizer_sha256(&bpe) != state.tokenizer_sha256 {
@@ -42,6 +27,38 @@ pub fn load_checkpoint(path: &Path, tokenizer: Option<&Path>) -> Result<(Gpt, Bp
         );
     }
     Ok((model, bpe))
+}
+
+/// The tokenizer the run of a checkpoint (or run directory) `path` trained with, as the
+/// run's `config.toml` above it says: an SFT run's `sft.tokenizer`, a pretraining run's
+/// `data.tokenizer`, else the one its pack records.
+pub fn run_tokenizer(path: &Path) -> Result<PathBuf> {
+    let run = path
+        .ancestors()
+        .find(|a| a.join("config.toml").exists())
+        .with_context(|| {
+            format!(
+                "{}: no run config.toml above it; pass --tokenizer",
+                path.display()
+            )
+        })?;
+    let file = run.join("config.toml");
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+    if let Some(t) = table
+        .get("sft")
+        .and_then(|s| s.get("tokenizer"))
+        .and_then(|t| t.as_str())
+    {
+        return Ok(PathBuf::from(t));
+    }
+    let config = load_config(Some(&file), &[])?;
+    Ok(match config.data.tokenizer {
+        Some(t) => t,
+        None => PathBuf::from(Manifest::load(&config.data.pack)?.tokenizer_path),
+    })
 }
 
 /// Tokens per second of batched greedy generation, after a warm-up; on CUDA with the

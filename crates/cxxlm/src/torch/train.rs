@@ -1,13 +1,15 @@
-//! `cxxlm train pretrain`.
+//! `cxxlm train pretrain` and `cxxlm train sft`.
 
 use anyhow::{bail, Context, Result};
-use cxxlm::cli::{set, TrainCommand};
+use cxxlm::cli::{set, PretrainArgs, SftArgs, TrainCommand};
 use cxxlm::{interrupt, lock, outln};
 
 use crate::kernels;
-use cxxlm_train::{pretrain, Event, TrainConfig};
+use crate::sample::run_tokenizer;
+use cxxlm_train::checkpoint::TrainerState;
+use cxxlm_train::{Event, SftConfig, TrainConfig};
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 pub fn load_config(path: Option<&PathBuf>, overrides: &[String]) -> Result<TrainConfig> {
@@ -25,11 +27,15 @@ pub fn load_config(path: Option<&PathBuf>, overrides: &[String]) -> Result<Train
 }
 
 pub fn run(cmd: TrainCommand) -> Result<()> {
-    let args = match cmd {
-        TrainCommand::Pretrain(args) => args,
-        TrainCommand::CheckKernels { device } => return kernels::check(device),
-        TrainCommand::Profile(args) => return kernels::profile(args),
-    };
+    match cmd {
+        TrainCommand::Pretrain(args) => pretrain_command(args),
+        TrainCommand::Sft(args) => sft_command(args),
+        TrainCommand::CheckKernels { device } => kernels::check(device),
+        TrainCommand::Profile(args) => kernels::profile(args),
+    }
+}
+
+fn pretrain_command(args: PretrainArgs) -> Result<()> {
     let mut overrides = args.overrides.clone();
     if let Some(p) = &args.pack {
         overrides.push(format!("data.pack={:?}", p.display().to_string()));
@@ -45,119 +51,222 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
     if config.data.pack.as_os_str().is_empty() || config.out.as_os_str().is_empty() {
         bail!("say where the packed tokens are and where the run goes: --pack DIR --out DIR (or data.pack and out in --config)");
     }
-    std::fs::create_dir_all(&config.out)
-        .with_context(|| format!("creating {}", config.out.display()))?;
-    let rank0 = cxxlm_train::dist::World::from_env()?.rank == 0;
-    // Rank 0 writes for all ranks of its job; another job on this directory is refused.
-    let _lock = match rank0 {
-        true => Some(lock::hold(
-            &config.out.join("train.lock"),
-            &format!("the training run {}", config.out.display()),
-        )?),
-        false => None,
+    let text = toml::to_string_pretty(&config).context("config")?;
+    let progress = Progress {
+        out: &config.out,
+        log_every: args.log_every,
+        stop_at: args.stop_at,
     };
-    if rank0 {
-        std::fs::write(
-            config.out.join("config.toml"),
-            toml::to_string_pretty(&config).context("config")?,
-        )?;
+    progress.run(&text, |report, stop| {
+        Ok(cxxlm_train::pretrain(&config, args.resume, report, stop)?)
+    })
+}
+
+/// An SFT config from `--config`, the shorthand flags and `--set`s; the tokenizer, when
+/// not given, is the one the init model's run names.
+fn sft_config(args: &SftArgs) -> Result<SftConfig> {
+    let mut doc: toml::Table = match &args.config {
+        Some(p) => toml::from_str(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )
+        .with_context(|| format!("parsing {}", p.display()))?,
+        None => Default::default(),
+    };
+    let path = |p: &PathBuf| toml::Value::String(p.display().to_string());
+    let paths = |ps: &[PathBuf]| toml::Value::Array(ps.iter().map(path).collect());
+    let mut put = |key: &str, value: toml::Value| {
+        let (section, name) = key.split_once('.').unwrap_or(("", key));
+        let table = match section {
+            "" => &mut doc,
+            s => doc
+                .entry(s)
+                .or_insert_with(|| toml::Value::Table(Default::default()))
+                .as_table_mut()
+                .expect("a section"),
+        };
+        table.insert(name.to_string(), value);
+    };
+    if let Some(p) = &args.init {
+        put("init", path(p));
     }
-    interrupt::install();
-    let tty = std::io::stderr().is_terminal();
-    let started = Instant::now();
-    let mut samples = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(config.out.join("samples.jsonl"))?;
-    let state = pretrain(
-        &config,
-        args.resume,
-        &mut |event| match event {
-            Event::Start {
-                model,
-                params,
-                device,
-                ranks,
-                steps,
-                grad_accum,
-                resumed_from,
-                backward,
-            } => {
-                eprintln!(
+    if !args.data.is_empty() {
+        put("sft.data", paths(&args.data));
+    }
+    if !args.val.is_empty() {
+        put("sft.val", paths(&args.val));
+    }
+    if let Some(p) = &args.tokenizer {
+        put("sft.tokenizer", path(p));
+    }
+    if let Some(p) = &args.out {
+        put("out", path(p));
+    }
+    for o in &args.overrides {
+        set(&mut doc, o)?;
+    }
+    let mut config = SftConfig::from_table(doc)?;
+    if config.init.as_os_str().is_empty() || config.out.as_os_str().is_empty() {
+        bail!("say which model to fine-tune and where the run goes: --init RUN --out DIR (or init and out in --config)");
+    }
+    if config.sft.tokenizer.is_none() {
+        config.sft.tokenizer = Some(run_tokenizer(&config.init)?);
+    }
+    Ok(config)
+}
+
+fn sft_command(args: SftArgs) -> Result<()> {
+    let config = sft_config(&args)?;
+    config.validate()?;
+    if args.check {
+        return Ok(());
+    }
+    let text = toml::to_string_pretty(&config).context("config")?;
+    let progress = Progress {
+        out: &config.out,
+        log_every: args.log_every,
+        stop_at: args.stop_at,
+    };
+    progress.run(&text, |report, stop| {
+        Ok(cxxlm_train::sft(&config, args.resume, report, stop)?)
+    })
+}
+
+/// How a training command shows and stores its progress.
+struct Progress<'a> {
+    out: &'a Path,
+    log_every: u64,
+    stop_at: Option<u64>,
+}
+
+impl Progress<'_> {
+    /// Runs a stage in `out` (its config written there as `config_toml` by rank 0):
+    /// progress lines on stderr, samples into `samples.jsonl`, a summary on stdout; Ctrl-C
+    /// or `--stop-at` stop it with a checkpoint.
+    fn run(
+        &self,
+        config_toml: &str,
+        stage: impl FnOnce(&mut dyn FnMut(Event), &dyn Fn(u64) -> bool) -> Result<TrainerState>,
+    ) -> Result<()> {
+        let out = self.out;
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        let rank0 = cxxlm_train::dist::World::from_env()?.rank == 0;
+        // Rank 0 writes for all ranks of its job; another job on this directory is refused.
+        let _lock = match rank0 {
+            true => Some(lock::hold(
+                &out.join("train.lock"),
+                &format!("the training run {}", out.display()),
+            )?),
+            false => None,
+        };
+        if rank0 {
+            std::fs::write(out.join("config.toml"), config_toml)?;
+        }
+        interrupt::install();
+        let tty = std::io::stderr().is_terminal();
+        let started = Instant::now();
+        let mut samples = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(out.join("samples.jsonl"))?;
+        let log_every = self.log_every;
+        let stop_at = self.stop_at;
+        let state = stage(
+            &mut |event| match event {
+                Event::Start {
+                    model,
+                    params,
+                    device,
+                    ranks,
+                    steps,
+                    grad_accum,
+                    resumed_from,
+                    backward,
+                } => {
+                    eprintln!(
                     "model: depth {} width {} heads {}/{} seq {} vocab {}, {:.1}M parameters on {device}{}; {steps} steps, {grad_accum} micro-batches each{}; backward: {backward}",
                     model.depth, model.width, model.heads, model.kv_heads, model.seq_len, model.vocab_size,
                     params as f64 / 1e6,
                     if ranks > 1 { format!(" x {ranks} ranks") } else { String::new() },
                     resumed_from.map_or(String::new(), |s| format!(", resumed after step {s}"))
                 );
-            }
-            Event::Step {
-                step,
-                steps,
-                loss,
-                loss_ema,
-                lr_scale,
-                tok_s,
-                mfu,
-                gpu_memory_gib,
-            } => {
-                let line = format!(
+                }
+                Event::Step {
+                    step,
+                    steps,
+                    loss,
+                    loss_ema,
+                    lr_scale,
+                    tok_s,
+                    mfu,
+                    gpu_memory_gib,
+                } => {
+                    let line = format!(
                     "step {step}/{steps} | loss {loss:.4} (ema {loss_ema:.4}) | lr x{lr_scale:.3} | {:.0} tok/s | MFU {:.1}% | GPU {gpu_memory_gib:.1} GiB | {:.0}s",
                     tok_s,
                     mfu * 100.0,
                     started.elapsed().as_secs_f64()
                 );
-                if tty {
-                    eprint!("\r\x1b[2K{line}");
-                } else if step % args.log_every == 0 || step == steps {
-                    eprintln!("{line}");
+                    if tty {
+                        eprint!("\r\x1b[2K{line}");
+                    } else if step % log_every == 0 || step == steps {
+                        eprintln!("{line}");
+                    }
                 }
-            }
-            Event::Eval { step, val_bpb } => {
-                eprintln!(
-                    "{}step {step}: validation {val_bpb:.4} bits per byte",
+                Event::Eval { step, figures } => {
+                    let said: Vec<String> = figures
+                        .iter()
+                        .map(|(name, value)| match name.as_str() {
+                            "val_bpb" => format!("validation {value:.4} bits per byte"),
+                            "val_loss" => format!("held-out loss {value:.4}"),
+                            _ => format!("{name} {value:.4}"),
+                        })
+                        .collect();
+                    eprintln!(
+                        "{}step {step}: {}",
+                        if tty { "\n" } else { "" },
+                        said.join(", ")
+                    );
+                }
+                Event::Sample {
+                    step,
+                    prompt,
+                    completion,
+                } => {
+                    let record = serde_json::json!({"step": step, "prompt": prompt, "completion": completion});
+                    let _ = writeln!(samples, "{record}");
+                    eprintln!("  sample: {:?}", format!("{prompt}{completion}"));
+                }
+                Event::StepsFitted {
+                    steps,
+                    step_seconds,
+                } => eprintln!(
+                    "{}time budget: {steps} steps of {step_seconds:.3}s",
                     if tty { "\n" } else { "" }
-                );
-            }
-            Event::Sample {
-                step,
-                prompt,
-                completion,
-            } => {
-                let record =
-                    serde_json::json!({"step": step, "prompt": prompt, "completion": completion});
-                let _ = writeln!(samples, "{record}");
-                eprintln!("  sample: {:?}", format!("{prompt}{completion}"));
-            }
-            Event::StepsFitted {
-                steps,
-                step_seconds,
-            } => eprintln!(
-                "{}time budget: {steps} steps of {step_seconds:.3}s",
-                if tty { "\n" } else { "" }
-            ),
-            Event::Warning(w) => eprintln!("{}warning: {w}", if tty { "\n" } else { "" }),
-            Event::Checkpoint(dir) => {
-                if !tty {
-                    eprintln!("checkpoint {}", dir.display());
+                ),
+                Event::Info(text) => eprintln!("{}{text}", if tty { "\n" } else { "" }),
+                Event::Warning(w) => eprintln!("{}warning: {w}", if tty { "\n" } else { "" }),
+                Event::Checkpoint(dir) => {
+                    if !tty {
+                        eprintln!("checkpoint {}", dir.display());
+                    }
                 }
-            }
-        },
-        &|step| interrupt::requested() || args.stop_at.is_some_and(|s| step >= s),
-    )?;
-    if tty {
-        eprintln!();
+            },
+            &|step| interrupt::requested() || stop_at.is_some_and(|s| step >= s),
+        )?;
+        if tty {
+            eprintln!();
+        }
+        if !rank0 {
+            return Ok(());
+        }
+        outln!(
+            "{} of {} steps, {} tokens, {:.1}s: {}",
+            state.step,
+            state.total_steps,
+            state.tokens,
+            started.elapsed().as_secs_f64(),
+            out.display()
+        )?;
+        Ok(())
     }
-    if !rank0 {
-        return Ok(());
-    }
-    outln!(
-        "{} of {} steps, {} tokens, {:.1}s: {}",
-        state.step,
-        state.total_steps,
-        state.tokens,
-        started.elapsed().as_secs_f64(),
-        config.out.display()
-    )?;
-    Ok(())
 }

@@ -1,0 +1,199 @@
+//! The chat template, one for fine-tuning, serving and exported models:
+//!
+//! ```text
+//! <|bos|>{role}\n{content}<|eos|>{role}\n{content}<|eos|>...
+//! ```
+//!
+//! with roles `system`, `user` and `assistant`. A prompt for the next answer ends with
+//! `assistant\n`, and the answer ends at `<|eos|>`. The texts are encoded as text: a
+//! special token's spelling inside them stays text. A model learns each assistant turn's
+//! content and its `<|eos|>`, so that it learns to stop; the `assistant\n` before it is
+//! the prompt's.
+
+use crate::Bpe;
+
+/// [`prompt`]'s template in Jinja, for `tokenizer_config.json`.
+pub const TEMPLATE: &str = "<|bos|>{% for m in messages %}{{ m['role'] }}\n{{ m['content'] }}<|eos|>{% endfor %}{% if add_generation_prompt %}assistant\n{% endif %}";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    /// `system`, `user` or `assistant`.
+    pub fn parse(name: &str) -> Option<Role> {
+        match name {
+            "system" => Some(Role::System),
+            "user" => Some(Role::User),
+            "assistant" => Some(Role::Assistant),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: Role, content: impl Into<String>) -> Message {
+        Message {
+            role,
+            content: content.into(),
+        }
+    }
+}
+
+/// A conversation that gives nothing to learn from.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChatError {
+    #[error("the conversation holds no assistant message to learn from")]
+    NoAnswer,
+    #[error("the conversation ends with a {0} message, after its last answer")]
+    EndsWith(&'static str),
+}
+
+/// The template's token ids of a conversation ending with an assistant turn, and which of
+/// them a model learns (`true`: the assistant turns' contents and their `<|eos|>`).
+pub fn render(bpe: &Bpe, messages: &[Message]) -> Result<(Vec<u32>, Vec<bool>), ChatError> {
+    match messages.last() {
+        None => return Err(ChatError::NoAnswer),
+        Some(m) if m.role != Role::Assistant => {
+            return Err(match messages.iter().any(|m| m.role == Role::Assistant) {
+                true => ChatError::EndsWith(m.role.name()),
+                false => ChatError::NoAnswer,
+            })
+        }
+        _ => {}
+    }
+    let eos = end_of_turn(bpe);
+    let mut ids = vec![bos(bpe)];
+    let mut learned = vec![false];
+    for m in messages {
+        let header = header(bpe, m.role);
+        learned.extend(std::iter::repeat_n(false, header.len()));
+        ids.extend(header);
+        let content = bpe.encode(&m.content);
+        let learn = m.role == Role::Assistant;
+        learned.extend(std::iter::repeat_n(learn, content.len() + 1));
+        ids.extend(content);
+        ids.push(eos);
+    }
+    Ok((ids, learned))
+}
+
+/// The ids that ask for the next assistant turn: the conversation, then `assistant\n`.
+pub fn prompt(bpe: &Bpe, messages: &[Message]) -> Vec<u32> {
+    let eos = end_of_turn(bpe);
+    let mut ids = vec![bos(bpe)];
+    for m in messages {
+        ids.extend(header(bpe, m.role));
+        ids.extend(bpe.encode(&m.content));
+        ids.push(eos);
+    }
+    ids.extend(header(bpe, Role::Assistant));
+    ids
+}
+
+/// The ids of a message's `{role}\n`. The tokenizer splits its input into lines before
+/// merging, so these ids and the content's are those of the whole `{role}\n{content}`.
+pub fn header(bpe: &Bpe, role: Role) -> Vec<u32> {
+    bpe.encode(&format!("{}\n", role.name()))
+}
+
+/// The id that ends a turn (where generation stops).
+pub fn end_of_turn(bpe: &Bpe) -> u32 {
+    special(bpe, "<|eos|>")
+}
+
+fn bos(bpe: &Bpe) -> u32 {
+    special(bpe, "<|bos|>")
+}
+
+fn special(bpe: &Bpe, name: &str) -> u32 {
+    bpe.special_id(name)
+        .expect("the chat template's tokens are specials of every tokenizer")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bpe() -> Bpe {
+        let texts: Vec<String> = (0..20)
+            .map(|i| format!("user\nint f{i}() {{ return {i}; }}\nassistant\n"))
+            .collect();
+        let mut t = crate::Trainer::new(512).unwrap();
+        t.feed(&texts);
+        t.train().unwrap()
+    }
+
+    #[test]
+    fn assistant_turns_and_their_end_are_learned_and_specials_in_text_stay_text() {
+        let bpe = bpe();
+        let conv = [
+            Message::new(Role::System, "Fix the bug."),
+            Message::new(Role::User, "int f() { return 0 }"),
+            Message::new(Role::Assistant, "int f() { return 0; }"),
+            Message::new(Role::User, "<|eos|> again"),
+            Message::new(Role::Assistant, "done"),
+        ];
+        let (ids, learned) = render(&bpe, &conv).unwrap();
+        assert_eq!(ids.len(), learned.len());
+        let text = String::from_utf8(bpe.decode(&ids)).unwrap();
+        assert_eq!(
+            text,
+            "<|bos|>system\nFix the bug.<|eos|>user\nint f() { return 0 }<|eos|>assistant\nint f() { return 0; }<|eos|>user\n<|eos|> again<|eos|>assistant\ndone<|eos|>"
+        );
+        // Each message's ids are those of its whole `role\ncontent`.
+        let whole = bpe.encode("user\nint f() { return 0 }");
+        let mut split = header(&bpe, Role::User);
+        split.extend(bpe.encode("int f() { return 0 }"));
+        assert_eq!(whole, split);
+        // The literal `<|eos|>` in the user's text is text, not the special.
+        let eos = end_of_turn(&bpe);
+        let ends: Vec<usize> = (0..ids.len()).filter(|&i| ids[i] == eos).collect();
+        assert_eq!(ends.len(), 5);
+        let learned_ids: Vec<u32> = ids
+            .iter()
+            .zip(&learned)
+            .filter(|(_, &l)| l)
+            .map(|(&t, _)| t)
+            .collect();
+        let learned_text = String::from_utf8(bpe.decode(&learned_ids)).unwrap();
+        assert_eq!(learned_text, "int f() { return 0; }<|eos|>done<|eos|>");
+
+        // A prompt is the conversation so far, then `assistant\n`: what the answer
+        // follows in training.
+        let p = prompt(&bpe, &conv[..4]);
+        let answer_at = ids.len() - bpe.encode("done").len() - 1;
+        assert_eq!(p, ids[..answer_at]);
+    }
+
+    #[test]
+    fn a_conversation_without_a_last_answer_is_named() {
+        let bpe = bpe();
+        let u = |s: &str| Message::new(Role::User, s);
+        let a = |s: &str| Message::new(Role::Assistant, s);
+        assert_eq!(render(&bpe, &[]), Err(ChatError::NoAnswer));
+        assert_eq!(render(&bpe, &[u("x")]), Err(ChatError::NoAnswer));
+        assert_eq!(
+            render(&bpe, &[u("x"), a("y"), u("z")]),
+            Err(ChatError::EndsWith("user"))
+        );
+        assert!(render(&bpe, &[a("y")]).is_ok());
+    }
+}

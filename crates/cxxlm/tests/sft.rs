@@ -1,0 +1,348 @@
+//! `cxxlm train sft` on the CPU: a tiny model pretrained on libstdc++ is fine-tuned on
+//! examples cut from libstdc++ itself in the three formats; the held-out loss falls, a
+//! run stopped mid-epoch (or killed) and resumed repeats the uninterrupted one bit for
+//! bit, and bad data and settings are named.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+struct Pretrained {
+    f: Fixture,
+    run: PathBuf,
+}
+
+fn pretrained() -> Pretrained {
+    let f = fixture(400, 2048);
+    let pack = f.root.join("pack");
+    run_ok(&pack_args(&f, &pack, &["--val-fraction", "0.1"]));
+    let run = f.root.join("pre");
+    let (pack, out) = (pack.to_str().unwrap(), run.to_str().unwrap());
+    run_ok(&[
+        "train",
+        "pretrain",
+        "--pack",
+        pack,
+        "--out",
+        out,
+        "--set",
+        "model.preset=tiny",
+        "--set",
+        "train.device_batch=4",
+        "--set",
+        "train.total_batch_tokens=1024",
+        "--set",
+        "train.steps=30",
+        "--set",
+        "eval.every=0",
+        "--set",
+        "train.device=cpu",
+    ]);
+    Pretrained { f, run }
+}
+
+/// Examples from the fixture's libstdc++ shards: the next lines of code after some (as
+/// `{"input","output"}` and as a chat), and lines hidden between others (FIM).
+fn examples(f: &Fixture, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for doc in read_shards(&f.data) {
+        let text = doc["text"].as_str().unwrap();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty() && l.len() <= 50)
+            .collect();
+        for chunk in lines.chunks(6).filter(|c| c.len() == 6) {
+            let (a, b, c) = (
+                chunk[..2].join("\n"),
+                chunk[2..4].join("\n"),
+                chunk[4..].join("\n"),
+            );
+            let record = match out.len() % 3 {
+                0 => json!({"input": format!("// Continue:\n{a}\n"), "output": format!("{b}\n")}),
+                1 => json!({"messages": [
+                    {"role": "system", "content": "Continue the code."},
+                    {"role": "user", "content": format!("{a}\n")},
+                    {"role": "assistant", "content": format!("{b}\n")}]}),
+                _ => {
+                    json!({"prefix": format!("{a}\n"), "suffix": format!("{c}\n"), "middle": format!("{b}\n")})
+                }
+            };
+            out.push(record.to_string());
+            if out.len() == n {
+                return out;
+            }
+        }
+    }
+    out
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    write(path, lines.join("\n") + "\n");
+}
+
+const SMALL: [&str; 18] = [
+    "--set",
+    "train.device=cpu",
+    "--set",
+    "eval.exact_match=4",
+    "--set",
+    "train.device_batch=2",
+    "--set",
+    "train.total_batch_tokens=512",
+    "--set",
+    "eval.every=5",
+    "--set",
+    "eval.samples=1",
+    "--set",
+    "eval.sample_tokens=8",
+    "--set",
+    "sft.val_fraction=0.15",
+    "--set",
+    "sft.epochs=2",
+];
+
+fn sft_args(p: &Pretrained, data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    [
+        "train",
+        "sft",
+        "--init",
+        p.run.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .chain(SMALL.iter())
+    .chain(extra.iter())
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn sft(p: &Pretrained, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    run_ok(
+        &sft_args(p, data, out, extra)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )
+}
+
+fn sft_fails(p: &Pretrained, data: &Path, out: &Path, extra: &[&str]) -> String {
+    run_fails(
+        &sft_args(p, data, out, extra)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )
+}
+
+fn records(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn fine_tuning_lowers_the_held_out_loss_and_a_stopped_or_killed_run_resumes_bit_exactly() {
+    let p = pretrained();
+    let data = p.f.root.join("sft.jsonl");
+    write_lines(&data, &examples(&p.f, 90));
+    let nanochat = ["--set", "sft.recipe=nanochat"];
+    let whole = p.f.root.join("whole");
+    let said = sft(&p, &data, &whole, &nanochat);
+    let stderr = String::from_utf8_lossy(&said.stderr);
+    assert!(
+        stderr.contains("SFT data: 90 records (30 chat, 30 fim, 30 input_output)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("state tensors carried over"), "{stderr}");
+    let all = records(&whole);
+    let steps: Vec<&Value> = all.iter().filter(|r| r.get("loss").is_some()).collect();
+    assert!(steps.len() > 10, "{} steps", steps.len());
+    // The last step's rows may run past the last epoch's (padding).
+    for r in &steps[..steps.len() - 1] {
+        let share = r["supervised_share"].as_f64().unwrap();
+        assert!(share > 0.05 && share < 0.6, "{r}");
+        assert!(r["padding_share"].as_f64().unwrap() < 0.5, "{r}");
+    }
+    let val: Vec<f64> = all.iter().filter_map(|r| r["val_loss"].as_f64()).collect();
+    assert!(
+        val.len() >= 3 && val[val.len() - 1] < val[0] - 0.3,
+        "{val:?}"
+    );
+    let samples = std::fs::read_to_string(whole.join("samples.jsonl")).unwrap();
+    assert!(samples.contains("assistant\\n") || samples.contains("<|fim_middle|>"));
+    // The fine-tuned model samples with the tokenizer its run names.
+    run_ok(&[
+        "sample",
+        "--checkpoint",
+        whole.to_str().unwrap(),
+        "--prompt",
+        "int",
+        "--max-tokens",
+        "4",
+    ]);
+
+    // Stopped mid-epoch, then resumed.
+    let split = p.f.root.join("split");
+    sft(
+        &p,
+        &data,
+        &split,
+        &[&nanochat[..], &["--stop-at", "7"]].concat(),
+    );
+    let state: Value = serde_json::from_slice(
+        &std::fs::read(split.join("checkpoints/step-000007/trainer.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        state["loader"]["row"].as_u64().unwrap() > 0,
+        "mid-epoch: {}",
+        state["loader"]
+    );
+    sft(&p, &data, &split, &[&nanochat[..], &["--resume"]].concat());
+    assert_eq!(
+        timeless(records(&split)),
+        timeless(all.clone()),
+        "metrics repeat bit for bit"
+    );
+
+    // Killed (SIGKILL) after a checkpoint, then resumed.
+    let killed = p.f.root.join("killed");
+    let args = sft_args(
+        &p,
+        &data,
+        &killed,
+        &[&nanochat[..], &["--set", "checkpoint.every=3"]].concat(),
+    );
+    let mut child = cxxlm()
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !killed.join("checkpoints/step-000003/trainer.json").exists() {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    sft(
+        &p,
+        &data,
+        &killed,
+        &[&nanochat[..], &["--set", "checkpoint.every=3", "--resume"]].concat(),
+    );
+    assert_eq!(timeless(records(&killed)), timeless(all));
+}
+
+/// Records without the figures of time.
+fn timeless(records: Vec<Value>) -> Vec<Value> {
+    records
+        .into_iter()
+        .map(|mut r| {
+            for k in ["tok_s", "mfu", "step_seconds", "forward_backward_seconds"] {
+                r.as_object_mut().unwrap().remove(k);
+            }
+            r
+        })
+        .collect()
+}
+
+#[test]
+fn bad_sft_data_and_settings_are_named() {
+    let p = pretrained();
+    let mut lines = examples(&p.f, 20);
+    // Specials typed in a record's text stay text.
+    lines.push(json!({"input": "<|eos|><|bos|>", "output": "x;\n"}).to_string());
+    let good = p.f.root.join("good.jsonl");
+    write_lines(&good, &lines);
+    let one = ["--set", "train.steps=1", "--set", "eval.every=0"];
+
+    let mut bad = lines.clone();
+    bad.insert(2, "{not json".into());
+    let broken = p.f.root.join("broken.jsonl");
+    write_lines(&broken, &bad);
+    let e = sft_fails(&p, &broken, &p.f.root.join("a"), &one);
+    assert!(
+        e.contains(&format!("{}:3: not JSON", broken.display())) && e.contains("sft.invalid"),
+        "{e}"
+    );
+    let said = sft(
+        &p,
+        &broken,
+        &p.f.root.join("b"),
+        &[&one[..], &["--set", "sft.invalid=skip"]].concat(),
+    );
+    let stderr = String::from_utf8_lossy(&said.stderr);
+    assert!(
+        stderr.contains(&format!("skipped 1 (not JSON: {}:3)", broken.display())),
+        "{stderr}"
+    );
+
+    // Longer than a row of the context: the input's start is cut, or the run refused.
+    let mut long = lines.clone();
+    let input: String = (0..40).map(|i| format!("int v{i} = {i};\n")).collect();
+    long.push(json!({"input": input, "output": "return v0;\n"}).to_string());
+    let long_file = p.f.root.join("long.jsonl");
+    write_lines(&long_file, &long);
+    let truncated = |run: &str| {
+        let out = p.f.root.join(run);
+        let data = if run == "c" { &long_file } else { &good };
+        let said = sft(&p, data, &out, &one);
+        let stats: Value =
+            serde_json::from_slice(&std::fs::read(out.join("sft-data.json")).unwrap()).unwrap();
+        (stats["stats"]["truncated"].as_u64().unwrap(), said)
+    };
+    let ((cut_long, said), (cut_good, _)) = (truncated("c"), truncated("c2"));
+    assert_eq!(cut_long, cut_good + 1);
+    let stderr = String::from_utf8_lossy(&said.stderr);
+    assert!(stderr.contains("examples cut to fit"), "{stderr}");
+    let e = sft_fails(
+        &p,
+        &long_file,
+        &p.f.root.join("d"),
+        &[&one[..], &["--set", "sft.too_long=refuse"]].concat(),
+    );
+    assert!(
+        e.contains(&format!("{}:{}:", long_file.display(), long.len())),
+        "{e}"
+    );
+
+    let e = sft_fails(
+        &p,
+        &good,
+        &p.f.root.join("e"),
+        &[&one[..], &["--set", "sft.context=4096"]].concat(),
+    );
+    assert!(e.contains("longer than the 128 tokens"), "{e}");
+    let nowhere = p.f.root.join("nowhere");
+    std::fs::create_dir_all(&nowhere).unwrap();
+    let e = run_fails(&[
+        "train",
+        "sft",
+        "--init",
+        nowhere.to_str().unwrap(),
+        "--data",
+        good.to_str().unwrap(),
+        "--tokenizer",
+        p.f.tokenizer.to_str().unwrap(),
+        "-o",
+        p.f.root.join("f").to_str().unwrap(),
+    ]);
+    assert!(e.contains("holds no checkpoint"), "{e}");
+
+    // A run is not overwritten, and resumes only on the data it started with.
+    let run = p.f.root.join("g");
+    sft(&p, &good, &run, &one);
+    let e = sft_fails(&p, &good, &run, &one);
+    assert!(e.contains("--resume"), "{e}");
+    let e = sft_fails(&p, &long_file, &run, &[&one[..], &["--resume"]].concat());
+    assert!(e.contains("other training settings"), "{e}");
+}
