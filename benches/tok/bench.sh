@@ -6,6 +6,7 @@
 # Defaults: shards of `cxxlm data run` on /usr/include (made here if missing), and the
 # held-out Debian projects fetched by scripts/corpus/debian-cpp.sh (none of which is under
 # /usr/include): abseil, eigen3, fmtlib, googletest, grpc, ninja-build, protobuf, spdlog.
+# SECOND_STAGE_MIB (default 512, as recorded in BENCHMARKS.md; 0 = the default tokenizer).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=bench-out/tok
@@ -29,7 +30,7 @@ pattern=$(grep -o 'PIECE_PATTERN: &str = r".*";' crates/cxxlm-tokenizer/src/lib.
 mb=$(python3 -c "import json;print(round(json.load(open('$shards/stats.json'))['stats']['written']['bytes']/1e6,1))")
 
 /usr/bin/time -v -o "$out/hf.time" "$venv/bin/python" benches/tok/hf_train.py "$shards" 32768 "$pattern" "$out/hf-tokenizer.json" >"$out/hf.log" 2>&1
-/usr/bin/time -v -o "$out/cxxlm.time" target/release/cxxlm tok train -i "$shards" --vocab 32768 -o "$out/tokenizer.json" >"$out/cxxlm.log" 2>&1
+/usr/bin/time -v -o "$out/cxxlm.time" target/release/cxxlm tok train -i "$shards" --vocab 32768 --second-stage-mib "${SECOND_STAGE_MIB:-512}" -o "$out/tokenizer.json" >"$out/cxxlm.log" 2>&1
 row() {
     local s rss
     s=$(grep 'Elapsed' "$out/$1.time" | awk '{print $NF}')

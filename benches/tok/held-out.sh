@@ -6,7 +6,7 @@
 # The 606 MB row of BENCHMARKS.md: benches/tok/held-out.sh bench-out/tok/held-out-605mb.json
 #   bench-out/tok/usr-include-shards runs/tok-train-extra
 # (runs/tok-train-extra: `cxxlm data run` of the LLVM 15, Qt 5 base and OpenCV tarballs
-# that scripts/corpus/debian-cpp.sh fetches.)
+# that scripts/corpus/debian-cpp.sh fetches.) SECOND_STAGE_MIB as in bench.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=$1
@@ -15,7 +15,7 @@ cargo build --release -q -p cxxlm
 inputs=()
 for s in "$@"; do inputs+=(-i "$s"); done
 tokenizer=${out%.json}-tokenizer.json
-target/release/cxxlm tok train "${inputs[@]}" --vocab 32768 -o "$tokenizer"
+target/release/cxxlm tok train "${inputs[@]}" --vocab 32768 --second-stage-mib "${SECOND_STAGE_MIB:-512}" -o "$tokenizer"
 [ -d corpus/debian ] || scripts/corpus/debian-cpp.sh >/dev/null
 held_out=()
 for p in abseil eigen3 fmtlib googletest grpc ninja-build protobuf spdlog; do

@@ -4,7 +4,9 @@ use rustc_hash::FxHashMap as HashMap;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
-use crate::{special_tokens, TokenizerError, PATTERN, RESERVED_SPECIALS};
+use crate::{special_tokens, TokenizerError, RESERVED_SPECIALS};
+#[cfg(doc)]
+use crate::{PATTERN, PIECE_PATTERN};
 
 /// Encoded pieces, per thread (see [`Bpe::encode_cached`]); cleared when full.
 #[derive(Default)]
@@ -25,25 +27,18 @@ pub struct Bpe {
     ranks: HashMap<(u32, u32), (u32, u32)>,
     vocab_size: usize,
     splitter: Regex,
+    pattern: &'static str,
 }
 
 impl Bpe {
     /// `merges` in rank order, each `[left, right, result]`; `tokens` holds the bytes
-    /// of every id below the specials.
+    /// of every id below the specials. Text is split into pieces by `pattern`
+    /// ([`PIECE_PATTERN`] for first-stage merges only, [`PATTERN`] with superwords).
     pub fn new(
         tokens: Vec<Vec<u8>>,
         merges: Vec<[u32; 3]>,
         vocab_size: usize,
-    ) -> Result<Self, TokenizerError> {
-        Self::with_pattern(tokens, merges, vocab_size, PATTERN)
-    }
-
-    /// A BPE that splits text with another pattern (the trainer's first stage).
-    pub(crate) fn with_pattern(
-        tokens: Vec<Vec<u8>>,
-        merges: Vec<[u32; 3]>,
-        vocab_size: usize,
-        pattern: &str,
+        pattern: &'static str,
     ) -> Result<Self, TokenizerError> {
         if vocab_size < 256 + RESERVED_SPECIALS || tokens.len() > vocab_size - RESERVED_SPECIALS {
             return Err(TokenizerError::VocabTooSmall(vocab_size));
@@ -59,7 +54,13 @@ impl Bpe {
             ranks,
             vocab_size,
             splitter: Regex::new(pattern).expect("static pattern"),
+            pattern,
         })
+    }
+
+    /// The pre-tokenizer's split pattern.
+    pub fn pattern(&self) -> &'static str {
+        self.pattern
     }
 
     pub fn vocab_size(&self) -> usize {

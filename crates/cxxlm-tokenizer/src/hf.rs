@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 
 use crate::byte_level::{byte_to_char, decode, encode};
-use crate::{special_tokens, Bpe, TokenizerError, PATTERN};
+use crate::{special_tokens, Bpe, TokenizerError, PATTERN, PIECE_PATTERN};
 
 pub fn to_hf_json(bpe: &Bpe) -> Value {
     let table = byte_to_char();
@@ -37,7 +37,7 @@ pub fn to_hf_json(bpe: &Bpe) -> Value {
         "pre_tokenizer": {
             "type": "Sequence",
             "pretokenizers": [
-                { "type": "Split", "pattern": { "Regex": PATTERN }, "behavior": "Isolated", "invert": false },
+                { "type": "Split", "pattern": { "Regex": bpe.pattern() }, "behavior": "Isolated", "invert": false },
                 { "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false }
             ]
         },
@@ -77,9 +77,13 @@ pub fn from_hf_json(text: &str) -> Result<Bpe, TokenizerError> {
     let pattern = v
         .pointer("/pre_tokenizer/pretokenizers/0/pattern/Regex")
         .and_then(Value::as_str);
-    if pattern != Some(PATTERN) {
+    // One stage splits into C++ pieces; with superwords, into lines.
+    let Some(pattern) = [PIECE_PATTERN, PATTERN]
+        .into_iter()
+        .find(|p| pattern == Some(*p))
+    else {
         return Err(bad("not a cxxlm tokenizer: its pre-tokenizer pattern differs from this version's (retrain it with `cxxlm tok train`)"));
-    }
+    };
     if v.pointer("/model/type").and_then(Value::as_str) != Some("BPE") {
         return Err(bad("model is not BPE"));
     }
@@ -169,5 +173,5 @@ pub fn from_hf_json(text: &str) -> Result<Bpe, TokenizerError> {
         };
         out.push([x, y, z]);
     }
-    Bpe::new(tokens, out, base + specials.len())
+    Bpe::new(tokens, out, base + specials.len(), pattern)
 }

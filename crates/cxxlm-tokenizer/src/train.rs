@@ -25,10 +25,6 @@ pub struct Trainer {
     second_stage_bytes: usize,
 }
 
-/// Text whose lines the second stage learns from, by default. Distinct lines are what
-/// costs memory; superwords need fewer of them than subwords need pieces.
-pub const SECOND_STAGE_BYTES: usize = 512 << 20;
-
 impl Trainer {
     pub fn new(vocab_size: usize) -> Result<Self, TokenizerError> {
         if vocab_size < 256 + RESERVED_SPECIALS {
@@ -41,11 +37,12 @@ impl Trainer {
             counts: HashMap::default(),
             line_counts: HashMap::default(),
             line_bytes: 0,
-            second_stage_bytes: SECOND_STAGE_BYTES,
+            second_stage_bytes: 0,
         })
     }
 
-    /// Learn second-stage merges from the lines of the first `bytes` of text only.
+    /// Also learn second-stage (superword) merges, from the lines of the first `bytes`
+    /// of text; 0 (the default) learns the whole vocabulary in the first stage.
     pub fn with_second_stage_bytes(mut self, bytes: usize) -> Self {
         self.second_stage_bytes = bytes;
         self
@@ -66,10 +63,13 @@ impl Trainer {
 
     pub fn train(self) -> Result<Bpe, TokenizerError> {
         let learned = self.vocab_size - RESERVED_SPECIALS;
-        let first = 256 + ((learned - 256) as f64 * FIRST_STAGE_SHARE) as usize;
         let mut state = Learner::new(self.counts, None);
-        state.learn(first);
-        let stage_one = Bpe::with_pattern(
+        if self.second_stage_bytes == 0 {
+            state.learn(learned);
+            return Bpe::new(state.tokens, state.merges, self.vocab_size, PIECE_PATTERN);
+        }
+        state.learn(256 + ((learned - 256) as f64 * FIRST_STAGE_SHARE) as usize);
+        let stage_one = Bpe::new(
             state.tokens.clone(),
             state.merges.clone(),
             self.vocab_size,
@@ -77,7 +77,7 @@ impl Trainer {
         )?;
         let mut state = Learner::new(self.line_counts, Some((&stage_one, state)));
         state.learn(learned);
-        Bpe::new(state.tokens, state.merges, self.vocab_size)
+        Bpe::new(state.tokens, state.merges, self.vocab_size, PATTERN)
     }
 }
 

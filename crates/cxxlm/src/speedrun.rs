@@ -88,6 +88,8 @@ struct TokenizerSettings {
     vocab: usize,
     /// Train on at most this many MB of text (0 = all).
     max_mb: u64,
+    /// Superword merges from the lines of this many MiB (0 = first stage only).
+    second_stage_mib: usize,
 }
 
 impl Default for TokenizerSettings {
@@ -95,6 +97,7 @@ impl Default for TokenizerSettings {
         TokenizerSettings {
             vocab: 32768,
             max_mb: 0,
+            second_stage_mib: 0,
         }
     }
 }
@@ -203,6 +206,12 @@ fn stages(config: &Config, l: &Layout, pretrain_toml: &str, sft_toml: &str) -> V
         tok_args.extend([
             "--max-bytes".into(),
             (config.tokenizer.max_mb * 1_000_000).to_string(),
+        ]);
+    }
+    if config.tokenizer.second_stage_mib > 0 {
+        tok_args.extend([
+            "--second-stage-mib".into(),
+            config.tokenizer.second_stage_mib.to_string(),
         ]);
     }
     let p = &config.pack;

@@ -3,7 +3,7 @@ use clap::{Args, Subcommand};
 use cxxlm_data::config::{InputConfig, NormalizeConfig};
 use cxxlm_data::read::{self, ReadItem, UnitReader};
 use cxxlm_data::steps::Normalize;
-use cxxlm_tokenizer::{to_hf_json, PieceCache, Trainer, DEFAULT_VOCAB, SECOND_STAGE_BYTES};
+use cxxlm_tokenizer::{to_hf_json, PieceCache, Trainer, DEFAULT_VOCAB};
 use rayon::prelude::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -34,8 +34,10 @@ pub struct TrainArgs {
     /// Use at most this many bytes of text.
     #[arg(long)]
     max_bytes: Option<u64>,
-    /// Learn superword (second-stage) merges from the lines of this many MiB of text.
-    #[arg(long, default_value_t = SECOND_STAGE_BYTES >> 20)]
+    /// Also learn superword (second-stage) merges, from the lines of this many MiB of
+    /// text (512 was the former default). They compress better but cost the model half
+    /// its compile rate (BENCHMARKS.md); 0 gives the whole vocabulary to the first stage.
+    #[arg(long, default_value_t = 0)]
     second_stage_mib: usize,
     #[arg(long, short)]
     out: PathBuf,
@@ -160,6 +162,14 @@ fn train(args: TrainArgs) -> Result<()> {
         trainer.distinct_pieces()
     );
     let bpe = trainer.train()?;
+    let unused = bpe.special_base() as usize - bpe.tokens().len();
+    if unused > 0 {
+        eprintln!(
+            "warning: the text fills only {} of the {} learned ids (no pair of tokens left that occurs twice); {unused} stay unused: train on more text, or with a smaller --vocab",
+            bpe.tokens().len(),
+            bpe.special_base()
+        );
+    }
     let json = serde_json::to_string(&to_hf_json(&bpe))?;
     let tmp = args.out.with_extension("json.tmp");
     std::fs::write(&tmp, json).with_context(|| format!("writing {}", tmp.display()))?;

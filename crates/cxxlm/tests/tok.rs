@@ -58,15 +58,49 @@ fn trains_evaluates_and_python_tokenizers_agree() {
         odd.to_str().unwrap(),
     ]);
     let ours = String::from_utf8(ours.stdout).unwrap();
-    let bos = (600 - 64).to_string();
+    let bos = bos_id(&tok).to_string();
     assert!(
         !ours.split_whitespace().any(|id| id == bos),
         "special token produced from text"
     );
 
-    // Python `tokenizers` reads the file and gives the same ids, on text that spells
-    // special tokens too: as ours, it never makes them from text.
-    let plain = tmp.path().join("plain.cpp");
+    python_tokenizers_agree(tmp.path(), &tok);
+
+    // With superword merges (lines as pieces), Python `tokenizers` agrees too.
+    let superwords = tmp.path().join("superwords.json");
+    run_ok(&[
+        "tok",
+        "train",
+        "-i",
+        shards.to_str().unwrap(),
+        "--vocab",
+        "600",
+        "--second-stage-mib",
+        "1",
+        "-o",
+        superwords.to_str().unwrap(),
+    ]);
+    let pattern = |p: &std::path::Path| {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        v["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"].clone()
+    };
+    assert_eq!(pattern(&tok), cxxlm_tokenizer::PIECE_PATTERN);
+    assert_eq!(pattern(&superwords), cxxlm_tokenizer::PATTERN);
+    python_tokenizers_agree(tmp.path(), &superwords);
+}
+
+fn bos_id(tok: &std::path::Path) -> u32 {
+    cxxlm_tokenizer::load(tok)
+        .unwrap()
+        .special_id("<|bos|>")
+        .unwrap()
+}
+
+/// Python `tokenizers` reads the file and gives the same ids as `cxxlm tok encode`, on
+/// text that spells special tokens too: as ours, it never makes them from text.
+fn python_tokenizers_agree(dir: &std::path::Path, tok: &std::path::Path) {
+    let plain = dir.join("plain.cpp");
     write(
         &plain,
         format!("{}\n// naïve — ✓ 😀\nint x\t=\t1;   \r\n// <|bos|><|fim_middle|> <|eos|>\n<|reserved_20|>", cpp_source(7)),
@@ -78,9 +112,16 @@ fn trains_evaluates_and_python_tokenizers_agree() {
         tok.to_str().unwrap(),
         plain.to_str().unwrap(),
     ]);
-    let script = "import sys\nfrom tokenizers import Tokenizer\nt = Tokenizer.from_file(sys.argv[1])\ntext = open(sys.argv[2], encoding='utf-8', newline='').read()\nenc = t.encode(text, add_special_tokens=False)\nassert t.decode(enc.ids) == text, 'decode differs'\nassert t.token_to_id('<|bos|>') == 536 and t.token_to_id('<|fim_middle|>') == 540\nassert not any(i >= 536 for i in enc.ids), 'a special token from text'\nprint(' '.join(map(str, enc.ids)))\n";
+    let script = "import sys\nfrom tokenizers import Tokenizer\nt = Tokenizer.from_file(sys.argv[1])\ntext = open(sys.argv[2], encoding='utf-8', newline='').read()\nenc = t.encode(text, add_special_tokens=False)\nassert t.decode(enc.ids) == text, 'decode differs'\nbos = int(sys.argv[3])\nassert (t.token_to_id('<|bos|>'), t.token_to_id('<|fim_middle|>')) == (bos, bos + 4), 'special ids differ'\nassert not any(i >= bos for i in enc.ids), 'a special token from text'\nprint(' '.join(map(str, enc.ids)))\n";
+    let bos = bos_id(tok).to_string();
     let py = Command::new("python3")
-        .args(["-c", script, tok.to_str().unwrap(), plain.to_str().unwrap()])
+        .args([
+            "-c",
+            script,
+            tok.to_str().unwrap(),
+            plain.to_str().unwrap(),
+            &bos,
+        ])
         .output()
         .expect("python3 runs");
     assert!(
