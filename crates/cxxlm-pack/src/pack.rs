@@ -158,7 +158,8 @@ pub fn tokenizer_sha256(bpe: &Bpe) -> String {
 
 fn is_validation(id: &str, fraction: f64) -> bool {
     let h = xxhash_rust::xxh3::xxh3_64(id.as_bytes());
-    (h as f64 / u64::MAX as f64) < fraction
+    // 1 takes every document (a held-out set packed whole), the largest hash included.
+    fraction >= 1.0 || (h as f64 / u64::MAX as f64) < fraction
 }
 
 /// Packs the inputs, resuming a previous run of the same settings; `progress` hears the
@@ -171,10 +172,10 @@ pub fn pack(
 ) -> Result<Manifest> {
     if !(0.0..=1.0).contains(&config.fim.rate)
         || !(0.0..=1.0).contains(&config.fim.spm_rate)
-        || !(0.0..1.0).contains(&config.val_fraction)
+        || !(0.0..=1.0).contains(&config.val_fraction)
     {
         return Err(PackError::Config(
-            "FIM rates must lie in [0, 1] and the validation fraction in [0, 1)".into(),
+            "FIM rates and the validation fraction must lie in [0, 1]".into(),
         ));
     }
     let input = InputConfig {

@@ -215,6 +215,16 @@ pub fn token_bytes(bpe: &Bpe, device: Device) -> Tensor {
     Tensor::from_slice(&bytes).to_device(device)
 }
 
+/// Bits per byte, and what they were measured on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BitsPerByte {
+    pub bits_per_byte: f64,
+    /// Predicted tokens that stand for text (special tokens are not scored).
+    pub tokens: u64,
+    /// The UTF-8 bytes of those tokens.
+    pub bytes: u64,
+}
+
 /// Validation bits per byte over up to `max_tokens` tokens of `data`, the windows
 /// shared among the ranks of `comm`.
 pub fn bits_per_byte(
@@ -224,11 +234,11 @@ pub fn bits_per_byte(
     max_tokens: usize,
     bytes_of: &Tensor,
     comm: &Comm,
-) -> Result<Option<f64>> {
+) -> Result<Option<BitsPerByte>> {
     let t = model.config.seq_len;
     // Summed on the device and read once, so batches queue without a sync each.
     let zero = || Tensor::zeros([], (Kind::Double, model.device()));
-    let (mut nats, mut bytes) = (zero(), zero());
+    let (mut nats, mut bytes, mut tokens) = (zero(), zero(), zero());
     let mut seen = 0;
     let max_tokens = max_tokens.div_ceil(comm.size());
     for b in eval_batches(data, batch, t, comm.rank(), comm.size()) {
@@ -240,14 +250,19 @@ pub fn bits_per_byte(
         let losses = model.token_losses(&x, &y, None);
         let w = bytes_of.index_select(0, &y.reshape([-1]));
         let counted = w.gt(0.0).to_kind(Kind::Float);
+        tokens += counted.sum(Kind::Double);
         nats += (losses * counted).sum(Kind::Double);
         bytes += w.sum(Kind::Double);
         seen += b.rows * t;
     }
-    let sums = Tensor::stack(&[nats, bytes], 0);
+    let sums = Tensor::stack(&[nats, bytes, tokens], 0);
     comm.all_reduce_sum(&sums)?;
     let (nats, bytes) = (sums.double_value(&[0]), sums.double_value(&[1]));
-    Ok((bytes > 0.0).then(|| nats / std::f64::consts::LN_2 / bytes))
+    Ok((bytes > 0.0).then(|| BitsPerByte {
+        bits_per_byte: nats / std::f64::consts::LN_2 / bytes,
+        tokens: sums.double_value(&[2]) as u64,
+        bytes: bytes as u64,
+    }))
 }
 
 /// The pack's training windows, as the loader cuts them for this rank.
@@ -317,7 +332,7 @@ impl Evaluation for PretrainEval<'_> {
             comm,
         )? {
             Some(bpb) => {
-                figures.insert("val_bpb".into(), bpb.into());
+                figures.insert("val_bpb".into(), bpb.bits_per_byte.into());
             }
             None => report(Event::Warning(format!(
                 "the validation split holds less than one window of {} tokens: no bits per byte",

@@ -203,14 +203,16 @@ pub fn device(name: &str, local_rank: usize) -> Result<Device> {
 }
 
 /// Token ids `(rows, cols)` on `device`; to a GPU through pinned memory, without waiting
-/// for the work already queued there.
+/// for the work already queued there. tch's `pin_memory` passes a device, which torch
+/// deprecates with two warnings per call; `_pin_memory` (what it calls) warns about none.
 pub fn to_device_ids(tokens: &[u32], rows: usize, cols: usize, device: Device) -> Tensor {
     let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
     let host = Tensor::from_slice(&ids).view([rows as i64, cols as i64]);
     match device {
-        Device::Cuda(_) => host
-            .pin_memory(device)
-            .to_device_(device, Kind::Int64, true, false),
+        Device::Cuda(_) => {
+            host.internal_pin_memory(device)
+                .to_device_(device, Kind::Int64, true, false)
+        }
         _ => host.to_device(device),
     }
 }

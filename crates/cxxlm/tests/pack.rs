@@ -94,6 +94,20 @@ fn fim_documents_rearrange_back_to_the_shards_byte_for_byte() {
     run_ok(&pack_args(&f, &out, &["--val-fraction", "0.2"]));
     let e = run_fails(&pack_args(&f, &out, &["--val-fraction", "0.3"]));
     assert!(e.contains("other settings"), "{e}");
+
+    // A held-out set is packed whole with a validation fraction of 1.
+    let whole = f.root.join("pack-whole");
+    run_ok(&pack_args(&f, &whole, &["--val-fraction", "1"]));
+    let m = Manifest::load(&whole).unwrap();
+    assert_eq!(m.splits["train"].documents, 0);
+    assert_eq!(m.splits["val"].documents, shard_texts.len() as u64);
+    assert_eq!(m.open(&whole, "val").unwrap().len(), shard_texts.len());
+    let e = run_fails(&pack_args(
+        &f,
+        &f.root.join("pack-over"),
+        &["--val-fraction", "1.5"],
+    ));
+    assert!(e.contains("[0, 1]"), "{e}");
 }
 
 #[test]

@@ -412,3 +412,40 @@ fn the_explicit_backward_pass_trains_as_autograd_does() {
     }
     assert!(e[5].1 < e[0].1, "the loss falls: {e:?}");
 }
+
+/// On a machine with a GPU: training on it prints no torch warnings (token ids are
+/// pinned without the deprecated device argument, which warned twice a step).
+#[test]
+fn training_on_a_gpu_prints_no_torch_deprecation_warnings() {
+    let has_gpu = std::process::Command::new("nvidia-smi")
+        .arg("-L")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_gpu {
+        eprintln!("no GPU here: nothing to check");
+        return;
+    }
+    let p = packed();
+    let out = p.f.root.join("gpu-run");
+    let mut args: Vec<String> = [
+        "train",
+        "pretrain",
+        "--pack",
+        p.pack.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .chain(TINY.iter())
+    .map(|s| s.to_string())
+    .collect();
+    args.extend([
+        "--set".into(),
+        "train.device=cuda".into(),
+        "--set".into(),
+        "train.steps=3".into(),
+    ]);
+    let said = run_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let stderr = String::from_utf8_lossy(&said.stderr);
+    assert!(!stderr.contains("deprecated"), "{stderr}");
+}

@@ -38,6 +38,8 @@ impl TextModel for Checkpoint {
             top_p: g.top_p,
             max_new_tokens: g.max_new_tokens,
             seed: g.seed,
+            repeat_penalty: g.repeat_penalty,
+            repeat_last_n: g.repeat_last_n,
         };
         self.model.generate(prompts, &sampling, stop)
     }
@@ -70,12 +72,17 @@ fn bpb(args: BpbArgs) -> Result<()> {
     let bpb =
         cxxlm_train::pretrain::bits_per_byte(&model, &data, args.batch, max, &bytes, &single)?
             .with_context(|| format!("{}: fewer tokens than one window", args.split))?;
-    outln!("{}: {bpb:.4} bits per byte", args.split)?;
+    outln!(
+        "{}: {:.4} bits per byte over {} tokens, {} bytes of text",
+        args.split,
+        bpb.bits_per_byte,
+        bpb.tokens,
+        bpb.bytes
+    )?;
     if let Some(path) = &args.json {
-        std::fs::write(
-            path,
-            json!({"split": args.split, "bits_per_byte": bpb}).to_string(),
-        )?;
+        let report = json!({"split": args.split, "bits_per_byte": bpb.bits_per_byte,
+                            "tokens": bpb.tokens, "bytes": bpb.bytes});
+        std::fs::write(path, report.to_string())?;
     }
     Ok(())
 }
