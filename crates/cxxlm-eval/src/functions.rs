@@ -150,8 +150,9 @@ pub fn inner_blocks(src: &str) -> Vec<Body> {
     braces(src).1
 }
 
-/// Function bodies, and the brace pairs inside them.
-fn braces(src: &str) -> (Vec<Body>, Vec<Body>) {
+/// Function bodies, the brace pairs inside them, and the braces left open at the end
+/// (each with whether a function body starts there).
+fn braces(src: &str) -> (Vec<Body>, Vec<Body>, Vec<(usize, bool)>) {
     let code = code_only(src);
     let (mut bodies, mut blocks) = (Vec::new(), Vec::new());
     // Open braces: (position, whether a function body starts there).
@@ -183,22 +184,60 @@ fn braces(src: &str) -> (Vec<Body>, Vec<Body>) {
             _ => {}
         }
     }
-    (bodies, blocks)
+    (bodies, blocks, stack)
+}
+
+/// The offset just past the `}` of `generated` that closes the `depth`-th brace opened
+/// before it (1: the innermost), if there is one.
+fn closing_brace(generated: &str, depth: usize) -> Option<usize> {
+    let mut open = depth as i64;
+    for (i, &c) in code_only(generated).iter().enumerate() {
+        match c {
+            b'{' => open += 1,
+            b'}' => {
+                open -= 1;
+                if open == 0 {
+                    return Some(i + 1);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 /// How far the braces of generated code close: the offset just past the `}` that closes
 /// a body opened before the text started, if there is one.
 pub fn body_end(generated: &str) -> Option<usize> {
-    let mut depth = 0i64;
-    for (i, &c) in code_only(generated).iter().enumerate() {
-        match c {
-            b'{' => depth += 1,
-            b'}' if depth == 0 => return Some(i + 1),
-            b'}' => depth -= 1,
-            _ => {}
-        }
+    closing_brace(generated, 1)
+}
+
+/// The stop that code completion wants for a prompt that ends inside a function body
+/// (a signature and its `{`, or part of the body): the end of that body, found by brace
+/// depth outside comments, literals and preprocessor lines. Shared by evaluation,
+/// `cxxlm sample` and the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyStop {
+    /// Braces open at the end of the prompt, the function body's own included.
+    depth: usize,
+}
+
+impl BodyStop {
+    /// `None` when the prompt does not end inside a function body.
+    pub fn after(prompt: &str) -> Option<BodyStop> {
+        let (_, _, open) = braces(prompt);
+        let function = open.iter().position(|&(_, f)| f)?;
+        Some(BodyStop {
+            depth: open.len() - function,
+        })
     }
-    None
+
+    /// The length of `generated` up to and including the `}` that ends the body, once
+    /// it is there. Generated text is scanned on its own: a prompt that ends inside a
+    /// comment or a literal is taken to have closed it.
+    pub fn end(&self, generated: &str) -> Option<usize> {
+        closing_brace(generated, self.depth)
+    }
 }
 
 #[cfg(test)]
@@ -267,6 +306,33 @@ int table[] = { 1, 2 };
         assert_eq!(body_end(" return f({1}); }\nint g();"), Some(17));
         assert_eq!(body_end(" if (x) { y(\"}\"); }\n return 0;\n}"), Some(32));
         assert_eq!(body_end(" while (true) {"), None);
+    }
+
+    #[test]
+    fn a_prompt_that_opens_a_function_body_stops_where_it_ends() {
+        let mbpp = "#include<bits/stdc++.h>\n// Sum of {x}.\nlong sum(std::vector<long> v) {\n";
+        let stop = BodyStop::after(mbpp).expect("the prompt opens a body");
+        let written = "    long s = 0; // }\n    for (long x : v) { s += x; }\n    return s;\n}\nint main() {}\n";
+        assert_eq!(
+            &written[..stop.end(written).unwrap()],
+            &written[..written.find("}\nint").unwrap() + 1]
+        );
+        assert_eq!(stop.end("    if (x) {\n        return \"}\";\n"), None);
+        // Inside a block of the body: the body's end, not the block's.
+        let deeper = BodyStop::after("int f(int n) {\n  if (n) {\n    n++;").unwrap();
+        let rest = "\n  }\n  return n;\n}\nint g;";
+        assert_eq!(deeper.end(rest), Some(rest.find("}\nint").unwrap() + 1));
+        // Not inside a function: a struct, a namespace, a closed function, plain text.
+        for prompt in [
+            "struct S {\n  int x;",
+            "namespace a {\n",
+            "int f() { return 1; }\n",
+            "// {\n",
+        ] {
+            assert_eq!(BodyStop::after(prompt), None, "{prompt:?}");
+        }
+        // A method inside a class counts.
+        assert!(BodyStop::after("class C {\n  int get() const {\n").is_some());
     }
 
     #[test]

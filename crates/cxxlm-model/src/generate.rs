@@ -6,7 +6,7 @@
 //! the server's continuous batching drive the same [`Decoder`]. On CUDA a step of each
 //! batch shape is captured once as a CUDA graph and replayed for every token
 //! (`CXXLM_CUDA_GRAPHS=0` turns that off). Sampling: temperature (0 = greedy), top-k,
-//! top-p, per row.
+//! top-p and a repetition guard (off by default), per row.
 
 use std::collections::{HashMap, HashSet};
 
@@ -39,6 +39,12 @@ pub struct Sampling {
     pub top_p: f64,
     pub max_new_tokens: usize,
     pub seed: u64,
+    /// The repetition guard, llama.cpp's `repeat_penalty`: the logits of tokens among
+    /// the last [`Sampling::repeat_last_n`] (prompt included) are divided by it when
+    /// positive and multiplied when negative, so a model that starts to loop is pushed
+    /// off its loop. 1 turns it off (the default; benchmarks keep it off).
+    pub repeat_penalty: f64,
+    pub repeat_last_n: usize,
 }
 
 impl Default for Sampling {
@@ -49,8 +55,56 @@ impl Default for Sampling {
             top_p: 1.0,
             max_new_tokens: 256,
             seed: 0,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
         }
     }
+}
+
+impl Sampling {
+    /// Whether the repetition guard changes anything.
+    pub fn guards_repetition(&self) -> bool {
+        self.repeat_penalty != 1.0 && self.repeat_last_n > 0
+    }
+}
+
+/// `logits (B, V)` with row `i`'s tokens among the last `repeat_last_n` of `recent[i]`
+/// penalized by `each[i]`'s repetition guard.
+fn penalize(logits: &Tensor, each: &[Sampling], recent: &[&[u32]]) -> Tensor {
+    let windows: Vec<&[u32]> = each
+        .iter()
+        .zip(recent)
+        .map(|(s, r)| match s.guards_repetition() {
+            true => &r[r.len().saturating_sub(s.repeat_last_n)..],
+            false => &r[..0],
+        })
+        .collect();
+    let width = windows.iter().map(|w| w.len()).max().unwrap_or(0);
+    if width == 0 {
+        return logits.shallow_clone();
+    }
+    // One gather and one scatter for the batch: short windows are padded with their
+    // own last token (a repeated index writes the same value), empty ones with token 0
+    // at penalty 1.
+    let mut ids = Vec::with_capacity(windows.len() * width);
+    let mut penalty = Vec::with_capacity(windows.len());
+    for (w, s) in windows.iter().zip(each) {
+        let pad = w.last().copied().unwrap_or(0);
+        ids.extend((0..width).map(|i| *w.get(i).unwrap_or(&pad) as i64));
+        penalty.push(if w.is_empty() { 1.0 } else { s.repeat_penalty });
+    }
+    let device = logits.device();
+    let rows = windows.len() as i64;
+    let ids = Tensor::from_slice(&ids)
+        .view([rows, width as i64])
+        .to_device(device);
+    let penalty = Tensor::from_slice(&penalty)
+        .view([rows, 1])
+        .to_device(device)
+        .to_kind(logits.kind());
+    let seen = logits.gather(1, &ids, false);
+    let guarded = (&seen / &penalty).where_self(&seen.gt(0.0), &(&seen * &penalty));
+    logits.scatter(1, &ids, &guarded)
 }
 
 /// The next token of each row of `logits (B, V)`.
@@ -81,9 +135,17 @@ fn choose(logits: &Tensor, s: &Sampling) -> Tensor {
 }
 
 /// The next token of each row of `logits (B, V)`, row `i` sampled by `each[i]`
-/// (temperature, top-k and top-p; the other fields are not read).
-pub fn sample(logits: &Tensor, each: &[Sampling]) -> Vec<u32> {
+/// (temperature, top-k, top-p and the repetition guard over `recent[i]`, the row's
+/// tokens so far; `recent` may be empty when no row guards repetition).
+pub fn sample(logits: &Tensor, each: &[Sampling], recent: &[&[u32]]) -> Vec<u32> {
     let _guard = tch::no_grad_guard();
+    let guarded;
+    let logits = if recent.len() == each.len() && each.iter().any(Sampling::guards_repetition) {
+        guarded = penalize(logits, each, recent);
+        &guarded
+    } else {
+        logits
+    };
     let same = |a: &Sampling, b: &Sampling| {
         a.temperature == b.temperature && a.top_k == b.top_k && a.top_p == b.top_p
     };
@@ -205,8 +267,17 @@ impl Gpt {
         let each = vec![sampling.clone(); batch];
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); batch];
         let mut done = vec![false; batch];
+        // The tokens the repetition guard looks back on: the prompt's, then the row's.
+        let mut recent: Vec<Vec<u32>> = match sampling.guards_repetition() {
+            true => trimmed.iter().map(|p| p.to_vec()).collect(),
+            false => Vec::new(),
+        };
         for _ in 0..budget {
-            let next = sample(&logits, &each);
+            let views: Vec<&[u32]> = recent.iter().map(Vec::as_slice).collect();
+            let next = sample(&logits, &each, &views);
+            for (r, &t) in recent.iter_mut().zip(&next) {
+                r.push(t);
+            }
             for (row, &t) in next.iter().enumerate() {
                 if !done[row] {
                     out[row].push(t);
@@ -487,19 +558,20 @@ mod tests {
         let mut d = m.decoder(4, 32);
         let (a, b): (Vec<u32>, Vec<u32>) = (vec![5, 17, 3, 99], vec![8, 1, 2, 3, 4, 5, 6]);
         // Slot 2 decodes `a` alone for three tokens, then slot 0 joins with `b`.
-        let mut got_a = sample(&d.prefill(&m, 2, 0, &[&a]), &greedy);
+        let mut got_a = sample(&d.prefill(&m, 2, 0, &[&a]), &greedy, &[]);
         for i in 0..3 {
             let last = *got_a.last().unwrap();
             let next = d.step(&m, Rows::List(&[2]), &[last], &[a.len() + i]);
-            got_a.extend(sample(&next, &greedy));
+            got_a.extend(sample(&next, &greedy, &[]));
         }
-        let mut got_b = sample(&d.prefill(&m, 0, 0, &[&b]), &greedy);
+        let mut got_b = sample(&d.prefill(&m, 0, 0, &[&b]), &greedy, &[]);
         for i in 3..7 {
             let tokens = [*got_a.last().unwrap(), *got_b.last().unwrap()];
             let pos = [a.len() + i, b.len() + i - 3];
             let next = sample(
                 &d.step(&m, Rows::List(&[2, 0]), &tokens, &pos),
                 &[Sampling::default(), Sampling::default()],
+                &[],
             );
             got_a.push(next[0]);
             got_b.push(next[1]);
@@ -527,6 +599,7 @@ mod tests {
                     top_p,
                     max_new_tokens: 12,
                     seed: 7,
+                    ..Default::default()
                 },
                 &mut |_, _| false,
             )
@@ -557,5 +630,56 @@ mod tests {
             &mut |row, so_far| row == 0 && so_far.len() == 3,
         );
         assert_eq!((stopped[0].len(), stopped[1].len()), (3, 12));
+    }
+
+    #[test]
+    fn the_repetition_guard_divides_positive_and_multiplies_negative_logits() {
+        let row = [2.0f32, -1.0, 0.5, 1.0];
+        let logits = Tensor::from_slice(&[row, row, row].concat()).view([3, 4]);
+        let guard = Sampling {
+            repeat_penalty: 2.0,
+            ..Default::default()
+        };
+        let each = [guard.clone(), Sampling::default(), guard];
+        let recent: [&[u32]; 3] = [&[0, 1, 0], &[0, 1], &[]];
+        let got: Vec<f32> = Vec::try_from(penalize(&logits, &each, &recent).view([-1])).unwrap();
+        assert_eq!(got[..4], [1.0, -2.0, 0.5, 1.0]);
+        assert_eq!(
+            got[4..],
+            [row, row].concat()[..],
+            "off, or nothing seen yet"
+        );
+    }
+
+    #[test]
+    fn the_repetition_guard_pushes_greedy_decoding_off_its_loop() {
+        let _rng = crate::TORCH_RNG.lock();
+        let m = model();
+        let prompt = vec![vec![1, 2, 3]];
+        let run = |repeat_penalty| {
+            let s = Sampling {
+                max_new_tokens: 24,
+                repeat_penalty,
+                repeat_last_n: 8,
+                ..Default::default()
+            };
+            m.generate(&prompt, &s, &mut |_, _| false).remove(0)
+        };
+        let repeats = |v: &[u32]| {
+            (1..v.len())
+                .filter(|&i| v[i.saturating_sub(8)..i].contains(&v[i]))
+                .count()
+        };
+        let plain = run(1.0);
+        assert!(
+            repeats(&plain) > 4,
+            "a random model loops when greedy: {plain:?}"
+        );
+        let guarded = run(1e4);
+        assert!(
+            repeats(&guarded) < repeats(&plain) / 2,
+            "{plain:?} -> {guarded:?}"
+        );
+        assert_eq!(run(1.0), plain, "off is plain greedy decoding");
     }
 }

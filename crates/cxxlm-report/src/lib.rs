@@ -557,6 +557,61 @@ fn tokenizer(r: &mut Report) {
             &bars,
         )
     });
+    judged_by_the_model(r);
+}
+
+/// Compression is a means: the model trained with the tokenizer is the judge. Its
+/// compile rates and how often its completions ran to the length limit (models that
+/// loop on repeated lines run there).
+fn judged_by_the_model(r: &mut Report) {
+    let mut rows = Vec::new();
+    let limit = |v: &Value| match v["length_limited"].as_u64() {
+        Some(n) => format!("{:.1}% ({n})", 100.0 * num(v, "length_limited_share")),
+        None => "-".into(),
+    };
+    if let Some(c) = r
+        .evals
+        .get("compile")
+        .filter(|c| c["programs"].as_u64() > Some(0))
+    {
+        rows.push(vec![
+            "held-out function bodies".into(),
+            format!(
+                "{:.1}% of {}",
+                100.0 * num(c, "compile_rate"),
+                c["programs"]
+            ),
+            limit(c),
+        ]);
+    }
+    if let Some(m) = r
+        .evals
+        .get("mbpp")
+        .filter(|m| m["samples"].as_u64() > Some(0))
+    {
+        rows.push(vec![
+            "MBPP-C++ completions".into(),
+            format!(
+                "{:.1}% of {}",
+                100.0 * num(m, "compiled") / num(m, "samples"),
+                m["samples"]
+            ),
+            limit(m),
+        ]);
+    }
+    if rows.is_empty() {
+        r.not_run("the model's compile rate (judging the tokenizer)");
+        return;
+    }
+    let _ = writeln!(
+        r.md,
+        "Judged by the model trained with it: how often its code compiles, and how often it ran to the length limit instead of stopping.\n"
+    );
+    table(
+        &mut r.md,
+        &["completions", "compile rate", "ran to the length limit"],
+        &rows,
+    );
 }
 
 /// Every numeric field of `metrics.jsonl` as (step, value) points.
@@ -1078,5 +1133,40 @@ mod tests {
             }
             assert!(md.contains("![training loss](plots/loss.png)"));
         }
+    }
+
+    #[test]
+    fn the_tokenizer_is_judged_by_the_models_compile_rate_and_length_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        std::fs::create_dir_all(layout.root.join("eval")).unwrap();
+        let files = [
+            (
+                "tokenizer",
+                r#"{"projects":[{"project":"overall","files":3,"raw_bytes":4000,"normalized_bytes":3600,"tokens":{"ours":{"raw_tokens":1000,"normalized_tokens":1000}},"cl100k_raw_over_ours_raw":1.0,"cl100k_raw_over_ours_normalized":1.1}],"encode_mb_per_s":20.0}"#,
+            ),
+            (
+                "compile",
+                r#"{"programs":8,"compile_rate":0.25,"warning_free_rate":0.125,"checks_per_second":3.0,"failures":{},"length_limited":2,"length_limited_share":0.25}"#,
+            ),
+            (
+                "mbpp",
+                r#"{"problems":2,"samples":4,"compiled":2,"passed":1,"pass_at_k":{"pass@1":0.25},"verdicts":[]}"#,
+            ),
+        ];
+        for (name, json) in files {
+            std::fs::write(layout.eval(name), json).unwrap();
+        }
+        let md = std::fs::read_to_string(write(&layout).unwrap().markdown).unwrap();
+        assert!(md.contains("| ours | 4.00 | 3.60 |"), "{md}");
+        assert!(
+            md.contains("| held-out function bodies | 25.0% of 8 | 25.0% (2) |"),
+            "{md}"
+        );
+        // Completions judged elsewhere, with no record of their length: shown as unknown.
+        assert!(
+            md.contains("| MBPP-C++ completions | 50.0% of 4 | - |"),
+            "{md}"
+        );
     }
 }

@@ -13,8 +13,9 @@ use serde_json::{json, Map, Value};
 
 use crate::engine::{Engine, Event, Finish, Job, COMPLETE, GONE, GO_ON};
 use crate::http::{Conn, Request};
-use crate::text::{self, ContextFile, Reindent, Stops, Utf8Stream};
+use crate::text::{self, BodyEnd, ContextFile, Reindent, Stops, Utf8Stream};
 use crate::{ModelInfo, Sampling};
+use cxxlm_eval::functions::BodyStop;
 
 /// Completions drawn for one prompt at most (`n`).
 const MAX_N: usize = 16;
@@ -185,6 +186,8 @@ struct Generation {
     /// Stop once a line is done after this long (llama.cpp's `t_max_predict_ms`).
     predict_limit: Option<Duration>,
     truncated: bool,
+    /// For a plain prompt that opens a function body: stop where the body ends.
+    body: Option<BodyStop>,
 }
 
 struct Choice {
@@ -192,6 +195,7 @@ struct Choice {
     cancel: Arc<AtomicU8>,
     utf8: Utf8Stream,
     fit: Option<Reindent>,
+    body: Option<BodyEnd>,
     stops: Stops,
     text: String,
     tokens: usize,
@@ -249,7 +253,7 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-const OPENAI_SAMPLING: [&str; 11] = [
+const OPENAI_SAMPLING: [&str; 12] = [
     "model",
     "max_tokens",
     "temperature",
@@ -261,6 +265,7 @@ const OPENAI_SAMPLING: [&str; 11] = [
     "seed",
     "user",
     "top_k",
+    "repetition_penalty",
 ];
 const OPENAI_NEUTRAL: [&str; 5] = [
     "presence_penalty",
@@ -269,8 +274,9 @@ const OPENAI_NEUTRAL: [&str; 5] = [
     "logit_bias",
     "ignore_eos",
 ];
-/// llama.cpp's own fields, as llama.vim and llama.vscode send them; the sampler
-/// chain fields (`samplers`, `min_p`, penalties...) are accepted and not applied.
+/// llama.cpp's own fields, as llama.vim and llama.vscode send them; of the sampler
+/// chain fields (`samplers`, `min_p`, penalties...) only `repeat_penalty` and
+/// `repeat_last_n` are applied, the others accepted and not applied.
 const LLAMA_FIELDS: [&str; 38] = [
     "input_prefix",
     "input_suffix",
@@ -437,7 +443,24 @@ impl Server {
     }
 
     fn sampling(f: &Fields, temperature: f64) -> Result<Sampling, ApiError> {
+        // llama.cpp's and Ollama's name, and vLLM's for OpenAI requests.
+        let vllm = f.num("repetition_penalty", 1.0, 0.0, 10.0)?;
+        let repeat_penalty = f.num("repeat_penalty", vllm, 0.0, 10.0)?;
+        if repeat_penalty == 0.0 {
+            return Err(bad("the repetition penalty must be above 0 (1 is off)"));
+        }
+        let repeat_last_n = match f.int("repeat_last_n")? {
+            None => 64,
+            // llama.cpp's -1: the whole context.
+            Some(-1) => usize::MAX,
+            Some(n) if n < 0 => {
+                return Err(bad(format!("`repeat_last_n` must be -1 or more, not {n}")))
+            }
+            Some(n) => n as usize,
+        };
         Ok(Sampling {
+            repeat_penalty,
+            repeat_last_n,
             temperature: f.num("temperature", temperature, 0.0, 2.0)?,
             top_k: f.count("top_k", 0, 1 << 20)? as i64,
             top_p: {
@@ -521,6 +544,7 @@ impl Server {
                 cancel,
                 utf8: Utf8Stream::default(),
                 fit: g.fit.clone(),
+                body: g.body.map(BodyEnd::new),
                 stops: Stops::new(g.stops.clone()),
                 text: String::new(),
                 tokens: 0,
@@ -601,7 +625,9 @@ impl Server {
                         }
                     }
                     Event::Finished(how) => {
-                        if c.stops.matched.is_none() && !c.fit.as_ref().is_some_and(|f| f.stopped())
+                        if c.stops.matched.is_none()
+                            && !c.fit.as_ref().is_some_and(|f| f.stopped())
+                            && !c.body.as_ref().is_some_and(|b| b.ended)
                         {
                             let rest = c.utf8.finish();
                             new = fitted(c, &rest);
@@ -624,7 +650,9 @@ impl Server {
                     }
                 }
                 if c.finish.is_none()
-                    && (c.stops.matched.is_some() || c.fit.as_ref().is_some_and(|f| f.stopped()))
+                    && (c.stops.matched.is_some()
+                        || c.fit.as_ref().is_some_and(|f| f.stopped())
+                        || c.body.as_ref().is_some_and(|b| b.ended))
                 {
                     c.finish = Some("stop");
                     c.stop_type = if c.stops.matched.is_some() {
@@ -748,6 +776,7 @@ impl Server {
                 ids.extend(self.info.tokenizer.encode(&prompt));
                 self.check_length(&ids)?;
                 g.prompt = ids;
+                g.body = BodyStop::after(&prompt);
             }
         }
         let id = format!("cmpl-{}", self.ids.fetch_add(1, Ordering::Relaxed));
@@ -852,6 +881,7 @@ impl Server {
             fit: None,
             predict_limit: None,
             truncated: false,
+            body: None,
         })
     }
 
@@ -1232,6 +1262,7 @@ impl Server {
                 ids.extend(self.info.tokenizer.encode(&prompt));
                 self.check_length(&ids)?;
                 g.prompt = ids;
+                g.body = BodyStop::after(&prompt);
             }
         }
         // Ollama streams unless told not to.
@@ -1284,11 +1315,16 @@ impl Server {
     }
 }
 
-/// New text through a choice's re-indentation and stop strings.
+/// New text through a choice's re-indentation, the end of its function body and its
+/// stop strings.
 fn fitted(c: &mut Choice, piece: &str) -> String {
     let piece = match &mut c.fit {
         Some(fit) => fit.push(piece),
         None => piece.to_string(),
+    };
+    let piece = match &mut c.body {
+        Some(body) => body.push(&piece),
+        None => piece,
     };
     c.stops.push(&piece)
 }

@@ -238,7 +238,7 @@ fn run<M: Model>(
             let keep = common_prefix(&slot.cached, &job.prompt).min(job.prompt.len() - 1);
             slot.cached.truncate(keep);
             let started = Instant::now();
-            let first = model.prefill(index, keep, &job.prompt[keep..], &job.sampling);
+            let first = model.prefill(index, keep, &job.prompt, &job.sampling);
             let first = match first {
                 Ok(t) => t,
                 Err(e) => {
@@ -273,11 +273,18 @@ fn run<M: Model>(
             .iter()
             .enumerate()
             .filter_map(|(i, s)| {
-                s.active.as_ref().map(|a| StepRow {
-                    slot: i,
-                    token: a.next,
-                    position: s.cached.len(),
-                    sampling: a.job.sampling.clone(),
+                s.active.as_ref().map(|a| {
+                    let mut recent = a.job.sampling.recent(&s.cached).to_vec();
+                    if a.job.sampling.repeat_penalty != 1.0 {
+                        recent.push(a.next);
+                    }
+                    StepRow {
+                        slot: i,
+                        token: a.next,
+                        position: s.cached.len(),
+                        sampling: a.job.sampling.clone(),
+                        recent,
+                    }
                 })
             })
             .collect();

@@ -29,6 +29,20 @@ pub struct Sampling {
     /// 0: no limit.
     pub top_k: i64,
     pub top_p: f64,
+    /// The repetition guard (llama.cpp's `repeat_penalty` over the last `repeat_last_n`
+    /// tokens, prompt included); 1: off.
+    pub repeat_penalty: f64,
+    pub repeat_last_n: usize,
+}
+
+impl Sampling {
+    /// The tokens the repetition guard looks back on, of a sequence so far.
+    pub fn recent<'a>(&self, tokens: &'a [u32]) -> &'a [u32] {
+        match self.repeat_penalty != 1.0 {
+            true => &tokens[tokens.len().saturating_sub(self.repeat_last_n)..],
+            false => &[],
+        }
+    }
 }
 
 /// One active sequence of a decoding step.
@@ -40,6 +54,8 @@ pub struct StepRow {
     /// Where it goes: the slot holds the positions before it.
     pub position: usize,
     pub sampling: Sampling,
+    /// The tokens the repetition guard looks back on, `token` last (empty when off).
+    pub recent: Vec<u32>,
 }
 
 /// A model with a cache of `slots` sequences: what the engine drives.
@@ -47,13 +63,14 @@ pub trait Model {
     fn slots(&self) -> usize;
     /// Tokens one sequence holds, prompt and completion.
     fn context(&self) -> usize;
-    /// Computes `tokens` into `slot` from position `from` on (the slot's first `from`
-    /// positions are kept from its previous sequence) and samples the next token.
+    /// Computes `prompt[from..]` into `slot` from position `from` on (the slot's first
+    /// `from` positions hold the rest, kept from its previous sequence) and samples the
+    /// next token.
     fn prefill(
         &mut self,
         slot: usize,
         from: usize,
-        tokens: &[u32],
+        prompt: &[u32],
         sampling: &Sampling,
     ) -> Result<u32, String>;
     /// Feeds each row's token at its position and samples the next one of each.

@@ -5,6 +5,7 @@
 //! own indentation unit. Also: FIM and chat prompts from our special tokens, UTF-8
 //! assembled across tokens, and stop strings held back until they can be ruled out.
 
+use cxxlm_eval::functions::BodyStop;
 use cxxlm_tokenizer::Bpe;
 
 /// The repository name that repository context is rendered under (clients send files,
@@ -441,6 +442,40 @@ impl Stops {
     }
 }
 
+/// Generated text cut where the function body its prompt opened ends (the stop code
+/// completion wants for a plain prompt that opens one).
+pub struct BodyEnd {
+    stop: BodyStop,
+    text: String,
+    pub ended: bool,
+}
+
+impl BodyEnd {
+    pub fn new(stop: BodyStop) -> Self {
+        BodyEnd {
+            stop,
+            text: String::new(),
+            ended: false,
+        }
+    }
+
+    /// What of `piece` comes before the end of the body (all of it until then).
+    pub fn push(&mut self, piece: &str) -> String {
+        if self.ended {
+            return String::new();
+        }
+        let start = self.text.len();
+        self.text.push_str(piece);
+        match self.stop.end(&self.text) {
+            Some(end) => {
+                self.ended = true;
+                self.text[start..end.max(start)].to_string()
+            }
+            None => piece.to_string(),
+        }
+    }
+}
+
 /// A file of repository context (llama.cpp's `input_extra`).
 #[derive(Debug, Clone)]
 pub struct ContextFile {
@@ -517,6 +552,23 @@ pub fn fim_prompt(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_body_ends_the_text_at_its_closing_brace_across_pieces() {
+        let stop = BodyStop::after("int f(int x) {\n").unwrap();
+        let mut body = BodyEnd::new(stop);
+        let pieces = [
+            "    if (x) {",
+            " return \"}\"; ",
+            "}\n    return 0;\n",
+            "}",
+            "\nint g() {}\n",
+        ];
+        let out: String = pieces.iter().map(|p| body.push(p)).collect();
+        assert_eq!(out, "    if (x) { return \"}\"; }\n    return 0;\n}");
+        assert!(body.ended);
+        assert_eq!(body.push("more"), "");
+    }
+
     use super::*;
 
     const STRIP: Layout = Layout {

@@ -308,6 +308,16 @@ pub struct SampleArgs {
     pub max_tokens: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// The repetition guard: logits of the last --repeat-last-n tokens are divided by
+    /// this (multiplied when negative); 1 is off.
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f64,
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    /// Go on past the end of the function body that --prompt opens (by default the
+    /// completion ends with that body's closing brace).
+    #[arg(long)]
+    pub past_body: bool,
     /// Instead of sampling a prompt: time greedy generation of --max-tokens for this many
     /// sequences of --benchmark-prompt tokens each, never stopping early.
     #[arg(long, conflicts_with_all = ["prompt", "fim_prefix"])]

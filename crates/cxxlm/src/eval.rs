@@ -209,6 +209,12 @@ pub struct BenchArgs {
     temperature: f64,
     #[arg(long, default_value_t = 384)]
     max_tokens: usize,
+    /// The sampler's repetition guard: logits of the last --repeat-last-n tokens divided
+    /// by this (1: off, so figures stay comparable).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f64,
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
     /// Sequences generated together (prompts of any problems, padded on the left).
     #[arg(long, default_value_t = 32)]
     batch: usize,
@@ -245,13 +251,16 @@ impl EvalCommand {
     }
 }
 
-/// Generation settings: greedy at temperature 0.
+/// Generation settings: greedy at temperature 0, the repetition guard off.
 pub struct Generation {
     pub temperature: f64,
     pub top_k: i64,
     pub top_p: f64,
     pub max_new_tokens: usize,
     pub seed: u64,
+    /// The sampler's repetition guard (1: off, as every benchmark runs by default).
+    pub repeat_penalty: f64,
+    pub repeat_last_n: usize,
 }
 
 impl Default for Generation {
@@ -262,6 +271,8 @@ impl Default for Generation {
             top_p: 1.0,
             max_new_tokens: 256,
             seed: 0,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
         }
     }
 }
@@ -317,13 +328,16 @@ pub fn run(cmd: EvalCommand, load: Option<LoadModel>) -> Result<()> {
     if let Some(n) = args.limit {
         problems.truncate(n);
     }
-    let completions = if let Some(checkpoint) = &args.checkpoint {
+    let (completions, limited) = if let Some(checkpoint) = &args.checkpoint {
         let model = needed(load)?(checkpoint, args.tokenizer.as_deref())?;
-        let generated = generate_completions(&args, model.as_ref(), &problems);
+        let (generated, limited) = generate_completions(&args, model.as_ref(), &problems);
         if let Some(out) = &args.completions_out {
             let lines: Vec<String> = generated
                 .iter()
-                .map(|(n, c)| json!({"name": n, "completion": c}).to_string())
+                .zip(&limited)
+                .map(|((n, c), l)| {
+                    json!({"name": n, "completion": c, "length_limited": l}).to_string()
+                })
                 .collect();
             write_atomically(out, (lines.join("\n") + "\n").as_bytes())?;
             if args.generate_only {
@@ -335,7 +349,8 @@ pub fn run(cmd: EvalCommand, load: Option<LoadModel>) -> Result<()> {
                 return Ok(());
             }
         }
-        generated
+        let limited = limited.iter().filter(|&&l| l).count();
+        (generated, Some(limited))
     } else if args.canonical {
         let refs: Vec<(String, String)> = problems
             .iter()
@@ -344,26 +359,41 @@ pub fn run(cmd: EvalCommand, load: Option<LoadModel>) -> Result<()> {
         if refs.is_empty() {
             bail!("the benchmark has no reference solutions (HumanEval-X has)");
         }
-        refs
+        (refs, None)
     } else {
         read_completions(args.completions.as_deref().expect("clap requires it"))?
     };
     let compiler = Compiler::plain(Sandbox::new(Limits::default())?);
     let report = bench::score(&compiler, &problems, &completions, &args.k)?;
     print_report(&report)?;
+    let mut json = serde_json::to_value(&report)?;
+    if let Some(n) = limited {
+        outln!(
+            "{n} of {} completions ran to the length limit ({:.1}%)",
+            completions.len(),
+            100.0 * share(n, completions.len())
+        )?;
+        json["length_limited"] = n.into();
+        json["length_limited_share"] = share(n, completions.len()).into();
+    }
     if let Some(path) = &args.json {
-        write_atomically(path, &serde_json::to_vec_pretty(&report)?)?;
+        write_atomically(path, &serde_json::to_vec_pretty(&json)?)?;
     }
     Ok(())
 }
 
-/// `samples` completions of every problem's prompt, each cut at its stop tokens;
-/// `batch` sequences (of any problems) are generated together.
+fn share(n: usize, of: usize) -> f64 {
+    n as f64 / of.max(1) as f64
+}
+
+/// `samples` completions of every problem's prompt, each cut at its stop tokens, and
+/// whether each ran to the length limit instead; `batch` sequences (of any problems)
+/// are generated together.
 fn generate_completions(
     args: &BenchArgs,
     model: &dyn TextModel,
     problems: &[Problem],
-) -> Vec<(String, String)> {
+) -> (Vec<(String, String)>, Vec<bool>) {
     let bpe = model.tokenizer();
     let eos = special(bpe, "<|eos|>");
     let rows: Vec<&Problem> = problems
@@ -371,6 +401,7 @@ fn generate_completions(
         .flat_map(|p| std::iter::repeat_n(p, args.samples))
         .collect();
     let mut out = Vec::new();
+    let mut limited = Vec::new();
     for (chunk, group) in rows.chunks(args.batch.max(1)).enumerate() {
         let prompts: Vec<Vec<u32>> = group
             .iter()
@@ -386,17 +417,22 @@ fn generate_completions(
             top_p: 0.95,
             max_new_tokens: args.max_tokens,
             seed: chunk as u64,
+            repeat_penalty: args.repeat_penalty,
+            repeat_last_n: args.repeat_last_n,
         };
+        let mut stopped = vec![false; group.len()];
         let generated = model.generate(&prompts, &generation, &mut |row, t| {
-            t.last() == Some(&eos) || {
+            stopped[row] = t.last() == Some(&eos) || {
                 let text = String::from_utf8_lossy(&bpe.decode(&t[t.len().saturating_sub(8)..]))
                     .into_owned();
                 group[row]
                     .stop_tokens
                     .iter()
                     .any(|s| text.contains(s.as_str()))
-            }
+            };
+            stopped[row]
         });
+        limited.extend(stopped.iter().map(|s| !s));
         for (p, row) in group.iter().zip(generated) {
             let body: Vec<u32> = row.into_iter().filter(|&t| t != eos).collect();
             let text = String::from_utf8_lossy(&bpe.decode(&body)).into_owned();
@@ -404,7 +440,7 @@ fn generate_completions(
         }
         eprintln!("generated {} of {} completions", out.len(), rows.len());
     }
-    out
+    (out, limited)
 }
 
 /// Syntax-checks every program in parallel; returns the diagnoses and checks per second.
@@ -507,8 +543,13 @@ fn held_out_functions(
     Ok((kept, tried))
 }
 
-/// The model's body for each hidden function: generated until its braces close.
-fn write_bodies(args: &CompileArgs, model: &dyn TextModel, hidden: &[Hidden]) -> Vec<String> {
+/// The model's body for each hidden function, generated until its braces close, and
+/// how many ran to the length limit instead.
+fn write_bodies(
+    args: &CompileArgs,
+    model: &dyn TextModel,
+    hidden: &[Hidden],
+) -> (Vec<String>, usize) {
     use cxxlm_eval::functions::body_end;
     let bpe = model.tokenizer();
     let eos = special(bpe, "<|eos|>");
@@ -518,6 +559,7 @@ fn write_bodies(args: &CompileArgs, model: &dyn TextModel, hidden: &[Hidden]) ->
         .min(model.context().saturating_sub(args.max_tokens))
         .max(1);
     let mut bodies = Vec::new();
+    let mut limited = 0;
     for group in hidden.chunks(args.batch.max(1)) {
         let prompts: Vec<Vec<u32>> = group
             .iter()
@@ -530,9 +572,13 @@ fn write_bodies(args: &CompileArgs, model: &dyn TextModel, hidden: &[Hidden]) ->
             max_new_tokens: args.max_tokens,
             ..Default::default()
         };
-        let generated = model.generate(&prompts, &generation, &mut |_, t| {
-            t.last() == Some(&eos) || body_end(&String::from_utf8_lossy(&bpe.decode(t))).is_some()
+        let mut stopped = vec![false; group.len()];
+        let generated = model.generate(&prompts, &generation, &mut |row, t| {
+            stopped[row] = t.last() == Some(&eos)
+                || body_end(&String::from_utf8_lossy(&bpe.decode(t))).is_some();
+            stopped[row]
         });
+        limited += stopped.iter().filter(|s| !**s).count();
         for row in generated {
             let ids: Vec<u32> = row.into_iter().filter(|&t| t != eos).collect();
             let text = String::from_utf8_lossy(&bpe.decode(&ids)).into_owned();
@@ -545,13 +591,14 @@ fn write_bodies(args: &CompileArgs, model: &dyn TextModel, hidden: &[Hidden]) ->
         }
         eprintln!("wrote {} of {} bodies", bodies.len(), hidden.len());
     }
-    bodies
+    (bodies, limited)
 }
 
 fn compile(args: CompileArgs, load: Option<LoadModel>) -> Result<()> {
     let fast = Compiler::new(Sandbox::new(Limits::default())?, &args.cache)?;
     let mut baseline_warnings = None;
     let mut held_out = None;
+    let length_limited: Option<usize>;
     let programs = match (&args.checkpoint, &args.completions) {
         (Some(checkpoint), _) => {
             let pack = args.pack.as_deref().expect("clap requires --pack");
@@ -568,7 +615,8 @@ fn compile(args: CompileArgs, load: Option<LoadModel>) -> Result<()> {
                     hidden.len()
                 );
             }
-            let bodies = write_bodies(&args, model.as_ref(), &hidden);
+            let (bodies, limited) = write_bodies(&args, model.as_ref(), &hidden);
+            length_limited = Some(limited);
             baseline_warnings = Some(hidden.iter().map(|h| h.warnings).collect::<Vec<_>>());
             let programs: Vec<String> = hidden
                 .iter()
@@ -582,7 +630,9 @@ fn compile(args: CompileArgs, load: Option<LoadModel>) -> Result<()> {
             let problems = problems_or_mbpp(args.problems.as_deref())?;
             let by_name: std::collections::HashMap<&str, &Problem> =
                 problems.iter().map(|p| (p.name.as_str(), p)).collect();
-            read_completions(completions)?
+            let (completions, limited) = read_completions(completions)?;
+            length_limited = limited;
+            completions
                 .iter()
                 .map(|(name, completion)| {
                     by_name
@@ -624,6 +674,15 @@ fn compile(args: CompileArgs, load: Option<LoadModel>) -> Result<()> {
         "programs": diagnoses.len(), "compile_rate": ok as f64 / n, "warning_free_rate": clean as f64 / n,
         "checks_per_second": rate, "failures": categories,
     });
+    if let Some(l) = length_limited {
+        outln!(
+            "{l} of {} ran to the length limit ({:.1}%)",
+            diagnoses.len(),
+            100.0 * share(l, diagnoses.len())
+        )?;
+        report["length_limited"] = l.into();
+        report["length_limited_share"] = share(l, diagnoses.len()).into();
+    }
     if let Some((hidden, bodies, tried)) = &held_out {
         report["files_tried"] = (*tried).into();
         report["examples"] = hidden
@@ -858,10 +917,14 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
-fn read_completions(path: &Path) -> Result<Vec<(String, String)>> {
+/// `(name, completion)` of every line, and how many ran to the length limit when every
+/// line says (`length_limited`, as `--completions-out` writes it).
+fn read_completions(path: &Path) -> Result<(Vec<(String, String)>, Option<usize>)> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
+    let mut limited = Some(0);
+    let completions = text
+        .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, line)| {
@@ -872,6 +935,10 @@ fn read_completions(path: &Path) -> Result<Vec<(String, String)>> {
                 .or_else(|| v.get("task_id"))
                 .and_then(Value::as_str);
             let completion = v.get("completion").and_then(Value::as_str);
+            limited = match v.get("length_limited").and_then(Value::as_bool) {
+                Some(l) => limited.map(|n| n + usize::from(l)),
+                None => None,
+            };
             match (name, completion) {
                 (Some(n), Some(c)) => Ok((n.to_string(), c.to_string())),
                 _ => bail!(
@@ -881,7 +948,8 @@ fn read_completions(path: &Path) -> Result<Vec<(String, String)>> {
                 ),
             }
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    Ok((completions, limited))
 }
 
 fn print_report(r: &Report) -> Result<()> {
@@ -1153,6 +1221,7 @@ fn bugfix_answers(
             top_p: 0.95,
             max_new_tokens: args.max_tokens,
             seed: chunk as u64,
+            ..Default::default()
         };
         let generated = model.generate(&prompts, &generation, &mut |_, t| {
             t.last() == Some(&eos) || answer_complete(&String::from_utf8_lossy(&bpe.decode(t)))

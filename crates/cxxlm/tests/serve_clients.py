@@ -79,6 +79,28 @@ def editors():
     r = client.completions.create(model="tiny", prompt="int x", max_tokens=4, temperature=0, echo=True)
     check(r.choices[0].text.startswith("int x"), "echo repeats the prompt")
 
+    # The repetition guard (vLLM's name on OpenAI requests): greedy text pushed off its loop.
+    plain = client.completions.create(model="tiny", prompt="#include <vector>\n", max_tokens=40, temperature=0)
+    guarded = client.completions.create(model="tiny", prompt="#include <vector>\n", max_tokens=40, temperature=0,
+                                        extra_body={"repetition_penalty": 3.0})
+    check(guarded.choices[0].text != plain.choices[0].text,
+          f"the repetition guard changes greedy text: {plain.choices[0].text!r} -> {guarded.choices[0].text!r}")
+    error_of(*raw("POST", "/v1/completions", {"prompt": "int", "repetition_penalty": 0}), 400, "a zero repetition penalty")
+    error_of(*raw("POST", "/infill", {"input_prefix": "a", "repeat_penalty": 1.1, "repeat_last_n": -2}), 400,
+             "repeat_last_n below -1")
+
+    # A plain prompt that opens a function body: the completion ends where the body does.
+    r = client.completions.create(model="tiny", prompt="int twice(int x) {\n", max_tokens=120, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    text, depth, end = r.choices[0].text, 1, None
+    for i, ch in enumerate(text):
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        if depth == 0:
+            end = i + 1
+            break
+    check(end is None or (end == len(text) and r.choices[0].finish_reason == "stop"),
+          f"nothing follows the end of the body: {text!r}")
+
     # Re-indentation: the completion takes the file's indentation (4 spaces, depth 2).
     r = client.completions.create(model="tiny", prompt="void f(int n) {\n    for (int i = 0; i < n; ++i) {\n        ",
                                   suffix="\n    }\n}\n", max_tokens=48, temperature=0, extra_body={"ignore_eos": True})

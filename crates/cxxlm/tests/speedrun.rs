@@ -165,6 +165,7 @@ fn a_killed_speedrun_continues_from_its_last_finished_stage() {
         "**Compile rate**",
         "**MultiPL-E MBPP-C++**: 2 problems",
         "| ours |",
+        "| MBPP-C++ completions |",
     ] {
         assert!(report.contains(expected), "{expected}\n{report}");
     }
@@ -172,6 +173,24 @@ fn a_killed_speedrun_continues_from_its_last_finished_stage() {
     for name in ["bpb", "fim", "compile", "mbpp", "tokenizer"] {
         assert!(out.join(format!("eval/{name}.json")).exists(), "{name}");
     }
+    let eval = |name: &str| -> Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(out.join(format!("eval/{name}.json"))).unwrap(),
+        )
+        .unwrap()
+    };
+    // Bits per byte says what it scored; generation, how often it ran to the limit.
+    let bpb = eval("bpb");
+    assert!(
+        bpb["tokens"].as_u64().unwrap() > 0
+            && bpb["bytes"].as_u64().unwrap() >= bpb["tokens"].as_u64().unwrap(),
+        "{bpb}"
+    );
+    let mbpp = eval("mbpp");
+    assert!(
+        mbpp["length_limited"].as_u64().unwrap() <= mbpp["samples"].as_u64().unwrap(),
+        "{mbpp}"
+    );
 
     // Another FIM setting is refused, then redone with --redo (and only from there on).
     let changed = ["eval.fim_documents=5".to_string()];

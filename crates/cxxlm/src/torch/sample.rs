@@ -3,6 +3,7 @@
 use anyhow::{bail, Context, Result};
 use cxxlm::cli::{prompt_ids, special, SampleArgs};
 use cxxlm::outln;
+use cxxlm_eval::functions::BodyStop;
 use cxxlm_model::{Gpt, Sampling};
 use cxxlm_pack::{tokenizer_sha256, Manifest};
 use cxxlm_tokenizer::Bpe;
@@ -126,13 +127,26 @@ pub fn run(args: SampleArgs) -> Result<()> {
         top_p: args.top_p,
         max_new_tokens: args.max_tokens,
         seed: args.seed,
+        repeat_penalty: args.repeat_penalty,
+        repeat_last_n: args.repeat_last_n,
+    };
+    // A prompt that opens a function body is done when the body is.
+    let body = match (fim, args.past_body) {
+        (None, false) => BodyStop::after(&text),
+        _ => None,
+    };
+    let written = |t: &[u32]| {
+        let body: Vec<u32> = t.iter().copied().filter(|&t| t != eos).collect();
+        String::from_utf8_lossy(&bpe.decode(&body)).into_owned()
     };
     let outs = model.generate(&vec![ids; args.n], &sampling, &mut |_, t| {
-        t.last() == Some(&eos)
+        t.last() == Some(&eos) || body.is_some_and(|b| b.end(&written(t)).is_some())
     });
     for (i, out) in outs.iter().enumerate() {
-        let body: Vec<u32> = out.iter().copied().filter(|&t| t != eos).collect();
-        let completion = String::from_utf8_lossy(&bpe.decode(&body)).into_owned();
+        let mut completion = written(out);
+        if let Some(end) = body.and_then(|b| b.end(&completion)) {
+            completion.truncate(end);
+        }
         if args.n > 1 {
             outln!("--- sample {} ---", i + 1)?;
         }

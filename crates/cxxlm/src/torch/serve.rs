@@ -24,6 +24,8 @@ fn sampling(s: &cxxlm_serve::Sampling) -> cxxlm_model::Sampling {
         temperature: s.temperature,
         top_k: s.top_k,
         top_p: s.top_p,
+        repeat_penalty: s.repeat_penalty,
+        repeat_last_n: s.repeat_last_n,
         ..Default::default()
     }
 }
@@ -47,13 +49,13 @@ impl cxxlm_serve::Model for Served {
         &mut self,
         slot: usize,
         from: usize,
-        tokens: &[u32],
+        prompt: &[u32],
         s: &cxxlm_serve::Sampling,
     ) -> Result<u32, String> {
         let Served { model, decoder } = self;
         guarded("prefill", || {
-            let logits = decoder.prefill(model, slot, from, &[tokens]);
-            sample(&logits, &[sampling(s)])[0]
+            let logits = decoder.prefill(model, slot, from, &[&prompt[from..]]);
+            sample(&logits, &[sampling(s)], &[s.recent(prompt)])[0]
         })
     }
 
@@ -63,9 +65,10 @@ impl cxxlm_serve::Model for Served {
         let tokens: Vec<u32> = rows.iter().map(|r| r.token).collect();
         let positions: Vec<usize> = rows.iter().map(|r| r.position).collect();
         let each: Vec<cxxlm_model::Sampling> = rows.iter().map(|r| sampling(&r.sampling)).collect();
+        let recent: Vec<&[u32]> = rows.iter().map(|r| r.recent.as_slice()).collect();
         guarded("decoding step", || {
             let logits = decoder.step(model, Rows::List(&slots), &tokens, &positions);
-            sample(&logits, &each)
+            sample(&logits, &each, &recent)
         })
     }
 }
