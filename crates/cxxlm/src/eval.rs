@@ -917,9 +917,12 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
+/// `(problem name, completion)` pairs.
+type Completions = Vec<(String, String)>;
+
 /// `(name, completion)` of every line, and how many ran to the length limit when every
 /// line says (`length_limited`, as `--completions-out` writes it).
-fn read_completions(path: &Path) -> Result<(Vec<(String, String)>, Option<usize>)> {
+fn read_completions(path: &Path) -> Result<(Completions, Option<usize>)> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut limited = Some(0);
