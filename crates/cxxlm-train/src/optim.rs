@@ -123,9 +123,19 @@ impl Schedule {
     }
 }
 
+/// The dtype Newton-Schulz runs in: bf16 on GPUs (tensor cores), fp32 on CPUs, most of
+/// which have no bf16 arithmetic and emulate its matrix products tens of times slower.
+fn newton_schulz_kind(device: tch::Device) -> Kind {
+    match device {
+        tch::Device::Cuda(_) => Kind::BFloat16,
+        _ => Kind::Float,
+    }
+}
+
 /// The orthogonal factor of `g`'s polar decomposition, approximately: five steps of the
-/// quintic Newton-Schulz iteration in bf16 (Keller Jordan's coefficients), which map
-/// every singular value into roughly [0.7, 1.2]. `g` is one matrix or a stack of them.
+/// quintic Newton-Schulz iteration (Keller Jordan's coefficients) in
+/// [`newton_schulz_kind`], which map every singular value into roughly [0.7, 1.2]. `g`
+/// is one matrix or a stack of them.
 pub fn orthogonalize(g: &Tensor, steps: usize) -> Tensor {
     if g.dim() == 2 {
         return orthogonalize(&g.unsqueeze(0), steps).squeeze_dim(0);
@@ -133,7 +143,7 @@ pub fn orthogonalize(g: &Tensor, steps: usize) -> Tensor {
     let (a, b, c) = (3.4445, -4.7750, 2.0315);
     let size = g.size();
     let tall = size[1] > size[2];
-    let mut x = g.to_kind(Kind::BFloat16);
+    let mut x = g.to_kind(newton_schulz_kind(g.device()));
     if tall {
         x = x.transpose(-2, -1);
     }
@@ -309,7 +319,7 @@ impl Optimizer {
         for (group, g) in self.muon.iter_mut().zip(&muon_grads) {
             let _ = group.momentum.lerp_(g, 1.0 - momentum);
             let nesterov = g.lerp(&group.momentum, momentum);
-            // Gathered in bf16, as Newton-Schulz leaves them, and scaled after.
+            // Gathered in Newton-Schulz's dtype, and scaled after.
             let orthogonal = comm.all_gather(&orthogonalize(&nesterov, c.newton_schulz_steps))?;
             let update =
                 orthogonal.to_kind(Kind::Float) * (-c.matrix_lr * lr_scale * group.shape_scale);
@@ -502,6 +512,13 @@ mod tests {
             .max()
             .to_kind(Kind::Float);
         assert!(diff.double_value(&[]) < 1e-2);
+    }
+
+    #[test]
+    fn newton_schulz_runs_in_fp32_on_the_cpu() {
+        let g = Tensor::randn([2, 32, 64], (Kind::Float, Device::Cpu));
+        assert_eq!(orthogonalize(&g, 5).kind(), Kind::Float);
+        assert_eq!(newton_schulz_kind(Device::Cuda(0)), Kind::BFloat16);
     }
 
     #[test]
