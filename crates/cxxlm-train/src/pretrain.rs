@@ -122,6 +122,11 @@ pub struct RunConfig {
     /// is cut to what fits, so the schedule still ends at its final learning rate.
     /// Evaluation and checkpoints are not counted.
     pub time_budget: f64,
+    /// With a time budget: the fewest steps it must hold. Before training, a few probe
+    /// steps measure the speed, and the batch is cut (gradient accumulation first, then
+    /// rows per pass) until that many fit; the fit is kept in the run for resuming.
+    /// 0 = the batch as given.
+    pub min_steps: u64,
     pub seed: u64,
 }
 
@@ -134,6 +139,7 @@ impl Default for RunConfig {
             steps: 0,
             tokens: 0,
             time_budget: 0.0,
+            min_steps: 0,
             seed: 0,
         }
     }

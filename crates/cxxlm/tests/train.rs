@@ -449,3 +449,35 @@ fn training_on_a_gpu_prints_no_torch_deprecation_warnings() {
     let stderr = String::from_utf8_lossy(&said.stderr);
     assert!(!stderr.contains("deprecated"), "{stderr}");
 }
+
+#[test]
+fn a_batch_too_slow_for_min_steps_is_cut_and_a_resumed_run_keeps_the_cut() {
+    let p = packed();
+    let out = p.f.root.join("fitted");
+    // No step of 4 x 4 rows fits a thousand times in one second: the batch goes to its least.
+    let fit = [
+        "--set",
+        "train.time_budget=1",
+        "--set",
+        "train.min_steps=1000",
+        "--set",
+        "train.steps=12",
+        "--set",
+        "eval.every=0",
+    ];
+    let said = train(&p, &out, &[&fit[..], &["--stop-at", "4"]].concat());
+    let start = String::from_utf8_lossy(&said.stderr);
+    assert!(
+        start.contains("batch cut to its least, 1 row of"),
+        "{start}"
+    );
+    assert!(!out.join("batch-probe").exists());
+    let record: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("batch_fit.json")).unwrap())
+            .unwrap();
+    assert_eq!(record["device_batch"], 1);
+    let resumed = train(&p, &out, &[&fit[..], &["--resume"]].concat());
+    let start = String::from_utf8_lossy(&resumed.stderr);
+    assert!(start.contains("(fitted when the run began)"), "{start}");
+    assert!(start.contains("resumed after step 4"), "{start}");
+}

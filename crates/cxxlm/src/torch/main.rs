@@ -5,6 +5,7 @@
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod export;
+mod fit;
 mod kernels;
 mod model;
 mod sample;

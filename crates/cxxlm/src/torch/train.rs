@@ -4,8 +4,8 @@ use anyhow::{bail, Context, Result};
 use cxxlm::cli::{set, PretrainArgs, SftArgs, TrainCommand};
 use cxxlm::{interrupt, lock, outln};
 
-use crate::kernels;
 use crate::sample::run_tokenizer;
+use crate::{fit, kernels};
 use cxxlm_train::checkpoint::TrainerState;
 use cxxlm_train::{Event, SftConfig, TrainConfig};
 use std::io::{IsTerminal, Write};
@@ -43,7 +43,7 @@ fn pretrain_command(args: PretrainArgs) -> Result<()> {
     if let Some(o) = &args.out {
         overrides.push(format!("out={:?}", o.display().to_string()));
     }
-    let config = load_config(args.config.as_ref(), &overrides)?;
+    let mut config = load_config(args.config.as_ref(), &overrides)?;
     config.validate()?;
     if args.check {
         return Ok(());
@@ -52,12 +52,20 @@ fn pretrain_command(args: PretrainArgs) -> Result<()> {
         bail!("say where the packed tokens are and where the run goes: --pack DIR --out DIR (or data.pack and out in --config)");
     }
     let text = toml::to_string_pretty(&config).context("config")?;
+    let out = config.out.clone();
     let progress = Progress {
-        out: &config.out,
+        out: &out,
         log_every: args.log_every,
         stop_at: args.stop_at,
     };
     progress.run(&text, |report, stop| {
+        if let Some(fit) = fit::fit_batch(&mut config, args.resume)? {
+            eprintln!("batch: {}", fit.reason);
+            std::fs::write(
+                config.out.join("config.toml"),
+                toml::to_string_pretty(&config).context("config")?,
+            )?;
+        }
         Ok(cxxlm_train::pretrain(&config, args.resume, report, stop)?)
     })
 }
