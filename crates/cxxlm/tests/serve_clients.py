@@ -181,7 +181,12 @@ def editors():
     status, data = raw("POST", "/api/generate", {"model": "tiny", "prompt": "x", "options": {"num_predictt": 3}})
     check(status == 400 and "num_predictt" in json.loads(data)["error"], "Ollama errors in Ollama's shape")
 
-    # Concurrent requests; one is cancelled mid-stream (its client goes away).
+    # Concurrent requests; one is cancelled mid-stream (its client goes away). The count
+    # is read once every earlier request has left its slot (on a busy machine a stream
+    # closed above may still be ending).
+    deadline = time.time() + 30
+    while health()["slots_processing"] > 0 and time.time() < deadline:
+        time.sleep(0.05)
     before = health()["requests"]["cancelled"]
     results = {}
 
