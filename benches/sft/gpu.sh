@@ -7,9 +7,11 @@
 # With gpu/tasks (`cxxlm tasks bugs` parts, TASKS= of prepare.sh), the fine-tuning data are
 # those tasks (their train split; the test split is left out by `train sft`), and bug-fix
 # pass@1 on the test split is scored before and after.
+# With PRETRAINED set to a pretraining run on this machine (benches/tok/judged.sh leaves
+# one in /tmp/cxxlm-judged/d12), that run is fine-tuned instead of a fresh brief one.
 # Results (metrics, logs, sft-data.json, summary) land in $OUT (or gpu-out/).
 #
-#   benches/sft/gpu.sh [PRETRAIN_SECONDS] [MBPP_PROBLEMS]     # defaults: 180, 150
+#   [PRETRAINED=RUN] benches/sft/gpu.sh [PRETRAIN_SECONDS] [MBPP_PROBLEMS]     # defaults: 180, 150
 set -euo pipefail
 pretrain_seconds=${1:-180}
 problems=${2:-150}
@@ -22,14 +24,18 @@ command -v bwrap >/dev/null || export PATH=$PWD/gpu/bin:$PATH LD_LIBRARY_PATH=$L
 [ -x "$work/cxxlm-torch" ] || python3 -c "import sys,tarfile;tarfile.open(sys.argv[1]).extractall(sys.argv[2])" gpu/cxxlm.tar.xz "$work"
 cxxlm=$work/cxxlm
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-[ -f "$work/pack/pack.json" ] || "$cxxlm" pack --tokenizer gpu/tokenizer.json -i gpu/data -o "$work/pack" --val-fraction 0.005 >"$out/pack.log"
+[ -n "${PRETRAINED:-}" ] || [ -f "$work/pack/pack.json" ] || "$cxxlm" pack --tokenizer gpu/tokenizer.json -i gpu/data -o "$work/pack" --val-fraction 0.005 >"$out/pack.log"
 
 # The same shapes in both stages: d12, 32 rows of 2048 per pass, 65,536 tokens per step.
 shapes=(--set train.device_batch=32 --set train.total_batch_tokens=65536 --set checkpoint.every=0 --log-every 20)
 rm -rf "$work/pre" "$work/sft"
-"$cxxlm" train pretrain --pack "$work/pack" --out "$work/pre" --set model.preset=d12 "${shapes[@]}" \
-    --set train.steps=5000 --set train.time_budget="$pretrain_seconds" --set eval.every=0 >"$out/pretrain.log" 2>&1 \
-    || { tail -20 "$out/pretrain.log"; exit 1; }
+if [ -n "${PRETRAINED:-}" ]; then
+    ln -s "$PRETRAINED" "$work/pre"
+else
+    "$cxxlm" train pretrain --pack "$work/pack" --out "$work/pre" --set model.preset=d12 "${shapes[@]}" \
+        --set train.steps=5000 --set train.time_budget="$pretrain_seconds" --set eval.every=0 \
+        >"$out/pretrain.log" 2>&1 || { tail -20 "$out/pretrain.log"; exit 1; }
+fi
 # nanochat's recipe (the pretraining optimizer, its moments carried over, a 1-sqrt
 # warmdown): the seeds' AdamW at 1e-5 barely moves a model this small in 2 epochs.
 sft_data=gpu/sft/bugfix.jsonl.gz

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Fills gpu/ for benches/tok/judged.sh: a fixed sample of MIB (default 355) MiB of the
+# documents of TRAIN_DATA (chosen by a hash of their id, so the same shards give the same
+# sample), the default tokenizer trained on it (TOKENIZER_ARGS adds `tok train` flags, e.g.
+# `--second-stage-mib 512` for the superword variant), the binaries (benches/train/prepare.sh)
+# and the shards of HELD_OUT_DATA in gpu/held-out. Documents whose id contains EXCLUDE are
+# left out of the sample (the bug-fix tasks' source, whose test split the SFT run scores).
+# TRAIN_DATA and HELD_OUT_DATA are `cxxlm data run` outputs of different projects; the
+# figures in BENCHMARKS.md used the LLVM 15, Boost 1.81, OpenCV 4.6 (with contrib), Qt 5
+# base and GCC 12 tarballs of scripts/corpus/debian-cpp.sh with EXCLUDE=gcc-12 (the
+# tasks of `cxxlm tasks bugs` come from GCC's), and abseil, eigen3, fmtlib, grpc,
+# ninja-build, protobuf and spdlog held out.
+#
+# Usage: benches/tok/judged-prepare.sh TRAIN_DATA HELD_OUT_DATA [MIB]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+train=$1 held_out=$2 mib=${3:-355}
+cargo build --release -q -p cxxlm
+sample=bench-out/judged/sample
+rm -rf "$sample" && mkdir -p "$sample"
+for s in "$train"/*.jsonl.zst; do zstd -dc "$s"; done | python3 -c '
+import hashlib, sys
+exclude = sys.argv[3].encode()
+lines = [l for l in sys.stdin.buffer if not exclude or exclude not in l.split(b"\x22text\x22", 1)[0]]
+total = sum(map(len, lines))
+keep = int(sys.argv[1]) * 2**20 / total
+import json
+kept = 0
+with open(sys.argv[2], "wb") as out:
+    for line in lines:
+        doc_id = json.loads(line)["id"].encode()
+        if int.from_bytes(hashlib.sha256(doc_id).digest()[:8], "big") < keep * 2**64:
+            out.write(line)
+            kept += len(line)
+print(f"sample: {kept / 2**20:.1f} MiB of JSON lines from {total / 2**20:.1f} MiB", file=sys.stderr)
+' "$mib" "$sample/part-00000-00000.jsonl" "${EXCLUDE:-}"
+zstd -q --rm "$sample/part-00000-00000.jsonl"
+target/release/cxxlm tok train -i "$sample" --vocab 32768 ${TOKENIZER_ARGS:-} -o bench-out/judged/tokenizer.json
+target/release/cxxlm tok eval --tokenizer bench-out/judged/tokenizer.json "$sample" | tail -3
+benches/train/prepare.sh bench-out/judged/tokenizer.json "$sample"/*.jsonl.zst
+rm -rf gpu/held-out && mkdir -p gpu/held-out
+for s in "$held_out"/*.jsonl.zst; do zstd -dc "$s"; done | zstd -16 --long=27 -T0 -q -o gpu/held-out/part-00000-00000.jsonl.zst
+du -sh gpu gpu/data gpu/held-out

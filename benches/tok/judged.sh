@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# A tokenizer judged by the model it produces, on the GPU machine: d12 trained on the
+# default pipeline's pack (normalized text, FIM 0.5) of gpu/data with gpu/tokenizer.json
+# for STEPS steps of 32 x 2,048 tokens (3,045 = 2.0e8 tokens), then bits per byte on the
+# held-out projects of gpu/held-out (shards of projects the training sample lacks), and
+# MBPP-C++: the first 100 problems with 5 samples at T 0.2, and all 398 greedy, with the
+# compile rate and the share of completions that ran to the 384-token limit.
+# gpu/ comes from benches/tok/judged-prepare.sh. The checkpoint stays in
+# /tmp/cxxlm-judged/d12 for a later call on the same machine (PRETRAINED= of
+# benches/sft/gpu.sh); results land in $OUT (or gpu-out/).
+#
+#   benches/tok/judged.sh [STEPS]
+set -euo pipefail
+steps=${1:-3045}
+out=${OUT:-gpu-out}
+work=/tmp/cxxlm-judged
+mkdir -p "$out" "$work"
+export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
+# The model's programs are judged in bubblewrap; carry it (gpu/bin, gpu/lib) where it is missing.
+command -v bwrap >/dev/null || export PATH=$PWD/gpu/bin:$PATH LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$PWD/gpu/lib
+[ -x "$work/cxxlm-torch" ] || python3 -c "import sys,tarfile;tarfile.open(sys.argv[1]).extractall(sys.argv[2])" gpu/cxxlm.tar.xz "$work"
+x=$work/cxxlm
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+# Each stage is skipped when its result exists, so a call cut short is continued by the next
+# call on the same machine: training runs at most TRAIN_SECONDS (default 480) per call and
+# resumes from its newest checkpoint.
+[ -f "$work/pack/pack.json" ] || /usr/bin/time -f "pack: %e s, %M KB" "$x" pack --tokenizer gpu/tokenizer.json \
+    -i gpu/data -o "$work/pack" --val-fraction 0.005 >"$out/pack.log" 2>&1
+[ -f "$work/held-out/pack.json" ] || "$x" pack --tokenizer gpu/tokenizer.json -i gpu/held-out -o "$work/held-out" \
+    --fim-rate 0 --val-fraction 1 >"$out/pack-held-out.log" 2>&1
+final=$work/d12/checkpoints/step-$(printf %06d "$steps")
+if [ ! -f "$final/trainer.json" ]; then
+    resume=()
+    [ -d "$work/d12/checkpoints" ] && resume=(--resume)
+    timeout -s KILL "${TRAIN_SECONDS:-480}" "$x" train pretrain --pack "$work/pack" --out "$work/d12" "${resume[@]}" \
+        --set model.preset=d12 --set train.device_batch=32 --set train.total_batch_tokens=65536 \
+        --set train.steps="$steps" --set eval.every=0 --set checkpoint.every=250 --set checkpoint.keep=1 \
+        --log-every 100 >>"$work/train.log" 2>&1 || true
+    cp "$work/train.log" "$work/d12/metrics.jsonl" "$out/"
+    [ -f "$final/trainer.json" ] || { echo "RESUME pretraining stopped before step $steps: $(ls "$work/d12/checkpoints")"; exit 0; }
+fi
+cp "$work/train.log" "$work/d12/metrics.jsonl" "$out/"
+mkdir -p "$work/results"
+[ -f "$work/results/bpb-held-out.json" ] || "$x" eval bpb --checkpoint "$work/d12" --pack "$work/held-out" \
+    --json "$work/results/bpb-held-out.json" | tee "$out/eval.txt"
+[ -f "$work/results/mbpp-100x5.json" ] || "$x" eval mbpp --checkpoint "$work/d12" --limit 100 --samples 5 \
+    --temperature 0.2 --max-tokens 384 --batch 128 --json "$work/results/mbpp-100x5.json" \
+    --completions-out "$work/results/mbpp-100x5.jsonl" 2>&1 | tail -4 | tee -a "$out/eval.txt"
+[ -f "$work/results/mbpp-greedy.json" ] || "$x" eval mbpp --checkpoint "$work/d12" --max-tokens 384 --batch 128 \
+    --json "$work/results/mbpp-greedy.json" --completions-out "$work/results/mbpp-greedy.jsonl" 2>&1 | tail -4 | tee -a "$out/eval.txt"
+cp "$work"/results/* "$out/"
+python3 - "$out" <<'PY' | tee "$out/summary.txt"
+import json, statistics, sys
+out = sys.argv[1]
+rows = [json.loads(l) for l in open(f"{out}/metrics.jsonl") if '"loss"' in l]
+tok_s = statistics.median(r["tok_s"] for r in rows[5:])
+bpb = json.load(open(f"{out}/bpb-held-out.json"))
+print(f"RESULT steps={rows[-1]['step']} tokens={rows[-1]['step'] * 65536:.3g} tok_s={tok_s:.0f} "
+      f"held_out_bpb={bpb['bits_per_byte']:.4f}")
+for name in ("mbpp-100x5", "mbpp-greedy"):
+    m = json.load(open(f"{out}/{name}.json"))
+    n = m["samples"]
+    print(f"RESULT {name} compiled={m['compiled']} of {n} ({m['compiled'] / n:.3f}) "
+          f"pass@1={m['pass_at_k']['pass@1']:.3f} length_limited_share={m['length_limited_share']:.3f}")
+PY
