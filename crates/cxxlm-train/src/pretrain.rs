@@ -13,11 +13,11 @@ use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::TrainerState;
-use crate::dist::{Comm, World};
-use crate::optim::{OptimConfig, Optimizer, Schedule};
+use crate::dist::Comm;
+use crate::optim::{OptimConfig, Schedule};
 use crate::trainer::{
-    self, batch_shape, choose_backward, device, to_device_ids, BatchSource, CrossEntropy,
-    Evaluation, Event, MicroBatch, Stage,
+    self, batch_shape, to_device_ids, Backward, BatchSource, Common, CrossEntropy, Evaluation,
+    Event, MicroBatch, Parts, Stage,
 };
 use crate::{Result, TrainError};
 
@@ -37,6 +37,18 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// The sections every stage shares.
+    pub fn common(&self) -> Common<'_> {
+        Common {
+            out: &self.out,
+            train: &self.train,
+            optim: &self.optim,
+            schedule: &self.schedule,
+            checkpoint: &self.checkpoint,
+            log: &self.log,
+        }
+    }
+
     /// A config from TOML, on top of defaults that depend on `model.preset`: nanochat's
     /// for the small presets, the seeds' for `3b` (Muon 0.015, head 0.003, weight decay
     /// 0.1, 2% warmup, 30% warmdown to 0.1, 16 x 8192 per device, 2M tokens per step).
@@ -384,9 +396,7 @@ pub fn pretrain(
     stop: &dyn Fn(u64) -> bool,
 ) -> Result<TrainerState> {
     cfg.validate()?;
-    let world = World::from_env()?;
-    let dev = device(&cfg.train.device, world.local_rank)?;
-    let comm = Comm::connect(world, dev)?;
+    let (comm, dev) = trainer::connect(&cfg.train.device)?;
     let (rank, ranks) = (comm.rank(), comm.size());
     let manifest = Manifest::load(&cfg.data.pack)?;
     let tok_path = cfg
@@ -401,12 +411,6 @@ pub fn pretrain(
     let run = &cfg.train;
     let ckpt_root = cfg.out.join("checkpoints");
     let (total_batch, grad_accum) = batch_shape(run, seq, ranks, &ckpt_root, resume)?;
-    if cfg.optim.matrices == crate::Matrices::Adamw && cfg.optim.matrix_lr > 0.01 {
-        return Err(TrainError::Config(format!(
-            "optim.matrix_lr = {} is a Muon rate: with optim.matrices = \"adamw\" give AdamW's (3e-4, say)",
-            cfg.optim.matrix_lr
-        )));
-    }
     let steps = if run.steps > 0 {
         run.steps
     } else {
@@ -431,45 +435,10 @@ pub fn pretrain(
             buffer: cfg.data.buffer,
         },
     )?;
-    let mut model = Gpt::new(model_config.clone(), dev, run.seed)?;
-    let backward = choose_backward(&mut model, false)?;
-    let mut optimizer = Optimizer::new(
-        model.params(),
-        model_config.width,
-        cfg.optim.clone(),
-        rank,
-        ranks,
-    );
-    if let Some(fused) = model.fused() {
-        optimizer.use_fused(fused);
-    }
+    let model = Gpt::new(model_config, dev, run.seed)?;
     let mut source = PackSource {
         loader,
         pack: cfg.data.pack.clone(),
-    };
-    // What a resumed run must share with the run that wrote the checkpoint.
-    let run_identity = json!({
-        "device_batch": run.device_batch,
-        "total_batch_tokens": total_batch,
-        "steps": steps,
-        "time_budget": run.time_budget,
-        "seed": run.seed,
-        "loader": cfg.data.loader,
-        "optim": cfg.optim,
-        "schedule": cfg.schedule,
-    });
-    let fresh = TrainerState {
-        step: 0,
-        total_steps: steps,
-        tokens: 0,
-        loss_ema: 0.0,
-        loader: source.state(),
-        tokenizer_sha256: manifest.settings.tokenizer_sha256.clone(),
-        model: model_config.clone(),
-        run: run_identity,
-        world: ranks,
-        files: Default::default(),
-        checksum: String::new(),
     };
     let mut evaluation = PretrainEval {
         val,
@@ -481,26 +450,24 @@ pub fn pretrain(
         sample_tokens: cfg.eval.sample_tokens,
         seed: run.seed,
     };
-    let stage = Stage {
-        out: &cfg.out,
-        model,
-        optimizer,
-        source: &mut source,
-        loss: &mut CrossEntropy,
-        evaluation: &mut evaluation,
-        schedule: cfg.schedule.clone(),
-        steps,
-        grad_accum,
-        step_tokens: total_batch,
-        device_batch: run.device_batch,
-        eval_every: cfg.eval.every,
-        time_budget: run.time_budget,
-        checkpoint: cfg.checkpoint.clone(),
-        log: cfg.log.clone(),
-        optimizer_steps_before: 0,
-        backward,
-        fresh,
-    };
+    let mut loss = CrossEntropy;
+    let stage = Stage::new(
+        cfg.common(),
+        Parts {
+            model,
+            backward: Backward::Explicit { packed: false },
+            source: &mut source,
+            loss: &mut loss,
+            evaluation: &mut evaluation,
+            steps,
+            grad_accum,
+            step_tokens: total_batch,
+            eval_every: cfg.eval.every,
+            tokenizer_sha256: manifest.settings.tokenizer_sha256.clone(),
+            identity: json!({"total_batch_tokens": total_batch, "loader": cfg.data.loader}),
+        },
+        &comm,
+    )?;
     trainer::train(stage, comm, resume, report, stop)
 }
 

@@ -17,12 +17,12 @@ use std::sync::Arc;
 use tch::{Kind, Tensor};
 
 use crate::checkpoint::{self, TrainerState};
-use crate::dist::{Comm, World};
-use crate::optim::{OptimConfig, Optimizer, Schedule};
+use crate::dist::Comm;
+use crate::optim::{OptimConfig, Schedule};
 use crate::pretrain::{merge, CheckpointConfig, LogConfig, RunConfig};
 use crate::trainer::{
-    self, batch_shape, choose_backward, device, BatchSource, CrossEntropy, Evaluation, Event,
-    MicroBatch, Stage,
+    self, batch_shape, Backward, BatchSource, Common, CrossEntropy, Evaluation, Event, MicroBatch,
+    Parts, Stage,
 };
 use crate::{Result, TrainError};
 
@@ -126,6 +126,18 @@ impl Default for SftEvalConfig {
 }
 
 impl SftConfig {
+    /// The sections every stage shares.
+    pub fn common(&self) -> Common<'_> {
+        Common {
+            out: &self.out,
+            train: &self.train,
+            optim: &self.optim,
+            schedule: &self.schedule,
+            checkpoint: &self.checkpoint,
+            log: &self.log,
+        }
+    }
+
     /// A config from TOML, on top of the defaults of its `sft.recipe`.
     pub fn from_table(table: toml::Table) -> Result<Self> {
         let recipe = table
@@ -378,9 +390,7 @@ pub fn sft(
     stop: &dyn Fn(u64) -> bool,
 ) -> Result<TrainerState> {
     cfg.validate()?;
-    let world = World::from_env()?;
-    let dev = device(&cfg.train.device, world.local_rank)?;
-    let comm = Comm::connect(world, dev)?;
+    let (comm, dev) = trainer::connect(&cfg.train.device)?;
     let (rank, ranks) = (comm.rank(), comm.size());
     if cfg.sft.data.is_empty() {
         return Err(TrainError::Config(
@@ -425,12 +435,6 @@ pub fn sft(
     let data = sft::load(&cfg.sft.data, &cfg.sft.val, &bpe, context, &data_config)?;
     let ckpt_root = cfg.out.join("checkpoints");
     let (total_batch, grad_accum) = batch_shape(&cfg.train, context, ranks, &ckpt_root, resume)?;
-    if cfg.optim.matrices == crate::Matrices::Adamw && cfg.optim.matrix_lr > 0.01 {
-        return Err(TrainError::Config(format!(
-            "optim.matrix_lr = {} is a Muon rate: with optim.matrices = \"adamw\" give AdamW's",
-            cfg.optim.matrix_lr
-        )));
-    }
     let pad = bpe.special_id("<|pad|>").unwrap_or(0);
     let cols = context + 1;
     let rows = PackedRows::new(
@@ -461,33 +465,10 @@ pub fn sft(
             .map_err(|e| TrainError::io(&path, e))?;
     }
 
-    let mut model = Gpt::new(model_config.clone(), dev, cfg.train.seed)?;
+    let mut model = Gpt::new(model_config, dev, cfg.train.seed)?;
     model.load(&init.model)?;
-    let backward = choose_backward(&mut model, true)?;
-    let mut optimizer = Optimizer::new(
-        model.params(),
-        model_config.width,
-        cfg.optim.clone(),
-        rank,
-        ranks,
-    );
-    if let Some(fused) = model.fused() {
-        optimizer.use_fused(fused);
-    }
-    let mut optimizer_steps_before = 0;
-    if warm {
-        let (carried, all) = optimizer.warm_start(&init.optimizer);
-        if carried > 0 {
-            optimizer_steps_before = init.state.step;
-        }
-        report(Event::Info(format!(
-            "optimizer: {carried} of {all} state tensors carried over from {} (step {})",
-            init_dir.display(),
-            init.state.step
-        )));
-    }
     let files: Vec<&(String, String)> = data.stats.files.iter().collect();
-    let run_identity = json!({
+    let identity = json!({
         "init": init_dir,
         "init_step": init.state.step,
         "data": files,
@@ -497,13 +478,7 @@ pub fn sft(
             "recipe": cfg.sft.recipe,
             "examples": data_config,
         },
-        "device_batch": cfg.train.device_batch,
         "total_batch_tokens": total_batch,
-        "steps": steps,
-        "time_budget": cfg.train.time_budget,
-        "seed": cfg.train.seed,
-        "optim": cfg.optim,
-        "schedule": cfg.schedule,
     });
     let mut source = SftSource {
         rows,
@@ -518,19 +493,6 @@ pub fn sft(
             .collect::<Vec<_>>()
             .join(", "),
     };
-    let fresh = TrainerState {
-        step: 0,
-        total_steps: steps,
-        tokens: 0,
-        loss_ema: 0.0,
-        loader: source.state(),
-        tokenizer_sha256: init.state.tokenizer_sha256.clone(),
-        model: model_config,
-        run: run_identity,
-        world: ranks,
-        files: Default::default(),
-        checksum: String::new(),
-    };
     let mut evaluation = SftEval {
         rows: sft::eval_rows(&data.val, cols),
         val: data.val,
@@ -541,26 +503,35 @@ pub fn sft(
         bpe: &bpe,
         seed: cfg.train.seed,
     };
-    let stage = Stage {
-        out: &cfg.out,
-        model,
-        optimizer,
-        source: &mut source,
-        loss: &mut CrossEntropy,
-        evaluation: &mut evaluation,
-        schedule: cfg.schedule.clone(),
-        steps,
-        grad_accum,
-        step_tokens: total_batch,
-        device_batch: cfg.train.device_batch,
-        eval_every: cfg.eval.every,
-        time_budget: cfg.train.time_budget,
-        checkpoint: cfg.checkpoint.clone(),
-        log: cfg.log.clone(),
-        optimizer_steps_before,
-        backward,
-        fresh,
-    };
+    let mut loss = CrossEntropy;
+    let mut stage = Stage::new(
+        cfg.common(),
+        Parts {
+            model,
+            backward: Backward::Explicit { packed: true },
+            source: &mut source,
+            loss: &mut loss,
+            evaluation: &mut evaluation,
+            steps,
+            grad_accum,
+            step_tokens: total_batch,
+            eval_every: cfg.eval.every,
+            tokenizer_sha256: init.state.tokenizer_sha256.clone(),
+            identity,
+        },
+        &comm,
+    )?;
+    if warm {
+        let (carried, all) = stage.optimizer.warm_start(&init.optimizer);
+        if carried > 0 {
+            stage.optimizer_steps_before = init.state.step;
+        }
+        report(Event::Info(format!(
+            "optimizer: {carried} of {all} state tensors carried over from {} (step {})",
+            init_dir.display(),
+            init.state.step
+        )));
+    }
     trainer::train(stage, comm, resume, report, stop)
 }
 

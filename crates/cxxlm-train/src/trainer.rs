@@ -13,9 +13,9 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, TrainerState};
-use crate::dist::Comm;
+use crate::dist::{Comm, World};
 use crate::metrics::Metrics;
-use crate::optim::{Optimizer, Schedule};
+use crate::optim::{OptimConfig, Optimizer, Schedule};
 use crate::pretrain::{CheckpointConfig, LogConfig, RunConfig};
 use crate::{cuda, Result, TrainError};
 
@@ -299,6 +299,140 @@ pub struct Stage<'a> {
     /// The state of a fresh start: step 0, the source's first position, and what a resumed
     /// run must share with the run that wrote its checkpoint (model, tokenizer, `run`).
     pub fresh: TrainerState,
+}
+
+/// The config sections every stage shares.
+#[derive(Clone, Copy)]
+pub struct Common<'a> {
+    /// Run directory: checkpoints, metrics, TensorBoard events.
+    pub out: &'a Path,
+    pub train: &'a RunConfig,
+    pub optim: &'a OptimConfig,
+    pub schedule: &'a Schedule,
+    pub checkpoint: &'a CheckpointConfig,
+    pub log: &'a LogConfig,
+}
+
+/// How a stage's gradients may be computed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Backward {
+    /// The explicit pass with fused kernels where it can run ([`choose_backward`]);
+    /// `packed`: the batches hold examples packed into rows.
+    Explicit { packed: bool },
+    /// Autograd, for this reason (a loss the explicit pass does not compute).
+    Autograd(&'static str),
+}
+
+/// What one stage brings to [`Stage::new`] besides the shared sections.
+pub struct Parts<'a> {
+    /// The model, its weights set (fresh or loaded).
+    pub model: Gpt,
+    pub backward: Backward,
+    pub source: &'a mut dyn BatchSource,
+    pub loss: &'a mut dyn Loss,
+    pub evaluation: &'a mut dyn Evaluation,
+    pub steps: u64,
+    pub grad_accum: usize,
+    pub step_tokens: usize,
+    pub eval_every: u64,
+    pub tokenizer_sha256: String,
+    /// The stage's own settings that a resumed run must share (an object); the shared
+    /// sections' are added.
+    pub identity: Value,
+}
+
+/// This process's place in the run (`WORLD_SIZE` etc., [`World::from_env`]): its
+/// connection to the other ranks, and its device (`train.device`).
+pub fn connect(device_name: &str) -> Result<(Comm, Device)> {
+    let world = World::from_env()?;
+    let dev = device(device_name, world.local_rank)?;
+    Ok((Comm::connect(world, dev)?, dev))
+}
+
+impl<'a> Stage<'a> {
+    /// A stage from the shared sections and its own parts: the optimizer over the
+    /// model's weights, the backward pass chosen, and the state of a fresh start.
+    pub fn new(common: Common<'a>, parts: Parts<'a>, comm: &Comm) -> Result<Self> {
+        let Parts {
+            mut model,
+            backward,
+            source,
+            loss,
+            evaluation,
+            steps,
+            grad_accum,
+            step_tokens,
+            eval_every,
+            tokenizer_sha256,
+            identity,
+        } = parts;
+        if common.optim.matrices == crate::Matrices::Adamw && common.optim.matrix_lr > 0.01 {
+            return Err(TrainError::Config(format!(
+                "optim.matrix_lr = {} is a Muon rate: with optim.matrices = \"adamw\" give AdamW's (3e-4, say)",
+                common.optim.matrix_lr
+            )));
+        }
+        let backward = match backward {
+            Backward::Explicit { packed } => choose_backward(&mut model, packed)?,
+            Backward::Autograd(why) => format!("autograd ({why})"),
+        };
+        let config = model.config.clone();
+        let mut optimizer = Optimizer::new(
+            model.params(),
+            config.width,
+            common.optim.clone(),
+            comm.rank(),
+            comm.size(),
+        );
+        if let Some(fused) = model.fused() {
+            optimizer.use_fused(fused);
+        }
+        let train = common.train;
+        let mut run = json!({
+            "device_batch": train.device_batch,
+            "steps": steps,
+            "time_budget": train.time_budget,
+            "seed": train.seed,
+            "optim": common.optim,
+            "schedule": common.schedule,
+        });
+        if let (Some(run), Value::Object(own)) = (run.as_object_mut(), identity) {
+            run.extend(own);
+        }
+        let fresh = TrainerState {
+            step: 0,
+            total_steps: steps,
+            tokens: 0,
+            loss_ema: 0.0,
+            loader: source.state(),
+            tokenizer_sha256,
+            model: config,
+            run,
+            world: comm.size(),
+            files: Default::default(),
+            checksum: String::new(),
+        };
+        Ok(Stage {
+            out: common.out,
+            model,
+            optimizer,
+            source,
+            loss,
+            evaluation,
+            schedule: common.schedule.clone(),
+            steps,
+            grad_accum,
+            step_tokens,
+            device_batch: train.device_batch,
+            eval_every,
+            time_budget: train.time_budget,
+            checkpoint: common.checkpoint.clone(),
+            log: common.log.clone(),
+            optimizer_steps_before: 0,
+            backward,
+            fresh,
+        })
+    }
 }
 
 /// Trains `stage`; with `resume`, from the newest checkpoint in `out/checkpoints`

@@ -189,19 +189,18 @@ pub struct ProfileArgs {
     pub device: usize,
 }
 
+/// What every training command takes besides its inputs.
 #[derive(Args)]
-pub struct PretrainArgs {
-    /// TOML with the sections out, [model], [data], [train], [optim], [schedule], [eval],
-    /// [checkpoint], [log]; every key optional except data.pack.
+pub struct StageArgs {
+    /// TOML with the command's sections (out, [train], [optim], [schedule], [eval],
+    /// [checkpoint], [log] and its own; README.md lists them); every key optional but
+    /// the inputs.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Override one key, e.g. `--set train.steps=200 --set model.preset=d20`. Repeatable.
+    /// Override one key, e.g. `--set train.steps=200`. Repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
-    /// Shorthand for `--set data.pack=...`.
-    #[arg(long)]
-    pub pack: Option<PathBuf>,
-    /// Shorthand for `--set out=...`.
+    /// The run directory (`out`).
     #[arg(long, short)]
     pub out: Option<PathBuf>,
     #[arg(long)]
@@ -218,14 +217,16 @@ pub struct PretrainArgs {
 }
 
 #[derive(Args)]
-pub struct SftArgs {
-    /// TOML with the sections out, init, [sft], [train], [optim], [schedule], [eval],
-    /// [checkpoint], [log]; every key optional except init and sft.data.
+pub struct PretrainArgs {
+    /// The output of `cxxlm pack` (`data.pack`).
     #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Override one key, e.g. `--set sft.epochs=1 --set sft.recipe=nanochat`. Repeatable.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub overrides: Vec<String>,
+    pub pack: Option<PathBuf>,
+    #[command(flatten)]
+    pub stage: StageArgs,
+}
+
+#[derive(Args)]
+pub struct SftArgs {
     /// The pretrained model: a run directory (its newest checkpoint) or a checkpoint
     /// directory (`init`).
     #[arg(long)]
@@ -240,20 +241,8 @@ pub struct SftArgs {
     /// run's config names).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// The run directory (`out`).
-    #[arg(long, short)]
-    pub out: Option<PathBuf>,
-    #[arg(long)]
-    pub resume: bool,
-    /// Only check the config (settings and their types) and exit.
-    #[arg(long)]
-    pub check: bool,
-    /// Stop (with a checkpoint) once this many steps are done; `--resume` continues.
-    #[arg(long)]
-    pub stop_at: Option<u64>,
-    /// Print a progress line every this many steps when not on a terminal.
-    #[arg(long, default_value_t = 10)]
-    pub log_every: u64,
+    #[command(flatten)]
+    pub stage: StageArgs,
 }
 
 /// Applies `a.b.c=value` to a TOML document; the value is read as TOML, or as a string.

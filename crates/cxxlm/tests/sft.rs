@@ -7,41 +7,7 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
-
-struct Pretrained {
-    f: Fixture,
-    run: PathBuf,
-}
-
-fn pretrained() -> Pretrained {
-    let f = fixture(400, 2048);
-    let pack = f.root.join("pack");
-    run_ok(&pack_args(&f, &pack, &["--val-fraction", "0.1"]));
-    let run = f.root.join("pre");
-    let (pack, out) = (pack.to_str().unwrap(), run.to_str().unwrap());
-    run_ok(&[
-        "train",
-        "pretrain",
-        "--pack",
-        pack,
-        "--out",
-        out,
-        "--set",
-        "model.preset=tiny",
-        "--set",
-        "train.device_batch=4",
-        "--set",
-        "train.total_batch_tokens=1024",
-        "--set",
-        "train.steps=30",
-        "--set",
-        "eval.every=0",
-        "--set",
-        "train.device=cpu",
-    ]);
-    Pretrained { f, run }
-}
+use std::path::Path;
 
 /// Examples from the fixture's libstdc++ shards: the next lines of code after some (as
 /// `{"input","output"}` and as a chat), and lines hidden between others (FIM).
@@ -104,7 +70,7 @@ const SMALL: [&str; 18] = [
 ];
 
 fn sft_args(p: &Pretrained, data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
-    [
+    let head = [
         "train",
         "sft",
         "--init",
@@ -113,38 +79,16 @@ fn sft_args(p: &Pretrained, data: &Path, out: &Path, extra: &[&str]) -> Vec<Stri
         data.to_str().unwrap(),
         "-o",
         out.to_str().unwrap(),
-    ]
-    .iter()
-    .chain(SMALL.iter())
-    .chain(extra.iter())
-    .map(|s| s.to_string())
-    .collect()
+    ];
+    command_line(&head, &[&SMALL, extra])
 }
 
 fn sft(p: &Pretrained, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    run_ok(
-        &sft_args(p, data, out, extra)
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    )
+    run_ok(&sft_args(p, data, out, extra))
 }
 
 fn sft_fails(p: &Pretrained, data: &Path, out: &Path, extra: &[&str]) -> String {
-    run_fails(
-        &sft_args(p, data, out, extra)
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    )
-}
-
-fn records(out: &Path) -> Vec<Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    run_fails(&sft_args(p, data, out, extra))
 }
 
 #[test]
@@ -161,7 +105,7 @@ fn fine_tuning_lowers_the_held_out_loss_and_a_stopped_or_killed_run_resumes_bit_
         "{stderr}"
     );
     assert!(stderr.contains("state tensors carried over"), "{stderr}");
-    let all = records(&whole);
+    let all = metrics_records(&whole);
     let steps: Vec<&Value> = all.iter().filter(|r| r.get("loss").is_some()).collect();
     assert!(steps.len() > 10, "{} steps", steps.len());
     // The last step's rows may run past the last epoch's (padding).
@@ -209,7 +153,7 @@ fn fine_tuning_lowers_the_held_out_loss_and_a_stopped_or_killed_run_resumes_bit_
     );
     sft(&p, &data, &split, &[&nanochat[..], &["--resume"]].concat());
     assert_eq!(
-        timeless(records(&split)),
+        timeless(metrics_records(&split)),
         timeless(all.clone()),
         "metrics repeat bit for bit"
     );
@@ -241,20 +185,7 @@ fn fine_tuning_lowers_the_held_out_loss_and_a_stopped_or_killed_run_resumes_bit_
         &killed,
         &[&nanochat[..], &["--set", "checkpoint.every=3", "--resume"]].concat(),
     );
-    assert_eq!(timeless(records(&killed)), timeless(all));
-}
-
-/// Records without the figures of time.
-fn timeless(records: Vec<Value>) -> Vec<Value> {
-    records
-        .into_iter()
-        .map(|mut r| {
-            for k in ["tok_s", "mfu", "step_seconds", "forward_backward_seconds"] {
-                r.as_object_mut().unwrap().remove(k);
-            }
-            r
-        })
-        .collect()
+    assert_eq!(timeless(metrics_records(&killed)), timeless(all));
 }
 
 #[test]

@@ -36,40 +36,23 @@ const TINY: [&str; 12] = [
 ];
 
 fn train(p: &Packed, out: &Path, extra: &[&str]) -> std::process::Output {
-    run_ok(
-        &train_args(p, out, extra)
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    )
+    run_ok(&train_args(p, out, extra))
 }
 
 fn train_args(p: &Packed, out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
+    let head = [
         "train",
         "pretrain",
         "--pack",
         p.pack.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
-    ]
-    .iter()
-    .chain(TINY.iter())
-    .chain(extra.iter())
-    .map(|s| s.to_string())
-    .collect();
-    args.push("--set".into());
-    args.push("train.device=cpu".into());
-    args
+    ];
+    command_line(&head, &[&TINY, extra, &["--set", "train.device=cpu"]])
 }
 
 fn fails(p: &Packed, out: &Path, extra: &[&str]) -> String {
-    run_fails(
-        &train_args(p, out, extra)
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    )
+    run_fails(&train_args(p, out, extra))
 }
 
 /// `(step, loss)` of every training record, and the validation bits per byte.
@@ -253,7 +236,7 @@ fn launch(ranks: usize, args: &[String]) -> std::process::Output {
         "--".into(),
     ];
     all.extend_from_slice(args);
-    run_ok(&all.iter().map(String::as_str).collect::<Vec<_>>())
+    run_ok(&all)
 }
 
 #[test]
@@ -445,7 +428,7 @@ fn training_on_a_gpu_prints_no_torch_deprecation_warnings() {
         "--set".into(),
         "train.steps=3".into(),
     ]);
-    let said = run_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let said = run_ok(&args);
     let stderr = String::from_utf8_lossy(&said.stderr);
     assert!(!stderr.contains("deprecated"), "{stderr}");
 }

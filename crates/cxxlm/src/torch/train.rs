@@ -1,7 +1,7 @@
 //! `cxxlm train pretrain` and `cxxlm train sft`.
 
 use anyhow::{bail, Context, Result};
-use cxxlm::cli::{set, PretrainArgs, SftArgs, TrainCommand};
+use cxxlm::cli::{set, PretrainArgs, SftArgs, StageArgs, TrainCommand};
 use cxxlm::{interrupt, lock, outln};
 
 use crate::sample::run_tokenizer;
@@ -35,44 +35,9 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
     }
 }
 
-fn pretrain_command(args: PretrainArgs) -> Result<()> {
-    let mut overrides = args.overrides.clone();
-    if let Some(p) = &args.pack {
-        overrides.push(format!("data.pack={:?}", p.display().to_string()));
-    }
-    if let Some(o) = &args.out {
-        overrides.push(format!("out={:?}", o.display().to_string()));
-    }
-    let mut config = load_config(args.config.as_ref(), &overrides)?;
-    config.validate()?;
-    if args.check {
-        return Ok(());
-    }
-    if config.data.pack.as_os_str().is_empty() || config.out.as_os_str().is_empty() {
-        bail!("say where the packed tokens are and where the run goes: --pack DIR --out DIR (or data.pack and out in --config)");
-    }
-    let text = toml::to_string_pretty(&config).context("config")?;
-    let out = config.out.clone();
-    let progress = Progress {
-        out: &out,
-        log_every: args.log_every,
-        stop_at: args.stop_at,
-    };
-    progress.run(&text, |report, stop| {
-        if let Some(fit) = fit::fit_batch(&mut config, args.resume)? {
-            eprintln!("batch: {}", fit.reason);
-            std::fs::write(
-                config.out.join("config.toml"),
-                toml::to_string_pretty(&config).context("config")?,
-            )?;
-        }
-        Ok(cxxlm_train::pretrain(&config, args.resume, report, stop)?)
-    })
-}
-
-/// An SFT config from `--config`, the shorthand flags and `--set`s; the tokenizer, when
-/// not given, is the one the init model's run names.
-fn sft_config(args: &SftArgs) -> Result<SftConfig> {
+/// A stage's config as TOML: `--config`, then the shorthand flags (`(key, value)`,
+/// dotted keys), then the `--set`s.
+fn config_doc(args: &StageArgs, shorthands: Vec<(&str, toml::Value)>) -> Result<toml::Table> {
     let mut doc: toml::Table = match &args.config {
         Some(p) => toml::from_str(
             &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
@@ -80,9 +45,8 @@ fn sft_config(args: &SftArgs) -> Result<SftConfig> {
         .with_context(|| format!("parsing {}", p.display()))?,
         None => Default::default(),
     };
-    let path = |p: &PathBuf| toml::Value::String(p.display().to_string());
-    let paths = |ps: &[PathBuf]| toml::Value::Array(ps.iter().map(path).collect());
-    let mut put = |key: &str, value: toml::Value| {
+    let out = args.out.as_ref().map(|o| ("out", path_value(o)));
+    for (key, value) in shorthands.into_iter().chain(out) {
         let (section, name) = key.split_once('.').unwrap_or(("", key));
         let table = match section {
             "" => &mut doc,
@@ -90,28 +54,76 @@ fn sft_config(args: &SftArgs) -> Result<SftConfig> {
                 .entry(s)
                 .or_insert_with(|| toml::Value::Table(Default::default()))
                 .as_table_mut()
-                .expect("a section"),
+                .with_context(|| format!("{s} is not a table"))?,
         };
         table.insert(name.to_string(), value);
-    };
-    if let Some(p) = &args.init {
-        put("init", path(p));
-    }
-    if !args.data.is_empty() {
-        put("sft.data", paths(&args.data));
-    }
-    if !args.val.is_empty() {
-        put("sft.val", paths(&args.val));
-    }
-    if let Some(p) = &args.tokenizer {
-        put("sft.tokenizer", path(p));
-    }
-    if let Some(p) = &args.out {
-        put("out", path(p));
     }
     for o in &args.overrides {
         set(&mut doc, o)?;
     }
+    Ok(doc)
+}
+
+fn path_value(p: &Path) -> toml::Value {
+    toml::Value::String(p.display().to_string())
+}
+
+fn paths_value(ps: &[PathBuf]) -> toml::Value {
+    toml::Value::Array(ps.iter().map(|p| path_value(p)).collect())
+}
+
+/// The shorthand flag `key` = `path`, when given.
+fn given<'k>(key: &'k str, path: &Option<PathBuf>) -> Option<(&'k str, toml::Value)> {
+    path.as_deref().map(|p| (key, path_value(p)))
+}
+
+/// The shorthand flag `key` = `paths`, when any are given.
+fn given_all<'k>(key: &'k str, paths: &[PathBuf]) -> Option<(&'k str, toml::Value)> {
+    (!paths.is_empty()).then(|| (key, paths_value(paths)))
+}
+
+fn pretrain_command(args: PretrainArgs) -> Result<()> {
+    let doc = config_doc(
+        &args.stage,
+        given("data.pack", &args.pack).into_iter().collect(),
+    )?;
+    let mut config = TrainConfig::from_table(doc)?;
+    config.validate()?;
+    if args.stage.check {
+        return Ok(());
+    }
+    if config.data.pack.as_os_str().is_empty() || config.out.as_os_str().is_empty() {
+        bail!("say where the packed tokens are and where the run goes: --pack DIR --out DIR (or data.pack and out in --config)");
+    }
+    let text = toml::to_string_pretty(&config).context("config")?;
+    let out = config.out.clone();
+    Progress::of(&args.stage, &out).run(&text, |report, stop| {
+        if let Some(fit) = fit::fit_batch(&mut config, args.stage.resume)? {
+            eprintln!("batch: {}", fit.reason);
+            std::fs::write(
+                config.out.join("config.toml"),
+                toml::to_string_pretty(&config).context("config")?,
+            )?;
+        }
+        Ok(cxxlm_train::pretrain(
+            &config,
+            args.stage.resume,
+            report,
+            stop,
+        )?)
+    })
+}
+
+/// An SFT config from `--config`, the shorthand flags and `--set`s; the tokenizer, when
+/// not given, is the one the init model's run names.
+fn sft_config(args: &SftArgs) -> Result<SftConfig> {
+    let shorthands = [
+        given("init", &args.init),
+        given_all("sft.data", &args.data),
+        given_all("sft.val", &args.val),
+        given("sft.tokenizer", &args.tokenizer),
+    ];
+    let doc = config_doc(&args.stage, shorthands.into_iter().flatten().collect())?;
     let mut config = SftConfig::from_table(doc)?;
     if config.init.as_os_str().is_empty() || config.out.as_os_str().is_empty() {
         bail!("say which model to fine-tune and where the run goes: --init RUN --out DIR (or init and out in --config)");
@@ -125,17 +137,12 @@ fn sft_config(args: &SftArgs) -> Result<SftConfig> {
 fn sft_command(args: SftArgs) -> Result<()> {
     let config = sft_config(&args)?;
     config.validate()?;
-    if args.check {
+    if args.stage.check {
         return Ok(());
     }
     let text = toml::to_string_pretty(&config).context("config")?;
-    let progress = Progress {
-        out: &config.out,
-        log_every: args.log_every,
-        stop_at: args.stop_at,
-    };
-    progress.run(&text, |report, stop| {
-        Ok(cxxlm_train::sft(&config, args.resume, report, stop)?)
+    Progress::of(&args.stage, &config.out).run(&text, |report, stop| {
+        Ok(cxxlm_train::sft(&config, args.stage.resume, report, stop)?)
     })
 }
 
@@ -146,7 +153,15 @@ struct Progress<'a> {
     stop_at: Option<u64>,
 }
 
-impl Progress<'_> {
+impl<'a> Progress<'a> {
+    fn of(args: &StageArgs, out: &'a Path) -> Self {
+        Progress {
+            out,
+            log_every: args.log_every,
+            stop_at: args.stop_at,
+        }
+    }
+
     /// Runs a stage in `out` (its config written there as `config_toml` by rank 0):
     /// progress lines on stderr, samples into `samples.jsonl`, a summary on stdout; Ctrl-C
     /// or `--stop-at` stop it with a checkpoint.

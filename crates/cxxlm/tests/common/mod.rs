@@ -13,7 +13,7 @@ pub fn cxxlm() -> Command {
 }
 
 /// Run `cxxlm` and insist that it succeeds.
-pub fn run_ok(args: &[&str]) -> Output {
+pub fn run_ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> Output {
     let out = cxxlm().args(args).output().expect("cxxlm runs");
     assert!(
         out.status.success(),
@@ -25,7 +25,7 @@ pub fn run_ok(args: &[&str]) -> Output {
 }
 
 /// Run `cxxlm`, insist that it fails, and return what it said on stderr.
-pub fn run_fails(args: &[&str]) -> String {
+pub fn run_fails<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
     let out = cxxlm().args(args).output().expect("cxxlm runs");
     assert!(!out.status.success(), "cxxlm {args:?} succeeded");
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -223,4 +223,81 @@ pub fn hold_lock(path: &Path) -> std::fs::File {
 pub fn send_signal(child: &std::process::Child, signal: i32) {
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, signal) };
+}
+
+/// A command line: `head` (a command and its paths), then each of `rest` in turn.
+pub fn command_line(head: &[&str], rest: &[&[&str]]) -> Vec<String> {
+    head.iter()
+        .chain(rest.iter().flat_map(|r| r.iter()))
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// The records of a run's `metrics.jsonl`.
+pub fn metrics_records(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Records without the figures of time.
+pub fn timeless(records: Vec<Value>) -> Vec<Value> {
+    const TIMES: [&str; 9] = [
+        "tok_s",
+        "mfu",
+        "step_seconds",
+        "forward_backward_seconds",
+        "rollouts_s",
+        "generation_seconds",
+        "reward_wait_seconds",
+        "reward_wait_share",
+        "update_seconds",
+    ];
+    records
+        .into_iter()
+        .map(|mut r| {
+            for k in TIMES {
+                r.as_object_mut().unwrap().remove(k);
+            }
+            r
+        })
+        .collect()
+}
+
+/// A tiny model pretrained on the CPU for 30 steps on a fixture of libstdc++ (the
+/// starting point of fine-tuning).
+pub struct Pretrained {
+    pub f: Fixture,
+    pub run: PathBuf,
+}
+
+pub fn pretrained() -> Pretrained {
+    let f = fixture(400, 2048);
+    let pack = f.root.join("pack");
+    run_ok(&pack_args(&f, &pack, &["--val-fraction", "0.1"]));
+    let run = f.root.join("pre");
+    let (pack, out) = (pack.to_str().unwrap(), run.to_str().unwrap());
+    run_ok(&[
+        "train",
+        "pretrain",
+        "--pack",
+        pack,
+        "--out",
+        out,
+        "--set",
+        "model.preset=tiny",
+        "--set",
+        "train.device_batch=4",
+        "--set",
+        "train.total_batch_tokens=1024",
+        "--set",
+        "train.steps=30",
+        "--set",
+        "eval.every=0",
+        "--set",
+        "train.device=cpu",
+    ]);
+    Pretrained { f, run }
 }
