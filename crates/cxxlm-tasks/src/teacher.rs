@@ -154,7 +154,11 @@ impl Teacher {
                             .collect::<String>()
                     )))
                 }
-                Err(e) => e.to_string(),
+                // ureq's transport errors already start with the URL.
+                Err(e) => e
+                    .to_string()
+                    .trim_start_matches(&format!("{url}: "))
+                    .to_string(),
             };
             attempt += 1;
             if attempt > self.config.retries {

@@ -198,3 +198,107 @@ fn the_hf_export_loads_in_transformers_with_our_logits() {
     assert!(err.contains("SwiGLU") && err.contains("refused"), "{err}");
     assert!(!refused.exists());
 }
+
+#[test]
+fn the_teacher_asks_our_server_and_a_rerun_asks_nothing() {
+    let t = trained();
+    let server = serve(&t.run, &["--slots", "2"]);
+    let dir = t.run.parent().unwrap().join("teacher");
+    let prompt = dir.join("review.md");
+    let records = dir.join("code.jsonl");
+    write(&prompt, "Review this C++ function:\n{{code}}\n");
+    let lines: Vec<String> = (0..5)
+        .map(|i| serde_json::json!({"id": format!("f{i}"), "code": format!("int f{i}() {{ return {i}; }}")}).to_string())
+        .collect();
+    write(&records, lines.join("\n") + "\n");
+    let (out, cache) = (dir.join("review.jsonl"), dir.join("cache"));
+    let base_url = format!("{}/v1", server.url);
+    let ask = |out: &Path| {
+        let said = run_ok(&[
+            "tasks",
+            "teacher",
+            "--prompt",
+            prompt.to_str().unwrap(),
+            "--records",
+            records.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--base-url",
+            &base_url,
+            "--model",
+            "tiny",
+            "--max-tokens",
+            "8",
+            "--concurrency",
+            "3",
+            "--cache",
+            cache.to_str().unwrap(),
+        ]);
+        String::from_utf8_lossy(&said.stdout).to_string()
+    };
+    let said = ask(&out);
+    assert!(
+        said.contains("5 requests: 0 from the cache, 5 asked (0 retries), 0 failed"),
+        "{said}"
+    );
+    let answers: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ids: Vec<&str> = answers.iter().map(|a| a["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["f0", "f1", "f2", "f3", "f4"]);
+    for (i, a) in answers.iter().enumerate() {
+        assert_eq!(
+            a["input"],
+            format!("Review this C++ function:\nint f{i}() {{ return {i}; }}\n")
+        );
+        assert!(a["output"].is_string(), "{a}");
+    }
+    // The same answers from the cache, with the server gone.
+    drop(server);
+    let again = dir.join("again.jsonl");
+    let said = ask(&again);
+    assert!(
+        said.contains("5 requests: 5 from the cache, 0 asked"),
+        "{said}"
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&again).unwrap());
+    // A new request with no server: retried, then a clear failure.
+    write(
+        &records,
+        format!(
+            "{}\n{}\n",
+            lines[0],
+            serde_json::json!({"id": "new", "code": "int g();"})
+        ),
+    );
+    let err = run_fails(&[
+        "tasks",
+        "teacher",
+        "--prompt",
+        prompt.to_str().unwrap(),
+        "--records",
+        records.to_str().unwrap(),
+        "-o",
+        dir.join("third.jsonl").to_str().unwrap(),
+        "--base-url",
+        &base_url,
+        "--model",
+        "tiny",
+        "--max-tokens",
+        "8",
+        "--retries",
+        "1",
+        "--backoff-ms",
+        "10",
+        "--cache",
+        cache.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("1 requests failed")
+            && err.contains("new: ")
+            && err.contains("after 2 attempts"),
+        "{err}"
+    );
+}
