@@ -356,6 +356,14 @@ impl Gpt {
         self.logits(&h, w.last().expect("lm_head"))
     }
 
+    /// Softcapped fp32 logits `(B, T, V)` of token ids `(B, T)` with gradients, for losses
+    /// other than cross-entropy (RL's); packed or not.
+    pub fn logits_with_grad(&self, idx: &Tensor, packing: Option<&Packing>) -> Tensor {
+        let w = self.compute_weights();
+        let h = self.forward(&w, idx, Self::uncached(packing));
+        self.logits(&h, w.last().expect("lm_head"))
+    }
+
     /// Softcapped fp32 logits of hidden states `(N, width)`.
     pub(crate) fn logits(&self, h: &Tensor, head: &Tensor) -> Tensor {
         let cap = self.config.softcap;

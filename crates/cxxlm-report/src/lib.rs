@@ -69,6 +69,13 @@ impl Layout {
     pub fn sft(&self) -> PathBuf {
         self.root.join("sft")
     }
+    pub fn rl_config(&self) -> PathBuf {
+        self.root.join("rl.toml")
+    }
+    /// The RL run (with tasks).
+    pub fn rl(&self) -> PathBuf {
+        self.root.join("rl")
+    }
     /// One JSON file per evaluation: `eval/<name>.json`.
     pub fn eval(&self, name: &str) -> PathBuf {
         self.root.join("eval").join(format!("{name}.json"))

@@ -52,6 +52,8 @@ pub struct Build {
     /// Lines of `main.cpp` with an `error:` of their own.
     pub error_lines: BTreeSet<usize>,
     pub first_error: Option<String>,
+    /// g++'s warnings (none are reported unless asked for, [`Judge::build_warning`]).
+    pub warnings: usize,
     pub seconds: f64,
 }
 
@@ -141,8 +143,21 @@ impl Judge {
 
     /// `g++ FLAGS [-include cxxlm_schema.h] main.cpp -o prog` in the sandbox.
     pub fn build(&self, work: &Workdir, schema: bool) -> Result<Build> {
+        self.build_with(work, schema, &FLAGS)
+    }
+
+    /// [`Judge::build`] with `-Wall` in place of `-w`: the build's warnings counted.
+    pub fn build_warning(&self, work: &Workdir) -> Result<Build> {
+        let flags: Vec<&str> = FLAGS
+            .iter()
+            .map(|&f| if f == "-w" { "-Wall" } else { f })
+            .collect();
+        self.build_with(work, false, &flags)
+    }
+
+    fn build_with(&self, work: &Workdir, schema: bool, flags: &[&str]) -> Result<Build> {
         let mut argv: Vec<&str> = vec!["/usr/bin/g++"];
-        argv.extend(FLAGS);
+        argv.extend(flags);
         if schema {
             argv.extend(["-include", "cxxlm_schema.h"]);
         }
@@ -166,6 +181,7 @@ impl Judge {
             main_positions,
             error_lines,
             first_error,
+            warnings: stderr.lines().filter(|l| l.contains(" warning: ")).count(),
             seconds: started.elapsed().as_secs_f64(),
         })
     }

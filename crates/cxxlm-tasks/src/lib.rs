@@ -10,6 +10,7 @@ pub mod mine;
 pub mod mutate;
 pub mod program;
 pub mod report;
+pub mod reward;
 pub mod task;
 pub mod teacher;
 

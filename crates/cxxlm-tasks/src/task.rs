@@ -159,6 +159,59 @@ pub fn answer_code(answer: &str) -> &str {
     code.trim_matches('\n')
 }
 
+/// Whether a bug-fix answer is complete: past its reasoning, the function's braces
+/// opened and closed again.
+pub fn answer_complete(text: &str) -> bool {
+    let code = answer_code(text);
+    if text.contains("/* REASONING:") && !text.contains("*/") {
+        return false;
+    }
+    let mut depth = 0i64;
+    let mut opened = false;
+    for &c in code_only(code).iter() {
+        match c {
+            b'{' => {
+                depth += 1;
+                opened = true;
+            }
+            b'}' => {
+                depth -= 1;
+                if opened && depth == 0 {
+                    return true;
+                }
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
+/// The answer up to the end of the function it writes.
+pub fn cut_answer(text: &str) -> String {
+    let start = text.len() - answer_code(text).len();
+    let start = text[..start].rfind("*/").map_or(0, |p| p + 2).min(start);
+    let head = &text[..start];
+    let code = &text[start..];
+    let mut depth = 0i64;
+    let mut opened = false;
+    for (i, &c) in code_only(code).iter().enumerate() {
+        match c {
+            b'{' => {
+                depth += 1;
+                opened = true;
+            }
+            b'}' => {
+                depth -= 1;
+                if opened && depth == 0 {
+                    return format!("{head}{}", &code[..=i]);
+                }
+            }
+            _ => {}
+        }
+    }
+    text.to_string()
+}
+
 /// The program an answer makes: the task's buggy file with the function replaced.
 pub fn splice(check: &Check, answer: &str) -> String {
     let (start, end) = check.span;

@@ -1,6 +1,6 @@
 //! Training: one loop for every stage ([`trainer`]: a batch source, a loss and an
 //! evaluation in; steps, checkpoints, metrics, resume and data parallelism out), its
-//! stages ([`pretrain`], [`sft`]), the optimizers and schedule ([`optim`]), checkpoints
+//! stages ([`pretrain`], [`sft`], [`rl`]), the optimizers and schedule ([`optim`]), checkpoints
 //! ([`checkpoint`]), metrics ([`metrics`]) and data parallelism across processes
 //! ([`dist`]); every setting is range-checked (`TrainConfig::validate`,
 //! `SftConfig::validate`).
@@ -11,12 +11,14 @@ pub mod dist;
 pub mod metrics;
 pub mod optim;
 pub mod pretrain;
+pub mod rl;
 pub mod sft;
 pub mod trainer;
 mod validate;
 
 pub use optim::{Matrices, OptimConfig, Optimizer, Schedule};
 pub use pretrain::{pretrain, TrainConfig};
+pub use rl::{rl, RlConfig};
 pub use sft::{sft, SftConfig};
 pub use trainer::Event;
 
@@ -53,6 +55,10 @@ pub enum TrainError {
     Torch(String),
     #[error("between ranks: {0}")]
     Collective(String),
+    #[error("RL stopped: {0}")]
+    Guard(String),
+    #[error(transparent)]
+    Tasks(#[from] cxxlm_tasks::TaskError),
 }
 
 impl TrainError {

@@ -290,7 +290,7 @@ struct PackSource {
 }
 
 impl BatchSource for PackSource {
-    fn next_batch(&mut self) -> Result<MicroBatch> {
+    fn next_batch(&mut self, _: &Gpt) -> Result<MicroBatch> {
         let b = self.loader.next_batch();
         Ok(MicroBatch {
             rows: b.rows,
@@ -298,6 +298,7 @@ impl BatchSource for PackSource {
             tokens: b.tokens,
             supervised: None,
             examples: None,
+            weights: None,
         })
     }
 

@@ -179,7 +179,7 @@ struct SftSource {
 }
 
 impl BatchSource for SftSource {
-    fn next_batch(&mut self) -> Result<MicroBatch> {
+    fn next_batch(&mut self, _: &Gpt) -> Result<MicroBatch> {
         let b = self.rows.next_batch(self.batch, self.rank, self.world);
         Ok(micro_batch(b))
     }
@@ -210,6 +210,7 @@ fn micro_batch(b: sft::SftBatch) -> MicroBatch {
         tokens: b.tokens,
         supervised: Some(b.learned),
         examples: Some(b.examples),
+        weights: None,
     }
 }
 

@@ -6,6 +6,7 @@
 //! parallelism.
 
 use cxxlm_model::{Gpt, ModelConfig, Packing};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -21,7 +22,7 @@ use crate::{cuda, Result, TrainError};
 
 /// One micro-batch of one rank: rows of `T + 1` tokens, whose first `T` are the inputs
 /// and last `T` the targets.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MicroBatch {
     pub rows: usize,
     pub cols: usize,
@@ -33,6 +34,22 @@ pub struct MicroBatch {
     /// must attend only to itself from position 0 (the rest of a row is padding); None:
     /// each row is attended as one sequence.
     pub examples: Option<Vec<Vec<usize>>>,
+    /// What a policy-gradient loss weighs each target by (RL); None: nothing.
+    pub weights: Option<TargetWeights>,
+}
+
+/// Per target of sampled completions, row-major `(rows, cols - 1)`, read where the
+/// target is supervised.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TargetWeights {
+    /// The advantage of the completion the target belongs to.
+    pub advantages: Vec<f32>,
+    /// The target's log-probability under the policy that sampled it, when that is no
+    /// longer the policy being trained (several updates per batch); None: the current
+    /// policy's own, so that the ratio is exactly 1.
+    pub old_logprobs: Option<Vec<f32>>,
+    /// Under the frozen reference model (the KL term); None: no KL term.
+    pub ref_logprobs: Option<Vec<f32>>,
 }
 
 impl MicroBatch {
@@ -68,15 +85,29 @@ impl MicroBatch {
             }
             None => targets,
         };
+        let shape = [self.rows as i64, t];
+        let per_target = |v: &[f32]| Tensor::from_slice(v).view(shape).to_device(device);
         DeviceBatch {
             packing: self
                 .examples
                 .as_ref()
                 .map(|rows| Packing::new(rows, t as usize, device)),
+            weights: self.weights.as_ref().map(|w| DeviceWeights {
+                advantages: per_target(&w.advantages),
+                old_logprobs: w.old_logprobs.as_deref().map(per_target),
+                ref_logprobs: w.ref_logprobs.as_deref().map(per_target),
+            }),
             inputs,
             targets,
         }
     }
+}
+
+/// [`TargetWeights`] on the device, `(B, T)` each.
+pub struct DeviceWeights {
+    pub advantages: Tensor,
+    pub old_logprobs: Option<Tensor>,
+    pub ref_logprobs: Option<Tensor>,
 }
 
 /// A micro-batch on the device.
@@ -86,13 +117,15 @@ pub struct DeviceBatch {
     /// `(B, T)` target ids, negative where nothing is learned.
     pub targets: Tensor,
     pub packing: Option<Packing>,
+    pub weights: Option<DeviceWeights>,
 }
 
 /// Where a stage's micro-batches come from. Every rank reads its own share of one global
 /// stream, so that the stream does not depend on the number of ranks.
 pub trait BatchSource {
-    /// This rank's next micro-batch.
-    fn next_batch(&mut self) -> Result<MicroBatch>;
+    /// This rank's next micro-batch; `model` is the policy as trained so far (RL samples
+    /// its batches with it).
+    fn next_batch(&mut self, model: &Gpt) -> Result<MicroBatch>;
     /// Where the source stands: restoring it gives the batches from here again.
     fn state(&self) -> Value;
     fn restore(&mut self, state: &Value) -> Result<()>;
@@ -101,6 +134,14 @@ pub trait BatchSource {
     fn dense(&self) -> bool;
     /// The data, as errors name it.
     fn describe(&self) -> String;
+    /// Figures of the batches of the step just taken, for `metrics.jsonl` (rank 0's).
+    fn figures(&mut self) -> Map<String, Value> {
+        Map::new()
+    }
+    /// Warnings about the batches read since the last call.
+    fn warnings(&mut self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// What the loop minimizes.
@@ -108,6 +149,20 @@ pub trait Loss {
     /// Forward and backward of one micro-batch: adds the gradient of `scale` x its summed
     /// loss to the weights' gradients and returns that sum (a device scalar).
     fn forward_backward(&mut self, model: &Gpt, batch: &DeviceBatch, scale: f64) -> Tensor;
+    /// What the step's summed loss is divided by, given its supervised targets over every
+    /// micro-batch and rank: by default that count (token-level normalization).
+    fn normalizer(&self, supervised: f64) -> f64 {
+        supervised
+    }
+    /// Figures of the step just taken, for `metrics.jsonl` (rank 0's).
+    fn figures(&mut self) -> Map<String, Value> {
+        Map::new()
+    }
+    /// Whether a loss far above its moving average means trouble (a checkpoint and a
+    /// warning): not for losses without a scale of their own.
+    fn watches_spikes(&self) -> bool {
+        true
+    }
 }
 
 /// Cross-entropy of the supervised targets (pretraining and SFT).
@@ -528,6 +583,19 @@ pub fn train(
     loop {
         let step = state.step;
         let last = step == steps;
+        // Before this step's evaluation, which the resumed run makes (once).
+        if !last && comm.any(stop(step), dev)? {
+            report(Event::Warning(format!(
+                "stopping at step {step}; rerun with --resume to continue"
+            )));
+            report(Event::Checkpoint(save(
+                &state,
+                &stage.model,
+                &stage.optimizer,
+            )?));
+            comm.finish()?;
+            return Ok(state);
+        }
         if stage.eval_every > 0 && (step.is_multiple_of(stage.eval_every) || last) {
             let figures = tch::no_grad(|| {
                 stage
@@ -548,25 +616,13 @@ pub fn train(
         if last {
             break;
         }
-        if comm.any(stop(step), dev)? {
-            report(Event::Warning(format!(
-                "stopping at step {step}; rerun with --resume to continue"
-            )));
-            report(Event::Checkpoint(save(
-                &state,
-                &stage.model,
-                &stage.optimizer,
-            )?));
-            comm.finish()?;
-            return Ok(state);
-        }
 
         let started = Instant::now();
         let source_before = state.loader.clone();
         let lr_scale = stage.schedule.lr_scale(step, steps);
         let first = match prefetched.take() {
             Some(b) => b,
-            None => stage.source.next_batch()?,
+            None => stage.source.next_batch(&stage.model)?,
         };
         let counted = std::panic::catch_unwind(AssertUnwindSafe(|| {
             step_gradients(
@@ -595,6 +651,7 @@ pub fn train(
         let StepGradients {
             micro_losses,
             supervised,
+            normalizer,
             padding_share,
         } = match counted {
             Err(TrainError::NoSupervision { data, .. }) => {
@@ -618,14 +675,20 @@ pub fn train(
             });
         }
         let forward_backward_seconds = started.elapsed().as_secs_f64();
-        let loss = values.iter().sum::<f64>() / supervised;
+        let loss = values.iter().sum::<f64>() / normalizer;
         let grad_norm =
             stage
                 .optimizer
                 .step(step + stage.optimizer_steps_before, lr_scale, &comm)?;
         let source_after = stage.source.state();
+        // Read before the next step's first batch is.
+        let mut stage_figures = stage.source.figures();
+        stage_figures.extend(stage.loss.figures());
+        for w in stage.source.warnings() {
+            report(Event::Warning(format!("step {}: {w}", step + 1)));
+        }
         if step + 1 < steps {
-            prefetched = Some(stage.source.next_batch()?);
+            prefetched = Some(stage.source.next_batch(&stage.model)?);
         }
         let grad_norm = grad_norm.double_value(&[]);
         stage.optimizer.zero_grad();
@@ -667,6 +730,9 @@ pub fn train(
             fields["supervised_share"] = (supervised / stage.step_tokens as f64).into();
             fields["padding_share"] = padding.into();
         }
+        if let Some(fields) = fields.as_object_mut() {
+            fields.extend(stage_figures);
+        }
         if let Some(m) = &mut metrics {
             m.log(state.step, fields.as_object().expect("object"))?;
         }
@@ -702,7 +768,8 @@ pub fn train(
                 stage.log.mfu_warn * 100.0
             )));
         }
-        let spiked = step > 20 && loss > stage.log.spike_factor * ema_before;
+        let spiked =
+            stage.loss.watches_spikes() && step > 20 && loss > stage.log.spike_factor * ema_before;
         if spiked {
             report(Event::Warning(format!(
                 "loss spike at step {}: {loss:.3} against a moving average of {ema_before:.3}; checkpointing",
@@ -728,6 +795,8 @@ pub struct StepGradients {
     pub micro_losses: Vec<Tensor>,
     /// Supervised targets of the step over every micro-batch and rank.
     pub supervised: f64,
+    /// What the summed loss is divided by ([`Loss::normalizer`]).
+    pub normalizer: f64,
     /// The share of the step's tokens that is padding (batches of packed examples).
     pub padding_share: Option<f64>,
 }
@@ -754,7 +823,7 @@ pub fn step_gradients(
         (step_tokens as f64, None)
     } else {
         for _ in 1..grad_accum {
-            batches.push(source.next_batch()?);
+            batches.push(source.next_batch(model)?);
         }
         let sum = |f: fn(&MicroBatch) -> usize| batches.iter().map(f).sum::<usize>() as f64;
         let counts = Tensor::from_slice(&[
@@ -773,20 +842,22 @@ pub fn step_gradients(
             data: source.describe(),
         });
     }
-    let scale = comm.size() as f64 / supervised;
+    let normalizer = loss.normalizer(supervised);
+    let scale = comm.size() as f64 / normalizer;
     let mut micro_losses = Vec::with_capacity(grad_accum);
     let mut batches = batches.into_iter();
     for _ in 0..grad_accum {
         // Dense sources are read as the passes go (the GPU works meanwhile).
         let b = match batches.next() {
             Some(b) => b,
-            None => source.next_batch()?,
+            None => source.next_batch(model)?,
         };
         micro_losses.push(loss.forward_backward(model, &b.to_device(dev), scale));
     }
     Ok(StepGradients {
         micro_losses,
         supervised,
+        normalizer,
         padding_share,
     })
 }
@@ -814,7 +885,7 @@ mod tests {
     struct Given(VecDeque<MicroBatch>);
 
     impl BatchSource for Given {
-        fn next_batch(&mut self) -> Result<MicroBatch> {
+        fn next_batch(&mut self, _: &Gpt) -> Result<MicroBatch> {
             self.0
                 .pop_front()
                 .ok_or_else(|| TrainError::Config("no batch left".into()))
@@ -864,6 +935,7 @@ mod tests {
             tokens,
             supervised: Some(supervised),
             examples: Some(rows.to_vec()),
+            weights: None,
         }
     }
 
@@ -882,7 +954,7 @@ mod tests {
     fn step(m: &Gpt, batches: Vec<MicroBatch>) -> Result<(f64, Vec<Tensor>)> {
         let n = batches.len();
         let mut source = Given(batches.into());
-        let first = source.next_batch()?;
+        let first = source.next_batch(m)?;
         let g = step_gradients(
             m,
             &mut CrossEntropy,
@@ -893,7 +965,7 @@ mod tests {
             &Comm::single(),
         )?;
         let sum: f64 = g.micro_losses.iter().map(|l| l.double_value(&[])).sum();
-        Ok((sum / g.supervised, take_grads(m)))
+        Ok((sum / g.normalizer, take_grads(m)))
     }
 
     fn max_difference(a: &[Tensor], b: &[Tensor]) -> f64 {
@@ -954,6 +1026,7 @@ mod tests {
                     tokens: whole.tokens[k * 34..(k + 1) * 34].to_vec(),
                     supervised: whole.supervised.as_ref().map(|s| range(s, 16)),
                     examples: Some(rows[k * 2..k * 2 + 2].to_vec()),
+                    weights: None,
                 }
             })
             .collect();

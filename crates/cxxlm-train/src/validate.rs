@@ -112,6 +112,55 @@ impl SftConfig {
     }
 }
 
+impl crate::rl::RlConfig {
+    /// Every setting in its range, or an error naming each one that is not (the tasks
+    /// and the model are checked when training starts).
+    pub fn validate(&self) -> Result<()> {
+        let mut p = Problems::default();
+        let rl = &self.rl;
+        p.at_least_one("rl.prompts", rl.prompts as u64);
+        if rl.samples < 2 {
+            p.0.push(format!(
+                "rl.samples = {} must be at least 2 (advantages are relative to a group)",
+                rl.samples
+            ));
+        }
+        p.at_least_one("rl.max_new_tokens", rl.max_new_tokens as u64);
+        p.at_least_one("rl.updates", rl.updates as u64);
+        p.non_negative("rl.temperature", rl.temperature);
+        p.check(
+            "rl.top_p",
+            rl.top_p,
+            rl.top_p > 0.0 && rl.top_p <= 1.0,
+            "in (0, 1]",
+        );
+        p.below_one("rl.clip_low", rl.clip_low);
+        p.non_negative("rl.clip_high", rl.clip_high);
+        p.non_negative("rl.kl_coef", rl.kl_coef);
+        p.check(
+            "rl.max_kl",
+            rl.max_kl,
+            rl.max_kl.is_finite() && rl.max_kl > 0.0,
+            "finite and > 0",
+        );
+        p.at_least_one("rl.equal_reward_batches", rl.equal_reward_batches);
+        if rl.overlong_buffer > rl.max_new_tokens {
+            p.0.push(format!(
+                "rl.overlong_buffer = {} must be at most rl.max_new_tokens = {}",
+                rl.overlong_buffer, rl.max_new_tokens
+            ));
+        }
+        p.stage(
+            &self.train,
+            &self.optim,
+            &self.schedule,
+            &self.checkpoint,
+            &self.log,
+        );
+        p.done()
+    }
+}
+
 impl Problems {
     /// The sections every stage shares.
     fn stage(

@@ -159,6 +159,11 @@ pub enum TrainCommand {
     /// that keep them apart; the loss on their answers only. `--resume` continues
     /// bit-exactly from the newest checkpoint.
     Sft(SftArgs),
+    /// Reinforcement learning with the compiler as judge (GRPO): completions to runnable
+    /// tasks sampled by the model, rewarded in the sandbox (compiles, no warnings, the
+    /// task's test, reasoning), learned from relative to their group, with a KL term to
+    /// the starting model. `--resume` continues bit-exactly from the newest checkpoint.
+    Rl(RlArgs),
     /// Check the fused training kernels on a GPU against their definitions (forward and
     /// gradients, fresh random inputs), and the explicit training step against autograd.
     CheckKernels {
@@ -238,6 +243,24 @@ pub struct SftArgs {
     #[arg(long, num_args = 1..)]
     pub val: Vec<PathBuf>,
     /// The tokenizer the model was trained with (`sft.tokenizer`; default: the one its
+    /// run's config names).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    pub stage: StageArgs,
+}
+
+#[derive(Args)]
+pub struct RlArgs {
+    /// The model to start from, also the KL reference: an SFT run directory (its newest
+    /// checkpoint) or a checkpoint directory (`init`).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Outputs of `tasks bugs` (directories or JSON lines; `rl.tasks`): their runnable
+    /// tasks of the train split are the prompts, of the test split the held-out check.
+    #[arg(long, num_args = 1..)]
+    pub tasks: Vec<PathBuf>,
+    /// The tokenizer the model was trained with (`rl.tokenizer`; default: the one its
     /// run's config names).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,

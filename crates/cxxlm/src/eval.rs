@@ -1002,59 +1002,6 @@ fn print_report(r: &Report) -> Result<()> {
     Ok(())
 }
 
-/// Whether a bug-fix answer is complete: past its reasoning, the function's braces
-/// opened and closed again.
-fn answer_complete(text: &str) -> bool {
-    let code = cxxlm_tasks::task::answer_code(text);
-    if text.contains("/* REASONING:") && !text.contains("*/") {
-        return false;
-    }
-    let mut depth = 0i64;
-    let mut opened = false;
-    for &c in cxxlm_eval::functions::code_only(code).iter() {
-        match c {
-            b'{' => {
-                depth += 1;
-                opened = true;
-            }
-            b'}' => {
-                depth -= 1;
-                if opened && depth == 0 {
-                    return true;
-                }
-            }
-            _ => {}
-        }
-    }
-    false
-}
-
-/// The answer up to the end of the function it writes.
-fn cut_answer(text: &str) -> String {
-    let start = text.len() - cxxlm_tasks::task::answer_code(text).len();
-    let start = text[..start].rfind("*/").map_or(0, |p| p + 2).min(start);
-    let head = &text[..start];
-    let code = &text[start..];
-    let mut depth = 0i64;
-    let mut opened = false;
-    for (i, &c) in cxxlm_eval::functions::code_only(code).iter().enumerate() {
-        match c {
-            b'{' => {
-                depth += 1;
-                opened = true;
-            }
-            b'}' => {
-                depth -= 1;
-                if opened && depth == 0 {
-                    return format!("{head}{}", &code[..=i]);
-                }
-            }
-            _ => {}
-        }
-    }
-    text.to_string()
-}
-
 fn bugfix(args: BugfixArgs, load: Option<LoadModel>) -> Result<()> {
     use cxxlm_tasks::bugs;
     use rayon::prelude::*;
@@ -1227,11 +1174,15 @@ fn bugfix_answers(
             ..Default::default()
         };
         let generated = model.generate(&prompts, &generation, &mut |_, t| {
-            t.last() == Some(&eos) || answer_complete(&String::from_utf8_lossy(&bpe.decode(t)))
+            t.last() == Some(&eos)
+                || cxxlm_tasks::task::answer_complete(&String::from_utf8_lossy(&bpe.decode(t)))
         });
         for ((i, _), row) in group.iter().zip(generated) {
             let ids: Vec<u32> = row.into_iter().filter(|&t| t != eos).collect();
-            out.push((*i, cut_answer(&String::from_utf8_lossy(&bpe.decode(&ids)))));
+            out.push((
+                *i,
+                cxxlm_tasks::task::cut_answer(&String::from_utf8_lossy(&bpe.decode(&ids))),
+            ));
         }
         eprintln!("answered {} of {}", out.len(), rows.len());
     }

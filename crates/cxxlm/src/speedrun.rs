@@ -1,5 +1,5 @@
 //! `cxxlm speedrun`: data -> dedup -> tokenizer -> pack -> pretrain -> evaluations ->
-//! (with SFT data: sft -> MBPP-C++ again) -> report card, each stage a `cxxlm` command run as its own process with its log kept.
+//! (with SFT data: sft -> MBPP-C++ again) -> (with tasks: rl) -> report card, each stage a `cxxlm` command run as its own process with its log kept.
 //! `speedrun.json` records each stage's command and a fingerprint of it and of the stages
 //! before it: a rerun skips finished stages whose outputs are still there, and continues
 //! an interrupted one (each stage resumes its own partial work).
@@ -42,6 +42,10 @@ pub struct SpeedrunArgs {
     /// fine-tunes the pretrained model on them, and MBPP-C++ evaluates it again.
     #[arg(long, num_args = 1..)]
     sft_data: Vec<String>,
+    /// Tasks of `tasks bugs` (replace the preset's `rl_tasks`): an `rl` stage then trains
+    /// the fine-tuned (or pretrained) model on them with the compiler as judge.
+    #[arg(long, num_args = 1..)]
+    rl_tasks: Vec<String>,
     /// Discard the outputs of this stage and of every later one, and run them again.
     #[arg(long, value_name = "STAGE")]
     redo: Option<String>,
@@ -72,6 +76,13 @@ struct Config {
     /// speedrun.
     #[serde(default)]
     sft: toml::Table,
+    /// Task files of `tasks bugs` for RL; none: no RL stage.
+    #[serde(default)]
+    rl_tasks: Vec<String>,
+    /// A `train rl` config; `init`, `out`, `rl.tasks` and `rl.tokenizer` are set by the
+    /// speedrun.
+    #[serde(default)]
+    rl: toml::Table,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -180,7 +191,14 @@ fn one_gpu() -> usize {
     1
 }
 
-fn stages(config: &Config, l: &Layout, pretrain_toml: &str, sft_toml: &str) -> Vec<Stage> {
+/// The configs written for the training stages.
+struct Configs {
+    pretrain: String,
+    sft: String,
+    rl: String,
+}
+
+fn stages(config: &Config, l: &Layout, tomls: &Configs) -> Vec<Stage> {
     let launch = launch_prefix(config.gpus);
     let mut data_args = vec!["data".into(), "run".into(), "-o".into(), s(&l.data())];
     for src in &config.sources {
@@ -315,7 +333,7 @@ fn stages(config: &Config, l: &Layout, pretrain_toml: &str, sft_toml: &str) -> V
                     "--resume".into(),
                 ])
                 .collect(),
-            content: pretrain_toml.to_string(),
+            content: tomls.pretrain.clone(),
             outputs: vec![l.train(), l.train_config()],
             complete: Box::new(move || finished_training(&trained)),
         },
@@ -408,7 +426,7 @@ fn stages(config: &Config, l: &Layout, pretrain_toml: &str, sft_toml: &str) -> V
                     "--resume".into(),
                 ])
                 .collect(),
-            content: sft_toml.to_string(),
+            content: tomls.sft.clone(),
             outputs: vec![l.sft(), l.sft_config()],
             complete: Box::new(move || finished_training(&tuned)),
         });
@@ -435,6 +453,25 @@ fn stages(config: &Config, l: &Layout, pretrain_toml: &str, sft_toml: &str) -> V
             content: String::new(),
             outputs: vec![l.eval("mbpp-sft"), completions],
             complete: exists(l.eval("mbpp-sft")),
+        });
+    }
+    if !config.rl_tasks.is_empty() {
+        let run = l.rl();
+        list.push(Stage {
+            name: "rl",
+            args: launch_prefix(config.gpus)
+                .into_iter()
+                .chain([
+                    "train".into(),
+                    "rl".into(),
+                    "--config".into(),
+                    s(&l.rl_config()),
+                    "--resume".into(),
+                ])
+                .collect(),
+            content: tomls.rl.clone(),
+            outputs: vec![l.rl(), l.rl_config()],
+            complete: Box::new(move || finished_training(&run)),
         });
     }
     list
@@ -469,17 +506,11 @@ fn load_config(args: &SpeedrunArgs) -> Result<(Config, String)> {
     for o in &args.overrides {
         crate::cli::set(&mut doc, o)?;
     }
-    if !args.sft_data.is_empty() {
-        doc.insert(
-            "sft_data".into(),
-            toml::Value::Array(
-                args.sft_data
-                    .iter()
-                    .cloned()
-                    .map(toml::Value::String)
-                    .collect(),
-            ),
-        );
+    for (key, given) in [("sft_data", &args.sft_data), ("rl_tasks", &args.rl_tasks)] {
+        if !given.is_empty() {
+            let values = given.iter().cloned().map(toml::Value::String);
+            doc.insert(key.into(), toml::Value::Array(values.collect()));
+        }
     }
     if !args.sources.is_empty() {
         doc.insert(
@@ -536,32 +567,73 @@ fn pretrain_config(config: &Config, l: &Layout) -> Result<String> {
 /// The `train sft` config of the run (empty without SFT data), checked (by `train sft
 /// --check`) before anything runs.
 fn sft_config(config: &Config, l: &Layout) -> Result<String> {
-    if config.sft_data.is_empty() {
+    tuning_config(
+        "sft",
+        &config.sft,
+        "data",
+        &config.sft_data,
+        &l.train(),
+        &l.sft(),
+        l,
+    )
+}
+
+/// The `train rl` config of the run (empty without tasks), from the fine-tuned model
+/// when there is one, else the pretrained one; checked before anything runs.
+fn rl_config(config: &Config, l: &Layout) -> Result<String> {
+    let init = match config.sft_data.is_empty() {
+        true => l.train(),
+        false => l.sft(),
+    };
+    tuning_config(
+        "rl",
+        &config.rl,
+        "tasks",
+        &config.rl_tasks,
+        &init,
+        &l.rl(),
+        l,
+    )
+}
+
+/// The config of a stage that trains an earlier stage's model further (`train sft`,
+/// `train rl`): the preset's `table` with `out`, `init`, its inputs (`<stage>.<key>`)
+/// and the tokenizer set, checked by `train <stage> --check`. Empty without inputs.
+fn tuning_config(
+    stage: &str,
+    table: &toml::Table,
+    key: &str,
+    inputs: &[String],
+    init: &Path,
+    out: &Path,
+    l: &Layout,
+) -> Result<String> {
+    if inputs.is_empty() {
         return Ok(String::new());
     }
-    let mut table = config.sft.clone();
-    table.insert("out".into(), toml::Value::String(s(&l.sft())));
-    table.insert("init".into(), toml::Value::String(s(&l.train())));
-    let sft = table
-        .entry("sft")
+    let mut table = table.clone();
+    table.insert("out".into(), toml::Value::String(s(out)));
+    table.insert("init".into(), toml::Value::String(s(init)));
+    let own = table
+        .entry(stage)
         .or_insert_with(|| toml::Value::Table(Default::default()))
         .as_table_mut()
-        .context("sft.sft is not a table")?;
-    let data = config.sft_data.iter().cloned().map(toml::Value::String);
-    sft.insert("data".into(), toml::Value::Array(data.collect()));
-    sft.insert("tokenizer".into(), toml::Value::String(s(&l.tokenizer())));
+        .with_context(|| format!("{stage}.{stage} is not a table"))?;
+    let inputs = inputs.iter().cloned().map(toml::Value::String);
+    own.insert(key.into(), toml::Value::Array(inputs.collect()));
+    own.insert("tokenizer".into(), toml::Value::String(s(&l.tokenizer())));
     let text = toml::to_string_pretty(&table)?;
-    let check = l.root.join("sft.check.toml");
+    let check = l.root.join(format!("{stage}.check.toml"));
     std::fs::write(&check, &text).with_context(|| format!("writing {}", check.display()))?;
     let checked = Command::new(std::env::current_exe()?)
-        .args(["train", "sft", "--check", "--config"])
+        .args(["train", stage, "--check", "--config"])
         .arg(&check)
         .output()
-        .context("checking the SFT settings")?;
+        .with_context(|| format!("checking the {stage} settings"))?;
     let _ = std::fs::remove_file(&check);
     if !checked.status.success() {
         bail!(
-            "sft settings: {}",
+            "{stage} settings: {}",
             String::from_utf8_lossy(&checked.stderr).trim()
         );
     }
@@ -704,9 +776,12 @@ pub fn run(args: SpeedrunArgs) -> Result<()> {
     std::fs::create_dir_all(l.logs())
         .with_context(|| format!("creating {}", l.logs().display()))?;
     std::fs::create_dir_all(l.root.join("eval"))?;
-    let pretrain_toml = pretrain_config(&config, &l)?;
-    let sft_toml = sft_config(&config, &l)?;
-    let list = stages(&config, &l, &pretrain_toml, &sft_toml);
+    let tomls = Configs {
+        pretrain: pretrain_config(&config, &l)?,
+        sft: sft_config(&config, &l)?,
+        rl: rl_config(&config, &l)?,
+    };
+    let list = stages(&config, &l, &tomls);
     let mut record: Value = match std::fs::read_to_string(l.record()) {
         Ok(text) => serde_json::from_str(&text)
             .with_context(|| format!("{} is not a speedrun record", l.record().display()))?,
@@ -753,11 +828,14 @@ pub fn run(args: SpeedrunArgs) -> Result<()> {
             eprintln!("== {}: done earlier, skipped", st.name);
             continue;
         }
-        if st.name == "pretrain" {
-            std::fs::write(l.train_config(), &pretrain_toml)?;
-        }
-        if st.name == "sft" {
-            std::fs::write(l.sft_config(), &sft_toml)?;
+        for (name, path, text) in [
+            ("pretrain", l.train_config(), &tomls.pretrain),
+            ("sft", l.sft_config(), &tomls.sft),
+            ("rl", l.rl_config(), &tomls.rl),
+        ] {
+            if st.name == name {
+                std::fs::write(path, text)?;
+            }
         }
         let command = command_line(&st.args);
         eprintln!("== {}: {command}", st.name);
@@ -800,6 +878,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_rl_stage_comes_last_when_tasks_are_given() {
+        let names = |rl_tasks: Vec<String>| {
+            let args = SpeedrunArgs {
+                preset: "cpu-tiny".into(),
+                sources: vec!["src".into()],
+                out: None,
+                overrides: Vec::new(),
+                sft_data: Vec::new(),
+                rl_tasks,
+                redo: None,
+            };
+            let (config, _) = load_config(&args).unwrap();
+            let none = Configs {
+                pretrain: String::new(),
+                sft: String::new(),
+                rl: String::new(),
+            };
+            let l = Layout::new(PathBuf::from("run"));
+            let list = stages(&config, &l, &none);
+            list.iter().map(|s| s.name).collect::<Vec<_>>()
+        };
+        assert!(!names(Vec::new()).contains(&"rl"));
+        assert_eq!(names(vec!["tasks/bugs".into()]).last(), Some(&"rl"));
+    }
+
+    #[test]
     fn pretraining_on_several_gpus_goes_through_the_launcher() {
         let pretrain_args = |overrides: &[&str]| {
             let args = SpeedrunArgs {
@@ -808,11 +912,17 @@ mod tests {
                 out: None,
                 overrides: overrides.iter().map(|s| s.to_string()).collect(),
                 sft_data: Vec::new(),
+                rl_tasks: Vec::new(),
                 redo: None,
             };
             let (config, _) = load_config(&args).unwrap();
             let l = Layout::new(PathBuf::from("run"));
-            let stages = stages(&config, &l, "", "");
+            let none = Configs {
+                pretrain: String::new(),
+                sft: String::new(),
+                rl: String::new(),
+            };
+            let stages = stages(&config, &l, &none);
             let pretrain = stages.iter().find(|s| s.name == "pretrain").unwrap();
             pretrain.args[..3].join(" ")
         };

@@ -31,7 +31,7 @@ pub fn load_checkpoint(path: &Path, tokenizer: Option<&Path>) -> Result<(Gpt, Bp
 }
 
 /// The tokenizer the run of a checkpoint (or run directory) `path` trained with, as the
-/// run's `config.toml` above it says: an SFT run's `sft.tokenizer`, a pretraining run's
+/// run's `config.toml` above it says: an SFT or RL run's own `tokenizer`, a pretraining run's
 /// `data.tokenizer`, else the one its pack records.
 pub fn run_tokenizer(path: &Path) -> Result<PathBuf> {
     let run = path
@@ -48,11 +48,13 @@ pub fn run_tokenizer(path: &Path) -> Result<PathBuf> {
         std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
     let table: toml::Table =
         toml::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
-    if let Some(t) = table
-        .get("sft")
-        .and_then(|s| s.get("tokenizer"))
-        .and_then(|t| t.as_str())
-    {
+    // Fine-tuning stages name the tokenizer in their own section.
+    if let Some(t) = ["sft", "rl"].iter().find_map(|stage| {
+        table
+            .get(*stage)
+            .and_then(|s| s.get("tokenizer"))
+            .and_then(|t| t.as_str())
+    }) {
         return Ok(PathBuf::from(t));
     }
     let config = load_config(Some(&file), &[])?;

@@ -1,13 +1,13 @@
 //! `cxxlm train pretrain` and `cxxlm train sft`.
 
 use anyhow::{bail, Context, Result};
-use cxxlm::cli::{set, PretrainArgs, SftArgs, StageArgs, TrainCommand};
+use cxxlm::cli::{set, PretrainArgs, RlArgs, SftArgs, StageArgs, TrainCommand};
 use cxxlm::{interrupt, lock, outln};
 
 use crate::sample::run_tokenizer;
 use crate::{fit, kernels};
 use cxxlm_train::checkpoint::TrainerState;
-use cxxlm_train::{Event, SftConfig, TrainConfig};
+use cxxlm_train::{Event, RlConfig, SftConfig, TrainConfig};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -30,6 +30,7 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
     match cmd {
         TrainCommand::Pretrain(args) => pretrain_command(args),
         TrainCommand::Sft(args) => sft_command(args),
+        TrainCommand::Rl(args) => rl_command(args),
         TrainCommand::CheckKernels { device } => kernels::check(device),
         TrainCommand::Profile(args) => kernels::profile(args),
     }
@@ -143,6 +144,37 @@ fn sft_command(args: SftArgs) -> Result<()> {
     let text = toml::to_string_pretty(&config).context("config")?;
     Progress::of(&args.stage, &config.out).run(&text, |report, stop| {
         Ok(cxxlm_train::sft(&config, args.stage.resume, report, stop)?)
+    })
+}
+
+/// An RL config from `--config`, the shorthand flags and `--set`s; the tokenizer, when
+/// not given, is the one the init model's run names.
+fn rl_config(args: &RlArgs) -> Result<RlConfig> {
+    let shorthands = [
+        given("init", &args.init),
+        given_all("rl.tasks", &args.tasks),
+        given("rl.tokenizer", &args.tokenizer),
+    ];
+    let doc = config_doc(&args.stage, shorthands.into_iter().flatten().collect())?;
+    let mut config = RlConfig::from_table(doc)?;
+    if config.init.as_os_str().is_empty() || config.out.as_os_str().is_empty() {
+        bail!("say which model to train and where the run goes: --init RUN --out DIR (or init and out in --config)");
+    }
+    if config.rl.tokenizer.is_none() {
+        config.rl.tokenizer = Some(run_tokenizer(&config.init)?);
+    }
+    Ok(config)
+}
+
+fn rl_command(args: RlArgs) -> Result<()> {
+    let config = rl_config(&args)?;
+    config.validate()?;
+    if args.stage.check {
+        return Ok(());
+    }
+    let text = toml::to_string_pretty(&config).context("config")?;
+    Progress::of(&args.stage, &config.out).run(&text, |report, stop| {
+        Ok(cxxlm_train::rl(&config, args.stage.resume, report, stop)?)
     })
 }
 

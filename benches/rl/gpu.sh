@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# RL on the GPU machine, in one call of under 9 minutes (gpu/ from benches/rl/prepare.sh):
+# a d12 pretrained briefly on the corpus shards, fine-tuned on the train split of the
+# bug-fix tasks in gpu/tasks, then trained with GRPO on the same tasks (K = 8 completions
+# of up to 256 tokens per prompt, rewards judged in the sandbox pool). Prints rollouts/s
+# including the update (against nanochat's ~5.8 per GPU), the share of step time spent
+# waiting for rewards, the time split, the reward curve, and bug-fix pass@1 and compile
+# rate on the held-out (test split) tasks before and after RL.
+# Results (metrics, logs, summary) land in $OUT (or gpu-out/).
+#
+#   benches/rl/gpu.sh [PRETRAIN_SECONDS] [RL_SECONDS] [HELD_OUT_TASKS]   # defaults: 150, 150, 100
+set -euo pipefail
+pretrain_seconds=${1:-150}
+rl_seconds=${2:-150}
+held_out=${3:-100}
+out=${OUT:-gpu-out}
+work=/tmp/cxxlm-rl
+mkdir -p "$out" "$work"
+[ -d gpu/tasks ] || { echo "gpu/tasks is missing: run TASKS=... benches/rl/prepare.sh first" >&2; exit 1; }
+export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
+# The model's programs are judged in bubblewrap; carry it (gpu/bin, gpu/lib) where it is missing.
+command -v bwrap >/dev/null || export PATH=$PWD/gpu/bin:$PATH LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$PWD/gpu/lib
+[ -x "$work/cxxlm-torch" ] || python3 -c "import sys,tarfile;tarfile.open(sys.argv[1]).extractall(sys.argv[2])" gpu/cxxlm.tar.xz "$work"
+cxxlm=$work/cxxlm
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+nproc | tee "$out/cores.txt"
+[ -f "$work/pack/pack.json" ] || "$cxxlm" pack --tokenizer gpu/tokenizer.json -i gpu/data -o "$work/pack" --val-fraction 0.005 >"$out/pack.log"
+
+shapes=(--set train.device_batch=32 --set train.total_batch_tokens=65536 --set checkpoint.every=0 --log-every 20)
+rm -rf "$work/pre" "$work/sft" "$work/rl"
+"$cxxlm" train pretrain --pack "$work/pack" --out "$work/pre" --set model.preset=d12 "${shapes[@]}" \
+    --set train.steps=5000 --set train.time_budget="$pretrain_seconds" --set eval.every=0 >"$out/pretrain.log" 2>&1 \
+    || { tail -20 "$out/pretrain.log"; exit 1; }
+"$cxxlm" train sft --init "$work/pre" --data gpu/tasks -o "$work/sft" "${shapes[@]}" \
+    --set sft.recipe=nanochat --set sft.epochs=2 --set sft.val_fraction=0.02 --set eval.every=0 \
+    >"$out/sft.log" 2>&1 || { tail -20 "$out/sft.log"; exit 1; }
+# K = 8 completions of up to 256 tokens for 32 prompts: 256 rollouts per batch, 32 per pass.
+# The seeds' 5e-7 barely moves a d12 in a few minutes: 1e-5, as SFT's seeds' rate.
+"$cxxlm" train rl --init "$work/sft" --tasks gpu/tasks -o "$work/rl" \
+    --set rl.prompts=32 --set rl.samples=8 --set rl.max_new_tokens=256 --set rl.temperature=0.8 \
+    --set train.device_batch=32 --set train.steps=1000 --set train.time_budget="$rl_seconds" \
+    --set optim.matrix_lr=1e-5 --set optim.embedding_lr=1e-5 --set optim.unembedding_lr=1e-5 \
+    --set eval.every=0 --set checkpoint.every=0 --log-every 1 >"$out/rl.log" 2>&1 \
+    || { tail -30 "$out/rl.log"; exit 1; }
+cp "$work/rl/metrics.jsonl" "$out/metrics-rl.jsonl"
+cp "$work/rl/samples.jsonl" "$out/samples-rl.jsonl" 2>/dev/null || true
+for run in sft rl; do
+    "$cxxlm" eval bugfix --tasks gpu/tasks --split test --checkpoint "$work/$run" \
+        --limit "$held_out" --max-tokens 256 --batch 128 --json "$out/bugfix-$run.json" \
+        >"$out/bugfix-$run.log" 2>&1 || tail -5 "$out/bugfix-$run.log"
+done
+python3 - "$out" <<'PY' | tee "$out/summary.txt"
+import json, statistics, sys
+out = sys.argv[1]
+rs = [json.loads(l) for l in open(f"{out}/metrics-rl.jsonl")]
+steps = [r for r in rs if "loss" in r]
+batches = [r for r in steps if "reward_mean" in r]
+steady = batches[2:] or batches  # the first steps warm up kernels and the sampler's graphs
+rps = statistics.median(r["rollouts_s"] for r in steady)
+wait = statistics.median(r["reward_wait_share"] for r in steady)
+gen = statistics.median(r["generation_seconds"] for r in steady)
+rwait = statistics.median(r["reward_wait_seconds"] for r in steady)
+step = statistics.median(r["rollouts"] / r["rollouts_s"] for r in steady)
+print(f"RESULT rollouts_s={rps:.1f} vs_nanochat_5.8={rps / 5.8:.1f}x reward_wait_share={wait:.4f} "
+      f"(d12, K=8, 256 prompts x tokens, {len(batches)} rollout batches)")
+print(f"RESULT time split per batch: {step:.1f}s = generation {gen:.1f}s + reward wait {rwait:.2f}s "
+      f"+ update and the rest {step - gen - rwait:.1f}s")
+print("RESULT reward curve (step mean compile pass zero_std_groups truncated kl):")
+for r in batches:
+    print(f"  {r['step']:4d} {r['reward_mean']:+.3f} {r['compile_rate']:.3f} {r['test_pass_rate']:.3f} "
+          f"{r['zero_std_groups']:.2f} {r['truncated_share']:.2f} {r.get('kl', 0.0):.5f}")
+third = max(1, len(batches) // 3)
+first = statistics.mean(r["reward_mean"] for r in batches[:third])
+last = statistics.mean(r["reward_mean"] for r in batches[-third:])
+print(f"RESULT mean reward, first third {first:+.3f} -> last third {last:+.3f}")
+for run, label in (("sft", "before"), ("rl", "after")):
+    try:
+        b = json.load(open(f"{out}/bugfix-{run}.json"))
+        print(f"RESULT bugfix_{label} pass@1={b['pass@1']:.3f} compile_rate={b['compiled'] / b['answers']:.3f} of {b['tasks']} held-out tasks")
+    except (OSError, KeyError, ValueError) as e:
+        print(f"RESULT bugfix_{label} missing ({e})")
+PY

@@ -1,0 +1,1568 @@
+//! Reinforcement learning with the compiler as judge (GRPO) on the shared training loop.
+//! Each rollout batch: P task prompts x K completions sampled by the policy itself with
+//! the sampler that evaluation and serving use; each completion handed to a pool of
+//! sandboxed workers the moment it ends ([`cxxlm_tasks::reward`]), so that only the last
+//! ones are waited for; advantages relative to the group of the same prompt; then one or
+//! more optimizer steps on the clipped ratio ([`Grpo`]) with a k3 KL term to the frozen
+//! initial model. Guards stop a run that would train on nothing; checkpoints resume
+//! bit-exactly (the rollout batch in use is part of the source's state).
+
+use cxxlm_model::{Gpt, Sampling};
+use cxxlm_pack::tokenizer_sha256;
+use cxxlm_tasks::reward::{RewardPool, Rewarded};
+use cxxlm_tasks::task::{answer_complete, Task};
+use cxxlm_tokenizer::chat::{self, Message, Role};
+use cxxlm_tokenizer::Bpe;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::{self, TrainerState};
+use crate::dist::Comm;
+use crate::optim::{OptimConfig, Schedule};
+use crate::pretrain::{merge, CheckpointConfig, LogConfig, RunConfig};
+use crate::trainer::{
+    self, Backward, BatchSource, Common, DeviceBatch, Evaluation, Event, Loss, MicroBatch, Parts,
+    Stage, TargetWeights,
+};
+use crate::{Result, TrainError};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RlConfig {
+    /// Run directory: checkpoints, metrics, TensorBoard events, samples.
+    pub out: PathBuf,
+    /// The model to start from (an SFT run or checkpoint); also the frozen reference.
+    pub init: PathBuf,
+    pub rl: RlSettings,
+    pub train: RunConfig,
+    pub optim: OptimConfig,
+    pub schedule: Schedule,
+    pub eval: RlEvalConfig,
+    pub checkpoint: CheckpointConfig,
+    pub log: LogConfig,
+}
+
+/// How the summed loss of a step is normalized.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Normalization {
+    /// By the completion tokens of the whole step (DAPO).
+    #[default]
+    Token,
+    /// By a constant, completions x `max_new_tokens` (Dr. GRPO): a long completion's
+    /// tokens weigh as much as a short one's.
+    Constant,
+}
+
+/// What becomes of completions cut at `max_new_tokens`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Overlong {
+    /// Their tokens are not learned from (their rewards still count in their group).
+    #[default]
+    Mask,
+    /// DAPO's soft penalty: completions longer than `max_new_tokens - overlong_buffer`
+    /// lose up to 1 of reward, linearly, at the limit.
+    Penalty,
+    /// Learned from like any other.
+    Keep,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RlSettings {
+    /// Task files (outputs of `tasks bugs`: directories or JSON lines); the runnable
+    /// tasks of the `train` split are the prompts.
+    pub tasks: Vec<PathBuf>,
+    /// The tokenizer the model was trained with.
+    pub tokenizer: Option<PathBuf>,
+    /// Prompts per rollout batch over all ranks (P).
+    pub prompts: usize,
+    /// Completions per prompt (K, a group).
+    pub samples: usize,
+    pub temperature: f64,
+    pub top_k: i64,
+    pub top_p: f64,
+    pub max_new_tokens: usize,
+    /// Optimizer steps on each rollout batch (1: on-policy, the ratio exactly 1).
+    pub updates: usize,
+    /// The ratio is clipped to [1 - clip_low, 1 + clip_high] (DAPO: 0.2 and 0.28).
+    pub clip_low: f64,
+    pub clip_high: f64,
+    /// Weight of the k3 KL estimate to the initial model (0: no reference is loaded).
+    pub kl_coef: f64,
+    pub normalization: Normalization,
+    /// Advantages divided by their group's standard deviation (GRPO) or not (Dr. GRPO).
+    pub scale_by_std: bool,
+    /// Groups whose rewards are all equal are replaced by groups of further prompts, up
+    /// to `dynamic_rounds` more prompts per prompt of the batch (DAPO).
+    pub dynamic_sampling: bool,
+    pub dynamic_rounds: usize,
+    pub overlong: Overlong,
+    /// Tokens before the limit where the overlong penalty starts (0: a quarter of
+    /// `max_new_tokens`).
+    pub overlong_buffer: usize,
+    /// Sandboxed workers judging completions (0: one per core).
+    pub reward_workers: usize,
+    /// Stop once the KL estimate to the reference exceeds this.
+    pub max_kl: f64,
+    /// Stop once every reward of this many rollout batches in a row is the same.
+    pub equal_reward_batches: u64,
+}
+
+impl Default for RlSettings {
+    fn default() -> Self {
+        RlSettings {
+            tasks: Vec::new(),
+            tokenizer: None,
+            prompts: 16,
+            samples: 8,
+            temperature: 0.8,
+            top_k: 0,
+            top_p: 1.0,
+            max_new_tokens: 2048,
+            updates: 1,
+            clip_low: 0.2,
+            clip_high: 0.2,
+            kl_coef: 0.01,
+            normalization: Normalization::Token,
+            scale_by_std: true,
+            dynamic_sampling: false,
+            dynamic_rounds: 2,
+            overlong: Overlong::Mask,
+            overlong_buffer: 0,
+            reward_workers: 0,
+            max_kl: 10.0,
+            equal_reward_batches: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RlEvalConfig {
+    /// Held-out tasks answered greedily every this many steps (and at the start and the
+    /// end): pass@1, compile rate and mean reward.
+    pub every: u64,
+    /// Held-out (`test` split) tasks evaluated, spread over the split (0: none).
+    pub tasks: usize,
+    /// Answers shown (`samples.jsonl`).
+    pub samples: usize,
+}
+
+impl Default for RlEvalConfig {
+    fn default() -> Self {
+        RlEvalConfig {
+            every: 50,
+            tasks: 64,
+            samples: 1,
+        }
+    }
+}
+
+impl RlConfig {
+    /// The sections every stage shares.
+    pub fn common(&self) -> Common<'_> {
+        Common {
+            out: &self.out,
+            train: &self.train,
+            optim: &self.optim,
+            schedule: &self.schedule,
+            checkpoint: &self.checkpoint,
+            log: &self.log,
+        }
+    }
+
+    /// A config from TOML on top of the seeds' RL defaults: AdamW at 5e-7 on every
+    /// weight, a constant rate.
+    pub fn from_table(table: toml::Table) -> Result<Self> {
+        let mut merged = toml::toml! {
+            [train]
+            device_batch = 8
+            [optim]
+            matrices = "adamw"
+            matrix_lr = 5e-7
+            embedding_lr = 5e-7
+            unembedding_lr = 5e-7
+            weight_decay = 0.0
+            [schedule]
+            warmup_frac = 0.0
+            warmdown_frac = 0.0
+        };
+        merge(&mut merged, table);
+        toml::Value::Table(merged)
+            .try_into()
+            .map_err(|e| TrainError::Config(e.to_string()))
+    }
+}
+
+/// Log-probabilities `(B, T)` of the targets under `model` (0 where a target is
+/// negative), with gradients unless under `no_grad`; and the entropy `(B, T)` of each
+/// position's distribution, without.
+pub fn target_logprobs(model: &Gpt, batch: &DeviceBatch) -> (Tensor, Tensor) {
+    let logits = model.logits_with_grad(&batch.inputs, batch.packing.as_ref());
+    let all = logits.log_softmax(-1, Kind::Float);
+    let learned = batch.targets.ge(0).to_kind(Kind::Float);
+    let index = batch.targets.clamp_min(0).unsqueeze(-1);
+    let logp = all.gather(-1, &index, false).squeeze_dim(-1) * &learned;
+    let entropy = tch::no_grad(|| {
+        let a = all.detach();
+        -(a.exp() * &a).sum_dim_intlist(-1, false, Kind::Float)
+    });
+    (logp, entropy)
+}
+
+/// GRPO's objective per target: the clipped ratio times the advantage (PPO), plus the
+/// k3 estimate of the KL divergence to the reference.
+pub struct Grpo {
+    pub clip_low: f64,
+    pub clip_high: f64,
+    pub kl_coef: f64,
+    /// The step's divisor when constant (Dr. GRPO); None: its supervised targets.
+    pub constant: Option<f64>,
+    /// Sums over the step's supervised targets: targets, ratios clipped below and above,
+    /// entropy, KL, the largest distance of a ratio from 1.
+    sums: [f64; 5],
+    max_ratio_distance: f64,
+}
+
+impl Grpo {
+    pub fn new(clip_low: f64, clip_high: f64, kl_coef: f64, constant: Option<f64>) -> Self {
+        Grpo {
+            clip_low,
+            clip_high,
+            kl_coef,
+            constant,
+            sums: [0.0; 5],
+            max_ratio_distance: 0.0,
+        }
+    }
+}
+
+impl Loss for Grpo {
+    // `x += ...` on a tch tensor adds in place, into a tensor autograd keeps.
+    #[allow(clippy::assign_op_pattern)]
+    fn forward_backward(&mut self, model: &Gpt, batch: &DeviceBatch, scale: f64) -> Tensor {
+        let weights = batch.weights.as_ref().expect("RL batches carry advantages");
+        let (logp, entropy) = target_logprobs(model, batch);
+        let learned = batch.targets.ge(0).to_kind(Kind::Float);
+        let old = match &weights.old_logprobs {
+            Some(old) => old.shallow_clone(),
+            None => logp.detach(),
+        };
+        let ratio = (&logp - old).exp();
+        let a = &weights.advantages;
+        let clipped = ratio.clamp(1.0 - self.clip_low, 1.0 + self.clip_high);
+        let mut per_target = -(&ratio * a).minimum(&(&clipped * a));
+        let mut kl = None;
+        if self.kl_coef > 0.0 {
+            if let Some(reference) = &weights.ref_logprobs {
+                let d = reference - &logp;
+                let k3 = d.exp() - &d - 1.0;
+                per_target = per_target + &k3 * self.kl_coef;
+                kl = Some(k3.detach());
+            }
+        }
+        let sum = (per_target * &learned).sum(Kind::Float);
+        (&sum * scale).backward();
+        tch::no_grad(|| {
+            let ratio = ratio.detach();
+            let masked_sum = |t: &Tensor| (t * &learned).sum(Kind::Double).double_value(&[]);
+            let low = ratio.lt(1.0 - self.clip_low).logical_and(&a.lt(0.0));
+            let high = ratio.gt(1.0 + self.clip_high).logical_and(&a.gt(0.0));
+            let distance = ((&ratio - 1.0).abs() * &learned).max().double_value(&[]);
+            self.sums[0] += learned.sum(Kind::Double).double_value(&[]);
+            self.sums[1] += masked_sum(&low.to_kind(Kind::Float));
+            self.sums[2] += masked_sum(&high.to_kind(Kind::Float));
+            self.sums[3] += masked_sum(&entropy);
+            self.sums[4] += kl.as_ref().map_or(0.0, masked_sum);
+            self.max_ratio_distance = self.max_ratio_distance.max(distance);
+        });
+        sum.detach()
+    }
+
+    fn normalizer(&self, supervised: f64) -> f64 {
+        self.constant.unwrap_or(supervised)
+    }
+
+    fn figures(&mut self) -> Map<String, Value> {
+        let [n, low, high, entropy, kl] = std::mem::take(&mut self.sums);
+        let distance = std::mem::take(&mut self.max_ratio_distance);
+        let mut f = Map::new();
+        if n > 0.0 {
+            f.insert("clip_low_share".into(), (low / n).into());
+            f.insert("clip_high_share".into(), (high / n).into());
+            f.insert("entropy".into(), (entropy / n).into());
+            f.insert("ratio_max_distance".into(), distance.into());
+            if self.kl_coef > 0.0 {
+                f.insert("kl".into(), (kl / n).into());
+            }
+        }
+        f
+    }
+
+    fn watches_spikes(&self) -> bool {
+        false
+    }
+}
+
+/// Group-relative advantages of one group's rewards: the reward less the group's mean,
+/// divided by the group's standard deviation when `scale_by_std`; None when every reward
+/// is the same (the group has nothing to teach).
+pub fn advantages(rewards: &[f64], scale_by_std: bool) -> Option<Vec<f64>> {
+    let first = *rewards.first()?;
+    if rewards.iter().all(|&r| r == first) {
+        return None;
+    }
+    let n = rewards.len() as f64;
+    let mean = rewards.iter().sum::<f64>() / n;
+    let var = rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    let std = var.sqrt();
+    Some(
+        rewards
+            .iter()
+            .map(|r| match scale_by_std {
+                true => (r - mean) / (std + 1e-4),
+                false => r - mean,
+            })
+            .collect(),
+    )
+}
+
+/// DAPO's soft overlong penalty of a completion of `len` tokens: 0 up to
+/// `limit - buffer`, then down linearly to -1 at `limit`.
+pub fn overlong_penalty(len: usize, limit: usize, buffer: usize) -> f64 {
+    let start = limit.saturating_sub(buffer);
+    if len <= start || buffer == 0 {
+        return 0.0;
+    }
+    -((len - start) as f64 / buffer as f64).min(1.0)
+}
+
+/// What a rollout batch showed, for the guards.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BatchCheck {
+    pub completions: usize,
+    pub truncated: usize,
+    pub groups: usize,
+    pub equal_groups: usize,
+    pub reward_min: f64,
+    pub reward_max: f64,
+    /// The KL estimate to the reference of the policy that sampled the batch.
+    pub kl: Option<f64>,
+}
+
+/// The guards: an error that stops the run when training would go on with nothing to
+/// learn or has run away; warnings otherwise. `equal_batches` counts the rollout batches
+/// in a row whose rewards were all equal (this one included when so).
+pub fn guard(
+    check: &BatchCheck,
+    settings: &RlSettings,
+    equal_batches: &mut u64,
+) -> Result<Vec<String>> {
+    let mut warnings = Vec::new();
+    if !(check.reward_min.is_finite() && check.reward_max.is_finite()) {
+        return Err(TrainError::Guard(format!(
+            "a reward is not a number (between {} and {})",
+            check.reward_min, check.reward_max
+        )));
+    }
+    if let Some(kl) = check.kl {
+        if !kl.is_finite() || kl > settings.max_kl {
+            return Err(TrainError::Guard(format!(
+                "the KL estimate to the reference reached {kl:.4} (rl.max_kl = {}): the policy has run away from its start; lower the learning rates or raise rl.kl_coef",
+                settings.max_kl
+            )));
+        }
+    }
+    if check.completions > 0 && check.truncated == check.completions {
+        let why = format!(
+            "all {} completions reached rl.max_new_tokens = {} without finishing",
+            check.completions, settings.max_new_tokens
+        );
+        if settings.overlong == Overlong::Mask {
+            return Err(TrainError::Guard(format!(
+                "{why}, and overlong completions are masked: nothing would be learned; raise rl.max_new_tokens or start from a model that finishes its answers"
+            )));
+        }
+        warnings.push(why);
+    }
+    if check.reward_min == check.reward_max {
+        *equal_batches += 1;
+        if *equal_batches >= settings.equal_reward_batches {
+            return Err(TrainError::Guard(format!(
+                "every reward of the last {equal_batches} rollout batches was {} (rl.equal_reward_batches = {}): there is nothing to learn from; start from a model that sometimes succeeds (SFT), or give easier tasks",
+                check.reward_min, settings.equal_reward_batches
+            )));
+        }
+    } else {
+        *equal_batches = 0;
+    }
+    if check.groups > 0 && check.equal_groups == check.groups {
+        warnings.push(format!(
+            "all {} groups of this rollout batch had equal rewards (from {} to {} over the batch): it teaches nothing",
+            check.groups, check.reward_min, check.reward_max
+        ));
+    }
+    Ok(warnings)
+}
+
+/// Each completion's advantage, or None when it is not learned from: its group's
+/// rewards are all equal (it has nothing to teach), or it was cut at the length limit
+/// and overlong completions are masked. Also the number of groups of equal rewards.
+pub fn learned_advantages(
+    groups: &[usize],
+    rewards: &[f64],
+    truncated: &[bool],
+    settings: &RlSettings,
+) -> (Vec<Option<f64>>, usize) {
+    let mut out = vec![None; rewards.len()];
+    let mut ids: Vec<usize> = groups.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut equal = 0;
+    for g in ids {
+        let members: Vec<usize> = (0..groups.len()).filter(|&i| groups[i] == g).collect();
+        let group: Vec<f64> = members.iter().map(|&i| rewards[i]).collect();
+        match advantages(&group, settings.scale_by_std) {
+            Some(a) => {
+                for (&i, a) in members.iter().zip(a) {
+                    let masked = truncated[i] && settings.overlong == Overlong::Mask;
+                    out[i] = (!masked).then_some(a);
+                }
+            }
+            None => equal += 1,
+        }
+    }
+    (out, equal)
+}
+
+/// Micro-batches of `device_batch` rows, each a prompt and its completion (padded with
+/// `pad`), the completion's targets learned with its advantage where it has one.
+pub fn micro_batches(
+    prompts: &[&[u32]],
+    completions: &[&[u32]],
+    advantages: &[Option<f64>],
+    device_batch: usize,
+    pad: u32,
+) -> Vec<MicroBatch> {
+    let order: Vec<usize> = (0..prompts.len()).collect();
+    order
+        .chunks(device_batch.max(1))
+        .map(|chunk| {
+            let cols = chunk
+                .iter()
+                .map(|&i| prompts[i].len() + completions[i].len())
+                .max()
+                .unwrap_or(2)
+                .max(2);
+            let t = cols - 1;
+            let mut tokens = Vec::with_capacity(chunk.len() * cols);
+            let mut supervised = vec![false; chunk.len() * t];
+            let mut weights = vec![0f32; chunk.len() * t];
+            for (row, &i) in chunk.iter().enumerate() {
+                let (prompt, completion) = (prompts[i], completions[i]);
+                tokens.extend(prompt);
+                tokens.extend(completion);
+                tokens.extend(std::iter::repeat_n(
+                    pad,
+                    cols - prompt.len() - completion.len(),
+                ));
+                if let (Some(a), false) = (advantages[i], prompt.is_empty()) {
+                    // The target at `k` is the token at `k + 1`.
+                    let start = row * t + prompt.len() - 1;
+                    for k in start..start + completion.len() {
+                        supervised[k] = true;
+                        weights[k] = a as f32;
+                    }
+                }
+            }
+            MicroBatch {
+                rows: chunk.len(),
+                cols,
+                tokens,
+                supervised: Some(supervised),
+                examples: None,
+                weights: Some(TargetWeights {
+                    advantages: weights,
+                    old_logprobs: None,
+                    ref_logprobs: None,
+                }),
+            }
+        })
+        .collect()
+}
+
+/// A completion sampled for a prompt, and what it earned.
+#[derive(Debug, Clone)]
+struct Rollout {
+    task: usize,
+    group: usize,
+    tokens: Vec<u32>,
+    truncated: bool,
+    rewarded: Option<Rewarded>,
+}
+
+/// Samples `samples` completions of each task's prompt with the shared sampler, each
+/// handed to `pool` as soon as it ends; returns them with their rewards, the seconds
+/// spent generating and the seconds then spent waiting for the last rewards.
+#[allow(clippy::too_many_arguments)]
+fn sample_and_judge(
+    model: &Gpt,
+    bpe: &Bpe,
+    prompts: &[Vec<u32>],
+    tasks: &[usize],
+    samples: usize,
+    sampling: &Sampling,
+    pool: &RewardPool,
+    first_group: usize,
+) -> Result<(Vec<Rollout>, f64, f64)> {
+    let stop_token = chat::end_of_turn(bpe);
+    let rows: Vec<(usize, usize)> = tasks
+        .iter()
+        .enumerate()
+        .flat_map(|(g, &t)| std::iter::repeat_n((t, first_group + g), samples))
+        .collect();
+    let row_prompts: Vec<Vec<u32>> = rows.iter().map(|&(t, _)| prompts[t].clone()).collect();
+    let text = |ids: &[u32]| {
+        let kept: Vec<u32> = ids.iter().copied().filter(|&t| t != stop_token).collect();
+        String::from_utf8_lossy(&bpe.decode(&kept)).into_owned()
+    };
+    let started = Instant::now();
+    let mut finished = vec![false; rows.len()];
+    let generated = model.generate(&row_prompts, sampling, &mut |row, ids| {
+        let done = ids.last() == Some(&stop_token) || answer_complete(&text(ids));
+        if done {
+            finished[row] = true;
+            pool.submit(row, rows[row].0, text(ids));
+        }
+        done
+    });
+    for (row, ids) in generated.iter().enumerate() {
+        if !finished[row] {
+            pool.submit(row, rows[row].0, text(ids));
+        }
+    }
+    let generation = started.elapsed().as_secs_f64();
+    let waited = Instant::now();
+    let mut rewards: Vec<Option<Rewarded>> = vec![None; rows.len()];
+    for (row, r) in pool.wait()? {
+        rewards[row] = Some(r);
+    }
+    let wait = waited.elapsed().as_secs_f64();
+    let rollouts = rows
+        .into_iter()
+        .zip(generated)
+        .zip(finished)
+        .zip(rewards)
+        .map(|((((task, group), tokens), finished), rewarded)| Rollout {
+            task,
+            group,
+            tokens,
+            truncated: !finished,
+            rewarded,
+        })
+        .collect();
+    Ok((rollouts, generation, wait))
+}
+
+/// A deterministic permutation of `0..n` for `seed`.
+fn permutation(n: usize, seed: u64) -> Vec<usize> {
+    let mut state = seed ^ 0x9e37_79b9_7f4a_7c15;
+    let mut next = || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        order.swap(i, (next() % (i as u64 + 1)) as usize);
+    }
+    order
+}
+
+/// Where the rollouts stand: what a checkpoint keeps of the source.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+struct RolloutState {
+    /// Rollout batches made.
+    batches: u64,
+    /// Prompts of the global stream used (every rank reads the same stream).
+    position: u64,
+    /// Rollout batches in a row whose rewards were all equal.
+    equal_batches: u64,
+    /// The rollout batch in use, its micro-batches; the next one to give; and the
+    /// updates already made with it.
+    current: Vec<MicroBatch>,
+    next: usize,
+    updates_done: usize,
+}
+
+/// Rollout batches: this rank's share of the prompts, completions sampled by the policy,
+/// rewarded, turned into micro-batches of weighted targets.
+struct RolloutSource<'a> {
+    settings: &'a RlSettings,
+    tasks: &'a [Task],
+    prompts: Vec<Vec<u32>>,
+    bpe: &'a Bpe,
+    pool: &'a RewardPool,
+    reference: Option<Gpt>,
+    device_batch: usize,
+    pad: u32,
+    seed: u64,
+    rank: usize,
+    ranks: usize,
+    state: RolloutState,
+    /// The figures of the rollout batch made last, until read.
+    figures: Map<String, Value>,
+    warnings: Vec<String>,
+    rollouts_since: (usize, Instant),
+}
+
+impl RolloutSource<'_> {
+    /// The task of the `position`th prompt of the global stream (a new order each pass).
+    fn task_at(&self, position: u64) -> usize {
+        let n = self.tasks.len() as u64;
+        let order = permutation(self.tasks.len(), self.seed ^ (position / n));
+        order[(position % n) as usize]
+    }
+
+    /// A new rollout batch, made with `model`.
+    fn roll_out(&mut self, model: &Gpt) -> Result<()> {
+        let s = self.settings;
+        let per_rank = s.prompts / self.ranks;
+        let rounds = if s.dynamic_sampling {
+            1 + s.dynamic_rounds
+        } else {
+            1
+        };
+        // This rank's prompts of the batch's window of the stream: the first `per_rank`,
+        // then replacements.
+        let window = (s.prompts * rounds) as u64;
+        let mine: Vec<usize> = (0..window)
+            .filter(|j| (*j as usize) % self.ranks == self.rank)
+            .map(|j| self.task_at(self.state.position + j))
+            .collect();
+        let sampling = |round: u64| Sampling {
+            temperature: s.temperature,
+            top_k: s.top_k,
+            top_p: s.top_p,
+            max_new_tokens: s.max_new_tokens,
+            seed: self.seed.wrapping_mul(1_000_003)
+                ^ (self.state.batches << 20)
+                ^ (round << 8)
+                ^ self.rank as u64,
+            ..Default::default()
+        };
+        let (mut rollouts, mut generation, mut wait) = sample_and_judge(
+            model,
+            self.bpe,
+            &self.prompts,
+            &mine[..per_rank.min(mine.len())],
+            s.samples,
+            &sampling(0),
+            self.pool,
+            0,
+        )?;
+        let penalized = |r: &Rollout| {
+            let base = r.rewarded.as_ref().map_or(f64::NAN, |x| x.reward);
+            match s.overlong {
+                Overlong::Penalty => {
+                    let buffer = match s.overlong_buffer {
+                        0 => s.max_new_tokens / 4,
+                        b => b,
+                    };
+                    base + overlong_penalty(r.tokens.len(), s.max_new_tokens, buffer)
+                }
+                _ => base,
+            }
+        };
+        let group_rewards = |rollouts: &[Rollout], g: usize| -> Vec<f64> {
+            rollouts
+                .iter()
+                .filter(|r| r.group == g)
+                .map(penalized)
+                .collect()
+        };
+        // Dynamic sampling: groups with equal rewards give way to further prompts' groups.
+        let mut spare = mine.iter().skip(per_rank).copied();
+        let mut replaced = 0;
+        let mut round = 1;
+        loop {
+            let equal: Vec<usize> = (0..per_rank)
+                .filter(|&g| advantages(&group_rewards(&rollouts, g), true).is_none())
+                .collect();
+            if !s.dynamic_sampling || equal.is_empty() {
+                break;
+            }
+            let fresh: Vec<usize> = spare.by_ref().take(equal.len()).collect();
+            if fresh.is_empty() {
+                break;
+            }
+            let (more, g, w) = sample_and_judge(
+                model,
+                self.bpe,
+                &self.prompts,
+                &fresh,
+                s.samples,
+                &sampling(round),
+                self.pool,
+                per_rank,
+            )?;
+            generation += g;
+            wait += w;
+            round += 1;
+            // Each fresh group with something to teach takes the place of an equal one.
+            for (k, &slot) in equal.iter().enumerate().take(fresh.len()) {
+                let candidate: Vec<f64> = more
+                    .iter()
+                    .filter(|r| r.group == per_rank + k)
+                    .map(penalized)
+                    .collect();
+                if advantages(&candidate, true).is_some() {
+                    rollouts.retain(|r| r.group != slot);
+                    rollouts.extend(
+                        more.iter()
+                            .filter(|r| r.group == per_rank + k)
+                            .cloned()
+                            .map(|mut r| {
+                                r.group = slot;
+                                r
+                            }),
+                    );
+                    replaced += 1;
+                }
+            }
+        }
+        rollouts.sort_by_key(|r| r.group);
+
+        self.state.position += window;
+        self.state.batches += 1;
+
+        let rewards: Vec<f64> = rollouts.iter().map(penalized).collect();
+        let groups: Vec<usize> = rollouts.iter().map(|r| r.group).collect();
+        let cut: Vec<bool> = rollouts.iter().map(|r| r.truncated).collect();
+        let (learned, equal_groups) = learned_advantages(&groups, &rewards, &cut, s);
+        let prompts: Vec<&[u32]> = rollouts
+            .iter()
+            .map(|r| self.prompts[r.task].as_slice())
+            .collect();
+        let completions: Vec<&[u32]> = rollouts.iter().map(|r| r.tokens.as_slice()).collect();
+        let mut batches = micro_batches(
+            &prompts,
+            &completions,
+            &learned,
+            self.device_batch,
+            self.pad,
+        );
+        // Log-probabilities of the sampling policy (several updates, the KL guard) and
+        // of the reference.
+        let mut kl_sum = 0.0;
+        let mut kl_targets = 0.0;
+        tch::no_grad(|| {
+            for b in &mut batches {
+                let d = b.to_device(model.device());
+                let need_policy = s.updates > 1 || self.reference.is_some();
+                let policy = need_policy.then(|| target_logprobs(model, &d).0);
+                let reference = self.reference.as_ref().map(|m| target_logprobs(m, &d).0);
+                if let (Some(p), Some(r)) = (&policy, &reference) {
+                    let learned = d.targets.ge(0).to_kind(Kind::Float);
+                    let diff = r - p;
+                    let k3 = diff.exp() - &diff - 1.0;
+                    kl_sum += (k3 * &learned).sum(Kind::Double).double_value(&[]);
+                    kl_targets += learned.sum(Kind::Double).double_value(&[]);
+                }
+                let w = b.weights.as_mut().expect("made above");
+                if s.updates > 1 {
+                    w.old_logprobs = policy.as_ref().map(host_f32);
+                }
+                w.ref_logprobs = reference.as_ref().map(host_f32);
+            }
+        });
+        let check = BatchCheck {
+            completions: rollouts.len(),
+            truncated: rollouts.iter().filter(|r| r.truncated).count(),
+            groups: per_rank,
+            equal_groups,
+            reward_min: rewards.iter().copied().fold(f64::INFINITY, f64::min),
+            reward_max: rewards.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            kl: (kl_targets > 0.0).then(|| kl_sum / kl_targets),
+        };
+        self.warnings
+            .extend(guard(&check, s, &mut self.state.equal_batches)?);
+        self.figures = rollout_figures(&rollouts, &rewards, &check, replaced);
+        self.figures
+            .insert("generation_seconds".into(), generation.into());
+        self.figures
+            .insert("reward_wait_seconds".into(), wait.into());
+        self.figures.insert(
+            "programs_judged".into(),
+            (self.pool.cached_programs() as u64).into(),
+        );
+        self.rollouts_since.0 += rollouts.len();
+        self.state.current = batches;
+        self.state.next = 0;
+        self.state.updates_done = 0;
+        Ok(())
+    }
+}
+
+fn host_f32(t: &Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(&t.reshape([-1]).to_kind(Kind::Float).to_device(Device::Cpu))
+        .expect("a float tensor")
+}
+
+/// The figures of a rollout batch: rewards and their parts, what the sandbox saw, the
+/// completions' lengths.
+fn rollout_figures(
+    rollouts: &[Rollout],
+    rewards: &[f64],
+    check: &BatchCheck,
+    replaced: usize,
+) -> Map<String, Value> {
+    let n = rollouts.len().max(1) as f64;
+    let mean = rewards.iter().sum::<f64>() / n;
+    let std = (rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n).sqrt();
+    let judged: Vec<&Rewarded> = rollouts
+        .iter()
+        .filter_map(|r| r.rewarded.as_ref())
+        .collect();
+    let share = |f: &dyn Fn(&Rewarded) -> bool| judged.iter().filter(|r| f(r)).count() as f64 / n;
+    let lengths: Vec<usize> = rollouts.iter().map(|r| r.tokens.len()).collect();
+    let mut f = Map::new();
+    f.insert("rollouts".into(), (rollouts.len() as u64).into());
+    f.insert("reward_mean".into(), mean.into());
+    f.insert("reward_std".into(), std.into());
+    for (k, (name, _)) in judged
+        .first()
+        .map(|r| r.parts())
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        let part = judged.iter().map(|r| r.parts()[k].1).sum::<f64>() / n;
+        f.insert(format!("reward_{name}"), part.into());
+    }
+    f.insert(
+        "zero_std_groups".into(),
+        (check.equal_groups as f64 / check.groups.max(1) as f64).into(),
+    );
+    f.insert("groups_replaced".into(), (replaced as u64).into());
+    f.insert("compile_rate".into(), share(&|r| r.judged.compiled).into());
+    f.insert(
+        "warning_free_rate".into(),
+        share(&|r| r.judged.compiled && r.judged.warnings == 0).into(),
+    );
+    f.insert("test_pass_rate".into(), share(&|r| r.judged.passed).into());
+    f.insert(
+        "timeout_rate".into(),
+        share(&|r| r.judged.timed_out()).into(),
+    );
+    f.insert(
+        "sanitizer_rate".into(),
+        share(&|r| r.judged.sanitizer_fired()).into(),
+    );
+    f.insert("reward_cache_share".into(), share(&|r| r.cached).into());
+    f.insert(
+        "completion_tokens_mean".into(),
+        (lengths.iter().sum::<usize>() as f64 / n).into(),
+    );
+    f.insert(
+        "completion_tokens_max".into(),
+        (lengths.iter().copied().max().unwrap_or(0) as u64).into(),
+    );
+    f.insert(
+        "truncated_share".into(),
+        (check.truncated as f64 / n).into(),
+    );
+    if let Some(kl) = check.kl {
+        f.insert("rollout_kl".into(), kl.into());
+    }
+    f
+}
+
+impl BatchSource for RolloutSource<'_> {
+    fn next_batch(&mut self, model: &Gpt) -> Result<MicroBatch> {
+        if self.state.next == self.state.current.len() {
+            self.state.updates_done += 1;
+            if self.state.current.is_empty() || self.state.updates_done >= self.settings.updates {
+                // A batch with nothing to learn is replaced (the guards see each one).
+                let mut empty = 0;
+                self.roll_out(model)?;
+                while self.state.current.iter().all(|b| b.supervised_count() == 0) {
+                    empty += 1;
+                    if empty >= self.settings.equal_reward_batches {
+                        return Err(TrainError::Guard(format!(
+                            "{empty} rollout batches in a row had nothing to learn (every group's rewards equal, or every completion cut and masked; rl.equal_reward_batches = {})",
+                            self.settings.equal_reward_batches
+                        )));
+                    }
+                    self.warnings
+                        .push("a rollout batch had nothing to learn: another one is drawn".into());
+                    self.roll_out(model)?;
+                }
+            } else {
+                self.state.next = 0;
+            }
+        }
+        let b = self.state.current[self.state.next].clone();
+        self.state.next += 1;
+        Ok(b)
+    }
+
+    fn state(&self) -> Value {
+        serde_json::to_value(&self.state).expect("rollout state as JSON")
+    }
+
+    fn restore(&mut self, state: &Value) -> Result<()> {
+        self.state = serde_json::from_value(state.clone())
+            .map_err(|e| TrainError::Config(format!("rollout state: {e}")))?;
+        Ok(())
+    }
+
+    fn dense(&self) -> bool {
+        false
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "the rollouts ({} tasks of {})",
+            self.tasks.len(),
+            self.settings
+                .tasks
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+
+    fn warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
+    }
+
+    fn figures(&mut self) -> Map<String, Value> {
+        let mut f = std::mem::take(&mut self.figures);
+        let (n, since) = std::mem::replace(&mut self.rollouts_since, (0, Instant::now()));
+        let seconds = since.elapsed().as_secs_f64();
+        if n > 0 {
+            // Rollouts per second of everything: sampling, rewards and the update.
+            f.insert("rollouts_s".into(), (n as f64 / seconds).into());
+            if let Some(wait) = f.get("reward_wait_seconds").and_then(Value::as_f64) {
+                f.insert("reward_wait_share".into(), (wait / seconds).into());
+            }
+        }
+        f
+    }
+}
+
+/// Greedy answers to held-out tasks: pass@1, compile rate and mean reward.
+struct RlEval<'a> {
+    tasks: &'a [Task],
+    prompts: Vec<Vec<u32>>,
+    bpe: &'a Bpe,
+    pool: &'a RewardPool,
+    max_new_tokens: usize,
+    samples: usize,
+}
+
+impl Evaluation for RlEval<'_> {
+    fn evaluate(
+        &mut self,
+        step: u64,
+        model: &Gpt,
+        comm: &Comm,
+        report: &mut dyn FnMut(Event),
+    ) -> Result<Map<String, Value>> {
+        let mut figures = Map::new();
+        if self.tasks.is_empty() || comm.rank() != 0 {
+            return Ok(figures);
+        }
+        let greedy = Sampling {
+            max_new_tokens: self.max_new_tokens,
+            ..Default::default()
+        };
+        let all: Vec<usize> = (0..self.tasks.len()).collect();
+        let (answers, _, _) = sample_and_judge(
+            model,
+            self.bpe,
+            &self.prompts,
+            &all,
+            1,
+            &greedy,
+            self.pool,
+            0,
+        )?;
+        let n = answers.len() as f64;
+        let judged: Vec<&Rewarded> = answers.iter().filter_map(|a| a.rewarded.as_ref()).collect();
+        let share =
+            |f: &dyn Fn(&Rewarded) -> bool| judged.iter().filter(|r| f(r)).count() as f64 / n;
+        figures.insert("val_pass_at_1".into(), share(&|r| r.judged.passed).into());
+        figures.insert(
+            "val_compile_rate".into(),
+            share(&|r| r.judged.compiled).into(),
+        );
+        figures.insert(
+            "val_reward".into(),
+            (judged.iter().map(|r| r.reward).sum::<f64>() / n).into(),
+        );
+        let text = |ids: &[u32]| String::from_utf8_lossy(&self.bpe.decode(ids)).into_owned();
+        for a in answers.iter().take(self.samples) {
+            report(Event::Sample {
+                step,
+                prompt: text(&self.prompts[a.task]),
+                completion: text(&a.tokens),
+            });
+        }
+        Ok(figures)
+    }
+}
+
+/// Trains with RL as configured (`rl.tokenizer` set), on the shared
+/// [`trainer`](crate::trainer) loop; `resume` and `stop` as for
+/// [`pretrain`](crate::pretrain::pretrain).
+pub fn rl(
+    cfg: &RlConfig,
+    resume: bool,
+    report: &mut dyn FnMut(Event),
+    stop: &dyn Fn(u64) -> bool,
+) -> Result<TrainerState> {
+    cfg.validate()?;
+    let s = &cfg.rl;
+    let (comm, dev) = trainer::connect(&cfg.train.device)?;
+    let (rank, ranks) = (comm.rank(), comm.size());
+    if s.tasks.is_empty() {
+        return Err(TrainError::Config(
+            "no tasks: give rl.tasks (--tasks DIR ...), outputs of `cxxlm tasks bugs`".into(),
+        ));
+    }
+    if !s.prompts.is_multiple_of(ranks) {
+        return Err(TrainError::Config(format!(
+            "rl.prompts = {} must be a multiple of the {ranks} ranks",
+            s.prompts
+        )));
+    }
+    let init_dir = checkpoint::resolve(&cfg.init)?;
+    let init = checkpoint::load_weights(&init_dir)?;
+    let model_config = init.state.model.clone();
+    let tok_path = s.tokenizer.as_ref().ok_or_else(|| {
+        TrainError::Config("rl.tokenizer: the tokenizer the model was trained with".into())
+    })?;
+    let bpe = cxxlm_tokenizer::load(tok_path).map_err(|e| TrainError::Config(e.to_string()))?;
+    if tokenizer_sha256(&bpe) != init.state.tokenizer_sha256 {
+        return Err(TrainError::Config(format!(
+            "{} is not the tokenizer {} was trained with",
+            tok_path.display(),
+            init_dir.display()
+        )));
+    }
+    // Prompts that leave room for a completion; training on the train split only.
+    let room = model_config.seq_len.saturating_sub(s.max_new_tokens);
+    let all = cxxlm_tasks::bugs::read_tasks(&s.tasks)?;
+    let (mut train, mut held_out) = (Vec::new(), Vec::new());
+    let (mut not_runnable, mut too_long) = (0, 0);
+    for t in all {
+        let prompt = chat::prompt(&bpe, &[Message::new(Role::User, t.input.as_str())]);
+        if t.check.is_none() {
+            not_runnable += 1;
+        } else if prompt.len() > room {
+            too_long += 1;
+        } else if t.split == "train" {
+            train.push((t, prompt));
+        } else if t.split == "test" {
+            held_out.push((t, prompt));
+        }
+    }
+    if train.is_empty() {
+        return Err(TrainError::Config(format!(
+            "no runnable train-split task of {} leaves rl.max_new_tokens = {} of the model's {} tokens ({not_runnable} not runnable, {too_long} too long)",
+            s.tasks.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+            s.max_new_tokens,
+            model_config.seq_len
+        )));
+    }
+    if cfg.eval.tasks < held_out.len() {
+        let n = held_out.len();
+        held_out = (0..cfg.eval.tasks)
+            .map(|i| held_out[i * n / cfg.eval.tasks].clone())
+            .collect();
+    }
+    report(Event::Info(format!(
+        "RL tasks: {} to train on, {} held out; skipped {not_runnable} not runnable, {too_long} whose prompt leaves fewer than rl.max_new_tokens = {} of the context",
+        train.len(),
+        held_out.len(),
+        s.max_new_tokens
+    )));
+    let (train_tasks, train_prompts): (Vec<Task>, Vec<Vec<u32>>) = train.into_iter().unzip();
+    let (eval_tasks, eval_prompts): (Vec<Task>, Vec<Vec<u32>>) = held_out.into_iter().unzip();
+    let train_tasks = Arc::new(train_tasks);
+    let eval_tasks = Arc::new(eval_tasks);
+    let pool = RewardPool::new(train_tasks.clone(), s.reward_workers)?;
+    let eval_pool = RewardPool::new(eval_tasks.clone(), s.reward_workers)?;
+
+    let batches_per_pass = train_tasks.len().div_ceil(s.prompts) as u64;
+    let steps = match cfg.train.steps {
+        0 => batches_per_pass * s.updates as u64,
+        n => n,
+    };
+    let rollouts_per_rank = s.prompts / ranks * s.samples;
+    let grad_accum = rollouts_per_rank.div_ceil(cfg.train.device_batch);
+    let step_tokens = s.prompts * s.samples * s.max_new_tokens;
+    let load = |seed: u64| -> Result<Gpt> {
+        let mut m = Gpt::new(model_config.clone(), dev, seed)?;
+        m.load(&init.model)?;
+        Ok(m)
+    };
+    let model = load(cfg.train.seed)?;
+    let reference = match s.kl_coef > 0.0 {
+        true => Some(load(cfg.train.seed)?),
+        false => None,
+    };
+    let pad = bpe.special_id("<|pad|>").unwrap_or(0);
+    let identity = json!({
+        "init": init_dir,
+        "init_step": init.state.step,
+        "reference": if s.kl_coef > 0.0 { json!({"init": init_dir, "step": init.state.step}) } else { Value::Null },
+        "tasks": s.tasks,
+        "train_tasks": train_tasks.len(),
+        "rl": {
+            "prompts": s.prompts, "samples": s.samples, "temperature": s.temperature,
+            "top_k": s.top_k, "top_p": s.top_p, "max_new_tokens": s.max_new_tokens,
+            "updates": s.updates, "clip_low": s.clip_low, "clip_high": s.clip_high,
+            "kl_coef": s.kl_coef, "normalization": s.normalization,
+            "scale_by_std": s.scale_by_std, "dynamic_sampling": s.dynamic_sampling,
+            "dynamic_rounds": s.dynamic_rounds, "overlong": s.overlong,
+            "overlong_buffer": s.overlong_buffer,
+        },
+    });
+    let mut source = RolloutSource {
+        settings: s,
+        tasks: &train_tasks,
+        prompts: train_prompts,
+        bpe: &bpe,
+        pool: &pool,
+        reference,
+        device_batch: cfg.train.device_batch,
+        pad,
+        seed: cfg.train.seed,
+        rank,
+        ranks,
+        state: RolloutState::default(),
+        figures: Map::new(),
+        warnings: Vec::new(),
+        rollouts_since: (0, Instant::now()),
+    };
+    let mut evaluation = RlEval {
+        tasks: &eval_tasks,
+        prompts: eval_prompts,
+        bpe: &bpe,
+        pool: &eval_pool,
+        max_new_tokens: s.max_new_tokens,
+        samples: cfg.eval.samples,
+    };
+    let constant = match s.normalization {
+        Normalization::Token => None,
+        Normalization::Constant => Some(step_tokens as f64),
+    };
+    let mut loss = Grpo::new(s.clip_low, s.clip_high, s.kl_coef, constant);
+    let stage = Stage::new(
+        cfg.common(),
+        Parts {
+            model,
+            backward: Backward::Autograd("the GRPO loss"),
+            source: &mut source,
+            loss: &mut loss,
+            evaluation: &mut evaluation,
+            steps,
+            grad_accum,
+            step_tokens,
+            eval_every: cfg.eval.every,
+            tokenizer_sha256: init.state.tokenizer_sha256.clone(),
+            identity,
+        },
+        &comm,
+    )?;
+    trainer::train(stage, comm, resume, report, stop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trainer::step_gradients;
+    use cxxlm_model::ModelConfig;
+    use std::collections::VecDeque;
+
+    fn model() -> Gpt {
+        let config = ModelConfig {
+            seq_len: 32,
+            ..ModelConfig::preset("tiny", 300).unwrap()
+        };
+        let m = Gpt::new(config, Device::Cpu, 11).unwrap();
+        tch::no_grad(|| {
+            for (_, p) in m.params() {
+                p.shallow_clone().copy_(&(p.randn_like() * 0.1));
+            }
+        });
+        m
+    }
+
+    fn take_grads(m: &Gpt) -> Vec<Tensor> {
+        m.params()
+            .iter()
+            .map(|(_, p)| {
+                let g = p.grad().copy();
+                p.shallow_clone().zero_grad();
+                g
+            })
+            .collect()
+    }
+
+    fn max_difference(a: &[Tensor], b: &[Tensor]) -> (f64, f64) {
+        let diff = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs().max().double_value(&[]))
+            .fold(0.0, f64::max);
+        let size = b
+            .iter()
+            .map(|y| y.abs().max().double_value(&[]))
+            .fold(0.0, f64::max);
+        (diff, size)
+    }
+
+    /// Two prompts with three completions each, advantages of both signs.
+    fn rollout_batch() -> MicroBatch {
+        let prompts: Vec<Vec<u32>> = vec![vec![1, 17, 29, 5], vec![1, 240, 9]];
+        let completions: Vec<Vec<u32>> = vec![
+            vec![33, 34, 35, 36, 2],
+            vec![33, 81, 2],
+            vec![90, 91, 92, 93, 94, 95],
+            vec![7, 8, 9, 2],
+            vec![7, 100],
+            vec![150, 151, 152, 2],
+        ];
+        let p: Vec<&[u32]> = (0..6).map(|i| prompts[i / 3].as_slice()).collect();
+        let c: Vec<&[u32]> = completions.iter().map(Vec::as_slice).collect();
+        let a = [0.9, -0.3, -0.6, 1.2, -1.0, -0.2].map(Some);
+        micro_batches(&p, &c, &a, 6, 299).remove(0)
+    }
+
+    /// The loss of `batch` per target written out: log-probabilities picked one by one
+    /// from the log-softmax of each position, PPO's clipped objective as its cases (the
+    /// ratio times the advantage, or the clipped constant where the clip binds), the k3
+    /// term; summed and divided by `normalizer`, then backward.
+    #[allow(clippy::assign_op_pattern)]
+    fn direct(m: &Gpt, batch: &MicroBatch, clip: (f64, f64), kl_coef: f64, normalizer: f64) -> f64 {
+        let d = batch.to_device(Device::Cpu);
+        let logits = m.logits_with_grad(&d.inputs, None);
+        let w = batch.weights.as_ref().unwrap();
+        let t = batch.cols - 1;
+        let mut total = Tensor::zeros([], (Kind::Float, Device::Cpu));
+        for row in 0..batch.rows {
+            for k in 0..t {
+                let i = row * t + k;
+                if !batch.supervised.as_ref().unwrap()[i] {
+                    continue;
+                }
+                let y = batch.tokens[row * batch.cols + k + 1] as i64;
+                let lp = logits
+                    .get(row as i64)
+                    .get(k as i64)
+                    .log_softmax(-1, Kind::Float)
+                    .get(y);
+                let old = match &w.old_logprobs {
+                    Some(o) => Tensor::from(o[i]),
+                    None => lp.detach(),
+                };
+                let ratio = (&lp - old).exp();
+                let r = ratio.double_value(&[]);
+                let a = w.advantages[i] as f64;
+                let term = if a >= 0.0 && r > 1.0 + clip.1 {
+                    Tensor::from((-(1.0 + clip.1) * a) as f32)
+                } else if a < 0.0 && r < 1.0 - clip.0 {
+                    Tensor::from((-(1.0 - clip.0) * a) as f32)
+                } else {
+                    -&ratio * a
+                };
+                total = total + term;
+                if kl_coef > 0.0 {
+                    let reference = Tensor::from(w.ref_logprobs.as_ref().unwrap()[i]);
+                    let dd = reference - &lp;
+                    total = total + (dd.exp() - &dd - 1.0) * kl_coef;
+                }
+            }
+        }
+        let loss = total / normalizer;
+        loss.backward();
+        loss.double_value(&[])
+    }
+
+    #[test]
+    fn the_grpo_loss_and_its_gradient_match_a_direct_computation() {
+        let m = model();
+        let clip = (0.2, 0.28);
+        let base = rollout_batch();
+        let current =
+            tch::no_grad(|| host_f32(&target_logprobs(&m, &base.to_device(Device::Cpu)).0));
+        let n = base.supervised_count() as f64;
+        // Old log-probabilities off by up to +-0.6 (ratios from 0.55 to 1.8: clipped
+        // below, above, and not at all), a reference off by other amounts.
+        let shifted = |scale: f32, phase: usize| -> Vec<f32> {
+            current
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| c + scale * (((i + phase) % 5) as f32 - 2.0) / 2.0)
+                .collect()
+        };
+        for (clipped, kl_coef) in [(false, 0.0), (false, 0.05), (true, 0.0), (true, 0.05)] {
+            let mut batch = base.clone();
+            let w = batch.weights.as_mut().unwrap();
+            w.old_logprobs = clipped.then(|| shifted(0.6, 0));
+            w.ref_logprobs = (kl_coef > 0.0).then(|| shifted(0.4, 2));
+            for constant in [None, Some(100.0)] {
+                let mut grpo = Grpo::new(clip.0, clip.1, kl_coef, constant);
+                let normalizer = grpo.normalizer(n);
+                let sum = grpo
+                    .forward_backward(&m, &batch.to_device(Device::Cpu), 1.0 / normalizer)
+                    .double_value(&[]);
+                let g_loss = take_grads(&m);
+                let want = direct(&m, &batch, clip, kl_coef, normalizer);
+                let g_direct = take_grads(&m);
+                let what = format!("clipped {clipped}, kl {kl_coef}, constant {constant:?}");
+                assert!(
+                    (sum / normalizer - want).abs() < 1e-5 * want.abs().max(1e-3),
+                    "{what}: {} against {want}",
+                    sum / normalizer
+                );
+                let (diff, size) = max_difference(&g_loss, &g_direct);
+                assert!(
+                    size > 0.0 && diff <= 1e-4 * size,
+                    "{what}: {diff} of {size}"
+                );
+                let f = grpo.figures();
+                let clip_shares =
+                    f["clip_low_share"].as_f64().unwrap() + f["clip_high_share"].as_f64().unwrap();
+                assert_eq!(clip_shares > 0.0, clipped, "{what}: {f:?}");
+                assert_eq!(f.contains_key("kl"), kl_coef > 0.0);
+            }
+        }
+    }
+
+    #[test]
+    fn with_one_update_per_batch_the_ratio_is_exactly_one() {
+        let m = model();
+        let batch = rollout_batch();
+        let d = batch.to_device(Device::Cpu);
+        // On-policy (no old log-probabilities): the current ones, detached.
+        let mut grpo = Grpo::new(0.2, 0.2, 0.0, None);
+        let _ = grpo.forward_backward(&m, &d, 1.0);
+        let f = grpo.figures();
+        assert_eq!(f["ratio_max_distance"].as_f64(), Some(0.0));
+        assert_eq!(f["clip_low_share"].as_f64(), Some(0.0));
+        // The first update of several: old log-probabilities taken at the same weights.
+        let mut first = batch.clone();
+        first.weights.as_mut().unwrap().old_logprobs =
+            Some(tch::no_grad(|| host_f32(&target_logprobs(&m, &d).0)));
+        let _ = grpo.forward_backward(&m, &first.to_device(Device::Cpu), 1.0);
+        assert_eq!(grpo.figures()["ratio_max_distance"].as_f64(), Some(0.0));
+        take_grads(&m);
+    }
+
+    /// Micro-batches given in advance.
+    struct Given(VecDeque<MicroBatch>);
+
+    impl BatchSource for Given {
+        fn next_batch(&mut self, _: &Gpt) -> Result<MicroBatch> {
+            self.0
+                .pop_front()
+                .ok_or_else(|| TrainError::Config("no batch left".into()))
+        }
+        fn state(&self) -> Value {
+            Value::Null
+        }
+        fn restore(&mut self, _: &Value) -> Result<()> {
+            Ok(())
+        }
+        fn dense(&self) -> bool {
+            false
+        }
+        fn describe(&self) -> String {
+            "the given rollouts".into()
+        }
+    }
+
+    #[test]
+    fn groups_of_equal_rewards_contribute_nothing() {
+        let m = model();
+        let settings = RlSettings::default();
+        let prompts: Vec<Vec<u32>> = vec![vec![1, 4, 5], vec![1, 6], vec![1, 7, 8, 9]];
+        let completions: Vec<Vec<u32>> = (0..9)
+            .map(|i| {
+                (0..3 + i % 4)
+                    .map(|k| (20 + i * 13 + k * 7) as u32)
+                    .collect()
+            })
+            .collect();
+        let step = |groups: &[usize], rewards: &[f64]| {
+            let members: Vec<usize> = (0..9).filter(|i| groups.contains(&(i / 3))).collect();
+            let g: Vec<usize> = members.iter().map(|i| i / 3).collect();
+            let r: Vec<f64> = members.iter().map(|&i| rewards[i]).collect();
+            let (learned, equal) = learned_advantages(&g, &r, &vec![false; r.len()], &settings);
+            let p: Vec<&[u32]> = members.iter().map(|i| prompts[i / 3].as_slice()).collect();
+            let c: Vec<&[u32]> = members.iter().map(|&i| completions[i].as_slice()).collect();
+            let batches = micro_batches(&p, &c, &learned, 4, 299);
+            let n = batches.len();
+            let mut source = Given(batches.into());
+            let first = source.next_batch(&m).unwrap();
+            let mut grpo = Grpo::new(0.2, 0.2, 0.0, None);
+            let g =
+                step_gradients(&m, &mut grpo, &mut source, first, n, 0, &Comm::single()).unwrap();
+            let loss: f64 = g.micro_losses.iter().map(|l| l.double_value(&[])).sum();
+            (loss / g.normalizer, take_grads(&m), equal)
+        };
+        // Group 1's rewards are all equal.
+        let rewards = [1.0, -1.0, 7.0, 1.5, 1.5, 1.5, -1.0, 6.5, 1.0];
+        let (alone, g_alone, equal_alone) = step(&[0, 2], &rewards);
+        let (with, g_with, equal_with) = step(&[0, 1, 2], &rewards);
+        assert_eq!((equal_alone, equal_with), (0, 1));
+        // The same sums, in other micro-batches (so up to rounding).
+        assert!((alone - with).abs() < 1e-6 * alone.abs(), "{alone} {with}");
+        let (diff, size) = max_difference(&g_alone, &g_with);
+        assert!(size > 0.0 && diff < 1e-6 * size, "{diff} of {size}");
+        assert_eq!(advantages(&[0.1, 0.1, 0.1], true), None);
+        assert_eq!(advantages(&[1.0, 3.0], false), Some(vec![-1.0, 1.0]));
+    }
+
+    #[test]
+    fn truncated_completions_are_masked_or_penalized() {
+        let mut settings = RlSettings::default();
+        let (learned, _) = learned_advantages(
+            &[0, 0, 0],
+            &[1.0, -1.0, 2.0],
+            &[false, true, false],
+            &settings,
+        );
+        assert!(learned[0].is_some() && learned[1].is_none() && learned[2].is_some());
+        settings.overlong = Overlong::Keep;
+        let (learned, _) = learned_advantages(
+            &[0, 0, 0],
+            &[1.0, -1.0, 2.0],
+            &[false, true, false],
+            &settings,
+        );
+        assert!(learned.iter().all(Option::is_some));
+        assert_eq!(overlong_penalty(60, 100, 25), 0.0);
+        assert_eq!(overlong_penalty(75, 100, 25), 0.0);
+        assert_eq!(overlong_penalty(90, 100, 25), -0.6);
+        assert_eq!(overlong_penalty(100, 100, 25), -1.0);
+    }
+
+    #[test]
+    fn the_guards_fire_on_constructed_cases() {
+        let settings = RlSettings {
+            max_new_tokens: 64,
+            equal_reward_batches: 3,
+            max_kl: 0.5,
+            ..Default::default()
+        };
+        let healthy = BatchCheck {
+            completions: 16,
+            truncated: 3,
+            groups: 2,
+            equal_groups: 1,
+            reward_min: -1.0,
+            reward_max: 7.0,
+            kl: Some(0.01),
+        };
+        let mut equal = 0;
+        assert_eq!(
+            guard(&healthy, &settings, &mut equal).unwrap(),
+            Vec::<String>::new()
+        );
+
+        let cut = BatchCheck {
+            truncated: 16,
+            ..healthy.clone()
+        };
+        let e = guard(&cut, &settings, &mut equal).unwrap_err().to_string();
+        assert!(
+            e.contains("all 16 completions reached rl.max_new_tokens = 64"),
+            "{e}"
+        );
+        let penalized = RlSettings {
+            overlong: Overlong::Penalty,
+            ..settings.clone()
+        };
+        let w = guard(&cut, &penalized, &mut equal).unwrap();
+        assert!(w[0].contains("all 16 completions"), "{w:?}");
+
+        let flat = BatchCheck {
+            equal_groups: 2,
+            reward_min: -1.0,
+            reward_max: -1.0,
+            ..healthy.clone()
+        };
+        let w = guard(&flat, &settings, &mut equal).unwrap();
+        assert!(
+            w[0].contains("all 2 groups of this rollout batch had equal rewards"),
+            "{w:?}"
+        );
+        guard(&flat, &settings, &mut equal).unwrap();
+        let e = guard(&flat, &settings, &mut equal).unwrap_err().to_string();
+        assert!(
+            e.contains("every reward of the last 3 rollout batches was -1"),
+            "{e}"
+        );
+        // A batch with different rewards starts the count again.
+        guard(&healthy, &settings, &mut equal).unwrap();
+        assert_eq!(equal, 0);
+
+        let away = BatchCheck {
+            kl: Some(0.8),
+            ..healthy.clone()
+        };
+        let e = guard(&away, &settings, &mut equal).unwrap_err().to_string();
+        assert!(
+            e.contains("KL estimate to the reference reached 0.8000"),
+            "{e}"
+        );
+        let nan = BatchCheck {
+            kl: Some(f64::NAN),
+            ..healthy.clone()
+        };
+        assert!(guard(&nan, &settings, &mut equal).is_err());
+        let bad = BatchCheck {
+            reward_max: f64::NAN,
+            ..healthy
+        };
+        let e = guard(&bad, &settings, &mut equal).unwrap_err().to_string();
+        assert!(e.contains("not a number"), "{e}");
+    }
+
+    #[test]
+    fn the_seeds_defaults_and_the_file_wins() {
+        let c = RlConfig::from_table(toml::Table::new()).unwrap();
+        assert_eq!(
+            (c.rl.samples, c.rl.temperature, c.rl.max_new_tokens),
+            (8, 0.8, 2048)
+        );
+        assert_eq!((c.rl.kl_coef, c.optim.matrix_lr), (0.01, 5e-7));
+        assert_eq!(c.optim.matrices, crate::Matrices::Adamw);
+        c.validate().unwrap();
+        let dapo = RlConfig::from_table(toml::toml! {
+            [rl]
+            clip_high = 0.28
+            samples = 1
+        })
+        .unwrap();
+        assert_eq!(dapo.rl.clip_high, 0.28);
+        let e = dapo.validate().unwrap_err().to_string();
+        assert!(e.contains("rl.samples = 1 must be at least 2"), "{e}");
+        assert!(RlConfig::from_table(toml::toml! { [rl] sample = 3 }).is_err());
+    }
+}

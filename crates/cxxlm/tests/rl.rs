@@ -1,0 +1,296 @@
+//! `cxxlm train rl` on the CPU: a tiny model pretrained on libstdc++ and fine-tuned on
+//! the answers of a few bug-fix tasks (small real programs, built and run in the sandbox
+//! by real g++) is trained with GRPO on them; the rewards and their parts are recorded,
+//! a run stopped and resumed repeats the uninterrupted one bit for bit, and bad settings
+//! are named.
+
+mod common;
+
+use common::*;
+use cxxlm_tasks::report::{Failure, Oracle};
+use cxxlm_tasks::task::{Check, Provenance, Task};
+use serde_json::{json, Value};
+use std::path::Path;
+
+/// `(name, buggy function, fixed function, main's call, expected output, split)`.
+const PROGRAMS: [(&str, &str, &str, &str, &str, &str); 4] = [
+    (
+        "add",
+        "int add(int a, int b) { return a - b; }",
+        "int add(int a, int b) { return a + b; }",
+        "add(2, 3)",
+        "5",
+        "train",
+    ),
+    (
+        "mul",
+        "int mul(int a, int b) { return a + b; }",
+        "int mul(int a, int b) { return a * b; }",
+        "mul(3, 4)",
+        "12",
+        "train",
+    ),
+    (
+        "neg",
+        "int neg(int a) { return a; }",
+        "int neg(int a) { return -a; }",
+        "neg(7)",
+        "-7",
+        "train",
+    ),
+    (
+        "sub",
+        "int sub(int a, int b) { return b - a; }",
+        "int sub(int a, int b) { return a - b; }",
+        "sub(9, 4)",
+        "5",
+        "test",
+    ),
+];
+
+fn program(function: &str, call: &str) -> String {
+    format!("#include <cstdio>\n{function}\nint main() {{ std::printf(\"%d\\n\", {call}); }}\n")
+}
+
+fn fixture_tasks() -> Vec<Task> {
+    PROGRAMS
+        .iter()
+        .map(|&(name, buggy_fn, fixed_fn, call, expected, split)| {
+            let buggy = program(buggy_fn, call);
+            let start = buggy.find(buggy_fn).unwrap();
+            Task {
+                id: format!("fixture-{name}"),
+                kind: "injected_bug".into(),
+                input: format!("Fix {name}: it must print {expected}.\n{buggy_fn}\n"),
+                output: format!("{fixed_fn}\n"),
+                project: format!("fixture/{name}"),
+                split: split.into(),
+                provenance: Provenance {
+                    source: "tests/rl.rs".into(),
+                    path: format!("{name}.cpp"),
+                    commit: None,
+                    operator: None,
+                    line: Some(2),
+                    change: "the operator".into(),
+                },
+                check: Some(Check {
+                    flags: Vec::new(),
+                    support: Default::default(),
+                    fixed: program(fixed_fn, call),
+                    span: (start, start + buggy_fn.len()),
+                    buggy,
+                    oracle: Oracle {
+                        stdout: format!("{expected}\n"),
+                        exit_code: 0,
+                    },
+                    failure: Failure {
+                        kind: "wrong-output".into(),
+                        detector: "oracle".into(),
+                        signal: None,
+                        location: None,
+                        line: None,
+                        function: None,
+                        message: String::new(),
+                        values: Vec::new(),
+                        stack: Vec::new(),
+                        exit_code: Some(0),
+                        expected: Some(expected.into()),
+                        printed: None,
+                    },
+                    verified_by: "standalone".into(),
+                }),
+            }
+        })
+        .collect()
+}
+
+/// The pretrained tiny model fine-tuned on the train tasks' answers (so that some of
+/// its samples fix the bug and some do not), and the task file.
+struct Tuned {
+    p: Pretrained,
+    sft: std::path::PathBuf,
+    tasks: std::path::PathBuf,
+}
+
+fn tuned() -> Tuned {
+    let p = pretrained();
+    let tasks = p.f.root.join("tasks.jsonl");
+    let all = fixture_tasks();
+    let lines: Vec<String> = all
+        .iter()
+        .map(|t| serde_json::to_string(t).unwrap())
+        .collect();
+    write(&tasks, lines.join("\n") + "\n");
+    let examples: Vec<String> = all
+        .iter()
+        .filter(|t| t.split == "train")
+        .map(|t| json!({"input": t.input, "output": t.output}).to_string())
+        .collect();
+    let data = p.f.root.join("sft.jsonl");
+    let repeated: Vec<&str> = (0..8)
+        .flat_map(|_| examples.iter().map(String::as_str))
+        .collect();
+    write(&data, repeated.join("\n") + "\n");
+    let sft = p.f.root.join("sft");
+    run_ok(&[
+        "train",
+        "sft",
+        "--init",
+        p.run.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "-o",
+        sft.to_str().unwrap(),
+        "--set",
+        "train.device=cpu",
+        "--set",
+        "sft.recipe=nanochat",
+        "--set",
+        "train.device_batch=4",
+        "--set",
+        "train.total_batch_tokens=512",
+        "--set",
+        "sft.val_fraction=0",
+        "--set",
+        "sft.epochs=8",
+        "--set",
+        "eval.every=0",
+    ]);
+    Tuned { p, sft, tasks }
+}
+
+const SMALL: [&str; 22] = [
+    "--set",
+    "train.device=cpu",
+    "--set",
+    "rl.prompts=2",
+    "--set",
+    "rl.samples=4",
+    "--set",
+    "rl.max_new_tokens=24",
+    "--set",
+    "rl.temperature=0.8",
+    "--set",
+    "train.device_batch=4",
+    "--set",
+    "optim.matrix_lr=0.0003",
+    "--set",
+    "optim.embedding_lr=0.0003",
+    "--set",
+    "optim.unembedding_lr=0.0003",
+    "--set",
+    "eval.every=3",
+    "--set",
+    "rl.reward_workers=2",
+];
+
+fn rl_args(t: &Tuned, out: &Path, extra: &[&str]) -> Vec<String> {
+    let head = [
+        "train",
+        "rl",
+        "--init",
+        t.sft.to_str().unwrap(),
+        "--tasks",
+        t.tasks.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    command_line(&head, &[&SMALL, extra])
+}
+
+/// Records without time, nor what the reward cache of one process happened to hold.
+fn comparable(records: Vec<Value>) -> Vec<Value> {
+    timeless(records)
+        .into_iter()
+        .map(|mut r| {
+            for k in ["reward_cache_share", "programs_judged"] {
+                r.as_object_mut().unwrap().remove(k);
+            }
+            r
+        })
+        .collect()
+}
+
+#[test]
+fn rl_rewards_completions_in_the_sandbox_and_resumes_bit_exactly() {
+    let t = tuned();
+    let whole = t.p.f.root.join("whole");
+    let steps = ["--set", "train.steps=6", "--set", "rl.updates=2"];
+    let said = run_ok(&rl_args(&t, &whole, &steps));
+    let stderr = String::from_utf8_lossy(&said.stderr);
+    assert!(
+        stderr.contains("RL tasks: 3 to train on, 1 held out"),
+        "{stderr}"
+    );
+    let all = metrics_records(&whole);
+    let steps_done: Vec<&Value> = all.iter().filter(|r| r.get("loss").is_some()).collect();
+    assert_eq!(steps_done.len(), 6, "{all:?}");
+    // A rollout batch every second step (two updates each), its figures on its first.
+    let batches: Vec<&Value> = steps_done
+        .iter()
+        .copied()
+        .filter(|r| r.get("reward_mean").is_some())
+        .collect();
+    assert_eq!(batches.len(), 3, "{all:?}");
+    for b in &batches {
+        assert_eq!(b["rollouts"], 8, "{b}");
+        let parts: f64 = ["compile", "warnings", "tests", "reasoning"]
+            .iter()
+            .map(|p| b[format!("reward_{p}")].as_f64().unwrap())
+            .sum();
+        assert!(
+            (parts - b["reward_mean"].as_f64().unwrap()).abs() < 1e-9,
+            "{b}"
+        );
+        for k in [
+            "compile_rate",
+            "test_pass_rate",
+            "zero_std_groups",
+            "truncated_share",
+            "rollouts_s",
+            "reward_wait_share",
+            "entropy",
+            "clip_low_share",
+            "kl",
+            "rollout_kl",
+        ] {
+            assert!(b[k].as_f64().is_some(), "{k} missing: {b}");
+        }
+    }
+    // Samples of the fine-tuned model compile and pass at times, fail at others.
+    let compiled: f64 = batches
+        .iter()
+        .map(|b| b["compile_rate"].as_f64().unwrap())
+        .sum();
+    assert!(compiled > 0.0, "{batches:?}");
+    // The first update of a batch is on-policy: the ratio is exactly 1.
+    assert_eq!(batches[0]["ratio_max_distance"].as_f64(), Some(0.0));
+    let held_out: Vec<&Value> = all
+        .iter()
+        .filter(|r| r.get("val_pass_at_1").is_some())
+        .collect();
+    assert_eq!(held_out.len(), 3, "at the start, step 3 and the end");
+
+    // Stopped in the middle of a rollout batch's updates, then resumed.
+    let split = t.p.f.root.join("split");
+    run_ok(&rl_args(
+        &t,
+        &split,
+        &[&steps[..], &["--stop-at", "3"]].concat(),
+    ));
+    run_ok(&rl_args(&t, &split, &[&steps[..], &["--resume"]].concat()));
+    assert_eq!(
+        comparable(metrics_records(&split)),
+        comparable(all),
+        "metrics repeat bit for bit"
+    );
+
+    // Bad settings and inputs are named.
+    let bad = t.p.f.root.join("bad");
+    let e = run_fails(&rl_args(&t, &bad, &["--set", "rl.samples=1"]));
+    assert!(e.contains("rl.samples = 1 must be at least 2"), "{e}");
+    let e = run_fails(&rl_args(&t, &bad, &["--set", "rl.max_new_tokens=120"]));
+    assert!(e.contains("no runnable train-split task"), "{e}");
+    let e = run_fails(&rl_args(&t, &bad, &["--set", "rl.prompt=3"]));
+    assert!(e.contains("unknown field `prompt`"), "{e}");
+}
