@@ -6,9 +6,11 @@
 # including the update (against nanochat's ~5.8 per GPU), the share of step time spent
 # waiting for rewards, the time split, the reward curve, and bug-fix pass@1 and compile
 # rate on the held-out (test split) tasks before and after RL.
+# With PRETRAINED set to a pretraining run on this machine (benches/tok/judged.sh leaves
+# one in /tmp/cxxlm-judged/d12), that run is fine-tuned instead of a fresh brief one.
 # Results (metrics, logs, summary) land in $OUT (or gpu-out/).
 #
-#   benches/rl/gpu.sh [PRETRAIN_SECONDS] [RL_SECONDS] [HELD_OUT_TASKS]   # defaults: 150, 150, 100
+#   [PRETRAINED=RUN] benches/rl/gpu.sh [PRETRAIN_SECONDS] [RL_SECONDS] [HELD_OUT_TASKS]   # defaults: 150, 150, 100
 set -euo pipefail
 pretrain_seconds=${1:-150}
 rl_seconds=${2:-150}
@@ -24,16 +26,21 @@ command -v bwrap >/dev/null || export PATH=$PWD/gpu/bin:$PATH LD_LIBRARY_PATH=$L
 cxxlm=$work/cxxlm
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 nproc | tee "$out/cores.txt"
-[ -f "$work/pack/pack.json" ] || "$cxxlm" pack --tokenizer gpu/tokenizer.json -i gpu/data -o "$work/pack" --val-fraction 0.005 >"$out/pack.log"
+[ -n "${PRETRAINED:-}" ] || [ -f "$work/pack/pack.json" ] || "$cxxlm" pack --tokenizer gpu/tokenizer.json -i gpu/data -o "$work/pack" --val-fraction 0.005 >"$out/pack.log"
 
 shapes=(--set train.device_batch=32 --set train.total_batch_tokens=65536 --set checkpoint.every=0 --log-every 20)
 rm -rf "$work/pre" "$work/sft" "$work/rl"
-"$cxxlm" train pretrain --pack "$work/pack" --out "$work/pre" --set model.preset=d12 "${shapes[@]}" \
-    --set train.steps=5000 --set train.time_budget="$pretrain_seconds" --set eval.every=0 >"$out/pretrain.log" 2>&1 \
-    || { tail -20 "$out/pretrain.log"; exit 1; }
+if [ -n "${PRETRAINED:-}" ]; then
+    ln -s "$PRETRAINED" "$work/pre"
+else
+    "$cxxlm" train pretrain --pack "$work/pack" --out "$work/pre" --set model.preset=d12 "${shapes[@]}" \
+        --set train.steps=5000 --set train.time_budget="$pretrain_seconds" --set eval.every=0 \
+        >"$out/pretrain.log" 2>&1 || { tail -20 "$out/pretrain.log"; exit 1; }
+fi
+# The train split of the tasks, nanochat's recipe, at most a minute.
 "$cxxlm" train sft --init "$work/pre" --data gpu/tasks -o "$work/sft" "${shapes[@]}" \
     --set sft.recipe=nanochat --set sft.epochs=2 --set sft.val_fraction=0.02 --set eval.every=0 \
-    >"$out/sft.log" 2>&1 || { tail -20 "$out/sft.log"; exit 1; }
+    --set train.time_budget=60 >"$out/sft.log" 2>&1 || { tail -20 "$out/sft.log"; exit 1; }
 # K = 8 completions of up to 256 tokens for 32 prompts: 256 rollouts per batch, 32 per pass.
 # The seeds' 5e-7 barely moves a d12 in a few minutes: 1e-5, as SFT's seeds' rate.
 "$cxxlm" train rl --init "$work/sft" --tasks gpu/tasks -o "$work/rl" \

@@ -922,6 +922,13 @@ impl BatchSource for RolloutSource<'_> {
     fn restore(&mut self, state: &Value) -> Result<()> {
         self.state = serde_json::from_value(state.clone())
             .map_err(|e| TrainError::Config(format!("rollout state: {e}")))?;
+        // A checkpoint holds rank 0's rollouts: other ranks' are not there, so with
+        // several ranks the run goes on from a fresh rollout batch.
+        if self.ranks > 1 {
+            self.state.current.clear();
+            self.state.next = 0;
+            self.state.updates_done = 0;
+        }
         Ok(())
     }
 
