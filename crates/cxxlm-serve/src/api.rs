@@ -1057,6 +1057,12 @@ impl Server {
                 ))
             }
         }
+        let mut chosen = None;
+        if let (true, Some(index)) = (files.is_empty(), &self.info.index) {
+            let (context, from) = index.context(&format!("{prefix}{middle}"), &suffix);
+            files = context;
+            chosen = Some(from);
+        }
         let max_tokens = match f.int("n_predict")? {
             None | Some(-1) => self.info.context,
             Some(n) if n < -1 => {
@@ -1136,6 +1142,10 @@ impl Server {
                 "predicted_per_second": t.rate(),
             },
         });
+        if let Some(chosen) = chosen {
+            // Not llama.cpp's: which definitions the index sent as context.
+            body["index_context"] = json!(chosen);
+        }
         // llama.cpp's `response_fields`: only these (nested ones as "a/b"), flattened.
         if !fields.is_empty() {
             let mut picked = Map::new();

@@ -4,13 +4,15 @@
 //! llama.vim and llama.vscode send them); Ollama's `/api/generate` with `suffix` (as
 //! Continue sends it). The FIM template is the server's business, so no client needs
 //! one. Requests are batched continuously on the model's sampler ([`engine`]); text is
-//! normalized and re-indented ([`text`]); HTTP is handled here ([`http`]) so that a
+//! normalized and re-indented ([`text`]); repository context for `/infill` comes from a
+//! `cxxlm index` when the client sends none ([`context`]); HTTP is handled here ([`http`]) so that a
 //! client that goes away is noticed while its request generates.
 //!
 //! The model is reached through [`Model`], which the `cxxlm-torch` binary implements
 //! over `cxxlm-model`'s sampler: this crate needs no libtorch.
 
 pub mod api;
+pub mod context;
 pub mod engine;
 pub mod http;
 pub mod text;
@@ -85,6 +87,8 @@ pub struct ModelInfo {
     pub tokenizer: Arc<Bpe>,
     pub context: usize,
     pub layout: text::Layout,
+    /// Where `/infill` finds repository context when a client sends none.
+    pub index: Option<Arc<context::RepoIndex>>,
 }
 
 pub struct Options {

@@ -44,6 +44,10 @@ pub enum Command {
     /// history, a teacher's answers, decontamination.
     #[command(subcommand)]
     Tasks(crate::tasks::TasksCommand),
+    /// A C++ repository's index: definitions, references, includes, and what matters
+    /// at a cursor.
+    #[command(subcommand)]
+    Index(crate::index::IndexCommand),
     /// Every stage from raw C++ sources to an evaluated model and its report card.
     Speedrun(crate::speedrun::SpeedrunArgs),
     /// Run a command (`train pretrain`) as N data-parallel ranks on this host, one per GPU.
@@ -74,6 +78,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Pack(args) => crate::pack::run(args),
         Command::Eval(cmd) => crate::eval::run(cmd, None),
         Command::Tasks(cmd) => crate::tasks::run(cmd),
+        Command::Index(cmd) => crate::index::run(cmd),
         Command::Speedrun(args) => crate::speedrun::run(args),
         Command::Launch(args) => crate::launch::run(args),
         Command::Report { dir } => {
@@ -366,6 +371,11 @@ pub struct ServeArgs {
     /// Largest request body, in MiB.
     #[arg(long, default_value_t = 16)]
     pub max_body_mib: usize,
+    /// A `cxxlm index` (its folder, or a repository holding one in .cxxlm-index): `/infill`
+    /// requests without `input_extra` get the definitions that rank highest at their
+    /// cursor as context.
+    #[arg(long)]
+    pub index: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]

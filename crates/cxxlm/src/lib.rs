@@ -26,6 +26,7 @@ macro_rules! out {
 pub mod cli;
 pub mod data;
 pub mod eval;
+pub mod index;
 pub mod interrupt;
 pub mod launch;
 pub mod lock;

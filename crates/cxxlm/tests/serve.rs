@@ -302,3 +302,68 @@ fn the_teacher_asks_our_server_and_a_rerun_asks_nothing() {
         "{err}"
     );
 }
+
+/// POSTs `body` as JSON (once the model is loaded) and returns the JSON answer.
+fn post(server: &Server, path: &str, body: serde_json::Value) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while ureq::get(&format!("{}/health", server.url)).call().is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the model never loaded"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    ureq::post(&format!("{}{path}", server.url))
+        .send_json(body)
+        .expect("the server answers 200")
+        .into_json()
+        .expect("a JSON answer")
+}
+
+#[test]
+fn infill_without_context_gets_it_from_the_repository_index() {
+    let t = trained();
+    let repo = t.run.parent().unwrap().join("indexed-repo");
+    write(
+        &repo.join("include/shapes/area.h"),
+        "#pragma once\nstruct Rect { double w, h; };\ndouble rect_area(const Rect& r);\n",
+    );
+    write(
+        &repo.join("src/area.cpp"),
+        "#include \"shapes/area.h\"\ndouble rect_area(const Rect& r) {\n    return r.w * r.h;\n}\n",
+    );
+    write(
+        &repo.join("src/trace.cpp"),
+        "#include <cstdio>\nvoid trace_event(const char* what) { std::puts(what); }\nvoid trace_twice(const char* w) { trace_event(w); trace_event(w); }\n",
+    );
+    run_ok(&["index", "build", repo.to_str().unwrap()]);
+    let server = serve(&t.run, &["--index", repo.to_str().unwrap()]);
+    let request = serde_json::json!({
+        "input_prefix": "#include \"shapes/area.h\"\nint main() {\n    Rect r{2, 3};\n",
+        "prompt": "    double a = rect_area(",
+        "input_suffix": ");\n    return a > 5 ? 0 : 1;\n}\n",
+        "n_predict": 4,
+    });
+    let reply = post(&server, "/infill", request.clone());
+    let chosen = reply["index_context"].as_array().expect("index_context");
+    let files: Vec<&str> = chosen
+        .iter()
+        .map(|c| c["filename"].as_str().unwrap())
+        .collect();
+    let area = files.iter().position(|f| *f == "src/area.cpp");
+    let trace = files.iter().position(|f| *f == "src/trace.cpp");
+    assert!(area.is_some(), "{reply:#}");
+    assert!(trace.is_none_or(|t| t > area.unwrap()), "{reply:#}");
+    // The context is in the prompt: more tokens evaluated than by a server without it.
+    let plain = serve(&t.run, &[]);
+    let bare = post(&plain, "/infill", request.clone());
+    assert!(bare.get("index_context").is_none(), "{bare:#}");
+    assert!(
+        reply["tokens_evaluated"].as_u64() > bare["tokens_evaluated"].as_u64(),
+        "{reply:#} {bare:#}"
+    );
+    // What the client sends is used as it is.
+    let mut own = request;
+    own["input_extra"] = serde_json::json!([{"filename": "mine.h", "text": "int mine();\n"}]);
+    assert!(post(&server, "/infill", own).get("index_context").is_none());
+}

@@ -148,6 +148,24 @@ pub fn run(args: ServeArgs) -> Result<()> {
         run.file_name()
             .map_or("cxxlm".into(), |n| n.to_string_lossy().into_owned())
     });
+    let index = match &args.index {
+        None => None,
+        Some(path) => {
+            let dir = match path.join("snapshot.bin").exists() {
+                true => path.clone(),
+                false => cxxlm_index::watch::default_dir(path),
+            };
+            let index = cxxlm_serve::context::RepoIndex::open(&dir)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("opening the index {} (--index)", dir.display()))?;
+            eprintln!(
+                "repository context for /infill: {} files indexed in {}",
+                index.files(),
+                dir.display()
+            );
+            Some(Arc::new(index))
+        }
+    };
     let info = ModelInfo {
         name,
         tokenizer: Arc::new(bpe),
@@ -155,6 +173,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         layout: Layout {
             strip_indentation: strip,
         },
+        index,
     };
     let address = format!("{}:{}", args.host, args.port);
     let listener = std::net::TcpListener::bind(&address)

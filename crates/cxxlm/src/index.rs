@@ -1,0 +1,354 @@
+//! `cxxlm index`: build, query and watch a C++ repository's index.
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use cxxlm_index::watch::{default_dir, open_or_build, watch};
+use cxxlm_index::{Change, Cursor, Graph, Index, Settings, Store};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Subcommand)]
+pub enum IndexCommand {
+    /// Index a repository: definitions, references and includes of its C/C++ files.
+    Build(BuildArgs),
+    /// The definitions and files that matter at a cursor, and their text.
+    Query(QueryArgs),
+    /// Keep a repository's index fresh: every saved file is read again.
+    Watch(WatchArgs),
+}
+
+#[derive(Args)]
+pub struct Limits {
+    /// Larger files are skipped (counted as `too_large`), in KiB.
+    #[arg(long, default_value_t = 1024)]
+    max_file_kib: u64,
+    /// Threads parsing (default: every core).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+impl Limits {
+    fn settings(&self) -> Settings {
+        Settings {
+            max_bytes: self.max_file_kib << 10,
+            ..Settings::default()
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct BuildArgs {
+    repo: PathBuf,
+    /// Where the index is written (default: REPO/.cxxlm-index).
+    #[arg(long, short)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    limits: Limits,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct QueryArgs {
+    /// The index folder (`cxxlm index build`'s output), or a repository holding one.
+    index: PathBuf,
+    /// The file edited, as a path in the repository (or a path to it).
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// The cursor's line (1-based).
+    #[arg(long)]
+    line: Option<u32>,
+    /// A name to look for. Repeatable.
+    #[arg(long = "symbol")]
+    symbols: Vec<String>,
+    #[arg(long, default_value_t = 10)]
+    top: usize,
+    /// Lines shown of each definition.
+    #[arg(long, default_value_t = 40)]
+    chunk_lines: u32,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct WatchArgs {
+    repo: PathBuf,
+    /// Where the index is kept (default: REPO/.cxxlm-index); built first if missing.
+    #[arg(long, short)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    limits: Limits,
+}
+
+pub fn run(cmd: IndexCommand) -> Result<()> {
+    match cmd {
+        IndexCommand::Build(a) => build(a),
+        IndexCommand::Query(a) => query(a),
+        IndexCommand::Watch(a) => watch_repo(a),
+    }
+}
+
+fn threads(limits: &Limits) -> Result<()> {
+    if let Some(n) = limits.threads {
+        // Only the first call sets the pool; a second (in tests) keeps the first.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build_global();
+    }
+    Ok(())
+}
+
+fn progress(label: &'static str) -> impl FnMut(usize, usize) {
+    let bar = indicatif::ProgressBar::new(0).with_message(label);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} files, {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    move |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        if done == total {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn summary(index: &Index, dir: &Path, seconds: f64) -> serde_json::Value {
+    json!({
+        "index": dir.display().to_string(),
+        "files": index.files().len(),
+        "definitions": index.definitions(),
+        "names": index.names().len(),
+        "skipped": index.skip_counts(),
+        "include_dirs": index.include_dirs().len(),
+        "seconds": seconds,
+    })
+}
+
+fn build(a: BuildArgs) -> Result<()> {
+    threads(&a.limits)?;
+    let dir = a.out.clone().unwrap_or_else(|| default_dir(&a.repo));
+    let started = Instant::now();
+    let index = Index::build(
+        &a.repo,
+        Some(&dir),
+        &a.limits.settings(),
+        None,
+        progress("indexing"),
+    )?;
+    Store::save(&dir, &index)?;
+    if let Some(e) = index.include_dirs_error() {
+        eprintln!("warning: include directories unused: {e}");
+    }
+    let s = summary(&index, &dir, started.elapsed().as_secs_f64());
+    if a.json {
+        outln!("{s}")?;
+    } else {
+        outln!(
+            "indexed {} files ({} definitions, {} names) in {:.1} s into {}; skipped: {}",
+            s["files"],
+            s["definitions"],
+            s["names"],
+            s["seconds"].as_f64().unwrap_or(0.0),
+            dir.display(),
+            skipped_line(&index)
+        )?;
+    }
+    Ok(())
+}
+
+fn skipped_line(index: &Index) -> String {
+    let counts = index.skip_counts();
+    match counts.is_empty() {
+        true => "none".into(),
+        false => counts
+            .iter()
+            .map(|(k, v)| format!("{v} {k}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+/// The index folder a query names: the folder itself, or a repository holding one.
+fn index_dir(path: &Path) -> PathBuf {
+    match path.join("snapshot.bin").exists() {
+        true => path.to_path_buf(),
+        false => default_dir(path),
+    }
+}
+
+fn query(a: QueryArgs) -> Result<()> {
+    let started = Instant::now();
+    let dir = index_dir(&a.index);
+    let (index, _) = Store::load(&dir)?;
+    let loaded = started.elapsed();
+    let file = match &a.file {
+        None => None,
+        Some(f) => Some(repository_path(&index, f)?),
+    };
+    let graph = Graph::new(&index);
+    let built = started.elapsed();
+    let cursor = Cursor {
+        file: file.clone(),
+        text: None,
+        line: a.line,
+        symbols: a.symbols.clone(),
+    };
+    let ranking = graph.rank(&cursor, a.top);
+    let ranked = started.elapsed();
+    let chunks = cxxlm_index::chunks(
+        index.root(),
+        &ranking.definitions,
+        a.chunk_lines,
+        usize::MAX,
+        |d, _| {
+            // The definition the cursor is in is already in front of the editor.
+            Some(d.file.as_str()) == file.as_deref()
+                && a.line.is_some_and(|l| d.line <= l && l <= d.end_line)
+        },
+    );
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    let timing = json!({
+        "load_ms": ms(loaded),
+        "graph_ms": ms(built - loaded),
+        "rank_ms": ms(ranked - built),
+        "total_ms": ms(started.elapsed()),
+        "edges_visited": ranking.work,
+    });
+    if a.json {
+        outln!(
+            "{}",
+            json!({
+                "definitions": ranking.definitions,
+                "files": ranking.files,
+                "chunks": chunks,
+                "timing": timing,
+            })
+        )?;
+        return Ok(());
+    }
+    outln!("definitions:")?;
+    for d in &ranking.definitions {
+        outln!(
+            "  {:.5}  {}:{}-{}  {} {}",
+            d.score,
+            d.file,
+            d.line,
+            d.end_line,
+            d.kind.name(),
+            d.name
+        )?;
+    }
+    outln!("files:")?;
+    for f in &ranking.files {
+        outln!("  {:.5}  {}", f.score, f.file)?;
+    }
+    for c in &chunks {
+        outln!(
+            "\n// {}:{}-{}\n{}",
+            c.file,
+            c.line,
+            c.end_line,
+            c.text.trim_end()
+        )?;
+    }
+    eprintln!(
+        "query: {:.1} ms (load {:.1}, graph {:.1}, rank {:.1})",
+        timing["total_ms"].as_f64().unwrap_or(0.0),
+        timing["load_ms"].as_f64().unwrap_or(0.0),
+        timing["graph_ms"].as_f64().unwrap_or(0.0),
+        timing["rank_ms"].as_f64().unwrap_or(0.0),
+    );
+    Ok(())
+}
+
+/// A path given on the command line as the index names it (relative to the root).
+fn repository_path(index: &Index, file: &Path) -> Result<String> {
+    let text = file.to_string_lossy();
+    if index.files().contains_key(text.as_ref()) {
+        return Ok(text.into_owned());
+    }
+    let absolute = std::fs::canonicalize(file).with_context(|| {
+        format!(
+            "{} is neither a file of the index nor a path to one",
+            file.display()
+        )
+    })?;
+    let rel = absolute.strip_prefix(index.root()).with_context(|| {
+        format!(
+            "{} is outside the indexed repository {}",
+            file.display(),
+            index.root().display()
+        )
+    })?;
+    Ok(rel.to_string_lossy().replace('\\', "/"))
+}
+
+fn watch_repo(a: WatchArgs) -> Result<()> {
+    threads(&a.limits)?;
+    crate::interrupt::install();
+    let dir = a.out.clone().unwrap_or_else(|| default_dir(&a.repo));
+    let settings = a.limits.settings();
+    let started = Instant::now();
+    let (mut index, mut store, built) =
+        open_or_build(&a.repo, &dir, &settings, progress("indexing"))?;
+    if !built {
+        // Catch up with what changed while nobody watched.
+        index = Index::build(
+            &a.repo,
+            Some(&dir),
+            &settings,
+            Some(&index),
+            progress("rescanning"),
+        )?;
+        store = Store::save(&dir, &index)?;
+    }
+    eprintln!(
+        "watching {} ({} files, {} definitions; ready in {:.1} s; skipped: {}), index in {}",
+        index.root().display(),
+        index.files().len(),
+        index.definitions(),
+        started.elapsed().as_secs_f64(),
+        skipped_line(&index),
+        dir.display()
+    );
+    watch(
+        &mut index,
+        &mut store,
+        &settings,
+        &crate::interrupt::STOP,
+        |r| {
+            let what: Vec<String> = r
+                .changes
+                .iter()
+                .map(|(path, change)| match change {
+                    Change::Parsed { defs, refs } => {
+                        format!("{path} ({defs} definitions, {refs} names)")
+                    }
+                    Change::Removed => format!("{path} (removed)"),
+                    Change::Skipped(why) => format!("{path} (skipped: {})", why.name()),
+                    Change::Unchanged | Change::Ignored => path.clone(),
+                })
+                .collect();
+            let what = match r.rescan {
+                true => "the whole repository (events were lost)".to_string(),
+                false => what.join(", "),
+            };
+            let _ = outln!(
+                "refreshed {what} in {:.2} ms{}",
+                r.elapsed.as_secs_f64() * 1e3,
+                if r.compacted {
+                    "; new snapshot written"
+                } else {
+                    ""
+                }
+            );
+        },
+    )?;
+    Ok(())
+}
