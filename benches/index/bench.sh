@@ -63,18 +63,19 @@ def time_of(name):
     wall = t.split("Elapsed (wall clock) time (h:mm:ss or m:ss): ")[1].split("\n")[0]
     s = sum(float(x) * 60 ** i for i, x in enumerate(reversed(wall.split(":"))))
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", t).group(1)) / 1024
-    return s, rss
+    cpu = sum(float(re.search(rf"{k} time \(seconds\): ([0-9.]+)", t).group(1)) for k in ["User", "System"])
+    return s, rss, cpu
 def queries(name):
     q = [json.loads(l) for l in open(f"{out}/{name}.query.jsonl")]
     return min(q, key=lambda x: x["timing"]["total_ms"])
 for name in ["llvm", "support"]:
     b = json.load(open(f"{out}/{name}.build.json"))
-    s, rss = time_of(name)
+    s, rss, cpu = time_of(name)
     q = queries(name)
     r = json.load(open(f"{out}/{name}.refresh.json"))
     t = q["timing"]
     print(f"{name}: {b['files']} files, {b['definitions']} definitions, {b['names']} names, "
-          f"skipped {b['skipped']}; build {s:.1f} s on 2 threads, max RSS {rss:.0f} MB")
+          f"skipped {b['skipped']}; build {s:.1f} s on 2 threads ({cpu:.1f} s of CPU), max RSS {rss:.0f} MB")
     print(f"  query (best of 5, end to end): {t['total_ms']:.0f} ms = load {t['load_ms']:.0f} "
           f"+ graph {t['graph_ms']:.0f} + rank {t['rank_ms']:.1f} ({t['edges_visited']} edges); "
           f"top: {[d['name'] for d in q['definitions'][:5]]}")
@@ -82,7 +83,7 @@ for name in ["llvm", "support"]:
           f"{r['refresh_ms_max']:.2f} ms (save to report {r['save_to_report_ms_median']:.1f} ms); "
           f"watcher ready in {r['watch_ready_s']:.1f} s")
 a = json.load(open(f"{out}/aider.json"))
-s, _ = time_of("support")
+s, _, _ = time_of("support")
 q = queries("support")["timing"]
 r = json.load(open(f"{out}/support.refresh.json"))
 print(f"aider RepoMap on the same {a['files']} files: scan {a['scan_s']:.1f} s, query "

@@ -24,10 +24,12 @@ pub enum Kind {
     Macro,
     Variable,
     Concept,
+    /// A data member.
+    Field,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
         Kind::Function,
         Kind::Declaration,
         Kind::Class,
@@ -39,6 +41,7 @@ impl Kind {
         Kind::Macro,
         Kind::Variable,
         Kind::Concept,
+        Kind::Field,
     ];
 
     pub fn name(self) -> &'static str {
@@ -54,6 +57,7 @@ impl Kind {
             Kind::Macro => "macro",
             Kind::Variable => "variable",
             Kind::Concept => "concept",
+            Kind::Field => "field",
         }
     }
 
@@ -89,6 +93,9 @@ pub struct Parsed {
     /// Every identifier used outside a definition's name, with the lines it is on.
     pub refs: Vec<(String, u32)>,
     pub includes: Vec<Include>,
+    /// Names declared inside functions (parameters, locals): uses of these near a
+    /// cursor mean the local, not a definition elsewhere. Not stored.
+    pub locals: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,13 +243,23 @@ fn symbols(root: &Node, src: &[u8]) -> Parsed {
                         Some((name, true)) => {
                             def(&mut out, &mut names, name, Kind::Declaration, node)
                         }
-                        Some((name, false))
-                            if node.kind() == "declaration" && is_namespace_scope(&node) =>
-                        {
+                        Some((name, false)) if node.kind() == "field_declaration" => {
+                            def(&mut out, &mut names, name, Kind::Field, node)
+                        }
+                        Some((name, false)) if is_namespace_scope(&node) => {
                             def(&mut out, &mut names, name, Kind::Variable, node)
                         }
-                        _ => {}
+                        Some((name, false)) => out.locals.push(text(&name, src).to_string()),
+                        None => {}
                     }
+                }
+            }
+            "parameter_declaration" | "optional_parameter_declaration" | "for_range_loop" => {
+                if let Some((name, _)) = node
+                    .child_by_field_name("declarator")
+                    .and_then(declarator_name)
+                {
+                    out.locals.push(text(&name, src).to_string());
                 }
             }
             "class_specifier" | "struct_specifier" | "union_specifier" | "enum_specifier"
@@ -358,7 +375,7 @@ int Point::norm() const {
     return SQUARE(x) + SQUARE(y);
 }
 template <typename T>
-T twice(T v) { return v + v; }
+T twice(T v) { for (auto& e : v) { int k = e; } return v + v; }
 enum class Color { Red, Green };
 using Points = std::vector<Point>;
 int counter = 0;
@@ -370,6 +387,8 @@ int counter = 0;
             vec![
                 ("SQUARE".into(), Kind::Macro, 3, 3),
                 ("Point".into(), Kind::Struct, 5, 5),
+                ("x".into(), Kind::Field, 5, 5),
+                ("y".into(), Kind::Field, 5, 5),
                 ("norm".into(), Kind::Declaration, 5, 5),
                 ("norm".into(), Kind::Function, 6, 8),
                 ("twice".into(), Kind::Function, 9, 10),
@@ -407,6 +426,7 @@ int counter = 0;
             "{refs:?}"
         );
         assert!(p.refs.contains(&("x".to_string(), 7)), "{:?}", p.refs);
+        assert_eq!(p.locals, vec!["v", "e", "k"]);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! snake_case and camelCase names ten times, `_private` and names defined in more than
 //! five files a tenth; not to names only it defines) and to each file it includes; a name points to the files that
 //! define or declare it. The walk restarts at the cursor's file, the names around the
-//! cursor line (by the inverse square of their distance) and the symbols asked for. Ranks are computed by
+//! cursor line (by the inverse square of their distance, times the name's weight, a
+//! tenth for names defined nowhere the file includes, none for its parameters and
+//! locals) and the symbols asked for. Ranks are computed by
 //! forward push (Andersen, Chung and Lang), which touches only what the restart set
 //! reaches with enough weight: a query costs the same in a small repository and in
 //! LLVM. A definition's score is its name's rank.
@@ -13,12 +15,12 @@ use std::collections::BinaryHeap;
 use std::path::Path;
 use std::sync::Mutex;
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use serde::Serialize;
 
 use crate::includes::Resolver;
 use crate::index::{FileEntry, Index};
-use crate::parse::{CppParser, Kind};
+use crate::parse::{CppParser, Include, Kind};
 
 const DAMPING: f64 = 0.85;
 /// Residual mass per out-edge below which a node is not pushed: a query visits at most
@@ -29,6 +31,10 @@ const MAX_WORK: usize = 2_000_000;
 /// Lines either side of the cursor whose names personalize the walk.
 const WINDOW: u32 = 30;
 const INCLUDE_WEIGHT: f64 = 1.0;
+/// Files followed through includes from the cursor's file at most.
+const REACH: usize = 2000;
+/// The weight at the cursor of a name defined nowhere the cursor's file includes.
+const OUT_OF_REACH: f64 = 0.1;
 /// Definitions of one name listed at most.
 const DEFS_PER_NAME: usize = 3;
 
@@ -188,21 +194,51 @@ impl<'a> Graph<'a> {
                 out.push((files + name as u64, w));
             }
         }
+        out.extend(self.included(f).iter().map(|&t| (t as u64, INCLUDE_WEIGHT)));
+    }
+
+    /// The files file `f` includes, resolved once per graph.
+    fn included(&self, f: u32) -> Vec<u32> {
         let mut included = self.included.lock().unwrap_or_else(|e| e.into_inner());
-        let targets = included.entry(f).or_insert_with(|| {
-            let from = self.paths[f as usize];
-            let mut targets: Vec<u32> = entry
-                .includes
+        included
+            .entry(f)
+            .or_insert_with(|| {
+                let from = self.paths[f as usize];
+                let mut targets: Vec<u32> = self.entries[f as usize]
+                    .includes
+                    .iter()
+                    .filter_map(|inc| self.resolver.resolve(from, inc))
+                    .filter_map(|p| self.file_id.get(p).copied())
+                    .filter(|&t| t != f)
+                    .collect();
+                targets.sort_unstable();
+                targets.dedup();
+                targets
+            })
+            .clone()
+    }
+
+    /// The files a cursor's file sees: itself and what it includes, transitively
+    /// (`REACH` files at most, nearest first).
+    fn reach(&self, file: Option<u32>, includes: &[Include]) -> FxHashSet<u32> {
+        let mut seen = FxHashSet::default();
+        let mut next: std::collections::VecDeque<u32> = match file {
+            Some(f) => [f].into(),
+            None => includes
                 .iter()
-                .filter_map(|inc| self.resolver.resolve(from, inc))
+                .filter_map(|i| self.resolver.resolve("", i))
                 .filter_map(|p| self.file_id.get(p).copied())
-                .filter(|&t| t != f)
-                .collect();
-            targets.sort_unstable();
-            targets.dedup();
-            targets
-        });
-        out.extend(targets.iter().map(|&t| (t as u64, INCLUDE_WEIGHT)));
+                .collect(),
+        };
+        while let Some(f) = next.pop_front() {
+            if seen.len() >= REACH {
+                break;
+            }
+            if seen.insert(f) {
+                next.extend(self.included(f));
+            }
+        }
+        seen
     }
 
     /// The files `path` includes that the index holds.
@@ -231,6 +267,8 @@ impl<'a> Graph<'a> {
         });
         if let Some(text) = text {
             if let Ok(parsed) = CppParser::new(std::time::Duration::from_secs(2)).parse(&text) {
+                let locals: FxHashSet<&str> = parsed.locals.iter().map(String::as_str).collect();
+                let reach = self.reach(file.copied(), &parsed.includes);
                 for (name, line) in &parsed.refs {
                     let closeness = match cursor.line {
                         Some(at) if line.abs_diff(at) <= WINDOW => {
@@ -241,14 +279,23 @@ impl<'a> Graph<'a> {
                         None if file.is_none() => 1.0,
                         None => continue,
                     };
-                    if let Some(id) = self
-                        .index
-                        .names
-                        .get(name)
-                        .filter(|&id| self.defined(id).is_some())
-                    {
-                        *restart.entry(files + id as u64).or_default() += closeness;
+                    // A parameter or local: not a definition elsewhere.
+                    if locals.contains(name.as_str()) {
+                        continue;
                     }
+                    let Some(id) = self.index.names.get(name) else {
+                        continue;
+                    };
+                    let Some(d) = self.defined(id) else {
+                        continue;
+                    };
+                    // Weighted as the name's uses are, and less when no file the cursor's
+                    // file includes defines it (a name some test file also defines).
+                    let seen = match d.files.iter().any(|f| reach.contains(f)) {
+                        true => 1.0,
+                        false => OUT_OF_REACH,
+                    };
+                    *restart.entry(files + id as u64).or_default() += closeness * d.weight * seen;
                 }
             }
         }

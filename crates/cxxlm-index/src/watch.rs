@@ -35,11 +35,14 @@ pub struct Refresh {
 
 /// Watches the index's repository until `stop` is set, refreshing `index` and its
 /// store on every change and telling `report` about each round that changed something.
+/// `ready` is called once every folder is watched (inotify's watches are set folder by
+/// folder: a save before then may go unseen).
 pub fn watch(
     index: &mut Index,
     store: &mut Store,
     settings: &Settings,
     stop: &AtomicBool,
+    ready: impl FnOnce(),
     mut report: impl FnMut(&Refresh),
 ) -> Result<(), IndexError> {
     let (tx, rx) = mpsc::channel();
@@ -48,6 +51,7 @@ pub fn watch(
     watcher
         .watch(&root, RecursiveMode::Recursive)
         .map_err(watch_error)?;
+    ready();
     while !stop.load(Ordering::Relaxed) {
         let first = match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(e) => e,

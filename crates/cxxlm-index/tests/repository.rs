@@ -246,9 +246,16 @@ fn the_watcher_refreshes_a_saved_file() {
     let watching = {
         let stop = stop.clone();
         std::thread::spawn(move || {
-            watch(&mut index, &mut store, &settings(), &stop, |r| {
-                let _ = tx.send(r.changes.clone());
-            })
+            watch(
+                &mut index,
+                &mut store,
+                &settings(),
+                &stop,
+                || {},
+                |r| {
+                    let _ = tx.send(r.changes.clone());
+                },
+            )
             .unwrap();
             index
         })

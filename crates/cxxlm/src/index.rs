@@ -308,20 +308,25 @@ fn watch_repo(a: WatchArgs) -> Result<()> {
         )?;
         store = Store::save(&dir, &index)?;
     }
-    eprintln!(
-        "watching {} ({} files, {} definitions; ready in {:.1} s; skipped: {}), index in {}",
-        index.root().display(),
+    let (root, files, definitions) = (
+        index.root().display().to_string(),
         index.files().len(),
         index.definitions(),
-        started.elapsed().as_secs_f64(),
-        skipped_line(&index),
-        dir.display()
     );
+    let skipped = skipped_line(&index);
+    let ready = || {
+        eprintln!(
+            "watching {root} ({files} files, {definitions} definitions; ready in {:.1} s; skipped: {skipped}), index in {}",
+            started.elapsed().as_secs_f64(),
+            dir.display()
+        )
+    };
     watch(
         &mut index,
         &mut store,
         &settings,
         &crate::interrupt::STOP,
+        ready,
         |r| {
             let what: Vec<String> = r
                 .changes
