@@ -406,19 +406,21 @@ impl Index {
             true => path.to_path_buf(),
             false => std::env::current_dir().ok()?.join(path),
         };
-        // The folder may not exist yet: canonicalize what does.
-        let (existing, rest) = match std::fs::canonicalize(&absolute) {
-            Ok(p) => (p, PathBuf::new()),
-            Err(_) => {
-                let parent = absolute.parent()?;
-                (
-                    std::fs::canonicalize(parent).ok()?,
-                    PathBuf::from(absolute.file_name()?),
-                )
+        // The path may be gone (a deleted file, or a folder deleted with it): canonicalize
+        // the nearest ancestor that exists.
+        let mut existing = absolute.as_path();
+        let mut rest = Vec::new();
+        let base = loop {
+            match std::fs::canonicalize(existing) {
+                Ok(p) => break p,
+                Err(_) => {
+                    rest.push(existing.file_name()?);
+                    existing = existing.parent()?;
+                }
             }
         };
-        let rel = existing.join(rest);
-        let rel = rel.strip_prefix(&self.root).ok()?;
+        let full = rest.iter().rev().fold(base, |p, c| p.join(c));
+        let rel = full.strip_prefix(&self.root).ok()?;
         rel.to_str().map(|s| s.replace('\\', "/"))
     }
 
@@ -563,12 +565,10 @@ impl Index {
     }
 
     fn forget_missing_under(&mut self, prefix: &str) -> Vec<(String, Change)> {
-        let gone: Vec<String> = self
-            .files
-            .range(prefix.to_string()..)
-            .map(|(k, _)| k)
-            .chain(self.skipped.range(prefix.to_string()..).map(|(k, _)| k))
-            .take_while(|k| k.starts_with(prefix))
+        let under = |k: &&String| k.starts_with(prefix);
+        let gone: Vec<String> = (self.files.range(prefix.to_string()..).map(|(k, _)| k))
+            .take_while(under)
+            .chain((self.skipped.range(prefix.to_string()..).map(|(k, _)| k)).take_while(under))
             .filter(|k| !self.root.join(k).exists())
             .cloned()
             .collect();

@@ -224,14 +224,28 @@ fn refreshed_index_equals_a_fresh_build() {
     let (loaded, _) = Store::load(&store_dir).unwrap();
     assert_eq!(loaded.view(), fresh.view());
     assert_eq!(loaded.skipped(), fresh.skipped());
-    // A folder removed takes its files with it.
+    // A folder removed takes its files with it (its skipped ones too), whether the
+    // folder's event or its files' come first.
+    write(&root, "src/extra/deeper/bad.h", b"\xff\xfe");
+    write(&root, "src/extra/deeper/more.h", "int more();\n");
+    index.refresh(&root.join("src/extra/deeper"), &settings());
+    assert_eq!(index.skip_counts().get("not_utf8"), Some(&1));
     std::fs::remove_dir_all(root.join("src/extra")).unwrap();
+    let gone = index.refresh(&root.join("src/extra/deeper/more.h"), &settings());
+    assert_eq!(
+        gone,
+        vec![("src/extra/deeper/more.h".to_string(), Change::Removed)]
+    );
     let gone = index.refresh(&root.join("src/extra"), &settings());
     assert_eq!(
         gone,
-        vec![("src/extra/new.cpp".to_string(), Change::Removed)]
+        vec![
+            ("src/extra/new.cpp".to_string(), Change::Removed),
+            ("src/extra/deeper/bad.h".to_string(), Change::Removed),
+        ]
     );
     assert_eq!(index.view(), build(&root, &store_dir).view());
+    assert_eq!(index.skipped(), build(&root, &store_dir).skipped());
 }
 
 #[test]
