@@ -4,12 +4,14 @@
 # aider's repository map (RepoMap) on the same part of LLVM in the same run.
 #
 # Usage: benches/index/bench.sh [TARBALL]
-# aider scans about 3 files a second on one of these cores (the whole tree's ~46,000
+# Default: corpus/debian's LLVM source tarball, fetched by scripts/corpus/debian-cpp.sh.
+# aider scans about 5 files a second on one of these cores (the whole tree's ~46,000
 # files would take hours), so the comparison runs on LLVM's Support and ADT libraries
 # (llvm/lib/Support, llvm/include/llvm/{Support,ADT}: ~500 files).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-tarball=${1:-/work/wt-tasks/corpus/debian/llvm-toolchain-15_15.0.6.orig.tar.xz}
+tarball=${1:-corpus/debian/llvm-toolchain-15_15.0.6.orig.tar.xz}
+[ -e "$tarball" ] || [ -d bench-out/index/llvm-toolchain-15_15.0.6 ] || scripts/corpus/debian-cpp.sh corpus/debian llvm-toolchain-15 >/dev/null
 out=bench-out/index
 venv=bench-out/aider-venv
 tree=$out/llvm-toolchain-15_15.0.6
