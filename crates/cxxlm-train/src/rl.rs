@@ -1201,8 +1201,8 @@ pub fn rl(
 mod tests {
     use super::*;
     use crate::trainer::step_gradients;
+    use crate::trainer::tests::Given;
     use cxxlm_model::ModelConfig;
-    use std::collections::VecDeque;
 
     fn model() -> Gpt {
         let config = ModelConfig {
@@ -1378,29 +1378,6 @@ mod tests {
         let _ = grpo.forward_backward(&m, &first.to_device(Device::Cpu), 1.0);
         assert_eq!(grpo.figures()["ratio_max_distance"].as_f64(), Some(0.0));
         take_grads(&m);
-    }
-
-    /// Micro-batches given in advance.
-    struct Given(VecDeque<MicroBatch>);
-
-    impl BatchSource for Given {
-        fn next_batch(&mut self, _: &Gpt) -> Result<MicroBatch> {
-            self.0
-                .pop_front()
-                .ok_or_else(|| TrainError::Config("no batch left".into()))
-        }
-        fn state(&self) -> Value {
-            Value::Null
-        }
-        fn restore(&mut self, _: &Value) -> Result<()> {
-            Ok(())
-        }
-        fn dense(&self) -> bool {
-            false
-        }
-        fn describe(&self) -> String {
-            "the given rollouts".into()
-        }
     }
 
     #[test]

@@ -877,12 +877,12 @@ fn fit_steps(budget: f64, times: &[f64], done: u64, upper: u64) -> (u64, f64) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::VecDeque;
 
     /// Micro-batches given in advance.
-    struct Given(VecDeque<MicroBatch>);
+    pub(crate) struct Given(pub(crate) VecDeque<MicroBatch>);
 
     impl BatchSource for Given {
         fn next_batch(&mut self, _: &Gpt) -> Result<MicroBatch> {
