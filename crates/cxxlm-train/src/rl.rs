@@ -1201,32 +1201,10 @@ pub fn rl(
 mod tests {
     use super::*;
     use crate::trainer::step_gradients;
-    use crate::trainer::tests::Given;
-    use cxxlm_model::ModelConfig;
+    use crate::trainer::tests::{take_grads, tiny_model, Given};
 
     fn model() -> Gpt {
-        let config = ModelConfig {
-            seq_len: 32,
-            ..ModelConfig::preset("tiny", 300).unwrap()
-        };
-        let m = Gpt::new(config, Device::Cpu, 11).unwrap();
-        tch::no_grad(|| {
-            for (_, p) in m.params() {
-                p.shallow_clone().copy_(&(p.randn_like() * 0.1));
-            }
-        });
-        m
-    }
-
-    fn take_grads(m: &Gpt) -> Vec<Tensor> {
-        m.params()
-            .iter()
-            .map(|(_, p)| {
-                let g = p.grad().copy();
-                p.shallow_clone().zero_grad();
-                g
-            })
-            .collect()
+        tiny_model(32, 11)
     }
 
     fn max_difference(a: &[Tensor], b: &[Tensor]) -> (f64, f64) {

@@ -905,11 +905,16 @@ pub(crate) mod tests {
     }
 
     fn model() -> Gpt {
+        tiny_model(16, 5)
+    }
+
+    /// The tiny preset with rows of `seq_len` and every weight drawn at random.
+    pub(crate) fn tiny_model(seq_len: usize, seed: u64) -> Gpt {
         let config = ModelConfig {
-            seq_len: 16,
+            seq_len,
             ..ModelConfig::preset("tiny", 300).unwrap()
         };
-        let m = Gpt::new(config, Device::Cpu, 5).unwrap();
+        let m = Gpt::new(config, Device::Cpu, seed).unwrap();
         // Zero-initialised projections and head would leave most gradients zero.
         tch::no_grad(|| {
             for (_, p) in m.params() {
@@ -940,7 +945,7 @@ pub(crate) mod tests {
     }
 
     /// Every weight's gradient, and the weights' gradients zeroed.
-    fn take_grads(m: &Gpt) -> Vec<Tensor> {
+    pub(crate) fn take_grads(m: &Gpt) -> Vec<Tensor> {
         m.params()
             .iter()
             .map(|(_, p)| {
