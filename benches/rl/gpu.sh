@@ -19,13 +19,8 @@ out=${OUT:-gpu-out}
 work=/tmp/cxxlm-rl
 mkdir -p "$out" "$work"
 [ -d gpu/tasks ] || { echo "gpu/tasks is missing: run TASKS=... benches/rl/prepare.sh first" >&2; exit 1; }
-export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
-# The model's programs are judged in bubblewrap; carry it (gpu/bin, gpu/lib) where it is missing.
-command -v bwrap >/dev/null || export PATH=$PWD/gpu/bin:$PATH LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$PWD/gpu/lib
-[ -x "$work/cxxlm-torch" ] || python3 -c "import sys,tarfile;tarfile.open(sys.argv[1]).extractall(sys.argv[2])" gpu/cxxlm.tar.xz "$work"
+source "$(dirname "$0")/../gpu-env.sh"
 cxxlm=$work/cxxlm
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-nproc | tee "$out/cores.txt"
 [ -n "${PRETRAINED:-}" ] || [ -f "$work/pack/pack.json" ] || "$cxxlm" pack --tokenizer gpu/tokenizer.json -i gpu/data -o "$work/pack" --val-fraction 0.005 >"$out/pack.log"
 
 shapes=(--set train.device_batch=32 --set train.total_batch_tokens=65536 --set checkpoint.every=0 --log-every 20)

@@ -13,12 +13,10 @@ steps=${2:-60}
 out=${OUT:-gpu-out}
 work=/tmp/cxxlm-gpu
 mkdir -p "$out" "$work"
-export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
-[ -x "$work/cxxlm-torch" ] || python3 -c "import sys,tarfile;tarfile.open(sys.argv[1]).extractall(sys.argv[2])" gpu/cxxlm.tar.xz "$work"
+source "$(dirname "$0")/../gpu-env.sh"
 if [ ! -f "$work/pack/pack.json" ]; then
     "$work/cxxlm" pack --tokenizer gpu/tokenizer.json -i gpu/data -o "$work/pack" --val-fraction 0.005 >"$out/pack.log"
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 run="$work/serve-d$depth"
 if [ ! -f "$run/.done" ]; then
     rm -rf "$run"

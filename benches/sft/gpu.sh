@@ -18,12 +18,8 @@ problems=${2:-150}
 out=${OUT:-gpu-out}
 work=/tmp/cxxlm-sft
 mkdir -p "$out" "$work"
-export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
-# The model's programs are judged in bubblewrap; carry it (gpu/bin, gpu/lib) where it is missing.
-command -v bwrap >/dev/null || export PATH=$PWD/gpu/bin:$PATH LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$PWD/gpu/lib
-[ -x "$work/cxxlm-torch" ] || python3 -c "import sys,tarfile;tarfile.open(sys.argv[1]).extractall(sys.argv[2])" gpu/cxxlm.tar.xz "$work"
+source "$(dirname "$0")/../gpu-env.sh"
 cxxlm=$work/cxxlm
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 [ -n "${PRETRAINED:-}" ] || [ -f "$work/pack/pack.json" ] || "$cxxlm" pack --tokenizer gpu/tokenizer.json -i gpu/data -o "$work/pack" --val-fraction 0.005 >"$out/pack.log"
 
 # The same shapes in both stages: d12, 32 rows of 2048 per pass, 65,536 tokens per step.

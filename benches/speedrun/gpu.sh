@@ -13,11 +13,8 @@ out=${OUT:-gpu-out}
 work=/tmp/cxxlm-speedrun
 mkdir -p "$out" "$work"
 out=$(realpath "$out")
-export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
+source "$(dirname "$0")/../gpu-env.sh"
 export CXXLM_FONT=$PWD/gpu/DejaVuSans.ttf
-# The model's programs are judged in bubblewrap; carry it (gpu/bin, gpu/lib) where it is missing.
-command -v bwrap >/dev/null || export PATH=$PWD/gpu/bin:$PATH LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$PWD/gpu/lib
-[ -x "$work/cxxlm-torch" ] || python3 -c "import sys,tarfile;tarfile.open(sys.argv[1]).extractall(sys.argv[2])" gpu/cxxlm.tar.xz "$work"
 run=$work/gpu-10min
 start=$(date +%s)
 timeout -s INT "$limit" "$work/cxxlm" speedrun --preset gpu-10min --sources gpu/data -o "$run" \

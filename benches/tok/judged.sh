@@ -15,12 +15,8 @@ steps=${1:-3045}
 out=${OUT:-gpu-out}
 work=/tmp/cxxlm-judged
 mkdir -p "$out" "$work"
-export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
-# The model's programs are judged in bubblewrap; carry it (gpu/bin, gpu/lib) where it is missing.
-command -v bwrap >/dev/null || export PATH=$PWD/gpu/bin:$PATH LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$PWD/gpu/lib
-[ -x "$work/cxxlm-torch" ] || python3 -c "import sys,tarfile;tarfile.open(sys.argv[1]).extractall(sys.argv[2])" gpu/cxxlm.tar.xz "$work"
+source "$(dirname "$0")/../gpu-env.sh"
 x=$work/cxxlm
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 # Each stage is skipped when its result exists, so a call cut short is continued by the next
 # call on the same machine: training runs at most TRAIN_SECONDS (default 480) per call and
 # resumes from its newest checkpoint.

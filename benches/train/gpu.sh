@@ -21,12 +21,10 @@ set -euo pipefail
 out=${OUT:-gpu-out}
 work=/tmp/cxxlm-gpu
 mkdir -p "$out" "$work"
-export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
-[ -x "$work/cxxlm-torch" ] || python3 -c "import sys,tarfile;tarfile.open(sys.argv[1]).extractall(sys.argv[2])" gpu/cxxlm.tar.xz "$work"
+source "$(dirname "$0")/../gpu-env.sh"
 if [ ! -f "$work/pack/pack.json" ]; then
     /usr/bin/time -f "pack: %e s, %M KB" "$work/cxxlm" pack --tokenizer gpu/tokenizer.json -i gpu/data -o "$work/pack" --val-fraction 0.005 | tee "$out/pack.log"
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 
 runner=
 ours() { # depth batch steps out extra...

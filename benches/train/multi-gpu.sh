@@ -17,13 +17,11 @@ work=/tmp/cxxlm-gpu
 out=$work/multi-gpu
 mkdir -p "$final" "$out"
 trap 'tar -czf "$final/multi-gpu.tar.gz" -C "$work" multi-gpu; cp "$out/summary.txt" "$final/" 2>/dev/null || true' EXIT
-export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
+source "$(dirname "$0")/../gpu-env.sh"
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
-[ -x "$work/cxxlm-torch" ] || python3 -c "import sys,tarfile;tarfile.open(sys.argv[1]).extractall(sys.argv[2])" gpu/cxxlm.tar.xz "$work"
 if [ ! -f "$work/pack/pack.json" ]; then
     "$work/cxxlm" pack --tokenizer gpu/tokenizer.json -i gpu/data -o "$work/pack" --val-fraction 0.005 >"$out/pack.log" 2>&1
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 nvidia-smi topo -m | tee "$out/topo.txt"
 
 train() { # name ranks total_batch_rows steps
