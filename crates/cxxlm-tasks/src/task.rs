@@ -159,6 +159,13 @@ pub fn answer_code(answer: &str) -> &str {
     code.trim_matches('\n')
 }
 
+/// Whether an answer that was not complete can be once `last` (the newest token's bytes)
+/// is added: only a token that closes a brace or a comment can complete it. Samplers
+/// check this first so as not to decode and scan every row at every token.
+pub fn may_complete(last: &[u8]) -> bool {
+    last.iter().any(|&c| c == b'}' || c == b'/')
+}
+
 /// Whether a bug-fix answer is complete: past its reasoning, the function's braces
 /// opened and closed again.
 pub fn answer_complete(text: &str) -> bool {
@@ -256,6 +263,22 @@ mod tests {
         let pos = text.find("f(1)").unwrap();
         let (s, e) = function_span(text, pos).unwrap();
         assert_eq!(&text[s..e], "int main() { return f(1); }");
+    }
+
+    #[test]
+    fn an_answer_completes_only_on_a_closing_brace_or_comment() {
+        let answer = "/* REASONING: the loop ran one past the end {i <= n}; stop at n. */\n\
+                      int sum(const int* a, int n) {\n  int s = 0;\n  for (int i = 0; i < n; ++i) { s += a[i]; }\n  return s;\n}\nint unused;";
+        let first = (1..=answer.len())
+            .find(|&end| answer_complete(&answer[..end]))
+            .expect("the answer completes");
+        assert_eq!(&answer[..first], &answer[..answer.find("\n}").unwrap() + 2]);
+        for end in 1..=answer.len() {
+            if !answer_complete(&answer[..end - 1]) && answer_complete(&answer[..end]) {
+                assert!(may_complete(&answer.as_bytes()[end - 1..end]), "at {end}");
+            }
+        }
+        assert!(!may_complete(b" return"));
     }
 
     #[test]
