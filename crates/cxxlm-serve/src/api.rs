@@ -188,6 +188,8 @@ struct Generation {
     truncated: bool,
     /// For a plain prompt that opens a function body: stop where the body ends.
     body: Option<BodyStop>,
+    /// Chat: the agent's markers (thoughts, tool calls) are written out, not stops.
+    agent_markers: bool,
 }
 
 struct Choice {
@@ -325,6 +327,8 @@ pub struct Server {
     ids: AtomicU64,
     stop_tokens: Vec<u32>,
     eos: u32,
+    /// The ids of [`chat::AGENT_MARKERS`].
+    markers: Vec<u32>,
 }
 
 impl Server {
@@ -335,6 +339,14 @@ impl Server {
             .tokenizer
             .special_id("<|eos|>")
             .expect("the tokenizer's specials");
+        let markers = chat::AGENT_MARKERS
+            .iter()
+            .map(|m| {
+                info.tokenizer
+                    .special_id(m)
+                    .expect("the tokenizer's specials")
+            })
+            .collect();
         Server {
             info,
             engine,
@@ -342,6 +354,7 @@ impl Server {
             ids: AtomicU64::new(0),
             stop_tokens,
             eos,
+            markers,
         }
     }
 
@@ -517,6 +530,9 @@ impl Server {
         if g.ignore_eos {
             stop_tokens.retain(|&t| t != self.eos);
         }
+        if g.agent_markers {
+            stop_tokens.retain(|t| !self.markers.contains(t));
+        }
         let mut choices = Vec::new();
         for _ in 0..g.n {
             let (tx, rx) = mpsc::channel();
@@ -619,7 +635,7 @@ impl Server {
                         t.last_token = Some(now);
                         t.generated += 1;
                         c.tokens += 1;
-                        if token < base {
+                        if token < base || (g.agent_markers && self.markers.contains(&token)) {
                             let piece = c.utf8.push(&bpe.decode(&[token]));
                             new = fitted(c, &piece);
                         }
@@ -882,6 +898,7 @@ impl Server {
             predict_limit: None,
             truncated: false,
             body: None,
+            agent_markers: false,
         })
     }
 
@@ -955,6 +972,7 @@ impl Server {
         let stops = self.openai_stops(&f)?;
         let mut g = self.generation(&f, max_tokens, 1.0, stops)?;
         g.prompt = prompt;
+        g.agent_markers = true;
         let id = format!("chatcmpl-{}", self.ids.fetch_add(1, Ordering::Relaxed));
         let (created, model) = (now_secs(), self.info.name.clone());
         let stream = f.flag("stream")?;

@@ -27,7 +27,8 @@ pub struct TeacherConfig {
     pub timeout: Duration,
     pub temperature: f64,
     pub max_tokens: usize,
-    pub cache: PathBuf,
+    /// Answers kept by request (none: every request is asked).
+    pub cache: Option<PathBuf>,
 }
 
 /// One request: a record's id and the rendered user message.
@@ -75,6 +76,14 @@ pub fn render(template: &str, record: &Value) -> std::result::Result<String, Str
     Ok(out)
 }
 
+/// An assistant message, and the tokens the server counted for it (prompt and answer).
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub content: String,
+    pub tokens: Option<u64>,
+    pub cached: bool,
+}
+
 pub struct Teacher {
     config: TeacherConfig,
     agent: ureq::Agent,
@@ -91,34 +100,49 @@ pub struct TeacherStats {
 
 impl Teacher {
     pub fn new(config: TeacherConfig) -> Result<Self> {
-        std::fs::create_dir_all(&config.cache).map_err(|e| TaskError::io(&config.cache, e))?;
+        if let Some(cache) = &config.cache {
+            std::fs::create_dir_all(cache).map_err(|e| TaskError::io(cache, e))?;
+        }
         let agent = ureq::AgentBuilder::new().timeout(config.timeout).build();
         Ok(Teacher { config, agent })
     }
 
-    fn body(&self, prompt: &str) -> Value {
+    fn body(&self, messages: &[Value]) -> Value {
         json!({
             "model": self.config.model,
-            "messages": [{"role": "user", "content": prompt}],
+            "messages": messages,
             "temperature": self.config.temperature,
             "max_tokens": self.config.max_tokens,
         })
     }
 
-    fn cache_path(&self, body: &Value) -> PathBuf {
+    fn cache_path(&self, body: &Value) -> Option<PathBuf> {
         let key = xxhash_rust::xxh3::xxh3_128(body.to_string().as_bytes());
-        self.config.cache.join(format!("{key:032x}.json"))
+        let dir = self.config.cache.as_ref()?;
+        Some(dir.join(format!("{key:032x}.json")))
     }
 
-    /// One completion: from the cache, or asked with retries (429, 5xx and transport
-    /// errors are retried after a doubling backoff; other statuses are not).
+    /// One completion of a user message (see [`Teacher::chat`]): its text, and whether
+    /// it came from the cache.
     pub fn ask(&self, prompt: &str, retries: &AtomicUsize) -> Result<(String, bool)> {
-        let body = self.body(prompt);
+        let reply = self.chat(&[json!({"role": "user", "content": prompt})], retries)?;
+        Ok((reply.content, reply.cached))
+    }
+
+    /// The next assistant message of a conversation (`{"role", "content"}` objects): from
+    /// the cache, or asked with retries (429, 5xx and transport errors are retried after
+    /// a doubling backoff; other statuses are not).
+    pub fn chat(&self, messages: &[Value], retries: &AtomicUsize) -> Result<Reply> {
+        let body = self.body(messages);
         let cache = self.cache_path(&body);
-        if let Ok(text) = std::fs::read_to_string(&cache) {
+        if let Some(text) = cache.as_ref().and_then(|c| std::fs::read_to_string(c).ok()) {
             if let Ok(v) = serde_json::from_str::<Value>(&text) {
                 if let Some(content) = v.get("content").and_then(Value::as_str) {
-                    return Ok((content.to_string(), true));
+                    return Ok(Reply {
+                        content: content.to_string(),
+                        tokens: v.get("tokens").and_then(Value::as_u64),
+                        cached: true,
+                    });
                 }
             }
         }
@@ -179,10 +203,19 @@ impl Teacher {
                 ))
             })?
             .to_string();
-        let record = json!({"request": body, "content": content});
-        cxxlm_data::shard::write_atomic(&cache, record.to_string().as_bytes())
-            .map_err(|e| TaskError::Input(e.to_string()))?;
-        Ok((content, false))
+        let tokens = response
+            .pointer("/usage/total_tokens")
+            .and_then(Value::as_u64);
+        if let Some(cache) = cache {
+            let record = json!({"request": body, "content": content, "tokens": tokens});
+            cxxlm_data::shard::write_atomic(&cache, record.to_string().as_bytes())
+                .map_err(|e| TaskError::Input(e.to_string()))?;
+        }
+        Ok(Reply {
+            content,
+            tokens,
+            cached: false,
+        })
     }
 
     /// Answers every request with at most `concurrency` in flight; answers come back in

@@ -4,22 +4,29 @@
 //! <|bos|>{role}\n{content}<|eos|>{role}\n{content}<|eos|>...
 //! ```
 //!
-//! with roles `system`, `user` and `assistant`. A prompt for the next answer ends with
-//! `assistant\n`, and the answer ends at `<|eos|>`. The texts are encoded as text: a
-//! special token's spelling inside them stays text. A model learns each assistant turn's
-//! content and its `<|eos|>`, so that it learns to stop; the `assistant\n` before it is
-//! the prompt's.
+//! with roles `system`, `user` and `assistant`, and `tool` for what a tool answered,
+//! whose header is the special `<|tool_result|>` instead of `tool\n`. A prompt for the
+//! next answer ends with `assistant\n`, and the answer ends at `<|eos|>`. The texts are
+//! encoded as text: a special token's spelling inside them stays text, except the agent's
+//! markers in assistant turns ([`AGENT_MARKERS`]: thoughts and tool calls, which the model
+//! writes itself). A model learns each assistant turn's content and its `<|eos|>`, so that
+//! it learns to stop; the `assistant\n` before it is the prompt's.
 
 use crate::Bpe;
 
 /// [`prompt`]'s template in Jinja, for `tokenizer_config.json`.
-pub const TEMPLATE: &str = "<|bos|>{% for m in messages %}{{ m['role'] }}\n{{ m['content'] }}<|eos|>{% endfor %}{% if add_generation_prompt %}assistant\n{% endif %}";
+pub const TEMPLATE: &str = "<|bos|>{% for m in messages %}{% if m['role'] == 'tool' %}<|tool_result|>{% else %}{{ m['role'] }}\n{% endif %}{{ m['content'] }}<|eos|>{% endfor %}{% if add_generation_prompt %}assistant\n{% endif %}";
+
+/// Specials an assistant turn may hold as tokens: `<|thought_start|>` reasoning
+/// `<|thought_end|>`, then `<|query_tool|>` and a call (`cxxlm-agent` reads it).
+pub const AGENT_MARKERS: [&str; 3] = ["<|thought_start|>", "<|thought_end|>", "<|query_tool|>"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     System,
     User,
     Assistant,
+    Tool,
 }
 
 impl Role {
@@ -29,6 +36,7 @@ impl Role {
             "system" => Some(Role::System),
             "user" => Some(Role::User),
             "assistant" => Some(Role::Assistant),
+            "tool" => Some(Role::Tool),
             _ => None,
         }
     }
@@ -38,6 +46,7 @@ impl Role {
             Role::System => "system",
             Role::User => "user",
             Role::Assistant => "assistant",
+            Role::Tool => "tool",
         }
     }
 }
@@ -86,7 +95,7 @@ pub fn render(bpe: &Bpe, messages: &[Message]) -> Result<(Vec<u32>, Vec<bool>), 
         let header = header(bpe, m.role);
         learned.extend(std::iter::repeat_n(false, header.len()));
         ids.extend(header);
-        let content = bpe.encode(&m.content);
+        let content = content(bpe, m);
         let learn = m.role == Role::Assistant;
         learned.extend(std::iter::repeat_n(learn, content.len() + 1));
         ids.extend(content);
@@ -101,17 +110,41 @@ pub fn prompt(bpe: &Bpe, messages: &[Message]) -> Vec<u32> {
     let mut ids = vec![bos(bpe)];
     for m in messages {
         ids.extend(header(bpe, m.role));
-        ids.extend(bpe.encode(&m.content));
+        ids.extend(content(bpe, m));
         ids.push(eos);
     }
     ids.extend(header(bpe, Role::Assistant));
     ids
 }
 
-/// The ids of a message's `{role}\n`. The tokenizer splits its input into lines before
-/// merging, so these ids and the content's are those of the whole `{role}\n{content}`.
+/// The ids of a message's `{role}\n` (`<|tool_result|>` for a tool's). The tokenizer
+/// splits its input into lines before merging, so these ids and the content's are those
+/// of the whole `{role}\n{content}`.
 pub fn header(bpe: &Bpe, role: Role) -> Vec<u32> {
-    bpe.encode(&format!("{}\n", role.name()))
+    match role {
+        Role::Tool => vec![special(bpe, "<|tool_result|>")],
+        _ => bpe.encode(&format!("{}\n", role.name())),
+    }
+}
+
+/// A message's content: text, but for [`AGENT_MARKERS`] in an assistant turn.
+fn content(bpe: &Bpe, m: &Message) -> Vec<u32> {
+    if m.role != Role::Assistant {
+        return bpe.encode(&m.content);
+    }
+    let mut ids = Vec::new();
+    let mut rest = m.content.as_str();
+    while let Some((at, marker)) = AGENT_MARKERS
+        .iter()
+        .filter_map(|k| rest.find(k).map(|at| (at, *k)))
+        .min()
+    {
+        ids.extend(bpe.encode(&rest[..at]));
+        ids.push(special(bpe, marker));
+        rest = &rest[at + marker.len()..];
+    }
+    ids.extend(bpe.encode(rest));
+    ids
 }
 
 /// The id that ends a turn (where generation stops).
@@ -181,6 +214,30 @@ mod tests {
         let p = prompt(&bpe, &conv[..4]);
         let answer_at = ids.len() - bpe.encode("done").len() - 1;
         assert_eq!(p, ids[..answer_at]);
+    }
+
+    #[test]
+    fn agent_markers_are_tokens_in_answers_only_and_tool_turns_open_with_their_special() {
+        let bpe = bpe();
+        let call = "<|thought_start|>look<|thought_end|><|query_tool|>{\"tool\": \"build\"}";
+        let conv = [
+            Message::new(Role::User, "<|query_tool|> is text here"),
+            Message::new(Role::Assistant, call),
+            Message::new(Role::Tool, "ok <|thought_end|>"),
+            Message::new(Role::Assistant, "done"),
+        ];
+        let (ids, _) = render(&bpe, &conv).unwrap();
+        let id = |s: &str| bpe.special_id(s).unwrap();
+        let count = |t: u32| ids.iter().filter(|&&i| i == t).count();
+        assert_eq!(count(id("<|query_tool|>")), 1);
+        assert_eq!(count(id("<|thought_start|>")), 1);
+        assert_eq!(count(id("<|thought_end|>")), 1);
+        assert_eq!(count(id("<|tool_result|>")), 1);
+        assert_eq!(
+            String::from_utf8(bpe.decode(&ids)).unwrap(),
+            format!("<|bos|>user\n<|query_tool|> is text here<|eos|>assistant\n{call}<|eos|><|tool_result|>ok <|thought_end|><|eos|>assistant\ndone<|eos|>")
+        );
+        assert_eq!(Role::parse("tool"), Some(Role::Tool));
     }
 
     #[test]

@@ -292,7 +292,7 @@ fn run_teacher(a: TeacherArgs) -> Result<()> {
         timeout: Duration::from_secs(a.timeout_s),
         temperature: a.temperature,
         max_tokens: a.max_tokens,
-        cache: a.cache,
+        cache: Some(a.cache),
     })?;
     let (answers, errors, stats) = t.answer_all(&requests);
     let lines: Vec<String> = answers
