@@ -2,13 +2,16 @@
 //! the include graph (compile_commands.json's include directories when present), and a
 //! ranking of the definitions that matter at a cursor (personalized PageRank over
 //! references, as aider's repository map). Stored on disk with a format version and
-//! checksums, and refreshed one saved file at a time. Bad input (invalid UTF-8, binary
+//! checksums, and refreshed one saved file at a time. Retrieval pairs mined from it
+//! (doc comments, call sites, declarations, each with the definition it names) judge
+//! code search: BM25 here, a model's embeddings where a model runs. Bad input (invalid UTF-8, binary
 //! or huge files, unreadable folders, symlink loops) is skipped and counted by reason.
 
 pub mod includes;
 pub mod index;
 pub mod parse;
 pub mod rank;
+pub mod retrieval;
 pub mod store;
 pub mod watch;
 
@@ -16,6 +19,7 @@ use std::path::PathBuf;
 
 pub use index::{Change, Index, Settings, Skip};
 pub use rank::{chunks, Chunk, Cursor, Graph, RankedDef, RankedFile, Ranking};
+pub use retrieval::{mine, Bm25, MineSettings, Mined, Pair, PairKind, Recall};
 pub use store::Store;
 
 #[derive(Debug, thiserror::Error)]

@@ -120,6 +120,25 @@ impl CppParser {
     }
 
     pub fn parse(&mut self, text: &str) -> Result<Parsed, ParseError> {
+        Ok(symbols(&self.tree(text)?.root_node(), text.as_bytes()))
+    }
+
+    /// The functions `text` calls: each callee's name as written last (`f` of
+    /// `a.b.f(x)`, `ns::f(x)` or `f<T>(x)`) and the call's line.
+    pub fn calls(&mut self, source: &str) -> Result<Vec<(String, u32)>, ParseError> {
+        let tree = self.tree(source)?;
+        let mut calls = Vec::new();
+        visit(&tree.root_node(), |node| {
+            if node.kind() == "call_expression" {
+                if let Some(name) = node.child_by_field_name("function").and_then(callee) {
+                    calls.push((text(&name, source.as_bytes()).to_string(), line(&node)));
+                }
+            }
+        });
+        Ok(calls)
+    }
+
+    fn tree(&mut self, text: &str) -> Result<tree_sitter::Tree, ParseError> {
         let started = Instant::now();
         let limit = self.limit;
         // Returning true cancels the parse.
@@ -135,7 +154,44 @@ impl CppParser {
             .ok_or(ParseError::Timeout);
         // A parse stopped half-way leaves state behind for the next one otherwise.
         self.parser.reset();
-        Ok(symbols(&tree?.root_node(), bytes))
+        tree
+    }
+}
+
+/// The name node of a called function, if the callee is named.
+fn callee(mut node: Node) -> Option<Node> {
+    for _ in 0..64 {
+        match node.kind() {
+            "identifier" | "field_identifier" | "destructor_name" | "operator_name" => {
+                return Some(node)
+            }
+            "field_expression" => node = node.child_by_field_name("field")?,
+            "qualified_identifier" | "template_function" | "template_method" => {
+                node = node.child_by_field_name("name")?
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// Calls `f` on every node, depth first, without recursion: deep trees do not
+/// overflow the stack.
+fn visit<'t>(root: &Node<'t>, mut f: impl FnMut(Node<'t>)) {
+    let mut cursor = root.walk();
+    'walk: loop {
+        f(cursor.node());
+        if cursor.goto_first_child() {
+            continue;
+        }
+        loop {
+            if cursor.goto_next_sibling() {
+                continue 'walk;
+            }
+            if !cursor.goto_parent() {
+                break 'walk;
+            }
+        }
     }
 }
 
@@ -223,128 +279,109 @@ fn symbols(root: &Node, src: &[u8]) -> Parsed {
             end_line: end_line(&whole),
         });
     };
-    let mut cursor = root.walk();
-    // Depth-first without recursion: deep trees do not overflow the stack.
-    'walk: loop {
-        let node = cursor.node();
-        match node.kind() {
-            "function_definition" => {
-                if let Some((name, _)) = node
-                    .child_by_field_name("declarator")
-                    .and_then(declarator_name)
-                {
-                    def(&mut out, &mut names, name, Kind::Function, node);
-                }
-            }
-            "declaration" | "field_declaration" => {
-                let mut c = node.walk();
-                for d in node.children_by_field_name("declarator", &mut c) {
-                    match declarator_name(d) {
-                        Some((name, true)) => {
-                            def(&mut out, &mut names, name, Kind::Declaration, node)
-                        }
-                        Some((name, false)) if node.kind() == "field_declaration" => {
-                            def(&mut out, &mut names, name, Kind::Field, node)
-                        }
-                        Some((name, false)) if is_namespace_scope(&node) => {
-                            def(&mut out, &mut names, name, Kind::Variable, node)
-                        }
-                        Some((name, false)) => out.locals.push(text(&name, src).to_string()),
-                        None => {}
-                    }
-                }
-            }
-            "parameter_declaration" | "optional_parameter_declaration" | "for_range_loop" => {
-                if let Some((name, _)) = node
-                    .child_by_field_name("declarator")
-                    .and_then(declarator_name)
-                {
-                    out.locals.push(text(&name, src).to_string());
-                }
-            }
-            "class_specifier" | "struct_specifier" | "union_specifier" | "enum_specifier"
-                if node.child_by_field_name("body").is_some() =>
+    visit(root, |node| match node.kind() {
+        "function_definition" => {
+            if let Some((name, _)) = node
+                .child_by_field_name("declarator")
+                .and_then(declarator_name)
             {
-                if let Some((name, _)) = node.child_by_field_name("name").and_then(declarator_name)
-                {
-                    let kind = match node.kind() {
-                        "class_specifier" => Kind::Class,
-                        "struct_specifier" => Kind::Struct,
-                        "union_specifier" => Kind::Union,
-                        _ => Kind::Enum,
-                    };
-                    def(&mut out, &mut names, name, kind, node);
-                }
+                def(&mut out, &mut names, name, Kind::Function, node);
             }
-            "enumerator" => {
-                if let Some(name) = node.child_by_field_name("name") {
-                    def(&mut out, &mut names, name, Kind::Enumerator, node);
-                }
-            }
-            "type_definition" => {
-                let mut c = node.walk();
-                for d in node.children_by_field_name("declarator", &mut c) {
-                    if let Some((name, _)) = declarator_name(d) {
-                        def(&mut out, &mut names, name, Kind::Typedef, node);
+        }
+        "declaration" | "field_declaration" => {
+            let mut c = node.walk();
+            for d in node.children_by_field_name("declarator", &mut c) {
+                match declarator_name(d) {
+                    Some((name, true)) => def(&mut out, &mut names, name, Kind::Declaration, node),
+                    Some((name, false)) if node.kind() == "field_declaration" => {
+                        def(&mut out, &mut names, name, Kind::Field, node)
                     }
+                    Some((name, false)) if is_namespace_scope(&node) => {
+                        def(&mut out, &mut names, name, Kind::Variable, node)
+                    }
+                    Some((name, false)) => out.locals.push(text(&name, src).to_string()),
+                    None => {}
                 }
             }
-            "alias_declaration" => {
-                if let Some(name) = node.child_by_field_name("name") {
+        }
+        "parameter_declaration" | "optional_parameter_declaration" | "for_range_loop" => {
+            if let Some((name, _)) = node
+                .child_by_field_name("declarator")
+                .and_then(declarator_name)
+            {
+                out.locals.push(text(&name, src).to_string());
+            }
+        }
+        "class_specifier" | "struct_specifier" | "union_specifier" | "enum_specifier"
+            if node.child_by_field_name("body").is_some() =>
+        {
+            if let Some((name, _)) = node.child_by_field_name("name").and_then(declarator_name) {
+                let kind = match node.kind() {
+                    "class_specifier" => Kind::Class,
+                    "struct_specifier" => Kind::Struct,
+                    "union_specifier" => Kind::Union,
+                    _ => Kind::Enum,
+                };
+                def(&mut out, &mut names, name, kind, node);
+            }
+        }
+        "enumerator" => {
+            if let Some(name) = node.child_by_field_name("name") {
+                def(&mut out, &mut names, name, Kind::Enumerator, node);
+            }
+        }
+        "type_definition" => {
+            let mut c = node.walk();
+            for d in node.children_by_field_name("declarator", &mut c) {
+                if let Some((name, _)) = declarator_name(d) {
                     def(&mut out, &mut names, name, Kind::Typedef, node);
                 }
             }
-            "concept_definition" => {
-                if let Some(name) = node.child_by_field_name("name") {
-                    def(&mut out, &mut names, name, Kind::Concept, node);
-                }
-            }
-            "preproc_def" | "preproc_function_def" => {
-                if let Some(name) = node.child_by_field_name("name") {
-                    def(&mut out, &mut names, name, Kind::Macro, node);
-                }
-            }
-            "preproc_include" => {
-                if let Some(path) = node.child_by_field_name("path") {
-                    let raw = text(&path, src);
-                    let angle = path.kind() == "system_lib_string";
-                    let inner = raw
-                        .trim()
-                        .trim_start_matches(['"', '<'])
-                        .trim_end_matches(['"', '>']);
-                    if !inner.is_empty()
-                        && matches!(path.kind(), "system_lib_string" | "string_literal")
-                    {
-                        out.includes.push(Include {
-                            path: inner.to_string(),
-                            angle,
-                            line: line(&node),
-                        });
-                    }
-                }
-            }
-            "identifier" | "field_identifier" | "type_identifier" | "namespace_identifier"
-                if !names.contains(&node.start_byte()) =>
-            {
-                let spelled = text(&node, src);
-                if !spelled.is_empty() {
-                    out.refs.push((spelled.to_string(), line(&node)));
-                }
-            }
-            _ => {}
         }
-        if cursor.goto_first_child() {
-            continue;
-        }
-        loop {
-            if cursor.goto_next_sibling() {
-                continue 'walk;
-            }
-            if !cursor.goto_parent() {
-                break 'walk;
+        "alias_declaration" => {
+            if let Some(name) = node.child_by_field_name("name") {
+                def(&mut out, &mut names, name, Kind::Typedef, node);
             }
         }
-    }
+        "concept_definition" => {
+            if let Some(name) = node.child_by_field_name("name") {
+                def(&mut out, &mut names, name, Kind::Concept, node);
+            }
+        }
+        "preproc_def" | "preproc_function_def" => {
+            if let Some(name) = node.child_by_field_name("name") {
+                def(&mut out, &mut names, name, Kind::Macro, node);
+            }
+        }
+        "preproc_include" => {
+            if let Some(path) = node.child_by_field_name("path") {
+                let raw = text(&path, src);
+                let angle = path.kind() == "system_lib_string";
+                let inner = raw
+                    .trim()
+                    .trim_start_matches(['"', '<'])
+                    .trim_end_matches(['"', '>']);
+                if !inner.is_empty()
+                    && matches!(path.kind(), "system_lib_string" | "string_literal")
+                {
+                    out.includes.push(Include {
+                        path: inner.to_string(),
+                        angle,
+                        line: line(&node),
+                    });
+                }
+            }
+        }
+        "identifier" | "field_identifier" | "type_identifier" | "namespace_identifier"
+            if !names.contains(&node.start_byte()) =>
+        {
+            let spelled = text(&node, src);
+            if !spelled.is_empty() {
+                out.refs.push((spelled.to_string(), line(&node)));
+            }
+        }
+        _ => {}
+    });
     out
 }
 
