@@ -48,6 +48,10 @@ pub enum Command {
     /// at a cursor.
     #[command(subcommand)]
     Index(crate::index::IndexCommand),
+    /// A model fixes a C++ repository with tools (list, search, open, edit guarded by the
+    /// compiler, build and test in the sandbox, the index, submit), in a loop with a
+    /// budget, writing a transcript.
+    Agent(crate::agent::AgentArgs),
     /// Every stage from raw C++ sources to an evaluated model and its report card.
     Speedrun(crate::speedrun::SpeedrunArgs),
     /// Run a command (`train pretrain`) as N data-parallel ranks on this host, one per GPU.
@@ -65,6 +69,7 @@ impl Command {
         match self {
             Command::Train(_) | Command::Sample(_) | Command::Serve(_) | Command::Export(_) => true,
             Command::Eval(e) => e.needs_model(),
+            Command::Agent(a) => a.checkpoint.is_some(),
             _ => false,
         }
     }
@@ -79,6 +84,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Eval(cmd) => crate::eval::run(cmd, None),
         Command::Tasks(cmd) => crate::tasks::run(cmd),
         Command::Index(cmd) => crate::index::run(cmd),
+        Command::Agent(args) if args.checkpoint.is_none() => crate::agent::run_endpoint(args),
         Command::Speedrun(args) => crate::speedrun::run(args),
         Command::Launch(args) => crate::launch::run(args),
         Command::Report { dir } => {
@@ -89,7 +95,11 @@ pub fn run(command: Command) -> Result<()> {
             outln!("{}\n{}", w.markdown.display(), w.html.display())?;
             Ok(())
         }
-        Command::Train(_) | Command::Sample(_) | Command::Serve(_) | Command::Export(_) => {
+        Command::Train(_)
+        | Command::Sample(_)
+        | Command::Serve(_)
+        | Command::Export(_)
+        | Command::Agent(_) => {
             anyhow::bail!("this command runs a model: it is cxxlm-torch's")
         }
     }

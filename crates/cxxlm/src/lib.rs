@@ -23,6 +23,7 @@ macro_rules! out {
     }};
 }
 
+pub mod agent;
 pub mod cli;
 pub mod data;
 pub mod eval;

@@ -28,6 +28,9 @@ pub enum TasksCommand {
     Decontaminate(DecontaminateArgs),
     /// Build and run both versions of sampled tasks on their own, again.
     Verify(VerifyArgs),
+    /// Tool-use chat examples for `train sft`: each runnable task's fix replayed through
+    /// the agent's tools (test, open, edit, test, submit), kept when it ends solved.
+    Trajectories(TrajectoriesArgs),
 }
 
 #[derive(Args)]
@@ -153,6 +156,19 @@ pub struct DecontaminateArgs {
 }
 
 #[derive(Args)]
+pub struct TrajectoriesArgs {
+    /// Outputs of `tasks bugs` (directories or part files).
+    #[arg(long = "input", short, required = true)]
+    inputs: Vec<PathBuf>,
+    /// The examples, JSON lines (`{"id", "split", "project", "messages"}`).
+    #[arg(long, short)]
+    out: PathBuf,
+    /// Runnable tasks used (spread evenly over the input); 0: all.
+    #[arg(long, default_value_t = 0)]
+    limit: usize,
+}
+
+#[derive(Args)]
 pub struct VerifyArgs {
     /// Outputs of `tasks bugs` (directories or part files).
     #[arg(long = "input", short, required = true)]
@@ -171,6 +187,7 @@ pub fn run(cmd: TasksCommand) -> Result<()> {
         TasksCommand::Teacher(a) => run_teacher(a),
         TasksCommand::Decontaminate(a) => run_decontaminate(a),
         TasksCommand::Verify(a) => run_verify(a),
+        TasksCommand::Trajectories(a) => run_trajectories(a),
     }
 }
 
@@ -476,6 +493,42 @@ fn run_decontaminate(a: DecontaminateArgs) -> Result<()> {
     )?;
     for (item, n) in by_item.iter().take(20) {
         outln!("  {n:>5}  {item}")?;
+    }
+    Ok(())
+}
+
+fn run_trajectories(a: TrajectoriesArgs) -> Result<()> {
+    use rayon::prelude::*;
+    let tasks = bugs::read_tasks(&a.inputs)?;
+    let runnable: Vec<_> = tasks.iter().filter(|t| t.check.is_some()).collect();
+    let n = match a.limit {
+        0 => runnable.len(),
+        l => l.min(runnable.len()),
+    };
+    let picked: Vec<_> = (0..n).map(|i| runnable[i * runnable.len() / n]).collect();
+    let results = picked
+        .par_iter()
+        .map(|t| cxxlm_agent::trajectory::example(t))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut text = String::new();
+    let mut failed = Vec::new();
+    for (t, r) in picked.iter().zip(results) {
+        match r {
+            Ok(example) => text += &format!("{example}\n"),
+            Err(why) => failed.push((&t.id, why)),
+        }
+    }
+    cxxlm_data::shard::write_atomic(&a.out, text.as_bytes())?;
+    outln!(
+        "{} examples from {n} runnable tasks ({} of {} tasks not runnable) -> {}; {} trajectories did not end solved",
+        n - failed.len(),
+        tasks.len() - runnable.len(),
+        tasks.len(),
+        a.out.display(),
+        failed.len()
+    )?;
+    for (id, why) in failed.iter().take(10) {
+        outln!("  {id}: {why}")?;
     }
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! A small repository with a planted bug, and a chat endpoint on loopback that replays a
-//! fixed trajectory.
+//! fixed trajectory (shared with the command line's tests).
 #![allow(dead_code)]
 
 use std::path::Path;

@@ -4,6 +4,7 @@
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod agent;
 mod export;
 mod fit;
 mod kernels;
@@ -25,6 +26,7 @@ fn main() {
         Command::Eval(cmd) => model::run(cmd),
         Command::Serve(args) => serve::run(args),
         Command::Export(cxxlm::cli::ExportCommand::Hf(args)) => export::hf(args),
+        Command::Agent(args) if args.checkpoint.is_some() => agent::run(args),
         other => cli::run(other),
     });
 }

@@ -14,9 +14,9 @@ use std::sync::Arc;
 use crate::sample::load_checkpoint;
 use crate::train::load_config;
 
-struct Served {
-    model: Gpt,
-    decoder: Decoder,
+pub(crate) struct Served {
+    pub(crate) model: Gpt,
+    pub(crate) decoder: Decoder,
 }
 
 fn sampling(s: &cxxlm_serve::Sampling) -> cxxlm_model::Sampling {

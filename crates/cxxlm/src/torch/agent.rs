@@ -1,0 +1,89 @@
+//! `cxxlm agent --checkpoint`: the checkpoint's model answers in this process, on the
+//! engine and sampler that `cxxlm serve` runs, with the chat template's tokens (the
+//! agent's markers are special tokens, written out in its replies).
+
+use anyhow::{Context, Result};
+use cxxlm::agent::AgentArgs;
+use cxxlm_agent::{Model, Reply};
+use cxxlm_serve::engine::{Engine, Event, Job, GO_ON};
+use cxxlm_serve::Sampling;
+use cxxlm_tokenizer::chat::{self, Message};
+use cxxlm_tokenizer::Bpe;
+use std::sync::atomic::{AtomicBool, AtomicU8};
+use std::sync::{mpsc, Arc};
+
+use crate::sample::load_checkpoint;
+use crate::serve::Served;
+
+struct InProcess {
+    engine: Engine,
+    bpe: Bpe,
+    context: usize,
+    max_tokens: usize,
+    sampling: Sampling,
+}
+
+impl Model for InProcess {
+    fn reply(&mut self, messages: &[Message]) -> Result<Reply, String> {
+        let mut prompt = chat::prompt(&self.bpe, messages);
+        // The context holds the reply and the end of the conversation.
+        let max_tokens = self.max_tokens.min(self.context / 2);
+        let keep = self.context - max_tokens;
+        if prompt.len() > keep {
+            prompt.drain(..prompt.len() - keep);
+        }
+        let (events, rx) = mpsc::channel();
+        let job = Job {
+            prompt: prompt.clone(),
+            sampling: self.sampling.clone(),
+            max_tokens,
+            stop_tokens: vec![chat::end_of_turn(&self.bpe)],
+            cancel: Arc::new(AtomicU8::new(GO_ON)),
+            events,
+        };
+        self.engine.submit(job).map_err(|e| e.to_string())?;
+        let mut reply = Vec::new();
+        for event in rx {
+            match event {
+                Event::Token(t) => reply.push(t),
+                Event::Finished(_) => break,
+                Event::Failed(e) => return Err(e),
+                Event::Prefilled { .. } => {}
+            }
+        }
+        Ok(Reply {
+            text: String::from_utf8_lossy(&self.bpe.decode(&reply)).into_owned(),
+            tokens: prompt.len() + reply.len(),
+        })
+    }
+}
+
+pub fn run(args: AgentArgs) -> Result<()> {
+    let checkpoint = args.checkpoint.clone().context("--checkpoint")?;
+    let (model, bpe) = load_checkpoint(&checkpoint, args.tokenizer.as_deref())?;
+    let context = model.config.seq_len;
+    let engine = Engine::start(
+        move || {
+            let decoder = model.decoder(1, context);
+            Ok(Served { model, decoder })
+        },
+        1,
+        1,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let mut model = InProcess {
+        engine,
+        bpe,
+        context,
+        max_tokens: args.max_tokens,
+        sampling: Sampling {
+            temperature: args.temperature,
+            top_k: 0,
+            top_p: 1.0,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+        },
+    };
+    cxxlm::agent::run(args, &mut model)
+}
