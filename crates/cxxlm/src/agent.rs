@@ -7,8 +7,6 @@ use clap::Args;
 use cxxlm_agent::{Agent, Budget, Checker, Commands, Endpoint, Model, Outcome, Workspace};
 use std::path::PathBuf;
 
-use crate::outln;
-
 #[derive(Args)]
 pub struct AgentArgs {
     /// The repository to work in.
