@@ -3,12 +3,10 @@
 //! directories of compile_commands.json), else by the longest path suffix that names a
 //! file of the repository (headers are found without a build configuration).
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
-use crate::index::FileEntry;
 use crate::parse::Include;
 
 pub const COMPILE_COMMANDS: &str = "compile_commands.json";
@@ -107,18 +105,22 @@ pub fn normalize(path: &str) -> String {
     }
 }
 
-/// Resolves includes against the files of one state of the index.
+/// Resolves includes against a repository's files (the index's, or those `cxxlm pack`
+/// orders).
 pub struct Resolver<'a> {
-    files: &'a BTreeMap<String, FileEntry>,
+    files: FxHashSet<&'a str>,
     dirs: &'a [String],
     /// Files by their last path component.
     by_name: FxHashMap<&'a str, Vec<&'a str>>,
 }
 
 impl<'a> Resolver<'a> {
-    pub fn new(files: &'a BTreeMap<String, FileEntry>, dirs: &'a [String]) -> Resolver<'a> {
+    /// Over the files of these paths (relative to the root, normalized) and the include
+    /// directories `dirs`.
+    pub fn new(paths: impl IntoIterator<Item = &'a str>, dirs: &'a [String]) -> Resolver<'a> {
+        let files: FxHashSet<&str> = paths.into_iter().collect();
         let mut by_name: FxHashMap<&str, Vec<&str>> = FxHashMap::default();
-        for path in files.keys() {
+        for &path in &files {
             let name = path.rsplit('/').next().unwrap_or(path);
             by_name.entry(name).or_default().push(path);
         }
@@ -130,7 +132,7 @@ impl<'a> Resolver<'a> {
     }
 
     fn existing(&self, path: &str) -> Option<&'a str> {
-        self.files.get_key_value(path).map(|(k, _)| k.as_str())
+        self.files.get(path).copied()
     }
 
     /// The repository file `include` (written in `from`) names, if any.

@@ -165,7 +165,7 @@ impl<'a> Graph<'a> {
             file_id,
             slot,
             defined,
-            resolver: Resolver::new(&index.files, &index.include_dirs),
+            resolver: Resolver::new(index.files.keys().map(String::as_str), &index.include_dirs),
             included: Mutex::new(FxHashMap::default()),
         }
     }

@@ -11,6 +11,47 @@ pub enum Activation {
     Swiglu,
 }
 
+/// YaRN's rotary scaling (Peng et al. 2023, "YaRN: Efficient Context Window Extension"):
+/// NTK-by-parts interpolation of the frequencies and an attention temperature.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Yarn {
+    /// s: how many times the original context the positions are stretched.
+    pub factor: f64,
+    /// L: the context the model was trained at before.
+    pub original_seq_len: usize,
+    /// alpha: dimensions turning fewer times than this over L are interpolated (divided by s).
+    #[serde(default = "Yarn::default_alpha")]
+    pub alpha: f64,
+    /// beta: dimensions turning more times than this over L are kept.
+    #[serde(default = "Yarn::default_beta")]
+    pub beta: f64,
+}
+
+impl Yarn {
+    fn default_alpha() -> f64 {
+        1.0
+    }
+
+    fn default_beta() -> f64 {
+        32.0
+    }
+
+    /// A rotary frequency `theta` (radians per position) as YaRN rescales it: with
+    /// `r = L / (2 pi / theta)` turns over the original context, the ramp
+    /// `gamma = clamp((r - alpha) / (beta - alpha), 0, 1)` blends `theta / s` into `theta`.
+    pub fn frequency(&self, theta: f64) -> f64 {
+        let turns = self.original_seq_len as f64 * theta / (2.0 * std::f64::consts::PI);
+        let gamma = ((turns - self.alpha) / (self.beta - self.alpha)).clamp(0.0, 1.0);
+        (1.0 - gamma) * theta / self.factor + gamma * theta
+    }
+
+    /// What attention logits are multiplied by: `1 / t`, with `sqrt(1 / t) = 0.1 ln s + 1`.
+    pub fn temperature(&self) -> f64 {
+        (0.1 * self.factor.ln() + 1.0).powi(2)
+    }
+}
+
 /// The GPT's shape. Width is depth x 64 and heads are 128 wide unless a preset or an
 /// override says otherwise.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,6 +67,9 @@ pub struct ModelConfig {
     pub activation: Activation,
     pub softcap: f64,
     pub rope_base: f64,
+    /// YaRN's scaling of the rotary (None: plain rotary at `rope_base`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<Yarn>,
 }
 
 /// Optional overrides of a preset (the `[model]` table of a training config).
@@ -41,6 +85,7 @@ pub struct ModelOverrides {
     pub activation: Option<Activation>,
     pub softcap: Option<f64>,
     pub rope_base: Option<f64>,
+    pub rope_scaling: Option<Yarn>,
 }
 
 pub const PRESETS: [&str; 5] = ["tiny", "d12", "d20", "d26", "3b"];
@@ -60,6 +105,7 @@ impl ModelConfig {
             activation: Activation::Relu2,
             softcap: 15.0,
             rope_base: 10_000.0,
+            rope_scaling: None,
         }
     }
 
@@ -109,6 +155,42 @@ impl ModelConfig {
         c.activation = o.activation.unwrap_or(c.activation);
         c.softcap = o.softcap.unwrap_or(c.softcap);
         c.rope_base = o.rope_base.unwrap_or(c.rope_base);
+        c.rope_scaling = o.rope_scaling.or(c.rope_scaling);
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// This (trained) model continued at another context: `o` may set `seq_len`,
+    /// `rope_base` and `rope_scaling`; any other key must agree with the model.
+    pub fn extended(&self, o: &ModelOverrides) -> Result<Self, ModelError> {
+        let preset = match &o.preset {
+            Some(name) => Some(Self::preset(name, self.vocab_size)?),
+            None => None,
+        };
+        let shape = |c: &Self| (c.depth, c.width, c.heads, c.kv_heads, c.activation);
+        let differs = [
+            ("preset", preset.is_some_and(|p| shape(&p) != shape(self))),
+            ("depth", o.depth.is_some_and(|v| v != self.depth)),
+            ("width", o.width.is_some_and(|v| v != self.width)),
+            ("heads", o.heads.is_some_and(|v| v != self.heads)),
+            ("kv_heads", o.kv_heads.is_some_and(|v| v != self.kv_heads)),
+            (
+                "activation",
+                o.activation.is_some_and(|v| v != self.activation),
+            ),
+            ("softcap", o.softcap.is_some_and(|v| v != self.softcap)),
+        ];
+        if let Some((key, _)) = differs.iter().find(|(_, d)| *d) {
+            return Err(ModelError::Config(format!(
+                "model.{key} is the initial model's; a continued model changes only seq_len, rope_base and rope_scaling"
+            )));
+        }
+        let c = ModelConfig {
+            seq_len: o.seq_len.unwrap_or(self.seq_len),
+            rope_base: o.rope_base.unwrap_or(self.rope_base),
+            rope_scaling: o.rope_scaling.or(self.rope_scaling),
+            ..self.clone()
+        };
         c.validate()?;
         Ok(c)
     }
@@ -131,6 +213,20 @@ impl ModelConfig {
                 return bad(format!("model.{key} = {value} must be finite and > 0"));
             }
         }
+        if let Some(y) = self.rope_scaling {
+            if !(y.factor.is_finite() && y.factor >= 1.0) || y.original_seq_len == 0 {
+                return bad(format!(
+                    "model.rope_scaling: factor {} must be finite and >= 1, original_seq_len {} positive",
+                    y.factor, y.original_seq_len
+                ));
+            }
+            if !(y.alpha.is_finite() && y.beta.is_finite() && 0.0 <= y.alpha && y.alpha < y.beta) {
+                return bad(format!(
+                    "model.rope_scaling: alpha {} and beta {} must be finite with 0 <= alpha < beta",
+                    y.alpha, y.beta
+                ));
+            }
+        }
         if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             return bad(format!(
                 "{} heads cannot be shared by {} key/value heads",
@@ -142,6 +238,26 @@ impl ModelConfig {
 
     pub fn head_dim(&self) -> usize {
         self.width / self.heads
+    }
+
+    /// The rotary's angle per position of each pair of a head's dimensions: `base^(-2i/d)`,
+    /// rescaled by YaRN when it is on.
+    pub fn rope_frequencies(&self) -> Vec<f64> {
+        let d = self.head_dim() as f64;
+        (0..self.head_dim() / 2)
+            .map(|i| {
+                let theta = self.rope_base.powf(-2.0 * i as f64 / d);
+                self.rope_scaling.map_or(theta, |y| y.frequency(theta))
+            })
+            .collect()
+    }
+
+    /// What attention logits are multiplied by beyond `1 / sqrt(head_dim)`: YaRN's
+    /// temperature. QK-norm (after the rotary) bounds each logit by `sqrt(head_dim)`
+    /// whatever the rotary's scale, so the temperature cannot ride in the rotary tables as
+    /// in other models: it multiplies the logits. None: 1.
+    pub fn logit_scale(&self) -> Option<f64> {
+        self.rope_scaling.map(|y| y.temperature())
     }
 
     pub fn hidden(&self) -> usize {

@@ -187,6 +187,7 @@ impl Gpt {
         let (heads, kv, dim) = (c.heads as i64, c.kv_heads as i64, c.head_dim() as i64);
         let all = heads + 2 * kv;
         let eps = self.norm_eps();
+        let temperature = c.logit_scale();
         let half = dim / 2;
         // Packed examples restart their positions: their rotary tables have a row per
         // token, and the rotary steps see the batch as one sequence.
@@ -231,8 +232,12 @@ impl Gpt {
             let qkv = h1.mm(&wqkv.tr()).view(rotary_shape);
             mark("forward: matmuls");
             let rstd_qk = fused.rope_norm_(&qkv, &cos, &sin, heads, eps);
+            let (mut q, k, v) = views(&qkv);
+            // The logit scale rides on q (the attention kernels take none).
+            if let Some(m) = temperature {
+                let _ = q.g_mul_scalar_(m);
+            }
             mark("forward: rotary + qk-norm");
-            let (q, k, v) = views(&qkv);
             let (out_rows, attention) = match packing {
                 None => {
                     let (out, saved) =
@@ -322,7 +327,7 @@ impl Gpt {
             add_weight_grad(&mut grads[g(PROJ)], &dx, &s.out_rows);
             let dout = dx.mm(w(PROJ)).view([b, t, heads, dim]);
             mark("backward: matmuls");
-            let (q, k, v) = views(&s.qkv);
+            let (mut q, k, v) = views(&s.qkv);
             let out = s.out_rows.view([b, t, heads, dim]);
             // The gradients of q, k and v as the rotary step takes them.
             let (dq, dk, dv) = match packing {
@@ -344,6 +349,12 @@ impl Gpt {
                     (one_sequence(dq), one_sequence(dk), one_sequence(dv))
                 }
             };
+            // Back to the normalized q and its gradient, as the rotary step takes them.
+            let mut dq = dq;
+            if let Some(m) = temperature {
+                let _ = q.g_mul_scalar_(1.0 / m);
+                let _ = dq.g_mul_scalar_(m);
+            }
             mark("backward: attention");
             fused.rope_norm_backward_(&dq, &dk, &dv, &s.qkv, &s.rstd_qk, &cos, &sin);
             let dqkv = s.qkv.view([n, all * dim]);
@@ -453,10 +464,24 @@ mod tests {
     fn explicit_backward_matches_autograd() {
         let _rng = crate::TORCH_RNG.lock();
         let rows = [vec![5, 11], vec![16], vec![3, 4, 6]];
-        for (kv_heads, packed) in [(2, false), (1, false), (2, true), (1, true)] {
+        let yarn = crate::Yarn {
+            factor: 4.0,
+            original_seq_len: 4,
+            alpha: 1.0,
+            beta: 32.0,
+        };
+        for (kv_heads, packed, rope_scaling) in [
+            (2, false, None),
+            (1, false, None),
+            (2, true, None),
+            (1, true, None),
+            (2, false, Some(yarn)),
+            (1, true, Some(yarn)),
+        ] {
             let config = ModelConfig {
                 seq_len: 16,
                 kv_heads,
+                rope_scaling,
                 ..ModelConfig::preset("tiny", 300).unwrap()
             };
             assert_eq!(config.heads, 2, "the tiny preset has two heads");

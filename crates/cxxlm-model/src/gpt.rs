@@ -135,10 +135,7 @@ impl Gpt {
             Kind::Float
         };
         let half = config.head_dim() as i64 / 2;
-        let inv = (Tensor::arange(half, (Kind::Float, Device::Cpu))
-            * (2.0 / config.head_dim() as f64))
-            .multiply_scalar(-config.rope_base.ln())
-            .exp();
+        let inv = Tensor::from_slice(&config.rope_frequencies()).to_kind(Kind::Float);
         let freqs = Tensor::arange(config.seq_len as i64, (Kind::Float, Device::Cpu))
             .outer(&inv)
             .view([1, config.seq_len as i64, 1, half]);
@@ -276,6 +273,7 @@ impl Gpt {
                 (at(&self.cos), at(&self.sin), Some(p.segments.mask()))
             }
         };
+        let logit_scale = c.logit_scale().map(|s| s / (hd as f64).sqrt());
         let mut x = norm(
             &Tensor::embedding(&self.params[0].1, idx, -1, false, false).to_kind(self.compute),
         );
@@ -330,7 +328,7 @@ impl Gpt {
                 mask.as_ref(),
                 0.0,
                 t > 1 && mask.is_none(),
-                None,
+                logit_scale,
                 nkv != nh,
             );
             let y = y.transpose(1, 2).contiguous().view([b, t, nh * hd]);
@@ -525,6 +523,129 @@ mod tests {
                 .double_value(&[])
                 < 1e-5
         );
+    }
+
+    /// The rotary tables of a YaRN model against the paper's definition, computed here
+    /// from wavelengths: `lambda = 2 pi base^(2i/d)`, `r = L / lambda`, the frequency kept
+    /// above beta rotations, divided by s below alpha, blended linearly in r between;
+    /// and the attention temperature `sqrt(1/t) = 0.1 ln s + 1`.
+    #[test]
+    fn yarn_tables_follow_the_paper() {
+        let _rng = crate::TORCH_RNG.lock();
+        let yarn = crate::Yarn {
+            factor: 4.0,
+            original_seq_len: 1024,
+            alpha: 1.0,
+            beta: 32.0,
+        };
+        let config = ModelConfig {
+            seq_len: 256,
+            rope_scaling: Some(yarn),
+            ..tiny()
+        };
+        let m = Gpt::new(config.clone(), Device::Cpu, 0).unwrap();
+        let (d, base, s) = (config.head_dim(), config.rope_base, yarn.factor);
+        let mut regimes = [0; 3];
+        for i in 0..d / 2 {
+            let wavelength = 2.0 * std::f64::consts::PI * base.powf(2.0 * i as f64 / d as f64);
+            let theta = 2.0 * std::f64::consts::PI / wavelength;
+            let r = 1024.0 / wavelength;
+            let h = if r < 1.0 {
+                regimes[0] += 1;
+                theta / s
+            } else if r > 32.0 {
+                regimes[2] += 1;
+                theta
+            } else {
+                regimes[1] += 1;
+                let gamma = (r - 1.0) / 31.0;
+                (1.0 - gamma) * theta / s + gamma * theta
+            };
+            for pos in [0, 1, 63, 64, 200, 255i64] {
+                let angle = pos as f64 * h;
+                let at = [0, pos, 0, i as i64];
+                let (cos, sin) = (m.cos.double_value(&at), m.sin.double_value(&at));
+                assert!(
+                    (cos - angle.cos()).abs() < 1e-4 && (sin - angle.sin()).abs() < 1e-4,
+                    "dimension {i}, position {pos}: ({cos}, {sin}) against angle {angle}"
+                );
+            }
+        }
+        assert!(regimes.iter().all(|&n| n > 0), "every regime: {regimes:?}");
+        let temperature = (0.1 * 4f64.ln() + 1.0).powi(2);
+        assert!((config.logit_scale().unwrap() - temperature).abs() < 1e-12);
+        assert_eq!(tiny().logit_scale(), None);
+        for bad in [
+            crate::Yarn {
+                factor: 0.5,
+                ..yarn
+            },
+            crate::Yarn {
+                alpha: 40.0,
+                ..yarn
+            },
+        ] {
+            let c = ModelConfig {
+                rope_scaling: Some(bad),
+                ..tiny()
+            };
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("model.rope_scaling"), "{e}");
+        }
+    }
+
+    /// The temperature multiplies the attention logits: a model's attention with YaRN at
+    /// factor s equals, position by position, attention computed by hand with the logits
+    /// times `(0.1 ln s + 1)^2`.
+    #[test]
+    fn the_temperature_scales_the_logits() {
+        let _rng = crate::TORCH_RNG.lock();
+        let yarn = crate::Yarn {
+            factor: 8.0,
+            original_seq_len: 16,
+            alpha: 1.0,
+            beta: 32.0,
+        };
+        let config = ModelConfig {
+            depth: 1,
+            rope_scaling: Some(yarn),
+            ..tiny()
+        };
+        let mut m = Gpt::new(config, Device::Cpu, 2).unwrap();
+        tch::no_grad(|| {
+            for (_, p) in &mut m.params {
+                p.copy_(&(p.randn_like() * 0.1));
+            }
+        });
+        let idx = Tensor::from_slice(&[5i64, 6, 7, 8, 9]).unsqueeze(0);
+        let got = tch::no_grad(|| m.hidden(&idx));
+        // The same layer by hand.
+        let w: Vec<Tensor> = m.compute_weights();
+        let t = 5;
+        let (nh, hd) = (2, 64);
+        let x = norm(&Tensor::embedding(&w[0], &idx, -1, false, false));
+        let h = norm(&x);
+        let heads = |k: usize| h.linear(&w[1 + k], None::<Tensor>).view([1, t, nh, hd]);
+        let (cos, sin) = (m.cos.narrow(1, 0, t), m.sin.narrow(1, 0, t));
+        let q = norm(&rotary(&heads(0), &cos, &sin)).transpose(1, 2);
+        let k = norm(&rotary(&heads(1), &cos, &sin)).transpose(1, 2);
+        let v = heads(2).transpose(1, 2);
+        let scale = (0.1 * 8f64.ln() + 1.0).powi(2) / (hd as f64).sqrt();
+        let logits = q.matmul(&k.transpose(2, 3)) * scale;
+        let causal = Tensor::ones([t, t], (Kind::Bool, Device::Cpu)).tril(0);
+        let att = logits
+            .masked_fill(&causal.logical_not(), f64::NEG_INFINITY)
+            .softmax(-1, Kind::Float);
+        let y = att
+            .matmul(&v)
+            .transpose(1, 2)
+            .contiguous()
+            .view([1, t, nh * hd]);
+        let x = &x + y.linear(&w[4], None::<Tensor>);
+        let mlp = norm(&x).linear(&w[5], None::<Tensor>).relu().square();
+        let want = norm(&(&x + mlp.linear(&w[6], None::<Tensor>)));
+        let diff = (got - want).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "{diff}");
     }
 
     #[test]

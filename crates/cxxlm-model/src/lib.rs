@@ -8,7 +8,7 @@ pub mod generate;
 pub mod gpt;
 pub mod packing;
 
-pub use config::{Activation, ModelConfig, ModelOverrides, PRESETS};
+pub use config::{Activation, ModelConfig, ModelOverrides, Yarn, PRESETS};
 pub use explicit::{check_explicit_pass, Phases};
 pub use generate::{sample, Decoder, Rows, Sampling};
 pub use gpt::Gpt;

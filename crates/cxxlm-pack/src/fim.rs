@@ -48,6 +48,8 @@ pub struct Specials {
     pub prefix: u32,
     pub middle: u32,
     pub suffix: u32,
+    pub repo_name: u32,
+    pub file_sep: u32,
 }
 
 impl Specials {
@@ -62,6 +64,8 @@ impl Specials {
             prefix: id("<|fim_prefix|>"),
             middle: id("<|fim_middle|>"),
             suffix: id("<|fim_suffix|>"),
+            repo_name: id("<|repo_name|>"),
+            file_sep: id("<|file_sep|>"),
         }
     }
 }
@@ -93,43 +97,60 @@ impl<'a> Packer<'a> {
         cache: &mut PieceCache,
     ) -> (Vec<u32>, Layout) {
         let mut rng = Rng::keyed(self.fim.seed, id.as_bytes());
-        let layout = if !rng.chance(rate) {
+        let layout = self.layout(&mut rng, rate);
+        let mut encode = |part: &str| self.bpe.encode_cached(part, cache);
+        let tokens = if layout == Layout::Plain {
+            let s = &self.specials;
+            [vec![s.bos], encode(text), vec![s.eos]].concat()
+        } else {
+            let (lo, hi) = self.cut_points(text, &mut rng);
+            let (prefix, middle, suffix) = (&text[..lo], &text[lo..hi], &text[hi..]);
+            let (prefix, middle, suffix) = (encode(prefix), encode(middle), encode(suffix));
+            self.arrange(layout, &prefix, &middle, &suffix)
+        };
+        (tokens, layout)
+    }
+
+    /// Plain, or rearranged with probability `rate` (SPM for `spm_rate` of those).
+    pub(crate) fn layout(&self, rng: &mut Rng, rate: f64) -> Layout {
+        if !rng.chance(rate) {
             Layout::Plain
         } else if rng.chance(self.fim.spm_rate) {
             Layout::Spm
         } else {
             Layout::Psm
-        };
-        let s = &self.specials;
-        let mut out = vec![s.bos];
-        let mut encode = |part: &str, out: &mut Vec<u32>| {
-            out.extend(self.bpe.encode_cached(part, cache));
-        };
-        if layout == Layout::Plain {
-            encode(text, &mut out);
-        } else {
-            let (lo, hi) = self.cut_points(text, &mut rng);
-            let (prefix, middle, suffix) = (&text[..lo], &text[lo..hi], &text[hi..]);
-            out.push(s.prefix);
-            if layout == Layout::Psm {
-                encode(prefix, &mut out);
-                out.push(s.suffix);
-                encode(suffix, &mut out);
-                out.push(s.middle);
-            } else {
-                out.push(s.suffix);
-                encode(suffix, &mut out);
-                out.push(s.middle);
-                encode(prefix, &mut out);
-            }
-            encode(middle, &mut out);
         }
+    }
+
+    /// A FIM document of the tokenized prefix, middle and suffix, framed by
+    /// `<|bos|>` and `<|eos|>`.
+    pub(crate) fn arrange(
+        &self,
+        layout: Layout,
+        prefix: &[u32],
+        middle: &[u32],
+        suffix: &[u32],
+    ) -> Vec<u32> {
+        let s = &self.specials;
+        let mut out = vec![s.bos, s.prefix];
+        if layout == Layout::Psm {
+            out.extend(prefix);
+            out.push(s.suffix);
+            out.extend(suffix);
+            out.push(s.middle);
+        } else {
+            out.push(s.suffix);
+            out.extend(suffix);
+            out.push(s.middle);
+            out.extend(prefix);
+        }
+        out.extend(middle);
         out.push(s.eos);
-        (out, layout)
+        out
     }
 
     /// Two byte offsets `lo <= hi` at character (or line) boundaries, drawn uniformly.
-    fn cut_points(&self, text: &str, rng: &mut Rng) -> (usize, usize) {
+    pub(crate) fn cut_points(&self, text: &str, rng: &mut Rng) -> (usize, usize) {
         let boundaries: Vec<usize> = if self.fim.line_aligned {
             std::iter::once(0)
                 .chain(text.match_indices('\n').map(|(i, _)| i + 1))
@@ -152,6 +173,12 @@ impl<'a> Packer<'a> {
     /// The original document's bytes from a packed sequence of any layout: PSM and SPM
     /// are put back in prefix, middle, suffix order.
     pub fn restore(&self, tokens: &[u32]) -> Result<Vec<u8>> {
+        Ok(self.bpe.decode(&self.in_order(tokens)?))
+    }
+
+    /// A packed sequence's tokens between `<|bos|>` and `<|eos|>`, a FIM layout's parts
+    /// put back in prefix, middle, suffix order.
+    pub(crate) fn in_order(&self, tokens: &[u32]) -> Result<Vec<u32>> {
         let s = &self.specials;
         let bad = |m: &str| PackError::Fim(m.to_string());
         let body = tokens
@@ -159,26 +186,20 @@ impl<'a> Packer<'a> {
             .and_then(|t| t.strip_suffix(&[s.eos]))
             .ok_or_else(|| bad("a packed document starts with <|bos|> and ends with <|eos|>"))?;
         let Some(rest) = body.strip_prefix(&[s.prefix]) else {
-            return Ok(self.bpe.decode(body));
+            return Ok(body.to_vec());
         };
         let find = |t: &[u32], id: u32, what: &str| {
             t.iter()
                 .position(|&x| x == id)
                 .ok_or_else(|| bad(&format!("no {what}")))
         };
-        let decode = |t: &[u32]| self.bpe.decode(t);
         if let Some(rest) = rest.strip_prefix(&[s.suffix]) {
             let m = find(rest, s.middle, "<|fim_middle|>")?;
-            let mut out = decode(&rest[m + 1..]);
-            out.extend(decode(&rest[..m]));
-            return Ok(out);
+            return Ok([&rest[m + 1..], &rest[..m]].concat());
         }
         let sfx = find(rest, s.suffix, "<|fim_suffix|>")?;
         let mid = sfx + 1 + find(&rest[sfx + 1..], s.middle, "<|fim_middle|>")?;
-        let mut out = decode(&rest[..sfx]);
-        out.extend(decode(&rest[mid + 1..]));
-        out.extend(decode(&rest[sfx + 1..mid]));
-        Ok(out)
+        Ok([&rest[..sfx], &rest[mid + 1..], &rest[sfx + 1..mid]].concat())
     }
 }
 

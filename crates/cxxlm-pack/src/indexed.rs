@@ -337,6 +337,19 @@ impl IndexedDataset {
         self.starts[doc]
     }
 
+    /// Appends to `out` the lengths of the pieces that document starts cut the `count`
+    /// tokens from global offset `start` into.
+    pub fn document_pieces(&self, start: u64, count: usize, out: &mut Vec<usize>) {
+        let end = start + count as u64;
+        let first = self.starts.partition_point(|&s| s <= start);
+        let mut from = start;
+        for &s in self.starts[first..].iter().take_while(|&&s| s < end) {
+            out.push((s - from) as usize);
+            from = s;
+        }
+        out.push((end - from) as usize);
+    }
+
     fn bytes(&self) -> &[u8] {
         self.bin.as_deref().unwrap_or(&[])
     }

@@ -1,12 +1,14 @@
 //! Tokens for the trainer: [`pack`] turns shards into Megatron indexed datasets with
 //! fill-in-the-middle ([`fim`]) and a manifest; [`loader`] reads them back as batches of
 //! windows for each rank, with a small state that resumes a run exactly; [`sft`] reads
-//! fine-tuning examples and packs them whole into rows.
+//! fine-tuning examples and packs them whole into rows; [`repo`] makes repository-level
+//! examples.
 
 pub mod fim;
 pub mod indexed;
 pub mod loader;
 pub mod pack;
+pub mod repo;
 mod rng;
 pub mod sft;
 
@@ -14,6 +16,7 @@ pub use fim::{FimConfig, Layout, Packer, Specials};
 pub use indexed::{IndexedDataset, IndexedWriter, TokenType};
 pub use loader::{Loader, LoaderConfig, LoaderState, Mode};
 pub use pack::{pack, tokenizer_sha256, Manifest, PackConfig, SplitCounts, SPLITS};
+pub use repo::RepoConfig;
 
 use std::path::PathBuf;
 

@@ -62,6 +62,9 @@ pub struct Batch {
     pub rows: usize,
     pub cols: usize,
     pub tokens: Vec<u32>,
+    /// Each row cut into the pieces of the documents it holds, their lengths in order
+    /// (summing to `cols`): where document masking keeps them apart.
+    pub documents: Vec<Vec<usize>>,
 }
 
 pub struct Loader {
@@ -142,19 +145,24 @@ impl Loader {
     pub fn next_batch(&mut self) -> Batch {
         let cols = self.config.seq_len + 1;
         let mut tokens = Vec::with_capacity(self.config.batch * cols);
+        let mut documents = Vec::with_capacity(self.config.batch);
         let mine = self.config.rank * self.config.batch..(self.config.rank + 1) * self.config.batch;
         for row in 0..self.config.world * self.config.batch {
             let pieces = self.next_row();
             if mine.contains(&row) {
+                let mut lengths = Vec::new();
                 for (start, len) in pieces {
                     self.data.extend(start, len as usize, &mut tokens);
+                    self.data.document_pieces(start, len as usize, &mut lengths);
                 }
+                documents.push(lengths);
             }
         }
         Batch {
             rows: self.config.batch,
             cols,
             tokens,
+            documents,
         }
     }
 
@@ -244,13 +252,18 @@ pub fn eval_batches(
     (0..mine.len().div_ceil(batch.max(1))).map(move |b| {
         let rows = &mine[b * batch..((b + 1) * batch).min(mine.len())];
         let mut tokens = Vec::with_capacity(rows.len() * cols);
+        let mut documents = Vec::with_capacity(rows.len());
         for &w in rows {
             data.extend(w * seq_len as u64, cols, &mut tokens);
+            let mut lengths = Vec::new();
+            data.document_pieces(w * seq_len as u64, cols, &mut lengths);
+            documents.push(lengths);
         }
         Batch {
             rows: rows.len(),
             cols,
             tokens,
+            documents,
         }
     })
 }
@@ -371,6 +384,36 @@ mod tests {
             bos_first > 30 * 8 / 2,
             "{bos_first} rows start at a document"
         );
+    }
+
+    /// Each row's document pieces cover it and each holds one document's tokens: no
+    /// `<|bos|>` after its first token, one token value besides.
+    #[test]
+    fn rows_are_cut_at_document_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dataset(dir.path());
+        let mut batches: Vec<Batch> = eval_batches(&data, 3, 16, 0, 1).collect();
+        for mode in [Mode::Sequential, Mode::BestFit] {
+            let mut l = Loader::new(data.clone(), config(mode, 4, 0, 1)).unwrap();
+            batches.extend((0..20).map(|_| l.next_batch()));
+        }
+        let mut pieces = 0;
+        for b in &batches {
+            assert_eq!(b.documents.len(), b.rows);
+            for (row, lengths) in b.tokens.chunks(b.cols).zip(&b.documents) {
+                assert_eq!(lengths.iter().sum::<usize>(), b.cols);
+                let mut rest = row;
+                for &n in lengths {
+                    let (piece, after) = rest.split_at(n);
+                    rest = after;
+                    assert!(n > 0 && !piece[1..].contains(&BOS), "{row:?} {lengths:?}");
+                    let body: Vec<u32> = piece.iter().copied().filter(|&t| t != BOS).collect();
+                    assert!(body.windows(2).all(|w| w[0] == w[1]), "{row:?} {lengths:?}");
+                    pieces += 1;
+                }
+            }
+        }
+        assert!(pieces > 2 * batches.len(), "rows hold several documents");
     }
 
     #[test]

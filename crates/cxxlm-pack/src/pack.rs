@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use crate::fim::{FimConfig, Layout, Packer};
 use crate::indexed::{IndexedDataset, IndexedWriter, TokenType};
+use crate::repo::{locate, RepoConfig};
 use crate::{PackError, Result};
 
 /// The packed datasets: training (with FIM), plain validation (for bits per byte) and
@@ -30,6 +31,8 @@ pub struct PackConfig {
     pub out: PathBuf,
     pub fim: FimConfig,
     pub val_fraction: f64,
+    /// Repository-level examples instead of file-level documents.
+    pub repo: Option<RepoConfig>,
     /// Text read before a batch is encoded in parallel.
     pub batch_bytes: usize,
 }
@@ -43,6 +46,8 @@ pub struct Settings {
     pub fim: FimConfig,
     pub val_fraction: f64,
     pub inputs: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<RepoConfig>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -156,8 +161,10 @@ pub fn tokenizer_sha256(bpe: &Bpe) -> String {
     hex::encode(Sha256::digest(to_hf_json(bpe).to_string().as_bytes()))
 }
 
-fn is_validation(id: &str, fraction: f64) -> bool {
-    let h = xxhash_rust::xxh3::xxh3_64(id.as_bytes());
+/// Whether `key` falls in a share `fraction` of keys (by its hash, so a key keeps its side
+/// when the corpus grows).
+fn in_share(key: &str, fraction: f64) -> bool {
+    let h = xxhash_rust::xxh3::xxh3_64(key.as_bytes());
     // 1 takes every document (a held-out set packed whole), the largest hash included.
     fraction >= 1.0 || (h as f64 / u64::MAX as f64) < fraction
 }
@@ -170,12 +177,19 @@ pub fn pack(
     config: &PackConfig,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<Manifest> {
+    let file_share = config.repo.map_or(0.0, |r| r.file_share);
     if !(0.0..=1.0).contains(&config.fim.rate)
         || !(0.0..=1.0).contains(&config.fim.spm_rate)
         || !(0.0..=1.0).contains(&config.val_fraction)
+        || !(0.0..=1.0).contains(&file_share)
     {
         return Err(PackError::Config(
-            "FIM rates and the validation fraction must lie in [0, 1]".into(),
+            "FIM rates, the validation fraction and the file-level share must lie in [0, 1]".into(),
+        ));
+    }
+    if config.repo.is_some_and(|r| r.context == 0) {
+        return Err(PackError::Config(
+            "repository examples need a context above 0 tokens".into(),
         ));
     }
     let input = InputConfig {
@@ -192,6 +206,7 @@ pub fn pack(
         fim: config.fim,
         val_fraction: config.val_fraction,
         inputs: plan.units.iter().map(|u| u.describe()).collect(),
+        repo: config.repo,
     };
     let refuse = |dir: &Path, what: &str| {
         PackError::Resume {
@@ -298,35 +313,32 @@ fn pack_unit(
         })
         .collect::<Result<Vec<_>>>()?;
     let mut counts = Counts::default();
-    let mut batch: Vec<(String, String)> = Vec::new();
+    let mut batch: Vec<Doc> = Vec::new();
     let mut batch_bytes = 0;
     let mut failure = None;
     let (mut bytes, mut docs) = (0u64, 0u64);
-    let mut flush = |batch: &mut Vec<(String, String)>, counts: &mut Counts| -> Result<()> {
-        let packed: Vec<_> = batch
-            .par_iter()
-            .map_init(PieceCache::default, |cache, (id, text)| {
-                if is_validation(id, config.val_fraction) {
-                    let plain = packer.document(id, text, 0.0, cache);
-                    let fim = packer.document(id, text, 1.0, cache);
-                    vec![(1, plain), (2, fim)]
-                } else {
-                    vec![(0, packer.document(id, text, config.fim.rate, cache))]
-                }
-            })
-            .collect();
-        for ((_, text), outputs) in batch.iter().zip(packed) {
-            for (split, (tokens, layout)) in outputs {
-                writers[split].push(&tokens)?;
-                counts
-                    .splits
-                    .entry(SPLITS[split].to_string())
-                    .or_default()
-                    .count(tokens.len(), text.len(), layout);
-            }
-            bytes += text.len() as u64;
-            docs += 1;
+    let mut flush = |batch: &mut Vec<Doc>, counts: &mut Counts| -> Result<()> {
+        let packed = match config.repo {
+            Some(repo) => pack_repositories(packer, config, repo, batch),
+            None => batch
+                .par_iter()
+                .map_init(PieceCache::default, |cache, doc| {
+                    let validation = in_share(&doc.id, config.val_fraction);
+                    pack_document(packer, config, validation, &doc.id, &doc.text, cache)
+                })
+                .flatten()
+                .collect(),
+        };
+        for p in packed {
+            writers[p.split].push(&p.tokens)?;
+            counts
+                .splits
+                .entry(SPLITS[p.split].to_string())
+                .or_default()
+                .count(p.tokens.len(), p.text_bytes, p.layout);
         }
+        bytes += batch.iter().map(|d| d.text.len() as u64).sum::<u64>();
+        docs += batch.len() as u64;
         progress(bytes, docs);
         batch.clear();
         Ok(())
@@ -336,7 +348,12 @@ fn pack_unit(
             ReadItem::Doc(doc) => match String::from_utf8(doc.bytes) {
                 Ok(text) => {
                     batch_bytes += text.len();
-                    batch.push((doc.id, text));
+                    let place = config.repo.map(|_| locate(&doc.id, &doc.meta));
+                    batch.push(Doc {
+                        id: doc.id,
+                        text,
+                        place,
+                    });
                 }
                 Err(_) => *counts.skipped.entry("invalid_utf8".into()).or_default() += 1,
             },
@@ -345,7 +362,8 @@ fn pack_unit(
             }
             ReadItem::Ignored => {}
         }
-        if batch_bytes >= config.batch_bytes {
+        // A repository's files are packed together: its unit is read whole first.
+        if config.repo.is_none() && batch_bytes >= config.batch_bytes {
             batch_bytes = 0;
             if let Err(e) = flush(&mut batch, &mut counts) {
                 failure = Some(e);
@@ -362,4 +380,105 @@ fn pack_unit(
         w.finish()?;
     }
     Ok(counts)
+}
+
+/// A document read, and with repository examples its repository and path.
+struct Doc {
+    id: String,
+    text: String,
+    place: Option<(String, String)>,
+}
+
+/// One packed sequence for a split.
+struct Packed {
+    split: usize,
+    tokens: Vec<u32>,
+    text_bytes: usize,
+    layout: Layout,
+}
+
+/// A file-level document: a training one (FIM at the configured rate), or a validation
+/// one both plain and rearranged.
+fn pack_document(
+    packer: &Packer,
+    config: &PackConfig,
+    validation: bool,
+    id: &str,
+    text: &str,
+    cache: &mut PieceCache,
+) -> Vec<Packed> {
+    let packed = |split, (tokens, layout): (Vec<u32>, Layout)| Packed {
+        split,
+        tokens,
+        text_bytes: text.len(),
+        layout,
+    };
+    if validation {
+        vec![
+            packed(1, packer.document(id, text, 0.0, cache)),
+            packed(2, packer.document(id, text, 1.0, cache)),
+        ]
+    } else {
+        vec![packed(0, packer.document(id, text, config.fim.rate, cache))]
+    }
+}
+
+/// The documents grouped by repository (in the order first met), each repository packed
+/// as repository examples, or (a share `file_share` of them, by name) file by file;
+/// validation is chosen by repository, so a held-out repository is held out whole.
+fn pack_repositories(
+    packer: &Packer,
+    config: &PackConfig,
+    repo: RepoConfig,
+    docs: &[Doc],
+) -> Vec<Packed> {
+    let mut groups: Vec<(&str, Vec<&Doc>)> = Vec::new();
+    let mut at: std::collections::HashMap<&str, usize> = Default::default();
+    for d in docs {
+        let name = d.place.as_ref().map_or("", |(name, _)| name.as_str());
+        let i = *at.entry(name).or_insert_with(|| {
+            groups.push((name, Vec::new()));
+            groups.len() - 1
+        });
+        groups[i].1.push(d);
+    }
+    groups
+        .par_iter()
+        .map_init(PieceCache::default, |cache, (name, docs)| {
+            let validation = in_share(name, config.val_fraction);
+            if !validation && in_share(&format!("{name}\nfile-level"), repo.file_share) {
+                return docs
+                    .iter()
+                    .flat_map(|d| pack_document(packer, config, false, &d.id, &d.text, cache))
+                    .collect();
+            }
+            let files: Vec<(String, String)> = docs
+                .iter()
+                .map(|d| {
+                    let path = d.place.as_ref().map_or(d.id.as_str(), |(_, p)| p.as_str());
+                    (path.to_string(), d.text.clone())
+                })
+                .collect();
+            let examples = |split, rate, cache: &mut PieceCache| {
+                packer
+                    .repository(name, &files, repo.context, rate, cache)
+                    .into_iter()
+                    .map(move |e| Packed {
+                        split,
+                        tokens: e.tokens,
+                        text_bytes: e.text_bytes,
+                        layout: e.layout,
+                    })
+                    .collect::<Vec<_>>()
+            };
+            if validation {
+                let mut both = examples(1, 0.0, cache);
+                both.extend(examples(2, 1.0, cache));
+                both
+            } else {
+                examples(0, config.fim.rate, cache)
+            }
+        })
+        .flatten()
+        .collect()
 }

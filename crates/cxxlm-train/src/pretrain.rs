@@ -2,7 +2,7 @@
 //! samples out, on the shared training loop; resumes bit-exactly from its last
 //! checkpoint. Its config's sections are every stage's.
 
-use cxxlm_model::{Gpt, ModelConfig, ModelOverrides, Sampling};
+use cxxlm_model::{Gpt, ModelConfig, ModelOverrides, Packing, Sampling};
 use cxxlm_pack::loader::eval_batches;
 use cxxlm_pack::{IndexedDataset, Loader, LoaderConfig, Manifest, Mode};
 use cxxlm_tokenizer::Bpe;
@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint::TrainerState;
+use crate::checkpoint::{self, TrainerState};
 use crate::dist::Comm;
 use crate::optim::{OptimConfig, Schedule};
 use crate::trainer::{
@@ -26,6 +26,10 @@ use crate::{Result, TrainError};
 pub struct TrainConfig {
     /// Run directory: checkpoints, metrics, TensorBoard events, samples.
     pub out: PathBuf,
+    /// A trained model to continue (a run directory, its newest checkpoint, or a
+    /// checkpoint directory), perhaps at another context: `model` may then change only
+    /// `seq_len`, `rope_base` and `rope_scaling`. Empty: a fresh model.
+    pub init: PathBuf,
     pub model: ModelOverrides,
     pub data: DataConfig,
     pub train: RunConfig,
@@ -103,6 +107,9 @@ pub struct DataConfig {
     pub loader: Mode,
     /// Documents a best-fit row chooses among.
     pub buffer: usize,
+    /// Each document of a row attends only to itself, its positions from 0 (as SFT keeps
+    /// its examples apart), in training and validation.
+    pub document_mask: bool,
 }
 
 impl Default for DataConfig {
@@ -112,6 +119,7 @@ impl Default for DataConfig {
             tokenizer: None,
             loader: Mode::BestFit,
             buffer: 1000,
+            document_mask: false,
         }
     }
 }
@@ -234,52 +242,109 @@ pub fn token_bytes(bpe: &Bpe, device: Device) -> Tensor {
 }
 
 /// Bits per byte, and what they were measured on.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BitsPerByte {
     pub bits_per_byte: f64,
     /// Predicted tokens that stand for text (special tokens are not scored).
     pub tokens: u64,
     /// The UTF-8 bytes of those tokens.
     pub bytes: u64,
+    /// The same by the position a token is predicted from (in its window, or in its
+    /// document with document masking), over [`POSITION_BUCKETS`] that the windows reach.
+    pub by_position: Vec<PositionBits>,
+}
+
+/// Where the buckets of positions of [`BitsPerByte::by_position`] start.
+pub const POSITION_BUCKETS: [usize; 4] = [0, 2048, 8192, 32768];
+
+/// Bits per byte of the tokens predicted from positions `from..to`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PositionBits {
+    pub from: usize,
+    pub to: usize,
+    pub bits_per_byte: f64,
+    pub tokens: u64,
 }
 
 /// Validation bits per byte over up to `max_tokens` tokens of `data`, the windows
-/// shared among the ranks of `comm`.
+/// shared among the ranks of `comm`; with `document_mask`, each document of a window
+/// attends only to itself, as in training.
 pub fn bits_per_byte(
     model: &Gpt,
     data: &IndexedDataset,
     batch: usize,
     max_tokens: usize,
     bytes_of: &Tensor,
+    document_mask: bool,
     comm: &Comm,
 ) -> Result<Option<BitsPerByte>> {
     let t = model.config.seq_len;
-    // Summed on the device and read once, so batches queue without a sync each.
-    let zero = || Tensor::zeros([], (Kind::Double, model.device()));
-    let (mut nats, mut bytes, mut tokens) = (zero(), zero(), zero());
+    let dev = model.device();
+    let buckets: Vec<(usize, usize)> = POSITION_BUCKETS
+        .iter()
+        .enumerate()
+        .filter(|(_, &from)| from < t)
+        .map(|(i, &from)| (from, POSITION_BUCKETS.get(i + 1).map_or(t, |&to| to.min(t))))
+        .collect();
+    // Per bucket: nats, bytes and scored tokens, summed on the device and read once, so
+    // batches queue without a sync each.
+    let sums = Tensor::zeros([buckets.len() as i64, 3], (Kind::Double, dev));
     let mut seen = 0;
     let max_tokens = max_tokens.div_ceil(comm.size());
     for b in eval_batches(data, batch, t, comm.rank(), comm.size()) {
         if seen >= max_tokens {
             break;
         }
-        let ids = to_device_ids(&b.tokens, b.rows, b.cols, model.device());
+        let ids = to_device_ids(&b.tokens, b.rows, b.cols, dev);
         let (x, y) = (ids.narrow(1, 0, t as i64), ids.narrow(1, 1, t as i64));
-        let losses = model.token_losses(&x, &y, None);
+        let packing = document_mask.then(|| Packing::new(&b.documents, t, dev));
+        let losses = model.token_losses(&x, &y, packing.as_ref());
+        let positions = match &packing {
+            Some(p) => p.positions.shallow_clone(),
+            None => Tensor::arange(t as i64, (Kind::Int64, dev)).repeat([b.rows as i64]),
+        };
         let w = bytes_of.index_select(0, &y.reshape([-1]));
         let counted = w.gt(0.0).to_kind(Kind::Float);
-        tokens += counted.sum(Kind::Double);
-        nats += (losses * counted).sum(Kind::Double);
-        bytes += w.sum(Kind::Double);
+        let nats = losses * &counted;
+        for (i, &(from, to)) in buckets.iter().enumerate() {
+            let inside = positions
+                .ge(from as i64)
+                .logical_and(&positions.lt(to as i64))
+                .to_kind(Kind::Float);
+            let row = Tensor::stack(
+                &[
+                    (&nats * &inside).sum(Kind::Double),
+                    (&w * &inside).sum(Kind::Double),
+                    (&counted * &inside).sum(Kind::Double),
+                ],
+                0,
+            );
+            let _ = sums.get(i as i64).g_add_(&row);
+        }
         seen += b.rows * t;
     }
-    let sums = Tensor::stack(&[nats, bytes, tokens], 0);
     comm.all_reduce_sum(&sums)?;
-    let (nats, bytes) = (sums.double_value(&[0]), sums.double_value(&[1]));
+    let sums =
+        Vec::<f64>::try_from(&sums.view([-1])).map_err(|e| TrainError::Torch(e.to_string()))?;
+    let sums: Vec<&[f64]> = sums.chunks(3).collect();
+    let bits = |nats: f64, bytes: f64| nats / std::f64::consts::LN_2 / bytes;
+    let total = |k: usize| sums.iter().map(|r| r[k]).sum::<f64>();
+    let (nats, bytes) = (total(0), total(1));
     Ok((bytes > 0.0).then(|| BitsPerByte {
-        bits_per_byte: nats / std::f64::consts::LN_2 / bytes,
-        tokens: sums.double_value(&[2]) as u64,
+        bits_per_byte: bits(nats, bytes),
+        tokens: total(2) as u64,
         bytes: bytes as u64,
+        by_position: buckets
+            .iter()
+            .zip(&sums)
+            .filter(|(_, r)| r[1] > 0.0)
+            .map(|(&(from, to), r)| PositionBits {
+                from,
+                to,
+                bits_per_byte: bits(r[0], r[1]),
+                tokens: r[2] as u64,
+            })
+            .collect(),
     }))
 }
 
@@ -287,6 +352,7 @@ pub fn bits_per_byte(
 struct PackSource {
     loader: Loader,
     pack: PathBuf,
+    document_mask: bool,
 }
 
 impl BatchSource for PackSource {
@@ -297,7 +363,7 @@ impl BatchSource for PackSource {
             cols: b.cols,
             tokens: b.tokens,
             supervised: None,
-            examples: None,
+            examples: self.document_mask.then_some(b.documents),
             weights: None,
         })
     }
@@ -324,6 +390,7 @@ impl BatchSource for PackSource {
 /// Validation bits per byte, and greedy completions of C++ openings.
 struct PretrainEval<'a> {
     val: IndexedDataset,
+    document_mask: bool,
     bpe: &'a Bpe,
     bytes_of: Tensor,
     batch: usize,
@@ -348,10 +415,17 @@ impl Evaluation for PretrainEval<'_> {
             self.batch,
             self.tokens,
             &self.bytes_of,
+            self.document_mask,
             comm,
         )? {
             Some(bpb) => {
                 figures.insert("val_bpb".into(), bpb.bits_per_byte.into());
+                if bpb.by_position.len() > 1 {
+                    for b in &bpb.by_position {
+                        let name = format!("val_bpb_{}_{}", b.from, b.to);
+                        figures.insert(name, b.bits_per_byte.into());
+                    }
+                }
             }
             None => report(Event::Warning(format!(
                 "the validation split holds less than one window of {} tokens: no bits per byte",
@@ -407,7 +481,26 @@ pub fn pretrain(
         .unwrap_or_else(|| PathBuf::from(&manifest.tokenizer_path));
     let bpe = cxxlm_tokenizer::load(&tok_path).map_err(|e| TrainError::Config(e.to_string()))?;
     manifest.check_tokenizer(&cfg.data.pack, &bpe)?;
-    let model_config = ModelConfig::resolve(&cfg.model, bpe.vocab_size())?;
+    let init = match cfg.init.as_os_str().is_empty() {
+        true => None,
+        false => {
+            let dir = checkpoint::resolve(&cfg.init)?;
+            Some((checkpoint::load_weights(&dir)?, dir))
+        }
+    };
+    let model_config = match &init {
+        Some((init, dir)) => {
+            if init.state.tokenizer_sha256 != manifest.settings.tokenizer_sha256 {
+                return Err(TrainError::Config(format!(
+                    "{} was trained with another tokenizer than the pack {} was made with",
+                    dir.display(),
+                    cfg.data.pack.display()
+                )));
+            }
+            init.state.model.extended(&cfg.model)?
+        }
+        None => ModelConfig::resolve(&cfg.model, bpe.vocab_size())?,
+    };
     let seq = model_config.seq_len;
     let run = &cfg.train;
     let ckpt_root = cfg.out.join("checkpoints");
@@ -436,13 +529,25 @@ pub fn pretrain(
             buffer: cfg.data.buffer,
         },
     )?;
-    let model = Gpt::new(model_config, dev, run.seed)?;
+    let mut model = Gpt::new(model_config, dev, run.seed)?;
+    let mut identity = json!({"total_batch_tokens": total_batch, "loader": cfg.data.loader});
+    if let Some((init, dir)) = &init {
+        model.load(&init.model)?;
+        identity["init"] = json!(dir);
+        identity["init_step"] = init.state.step.into();
+    }
+    // Recorded only when on, so that runs from before the switch still resume.
+    if cfg.data.document_mask {
+        identity["document_mask"] = true.into();
+    }
     let mut source = PackSource {
         loader,
         pack: cfg.data.pack.clone(),
+        document_mask: cfg.data.document_mask,
     };
     let mut evaluation = PretrainEval {
         val,
+        document_mask: cfg.data.document_mask,
         bpe: &bpe,
         bytes_of: token_bytes(&bpe, dev),
         batch: run.device_batch,
@@ -456,7 +561,9 @@ pub fn pretrain(
         cfg.common(),
         Parts {
             model,
-            backward: Backward::Explicit { packed: false },
+            backward: Backward::Explicit {
+                packed: cfg.data.document_mask,
+            },
             source: &mut source,
             loss: &mut loss,
             evaluation: &mut evaluation,
@@ -465,7 +572,7 @@ pub fn pretrain(
             step_tokens: total_batch,
             eval_every: cfg.eval.every,
             tokenizer_sha256: manifest.settings.tokenizer_sha256.clone(),
-            identity: json!({"total_batch_tokens": total_batch, "loader": cfg.data.loader}),
+            identity,
         },
         &comm,
     )?;
@@ -475,6 +582,82 @@ pub fn pretrain(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cxxlm_pack::{IndexedWriter, TokenType};
+
+    /// With document masking, each document of a packed row (cut from the loader's
+    /// windows, which cross documents) gets the losses it has alone, position by position;
+    /// without, a document after another sees it.
+    #[test]
+    fn a_masked_document_learns_as_it_would_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let prefix = dir.path().join("train");
+        let mut w = IndexedWriter::create(&prefix, TokenType::Uint16).unwrap();
+        for d in 0..12u32 {
+            let doc: Vec<u32> = (0..3 + d * 5 % 17)
+                .map(|i| (d * 31 + i * 7) % 300)
+                .collect();
+            w.push(&doc).unwrap();
+        }
+        w.finish().unwrap();
+        let data = Arc::new(IndexedDataset::open(&prefix).unwrap());
+        let t = 32;
+        let model = crate::trainer::tests::tiny_model(t, 6);
+        let config = LoaderConfig {
+            batch: 2,
+            seq_len: t,
+            rank: 0,
+            world: 1,
+            mode: Mode::Sequential,
+            seed: 1,
+            buffer: 1,
+        };
+        for document_mask in [true, false] {
+            let mut source = PackSource {
+                loader: Loader::new(data.clone(), config.clone()).unwrap(),
+                pack: prefix.clone(),
+                document_mask,
+            };
+            let b = source.next_batch(&model).unwrap();
+            let d = b.to_device(Device::Cpu);
+            let packed = model.token_losses(&d.inputs, &d.targets, d.packing.as_ref());
+            // The same window's documents, as the loader cut them.
+            let documents = Loader::new(data.clone(), config.clone())
+                .unwrap()
+                .next_batch()
+                .documents;
+            let (mut compared, mut worst) = (0, 0f64);
+            for (r, lengths) in documents.iter().enumerate() {
+                let mut start = 0;
+                for &n in lengths {
+                    let ids: Vec<i64> = b.tokens[r * b.cols + start..r * b.cols + start + n]
+                        .iter()
+                        .map(|&x| x as i64)
+                        .collect();
+                    if n >= 2 {
+                        let ids = Tensor::from_slice(&ids).unsqueeze(0);
+                        let (x, y) = (
+                            ids.narrow(1, 0, n as i64 - 1),
+                            ids.narrow(1, 1, n as i64 - 1),
+                        );
+                        let alone = model.token_losses(&x, &y, None);
+                        let here = packed.narrow(0, (r * t + start) as i64, n as i64 - 1);
+                        worst = worst.max((alone - here).abs().max().double_value(&[]));
+                        compared += 1;
+                    }
+                    start += n;
+                }
+            }
+            assert!(compared >= 3, "{documents:?}");
+            if document_mask {
+                assert!(
+                    worst < 1e-5,
+                    "masked documents differ from alone by {worst}"
+                );
+            } else {
+                assert!(worst > 1e-3, "unmasked documents see the one before");
+            }
+        }
+    }
 
     #[test]
     fn presets_bring_their_defaults_and_the_file_wins() {

@@ -241,6 +241,10 @@ pub struct PretrainArgs {
     /// The output of `cxxlm pack` (`data.pack`).
     #[arg(long)]
     pub pack: Option<PathBuf>,
+    /// A trained model to continue, perhaps at a longer context (`init`: a run directory,
+    /// its newest checkpoint, or a checkpoint directory).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
     #[command(flatten)]
     pub stage: StageArgs,
 }

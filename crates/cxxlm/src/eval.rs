@@ -133,6 +133,14 @@ pub struct BpbArgs {
     pub tokens: usize,
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
+    /// Windows of this many tokens instead of the model's context (the rotary as the
+    /// checkpoint has it: a 2k model read at 8k shows what it does beyond 2k).
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Each document of a window attends only to itself, positions from 0, as
+    /// `data.document_mask` trains.
+    #[arg(long)]
+    pub document_mask: bool,
     #[arg(long)]
     pub json: Option<PathBuf>,
 }

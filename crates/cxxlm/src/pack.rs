@@ -2,7 +2,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use cxxlm_pack::indexed::paths;
 use cxxlm_pack::{
-    pack, FimConfig, IndexedDataset, Manifest, PackConfig, Packer, SplitCounts, SPLITS,
+    pack, FimConfig, IndexedDataset, Manifest, PackConfig, Packer, RepoConfig, SplitCounts, SPLITS,
 };
 use cxxlm_tokenizer::Bpe;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -32,9 +32,19 @@ pub struct PackArgs {
     /// Cut FIM spans at line starts only.
     #[arg(long)]
     fim_line_aligned: bool,
-    /// Share of documents (chosen by a hash of their id) kept for validation.
+    /// Share of documents (chosen by a hash of their id; of repositories with
+    /// `--repo-context`) kept for validation.
     #[arg(long, default_value_t = 0.01)]
     val_fraction: f64,
+    /// Repository-level examples of at most this many tokens: each repository's files,
+    /// headers before their includers, as `<|repo_name|>name` then `<|file_sep|>path`
+    /// and the code per file.
+    #[arg(long)]
+    repo_context: Option<usize>,
+    /// With `--repo-context`: the share of repositories (by a hash of the name) packed
+    /// file by file instead, keeping short documents in the mix.
+    #[arg(long, default_value_t = 0.0, requires = "repo_context")]
+    repo_file_share: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -78,6 +88,10 @@ pub fn run(args: PackArgs) -> Result<()> {
             seed: args.seed,
         },
         val_fraction: args.val_fraction,
+        repo: args.repo_context.map(|context| RepoConfig {
+            context,
+            file_share: args.repo_file_share,
+        }),
         batch_bytes: 16 << 20,
     };
     let started = Instant::now();
@@ -160,6 +174,9 @@ fn inspect(path: &Path, tokenizer: Option<PathBuf>, sample_chars: usize) -> Resu
     if let Some(m) = &manifest {
         m.check_tokenizer(&dir, &bpe)?;
         outln!("{}: {:?}", Manifest::path(&dir).display(), m.settings.fim)?;
+        if let Some(repo) = &m.settings.repo {
+            outln!("repository examples: {repo:?}")?;
+        }
         print_splits(m)?;
     }
     for file in files {
@@ -174,9 +191,16 @@ fn inspect_one(ds: &IndexedDataset, bpe: &Bpe, sample_chars: usize) -> Result<()
     let s = packer.specials;
     let (mut psm, mut spm, mut unframed, mut out_of_vocab) = (0u64, 0u64, 0u64, 0u64);
     let (mut shortest, mut longest) = (usize::MAX, 0);
-    let (mut plain_sample, mut fim_sample) = (None, None);
+    let (mut plain_sample, mut fim_sample, mut repo_sample) = (None, None, None);
+    let mut repo_examples = 0u64;
     for i in 0..ds.len() {
         let doc = ds.doc(i);
+        if doc.contains(&s.repo_name) {
+            repo_examples += 1;
+            if repo_sample.is_none() {
+                repo_sample = Some(doc.clone());
+            }
+        }
         shortest = shortest.min(doc.len());
         longest = longest.max(doc.len());
         out_of_vocab += doc
@@ -212,12 +236,26 @@ fn inspect_one(ds: &IndexedDataset, bpe: &Bpe, sample_chars: usize) -> Result<()
         psm + spm,
         spm
     )?;
+    if repo_examples > 0 {
+        outln!("{repo_examples} repository examples")?;
+    }
     if unframed > 0 || out_of_vocab > 0 {
         bail!(
             "{}: {unframed} documents lack <|bos|>/<|eos|>, {out_of_vocab} tokens are outside the vocabulary of {}: packed with another tokenizer?",
             ds.path().display(),
             bpe.vocab_size()
         );
+    }
+    if let Some(doc) = repo_sample {
+        let (name, files) = packer.restore_repository(&doc)?;
+        outln!(
+            "--- a repository example ({} tokens): {name}, {} files in order ---",
+            doc.len(),
+            files.len()
+        )?;
+        for (path, code) in &files {
+            outln!("  {path} ({} bytes)", code.len())?;
+        }
     }
     for doc in [plain_sample, fim_sample].into_iter().flatten() {
         let text = String::from_utf8_lossy(&bpe.decode(&doc)).into_owned();

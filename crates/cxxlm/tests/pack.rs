@@ -1,9 +1,11 @@
 //! `cxxlm pack` end to end on libstdc++'s headers: FIM rearranges back to the shards'
-//! documents, megatron-core reads the files, a killed pack resumes, bad input is named.
+//! documents, megatron-core reads the files, a killed pack resumes, bad input is named;
+//! repository examples hold every file once, headers before their includers.
 
 mod common;
 
 use common::*;
+use cxxlm_pack::repo::includes;
 use cxxlm_pack::{IndexedDataset, Manifest, Packer};
 use std::path::Path;
 use std::process::Command;
@@ -108,6 +110,68 @@ fn fim_documents_rearrange_back_to_the_shards_byte_for_byte() {
         &["--val-fraction", "1.5"],
     ));
     assert!(e.contains("[0, 1]"), "{e}");
+}
+
+/// libstdc++'s `bits/` folder as one repository: its examples give back every file once,
+/// byte for byte, and the files it includes (`<bits/...>`) come first.
+#[test]
+fn repository_examples_hold_every_file_once_in_include_order() {
+    let f = fixture(4000, 2048);
+    let out = f.root.join("pack-repo");
+    let args = ["--val-fraction", "0", "--repo-context", "8192"];
+    run_ok(&pack_args(&f, &out, &args));
+    let manifest = Manifest::load(&out).unwrap();
+    let bpe =
+        cxxlm_tokenizer::from_hf_json(&std::fs::read_to_string(&f.tokenizer).unwrap()).unwrap();
+    let packer = Packer::new(&bpe, manifest.settings.fim);
+    let train = manifest.open(&out, "train").unwrap();
+    let mut files = Vec::new();
+    let c = &manifest.splits["train"];
+    for doc in docs(&train) {
+        let (name, held) = packer.restore_repository(&doc).unwrap();
+        assert!(name.ends_with("/bits"), "{name}");
+        assert!(held.len() == 1 || doc.len() <= 8192, "{} tokens", doc.len());
+        files.extend(held);
+    }
+    assert!(c.documents > 1 && c.fim_psm + c.fim_spm > 0, "{c:?}");
+    let mut shards: Vec<(String, String)> = read_shards(&f.data)
+        .iter()
+        .map(|d| {
+            (
+                d["meta"]["path"].as_str().unwrap().to_string(),
+                d["text"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let mut sorted = files.clone();
+    sorted.sort();
+    shards.sort();
+    assert!(sorted == shards, "every file once, byte for byte");
+    let at = |name: &str| {
+        files
+            .iter()
+            .position(|(p, _)| p.ends_with(&format!("/bits/{name}")))
+    };
+    let (mut edges, mut before) = (0, 0);
+    for (i, (_, text)) in files.iter().enumerate() {
+        for inc in includes(text) {
+            if let Some(j) = inc.path.strip_prefix("bits/").and_then(at) {
+                edges += 1;
+                before += usize::from(j < i);
+            }
+        }
+    }
+    assert!(
+        edges > 50 && before * 100 >= edges * 95,
+        "{before} of {edges} includes come first"
+    );
+
+    let shown = run_ok(&["pack", "inspect", out.to_str().unwrap()]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains("a repository example") && shown.contains("<|file_sep|>"),
+        "{shown}"
+    );
 }
 
 #[test]

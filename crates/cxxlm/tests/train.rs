@@ -104,6 +104,58 @@ fn the_loss_falls_and_a_resumed_run_repeats_the_uninterrupted_one() {
     );
 }
 
+/// A trained model continued at twice its context, with YaRN and document masking: the
+/// run starts from its weights, records the new rotary in its checkpoints, and a run
+/// stopped and resumed after the switch repeats the uninterrupted one bit for bit.
+#[test]
+fn a_model_continued_at_a_longer_context_resumes_bit_for_bit() {
+    let p = packed();
+    let short = p.f.root.join("short");
+    train(&p, &short, &["--set", "train.steps=20"]);
+    let init = short.to_str().unwrap();
+    let longer = [
+        "--init",
+        init,
+        "--set",
+        "model.seq_len=256",
+        "--set",
+        "model.rope_scaling.factor=2",
+        "--set",
+        "model.rope_scaling.original_seq_len=128",
+        "--set",
+        "data.document_mask=true",
+        "--set",
+        "train.steps=8",
+    ];
+    let whole = p.f.root.join("long");
+    train(&p, &whole, &longer);
+    let (_, short_bpb) = metrics(&short);
+    let (losses, bpb) = metrics(&whole);
+    assert_eq!(losses.len(), 8);
+    assert!(
+        bpb[0] < short_bpb[0] * 0.9,
+        "starts from the trained model: {bpb:?} after {short_bpb:?}"
+    );
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(whole.join("checkpoints/step-000008/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["seq_len"], 256, "{config}");
+    assert_eq!(config["rope_scaling"]["factor"], 2.0, "{config}");
+
+    let split = p.f.root.join("long-split");
+    train(&p, &split, &[&longer[..], &["--stop-at", "3"]].concat());
+    train(&p, &split, &[&longer[..], &["--resume"]].concat());
+    assert_eq!(metrics(&split), metrics(&whole), "repeats bit for bit");
+    // Only the context and the rotary may change.
+    let e = fails(
+        &p,
+        &p.f.root.join("wider"),
+        &["--init", init, "--set", "model.width=256"],
+    );
+    assert!(e.contains("model.width is the initial model's"), "{e}");
+}
+
 #[test]
 fn bad_input_is_named() {
     let p = packed();

@@ -46,6 +46,9 @@ fn check_expressible(c: &ModelConfig) -> Result<()> {
     if c.activation != Activation::Relu2 {
         bail!("this model's MLP is SwiGLU; NanoChatForCausalLM's is fc1 -> relu^2 -> fc2 with no gate, so it cannot hold it (refused rather than converted lossily)");
     }
+    if c.rope_scaling.is_some() {
+        bail!("this model's rotary is scaled by YaRN; transformers' YaRN ramps over dimension indices rather than over YaRN's rotations per context, and puts its temperature into cos and sin, which NanoChat's QK-norm after the rotary cancels, so it would compute another function (refused rather than converted lossily)");
+    }
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use cxxlm::eval::{BpbArgs, EvalCommand, Generation, TextModel};
 use cxxlm::outln;
-use cxxlm_model::{Gpt, Sampling};
+use cxxlm_model::{Gpt, ModelConfig, Sampling};
 use cxxlm_pack::Manifest;
 use cxxlm_tokenizer::Bpe;
 use serde_json::json;
@@ -58,7 +58,17 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
 }
 
 fn bpb(args: BpbArgs) -> Result<()> {
-    let (model, bpe) = load_checkpoint(&args.model.checkpoint, args.model.tokenizer.as_deref())?;
+    let (mut model, bpe) =
+        load_checkpoint(&args.model.checkpoint, args.model.tokenizer.as_deref())?;
+    if let Some(seq_len) = args.seq_len {
+        let config = ModelConfig {
+            seq_len,
+            ..model.config.clone()
+        };
+        let mut resized = Gpt::new(config, model.device(), 0)?;
+        resized.load(model.params())?;
+        model = resized;
+    }
     let manifest = Manifest::load(&args.pack)?;
     manifest.check_tokenizer(&args.pack, &bpe)?;
     let data = manifest.open(&args.pack, &args.split)?;
@@ -69,9 +79,16 @@ fn bpb(args: BpbArgs) -> Result<()> {
     };
     let bytes = cxxlm_train::pretrain::token_bytes(&bpe, model.device());
     let single = cxxlm_train::dist::Comm::single();
-    let bpb =
-        cxxlm_train::pretrain::bits_per_byte(&model, &data, args.batch, max, &bytes, &single)?
-            .with_context(|| format!("{}: fewer tokens than one window", args.split))?;
+    let bpb = cxxlm_train::pretrain::bits_per_byte(
+        &model,
+        &data,
+        args.batch,
+        max,
+        &bytes,
+        args.document_mask,
+        &single,
+    )?
+    .with_context(|| format!("{}: fewer tokens than one window", args.split))?;
     outln!(
         "{}: {:.4} bits per byte over {} tokens, {} bytes of text",
         args.split,
@@ -79,9 +96,25 @@ fn bpb(args: BpbArgs) -> Result<()> {
         bpb.tokens,
         bpb.bytes
     )?;
+    for b in &bpb.by_position {
+        outln!(
+            "  positions {:>6}-{:<6} {:.4} bits per byte over {} tokens",
+            b.from,
+            b.to,
+            b.bits_per_byte,
+            b.tokens
+        )?;
+    }
     if let Some(path) = &args.json {
+        let by_position: Vec<_> = bpb
+            .by_position
+            .iter()
+            .map(|b| json!({"from": b.from, "to": b.to, "bits_per_byte": b.bits_per_byte, "tokens": b.tokens}))
+            .collect();
         let report = json!({"split": args.split, "bits_per_byte": bpb.bits_per_byte,
-                            "tokens": bpb.tokens, "bytes": bpb.bytes});
+                            "tokens": bpb.tokens, "bytes": bpb.bytes,
+                            "seq_len": model.config.seq_len, "document_mask": args.document_mask,
+                            "by_position": by_position});
         std::fs::write(path, report.to_string())?;
     }
     Ok(())

@@ -84,10 +84,8 @@ fn given_all<'k>(key: &'k str, paths: &[PathBuf]) -> Option<(&'k str, toml::Valu
 }
 
 fn pretrain_command(args: PretrainArgs) -> Result<()> {
-    let doc = config_doc(
-        &args.stage,
-        given("data.pack", &args.pack).into_iter().collect(),
-    )?;
+    let shorthands = [given("data.pack", &args.pack), given("init", &args.init)];
+    let doc = config_doc(&args.stage, shorthands.into_iter().flatten().collect())?;
     let mut config = TrainConfig::from_table(doc)?;
     config.validate()?;
     if args.stage.check {
