@@ -918,7 +918,7 @@ fn fim(args: FimArgs, model: &dyn TextModel) -> Result<()> {
 }
 
 /// Writes `bytes` to a temporary name beside `path`, then renames it to `path`.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", path.display()))?;

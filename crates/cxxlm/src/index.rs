@@ -2,8 +2,11 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+use cxxlm_index::retrieval::{recall_at, Recall};
 use cxxlm_index::watch::{default_dir, open_or_build, watch};
-use cxxlm_index::{Change, Cursor, Graph, Index, Settings, Store};
+use cxxlm_index::{
+    mine, Bm25, Change, Cursor, Graph, Index, MineSettings, Mined, Pair, Settings, Store,
+};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -16,6 +19,10 @@ pub enum IndexCommand {
     Query(QueryArgs),
     /// Keep a repository's index fresh: every saved file is read again.
     Watch(WatchArgs),
+    /// Retrieval pairs mined from the repository (a doc comment, a call site or a header
+    /// declaration, with the function definition it names) and recall at k of BM25 over
+    /// every function definition, on the held-out pairs.
+    Recall(RecallArgs),
 }
 
 #[derive(Args)]
@@ -82,11 +89,49 @@ pub struct WatchArgs {
     limits: Limits,
 }
 
+#[derive(Args)]
+pub struct MiningArgs {
+    /// Percent of files held out (by content hash): pairs touching them are judged,
+    /// the others may train.
+    #[arg(long, default_value_t = 20)]
+    pub held_out_percent: u64,
+    /// Lines of a definition that make its candidate text.
+    #[arg(long, default_value_t = 40)]
+    pub definition_lines: u32,
+}
+
+impl MiningArgs {
+    pub fn settings(&self) -> MineSettings {
+        MineSettings {
+            held_out_percent: self.held_out_percent,
+            definition_lines: self.definition_lines.max(1),
+            ..MineSettings::default()
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct RecallArgs {
+    /// The index folder (`cxxlm index build`'s output), or a repository holding one.
+    pub index: PathBuf,
+    #[command(flatten)]
+    pub mining: MiningArgs,
+    #[arg(long, default_value_t = 10)]
+    pub k: usize,
+    /// Also write every pair as JSON lines (kind, held_out, file, line, query, and the
+    /// target's file, line and name).
+    #[arg(long)]
+    pub pairs_out: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
 pub fn run(cmd: IndexCommand) -> Result<()> {
     match cmd {
         IndexCommand::Build(a) => build(a),
         IndexCommand::Query(a) => query(a),
         IndexCommand::Watch(a) => watch_repo(a),
+        IndexCommand::Recall(a) => recall(&a, &[]),
     }
 }
 
@@ -175,7 +220,7 @@ fn skipped_line(index: &Index) -> String {
 }
 
 /// The index folder a query names: the folder itself, or a repository holding one.
-fn index_dir(path: &Path) -> PathBuf {
+pub fn index_dir(path: &Path) -> PathBuf {
     match path.join("snapshot.bin").exists() {
         true => path.to_path_buf(),
         false => default_dir(path),
@@ -355,5 +400,79 @@ fn watch_repo(a: WatchArgs) -> Result<()> {
             );
         },
     )?;
+    Ok(())
+}
+
+/// Ranks the candidates of some held-out pairs: the first k of each, best first.
+pub type Ranker<'a> = &'a dyn Fn(&Mined, &[&Pair], usize) -> Result<Vec<Vec<usize>>>;
+
+/// Mines the pairs of an index's repository, writes them when asked, and prints recall
+/// at k on the held-out pairs of BM25 and of each named ranker of `others`.
+pub fn recall(a: &RecallArgs, others: &[(&str, Ranker)]) -> Result<()> {
+    let (index, _) = Store::load(&index_dir(&a.index))?;
+    let started = Instant::now();
+    let mined = mine(&index, &a.mining.settings());
+    let mined_s = started.elapsed().as_secs_f64();
+    if let Some(path) = &a.pairs_out {
+        let mut text = String::new();
+        for p in &mined.pairs {
+            let t = &mined.candidates[p.target];
+            text += &json!({"kind": p.kind, "held_out": p.held_out, "file": p.file, "line": p.line,
+                "query": p.query, "target_file": t.file, "target_line": t.line, "target_name": t.name})
+            .to_string();
+            text.push('\n');
+        }
+        crate::eval::write_atomically(path, text.as_bytes())?;
+    }
+    let held_out: Vec<&Pair> = mined.held_out().collect();
+    let mut results: Vec<(String, Recall, f64)> = Vec::new();
+    let started = Instant::now();
+    let bm25 = Bm25::new(mined.candidates.iter().map(|c| c.text.as_str()));
+    let queries: Vec<&str> = held_out.iter().map(|p| p.query.as_str()).collect();
+    let r = recall_at(&held_out, a.k, &bm25.rank(&queries, a.k));
+    results.push(("bm25".into(), r, started.elapsed().as_secs_f64()));
+    for (name, ranker) in others {
+        let started = Instant::now();
+        let r = recall_at(&held_out, a.k, &ranker(&mined, &held_out, a.k)?);
+        results.push((name.to_string(), r, started.elapsed().as_secs_f64()));
+    }
+    let summary = json!({
+        "candidates": mined.candidates.len(),
+        "training_pairs": mined.training().count(),
+        "held_out_pairs": mined.held_out().count(),
+        "dropped": mined.dropped,
+        "mine_seconds": mined_s,
+        "recall": results.iter().map(|(n, r, s)| (n.clone(), json!({"k": r.k, "rate": r.rate(),
+            "found": r.found, "pairs": r.pairs, "by_kind": r.by_kind, "seconds": s})))
+            .collect::<serde_json::Map<_, _>>(),
+    });
+    if a.json {
+        outln!("{summary}")?;
+        return Ok(());
+    }
+    outln!(
+        "{} candidate definitions; {} training pairs, {} held out (mined in {:.1} s); dropped: {}",
+        mined.candidates.len(),
+        summary["training_pairs"],
+        summary["held_out_pairs"],
+        mined_s,
+        serde_json::to_string(&mined.dropped)?
+    )?;
+    for (name, r, s) in &results {
+        let kinds: Vec<String> = r
+            .by_kind
+            .iter()
+            .map(|(k, (f, n))| format!("{k} {f}/{n}"))
+            .collect();
+        outln!(
+            "{name}: recall@{} {:.3} ({}/{}; {}) in {:.1} s",
+            r.k,
+            r.rate(),
+            r.found,
+            r.pairs,
+            kinds.join(", "),
+            s
+        )?;
+    }
     Ok(())
 }
