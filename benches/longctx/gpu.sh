@@ -20,8 +20,7 @@ set -euo pipefail
 out=${OUT:-gpu-out}
 work=/tmp/cxxlm-longctx
 mkdir -p "$out" "$work"
-export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
-[ -x "$work/cxxlm-torch" ] || python3 -c "import sys,tarfile;tarfile.open(sys.argv[1]).extractall(sys.argv[2])" gpu/cxxlm.tar.xz "$work"
+source "$(dirname "$0")/../gpu-env.sh"
 x="$work/cxxlm"
 long=8192
 
