@@ -119,23 +119,12 @@ fn compile_commands(root: &Path) -> Result<Vec<(String, Vec<String>)>, AgentErro
     };
     let mut out = Vec::new();
     for entry in &entries {
-        let dir = entry
-            .get("directory")
-            .and_then(|d| d.as_str())
-            .unwrap_or("");
+        let dir = cxxlm_index::includes::command_directory(entry);
         let Some(file) = entry.get("file").and_then(|f| f.as_str()) else {
             continue;
         };
-        let args: Vec<String> = match (entry.get("arguments"), entry.get("command")) {
-            (Some(serde_json::Value::Array(a)), _) => a
-                .iter()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect(),
-            (_, Some(serde_json::Value::String(c))) => c
-                .split_whitespace()
-                .map(|w| w.trim_matches(['"', '\'']).to_string())
-                .collect(),
-            _ => continue,
+        let Some(args) = cxxlm_index::includes::command_arguments(entry) else {
+            continue;
         };
         let mut flags = Vec::new();
         let mut i = 1;

@@ -14,6 +14,32 @@ pub const COMPILE_COMMANDS: &str = "compile_commands.json";
 /// Where compile_commands.json is looked for, relative to the repository.
 const COMPILE_COMMANDS_AT: [&str; 2] = ["compile_commands.json", "build/compile_commands.json"];
 
+/// The folder a compile_commands.json entry runs in ("" when it names none).
+pub fn command_directory(entry: &serde_json::Value) -> &str {
+    entry
+        .get("directory")
+        .and_then(|d| d.as_str())
+        .unwrap_or("")
+}
+
+/// The command line of a compile_commands.json entry, the compiler first: its
+/// `arguments`, else its `command` split at white space; neither: `None`.
+pub fn command_arguments(entry: &serde_json::Value) -> Option<Vec<String>> {
+    match (entry.get("arguments"), entry.get("command")) {
+        (Some(serde_json::Value::Array(a)), _) => Some(
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect(),
+        ),
+        (_, Some(serde_json::Value::String(c))) => Some(
+            c.split_whitespace()
+                .map(|w| w.trim_matches(['"', '\'']).to_string())
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
 /// The include directories (`-I`, `-isystem`, `-iquote`, `-idirafter`) named in the
 /// repository's compile_commands.json that lie inside it, relative to its root, in
 /// first-seen order. No such file: none. A file that cannot be read: an error naming it.
@@ -34,20 +60,9 @@ pub fn compile_commands_dirs(root: &Path) -> Result<Vec<String>, String> {
     })?;
     let mut dirs: Vec<String> = Vec::new();
     for entry in &entries {
-        let directory = entry
-            .get("directory")
-            .and_then(|d| d.as_str())
-            .unwrap_or("");
-        let args: Vec<String> = match (entry.get("arguments"), entry.get("command")) {
-            (Some(serde_json::Value::Array(a)), _) => a
-                .iter()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect(),
-            (_, Some(serde_json::Value::String(c))) => c
-                .split_whitespace()
-                .map(|w| w.trim_matches(['"', '\'']).to_string())
-                .collect(),
-            _ => continue,
+        let directory = command_directory(entry);
+        let Some(args) = command_arguments(entry) else {
+            continue;
         };
         let mut i = 0;
         while i < args.len() {
