@@ -3,11 +3,12 @@
 //! endpoint (here) or a checkpoint run in process (`cxxlm-torch`).
 
 use anyhow::{Context, Result};
-use clap::Args;
+use clap::{ArgGroup, Args};
 use cxxlm_agent::{Agent, Budget, Checker, Commands, Endpoint, Model, Outcome, Workspace};
 use std::path::PathBuf;
 
 #[derive(Args)]
+#[command(group(ArgGroup::new("the_model").required(true).args(["checkpoint", "endpoint"])))]
 pub struct AgentArgs {
     /// The repository to work in.
     #[arg(long)]
@@ -16,11 +17,7 @@ pub struct AgentArgs {
     #[arg(long)]
     pub task: String,
     /// Our own model, in process: a checkpoint directory or a run directory (its newest).
-    #[arg(
-        long,
-        required_unless_present = "endpoint",
-        conflicts_with = "endpoint"
-    )]
+    #[arg(long)]
     pub checkpoint: Option<PathBuf>,
     /// The tokenizer the checkpoint was trained with (default: its run's).
     #[arg(long, requires = "checkpoint")]
