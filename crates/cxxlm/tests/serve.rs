@@ -237,8 +237,9 @@ fn the_teacher_asks_our_server_and_a_rerun_asks_nothing() {
         String::from_utf8_lossy(&said.stdout).to_string()
     };
     let said = ask(&out);
+    // Retries depend on the machine's load (a slow answer times out and is asked again).
     assert!(
-        said.contains("5 requests: 0 from the cache, 5 asked (0 retries), 0 failed"),
+        said.contains("5 requests: 0 from the cache, 5 asked (") && said.contains("), 0 failed"),
         "{said}"
     );
     let answers: Vec<serde_json::Value> = std::fs::read_to_string(&out)

@@ -174,7 +174,7 @@ def editors():
     check("context" in msg, msg)
     error_of(*raw("POST", "/v1/completions", b"{\"prompt\": \"\xff\xfe\"}"), 400, "invalid UTF-8")
     error_of(*raw("POST", "/v1/completions", {"prompt": "int", "temperature": "hot"}), 400, "a wrong type")
-    error_of(*raw("POST", "/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}), 400, "an unsupported role")
+    error_of(*raw("POST", "/v1/chat/completions", {"messages": [{"role": "function", "content": "x"}]}), 400, "an unsupported role")
     error_of(*raw("POST", "/infill", {"input_prefix": "a", "n_predict": -5}), 400, "n_predict below -1")
     error_of(*raw("GET", "/v1/completions"), 405, "a wrong method")
     error_of(*raw("GET", "/nowhere"), 404, "an unknown path")
