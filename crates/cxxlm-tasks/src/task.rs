@@ -160,45 +160,28 @@ pub fn answer_code(answer: &str) -> &str {
 }
 
 /// Whether an answer that was not complete can be once `last` (the newest token's bytes)
-/// is added: only a token that closes a brace or a comment can complete it. Samplers
-/// check this first so as not to decode and scan every row at every token.
-pub fn may_complete(last: &[u8]) -> bool {
+/// is added: only a token that closes a brace or a comment can complete it.
+fn may_complete(last: &[u8]) -> bool {
     last.iter().any(|&c| c == b'}' || c == b'/')
 }
 
-/// Whether a bug-fix answer is complete: past its reasoning, the function's braces
-/// opened and closed again.
-pub fn answer_complete(text: &str) -> bool {
-    let code = answer_code(text);
-    if text.contains("/* REASONING:") && !text.contains("*/") {
-        return false;
-    }
-    let mut depth = 0i64;
-    let mut opened = false;
-    for &c in code_only(code).iter() {
-        match c {
-            b'{' => {
-                depth += 1;
-                opened = true;
-            }
-            b'}' => {
-                depth -= 1;
-                if opened && depth == 0 {
-                    return true;
-                }
-            }
-            _ => {}
+/// Whether sampling a bug-fix answer ends at `ids`, its tokens so far: at `stop`, or once
+/// the answer is complete. The whole answer is decoded and scanned only after a token
+/// that can complete it, not at every token of every row.
+pub fn answer_ends(ids: &[u32], stop: u32, decode: impl Fn(&[u32]) -> Vec<u8>) -> bool {
+    match ids.last() {
+        None => false,
+        Some(&last) if last == stop => true,
+        Some(&last) => {
+            may_complete(&decode(&[last]))
+                && answer_complete(&String::from_utf8_lossy(&decode(ids)))
         }
     }
-    false
 }
 
-/// The answer up to the end of the function it writes.
-pub fn cut_answer(text: &str) -> String {
-    let start = text.len() - answer_code(text).len();
-    let start = text[..start].rfind("*/").map_or(0, |p| p + 2).min(start);
-    let head = &text[..start];
-    let code = &text[start..];
+/// Where the body of the function `code` writes ends: the index of the brace that closes
+/// the first one opened (braces in comments and literals do not count).
+fn function_end(code: &str) -> Option<usize> {
     let mut depth = 0i64;
     let mut opened = false;
     for (i, &c) in code_only(code).iter().enumerate() {
@@ -210,13 +193,35 @@ pub fn cut_answer(text: &str) -> String {
             b'}' => {
                 depth -= 1;
                 if opened && depth == 0 {
-                    return format!("{head}{}", &code[..=i]);
+                    return Some(i);
                 }
             }
             _ => {}
         }
     }
-    text.to_string()
+    None
+}
+
+/// Whether a bug-fix answer is complete: past its reasoning, the function's braces
+/// opened and closed again.
+pub fn answer_complete(text: &str) -> bool {
+    let code = answer_code(text);
+    if text.contains("/* REASONING:") && !text.contains("*/") {
+        return false;
+    }
+    function_end(code).is_some()
+}
+
+/// The answer up to the end of the function it writes.
+pub fn cut_answer(text: &str) -> String {
+    let start = text.len() - answer_code(text).len();
+    let start = text[..start].rfind("*/").map_or(0, |p| p + 2).min(start);
+    let head = &text[..start];
+    let code = &text[start..];
+    match function_end(code) {
+        Some(end) => format!("{head}{}", &code[..=end]),
+        None => text.to_string(),
+    }
 }
 
 /// The program an answer makes: the task's buggy file with the function replaced.
@@ -279,6 +284,13 @@ mod tests {
             }
         }
         assert!(!may_complete(b" return"));
+        // Sampling, one byte a token: it ends where the function closes, or at the stop.
+        let ids: Vec<u32> = answer.bytes().map(u32::from).collect();
+        let decode = |t: &[u32]| t.iter().map(|&b| b as u8).collect::<Vec<u8>>();
+        let ends = (1..=ids.len()).find(|&n| answer_ends(&ids[..n], 0, decode));
+        assert_eq!(ends, Some(first));
+        assert!(answer_ends(&[b'i' as u32, 0], 0, decode));
+        assert!(!answer_ends(&[], 0, decode));
     }
 
     #[test]

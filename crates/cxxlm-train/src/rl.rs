@@ -10,7 +10,7 @@
 use cxxlm_model::{Gpt, Sampling};
 use cxxlm_pack::tokenizer_sha256;
 use cxxlm_tasks::reward::{RewardPool, Rewarded};
-use cxxlm_tasks::task::{answer_complete, may_complete, Task};
+use cxxlm_tasks::task::{answer_ends, Task};
 use cxxlm_tokenizer::chat::{self, Message, Role};
 use cxxlm_tokenizer::Bpe;
 use serde::{Deserialize, Serialize};
@@ -535,13 +535,7 @@ fn sample_and_judge(
     let started = Instant::now();
     let mut finished = vec![false; rows.len()];
     let generated = model.generate(&row_prompts, sampling, &mut |row, ids| {
-        let done = match ids.last() {
-            Some(&last) => {
-                last == stop_token
-                    || (may_complete(&bpe.decode(&[last])) && answer_complete(&text(ids)))
-            }
-            None => false,
-        };
+        let done = answer_ends(ids, stop_token, |t| bpe.decode(t));
         if done {
             finished[row] = true;
             pool.submit(row, rows[row].0, text(ids));

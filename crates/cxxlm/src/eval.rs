@@ -1181,15 +1181,8 @@ fn bugfix_answers(
             seed: chunk as u64,
             ..Default::default()
         };
-        let generated = model.generate(&prompts, &generation, &mut |_, t| match t.last() {
-            Some(&last) => {
-                last == eos
-                    || (cxxlm_tasks::task::may_complete(&bpe.decode(&[last]))
-                        && cxxlm_tasks::task::answer_complete(&String::from_utf8_lossy(
-                            &bpe.decode(t),
-                        )))
-            }
-            None => false,
+        let generated = model.generate(&prompts, &generation, &mut |_, t| {
+            cxxlm_tasks::task::answer_ends(t, eos, |ids| bpe.decode(ids))
         });
         for ((i, _), row) in group.iter().zip(generated) {
             let ids: Vec<u32> = row.into_iter().filter(|&t| t != eos).collect();
