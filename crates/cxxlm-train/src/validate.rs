@@ -3,8 +3,9 @@
 //! training something meaningless.
 
 use crate::optim::{OptimConfig, Schedule};
-use crate::pretrain::{CheckpointConfig, LogConfig, RunConfig, TrainConfig};
+use crate::pretrain::TrainConfig;
 use crate::sft::SftConfig;
+use crate::trainer::Common;
 use crate::{Result, TrainError};
 
 /// The problems found so far, one line per key.
@@ -83,13 +84,7 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         let mut p = Problems::default();
         p.at_least_one("data.buffer", self.data.buffer as u64);
-        p.stage(
-            &self.train,
-            &self.optim,
-            &self.schedule,
-            &self.checkpoint,
-            &self.log,
-        );
+        p.stage(self.common());
         p.done()
     }
 }
@@ -101,13 +96,7 @@ impl SftConfig {
         let mut p = Problems::default();
         p.at_least_one("sft.epochs", self.sft.epochs);
         p.below_one("sft.val_fraction", self.sft.val_fraction);
-        p.stage(
-            &self.train,
-            &self.optim,
-            &self.schedule,
-            &self.checkpoint,
-            &self.log,
-        );
+        p.stage(self.common());
         p.done()
     }
 }
@@ -150,28 +139,15 @@ impl crate::rl::RlConfig {
                 rl.overlong_buffer, rl.max_new_tokens
             ));
         }
-        p.stage(
-            &self.train,
-            &self.optim,
-            &self.schedule,
-            &self.checkpoint,
-            &self.log,
-        );
+        p.stage(self.common());
         p.done()
     }
 }
 
 impl Problems {
     /// The sections every stage shares.
-    fn stage(
-        &mut self,
-        t: &RunConfig,
-        optim: &OptimConfig,
-        schedule: &Schedule,
-        checkpoint: &CheckpointConfig,
-        log: &LogConfig,
-    ) {
-        let p = self;
+    fn stage(&mut self, c: Common<'_>) {
+        let (p, t, log) = (self, c.train, c.log);
         if !["auto", "cpu", "cuda"].contains(&t.device.as_str()) {
             p.0.push(format!(
                 "train.device = {:?} must be auto, cpu or cuda",
@@ -180,9 +156,9 @@ impl Problems {
         }
         p.at_least_one("train.device_batch", t.device_batch as u64);
         p.non_negative("train.time_budget", t.time_budget);
-        optim.problems(p);
-        schedule.problems(p);
-        p.at_least_one("checkpoint.keep", checkpoint.keep as u64);
+        c.optim.problems(p);
+        c.schedule.problems(p);
+        p.at_least_one("checkpoint.keep", c.checkpoint.keep as u64);
         p.check(
             "log.peak_flops",
             log.peak_flops,
