@@ -9,6 +9,21 @@ command -v bwrap >/dev/null || export PATH=$PWD/gpu/bin:$PATH LD_LIBRARY_PATH=$L
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 nproc >"$out/cores.txt"
 
+# $work/pre: the run PRETRAINED names, linked; or a d12 pretrained for $1 seconds on
+# gpu/data (packed into $work/pack first) with the bench's "${shapes[@]}".
+pretrained_d12() {
+    rm -rf "$work/pre"
+    if [ -n "${PRETRAINED:-}" ]; then
+        ln -s "$PRETRAINED" "$work/pre"
+        return
+    fi
+    [ -f "$work/pack/pack.json" ] || "$work/cxxlm" pack --tokenizer gpu/tokenizer.json -i gpu/data \
+        -o "$work/pack" --val-fraction 0.005 >"$out/pack.log"
+    "$work/cxxlm" train pretrain --pack "$work/pack" --out "$work/pre" --set model.preset=d12 "${shapes[@]}" \
+        --set train.steps=5000 --set train.time_budget="$1" --set eval.every=0 \
+        >"$out/pretrain.log" 2>&1 || { tail -20 "$out/pretrain.log"; exit 1; }
+}
+
 bundle_results() {
     local files
     files=$(find "$out" -type f | wc -l)

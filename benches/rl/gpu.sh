@@ -21,17 +21,10 @@ mkdir -p "$out" "$work"
 [ -d gpu/tasks ] || { echo "gpu/tasks is missing: run TASKS=... benches/rl/prepare.sh first" >&2; exit 1; }
 source "$(dirname "$0")/../gpu-env.sh"
 cxxlm=$work/cxxlm
-[ -n "${PRETRAINED:-}" ] || [ -f "$work/pack/pack.json" ] || "$cxxlm" pack --tokenizer gpu/tokenizer.json -i gpu/data -o "$work/pack" --val-fraction 0.005 >"$out/pack.log"
 
 shapes=(--set train.device_batch=32 --set train.total_batch_tokens=65536 --set checkpoint.every=0 --log-every 20)
-rm -rf "$work/pre" "$work/sft" "$work/rl"
-if [ -n "${PRETRAINED:-}" ]; then
-    ln -s "$PRETRAINED" "$work/pre"
-else
-    "$cxxlm" train pretrain --pack "$work/pack" --out "$work/pre" --set model.preset=d12 "${shapes[@]}" \
-        --set train.steps=5000 --set train.time_budget="$pretrain_seconds" --set eval.every=0 \
-        >"$out/pretrain.log" 2>&1 || { tail -20 "$out/pretrain.log"; exit 1; }
-fi
+rm -rf "$work/sft" "$work/rl"
+pretrained_d12 "$pretrain_seconds"
 # The train split of the tasks, nanochat's recipe, at most a minute.
 "$cxxlm" train sft --init "$work/pre" --data gpu/tasks -o "$work/sft" "${shapes[@]}" \
     --set sft.recipe=nanochat --set sft.epochs=2 --set sft.val_fraction=0.02 --set eval.every=0 \

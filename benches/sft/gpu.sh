@@ -20,18 +20,11 @@ work=/tmp/cxxlm-sft
 mkdir -p "$out" "$work"
 source "$(dirname "$0")/../gpu-env.sh"
 cxxlm=$work/cxxlm
-[ -n "${PRETRAINED:-}" ] || [ -f "$work/pack/pack.json" ] || "$cxxlm" pack --tokenizer gpu/tokenizer.json -i gpu/data -o "$work/pack" --val-fraction 0.005 >"$out/pack.log"
 
 # The same shapes in both stages: d12, 32 rows of 2048 per pass, 65,536 tokens per step.
 shapes=(--set train.device_batch=32 --set train.total_batch_tokens=65536 --set checkpoint.every=0 --log-every 20)
-rm -rf "$work/pre" "$work/sft"
-if [ -n "${PRETRAINED:-}" ]; then
-    ln -s "$PRETRAINED" "$work/pre"
-else
-    "$cxxlm" train pretrain --pack "$work/pack" --out "$work/pre" --set model.preset=d12 "${shapes[@]}" \
-        --set train.steps=5000 --set train.time_budget="$pretrain_seconds" --set eval.every=0 \
-        >"$out/pretrain.log" 2>&1 || { tail -20 "$out/pretrain.log"; exit 1; }
-fi
+rm -rf "$work/sft"
+pretrained_d12 "$pretrain_seconds"
 # nanochat's recipe (the pretraining optimizer, its moments carried over, a 1-sqrt
 # warmdown): the seeds' AdamW at 1e-5 barely moves a model this small in 2 epochs.
 sft_data=gpu/sft/bugfix.jsonl.gz
