@@ -136,6 +136,14 @@ pub fn judge(compiler: &Compiler, problem: &Problem, completion: &str) -> Result
     })
 }
 
+/// The mean of per-problem scores; 0 (not the -0 of an empty float sum) for none.
+pub fn mean_score(scores: &[f64]) -> f64 {
+    if scores.is_empty() {
+        return 0.0;
+    }
+    scores.iter().sum::<f64>() / scores.len() as f64
+}
+
 /// The probability that at least one of `k` samples drawn from `n`, of which `c` are
 /// correct, is correct.
 pub fn pass_at_k(n: usize, c: usize, k: usize) -> f64 {
@@ -192,10 +200,7 @@ pub fn score(
                 .filter(|(n, _)| *n >= k)
                 .map(|&(n, c)| pass_at_k(n, c, k))
                 .collect();
-            (
-                format!("pass@{k}"),
-                scores.iter().sum::<f64>() / scores.len().max(1) as f64,
-            )
+            (format!("pass@{k}"), mean_score(&scores))
         })
         .collect();
     Ok(Report {

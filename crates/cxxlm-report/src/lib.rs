@@ -209,7 +209,25 @@ pub struct Written {
 /// The kinds of span `cxxlm eval fim` hides, in report order.
 const FIM_SPANS: [&str; 3] = ["line", "block", "function"];
 
-const EVALS: [&str; 6] = ["bpb", "compile", "fim", "mbpp", "mbpp-sft", "tokenizer"];
+const EVALS: [&str; 9] = [
+    "bpb",
+    "bugfix",
+    "bugfix-rl",
+    "bugfix-sft",
+    "compile",
+    "fim",
+    "mbpp",
+    "mbpp-sft",
+    "tokenizer",
+];
+
+/// The models that answer the held-out bug fixes, in the order they are made, with the
+/// evaluation holding their answers.
+const BUGFIX_MODELS: [(&str, &str); 3] = [
+    ("pretrained", "bugfix"),
+    ("fine-tuned (SFT)", "bugfix-sft"),
+    ("reinforced (RL)", "bugfix-rl"),
+];
 
 struct Report<'a> {
     layout: &'a Layout,
@@ -280,6 +298,8 @@ pub fn write(layout: &Layout) -> Result<Written> {
     tokenizer(&mut r);
     training(&mut r)?;
     fine_tuning(&mut r)?;
+    reinforcement(&mut r);
+    bug_fixes(&mut r);
     evaluation(&mut r);
     samples(&mut r)?;
     host(&mut r, &record);
@@ -355,6 +375,16 @@ fn headline(r: &mut Report, record: &Value) {
                 m["problems"]
             ),
         );
+    }
+    let fixed: Vec<String> = BUGFIX_MODELS
+        .iter()
+        .filter_map(|(model, key)| {
+            let b = r.evals.get(key)?;
+            Some(format!("{:.3} {model}", num(b, "pass@1")))
+        })
+        .collect();
+    if !fixed.is_empty() {
+        row("bug-fix pass@1 (held-out projects)", fixed.join(", "));
     }
     if let Some(c) = r.evals.get("compile").cloned() {
         row(
@@ -957,6 +987,142 @@ fn fine_tuning(r: &mut Report) -> Result<()> {
     Ok(())
 }
 
+/// The RL stage, when it ran: the reward and what the sandbox saw over the rollout
+/// batches, the speed, and how a step's time splits between sampling, waiting for the
+/// last rewards and the update.
+fn reinforcement(r: &mut Report) {
+    let metrics = read_json_lines(&r.layout.rl().join("metrics.jsonl"));
+    let batches: Vec<&Value> = metrics
+        .iter()
+        .filter(|m| m["reward_mean"].as_f64().is_some())
+        .collect();
+    if batches.is_empty() {
+        return;
+    }
+    r.section("Reinforcement learning with the compiler as judge");
+    let values = |k: &str| -> Vec<f64> { batches.iter().map(|m| num(m, k)).collect() };
+    // The first two batches warm up the sampler's graphs and the compile cache.
+    let warm = if batches.len() > 2 { 2 } else { 0 };
+    let steady = |k: &str| median(values(k).split_off(warm));
+    let third = (batches.len() / 3).max(1);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let first_last = |k: &str| {
+        let v = values(k);
+        (mean(&v[..third]), mean(&v[v.len() - third..]))
+    };
+    let share = |k: &str| {
+        let (a, b) = first_last(k);
+        format!("{:.1}% -> {:.1}%", 100.0 * a, 100.0 * b)
+    };
+    let (reward_first, reward_last) = first_last("reward_mean");
+    let per_batch = steady("rollouts") / steady("rollouts_s");
+    let (generation, wait) = (steady("generation_seconds"), steady("reward_wait_seconds"));
+    let rows = vec![
+        vec!["rollout batches".into(), batches.len().to_string()],
+        vec![
+            "mean reward, first third -> last third of the batches".into(),
+            format!("{reward_first:+.3} -> {reward_last:+.3}"),
+        ],
+        vec![
+            "compile rate, first third -> last third".into(),
+            share("compile_rate"),
+        ],
+        vec![
+            "test pass rate, first third -> last third".into(),
+            share("test_pass_rate"),
+        ],
+        vec![
+            "median rollouts/s (sampling, rewards and the update)".into(),
+            format!("{:.1}", steady("rollouts_s")),
+        ],
+        vec![
+            "median batch: sampling + waiting for rewards + update".into(),
+            format!(
+                "{} = {} + {} + {}",
+                seconds(per_batch),
+                seconds(generation),
+                seconds(wait),
+                seconds(per_batch - generation - wait)
+            ),
+        ],
+        vec![
+            "median share of a batch spent waiting for rewards".into(),
+            format!("{:.1}%", 100.0 * steady("reward_wait_share")),
+        ],
+        vec![
+            "median share of completions cut at the length limit".into(),
+            format!("{:.1}%", 100.0 * steady("truncated_share")),
+        ],
+        vec![
+            "median share of groups whose rewards are all equal".into(),
+            format!("{:.1}%", 100.0 * steady("zero_std_groups")),
+        ],
+        vec![
+            "KL to the start, last batch".into(),
+            format!("{:.5}", values("kl").last().copied().unwrap_or(f64::NAN)),
+        ],
+    ];
+    table(&mut r.md, &["", ""], &rows);
+    let series = |name: &str, key: &str| Series {
+        name: name.into(),
+        points: batches
+            .iter()
+            .map(|m| (num(m, "step"), num(m, key)))
+            .filter(|p| p.0.is_finite() && p.1.is_finite())
+            .collect(),
+    };
+    let reward = vec![series("mean reward", "reward_mean")];
+    r.plot("rl-reward", "RL mean reward", |p| {
+        plot::lines(
+            p,
+            "Mean reward of each rollout batch",
+            "step",
+            "reward",
+            &reward,
+        )
+    });
+    let rates = vec![
+        series("compiled", "compile_rate"),
+        series("tests passed", "test_pass_rate"),
+        series("cut at the limit", "truncated_share"),
+    ];
+    r.plot("rl-rates", "RL completions judged", |p| {
+        plot::lines(
+            p,
+            "Completions judged in the sandbox",
+            "step",
+            "share",
+            &rates,
+        )
+    });
+}
+
+/// The held-out bug fixes (the tasks' test split: projects no stage trained on), as each
+/// model answered them.
+fn bug_fixes(r: &mut Report) {
+    let rows: Vec<Vec<String>> = BUGFIX_MODELS
+        .iter()
+        .filter_map(|(model, key)| {
+            let b = r.evals.get(key)?;
+            Some(vec![
+                model.to_string(),
+                format!("{:.3}", num(b, "pass@1")),
+                format!("{} of {}", b["compiled"], b["answers"]),
+                b["tasks"].to_string(),
+            ])
+        })
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    r.section("Bug fixes on held-out projects");
+    table(
+        &mut r.md,
+        &["model", "pass@1", "answers compiled", "tasks"],
+        &rows,
+    );
+}
+
 fn samples(r: &mut Report) -> Result<()> {
     r.section("Samples");
     let l = r.layout.clone();
@@ -1140,6 +1306,61 @@ mod tests {
             }
             assert!(md.contains("![training loss](plots/loss.png)"));
         }
+    }
+
+    #[test]
+    fn rl_batches_and_each_models_bug_fixes_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        std::fs::create_dir_all(layout.rl()).unwrap();
+        let mut lines = Vec::new();
+        for step in 1..=9u32 {
+            let reward = f64::from(step) * 0.25 - 1.0;
+            lines.push(format!(
+                r#"{{"step":{step},"loss":0.1,"rollouts":256,"rollouts_s":16.0,"generation_seconds":10.0,"reward_wait_seconds":2.0,"reward_wait_share":0.125,"reward_mean":{reward},"compile_rate":0.5,"test_pass_rate":0.25,"truncated_share":0.1,"zero_std_groups":0.2,"kl":0.001}}"#
+            ));
+            lines.push(format!(r#"{{"step":{step},"lr_scale":1.0}}"#));
+        }
+        std::fs::write(layout.rl().join("metrics.jsonl"), lines.join("\n")).unwrap();
+        std::fs::create_dir_all(layout.root.join("eval")).unwrap();
+        for (file, pass, compiled) in [("bugfix", 0.0, 3), ("bugfix-rl", 0.05, 40)] {
+            std::fs::write(
+                layout.eval(file),
+                format!(r#"{{"tasks":100,"answers":100,"compiled":{compiled},"pass@1":{pass}}}"#),
+            )
+            .unwrap();
+        }
+        let written = write(&layout).unwrap();
+        let md = std::fs::read_to_string(&written.markdown).unwrap();
+        // Thirds of the nine batches: -0.75, -0.5, -0.25 then 0.75, 1.0, 1.25.
+        assert!(
+            md.contains(
+                "| mean reward, first third -> last third of the batches | -0.500 -> +1.000 |"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("| rollout batches | 9 |"), "{md}");
+        assert!(md.contains("16.0 s = 10.0 s + 2.0 s + 4.0 s"), "{md}");
+        assert!(md.contains("| 12.5% |"), "{md}");
+        assert!(
+            md.contains("| pretrained | 0.000 | 3 of 100 | 100 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| reinforced (RL) | 0.050 | 40 of 100 | 100 |"),
+            "{md}"
+        );
+        assert!(!md.contains("fine-tuned (SFT) |"), "{md}");
+        assert!(
+            md.contains(
+                "| bug-fix pass@1 (held-out projects) | 0.000 pretrained, 0.050 reinforced (RL) |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("![RL mean reward](plots/rl-reward.png)"),
+            "{md}"
+        );
     }
 
     #[test]

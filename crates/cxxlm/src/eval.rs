@@ -1106,10 +1106,7 @@ fn bugfix(args: BugfixArgs, load: Option<LoadModel>) -> Result<()> {
             .filter(|((n, _), t)| *n >= k && filter(t))
             .map(|(&(n, c), _)| bench::pass_at_k(n, c, k))
             .collect();
-        (
-            scores.len(),
-            scores.iter().sum::<f64>() / scores.len().max(1) as f64,
-        )
+        (scores.len(), bench::mean_score(&scores))
     };
     outln!(
         "{} tasks of split {}, {} answers: {} compiled",

@@ -1,5 +1,8 @@
 //! `cxxlm speedrun`: data -> dedup -> tokenizer -> pack -> pretrain -> evaluations ->
-//! (with SFT data: sft -> MBPP-C++ again) -> (with tasks: rl) -> report card, each stage a `cxxlm` command run as its own process with its log kept.
+//! (with SFT data: sft -> MBPP-C++ again) -> (with tasks: rl) -> report card, each stage a
+//! `cxxlm` command run as its own process with its log kept. With tasks, each model (the
+//! pretrained, the fine-tuned, the reinforced) also fixes the held-out bugs of their test
+//! split (`eval bugfix`).
 //! `speedrun.json` records each stage's command and a fingerprint of it and of the stages
 //! before it: a rerun skips finished stages whose outputs are still there, and continues
 //! an interrupted one (each stage resumes its own partial work).
@@ -148,6 +151,10 @@ struct EvalSettings {
     mbpp_max_tokens: usize,
     /// Another MultiPL-E-format benchmark instead of the built-in MBPP-C++.
     mbpp_file: Option<PathBuf>,
+    /// Held-out bug-fix tasks (the test split of the RL tasks) each model answers
+    /// (0 = all).
+    bugfix_tasks: usize,
+    bugfix_max_tokens: usize,
     /// Sequences generated together.
     batch: usize,
 }
@@ -163,6 +170,8 @@ impl Default for EvalSettings {
             mbpp_problems: 0,
             mbpp_max_tokens: 384,
             mbpp_file: None,
+            bugfix_tasks: 100,
+            bugfix_max_tokens: 256,
             batch: 32,
         }
     }
@@ -252,24 +261,45 @@ fn stages(config: &Config, l: &Layout, tomls: &Configs) -> Vec<Stage> {
         pack_args.push("--fim-line-aligned".into());
     }
     let e = &config.eval;
-    // Stage `name`: `cxxlm eval <cmd>` of the trained model, its JSON at `eval/<cmd>.json`.
-    let model_eval = |name: &'static str, cmd: &str, more: &[String]| -> Stage {
-        let mut args: Vec<String> = vec![
-            "eval".into(),
-            cmd.into(),
-            "--checkpoint".into(),
-            s(&l.train()),
-            "--json".into(),
-            s(&l.eval(cmd)),
-        ];
-        args.extend_from_slice(more);
-        Stage {
-            name,
-            args,
-            content: String::new(),
-            outputs: vec![l.eval(cmd)],
-            complete: exists(l.eval(cmd)),
-        }
+    // Stage `name`: `cxxlm eval <cmd>` of the model in `checkpoint`, its JSON at
+    // `eval/<file>.json`.
+    let eval_of =
+        |name: &'static str, cmd: &str, file: &str, checkpoint: &Path, more: &[String]| {
+            let mut args: Vec<String> = vec![
+                "eval".into(),
+                cmd.into(),
+                "--checkpoint".into(),
+                s(checkpoint),
+                "--json".into(),
+                s(&l.eval(file)),
+            ];
+            args.extend_from_slice(more);
+            Stage {
+                name,
+                args,
+                content: String::new(),
+                outputs: vec![l.eval(file)],
+                complete: exists(l.eval(file)),
+            }
+        };
+    let model_eval = |name, cmd: &str, more: &[String]| eval_of(name, cmd, cmd, &l.train(), more);
+    // The held-out bug fixes of the tasks' test split, answered by the model in `checkpoint`.
+    let mut bugfix_args = vec![
+        "--split".into(),
+        "test".into(),
+        "--max-tokens".into(),
+        e.bugfix_max_tokens.to_string(),
+        "--batch".into(),
+        e.batch.to_string(),
+    ];
+    for t in &config.rl_tasks {
+        bugfix_args.extend(["--tasks".into(), t.clone()]);
+    }
+    if e.bugfix_tasks > 0 {
+        bugfix_args.extend(["--limit".into(), e.bugfix_tasks.to_string()]);
+    }
+    let bugfix = |name, file: &str, checkpoint: &Path| {
+        eval_of(name, "bugfix", file, checkpoint, &bugfix_args)
     };
     let trained = l.train();
     let pack = l.pack();
@@ -412,6 +442,10 @@ fn stages(config: &Config, l: &Layout, tomls: &Configs) -> Vec<Stage> {
     let mut mbpp = model_eval("eval-mbpp", "mbpp", &more);
     mbpp.outputs.push(l.mbpp_completions());
     list.push(mbpp);
+    let tasks = !config.rl_tasks.is_empty();
+    if tasks {
+        list.push(bugfix("eval-bugfix", "bugfix", &l.train()));
+    }
     if !config.sft_data.is_empty() {
         let tuned = l.sft();
         list.push(Stage {
@@ -432,30 +466,21 @@ fn stages(config: &Config, l: &Layout, tomls: &Configs) -> Vec<Stage> {
         });
         // The same benchmark, of the fine-tuned model.
         let completions = l.root.join("eval").join("mbpp-sft-completions.jsonl");
-        let mut args = vec![
-            "eval".into(),
-            "mbpp".into(),
-            "--checkpoint".into(),
-            s(&l.sft()),
-            "--json".into(),
-            s(&l.eval("mbpp-sft")),
-        ];
-        args.extend(more.iter().map(|a| {
-            if *a == s(&l.mbpp_completions()) {
-                s(&completions)
-            } else {
-                a.clone()
-            }
-        }));
-        list.push(Stage {
-            name: "eval-mbpp-sft",
-            args,
-            content: String::new(),
-            outputs: vec![l.eval("mbpp-sft"), completions],
-            complete: exists(l.eval("mbpp-sft")),
-        });
+        let more: Vec<String> = more
+            .iter()
+            .map(|a| match *a == s(&l.mbpp_completions()) {
+                true => s(&completions),
+                false => a.clone(),
+            })
+            .collect();
+        let mut mbpp = eval_of("eval-mbpp-sft", "mbpp", "mbpp-sft", &l.sft(), &more);
+        mbpp.outputs.push(completions);
+        list.push(mbpp);
+        if tasks {
+            list.push(bugfix("eval-bugfix-sft", "bugfix-sft", &l.sft()));
+        }
     }
-    if !config.rl_tasks.is_empty() {
+    if tasks {
         let run = l.rl();
         list.push(Stage {
             name: "rl",
@@ -473,6 +498,7 @@ fn stages(config: &Config, l: &Layout, tomls: &Configs) -> Vec<Stage> {
             outputs: vec![l.rl(), l.rl_config()],
             complete: Box::new(move || finished_training(&run)),
         });
+        list.push(bugfix("eval-bugfix-rl", "bugfix-rl", &l.rl()));
     }
     list
 }
@@ -878,14 +904,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_rl_stage_comes_last_when_tasks_are_given() {
-        let names = |rl_tasks: Vec<String>| {
+    fn rl_comes_last_when_tasks_are_given_and_each_model_fixes_the_held_out_bugs() {
+        let names = |sft_data: Vec<String>, rl_tasks: Vec<String>| {
             let args = SpeedrunArgs {
                 preset: "cpu-tiny".into(),
                 sources: vec!["src".into()],
                 out: None,
                 overrides: Vec::new(),
-                sft_data: Vec::new(),
+                sft_data,
                 rl_tasks,
                 redo: None,
             };
@@ -899,8 +925,28 @@ mod tests {
             let list = stages(&config, &l, &none);
             list.iter().map(|s| s.name).collect::<Vec<_>>()
         };
-        assert!(!names(Vec::new()).contains(&"rl"));
-        assert_eq!(names(vec!["tasks/bugs".into()]).last(), Some(&"rl"));
+        let without = names(Vec::new(), Vec::new());
+        assert!(!without
+            .iter()
+            .any(|n| n.contains("rl") || n.contains("bugfix")));
+        let tasks = || vec!["tasks/bugs".to_string()];
+        let with = names(Vec::new(), tasks());
+        assert_eq!(
+            with[with.len() - 4..],
+            ["eval-mbpp", "eval-bugfix", "rl", "eval-bugfix-rl"]
+        );
+        let tuned = names(tasks(), tasks());
+        assert_eq!(
+            tuned[tuned.len() - 6..],
+            [
+                "eval-bugfix",
+                "sft",
+                "eval-mbpp-sft",
+                "eval-bugfix-sft",
+                "rl",
+                "eval-bugfix-rl"
+            ]
+        );
     }
 
     #[test]
