@@ -30,8 +30,9 @@ collect() {
     cp "$work/exit.txt" "$out/" 2>/dev/null
     "$work/cxxlm" report "$run" >/dev/null
     cp "$run/report.md" "$out/"
+    # Of the checkpoints, only what the report card reads (the model's config, the step).
     (cd "$run" && find . \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.html' -o -name '*.png' -o -name '*.log' -o -name '*.toml' \) \
-        -not -path '*/checkpoints/*' -size -8M | tar -czf "$out/run.tar.gz" -T -)
+        \( -not -path '*/checkpoints/*' -o -name config.json -o -name trainer.json \) -size -8M | tar -czf "$out/run.tar.gz" -T -)
     tail -5 "$work/speedrun.err"
 }
 

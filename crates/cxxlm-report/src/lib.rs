@@ -1015,7 +1015,7 @@ fn reinforcement(r: &mut Report) {
         format!("{:.1}% -> {:.1}%", 100.0 * a, 100.0 * b)
     };
     let (reward_first, reward_last) = first_last("reward_mean");
-    let per_batch = steady("rollouts") / steady("rollouts_s");
+    let per_batch = steady("step_seconds");
     let (generation, wait) = (steady("generation_seconds"), steady("reward_wait_seconds"));
     let rows = vec![
         vec!["rollout batches".into(), batches.len().to_string()],
@@ -1317,7 +1317,7 @@ mod tests {
         for step in 1..=9u32 {
             let reward = f64::from(step) * 0.25 - 1.0;
             lines.push(format!(
-                r#"{{"step":{step},"loss":0.1,"rollouts":256,"rollouts_s":16.0,"generation_seconds":10.0,"reward_wait_seconds":2.0,"reward_wait_share":0.125,"reward_mean":{reward},"compile_rate":0.5,"test_pass_rate":0.25,"truncated_share":0.1,"zero_std_groups":0.2,"kl":0.001}}"#
+                r#"{{"step":{step},"loss":0.1,"rollouts":256,"rollouts_s":16.0,"step_seconds":16.0,"generation_seconds":10.0,"reward_wait_seconds":2.0,"reward_wait_share":0.125,"reward_mean":{reward},"compile_rate":0.5,"test_pass_rate":0.25,"truncated_share":0.1,"zero_std_groups":0.2,"kl":0.001}}"#
             ));
             lines.push(format!(r#"{{"step":{step},"lr_scale":1.0}}"#));
         }
