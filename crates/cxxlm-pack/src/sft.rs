@@ -59,8 +59,9 @@ pub struct SftDataConfig {
     pub too_long: TooLong,
     pub invalid: Invalid,
     /// Share of the records held out for the held-out loss, chosen by a hash of each
-    /// record (so a record keeps its side when a file grows); unused when held-out files
-    /// are given.
+    /// record (so a record keeps its side when a file grows), or of its source where it
+    /// names one (tasks: the file their bugs were made in, so that no other bug of that
+    /// file is trained on); unused when held-out files are given.
     pub val_fraction: f64,
 }
 
@@ -181,7 +182,7 @@ pub fn load(
                 match renderer.record(line, &mut stats) {
                     Ok(example) => {
                         let to_val = held_out
-                            || (val.is_empty() && hash_share(line.trim()) < config.val_fraction);
+                            || (val.is_empty() && hash_share(source_of(line)) < config.val_fraction);
                         if to_val {
                             data.val.push(example);
                         } else {
@@ -301,6 +302,21 @@ fn read_text(path: &Path) -> Result<(String, [u8; 32])> {
 }
 
 /// A record's place in [0, 1), from a hash of its text.
+/// What a record is held out by: the source a task's id names before its `#` (the file
+/// each of its bugs was made in), or else the whole record.
+fn source_of(line: &str) -> &str {
+    #[derive(serde::Deserialize)]
+    struct Id<'a> {
+        #[serde(borrow)]
+        id: Option<&'a str>,
+    }
+    let line = line.trim();
+    match serde_json::from_str::<Id>(line) {
+        Ok(Id { id: Some(id) }) => id.split_once('#').map_or(line, |(source, _)| source),
+        _ => line,
+    }
+}
+
 fn hash_share(text: &str) -> f64 {
     let h = xxhash_rust::xxh3::xxh3_64_with_seed(text.as_bytes(), 0x5f7);
     (h >> 11) as f64 / (1u64 << 53) as f64
@@ -978,6 +994,25 @@ mod tests {
         )
         .unwrap();
         assert_eq!((given.train.len(), given.val.len()), (200, 200));
+    }
+
+    #[test]
+    fn bugs_made_in_one_file_fall_on_one_side() {
+        let dir = tempfile::tempdir().unwrap();
+        let lines: Vec<String> = (0..400)
+            .map(|i| {
+                let id = format!("pkg/src/file{}.cc#flip_comparison@{i}.0", i / 8);
+                serde_json::json!({"id": id, "input": format!("q{i}"), "output": format!("a{i}")})
+                    .to_string()
+            })
+            .collect();
+        let split = SftDataConfig {
+            val_fraction: 0.2,
+            ..config()
+        };
+        let data = load(&[write(dir.path(), "t.jsonl", &lines)], &[], &bpe(), 64, &split).unwrap();
+        assert!((16..150).contains(&data.val.len()), "{}", data.val.len());
+        assert_eq!(data.val.len() % 8, 0, "a file's 8 bugs are held out together");
     }
 
     fn examples(lengths: &[usize]) -> Arc<Vec<Example>> {
