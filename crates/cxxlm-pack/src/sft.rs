@@ -182,7 +182,8 @@ pub fn load(
                 match renderer.record(line, &mut stats) {
                     Ok(example) => {
                         let to_val = held_out
-                            || (val.is_empty() && hash_share(source_of(line)) < config.val_fraction);
+                            || (val.is_empty()
+                                && hash_share(source_of(line)) < config.val_fraction);
                         if to_val {
                             data.val.push(example);
                         } else {
@@ -1010,9 +1011,20 @@ mod tests {
             val_fraction: 0.2,
             ..config()
         };
-        let data = load(&[write(dir.path(), "t.jsonl", &lines)], &[], &bpe(), 64, &split).unwrap();
+        let data = load(
+            &[write(dir.path(), "t.jsonl", &lines)],
+            &[],
+            &bpe(),
+            64,
+            &split,
+        )
+        .unwrap();
         assert!((16..150).contains(&data.val.len()), "{}", data.val.len());
-        assert_eq!(data.val.len() % 8, 0, "a file's 8 bugs are held out together");
+        assert_eq!(
+            data.val.len() % 8,
+            0,
+            "a file's 8 bugs are held out together"
+        );
     }
 
     fn examples(lengths: &[usize]) -> Arc<Vec<Example>> {

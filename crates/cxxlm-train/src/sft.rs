@@ -5,21 +5,22 @@
 //! held-out prompts as it goes; checkpoints that resume bit-exactly mid-epoch.
 
 use cxxlm_model::{Gpt, Sampling};
+use cxxlm_pack::loader::{Loader, LoaderConfig};
 use cxxlm_pack::sft::{
     self, Example, Invalid, PackState, PackedRows, SftDataConfig, SftStats, TooLong,
 };
-use cxxlm_pack::tokenizer_sha256;
+use cxxlm_pack::{tokenizer_sha256, Manifest};
 use cxxlm_tokenizer::Bpe;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tch::{Kind, Tensor};
 
 use crate::checkpoint::{self, TrainerState};
 use crate::dist::Comm;
 use crate::optim::{OptimConfig, Schedule};
-use crate::pretrain::{merge, CheckpointConfig, LogConfig, RunConfig};
+use crate::pretrain::{merge, CheckpointConfig, DataConfig, LogConfig, RunConfig};
 use crate::trainer::{
     self, batch_shape, Backward, BatchSource, Common, CrossEntropy, Evaluation, Event, MicroBatch,
     Parts, Stage,
@@ -77,6 +78,11 @@ pub struct SftSettings {
     pub too_long: TooLong,
     pub invalid: Invalid,
     pub val_fraction: f64,
+    /// A pretraining pack (`cxxlm pack`) whose windows make up `replay_share` of every
+    /// micro-batch's rows, every token learned: the model keeps writing code while it
+    /// learns the answers' form. None: SFT examples only.
+    pub replay_pack: Option<PathBuf>,
+    pub replay_share: f64,
 }
 
 impl Default for SftSettings {
@@ -93,6 +99,8 @@ impl Default for SftSettings {
             too_long: data.too_long,
             invalid: data.invalid,
             val_fraction: data.val_fraction,
+            replay_pack: None,
+            replay_share: 0.25,
         }
     }
 }
@@ -169,10 +177,13 @@ impl SftConfig {
     }
 }
 
-/// The examples, packed into rows; this rank's share of each step's rows.
+/// The examples, packed into rows; this rank's share of each step's rows, after the
+/// replayed pretraining windows when there are any.
 struct SftSource {
     rows: PackedRows,
+    /// SFT rows of a micro-batch.
     batch: usize,
+    replay: Option<Loader>,
     rank: usize,
     world: usize,
     files: String,
@@ -180,18 +191,45 @@ struct SftSource {
 
 impl BatchSource for SftSource {
     fn next_batch(&mut self, _: &Gpt) -> Result<MicroBatch> {
-        let b = self.rows.next_batch(self.batch, self.rank, self.world);
-        Ok(micro_batch(b))
+        let b = micro_batch(self.rows.next_batch(self.batch, self.rank, self.world));
+        let Some(replay) = &mut self.replay else {
+            return Ok(b);
+        };
+        let r = replay.next_batch();
+        let learned = b.supervised.expect("SFT rows say what they learn");
+        let targets = r.rows * (r.cols - 1);
+        Ok(MicroBatch {
+            rows: r.rows + b.rows,
+            cols: b.cols,
+            tokens: [r.tokens, b.tokens].concat(),
+            supervised: Some([vec![true; targets], learned].concat()),
+            examples: Some([r.documents, b.examples.expect("SFT rows")].concat()),
+            weights: None,
+        })
     }
 
     fn state(&self) -> Value {
-        serde_json::to_value(self.rows.state()).expect("SFT position as JSON")
+        let rows = serde_json::to_value(self.rows.state()).expect("SFT position as JSON");
+        match &self.replay {
+            None => rows,
+            Some(r) => json!({"sft": rows, "replay": r.state()}),
+        }
     }
 
     fn restore(&mut self, state: &Value) -> Result<()> {
-        let state: PackState = serde_json::from_value(state.clone())
-            .map_err(|e| TrainError::Config(format!("SFT position: {e}")))?;
-        Ok(self.rows.restore(state)?)
+        let bad = |what: &str, e: serde_json::Error| TrainError::Config(format!("{what}: {e}"));
+        let rows = match &mut self.replay {
+            None => state,
+            Some(replay) => {
+                let r = serde_json::from_value(state["replay"].clone())
+                    .map_err(|e| bad("replay position", e))?;
+                replay.restore(r)?;
+                &state["sft"]
+            }
+        };
+        let rows: PackState =
+            serde_json::from_value(rows.clone()).map_err(|e| bad("SFT position", e))?;
+        Ok(self.rows.restore(rows)?)
     }
 
     fn dense(&self) -> bool {
@@ -201,6 +239,34 @@ impl BatchSource for SftSource {
     fn describe(&self) -> String {
         format!("the SFT data ({})", self.files)
     }
+}
+
+/// The loader of `pack`'s training windows for `rows` rows of each micro-batch, checked
+/// against the tokenizer the model was trained with.
+fn replay_loader(
+    pack: &Path,
+    rows: usize,
+    context: usize,
+    bpe: &Bpe,
+    (rank, world, seed): (usize, usize, u64),
+) -> Result<Loader> {
+    let manifest = Manifest::load(pack)?;
+    manifest
+        .check_tokenizer(pack, bpe)
+        .map_err(|e| TrainError::Config(format!("sft.replay_pack: {e}")))?;
+    let defaults = DataConfig::default();
+    Ok(Loader::new(
+        Arc::new(manifest.open(pack, "train")?),
+        LoaderConfig {
+            batch: rows,
+            seq_len: context,
+            rank,
+            world,
+            mode: defaults.loader,
+            seed,
+            buffer: defaults.buffer,
+        },
+    )?)
 }
 
 fn micro_batch(b: sft::SftBatch) -> MicroBatch {
@@ -445,8 +511,24 @@ pub fn sft(
         cfg.train.seed,
         pad,
     )?;
-    let rows_per_step = (total_batch / context) as u64;
-    let all_steps = rows.total_rows().div_ceil(rows_per_step);
+    // Of each micro-batch's rows, those of the replayed pack first, then the examples'.
+    let device_batch = cfg.train.device_batch;
+    let replayed = match &cfg.sft.replay_pack {
+        None => 0,
+        Some(_) => {
+            let n = (device_batch as f64 * cfg.sft.replay_share).round() as usize;
+            if !(1..device_batch).contains(&n) {
+                return Err(TrainError::Config(format!(
+                    "sft.replay_share = {} of train.device_batch = {device_batch} rows is {n}: \
+                     it must leave at least one row to the pack and one to the examples",
+                    cfg.sft.replay_share
+                )));
+            }
+            n
+        }
+    };
+    let rows_per_step = (total_batch / context * (device_batch - replayed) / device_batch) as u64;
+    let all_steps = rows.total_rows().div_ceil(rows_per_step.max(1));
     let steps = match cfg.train.steps {
         0 => all_steps,
         n => n.min(all_steps),
@@ -469,7 +551,7 @@ pub fn sft(
     let mut model = Gpt::new(model_config, dev, cfg.train.seed)?;
     model.load(&init.model)?;
     let files: Vec<&(String, String)> = data.stats.files.iter().collect();
-    let identity = json!({
+    let mut identity = json!({
         "init": init_dir,
         "init_step": init.state.step,
         "data": files,
@@ -481,9 +563,27 @@ pub fn sft(
         },
         "total_batch_tokens": total_batch,
     });
+    let replay = match &cfg.sft.replay_pack {
+        Some(pack) => Some(replay_loader(
+            pack,
+            replayed,
+            context,
+            &bpe,
+            (rank, ranks, cfg.train.seed),
+        )?),
+        None => None,
+    };
+    if let Some(pack) = &cfg.sft.replay_pack {
+        identity["replay"] = json!({"pack": pack, "rows": replayed});
+        report(Event::Info(format!(
+            "replay: {replayed} of every {device_batch} rows from the pack {}, every token learned",
+            pack.display()
+        )));
+    }
     let mut source = SftSource {
         rows,
-        batch: cfg.train.device_batch,
+        batch: device_batch - replayed,
+        replay,
         rank,
         world: ranks,
         files: cfg

@@ -79,6 +79,10 @@ struct Config {
     /// speedrun.
     #[serde(default)]
     sft: toml::Table,
+    /// SFT replays the run's pack: `sft.sft.replay_share` of its rows are pretraining
+    /// windows.
+    #[serde(default)]
+    sft_replay: bool,
     /// Task files of `tasks bugs` for RL; none: no RL stage.
     #[serde(default)]
     rl_tasks: Vec<String>,
@@ -593,9 +597,18 @@ fn pretrain_config(config: &Config, l: &Layout) -> Result<String> {
 /// The `train sft` config of the run (empty without SFT data), checked (by `train sft
 /// --check`) before anything runs.
 fn sft_config(config: &Config, l: &Layout) -> Result<String> {
+    let mut table = config.sft.clone();
+    if config.sft_replay {
+        let own = table
+            .entry("sft")
+            .or_insert_with(|| toml::Value::Table(Default::default()))
+            .as_table_mut()
+            .context("sft.sft is not a table")?;
+        own.insert("replay_pack".into(), toml::Value::String(s(&l.pack())));
+    }
     tuning_config(
         "sft",
-        &config.sft,
+        &table,
         "data",
         &config.sft_data,
         &l.train(),

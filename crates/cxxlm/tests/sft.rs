@@ -279,3 +279,59 @@ fn bad_sft_data_and_settings_are_named() {
     let e = sft_fails(&p, &long_file, &run, &[&one[..], &["--resume"]].concat());
     assert!(e.contains("other training settings"), "{e}");
 }
+
+#[test]
+fn replayed_pretraining_windows_share_every_batch_and_resume_bit_exactly() {
+    let p = pretrained();
+    let data = p.f.root.join("sft.jsonl");
+    write_lines(&data, &examples(&p.f, 40));
+    let pack = p.f.root.join("pack");
+    let replay = [
+        "--set",
+        &format!("sft.replay_pack={}", pack.display()),
+        "--set",
+        "sft.replay_share=0.5",
+        "--set",
+        "eval.every=0",
+    ]
+    .map(String::from);
+    let replay: Vec<&str> = replay.iter().map(String::as_str).collect();
+    let whole = p.f.root.join("whole");
+    let said = sft(&p, &data, &whole, &replay);
+    let stderr = String::from_utf8_lossy(&said.stderr);
+    assert!(
+        stderr.contains("replay: 1 of every 2 rows from the pack"),
+        "{stderr}"
+    );
+    let all = metrics_records(&whole);
+    let steps: Vec<&Value> = all.iter().filter(|r| r.get("loss").is_some()).collect();
+    // Half the rows learn every token, the other half only the answers.
+    for r in &steps[..steps.len() - 1] {
+        let share = r["supervised_share"].as_f64().unwrap();
+        assert!(share > 0.5 && share < 0.95, "{r}");
+    }
+    // The examples' rows, 2 of the 4 rows of a step (2 passes of 2 rows), set the steps.
+    let record: Value =
+        serde_json::from_slice(&std::fs::read(whole.join("sft-data.json")).unwrap()).unwrap();
+    let rows = record["rows"].as_u64().unwrap();
+    assert_eq!(steps.len() as u64, rows.div_ceil(2), "{rows} rows");
+
+    let split = p.f.root.join("split");
+    let stop = (steps.len() / 2).to_string();
+    sft(
+        &p,
+        &data,
+        &split,
+        &[&replay[..], &["--stop-at", &stop]].concat(),
+    );
+    sft(&p, &data, &split, &[&replay[..], &["--resume"]].concat());
+    assert_eq!(timeless(metrics_records(&split)), timeless(all));
+
+    let e = sft_fails(
+        &p,
+        &data,
+        &p.f.root.join("none"),
+        &[&replay[..], &["--set", "sft.replay_share=0.1"]].concat(),
+    );
+    assert!(e.contains("sft.replay_share = 0.1"), "{e}");
+}
