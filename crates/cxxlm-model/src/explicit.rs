@@ -85,26 +85,25 @@ fn add_weight_grad(g: &mut Tensor, dy: &Tensor, x: &Tensor) {
     }
 }
 
-impl Gpt {
-    /// Why the explicit pass cannot train this model, if it cannot.
-    pub fn explicit_unsupported(&self) -> Option<String> {
-        let c = &self.config;
-        if c.activation != Activation::Relu2 {
-            return Some("the fused path has relu^2 only".into());
-        }
-        if c.softcap <= 0.0 {
-            return Some("the fused loss needs a logit softcap".into());
-        }
-        let dim = c.head_dim();
-        if !dim.is_multiple_of(4) || dim > cxxlm_cuda::fused::MAX_HEAD_DIM {
-            return Some(format!(
-                "head dim {dim} is not a multiple of 4 up to {}",
-                cxxlm_cuda::fused::MAX_HEAD_DIM
-            ));
-        }
-        None
+/// Why the explicit pass cannot train a model of this config, if it cannot.
+pub fn explicit_unsupported(c: &ModelConfig) -> Option<String> {
+    if c.activation != Activation::Relu2 {
+        return Some("the fused path has relu^2 only".into());
     }
+    if c.softcap <= 0.0 {
+        return Some("the fused loss needs a logit softcap".into());
+    }
+    let dim = c.head_dim();
+    if !dim.is_multiple_of(4) || dim > cxxlm_cuda::fused::MAX_HEAD_DIM {
+        return Some(format!(
+            "head dim {dim} is not a multiple of 4 up to {}",
+            cxxlm_cuda::fused::MAX_HEAD_DIM
+        ));
+    }
+    None
+}
 
+impl Gpt {
     /// Trains by the explicit pass with the fused CUDA kernels of the model's device, once
     /// a copy of this model two layers deep has given autograd's loss and gradients with
     /// them on this GPU ([`check_explicit_pass`], with examples packed into rows when
@@ -113,7 +112,7 @@ impl Gpt {
         let tch::Device::Cuda(index) = self.device else {
             return Err("the fused kernels need a CUDA device".into());
         };
-        if let Some(why) = self.explicit_unsupported() {
+        if let Some(why) = explicit_unsupported(&self.config) {
             return Err(why);
         }
         let config = self.config.clone();

@@ -154,7 +154,7 @@ impl Gpt {
     /// Trains with the explicit backward pass and `fused`'s steps (None: autograd).
     /// Refused for models that pass does not cover.
     pub fn set_fused(&mut self, fused: Option<Fused>) -> Result<(), ModelError> {
-        if let (Some(_), Some(why)) = (fused, self.explicit_unsupported()) {
+        if let (Some(_), Some(why)) = (fused, crate::explicit::explicit_unsupported(&self.config)) {
             return Err(ModelError::Config(why));
         }
         self.fused = fused;

@@ -1,7 +1,7 @@
 //! Two functions of the CUDA runtime that torch loaded and tch does not expose:
-//! memory in use (`cudaMemGetInfo`; it counts everything on the device, torch's cached
-//! blocks and the CUDA context, so it bounds the allocator's peak from above) and the
-//! current device (`cudaSetDevice`, which NCCL and the default stream follow).
+//! the device's memory, and the memory in use (`cudaMemGetInfo`; it counts everything on
+//! the device, torch's cached blocks and the CUDA context, so it bounds the allocator's
+//! peak from above) and the current device (`cudaSetDevice`, which NCCL and the default stream follow).
 
 use std::ffi::CStr;
 use std::sync::OnceLock;
@@ -29,8 +29,8 @@ fn runtime_symbol(name: &CStr) -> Option<*mut libc::c_void> {
     (!sym.is_null()).then_some(sym)
 }
 
-/// Bytes in use on the current CUDA device, or `None` without CUDA.
-pub fn used_bytes() -> Option<u64> {
+/// Free and total bytes of the current CUDA device, or `None` without CUDA.
+fn memory_info() -> Option<(u64, u64)> {
     type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> i32;
     static F: OnceLock<Option<MemGetInfo>> = OnceLock::new();
     let f = (*F.get_or_init(|| {
@@ -40,7 +40,17 @@ pub fn used_bytes() -> Option<u64> {
     let (mut free, mut total) = (0usize, 0usize);
     // SAFETY: both pointers are valid for writes.
     let rc = unsafe { f(&mut free, &mut total) };
-    (rc == 0).then(|| (total - free) as u64)
+    (rc == 0).then_some((free as u64, total as u64))
+}
+
+/// Bytes in use on the current CUDA device, or `None` without CUDA.
+pub fn used_bytes() -> Option<u64> {
+    memory_info().map(|(free, total)| total - free)
+}
+
+/// The current CUDA device's memory, or `None` without CUDA.
+pub fn total_bytes() -> Option<u64> {
+    memory_info().map(|(_, total)| total)
 }
 
 /// Makes `device` this thread's current CUDA device.

@@ -8,6 +8,7 @@
 pub mod checkpoint;
 pub mod cuda;
 pub mod dist;
+pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod pretrain;
@@ -17,7 +18,7 @@ pub mod trainer;
 mod validate;
 
 pub use optim::{Matrices, OptimConfig, Optimizer, Schedule};
-pub use pretrain::{pretrain, TrainConfig};
+pub use pretrain::{memory_plan, pretrain, TrainConfig};
 pub use rl::{rl, RlConfig};
 pub use sft::{sft, SftConfig};
 pub use trainer::Event;

@@ -14,6 +14,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, TrainerState};
 use crate::dist::Comm;
+use crate::memory::{self, MemoryPlan};
 use crate::optim::{OptimConfig, Schedule};
 use crate::trainer::{
     self, batch_shape, to_device_ids, Backward, BatchSource, Common, CrossEntropy, Evaluation,
@@ -346,6 +347,35 @@ pub fn bits_per_byte(
             })
             .collect(),
     }))
+}
+
+/// The memory one of `ranks` ranks needs for this run, once the model's vocabulary is
+/// known (from `init`, or the tokenizer of an existing pack); None before that.
+pub fn memory_plan(cfg: &TrainConfig, ranks: usize) -> Result<Option<MemoryPlan>> {
+    let model = if cfg.init.as_os_str().is_empty() {
+        let Ok(manifest) = Manifest::load(&cfg.data.pack) else {
+            return Ok(None);
+        };
+        let tok_path = cfg
+            .data
+            .tokenizer
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(&manifest.tokenizer_path));
+        let bpe =
+            cxxlm_tokenizer::load(&tok_path).map_err(|e| TrainError::Config(e.to_string()))?;
+        ModelConfig::resolve(&cfg.model, bpe.vocab_size())?
+    } else {
+        let state = checkpoint::read_state(&checkpoint::resolve(&cfg.init)?)?;
+        state.model.extended(&cfg.model)?
+    };
+    let explicit = cxxlm_model::explicit_unsupported(&model).is_none();
+    Ok(Some(memory::plan(
+        &model,
+        cfg.train.device_batch,
+        &cfg.optim,
+        ranks,
+        explicit,
+    )))
 }
 
 /// The pack's training windows, as the loader cuts them for this rank.

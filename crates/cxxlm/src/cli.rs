@@ -245,6 +245,14 @@ pub struct PretrainArgs {
     /// its newest checkpoint, or a checkpoint directory).
     #[arg(long)]
     pub init: Option<PathBuf>,
+    /// With --check: plan the memory of each of this many data-parallel ranks (default:
+    /// `WORLD_SIZE`, else 1).
+    #[arg(long)]
+    pub ranks: Option<usize>,
+    /// With --check: the memory of each GPU to plan against, in GiB (default: this
+    /// machine's GPU, when training would run on it).
+    #[arg(long, value_name = "GIB")]
+    pub gpu_memory: Option<f64>,
     #[command(flatten)]
     pub stage: StageArgs,
 }

@@ -225,6 +225,28 @@ fn bad_input_is_named() {
         e.contains("train.device_batch = 0") && e.contains("optim.betas[1] = 1.5"),
         "{e}"
     );
+    // --check plans the memory of each GPU, and refuses a run that cannot fit.
+    let plan = |extra: &[&str]| {
+        let head = [
+            "--check",
+            "--set",
+            "model.preset=d12",
+            "--set",
+            "train.device_batch=32",
+        ];
+        train_args(&p, &out, &[&head[..], extra].concat())
+    };
+    let said = run_ok(&plan(&["--gpu-memory", "80", "--ranks", "8"]));
+    let stderr = String::from_utf8_lossy(&said.stderr);
+    assert!(
+        stderr.contains("8 rank(s), 32 rows of 2048 tokens") && stderr.contains("of 80.00 GiB"),
+        "{stderr}"
+    );
+    let e = run_fails(&plan(&["--gpu-memory", "8"]));
+    assert!(
+        e.contains("more memory per GPU than the 8.00 GiB") && e.contains("activations"),
+        "{e}"
+    );
 
     // Tokens packed with another tokenizer.
     let other = p.f.root.join("other.json");

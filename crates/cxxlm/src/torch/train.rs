@@ -89,7 +89,7 @@ fn pretrain_command(args: PretrainArgs) -> Result<()> {
     let mut config = TrainConfig::from_table(doc)?;
     config.validate()?;
     if args.stage.check {
-        return Ok(());
+        return check_memory(&config, &args);
     }
     if config.data.pack.as_os_str().is_empty() || config.out.as_os_str().is_empty() {
         bail!("say where the packed tokens are and where the run goes: --pack DIR --out DIR (or data.pack and out in --config)");
@@ -111,6 +111,38 @@ fn pretrain_command(args: PretrainArgs) -> Result<()> {
             stop,
         )?)
     })
+}
+
+/// Prints the memory each rank needs, and refuses a run that cannot fit its GPUs.
+fn check_memory(config: &TrainConfig, args: &PretrainArgs) -> Result<()> {
+    let world = std::env::var("WORLD_SIZE")
+        .ok()
+        .and_then(|w| w.parse().ok());
+    let ranks = args.ranks.or(world).unwrap_or(1);
+    let Some(plan) = cxxlm_train::memory_plan(config, ranks)? else {
+        eprintln!("memory: not planned until the pack (and so the vocabulary) exists");
+        return Ok(());
+    };
+    let on_gpu = config.train.device != "cpu" && tch::Cuda::is_available();
+    let capacity = match args.gpu_memory {
+        Some(gib) => Some((gib * (1u64 << 30) as f64) as u64),
+        None if on_gpu => cxxlm_train::cuda::total_bytes(),
+        None => None,
+    };
+    let text = plan.describe(capacity);
+    let shape = format!(
+        "{ranks} rank(s), {} rows of {} tokens per pass",
+        plan.rows, plan.seq_len
+    );
+    if let Some(capacity) = capacity.filter(|&c| plan.total() > c) {
+        bail!(
+            "this run needs more memory per GPU than the {:.2} GiB it has ({shape}):\n{text}\n\
+             lower train.device_batch (gradient accumulation keeps train.total_batch_tokens), or use more ranks",
+            capacity as f64 / (1u64 << 30) as f64
+        );
+    }
+    eprintln!("memory per GPU ({shape}):\n{text}");
+    Ok(())
 }
 
 /// An SFT config from `--config`, the shorthand flags and `--set`s; the tokenizer, when

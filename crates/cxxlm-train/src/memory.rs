@@ -1,0 +1,171 @@
+//! How much GPU memory a pretraining run needs on each rank, before it starts: the weights
+//! (fp32, and their bf16 copies the pass computes with), the gradients (fp32), the
+//! optimizer's state (sharded over the ranks), the activations the backward pass reads,
+//! and the workspace of the loss and of one layer's backward. Counted from what the
+//! explicit pass keeps (`cxxlm_model::explicit`), which matched the allocator's measured
+//! peak within 2% at d12 and d20 on an H100 (BENCHMARKS.md; the test below).
+
+use cxxlm_model::ModelConfig;
+
+use crate::optim::{Matrices, OptimConfig};
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Rows of the loss computed at once: the explicit pass's chunk of `2^27` logits.
+const LOSS_CHUNK_ELEMENTS: usize = 1 << 27;
+
+/// Autograd keeps this many times the explicit pass's activations (measured at d12 B=32:
+/// 23.78 against 13.92 GiB for the pass, at d20 B=16: 34.81 against 21.45).
+const AUTOGRAD_ACTIVATIONS: f64 = 1.78;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryPlan {
+    /// Bytes per rank, by part, in the order printed.
+    pub parts: Vec<(&'static str, u64)>,
+    /// Bytes the activations would take with each layer's input kept and the rest
+    /// recomputed in the backward pass (per-layer activation checkpointing).
+    pub checkpointed_activations: u64,
+    /// Whether the model trains on the explicit pass (else autograd, estimated).
+    pub explicit: bool,
+    /// Rows of a pass, and their tokens.
+    pub rows: usize,
+    pub seq_len: usize,
+}
+
+impl MemoryPlan {
+    pub fn total(&self) -> u64 {
+        self.parts.iter().map(|(_, b)| b).sum()
+    }
+
+    /// The plan as lines of text, against `capacity` bytes when known.
+    pub fn describe(&self, capacity: Option<u64>) -> String {
+        let gib = |b: u64| b as f64 / GIB;
+        let mut out = String::new();
+        for (name, bytes) in &self.parts {
+            out += &format!("  {name:<12} {:>8.2} GiB\n", gib(*bytes));
+        }
+        out += &format!("  {:<12} {:>8.2} GiB", "total", gib(self.total()));
+        if let Some(c) = capacity {
+            out += &format!(" of {:.2} GiB", gib(c));
+        }
+        let activations = self
+            .parts
+            .iter()
+            .find(|(n, _)| *n == "activations")
+            .map_or(0, |p| p.1);
+        out += &format!(
+            "\n  with per-layer activation checkpointing (not in the pass yet) the activations would be {:.2} GiB, the total {:.2} GiB",
+            gib(self.checkpointed_activations),
+            gib(self.total() - activations + self.checkpointed_activations)
+        );
+        if !self.explicit {
+            out += &format!(
+                "\n  this model trains on autograd (no fused pass for it): its activations are \
+                 estimated at {AUTOGRAD_ACTIVATIONS}x the fused pass's, as measured at d12 and d20"
+            );
+        }
+        out
+    }
+}
+
+/// The memory one rank of `ranks` needs to train `model` on `device_batch` rows of its
+/// context with `optim`; `explicit`: on the explicit pass with fused kernels.
+pub fn plan(
+    model: &ModelConfig,
+    device_batch: usize,
+    optim: &OptimConfig,
+    ranks: usize,
+    explicit: bool,
+) -> MemoryPlan {
+    let c = model;
+    let (w, d, hidden) = (c.width, c.head_dim(), c.hidden());
+    let (heads, kv) = (c.heads, c.kv_heads);
+    let params = c.params();
+    let matrices = params - 2 * c.embedding_params();
+    let tokens = device_batch * c.seq_len;
+    // bf16 copies to compute with, and each layer's q|k|v weights joined.
+    let copies = 2 * params + 2 * c.depth * (heads + 2 * kv) * d * w;
+    let optimizer_state = match optim.matrices {
+        Matrices::Muon => 4 * matrices + 8 * (params - matrices),
+        Matrices::Adamw => 8 * params,
+    };
+    // Per token and layer: the two norms' outputs, q|k|v, the attention's output and the
+    // activation in bf16; the norms' and the attention's row statistics in fp32.
+    let layer = 2 * (2 * w + (heads + 2 * kv) * d + heads * d + hidden) + 4 * (2 + 2 * heads + kv);
+    // Per token, outside the layers: the embedding's norm, the final norm and its
+    // gradient (bf16), the ids and targets.
+    let outside = 6 * w + 16;
+    let activations = tokens * (c.depth * layer + outside);
+    let logits = 2 * tokens.min(LOSS_CHUNK_ELEMENTS / c.vocab_size.max(1)) * c.vocab_size;
+    let workspace = logits + 2 * 2 * tokens * hidden;
+    let (activations, copies) = match explicit {
+        true => (activations as u64, copies as u64),
+        false => (
+            (activations as f64 * AUTOGRAD_ACTIVATIONS) as u64,
+            2 * params as u64,
+        ),
+    };
+    MemoryPlan {
+        parts: vec![
+            ("weights", (4 * params) as u64 + copies),
+            ("gradients", (4 * params) as u64),
+            ("optimizer", optimizer_state.div_ceil(ranks.max(1)) as u64),
+            ("activations", activations),
+            ("workspace", workspace as u64),
+        ],
+        checkpointed_activations: (tokens * (c.depth * 2 * w + layer + outside)) as u64,
+        explicit,
+        rows: device_batch,
+        seq_len: c.seq_len,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The allocator's peaks of whole training steps (`benches/train/gpu.sh bench`, one
+    /// H100, BENCHMARKS.md "Fused kernels and the explicit pass").
+    #[test]
+    fn the_plan_matches_the_measured_peaks() {
+        for (preset, batch, matrices, measured) in [
+            ("d12", 32, Matrices::Adamw, 14.94),
+            ("d12", 32, Matrices::Muon, 14.61),
+            ("d20", 16, Matrices::Adamw, 25.09),
+            ("d20", 16, Matrices::Muon, 23.58),
+            ("d20", 32, Matrices::Adamw, 41.82),
+            ("d20", 32, Matrices::Muon, 40.31),
+        ] {
+            let model = ModelConfig::preset(preset, 32_768).unwrap();
+            let optim = OptimConfig {
+                matrices,
+                ..Default::default()
+            };
+            let planned = plan(&model, batch, &optim, 1, true).total() as f64 / GIB;
+            assert!(
+                (planned / measured - 1.0).abs() < 0.02,
+                "{preset} B={batch} {matrices:?}: planned {planned:.2} GiB, measured {measured}"
+            );
+        }
+    }
+
+    #[test]
+    fn ranks_share_the_optimizer_state_and_checkpointing_keeps_layer_inputs() {
+        let model = ModelConfig::preset("d20", 32_768).unwrap();
+        let optim = OptimConfig::default();
+        let part = |p: &MemoryPlan, name: &str| p.parts.iter().find(|x| x.0 == name).unwrap().1;
+        let one = plan(&model, 16, &optim, 1, true);
+        let eight = plan(&model, 16, &optim, 8, true);
+        assert_eq!(
+            part(&one, "optimizer").div_ceil(8),
+            part(&eight, "optimizer")
+        );
+        assert_eq!(part(&one, "weights"), part(&eight, "weights"));
+        assert!(one.checkpointed_activations * 5 < part(&one, "activations"));
+        let autograd = plan(&model, 16, &optim, 1, false);
+        assert!(part(&autograd, "activations") > part(&one, "activations"));
+        let text = one.describe(Some(80 << 30));
+        assert!(text.contains("of 80.00 GiB"), "{text}");
+        assert!(text.contains("activation checkpointing"), "{text}");
+    }
+}
