@@ -42,6 +42,13 @@ struct Saved {
     act: Tensor,
 }
 
+/// What the backward pass has of a layer: what it reads with the layer's joined q|k|v
+/// weight, or (checkpointed) only the layer's input.
+enum Kept {
+    Saved((Saved, Tensor)),
+    Input(Tensor),
+}
+
 /// Where the time of explicit steps goes: seconds per phase, in order of first
 /// appearance, each measured by synchronizing the device at its end.
 #[derive(Default)]
@@ -221,12 +228,12 @@ impl Gpt {
         // The residual stream, added to in place by the matmuls (x0 is kept for the
         // backward; nothing else reads the stream).
         let mut x = x0.copy();
-        let mut layers = Vec::with_capacity(c.depth);
-        let mut fused_qkv = Vec::with_capacity(c.depth);
-        for layer in 0..c.depth {
+        // One layer's forward on the residual stream `x` (added to in place): what its
+        // backward reads, and its joined q|k|v weight.
+        let forward_layer = |x: &mut Tensor, layer: usize, mark: &mut dyn FnMut(&'static str)| {
             let w = |k: usize| &w[1 + layer * 6 + k];
             let wqkv = Tensor::cat(&[w(Q), w(K), w(V)], 0);
-            let (h1, rstd1) = fused.rmsnorm(&x, eps);
+            let (h1, rstd1) = fused.rmsnorm(x, eps);
             mark("forward: rmsnorm");
             let qkv = h1.mm(&wqkv.tr()).view(rotary_shape);
             mark("forward: matmuls");
@@ -254,7 +261,7 @@ impl Gpt {
             mark("forward: attention");
             let _ = x.addmm_(&out_rows, &w(PROJ).tr());
             mark("forward: matmuls");
-            let (h2, rstd2) = fused.rmsnorm(&x, eps);
+            let (h2, rstd2) = fused.rmsnorm(x, eps);
             mark("forward: rmsnorm");
             let act = h2.mm(&w(FC).tr());
             mark("forward: matmuls");
@@ -262,7 +269,7 @@ impl Gpt {
             mark("forward: relu^2");
             let _ = x.addmm_(&act, &w(MLP_PROJ).tr());
             mark("forward: matmuls");
-            layers.push(Saved {
+            let saved = Saved {
                 h1,
                 rstd1,
                 qkv,
@@ -272,8 +279,21 @@ impl Gpt {
                 h2,
                 rstd2,
                 act,
+            };
+            (saved, wqkv)
+        };
+        // Checkpointed layers keep only their input, and run their forward again in the
+        // backward pass.
+        let checkpointed =
+            |layer: usize| self.checkpoint_every > 0 && layer.is_multiple_of(self.checkpoint_every);
+        let mut layers = Vec::with_capacity(c.depth);
+        for layer in 0..c.depth {
+            let input = checkpointed(layer).then(|| x.copy());
+            let kept = forward_layer(&mut x, layer, &mut mark);
+            layers.push(match input {
+                Some(input) => Kept::Input(input),
+                None => Kept::Saved(kept),
             });
-            fused_qkv.push(wqkv);
         }
         let (hf, rstdf) = fused.rmsnorm(&x, eps);
         drop(x);
@@ -307,8 +327,14 @@ impl Gpt {
         mark("backward: rmsnorm");
 
         for layer in (0..c.depth).rev() {
-            let s = layers.pop().expect("one saved state per layer");
-            let wqkv = fused_qkv.pop().expect("one q|k|v weight per layer");
+            let (s, wqkv) = match layers.pop().expect("one saved state per layer") {
+                Kept::Saved(kept) => kept,
+                Kept::Input(mut input) => {
+                    let kept = forward_layer(&mut input, layer, &mut mark);
+                    mark("backward: forward again");
+                    kept
+                }
+            };
             let w = |k: usize| &w[1 + layer * 6 + k];
             let g = |k: usize| 1 + layer * 6 + k;
 
@@ -520,6 +546,53 @@ mod tests {
                     err <= 1e-4 * size.max(1e-3),
                     "{name} (kv heads {kv_heads}, packed: {packed}): {err} against {size}"
                 );
+            }
+        }
+    }
+
+    /// Layers that keep only their input and run their forward again in the backward
+    /// pass give the same loss and gradients, bit for bit, packed or not.
+    #[test]
+    fn checkpointed_layers_give_the_same_gradients() {
+        let _rng = crate::TORCH_RNG.lock();
+        let config = ModelConfig {
+            seq_len: 16,
+            depth: 3,
+            ..ModelConfig::preset("tiny", 300).unwrap()
+        };
+        let mut m = Gpt::new(config, Device::Cpu, 5).unwrap();
+        tch::no_grad(|| {
+            for (_, p) in &mut m.params {
+                p.copy_(&(p.randn_like() * 0.1));
+            }
+        });
+        let idx = Tensor::randint(300, [3, 16], (Kind::Int64, Device::Cpu));
+        let tgt = Tensor::randint(300, [3, 16], (Kind::Int64, Device::Cpu));
+        let rows = [vec![5, 11], vec![16], vec![3, 4, 6]];
+        for packing in [None, Some(Packing::new(&rows, 16, Device::Cpu))] {
+            let mut run = |every: usize| {
+                m.set_activation_checkpointing(every);
+                for (_, p) in &mut m.params {
+                    p.zero_grad();
+                }
+                let loss = m.forward_backward_explicit(
+                    Fused::Reference,
+                    &idx,
+                    &tgt,
+                    packing.as_ref(),
+                    0.01,
+                    None,
+                );
+                let grads: Vec<Tensor> = m.params.iter().map(|(_, p)| p.grad().copy()).collect();
+                (loss.double_value(&[]), grads)
+            };
+            let (loss, grads) = run(0);
+            for every in [1, 2] {
+                let (again, regrads) = run(every);
+                assert_eq!(loss, again, "every {every}");
+                for (g, r) in grads.iter().zip(&regrads) {
+                    assert!(g.equal(r), "every {every}: a gradient differs");
+                }
             }
         }
     }

@@ -29,6 +29,9 @@ pub struct Gpt {
     pub(crate) loss_chunk: i64,
     /// Trains by the explicit pass with these steps instead of autograd.
     fused: Option<Fused>,
+    /// The explicit pass keeps only the input of every this-many-th layer (0: none) and
+    /// runs its forward again in the backward pass.
+    pub(crate) checkpoint_every: usize,
 }
 
 fn norm(x: &Tensor) -> Tensor {
@@ -148,6 +151,7 @@ impl Gpt {
             device,
             compute,
             fused: None,
+            checkpoint_every: 0,
         })
     }
 
@@ -163,6 +167,12 @@ impl Gpt {
 
     pub fn fused(&self) -> Option<Fused> {
         self.fused
+    }
+
+    /// Activation checkpointing in the explicit pass: every `every`-th layer, from the
+    /// first, keeps only its input for the backward pass (1: every layer; 0: none).
+    pub fn set_activation_checkpointing(&mut self, every: usize) {
+        self.checkpoint_every = every;
     }
 
     pub fn device(&self) -> Device {

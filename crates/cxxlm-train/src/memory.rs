@@ -8,6 +8,7 @@
 use cxxlm_model::ModelConfig;
 
 use crate::optim::{Matrices, OptimConfig};
+use crate::pretrain::RunConfig;
 
 const GIB: f64 = (1u64 << 30) as f64;
 
@@ -23,7 +24,7 @@ pub struct MemoryPlan {
     /// Bytes per rank, by part, in the order printed.
     pub parts: Vec<(&'static str, u64)>,
     /// Bytes the activations would take with each layer's input kept and the rest
-    /// recomputed in the backward pass (per-layer activation checkpointing).
+    /// recomputed in the backward pass (`train.activation_checkpointing = 1`).
     pub checkpointed_activations: u64,
     /// Whether the model trains on the explicit pass (else autograd, estimated).
     pub explicit: bool,
@@ -54,7 +55,7 @@ impl MemoryPlan {
             .find(|(n, _)| *n == "activations")
             .map_or(0, |p| p.1);
         out += &format!(
-            "\n  with per-layer activation checkpointing (not in the pass yet) the activations would be {:.2} GiB, the total {:.2} GiB",
+            "\n  with every layer checkpointed (train.activation_checkpointing = 1) the activations would be {:.2} GiB, the total {:.2} GiB",
             gib(self.checkpointed_activations),
             gib(self.total() - activations + self.checkpointed_activations)
         );
@@ -68,15 +69,17 @@ impl MemoryPlan {
     }
 }
 
-/// The memory one rank of `ranks` needs to train `model` on `device_batch` rows of its
-/// context with `optim`; `explicit`: on the explicit pass with fused kernels.
+/// The memory one rank of `ranks` needs to train `model` with `run`'s rows of its context
+/// per pass and its activation checkpointing, and `optim`; `explicit`: on the explicit
+/// pass with fused kernels (autograd checkpoints nothing).
 pub fn plan(
     model: &ModelConfig,
-    device_batch: usize,
+    run: &RunConfig,
     optim: &OptimConfig,
     ranks: usize,
     explicit: bool,
 ) -> MemoryPlan {
+    let device_batch = run.device_batch;
     let c = model;
     let (w, d, hidden) = (c.width, c.head_dim(), c.hidden());
     let (heads, kv) = (c.heads, c.kv_heads);
@@ -95,7 +98,22 @@ pub fn plan(
     // Per token, outside the layers: the embedding's norm, the final norm and its
     // gradient (bf16), the ids and targets.
     let outside = 6 * w + 16;
-    let activations = tokens * (c.depth * layer + outside);
+    // A checkpointed layer keeps its input; the first one's backward runs its forward
+    // again, which holds one layer's activations at a time.
+    let kept = |every: usize| -> usize {
+        let checkpointed = match every {
+            0 => 0,
+            k => c.depth.div_ceil(k),
+        };
+        let recompute = if checkpointed > 0 { layer } else { 0 };
+        tokens * ((c.depth - checkpointed) * layer + checkpointed * 2 * w + recompute + outside)
+    };
+    let every = if explicit {
+        run.activation_checkpointing
+    } else {
+        0
+    };
+    let activations = kept(every);
     let logits = 2 * tokens.min(LOSS_CHUNK_ELEMENTS / c.vocab_size.max(1)) * c.vocab_size;
     let workspace = logits + 2 * 2 * tokens * hidden;
     let (activations, copies) = match explicit {
@@ -113,7 +131,7 @@ pub fn plan(
             ("activations", activations),
             ("workspace", workspace as u64),
         ],
-        checkpointed_activations: (tokens * (c.depth * 2 * w + layer + outside)) as u64,
+        checkpointed_activations: kept(1) as u64,
         explicit,
         rows: device_batch,
         seq_len: c.seq_len,
@@ -141,7 +159,11 @@ mod tests {
                 matrices,
                 ..Default::default()
             };
-            let planned = plan(&model, batch, &optim, 1, true).total() as f64 / GIB;
+            let run = RunConfig {
+                device_batch: batch,
+                ..Default::default()
+            };
+            let planned = plan(&model, &run, &optim, 1, true).total() as f64 / GIB;
             assert!(
                 (planned / measured - 1.0).abs() < 0.02,
                 "{preset} B={batch} {matrices:?}: planned {planned:.2} GiB, measured {measured}"
@@ -154,18 +176,37 @@ mod tests {
         let model = ModelConfig::preset("d20", 32_768).unwrap();
         let optim = OptimConfig::default();
         let part = |p: &MemoryPlan, name: &str| p.parts.iter().find(|x| x.0 == name).unwrap().1;
-        let one = plan(&model, 16, &optim, 1, true);
-        let eight = plan(&model, 16, &optim, 8, true);
+        let run = RunConfig {
+            device_batch: 16,
+            ..Default::default()
+        };
+        let one = plan(&model, &run, &optim, 1, true);
+        let eight = plan(&model, &run, &optim, 8, true);
         assert_eq!(
             part(&one, "optimizer").div_ceil(8),
             part(&eight, "optimizer")
         );
         assert_eq!(part(&one, "weights"), part(&eight, "weights"));
         assert!(one.checkpointed_activations * 5 < part(&one, "activations"));
-        let autograd = plan(&model, 16, &optim, 1, false);
+        let autograd = plan(&model, &run, &optim, 1, false);
         assert!(part(&autograd, "activations") > part(&one, "activations"));
+        let all = RunConfig {
+            activation_checkpointing: 1,
+            ..run.clone()
+        };
+        let checkpointed = plan(&model, &all, &optim, 1, true);
+        assert_eq!(
+            part(&checkpointed, "activations"),
+            one.checkpointed_activations
+        );
+        let half = RunConfig {
+            activation_checkpointing: 2,
+            ..run.clone()
+        };
+        let some = part(&plan(&model, &half, &optim, 1, true), "activations");
+        assert!(one.checkpointed_activations < some && some < part(&one, "activations"));
         let text = one.describe(Some(80 << 30));
         assert!(text.contains("of 80.00 GiB"), "{text}");
-        assert!(text.contains("activation checkpointing"), "{text}");
+        assert!(text.contains("activation_checkpointing = 1"), "{text}");
     }
 }

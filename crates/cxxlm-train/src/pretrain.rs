@@ -149,6 +149,10 @@ pub struct RunConfig {
     /// 0 = the batch as given.
     pub min_steps: u64,
     pub seed: u64,
+    /// Activation checkpointing in the explicit pass: every this-many-th layer keeps only
+    /// its input and runs its forward again in the backward pass (1: every layer; 0:
+    /// none), for memory at the cost of a second forward of those layers.
+    pub activation_checkpointing: usize,
 }
 
 impl Default for RunConfig {
@@ -162,6 +166,7 @@ impl Default for RunConfig {
             time_budget: 0.0,
             min_steps: 0,
             seed: 0,
+            activation_checkpointing: 0,
         }
     }
 }
@@ -370,11 +375,7 @@ pub fn memory_plan(cfg: &TrainConfig, ranks: usize) -> Result<Option<MemoryPlan>
     };
     let explicit = cxxlm_model::explicit_unsupported(&model).is_none();
     Ok(Some(memory::plan(
-        &model,
-        cfg.train.device_batch,
-        &cfg.optim,
-        ranks,
-        explicit,
+        &model, &cfg.train, &cfg.optim, ranks, explicit,
     )))
 }
 

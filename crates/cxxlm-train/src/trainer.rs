@@ -427,10 +427,18 @@ impl<'a> Stage<'a> {
                 common.optim.matrix_lr
             )));
         }
-        let backward = match backward {
+        let mut backward = match backward {
             Backward::Explicit { packed } => choose_backward(&mut model, packed)?,
             Backward::Autograd(why) => format!("autograd ({why})"),
         };
+        let every = common.train.activation_checkpointing;
+        if every > 0 {
+            model.set_activation_checkpointing(every);
+            backward += &match model.fused() {
+                Some(_) => format!(", checkpointed layers: 1 in every {every} (their forward runs again in the backward pass)"),
+                None => ", every activation kept (checkpointing is the explicit pass's)".into(),
+            };
+        }
         let config = model.config.clone();
         let mut optimizer = Optimizer::new(
             model.params(),

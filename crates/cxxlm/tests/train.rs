@@ -468,6 +468,29 @@ fn the_explicit_backward_pass_trains_as_autograd_does() {
         );
     }
     assert!(e[5].1 < e[0].1, "the loss falls: {e:?}");
+    // Layers checkpointed (their forward run again in the backward pass) train the same.
+    let checkpointed = p.f.root.join("checkpointed");
+    let args = train_args(
+        &p,
+        &checkpointed,
+        &[
+            "--set",
+            "train.steps=6",
+            "--set",
+            "train.activation_checkpointing=1",
+        ],
+    );
+    let out = cxxlm()
+        .env("CXXLM_FUSED", "reference")
+        .args(&args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("checkpointed layers: 1 in every 1"),
+        "{stderr}"
+    );
+    assert_eq!(losses(&checkpointed), e);
 }
 
 /// On a machine with a GPU: training on it prints no torch warnings (token ids are
