@@ -381,6 +381,27 @@ impl Fused {
         }
     }
 
+    /// SwiGLU of `fc`, the gate and the value side by side `(rows, 2 hidden)`:
+    /// `silu(gate) * value`, in `fc`'s precision. Plain tch operations on every device
+    /// (fp32 arithmetic, as the reference's other steps).
+    pub fn swiglu(&self, fc: &Tensor) -> Tensor {
+        let parts = fc.to_kind(Kind::Float).chunk(2, -1);
+        (parts[0].silu() * &parts[1]).to_kind(fc.kind())
+    }
+
+    /// The gradient of `fc` `(rows, 2 hidden)` from that of SwiGLU's output `da`:
+    /// `[da value silu'(gate), da silu(gate)]`, where `silu'(g) = s (1 + g (1 - s))`.
+    pub fn swiglu_backward(&self, da: &Tensor, fc: &Tensor) -> Tensor {
+        let parts = fc.to_kind(Kind::Float).chunk(2, -1);
+        let (gate, value) = (&parts[0], &parts[1]);
+        let da = da.to_kind(Kind::Float);
+        let s = gate.sigmoid();
+        let dsilu = &s * (gate * (1.0 - &s) + 1.0);
+        let dgate = &da * value * dsilu;
+        let dvalue = da * gate * s;
+        Tensor::cat(&[dgate, dvalue], -1).to_kind(fc.kind())
+    }
+
     /// Cross-entropy of softcapped logits `cap tanh(logits / cap)` `(rows, vocab)` against
     /// `targets (rows)` (negative: ignored): returns each row's loss (fp32) and writes
     /// `scale` x the gradient of their sum over `logits`.

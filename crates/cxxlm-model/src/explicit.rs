@@ -4,7 +4,8 @@
 //! stream in place), weight gradients accumulated in fp32 straight from bf16 matmuls,
 //! and only what the backward reads kept per layer: the normalized inputs of the
 //! matmuls, the rotated and normalized q|k|v, the attention output and its statistics,
-//! and relu^2's output. With [`Fused::Reference`] the same pass runs in plain tch
+//! and relu^2's output (or SwiGLU's input, whose two elementwise steps are plain tch
+//! operations, not kernels). With [`Fused::Reference`] the same pass runs in plain tch
 //! operations, which is how it is tested against autograd on any host.
 
 use cxxlm_cuda::check::Check;
@@ -38,7 +39,8 @@ struct Saved {
     attention: attention::Saved,
     h2: Tensor,
     rstd2: Tensor,
-    /// relu^2's output `(N, hidden)`.
+    /// relu^2's output `(N, hidden)`, or SwiGLU's input `(N, 2 hidden)` (its output is
+    /// made again in the backward pass).
     act: Tensor,
 }
 
@@ -94,9 +96,6 @@ fn add_weight_grad(g: &mut Tensor, dy: &Tensor, x: &Tensor) {
 
 /// Why the explicit pass cannot train a model of this config, if it cannot.
 pub fn explicit_unsupported(c: &ModelConfig) -> Option<String> {
-    if c.activation != Activation::Relu2 {
-        return Some("the fused path has relu^2 only".into());
-    }
     if c.softcap <= 0.0 {
         return Some("the fused loss needs a logit softcap".into());
     }
@@ -265,9 +264,15 @@ impl Gpt {
             mark("forward: rmsnorm");
             let act = h2.mm(&w(FC).tr());
             mark("forward: matmuls");
-            fused.relu2_(&act);
-            mark("forward: relu^2");
-            let _ = x.addmm_(&act, &w(MLP_PROJ).tr());
+            let out = match c.activation {
+                Activation::Relu2 => {
+                    fused.relu2_(&act);
+                    act.shallow_clone()
+                }
+                Activation::Swiglu => fused.swiglu(&act),
+            };
+            mark("forward: activation");
+            let _ = x.addmm_(&out, &w(MLP_PROJ).tr());
             mark("forward: matmuls");
             let saved = Saved {
                 h1,
@@ -338,11 +343,22 @@ impl Gpt {
             let w = |k: usize| &w[1 + layer * 6 + k];
             let g = |k: usize| 1 + layer * 6 + k;
 
-            add_weight_grad(&mut grads[g(MLP_PROJ)], &dx, &s.act);
-            let dact = dx.mm(w(MLP_PROJ));
-            mark("backward: matmuls");
-            fused.relu2_backward_(&dact, &s.act);
-            mark("backward: relu^2");
+            let dact = match c.activation {
+                Activation::Relu2 => {
+                    add_weight_grad(&mut grads[g(MLP_PROJ)], &dx, &s.act);
+                    let dact = dx.mm(w(MLP_PROJ));
+                    mark("backward: matmuls");
+                    fused.relu2_backward_(&dact, &s.act);
+                    dact
+                }
+                Activation::Swiglu => {
+                    add_weight_grad(&mut grads[g(MLP_PROJ)], &dx, &fused.swiglu(&s.act));
+                    let dout = dx.mm(w(MLP_PROJ));
+                    mark("backward: matmuls");
+                    fused.swiglu_backward(&dout, &s.act)
+                }
+            };
+            mark("backward: activation");
             add_weight_grad(&mut grads[g(FC)], &dact, &s.h2);
             let dh2 = dact.mm(w(FC));
             mark("backward: matmuls");
@@ -495,18 +511,22 @@ mod tests {
             alpha: 1.0,
             beta: 32.0,
         };
-        for (kv_heads, packed, rope_scaling) in [
-            (2, false, None),
-            (1, false, None),
-            (2, true, None),
-            (1, true, None),
-            (2, false, Some(yarn)),
-            (1, true, Some(yarn)),
+        let (relu2, swiglu) = (Activation::Relu2, Activation::Swiglu);
+        for (kv_heads, packed, rope_scaling, activation) in [
+            (2, false, None, relu2),
+            (1, false, None, relu2),
+            (2, true, None, relu2),
+            (1, true, None, relu2),
+            (2, false, Some(yarn), relu2),
+            (1, true, Some(yarn), relu2),
+            (2, false, None, swiglu),
+            (1, true, None, swiglu),
         ] {
             let config = ModelConfig {
                 seq_len: 16,
                 kv_heads,
                 rope_scaling,
+                activation,
                 ..ModelConfig::preset("tiny", 300).unwrap()
             };
             assert_eq!(config.heads, 2, "the tiny preset has two heads");
@@ -544,7 +564,7 @@ mod tests {
                 assert!(size > 0.0, "{name} has no gradient to compare");
                 assert!(
                     err <= 1e-4 * size.max(1e-3),
-                    "{name} (kv heads {kv_heads}, packed: {packed}): {err} against {size}"
+                    "{name} (kv heads {kv_heads}, packed: {packed}, {activation:?}): {err} against {size}"
                 );
             }
         }

@@ -5,7 +5,7 @@
 //! explicit pass keeps (`cxxlm_model::explicit`), which matched the allocator's measured
 //! peak within 2% at d12 and d20 on an H100 (BENCHMARKS.md; the test below).
 
-use cxxlm_model::ModelConfig;
+use cxxlm_model::{Activation, ModelConfig};
 
 use crate::optim::{Matrices, OptimConfig};
 use crate::pretrain::RunConfig;
@@ -16,7 +16,8 @@ const GIB: f64 = (1u64 << 30) as f64;
 const LOSS_CHUNK_ELEMENTS: usize = 1 << 27;
 
 /// Autograd keeps this many times the explicit pass's activations (measured at d12 B=32:
-/// 23.78 against 13.92 GiB for the pass, at d20 B=16: 34.81 against 21.45).
+/// 23.78 against 13.92 GiB for the pass, at d20 B=16: 34.81 against 21.45); it trains the
+/// models the explicit pass does not (no logit softcap, odd head sizes).
 const AUTOGRAD_ACTIVATIONS: f64 = 1.78;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -61,8 +62,8 @@ impl MemoryPlan {
         );
         if !self.explicit {
             out += &format!(
-                "\n  this model trains on autograd (no fused pass for it): its activations are \
-                 estimated at {AUTOGRAD_ACTIVATIONS}x the fused pass's, as measured at d12 and d20"
+                "\n  this model trains on autograd (the explicit pass does not cover it): its \
+                 activations are estimated at {AUTOGRAD_ACTIVATIONS}x the explicit pass's, as measured at d12 and d20"
             );
         }
         out
@@ -92,9 +93,14 @@ pub fn plan(
         Matrices::Muon => 4 * matrices + 8 * (params - matrices),
         Matrices::Adamw => 8 * params,
     };
+    // What the MLP keeps: relu^2's output, or SwiGLU's input (gate and value).
+    let mlp = match c.activation {
+        Activation::Relu2 => hidden,
+        Activation::Swiglu => 2 * hidden,
+    };
     // Per token and layer: the two norms' outputs, q|k|v, the attention's output and the
-    // activation in bf16; the norms' and the attention's row statistics in fp32.
-    let layer = 2 * (2 * w + (heads + 2 * kv) * d + heads * d + hidden) + 4 * (2 + 2 * heads + kv);
+    // MLP's activation in bf16; the norms' and the attention's row statistics in fp32.
+    let layer = 2 * (2 * w + (heads + 2 * kv) * d + heads * d + mlp) + 4 * (2 + 2 * heads + kv);
     // Per token, outside the layers: the embedding's norm, the final norm and its
     // gradient (bf16), the ids and targets.
     let outside = 6 * w + 16;
@@ -115,7 +121,8 @@ pub fn plan(
     };
     let activations = kept(every);
     let logits = 2 * tokens.min(LOSS_CHUNK_ELEMENTS / c.vocab_size.max(1)) * c.vocab_size;
-    let workspace = logits + 2 * 2 * tokens * hidden;
+    // One layer's backward: the MLP's gradients beside its activation.
+    let workspace = logits + 2 * 2 * tokens * mlp;
     let (activations, copies) = match explicit {
         true => (activations as u64, copies as u64),
         false => (
