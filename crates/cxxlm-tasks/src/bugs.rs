@@ -535,12 +535,15 @@ pub fn reverify(judge: &Judge, task: &Task) -> Result<Reverified> {
         .ok_or_else(|| TaskError::Input(format!("task {} has no check", task.id)))?;
     let fixed = score(judge, check, &check.fixed, false)?;
     let buggy = score(judge, check, &check.buggy, false)?;
+    // A function-body task's stub need only fail, in any way (it may not even build);
+    // its recorded failure is the bug's it was made from.
+    let body = task.kind == crate::bodies::KIND;
     Ok(Reverified {
         id: task.id.clone(),
         operator: task.provenance.operator,
         fixed_matches_oracle: fixed.passed,
-        buggy_fails: buggy.compiled && !buggy.passed,
-        same_failure_kind: buggy.failure.as_deref() == Some(check.failure.kind.as_str()),
+        buggy_fails: (buggy.compiled || body) && !buggy.passed,
+        same_failure_kind: body || buggy.failure.as_deref() == Some(check.failure.kind.as_str()),
     })
 }
 

@@ -1,9 +1,11 @@
 //! Verifiable C++ tasks from real code: runnable programs found in a corpus
 //! ([`program`]), bugs injected into them by named mutation operators ([`mutate`]) and
 //! kept only when a sandboxed run shows them ([`judge`], [`report`], [`bugs`]), written in
-//! the seeds' SFT format with a debug state ([`task`]); fixes mined from git history
+//! the seeds' SFT format with a debug state ([`task`]), and function bodies to write again
+//! in the same programs ([`bodies`]); fixes mined from git history
 //! ([`mine`]); a client for an OpenAI-compatible teacher ([`teacher`]).
 
+pub mod bodies;
 pub mod bugs;
 pub mod judge;
 pub mod mine;

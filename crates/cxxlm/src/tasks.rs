@@ -28,6 +28,10 @@ pub enum TasksCommand {
     Decontaminate(DecontaminateArgs),
     /// Build and run both versions of sampled tasks on their own, again.
     Verify(VerifyArgs),
+    /// Function-body tasks from runnable bug tasks: the fixed program with the buggy
+    /// function's body left empty, judged by the same oracle (one per function, kept when
+    /// the empty body fails).
+    Bodies(BodiesArgs),
     /// Tool-use chat examples for `train sft`: each runnable task's fix replayed through
     /// the agent's tools (test, open, edit, test, submit), kept when it ends solved.
     Trajectories(TrajectoriesArgs),
@@ -169,6 +173,17 @@ pub struct TrajectoriesArgs {
 }
 
 #[derive(Args)]
+pub struct BodiesArgs {
+    /// Outputs of `tasks bugs` (directories or part files).
+    #[arg(long = "input", short, required = true)]
+    inputs: Vec<PathBuf>,
+    /// The tasks, JSON lines (`train rl --tasks`, `train sft --data`, `eval bugfix --tasks`
+    /// read them).
+    #[arg(long, short)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
 pub struct VerifyArgs {
     /// Outputs of `tasks bugs` (directories or part files).
     #[arg(long = "input", short, required = true)]
@@ -187,6 +202,7 @@ pub fn run(cmd: TasksCommand) -> Result<()> {
         TasksCommand::Teacher(a) => run_teacher(a),
         TasksCommand::Decontaminate(a) => run_decontaminate(a),
         TasksCommand::Verify(a) => run_verify(a),
+        TasksCommand::Bodies(a) => run_bodies(a),
         TasksCommand::Trajectories(a) => run_trajectories(a),
     }
 }
@@ -530,6 +546,27 @@ fn run_trajectories(a: TrajectoriesArgs) -> Result<()> {
     for (id, why) in failed.iter().take(10) {
         outln!("  {id}: {why}")?;
     }
+    Ok(())
+}
+
+fn run_bodies(a: BodiesArgs) -> Result<()> {
+    let bugs = bugs::read_tasks(&a.inputs)?;
+    let made = cxxlm_tasks::bodies::body_tasks(&bugs);
+    let (bodies, passing) = cxxlm_tasks::bodies::failing_stubs(&Judge::new()?, made)?;
+    let mut text = String::new();
+    for t in &bodies {
+        text += &serde_json::to_string(t)?;
+        text.push('\n');
+    }
+    cxxlm_data::shard::write_atomic(&a.out, text.as_bytes())?;
+    let runnable = bugs.iter().filter(|t| t.check.is_some()).count();
+    let test = bodies.iter().filter(|t| t.split == "test").count();
+    outln!(
+        "{} function-body tasks ({test} of the test split) from {runnable} runnable bug tasks -> {}; \
+         {passing} left out: their program passes with the body empty",
+        bodies.len(),
+        a.out.display()
+    )?;
     Ok(())
 }
 

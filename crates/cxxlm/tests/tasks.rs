@@ -238,6 +238,53 @@ fn injected_bugs_are_verified_resumed_and_judged() {
         let printed = String::from_utf8_lossy(&out.stdout);
         assert!(printed.contains(expected), "{answers}: {printed}");
     }
+
+    // Function bodies to write again in the same programs: one task per function, whose
+    // own answer passes and whose stub does not.
+    let bodies = dir.path().join("bodies.jsonl");
+    let out = run_ok(&[
+        "tasks",
+        "bodies",
+        "-i",
+        out1.to_str().unwrap(),
+        "-o",
+        bodies.to_str().unwrap(),
+    ]);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let made: Vec<Value> = std::fs::read_to_string(&bodies)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let functions: std::collections::BTreeSet<(String, u64)> = tasks
+        .iter()
+        .map(|t| {
+            let source = t["id"].as_str().unwrap().split('#').next().unwrap();
+            (source.to_string(), t["check"]["span"][0].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(made.len(), functions.len(), "{printed}");
+    assert!(made.iter().all(|t| t["kind"] == "function_body"
+        && t["input"]
+            .as_str()
+            .unwrap()
+            .contains("// TODO: this function's body")));
+    let out = run_ok(&[
+        "tasks",
+        "verify",
+        "-i",
+        bodies.to_str().unwrap(),
+        "--sample",
+        "0",
+    ]);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let n = made.len();
+    assert!(
+        printed.contains(&format!(
+            "fix matches the oracle {n}/{n}, bug fails {n}/{n}"
+        )),
+        "{printed}"
+    );
 }
 
 fn mbpp_prompt(n: usize) -> (String, String) {
