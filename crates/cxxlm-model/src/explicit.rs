@@ -498,6 +498,23 @@ mod tests {
     use super::*;
     use tch::Device;
 
+    /// The explicit pass's loss and every weight's gradient, from zero, with the
+    /// reference steps.
+    fn explicit_grads(
+        m: &mut Gpt,
+        idx: &Tensor,
+        tgt: &Tensor,
+        packing: Option<&Packing>,
+        scale: f64,
+    ) -> (f64, Vec<Tensor>) {
+        for (_, p) in &mut m.params {
+            p.zero_grad();
+        }
+        let loss = m.forward_backward_explicit(Fused::Reference, idx, tgt, packing, scale, None);
+        let grads = m.params.iter().map(|(_, p)| p.grad().copy()).collect();
+        (loss.double_value(&[]), grads)
+    }
+
     /// The explicit pass with the reference steps against autograd, on the CPU (fp32):
     /// the same loss and the same gradient for every weight, GQA included, on rows and on
     /// examples packed into rows.
@@ -545,18 +562,8 @@ mod tests {
             let scale = 0.5 / 48.0;
             let reference = m.forward_backward_autograd(&idx, &tgt, packing.as_ref(), scale);
             let expected: Vec<Tensor> = m.params.iter().map(|(_, p)| p.grad().copy()).collect();
-            for (_, p) in &mut m.params {
-                p.zero_grad();
-            }
-            let loss = m.forward_backward_explicit(
-                Fused::Reference,
-                &idx,
-                &tgt,
-                packing.as_ref(),
-                scale,
-                None,
-            );
-            let diff = (loss.double_value(&[]) - reference.double_value(&[])).abs() / 48.0;
+            let (loss, _) = explicit_grads(&mut m, &idx, &tgt, packing.as_ref(), scale);
+            let diff = (loss - reference.double_value(&[])).abs() / 48.0;
             assert!(diff < 1e-5, "loss differs by {diff} (packed: {packed})");
             for ((name, p), e) in m.params.iter().zip(expected) {
                 let err = (p.grad() - &e).abs().max().double_value(&[]);
@@ -592,19 +599,7 @@ mod tests {
         for packing in [None, Some(Packing::new(&rows, 16, Device::Cpu))] {
             let mut run = |every: usize| {
                 m.set_activation_checkpointing(every);
-                for (_, p) in &mut m.params {
-                    p.zero_grad();
-                }
-                let loss = m.forward_backward_explicit(
-                    Fused::Reference,
-                    &idx,
-                    &tgt,
-                    packing.as_ref(),
-                    0.01,
-                    None,
-                );
-                let grads: Vec<Tensor> = m.params.iter().map(|(_, p)| p.grad().copy()).collect();
-                (loss.double_value(&[]), grads)
+                explicit_grads(&mut m, &idx, &tgt, packing.as_ref(), 0.01)
             };
             let (loss, grads) = run(0);
             for every in [1, 2] {

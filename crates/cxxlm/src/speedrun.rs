@@ -564,16 +564,22 @@ fn load_config(args: &SpeedrunArgs) -> Result<(Config, String)> {
     Ok((config, text))
 }
 
+/// The table `key` of the stage config `table` (`<stage>.<key>` in the speedrun's),
+/// made when absent.
+fn section<'t>(table: &'t mut toml::Table, stage: &str, key: &str) -> Result<&'t mut toml::Table> {
+    table
+        .entry(key)
+        .or_insert_with(|| toml::Value::Table(Default::default()))
+        .as_table_mut()
+        .with_context(|| format!("{stage}.{key} is not a table"))
+}
+
 /// The `train pretrain` config of the run, checked (by `train pretrain --check`) before
 /// anything runs.
 fn pretrain_config(config: &Config, l: &Layout) -> Result<String> {
     let mut table = config.pretrain.clone();
     table.insert("out".into(), toml::Value::String(s(&l.train())));
-    let data = table
-        .entry("data")
-        .or_insert_with(|| toml::Value::Table(Default::default()))
-        .as_table_mut()
-        .context("pretrain.data is not a table")?;
+    let data = section(&mut table, "pretrain", "data")?;
     data.insert("pack".into(), toml::Value::String(s(&l.pack())));
     data.insert("tokenizer".into(), toml::Value::String(s(&l.tokenizer())));
     let text = toml::to_string_pretty(&table)?;
@@ -599,11 +605,7 @@ fn pretrain_config(config: &Config, l: &Layout) -> Result<String> {
 fn sft_config(config: &Config, l: &Layout) -> Result<String> {
     let mut table = config.sft.clone();
     if config.sft_replay {
-        let own = table
-            .entry("sft")
-            .or_insert_with(|| toml::Value::Table(Default::default()))
-            .as_table_mut()
-            .context("sft.sft is not a table")?;
+        let own = section(&mut table, "sft", "sft")?;
         own.insert("replay_pack".into(), toml::Value::String(s(&l.pack())));
     }
     tuning_config(
@@ -653,11 +655,7 @@ fn tuning_config(
     let mut table = table.clone();
     table.insert("out".into(), toml::Value::String(s(out)));
     table.insert("init".into(), toml::Value::String(s(init)));
-    let own = table
-        .entry(stage)
-        .or_insert_with(|| toml::Value::Table(Default::default()))
-        .as_table_mut()
-        .with_context(|| format!("{stage}.{stage} is not a table"))?;
+    let own = section(&mut table, stage, stage)?;
     let inputs = inputs.iter().cloned().map(toml::Value::String);
     own.insert(key.into(), toml::Value::Array(inputs.collect()));
     own.insert("tokenizer".into(), toml::Value::String(s(&l.tokenizer())));

@@ -446,20 +446,25 @@ fn the_explicit_backward_pass_trains_as_autograd_does() {
     let autograd = p.f.root.join("autograd");
     let said = train(&p, &autograd, &["--set", "train.steps=6"]);
     assert!(String::from_utf8_lossy(&said.stderr).contains("backward: autograd"));
-    let explicit = p.f.root.join("explicit");
-    let args = train_args(&p, &explicit, &["--set", "train.steps=6"]);
-    let out = cxxlm()
-        .env("CXXLM_FUSED", "reference")
-        .args(&args)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    // Six steps on the explicit pass in plain tch: its start line, and its losses.
+    let explicit = |name: &str, extra: &[&str]| {
+        let out = p.f.root.join(name);
+        let args = train_args(&p, &out, &[&["--set", "train.steps=6"], extra].concat());
+        let said = cxxlm()
+            .env("CXXLM_FUSED", "reference")
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&said.stderr).into_owned();
+        assert!(said.status.success(), "{stderr}");
+        (stderr, losses(&out))
+    };
+    let (stderr, e) = explicit("explicit", &[]);
     assert!(
         stderr.contains("backward: explicit with reference steps"),
         "{stderr}"
     );
-    let (a, e) = (losses(&autograd), losses(&explicit));
+    let a = losses(&autograd);
     assert_eq!(a.len(), 6);
     for ((step, x), (_, y)) in a.iter().zip(&e) {
         assert!(
@@ -469,28 +474,15 @@ fn the_explicit_backward_pass_trains_as_autograd_does() {
     }
     assert!(e[5].1 < e[0].1, "the loss falls: {e:?}");
     // Layers checkpointed (their forward run again in the backward pass) train the same.
-    let checkpointed = p.f.root.join("checkpointed");
-    let args = train_args(
-        &p,
-        &checkpointed,
-        &[
-            "--set",
-            "train.steps=6",
-            "--set",
-            "train.activation_checkpointing=1",
-        ],
+    let (stderr, c) = explicit(
+        "checkpointed",
+        &["--set", "train.activation_checkpointing=1"],
     );
-    let out = cxxlm()
-        .env("CXXLM_FUSED", "reference")
-        .args(&args)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("checkpointed layers: 1 in every 1"),
         "{stderr}"
     );
-    assert_eq!(losses(&checkpointed), e);
+    assert_eq!(c, e);
 }
 
 /// On a machine with a GPU: training on it prints no torch warnings (token ids are
