@@ -45,18 +45,38 @@ pub fn locate(id: &str, meta: &Map<String, Value>) -> (String, String) {
     }
 }
 
-/// The `#include`s of a file, read line by line (a directive, not a C++ parse: an include
-/// inside a comment block or a disabled branch counts too).
+/// The `#include`s of a file, read line by line (directives, not a C++ parse), leaving out
+/// those inside block comments and in `#if 0` branches.
 pub fn includes(text: &str) -> Vec<Include> {
     let mut out = Vec::new();
+    let mut in_comment = false;
+    // Open `#if`s since a `#if 0` (0: not in one).
+    let mut disabled = 0usize;
     for (i, line) in text.lines().enumerate() {
-        let Some(rest) = line.trim_start().strip_prefix('#') else {
+        let starts_in_comment = in_comment;
+        in_comment = ends_in_comment(line, in_comment);
+        if starts_in_comment {
+            continue;
+        }
+        let Some(directive) = line.trim_start().strip_prefix('#') else {
             continue;
         };
-        let Some(rest) = rest.trim_start().strip_prefix("include") else {
+        let directive = directive.trim_start();
+        let word = directive
+            .split(|c: char| !c.is_ascii_alphanumeric())
+            .next()
+            .unwrap_or("");
+        match word {
+            "if" | "ifdef" | "ifndef" if disabled > 0 => disabled += 1,
+            "if" if directive[2..].trim_start().starts_with('0') => disabled = 1,
+            "endif" if disabled > 0 => disabled -= 1,
+            "else" | "elif" if disabled == 1 => disabled = 0,
+            _ => {}
+        }
+        if disabled > 0 || word != "include" {
             continue;
-        };
-        let rest = rest.trim_start();
+        }
+        let rest = directive["include".len()..].trim_start();
         let (angle, close) = match rest.chars().next() {
             Some('"') => (false, '"'),
             Some('<') => (true, '>'),
@@ -71,6 +91,40 @@ pub fn includes(text: &str) -> Vec<Include> {
         }
     }
     out
+}
+
+/// Whether a block comment is open at the end of `line`, given whether one was at its
+/// start (string and character literals and `//` comments are read past).
+fn ends_in_comment(line: &str, mut open: bool) -> bool {
+    let b = line.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if open {
+            if b[i..].starts_with(b"*/") {
+                open = false;
+                i += 2;
+            } else {
+                i += 1;
+            }
+            continue;
+        }
+        match b[i] {
+            b'/' if b[i..].starts_with(b"//") => return false,
+            b'/' if b[i..].starts_with(b"/*") => {
+                open = true;
+                i += 2;
+            }
+            q @ (b'"' | b'\'') => {
+                i += 1;
+                while i < b.len() && b[i] != q {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            _ => i += 1,
+        }
+    }
+    open
 }
 
 /// The order of `files` (path, text) in which every file comes after the files of the
@@ -281,6 +335,15 @@ mod tests {
     }
 
     #[test]
+    fn includes_in_comments_and_disabled_branches_do_not_count() {
+        let text = "#include \"a.h\"\n/* old:\n#include \"gone.h\"\n*/ int x; // /*\n\
+                    #if 0\n#include \"off.h\"\n#ifdef X\n#include \"off2.h\"\n#endif\n\
+                    #else\n#include \"b.h\"\n#endif\nconst char* s = \"/*\";\n#include <c.h>\n";
+        let found: Vec<String> = includes(text).into_iter().map(|i| i.path).collect();
+        assert_eq!(found, ["a.h", "b.h", "c.h"]);
+    }
+
+    #[test]
     fn headers_come_before_the_files_that_include_them() {
         let files = repository();
         let order: Vec<&str> = include_order(&files)
@@ -326,8 +389,8 @@ mod tests {
         assert_eq!(found[0], ("a.h".to_string(), false));
         assert_eq!(
             found.len(),
-            3,
-            "a scanner counts an include of a disabled branch too"
+            2,
+            "an include of a disabled branch does not count"
         );
     }
 
