@@ -4,8 +4,10 @@
 //! references, as aider's repository map). Stored on disk with a format version and
 //! checksums, and refreshed one saved file at a time. Retrieval pairs mined from it
 //! (doc comments, call sites, declarations, each with the definition it names) judge
-//! code search: BM25 here, a model's embeddings where a model runs. Bad input (invalid UTF-8, binary
-//! or huge files, unreadable folders, symlink loops) is skipped and counted by reason.
+//! code search: BM25 here, a model's embeddings where a model runs. Those embeddings of
+//! functions and files are stored beside the index, refreshed per changed file and
+//! searched here. Bad input (invalid UTF-8, binary or huge files, unreadable folders,
+//! symlink loops) is skipped and counted by reason.
 
 pub mod includes;
 pub mod index;
@@ -13,6 +15,7 @@ pub mod parse;
 pub mod rank;
 pub mod retrieval;
 pub mod store;
+pub mod vectors;
 pub mod watch;
 
 use std::path::PathBuf;
@@ -21,6 +24,7 @@ pub use index::{Change, Index, Settings, Skip};
 pub use rank::{chunks, Chunk, Cursor, Graph, RankedDef, RankedFile, Ranking};
 pub use retrieval::{mine, Bm25, MineSettings, Mined, Pair, PairKind, Recall};
 pub use store::Store;
+pub use vectors::Vectors;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {

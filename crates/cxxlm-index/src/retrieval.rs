@@ -116,8 +116,9 @@ fn held_out(hash: u64, percent: u64) -> bool {
 }
 
 /// The comment block right above line `line` (1-based), its markers stripped: `//`,
-/// `///`, `//!` lines or a `/* ... */` block, with no blank line between.
-fn doc_comment(lines: &[&str], line: u32) -> Option<String> {
+/// `///`, `//!` lines or a `/* ... */` block, with no blank line between; and the
+/// block's first line.
+pub(crate) fn doc_comment(lines: &[&str], line: u32) -> Option<(u32, String)> {
     let mut at = (line as usize).checked_sub(1)?;
     let mut block = Vec::new();
     while at > 0 {
@@ -148,11 +149,11 @@ fn doc_comment(lines: &[&str], line: u32) -> Option<String> {
     block.reverse();
     let text = block.join("\n").trim().to_string();
     let words = text.split_whitespace().count();
-    (words >= 3).then_some(text)
+    (words >= 3).then_some((at as u32 + 1, text))
 }
 
 /// Lines `first..=last` (1-based, clipped) of a file.
-fn lines_between(lines: &[&str], first: u32, last: u32) -> String {
+pub(crate) fn lines_between(lines: &[&str], first: u32, last: u32) -> String {
     let first = (first.max(1) - 1) as usize;
     let last = (last as usize).min(lines.len());
     match first < last {
@@ -250,7 +251,7 @@ pub fn mine(index: &Index, settings: &MineSettings) -> Mined {
                 _ => None,
             };
             let Some(target) = target else { continue };
-            if let Some(doc) = doc_comment(&lines[f], d.line) {
+            if let Some((_, doc)) = doc_comment(&lines[f], d.line) {
                 pairs.push((PairKind::DocComment, f, d.line, doc, target));
             }
             if d.kind == Kind::Declaration {

@@ -38,12 +38,12 @@ pub struct Store {
     journal_records: usize,
 }
 
-struct Writer {
-    buf: Vec<u8>,
+pub(crate) struct Writer {
+    pub(crate) buf: Vec<u8>,
 }
 
 impl Writer {
-    fn varint(&mut self, mut x: u64) {
+    pub(crate) fn varint(&mut self, mut x: u64) {
         while x >= 0x80 {
             self.buf.push((x as u8) | 0x80);
             x >>= 7;
@@ -51,23 +51,23 @@ impl Writer {
         self.buf.push(x as u8);
     }
 
-    fn u64(&mut self, x: u64) {
+    pub(crate) fn u64(&mut self, x: u64) {
         self.buf.extend_from_slice(&x.to_le_bytes());
     }
 
-    fn str(&mut self, s: &str) {
+    pub(crate) fn str(&mut self, s: &str) {
         self.varint(s.len() as u64);
         self.buf.extend_from_slice(s.as_bytes());
     }
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    at: usize,
+pub(crate) struct Reader<'a> {
+    pub(crate) buf: &'a [u8],
+    pub(crate) at: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn byte(&mut self) -> Result<u8, String> {
+    pub(crate) fn byte(&mut self) -> Result<u8, String> {
         let b = *self
             .buf
             .get(self.at)
@@ -76,7 +76,7 @@ impl<'a> Reader<'a> {
         Ok(b)
     }
 
-    fn varint(&mut self) -> Result<u64, String> {
+    pub(crate) fn varint(&mut self) -> Result<u64, String> {
         let mut x = 0u64;
         for shift in (0..64).step_by(7) {
             let b = self.byte()?;
@@ -88,13 +88,13 @@ impl<'a> Reader<'a> {
         Err(format!("a number too long at byte {}", self.at))
     }
 
-    fn u32(&mut self) -> Result<u32, String> {
+    pub(crate) fn u32(&mut self) -> Result<u32, String> {
         u32::try_from(self.varint()?)
             .map_err(|_| format!("a number out of range at byte {}", self.at))
     }
 
     /// A count of items, each at least one byte: more than the bytes left is corrupt.
-    fn count(&mut self) -> Result<usize, String> {
+    pub(crate) fn count(&mut self) -> Result<usize, String> {
         let n = self.varint()? as usize;
         match n <= self.buf.len() - self.at {
             true => Ok(n),
@@ -105,7 +105,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn u64(&mut self) -> Result<u64, String> {
+    pub(crate) fn u64(&mut self) -> Result<u64, String> {
         let bytes = self
             .buf
             .get(self.at..self.at + 8)
@@ -114,7 +114,7 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(bytes.try_into().unwrap_or_default()))
     }
 
-    fn str(&mut self) -> Result<&'a str, String> {
+    pub(crate) fn str(&mut self) -> Result<&'a str, String> {
         let n = self.count()?;
         let bytes = &self.buf[self.at..self.at + n];
         self.at += n;
@@ -122,7 +122,7 @@ impl<'a> Reader<'a> {
             .map_err(|_| format!("a name that is not UTF-8 at byte {}", self.at))
     }
 
-    fn done(&self) -> bool {
+    pub(crate) fn done(&self) -> bool {
         self.at == self.buf.len()
     }
 }
@@ -313,13 +313,13 @@ fn decode_snapshot(body: &[u8]) -> Result<Index, String> {
     Ok(index)
 }
 
-fn io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> IndexError {
+pub(crate) fn io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> IndexError {
     let what = what.to_string();
     let path = path.to_path_buf();
     move |source| IndexError::Io { what, path, source }
 }
 
-fn corrupt(path: &Path, detail: impl Into<String>) -> IndexError {
+pub(crate) fn corrupt(path: &Path, detail: impl Into<String>) -> IndexError {
     IndexError::Corrupt {
         path: path.to_path_buf(),
         detail: detail.into(),

@@ -235,6 +235,19 @@ impl Gpt {
         self.forward(&self.compute_weights(), idx, Cached::No)
     }
 
+    /// Embeddings `(B, width)` of token ids `(B, T)`: each row's final hidden states
+    /// averaged over its tokens (`mask` 1, padding after them 0), in fp32 and
+    /// L2-normalized; with gradients where gradients are on. Padding changes nothing
+    /// before it: attention is causal.
+    pub fn embeddings(&self, idx: &Tensor, mask: &Tensor) -> Tensor {
+        let h = self.hidden(idx).to_kind(Kind::Float);
+        let m = mask.to_kind(Kind::Float).unsqueeze(-1);
+        let sum = (h * &m).sum_dim_intlist(1, false, Kind::Float);
+        let mean = sum / m.sum_dim_intlist(1, false, Kind::Float).clamp_min(1.0);
+        let norm = mean.norm_scalaropt_dim(2, [1], true).clamp_min(1e-12);
+        mean / norm
+    }
+
     /// Training and scoring without a cache, packed or not.
     fn uncached(packing: Option<&Packing>) -> Cached<'_> {
         packing.map_or(Cached::No, Cached::Packed)
@@ -656,6 +669,28 @@ mod tests {
         let want = norm(&(&x + mlp.linear(&w[6], None::<Tensor>)));
         let diff = (got - want).abs().max().double_value(&[]);
         assert!(diff < 1e-5, "{diff}");
+    }
+
+    #[test]
+    fn embeddings_are_unit_means_of_the_tokens_not_the_padding() {
+        let _rng = crate::TORCH_RNG.lock();
+        let mut m = Gpt::new(tiny(), Device::Cpu, 3).unwrap();
+        tch::no_grad(|| {
+            for (_, p) in &mut m.params {
+                p.copy_(&(p.randn_like() * 0.1));
+            }
+        });
+        let _guard = tch::no_grad_guard();
+        let alone = Tensor::from_slice(&[5i64, 6, 7]).unsqueeze(0);
+        let padded = Tensor::from_slice(&[5i64, 6, 7, 0, 0, 9, 8, 7, 6, 5]).view([2, 5]);
+        let mask = Tensor::from_slice(&[1i64, 1, 1, 0, 0, 1, 1, 1, 1, 1]).view([2, 5]);
+        let e = m.embeddings(&padded, &mask);
+        let mean = m.hidden(&alone).mean_dim(1, false, Kind::Float);
+        let direct = &mean / mean.norm();
+        let diff = (e.get(0) - direct.get(0)).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "{diff}");
+        let norms = e.norm_scalaropt_dim(2, [1], false);
+        assert!((norms - 1.0).abs().max().double_value(&[]) < 1e-5);
     }
 
     #[test]

@@ -70,6 +70,7 @@ impl Command {
             Command::Train(_) | Command::Sample(_) | Command::Serve(_) | Command::Export(_) => true,
             Command::Eval(e) => e.needs_model(),
             Command::Agent(a) => a.checkpoint.is_some(),
+            Command::Index(i) => i.needs_model(),
             _ => false,
         }
     }

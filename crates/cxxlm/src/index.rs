@@ -1,11 +1,13 @@
-//! `cxxlm index`: build, query and watch a C++ repository's index.
+//! `cxxlm index`: build, query and watch a C++ repository's index; its commands that run
+//! a model (embeddings) are `cxxlm-torch`'s.
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use cxxlm_index::retrieval::{recall_at, Recall};
 use cxxlm_index::watch::{default_dir, open_or_build, watch};
 use cxxlm_index::{
-    mine, Bm25, Change, Cursor, Graph, Index, MineSettings, Mined, Pair, Settings, Store,
+    mine, Bm25, Change, Chunk, Cursor, Graph, Index, MineSettings, Mined, Pair, RankedDef,
+    RankedFile, Settings, Store,
 };
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -23,20 +25,37 @@ pub enum IndexCommand {
     /// declaration, with the function definition it names) and recall at k of BM25 over
     /// every function definition, on the held-out pairs.
     Recall(RecallArgs),
+    /// Embedding vectors of every function and file of the repository, by a checkpoint's
+    /// model (its final hidden states, averaged), stored beside the index with the
+    /// model's fingerprint; only files changed since their vectors were made are
+    /// embedded again. The index is brought up to date first.
+    Embed(EmbedArgs),
+}
+
+impl IndexCommand {
+    /// Whether the command runs a model, and so is `cxxlm-torch`'s.
+    pub fn needs_model(&self) -> bool {
+        match self {
+            IndexCommand::Embed(_) => true,
+            IndexCommand::Query(a) => a.semantic.is_some(),
+            IndexCommand::Recall(a) => a.checkpoint.is_some(),
+            IndexCommand::Build(_) | IndexCommand::Watch(_) => false,
+        }
+    }
 }
 
 #[derive(Args)]
 pub struct Limits {
     /// Larger files are skipped (counted as `too_large`), in KiB.
     #[arg(long, default_value_t = 1024)]
-    max_file_kib: u64,
+    pub max_file_kib: u64,
     /// Threads parsing (default: every core).
     #[arg(long)]
-    threads: Option<usize>,
+    pub threads: Option<usize>,
 }
 
 impl Limits {
-    fn settings(&self) -> Settings {
+    pub fn settings(&self) -> Settings {
         Settings {
             max_bytes: self.max_file_kib << 10,
             ..Settings::default()
@@ -60,23 +79,33 @@ pub struct BuildArgs {
 #[derive(Args)]
 pub struct QueryArgs {
     /// The index folder (`cxxlm index build`'s output), or a repository holding one.
-    index: PathBuf,
+    pub index: PathBuf,
     /// The file edited, as a path in the repository (or a path to it).
     #[arg(long)]
-    file: Option<PathBuf>,
+    pub file: Option<PathBuf>,
     /// The cursor's line (1-based).
     #[arg(long)]
-    line: Option<u32>,
+    pub line: Option<u32>,
     /// A name to look for. Repeatable.
     #[arg(long = "symbol")]
-    symbols: Vec<String>,
+    pub symbols: Vec<String>,
+    /// Text to search for by meaning instead: the functions and files whose stored
+    /// vectors (`cxxlm index embed`) are nearest the text's, by cosine similarity.
+    #[arg(long, conflicts_with_all = ["file", "line", "symbols"])]
+    pub semantic: Option<String>,
+    /// The model that embeds the --semantic text (default: the one that made the stored
+    /// vectors; another model's vectors are refused).
+    #[arg(long, requires = "semantic")]
+    pub checkpoint: Option<PathBuf>,
+    #[arg(long, requires = "semantic")]
+    pub tokenizer: Option<PathBuf>,
     #[arg(long, default_value_t = 10)]
-    top: usize,
+    pub top: usize,
     /// Lines shown of each definition.
     #[arg(long, default_value_t = 40)]
-    chunk_lines: u32,
+    pub chunk_lines: u32,
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -122,6 +151,29 @@ pub struct RecallArgs {
     /// target's file, line and name).
     #[arg(long)]
     pub pairs_out: Option<PathBuf>,
+    /// Also judge this checkpoint's embeddings (cosine similarity of a query's vector to
+    /// each candidate's) on the same pairs.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    #[arg(long, requires = "checkpoint")]
+    pub tokenizer: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct EmbedArgs {
+    pub repo: PathBuf,
+    /// A checkpoint directory, or a run directory (its newest checkpoint).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Where the index is kept (default: REPO/.cxxlm-index); built first if missing.
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub limits: Limits,
     #[arg(long)]
     pub json: bool,
 }
@@ -131,11 +183,14 @@ pub fn run(cmd: IndexCommand) -> Result<()> {
         IndexCommand::Build(a) => build(a),
         IndexCommand::Query(a) => query(a),
         IndexCommand::Watch(a) => watch_repo(a),
-        IndexCommand::Recall(a) => recall(&a, &[]),
+        IndexCommand::Recall(a) if a.checkpoint.is_none() => recall(&a, &[]),
+        IndexCommand::Recall(_) | IndexCommand::Embed(_) => {
+            anyhow::bail!("this command runs a model: it is cxxlm-torch's")
+        }
     }
 }
 
-fn threads(limits: &Limits) -> Result<()> {
+pub fn threads(limits: &Limits) -> Result<()> {
     if let Some(n) = limits.threads {
         // Only the first call sets the pool; a second (in tests) keeps the first.
         let _ = rayon::ThreadPoolBuilder::new()
@@ -145,7 +200,7 @@ fn threads(limits: &Limits) -> Result<()> {
     Ok(())
 }
 
-fn progress(label: &'static str) -> impl FnMut(usize, usize) {
+pub fn progress(label: &'static str) -> impl FnMut(usize, usize) {
     let bar = indicatif::ProgressBar::new(0).with_message(label);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} files, {eta}")
@@ -228,6 +283,9 @@ pub fn index_dir(path: &Path) -> PathBuf {
 }
 
 fn query(a: QueryArgs) -> Result<()> {
+    if a.semantic.is_some() {
+        anyhow::bail!("--semantic runs a model: it is cxxlm-torch's");
+    }
     let started = Instant::now();
     let dir = index_dir(&a.index);
     let (index, _) = Store::load(&dir)?;
@@ -265,12 +323,38 @@ fn query(a: QueryArgs) -> Result<()> {
         "total_ms": ms(started.elapsed()),
         "edges_visited": ranking.work,
     });
-    if a.json {
+    print_ranking(
+        &ranking.definitions,
+        &ranking.files,
+        &chunks,
+        a.json,
+        &timing,
+    )?;
+    eprintln!(
+        "query: {:.1} ms (load {:.1}, graph {:.1}, rank {:.1})",
+        timing["total_ms"].as_f64().unwrap_or(0.0),
+        timing["load_ms"].as_f64().unwrap_or(0.0),
+        timing["graph_ms"].as_f64().unwrap_or(0.0),
+        timing["rank_ms"].as_f64().unwrap_or(0.0),
+    );
+    Ok(())
+}
+
+/// A query's answer: definitions and files best first, and the definitions' text;
+/// as JSON (with `timing`) or as text.
+pub fn print_ranking(
+    definitions: &[RankedDef],
+    files: &[RankedFile],
+    chunks: &[Chunk],
+    json: bool,
+    timing: &serde_json::Value,
+) -> Result<()> {
+    if json {
         outln!(
             "{}",
             json!({
-                "definitions": ranking.definitions,
-                "files": ranking.files,
+                "definitions": definitions,
+                "files": files,
                 "chunks": chunks,
                 "timing": timing,
             })
@@ -278,7 +362,7 @@ fn query(a: QueryArgs) -> Result<()> {
         return Ok(());
     }
     outln!("definitions:")?;
-    for d in &ranking.definitions {
+    for d in definitions {
         outln!(
             "  {:.5}  {}:{}-{}  {} {}",
             d.score,
@@ -290,10 +374,10 @@ fn query(a: QueryArgs) -> Result<()> {
         )?;
     }
     outln!("files:")?;
-    for f in &ranking.files {
+    for f in files {
         outln!("  {:.5}  {}", f.score, f.file)?;
     }
-    for c in &chunks {
+    for c in chunks {
         outln!(
             "\n// {}:{}-{}\n{}",
             c.file,
@@ -302,13 +386,6 @@ fn query(a: QueryArgs) -> Result<()> {
             c.text.trim_end()
         )?;
     }
-    eprintln!(
-        "query: {:.1} ms (load {:.1}, graph {:.1}, rank {:.1})",
-        timing["total_ms"].as_f64().unwrap_or(0.0),
-        timing["load_ms"].as_f64().unwrap_or(0.0),
-        timing["graph_ms"].as_f64().unwrap_or(0.0),
-        timing["rank_ms"].as_f64().unwrap_or(0.0),
-    );
     Ok(())
 }
 
@@ -340,19 +417,7 @@ fn watch_repo(a: WatchArgs) -> Result<()> {
     let dir = a.out.clone().unwrap_or_else(|| default_dir(&a.repo));
     let settings = a.limits.settings();
     let started = Instant::now();
-    let (mut index, mut store, built) =
-        open_or_build(&a.repo, &dir, &settings, progress("indexing"))?;
-    if !built {
-        // Catch up with what changed while nobody watched.
-        index = Index::build(
-            &a.repo,
-            Some(&dir),
-            &settings,
-            Some(&index),
-            progress("rescanning"),
-        )?;
-        store = Store::save(&dir, &index)?;
-    }
+    let (mut index, mut store) = open_current(&a.repo, &dir, &settings)?;
     let (root, files, definitions) = (
         index.root().display().to_string(),
         index.files().len(),
@@ -401,6 +466,24 @@ fn watch_repo(a: WatchArgs) -> Result<()> {
         },
     )?;
     Ok(())
+}
+
+/// The index of `repo` stored in `dir`, built there if missing, and brought up to date
+/// with what changed since it was stored.
+pub fn open_current(repo: &Path, dir: &Path, settings: &Settings) -> Result<(Index, Store)> {
+    let (index, store, built) = open_or_build(repo, dir, settings, progress("indexing"))?;
+    if built {
+        return Ok((index, store));
+    }
+    let index = Index::build(
+        repo,
+        Some(dir),
+        settings,
+        Some(&index),
+        progress("rescanning"),
+    )?;
+    let store = Store::save(dir, &index)?;
+    Ok((index, store))
 }
 
 /// Ranks the candidates of some held-out pairs: the first k of each, best first.

@@ -1,5 +1,8 @@
 //! `cxxlm index recall` on a small repository written here: the pairs it mines, written
-//! as JSON lines, and BM25's recall at 10 on them.
+//! as JSON lines, and BM25's recall at 10 on them; `cxxlm index embed` and
+//! `query --semantic` with a tiny trained model: a function found by its doc comment,
+//! one changed file embedded again and only it, another model's vectors refused or
+//! made again, and the embeddings' recall beside BM25's.
 
 mod common;
 
@@ -63,4 +66,156 @@ fn recall_mines_pairs_and_ranks_them_with_bm25() {
         .as_str()
         .unwrap()
         .contains("double a = rect_area(2, 3);"));
+}
+
+/// The doc comments of the functions found by them: their text is most of the
+/// function's, so that even a barely trained model's vectors of the two are nearest.
+const FAHRENHEIT: &str = "/// Converts a temperature in degrees Fahrenheit to degrees Celsius:\n/// subtracts thirty-two, then multiplies by five ninths. Water freezes\n/// at 32 F (0 C) and boils at 212 F (100 C) at sea level.";
+const VOWELS: &str = "/// Counts the vowels of an English word, in upper or lower case:\n/// a, e, i, o and u (y is not counted). The empty word has none,\n/// and \"Queue\" has four.";
+
+/// A small repository of functions on different subjects, each with a doc comment.
+fn library(root: &Path) {
+    write(
+        &root.join("src/units.cpp"),
+        format!("#include \"units.h\"\n\n{FAHRENHEIT}\ndouble fahrenheit_to_celsius(double f) {{ return (f - 32.0) * 5.0 / 9.0; }}\n\n/// Metres in the given number of feet.\ndouble feet_to_metres(double feet) {{\n    return feet * 0.3048;\n}}\n"),
+    );
+    write(
+        &root.join("src/text.cpp"),
+        "#include <string>\n#include <cctype>\n\n/// Whether every character of the string is an ASCII digit.\nbool all_digits(const std::string& s) {\n    for (char c : s) {\n        if (!std::isdigit(static_cast<unsigned char>(c))) return false;\n    }\n    return true;\n}\n\n/// The string with its letters in upper case.\nstd::string shout(std::string s) {\n    for (auto& c : s) c = std::toupper(static_cast<unsigned char>(c));\n    return s;\n}\n",
+    );
+    write(
+        &root.join("src/queue.cpp"),
+        "#include <vector>\n\n/// Pops the smallest element of a binary min-heap stored in a vector.\nint heap_pop(std::vector<int>& heap) {\n    int top = heap.front();\n    heap.front() = heap.back();\n    heap.pop_back();\n    return top;\n}\n",
+    );
+    write(
+        &root.join("src/units.h"),
+        "#pragma once\ndouble fahrenheit_to_celsius(double f);\ndouble feet_to_metres(double feet);\n",
+    );
+}
+
+fn json_of(out: &std::process::Output) -> Value {
+    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
+}
+
+fn first_function(repo: &str, text: &str) -> String {
+    let q = json_of(&run_ok(&[
+        "index",
+        "query",
+        repo,
+        "--semantic",
+        text,
+        "--json",
+    ]));
+    q["definitions"][0]["name"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn embeddings_find_a_function_by_its_doc_comment_and_refresh_only_changed_files() {
+    let p = pretrained();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    library(&repo);
+    let (r, run) = (repo.to_str().unwrap(), p.run.to_str().unwrap());
+    let first = json_of(&run_ok(&[
+        "index",
+        "embed",
+        r,
+        "--checkpoint",
+        run,
+        "--json",
+    ]));
+    assert_eq!(first["embedded_files"], 4, "{first}");
+    assert_eq!(first["embedded_functions"], 5, "{first}");
+    assert_eq!(
+        (first["current_files"].as_u64(), first["dim"].as_u64()),
+        (Some(0), Some(128))
+    );
+    assert!(repo.join(".cxxlm-index/vectors.bin").exists());
+    assert_eq!(first_function(r, FAHRENHEIT), "fahrenheit_to_celsius");
+
+    // One saved file: only it is embedded again, and what it now holds is found.
+    let text = std::fs::read_to_string(repo.join("src/text.cpp")).unwrap();
+    write(
+        &repo.join("src/text.cpp"),
+        format!("{text}\n{VOWELS}\nint count_vowels(const std::string& w) {{ return count_of(w, \"aeiouAEIOU\"); }}\n"),
+    );
+    let second = json_of(&run_ok(&[
+        "index",
+        "embed",
+        r,
+        "--checkpoint",
+        run,
+        "--json",
+    ]));
+    assert_eq!(second["embedded_files"], 1, "{second}");
+    assert_eq!(second["embedded_functions"], 3, "{second}");
+    assert_eq!(second["current_files"], 3, "{second}");
+    assert_eq!(second["functions"], 6, "{second}");
+    assert_eq!(second["remade"], false, "{second}");
+    assert_eq!(first_function(r, VOWELS), "count_vowels");
+
+    // Another model's vectors are not comparable: its query is refused, its embed
+    // makes them all again.
+    let other = p.f.root.join("other");
+    let pack = p.f.root.join("pack");
+    run_ok(&[
+        "train",
+        "pretrain",
+        "--pack",
+        pack.to_str().unwrap(),
+        "--out",
+        other.to_str().unwrap(),
+        "--set",
+        "model.preset=tiny",
+        "--set",
+        "train.device_batch=4",
+        "--set",
+        "train.total_batch_tokens=1024",
+        "--set",
+        "train.steps=1",
+        "--set",
+        "eval.every=0",
+        "--set",
+        "train.device=cpu",
+    ]);
+    let other = other.to_str().unwrap();
+    let e = run_fails(&[
+        "index",
+        "query",
+        r,
+        "--semantic",
+        "heap",
+        "--checkpoint",
+        other,
+    ]);
+    assert!(
+        e.contains("were made by") && e.contains("cxxlm index embed"),
+        "{e}"
+    );
+    let remade = json_of(&run_ok(&[
+        "index",
+        "embed",
+        r,
+        "--checkpoint",
+        other,
+        "--json",
+    ]));
+    assert_eq!(remade["remade"], true, "{remade}");
+    assert_eq!(remade["embedded_files"], 4, "{remade}");
+
+    // The embeddings are judged beside BM25 on the same held-out pairs.
+    let summary = json_of(&run_ok(&[
+        "index",
+        "recall",
+        r,
+        "--held-out-percent",
+        "100",
+        "--checkpoint",
+        run,
+        "--json",
+    ]));
+    let (bm25, embeddings) = (&summary["recall"]["bm25"], &summary["recall"]["embeddings"]);
+    assert!(bm25["pairs"].as_u64().unwrap() > 0, "{summary}");
+    assert_eq!(embeddings["pairs"], bm25["pairs"], "{summary}");
+    assert_eq!(embeddings["k"], 10, "{summary}");
 }

@@ -5,6 +5,7 @@
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod agent;
+mod embed;
 mod export;
 mod fit;
 mod kernels;
@@ -27,6 +28,7 @@ fn main() {
         Command::Serve(args) => serve::run(args),
         Command::Export(cxxlm::cli::ExportCommand::Hf(args)) => export::hf(args),
         Command::Agent(args) if args.checkpoint.is_some() => agent::run(args),
+        Command::Index(cmd) if cmd.needs_model() => embed::run(cmd),
         other => cli::run(other),
     });
 }

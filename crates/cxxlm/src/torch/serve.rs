@@ -113,31 +113,37 @@ fn trained_layout(checkpoint: &Path) -> Result<(bool, String)> {
     anyhow::bail!("the pack {} lists no shards", config.data.pack.display())
 }
 
-pub fn run(args: ServeArgs) -> Result<()> {
-    let (model, bpe) = load_checkpoint(&args.checkpoint, args.tokenizer.as_deref())?;
-    let strip = match args.indentation.as_str() {
+/// How text is laid out for the model of `checkpoint`: `indentation` is `strip`, `keep`
+/// or `auto` (as its training text was, else the data pipeline's default, stripped);
+/// the choice is said on stderr. Serving strips prompts and re-indents completions.
+pub(crate) fn layout(checkpoint: &Path, indentation: &str) -> Layout {
+    let strip = match indentation {
         "strip" => true,
         "keep" => false,
-        _ => match trained_layout(&args.checkpoint) {
+        _ => match trained_layout(checkpoint) {
             Ok((strip, from)) => {
                 eprintln!(
-                    "indentation: {} (the training text's, from {from})",
-                    if strip {
-                        "stripped from prompts, re-indented in completions"
-                    } else {
-                        "kept"
-                    }
+                    "indentation: {} (as in the training text, from {from})",
+                    if strip { "stripped" } else { "kept" }
                 );
                 strip
             }
             Err(e) => {
                 eprintln!(
-                    "indentation: stripped from prompts, re-indented in completions (the data pipeline's default; the training shards could not be read: {e:#}; --indentation keep if the model was trained with it)"
+                    "indentation: stripped (the data pipeline's default; the training shards could not be read: {e:#})"
                 );
                 true
             }
         },
     };
+    Layout {
+        strip_indentation: strip,
+    }
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    let (model, bpe) = load_checkpoint(&args.checkpoint, args.tokenizer.as_deref())?;
+    let layout = layout(&args.checkpoint, &args.indentation);
     let context = model.config.seq_len;
     let name = args.name.clone().unwrap_or_else(|| {
         let run = args
@@ -170,9 +176,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         name,
         tokenizer: Arc::new(bpe),
         context,
-        layout: Layout {
-            strip_indentation: strip,
-        },
+        layout,
         index,
     };
     let address = format!("{}:{}", args.host, args.port);
