@@ -354,6 +354,19 @@ pub fn bits_per_byte(
     }))
 }
 
+/// The tokenizer of the run (`data.tokenizer`, else the one `pack.json` names), checked
+/// against the pack's tokens.
+fn pack_tokenizer(cfg: &TrainConfig, manifest: &Manifest) -> Result<Bpe> {
+    let tok_path = cfg
+        .data
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(&manifest.tokenizer_path));
+    let bpe = cxxlm_tokenizer::load(&tok_path).map_err(|e| TrainError::Config(e.to_string()))?;
+    manifest.check_tokenizer(&cfg.data.pack, &bpe)?;
+    Ok(bpe)
+}
+
 /// The memory one of `ranks` ranks needs for this run, once the model's vocabulary is
 /// known (from `init`, or the tokenizer of an existing pack); None before that.
 pub fn memory_plan(cfg: &TrainConfig, ranks: usize) -> Result<Option<MemoryPlan>> {
@@ -361,13 +374,7 @@ pub fn memory_plan(cfg: &TrainConfig, ranks: usize) -> Result<Option<MemoryPlan>
         let Ok(manifest) = Manifest::load(&cfg.data.pack) else {
             return Ok(None);
         };
-        let tok_path = cfg
-            .data
-            .tokenizer
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(&manifest.tokenizer_path));
-        let bpe =
-            cxxlm_tokenizer::load(&tok_path).map_err(|e| TrainError::Config(e.to_string()))?;
+        let bpe = pack_tokenizer(cfg, &manifest)?;
         ModelConfig::resolve(&cfg.model, bpe.vocab_size())?
     } else {
         let state = checkpoint::read_state(&checkpoint::resolve(&cfg.init)?)?;
@@ -505,13 +512,7 @@ pub fn pretrain(
     let (comm, dev) = trainer::connect(&cfg.train.device)?;
     let (rank, ranks) = (comm.rank(), comm.size());
     let manifest = Manifest::load(&cfg.data.pack)?;
-    let tok_path = cfg
-        .data
-        .tokenizer
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(&manifest.tokenizer_path));
-    let bpe = cxxlm_tokenizer::load(&tok_path).map_err(|e| TrainError::Config(e.to_string()))?;
-    manifest.check_tokenizer(&cfg.data.pack, &bpe)?;
+    let bpe = pack_tokenizer(cfg, &manifest)?;
     let init = match cfg.init.as_os_str().is_empty() {
         true => None,
         false => {

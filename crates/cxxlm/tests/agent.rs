@@ -8,8 +8,10 @@ mod planted;
 use common::{cxxlm, pretrained};
 use planted::{fixing_trajectory, planted_repo, scripted, STATS_CPP};
 use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Output;
 
-fn records(path: &std::path::Path) -> Vec<Value> {
+fn records(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap()
         .lines()
@@ -17,29 +19,27 @@ fn records(path: &std::path::Path) -> Vec<Value> {
         .collect()
 }
 
+/// `cxxlm agent` with `model` (and budget) options on the planted bug's repository, made
+/// in `root`: the repository, the transcript and the run's output.
+fn agent_on_planted_bug(root: &Path, model: &[&str]) -> (PathBuf, PathBuf, Output) {
+    let repo = root.join("repo");
+    planted_repo(&repo);
+    let transcript = root.join("t.jsonl");
+    let out = cxxlm()
+        .args(["agent", "--repo", repo.to_str().unwrap()])
+        .args(["--task", "mean() is wrong: fix it"])
+        .args(model)
+        .args(["--transcript", transcript.to_str().unwrap()])
+        .output()
+        .unwrap();
+    (repo, transcript, out)
+}
+
 #[test]
 fn an_endpoint_replaying_a_fix_solves_the_planted_bug() {
     let tmp = tempfile::tempdir().unwrap();
-    let repo = tmp.path().join("repo");
-    planted_repo(&repo);
     let server = scripted(fixing_trajectory());
-    let transcript = tmp.path().join("t.jsonl");
-    let out = cxxlm()
-        .args([
-            "agent",
-            "--repo",
-            repo.to_str().unwrap(),
-            "--task",
-            "mean() is wrong: fix it",
-        ])
-        .args([
-            "--endpoint",
-            &server.url,
-            "--transcript",
-            transcript.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let (repo, transcript, out) = agent_on_planted_bug(tmp.path(), &["--endpoint", &server.url]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -66,28 +66,9 @@ fn an_endpoint_replaying_a_fix_solves_the_planted_bug() {
 #[test]
 fn a_tiny_checkpoint_attempts_the_task_within_its_budget() {
     let p = pretrained();
-    let repo = p.f.root.join("repo");
-    planted_repo(&repo);
-    let transcript = p.f.root.join("t.jsonl");
-    let out = cxxlm()
-        .args([
-            "agent",
-            "--repo",
-            repo.to_str().unwrap(),
-            "--task",
-            "mean() is wrong: fix it",
-        ])
-        .args([
-            "--checkpoint",
-            p.run.to_str().unwrap(),
-            "--steps",
-            "3",
-            "--max-tokens",
-            "24",
-        ])
-        .args(["--transcript", transcript.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let model = ["--checkpoint", p.run.to_str().unwrap()];
+    let budget = ["--steps", "3", "--max-tokens", "24"];
+    let (_, transcript, out) = agent_on_planted_bug(&p.f.root, &[&model[..], &budget].concat());
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     // A model this small writes no valid call: it runs out of steps (or submits).

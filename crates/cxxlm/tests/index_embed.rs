@@ -158,26 +158,7 @@ fn embeddings_find_a_function_by_its_doc_comment_and_refresh_only_changed_files(
     // makes them all again.
     let other = p.f.root.join("other");
     let pack = p.f.root.join("pack");
-    run_ok(&[
-        "train",
-        "pretrain",
-        "--pack",
-        pack.to_str().unwrap(),
-        "--out",
-        other.to_str().unwrap(),
-        "--set",
-        "model.preset=tiny",
-        "--set",
-        "train.device_batch=4",
-        "--set",
-        "train.total_batch_tokens=1024",
-        "--set",
-        "train.steps=1",
-        "--set",
-        "eval.every=0",
-        "--set",
-        "train.device=cpu",
-    ]);
+    pretrain_tiny(&pack, &other, 1);
     let other = other.to_str().unwrap();
     let e = run_fails(&[
         "index",

@@ -278,14 +278,20 @@ pub fn pretrained() -> Pretrained {
     let pack = f.root.join("pack");
     run_ok(&pack_args(&f, &pack, &["--val-fraction", "0.1"]));
     let run = f.root.join("pre");
-    let (pack, out) = (pack.to_str().unwrap(), run.to_str().unwrap());
+    pretrain_tiny(&pack, &run, 30);
+    Pretrained { f, run }
+}
+
+/// The tiny model pretrained on the CPU on `pack` into `out` for `steps` steps.
+pub fn pretrain_tiny(pack: &Path, out: &Path, steps: u64) {
+    let steps = format!("train.steps={steps}");
     run_ok(&[
         "train",
         "pretrain",
         "--pack",
-        pack,
+        pack.to_str().unwrap(),
         "--out",
-        out,
+        out.to_str().unwrap(),
         "--set",
         "model.preset=tiny",
         "--set",
@@ -293,11 +299,10 @@ pub fn pretrained() -> Pretrained {
         "--set",
         "train.total_batch_tokens=1024",
         "--set",
-        "train.steps=30",
+        &steps,
         "--set",
         "eval.every=0",
         "--set",
         "train.device=cpu",
     ]);
-    Pretrained { f, run }
 }
