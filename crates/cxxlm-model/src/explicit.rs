@@ -547,13 +547,7 @@ mod tests {
                 ..ModelConfig::preset("tiny", 300).unwrap()
             };
             assert_eq!(config.heads, 2, "the tiny preset has two heads");
-            let mut m = Gpt::new(config, Device::Cpu, 3).unwrap();
-            // Zero-initialised projections and head would leave most gradients zero.
-            tch::no_grad(|| {
-                for (_, p) in &mut m.params {
-                    p.copy_(&(p.randn_like() * 0.1));
-                }
-            });
+            let mut m = Gpt::random(config, 3);
             m.loss_chunk = 20;
             let idx = Tensor::randint(300, [3, 16], (Kind::Int64, Device::Cpu));
             let tgt = Tensor::randint(300, [3, 16], (Kind::Int64, Device::Cpu));
@@ -587,12 +581,7 @@ mod tests {
             depth: 3,
             ..ModelConfig::preset("tiny", 300).unwrap()
         };
-        let mut m = Gpt::new(config, Device::Cpu, 5).unwrap();
-        tch::no_grad(|| {
-            for (_, p) in &mut m.params {
-                p.copy_(&(p.randn_like() * 0.1));
-            }
-        });
+        let mut m = Gpt::random(config, 5);
         let idx = Tensor::randint(300, [3, 16], (Kind::Int64, Device::Cpu));
         let tgt = Tensor::randint(300, [3, 16], (Kind::Int64, Device::Cpu));
         let rows = [vec![5, 11], vec![16], vec![3, 4, 6]];

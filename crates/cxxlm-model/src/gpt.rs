@@ -248,6 +248,19 @@ impl Gpt {
         mean / norm
     }
 
+    /// A model like `Gpt::new`'s with every weight drawn from N(0, 0.1^2): zero-initialised
+    /// projections and head would leave most outputs and gradients zero in tests.
+    #[cfg(test)]
+    pub(crate) fn random(config: ModelConfig, seed: u64) -> Gpt {
+        let mut m = Gpt::new(config, Device::Cpu, seed).expect("a test model");
+        tch::no_grad(|| {
+            for (_, p) in &mut m.params {
+                p.copy_(&(p.randn_like() * 0.1));
+            }
+        });
+        m
+    }
+
     /// Training and scoring without a cache, packed or not.
     fn uncached(packing: Option<&Packing>) -> Cached<'_> {
         packing.map_or(Cached::No, Cached::Packed)
@@ -634,12 +647,7 @@ mod tests {
             rope_scaling: Some(yarn),
             ..tiny()
         };
-        let mut m = Gpt::new(config, Device::Cpu, 2).unwrap();
-        tch::no_grad(|| {
-            for (_, p) in &mut m.params {
-                p.copy_(&(p.randn_like() * 0.1));
-            }
-        });
+        let m = Gpt::random(config, 2);
         let idx = Tensor::from_slice(&[5i64, 6, 7, 8, 9]).unsqueeze(0);
         let got = tch::no_grad(|| m.hidden(&idx));
         // The same layer by hand.
@@ -674,12 +682,7 @@ mod tests {
     #[test]
     fn embeddings_are_unit_means_of_the_tokens_not_the_padding() {
         let _rng = crate::TORCH_RNG.lock();
-        let mut m = Gpt::new(tiny(), Device::Cpu, 3).unwrap();
-        tch::no_grad(|| {
-            for (_, p) in &mut m.params {
-                p.copy_(&(p.randn_like() * 0.1));
-            }
-        });
+        let m = Gpt::random(tiny(), 3);
         let _guard = tch::no_grad_guard();
         let alone = Tensor::from_slice(&[5i64, 6, 7]).unsqueeze(0);
         let padded = Tensor::from_slice(&[5i64, 6, 7, 0, 0, 9, 8, 7, 6, 5]).view([2, 5]);
@@ -696,12 +699,7 @@ mod tests {
     #[test]
     fn attention_is_causal() {
         let _rng = crate::TORCH_RNG.lock();
-        let mut m = Gpt::new(tiny(), Device::Cpu, 2).unwrap();
-        tch::no_grad(|| {
-            for (_, p) in &mut m.params {
-                p.copy_(&(p.randn_like() * 0.1));
-            }
-        });
+        let m = Gpt::random(tiny(), 2);
         let h = |ids: &[i64]| tch::no_grad(|| m.hidden(&Tensor::from_slice(ids).unsqueeze(0)));
         let diff = |a: &Tensor, b: &Tensor, from: i64, len: i64| {
             (a.narrow(1, from, len) - b.narrow(1, from, len))
