@@ -222,6 +222,16 @@ pub fn against_definitions(fused: Fused, dev: Device) -> Vec<Check> {
         checks.extend(segments_against_each_alone(&out, heads, kv, &lengths));
     }
 
+    // (rows, heads, kv heads, dim, capacity): d12's heads over several splits, the 3B
+    // preset's GQA, and enough rows x heads for the kernel's widest splits.
+    for (n, heads, kv, dim, capacity) in [
+        (5, 6, 6, 128, 300),
+        (3, 4, 2, 80, 700),
+        (96, 6, 6, 128, 1100),
+    ] {
+        checks.push(decode_attention(fused, n, heads, kv, dim, capacity, dev));
+    }
+
     for n in [1 << 20, 1000] {
         let (u, uf) = random(&[n], 1.0, dev);
         let want = uf.relu().square();
@@ -288,6 +298,51 @@ pub fn against_definitions(fused: Fused, dev: Device) -> Vec<Check> {
         checks.push(compare(format!("AdamW {name}"), got, want, 1e-5));
     }
     checks
+}
+
+/// The attention of a decoding step over a cache of `n + 2` slots, rows in shuffled slots at
+/// positions from 0 to the last, against each row's attention alone over its filled
+/// positions (the logits scaled by 0.7 / sqrt(dim) instead of the default).
+pub fn decode_attention(
+    fused: Fused,
+    n: i64,
+    heads: i64,
+    kv: i64,
+    dim: i64,
+    capacity: i64,
+    dev: Device,
+) -> Check {
+    let tag = format!("{n} rows H{heads}/{kv} D{dim}, capacity {capacity}");
+    let slots = n + 2;
+    let (keys, _) = random(&[slots, kv, capacity, dim], 1.0, dev);
+    let (values, _) = random(&[slots, kv, capacity, dim], 1.0, dev);
+    let (q, _) = random(&[n, heads, dim], 1.0, dev);
+    let order: Vec<i64> = (0..n).map(|i| (i * 7 + 3) % slots).collect();
+    let positions: Vec<i64> = (0..n)
+        .map(|i| match i {
+            0 => 0,
+            1 => capacity - 1,
+            _ => (i * 389 + 17) % capacity,
+        })
+        .collect();
+    let on = |v: &[i64]| Tensor::from_slice(v).to_device(dev);
+    let scale = 0.7 / (dim as f64).sqrt();
+    let got = fused.decode_attention(&q, &keys, &values, &on(&order), &on(&positions), scale);
+    let rows: Vec<Tensor> = (0..n as usize)
+        .map(|i| {
+            let filled = |x: &Tensor| x.select(0, order[i]).narrow(1, 0, positions[i] + 1).unsqueeze(0);
+            let query = q.narrow(0, i as i64, 1).unsqueeze(2).to_kind(Kind::Float) * 0.7;
+            let all = Tensor::ones([1, 1, 1, positions[i] + 1], (Kind::Bool, dev));
+            let (y, _) = attention::reference(&query, &filled(&keys), &filled(&values), Some(all));
+            y.squeeze_dim(2)
+        })
+        .collect();
+    compare(
+        format!("decoding attention {tag}"),
+        &got,
+        &Tensor::cat(&rows, 0),
+        BF16_TOLERANCE,
+    )
 }
 
 /// Attention within segments of the rotated q|k|v `(B, T, heads + 2 kv, D)` against the

@@ -12,7 +12,7 @@ use crate::nvrtc::{self, Arg, Function};
 
 const SOURCE: &str = include_str!("kernels.cu");
 
-const KERNELS: [&str; 13] = [
+const KERNELS: [&str; 15] = [
     "rmsnorm_forward_v8",
     "rmsnorm_forward_v1",
     "rmsnorm_backward_v8",
@@ -26,10 +26,25 @@ const KERNELS: [&str; 13] = [
     "softcap_cross_entropy_v8",
     "softcap_cross_entropy_v1",
     "adamw_step",
+    "decode_attention_split",
+    "decode_attention_merge",
 ];
 
 /// Head dimensions the rotary kernels take (`MAX_PAIR_STEPS` pairs of 64 per lane).
 pub const MAX_HEAD_DIM: usize = 512;
+
+/// Head dimensions the decoding attention kernel takes (`DECODE_PAIRS` pairs per lane).
+pub const MAX_DECODE_HEAD_DIM: usize = 256;
+
+/// Keys a block of the decoding attention takes: fewer when there are few rows x heads,
+/// so that the GPU still gets enough blocks.
+fn decode_chunk(row_heads: i64) -> i64 {
+    match row_heads {
+        512.. => 256,
+        128.. => 128,
+        _ => 64,
+    }
+}
 
 /// The kernels loaded on one device.
 pub struct Kernels {
@@ -456,6 +471,102 @@ impl Fused {
                     &args,
                 );
                 losses
+            }
+        }
+    }
+
+    /// Attention of one new token per row over a KV cache of slots `(slots, kv, capacity,
+    /// dim)`: row `i`'s query `q[i] (heads, dim)` attends to the keys and values of slot
+    /// `rows[i]` at positions `0..=pos[i]`, with logits scaled by `scale`; query head `h`
+    /// reads kv head `h / (heads / kv)`. Returns `(n, heads, dim)` in q's precision.
+    /// The kernels read only the filled positions; their shapes do not depend on
+    /// `rows` and `pos`, so a captured step replays with new values.
+    pub fn decode_attention(
+        &self,
+        q: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        rows: &Tensor,
+        pos: &Tensor,
+        scale: f64,
+    ) -> Tensor {
+        let [n, heads, dim] = q.size()[..] else {
+            panic!("decoding queries are (n, heads, dim), got {:?}", q.size())
+        };
+        let [_, kv, capacity, _] = keys.size()[..] else {
+            panic!("a KV cache is (slots, kv, capacity, dim), got {:?}", keys.size())
+        };
+        match self {
+            Fused::Reference => {
+                let gathered = |x: &Tensor| {
+                    x.index_select(0, rows)
+                        .to_kind(Kind::Float)
+                        .repeat_interleave_self_int(heads / kv, Some(1), None)
+                };
+                let (k, v) = (gathered(keys), gathered(values));
+                let logits = q.to_kind(Kind::Float).unsqueeze(2).matmul(&k.transpose(2, 3)) * scale;
+                let later = Tensor::arange(capacity, (Kind::Int64, q.device()))
+                    .view([1, capacity])
+                    .gt_tensor(&pos.view([n, 1]))
+                    .view([n, 1, 1, capacity]);
+                let weights = logits
+                    .masked_fill(&later, f64::NEG_INFINITY)
+                    .softmax(-1, Kind::Float);
+                weights.matmul(&v).squeeze_dim(2).to_kind(q.kind())
+            }
+            Fused::Kernels(k) => {
+                for (t, what) in [(q, "queries"), (keys, "keys"), (values, "values")] {
+                    expect_bf16(t, what);
+                }
+                assert!(
+                    keys.size() == values.size()
+                        && dim % 2 == 0
+                        && dim as usize <= MAX_DECODE_HEAD_DIM
+                        && heads % kv == 0,
+                    "decoding attention: q {:?}, cache {:?}",
+                    q.size(),
+                    keys.size()
+                );
+                for (t, what) in [(rows, "rows"), (pos, "positions")] {
+                    assert!(
+                        t.kind() == Kind::Int64 && t.is_contiguous() && t.numel() as i64 == n,
+                        "decoding attention {what}: contiguous int64, one per row"
+                    );
+                }
+                let chunk = decode_chunk(n * heads);
+                let splits = (capacity + chunk - 1) / chunk;
+                let device = q.device();
+                let part = Tensor::empty([n * heads, splits, dim], (Kind::Float, device));
+                let stats = Tensor::empty([n * heads, splits, 2], (Kind::Float, device));
+                let args = [
+                    ptr(q),
+                    ptr(keys),
+                    ptr(values),
+                    ptr(rows),
+                    ptr(pos),
+                    ptr(&part),
+                    ptr(&stats),
+                    Arg::I32(heads as i32),
+                    Arg::I32(kv as i32),
+                    Arg::I32(capacity as i32),
+                    Arg::I32(dim as i32),
+                    Arg::I32(chunk as i32),
+                    Arg::I32(splits as i32),
+                    Arg::F32((scale * std::f64::consts::LOG2_E) as f32),
+                ];
+                let blocks = (n * heads * splits) as usize;
+                k.launch("decode_attention_split", blocks, 128, &args);
+                let y = Tensor::empty([n, heads, dim], (Kind::BFloat16, device));
+                let args = [
+                    ptr(&part),
+                    ptr(&stats),
+                    ptr(&y),
+                    Arg::I32((n * heads) as i32),
+                    Arg::I32(dim as i32),
+                    Arg::I32(splits as i32),
+                ];
+                k.launch("decode_attention_merge", warp_grid(n * heads), 256, &args);
+                y
             }
         }
     }

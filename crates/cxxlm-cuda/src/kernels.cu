@@ -344,3 +344,159 @@ extern "C" __global__ void adamw_step(float* p, const float* g, float* m, float*
         p[i] = p[i] * decay - lr / correction1 * mi / (sqrtf(vi) / correction2 + eps);
     }
 }
+
+// ---- Attention of a decoding step: one new token per row over its slot of the KV cache --
+//
+// Split over the keys (flash-decoding), so that a few long rows still fill the GPU: block
+// `(row * heads + head) * splits + split` attends to keys [split * chunk, (split + 1) * chunk)
+// of cache slot rows[row], cut at the row's position pos[row] (so only the filled part of
+// the cache is read), and writes its share of the output unnormalized with its logits'
+// maximum and its sum of exponentials; decode_attention_merge combines the splits. Logits
+// are base 2 (q is scaled by scale * log2(e)). A lane holds pairs of bf16 of q and of its
+// running output; each warp takes DECODE_KEYS keys at a time. head dim <= 2 * 32 * DECODE_PAIRS.
+
+#define DECODE_PAIRS 4
+#define DECODE_KEYS 4
+#define DECODE_WARPS 4
+
+__device__ __forceinline__ float lo(unsigned w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float hi(unsigned w) { return __uint_as_float(w & 0xffff0000u); }
+
+extern "C" __global__ void decode_attention_split(const bf16* q, const bf16* keys, const bf16* values,
+                                                  const long long* rows, const long long* pos, float* part,
+                                                  float* stats, int heads, int kv, int capacity, int dim,
+                                                  int chunk, int splits, float scale) {
+    __shared__ float warp_max[DECODE_WARPS], warp_sum_[DECODE_WARPS];
+    __shared__ float warp_out[DECODE_WARPS][2 * 32 * DECODE_PAIRS];
+    const float neg_inf = __int_as_float(0xff800000);
+    const long long rh = blockIdx.x / splits;
+    const int split = blockIdx.x % splits;
+    const int row = (int)(rh / heads), head = (int)(rh % heads);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int start = split * chunk;
+    const int end = min(start + chunk, (int)pos[row] + 1);
+    float* out = part + (rh * splits + split) * dim;
+    float* stat = stats + (rh * splits + split) * 2;
+    if (start >= end) {
+        if (threadIdx.x == 0) {
+            stat[0] = neg_inf;
+            stat[1] = 0.f;
+        }
+        return;
+    }
+    const int pairs = dim / 2;
+    const long long base = ((long long)rows[row] * kv + head / (heads / kv)) * capacity * pairs;
+    const unsigned* K = reinterpret_cast<const unsigned*>(keys) + base;
+    const unsigned* V = reinterpret_cast<const unsigned*>(values) + base;
+    const unsigned* Q = reinterpret_cast<const unsigned*>(q) + rh * pairs;
+    float qa[DECODE_PAIRS], qb[DECODE_PAIRS], oa[DECODE_PAIRS], ob[DECODE_PAIRS];
+#pragma unroll
+    for (int i = 0; i < DECODE_PAIRS; i++) {
+        const int p = i * 32 + lane;
+        const unsigned w = p < pairs ? Q[p] : 0u;
+        qa[i] = lo(w) * scale;
+        qb[i] = hi(w) * scale;
+        oa[i] = ob[i] = 0.f;
+    }
+    float m = neg_inf, l = 0.f;
+    for (int t0 = start + warp * DECODE_KEYS; t0 < end; t0 += DECODE_WARPS * DECODE_KEYS) {
+        float s[DECODE_KEYS];
+#pragma unroll
+        for (int j = 0; j < DECODE_KEYS; j++) {
+            s[j] = 0.f;
+            if (t0 + j < end) {
+                const unsigned* k = K + (long long)(t0 + j) * pairs;
+#pragma unroll
+                for (int i = 0; i < DECODE_PAIRS; i++) {
+                    const int p = i * 32 + lane;
+                    if (p < pairs) {
+                        const unsigned w = k[p];
+                        s[j] += qa[i] * lo(w) + qb[i] * hi(w);
+                    }
+                }
+            }
+        }
+        float top = m;
+#pragma unroll
+        for (int j = 0; j < DECODE_KEYS; j++) {
+            s[j] = warp_sum(s[j]);
+            if (t0 + j < end) top = fmaxf(top, s[j]);
+        }
+        const float c = exp2f(m - top);  // 0 while m is -inf: top is finite (key t0 exists)
+        l *= c;
+#pragma unroll
+        for (int i = 0; i < DECODE_PAIRS; i++) {
+            oa[i] *= c;
+            ob[i] *= c;
+        }
+#pragma unroll
+        for (int j = 0; j < DECODE_KEYS; j++) {
+            if (t0 + j < end) {
+                const float e = exp2f(s[j] - top);
+                l += e;
+                const unsigned* v = V + (long long)(t0 + j) * pairs;
+#pragma unroll
+                for (int i = 0; i < DECODE_PAIRS; i++) {
+                    const int p = i * 32 + lane;
+                    if (p < pairs) {
+                        const unsigned w = v[p];
+                        oa[i] += e * lo(w);
+                        ob[i] += e * hi(w);
+                    }
+                }
+            }
+        }
+        m = top;
+    }
+    if (lane == 0) {
+        warp_max[warp] = m;
+        warp_sum_[warp] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < DECODE_PAIRS; i++) {
+        const int p = i * 32 + lane;
+        if (p < pairs) {
+            warp_out[warp][2 * p] = oa[i];
+            warp_out[warp][2 * p + 1] = ob[i];
+        }
+    }
+    __syncthreads();
+    float top = neg_inf;
+    for (int w = 0; w < DECODE_WARPS; w++) top = fmaxf(top, warp_max[w]);  // warp 0 has a key
+    for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+        float o = 0.f;
+        for (int w = 0; w < DECODE_WARPS; w++)
+            if (warp_max[w] != neg_inf) o += warp_out[w][d] * exp2f(warp_max[w] - top);
+        out[d] = o;
+    }
+    if (threadIdx.x == 0) {
+        float sum = 0.f;
+        for (int w = 0; w < DECODE_WARPS; w++)
+            if (warp_max[w] != neg_inf) sum += warp_sum_[w] * exp2f(warp_max[w] - top);
+        stat[0] = top;
+        stat[1] = sum;
+    }
+}
+
+// One warp per (row, head): the splits' shares weighted by exp2(their max - the overall
+// max), divided by the weighted sum. Split 0 always holds key 0, so the max is finite.
+extern "C" __global__ void decode_attention_merge(const float* part, const float* stats, bf16* y, int row_heads,
+                                                  int dim, int splits) {
+    const int rh = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (rh >= row_heads) return;
+    const float neg_inf = __int_as_float(0xff800000);
+    const float* st = stats + (long long)rh * splits * 2;
+    float top = neg_inf;
+    for (int s = 0; s < splits; s++) top = fmaxf(top, st[2 * s]);
+    float sum = 0.f;
+    for (int s = 0; s < splits; s++)
+        if (st[2 * s] != neg_inf) sum += st[2 * s + 1] * exp2f(st[2 * s] - top);
+    const float inv = 1.f / sum;
+    const float* pr = part + (long long)rh * splits * dim;
+    for (int d = lane; d < dim; d += 32) {
+        float o = 0.f;
+        for (int s = 0; s < splits; s++)
+            if (st[2 * s] != neg_inf) o += pr[(long long)s * dim + d] * exp2f(st[2 * s] - top);
+        y[(long long)rh * dim + d] = to_bf(o * inv);
+    }
+}

@@ -5,16 +5,20 @@
 //! a cached prefix) while the others decode: batched generation ([`Gpt::generate`]) and
 //! the server's continuous batching drive the same [`Decoder`]. On CUDA a step of each
 //! batch shape is captured once as a CUDA graph and replayed for every token
-//! (`CXXLM_CUDA_GRAPHS=0` turns that off). Sampling: temperature (0 = greedy), top-k,
+//! (`CXXLM_CUDA_GRAPHS=0` turns that off), and a step's attention reads only each row's
+//! filled positions, split over the keys so that a few long rows still fill the GPU
+//! ([`cxxlm_cuda::Fused::decode_attention`]; `CXXLM_DECODE_KERNEL=0` reads the cache's
+//! whole capacity through a mask instead). Sampling: temperature (0 = greedy), top-k,
 //! top-p and a repetition guard (off by default), per row.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 
 use tch::{Device, Kind, Tensor};
 
 use crate::gpt::{Cached, Read};
 use crate::Gpt;
-use cxxlm_cuda::CudaGraph;
+use cxxlm_cuda::{CudaGraph, Fused};
 
 /// Keys and values of every layer, `(slots + 1, kv_heads, capacity, head_dim)`; the last
 /// row is scratch, written by the padding entries of a captured step's batch.
@@ -23,6 +27,57 @@ pub struct KvCache {
     pub(crate) values: Vec<Tensor>,
     /// `0..capacity` on the device, for the masks of decoding steps.
     pub(crate) positions: Tensor,
+}
+
+/// The decoding attention kernel of `model`'s device when its cache is bf16 on CUDA (unless
+/// `CXXLM_DECODE_KERNEL=0`), once the kernel has matched its definition there at the
+/// model's head shapes; None otherwise: attention then reads the cache through a mask.
+fn decode_kernel(model: &Gpt) -> Option<Fused> {
+    let Device::Cuda(index) = model.device() else {
+        return None;
+    };
+    let c = &model.config;
+    let dim = c.head_dim();
+    if model.compute != Kind::BFloat16
+        || !dim.is_multiple_of(2)
+        || dim > cxxlm_cuda::fused::MAX_DECODE_HEAD_DIM
+        || std::env::var("CXXLM_DECODE_KERNEL").is_ok_and(|v| v == "0")
+    {
+        return None;
+    }
+    /// A device and head shapes (heads, kv heads, dim).
+    type Shape = (usize, usize, usize, usize);
+    let shape: Shape = (index, c.heads, c.kv_heads, dim);
+    static CHECKED: Mutex<Vec<(Shape, bool)>> = Mutex::new(Vec::new());
+    let mut checked = CHECKED.lock().unwrap_or_else(|p| p.into_inner());
+    let fused = match Fused::for_device(model.device()) {
+        Ok(fused) => fused,
+        Err(e) => {
+            eprintln!("warning: decoding without the attention kernel: {e}");
+            return None;
+        }
+    };
+    if let Some((_, ok)) = checked.iter().find(|(s, _)| *s == shape) {
+        return ok.then_some(fused);
+    }
+    let _guard = tch::no_grad_guard();
+    let check = cxxlm_cuda::check::decode_attention(
+        fused,
+        16,
+        c.heads as i64,
+        c.kv_heads as i64,
+        dim as i64,
+        600,
+        model.device(),
+    );
+    if !check.ok() {
+        eprintln!(
+            "warning: decoding without the attention kernel: it disagrees with its definition on this GPU ({}: error {:.2e} > {:.0e})",
+            check.name, check.error, check.tolerance
+        );
+    }
+    checked.push((shape, check.ok()));
+    check.ok().then_some(fused)
 }
 
 /// Whether decoding steps are replayed as CUDA graphs on `device`.
@@ -199,6 +254,7 @@ pub struct Decoder {
     slots: usize,
     capacity: usize,
     graphs: bool,
+    kernel: Option<Fused>,
     /// Step shapes run once eagerly (the second run of a shape is captured).
     warm: HashSet<(usize, Read)>,
     captured: HashMap<(usize, Read), Captured>,
@@ -230,6 +286,7 @@ impl Gpt {
             slots,
             capacity,
             graphs: use_graphs(self.device()),
+            kernel: decode_kernel(self),
             warm: HashSet::new(),
             captured: HashMap::new(),
         }
@@ -419,6 +476,7 @@ impl Decoder {
                     read,
                     pos: &pos_t,
                     span,
+                    kernel: self.kernel,
                 };
                 let h = model.forward(&self.weights, &ids_t, cached);
                 model.logits(&h.select(1, 0), self.weights.last().expect("lm_head"))
@@ -474,6 +532,7 @@ impl Decoder {
             read,
             pos: &pos_t,
             span,
+            kernel: self.kernel,
         };
         let h = model.forward(&self.weights, &ids_t, cached);
         model.logits(&h.select(1, 0), self.weights.last().expect("lm_head"))

@@ -72,13 +72,16 @@ pub(crate) enum Cached<'a> {
     /// One token per row: row `rows[i]` of the cache (device tensors, so that a captured
     /// step replays on new values) at position `pos[i]`, stored there, attending to
     /// the row's cached positions up to it, among the first `span`. Shapes do not
-    /// depend on the positions.
+    /// depend on the positions. With `kernel`, attention reads each row's filled
+    /// positions in place ([`Fused::decode_attention`]); otherwise the rows' first
+    /// `span` positions, under a mask.
     Step {
         cache: &'a KvCache,
         rows: &'a Tensor,
         read: Read,
         pos: &'a Tensor,
         span: i64,
+        kernel: Option<Fused>,
     },
     /// Training and scoring of examples packed side by side: none, and each example
     /// attends only to itself, from position 0.
@@ -278,19 +281,26 @@ impl Gpt {
         let half = c.head_dim() as i64 / 2;
         let (cos, sin, mask) = match &cached {
             Cached::Step {
-                cache, pos, span, ..
+                cache,
+                pos,
+                span,
+                kernel,
+                ..
             } => {
                 let n = idx.size()[0];
                 let half = self.cos.size()[3];
-                let visible = cache
-                    .positions
-                    .narrow(0, 0, *span)
-                    .view([1, *span])
-                    .le_tensor(&pos.view([n, 1]));
+                let visible = kernel.is_none().then(|| {
+                    cache
+                        .positions
+                        .narrow(0, 0, *span)
+                        .view([1, *span])
+                        .le_tensor(&pos.view([n, 1]))
+                        .view([n, 1, 1, *span])
+                });
                 (
                     self.cos.index_select(1, pos).view([n, 1, 1, half]),
                     self.sin.index_select(1, pos).view([n, 1, 1, half]),
-                    Some(visible.view([n, 1, 1, *span])),
+                    visible,
                 )
             }
             Cached::Fill { from, .. } => (
@@ -323,6 +333,7 @@ impl Gpt {
             let q = norm(&rotary(&q, &cos, &sin)).transpose(1, 2);
             let mut k = norm(&rotary(&k, &cos, &sin)).transpose(1, 2);
             let mut v = v.transpose(1, 2);
+            let mut decoded = None;
             match &cached {
                 Cached::Fill { cache, first, from } => {
                     let rows = cache.keys[layer].narrow(0, *first, b);
@@ -338,35 +349,48 @@ impl Gpt {
                     read,
                     pos,
                     span,
+                    kernel,
                 } => {
                     let at = [Some(rows.shallow_clone()), None, Some(pos.shallow_clone())];
-                    let stored = |all: &Tensor, new: &Tensor| {
+                    let (keys, values) = (&cache.keys[layer], &cache.values[layer]);
+                    for (all, new) in [(keys, &k), (values, &v)] {
                         let _ = all
                             .shallow_clone()
                             .index_put_(&at, &new.squeeze_dim(2), false);
-                        match read {
-                            Read::Range(first) => all.narrow(0, *first, b),
-                            Read::Gather => all.index_select(0, rows),
-                        }
-                        .narrow(2, 0, *span)
-                    };
-                    k = stored(&cache.keys[layer], &k);
-                    v = stored(&cache.values[layer], &v);
+                    }
+                    if let Some(kernel) = kernel {
+                        let scale = logit_scale.unwrap_or(1.0 / (hd as f64).sqrt());
+                        let q = q.squeeze_dim(2).contiguous();
+                        let y = kernel.decode_attention(&q, keys, values, rows, pos, scale);
+                        decoded = Some(y.unsqueeze(2));
+                    } else {
+                        let read = |all: &Tensor| {
+                            match read {
+                                Read::Range(first) => all.narrow(0, *first, b),
+                                Read::Gather => all.index_select(0, rows),
+                            }
+                            .narrow(2, 0, *span)
+                        };
+                        k = read(keys);
+                        v = read(values);
+                    }
                 }
                 Cached::No | Cached::Packed(_) => {}
             }
             // A prompt from position 0 attends causally; one after cached positions, a
             // decoding step and packed examples, through their masks.
-            let y = Tensor::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                mask.as_ref(),
-                0.0,
-                t > 1 && mask.is_none(),
-                logit_scale,
-                nkv != nh,
-            );
+            let y = decoded.unwrap_or_else(|| {
+                Tensor::scaled_dot_product_attention(
+                    &q,
+                    &k,
+                    &v,
+                    mask.as_ref(),
+                    0.0,
+                    t > 1 && mask.is_none(),
+                    logit_scale,
+                    nkv != nh,
+                )
+            });
             let y = y.transpose(1, 2).contiguous().view([b, t, nh * hd]);
             x = x + y.linear(w(3), None::<Tensor>);
             let h = norm(&x).linear(w(4), None::<Tensor>);

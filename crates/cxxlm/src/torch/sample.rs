@@ -78,29 +78,33 @@ fn benchmark(model: &Gpt, bpe: &Bpe, batch: usize, prompt: usize, new: usize) ->
         };
         model.generate(&prompts, &sampling, &mut |_, _| false)
     };
-    let modes: &[&str] = if model.device().is_cuda() {
-        &["0", "1"]
+    // (CUDA graphs, the decoding attention kernel): eager and graphs with the kernel,
+    // then graphs with attention through a mask over the whole cache.
+    let modes: &[(&str, &str)] = if model.device().is_cuda() {
+        &[("0", "1"), ("1", "1"), ("1", "0")]
     } else {
-        &["0"]
+        &[("0", "0")]
     };
     let mut outputs = Vec::new();
-    for graphs in modes {
+    for (graphs, kernel) in modes {
         std::env::set_var("CXXLM_CUDA_GRAPHS", graphs);
+        std::env::set_var("CXXLM_DECODE_KERNEL", kernel);
         run(8);
         let started = std::time::Instant::now();
         let out = run(new);
         let seconds = started.elapsed().as_secs_f64();
         let tokens: usize = out.iter().map(Vec::len).sum();
         outln!(
-            "RESULT impl=cxxlm cuda_graphs={graphs} batch={batch} prompt={prompt} new={new} seconds={seconds:.3} tok_s={:.0}",
+            "RESULT impl=cxxlm cuda_graphs={graphs} decode_kernel={kernel} batch={batch} prompt={prompt} new={new} seconds={seconds:.3} tok_s={:.0}",
             tokens as f64 / seconds
         )?;
         outputs.push(out);
     }
-    if outputs.len() == 2 {
+    if let [eager, graphs, masked] = &outputs[..] {
+        outln!("same tokens with and without CUDA graphs: {}", eager == graphs)?;
         outln!(
-            "same tokens with and without CUDA graphs: {}",
-            outputs[0] == outputs[1]
+            "same tokens with the attention kernel and through a mask: {}",
+            graphs == masked
         )?;
     }
     Ok(())
