@@ -3,6 +3,7 @@
 //! runs out. Every step is a JSON line of the transcript: what the model wrote, the call
 //! read from it (or why none could be), the tool's answer, and the time each took.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -80,20 +81,32 @@ pub struct Report {
     pub tokens: usize,
     /// The conversation: instructions, task, then each turn and its tool's answer.
     pub messages: Vec<Message>,
+    /// Calls made, by tool.
+    pub calls: BTreeMap<String, usize>,
+    /// Turns whose call could not be read (no call, not JSON, unknown tool or field).
+    pub call_errors: usize,
 }
 
-/// The tools and the format, for the system turn.
-pub fn instructions() -> String {
+/// The tools and the format, for the system turn (without the index's when `index` is
+/// false).
+pub fn instructions(index: bool) -> String {
+    let (search_symbol, index_tool) = if index {
+        (
+            "; or {\"tool\": \"search\", \"symbol\": \"mean\"}: its definitions".to_string(),
+            format!("{q}{{\"tool\": \"index\", \"path\": \"src/a.cpp\", \"line\": 12}}  the definitions that matter there\n", q = call::QUERY_TOOL),
+        )
+    } else {
+        (String::new(), String::new())
+    };
     format!(
         "You fix C++ repositories with tools. Each turn: optionally {ts}your reasoning{te}, then {q} and one JSON object, the call; the tool's answer comes back in the next turn.\n\
 Tools:\n\
 {q}{{\"tool\": \"list\", \"path\": \"src\"}}  files under a folder (path optional)\n\
-{q}{{\"tool\": \"search\", \"text\": \"mean(\"}}  lines holding a text; or {{\"tool\": \"search\", \"symbol\": \"mean\"}}: its definitions\n\
+{q}{{\"tool\": \"search\", \"text\": \"mean(\"}}  lines holding a text{search_symbol}\n\
 {q}{{\"tool\": \"open\", \"path\": \"src/a.cpp\", \"line\": 1, \"lines\": 60}}  numbered lines\n\
 {q}{{\"tool\": \"edit\", \"path\": \"src/a.cpp\", \"start\": 3, \"end\": 4, \"text\": \"new lines\\n\"}}  replace lines start-end (refused if the file would no longer compile)\n\
 {q}{{\"tool\": \"build\"}}  {q}{{\"tool\": \"test\"}}  build or test in a sandbox: compiler and sanitizer output\n\
-{q}{{\"tool\": \"index\", \"path\": \"src/a.cpp\", \"line\": 12}}  the definitions that matter there\n\
-{q}{{\"tool\": \"submit\"}}  when the tests pass",
+{index_tool}{q}{{\"tool\": \"submit\"}}  when the tests pass",
         ts = call::THOUGHT_START,
         te = call::THOUGHT_END,
         q = call::QUERY_TOOL,
@@ -115,12 +128,14 @@ impl Agent<'_> {
         let partial = PathBuf::from(format!("{}.partial", transcript.display()));
         let mut out = std::fs::File::create(&partial).map_err(|e| AgentError::io(&partial, e))?;
         let mut messages = vec![
-            Message::new(Role::System, instructions()),
+            Message::new(Role::System, instructions(self.workspace.index_tools())),
             Message::new(Role::User, task),
         ];
         let mut tokens = 0;
         let mut outcome = Outcome::BudgetExhausted;
         let mut steps = 0;
+        let mut calls = BTreeMap::new();
+        let mut call_errors = 0;
         while steps < self.budget.steps && tokens < self.budget.tokens {
             steps += 1;
             let started = Instant::now();
@@ -128,6 +143,10 @@ impl Agent<'_> {
             let model_ms = ms(started);
             tokens += reply.tokens;
             let turn = call::parse(&reply.text);
+            match &turn.call {
+                Ok(c) => *calls.entry(c.name().to_string()).or_insert(0) += 1,
+                Err(_) => call_errors += 1,
+            }
             let started = Instant::now();
             let (answer, submitted) = match &turn.call {
                 Ok(c) => self.execute(c)?,
@@ -166,6 +185,8 @@ impl Agent<'_> {
             steps,
             tokens,
             messages,
+            calls,
+            call_errors,
         })
     }
 

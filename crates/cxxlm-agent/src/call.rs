@@ -50,6 +50,22 @@ pub enum Call {
     Submit {},
 }
 
+impl Call {
+    /// The tool's name, as the call spells it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Call::List { .. } => "list",
+            Call::Search { .. } => "search",
+            Call::Open { .. } => "open",
+            Call::Edit { .. } => "edit",
+            Call::Build {} => "build",
+            Call::Test {} => "test",
+            Call::Index { .. } => "index",
+            Call::Submit {} => "submit",
+        }
+    }
+}
+
 /// A turn read: its thought, and its call or why there is none.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Turn {
@@ -115,7 +131,9 @@ mod tests {
         };
         let turn = parse(&render(Some("fix it"), &c));
         assert_eq!(turn.thought.as_deref(), Some("fix it"));
-        assert_eq!(turn.call, Ok(c));
+        assert_eq!(turn.call, Ok(c.clone()));
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(json["tool"], c.name());
         assert_eq!(
             parse(r#"<|query_tool|>{"tool":"build"}"#).call,
             Ok(Call::Build {})

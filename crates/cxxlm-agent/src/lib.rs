@@ -5,14 +5,18 @@
 //! of numbered lines, edit line ranges (refused when the file would no longer parse with
 //! the project's flags: [`guard`]), build and test in the sandbox with summarized
 //! compiler and sanitizer output ([`check`]), rank context at a line with the index, and
-//! submit. Paths are confined to the repository. Verified bug tasks become tool-use
-//! examples for fine-tuning by replaying the fix through the same tools ([`trajectory`]).
+//! submit. Paths are confined to the repository. Verified bug tasks become repositories
+//! ([`task_repo`]): tool-use examples for fine-tuning by replaying the fix through the
+//! same tools ([`trajectory`]), and the agent's measured success, judged by the tasks'
+//! own verifier, with and without the index ([`eval`]).
 
 pub mod agent;
 pub mod call;
 pub mod check;
+pub mod eval;
 pub mod guard;
 pub mod model;
+pub mod task_repo;
 pub mod trajectory;
 pub mod workspace;
 

@@ -7,9 +7,8 @@
 //! `train sft` reads.
 
 use std::collections::VecDeque;
-use std::path::Path;
 
-use cxxlm_tasks::task::{Check, Task};
+use cxxlm_tasks::task::Task;
 use cxxlm_tokenizer::chat::Role;
 use serde_json::{json, Value};
 
@@ -33,36 +32,6 @@ impl Model for Replay {
             .ok_or("the trajectory has no more turns")?;
         Ok(Reply { text, tokens: 0 })
     }
-}
-
-/// Writes the task's program as a repository in `dir`.
-fn repository(check: &Check, dir: &Path) -> Result<(), AgentError> {
-    let write = |rel: &str, text: &str| -> Result<(), AgentError> {
-        let path = dir.join(rel);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| AgentError::io(parent, e))?;
-        }
-        std::fs::write(&path, text).map_err(|e| AgentError::io(&path, e))
-    };
-    for (rel, text) in &check.support {
-        write(rel, text)?;
-    }
-    write("main.cpp", &check.buggy)?;
-    write("expected.txt", &check.oracle.stdout)?;
-    let flags = check.flags.join(" ");
-    write(
-        "Makefile",
-        &format!(
-            "build:\n\tg++ {flags} main.cpp -o prog\n\ntest: build\n\t./prog > out.txt; status=$$?; diff expected.txt out.txt && test $$status -eq {}\n",
-            check.oracle.exit_code
-        ),
-    )?;
-    let root = dir.canonicalize().map_err(|e| AgentError::io(dir, e))?;
-    let mut arguments = vec!["g++".to_string()];
-    arguments.extend(check.flags.iter().cloned());
-    arguments.extend(["-c".to_string(), "main.cpp".to_string()]);
-    let commands = json!([{"directory": root, "file": "main.cpp", "arguments": arguments}]);
-    write("compile_commands.json", &commands.to_string())
 }
 
 /// The lines that differ: `(first, last)` of `buggy` (1-based, inclusive; `last =
@@ -109,16 +78,13 @@ pub fn example(task: &Task) -> Result<Result<Value, String>, AgentError> {
     };
     let tmp = tempfile::tempdir().map_err(|e| AgentError::io("a temporary folder", e))?;
     let dir = tmp.path().join("repo");
-    repository(check, &dir)?;
-    let f = &check.failure;
-    let at = f
+    crate::task_repo::write(check, &dir)?;
+    let prompt = crate::task_repo::statement(task, check);
+    let at = check
+        .failure
         .location
         .as_deref()
         .map_or(String::new(), |l| format!(" at {l}"));
-    let prompt = format!(
-        "The test of main.cpp fails: {} ({}){at}. Find the bug and fix it.",
-        f.kind, f.detector
-    );
     let open_from = first.saturating_sub(8).max(1);
     let turn = |thought: &str, c: Call| call::render(Some(thought), &c);
     let turns = VecDeque::from([

@@ -23,6 +23,8 @@ pub struct Workspace {
     index: Index,
     settings: Settings,
     guard: Guard,
+    /// Whether the model may ask the index (the `index` tool, `search` by symbol).
+    index_tools: bool,
 }
 
 /// A tool's answer: whether it did what was asked, and its text for the model.
@@ -70,7 +72,23 @@ impl Workspace {
             index,
             settings,
             guard,
+            index_tools: true,
         })
+    }
+
+    /// The same repository without the index's tools (`index`, `search` by symbol),
+    /// to measure what they are worth.
+    pub fn without_index_tools(mut self) -> Workspace {
+        self.index_tools = false;
+        self
+    }
+
+    pub fn index_tools(&self) -> bool {
+        self.index_tools
+    }
+
+    fn index_off() -> Answer {
+        Answer::refused("the index is not available in this run: search by `text` instead")
     }
 
     pub fn root(&self) -> &Path {
@@ -139,6 +157,7 @@ impl Workspace {
     pub fn search(&self, text: Option<&str>, symbol: Option<&str>) -> Answer {
         match (text, symbol) {
             (Some(t), None) if !t.is_empty() => self.search_text(t),
+            (None, Some(_)) if !self.index_tools => Self::index_off(),
             (None, Some(s)) if !s.is_empty() => self.search_symbol(s),
             _ => Answer::refused("search takes one of a non-empty `text` or `symbol`"),
         }
@@ -285,6 +304,9 @@ impl Workspace {
 
     /// The definitions that rank highest at `line` of `rel`, with their first lines.
     pub fn index(&self, rel: &str, line: usize) -> Answer {
+        if !self.index_tools {
+            return Self::index_off();
+        }
         let path = match self.resolve(rel) {
             Ok(p) => p,
             Err(e) => return Answer::refused(e),
@@ -327,7 +349,7 @@ fn numbered(lines: &[&str], first: usize, last: usize) -> String {
         .collect()
 }
 
-fn write_atomic(path: &Path, text: &str) -> Result<(), AgentError> {
+pub(crate) fn write_atomic(path: &Path, text: &str) -> Result<(), AgentError> {
     let tmp = path.with_file_name(format!(
         ".{}.cxxlm-edit",
         path.file_name().unwrap_or_default().to_string_lossy()

@@ -583,6 +583,19 @@ pub fn score(judge: &Judge, check: &Check, main: &str, splice_answer: bool) -> R
     })
 }
 
+/// The runnable tasks (those with a check) of `split`, at most `limit` of them, spread
+/// evenly over it.
+pub fn runnable(tasks: Vec<Task>, split: &str, limit: Option<usize>) -> Vec<Task> {
+    let tasks: Vec<Task> = tasks
+        .into_iter()
+        .filter(|t| t.split == split && t.check.is_some())
+        .collect();
+    match limit.filter(|&n| n < tasks.len()) {
+        Some(n) => (0..n).map(|i| tasks[i * tasks.len() / n].clone()).collect(),
+        None => tasks,
+    }
+}
+
 /// Reads the tasks of `tasks bugs`/`tasks mine` outputs (directories of parts, or files).
 pub fn read_tasks(paths: &[PathBuf]) -> Result<Vec<Task>> {
     let mut files = Vec::new();

@@ -1,21 +1,75 @@
 //! `cxxlm agent`: a model works on a task in a C++ repository with tools, until it
-//! submits or its budget runs out (`cxxlm-agent`). The model is an OpenAI-compatible
-//! endpoint (here) or a checkpoint run in process (`cxxlm-torch`).
+//! submits or its budget runs out (`cxxlm-agent`); `cxxlm agent eval` measures how often
+//! it solves runnable tasks of `cxxlm tasks`, with the index and without. The model is
+//! an OpenAI-compatible endpoint (here) or a checkpoint run in process (`cxxlm-torch`).
 
-use anyhow::{Context, Result};
-use clap::{ArgGroup, Args};
+use anyhow::{bail, Context, Result};
+use clap::{ArgGroup, Args, Subcommand};
+use cxxlm_agent::eval::{Condition, Run, Settings};
 use cxxlm_agent::{Agent, Budget, Checker, Commands, Endpoint, Model, Outcome, Workspace};
 use std::path::PathBuf;
 
 #[derive(Args)]
-#[command(group(ArgGroup::new("the_model").required(true).args(["checkpoint", "endpoint"])))]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct AgentArgs {
+    #[command(subcommand)]
+    pub command: Option<AgentCommand>,
     /// The repository to work in.
-    #[arg(long)]
-    pub repo: PathBuf,
+    #[arg(long, required = true)]
+    pub repo: Option<PathBuf>,
     /// What to do, as the user would say it.
+    #[arg(long, required = true)]
+    pub task: Option<String>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The build command, run in the sandbox (default: `make` where there is a Makefile).
     #[arg(long)]
-    pub task: String,
+    pub build: Option<String>,
+    /// The test command, run in the sandbox (default: `make test`).
+    #[arg(long)]
+    pub test: Option<String>,
+    /// One JSON line per step (default: agent-transcript.jsonl here).
+    #[arg(long, default_value = "agent-transcript.jsonl")]
+    pub transcript: PathBuf,
+}
+
+#[derive(Subcommand)]
+pub enum AgentCommand {
+    /// The agent's success on runnable tasks of `tasks bugs` and `tasks bodies`: each
+    /// task a small repository, the loop within its budget, the final program judged by
+    /// the task's own verifier; with the index's tools and without them. Resumes.
+    Eval(Box<AgentEvalArgs>),
+}
+
+#[derive(Args)]
+pub struct AgentEvalArgs {
+    /// Outputs of `tasks bugs` or `tasks bodies` (directories or JSON lines).
+    #[arg(long, required = true, num_args = 1..)]
+    pub tasks: Vec<PathBuf>,
+    /// The split to evaluate on (by project; training never saw its projects).
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// At most this many tasks, spread evenly over the split.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Only without the index's tools (default: each task with them and without).
+    #[arg(long, conflicts_with = "index_only")]
+    pub no_index: bool,
+    /// Only with the index's tools.
+    #[arg(long)]
+    pub index_only: bool,
+    /// The output folder: settings.json, results.jsonl, transcripts/, summary.json. A
+    /// run of the same settings there goes on where it stopped.
+    #[arg(long, short)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+/// The model behind the loop, and its budget.
+#[derive(Args)]
+#[command(group(ArgGroup::new("the_model").required(true).args(["checkpoint", "endpoint"])))]
+pub struct ModelArgs {
     /// Our own model, in process: a checkpoint directory or a run directory (its newest).
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
@@ -43,21 +97,49 @@ pub struct AgentArgs {
     pub max_tokens: usize,
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
-    /// The build command, run in the sandbox (default: `make` where there is a Makefile).
-    #[arg(long)]
-    pub build: Option<String>,
-    /// The test command, run in the sandbox (default: `make test`).
-    #[arg(long)]
-    pub test: Option<String>,
-    /// One JSON line per step (default: agent-transcript.jsonl here).
-    #[arg(long, default_value = "agent-transcript.jsonl")]
-    pub transcript: PathBuf,
+}
+
+impl AgentArgs {
+    /// The model options of the command given.
+    pub fn model(&self) -> &ModelArgs {
+        match &self.command {
+            Some(AgentCommand::Eval(e)) => &e.model,
+            None => &self.model,
+        }
+    }
+}
+
+impl ModelArgs {
+    /// The model and its sampling, as a run's settings record it (an endpoint by the
+    /// model's name: a server may move to another port between a run and its resumption).
+    fn describe(&self) -> String {
+        let sampling = format!(
+            "max_tokens {}, temperature {}",
+            self.max_tokens, self.temperature
+        );
+        match (&self.checkpoint, &self.endpoint) {
+            (Some(c), _) => format!("checkpoint {}; {sampling}", c.display()),
+            (None, Some(_)) => format!("{} (endpoint); {sampling}", self.model),
+            (None, None) => sampling,
+        }
+    }
+}
+
+/// Runs the command with `model`.
+pub fn run(args: AgentArgs, model: &mut dyn Model) -> Result<()> {
+    match args.command {
+        Some(AgentCommand::Eval(e)) => eval(*e, model),
+        None => run_one(args, model),
+    }
 }
 
 /// Runs the loop with `model`, prints the outcome's line and exits with its status
 /// (0 solved, 2 not solved, 3 budget exhausted).
-pub fn run(args: AgentArgs, model: &mut dyn Model) -> Result<()> {
-    let workspace = Workspace::new(&args.repo)?;
+fn run_one(args: AgentArgs, model: &mut dyn Model) -> Result<()> {
+    let (Some(repo), Some(task)) = (&args.repo, &args.task) else {
+        bail!("--repo and --task");
+    };
+    let workspace = Workspace::new(repo)?;
     let checker = Checker::new(workspace.root()).context("starting the sandbox")?;
     let commands = Commands::for_repo(workspace.root(), args.build, args.test)?;
     let mut agent = Agent {
@@ -66,11 +148,11 @@ pub fn run(args: AgentArgs, model: &mut dyn Model) -> Result<()> {
         commands,
         model,
         budget: Budget {
-            steps: args.steps,
-            tokens: args.tokens,
+            steps: args.model.steps,
+            tokens: args.model.tokens,
         },
     };
-    let report = agent.run(&args.task, &args.transcript)?;
+    let report = agent.run(task, &args.transcript)?;
     outln!(
         "{} after {} steps, {} tokens (transcript: {})",
         report.outcome.name(),
@@ -85,18 +167,98 @@ pub fn run(args: AgentArgs, model: &mut dyn Model) -> Result<()> {
     })
 }
 
-/// `cxxlm agent --endpoint URL`.
+/// `cxxlm agent eval`: every selected task in every condition, one at a time; prints a
+/// line per judged run and the success rate of each condition.
+fn eval(args: AgentEvalArgs, model: &mut dyn Model) -> Result<()> {
+    let all = cxxlm_tasks::bugs::read_tasks(&args.tasks)?;
+    let tasks = cxxlm_tasks::bugs::runnable(all, &args.split, args.limit);
+    if tasks.is_empty() {
+        bail!(
+            "no runnable tasks of split {:?} in {}",
+            args.split,
+            args.tasks
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let conditions = match (args.no_index, args.index_only) {
+        (true, _) => vec![Condition::NoIndex],
+        (_, true) => vec![Condition::Index],
+        _ => vec![Condition::Index, Condition::NoIndex],
+    };
+    let settings = Settings {
+        model: args.model.describe(),
+        steps: args.model.steps,
+        tokens: args.model.tokens,
+        conditions: conditions.clone(),
+    };
+    let mut run = Run::open(&args.out, settings.clone())?;
+    let judge = cxxlm_tasks::judge::Judge::new().context("starting the sandbox")?;
+    crate::interrupt::install();
+    let total = tasks.len() * conditions.len();
+    let mut n = 0;
+    let mut skipped = 0;
+    for task in &tasks {
+        for &condition in &conditions {
+            n += 1;
+            if crate::interrupt::requested() {
+                run.summary(&tasks)?;
+                bail!("interrupted; rerun the same command to resume");
+            }
+            match run.run(task, condition, model, &judge)? {
+                None => skipped += 1,
+                Some(j) => eprintln!(
+                    "[{n}/{total}] {} ({}): {}, {} steps, {:.1} s",
+                    j.id,
+                    condition.name(),
+                    if j.solved {
+                        "solved"
+                    } else if j.compiled {
+                        "not solved"
+                    } else {
+                        "not solved (does not compile)"
+                    },
+                    j.steps,
+                    j.seconds
+                ),
+            }
+        }
+    }
+    if skipped > 0 {
+        eprintln!("{skipped} runs judged before were kept");
+    }
+    let summary = run.summary(&tasks)?;
+    for (condition, t) in &summary.conditions {
+        let calls: usize = t.calls.values().sum();
+        outln!(
+            "{}: {}/{} solved ({:.1}%), {} compiled, {} submitted; {:.1} steps a task, {} tool calls, {} unreadable",
+            condition.describe(),
+            t.solved,
+            t.attempted,
+            100.0 * t.rate(),
+            t.compiled,
+            t.submitted,
+            t.steps as f64 / t.attempted.max(1) as f64,
+            calls,
+            t.call_errors
+        )?;
+    }
+    outln!("{}", args.out.join("summary.json").display())?;
+    Ok(())
+}
+
+/// `cxxlm agent [eval] --endpoint URL`.
 pub fn run_endpoint(args: AgentArgs) -> Result<()> {
-    let url = args
-        .endpoint
-        .clone()
-        .context("--endpoint or --checkpoint")?;
+    let m = args.model();
+    let url = m.endpoint.clone().context("--endpoint or --checkpoint")?;
     let mut model = Endpoint::new(
         &url,
-        &args.model,
-        args.api_key.clone(),
-        args.max_tokens,
-        args.temperature,
+        &m.model,
+        m.api_key.clone(),
+        m.max_tokens,
+        m.temperature,
     )
     .map_err(anyhow::Error::msg)?;
     run(args, &mut model)

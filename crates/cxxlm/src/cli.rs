@@ -69,7 +69,7 @@ impl Command {
         match self {
             Command::Train(_) | Command::Sample(_) | Command::Serve(_) | Command::Export(_) => true,
             Command::Eval(e) => e.needs_model(),
-            Command::Agent(a) => a.checkpoint.is_some(),
+            Command::Agent(a) => a.model().checkpoint.is_some(),
             Command::Index(i) => i.needs_model(),
             _ => false,
         }
@@ -85,7 +85,9 @@ pub fn run(command: Command) -> Result<()> {
         Command::Eval(cmd) => crate::eval::run(cmd, None),
         Command::Tasks(cmd) => crate::tasks::run(cmd),
         Command::Index(cmd) => crate::index::run(cmd),
-        Command::Agent(args) if args.checkpoint.is_none() => crate::agent::run_endpoint(args),
+        Command::Agent(args) if args.model().checkpoint.is_none() => {
+            crate::agent::run_endpoint(args)
+        }
         Command::Speedrun(args) => crate::speedrun::run(args),
         Command::Launch(args) => crate::launch::run(args),
         Command::Report { dir } => {

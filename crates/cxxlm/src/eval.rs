@@ -1013,17 +1013,9 @@ fn print_report(r: &Report) -> Result<()> {
 fn bugfix(args: BugfixArgs, load: Option<LoadModel>) -> Result<()> {
     use cxxlm_tasks::bugs;
     use rayon::prelude::*;
-    let all = bugs::read_tasks(&args.tasks)?;
-    let mut tasks: Vec<cxxlm_tasks::task::Task> = all
-        .into_iter()
-        .filter(|t| t.split == args.split && t.check.is_some())
-        .collect();
+    let tasks = bugs::runnable(bugs::read_tasks(&args.tasks)?, &args.split, args.limit);
     if tasks.is_empty() {
         bail!("no runnable tasks of split {:?} in the input", args.split);
-    }
-    if let Some(n) = args.limit.filter(|&n| n < tasks.len()) {
-        let len = tasks.len();
-        tasks = (0..n).map(|i| tasks[i * len / n].clone()).collect();
     }
     let answers: Vec<(usize, String)> = match (&args.answers, &args.checkpoint, &args.completions) {
         (Some(which), _, _) => tasks

@@ -1,4 +1,4 @@
-//! `cxxlm agent --checkpoint`: the checkpoint's model answers in this process, on the
+//! `cxxlm agent [eval] --checkpoint`: the checkpoint's model answers in this process, on the
 //! engine and sampler that `cxxlm serve` runs, with the chat template's tokens (the
 //! agent's markers are special tokens, written out in its replies).
 
@@ -59,8 +59,9 @@ impl Model for InProcess {
 }
 
 pub fn run(args: AgentArgs) -> Result<()> {
-    let checkpoint = args.checkpoint.clone().context("--checkpoint")?;
-    let (model, bpe) = load_checkpoint(&checkpoint, args.tokenizer.as_deref())?;
+    let m = args.model();
+    let checkpoint = m.checkpoint.clone().context("--checkpoint")?;
+    let (model, bpe) = load_checkpoint(&checkpoint, m.tokenizer.as_deref())?;
     let context = model.config.seq_len;
     let engine = Engine::start(
         move || {
@@ -76,9 +77,9 @@ pub fn run(args: AgentArgs) -> Result<()> {
         engine,
         bpe,
         context,
-        max_tokens: args.max_tokens,
+        max_tokens: m.max_tokens,
         sampling: Sampling {
-            temperature: args.temperature,
+            temperature: m.temperature,
             top_k: 0,
             top_p: 1.0,
             repeat_penalty: 1.0,

@@ -27,7 +27,7 @@ fn main() {
         Command::Eval(cmd) => model::run(cmd),
         Command::Serve(args) => serve::run(args),
         Command::Export(cxxlm::cli::ExportCommand::Hf(args)) => export::hf(args),
-        Command::Agent(args) if args.checkpoint.is_some() => agent::run(args),
+        Command::Agent(args) if args.model().checkpoint.is_some() => agent::run(args),
         Command::Index(cmd) if cmd.needs_model() => embed::run(cmd),
         other => cli::run(other),
     });
