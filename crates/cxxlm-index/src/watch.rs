@@ -34,7 +34,8 @@ pub struct Refresh {
 }
 
 /// Watches the index's repository until `stop` is set, refreshing `index` and its
-/// store on every change and telling `report` about each round that changed something.
+/// store on every change and telling `report` about each round that changed something
+/// (with the index as it now is).
 /// `ready` is called once every folder is watched (inotify's watches are set folder by
 /// folder: a save before then may go unseen).
 pub fn watch(
@@ -43,7 +44,7 @@ pub fn watch(
     settings: &Settings,
     stop: &AtomicBool,
     ready: impl FnOnce(),
-    mut report: impl FnMut(&Refresh),
+    mut report: impl FnMut(&Index, &Refresh),
 ) -> Result<(), IndexError> {
     let (tx, rx) = mpsc::channel();
     let mut watcher = notify::recommended_watcher(tx).map_err(watch_error)?;
@@ -113,12 +114,15 @@ pub fn watch(
         if compacted {
             *store = Store::save(store.dir(), index)?;
         }
-        report(&Refresh {
-            changes,
-            elapsed: started.elapsed(),
-            rescan,
-            compacted,
-        });
+        report(
+            index,
+            &Refresh {
+                changes,
+                elapsed: started.elapsed(),
+                rescan,
+                compacted,
+            },
+        );
     }
     Ok(())
 }

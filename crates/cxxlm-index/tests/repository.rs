@@ -266,7 +266,7 @@ fn the_watcher_refreshes_a_saved_file() {
                 &settings(),
                 &stop,
                 || {},
-                |r| {
+                |_, r| {
                     let _ = tx.send(r.changes.clone());
                 },
             )

@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use cxxlm_index::retrieval::{recall_at, Recall};
-use cxxlm_index::watch::{default_dir, open_or_build, watch};
+use cxxlm_index::watch::{default_dir, open_or_build, watch, Refresh};
 use cxxlm_index::{
     mine, Bm25, Change, Chunk, Cursor, Graph, Index, MineSettings, Mined, Pair, RankedDef,
     RankedFile, Settings, Store,
@@ -39,7 +39,8 @@ impl IndexCommand {
             IndexCommand::Embed(_) => true,
             IndexCommand::Query(a) => a.semantic.is_some(),
             IndexCommand::Recall(a) => a.checkpoint.is_some(),
-            IndexCommand::Build(_) | IndexCommand::Watch(_) => false,
+            IndexCommand::Watch(a) => a.checkpoint.is_some(),
+            IndexCommand::Build(_) => false,
         }
     }
 }
@@ -110,12 +111,25 @@ pub struct QueryArgs {
 
 #[derive(Args)]
 pub struct WatchArgs {
-    repo: PathBuf,
+    pub repo: PathBuf,
     /// Where the index is kept (default: REPO/.cxxlm-index); built first if missing.
     #[arg(long, short)]
-    out: Option<PathBuf>,
+    pub out: Option<PathBuf>,
     #[command(flatten)]
-    limits: Limits,
+    pub limits: Limits,
+    /// Keep the embedding vectors (`cxxlm index embed`) fresh too, with this model: they
+    /// are brought up to date first, then every saved file's are made again.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    #[arg(long, requires = "checkpoint")]
+    pub tokenizer: Option<PathBuf>,
+}
+
+impl WatchArgs {
+    /// The index's folder.
+    pub fn dir(&self) -> PathBuf {
+        self.out.clone().unwrap_or_else(|| default_dir(&self.repo))
+    }
 }
 
 #[derive(Args)]
@@ -182,9 +196,9 @@ pub fn run(cmd: IndexCommand) -> Result<()> {
     match cmd {
         IndexCommand::Build(a) => build(a),
         IndexCommand::Query(a) => query(a),
-        IndexCommand::Watch(a) => watch_repo(a),
+        IndexCommand::Watch(a) if a.checkpoint.is_none() => watch_repo(a, |_, _| Ok(None)),
         IndexCommand::Recall(a) if a.checkpoint.is_none() => recall(&a, &[]),
-        IndexCommand::Recall(_) | IndexCommand::Embed(_) => {
+        IndexCommand::Recall(_) | IndexCommand::Embed(_) | IndexCommand::Watch(_) => {
             anyhow::bail!("this command runs a model: it is cxxlm-torch's")
         }
     }
@@ -411,13 +425,23 @@ fn repository_path(index: &Index, file: &Path) -> Result<String> {
     Ok(rel.to_string_lossy().replace('\\', "/"))
 }
 
-fn watch_repo(a: WatchArgs) -> Result<()> {
+/// Watches `a.repo`, printing each refresh. `follow` keeps something else in step with
+/// the index: called once it is open and up to date (no refresh), then after each
+/// refresh; what it returns is printed after the refresh's line. Its error stops the
+/// watch when opening, and is printed (the watch goes on) after a refresh.
+pub fn watch_repo(
+    a: WatchArgs,
+    mut follow: impl FnMut(&Index, Option<&Refresh>) -> Result<Option<String>>,
+) -> Result<()> {
     threads(&a.limits)?;
     crate::interrupt::install();
-    let dir = a.out.clone().unwrap_or_else(|| default_dir(&a.repo));
+    let dir = a.dir();
     let settings = a.limits.settings();
     let started = Instant::now();
     let (mut index, mut store) = open_current(&a.repo, &dir, &settings)?;
+    if let Some(said) = follow(&index, None)? {
+        eprintln!("{said}");
+    }
     let (root, files, definitions) = (
         index.root().display().to_string(),
         index.files().len(),
@@ -437,7 +461,7 @@ fn watch_repo(a: WatchArgs) -> Result<()> {
         &settings,
         &crate::interrupt::STOP,
         ready,
-        |r| {
+        |index, r| {
             let what: Vec<String> = r
                 .changes
                 .iter()
@@ -463,6 +487,13 @@ fn watch_repo(a: WatchArgs) -> Result<()> {
                     ""
                 }
             );
+            match follow(index, Some(r)) {
+                Ok(Some(said)) => {
+                    let _ = outln!("{said}");
+                }
+                Ok(None) => {}
+                Err(e) => eprintln!("error: {e:#}"),
+            }
         },
     )?;
     Ok(())

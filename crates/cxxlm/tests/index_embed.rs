@@ -2,13 +2,18 @@
 //! as JSON lines, and BM25's recall at 10 on them; `cxxlm index embed` and
 //! `query --semantic` with a tiny trained model: a function found by its doc comment,
 //! one changed file embedded again and only it, another model's vectors refused or
-//! made again, and the embeddings' recall beside BM25's.
+//! made again, the embeddings' recall beside BM25's, and `index watch --checkpoint`
+//! keeping them fresh as a file is saved.
 
 mod common;
 
 use common::*;
 use serde_json::Value;
+use std::io::BufRead;
+use std::io::BufReader;
 use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 fn repository(root: &Path) {
     write(
@@ -199,4 +204,91 @@ fn embeddings_find_a_function_by_its_doc_comment_and_refresh_only_changed_files(
     assert!(bm25["pairs"].as_u64().unwrap() > 0, "{summary}");
     assert_eq!(embeddings["pairs"], bm25["pairs"], "{summary}");
     assert_eq!(embeddings["k"], 10, "{summary}");
+
+    // Watching with the model keeps the vectors fresh: the other model's are made again
+    // first, then a saved file's; the store then holds what a fresh embed makes.
+    let mut watcher = cxxlm()
+        .args(["index", "watch", r, "--checkpoint", run])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(watcher.stderr.take().unwrap()).lines();
+    let said: Vec<String> = err
+        .by_ref()
+        .map(Result::unwrap)
+        .take_while(|l| !l.starts_with("watching "))
+        .collect();
+    assert!(
+        said.iter().any(|l| l.contains("all are made again"))
+            && said.iter().any(|l| l.starts_with("embedded 4 files")),
+        "{said:?}"
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = watcher.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let saved = format!(
+        "{}\nint shout(const std::string& w) {{ return count_of(w, \"!\"); }}\n",
+        std::fs::read_to_string(repo.join("src/text.cpp")).unwrap()
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut lines = Vec::new();
+    while !lines.iter().any(|l: &String| l.starts_with("embedded ")) {
+        write(&repo.join("src/text.cpp"), &saved);
+        while let Ok(line) = rx.recv_timeout(Duration::from_millis(2000)) {
+            lines.push(line);
+            if lines.last().unwrap().starts_with("embedded ") {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "no refresh reported: {lines:?}");
+    }
+    let embedded = lines.iter().find(|l| l.starts_with("embedded ")).unwrap();
+    assert!(
+        embedded.starts_with("embedded 1 files (4 functions"),
+        "{lines:?}"
+    );
+    assert!(embedded.contains(" ms;"), "{embedded}");
+    send_signal(&watcher, libc::SIGINT);
+    let status = wait_within(watcher, 30, "index watch after SIGINT").status;
+    assert!(status.success(), "{status:?}");
+    let fresh = p.f.root.join("fresh-index");
+    run_ok(&[
+        "index",
+        "embed",
+        r,
+        "--checkpoint",
+        run,
+        "-o",
+        fresh.to_str().unwrap(),
+    ]);
+    let load = |dir: &Path| cxxlm_index::Vectors::load(dir).unwrap().unwrap();
+    let (kept, made) = (load(&repo.join(".cxxlm-index")), load(&fresh));
+    assert_eq!(kept.fingerprint, made.fingerprint);
+    assert_eq!(
+        kept.files.keys().collect::<Vec<_>>(),
+        made.files.keys().collect::<Vec<_>>()
+    );
+    for (path, k) in &kept.files {
+        let m = &made.files[path];
+        assert_eq!((k.hash, &k.functions), (m.hash, &m.functions), "{path}");
+        // Batched with other files or alone, the same text gives the same vector up to
+        // the sums' rounding.
+        for (a, b) in [
+            (&k.file, &m.file),
+            (&k.function_vectors, &m.function_vectors),
+        ] {
+            assert_eq!(a.len(), b.len(), "{path}");
+            let worst = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-4, "{path}: {worst}");
+        }
+    }
 }

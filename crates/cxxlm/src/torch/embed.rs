@@ -5,14 +5,14 @@
 use anyhow::{bail, Context, Result};
 use cxxlm::index::{
     index_dir, open_current, print_ranking, progress, recall, threads, EmbedArgs, IndexCommand,
-    QueryArgs, Ranker, RecallArgs,
+    QueryArgs, Ranker, RecallArgs, WatchArgs,
 };
 use cxxlm::outln;
 use cxxlm_index::parse::Kind;
 use cxxlm_index::retrieval::top_k;
 use cxxlm_index::vectors::{dot, file_texts, FileVectors, StoredFunction, VECTORS};
 use cxxlm_index::watch::default_dir;
-use cxxlm_index::{Mined, Pair, RankedDef, RankedFile, Store, Vectors};
+use cxxlm_index::{Index, Mined, Pair, RankedDef, RankedFile, Store, Vectors};
 use cxxlm_model::Gpt;
 use cxxlm_serve::text::{normalize, Layout};
 use cxxlm_tokenizer::Bpe;
@@ -43,6 +43,7 @@ pub fn run(cmd: IndexCommand) -> Result<()> {
         IndexCommand::Embed(a) => embed(a),
         IndexCommand::Query(a) => semantic_query(a),
         IndexCommand::Recall(a) => embedding_recall(a),
+        IndexCommand::Watch(a) => watch(a),
         other => cxxlm::index::run(other),
     }
 }
@@ -158,13 +159,17 @@ impl Embedder {
     }
 }
 
-fn embed(a: EmbedArgs) -> Result<()> {
-    threads(&a.limits)?;
-    cxxlm::interrupt::install();
-    let dir = a.out.clone().unwrap_or_else(|| default_dir(&a.repo));
-    let started = Instant::now();
-    let (index, _) = open_current(&a.repo, &dir, &a.limits.settings())?;
-    let mut embedder = Embedder::load(&a.checkpoint, a.tokenizer.as_deref())?;
+/// What an embedding pass made, and what it skipped by reason.
+#[derive(Default)]
+struct Embedded {
+    files: usize,
+    functions: usize,
+    skipped: BTreeMap<&'static str, usize>,
+}
+
+/// The vectors stored in `dir` if `embedder` made them, else new ones; and whether
+/// stored vectors of another model (or made another way) were set aside.
+fn stored_vectors(dir: &Path, embedder: &Embedder) -> Result<(Vectors, bool)> {
     let fresh = || {
         Vectors::new(
             embedder.fingerprint.clone(),
@@ -172,7 +177,7 @@ fn embed(a: EmbedArgs) -> Result<()> {
             embedder.dim(),
         )
     };
-    let (mut vectors, remade) = match Vectors::load(&dir)? {
+    let (mut vectors, remade) = match Vectors::load(dir)? {
         Some(v) if v.fingerprint == embedder.fingerprint => (v, false),
         Some(v) => {
             eprintln!(
@@ -186,12 +191,72 @@ fn embed(a: EmbedArgs) -> Result<()> {
         None => (fresh(), false),
     };
     vectors.model = embedder.name.clone();
+    Ok((vectors, remade))
+}
+
+/// Embeds the files `paths` of `index` (their functions batched across them) into
+/// `vectors`.
+fn embed_files(
+    index: &Index,
+    vectors: &mut Vectors,
+    embedder: &mut Embedder,
+    paths: &[String],
+    done: &mut Embedded,
+) -> Result<()> {
+    let texts: Vec<_> = paths
+        .par_iter()
+        .map(|path| file_texts(index, path, FUNCTION_LINES))
+        .collect();
+    let mut ok = Vec::new();
+    for t in texts {
+        match t {
+            Ok(t) => ok.push(t),
+            Err(why) => *done.skipped.entry(why).or_default() += 1,
+        }
+    }
+    let whole: Vec<&str> = ok.iter().map(|t| t.text.as_str()).collect();
+    let mut file_vectors = embedder.embed(&whole, FILE_WINDOWS).into_iter();
+    let parts: Vec<&str> = ok
+        .iter()
+        .flat_map(|t| t.functions.iter().map(|f| f.text.as_str()))
+        .collect();
+    let mut function_vectors = embedder.embed(&parts, 1).into_iter();
+    for t in ok {
+        let n = t.functions.len();
+        let v = FileVectors {
+            hash: t.hash,
+            file: file_vectors.next().context("a vector per file")?,
+            function_vectors: function_vectors.by_ref().take(n).flatten().collect(),
+            functions: t
+                .functions
+                .into_iter()
+                .map(|f| StoredFunction {
+                    name: f.name,
+                    line: f.line,
+                    end_line: f.end_line,
+                })
+                .collect(),
+        };
+        vectors.insert(t.path, v).map_err(anyhow::Error::msg)?;
+        done.files += 1;
+        done.functions += n;
+    }
+    Ok(())
+}
+
+fn embed(a: EmbedArgs) -> Result<()> {
+    threads(&a.limits)?;
+    cxxlm::interrupt::install();
+    let dir = a.out.clone().unwrap_or_else(|| default_dir(&a.repo));
+    let started = Instant::now();
+    let (index, _) = open_current(&a.repo, &dir, &a.limits.settings())?;
+    let mut embedder = Embedder::load(&a.checkpoint, a.tokenizer.as_deref())?;
+    let (mut vectors, remade) = stored_vectors(&dir, &embedder)?;
     let plan = vectors.plan(&index);
     for path in &plan.gone {
         vectors.files.remove(path);
     }
-    let mut skipped: BTreeMap<&'static str, usize> = BTreeMap::new();
-    let (mut files, mut functions) = (0, 0);
+    let mut done = Embedded::default();
     let mut bar = progress("embedding");
     let mut saved = Instant::now();
     let embedding = Instant::now();
@@ -199,49 +264,16 @@ fn embed(a: EmbedArgs) -> Result<()> {
         if cxxlm::interrupt::requested() {
             vectors.save(&dir)?;
             bail!(
-                "interrupted after {files} of {} files; their vectors are stored, and the same command goes on from there",
+                "interrupted after {} of {} files; their vectors are stored, and the same command goes on from there",
+                done.files,
                 plan.embed.len()
             );
         }
-        let texts: Vec<_> = round
-            .par_iter()
-            .map(|path| file_texts(&index, path, FUNCTION_LINES))
-            .collect();
-        let mut ok = Vec::new();
-        for t in texts {
-            match t {
-                Ok(t) => ok.push(t),
-                Err(why) => *skipped.entry(why).or_default() += 1,
-            }
-        }
-        let whole: Vec<&str> = ok.iter().map(|t| t.text.as_str()).collect();
-        let mut file_vectors = embedder.embed(&whole, FILE_WINDOWS).into_iter();
-        let parts: Vec<&str> = ok
-            .iter()
-            .flat_map(|t| t.functions.iter().map(|f| f.text.as_str()))
-            .collect();
-        let mut function_vectors = embedder.embed(&parts, 1).into_iter();
-        for t in ok {
-            let n = t.functions.len();
-            let v = FileVectors {
-                hash: t.hash,
-                file: file_vectors.next().context("a vector per file")?,
-                function_vectors: function_vectors.by_ref().take(n).flatten().collect(),
-                functions: t
-                    .functions
-                    .into_iter()
-                    .map(|f| StoredFunction {
-                        name: f.name,
-                        line: f.line,
-                        end_line: f.end_line,
-                    })
-                    .collect(),
-            };
-            vectors.insert(t.path, v).map_err(anyhow::Error::msg)?;
-            files += 1;
-            functions += n;
-        }
-        bar(files + skipped.values().sum::<usize>(), plan.embed.len());
+        embed_files(&index, &mut vectors, &mut embedder, round, &mut done)?;
+        bar(
+            done.files + done.skipped.values().sum::<usize>(),
+            plan.embed.len(),
+        );
         if saved.elapsed() > SAVE_EVERY {
             vectors.save(&dir)?;
             saved = Instant::now();
@@ -249,6 +281,11 @@ fn embed(a: EmbedArgs) -> Result<()> {
     }
     let seconds = embedding.elapsed().as_secs_f64();
     vectors.save(&dir)?;
+    let Embedded {
+        files,
+        functions,
+        skipped,
+    } = done;
     let summary = json!({
         "vectors": dir.join(VECTORS).display().to_string(),
         "model": embedder.name,
@@ -281,6 +318,44 @@ fn embed(a: EmbedArgs) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// `index watch --checkpoint`: the index and the vectors beside it kept fresh together;
+/// after each refresh the files whose content changed are embedded again (and vectors
+/// of removed files dropped), and the store written.
+fn watch(a: WatchArgs) -> Result<()> {
+    let checkpoint = a.checkpoint.clone().context("--checkpoint")?;
+    let mut embedder = Embedder::load(&checkpoint, a.tokenizer.as_deref())?;
+    let dir = a.dir();
+    let (mut vectors, _) = stored_vectors(&dir, &embedder)?;
+    cxxlm::index::watch_repo(a, |index, refresh| {
+        let started = Instant::now();
+        let tokens = embedder.tokens;
+        let plan = vectors.plan(index);
+        if plan.embed.is_empty() && plan.gone.is_empty() && refresh.is_some() {
+            return Ok(None);
+        }
+        for path in &plan.gone {
+            vectors.files.remove(path);
+        }
+        let mut done = Embedded::default();
+        for round in plan.embed.chunks(FILES_PER_ROUND) {
+            embed_files(index, &mut vectors, &mut embedder, round, &mut done)?;
+        }
+        vectors.save(&dir)?;
+        Ok(Some(format!(
+            "embedded {} files ({} functions, {} tokens) in {:.1} ms; {} removed, {} skipped; {} files and {} functions in {}",
+            done.files,
+            done.functions,
+            embedder.tokens - tokens,
+            started.elapsed().as_secs_f64() * 1e3,
+            plan.gone.len(),
+            done.skipped.values().sum::<usize>(),
+            vectors.files.len(),
+            vectors.functions(),
+            dir.join(VECTORS).display()
+        )))
+    })
 }
 
 fn semantic_query(a: QueryArgs) -> Result<()> {
