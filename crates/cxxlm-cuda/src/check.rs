@@ -330,7 +330,11 @@ pub fn decode_attention(
     let got = fused.decode_attention(&q, &keys, &values, &on(&order), &on(&positions), scale);
     let rows: Vec<Tensor> = (0..n as usize)
         .map(|i| {
-            let filled = |x: &Tensor| x.select(0, order[i]).narrow(1, 0, positions[i] + 1).unsqueeze(0);
+            let filled = |x: &Tensor| {
+                x.select(0, order[i])
+                    .narrow(1, 0, positions[i] + 1)
+                    .unsqueeze(0)
+            };
             let query = q.narrow(0, i as i64, 1).unsqueeze(2).to_kind(Kind::Float) * 0.7;
             let all = Tensor::ones([1, 1, 1, positions[i] + 1], (Kind::Bool, dev));
             let (y, _) = attention::reference(&query, &filled(&keys), &filled(&values), Some(all));

@@ -494,7 +494,10 @@ impl Fused {
             panic!("decoding queries are (n, heads, dim), got {:?}", q.size())
         };
         let [_, kv, capacity, _] = keys.size()[..] else {
-            panic!("a KV cache is (slots, kv, capacity, dim), got {:?}", keys.size())
+            panic!(
+                "a KV cache is (slots, kv, capacity, dim), got {:?}",
+                keys.size()
+            )
         };
         match self {
             Fused::Reference => {
@@ -504,7 +507,11 @@ impl Fused {
                         .repeat_interleave_self_int(heads / kv, Some(1), None)
                 };
                 let (k, v) = (gathered(keys), gathered(values));
-                let logits = q.to_kind(Kind::Float).unsqueeze(2).matmul(&k.transpose(2, 3)) * scale;
+                let logits = q
+                    .to_kind(Kind::Float)
+                    .unsqueeze(2)
+                    .matmul(&k.transpose(2, 3))
+                    * scale;
                 let later = Tensor::arange(capacity, (Kind::Int64, q.device()))
                     .view([1, capacity])
                     .gt_tensor(&pos.view([n, 1]))

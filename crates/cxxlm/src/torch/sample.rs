@@ -101,7 +101,10 @@ fn benchmark(model: &Gpt, bpe: &Bpe, batch: usize, prompt: usize, new: usize) ->
         outputs.push(out);
     }
     if let [eager, graphs, masked] = &outputs[..] {
-        outln!("same tokens with and without CUDA graphs: {}", eager == graphs)?;
+        outln!(
+            "same tokens with and without CUDA graphs: {}",
+            eager == graphs
+        )?;
         outln!(
             "same tokens with the attention kernel and through a mask: {}",
             graphs == masked
