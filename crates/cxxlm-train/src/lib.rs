@@ -8,6 +8,7 @@
 pub mod checkpoint;
 pub mod cuda;
 pub mod dist;
+pub mod embed;
 pub mod memory;
 pub mod metrics;
 pub mod optim;
@@ -17,6 +18,7 @@ pub mod sft;
 pub mod trainer;
 mod validate;
 
+pub use embed::{embed, EmbedConfig};
 pub use optim::{Matrices, OptimConfig, Optimizer, Schedule};
 pub use pretrain::{memory_plan, pretrain, TrainConfig};
 pub use rl::{rl, RlConfig};

@@ -101,6 +101,25 @@ impl SftConfig {
     }
 }
 
+impl crate::embed::EmbedConfig {
+    /// Every setting in its range, or an error naming each one that is not (the pairs
+    /// and the model are checked when training starts).
+    pub fn validate(&self) -> Result<()> {
+        let mut p = Problems::default();
+        let e = &self.embed;
+        p.at_least_one("embed.epochs", e.epochs);
+        p.at_least_one("embed.text_tokens", e.text_tokens as u64);
+        p.check(
+            "embed.temperature",
+            e.temperature,
+            e.temperature > 0.0,
+            "above 0",
+        );
+        p.stage(self.common());
+        p.done()
+    }
+}
+
 impl crate::rl::RlConfig {
     /// Every setting in its range, or an error naming each one that is not (the tasks
     /// and the model are checked when training starts).

@@ -182,6 +182,11 @@ pub enum TrainCommand {
     /// task's test, reasoning), learned from relative to their group, with a KL term to
     /// the starting model. `--resume` continues bit-exactly from the newest checkpoint.
     Rl(RlArgs),
+    /// Tune a model's embeddings contrastively (InfoNCE, in-batch negatives) on retrieval
+    /// pairs mined from a repository (`index recall --pairs-out`): a query's pooled
+    /// hidden states drawn to those of the function it names, away from the batch's
+    /// others. `--resume` continues from the newest checkpoint.
+    Embed(EmbedArgs),
     /// Check the fused training kernels on a GPU against their definitions (forward and
     /// gradients, fresh random inputs), and the explicit training step against autograd.
     CheckKernels {
@@ -291,6 +296,24 @@ pub struct RlArgs {
     #[arg(long, num_args = 1..)]
     pub tasks: Vec<PathBuf>,
     /// The tokenizer the model was trained with (`rl.tokenizer`; default: the one its
+    /// run's config names).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    pub stage: StageArgs,
+}
+
+#[derive(Args)]
+pub struct EmbedArgs {
+    /// The model to tune: a run directory (its newest checkpoint) or a checkpoint
+    /// directory (`init`).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// JSON lines of pairs, `cxxlm index recall --pairs-out`'s (`embed.pairs`): those not
+    /// held out are trained on, the held-out ones measured.
+    #[arg(long, num_args = 1..)]
+    pub pairs: Vec<PathBuf>,
+    /// The tokenizer the model was trained with (`embed.tokenizer`; default: the one its
     /// run's config names).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,

@@ -532,7 +532,8 @@ pub fn recall(a: &RecallArgs, others: &[(&str, Ranker)]) -> Result<()> {
         for p in &mined.pairs {
             let t = &mined.candidates[p.target];
             text += &json!({"kind": p.kind, "held_out": p.held_out, "file": p.file, "line": p.line,
-                "query": p.query, "target_file": t.file, "target_line": t.line, "target_name": t.name})
+                "query": p.query, "target_file": t.file, "target_line": t.line, "target_name": t.name,
+                "target_text": t.text})
             .to_string();
             text.push('\n');
         }

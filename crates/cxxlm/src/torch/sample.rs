@@ -49,7 +49,7 @@ pub fn run_tokenizer(path: &Path) -> Result<PathBuf> {
     let table: toml::Table =
         toml::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
     // Fine-tuning stages name the tokenizer in their own section.
-    if let Some(t) = ["sft", "rl"].iter().find_map(|stage| {
+    if let Some(t) = ["sft", "rl", "embed"].iter().find_map(|stage| {
         table
             .get(*stage)
             .and_then(|s| s.get("tokenizer"))

@@ -1,13 +1,13 @@
 //! `cxxlm train pretrain` and `cxxlm train sft`.
 
 use anyhow::{bail, Context, Result};
-use cxxlm::cli::{set, PretrainArgs, RlArgs, SftArgs, StageArgs, TrainCommand};
+use cxxlm::cli::{set, EmbedArgs, PretrainArgs, RlArgs, SftArgs, StageArgs, TrainCommand};
 use cxxlm::{interrupt, lock, outln};
 
 use crate::sample::run_tokenizer;
 use crate::{fit, kernels};
 use cxxlm_train::checkpoint::TrainerState;
-use cxxlm_train::{Event, RlConfig, SftConfig, TrainConfig};
+use cxxlm_train::{EmbedConfig, Event, RlConfig, SftConfig, TrainConfig};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -31,6 +31,7 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
         TrainCommand::Pretrain(args) => pretrain_command(args),
         TrainCommand::Sft(args) => sft_command(args),
         TrainCommand::Rl(args) => rl_command(args),
+        TrainCommand::Embed(args) => embed_command(args),
         TrainCommand::CheckKernels { device } => kernels::check(device),
         TrainCommand::Profile(args) => kernels::profile(args),
     }
@@ -205,6 +206,40 @@ fn rl_command(args: RlArgs) -> Result<()> {
     let text = toml::to_string_pretty(&config).context("config")?;
     Progress::of(&args.stage, &config.out).run(&text, |report, stop| {
         Ok(cxxlm_train::rl(&config, args.stage.resume, report, stop)?)
+    })
+}
+
+/// An embedding config from `--config`, the shorthand flags and `--set`s; the tokenizer,
+/// when not given, is the one the init model's run names.
+fn embed_command(args: EmbedArgs) -> Result<()> {
+    let shorthands = [
+        given("init", &args.init),
+        given_all("embed.pairs", &args.pairs),
+        given("embed.tokenizer", &args.tokenizer),
+    ];
+    let doc = config_doc(&args.stage, shorthands.into_iter().flatten().collect())?;
+    let mut config = EmbedConfig::from_table(doc)?;
+    if config.init.as_os_str().is_empty() || config.out.as_os_str().is_empty() {
+        bail!("say which model to tune and where the run goes: --init RUN --out DIR (or init and out in --config)");
+    }
+    if config.embed.pairs.is_empty() {
+        bail!("no pairs: give --pairs PAIRS.jsonl (`cxxlm index recall REPO --pairs-out PAIRS.jsonl`)");
+    }
+    if config.embed.tokenizer.is_none() {
+        config.embed.tokenizer = Some(run_tokenizer(&config.init)?);
+    }
+    config.validate()?;
+    if args.stage.check {
+        return Ok(());
+    }
+    let text = toml::to_string_pretty(&config).context("config")?;
+    Progress::of(&args.stage, &config.out).run(&text, |report, stop| {
+        Ok(cxxlm_train::embed(
+            &config,
+            args.stage.resume,
+            report,
+            stop,
+        )?)
     })
 }
 
