@@ -74,13 +74,32 @@ impl cxxlm_serve::Model for Served {
 }
 
 /// Whether the model's training text had its indentation stripped, read from the first
-/// document of its shards (run config -> pack -> the pack's inputs), and where from.
+/// document of its shards (run config -> pack -> the pack's inputs; a fine-tuned model's
+/// from the model it started from), and where from.
 fn trained_layout(checkpoint: &Path) -> Result<(bool, String)> {
     let run = checkpoint
         .ancestors()
         .find(|a| a.join("config.toml").exists())
         .context("no run config.toml above the checkpoint")?;
-    let config = load_config(Some(&run.join("config.toml")), &[])?;
+    let file = run.join("config.toml");
+    let table: toml::Table = toml::from_str(&std::fs::read_to_string(&file)?)
+        .with_context(|| format!("parsing {}", file.display()))?;
+    if ["sft", "rl", "embed"]
+        .iter()
+        .any(|s| table.contains_key(*s))
+    {
+        let init = table
+            .get("init")
+            .and_then(|i| i.as_str())
+            .with_context(|| format!("{} names no init model", file.display()))?;
+        anyhow::ensure!(
+            !Path::new(init).starts_with(run),
+            "{} starts from itself",
+            file.display()
+        );
+        return trained_layout(Path::new(init));
+    }
+    let config = load_config(Some(&file), &[])?;
     let manifest = Manifest::load(&config.data.pack)?;
     for input in &manifest.settings.inputs {
         let input = PathBuf::from(input);
