@@ -10,7 +10,9 @@
 # tasks (`cxxlm tasks trajectories`, spread over gpu/tasks; `train sft` leaves their test
 # split out), so that it has seen the call format: that model is then evaluated.
 #
-#   [CHECKPOINT=RUN] [TOOL_SFT=N] benches/agent/gpu.sh [TASKS_PER_KIND] [STEPS] [MAX_TOKENS]   # defaults: 25, 12, 512
+# JOBS (8): runs at once, their turns decoded together.
+#
+#   [CHECKPOINT=RUN] [TOOL_SFT=N] [JOBS=N] benches/agent/gpu.sh [TASKS_PER_KIND] [STEPS] [MAX_TOKENS]   # defaults: 25, 12, 512
 set -uo pipefail
 per_kind=${1:-25}
 steps=${2:-12}
@@ -48,7 +50,7 @@ for kind in bugs bodies; do
     left=$(( deadline - $(date +%s) ))
     [ "$left" -gt 10 ] || break
     timeout -s INT "$left" "$work/cxxlm" agent eval --tasks "$tasks" --checkpoint "$checkpoint" \
-        --limit "$per_kind" --steps "$steps" --max-tokens "$max_tokens" -o "$work/eval-$kind" \
+        --limit "$per_kind" --steps "$steps" --max-tokens "$max_tokens" --jobs "${JOBS:-8}" -o "$work/eval-$kind" \
         >"$out/agent-$kind.txt" 2>"$out/agent-$kind.log"
     echo "$kind: exit $?"
     cp "$work/eval-$kind/summary.json" "$out/agent-$kind.json" 2>/dev/null

@@ -231,18 +231,70 @@ impl Run {
             .any(|j| j.id == task && j.condition == condition)
     }
 
-    /// Runs `task` in `condition` with `model` and judges it with `judge`, unless it
-    /// was judged before (then `None`).
+    /// Records a judged run: its line appended to `results.jsonl`.
+    pub fn record(&mut self, judged: Judged) -> Result<&Judged, AgentError> {
+        let results = self.out.join("results.jsonl");
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&results)
+            .map_err(|e| AgentError::io(&results, e))?;
+        let line = serde_json::to_string(&judged).unwrap_or_default() + "\n";
+        file.write_all(line.as_bytes())
+            .and_then(|_| file.sync_data())
+            .map_err(|e| AgentError::io(&results, e))?;
+        self.done.push(judged);
+        Ok(&self.done[self.done.len() - 1])
+    }
+
+    /// What a run of this evaluation needs besides its task and model.
+    pub fn attempt(&self) -> Attempt {
+        Attempt {
+            out: self.out.clone(),
+            budget: (self.settings.steps, self.settings.tokens),
+        }
+    }
+
+    /// The totals over `tasks` of what is judged, written to `summary.json`.
+    pub fn summary(&self, tasks: &[Task]) -> Result<Summary, AgentError> {
+        let ids: BTreeSet<&str> = tasks.iter().map(|t| t.id.as_str()).collect();
+        let mut conditions: BTreeMap<Condition, Totals> = self
+            .settings
+            .conditions
+            .iter()
+            .map(|&c| (c, Totals::default()))
+            .collect();
+        for j in self.done.iter().filter(|j| ids.contains(j.id.as_str())) {
+            conditions.entry(j.condition).or_default().add(j);
+        }
+        let summary = Summary {
+            tasks: tasks.len(),
+            conditions,
+        };
+        let json =
+            serde_json::to_string_pretty(&summary.to_json(&self.settings)).unwrap_or_default();
+        write_atomic(&self.out.join("summary.json"), &json)?;
+        Ok(summary)
+    }
+}
+
+/// Runs tasks of an evaluation (any number at once: it holds no state of the run).
+pub struct Attempt {
+    out: PathBuf,
+    /// Steps and tokens.
+    budget: (usize, usize),
+}
+
+impl Attempt {
+    /// Runs `task` in `condition` with `model` (its transcript in the run's folder) and
+    /// judges the final program with `judge`.
     pub fn run(
-        &mut self,
+        &self,
         task: &Task,
         condition: Condition,
         model: &mut dyn Model,
         judge: &Judge,
-    ) -> Result<Option<&Judged>, AgentError> {
-        if self.judged(&task.id, condition) {
-            return Ok(None);
-        }
+    ) -> Result<Judged, AgentError> {
         let check = task.check.as_ref().ok_or_else(|| {
             AgentError::Input(format!("task {} is not runnable (no check)", task.id))
         })?;
@@ -271,17 +323,16 @@ impl Run {
             commands,
             model,
             budget: Budget {
-                steps: self.settings.steps,
-                tokens: self.settings.tokens,
+                steps: self.budget.0,
+                tokens: self.budget.1,
             },
         };
         let report = agent.run(&crate::task_repo::statement(task, check), &transcript)?;
-        let main = dir.join("main.cpp");
-        // The agent may have removed or emptied it: what is there is judged.
-        let program = std::fs::read_to_string(&main).unwrap_or_default();
+        // The agent may have emptied it: what is there is judged.
+        let program = std::fs::read_to_string(dir.join("main.cpp")).unwrap_or_default();
         let verdict = cxxlm_tasks::bugs::score(judge, check, &program, false)
             .map_err(|e| AgentError::Input(format!("judging task {}: {e}", task.id)))?;
-        let judged = Judged {
+        Ok(Judged {
             id: task.id.clone(),
             kind: task.kind.clone(),
             condition,
@@ -295,41 +346,7 @@ impl Run {
             call_errors: report.call_errors,
             seconds: started.elapsed().as_secs_f64(),
             transcript: rel,
-        };
-        let results = self.out.join("results.jsonl");
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&results)
-            .map_err(|e| AgentError::io(&results, e))?;
-        let line = serde_json::to_string(&judged).unwrap_or_default() + "\n";
-        file.write_all(line.as_bytes())
-            .and_then(|_| file.sync_data())
-            .map_err(|e| AgentError::io(&results, e))?;
-        self.done.push(judged);
-        Ok(self.done.last())
-    }
-
-    /// The totals over `tasks` of what is judged, written to `summary.json`.
-    pub fn summary(&self, tasks: &[Task]) -> Result<Summary, AgentError> {
-        let ids: BTreeSet<&str> = tasks.iter().map(|t| t.id.as_str()).collect();
-        let mut conditions: BTreeMap<Condition, Totals> = self
-            .settings
-            .conditions
-            .iter()
-            .map(|&c| (c, Totals::default()))
-            .collect();
-        for j in self.done.iter().filter(|j| ids.contains(j.id.as_str())) {
-            conditions.entry(j.condition).or_default().add(j);
-        }
-        let summary = Summary {
-            tasks: tasks.len(),
-            conditions,
-        };
-        let json =
-            serde_json::to_string_pretty(&summary.to_json(&self.settings)).unwrap_or_default();
-        write_atomic(&self.out.join("summary.json"), &json)?;
-        Ok(summary)
+        })
     }
 }
 

@@ -8,6 +8,8 @@ use clap::{ArgGroup, Args, Subcommand};
 use cxxlm_agent::eval::{Condition, Run, Settings};
 use cxxlm_agent::{Agent, Budget, Checker, Commands, Endpoint, Model, Outcome, Workspace};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -62,6 +64,10 @@ pub struct AgentEvalArgs {
     /// run of the same settings there goes on where it stopped.
     #[arg(long, short)]
     pub out: PathBuf,
+    /// Tasks worked on at once (each its own conversation with the model: `--checkpoint`
+    /// decodes them together, an endpoint gets as many requests at once).
+    #[arg(long, default_value_t = 1)]
+    pub jobs: usize,
     #[command(flatten)]
     pub model: ModelArgs,
 }
@@ -107,7 +113,18 @@ impl AgentArgs {
             None => &self.model,
         }
     }
+
+    /// Conversations with the model at once.
+    pub fn conversations(&self) -> usize {
+        match &self.command {
+            Some(AgentCommand::Eval(e)) => e.jobs.max(1),
+            None => 1,
+        }
+    }
 }
+
+/// A model for each conversation held at once.
+pub type Models = Vec<Box<dyn Model + Send>>;
 
 impl ModelArgs {
     /// The model and its sampling, as a run's settings record it (an endpoint by the
@@ -125,11 +142,14 @@ impl ModelArgs {
     }
 }
 
-/// Runs the command with `model`.
-pub fn run(args: AgentArgs, model: &mut dyn Model) -> Result<()> {
+/// Runs the command with `models` (as many as [`AgentArgs::conversations`]).
+pub fn run(args: AgentArgs, mut models: Models) -> Result<()> {
     match args.command {
-        Some(AgentCommand::Eval(e)) => eval(*e, model),
-        None => run_one(args, model),
+        Some(AgentCommand::Eval(e)) => eval(*e, models),
+        None => {
+            let model = models.first_mut().context("a model")?;
+            run_one(args, model.as_mut())
+        }
     }
 }
 
@@ -167,9 +187,9 @@ fn run_one(args: AgentArgs, model: &mut dyn Model) -> Result<()> {
     })
 }
 
-/// `cxxlm agent eval`: every selected task in every condition, one at a time; prints a
-/// line per judged run and the success rate of each condition.
-fn eval(args: AgentEvalArgs, model: &mut dyn Model) -> Result<()> {
+/// `cxxlm agent eval`: every selected task in every condition, one per model at a time;
+/// prints a line per judged run and the success rate of each condition.
+fn eval(args: AgentEvalArgs, mut models: Models) -> Result<()> {
     let all = cxxlm_tasks::bugs::read_tasks(&args.tasks)?;
     let tasks = cxxlm_tasks::bugs::runnable(all, &args.split, args.limit);
     if tasks.is_empty() {
@@ -194,37 +214,71 @@ fn eval(args: AgentEvalArgs, model: &mut dyn Model) -> Result<()> {
         tokens: args.model.tokens,
         conditions: conditions.clone(),
     };
-    let mut run = Run::open(&args.out, settings.clone())?;
+    let run = Run::open(&args.out, settings.clone())?;
     let judge = cxxlm_tasks::judge::Judge::new().context("starting the sandbox")?;
     crate::interrupt::install();
-    let total = tasks.len() * conditions.len();
-    let mut n = 0;
-    let mut skipped = 0;
-    for task in &tasks {
-        for &condition in &conditions {
-            n += 1;
-            if crate::interrupt::requested() {
-                run.summary(&tasks)?;
-                bail!("interrupted; rerun the same command to resume");
-            }
-            match run.run(task, condition, model, &judge)? {
-                None => skipped += 1,
-                Some(j) => eprintln!(
-                    "[{n}/{total}] {} ({}): {}, {} steps, {:.1} s",
-                    j.id,
-                    condition.name(),
-                    if j.solved {
-                        "solved"
-                    } else if j.compiled {
-                        "not solved"
-                    } else {
-                        "not solved (does not compile)"
-                    },
-                    j.steps,
-                    j.seconds
-                ),
-            }
+    let todo: Vec<(&cxxlm_tasks::task::Task, Condition)> = tasks
+        .iter()
+        .flat_map(|t| conditions.iter().map(move |&c| (t, c)))
+        .filter(|(t, c)| !run.judged(&t.id, *c))
+        .collect();
+    let skipped = tasks.len() * conditions.len() - todo.len();
+    let attempt = run.attempt();
+    let run = Mutex::new(run);
+    let (next, finished) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for model in models.iter_mut() {
+            let (run, next, finished, failed, todo, attempt, judge) =
+                (&run, &next, &finished, &failed, &todo, &attempt, &judge);
+            scope.spawn(move || loop {
+                let stop = crate::interrupt::requested() || lock(failed).is_some();
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if stop || i >= todo.len() {
+                    break;
+                }
+                let (task, condition) = todo[i];
+                let result = attempt
+                    .run(task, condition, model.as_mut(), judge)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|j| {
+                        let mut run = lock(run);
+                        let j = run.record(j)?;
+                        eprintln!(
+                            "[{}/{}] {} ({}): {}, {} steps, {:.1} s",
+                            finished.fetch_add(1, Ordering::SeqCst) + 1,
+                            todo.len(),
+                            j.id,
+                            condition.name(),
+                            if j.solved {
+                                "solved"
+                            } else if j.compiled {
+                                "not solved"
+                            } else {
+                                "not solved (does not compile)"
+                            },
+                            j.steps,
+                            j.seconds
+                        );
+                        Ok(())
+                    });
+                if let Err(e) = result {
+                    lock(failed).get_or_insert(e);
+                    break;
+                }
+            });
         }
+    });
+    let run = run
+        .into_inner()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        run.summary(&tasks)?;
+        return Err(e.context("rerun the same command to go on from the runs judged so far"));
+    }
+    if crate::interrupt::requested() {
+        run.summary(&tasks)?;
+        bail!("interrupted; rerun the same command to resume");
     }
     if skipped > 0 {
         eprintln!("{skipped} runs judged before were kept");
@@ -253,13 +307,23 @@ fn eval(args: AgentEvalArgs, model: &mut dyn Model) -> Result<()> {
 pub fn run_endpoint(args: AgentArgs) -> Result<()> {
     let m = args.model();
     let url = m.endpoint.clone().context("--endpoint or --checkpoint")?;
-    let mut model = Endpoint::new(
-        &url,
-        &m.model,
-        m.api_key.clone(),
-        m.max_tokens,
-        m.temperature,
-    )
-    .map_err(anyhow::Error::msg)?;
-    run(args, &mut model)
+    let models = (0..args.conversations())
+        .map(|_| {
+            Endpoint::new(
+                &url,
+                &m.model,
+                m.api_key.clone(),
+                m.max_tokens,
+                m.temperature,
+            )
+            .map(|e| Box::new(e) as Box<dyn Model + Send>)
+            .map_err(anyhow::Error::msg)
+        })
+        .collect::<Result<Models>>()?;
+    run(args, models)
+}
+
+/// The value behind `m`, even when a thread panicked holding it.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -220,10 +220,15 @@ fn a_tiny_checkpoint_attempts_the_task_within_its_budget() {
         "{last}"
     );
 
-    // The same model on a bug task, judged: attempted in both conditions, not solved.
+    // The same model on a bug task, judged: attempted in both conditions at once (two
+    // conversations decoded together), not solved.
     let tasks = planted_task(&p.f.root);
     let out = p.f.root.join("eval");
-    let run = agent_eval(&tasks, &out, &[&model[..], &budget].concat());
+    let run = agent_eval(
+        &tasks,
+        &out,
+        &[&model[..], &budget, &["--jobs", "2"]].concat(),
+    );
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(
         run.status.success(),

@@ -16,7 +16,7 @@ use crate::sample::load_checkpoint;
 use crate::serve::Served;
 
 struct InProcess {
-    engine: Engine,
+    engine: Arc<Engine>,
     bpe: Bpe,
     context: usize,
     max_tokens: usize,
@@ -63,28 +63,37 @@ pub fn run(args: AgentArgs) -> Result<()> {
     let checkpoint = m.checkpoint.clone().context("--checkpoint")?;
     let (model, bpe) = load_checkpoint(&checkpoint, m.tokenizer.as_deref())?;
     let context = model.config.seq_len;
-    let engine = Engine::start(
-        move || {
-            let decoder = model.decoder(1, context);
-            Ok(Served { model, decoder })
-        },
-        1,
-        1,
-        Arc::new(AtomicBool::new(false)),
-    )
-    .map_err(anyhow::Error::msg)?;
-    let mut model = InProcess {
-        engine,
-        bpe,
-        context,
-        max_tokens: m.max_tokens,
-        sampling: Sampling {
-            temperature: m.temperature,
-            top_k: 0,
-            top_p: 1.0,
-            repeat_penalty: 1.0,
-            repeat_last_n: 64,
-        },
+    // One slot per conversation held at once: their turns are decoded together.
+    let slots = args.conversations();
+    let engine = Arc::new(
+        Engine::start(
+            move || {
+                let decoder = model.decoder(slots, context);
+                Ok(Served { model, decoder })
+            },
+            slots,
+            slots,
+            Arc::new(AtomicBool::new(false)),
+        )
+        .map_err(anyhow::Error::msg)?,
+    );
+    let sampling = Sampling {
+        temperature: m.temperature,
+        top_k: 0,
+        top_p: 1.0,
+        repeat_penalty: 1.0,
+        repeat_last_n: 64,
     };
-    cxxlm::agent::run(args, &mut model)
+    let models = (0..slots)
+        .map(|_| {
+            Box::new(InProcess {
+                engine: engine.clone(),
+                bpe: bpe.clone(),
+                context,
+                max_tokens: m.max_tokens,
+                sampling: sampling.clone(),
+            }) as Box<dyn Model + Send>
+        })
+        .collect();
+    cxxlm::agent::run(args, models)
 }
