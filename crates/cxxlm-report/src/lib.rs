@@ -987,6 +987,30 @@ fn fine_tuning(r: &mut Report) -> Result<()> {
     Ok(())
 }
 
+/// The least-squares slope of `v` against its index and the slope's standard error
+/// (None under three points): a trend told apart from the batches' spread.
+fn trend(v: &[f64]) -> Option<(f64, f64)> {
+    let n = v.len() as f64;
+    if v.len() < 3 {
+        return None;
+    }
+    let x_mean = (n - 1.0) / 2.0;
+    let y_mean = v.iter().sum::<f64>() / n;
+    let sxx: f64 = (0..v.len()).map(|i| (i as f64 - x_mean).powi(2)).sum();
+    let sxy: f64 = v
+        .iter()
+        .enumerate()
+        .map(|(i, y)| (i as f64 - x_mean) * (y - y_mean))
+        .sum();
+    let slope = sxy / sxx;
+    let residuals: f64 = v
+        .iter()
+        .enumerate()
+        .map(|(i, y)| (y - y_mean - slope * (i as f64 - x_mean)).powi(2))
+        .sum();
+    Some((slope, (residuals / (n - 2.0) / sxx).sqrt()))
+}
+
 /// The RL stage, when it ran: the reward and what the sandbox saw over the rollout
 /// batches, the speed, and how a step's time splits between sampling, waiting for the
 /// last rewards and the update.
@@ -1022,6 +1046,13 @@ fn reinforcement(r: &mut Report) {
         vec![
             "mean reward, first third -> last third of the batches".into(),
             format!("{reward_first:+.3} -> {reward_last:+.3}"),
+        ],
+        vec![
+            "mean reward's trend: least-squares slope per batch, with its standard error".into(),
+            match trend(&values("reward_mean")) {
+                Some((slope, error)) => format!("{slope:+.4} ± {error:.4}"),
+                None => "–".into(),
+            },
         ],
         vec![
             "compile rate, first third -> last third".into(),
@@ -1309,6 +1340,14 @@ mod tests {
     }
 
     #[test]
+    fn trend_is_the_least_squares_slope_and_its_standard_error() {
+        let (slope, error) = trend(&[1.0, 3.0, 2.0, 4.0]).unwrap();
+        assert!((slope - 0.8).abs() < 1e-12, "{slope}");
+        assert!((error - 0.18f64.sqrt()).abs() < 1e-12, "{error}");
+        assert_eq!(trend(&[1.0, 2.0]), None);
+    }
+
+    #[test]
     fn rl_batches_and_each_models_bug_fixes_are_reported() {
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::new(dir.path());
@@ -1337,6 +1376,10 @@ mod tests {
             md.contains(
                 "| mean reward, first third -> last third of the batches | -0.500 -> +1.000 |"
             ),
+            "{md}"
+        );
+        assert!(
+            md.contains("with its standard error | +0.2500 ± 0.0000 |"),
             "{md}"
         );
         assert!(md.contains("| rollout batches | 9 |"), "{md}");
