@@ -15,6 +15,7 @@
 #   benches/longctx/gpu.sh eval       # bpb by position at 8k on held-out repositories,
 #                                     # FIM bpb and exact match, each model
 #   benches/longctx/gpu.sh all        # the four in order
+# EVAL_TOKENS (4,194,304) sets the tokens each bits-per-byte evaluation reads.
 # Results land in $OUT (or gpu-out/): *.json, longctx.txt.
 set -euo pipefail
 out=${OUT:-gpu-out}
@@ -63,13 +64,13 @@ evaluate() { # name checkpoint extra...
     local name=$1 run=$2
     shift 2
     [ -f "$out/bpb-$name.json" ] ||
-        $x eval bpb --checkpoint "$run" --pack "$work/pack-repo" --document-mask --tokens 4194304 --batch 4 \
+        $x eval bpb --checkpoint "$run" --pack "$work/pack-repo" --document-mask --tokens "${EVAL_TOKENS:-4194304}" --batch 4 \
             --json "$out/bpb-$name.json" "$@" | tee -a "$out/longctx.txt"
     [ -f "$out/bpb-fim-repo-$name.json" ] ||
-        $x eval bpb --checkpoint "$run" --pack "$work/pack-repo" --split val_fim --document-mask --tokens 4194304 \
+        $x eval bpb --checkpoint "$run" --pack "$work/pack-repo" --split val_fim --document-mask --tokens "${EVAL_TOKENS:-4194304}" \
             --batch 4 --json "$out/bpb-fim-repo-$name.json" "$@" | tee -a "$out/longctx.txt"
     [ -f "$out/bpb-fim-file-$name.json" ] ||
-        $x eval bpb --checkpoint "$run" --pack "$work/pack-file" --split val_fim --document-mask --tokens 4194304 \
+        $x eval bpb --checkpoint "$run" --pack "$work/pack-file" --split val_fim --document-mask --tokens "${EVAL_TOKENS:-4194304}" \
             --batch 4 --json "$out/bpb-fim-file-$name.json" "$@" | tee -a "$out/longctx.txt"
     [ -f "$out/fim-$name.json" ] ||
         $x eval fim --checkpoint "$run" --pack "$work/pack-file" --documents 100 --json "$out/fim-$name.json" | tee -a "$out/longctx.txt"

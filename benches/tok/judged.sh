@@ -42,6 +42,7 @@ mkdir -p "$work/results"
 [ -f "$work/results/mbpp-100x5.json" ] || "$x" eval mbpp --checkpoint "$work/d12" --limit 100 --samples 5 \
     --temperature 0.2 --max-tokens 384 --batch 128 --json "$work/results/mbpp-100x5.json" \
     --completions-out "$work/results/mbpp-100x5.jsonl" 2>&1 | tail -4 | tee -a "$out/eval.txt"
+cp "$work"/results/* "$out/"
 [ -f "$work/results/mbpp-greedy.json" ] || "$x" eval mbpp --checkpoint "$work/d12" --max-tokens 384 --batch 128 \
     --json "$work/results/mbpp-greedy.json" --completions-out "$work/results/mbpp-greedy.jsonl" 2>&1 | tail -4 | tee -a "$out/eval.txt"
 cp "$work"/results/* "$out/"

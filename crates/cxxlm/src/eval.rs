@@ -3,6 +3,7 @@ use clap::{Args, Subcommand};
 use cxxlm_eval::bench::{self, Problem, Report};
 use cxxlm_eval::{Compiler, Limits, Sandbox};
 use cxxlm_pack::{Manifest, Packer};
+use cxxlm_serve::text::{self, Layout, Reindent};
 use cxxlm_tokenizer::chat::{self, Message, Role};
 use cxxlm_tokenizer::Bpe;
 use serde_json::{json, Value};
@@ -288,6 +289,8 @@ impl Default for Generation {
 /// A trained model, as the evaluations use it (`cxxlm-torch` provides it).
 pub trait TextModel {
     fn tokenizer(&self) -> &Bpe;
+    /// How its training text was laid out (indentation stripped or kept).
+    fn layout(&self) -> Layout;
     /// Tokens it attends to.
     fn context(&self) -> usize;
     /// Continues each prompt until `stop(row, generated so far)` says so or
@@ -396,7 +399,10 @@ fn share(n: usize, of: usize) -> f64 {
 
 /// `samples` completions of every problem's prompt, each cut at its stop tokens, and
 /// whether each ran to the length limit instead; `batch` sequences (of any problems)
-/// are generated together.
+/// are generated together. The model sees each prompt as its training text was laid out
+/// and its completion is re-indented into the prompt's layout, as `serve` does for an
+/// editor: a model trained without indentation writes every `}` at the start of a line,
+/// which the benchmarks' `\n}` stop would otherwise take for the end of the function.
 fn generate_completions(
     args: &BenchArgs,
     model: &dyn TextModel,
@@ -404,6 +410,11 @@ fn generate_completions(
 ) -> (Vec<(String, String)>, Vec<bool>) {
     let bpe = model.tokenizer();
     let eos = special(bpe, "<|eos|>");
+    let layout = model.layout();
+    let completion = |p: &Problem, ids: &[u32]| {
+        let raw = String::from_utf8_lossy(&bpe.decode(ids)).into_owned();
+        Reindent::new(&p.prompt, "", layout, 0).push(&raw)
+    };
     let rows: Vec<&Problem> = problems
         .iter()
         .flat_map(|p| std::iter::repeat_n(p, args.samples))
@@ -413,7 +424,7 @@ fn generate_completions(
     for (chunk, group) in rows.chunks(args.batch.max(1)).enumerate() {
         let prompts: Vec<Vec<u32>> = group
             .iter()
-            .map(|p| prompt_ids(bpe, &p.prompt, None))
+            .map(|p| prompt_ids(bpe, &text::prefix(&p.prompt, layout).text, None))
             .collect();
         let generation = Generation {
             temperature: if args.samples > 1 {
@@ -431,8 +442,7 @@ fn generate_completions(
         let mut stopped = vec![false; group.len()];
         let generated = model.generate(&prompts, &generation, &mut |row, t| {
             stopped[row] = t.last() == Some(&eos) || {
-                let text = String::from_utf8_lossy(&bpe.decode(&t[t.len().saturating_sub(8)..]))
-                    .into_owned();
+                let text = completion(group[row], t);
                 group[row]
                     .stop_tokens
                     .iter()
@@ -443,8 +453,10 @@ fn generate_completions(
         limited.extend(stopped.iter().map(|s| !s));
         for (p, row) in group.iter().zip(generated) {
             let body: Vec<u32> = row.into_iter().filter(|&t| t != eos).collect();
-            let text = String::from_utf8_lossy(&bpe.decode(&body)).into_owned();
-            out.push((p.name.clone(), p.truncate(&text).to_string()));
+            out.push((
+                p.name.clone(),
+                p.truncate(&completion(p, &body)).to_string(),
+            ));
         }
         eprintln!("generated {} of {} completions", out.len(), rows.len());
     }
@@ -1186,3 +1198,94 @@ fn bugfix_answers(
 }
 /// Compile failures whose message the printed report shows.
 const SHOWN_COMPILE_FAILURES: usize = 5;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes `text` token by token, as a model trained on `layout` would, until told to stop.
+    struct Scripted {
+        bpe: Bpe,
+        layout: Layout,
+        text: String,
+    }
+
+    impl TextModel for Scripted {
+        fn tokenizer(&self) -> &Bpe {
+            &self.bpe
+        }
+
+        fn layout(&self) -> Layout {
+            self.layout
+        }
+
+        fn context(&self) -> usize {
+            1024
+        }
+
+        fn generate(
+            &self,
+            prompts: &[Vec<u32>],
+            g: &Generation,
+            stop: &mut dyn FnMut(usize, &[u32]) -> bool,
+        ) -> Vec<Vec<u32>> {
+            let ids = self.bpe.encode(&self.text);
+            (0..prompts.len())
+                .map(|row| {
+                    let mut out = Vec::new();
+                    for &id in ids.iter().take(g.max_new_tokens) {
+                        out.push(id);
+                        if stop(row, &out) {
+                            break;
+                        }
+                    }
+                    out
+                })
+                .collect()
+        }
+    }
+
+    fn bench_args() -> BenchArgs {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        Cli::parse_from(["eval", "--checkpoint", "unused"]).bench
+    }
+
+    #[test]
+    fn a_model_trained_without_indentation_is_cut_where_its_function_ends() {
+        let written = "if (x > 0) {\nreturn 1;\n}\nreturn 0;\n}\nint main() {\n";
+        let problem = Problem {
+            name: "sign".into(),
+            prompt: "#include <cassert>\n// 1 when x is positive.\nint sign(int x) {\n".into(),
+            tests: "}\nint main() {\n    assert(sign(2) == 1);\n}\n".into(),
+            stop_tokens: vec!["\n}".into()],
+            canonical: None,
+        };
+        let model = |strip_indentation| Scripted {
+            bpe: tokenizer(written),
+            layout: Layout { strip_indentation },
+            text: written.into(),
+        };
+        let (stripped, limited) =
+            generate_completions(&bench_args(), &model(true), std::slice::from_ref(&problem));
+        assert_eq!(
+            stripped[0].1,
+            "    if (x > 0) {\n        return 1;\n    }\n    return 0;"
+        );
+        assert_eq!(limited, vec![false]);
+        // The same text from a model that kept indentation ends at the first `\n}`.
+        let (kept, _) =
+            generate_completions(&bench_args(), &model(false), std::slice::from_ref(&problem));
+        assert_eq!(kept[0].1, "if (x > 0) {\nreturn 1;");
+    }
+
+    fn tokenizer(text: &str) -> Bpe {
+        let mut trainer = cxxlm_tokenizer::Trainer::new(400).unwrap();
+        trainer.feed(&[text.to_string()]);
+        trainer.train().unwrap()
+    }
+}

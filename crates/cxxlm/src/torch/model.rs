@@ -6,6 +6,7 @@ use cxxlm::eval::{BpbArgs, EvalCommand, Generation, TextModel};
 use cxxlm::outln;
 use cxxlm_model::{Gpt, ModelConfig, Sampling};
 use cxxlm_pack::Manifest;
+use cxxlm_serve::text::Layout;
 use cxxlm_tokenizer::Bpe;
 use serde_json::json;
 use std::path::Path;
@@ -15,11 +16,16 @@ use crate::sample::load_checkpoint;
 struct Checkpoint {
     model: Gpt,
     bpe: Bpe,
+    layout: Layout,
 }
 
 impl TextModel for Checkpoint {
     fn tokenizer(&self) -> &Bpe {
         &self.bpe
+    }
+
+    fn layout(&self) -> Layout {
+        self.layout
     }
 
     fn context(&self) -> usize {
@@ -47,7 +53,8 @@ impl TextModel for Checkpoint {
 
 fn load(path: &Path, tokenizer: Option<&Path>) -> Result<Box<dyn TextModel>> {
     let (model, bpe) = load_checkpoint(path, tokenizer)?;
-    Ok(Box::new(Checkpoint { model, bpe }))
+    let layout = crate::serve::layout(path, "auto");
+    Ok(Box::new(Checkpoint { model, bpe, layout }))
 }
 
 pub fn run(cmd: EvalCommand) -> Result<()> {
