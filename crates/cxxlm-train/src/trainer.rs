@@ -914,6 +914,7 @@ pub struct StepGradients {
 /// is an error naming the data. Every rank's gradients are then averaged (by the
 /// optimizer, or under full sharding by `weights` as each layer's are done), so each rank
 /// scales its own by `ranks / supervised`.
+#[allow(clippy::too_many_arguments)]
 pub fn step_gradients(
     model: &Gpt,
     weights: Option<&dyn WeightStore>,
