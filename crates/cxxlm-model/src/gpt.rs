@@ -590,6 +590,35 @@ mod tests {
     }
 
     #[test]
+    fn released_weights_come_back_with_load() {
+        let _rng = crate::TORCH_RNG.lock();
+        let mut m = Gpt::random(tiny(), 4);
+        let weights: Vec<(String, Tensor)> = m
+            .params()
+            .iter()
+            .map(|(n, p)| (n.clone(), p.detach().copy()))
+            .collect();
+        let idx = Tensor::from_slice(&[5i64, 6, 7]).unsqueeze(0);
+        let before = tch::no_grad(|| m.hidden(&idx));
+        let count = m.param_count();
+        m.release_weights();
+        assert!(m.params().iter().all(|(_, p)| p.numel() == 0));
+        assert_eq!(m.param_count(), count);
+        let mut wrong: Vec<(String, Tensor)> = weights
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect();
+        wrong[1].1 = wrong[1].1.narrow(0, 0, 1);
+        assert!(m
+            .load(&wrong)
+            .unwrap_err()
+            .to_string()
+            .contains("in the model"));
+        m.load(&weights).unwrap();
+        assert!(tch::no_grad(|| m.hidden(&idx)).equal(&before));
+    }
+
+    #[test]
     fn chunked_loss_matches_the_whole_batch_loss_and_its_gradients() {
         let _rng = crate::TORCH_RNG.lock();
         let mut m = Gpt::new(tiny(), Device::Cpu, 1).unwrap();
