@@ -25,6 +25,75 @@ const V: usize = 2;
 const PROJ: usize = 3;
 const FC: usize = 4;
 const MLP_PROJ: usize = 5;
+/// Weights per layer.
+pub(crate) const LAYER_WEIGHTS: usize = 6;
+
+/// Weights the explicit pass uses together: the embedding, one layer's matrices, or the
+/// head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Embedding,
+    Layer(usize),
+    Head,
+}
+
+impl Part {
+    /// Indices into [`Gpt::params`] of its weights, in a model `depth` layers deep.
+    pub fn weights(self, depth: usize) -> std::ops::Range<usize> {
+        match self {
+            Part::Embedding => 0..1,
+            Part::Layer(l) => 1 + l * LAYER_WEIGHTS..1 + (l + 1) * LAYER_WEIGHTS,
+            Part::Head => 1 + depth * LAYER_WEIGHTS..2 + depth * LAYER_WEIGHTS,
+        }
+    }
+
+    /// Every part of a model `depth` layers deep, in the order of its weights.
+    pub fn all(depth: usize) -> impl Iterator<Item = Part> {
+        std::iter::once(Part::Embedding)
+            .chain((0..depth).map(Part::Layer))
+            .chain(std::iter::once(Part::Head))
+    }
+}
+
+/// Where the explicit pass reads the weights of each [`Part`] and adds their gradients:
+/// the model's own, or (full sharding) parts kept by every rank, gathered when the pass
+/// needs a part (for its forward, and again for its backward) and handed their
+/// gradients as soon as the part's backward ends. The pass asks every store for the
+/// same parts in the same order, whatever the batch.
+pub trait WeightStore {
+    /// `part`'s weights in the model's compute precision, in the order of [`Gpt::params`].
+    fn weights(&self, part: Part) -> Vec<Tensor>;
+    /// fp32 tensors to add `part`'s gradients into, in the same order.
+    fn gradients(&self, part: Part) -> Vec<Tensor>;
+    /// `grads` (what [`WeightStore::gradients`] gave) now hold all of `part`'s gradients
+    /// from this pass.
+    fn gradients_done(&self, part: Part, grads: Vec<Tensor>);
+}
+
+/// The model's own weights, cast once per pass, and its weights' gradients.
+struct Resident {
+    weights: Vec<Tensor>,
+    grads: Vec<Tensor>,
+    depth: usize,
+}
+
+impl WeightStore for Resident {
+    fn weights(&self, part: Part) -> Vec<Tensor> {
+        self.weights[part.weights(self.depth)]
+            .iter()
+            .map(Tensor::shallow_clone)
+            .collect()
+    }
+
+    fn gradients(&self, part: Part) -> Vec<Tensor> {
+        self.grads[part.weights(self.depth)]
+            .iter()
+            .map(Tensor::shallow_clone)
+            .collect()
+    }
+
+    fn gradients_done(&self, _: Part, _: Vec<Tensor>) {}
+}
 
 /// What one layer's backward reads.
 struct Saved {
@@ -44,10 +113,10 @@ struct Saved {
     act: Tensor,
 }
 
-/// What the backward pass has of a layer: what it reads with the layer's joined q|k|v
-/// weight, or (checkpointed) only the layer's input.
+/// What the backward pass has of a layer: what it reads, or (checkpointed) only the
+/// layer's input.
 enum Kept {
-    Saved((Saved, Tensor)),
+    Saved(Saved),
     Input(Tensor),
 }
 
@@ -165,13 +234,40 @@ impl Gpt {
         let fused = self
             .fused()
             .ok_or("the model trains by autograd, not the explicit pass")?;
-        Ok(self.forward_backward_explicit(fused, inputs, targets, None, 1.0, Some(phases)))
+        Ok(self.forward_backward_explicit(fused, None, inputs, targets, None, 1.0, Some(phases)))
     }
 
-    /// [`Gpt::forward_backward`] by the explicit pass with `fused`'s steps.
+    /// [`Gpt::forward_backward`] by the explicit pass (with the reference steps if the
+    /// model has no fused ones), reading the weights from `store` and adding their
+    /// gradients there: the model's own weights are not read.
+    pub fn forward_backward_from(
+        &self,
+        store: &dyn WeightStore,
+        inputs: &Tensor,
+        targets: &Tensor,
+        packing: Option<&Packing>,
+        scale: f64,
+    ) -> Tensor {
+        let fused = self.fused().unwrap_or(Fused::Reference);
+        self.forward_backward_explicit(fused, Some(store), inputs, targets, packing, scale, None)
+    }
+
+    /// The model's own weights in the compute precision and their gradients.
+    fn resident(&self) -> Resident {
+        Resident {
+            weights: self.compute_weights(),
+            grads: self.param_grads(),
+            depth: self.config.depth,
+        }
+    }
+
+    /// [`Gpt::forward_backward`] by the explicit pass with `fused`'s steps, on the
+    /// weights of `store` (None: the model's own).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward_backward_explicit(
         &self,
         fused: Fused,
+        store: Option<&dyn WeightStore>,
         inputs: &Tensor,
         targets: &Tensor,
         packing: Option<&Packing>,
@@ -208,8 +304,14 @@ impl Gpt {
                 [1, n, all, dim],
             ),
         };
-        let w = self.compute_weights();
-        let mut grads = self.param_grads();
+        let resident;
+        let store = match store {
+            Some(store) => store,
+            None => {
+                resident = self.resident();
+                &resident as &dyn WeightStore
+            }
+        };
         // q, k and v of the rotated q|k|v, token-major `(B, T, heads, dim)`.
         let views = |qkv: &Tensor| {
             let qkv = qkv.view([b, t, all, dim]);
@@ -222,15 +324,17 @@ impl Gpt {
         let heads_first = |x: &Tensor| x.transpose(1, 2);
 
         let ids = inputs.reshape([n]);
-        let (x0, rstd0) = fused.rmsnorm(&w[0].index_select(0, &ids), eps);
+        let wte = store.weights(Part::Embedding);
+        let (x0, rstd0) = fused.rmsnorm(&wte[0].index_select(0, &ids), eps);
+        drop(wte);
         mark("weights cast, embedding");
         // The residual stream, added to in place by the matmuls (x0 is kept for the
         // backward; nothing else reads the stream).
         let mut x = x0.copy();
-        // One layer's forward on the residual stream `x` (added to in place): what its
-        // backward reads, and its joined q|k|v weight.
-        let forward_layer = |x: &mut Tensor, layer: usize, mark: &mut dyn FnMut(&'static str)| {
-            let w = |k: usize| &w[1 + layer * 6 + k];
+        // One layer's forward on the residual stream `x` (added to in place), with the
+        // layer's weights `lw`: what its backward reads.
+        let forward_layer = |x: &mut Tensor, lw: &[Tensor], mark: &mut dyn FnMut(&'static str)| {
+            let w = |k: usize| &lw[k];
             let wqkv = Tensor::cat(&[w(Q), w(K), w(V)], 0);
             let (h1, rstd1) = fused.rmsnorm(x, eps);
             mark("forward: rmsnorm");
@@ -274,7 +378,7 @@ impl Gpt {
             mark("forward: activation");
             let _ = x.addmm_(&out, &w(MLP_PROJ).tr());
             mark("forward: matmuls");
-            let saved = Saved {
+            Saved {
                 h1,
                 rstd1,
                 qkv,
@@ -284,8 +388,7 @@ impl Gpt {
                 h2,
                 rstd2,
                 act,
-            };
-            (saved, wqkv)
+            }
         };
         // Checkpointed layers keep only their input, and run their forward again in the
         // backward pass.
@@ -293,11 +396,12 @@ impl Gpt {
             |layer: usize| self.checkpoint_every > 0 && layer.is_multiple_of(self.checkpoint_every);
         let mut layers = Vec::with_capacity(c.depth);
         for layer in 0..c.depth {
+            let lw = store.weights(Part::Layer(layer));
             let input = checkpointed(layer).then(|| x.copy());
-            let kept = forward_layer(&mut x, layer, &mut mark);
+            let saved = forward_layer(&mut x, &lw, &mut mark);
             layers.push(match input {
                 Some(input) => Kept::Input(input),
-                None => Kept::Saved(kept),
+                None => Kept::Saved(saved),
             });
         }
         let (hf, rstdf) = fused.rmsnorm(&x, eps);
@@ -306,7 +410,8 @@ impl Gpt {
 
         // The head and loss in chunks of rows: logits (bf16), then their gradient written
         // over them, then the head's weight gradient and the hidden states' gradient.
-        let head = w.last().expect("lm_head");
+        let head = store.weights(Part::Head).pop().expect("lm_head");
+        let mut head_grad = store.gradients(Part::Head);
         let targets = targets.reshape([n]);
         let dhf = hf.empty_like();
         let mut total = Tensor::zeros([], (Kind::Float, self.device));
@@ -322,50 +427,53 @@ impl Gpt {
                 scale,
             );
             total += losses.sum(Kind::Float);
-            add_weight_grad(grads.last_mut().expect("lm_head"), &logits, &rows);
-            let _ = logits.mm_out(&dhf.narrow(0, start, len), head);
+            add_weight_grad(&mut head_grad[0], &logits, &rows);
+            let _ = logits.mm_out(&dhf.narrow(0, start, len), &head);
             start += len;
         }
+        drop(head);
+        store.gradients_done(Part::Head, head_grad);
         mark("head and loss, both passes");
         let mut dx = fused.rmsnorm_backward(&dhf, &hf, &rstdf, None);
         drop((dhf, hf));
         mark("backward: rmsnorm");
 
         for layer in (0..c.depth).rev() {
-            let (s, wqkv) = match layers.pop().expect("one saved state per layer") {
-                Kept::Saved(kept) => kept,
+            let lw = store.weights(Part::Layer(layer));
+            let s = match layers.pop().expect("one saved state per layer") {
+                Kept::Saved(saved) => saved,
                 Kept::Input(mut input) => {
-                    let kept = forward_layer(&mut input, layer, &mut mark);
+                    let saved = forward_layer(&mut input, &lw, &mut mark);
                     mark("backward: forward again");
-                    kept
+                    saved
                 }
             };
-            let w = |k: usize| &w[1 + layer * 6 + k];
-            let g = |k: usize| 1 + layer * 6 + k;
+            let w = |k: usize| &lw[k];
+            let mut grads = store.gradients(Part::Layer(layer));
 
             let dact = match c.activation {
                 Activation::Relu2 => {
-                    add_weight_grad(&mut grads[g(MLP_PROJ)], &dx, &s.act);
+                    add_weight_grad(&mut grads[MLP_PROJ], &dx, &s.act);
                     let dact = dx.mm(w(MLP_PROJ));
                     mark("backward: matmuls");
                     fused.relu2_backward_(&dact, &s.act);
                     dact
                 }
                 Activation::Swiglu => {
-                    add_weight_grad(&mut grads[g(MLP_PROJ)], &dx, &fused.swiglu(&s.act));
+                    add_weight_grad(&mut grads[MLP_PROJ], &dx, &fused.swiglu(&s.act));
                     let dout = dx.mm(w(MLP_PROJ));
                     mark("backward: matmuls");
                     fused.swiglu_backward(&dout, &s.act)
                 }
             };
             mark("backward: activation");
-            add_weight_grad(&mut grads[g(FC)], &dact, &s.h2);
+            add_weight_grad(&mut grads[FC], &dact, &s.h2);
             let dh2 = dact.mm(w(FC));
             mark("backward: matmuls");
             dx = fused.rmsnorm_backward(&dh2, &s.h2, &s.rstd2, Some(&dx));
             mark("backward: rmsnorm");
 
-            add_weight_grad(&mut grads[g(PROJ)], &dx, &s.out_rows);
+            add_weight_grad(&mut grads[PROJ], &dx, &s.out_rows);
             let dout = dx.mm(w(PROJ)).view([b, t, heads, dim]);
             mark("backward: matmuls");
             let (mut q, k, v) = views(&s.qkv);
@@ -402,20 +510,24 @@ impl Gpt {
             mark("backward: rotary + qk-norm");
             let mut column = 0;
             for (k, width) in [(Q, heads * dim), (K, kv * dim), (V, kv * dim)] {
-                add_weight_grad(&mut grads[g(k)], &dqkv.narrow(1, column, width), &s.h1);
+                add_weight_grad(&mut grads[k], &dqkv.narrow(1, column, width), &s.h1);
                 column += width;
             }
-            let dh1 = dqkv.mm(&wqkv);
+            let dh1 = dqkv.mm(&Tensor::cat(&[w(Q), w(K), w(V)], 0));
             mark("backward: matmuls");
             dx = fused.rmsnorm_backward(&dh1, &s.h1, &s.rstd1, Some(&dx));
             mark("backward: rmsnorm");
+            drop((s, lw));
+            store.gradients_done(Part::Layer(layer), grads);
         }
         let de = fused.rmsnorm_backward(&dx, &x0, &rstd0, None);
         // Sorted by token rather than atomic adds: real text repeats a few tokens so often
         // that adds to their rows would queue.
         let vocab = c.vocab_size as i64;
+        let mut grads = store.gradients(Part::Embedding);
         grads[0] +=
             Tensor::embedding_dense_backward(&de.to_kind(Kind::Float), &ids, vocab, -1, false);
+        store.gradients_done(Part::Embedding, grads);
         mark("backward: embedding");
         total
     }
@@ -510,7 +622,8 @@ mod tests {
         for (_, p) in &mut m.params {
             p.zero_grad();
         }
-        let loss = m.forward_backward_explicit(Fused::Reference, idx, tgt, packing, scale, None);
+        let loss =
+            m.forward_backward_explicit(Fused::Reference, None, idx, tgt, packing, scale, None);
         let grads = m.params.iter().map(|(_, p)| p.grad().copy()).collect();
         (loss.double_value(&[]), grads)
     }

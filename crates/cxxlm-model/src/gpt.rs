@@ -32,6 +32,8 @@ pub struct Gpt {
     /// The explicit pass keeps only the input of every this-many-th layer (0: none) and
     /// runs its forward again in the backward pass.
     pub(crate) checkpoint_every: usize,
+    /// The weights' shapes while [`Gpt::release_weights`] has freed them.
+    released: Option<Vec<Vec<i64>>>,
 }
 
 fn norm(x: &Tensor) -> Tensor {
@@ -155,6 +157,7 @@ impl Gpt {
             compute,
             fused: None,
             checkpoint_every: 0,
+            released: None,
         })
     }
 
@@ -182,15 +185,39 @@ impl Gpt {
         self.device
     }
 
+    /// The precision the passes compute in (bf16 on CUDA, fp32 on CPU).
+    pub fn compute_kind(&self) -> Kind {
+        self.compute
+    }
+
+    /// Frees the weights' memory, keeping their names and shapes, until [`Gpt::load`]
+    /// gives them back: full sharding keeps the weights as parts on every rank between
+    /// uses, and passes them to the explicit pass through a [`crate::WeightStore`].
+    pub fn release_weights(&mut self) {
+        if self.released.is_none() {
+            self.released = Some(self.params.iter().map(|(_, p)| p.size()).collect());
+        }
+        for (_, p) in &mut self.params {
+            *p = Tensor::empty([0], (Kind::Float, self.device));
+        }
+    }
+
     pub fn params(&self) -> &[(String, Tensor)] {
         &self.params
     }
 
     pub fn param_count(&self) -> usize {
-        self.params.iter().map(|(_, p)| p.numel()).sum()
+        match &self.released {
+            Some(shapes) => shapes
+                .iter()
+                .map(|s| s.iter().product::<i64>() as usize)
+                .sum(),
+            None => self.params.iter().map(|(_, p)| p.numel()).sum(),
+        }
     }
 
-    /// Replaces every weight with the tensor of the same name and shape.
+    /// Replaces every weight with the tensor of the same name and shape (copied into the
+    /// weight, or taken as the weight when it was released).
     pub fn load(&mut self, tensors: &[(String, Tensor)]) -> Result<(), ModelError> {
         if tensors.len() != self.params.len() {
             return Err(ModelError::Config(format!(
@@ -200,21 +227,36 @@ impl Gpt {
             )));
         }
         let _guard = tch::no_grad_guard();
-        for (name, p) in &mut self.params {
+        let shapes = match &self.released {
+            Some(shapes) => shapes.clone(),
+            None => self.params.iter().map(|(_, p)| p.size()).collect(),
+        };
+        for ((name, p), shape) in self.params.iter_mut().zip(shapes) {
             let t = tensors
                 .iter()
                 .find(|(n, _)| n == name)
                 .map(|(_, t)| t)
                 .ok_or_else(|| ModelError::Config(format!("checkpoint lacks {name}")))?;
-            if t.size() != p.size() {
+            if t.size() != shape {
                 return Err(ModelError::Config(format!(
-                    "{name} is {:?} in the checkpoint, {:?} in the model",
+                    "{name} is {:?} in the checkpoint, {shape:?} in the model",
                     t.size(),
-                    p.size()
                 )));
             }
-            p.copy_(t);
+            match self.released {
+                Some(_) => {
+                    *p = t
+                        .detach()
+                        .to_device(self.device)
+                        .to_kind(Kind::Float)
+                        .set_requires_grad(true)
+                }
+                None => {
+                    p.copy_(t);
+                }
+            }
         }
+        self.released = None;
         Ok(())
     }
 
@@ -440,7 +482,7 @@ impl Gpt {
     ) -> Tensor {
         match self.fused {
             Some(fused) => {
-                self.forward_backward_explicit(fused, inputs, targets, packing, scale, None)
+                self.forward_backward_explicit(fused, None, inputs, targets, packing, scale, None)
             }
             None => self.forward_backward_autograd(inputs, targets, packing, scale),
         }
@@ -545,6 +587,35 @@ mod tests {
             Gpt::new(gqa.clone(), Device::Cpu, 0).unwrap().param_count(),
             gqa.params()
         );
+    }
+
+    #[test]
+    fn released_weights_come_back_with_load() {
+        let _rng = crate::TORCH_RNG.lock();
+        let mut m = Gpt::random(tiny(), 4);
+        let weights: Vec<(String, Tensor)> = m
+            .params()
+            .iter()
+            .map(|(n, p)| (n.clone(), p.detach().copy()))
+            .collect();
+        let idx = Tensor::from_slice(&[5i64, 6, 7]).unsqueeze(0);
+        let before = tch::no_grad(|| m.hidden(&idx));
+        let count = m.param_count();
+        m.release_weights();
+        assert!(m.params().iter().all(|(_, p)| p.numel() == 0));
+        assert_eq!(m.param_count(), count);
+        let mut wrong: Vec<(String, Tensor)> = weights
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect();
+        wrong[1].1 = wrong[1].1.narrow(0, 0, 1);
+        assert!(m
+            .load(&wrong)
+            .unwrap_err()
+            .to_string()
+            .contains("in the model"));
+        m.load(&weights).unwrap();
+        assert!(tch::no_grad(|| m.hidden(&idx)).equal(&before));
     }
 
     #[test]

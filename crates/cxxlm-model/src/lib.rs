@@ -9,7 +9,7 @@ pub mod gpt;
 pub mod packing;
 
 pub use config::{Activation, ModelConfig, ModelOverrides, Yarn, PRESETS};
-pub use explicit::{check_explicit_pass, explicit_unsupported, Phases};
+pub use explicit::{check_explicit_pass, explicit_unsupported, Part, Phases, WeightStore};
 pub use generate::{sample, Decoder, Rows, Sampling};
 pub use gpt::Gpt;
 pub use packing::Packing;

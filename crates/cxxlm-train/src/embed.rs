@@ -8,7 +8,7 @@
 //! the batch's targets at `embed.temperature`. The held-out pairs' loss and in-batch
 //! accuracy are measured as it goes.
 
-use cxxlm_model::Gpt;
+use cxxlm_model::{Gpt, WeightStore};
 use cxxlm_pack::tokenizer_sha256;
 use cxxlm_tokenizer::Bpe;
 use serde::{Deserialize, Serialize};
@@ -141,7 +141,14 @@ struct InfoNce {
 }
 
 impl Loss for InfoNce {
-    fn forward_backward(&mut self, model: &Gpt, batch: &DeviceBatch, scale: f64) -> Tensor {
+    // Autograd reads the model's own weights: full sharding is refused for this loss.
+    fn forward_backward(
+        &mut self,
+        model: &Gpt,
+        _: Option<&dyn WeightStore>,
+        batch: &DeviceBatch,
+        scale: f64,
+    ) -> Tensor {
         let (q, p) = pooled(model, batch);
         let loss = info_nce(&q, &p, self.temperature);
         // The optimizer steps every weight: those the embeddings do not depend on (the

@@ -1,14 +1,15 @@
 //! Training: one loop for every stage ([`trainer`]: a batch source, a loss and an
 //! evaluation in; steps, checkpoints, metrics, resume and data parallelism out), its
 //! stages ([`pretrain`], [`sft`], [`rl`]), the optimizers and schedule ([`optim`]), checkpoints
-//! ([`checkpoint`]), metrics ([`metrics`]) and data parallelism across processes
-//! ([`dist`]); every setting is range-checked (`TrainConfig::validate`,
+//! ([`checkpoint`]), metrics ([`metrics`]), data parallelism across processes ([`dist`]) and
+//! full sharding of the weights over them ([`fsdp`]); every setting is range-checked (`TrainConfig::validate`,
 //! `SftConfig::validate`).
 
 pub mod checkpoint;
 pub mod cuda;
 pub mod dist;
 pub mod embed;
+pub mod fsdp;
 pub mod memory;
 pub mod metrics;
 pub mod optim;
@@ -19,7 +20,7 @@ pub mod trainer;
 mod validate;
 
 pub use embed::{embed, EmbedConfig};
-pub use optim::{Matrices, OptimConfig, Optimizer, Schedule};
+pub use optim::{Matrices, OptimConfig, Optimizer, Schedule, Sharding};
 pub use pretrain::{memory_plan, pretrain, TrainConfig};
 pub use rl::{rl, RlConfig};
 pub use sft::{sft, SftConfig};

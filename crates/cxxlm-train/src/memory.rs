@@ -1,13 +1,17 @@
 //! How much GPU memory a pretraining run needs on each rank, before it starts: the weights
 //! (fp32, and their bf16 copies the pass computes with), the gradients (fp32), the
 //! optimizer's state (sharded over the ranks), the activations the backward pass reads,
-//! and the workspace of the loss and of one layer's backward. Counted from what the
+//! and the workspace of the loss and of one layer's backward. Fully sharded
+//! (`train.sharding = "full"`), each rank keeps its part of the weights and gradients, and
+//! whole only the part of the model the pass works on (the embedding, a layer or the
+//! head, gathered in bf16) with its fp32 gradients and the buffer they are
+//! reduce-scattered from. Counted from what the
 //! explicit pass keeps (`cxxlm_model::explicit`), which matched the allocator's measured
 //! peak within 2% at d12 and d20 on an H100 (BENCHMARKS.md; the test below).
 
 use cxxlm_model::{Activation, ModelConfig};
 
-use crate::optim::{Matrices, OptimConfig};
+use crate::optim::{Matrices, OptimConfig, Sharding};
 use crate::pretrain::RunConfig;
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -32,6 +36,8 @@ pub struct MemoryPlan {
     /// Rows of a pass, and their tokens.
     pub rows: usize,
     pub seq_len: usize,
+    /// With full sharding: the ranks, and the weights of the largest part gathered whole.
+    pub fully_sharded: Option<(usize, usize)>,
 }
 
 impl MemoryPlan {
@@ -60,6 +66,12 @@ impl MemoryPlan {
             gib(self.checkpointed_activations),
             gib(self.total() - activations + self.checkpointed_activations)
         );
+        if let Some((ranks, largest)) = self.fully_sharded {
+            out += &format!(
+                "\n  fully sharded over {ranks} ranks: each keeps 1/{ranks} of the weights and gradients, and whole only the part of the model being computed (the largest: {:.1}M weights)",
+                largest as f64 / 1e6
+            );
+        }
         if !self.explicit {
             out += &format!(
                 "\n  this model trains on autograd (the explicit pass does not cover it): its \
@@ -71,8 +83,9 @@ impl MemoryPlan {
 }
 
 /// The memory one rank of `ranks` needs to train `model` with `run`'s rows of its context
-/// per pass and its activation checkpointing, and `optim`; `explicit`: on the explicit
-/// pass with fused kernels (autograd checkpoints nothing).
+/// per pass, its activation checkpointing and its sharding, and `optim`; `explicit`: on
+/// the explicit pass with fused kernels (autograd checkpoints nothing; full sharding
+/// always takes the explicit pass).
 pub fn plan(
     model: &ModelConfig,
     run: &RunConfig,
@@ -87,8 +100,22 @@ pub fn plan(
     let params = c.params();
     let matrices = params - 2 * c.embedding_params();
     let tokens = device_batch * c.seq_len;
-    // bf16 copies to compute with, and each layer's q|k|v weights joined.
-    let copies = 2 * params + 2 * c.depth * (heads + 2 * kv) * d * w;
+    let ranks = ranks.max(1);
+    let full = run.sharding == Sharding::Full;
+    let explicit = explicit || full;
+    // One layer's q|k|v weights joined, in bf16.
+    let joined_qkv = 2 * (heads + 2 * kv) * d * w;
+    let largest_part = c.embedding_params().max(matrices / c.depth.max(1));
+    let (weights, gradients) = match full {
+        // The weights and gradients of the part computed, gathered: bf16 weights, fp32
+        // gradients and the buffer they are reduce-scattered from.
+        true => (
+            4 * params.div_ceil(ranks) + 2 * largest_part + joined_qkv,
+            4 * params.div_ceil(ranks) + 8 * largest_part,
+        ),
+        // bf16 copies to compute with.
+        false => (4 * params + 2 * params + joined_qkv, 4 * params),
+    };
     let optimizer_state = match optim.matrices {
         Matrices::Muon => 4 * matrices + 8 * (params - matrices),
         Matrices::Adamw => 8 * params,
@@ -123,18 +150,18 @@ pub fn plan(
     let logits = 2 * tokens.min(LOSS_CHUNK_ELEMENTS / c.vocab_size.max(1)) * c.vocab_size;
     // One layer's backward: the MLP's gradients beside its activation.
     let workspace = logits + 2 * 2 * tokens * mlp;
-    let (activations, copies) = match explicit {
-        true => (activations as u64, copies as u64),
+    let (activations, weights) = match explicit {
+        true => (activations as u64, weights as u64),
         false => (
             (activations as f64 * AUTOGRAD_ACTIVATIONS) as u64,
-            2 * params as u64,
+            6 * params as u64,
         ),
     };
     MemoryPlan {
         parts: vec![
-            ("weights", (4 * params) as u64 + copies),
-            ("gradients", (4 * params) as u64),
-            ("optimizer", optimizer_state.div_ceil(ranks.max(1)) as u64),
+            ("weights", weights),
+            ("gradients", gradients as u64),
+            ("optimizer", optimizer_state.div_ceil(ranks) as u64),
             ("activations", activations),
             ("workspace", workspace as u64),
         ],
@@ -142,6 +169,7 @@ pub fn plan(
         explicit,
         rows: device_batch,
         seq_len: c.seq_len,
+        fully_sharded: full.then_some((ranks, largest_part)),
     }
 }
 
@@ -215,5 +243,29 @@ mod tests {
         let text = one.describe(Some(80 << 30));
         assert!(text.contains("of 80.00 GiB"), "{text}");
         assert!(text.contains("activation_checkpointing = 1"), "{text}");
+    }
+
+    #[test]
+    fn full_sharding_divides_the_weights_and_gradients_among_the_ranks() {
+        let model = ModelConfig::preset("3b", 32_768).unwrap();
+        let optim = OptimConfig::default();
+        let part = |p: &MemoryPlan, name: &str| p.parts.iter().find(|x| x.0 == name).unwrap().1;
+        let run = |sharding| RunConfig {
+            device_batch: 1,
+            sharding,
+            ..Default::default()
+        };
+        let replicated = plan(&model, &run(Sharding::Optimizer), &optim, 8, true);
+        let full = plan(&model, &run(Sharding::Full), &optim, 8, true);
+        let kept = |p: &MemoryPlan| part(p, "weights") + part(p, "gradients");
+        // An eighth of the fp32 weights and gradients, and one part of the model whole.
+        let eighth = 8 * (model.params() as u64).div_ceil(8);
+        assert!(kept(&full) > eighth, "{full:?}");
+        assert!(kept(&full) < eighth + kept(&replicated) / 20, "{full:?}");
+        for same in ["optimizer", "activations", "workspace"] {
+            assert_eq!(part(&full, same), part(&replicated, same), "{same}");
+        }
+        let text = full.describe(None);
+        assert!(text.contains("fully sharded over 8 ranks"), "{text}");
     }
 }

@@ -161,13 +161,52 @@ pub fn orthogonalize(g: &Tensor, steps: usize) -> Tensor {
     x
 }
 
+/// Where the weights live between steps (`train.sharding`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sharding {
+    /// Every rank holds every weight and gradient; the optimizer's state is split among
+    /// the ranks (ZeRO-1/2).
+    #[default]
+    Optimizer,
+    /// Each rank holds only its part of every weight, gradient and optimizer state
+    /// (ZeRO-3, FSDP): the optimizer's parts, gathered layer by layer for the passes.
+    Full,
+}
+
+/// This rank's part of some weights (fp32) and their gradient, averaged over the ranks.
+pub(crate) struct Shard {
+    pub(crate) weights: Tensor,
+    pub(crate) grad: Tensor,
+}
+
+/// What a rank keeps of the weights it updates.
+enum Held {
+    /// Each weight whole (the model's own), updated with every rank's part, gathered.
+    All(Vec<Tensor>),
+    /// Only this rank's part, with its gradient (full sharding).
+    Part(Shard),
+}
+
+/// Where full sharding keeps a weight: the optimizer's part of it on each rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Placement {
+    /// Whole on rank `rank` (a Muon matrix).
+    Whole { rank: usize },
+    /// Flattened, padded to a multiple of the ranks and cut in parts of `part` elements:
+    /// rank r keeps the r-th (AdamW).
+    Flat { part: i64 },
+}
+
 /// Same-shape matrices updated together: their gradients are stacked so that
 /// Newton-Schulz runs as a few batched GEMMs instead of many small ones. With several
 /// ranks, each owns `per_rank` consecutive matrices of the stack (padded with zero
 /// matrices to a multiple of the ranks): it keeps their momentum, orthogonalizes them,
-/// and the updates are gathered.
+/// and the updates are gathered (or, with full sharding, applied to the matrices it
+/// keeps: `[per_rank, rows, cols]`).
 struct MuonGroup {
-    params: Vec<(String, Tensor)>,
+    names: Vec<String>,
+    held: Held,
     per_rank: usize,
     /// This rank's matrices: `[per_rank, rows, cols]`.
     momentum: Tensor,
@@ -175,18 +214,20 @@ struct MuonGroup {
 }
 
 impl MuonGroup {
-    /// Indices into `params` of the matrices this rank owns, with their index in its part.
+    /// Indices into `names` of the matrices this rank owns, with their index in its part.
     fn owned(&self, rank: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
         let first = rank * self.per_rank;
-        (first..(first + self.per_rank).min(self.params.len())).map(move |i| (i, i - first))
+        (first..(first + self.per_rank).min(self.names.len())).map(move |i| (i, i - first))
     }
 }
 
-/// AdamW on one parameter; each rank keeps the state of its part of the flattened
-/// parameter (padded to a multiple of the ranks) and the updated parts are gathered.
+/// AdamW on one weight; each rank keeps the state of its part of the flattened weight
+/// (padded to a multiple of the ranks) and the updated parts are gathered (or, with full
+/// sharding, that part is all the rank keeps of the weight).
 struct AdamSlot {
     name: String,
-    param: Tensor,
+    held: Held,
+    numel: i64,
     lr: f64,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
@@ -194,7 +235,10 @@ struct AdamSlot {
 
 /// Sharded like ZeRO stage 1-2 (nanochat's DistMuon and DistAdamW): gradients are
 /// reduce-scattered, each rank updates its part with its part of the state, and the
-/// results are all-gathered. On one rank every collective is the identity.
+/// results are all-gathered. With [`Optimizer::shard_weights`] (ZeRO-3) each rank keeps
+/// only those parts of the weights, whose gradients arrive already reduce-scattered, and
+/// the step needs no collective but the gradient norm's. On one rank every collective is
+/// the identity.
 pub struct Optimizer {
     config: OptimConfig,
     /// Where AdamW's arithmetic runs: one kernel per weight on a GPU, or tch operations.
@@ -203,6 +247,116 @@ pub struct Optimizer {
     adam: Vec<AdamSlot>,
     rank: usize,
     world: usize,
+}
+
+impl Shard {
+    fn zeros(shape: &[i64], device: tch::Device) -> Shard {
+        let zeros = || Tensor::zeros(shape, (Kind::Float, device));
+        Shard {
+            weights: zeros(),
+            grad: zeros(),
+        }
+    }
+}
+
+impl Held {
+    fn zero_grad(&mut self) {
+        match self {
+            Held::All(params) => params.iter_mut().for_each(Tensor::zero_grad),
+            Held::Part(shard) => {
+                let _ = shard.grad.zero_();
+            }
+        }
+    }
+}
+
+impl MuonGroup {
+    fn new(names: Vec<String>, params: Vec<Tensor>, world: usize) -> MuonGroup {
+        let s = params[0].size();
+        let per_rank = params.len().div_ceil(world);
+        MuonGroup {
+            momentum: params[0].new_zeros(
+                [per_rank as i64, s[0], s[1]],
+                (Kind::Float, params[0].device()),
+            ),
+            shape_scale: (s[0] as f64 / s[1] as f64).max(1.0).sqrt(),
+            names,
+            held: Held::All(params),
+            per_rank,
+        }
+    }
+
+    /// Elements of one of its matrices.
+    fn matrix_numel(&self) -> i64 {
+        self.momentum.size()[1..].iter().product()
+    }
+
+    /// This rank's share of the group's gradients, averaged over the ranks.
+    fn gradients(&self, comm: &Comm) -> Result<Tensor> {
+        let params = match &self.held {
+            Held::Part(shard) => return Ok(shard.grad.shallow_clone()),
+            Held::All(params) => params,
+        };
+        let grads: Vec<Tensor> = params.iter().map(Tensor::grad).collect();
+        let mut stacked = Tensor::stack(&grads, 0);
+        let padding = (self.per_rank * comm.size() - grads.len()) as i64;
+        if padding > 0 {
+            let s = stacked.size();
+            let zeros =
+                stacked.new_zeros([padding, s[1], s[2]], (stacked.kind(), stacked.device()));
+            stacked = Tensor::cat(&[stacked, zeros], 0);
+        }
+        comm.reduce_scatter_mean(&stacked)
+    }
+
+    /// Adds `scale` x this rank's orthogonalized matrices to the weights: to the whole
+    /// ones once every rank's are gathered, or to the ones it keeps.
+    fn apply(&mut self, orthogonal: &Tensor, scale: f64, comm: &Comm) -> Result<()> {
+        match &mut self.held {
+            Held::All(params) => {
+                // Gathered in Newton-Schulz's dtype, and scaled after.
+                let update = comm.all_gather(orthogonal)?.to_kind(Kind::Float) * scale;
+                for (i, p) in params.iter_mut().enumerate() {
+                    let _ = p.g_add_(&update.select(0, i as i64));
+                }
+            }
+            Held::Part(shard) => {
+                let _ = shard
+                    .weights
+                    .g_add_(&(orthogonal.to_kind(Kind::Float) * scale));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl AdamSlot {
+    fn new(name: &str, param: &Tensor, lr: f64, world: usize) -> AdamSlot {
+        let part = flat_padded(param, world).size()[0] / world as i64;
+        let state = || param.new_zeros([part], (Kind::Float, param.device()));
+        AdamSlot {
+            name: name.to_string(),
+            held: Held::All(vec![param.shallow_clone()]),
+            numel: param.numel() as i64,
+            lr,
+            exp_avg: state(),
+            exp_avg_sq: state(),
+        }
+    }
+
+    fn part(&self) -> i64 {
+        self.exp_avg.size()[0]
+    }
+
+    /// This rank's part of the gradient, averaged over the ranks.
+    fn gradient(&self, comm: &Comm) -> Result<Tensor> {
+        match &self.held {
+            Held::All(params) => {
+                comm.reduce_scatter_mean(&flat_padded(&params[0].grad(), comm.size()))
+            }
+            Held::Part(shard) => Ok(shard.grad.shallow_clone()),
+        }
+    }
 }
 
 impl Optimizer {
@@ -216,7 +370,8 @@ impl Optimizer {
         world: usize,
     ) -> Self {
         let dmodel_scale = (width as f64 / 768.0).powf(-0.5);
-        let mut muon: Vec<MuonGroup> = Vec::new();
+        // Same-shape matrices, by shape in order of appearance.
+        let mut matrices: Vec<(Vec<String>, Vec<Tensor>)> = Vec::new();
         let mut adam = Vec::new();
         for (name, p) in params {
             let lr = match (name.as_str(), config.matrices) {
@@ -226,43 +381,24 @@ impl Optimizer {
                 (_, Matrices::Muon) => None,
             };
             if let Some(lr) = lr {
-                let part = flat_padded(p, world).size()[0] / world as i64;
-                let state = || p.new_zeros([part], (Kind::Float, p.device()));
-                adam.push(AdamSlot {
-                    name: name.clone(),
-                    param: p.shallow_clone(),
-                    lr,
-                    exp_avg: state(),
-                    exp_avg_sq: state(),
-                });
+                adam.push(AdamSlot::new(name, p, lr, world));
                 continue;
             }
-            let entry = (name.clone(), p.shallow_clone());
-            match muon.iter_mut().find(|g| g.params[0].1.size() == p.size()) {
-                Some(g) => g.params.push(entry),
-                None => {
-                    let s = p.size();
-                    muon.push(MuonGroup {
-                        params: vec![entry],
-                        per_rank: 0,
-                        momentum: Tensor::new(),
-                        shape_scale: (s[0] as f64 / s[1] as f64).max(1.0).sqrt(),
-                    })
+            match matrices.iter_mut().find(|(_, m)| m[0].size() == p.size()) {
+                Some((names, same)) => {
+                    names.push(name.clone());
+                    same.push(p.shallow_clone());
                 }
+                None => matrices.push((vec![name.clone()], vec![p.shallow_clone()])),
             }
-        }
-        for g in &mut muon {
-            let s = g.params[0].1.size();
-            g.per_rank = g.params.len().div_ceil(world);
-            g.momentum = g.params[0].1.new_zeros(
-                [g.per_rank as i64, s[0], s[1]],
-                (Kind::Float, g.params[0].1.device()),
-            );
         }
         Optimizer {
             config,
             fused: Fused::Reference,
-            muon,
+            muon: matrices
+                .into_iter()
+                .map(|(names, params)| MuonGroup::new(names, params, world))
+                .collect(),
             adam,
             rank,
             world,
@@ -281,24 +417,16 @@ impl Optimizer {
     pub fn step(&mut self, step: u64, lr_scale: f64, comm: &Comm) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
         let c = &self.config;
-        let world = self.world;
-        let mut muon_grads = Vec::with_capacity(self.muon.len());
-        for g in &self.muon {
-            let grads: Vec<Tensor> = g.params.iter().map(|(_, p)| p.grad()).collect();
-            let mut stacked = Tensor::stack(&grads, 0);
-            let padding = (g.per_rank * world - grads.len()) as i64;
-            if padding > 0 {
-                let s = stacked.size();
-                let zeros =
-                    stacked.new_zeros([padding, s[1], s[2]], (stacked.kind(), stacked.device()));
-                stacked = Tensor::cat(&[stacked, zeros], 0);
-            }
-            muon_grads.push(comm.reduce_scatter_mean(&stacked)?);
-        }
-        let mut adam_grads = Vec::with_capacity(self.adam.len());
-        for s in &self.adam {
-            adam_grads.push(comm.reduce_scatter_mean(&flat_padded(&s.param.grad(), world))?);
-        }
+        let muon_grads = self
+            .muon
+            .iter()
+            .map(|g| g.gradients(comm))
+            .collect::<Result<Vec<_>>>()?;
+        let adam_grads = self
+            .adam
+            .iter()
+            .map(|s| s.gradient(comm))
+            .collect::<Result<Vec<_>>>()?;
         let squares: Vec<Tensor> = muon_grads
             .iter()
             .chain(&adam_grads)
@@ -319,18 +447,19 @@ impl Optimizer {
         for (group, g) in self.muon.iter_mut().zip(&muon_grads) {
             let _ = group.momentum.lerp_(g, 1.0 - momentum);
             let nesterov = g.lerp(&group.momentum, momentum);
-            // Gathered in Newton-Schulz's dtype, and scaled after.
-            let orthogonal = comm.all_gather(&orthogonalize(&nesterov, c.newton_schulz_steps))?;
-            let update =
-                orthogonal.to_kind(Kind::Float) * (-c.matrix_lr * lr_scale * group.shape_scale);
-            for (i, (_, p)) in group.params.iter_mut().enumerate() {
-                let _ = p.g_add_(&update.select(0, i as i64));
-            }
+            let orthogonal = orthogonalize(&nesterov, c.newton_schulz_steps);
+            let scale = -c.matrix_lr * lr_scale * group.shape_scale;
+            group.apply(&orthogonal, scale, comm)?;
         }
 
         for (slot, g) in self.adam.iter_mut().zip(&adam_grads) {
-            let part = slot.exp_avg.size()[0];
-            let mine = flat_padded(&slot.param, world).narrow(0, self.rank as i64 * part, part);
+            let part = slot.part();
+            let mine = match &slot.held {
+                Held::All(params) => {
+                    flat_padded(&params[0], self.world).narrow(0, self.rank as i64 * part, part)
+                }
+                Held::Part(shard) => shard.weights.shallow_clone(),
+            };
             let settings = AdamwStep {
                 lr: slot.lr * lr_scale,
                 betas: c.betas,
@@ -340,21 +469,120 @@ impl Optimizer {
             };
             self.fused
                 .adamw_(&mine, g, &slot.exp_avg, &slot.exp_avg_sq, &settings);
-            if world > 1 {
+            if let (Held::All(params), true) = (&slot.held, self.world > 1) {
                 let whole = comm.all_gather(&mine)?;
-                let numel = slot.param.numel() as i64;
-                slot.param.view([-1]).copy_(&whole.narrow(0, 0, numel));
+                params[0].view([-1]).copy_(&whole.narrow(0, 0, slot.numel));
             }
         }
         Ok(norm)
     }
 
     pub fn zero_grad(&mut self) {
-        for (_, p) in self.muon.iter_mut().flat_map(|g| g.params.iter_mut()) {
-            p.zero_grad();
+        for g in &mut self.muon {
+            g.held.zero_grad();
         }
         for s in &mut self.adam {
-            s.param.zero_grad();
+            s.held.zero_grad();
+        }
+    }
+
+    /// From now on keeps only this rank's part of every weight, copied out of the whole
+    /// weights it was made with (full sharding): the matrices whose Muon state it keeps,
+    /// and its part of each flattened AdamW weight. Their gradients are then expected in
+    /// [`Optimizer::shard`]'s tensors, averaged over the ranks.
+    pub fn shard_weights(&mut self) {
+        let mut whole = Vec::new();
+        for g in &self.muon {
+            if let Held::All(params) = &g.held {
+                whole.extend(
+                    g.names
+                        .iter()
+                        .cloned()
+                        .zip(params.iter().map(Tensor::shallow_clone)),
+                );
+            }
+        }
+        for s in &self.adam {
+            if let Held::All(params) = &s.held {
+                whole.push((s.name.clone(), params[0].shallow_clone()));
+            }
+        }
+        for g in &mut self.muon {
+            g.held = Held::Part(Shard::zeros(&g.momentum.size(), g.momentum.device()));
+        }
+        for s in &mut self.adam {
+            s.held = Held::Part(Shard::zeros(&[s.part()], s.exp_avg.device()));
+        }
+        self.load_weights(&whole)
+            .expect("the weights it was made with fit it");
+    }
+
+    /// With full sharding: takes this rank's part of every weight from `weights`, whole
+    /// and by name (a checkpoint's).
+    pub fn load_weights(&mut self, weights: &[(String, Tensor)]) -> Result<(), String> {
+        let _guard = tch::no_grad_guard();
+        let flat = |name: &str, numel: i64, device| -> Result<Tensor, String> {
+            let t = weights
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t)
+                .ok_or_else(|| format!("lacks {name}"))?;
+            if t.numel() as i64 != numel {
+                return Err(format!("{name} has {} elements, not {numel}", t.numel()));
+            }
+            Ok(t.reshape([-1]).to_device(device))
+        };
+        for g in &self.muon {
+            let Held::Part(shard) = &g.held else { continue };
+            for (i, slot) in g.owned(self.rank) {
+                let t = flat(&g.names[i], g.matrix_numel(), shard.weights.device())?;
+                shard.weights.select(0, slot as i64).view([-1]).copy_(&t);
+            }
+        }
+        for s in &self.adam {
+            let Held::Part(shard) = &s.held else { continue };
+            let t = flat(&s.name, s.numel, shard.weights.device())?;
+            let part = s.part();
+            let mine = flat_padded(&t, self.world).narrow(0, self.rank as i64 * part, part);
+            shard.weights.shallow_clone().copy_(&mine);
+        }
+        Ok(())
+    }
+
+    /// Where full sharding keeps weight `name`; None: not one of this optimizer's.
+    pub(crate) fn placement(&self, name: &str) -> Option<Placement> {
+        for g in &self.muon {
+            if let Some(i) = g.names.iter().position(|n| n == name) {
+                return Some(Placement::Whole {
+                    rank: i / g.per_rank,
+                });
+            }
+        }
+        let slot = self.adam.iter().find(|s| s.name == name)?;
+        Some(Placement::Flat { part: slot.part() })
+    }
+
+    /// This rank's part of weight `name` and of its gradient, flattened: views of what
+    /// the optimizer updates in place, with full sharding. None where it keeps no part.
+    pub(crate) fn shard(&self, name: &str) -> Option<Shard> {
+        for g in &self.muon {
+            let (Some(i), Held::Part(shard)) = (g.names.iter().position(|n| n == name), &g.held)
+            else {
+                continue;
+            };
+            let (_, slot) = g.owned(self.rank).find(|&(j, _)| j == i)?;
+            let view = |t: &Tensor| t.select(0, slot as i64).view([-1]);
+            return Some(Shard {
+                weights: view(&shard.weights),
+                grad: view(&shard.grad),
+            });
+        }
+        match &self.adam.iter().find(|s| s.name == name)?.held {
+            Held::Part(shard) => Some(Shard {
+                weights: shard.weights.shallow_clone(),
+                grad: shard.grad.shallow_clone(),
+            }),
+            Held::All(_) => None,
         }
     }
 
@@ -364,9 +592,8 @@ impl Optimizer {
         let mut out = Vec::new();
         for g in &self.muon {
             for (i, part) in g.owned(self.rank) {
-                let name = &g.params[i].0;
                 out.push((
-                    format!("{name}.momentum"),
+                    format!("{}.momentum", g.names[i]),
                     g.momentum.select(0, part as i64),
                 ));
             }
@@ -380,7 +607,6 @@ impl Optimizer {
         }
         out
     }
-
     /// Restores this rank's part from what [`Optimizer::state`] returned on every rank of
     /// a run (`ranks`, in rank order), whatever its number of ranks was.
     pub fn load_state(&mut self, ranks: &[Vec<(String, Tensor)>]) -> Result<(), String> {
@@ -430,18 +656,18 @@ impl Optimizer {
             }
         };
         for g in &mut self.muon {
+            let numel = g.matrix_numel();
             for (i, part) in g.owned(self.rank).collect::<Vec<_>>() {
-                let (name, p) = &g.params[i];
-                let name = format!("{name}.momentum");
-                let numel = p.numel();
-                if let Some(t) = found(&name, whole(&name), &|t| t.numel() == numel)? {
-                    g.momentum.select(0, part as i64).copy_(&t.view_as(p));
+                let name = format!("{}.momentum", g.names[i]);
+                if let Some(t) = found(&name, whole(&name), &|t| t.numel() as i64 == numel)? {
+                    let mine = g.momentum.select(0, part as i64);
+                    mine.shallow_clone().copy_(&t.view_as(&mine));
                 }
             }
         }
         for s in &mut self.adam {
-            let numel = s.param.numel() as i64;
-            let part = s.exp_avg.size()[0];
+            let numel = s.numel;
+            let part = s.part();
             for (suffix, state) in [
                 ("exp_avg", &mut s.exp_avg),
                 ("exp_avg_sq", &mut s.exp_avg_sq),

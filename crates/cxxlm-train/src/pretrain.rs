@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 use crate::checkpoint::{self, TrainerState};
 use crate::dist::Comm;
 use crate::memory::{self, MemoryPlan};
-use crate::optim::{OptimConfig, Schedule};
+use crate::optim::{OptimConfig, Schedule, Sharding};
 use crate::trainer::{
     self, batch_shape, to_device_ids, Backward, BatchSource, Common, CrossEntropy, Evaluation,
     Event, MicroBatch, Parts, Stage,
@@ -153,6 +153,11 @@ pub struct RunConfig {
     /// its input and runs its forward again in the backward pass (1: every layer; 0:
     /// none), for memory at the cost of a second forward of those layers.
     pub activation_checkpointing: usize,
+    /// `optimizer`: every rank holds every weight and gradient, the optimizer's state is
+    /// split among the ranks (ZeRO-1/2); `full`: each rank holds only its part of the
+    /// weights and gradients as well (ZeRO-3, FSDP), and the explicit pass gathers each
+    /// layer's weights for its forward and again for its backward.
+    pub sharding: Sharding,
 }
 
 impl Default for RunConfig {
@@ -167,6 +172,7 @@ impl Default for RunConfig {
             min_steps: 0,
             seed: 0,
             activation_checkpointing: 0,
+            sharding: Sharding::Optimizer,
         }
     }
 }

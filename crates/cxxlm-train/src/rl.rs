@@ -7,7 +7,7 @@
 //! initial model. Guards stop a run that would train on nothing; checkpoints resume
 //! bit-exactly (the rollout batch in use is part of the source's state).
 
-use cxxlm_model::{Gpt, Sampling};
+use cxxlm_model::{Gpt, Sampling, WeightStore};
 use cxxlm_pack::tokenizer_sha256;
 use cxxlm_tasks::reward::{RewardPool, Rewarded};
 use cxxlm_tasks::task::{answer_ends, Task};
@@ -246,7 +246,14 @@ impl Grpo {
 impl Loss for Grpo {
     // `x += ...` on a tch tensor adds in place, into a tensor autograd keeps.
     #[allow(clippy::assign_op_pattern)]
-    fn forward_backward(&mut self, model: &Gpt, batch: &DeviceBatch, scale: f64) -> Tensor {
+    // Autograd reads the model's own weights: full sharding is refused for this loss.
+    fn forward_backward(
+        &mut self,
+        model: &Gpt,
+        _: Option<&dyn WeightStore>,
+        batch: &DeviceBatch,
+        scale: f64,
+    ) -> Tensor {
         let weights = batch.weights.as_ref().expect("RL batches carry advantages");
         let (logp, entropy) = target_logprobs(model, batch);
         let learned = batch.targets.ge(0).to_kind(Kind::Float);
@@ -1313,7 +1320,7 @@ mod tests {
                 let mut grpo = Grpo::new(clip.0, clip.1, kl_coef, constant);
                 let normalizer = grpo.normalizer(n);
                 let sum = grpo
-                    .forward_backward(&m, &batch.to_device(Device::Cpu), 1.0 / normalizer)
+                    .forward_backward(&m, None, &batch.to_device(Device::Cpu), 1.0 / normalizer)
                     .double_value(&[]);
                 let g_loss = take_grads(&m);
                 let want = direct(&m, &batch, clip, kl_coef, normalizer);
@@ -1345,7 +1352,7 @@ mod tests {
         let d = batch.to_device(Device::Cpu);
         // On-policy (no old log-probabilities): the current ones, detached.
         let mut grpo = Grpo::new(0.2, 0.2, 0.0, None);
-        let _ = grpo.forward_backward(&m, &d, 1.0);
+        let _ = grpo.forward_backward(&m, None, &d, 1.0);
         let f = grpo.figures();
         assert_eq!(f["ratio_max_distance"].as_f64(), Some(0.0));
         assert_eq!(f["clip_low_share"].as_f64(), Some(0.0));
@@ -1353,7 +1360,7 @@ mod tests {
         let mut first = batch.clone();
         first.weights.as_mut().unwrap().old_logprobs =
             Some(tch::no_grad(|| host_f32(&target_logprobs(&m, &d).0)));
-        let _ = grpo.forward_backward(&m, &first.to_device(Device::Cpu), 1.0);
+        let _ = grpo.forward_backward(&m, None, &first.to_device(Device::Cpu), 1.0);
         assert_eq!(grpo.figures()["ratio_max_distance"].as_f64(), Some(0.0));
         take_grads(&m);
     }
@@ -1382,8 +1389,17 @@ mod tests {
             let mut source = Given(batches.into());
             let first = source.next_batch(&m).unwrap();
             let mut grpo = Grpo::new(0.2, 0.2, 0.0, None);
-            let g =
-                step_gradients(&m, &mut grpo, &mut source, first, n, 0, &Comm::single()).unwrap();
+            let g = step_gradients(
+                &m,
+                None,
+                &mut grpo,
+                &mut source,
+                first,
+                n,
+                0,
+                &Comm::single(),
+            )
+            .unwrap();
             let loss: f64 = g.micro_losses.iter().map(|l| l.double_value(&[])).sum();
             (loss / g.normalizer, take_grads(&m), equal)
         };

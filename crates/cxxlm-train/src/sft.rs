@@ -694,7 +694,7 @@ mod tests {
             }
             let grads = |b: &MicroBatch| {
                 let d = b.to_device(Device::Cpu);
-                let loss = CrossEntropy.forward_backward(&m, &d, 1.0);
+                let loss = CrossEntropy.forward_backward(&m, None, &d, 1.0);
                 let g: Vec<Tensor> = m
                     .params()
                     .iter()

@@ -5,7 +5,7 @@
 //! its schedule, metrics, checkpoints, resuming, stop requests, time budgets and data
 //! parallelism.
 
-use cxxlm_model::{Gpt, ModelConfig, Packing};
+use cxxlm_model::{Gpt, ModelConfig, Packing, WeightStore};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::panic::AssertUnwindSafe;
@@ -15,8 +15,9 @@ use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, TrainerState};
 use crate::dist::{Comm, World};
+use crate::fsdp::FullSharding;
 use crate::metrics::Metrics;
-use crate::optim::{OptimConfig, Optimizer, Schedule};
+use crate::optim::{OptimConfig, Optimizer, Schedule, Sharding};
 use crate::pretrain::{CheckpointConfig, LogConfig, RunConfig};
 use crate::{cuda, Result, TrainError};
 
@@ -147,8 +148,16 @@ pub trait BatchSource {
 /// What the loop minimizes.
 pub trait Loss {
     /// Forward and backward of one micro-batch: adds the gradient of `scale` x its summed
-    /// loss to the weights' gradients and returns that sum (a device scalar).
-    fn forward_backward(&mut self, model: &Gpt, batch: &DeviceBatch, scale: f64) -> Tensor;
+    /// loss to the weights' gradients and returns that sum (a device scalar). `weights`:
+    /// where the explicit pass reads the weights and adds their gradients under full
+    /// sharding (None: the model's own; a loss computed by autograd never gets one).
+    fn forward_backward(
+        &mut self,
+        model: &Gpt,
+        weights: Option<&dyn WeightStore>,
+        batch: &DeviceBatch,
+        scale: f64,
+    ) -> Tensor;
     /// What the step's summed loss is divided by, given its supervised targets over every
     /// micro-batch and rank: by default that count (token-level normalization).
     fn normalizer(&self, supervised: f64) -> f64 {
@@ -169,8 +178,18 @@ pub trait Loss {
 pub struct CrossEntropy;
 
 impl Loss for CrossEntropy {
-    fn forward_backward(&mut self, model: &Gpt, batch: &DeviceBatch, scale: f64) -> Tensor {
-        model.forward_backward(&batch.inputs, &batch.targets, batch.packing.as_ref(), scale)
+    fn forward_backward(
+        &mut self,
+        model: &Gpt,
+        weights: Option<&dyn WeightStore>,
+        batch: &DeviceBatch,
+        scale: f64,
+    ) -> Tensor {
+        let (inputs, targets, packing) = (&batch.inputs, &batch.targets, batch.packing.as_ref());
+        match weights {
+            Some(store) => model.forward_backward_from(store, inputs, targets, packing, scale),
+            None => model.forward_backward(inputs, targets, packing, scale),
+        }
     }
 }
 
@@ -318,12 +337,44 @@ pub fn choose_backward(model: &mut Gpt, packed: bool) -> Result<String> {
         _ => {}
     }
     if !model.device().is_cuda() {
-        return Ok("autograd".into());
+        return Ok(match model.fused() {
+            Some(_) => "explicit with reference steps".into(),
+            None => "autograd".into(),
+        });
     }
     Ok(match model.use_fused_kernels(packed) {
         Ok(()) => "explicit with fused kernels".into(),
         Err(why) => format!("autograd (no fused kernels: {why})"),
     })
+}
+
+/// Full sharding gathers each layer's weights inside the explicit pass: a stage whose loss
+/// autograd computes cannot have it, and a model `chosen` to train by autograd takes the
+/// explicit pass with the reference steps instead. Says how gradients are computed then.
+fn explicit_for_full_sharding(
+    model: &mut Gpt,
+    requested: Backward,
+    chosen: String,
+) -> Result<String> {
+    let refuse = |why: String| {
+        TrainError::Config(format!(
+            "train.sharding = \"full\" needs the explicit pass, which gathers each layer's weights, but {why}: use train.sharding = \"optimizer\""
+        ))
+    };
+    if let Backward::Autograd(why) = requested {
+        return Err(refuse(format!(
+            "this stage computes its loss by autograd ({why})"
+        )));
+    }
+    if model.fused().is_some() {
+        return Ok(chosen);
+    }
+    model
+        .set_fused(Some(cxxlm_cuda::Fused::Reference))
+        .map_err(|e| refuse(format!("the model cannot take it ({e})")))?;
+    Ok(format!(
+        "explicit with reference steps (full sharding; else {chosen})"
+    ))
 }
 
 /// One stage, set up: its model, optimizer, data, loss and evaluation, and how it steps.
@@ -332,6 +383,9 @@ pub struct Stage<'a> {
     pub out: &'a Path,
     pub model: Gpt,
     pub optimizer: Optimizer,
+    /// With `train.sharding = "full"`, how the weights are spread over the ranks (the
+    /// model's own are released then, and given back only to evaluate).
+    pub sharding: Option<FullSharding>,
     pub source: &'a mut dyn BatchSource,
     pub loss: &'a mut dyn Loss,
     pub evaluation: &'a mut dyn Evaluation,
@@ -427,10 +481,15 @@ impl<'a> Stage<'a> {
                 common.optim.matrix_lr
             )));
         }
-        let mut backward = match backward {
+        let requested = backward;
+        let mut backward = match requested {
             Backward::Explicit { packed } => choose_backward(&mut model, packed)?,
             Backward::Autograd(why) => format!("autograd ({why})"),
         };
+        let full = common.train.sharding == Sharding::Full;
+        if full {
+            backward = explicit_for_full_sharding(&mut model, requested, backward)?;
+        }
         let every = common.train.activation_checkpointing;
         if every > 0 {
             model.set_activation_checkpointing(every);
@@ -450,6 +509,12 @@ impl<'a> Stage<'a> {
         if let Some(fused) = model.fused() {
             optimizer.use_fused(fused);
         }
+        let sharding = full.then(|| {
+            optimizer.shard_weights();
+            let layout = FullSharding::new(&model, &optimizer, comm.size());
+            model.release_weights();
+            layout
+        });
         let train = common.train;
         let mut run = json!({
             "device_batch": train.device_batch,
@@ -479,6 +544,7 @@ impl<'a> Stage<'a> {
             out: common.out,
             model,
             optimizer,
+            sharding,
             source,
             loss,
             evaluation,
@@ -543,7 +609,10 @@ pub fn train(
                     loaded.state.run
                 )));
             }
-            stage.model.load(&loaded.model)?;
+            match &stage.sharding {
+                Some(_) => stage.optimizer.load_weights(&loaded.model).map_err(bad)?,
+                None => stage.model.load(&loaded.model)?,
+            }
             stage.optimizer.load_state(&loaded.optimizer).map_err(bad)?;
             stage.source.restore(&loaded.state.loader)?;
             resumed_from = Some(loaded.state.step);
@@ -574,11 +643,22 @@ pub fn train(
     let flops_per_token = state.model.flops_per_token();
     let mut peak_memory = 0u64;
     let mut step_times: Vec<f64> = Vec::new();
-    let save = |state: &TrainerState, model: &Gpt, optimizer: &Optimizer| {
+    let save = |state: &TrainerState,
+                model: &Gpt,
+                optimizer: &Optimizer,
+                sharding: Option<&FullSharding>| {
+        let gathered;
+        let weights = match sharding {
+            Some(s) => {
+                gathered = s.gather_all(&comm, Device::Cpu)?;
+                &gathered[..]
+            }
+            None => model.params(),
+        };
         checkpoint::save(
             &ckpt_root,
             state.clone(),
-            model.params(),
+            weights,
             &optimizer.state(),
             stage.checkpoint.keep,
             &comm,
@@ -600,16 +680,25 @@ pub fn train(
                 &state,
                 &stage.model,
                 &stage.optimizer,
+                stage.sharding.as_ref(),
             )?));
             comm.finish()?;
             return Ok(state);
         }
         if stage.eval_every > 0 && (step.is_multiple_of(stage.eval_every) || last) {
+            // Fully sharded, the model has its weights only while it is evaluated.
+            if let Some(s) = &stage.sharding {
+                stage.model.load(&s.gather_all(&comm, dev)?)?;
+            }
             let figures = tch::no_grad(|| {
                 stage
                     .evaluation
                     .evaluate(step, &stage.model, &comm, &mut report)
-            })?;
+            });
+            if stage.sharding.is_some() {
+                stage.model.release_weights();
+            }
+            let figures = figures?;
             if !figures.is_empty() {
                 if let Some(m) = &mut metrics {
                     m.log(step, &figures)?;
@@ -632,9 +721,11 @@ pub fn train(
             Some(b) => b,
             None => stage.source.next_batch(&stage.model)?,
         };
+        let store = stage.sharding.as_ref().map(|s| s.store(&comm));
         let counted = std::panic::catch_unwind(AssertUnwindSafe(|| {
             step_gradients(
                 &stage.model,
+                store.as_ref().map(|s| s as &dyn WeightStore),
                 stage.loss,
                 stage.source,
                 first,
@@ -674,7 +765,12 @@ pub fn train(
         if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
             let mut before = state.clone();
             before.loader = source_before;
-            let saved = save(&before, &stage.model, &stage.optimizer)?;
+            let saved = save(
+                &before,
+                &stage.model,
+                &stage.optimizer,
+                stage.sharding.as_ref(),
+            )?;
             return Err(TrainError::NonFinite {
                 step,
                 micro_batch: bad,
@@ -790,6 +886,7 @@ pub fn train(
                 &state,
                 &stage.model,
                 &stage.optimizer,
+                stage.sharding.as_ref(),
             )?));
         }
     }
@@ -814,10 +911,13 @@ pub struct StepGradients {
 /// divided by its supervised targets over every micro-batch and rank, counted in one
 /// collective before the first pass (or known, `step_tokens`, when the source is dense).
 /// A micro-batch without supervised targets adds nothing; a step without any anywhere
-/// is an error naming the data. Every rank's gradients are then averaged by the
-/// optimizer, so each rank scales its own by `ranks / supervised`.
+/// is an error naming the data. Every rank's gradients are then averaged (by the
+/// optimizer, or under full sharding by `weights` as each layer's are done), so each rank
+/// scales its own by `ranks / supervised`.
+#[allow(clippy::too_many_arguments)]
 pub fn step_gradients(
     model: &Gpt,
+    weights: Option<&dyn WeightStore>,
     loss: &mut dyn Loss,
     source: &mut dyn BatchSource,
     first: MicroBatch,
@@ -860,7 +960,7 @@ pub fn step_gradients(
             Some(b) => b,
             None => source.next_batch(model)?,
         };
-        micro_losses.push(loss.forward_backward(model, &b.to_device(dev), scale));
+        micro_losses.push(loss.forward_backward(model, weights, &b.to_device(dev), scale));
     }
     Ok(StepGradients {
         micro_losses,
@@ -970,6 +1070,7 @@ pub(crate) mod tests {
         let first = source.next_batch(m)?;
         let g = step_gradients(
             m,
+            None,
             &mut CrossEntropy,
             &mut source,
             first,
@@ -992,7 +1093,7 @@ pub(crate) mod tests {
     fn a_fully_masked_batch_adds_a_finite_zero_loss_and_no_gradient() {
         let m = model();
         let masked = batch(&[vec![17], vec![5, 12]], |_, _| false, 1);
-        let loss = CrossEntropy.forward_backward(&m, &masked.to_device(Device::Cpu), 0.25);
+        let loss = CrossEntropy.forward_backward(&m, None, &masked.to_device(Device::Cpu), 0.25);
         assert_eq!(loss.double_value(&[]), 0.0);
         let grads = take_grads(&m);
         assert!(grads.iter().all(|g| g.abs().max().double_value(&[]) == 0.0));

@@ -387,6 +387,42 @@ fn two_and_four_ranks_train_as_one_rank_with_micro_batches_and_resume_on_one() {
     );
 }
 
+/// Two fully sharded ranks (`train.sharding = "full"`, the explicit pass gathering each
+/// layer's weights) train as one rank does, and their checkpoint resumes on one rank with
+/// every weight replicated.
+#[test]
+fn fully_sharded_ranks_train_as_one_rank_and_resume_replicated() {
+    let p = packed();
+    let one = p.f.root.join("one");
+    train(&p, &one, &["--set", "train.steps=6"]);
+    let full = p.f.root.join("full");
+    let sharded = ["--set", "train.steps=6", "--set", "train.sharding=full"];
+    let said = launch(
+        2,
+        &train_args(&p, &full, &[&sharded[..], &["--stop-at", "3"]].concat()),
+    );
+    let stderr = String::from_utf8_lossy(&said.stderr);
+    assert!(
+        stderr.contains("backward: explicit with reference steps (full sharding"),
+        "{stderr}"
+    );
+    let said = train(&p, &full, &["--set", "train.steps=6", "--resume"]);
+    let stderr = String::from_utf8_lossy(&said.stderr);
+    assert!(stderr.contains("resumed after step 3"), "{stderr}");
+    let (a, b) = (losses(&one), losses(&full));
+    assert_eq!(a.len(), 6);
+    assert_eq!(
+        a.iter().map(|x| x.0).collect::<Vec<_>>(),
+        b.iter().map(|x| x.0).collect::<Vec<_>>()
+    );
+    for ((step, x), (_, y)) in a.iter().zip(&b) {
+        assert!(
+            (x - y).abs() < 2e-3,
+            "step {step}: one rank {x}, fully sharded {y}"
+        );
+    }
+}
+
 #[test]
 fn a_rank_that_dies_stops_the_others_with_its_name() {
     let p = packed();
