@@ -28,7 +28,7 @@ long=8192
 pack() {
     # Validation by repository: a held-out share large enough to hold a few packages.
     [ -f "$work/pack-file/pack.json" ] ||
-        $x pack --tokenizer gpu/tokenizer.json -i gpu/data -o "$work/pack-file" --val-fraction 0.2 | tee "$out/pack-file.log"
+        $x pack --tokenizer gpu/tokenizer.json -i gpu/data -o "$work/pack-file" --val-fraction 0.2 --val-by-repository | tee "$out/pack-file.log"
     [ -f "$work/pack-repo/pack.json" ] ||
         $x pack --tokenizer gpu/tokenizer.json -i gpu/data -o "$work/pack-repo" --val-fraction 0.2 \
             --repo-context $long --repo-file-share 0.3 | tee "$out/pack-repo.log"
@@ -76,15 +76,13 @@ evaluate() { # name checkpoint extra...
         $x eval fim --checkpoint "$run" --pack "$work/pack-file" --documents 100 --json "$out/fim-$name.json" | tee -a "$out/longctx.txt"
 }
 
-case ${1:-all} in
-pack) pack ;;
-base) base ;;
-extend)
+extend_all() {
     extend repo-yarn "$work/pack-repo" "${yarn[@]}"
     extend repo-plain "$work/pack-repo"
     extend file-yarn "$work/pack-file" "${yarn[@]}"
-    ;;
-eval)
+}
+
+evaluate_all() {
     # "Before": the 2k model read at 8k (its rotary beyond 2k untrained).
     evaluate base "$work/base" --seq-len $long
     for name in repo-yarn repo-plain file-yarn; do evaluate "$name" "$work/$name"; done
@@ -104,11 +102,17 @@ for name in ["base", "repo-yarn", "repo-plain", "file-yarn"]:
           f"FIM bpb repository-level {repo['bits_per_byte']:.4f}, file-level {file['bits_per_byte']:.4f}; "
           "FIM exact " + (", ".join(f"{k} {v['exact_rate']:.3f}" for k, v in fim["spans"].items()) if fim else "-"))
 PY
-    ;;
+}
+
+case ${1:-all} in
+pack) pack ;;
+base) base ;;
+extend) extend_all ;;
+eval) evaluate_all ;;
 all)
     pack
     base
-    "$0" extend
-    "$0" eval
+    extend_all
+    evaluate_all
     ;;
 esac

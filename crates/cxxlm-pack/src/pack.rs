@@ -31,6 +31,9 @@ pub struct PackConfig {
     pub out: PathBuf,
     pub fim: FimConfig,
     pub val_fraction: f64,
+    /// File-level documents held out by their repository's name rather than their id, so
+    /// that they hold out the repositories a repository-level pack of the same data does.
+    pub val_by_repository: bool,
     /// Repository-level examples instead of file-level documents.
     pub repo: Option<RepoConfig>,
     /// Text read before a batch is encoded in parallel.
@@ -45,6 +48,8 @@ pub struct Settings {
     pub token_type: TokenType,
     pub fim: FimConfig,
     pub val_fraction: f64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub val_by_repository: bool,
     pub inputs: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repo: Option<RepoConfig>,
@@ -205,6 +210,7 @@ pub fn pack(
         token_type: TokenType::for_vocab(bpe.vocab_size()),
         fim: config.fim,
         val_fraction: config.val_fraction,
+        val_by_repository: config.val_by_repository,
         inputs: plan.units.iter().map(|u| u.describe()).collect(),
         repo: config.repo,
     };
@@ -323,7 +329,7 @@ fn pack_unit(
             None => batch
                 .par_iter()
                 .map_init(PieceCache::default, |cache, doc| {
-                    let validation = in_share(&doc.id, config.val_fraction);
+                    let validation = held_out(doc, config);
                     pack_document(packer, config, validation, &doc.id, &doc.text, cache)
                 })
                 .flatten()
@@ -348,7 +354,8 @@ fn pack_unit(
             ReadItem::Doc(doc) => match String::from_utf8(doc.bytes) {
                 Ok(text) => {
                     batch_bytes += text.len();
-                    let place = config.repo.map(|_| locate(&doc.id, &doc.meta));
+                    let place = (config.repo.is_some() || config.val_by_repository)
+                        .then(|| locate(&doc.id, &doc.meta));
                     batch.push(Doc {
                         id: doc.id,
                         text,
@@ -382,7 +389,19 @@ fn pack_unit(
     Ok(counts)
 }
 
-/// A document read, and with repository examples its repository and path.
+/// Whether a file-level document is a validation one: chosen by a hash of its id, or of
+/// its repository's name (as repository examples are).
+fn held_out(doc: &Doc, config: &PackConfig) -> bool {
+    match &doc.place {
+        Some((repository, _)) if config.val_by_repository => {
+            in_share(repository, config.val_fraction)
+        }
+        _ => in_share(&doc.id, config.val_fraction),
+    }
+}
+
+/// A document read, and with repository examples (or validation by repository) its
+/// repository and path.
 struct Doc {
     id: String,
     text: String,
@@ -481,4 +500,49 @@ fn pack_repositories(
         })
         .flatten()
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(val_by_repository: bool) -> PackConfig {
+        PackConfig {
+            inputs: Vec::new(),
+            out: PathBuf::new(),
+            fim: FimConfig::default(),
+            val_fraction: 0.5,
+            val_by_repository,
+            repo: None,
+            batch_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn held_out_by_repository_holds_out_whole_repositories_as_repository_packs_do() {
+        let repositories: Vec<String> = (0..20)
+            .map(|r| format!("project-{r}.orig.tar.xz"))
+            .collect();
+        let docs: Vec<Doc> = repositories
+            .iter()
+            .flat_map(|r| {
+                (0..10).map(move |f| Doc {
+                    id: format!("{r}/src/file{f}.cpp"),
+                    text: String::new(),
+                    place: Some((r.clone(), format!("src/file{f}.cpp"))),
+                })
+            })
+            .collect();
+        let by_repository = config(true);
+        for (r, files) in repositories.iter().zip(docs.chunks(10)) {
+            let held: Vec<bool> = files.iter().map(|d| held_out(d, &by_repository)).collect();
+            assert!(held.iter().all(|&h| h == in_share(r, 0.5)), "{r}: {held:?}");
+        }
+        // By id, the files of a repository are split between training and validation.
+        let by_id = config(false);
+        assert!(docs.chunks(10).any(|files| {
+            let held = files.iter().filter(|d| held_out(d, &by_id)).count();
+            held > 0 && held < files.len()
+        }));
+    }
 }

@@ -36,6 +36,11 @@ pub struct PackArgs {
     /// `--repo-context`) kept for validation.
     #[arg(long, default_value_t = 0.01)]
     val_fraction: f64,
+    /// Hold out file-level documents by their repository (the archive or checkout the data
+    /// stage read them from, else their folder) instead of their id: the repositories a
+    /// `--repo-context` pack of the same data holds out, held out whole.
+    #[arg(long)]
+    val_by_repository: bool,
     /// Repository-level examples of at most this many tokens: each repository's files,
     /// headers before their includers, as `<|repo_name|>name` then `<|file_sep|>path`
     /// and the code per file.
@@ -88,6 +93,7 @@ pub fn run(args: PackArgs) -> Result<()> {
             seed: args.seed,
         },
         val_fraction: args.val_fraction,
+        val_by_repository: args.val_by_repository,
         repo: args.repo_context.map(|context| RepoConfig {
             context,
             file_share: args.repo_file_share,
