@@ -70,6 +70,16 @@ pub struct Counters {
     pub active: AtomicUsize,
 }
 
+/// Counts a request that ended: cancelled if its client went away, else finished.
+fn count_end(cancel: &AtomicU8, counters: &Counters) {
+    let counter = if cancel.load(Ordering::SeqCst) == GONE {
+        &counters.cancelled
+    } else {
+        &counters.finished
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
 /// The submitting side of the engine.
 #[derive(Clone)]
 pub struct Engine {
@@ -178,13 +188,7 @@ fn run<M: Model>(
     let finish = |slot: &mut Slot, how: Finish, counters: &Counters| {
         if let Some(a) = slot.active.take() {
             let _ = a.job.events.send(Event::Finished(how));
-            let gone = a.job.cancel.load(Ordering::SeqCst) == GONE;
-            let counter = if gone {
-                &counters.cancelled
-            } else {
-                &counters.finished
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
+            count_end(&a.job.cancel, counters);
             counters.active.fetch_sub(1, Ordering::Relaxed);
         }
     };
@@ -203,7 +207,7 @@ fn run<M: Model>(
             let gone = job.cancel.load(Ordering::SeqCst) != GO_ON;
             if gone {
                 waiting.fetch_sub(1, Ordering::SeqCst);
-                counters.cancelled.fetch_add(1, Ordering::Relaxed);
+                count_end(&job.cancel, &counters);
                 let _ = job.events.send(Event::Finished(Finish::Cancelled));
             }
             !gone
@@ -336,7 +340,12 @@ fn take_token(
     a.generated += 1;
     counters.generated_tokens.fetch_add(1, Ordering::Relaxed);
     if a.job.events.send(Event::Token(a.next)).is_err() {
-        a.job.cancel.store(GONE, Ordering::SeqCst);
+        // The connection let go of the request: gone, unless it had all it wanted (a stop
+        // string or a line limit met while this token was made).
+        let _ = a
+            .job
+            .cancel
+            .compare_exchange(GO_ON, GONE, Ordering::SeqCst, Ordering::SeqCst);
         return finish(slot, Finish::Cancelled, counters);
     }
     // The token just sent is fed at position `cached.len()`, which must fit.

@@ -234,6 +234,9 @@ def busy():
     # One slot and one waiting place: of four long requests at once, some are refused.
     statuses = []
     lock = threading.Lock()
+    # No client lets go of its request before all four have their answer: a stream closed
+    # early would free its slot for a later request.
+    answered = threading.Barrier(4, timeout=60)
 
     def long_stream():
         conn = http.client.HTTPConnection(HOST.hostname, HOST.port, timeout=120)
@@ -242,6 +245,7 @@ def busy():
         r = conn.getresponse()
         with lock:
             statuses.append(r.status)
+        answered.wait()
         if r.status == 503:
             e = json.loads(r.read())
             check("busy" in e["error"]["message"] and e["error"]["type"] == "unavailable_error", f"503 says why: {e}")

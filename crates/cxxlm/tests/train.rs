@@ -302,6 +302,20 @@ fn losses(out: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
+/// The same steps, each with the loss of `one` (one rank) within reordering's error.
+fn assert_same_losses(one: &[(u64, f64)], other: &[(u64, f64)], what: &str) {
+    assert_eq!(
+        one.iter().map(|x| x.0).collect::<Vec<_>>(),
+        other.iter().map(|x| x.0).collect::<Vec<_>>()
+    );
+    for ((step, x), (_, y)) in one.iter().zip(other) {
+        assert!(
+            (x - y).abs() < 2e-3,
+            "step {step}: one rank {x}, {what} {y}"
+        );
+    }
+}
+
 fn launch(ranks: usize, args: &[String]) -> std::process::Output {
     let mut all: Vec<String> = vec![
         "launch".into(),
@@ -366,17 +380,7 @@ fn two_and_four_ranks_train_as_one_rank_with_micro_batches_and_resume_on_one() {
         ),
     );
     for (ranks, run) in [(2, &two), (4, &four)] {
-        let b = losses(run);
-        assert_eq!(
-            a.iter().map(|x| x.0).collect::<Vec<_>>(),
-            b.iter().map(|x| x.0).collect::<Vec<_>>()
-        );
-        for ((step, x), (_, y)) in a.iter().zip(&b) {
-            assert!(
-                (x - y).abs() < 2e-3,
-                "step {step}: one rank {x}, {ranks} ranks {y}"
-            );
-        }
+        assert_same_losses(&a, &losses(run), &format!("{ranks} ranks"));
     }
     assert!(a[7].1 < a[0].1 - 0.5, "{a:?}");
     let (_, bpb_one) = metrics(&one);
@@ -409,18 +413,9 @@ fn fully_sharded_ranks_train_as_one_rank_and_resume_replicated() {
     let said = train(&p, &full, &["--set", "train.steps=6", "--resume"]);
     let stderr = String::from_utf8_lossy(&said.stderr);
     assert!(stderr.contains("resumed after step 3"), "{stderr}");
-    let (a, b) = (losses(&one), losses(&full));
+    let a = losses(&one);
     assert_eq!(a.len(), 6);
-    assert_eq!(
-        a.iter().map(|x| x.0).collect::<Vec<_>>(),
-        b.iter().map(|x| x.0).collect::<Vec<_>>()
-    );
-    for ((step, x), (_, y)) in a.iter().zip(&b) {
-        assert!(
-            (x - y).abs() < 2e-3,
-            "step {step}: one rank {x}, fully sharded {y}"
-        );
-    }
+    assert_same_losses(&a, &losses(&full), "fully sharded");
 }
 
 #[test]
