@@ -4,7 +4,9 @@
 # for STEPS steps of 32 x 2,048 tokens (3,045 = 2.0e8 tokens), then bits per byte on the
 # held-out projects of gpu/held-out (shards of projects the training sample lacks), and
 # MBPP-C++: the first 100 problems with 5 samples at T 0.2, and all 398 greedy, with the
-# compile rate and the share of completions that ran to the 384-token limit.
+# compile rate and the share of completions that ran to the 384-token limit (GREEDY=0 leaves
+# out the 398-problem greedy pass, so that training and the first 100 fit one 10-minute call
+# with TRAIN_SECONDS=440).
 # gpu/ comes from benches/tok/judged-prepare.sh. The checkpoint stays in
 # /tmp/cxxlm-judged/d12 for a later call on the same machine (PRETRAINED= of
 # benches/sft/gpu.sh); results land in $OUT (or gpu-out/).
@@ -43,11 +45,11 @@ mkdir -p "$work/results"
     --temperature 0.2 --max-tokens 384 --batch 128 --json "$work/results/mbpp-100x5.json" \
     --completions-out "$work/results/mbpp-100x5.jsonl" 2>&1 | tail -4 | tee -a "$out/eval.txt"
 cp "$work"/results/* "$out/"
-[ -f "$work/results/mbpp-greedy.json" ] || "$x" eval mbpp --checkpoint "$work/d12" --max-tokens 384 --batch 128 \
+[ "${GREEDY:-1}" = 0 ] || [ -f "$work/results/mbpp-greedy.json" ] || "$x" eval mbpp --checkpoint "$work/d12" --max-tokens 384 --batch 128 \
     --json "$work/results/mbpp-greedy.json" --completions-out "$work/results/mbpp-greedy.jsonl" 2>&1 | tail -4 | tee -a "$out/eval.txt"
 cp "$work"/results/* "$out/"
 python3 - "$out" <<'PY' | tee "$out/summary.txt"
-import json, statistics, sys
+import json, os, statistics, sys
 out = sys.argv[1]
 rows = [json.loads(l) for l in open(f"{out}/metrics.jsonl") if '"loss"' in l]
 tok_s = statistics.median(r["tok_s"] for r in rows[5:])
@@ -55,6 +57,8 @@ bpb = json.load(open(f"{out}/bpb-held-out.json"))
 print(f"RESULT steps={rows[-1]['step']} tokens={rows[-1]['step'] * 65536:.3g} tok_s={tok_s:.0f} "
       f"held_out_bpb={bpb['bits_per_byte']:.4f}")
 for name in ("mbpp-100x5", "mbpp-greedy"):
+    if not os.path.exists(f"{out}/{name}.json"):
+        continue
     m = json.load(open(f"{out}/{name}.json"))
     n = m["samples"]
     print(f"RESULT {name} compiled={m['compiled']} of {n} ({m['compiled'] / n:.3f}) "
