@@ -204,13 +204,14 @@ fn run<M: Model>(
             queue.push_back((job, Instant::now()));
         }
         queue.retain(|(job, _)| {
-            let gone = job.cancel.load(Ordering::SeqCst) != GO_ON;
-            if gone {
+            // Its connection ended it (gone, or done) before it had a slot.
+            let ended = job.cancel.load(Ordering::SeqCst) != GO_ON;
+            if ended {
                 waiting.fetch_sub(1, Ordering::SeqCst);
                 count_end(&job.cancel, &counters);
                 let _ = job.events.send(Event::Finished(Finish::Cancelled));
             }
-            !gone
+            !ended
         });
         for slot in &mut slots {
             if slot
