@@ -36,7 +36,6 @@ print(f"sample: {kept / 2**20:.1f} MiB of JSON lines from {total / 2**20:.1f} Mi
 ' "$mib" "$sample/part-00000-00000.jsonl" "${EXCLUDE:-}"
 zstd -q --rm "$sample/part-00000-00000.jsonl"
 target/release/cxxlm tok train -i "$sample" --vocab 32768 ${TOKENIZER_ARGS:-} -o bench-out/judged/tokenizer.json
-target/release/cxxlm tok eval --tokenizer bench-out/judged/tokenizer.json "$sample" | tail -3
 benches/train/prepare.sh bench-out/judged/tokenizer.json "$sample"/*.jsonl.zst
 # Within the 64 MiB a call carries: the sample compressed harder, a quarter of the held-out
 # documents (by a hash of their id) and no tasks.
@@ -50,3 +49,5 @@ for line in sys.stdin.buffer:
         sys.stdout.buffer.write(line)
 ' | zstd -19 --long=27 -T0 -q -o gpu/held-out/part-00000-00000.jsonl.zst
 du -sh gpu gpu/data gpu/held-out
+# Last, as it takes minutes: the tokenizer's compression on the sample.
+target/release/cxxlm tok eval --tokenizer bench-out/judged/tokenizer.json "$sample" | tail -3

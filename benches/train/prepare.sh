@@ -19,7 +19,7 @@ cargo build --release -q -p cxxlm
 bins=$(mktemp -d)
 strip -o "$bins/cxxlm" target/release/cxxlm
 strip -o "$bins/cxxlm-torch" target/release/cxxlm-torch
-tar -cJf gpu/cxxlm.tar.xz -C "$bins" cxxlm cxxlm-torch
+XZ_OPT=${XZ_OPT:--9e -T2} tar -cJf gpu/cxxlm.tar.xz -C "$bins" cxxlm cxxlm-torch
 rm -rf "$bins" gpu/cxxlm.xz
 cp "$tokenizer" gpu/tokenizer.json
 cp ../shared/bench/ref_gpt.py gpu/
