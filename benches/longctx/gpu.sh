@@ -3,8 +3,9 @@
 # examples with and without YaRN, bits per byte by position before and after, and
 # repository-level against file-level fill-in-the-middle.
 #
-# Run from the repository root with gpu/ carried (benches/train/prepare.sh fills it: the
-# binaries, a tokenizer, Debian shards whose documents record their archive and path).
+# Run from the repository root with gpu/ carried (benches/tok/judged-prepare.sh fills it: the
+# binaries, a tokenizer, Debian shards whose documents record their archive and path, and in
+# gpu/held-out shards of other projects; HELD_OUT names another directory of those).
 # Each stage keeps its outputs in /tmp/cxxlm-longctx and skips what is done, so the stages
 # can be spread over several calls of at most 10 minutes:
 #   benches/longctx/gpu.sh pack       # file-level pack, and repository-level examples of 8k
@@ -15,7 +16,8 @@
 #   benches/longctx/gpu.sh eval       # bpb by position at 8k on held-out repositories,
 #                                     # FIM bpb and exact match, each model
 #   benches/longctx/gpu.sh all        # the four in order
-# EVAL_TOKENS (4,194,304) sets the tokens each bits-per-byte evaluation reads.
+# EVAL_TOKENS (4,194,304) sets the tokens each bits-per-byte evaluation reads, FIM_DOCUMENTS
+# (100; 0 leaves it out) the held-out documents whose spans each model fills.
 # Results land in $OUT (or gpu-out/): *.json, longctx.txt.
 set -euo pipefail
 out=${OUT:-gpu-out}
@@ -26,13 +28,20 @@ x="$work/cxxlm"
 long=8192
 
 pack() {
-    # Validation by repository: a held-out share large enough to hold a few packages.
+    # Trained on gpu/data, scored on other projects (HELD_OUT, shards of repositories that
+    # gpu/data lacks), packed whole both ways.
+    local held=${HELD_OUT:-gpu/held-out}
     [ -f "$work/pack-file/pack.json" ] ||
-        $x pack --tokenizer gpu/tokenizer.json -i gpu/data -o "$work/pack-file" --val-fraction 0.2 --val-by-repository | tee "$out/pack-file.log"
+        $x pack --tokenizer gpu/tokenizer.json -i gpu/data -o "$work/pack-file" --val-fraction 0.002 | tee "$out/pack-file.log"
     [ -f "$work/pack-repo/pack.json" ] ||
-        $x pack --tokenizer gpu/tokenizer.json -i gpu/data -o "$work/pack-repo" --val-fraction 0.2 \
+        $x pack --tokenizer gpu/tokenizer.json -i gpu/data -o "$work/pack-repo" --val-fraction 0.002 \
             --repo-context $long --repo-file-share 0.3 | tee "$out/pack-repo.log"
-    $x pack inspect "$work/pack-repo" --sample-chars 300 >"$out/pack-repo-inspect.txt"
+    [ -f "$work/held-file/pack.json" ] ||
+        $x pack --tokenizer gpu/tokenizer.json -i "$held" -o "$work/held-file" --val-fraction 1 | tee "$out/held-file.log"
+    [ -f "$work/held-repo/pack.json" ] ||
+        $x pack --tokenizer gpu/tokenizer.json -i "$held" -o "$work/held-repo" --val-fraction 1 \
+            --repo-context $long --repo-file-share 0.3 | tee "$out/held-repo.log"
+    $x pack inspect "$work/held-repo" --sample-chars 300 >"$out/held-repo-inspect.txt"
 }
 
 train() { # out pack steps extra...: SIGTERM (the timeout) checkpoints; a rerun resumes
@@ -64,16 +73,16 @@ evaluate() { # name checkpoint extra...
     local name=$1 run=$2
     shift 2
     [ -f "$out/bpb-$name.json" ] ||
-        $x eval bpb --checkpoint "$run" --pack "$work/pack-repo" --document-mask --tokens "${EVAL_TOKENS:-4194304}" --batch 4 \
+        $x eval bpb --checkpoint "$run" --pack "$work/held-repo" --document-mask --tokens "${EVAL_TOKENS:-4194304}" --batch 4 \
             --json "$out/bpb-$name.json" "$@" | tee -a "$out/longctx.txt"
     [ -f "$out/bpb-fim-repo-$name.json" ] ||
-        $x eval bpb --checkpoint "$run" --pack "$work/pack-repo" --split val_fim --document-mask --tokens "${EVAL_TOKENS:-4194304}" \
+        $x eval bpb --checkpoint "$run" --pack "$work/held-repo" --split val_fim --document-mask --tokens "${EVAL_TOKENS:-4194304}" \
             --batch 4 --json "$out/bpb-fim-repo-$name.json" "$@" | tee -a "$out/longctx.txt"
     [ -f "$out/bpb-fim-file-$name.json" ] ||
-        $x eval bpb --checkpoint "$run" --pack "$work/pack-file" --split val_fim --document-mask --tokens "${EVAL_TOKENS:-4194304}" \
+        $x eval bpb --checkpoint "$run" --pack "$work/held-file" --split val_fim --document-mask --tokens "${EVAL_TOKENS:-4194304}" \
             --batch 4 --json "$out/bpb-fim-file-$name.json" "$@" | tee -a "$out/longctx.txt"
-    [ -f "$out/fim-$name.json" ] ||
-        $x eval fim --checkpoint "$run" --pack "$work/pack-file" --documents 100 --json "$out/fim-$name.json" | tee -a "$out/longctx.txt"
+    [ "${FIM_DOCUMENTS:-100}" = 0 ] || [ -f "$out/fim-$name.json" ] ||
+        $x eval fim --checkpoint "$run" --pack "$work/held-file" --documents "${FIM_DOCUMENTS:-100}" --json "$out/fim-$name.json" | tee -a "$out/longctx.txt"
 }
 
 extend_all() {
