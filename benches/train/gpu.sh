@@ -7,7 +7,9 @@
 #                                         # against torch.compile (explicit pass with fused kernels,
 #                                         # and autograd with CXXLM_FUSED=0; BENCH_VARIANTS
 #                                         # picks among fused, fused-adamw, autograd;
-#                                         # BENCH_SHAPES="12 32,20 16" picks shapes)
+#                                         # BENCH_SHAPES="12 32,20 16" picks shapes, a
+#                                         # third field the row length: "12 8 8192";
+#                                         # OURS_STEPS, REF_STEPS the steps timed)
 #   benches/train/gpu.sh kernels          # each fused kernel against its definition, then the
 #                                         # explicit pass against autograd: speed, memory, phases
 #   benches/train/gpu.sh agree [STEPS]    # d12 loss curves, fused against autograd, same start
@@ -27,12 +29,13 @@ if [ ! -f "$work/pack/pack.json" ]; then
 fi
 
 runner=
-ours() { # depth batch steps out extra...
+seq=2048
+ours() { # depth batch steps out extra... (rows of $seq tokens)
     local depth=$1 batch=$2 steps=$3 dir=$4
     shift 4
     $runner "$work/cxxlm" train pretrain --pack "$work/pack" --out "$dir" \
-        --set model.preset=d$depth --set train.device_batch=$batch \
-        --set train.total_batch_tokens=$((batch * 2048)) --set train.steps=$steps \
+        --set model.preset=d$depth --set model.seq_len=$seq --set train.device_batch=$batch \
+        --set train.total_batch_tokens=$((batch * seq)) --set train.steps=$steps \
         --set eval.every=0 --set checkpoint.every=0 "$@"
 }
 
@@ -57,20 +60,21 @@ bench)
     IFS=, read -ra shapes <<<"${BENCH_SHAPES:-12 32,20 16,20 32}"
     for shape in "${shapes[@]}"; do
         set -- $shape
-        python3 gpu/ref_gpt.py train --depth "$1" --batch "$2" --mode compile --steps 20 2>&1 | grep RESULT | tee -a "$out/bench.txt" || true
+        seq=${3:-2048}
+        python3 gpu/ref_gpt.py train --depth "$1" --batch "$2" --seq "$seq" --mode compile --steps "${REF_STEPS:-20}" 2>&1 | grep RESULT | tee -a "$out/bench.txt" || true
         # fused-adamw: AdamW on every weight, as the reference does (Muon's Newton-Schulz
         # is work the reference does not do).
         for backward in ${BENCH_VARIANTS:-fused fused-adamw autograd}; do
             # Autograd at d20 B=32 needs more than 80 GB.
             [ "$backward $1 $2" = "autograd 20 32" ] && continue
-            dir="$work/bench-d$1-b$2-$backward"
+            dir="$work/bench-d$1-b$2-t$seq-$backward"
             rm -rf "$dir"
             adamw=()
             [ $backward = fused-adamw ] && adamw=(--set optim.matrices=adamw --set optim.matrix_lr=0.0003)
             CXXLM_FUSED=$([ $backward = autograd ] && echo 0 || echo 1) \
-                ours "$1" "$2" 25 "$dir" --log-every 5 "${adamw[@]}" >"$out/ours-d$1-b$2-$backward.log" 2>&1 || { tail -20 "$out/ours-d$1-b$2-$backward.log"; continue; }
-            echo "d$1 B=$2 $backward: $(summary "$dir/metrics.jsonl")" | tee -a "$out/bench.txt"
-            cp "$dir/metrics.jsonl" "$out/metrics-d$1-b$2-$backward.jsonl"
+                ours "$1" "$2" "${OURS_STEPS:-25}" "$dir" --log-every 5 "${adamw[@]}" >"$out/ours-d$1-b$2-t$seq-$backward.log" 2>&1 || { tail -20 "$out/ours-d$1-b$2-t$seq-$backward.log"; continue; }
+            echo "d$1 B=$2 T=$seq $backward: $(summary "$dir/metrics.jsonl")" | tee -a "$out/bench.txt"
+            cp "$dir/metrics.jsonl" "$out/metrics-d$1-b$2-t$seq-$backward.jsonl"
         done
     done
     ;;
