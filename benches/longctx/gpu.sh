@@ -14,7 +14,8 @@
 #                                     # examples with YaRN (s = 4) and without, and file-level
 #                                     # documents with YaRN
 #   benches/longctx/gpu.sh eval       # bpb by position at 8k on held-out repositories,
-#                                     # FIM bpb and exact match, each model
+#                                     # FIM bpb and exact match, retrieval by distance,
+#                                     # each model
 #   benches/longctx/gpu.sh all        # the four in order
 # EVAL_TOKENS (4,194,304) sets the tokens each bits-per-byte evaluation reads, FIM_DOCUMENTS
 # (100; 0 leaves it out) the held-out documents whose spans each model fills.
@@ -81,6 +82,9 @@ evaluate() { # name checkpoint extra...
     [ -f "$out/bpb-fim-file-$name.json" ] ||
         $x eval bpb --checkpoint "$run" --pack "$work/held-file" --split val_fim --document-mask --tokens "${EVAL_TOKENS:-4194304}" \
             --batch 4 --json "$out/bpb-fim-file-$name.json" "$@" | tee -a "$out/longctx.txt"
+    [ -f "$out/retrieval-$name.json" ] ||
+        $x eval retrieval --checkpoint "$run" --pack "$work/held-file" --distances 256,1024,4096,7168 \
+            --json "$out/retrieval-$name.json" | tee -a "$out/longctx.txt"
     [ "${FIM_DOCUMENTS:-100}" = 0 ] || [ -f "$out/fim-$name.json" ] ||
         $x eval fim --checkpoint "$run" --pack "$work/held-file" --documents "${FIM_DOCUMENTS:-100}" --json "$out/fim-$name.json" | tee -a "$out/longctx.txt"
 }
@@ -110,6 +114,11 @@ for name in ["base", "repo-yarn", "repo-plain", "file-yarn"]:
     print(f"{name:<10} held-out repositories {plain['bits_per_byte']:.4f} bpb ({buckets}); "
           f"FIM bpb repository-level {repo['bits_per_byte']:.4f}, file-level {file['bits_per_byte']:.4f}; "
           "FIM exact " + (", ".join(f"{k} {v['exact_rate']:.3f}" for k, v in fim["spans"].items()) if fim else "-"))
+    retrieval = bpb("retrieval")
+    if retrieval:
+        print("  retrieval, body written back: " + ", ".join(
+            f"{r['distance'] if r['distance'] is not None else 'without'}: {r['copied']}/{r['asked']}"
+            for r in retrieval["rows"]))
 PY
 }
 

@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 
 use crate::cli::{prompt_ids, special};
 
+mod retrieval;
+pub use retrieval::RetrievalArgs;
+
 #[derive(Subcommand)]
 pub enum EvalCommand {
     /// MultiPL-E MBPP-C++: build and run completions against the unit tests (sandboxed).
@@ -25,6 +28,10 @@ pub enum EvalCommand {
     /// Fill-in-the-middle: hide a line, a block and a function body of validation
     /// documents, let the model fill them; exact match, and whether the files compile again.
     Fim(FimArgs),
+    /// Retrieval at length: a held-out function defined far back in the context, its
+    /// head written again at the end; how much of its body the model writes back, by
+    /// distance, against the same prompt without the definition.
+    Retrieval(RetrievalArgs),
     /// Bug fixing on held-out tasks of `tasks bugs`: the model writes the fixed function
     /// after the task's debug state; scored in the sandbox (compiles, sanitizers silent,
     /// the oracle's output), pass@k overall and per mutation operator.
@@ -255,7 +262,7 @@ impl EvalCommand {
             EvalCommand::Mbpp(a) | EvalCommand::Humaneval(a) => a.checkpoint.is_some(),
             EvalCommand::Compile(a) => a.checkpoint.is_some(),
             EvalCommand::Bugfix(a) => a.checkpoint.is_some(),
-            EvalCommand::Bpb(_) | EvalCommand::Fim(_) => true,
+            EvalCommand::Bpb(_) | EvalCommand::Fim(_) | EvalCommand::Retrieval(_) => true,
         }
     }
 }
@@ -329,6 +336,10 @@ pub fn run(cmd: EvalCommand, load: Option<LoadModel>) -> Result<()> {
         EvalCommand::Fim(a) => {
             let model = needed(load)?(&a.model.checkpoint, a.model.tokenizer.as_deref())?;
             return fim(a, model.as_ref());
+        }
+        EvalCommand::Retrieval(a) => {
+            let model = needed(load)?(&a.model.checkpoint, a.model.tokenizer.as_deref())?;
+            return retrieval::run(a, model.as_ref());
         }
         EvalCommand::Bugfix(a) => return bugfix(a, load),
     };
@@ -1283,7 +1294,7 @@ mod tests {
         assert_eq!(kept[0].1, "if (x > 0) {\nreturn 1;");
     }
 
-    fn tokenizer(text: &str) -> Bpe {
+    pub(super) fn tokenizer(text: &str) -> Bpe {
         let mut trainer = cxxlm_tokenizer::Trainer::new(400).unwrap();
         trainer.feed(&[text.to_string()]);
         trainer.train().unwrap()

@@ -177,7 +177,7 @@ int main() {{
 }
 
 #[test]
-fn fim_hides_lines_blocks_and_bodies_and_recompiles_self_contained_files() {
+fn fim_hides_spans_and_recompiles_self_contained_files_and_retrieval_asks_at_each_distance() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let src = root.join("src");
@@ -254,6 +254,33 @@ fn fim_hides_lines_blocks_and_bodies_and_recompiles_self_contained_files() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     assert!((1..=6).contains(&documents), "{stdout}");
+
+    // Retrieval: prompts that fit the 128-token context, at each distance and without the
+    // definition.
+    run_ok(&[
+        "eval",
+        "retrieval",
+        "--checkpoint",
+        &p("run"),
+        "--pack",
+        &p("pack"),
+        "--distances",
+        "8,24",
+        "--tokens",
+        "4",
+        "--json",
+        &p("retrieval.json"),
+    ]);
+    let retrieval: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("retrieval.json")).unwrap())
+            .unwrap();
+    let rows = retrieval["rows"].as_array().unwrap();
+    let distances: Vec<&Value> = rows.iter().map(|r| &r["distance"]).collect();
+    assert_eq!(distances, [&Value::from(8), &Value::from(24), &Value::Null]);
+    for r in rows {
+        let (asked, copied) = (r["asked"].as_u64().unwrap(), r["copied"].as_u64().unwrap());
+        assert!(asked >= 1 && copied <= asked, "{retrieval}");
+    }
 
     // Completions written without judging them (for machines without bubblewrap).
     let generated = run_ok(&[
