@@ -51,6 +51,8 @@ struct Function {
 struct Row {
     distance: Option<usize>,
     asked: usize,
+    /// Prompts left out: longer than the model's context (or too little other code).
+    left_out: usize,
     /// The body's first tokens written back exactly.
     copied: usize,
     /// Mean share of those tokens' text written before the first difference.
@@ -165,6 +167,7 @@ fn measure(
         rows.push(Row {
             distance,
             asked: asked.len(),
+            left_out: functions.len() - asked.len(),
             copied,
             prefix_share: shares / asked.len().max(1) as f64,
         });
@@ -206,13 +209,14 @@ pub fn run(args: RetrievalArgs, model: &dyn TextModel) -> Result<()> {
             None => "definition left out".into(),
         };
         crate::outln!(
-            "  {at:<22} {} of {} copied ({:.1}%), {:.1}% of their text before the first difference",
+            "  {at:<22} {} of {} copied ({:.1}%), {:.1}% of their text before the first difference; {} left out",
             r.copied,
             r.asked,
             100.0 * r.copied as f64 / r.asked.max(1) as f64,
-            100.0 * r.prefix_share
+            100.0 * r.prefix_share,
+            r.left_out
         )?;
-        report.push(json!({"distance": r.distance, "asked": r.asked, "copied": r.copied,
+        report.push(json!({"distance": r.distance, "asked": r.asked, "left_out": r.left_out, "copied": r.copied,
             "copied_rate": r.copied as f64 / r.asked.max(1) as f64, "prefix_share": r.prefix_share}));
     }
     if let Some(path) = &args.json {
