@@ -58,6 +58,17 @@ impl Layout {
     pub fn train(&self) -> PathBuf {
         self.root.join("train")
     }
+    /// Phase B's repository examples (`pack --repo-context`).
+    pub fn pack_repo(&self) -> PathBuf {
+        self.root.join("pack-repo")
+    }
+    pub fn long_config(&self) -> PathBuf {
+        self.root.join("pretrain-long.toml")
+    }
+    /// Phase B: the pretrained model continued at a longer context.
+    pub fn long(&self) -> PathBuf {
+        self.root.join("long")
+    }
     /// The newest finished checkpoint of the pretraining run.
     pub fn newest_checkpoint(&self) -> Option<PathBuf> {
         newest_checkpoint(&self.train())
@@ -209,8 +220,9 @@ pub struct Written {
 /// The kinds of span `cxxlm eval fim` hides, in report order.
 const FIM_SPANS: [&str; 3] = ["line", "block", "function"];
 
-const EVALS: [&str; 9] = [
+const EVALS: [&str; 10] = [
     "bpb",
+    "bpb-long",
     "bugfix",
     "bugfix-rl",
     "bugfix-sft",
@@ -781,6 +793,21 @@ fn evaluation(r: &mut Report) {
             );
         }
         None => r.not_run("bits per byte"),
+    }
+    if let Some(b) = r.evals.get("bpb-long").cloned() {
+        let by_position: Vec<String> = b["by_position"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| format!("{}-{}: {:.4}", p["from"], p["to"], num(p, "bits_per_byte")))
+            .collect();
+        let _ = writeln!(
+            r.md,
+            "**Long context** (phase B, {} tokens): bits per byte on the held-out repository examples {:.4}; by the position a token is predicted from: {}.\n",
+            b["seq_len"],
+            num(&b, "bits_per_byte"),
+            by_position.join(", ")
+        );
     }
     match r.evals.get("compile").cloned() {
         Some(c) if c["programs"] == 0 => {

@@ -1,4 +1,6 @@
-//! `cxxlm speedrun`: data -> dedup -> tokenizer -> pack -> pretrain -> evaluations ->
+//! `cxxlm speedrun`: data -> dedup -> tokenizer -> pack -> pretrain -> (with
+//! `long_context`: pack-repo -> pretrain-long, the model continued at that context on
+//! repository examples) -> evaluations of the last pretrained model ->
 //! (with SFT data: sft -> MBPP-C++ again) -> (with tasks: rl) -> report card, each stage a
 //! `cxxlm` command run as its own process with its log kept. With tasks, each model (the
 //! pretrained, the fine-tuned, the reinforced) also fixes the held-out bugs of their test
@@ -20,9 +22,10 @@ use std::time::{Duration, Instant};
 
 use crate::interrupt;
 
-const PRESETS: [(&str, &str); 4] = [
+const PRESETS: [(&str, &str); 5] = [
     ("cpu-tiny", include_str!("../presets/cpu-tiny.toml")),
     ("gpu-10min", include_str!("../presets/gpu-10min.toml")),
+    ("gpu-long", include_str!("../presets/gpu-long.toml")),
     ("m0", include_str!("../presets/m0.toml")),
     ("m1", include_str!("../presets/m1.toml")),
 ];
@@ -70,6 +73,18 @@ struct Config {
     /// GPUs (data-parallel ranks) of the pretraining stage, started by `cxxlm launch`.
     #[serde(default = "one_gpu")]
     gpus: usize,
+    /// Phase B: the pretrained model continued at this many tokens on repository examples
+    /// (`pack --repo-context`); 0: no phase B.
+    #[serde(default)]
+    long_context: usize,
+    /// The share of phase B's examples that are single files (`pack --repo-file-share`).
+    #[serde(default = "long_file_share")]
+    long_file_share: f64,
+    /// Phase B's `train pretrain` config; `init`, `out` and `data.pack` are set by the
+    /// speedrun, `model.seq_len` (to `long_context`), `data.document_mask` (true) and
+    /// `train.device` (pretraining's) when absent.
+    #[serde(default)]
+    long: toml::Table,
     #[serde(default)]
     eval: EvalSettings,
     /// SFT examples; none: no fine-tuning stage.
@@ -204,9 +219,14 @@ fn one_gpu() -> usize {
     1
 }
 
+fn long_file_share() -> f64 {
+    0.3
+}
+
 /// The configs written for the training stages.
 struct Configs {
     pretrain: String,
+    long: String,
     sft: String,
     rl: String,
 }
@@ -286,7 +306,8 @@ fn stages(config: &Config, l: &Layout, tomls: &Configs) -> Vec<Stage> {
                 complete: exists(l.eval(file)),
             }
         };
-    let model_eval = |name, cmd: &str, more: &[String]| eval_of(name, cmd, cmd, &l.train(), more);
+    let base = base_model(config, l);
+    let model_eval = |name, cmd: &str, more: &[String]| eval_of(name, cmd, cmd, &base, more);
     // The held-out bug fixes of the tasks' test split, answered by the model in `checkpoint`.
     let mut bugfix_args = vec![
         "--split".into(),
@@ -342,18 +363,10 @@ fn stages(config: &Config, l: &Layout, tomls: &Configs) -> Vec<Stage> {
         },
         Stage {
             name: "pack",
-            args: pack_args,
+            args: pack_args.clone(),
             content: String::new(),
             outputs: vec![l.pack()],
-            complete: Box::new(move || {
-                let (Ok(m), Ok(bpe)) = (
-                    cxxlm_pack::Manifest::load(&pack),
-                    cxxlm_tokenizer::load(&tokenizer),
-                ) else {
-                    return false;
-                };
-                m.check_tokenizer(&pack, &bpe).is_ok()
-            }),
+            complete: Box::new(move || packed_with(&pack, &tokenizer)),
         },
         Stage {
             name: "pretrain",
@@ -371,6 +384,57 @@ fn stages(config: &Config, l: &Layout, tomls: &Configs) -> Vec<Stage> {
             outputs: vec![l.train(), l.train_config()],
             complete: Box::new(move || finished_training(&trained)),
         },
+    ];
+    if config.long_context > 0 {
+        let mut repo_args = pack_args.clone();
+        let out = repo_args.iter().position(|a| a == "-o").unwrap() + 1;
+        repo_args[out] = s(&l.pack_repo());
+        repo_args.extend([
+            "--repo-context".into(),
+            config.long_context.to_string(),
+            "--repo-file-share".into(),
+            config.long_file_share.to_string(),
+        ]);
+        let (pack_repo, tokenizer) = (l.pack_repo(), l.tokenizer());
+        list.push(Stage {
+            name: "pack-repo",
+            args: repo_args,
+            content: String::new(),
+            outputs: vec![l.pack_repo()],
+            complete: Box::new(move || packed_with(&pack_repo, &tokenizer)),
+        });
+        let long = l.long();
+        list.push(Stage {
+            name: "pretrain-long",
+            args: launch_prefix(config.gpus)
+                .into_iter()
+                .chain([
+                    "train".into(),
+                    "pretrain".into(),
+                    "--config".into(),
+                    s(&l.long_config()),
+                    "--resume".into(),
+                ])
+                .collect(),
+            content: tomls.long.clone(),
+            outputs: vec![l.long(), l.long_config()],
+            complete: Box::new(move || finished_training(&long)),
+        });
+        list.push(eval_of(
+            "eval-bpb-long",
+            "bpb",
+            "bpb-long",
+            &base,
+            &[
+                "--pack".into(),
+                s(&l.pack_repo()),
+                "--document-mask".into(),
+                "--tokens".into(),
+                e.bpb_tokens.to_string(),
+            ],
+        ));
+    }
+    list.extend([
         Stage {
             name: "eval-tokenizer",
             args: vec![
@@ -428,7 +492,7 @@ fn stages(config: &Config, l: &Layout, tomls: &Configs) -> Vec<Stage> {
                 s(&l.root.join("cache")),
             ],
         ),
-    ];
+    ]);
     let mut more = vec![
         "--max-tokens".into(),
         e.mbpp_max_tokens.to_string(),
@@ -448,7 +512,7 @@ fn stages(config: &Config, l: &Layout, tomls: &Configs) -> Vec<Stage> {
     list.push(mbpp);
     let tasks = !config.rl_tasks.is_empty();
     if tasks {
-        list.push(bugfix("eval-bugfix", "bugfix", &l.train()));
+        list.push(bugfix("eval-bugfix", "bugfix", &base));
     }
     if !config.sft_data.is_empty() {
         let tuned = l.sft();
@@ -507,6 +571,25 @@ fn stages(config: &Config, l: &Layout, tomls: &Configs) -> Vec<Stage> {
     list
 }
 
+/// Whether `pack` is a complete pack made with `tokenizer`.
+fn packed_with(pack: &Path, tokenizer: &Path) -> bool {
+    let (Ok(m), Ok(bpe)) = (
+        cxxlm_pack::Manifest::load(pack),
+        cxxlm_tokenizer::load(tokenizer),
+    ) else {
+        return false;
+    };
+    m.check_tokenizer(pack, &bpe).is_ok()
+}
+
+/// The last pretrained model: phase B's when there is one.
+fn base_model(config: &Config, l: &Layout) -> PathBuf {
+    match config.long_context {
+        0 => l.train(),
+        _ => l.long(),
+    }
+}
+
 /// `cxxlm launch --gpus N --` for several GPUs, nothing for one.
 fn launch_prefix(gpus: usize) -> Vec<String> {
     match gpus {
@@ -526,13 +609,39 @@ fn finished_training(run: &Path) -> bool {
     state.is_some_and(|s| s["step"].is_u64() && s["step"] == s["total_steps"])
 }
 
-fn load_config(args: &SpeedrunArgs) -> Result<(Config, String)> {
-    let preset = PRESETS
+/// The settings of preset `name`; one that `extends` another is that one's with its own
+/// keys laid over it, table by table.
+fn preset_table(name: &str) -> Result<toml::Table> {
+    let text = PRESETS
         .iter()
-        .find(|p| p.0 == args.preset)
+        .find(|p| p.0 == name)
         .map(|p| p.1)
-        .context("unknown preset")?;
-    let mut doc: toml::Table = toml::from_str(preset).context("preset")?;
+        .with_context(|| format!("unknown preset {name}"))?;
+    let mut doc: toml::Table = toml::from_str(text).with_context(|| format!("preset {name}"))?;
+    match doc.remove("extends") {
+        None => Ok(doc),
+        Some(toml::Value::String(base)) => {
+            let mut merged = preset_table(&base)?;
+            lay_over(&mut merged, doc);
+            Ok(merged)
+        }
+        Some(_) => bail!("preset {name}: `extends` names a preset"),
+    }
+}
+
+fn lay_over(base: &mut toml::Table, top: toml::Table) {
+    for (key, value) in top {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(under)), toml::Value::Table(over)) => lay_over(under, over),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+fn load_config(args: &SpeedrunArgs) -> Result<(Config, String)> {
+    let mut doc = preset_table(&args.preset)?;
     for o in &args.overrides {
         crate::cli::set(&mut doc, o)?;
     }
@@ -582,18 +691,59 @@ fn pretrain_config(config: &Config, l: &Layout) -> Result<String> {
     let data = section(&mut table, "pretrain", "data")?;
     data.insert("pack".into(), toml::Value::String(s(&l.pack())));
     data.insert("tokenizer".into(), toml::Value::String(s(&l.tokenizer())));
-    let text = toml::to_string_pretty(&table)?;
-    let check = l.root.join("pretrain.check.toml");
+    checked_config("pretrain", "pretrain", &table, l)
+}
+
+/// Phase B's `train pretrain` config (empty without `long_context`), checked before
+/// anything runs.
+fn long_config(config: &Config, l: &Layout) -> Result<String> {
+    if config.long_context == 0 {
+        return Ok(String::new());
+    }
+    checked_config("pretrain", "long", &long_table(config, l)?, l)
+}
+
+fn long_table(config: &Config, l: &Layout) -> Result<toml::Table> {
+    let mut table = config.long.clone();
+    table.insert("out".into(), toml::Value::String(s(&l.long())));
+    table.insert("init".into(), toml::Value::String(s(&l.train())));
+    // The model is the pretrained one; only its context and rotary may change.
+    section(&mut table, "long", "model")?
+        .entry("seq_len")
+        .or_insert_with(|| toml::Value::Integer(config.long_context as i64));
+    let device = config
+        .pretrain
+        .get("train")
+        .and_then(|t| t.get("device"))
+        .cloned();
+    if let Some(device) = device {
+        section(&mut table, "long", "train")?
+            .entry("device")
+            .or_insert(device);
+    }
+    let data = section(&mut table, "long", "data")?;
+    data.insert("pack".into(), toml::Value::String(s(&l.pack_repo())));
+    data.insert("tokenizer".into(), toml::Value::String(s(&l.tokenizer())));
+    data.entry("document_mask")
+        .or_insert(toml::Value::Boolean(true));
+    Ok(table)
+}
+
+/// `table` as TOML, once `cxxlm train <command> --check` accepts it (`stage` names the
+/// speedrun's settings in the error).
+fn checked_config(command: &str, stage: &str, table: &toml::Table, l: &Layout) -> Result<String> {
+    let text = toml::to_string_pretty(table)?;
+    let check = l.root.join(format!("{stage}.check.toml"));
     std::fs::write(&check, &text).with_context(|| format!("writing {}", check.display()))?;
     let checked = Command::new(std::env::current_exe()?)
-        .args(["train", "pretrain", "--check", "--config"])
+        .args(["train", command, "--check", "--config"])
         .arg(&check)
         .output()
-        .context("checking the pretrain settings")?;
+        .with_context(|| format!("checking the {stage} settings"))?;
     let _ = std::fs::remove_file(&check);
     if !checked.status.success() {
         bail!(
-            "pretrain settings: {}",
+            "{stage} settings: {}",
             String::from_utf8_lossy(&checked.stderr).trim()
         );
     }
@@ -613,7 +763,7 @@ fn sft_config(config: &Config, l: &Layout) -> Result<String> {
         &table,
         "data",
         &config.sft_data,
-        &l.train(),
+        &base_model(config, l),
         &l.sft(),
         l,
     )
@@ -623,7 +773,7 @@ fn sft_config(config: &Config, l: &Layout) -> Result<String> {
 /// when there is one, else the pretrained one; checked before anything runs.
 fn rl_config(config: &Config, l: &Layout) -> Result<String> {
     let init = match config.sft_data.is_empty() {
-        true => l.train(),
+        true => base_model(config, l),
         false => l.sft(),
     };
     tuning_config(
@@ -659,22 +809,7 @@ fn tuning_config(
     let inputs = inputs.iter().cloned().map(toml::Value::String);
     own.insert(key.into(), toml::Value::Array(inputs.collect()));
     own.insert("tokenizer".into(), toml::Value::String(s(&l.tokenizer())));
-    let text = toml::to_string_pretty(&table)?;
-    let check = l.root.join(format!("{stage}.check.toml"));
-    std::fs::write(&check, &text).with_context(|| format!("writing {}", check.display()))?;
-    let checked = Command::new(std::env::current_exe()?)
-        .args(["train", stage, "--check", "--config"])
-        .arg(&check)
-        .output()
-        .with_context(|| format!("checking the {stage} settings"))?;
-    let _ = std::fs::remove_file(&check);
-    if !checked.status.success() {
-        bail!(
-            "{stage} settings: {}",
-            String::from_utf8_lossy(&checked.stderr).trim()
-        );
-    }
-    Ok(text)
+    checked_config(stage, stage, &table, l)
 }
 
 fn fingerprint(before: &str, stage: &Stage) -> String {
@@ -815,6 +950,7 @@ pub fn run(args: SpeedrunArgs) -> Result<()> {
     std::fs::create_dir_all(l.root.join("eval"))?;
     let tomls = Configs {
         pretrain: pretrain_config(&config, &l)?,
+        long: long_config(&config, &l)?,
         sft: sft_config(&config, &l)?,
         rl: rl_config(&config, &l)?,
     };
@@ -867,6 +1003,7 @@ pub fn run(args: SpeedrunArgs) -> Result<()> {
         }
         for (name, path, text) in [
             ("pretrain", l.train_config(), &tomls.pretrain),
+            ("pretrain-long", l.long_config(), &tomls.long),
             ("sft", l.sft_config(), &tomls.sft),
             ("rl", l.rl_config(), &tomls.rl),
         ] {
@@ -929,6 +1066,7 @@ mod tests {
             let (config, _) = load_config(&args).unwrap();
             let none = Configs {
                 pretrain: String::new(),
+                long: String::new(),
                 sft: String::new(),
                 rl: String::new(),
             };
@@ -961,6 +1099,64 @@ mod tests {
     }
 
     #[test]
+    fn gpu_long_continues_gpu_10min_pretraining_at_8k_and_evaluates_the_continued_model() {
+        let args = SpeedrunArgs {
+            preset: "gpu-long".into(),
+            sources: Vec::new(),
+            out: None,
+            overrides: Vec::new(),
+            sft_data: Vec::new(),
+            rl_tasks: Vec::new(),
+            redo: None,
+        };
+        let (config, _) = load_config(&args).unwrap();
+        // gpu-10min's settings, with its own laid over them.
+        assert_eq!(config.eval.fim_documents, 128);
+        assert_eq!(
+            config.pretrain["train"]["time_budget"].as_integer(),
+            Some(300)
+        );
+        assert_eq!(
+            config.pretrain["train"]["device_batch"].as_integer(),
+            Some(32)
+        );
+        let l = Layout::new(PathBuf::from("run"));
+        let long = long_table(&config, &l).unwrap();
+        let model = long["model"].as_table().unwrap();
+        assert_eq!(model.len(), 2);
+        assert_eq!(model["seq_len"].as_integer(), Some(8192));
+        assert_eq!(model["rope_scaling"]["factor"].as_integer(), Some(4));
+        assert_eq!(long["init"].as_str(), Some("run/train"));
+        assert_eq!(long["data"]["pack"].as_str(), Some("run/pack-repo"));
+        assert_eq!(long["data"]["document_mask"].as_bool(), Some(true));
+        assert_eq!(long["train"]["device"].as_str(), Some("cuda"));
+
+        let none = Configs {
+            pretrain: String::new(),
+            long: String::new(),
+            sft: String::new(),
+            rl: String::new(),
+        };
+        let list = stages(&config, &l, &none);
+        let names: Vec<&str> = list.iter().map(|s| s.name).collect();
+        assert_eq!(
+            names[3..8],
+            [
+                "pack",
+                "pretrain",
+                "pack-repo",
+                "pretrain-long",
+                "eval-bpb-long"
+            ]
+        );
+        let args_of = |name: &str| list.iter().find(|s| s.name == name).unwrap().args.join(" ");
+        assert!(args_of("pack-repo").contains("-o run/pack-repo"));
+        assert!(args_of("pack-repo").contains("--repo-context 8192 --repo-file-share 0.3"));
+        assert!(args_of("eval-bpb-long").contains("--pack run/pack-repo --document-mask"));
+        assert!(args_of("eval-mbpp").contains("--checkpoint run/long"));
+    }
+
+    #[test]
     fn pretraining_on_several_gpus_goes_through_the_launcher() {
         let pretrain_args = |overrides: &[&str]| {
             let args = SpeedrunArgs {
@@ -976,6 +1172,7 @@ mod tests {
             let l = Layout::new(PathBuf::from("run"));
             let none = Configs {
                 pretrain: String::new(),
+                long: String::new(),
                 sft: String::new(),
                 rl: String::new(),
             };

@@ -280,7 +280,10 @@ fn fim_hides_spans_and_recompiles_self_contained_files_and_retrieval_asks_at_eac
     for r in rows {
         let (asked, copied) = (r["asked"].as_u64().unwrap(), r["copied"].as_u64().unwrap());
         assert!(asked >= 1 && copied <= asked, "{retrieval}");
-        assert_eq!(asked + r["left_out"].as_u64().unwrap(), retrieval["functions"]);
+        assert_eq!(
+            asked + r["left_out"].as_u64().unwrap(),
+            retrieval["functions"]
+        );
     }
 
     // Completions written without judging them (for machines without bubblewrap).

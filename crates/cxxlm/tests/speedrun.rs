@@ -1,5 +1,6 @@
 //! `cxxlm speedrun` end to end on a small slice of libstdc++: every stage, a kill in the
-//! middle of pretraining, a rerun that continues, a changed setting refused, `--redo`.
+//! middle of pretraining, a rerun that continues, a changed setting refused, `--redo`, and
+//! phase B added to the finished run.
 
 mod common;
 
@@ -76,8 +77,11 @@ fn sources() -> (tempfile::TempDir, PathBuf) {
         .filter(|p| p.extension().is_some_and(|e| e == "h"))
         .collect();
     headers.sort();
-    for h in headers.iter().take(40) {
-        std::fs::copy(h, src.join(h.file_name().unwrap())).unwrap();
+    // In eight folders: phase B's repository examples hold out whole folders.
+    for (i, h) in headers.iter().take(40).enumerate() {
+        let folder = src.join(format!("part{}", i % 8));
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::copy(h, folder.join(h.file_name().unwrap())).unwrap();
     }
     (dir, src)
 }
@@ -212,4 +216,50 @@ fn a_killed_speedrun_continues_from_its_last_finished_stage() {
     let fim: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("eval/fim.json")).unwrap()).unwrap();
     assert_eq!(fim["documents"], 5);
+
+    // Phase B added to the finished run: the pretrained model continued at 128 tokens on
+    // repository examples, then evaluated in its place.
+    let long: Vec<String> = changed
+        .iter()
+        .cloned()
+        .chain(
+            [
+                "long_context=128",
+                "long.model.rope_scaling.factor=2",
+                "long.model.rope_scaling.original_seq_len=64",
+                "long.train.device_batch=2",
+                "long.train.total_batch_tokens=256",
+                "long.train.steps=20",
+                "long.eval.every=0",
+                "long.checkpoint.every=10",
+            ]
+            .map(String::from),
+        )
+        .collect();
+    let args: Vec<String> = speedrun_args(&src, &out, &long)
+        .into_iter()
+        .chain(["--redo".into(), "pack-repo".into()])
+        .collect();
+    let continued = cxxlm().args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&continued.stderr);
+    assert!(continued.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("== pretrain: done earlier, skipped"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("== pretrain-long: cxxlm train pretrain"),
+        "{stderr}"
+    );
+    let phase_b = record(&out);
+    let mbpp_command = phase_b["stages"]["eval-mbpp"]["command"].as_str().unwrap();
+    assert!(mbpp_command.contains(&format!("--checkpoint {}", out.join("long").display())));
+    let bpb_long = eval("bpb-long");
+    assert_eq!(bpb_long["seq_len"], 128);
+    assert_eq!(bpb_long["document_mask"], true);
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        report.contains("**Long context** (phase B, 128 tokens)"),
+        "{report}"
+    );
 }
