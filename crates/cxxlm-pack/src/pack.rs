@@ -92,6 +92,8 @@ struct Counts {
     splits: BTreeMap<String, SplitCounts>,
     /// Inputs that did not become documents, by reason.
     skipped: BTreeMap<String, u64>,
+    #[serde(default)]
+    indentation: BTreeMap<String, u64>,
 }
 
 impl Counts {
@@ -102,6 +104,22 @@ impl Counts {
         for (k, v) in &o.skipped {
             *self.skipped.entry(k.clone()).or_default() += v;
         }
+        for (k, v) in &o.indentation {
+            *self.indentation.entry(k.clone()).or_default() += v;
+        }
+    }
+}
+
+/// How the data stage laid out a document's text, as it recorded it.
+fn indentation(meta: &serde_json::Map<String, serde_json::Value>) -> &'static str {
+    match meta
+        .get("normalized")
+        .and_then(|n| n.get("indent_stripped"))
+        .and_then(serde_json::Value::as_bool)
+    {
+        Some(true) => "stripped",
+        Some(false) => "kept",
+        None => "unrecorded",
     }
 }
 
@@ -113,9 +131,28 @@ pub struct Manifest {
     pub tokenizer_path: String,
     pub splits: BTreeMap<String, SplitCounts>,
     pub skipped: BTreeMap<String, u64>,
+    /// Documents by how the data stage laid out their text: indentation `stripped`,
+    /// `kept`, or `unrecorded`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub indentation: BTreeMap<String, u64>,
 }
 
 impl Manifest {
+    /// Whether the packed text had its indentation stripped, when every document says
+    /// the same.
+    pub fn indentation_stripped(&self) -> Option<bool> {
+        match self
+            .indentation
+            .keys()
+            .map(String::as_str)
+            .collect::<Vec<_>>()[..]
+        {
+            ["stripped"] => Some(true),
+            ["kept"] => Some(false),
+            _ => None,
+        }
+    }
+
     pub fn path(dir: &Path) -> PathBuf {
         dir.join("pack.json")
     }
@@ -291,6 +328,7 @@ pub fn pack(
             })
             .collect(),
         skipped: total.skipped,
+        indentation: total.indentation,
     };
     write_atomic(
         &Manifest::path(&config.out),
@@ -354,6 +392,10 @@ fn pack_unit(
             ReadItem::Doc(doc) => match String::from_utf8(doc.bytes) {
                 Ok(text) => {
                     batch_bytes += text.len();
+                    *counts
+                        .indentation
+                        .entry(indentation(&doc.meta).into())
+                        .or_default() += 1;
                     let place = (config.repo.is_some() || config.val_by_repository)
                         .then(|| locate(&doc.id, &doc.meta));
                     batch.push(Doc {

@@ -58,6 +58,14 @@ fn fim_documents_rearrange_back_to_the_shards_byte_for_byte() {
 
     let c = &manifest.splits["train"];
     assert!(c.fim_psm > 0 && c.fim_spm > 0, "{c:?}");
+    // The data stage's layout, recorded for serving and evaluation to follow.
+    let laid_out: Vec<(&str, u64)> = manifest
+        .indentation
+        .iter()
+        .map(|(k, v)| (k.as_str(), *v))
+        .collect();
+    assert_eq!(laid_out, [("stripped", shard_texts.len() as u64)]);
+    assert_eq!(manifest.indentation_stripped(), Some(true));
     assert!(
         (c.fim_psm + c.fim_spm) * 4 > c.documents && (c.fim_psm + c.fim_spm) * 4 < c.documents * 3,
         "about half of {} documents rearranged",

@@ -101,6 +101,9 @@ fn trained_layout(checkpoint: &Path) -> Result<(bool, String)> {
     }
     let config = load_config(Some(&file), &[])?;
     let manifest = Manifest::load(&config.data.pack)?;
+    if let Some(stripped) = manifest.indentation_stripped() {
+        return Ok((stripped, format!("the pack {}", config.data.pack.display())));
+    }
     for input in &manifest.settings.inputs {
         let input = PathBuf::from(input);
         let mut shards: Vec<PathBuf> = if input.is_dir() {
