@@ -232,7 +232,6 @@ struct Configs {
 }
 
 fn stages(config: &Config, l: &Layout, tomls: &Configs) -> Vec<Stage> {
-    let launch = launch_prefix(config.gpus);
     let mut data_args = vec!["data".into(), "run".into(), "-o".into(), s(&l.data())];
     for src in &config.sources {
         data_args.extend(["-i".into(), src.clone()]);
@@ -326,7 +325,6 @@ fn stages(config: &Config, l: &Layout, tomls: &Configs) -> Vec<Stage> {
     let bugfix = |name, file: &str, checkpoint: &Path| {
         eval_of(name, "bugfix", file, checkpoint, &bugfix_args)
     };
-    let trained = l.train();
     let pack = l.pack();
     let tokenizer = l.tokenizer();
     let mut list = vec![
@@ -368,22 +366,13 @@ fn stages(config: &Config, l: &Layout, tomls: &Configs) -> Vec<Stage> {
             outputs: vec![l.pack()],
             complete: Box::new(move || packed_with(&pack, &tokenizer)),
         },
-        Stage {
-            name: "pretrain",
-            args: launch
-                .into_iter()
-                .chain([
-                    "train".into(),
-                    "pretrain".into(),
-                    "--config".into(),
-                    s(&l.train_config()),
-                    "--resume".into(),
-                ])
-                .collect(),
-            content: tomls.pretrain.clone(),
-            outputs: vec![l.train(), l.train_config()],
-            complete: Box::new(move || finished_training(&trained)),
-        },
+        training(
+            ("pretrain", "pretrain"),
+            config.gpus,
+            l.train_config(),
+            &tomls.pretrain,
+            l.train(),
+        ),
     ];
     if config.long_context > 0 {
         let mut repo_args = pack_args.clone();
@@ -403,23 +392,13 @@ fn stages(config: &Config, l: &Layout, tomls: &Configs) -> Vec<Stage> {
             outputs: vec![l.pack_repo()],
             complete: Box::new(move || packed_with(&pack_repo, &tokenizer)),
         });
-        let long = l.long();
-        list.push(Stage {
-            name: "pretrain-long",
-            args: launch_prefix(config.gpus)
-                .into_iter()
-                .chain([
-                    "train".into(),
-                    "pretrain".into(),
-                    "--config".into(),
-                    s(&l.long_config()),
-                    "--resume".into(),
-                ])
-                .collect(),
-            content: tomls.long.clone(),
-            outputs: vec![l.long(), l.long_config()],
-            complete: Box::new(move || finished_training(&long)),
-        });
+        list.push(training(
+            ("pretrain-long", "pretrain"),
+            config.gpus,
+            l.long_config(),
+            &tomls.long,
+            l.long(),
+        ));
         list.push(eval_of(
             "eval-bpb-long",
             "bpb",
@@ -515,23 +494,13 @@ fn stages(config: &Config, l: &Layout, tomls: &Configs) -> Vec<Stage> {
         list.push(bugfix("eval-bugfix", "bugfix", &base));
     }
     if !config.sft_data.is_empty() {
-        let tuned = l.sft();
-        list.push(Stage {
-            name: "sft",
-            args: launch_prefix(config.gpus)
-                .into_iter()
-                .chain([
-                    "train".into(),
-                    "sft".into(),
-                    "--config".into(),
-                    s(&l.sft_config()),
-                    "--resume".into(),
-                ])
-                .collect(),
-            content: tomls.sft.clone(),
-            outputs: vec![l.sft(), l.sft_config()],
-            complete: Box::new(move || finished_training(&tuned)),
-        });
+        list.push(training(
+            ("sft", "sft"),
+            config.gpus,
+            l.sft_config(),
+            &tomls.sft,
+            l.sft(),
+        ));
         // The same benchmark, of the fine-tuned model.
         let completions = l.root.join("eval").join("mbpp-sft-completions.jsonl");
         let more: Vec<String> = more
@@ -549,23 +518,13 @@ fn stages(config: &Config, l: &Layout, tomls: &Configs) -> Vec<Stage> {
         }
     }
     if tasks {
-        let run = l.rl();
-        list.push(Stage {
-            name: "rl",
-            args: launch_prefix(config.gpus)
-                .into_iter()
-                .chain([
-                    "train".into(),
-                    "rl".into(),
-                    "--config".into(),
-                    s(&l.rl_config()),
-                    "--resume".into(),
-                ])
-                .collect(),
-            content: tomls.rl.clone(),
-            outputs: vec![l.rl(), l.rl_config()],
-            complete: Box::new(move || finished_training(&run)),
-        });
+        list.push(training(
+            ("rl", "rl"),
+            config.gpus,
+            l.rl_config(),
+            &tomls.rl,
+            l.rl(),
+        ));
         list.push(bugfix("eval-bugfix-rl", "bugfix-rl", &l.rl()));
     }
     list
@@ -587,6 +546,33 @@ fn base_model(config: &Config, l: &Layout) -> PathBuf {
     match config.long_context {
         0 => l.train(),
         _ => l.long(),
+    }
+}
+
+/// Stage `name`: `cxxlm train COMMAND --config CONFIG --resume` (through the launcher on
+/// several GPUs), complete once the run in `run` has taken its last step.
+fn training(
+    (name, command): (&'static str, &str),
+    gpus: usize,
+    config: PathBuf,
+    content: &str,
+    run: PathBuf,
+) -> Stage {
+    Stage {
+        name,
+        args: launch_prefix(gpus)
+            .into_iter()
+            .chain([
+                "train".into(),
+                command.into(),
+                "--config".into(),
+                s(&config),
+                "--resume".into(),
+            ])
+            .collect(),
+        content: content.to_string(),
+        outputs: vec![run.clone(), config],
+        complete: Box::new(move || finished_training(&run)),
     }
 }
 

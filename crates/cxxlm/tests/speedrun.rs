@@ -62,6 +62,23 @@ fn speedrun(sources: &Path, out: &Path, extra: &[String]) -> Output {
         .unwrap()
 }
 
+/// Runs the speedrun with `--redo stage`, which must succeed without pretraining again;
+/// its stderr.
+fn redo(sources: &Path, out: &Path, extra: &[String], stage: &str) -> String {
+    let args: Vec<String> = speedrun_args(sources, out, extra)
+        .into_iter()
+        .chain(["--redo".into(), stage.into()])
+        .collect();
+    let redone = cxxlm().args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&redone.stderr).into_owned();
+    assert!(redone.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("== pretrain: done earlier, skipped"),
+        "{stderr}"
+    );
+    stderr
+}
+
 fn record(out: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(out.join("speedrun.json")).unwrap()).unwrap()
 }
@@ -201,17 +218,7 @@ fn a_killed_speedrun_continues_from_its_last_finished_stage() {
     let refused = speedrun(&src, &out, &changed);
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--redo eval-fim"));
-    let args: Vec<String> = speedrun_args(&src, &out, &changed)
-        .into_iter()
-        .chain(["--redo".into(), "eval-fim".into()])
-        .collect();
-    let redone = cxxlm().args(args).output().unwrap();
-    let stderr = String::from_utf8_lossy(&redone.stderr);
-    assert!(redone.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("== pretrain: done earlier, skipped"),
-        "{stderr}"
-    );
+    let stderr = redo(&src, &out, &changed, "eval-fim");
     assert!(stderr.contains("== eval-fim: cxxlm eval fim"), "{stderr}");
     let fim: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("eval/fim.json")).unwrap()).unwrap();
@@ -236,17 +243,7 @@ fn a_killed_speedrun_continues_from_its_last_finished_stage() {
             .map(String::from),
         )
         .collect();
-    let args: Vec<String> = speedrun_args(&src, &out, &long)
-        .into_iter()
-        .chain(["--redo".into(), "pack-repo".into()])
-        .collect();
-    let continued = cxxlm().args(args).output().unwrap();
-    let stderr = String::from_utf8_lossy(&continued.stderr);
-    assert!(continued.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("== pretrain: done earlier, skipped"),
-        "{stderr}"
-    );
+    let stderr = redo(&src, &out, &long, "pack-repo");
     assert!(
         stderr.contains("== pretrain-long: cxxlm train pretrain"),
         "{stderr}"
