@@ -228,4 +228,28 @@ mod tests {
             .iter()
             .any(|t| t.starts_with(b" = compute(")));
     }
+
+    #[test]
+    fn a_cap_on_token_length_holds_in_both_stages_and_text_still_round_trips() {
+        let texts: Vec<String> = (0..50)
+            .map(|i| format!("int value_{i} = compute({i});\nreturn value_{i};\n}}\n"))
+            .collect();
+        let longest = |bpe: &Bpe| bpe.tokens().iter().map(Vec::len).max().unwrap();
+        for second_stage in [0, 1 << 20] {
+            let train = |cap| {
+                let mut t = Trainer::new(512)
+                    .unwrap()
+                    .with_second_stage_bytes(second_stage)
+                    .with_max_token_bytes(cap);
+                t.feed(&texts);
+                t.train().unwrap()
+            };
+            assert!(longest(&train(0)) > 4);
+            let capped = train(4);
+            assert_eq!(longest(&capped), 4, "second stage: {second_stage}");
+            for text in &texts {
+                assert_eq!(capped.decode(&capped.encode(text)), text.as_bytes());
+            }
+        }
+    }
 }

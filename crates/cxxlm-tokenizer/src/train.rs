@@ -23,6 +23,7 @@ pub struct Trainer {
     line_counts: HashMap<String, u64>,
     line_bytes: usize,
     second_stage_bytes: usize,
+    max_token_bytes: usize,
 }
 
 impl Trainer {
@@ -38,6 +39,7 @@ impl Trainer {
             line_counts: HashMap::default(),
             line_bytes: 0,
             second_stage_bytes: 0,
+            max_token_bytes: 0,
         })
     }
 
@@ -45,6 +47,12 @@ impl Trainer {
     /// of text; 0 (the default) learns the whole vocabulary in the first stage.
     pub fn with_second_stage_bytes(mut self, bytes: usize) -> Self {
         self.second_stage_bytes = bytes;
+        self
+    }
+
+    /// Never learn a token longer than `bytes` (0, the default: no limit), in either stage.
+    pub fn with_max_token_bytes(mut self, bytes: usize) -> Self {
+        self.max_token_bytes = bytes;
         self
     }
 
@@ -63,12 +71,19 @@ impl Trainer {
 
     pub fn train(self) -> Result<Bpe, TokenizerError> {
         let learned = self.vocab_size - RESERVED_SPECIALS;
+        let cap = match self.max_token_bytes {
+            0 => usize::MAX,
+            n => n,
+        };
         let mut state = Learner::new(self.counts, None);
         if self.second_stage_bytes == 0 {
-            state.learn(learned);
+            state.learn(learned, cap);
             return Bpe::new(state.tokens, state.merges, self.vocab_size, PIECE_PATTERN);
         }
-        state.learn(256 + ((learned - 256) as f64 * FIRST_STAGE_SHARE) as usize);
+        state.learn(
+            256 + ((learned - 256) as f64 * FIRST_STAGE_SHARE) as usize,
+            cap,
+        );
         let stage_one = Bpe::new(
             state.tokens.clone(),
             state.merges.clone(),
@@ -76,7 +91,7 @@ impl Trainer {
             PIECE_PATTERN,
         )?;
         let mut state = Learner::new(self.line_counts, Some((&stage_one, state)));
-        state.learn(learned);
+        state.learn(learned, cap);
         Bpe::new(state.tokens, state.merges, self.vocab_size, PATTERN)
     }
 }
@@ -247,8 +262,9 @@ impl Learner {
         }
     }
 
-    /// Learn merges until there are `target` tokens (or no pair occurs twice).
-    fn learn(&mut self, target: usize) {
+    /// Learn merges until there are `target` tokens (or no pair occurs twice), none making
+    /// a token longer than `cap` bytes.
+    fn learn(&mut self, target: usize, cap: usize) {
         let Learner {
             words,
             counts,
@@ -261,6 +277,10 @@ impl Learner {
         // (word indices, appended: a word may be listed twice or no longer hold the
         // pair; both are sorted out when the pair is merged). One table for both, and
         // plain vectors for the lists: they cost a quarter of hash sets.
+        // A pair whose token would be too long is never tracked.
+        let fits = |tokens: &[Vec<u8>], p: Pair| {
+            tokens[p.0 as usize].len() + tokens[p.1 as usize].len() <= cap
+        };
         let mut seen: HashMap<Pair, i64> = HashMap::default();
         for (i, w) in words.iter().enumerate() {
             for p in w.windows(2) {
@@ -270,7 +290,7 @@ impl Learner {
         // A pair of existing tokens that occurs once can never be merged (merges only
         // take occurrences away from such pairs), so it is not tracked at all: most
         // pairs that cross piece boundaries in the second stage are of this kind.
-        seen.retain(|_, c| *c >= 2);
+        seen.retain(|&p, c| *c >= 2 && fits(tokens, p));
         // New pairs (with new tokens) join as merges go: room for as many again spares
         // the table a resize (old and new tables held at once) when it is largest.
         let mut pairs: HashMap<Pair, (i64, u32)> = HashMap::default();
@@ -361,7 +381,7 @@ impl Learner {
                 }
             }
             for (p, d) in changed {
-                if p == pair {
+                if p == pair || !fits(tokens, p) {
                     continue;
                 }
                 if d > 0 {

@@ -123,6 +123,8 @@ struct TokenizerSettings {
     max_mb: u64,
     /// Superword merges from the lines of this many MiB (0 = first stage only).
     second_stage_mib: usize,
+    /// The longest token learned, in bytes (0 = no limit).
+    max_token_bytes: usize,
 }
 
 impl Default for TokenizerSettings {
@@ -131,6 +133,7 @@ impl Default for TokenizerSettings {
             vocab: 32768,
             max_mb: 0,
             second_stage_mib: 0,
+            max_token_bytes: 0,
         }
     }
 }
@@ -262,6 +265,12 @@ fn stages(config: &Config, l: &Layout, tomls: &Configs) -> Vec<Stage> {
         tok_args.extend([
             "--second-stage-mib".into(),
             config.tokenizer.second_stage_mib.to_string(),
+        ]);
+    }
+    if config.tokenizer.max_token_bytes > 0 {
+        tok_args.extend([
+            "--max-token-bytes".into(),
+            config.tokenizer.max_token_bytes.to_string(),
         ]);
     }
     let p = &config.pack;

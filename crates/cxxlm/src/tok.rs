@@ -39,6 +39,9 @@ pub struct TrainArgs {
     /// its compile rate (BENCHMARKS.md); 0 gives the whole vocabulary to the first stage.
     #[arg(long, default_value_t = 0)]
     second_stage_mib: usize,
+    /// Never learn a token longer than this many bytes, in either stage (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    max_token_bytes: usize,
     #[arg(long, short)]
     out: PathBuf,
 }
@@ -139,8 +142,9 @@ fn project_of(meta: &serde_json::Map<String, Value>, inputs: &[String]) -> Strin
 
 fn train(args: TrainArgs) -> Result<()> {
     let started = Instant::now();
-    let mut trainer =
-        Trainer::new(args.vocab)?.with_second_stage_bytes(args.second_stage_mib << 20);
+    let mut trainer = Trainer::new(args.vocab)?
+        .with_second_stage_bytes(args.second_stage_mib << 20)
+        .with_max_token_bytes(args.max_token_bytes);
     let mut batch: Vec<String> = Vec::new();
     let mut batch_bytes = 0usize;
     let total = read_texts(&args.inputs, args.max_bytes, |_, text| {
