@@ -39,6 +39,9 @@ pub struct Limits {
     pub tmp_bytes: u64,
     /// Bytes kept of stdout and of stderr; more ends the run.
     pub output_bytes: usize,
+    /// Lowers the run's CPU priority by this much (its niceness, at most 19), so that
+    /// the caller's own threads keep their cores while runs share the machine.
+    pub nice: u8,
 }
 
 impl Default for Limits {
@@ -51,6 +54,7 @@ impl Default for Limits {
             file_bytes: 64 << 20,
             tmp_bytes: 256 << 20,
             output_bytes: 1 << 20,
+            nice: 0,
         }
     }
 }
@@ -266,8 +270,8 @@ impl Sandbox {
         let limits = self.limits.clone();
         let own_processes = if root { 0 } else { processes_of_this_user() };
         let (filter_fd, info_fd) = (filter_read.as_raw_fd(), info_write.as_raw_fd());
-        // SAFETY: only async-signal-safe calls (setrlimit, setgroups, setgid, setuid,
-        // setpgid, fcntl, dup2) run between fork and exec.
+        // SAFETY: only async-signal-safe calls (setrlimit, getpriority, setpriority,
+        // setgroups, setgid, setuid, setpgid, fcntl, dup2) run between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
                 let check = |r: libc::c_int| {
@@ -291,6 +295,11 @@ impl Sandbox {
                 set(libc::RLIMIT_FSIZE, limits.file_bytes)?;
                 set(libc::RLIMIT_CORE, 0)?;
                 set(libc::RLIMIT_NPROC, own_processes + limits.processes)?;
+                if limits.nice > 0 {
+                    let now = libc::getpriority(libc::PRIO_PROCESS, 0);
+                    let lower = (now + i32::from(limits.nice)).min(19);
+                    check(libc::setpriority(libc::PRIO_PROCESS, 0, lower))?;
+                }
                 if root {
                     check(libc::setgroups(0, std::ptr::null()))?;
                     check(libc::setgid(uid))?;

@@ -13,6 +13,7 @@ fn limits() -> Limits {
         file_bytes: 16 << 20,
         tmp_bytes: 8 << 20,
         output_bytes: 64 << 10,
+        nice: 0,
     }
 }
 
@@ -41,6 +42,25 @@ fn a_correct_program_runs_and_reads_its_input() {
     let ran = ran.unwrap();
     assert!(built.ok && ran.success(), "{ran:?}");
     assert_eq!(ran.stdout, b"42");
+}
+
+#[test]
+fn a_run_asked_to_yield_the_cpu_runs_at_a_lower_priority() {
+    let scratch = tempfile::tempdir().unwrap();
+    let niceness = |nice| {
+        let ran = sandbox(Limits { nice, ..limits() })
+            .run(scratch.path(), &["/usr/bin/nice"], b"")
+            .unwrap();
+        assert!(ran.success(), "{ran:?}");
+        String::from_utf8_lossy(&ran.stdout)
+            .trim()
+            .parse::<i32>()
+            .unwrap()
+    };
+    // SAFETY: getpriority has no preconditions.
+    let ours = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    assert_eq!(niceness(0), ours);
+    assert_eq!(niceness(10), (ours + 10).min(19));
 }
 
 #[test]

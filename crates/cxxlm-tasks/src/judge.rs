@@ -110,12 +110,18 @@ fn main_lines(stderr: &str) -> (BTreeSet<(usize, usize)>, BTreeSet<usize>) {
     (all, errors)
 }
 
+/// How much lower than the judging process programs are built and run.
+const JUDGED_NICE: u8 = 10;
+
 impl Judge {
     pub fn new() -> Result<Self> {
+        // Judging yields the CPU: an RL step samples on the same machine while its
+        // completions are judged, and the sampler's host thread is on its critical path.
         let compile = Sandbox::new(Limits {
             cpu_seconds: 60,
             wall: Duration::from_secs(120),
             memory_bytes: 4 << 30,
+            nice: JUDGED_NICE,
             ..Limits::default()
         })
         .map_err(TaskError::Eval)?;
@@ -129,6 +135,7 @@ impl Judge {
                 processes: 16,
                 file_bytes: 16 << 20,
                 output_bytes: 256 << 10,
+                nice: JUDGED_NICE,
                 ..Limits::default()
             })
             .map_err(TaskError::Eval)
