@@ -399,7 +399,13 @@ fn stages(config: &Config, l: &Layout, tomls: &Configs) -> Vec<Stage> {
             args: repo_args,
             content: String::new(),
             outputs: vec![l.pack_repo()],
-            complete: Box::new(move || packed_with(&pack_repo, &tokenizer)),
+            // Without held-out repositories there is nothing to score phase B on: stopped
+            // here, before it trains (the stage's log says to raise the fraction).
+            complete: Box::new(move || {
+                packed_with(&pack_repo, &tokenizer)
+                    && cxxlm_pack::Manifest::load(&pack_repo)
+                        .is_ok_and(|m| m.splits.get("val").is_some_and(|v| v.documents > 0))
+            }),
         });
         list.push(training(
             ("pretrain-long", "pretrain"),
