@@ -696,12 +696,22 @@ fn pretrain_config(config: &Config, l: &Layout) -> Result<String> {
 }
 
 /// Phase B's `train pretrain` config (empty without `long_context`), checked before
-/// anything runs.
+/// anything runs: the model it continues does not exist yet, so what is checked is a
+/// model of pretraining's shape with phase B's context, rotary, batch and memory.
 fn long_config(config: &Config, l: &Layout) -> Result<String> {
     if config.long_context == 0 {
         return Ok(String::new());
     }
-    checked_config("pretrain", "long", &long_table(config, l)?, l)
+    let table = long_table(config, l)?;
+    let mut fresh = table.clone();
+    fresh.remove("init");
+    let pretrained = config.pretrain.get("model").and_then(|m| m.as_table());
+    let model = section(&mut fresh, "long", "model")?;
+    for (k, v) in pretrained.into_iter().flatten() {
+        model.entry(k.clone()).or_insert_with(|| v.clone());
+    }
+    checked_config("pretrain", "long", &fresh, l)?;
+    Ok(toml::to_string_pretty(&table)?)
 }
 
 fn long_table(config: &Config, l: &Layout) -> Result<toml::Table> {

@@ -262,3 +262,23 @@ fn a_killed_speedrun_continues_from_its_last_finished_stage() {
         "{report}"
     );
 }
+
+#[test]
+fn a_fresh_run_with_phase_b_passes_its_settings_check() {
+    // Phase B continues a model that does not exist yet; its settings are checked before
+    // any stage runs all the same. The sources do not exist, so the data stage stops it.
+    let dir = tempfile::tempdir().unwrap();
+    let said = cxxlm()
+        .args(["speedrun", "--preset", "gpu-long", "--sources"])
+        .arg(dir.path().join("absent"))
+        .arg("-o")
+        .arg(dir.path().join("run"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&said.stderr);
+    assert!(!said.status.success());
+    assert!(!stderr.contains("settings"), "{stderr}");
+    assert!(stderr.contains("== data: cxxlm data run"), "{stderr}");
+    let written = std::fs::read_to_string(dir.path().join("run/speedrun.json")).unwrap();
+    assert!(written.contains("long_context = 8192"), "{written}");
+}
