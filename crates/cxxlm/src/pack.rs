@@ -130,7 +130,13 @@ pub fn run(args: PackArgs) -> Result<()> {
         config.out.display()
     )?;
     if manifest.splits["val"].documents == 0 {
-        eprintln!("warning: no validation documents; raise --val-fraction for a corpus this small");
+        let whole = match manifest.settings.repo.is_some() || manifest.settings.val_by_repository {
+            true => " (whole repositories are held out: with few of them, none may be)",
+            false => "",
+        };
+        eprintln!(
+            "warning: no validation documents{whole}; raise --val-fraction for a corpus this small"
+        );
     }
     Ok(())
 }

@@ -1035,7 +1035,7 @@ pub fn run(args: SpeedrunArgs) -> Result<()> {
         if outcome.is_ok() && !(st.complete)() {
             save(&l.record(), &record)?;
             bail!(
-                "stage {} ended without its outputs; its log: {}",
+                "stage {} ended without complete outputs; its log: {}",
                 st.name,
                 l.logs().join(format!("{}.log", st.name)).display()
             );
