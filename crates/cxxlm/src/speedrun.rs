@@ -1062,27 +1062,38 @@ pub fn run(args: SpeedrunArgs) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// The settings of `preset` with `overrides`, SFT data and RL tasks, and the stages
+    /// they plan in `run/` (before any config is written).
+    fn planned(
+        preset: &str,
+        overrides: &[&str],
+        sft_data: Vec<String>,
+        rl_tasks: Vec<String>,
+    ) -> (Config, Vec<Stage>) {
+        let args = SpeedrunArgs {
+            preset: preset.into(),
+            sources: vec!["src".into()],
+            out: None,
+            overrides: overrides.iter().map(|s| s.to_string()).collect(),
+            sft_data,
+            rl_tasks,
+            redo: None,
+        };
+        let (config, _) = load_config(&args).unwrap();
+        let none = Configs {
+            pretrain: String::new(),
+            long: String::new(),
+            sft: String::new(),
+            rl: String::new(),
+        };
+        let list = stages(&config, &Layout::new(PathBuf::from("run")), &none);
+        (config, list)
+    }
+
     #[test]
     fn rl_comes_last_when_tasks_are_given_and_each_model_fixes_the_held_out_bugs() {
-        let names = |sft_data: Vec<String>, rl_tasks: Vec<String>| {
-            let args = SpeedrunArgs {
-                preset: "cpu-tiny".into(),
-                sources: vec!["src".into()],
-                out: None,
-                overrides: Vec::new(),
-                sft_data,
-                rl_tasks,
-                redo: None,
-            };
-            let (config, _) = load_config(&args).unwrap();
-            let none = Configs {
-                pretrain: String::new(),
-                long: String::new(),
-                sft: String::new(),
-                rl: String::new(),
-            };
-            let l = Layout::new(PathBuf::from("run"));
-            let list = stages(&config, &l, &none);
+        let names = |sft_data, rl_tasks| {
+            let (_, list) = planned("cpu-tiny", &[], sft_data, rl_tasks);
             list.iter().map(|s| s.name).collect::<Vec<_>>()
         };
         let without = names(Vec::new(), Vec::new());
@@ -1111,16 +1122,7 @@ mod tests {
 
     #[test]
     fn gpu_long_continues_gpu_10min_pretraining_at_8k_and_evaluates_the_continued_model() {
-        let args = SpeedrunArgs {
-            preset: "gpu-long".into(),
-            sources: Vec::new(),
-            out: None,
-            overrides: Vec::new(),
-            sft_data: Vec::new(),
-            rl_tasks: Vec::new(),
-            redo: None,
-        };
-        let (config, _) = load_config(&args).unwrap();
+        let (config, list) = planned("gpu-long", &[], Vec::new(), Vec::new());
         // gpu-10min's settings, with its own laid over them.
         assert_eq!(config.eval.fim_documents, 128);
         assert_eq!(
@@ -1142,13 +1144,6 @@ mod tests {
         assert_eq!(long["data"]["document_mask"].as_bool(), Some(true));
         assert_eq!(long["train"]["device"].as_str(), Some("cuda"));
 
-        let none = Configs {
-            pretrain: String::new(),
-            long: String::new(),
-            sft: String::new(),
-            rl: String::new(),
-        };
-        let list = stages(&config, &l, &none);
         let names: Vec<&str> = list.iter().map(|s| s.name).collect();
         assert_eq!(
             names[3..8],
@@ -1170,24 +1165,7 @@ mod tests {
     #[test]
     fn pretraining_on_several_gpus_goes_through_the_launcher() {
         let pretrain_args = |overrides: &[&str]| {
-            let args = SpeedrunArgs {
-                preset: "cpu-tiny".into(),
-                sources: vec!["src".into()],
-                out: None,
-                overrides: overrides.iter().map(|s| s.to_string()).collect(),
-                sft_data: Vec::new(),
-                rl_tasks: Vec::new(),
-                redo: None,
-            };
-            let (config, _) = load_config(&args).unwrap();
-            let l = Layout::new(PathBuf::from("run"));
-            let none = Configs {
-                pretrain: String::new(),
-                long: String::new(),
-                sft: String::new(),
-                rl: String::new(),
-            };
-            let stages = stages(&config, &l, &none);
+            let (_, stages) = planned("cpu-tiny", overrides, Vec::new(), Vec::new());
             let pretrain = stages.iter().find(|s| s.name == "pretrain").unwrap();
             pretrain.args[..3].join(" ")
         };
