@@ -103,6 +103,7 @@ fn filler(docs: &[Vec<u32>], skip: usize, n: usize) -> Option<Vec<u32>> {
 
 /// The prompt of `f` with `distance` tokens between its definition and its head, or
 /// (`None`) with other code in the definition's place, as long as the longest distance's.
+/// The other code may end within a line: the head starts after a blank line.
 fn prompt(
     bpe: &Bpe,
     f: &Function,
@@ -119,7 +120,7 @@ fn prompt(
         }
         None => ids.extend(filler(encoded, f.doc, definition.len() + longest)?),
     }
-    ids.extend(bpe.encode(&f.head));
+    ids.extend(bpe.encode(&format!("\n\n{}", f.head)));
     Some(ids)
 }
 
@@ -340,7 +341,7 @@ mod tests {
         // The distance is the tokens between the definition and its head written again.
         let f = &functions[0];
         let definition = bpe.encode(&format!("{}{}}}\n\n", f.head, f.body)).len();
-        let head = bpe.encode(&f.head).len();
+        let head = bpe.encode(&format!("\n\n{}", f.head)).len();
         let near = prompt(&bpe, f, &encoded, Some(20), 200).unwrap();
         assert_eq!(near.len(), 1 + definition + 20 + head);
         let without = prompt(&bpe, f, &encoded, None, 200).unwrap();
