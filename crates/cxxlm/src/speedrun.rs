@@ -274,24 +274,28 @@ fn stages(config: &Config, l: &Layout, tomls: &Configs) -> Vec<Stage> {
         ]);
     }
     let p = &config.pack;
-    let mut pack_args = vec![
-        "pack".into(),
-        "--tokenizer".into(),
-        s(&l.tokenizer()),
-        "-i".into(),
-        s(&l.dedup()),
-        "-o".into(),
-        s(&l.pack()),
-        "--fim-rate".into(),
-        p.fim_rate.to_string(),
-        "--fim-spm-rate".into(),
-        p.fim_spm_rate.to_string(),
-        "--val-fraction".into(),
-        p.val_fraction.to_string(),
-    ];
-    if p.line_aligned {
-        pack_args.push("--fim-line-aligned".into());
-    }
+    // `cxxlm pack` of the deduplicated shards into `out`, with the run's settings.
+    let pack_args = |out: &Path| {
+        let mut args = vec![
+            "pack".into(),
+            "--tokenizer".into(),
+            s(&l.tokenizer()),
+            "-i".into(),
+            s(&l.dedup()),
+            "-o".into(),
+            s(out),
+            "--fim-rate".into(),
+            p.fim_rate.to_string(),
+            "--fim-spm-rate".into(),
+            p.fim_spm_rate.to_string(),
+            "--val-fraction".into(),
+            p.val_fraction.to_string(),
+        ];
+        if p.line_aligned {
+            args.push("--fim-line-aligned".to_string());
+        }
+        args
+    };
     let e = &config.eval;
     // Stage `name`: `cxxlm eval <cmd>` of the model in `checkpoint`, its JSON at
     // `eval/<file>.json`.
@@ -370,13 +374,14 @@ fn stages(config: &Config, l: &Layout, tomls: &Configs) -> Vec<Stage> {
         },
         Stage {
             name: "pack",
-            args: pack_args.clone(),
+            args: pack_args(&l.pack()),
             content: String::new(),
             outputs: vec![l.pack()],
-            complete: Box::new(move || packed_with(&pack, &tokenizer)),
+            complete: Box::new(move || packed_with(&pack, &tokenizer).is_some()),
         },
         training(
-            ("pretrain", "pretrain"),
+            "pretrain",
+            "pretrain",
             config.gpus,
             l.train_config(),
             &tomls.pretrain,
@@ -384,9 +389,7 @@ fn stages(config: &Config, l: &Layout, tomls: &Configs) -> Vec<Stage> {
         ),
     ];
     if config.long_context > 0 {
-        let mut repo_args = pack_args.clone();
-        let out = repo_args.iter().position(|a| a == "-o").unwrap() + 1;
-        repo_args[out] = s(&l.pack_repo());
+        let mut repo_args = pack_args(&l.pack_repo());
         repo_args.extend([
             "--repo-context".into(),
             config.long_context.to_string(),
@@ -403,12 +406,12 @@ fn stages(config: &Config, l: &Layout, tomls: &Configs) -> Vec<Stage> {
             // here, before it trains (the stage's log says to raise the fraction).
             complete: Box::new(move || {
                 packed_with(&pack_repo, &tokenizer)
-                    && cxxlm_pack::Manifest::load(&pack_repo)
-                        .is_ok_and(|m| m.splits.get("val").is_some_and(|v| v.documents > 0))
+                    .is_some_and(|m| m.splits.get("val").is_some_and(|v| v.documents > 0))
             }),
         });
         list.push(training(
-            ("pretrain-long", "pretrain"),
+            "pretrain-long",
+            "pretrain",
             config.gpus,
             l.long_config(),
             &tomls.long,
@@ -510,7 +513,8 @@ fn stages(config: &Config, l: &Layout, tomls: &Configs) -> Vec<Stage> {
     }
     if !config.sft_data.is_empty() {
         list.push(training(
-            ("sft", "sft"),
+            "sft",
+            "sft",
             config.gpus,
             l.sft_config(),
             &tomls.sft,
@@ -534,7 +538,8 @@ fn stages(config: &Config, l: &Layout, tomls: &Configs) -> Vec<Stage> {
     }
     if tasks {
         list.push(training(
-            ("rl", "rl"),
+            "rl",
+            "rl",
             config.gpus,
             l.rl_config(),
             &tomls.rl,
@@ -545,15 +550,15 @@ fn stages(config: &Config, l: &Layout, tomls: &Configs) -> Vec<Stage> {
     list
 }
 
-/// Whether `pack` is a complete pack made with `tokenizer`.
-fn packed_with(pack: &Path, tokenizer: &Path) -> bool {
+/// The manifest of `pack` when it is a complete pack made with `tokenizer`.
+fn packed_with(pack: &Path, tokenizer: &Path) -> Option<cxxlm_pack::Manifest> {
     let (Ok(m), Ok(bpe)) = (
         cxxlm_pack::Manifest::load(pack),
         cxxlm_tokenizer::load(tokenizer),
     ) else {
-        return false;
+        return None;
     };
-    m.check_tokenizer(pack, &bpe).is_ok()
+    m.check_tokenizer(pack, &bpe).is_ok().then_some(m)
 }
 
 /// The last pretrained model: phase B's when there is one.
@@ -567,7 +572,8 @@ fn base_model(config: &Config, l: &Layout) -> PathBuf {
 /// Stage `name`: `cxxlm train COMMAND --config CONFIG --resume` (through the launcher on
 /// several GPUs), complete once the run in `run` has taken its last step.
 fn training(
-    (name, command): (&'static str, &str),
+    name: &'static str,
+    command: &str,
     gpus: usize,
     config: PathBuf,
     content: &str,
