@@ -101,26 +101,47 @@ fn filler(docs: &[Vec<u32>], skip: usize, n: usize) -> Option<Vec<u32>> {
     (out.len() == n).then_some(out)
 }
 
-/// The prompt of `f` with `distance` tokens between its definition and its head, or
-/// (`None`) with other code in the definition's place, as long as the longest distance's.
-/// The other code may end within a line: the head starts after a blank line.
+/// A function as its prompts use it, encoded once: the definition, the head written
+/// again (after a blank line: the other code before it may end within a line), and the
+/// text of the body's first tokens, which the model has to write back.
+struct Pieces {
+    doc: usize,
+    definition: Vec<u32>,
+    head: Vec<u32>,
+    want: String,
+}
+
+impl Pieces {
+    fn new(bpe: &Bpe, f: &Function, tokens: usize) -> Self {
+        let body = bpe.encode(&f.body);
+        Pieces {
+            doc: f.doc,
+            definition: bpe.encode(&format!("{}{}}}\n\n", f.head, f.body)),
+            head: bpe.encode(&format!("\n\n{}", f.head)),
+            want: String::from_utf8_lossy(&bpe.decode(&body[..body.len().min(tokens)]))
+                .into_owned(),
+        }
+    }
+}
+
+/// The prompt with `distance` tokens between the definition and its head, or (`None`)
+/// with other code in the definition's place, as long as the longest distance's.
 fn prompt(
     bpe: &Bpe,
-    f: &Function,
+    f: &Pieces,
     encoded: &[Vec<u32>],
     distance: Option<usize>,
     longest: usize,
 ) -> Option<Vec<u32>> {
-    let definition = bpe.encode(&format!("{}{}}}\n\n", f.head, f.body));
     let mut ids = vec![special(bpe, "<|bos|>")];
     match distance {
         Some(d) => {
-            ids.extend(definition);
+            ids.extend(&f.definition);
             ids.extend(filler(encoded, f.doc, d)?);
         }
-        None => ids.extend(filler(encoded, f.doc, definition.len() + longest)?),
+        None => ids.extend(filler(encoded, f.doc, f.definition.len() + longest)?),
     }
-    ids.extend(bpe.encode(&format!("\n\n{}", f.head)));
+    ids.extend(&f.head);
     Some(ids)
 }
 
@@ -133,17 +154,19 @@ fn measure(
     let bpe = model.tokenizer();
     let longest = args.distances.iter().copied().max().unwrap_or(0);
     let slack = 8;
+    let pieces: Vec<Pieces> = functions
+        .iter()
+        .map(|f| Pieces::new(bpe, f, args.tokens))
+        .collect();
     let distances = args.distances.iter().map(|&d| Some(d)).chain([None]);
     let mut rows = Vec::new();
     for distance in distances {
-        let asked: Vec<(Vec<u32>, String)> = functions
+        let asked: Vec<(Vec<u32>, &str)> = pieces
             .iter()
             .filter_map(|f| {
                 let ids = prompt(bpe, f, encoded, distance, longest)?;
-                let body = bpe.encode(&f.body);
-                let want = bpe.decode(&body[..body.len().min(args.tokens)]);
                 (ids.len() + args.tokens + slack <= model.context())
-                    .then(|| (ids, String::from_utf8_lossy(&want).into_owned()))
+                    .then_some((ids, f.want.as_str()))
             })
             .collect();
         let (mut copied, mut shares) = (0, 0.0);
@@ -156,7 +179,7 @@ fn measure(
             let out = model.generate(&prompts, &generation, &mut |_, _| false);
             for ((_, want), row) in group.iter().zip(out) {
                 let written = String::from_utf8_lossy(&bpe.decode(&row)).into_owned();
-                copied += usize::from(written.starts_with(want.as_str()));
+                copied += usize::from(written.starts_with(want));
                 let same = written
                     .bytes()
                     .zip(want.bytes())
@@ -342,9 +365,10 @@ mod tests {
         let f = &functions[0];
         let definition = bpe.encode(&format!("{}{}}}\n\n", f.head, f.body)).len();
         let head = bpe.encode(&format!("\n\n{}", f.head)).len();
-        let near = prompt(&bpe, f, &encoded, Some(20), 200).unwrap();
+        let pieces = Pieces::new(&bpe, f, 8);
+        let near = prompt(&bpe, &pieces, &encoded, Some(20), 200).unwrap();
         assert_eq!(near.len(), 1 + definition + 20 + head);
-        let without = prompt(&bpe, f, &encoded, None, 200).unwrap();
+        let without = prompt(&bpe, &pieces, &encoded, None, 200).unwrap();
         assert_eq!(without.len(), 1 + definition + 200 + head);
 
         let far_reader = Copier {
