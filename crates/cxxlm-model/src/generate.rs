@@ -162,6 +162,27 @@ fn penalize(logits: &Tensor, each: &[Sampling], recent: &[&[u32]]) -> Tensor {
     logits.scatter(1, &ids, &guarded)
 }
 
+/// `logits (B, V)` with row `i`'s tokens outside `allowed[i]` ruled out (rows without a
+/// set, or past the end of `allowed`, keep every token).
+fn only(logits: &Tensor, allowed: &[Option<Vec<u32>>]) -> Tensor {
+    let (rows, vocab) = (logits.size()[0] as usize, logits.size()[1] as usize);
+    let mut mask = vec![0f32; rows * vocab];
+    for (row, set) in allowed.iter().enumerate().take(rows) {
+        if let Some(set) = set {
+            let line = &mut mask[row * vocab..(row + 1) * vocab];
+            line.fill(f32::NEG_INFINITY);
+            for &t in set.iter().filter(|&&t| (t as usize) < vocab) {
+                line[t as usize] = 0.0;
+            }
+        }
+    }
+    let mask = Tensor::from_slice(&mask)
+        .view([rows as i64, vocab as i64])
+        .to_device(logits.device())
+        .to_kind(logits.kind());
+    logits + mask
+}
+
 /// The next token of each row of `logits (B, V)`.
 fn choose(logits: &Tensor, s: &Sampling) -> Tensor {
     if s.temperature <= 0.0 {
@@ -302,6 +323,19 @@ impl Gpt {
         sampling: &Sampling,
         stop: &mut dyn FnMut(usize, &[u32]) -> bool,
     ) -> Vec<Vec<u32>> {
+        self.generate_healed(prompts, &[], sampling, stop)
+    }
+
+    /// [`Gpt::generate`] with the first token of row `i` one of `first[i]` where that
+    /// is given (token healing: the prompt's last token was taken off, and what follows
+    /// must begin with it); `first` may be empty.
+    pub fn generate_healed(
+        &self,
+        prompts: &[Vec<u32>],
+        first: &[Option<Vec<u32>>],
+        sampling: &Sampling,
+        stop: &mut dyn FnMut(usize, &[u32]) -> bool,
+    ) -> Vec<Vec<u32>> {
         let _guard = tch::no_grad_guard();
         tch::manual_seed(sampling.seed as i64);
         let batch = prompts.len();
@@ -320,6 +354,9 @@ impl Gpt {
         let budget = sampling.max_new_tokens.min(context - keep);
         let mut decoder = self.decoder(batch, keep + budget);
         let mut logits = decoder.prefill(self, 0, 0, &trimmed);
+        if first.iter().any(Option::is_some) {
+            logits = only(&logits, first);
+        }
         let mut positions: Vec<usize> = trimmed.iter().map(|p| p.len()).collect();
         let each = vec![sampling.clone(); batch];
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); batch];
@@ -642,6 +679,31 @@ mod tests {
         let reused = d.prefill(&m, 2, a.len(), &[&c[a.len()..]]);
         let fresh = m.decoder(1, 32).prefill(&m, 0, 0, &[&c]);
         assert!((reused - fresh).abs().max().double_value(&[]) < 1e-4);
+    }
+
+    #[test]
+    fn a_healed_row_starts_with_an_allowed_token_and_the_others_are_free() {
+        let _rng = crate::TORCH_RNG.lock();
+        let m = model();
+        let prompts = vec![vec![5, 17, 3], vec![5, 17, 3], vec![8, 1]];
+        let s = Sampling {
+            temperature: 1.0,
+            max_new_tokens: 4,
+            seed: 3,
+            ..Default::default()
+        };
+        let free = m.generate(&prompts, &s, &mut |_, _| false);
+        let unlikely: Vec<u32> = (0..m.config.vocab_size as u32)
+            .filter(|&t| t != free[0][0] && t != free[1][0])
+            .take(2)
+            .collect();
+        let first = [Some(unlikely.clone()), Some(vec![unlikely[1]])];
+        let healed = m.generate_healed(&prompts, &first, &s, &mut |_, _| false);
+        assert!(unlikely.contains(&healed[0][0]));
+        assert_eq!(healed[1][0], unlikely[1]);
+        // The row without a set, and every step after the first, sample as before.
+        assert_eq!(healed[2], free[2]);
+        assert_eq!(healed[1].len(), 4);
     }
 
     #[test]

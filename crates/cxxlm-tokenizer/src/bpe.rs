@@ -18,6 +18,23 @@ impl PieceCache {
     const CAPACITY: usize = 1 << 16;
 }
 
+/// What [`Bpe::heal`] took off a prompt: the first token generated must be one of
+/// `allowed`, each beginning with `prefix`, which the completion then leaves out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Healing {
+    pub prefix: Vec<u8>,
+    pub allowed: Vec<u32>,
+}
+
+impl Healing {
+    /// The completion's bytes from the generated tokens' bytes: without the prefix.
+    pub fn strip<'a>(&self, generated: &'a [u8]) -> &'a [u8] {
+        generated
+            .strip_prefix(self.prefix.as_slice())
+            .unwrap_or(generated)
+    }
+}
+
 /// A trained byte-level BPE: ids 0-255 are the bytes, then one id per learned token,
 /// and the special tokens occupy the last [`RESERVED_SPECIALS`] ids of the vocabulary.
 #[derive(Debug, Clone)]
@@ -193,6 +210,25 @@ impl Bpe {
             out.push(sym[i]);
             i = next[i];
         }
+    }
+
+    /// Token healing: a prompt's last token may be the start of a longer one the
+    /// training text always had there (`" {\n"` ends a prompt, but a body's first line
+    /// was `" {\n    "` in training), so the model would read the cut as a sign that
+    /// no indentation follows. Removes that token from `ids` and returns what the
+    /// first generated token must begin with: its bytes, and the ids that do. None
+    /// (and `ids` untouched) when the last token is special or nothing extends it.
+    pub fn heal(&self, ids: &mut Vec<u32>) -> Option<Healing> {
+        let last = self.tokens.get(*ids.last()? as usize)?;
+        let allowed: Vec<u32> = (0..self.tokens.len() as u32)
+            .filter(|&t| self.tokens[t as usize].starts_with(last))
+            .collect();
+        if allowed.len() < 2 {
+            return None;
+        }
+        let prefix = last.clone();
+        ids.pop();
+        Some(Healing { prefix, allowed })
     }
 
     /// Ids to bytes; special tokens become their text.

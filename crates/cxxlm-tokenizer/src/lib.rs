@@ -8,7 +8,7 @@ pub mod chat;
 mod hf;
 mod train;
 
-pub use bpe::{Bpe, PieceCache};
+pub use bpe::{Bpe, Healing, PieceCache};
 pub use hf::{from_hf_json, load, to_hf_json};
 pub use train::Trainer;
 
@@ -251,5 +251,49 @@ mod tests {
                 assert_eq!(capped.decode(&capped.encode(text)), text.as_bytes());
             }
         }
+    }
+
+    #[test]
+    fn healing_backs_off_a_token_that_training_text_extended() {
+        let texts: Vec<String> = (0..50)
+            .map(|i| format!("namespace n_{i} {{\nint f_{i}() {{\n    return {i};\n}}\n}}\n"))
+            .collect();
+        let mut t = Trainer::new(600).unwrap();
+        t.feed(&texts);
+        let bpe = t.train().unwrap();
+        let prompt = "int g() {\n";
+        let mut ids = bpe.encode(prompt);
+        let whole = ids.clone();
+        let healing = bpe
+            .heal(&mut ids)
+            .expect("the prompt's last token is extended");
+        assert_eq!(ids.len() + 1, whole.len());
+        // What was taken off is exactly the prompt's tail, and every allowed first token
+        // carries it: among them the brace with the body's indentation.
+        let kept = bpe.decode(&ids);
+        assert_eq!(
+            [kept.as_slice(), &healing.prefix].concat(),
+            prompt.as_bytes()
+        );
+        for &t in &healing.allowed {
+            assert!(bpe.tokens()[t as usize].starts_with(&healing.prefix));
+        }
+        // The text as training had it continues the kept tokens with an allowed one
+        // that carries the body's indentation, which the whole prompt's last token ruled
+        // out.
+        let body = bpe.encode("int g() {\n    return 1;");
+        assert_eq!(body[..ids.len()], ids[..]);
+        let next = body[ids.len()];
+        assert!(healing.allowed.contains(&next));
+        assert!(bpe.tokens()[next as usize].ends_with(b"    "));
+        assert_ne!(body[..whole.len()], whole[..]);
+        let generated = [healing.prefix.as_slice(), b"    return 1;"].concat();
+        assert_eq!(healing.strip(&generated), b"    return 1;");
+        // A special token, or one that nothing extends, is left alone.
+        let mut special = vec![bpe.special_id("<|bos|>").unwrap()];
+        assert!(bpe.heal(&mut special).is_none());
+        assert_eq!(special.len(), 1);
+        let mut nothing: Vec<u32> = Vec::new();
+        assert!(bpe.heal(&mut nothing).is_none());
     }
 }

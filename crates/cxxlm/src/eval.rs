@@ -5,7 +5,7 @@ use cxxlm_eval::{Compiler, Limits, Sandbox};
 use cxxlm_pack::{Manifest, Packer};
 use cxxlm_serve::text::{self, Layout, Reindent};
 use cxxlm_tokenizer::chat::{self, Message, Role};
-use cxxlm_tokenizer::Bpe;
+use cxxlm_tokenizer::{Bpe, Healing};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
@@ -277,6 +277,9 @@ pub struct Generation {
     /// The sampler's repetition guard (1: off, as every benchmark runs by default).
     pub repeat_penalty: f64,
     pub repeat_last_n: usize,
+    /// Per prompt, the ids its first generated token must be one of (token healing,
+    /// see [`Healed`]); empty: no constraint.
+    pub first_tokens: Vec<Option<Vec<u32>>>,
 }
 
 impl Default for Generation {
@@ -289,7 +292,41 @@ impl Default for Generation {
             seed: 0,
             repeat_penalty: 1.0,
             repeat_last_n: 64,
+            first_tokens: Vec::new(),
         }
+    }
+}
+
+/// Prompts of plain text healed at their last token ([`Bpe::heal`]): a prompt that
+/// ends with a line break after `{` would otherwise tell a model trained on indented
+/// text that the next line starts at column 0. The model gets `prompts` with
+/// `first_tokens`; each row's text is then its tokens without the healed prefix.
+struct Healed {
+    prompts: Vec<Vec<u32>>,
+    healings: Vec<Option<Healing>>,
+}
+
+impl Healed {
+    fn new(bpe: &Bpe, mut prompts: Vec<Vec<u32>>) -> Healed {
+        let healings = prompts.iter_mut().map(|p| bpe.heal(p)).collect();
+        Healed { prompts, healings }
+    }
+
+    fn first_tokens(&self) -> Vec<Option<Vec<u32>>> {
+        self.healings
+            .iter()
+            .map(|h| h.as_ref().map(|h| h.allowed.clone()))
+            .collect()
+    }
+
+    /// Row `row`'s completion so far, as text, from its generated `ids`.
+    fn text(&self, bpe: &Bpe, row: usize, ids: &[u32]) -> String {
+        let bytes = bpe.decode(ids);
+        let bytes = match &self.healings[row] {
+            Some(h) => h.strip(&bytes),
+            None => &bytes,
+        };
+        String::from_utf8_lossy(bytes).into_owned()
     }
 }
 
@@ -422,10 +459,7 @@ fn generate_completions(
     let bpe = model.tokenizer();
     let eos = special(bpe, "<|eos|>");
     let layout = model.layout();
-    let completion = |p: &Problem, ids: &[u32]| {
-        let raw = String::from_utf8_lossy(&bpe.decode(ids)).into_owned();
-        Reindent::new(&p.prompt, "", layout, 0).push(&raw)
-    };
+    let completion = |p: &Problem, raw: String| Reindent::new(&p.prompt, "", layout, 0).push(&raw);
     let rows: Vec<&Problem> = problems
         .iter()
         .flat_map(|p| std::iter::repeat_n(p, args.samples))
@@ -433,10 +467,13 @@ fn generate_completions(
     let mut out = Vec::new();
     let mut limited = Vec::new();
     for (chunk, group) in rows.chunks(args.batch.max(1)).enumerate() {
-        let prompts: Vec<Vec<u32>> = group
-            .iter()
-            .map(|p| prompt_ids(bpe, &text::prefix(&p.prompt, layout).text, None))
-            .collect();
+        let healed = Healed::new(
+            bpe,
+            group
+                .iter()
+                .map(|p| prompt_ids(bpe, &text::prefix(&p.prompt, layout).text, None))
+                .collect(),
+        );
         let generation = Generation {
             temperature: if args.samples > 1 {
                 args.temperature
@@ -449,11 +486,12 @@ fn generate_completions(
             seed: chunk as u64,
             repeat_penalty: args.repeat_penalty,
             repeat_last_n: args.repeat_last_n,
+            first_tokens: healed.first_tokens(),
         };
         let mut stopped = vec![false; group.len()];
-        let generated = model.generate(&prompts, &generation, &mut |row, t| {
+        let generated = model.generate(&healed.prompts, &generation, &mut |row, t| {
             stopped[row] = t.last() == Some(&eos) || {
-                let text = completion(group[row], t);
+                let text = completion(group[row], healed.text(bpe, row, t));
                 group[row]
                     .stop_tokens
                     .iter()
@@ -462,12 +500,10 @@ fn generate_completions(
             stopped[row]
         });
         limited.extend(stopped.iter().map(|s| !s));
-        for (p, row) in group.iter().zip(generated) {
+        for (i, (p, row)) in group.iter().zip(generated).enumerate() {
             let body: Vec<u32> = row.into_iter().filter(|&t| t != eos).collect();
-            out.push((
-                p.name.clone(),
-                p.truncate(&completion(p, &body)).to_string(),
-            ));
+            let text = completion(p, healed.text(bpe, i, &body));
+            out.push((p.name.clone(), p.truncate(&text).to_string()));
         }
         eprintln!("generated {} of {} completions", out.len(), rows.len());
     }
@@ -592,27 +628,30 @@ fn write_bodies(
     let mut bodies = Vec::new();
     let mut limited = 0;
     for group in hidden.chunks(args.batch.max(1)) {
-        let prompts: Vec<Vec<u32>> = group
-            .iter()
-            .map(|h| {
-                let ids = bpe.encode(&h.prefix);
-                ids[ids.len().saturating_sub(context)..].to_vec()
-            })
-            .collect();
+        let healed = Healed::new(
+            bpe,
+            group
+                .iter()
+                .map(|h| {
+                    let ids = bpe.encode(&h.prefix);
+                    ids[ids.len().saturating_sub(context)..].to_vec()
+                })
+                .collect(),
+        );
         let generation = Generation {
             max_new_tokens: args.max_tokens,
+            first_tokens: healed.first_tokens(),
             ..Default::default()
         };
         let mut stopped = vec![false; group.len()];
-        let generated = model.generate(&prompts, &generation, &mut |row, t| {
-            stopped[row] = t.last() == Some(&eos)
-                || body_end(&String::from_utf8_lossy(&bpe.decode(t))).is_some();
+        let generated = model.generate(&healed.prompts, &generation, &mut |row, t| {
+            stopped[row] = t.last() == Some(&eos) || body_end(&healed.text(bpe, row, t)).is_some();
             stopped[row]
         });
         limited += stopped.iter().filter(|s| !**s).count();
-        for row in generated {
+        for (i, row) in generated.into_iter().enumerate() {
             let ids: Vec<u32> = row.into_iter().filter(|&t| t != eos).collect();
-            let text = String::from_utf8_lossy(&bpe.decode(&ids)).into_owned();
+            let text = healed.text(bpe, i, &ids);
             // Up to the brace that closes the body, without it (the file's own follows).
             let body = match body_end(&text) {
                 Some(end) => text[..end - 1].to_string(),

@@ -47,7 +47,8 @@ impl TextModel for Checkpoint {
             repeat_penalty: g.repeat_penalty,
             repeat_last_n: g.repeat_last_n,
         };
-        self.model.generate(prompts, &sampling, stop)
+        self.model
+            .generate_healed(prompts, &g.first_tokens, &sampling, stop)
     }
 }
 
