@@ -1,7 +1,8 @@
 //! The seeds' RL reward for answers to runnable tasks (compiles +1 else -1, no warnings
 //! +0.5, tests 5 x the share passed, a `/* REASONING:` comment +0.5), judged in the
 //! sandbox by a pool of workers that score answers as they are handed in, so that the
-//! caller waits only for the last ones. A program judged before is not built again:
+//! caller waits only for the last ones (and, with answers handed in under several batch
+//! numbers, for the last ones of the batch it needs). A program judged before is not built again:
 //! verdicts are kept by the hash of the program and its headers.
 
 use serde::{Deserialize, Serialize};
@@ -106,13 +107,16 @@ pub fn judge_program(judge: &Judge, check: &Check, program: &str) -> Result<Judg
 
 type Cache = Mutex<HashMap<u128, Judged>>;
 
-/// Judged completions as they come back, and how many are still out.
+/// Judged completions as they come back: how many of each batch are still out, and
+/// those of batches not yet waited for.
 struct Returns {
-    results: Receiver<(usize, Result<Rewarded>)>,
-    pending: usize,
+    results: Receiver<(u64, usize, Result<Rewarded>)>,
+    pending: HashMap<u64, usize>,
+    arrived: HashMap<u64, Vec<(usize, Result<Rewarded>)>>,
 }
 
 struct Job {
+    batch: u64,
     id: usize,
     task: usize,
     completion: String,
@@ -161,7 +165,7 @@ impl RewardPool {
                     };
                     let check = tasks[job.task].check.as_ref().expect("checked above");
                     let scored = score(&judge, &cache, check, &job.completion);
-                    if results.send((job.id, scored)).is_err() {
+                    if results.send((job.batch, job.id, scored)).is_err() {
                         return;
                     }
                 })
@@ -171,51 +175,51 @@ impl RewardPool {
             jobs: Some(jobs),
             done: Mutex::new(Returns {
                 results: done,
-                pending: 0,
+                pending: HashMap::new(),
+                arrived: HashMap::new(),
             }),
             workers,
             cache,
         })
     }
 
-    /// Hands in a completion (`id` names it in [`RewardPool::wait`]'s answer) to task
-    /// number `task`; a worker judges it while the caller goes on.
-    pub fn submit(&self, id: usize, task: usize, completion: String) {
+    /// Hands in a completion of `batch` (`id` names it in [`RewardPool::wait`]'s
+    /// answer) to task number `task`; a worker judges it while the caller goes on.
+    pub fn submit(&self, batch: u64, id: usize, task: usize, completion: String) {
         let mut done = self.done.lock().expect("pool lock");
         if let Some(jobs) = &self.jobs {
             if jobs
                 .send(Job {
+                    batch,
                     id,
                     task,
                     completion,
                 })
                 .is_ok()
             {
-                done.pending += 1;
+                *done.pending.entry(batch).or_default() += 1;
             }
         }
     }
 
-    /// The rewards of every completion handed in since the last call, by id.
-    pub fn wait(&self) -> Result<Vec<(usize, Rewarded)>> {
+    /// The rewards of every completion of `batch` handed in since the last call, by id;
+    /// other batches' go on being judged.
+    pub fn wait(&self, batch: u64) -> Result<Vec<(usize, Rewarded)>> {
         let mut done = self.done.lock().expect("pool lock");
-        let mut out = Vec::with_capacity(done.pending);
-        let mut first_error = None;
-        while done.pending > 0 {
-            let (id, scored) = done
+        while done.pending.get(&batch).copied().unwrap_or(0) > 0 {
+            let (b, id, scored) = done
                 .results
                 .recv()
                 .map_err(|_| TaskError::Input("the reward workers stopped".into()))?;
-            done.pending -= 1;
-            match scored {
-                Ok(r) => out.push((id, r)),
-                Err(e) => first_error = first_error.or(Some(e)),
-            }
+            *done.pending.get_mut(&b).expect("a batch handed in") -= 1;
+            done.arrived.entry(b).or_default().push((id, scored));
         }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(out),
+        done.pending.remove(&batch);
+        let mut out = Vec::new();
+        for (id, scored) in done.arrived.remove(&batch).unwrap_or_default() {
+            out.push((id, scored?));
         }
+        Ok(out)
     }
 
     /// Programs judged so far (distinct ones).
@@ -339,10 +343,15 @@ mod tests {
             "int add(int a, int b) { return a + ; }",
             "int add(int a, int b) { return a + b; }",
         ];
+        // Two batches in flight: the second is waited for first, and each gets its own.
         for (i, a) in answers.iter().enumerate() {
-            pool.submit(i, 0, a.to_string());
+            pool.submit(u64::from(i >= 4), i, 0, a.to_string());
         }
-        let mut got = pool.wait().unwrap();
+        let later = pool.wait(1).unwrap();
+        assert_eq!(later.len(), 2);
+        let mut got = pool.wait(0).unwrap();
+        assert!(pool.wait(0).unwrap().is_empty());
+        got.extend(later);
         got.sort_by_key(|(i, _)| *i);
         let rewards: Vec<f64> = got.iter().map(|(_, r)| r.reward).collect();
         assert_eq!(rewards, [6.5, 7.0, 1.5, 6.0, -1.0, 6.5], "{got:?}");

@@ -90,6 +90,11 @@ pub struct RlSettings {
     pub max_new_tokens: usize,
     /// Optimizer steps on each rollout batch (1: on-policy, the ratio exactly 1).
     pub updates: usize,
+    /// Sample the next rollout batch while the last rewards of this one come in, so
+    /// that the step does not wait for the judges: each update then learns from
+    /// completions sampled one update earlier, the ratio taken against the
+    /// log-probabilities they were sampled with.
+    pub sample_ahead: bool,
     /// The ratio is clipped to [1 - clip_low, 1 + clip_high] (DAPO: 0.2 and 0.28).
     pub clip_low: f64,
     pub clip_high: f64,
@@ -126,6 +131,7 @@ impl Default for RlSettings {
             top_p: 1.0,
             max_new_tokens: 2048,
             updates: 1,
+            sample_ahead: false,
             clip_low: 0.2,
             clip_high: 0.2,
             kl_coef: 0.01,
@@ -505,18 +511,174 @@ pub fn micro_batches(
 }
 
 /// A completion sampled for a prompt, and what it earned.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 struct Rollout {
     task: usize,
     group: usize,
     tokens: Vec<u32>,
     truncated: bool,
+    /// Its tokens' log-probabilities under the policy that sampled it, when the update
+    /// sees a later one (`rl.sample_ahead`).
+    sampled_logprobs: Option<Vec<f32>>,
     rewarded: Option<Rewarded>,
 }
 
+/// Rollouts handed to the reward pool: under which of its batch numbers (None: not in
+/// this process, as after a resume), and the seconds their sampling took.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct Drawn {
+    rollouts: Vec<Rollout>,
+    /// Further tasks of the batch's window, for groups of equal rewards to give way to.
+    spare: Vec<usize>,
+    #[serde(skip)]
+    pool_batch: Option<u64>,
+    #[serde(skip)]
+    generation: f64,
+}
+
+/// The text a completion's tokens make, without the end-of-turn token.
+fn completion_text(bpe: &Bpe, ids: &[u32]) -> String {
+    let stop_token = chat::end_of_turn(bpe);
+    let kept: Vec<u32> = ids.iter().copied().filter(|&t| t != stop_token).collect();
+    String::from_utf8_lossy(&bpe.decode(&kept)).into_owned()
+}
+
 /// Samples `samples` completions of each task's prompt with the shared sampler, each
-/// handed to `pool` as soon as it ends; returns them with their rewards, the seconds
-/// spent generating and the seconds then spent waiting for the last rewards.
+/// handed to `pool` under `pool_batch` as soon as it ends; returns them, without their
+/// rewards yet, and the seconds spent generating. With `keep_logprobs`, each keeps its
+/// tokens' log-probabilities under `model`.
+#[allow(clippy::too_many_arguments)]
+fn sample(
+    model: &Gpt,
+    bpe: &Bpe,
+    prompts: &[Vec<u32>],
+    tasks: &[usize],
+    samples: usize,
+    sampling: &Sampling,
+    pool: &RewardPool,
+    pool_batch: u64,
+    first_group: usize,
+    keep_logprobs: bool,
+) -> (Vec<Rollout>, f64) {
+    let stop_token = chat::end_of_turn(bpe);
+    let rows: Vec<(usize, usize)> = tasks
+        .iter()
+        .enumerate()
+        .flat_map(|(g, &t)| std::iter::repeat_n((t, first_group + g), samples))
+        .collect();
+    let row_prompts: Vec<Vec<u32>> = rows.iter().map(|&(t, _)| prompts[t].clone()).collect();
+    let started = Instant::now();
+    let mut finished = vec![false; rows.len()];
+    let generated = model.generate(&row_prompts, sampling, &mut |row, ids| {
+        let done = answer_ends(ids, stop_token, |t| bpe.decode(t));
+        if done {
+            finished[row] = true;
+            pool.submit(pool_batch, row, rows[row].0, completion_text(bpe, ids));
+        }
+        done
+    });
+    for (row, ids) in generated.iter().enumerate() {
+        if !finished[row] {
+            pool.submit(pool_batch, row, rows[row].0, completion_text(bpe, ids));
+        }
+    }
+    let logprobs = match keep_logprobs {
+        true => {
+            let prompts: Vec<&[u32]> = row_prompts.iter().map(Vec::as_slice).collect();
+            let completions: Vec<&[u32]> = generated.iter().map(Vec::as_slice).collect();
+            completion_logprobs(model, &prompts, &completions, sampling_rows(rows.len()))
+                .into_iter()
+                .map(Some)
+                .collect()
+        }
+        false => vec![None; rows.len()],
+    };
+    let generation = started.elapsed().as_secs_f64();
+    let rollouts = rows
+        .into_iter()
+        .zip(generated)
+        .zip(finished)
+        .zip(logprobs)
+        .map(
+            |((((task, group), tokens), finished), sampled_logprobs)| Rollout {
+                task,
+                group,
+                tokens,
+                truncated: !finished,
+                sampled_logprobs,
+                rewarded: None,
+            },
+        )
+        .collect();
+    (rollouts, generation)
+}
+
+/// Rows of a forward pass over sampled completions: as many as were sampled together,
+/// within a bound that keeps the logits of a pass small.
+fn sampling_rows(rows: usize) -> usize {
+    rows.clamp(1, 64)
+}
+
+/// Each completion's tokens' log-probabilities under `model`, after its prompt.
+fn completion_logprobs(
+    model: &Gpt,
+    prompts: &[&[u32]],
+    completions: &[&[u32]],
+    rows: usize,
+) -> Vec<Vec<f32>> {
+    let layout = vec![Some(0.0); prompts.len()];
+    let mut out = Vec::with_capacity(prompts.len());
+    tch::no_grad(|| {
+        for (k, b) in micro_batches(prompts, completions, &layout, rows, 0)
+            .iter()
+            .enumerate()
+        {
+            let all = host_f32(&target_logprobs(model, &b.to_device(model.device())).0);
+            let t = b.cols - 1;
+            for row in 0..b.rows {
+                let i = k * rows + row;
+                let start = row * t + prompts[i].len() - 1;
+                out.push(all[start..start + completions[i].len()].to_vec());
+            }
+        }
+    });
+    out
+}
+
+/// Waits for the rewards of `rollouts` (handed to `pool` under `pool_batch`, or now
+/// when None) and returns the seconds waited.
+fn collect(
+    pool: &RewardPool,
+    bpe: &Bpe,
+    pool_batch: Option<u64>,
+    next_batch: &mut u64,
+    rollouts: &mut [Rollout],
+) -> Result<f64> {
+    let batch = match pool_batch {
+        Some(b) => b,
+        None => {
+            let b = take(next_batch);
+            for (row, r) in rollouts.iter().enumerate() {
+                pool.submit(b, row, r.task, completion_text(bpe, &r.tokens));
+            }
+            b
+        }
+    };
+    let waited = Instant::now();
+    for (row, r) in pool.wait(batch)? {
+        rollouts[row].rewarded = Some(r);
+    }
+    Ok(waited.elapsed().as_secs_f64())
+}
+
+/// The current value of a counter, which moves on.
+fn take(counter: &mut u64) -> u64 {
+    *counter += 1;
+    *counter - 1
+}
+
+/// [`sample`], then [`collect`]: rollouts with their rewards, the seconds generating
+/// and the seconds waiting.
 #[allow(clippy::too_many_arguments)]
 fn sample_and_judge(
     model: &Gpt,
@@ -526,54 +688,24 @@ fn sample_and_judge(
     samples: usize,
     sampling: &Sampling,
     pool: &RewardPool,
+    next_batch: &mut u64,
     first_group: usize,
+    keep_logprobs: bool,
 ) -> Result<(Vec<Rollout>, f64, f64)> {
-    let stop_token = chat::end_of_turn(bpe);
-    let rows: Vec<(usize, usize)> = tasks
-        .iter()
-        .enumerate()
-        .flat_map(|(g, &t)| std::iter::repeat_n((t, first_group + g), samples))
-        .collect();
-    let row_prompts: Vec<Vec<u32>> = rows.iter().map(|&(t, _)| prompts[t].clone()).collect();
-    let text = |ids: &[u32]| {
-        let kept: Vec<u32> = ids.iter().copied().filter(|&t| t != stop_token).collect();
-        String::from_utf8_lossy(&bpe.decode(&kept)).into_owned()
-    };
-    let started = Instant::now();
-    let mut finished = vec![false; rows.len()];
-    let generated = model.generate(&row_prompts, sampling, &mut |row, ids| {
-        let done = answer_ends(ids, stop_token, |t| bpe.decode(t));
-        if done {
-            finished[row] = true;
-            pool.submit(row, rows[row].0, text(ids));
-        }
-        done
-    });
-    for (row, ids) in generated.iter().enumerate() {
-        if !finished[row] {
-            pool.submit(row, rows[row].0, text(ids));
-        }
-    }
-    let generation = started.elapsed().as_secs_f64();
-    let waited = Instant::now();
-    let mut rewards: Vec<Option<Rewarded>> = vec![None; rows.len()];
-    for (row, r) in pool.wait()? {
-        rewards[row] = Some(r);
-    }
-    let wait = waited.elapsed().as_secs_f64();
-    let rollouts = rows
-        .into_iter()
-        .zip(generated)
-        .zip(finished)
-        .zip(rewards)
-        .map(|((((task, group), tokens), finished), rewarded)| Rollout {
-            task,
-            group,
-            tokens,
-            truncated: !finished,
-            rewarded,
-        })
-        .collect();
+    let batch = take(next_batch);
+    let (mut rollouts, generation) = sample(
+        model,
+        bpe,
+        prompts,
+        tasks,
+        samples,
+        sampling,
+        pool,
+        batch,
+        first_group,
+        keep_logprobs,
+    );
+    let wait = collect(pool, bpe, Some(batch), next_batch, &mut rollouts)?;
     Ok((rollouts, generation, wait))
 }
 
@@ -608,6 +740,9 @@ struct RolloutState {
     current: Vec<MicroBatch>,
     next: usize,
     updates_done: usize,
+    /// With `rl.sample_ahead`: the rollouts sampled for the next batch, their rewards
+    /// still coming in.
+    pending: Option<Drawn>,
 }
 
 /// Rollout batches: this rank's share of the prompts, completions sampled by the policy,
@@ -629,6 +764,8 @@ struct RolloutSource<'a> {
     figures: Map<String, Value>,
     warnings: Vec<String>,
     rollouts_since: (usize, Instant),
+    /// The reward pool's batch number for the next rollouts handed in.
+    pool_batches: u64,
 }
 
 impl RolloutSource<'_> {
@@ -639,8 +776,31 @@ impl RolloutSource<'_> {
         order[(position % n) as usize]
     }
 
-    /// A new rollout batch, made with `model`.
+    /// A new rollout batch to learn from, made with `model`; with `rl.sample_ahead`,
+    /// the one sampled last time, while the next one is sampled now.
     fn roll_out(&mut self, model: &Gpt) -> Result<()> {
+        if !self.settings.sample_ahead {
+            let drawn = self.draw(model);
+            let generation = drawn.generation;
+            return self.settle(model, drawn, generation);
+        }
+        let (ready, before) = match self.state.pending.take() {
+            Some(d) => (d, 0.0),
+            None => {
+                let d = self.draw(model);
+                let g = d.generation;
+                (d, g)
+            }
+        };
+        let next = self.draw(model);
+        let generation = before + next.generation;
+        self.state.pending = Some(next);
+        self.settle(model, ready, generation)
+    }
+
+    /// This rank's prompts of the next window of the task stream, sampled and handed to
+    /// the reward pool.
+    fn draw(&mut self, model: &Gpt) -> Drawn {
         let s = self.settings;
         let per_rank = s.prompts / self.ranks;
         let rounds = if s.dynamic_sampling {
@@ -655,7 +815,33 @@ impl RolloutSource<'_> {
             .filter(|j| (*j as usize) % self.ranks == self.rank)
             .map(|j| self.task_at(self.state.position + j))
             .collect();
-        let sampling = |round: u64| Sampling {
+        let pool_batch = take(&mut self.pool_batches);
+        let (rollouts, generation) = sample(
+            model,
+            self.bpe,
+            &self.prompts,
+            &mine[..per_rank.min(mine.len())],
+            s.samples,
+            &self.sampling(0),
+            self.pool,
+            pool_batch,
+            0,
+            s.sample_ahead,
+        );
+        self.state.position += window;
+        self.state.batches += 1;
+        Drawn {
+            rollouts,
+            spare: mine.into_iter().skip(per_rank).collect(),
+            pool_batch: Some(pool_batch),
+            generation,
+        }
+    }
+
+    /// The sampling of the batch drawn last, in its replacement round `round`.
+    fn sampling(&self, round: u64) -> Sampling {
+        let s = self.settings;
+        Sampling {
             temperature: s.temperature,
             top_k: s.top_k,
             top_p: s.top_p,
@@ -665,16 +851,27 @@ impl RolloutSource<'_> {
                 ^ (round << 8)
                 ^ self.rank as u64,
             ..Default::default()
-        };
-        let (mut rollouts, mut generation, mut wait) = sample_and_judge(
-            model,
-            self.bpe,
-            &self.prompts,
-            &mine[..per_rank.min(mine.len())],
-            s.samples,
-            &sampling(0),
+        }
+    }
+
+    /// The drawn rollouts with their rewards (groups of equal rewards replaced with
+    /// `rl.dynamic_sampling`) as the micro-batches to learn from; `generation`: the
+    /// seconds this step has spent sampling so far.
+    fn settle(&mut self, model: &Gpt, drawn: Drawn, mut generation: f64) -> Result<()> {
+        let s = self.settings;
+        let per_rank = s.prompts / self.ranks;
+        let Drawn {
+            mut rollouts,
+            spare,
+            pool_batch,
+            ..
+        } = drawn;
+        let mut wait = collect(
             self.pool,
-            0,
+            self.bpe,
+            pool_batch,
+            &mut self.pool_batches,
+            &mut rollouts,
         )?;
         let penalized = |r: &Rollout| {
             let base = r.rewarded.as_ref().map_or(f64::NAN, |x| x.reward);
@@ -697,7 +894,7 @@ impl RolloutSource<'_> {
                 .collect()
         };
         // Dynamic sampling: groups with equal rewards give way to further prompts' groups.
-        let mut spare = mine.iter().skip(per_rank).copied();
+        let mut spare = spare.into_iter();
         let mut replaced = 0;
         let mut round = 1;
         loop {
@@ -717,9 +914,11 @@ impl RolloutSource<'_> {
                 &self.prompts,
                 &fresh,
                 s.samples,
-                &sampling(round),
+                &self.sampling(round),
                 self.pool,
+                &mut self.pool_batches,
                 per_rank,
+                s.sample_ahead,
             )?;
             generation += g;
             wait += w;
@@ -748,9 +947,6 @@ impl RolloutSource<'_> {
         }
         rollouts.sort_by_key(|r| r.group);
 
-        self.state.position += window;
-        self.state.batches += 1;
-
         let rewards: Vec<f64> = rollouts.iter().map(penalized).collect();
         let groups: Vec<usize> = rollouts.iter().map(|r| r.group).collect();
         let cut: Vec<bool> = rollouts.iter().map(|r| r.truncated).collect();
@@ -771,8 +967,9 @@ impl RolloutSource<'_> {
         // of the reference.
         let mut kl_sum = 0.0;
         let mut kl_targets = 0.0;
+        let rows = self.device_batch.max(1);
         tch::no_grad(|| {
-            for b in &mut batches {
+            for (k, b) in batches.iter_mut().enumerate() {
                 let d = b.to_device(model.device());
                 let need_policy = s.updates > 1 || self.reference.is_some();
                 let policy = need_policy.then(|| target_logprobs(model, &d).0);
@@ -784,8 +981,13 @@ impl RolloutSource<'_> {
                     kl_sum += (k3 * &learned).sum(Kind::Double).double_value(&[]);
                     kl_targets += learned.sum(Kind::Double).double_value(&[]);
                 }
+                let sampled = s
+                    .sample_ahead
+                    .then(|| sampled_targets(b, &prompts[k * rows..], &rollouts[k * rows..]));
                 let w = b.weights.as_mut().expect("made above");
-                if s.updates > 1 {
+                if sampled.is_some() {
+                    w.old_logprobs = sampled;
+                } else if s.updates > 1 {
                     w.old_logprobs = policy.as_ref().map(host_f32);
                 }
                 w.ref_logprobs = reference.as_ref().map(host_f32);
@@ -817,6 +1019,19 @@ impl RolloutSource<'_> {
         self.state.updates_done = 0;
         Ok(())
     }
+}
+
+/// A micro-batch's targets' log-probabilities under the policy that sampled its rows
+/// (`prompts` and `rollouts` from its first row on; 0 outside the completions).
+fn sampled_targets(b: &MicroBatch, prompts: &[&[u32]], rollouts: &[Rollout]) -> Vec<f32> {
+    let t = b.cols - 1;
+    let mut out = vec![0f32; b.rows * t];
+    for (row, (prompt, r)) in prompts.iter().zip(rollouts).take(b.rows).enumerate() {
+        let lp = r.sampled_logprobs.as_deref().unwrap_or_default();
+        let start = row * t + prompt.len() - 1;
+        out[start..start + lp.len()].copy_from_slice(lp);
+    }
+    out
 }
 
 fn host_f32(t: &Tensor) -> Vec<f32> {
@@ -935,6 +1150,7 @@ impl BatchSource for RolloutSource<'_> {
             self.state.current.clear();
             self.state.next = 0;
             self.state.updates_done = 0;
+            self.state.pending = None;
         }
         Ok(())
     }
@@ -1010,7 +1226,9 @@ impl Evaluation for RlEval<'_> {
             1,
             &greedy,
             self.pool,
+            &mut 0,
             0,
+            false,
         )?;
         let n = answers.len() as f64;
         let judged: Vec<&Rewarded> = answers.iter().filter_map(|a| a.rewarded.as_ref()).collect();
@@ -1147,7 +1365,7 @@ pub fn rl(
         "rl": {
             "prompts": s.prompts, "samples": s.samples, "temperature": s.temperature,
             "top_k": s.top_k, "top_p": s.top_p, "max_new_tokens": s.max_new_tokens,
-            "updates": s.updates, "clip_low": s.clip_low, "clip_high": s.clip_high,
+            "updates": s.updates, "sample_ahead": s.sample_ahead, "clip_low": s.clip_low, "clip_high": s.clip_high,
             "kl_coef": s.kl_coef, "normalization": s.normalization,
             "scale_by_std": s.scale_by_std, "dynamic_sampling": s.dynamic_sampling,
             "dynamic_rounds": s.dynamic_rounds, "overlong": s.overlong,
@@ -1170,6 +1388,7 @@ pub fn rl(
         figures: Map::new(),
         warnings: Vec::new(),
         rollouts_since: (0, Instant::now()),
+        pool_batches: 0,
     };
     let mut evaluation = RlEval {
         tasks: &eval_tasks,
