@@ -8,6 +8,8 @@
 # rate on the held-out (test split) tasks before and after RL.
 # With PRETRAINED set to a pretraining run on this machine (benches/tok/judged.sh leaves
 # one in /tmp/cxxlm-judged/d12), that run is fine-tuned instead of a fresh brief one.
+# RL samples each rollout batch while the last rewards of the one before come in
+# (rl.sample_ahead; SAMPLE_AHEAD=false for on-policy batches that wait for their rewards).
 # Results (metrics, logs, summary) land in $OUT (or gpu-out/).
 #
 #   [PRETRAINED=RUN] benches/rl/gpu.sh [PRETRAIN_SECONDS] [RL_SECONDS] [HELD_OUT_TASKS]   # defaults: 150, 150, 100
@@ -33,6 +35,7 @@ pretrained_d12 "$pretrain_seconds"
 # The seeds' 5e-7 barely moves a d12 in a few minutes: 1e-5, as SFT's seeds' rate.
 "$cxxlm" train rl --init "$work/sft" --tasks gpu/tasks -o "$work/rl" \
     --set rl.prompts=32 --set rl.samples=8 --set rl.max_new_tokens=256 --set rl.temperature=0.8 \
+    --set rl.sample_ahead="${SAMPLE_AHEAD:-true}" \
     --set train.device_batch=32 --set train.steps=1000 --set train.time_budget="$rl_seconds" \
     --set optim.matrix_lr=1e-5 --set optim.embedding_lr=1e-5 --set optim.unembedding_lr=1e-5 \
     --set eval.every=0 --set checkpoint.every=0 --log-every 1 >"$out/rl.log" 2>&1 \
