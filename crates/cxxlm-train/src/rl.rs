@@ -543,74 +543,100 @@ fn completion_text(bpe: &Bpe, ids: &[u32]) -> String {
     String::from_utf8_lossy(&bpe.decode(&kept)).into_owned()
 }
 
-/// Samples `samples` completions of each task's prompt with the shared sampler, each
-/// handed to `pool` under `pool_batch` as soon as it ends; returns them, without their
-/// rewards yet, and the seconds spent generating. With `keep_logprobs`, each keeps its
-/// tokens' log-probabilities under `model`.
-#[allow(clippy::too_many_arguments)]
-fn sample(
-    model: &Gpt,
-    bpe: &Bpe,
-    prompts: &[Vec<u32>],
-    tasks: &[usize],
+/// What to sample: `samples` completions of each of `tasks`' prompts, their groups
+/// numbered from `first_group`; with `keep_logprobs`, each keeps its tokens'
+/// log-probabilities under the model that sampled it.
+struct Request<'a> {
+    tasks: &'a [usize],
     samples: usize,
-    sampling: &Sampling,
-    pool: &RewardPool,
-    pool_batch: u64,
+    sampling: Sampling,
     first_group: usize,
     keep_logprobs: bool,
-) -> (Vec<Rollout>, f64) {
-    let stop_token = chat::end_of_turn(bpe);
-    let rows: Vec<(usize, usize)> = tasks
-        .iter()
-        .enumerate()
-        .flat_map(|(g, &t)| std::iter::repeat_n((t, first_group + g), samples))
-        .collect();
-    let row_prompts: Vec<Vec<u32>> = rows.iter().map(|&(t, _)| prompts[t].clone()).collect();
-    let started = Instant::now();
-    let mut finished = vec![false; rows.len()];
-    let generated = model.generate(&row_prompts, sampling, &mut |row, ids| {
-        let done = answer_ends(ids, stop_token, |t| bpe.decode(t));
-        if done {
-            finished[row] = true;
-            pool.submit(pool_batch, row, rows[row].0, completion_text(bpe, ids));
+}
+
+/// The policy with what it samples for: the tasks' prompts, and the pool that judges.
+struct Sampler<'a> {
+    model: &'a Gpt,
+    bpe: &'a Bpe,
+    prompts: &'a [Vec<u32>],
+    pool: &'a RewardPool,
+}
+
+impl Sampler<'_> {
+    /// Samples what `req` asks with the shared sampler, each completion handed to the
+    /// pool under `pool_batch` as soon as it ends; returns them, without their rewards
+    /// yet, and the seconds spent generating.
+    fn sample(&self, req: &Request, pool_batch: u64) -> (Vec<Rollout>, f64) {
+        let (model, bpe) = (self.model, self.bpe);
+        let stop_token = chat::end_of_turn(bpe);
+        let rows: Vec<(usize, usize)> = req
+            .tasks
+            .iter()
+            .enumerate()
+            .flat_map(|(g, &t)| std::iter::repeat_n((t, req.first_group + g), req.samples))
+            .collect();
+        let row_prompts: Vec<Vec<u32>> =
+            rows.iter().map(|&(t, _)| self.prompts[t].clone()).collect();
+        let started = Instant::now();
+        let mut finished = vec![false; rows.len()];
+        let generated = model.generate(&row_prompts, &req.sampling, &mut |row, ids| {
+            let done = answer_ends(ids, stop_token, |t| bpe.decode(t));
+            if done {
+                finished[row] = true;
+                self.pool
+                    .submit(pool_batch, row, rows[row].0, completion_text(bpe, ids));
+            }
+            done
+        });
+        for (row, ids) in generated.iter().enumerate() {
+            if !finished[row] {
+                self.pool
+                    .submit(pool_batch, row, rows[row].0, completion_text(bpe, ids));
+            }
         }
-        done
-    });
-    for (row, ids) in generated.iter().enumerate() {
-        if !finished[row] {
-            pool.submit(pool_batch, row, rows[row].0, completion_text(bpe, ids));
-        }
+        let logprobs = match req.keep_logprobs {
+            true => {
+                let prompts: Vec<&[u32]> = row_prompts.iter().map(Vec::as_slice).collect();
+                let completions: Vec<&[u32]> = generated.iter().map(Vec::as_slice).collect();
+                completion_logprobs(model, &prompts, &completions, sampling_rows(rows.len()))
+                    .into_iter()
+                    .map(Some)
+                    .collect()
+            }
+            false => vec![None; rows.len()],
+        };
+        let generation = started.elapsed().as_secs_f64();
+        let rollouts = rows
+            .into_iter()
+            .zip(generated)
+            .zip(finished)
+            .zip(logprobs)
+            .map(
+                |((((task, group), tokens), finished), sampled_logprobs)| Rollout {
+                    task,
+                    group,
+                    tokens,
+                    truncated: !finished,
+                    sampled_logprobs,
+                    rewarded: None,
+                },
+            )
+            .collect();
+        (rollouts, generation)
     }
-    let logprobs = match keep_logprobs {
-        true => {
-            let prompts: Vec<&[u32]> = row_prompts.iter().map(Vec::as_slice).collect();
-            let completions: Vec<&[u32]> = generated.iter().map(Vec::as_slice).collect();
-            completion_logprobs(model, &prompts, &completions, sampling_rows(rows.len()))
-                .into_iter()
-                .map(Some)
-                .collect()
-        }
-        false => vec![None; rows.len()],
-    };
-    let generation = started.elapsed().as_secs_f64();
-    let rollouts = rows
-        .into_iter()
-        .zip(generated)
-        .zip(finished)
-        .zip(logprobs)
-        .map(
-            |((((task, group), tokens), finished), sampled_logprobs)| Rollout {
-                task,
-                group,
-                tokens,
-                truncated: !finished,
-                sampled_logprobs,
-                rewarded: None,
-            },
-        )
-        .collect();
-    (rollouts, generation)
+
+    /// [`Sampler::sample`], then [`collect`]: rollouts with their rewards, the seconds
+    /// generating and the seconds waiting.
+    fn sample_and_judge(
+        &self,
+        req: &Request,
+        next_batch: &mut u64,
+    ) -> Result<(Vec<Rollout>, f64, f64)> {
+        let batch = take(next_batch);
+        let (mut rollouts, generation) = self.sample(req, batch);
+        let wait = collect(self.pool, self.bpe, Some(batch), next_batch, &mut rollouts)?;
+        Ok((rollouts, generation, wait))
+    }
 }
 
 /// Rows of a forward pass over sampled completions: as many as were sampled together,
@@ -675,38 +701,6 @@ fn collect(
 fn take(counter: &mut u64) -> u64 {
     *counter += 1;
     *counter - 1
-}
-
-/// [`sample`], then [`collect`]: rollouts with their rewards, the seconds generating
-/// and the seconds waiting.
-#[allow(clippy::too_many_arguments)]
-fn sample_and_judge(
-    model: &Gpt,
-    bpe: &Bpe,
-    prompts: &[Vec<u32>],
-    tasks: &[usize],
-    samples: usize,
-    sampling: &Sampling,
-    pool: &RewardPool,
-    next_batch: &mut u64,
-    first_group: usize,
-    keep_logprobs: bool,
-) -> Result<(Vec<Rollout>, f64, f64)> {
-    let batch = take(next_batch);
-    let (mut rollouts, generation) = sample(
-        model,
-        bpe,
-        prompts,
-        tasks,
-        samples,
-        sampling,
-        pool,
-        batch,
-        first_group,
-        keep_logprobs,
-    );
-    let wait = collect(pool, bpe, Some(batch), next_batch, &mut rollouts)?;
-    Ok((rollouts, generation, wait))
 }
 
 /// A deterministic permutation of `0..n` for `seed`.
@@ -816,18 +810,14 @@ impl RolloutSource<'_> {
             .map(|j| self.task_at(self.state.position + j))
             .collect();
         let pool_batch = take(&mut self.pool_batches);
-        let (rollouts, generation) = sample(
-            model,
-            self.bpe,
-            &self.prompts,
-            &mine[..per_rank.min(mine.len())],
-            s.samples,
-            &self.sampling(0),
-            self.pool,
-            pool_batch,
-            0,
-            s.sample_ahead,
-        );
+        let req = Request {
+            tasks: &mine[..per_rank.min(mine.len())],
+            samples: s.samples,
+            sampling: self.sampling(0),
+            first_group: 0,
+            keep_logprobs: s.sample_ahead,
+        };
+        let (rollouts, generation) = self.sampler(model).sample(&req, pool_batch);
         self.state.position += window;
         self.state.batches += 1;
         Drawn {
@@ -835,6 +825,15 @@ impl RolloutSource<'_> {
             spare: mine.into_iter().skip(per_rank).collect(),
             pool_batch: Some(pool_batch),
             generation,
+        }
+    }
+
+    fn sampler<'m>(&'m self, model: &'m Gpt) -> Sampler<'m> {
+        Sampler {
+            model,
+            bpe: self.bpe,
+            prompts: &self.prompts,
+            pool: self.pool,
         }
     }
 
@@ -908,18 +907,16 @@ impl RolloutSource<'_> {
             if fresh.is_empty() {
                 break;
             }
-            let (more, g, w) = sample_and_judge(
-                model,
-                self.bpe,
-                &self.prompts,
-                &fresh,
-                s.samples,
-                &self.sampling(round),
-                self.pool,
-                &mut self.pool_batches,
-                per_rank,
-                s.sample_ahead,
-            )?;
+            let req = Request {
+                tasks: &fresh,
+                samples: s.samples,
+                sampling: self.sampling(round),
+                first_group: per_rank,
+                keep_logprobs: s.sample_ahead,
+            };
+            let mut batches = self.pool_batches;
+            let (more, g, w) = self.sampler(model).sample_and_judge(&req, &mut batches)?;
+            self.pool_batches = batches;
             generation += g;
             wait += w;
             round += 1;
@@ -1218,18 +1215,20 @@ impl Evaluation for RlEval<'_> {
             ..Default::default()
         };
         let all: Vec<usize> = (0..self.tasks.len()).collect();
-        let (answers, _, _) = sample_and_judge(
+        let sampler = Sampler {
             model,
-            self.bpe,
-            &self.prompts,
-            &all,
-            1,
-            &greedy,
-            self.pool,
-            &mut 0,
-            0,
-            false,
-        )?;
+            bpe: self.bpe,
+            prompts: &self.prompts,
+            pool: self.pool,
+        };
+        let req = Request {
+            tasks: &all,
+            samples: 1,
+            sampling: greedy,
+            first_group: 0,
+            keep_logprobs: false,
+        };
+        let (answers, _, _) = sampler.sample_and_judge(&req, &mut 0)?;
         let n = answers.len() as f64;
         let judged: Vec<&Rewarded> = answers.iter().filter_map(|a| a.rewarded.as_ref()).collect();
         let share =
