@@ -544,14 +544,15 @@ fn completion_text(bpe: &Bpe, ids: &[u32]) -> String {
 }
 
 /// What to sample: `samples` completions of each of `tasks`' prompts, their groups
-/// numbered from `first_group`; with `keep_logprobs`, each keeps its tokens'
-/// log-probabilities under the model that sampled it.
+/// numbered from `first_group`; with `logprob_rows` set, each keeps its tokens'
+/// log-probabilities under the model that sampled it, computed that many completions
+/// per forward pass.
 struct Request<'a> {
     tasks: &'a [usize],
     samples: usize,
     sampling: Sampling,
     first_group: usize,
-    keep_logprobs: bool,
+    logprob_rows: Option<usize>,
 }
 
 /// The policy with what it samples for: the tasks' prompts, and the pool that judges.
@@ -594,16 +595,16 @@ impl Sampler<'_> {
                     .submit(pool_batch, row, rows[row].0, completion_text(bpe, ids));
             }
         }
-        let logprobs = match req.keep_logprobs {
-            true => {
+        let logprobs = match req.logprob_rows {
+            Some(per_pass) => {
                 let prompts: Vec<&[u32]> = row_prompts.iter().map(Vec::as_slice).collect();
                 let completions: Vec<&[u32]> = generated.iter().map(Vec::as_slice).collect();
-                completion_logprobs(model, &prompts, &completions, sampling_rows(rows.len()))
+                completion_logprobs(model, &prompts, &completions, per_pass)
                     .into_iter()
                     .map(Some)
                     .collect()
             }
-            false => vec![None; rows.len()],
+            None => vec![None; rows.len()],
         };
         let generation = started.elapsed().as_secs_f64();
         let rollouts = rows
@@ -639,12 +640,6 @@ impl Sampler<'_> {
     }
 }
 
-/// Rows of a forward pass over sampled completions: as many as were sampled together,
-/// within a bound that keeps the logits of a pass small.
-fn sampling_rows(rows: usize) -> usize {
-    rows.clamp(1, 64)
-}
-
 /// Each completion's tokens' log-probabilities under `model`, after its prompt.
 fn completion_logprobs(
     model: &Gpt,
@@ -652,6 +647,7 @@ fn completion_logprobs(
     completions: &[&[u32]],
     rows: usize,
 ) -> Vec<Vec<f32>> {
+    let rows = rows.max(1);
     let layout = vec![Some(0.0); prompts.len()];
     let mut out = Vec::with_capacity(prompts.len());
     tch::no_grad(|| {
@@ -815,7 +811,7 @@ impl RolloutSource<'_> {
             samples: s.samples,
             sampling: self.sampling(0),
             first_group: 0,
-            keep_logprobs: s.sample_ahead,
+            logprob_rows: s.sample_ahead.then_some(self.device_batch),
         };
         let (rollouts, generation) = self.sampler(model).sample(&req, pool_batch);
         self.state.position += window;
@@ -912,7 +908,7 @@ impl RolloutSource<'_> {
                 samples: s.samples,
                 sampling: self.sampling(round),
                 first_group: per_rank,
-                keep_logprobs: s.sample_ahead,
+                logprob_rows: s.sample_ahead.then_some(self.device_batch),
             };
             let mut batches = self.pool_batches;
             let (more, g, w) = self.sampler(model).sample_and_judge(&req, &mut batches)?;
@@ -1226,7 +1222,7 @@ impl Evaluation for RlEval<'_> {
             samples: 1,
             sampling: greedy,
             first_group: 0,
-            keep_logprobs: false,
+            logprob_rows: None,
         };
         let (answers, _, _) = sampler.sample_and_judge(&req, &mut 0)?;
         let n = answers.len() as f64;
