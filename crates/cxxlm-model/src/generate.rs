@@ -164,7 +164,7 @@ fn penalize(logits: &Tensor, each: &[Sampling], recent: &[&[u32]]) -> Tensor {
 
 /// `logits (B, V)` with row `i`'s tokens outside `allowed[i]` ruled out (rows without a
 /// set, or past the end of `allowed`, keep every token).
-fn only(logits: &Tensor, allowed: &[Option<Vec<u32>>]) -> Tensor {
+pub fn allow_only(logits: &Tensor, allowed: &[Option<Vec<u32>>]) -> Tensor {
     let (rows, vocab) = (logits.size()[0] as usize, logits.size()[1] as usize);
     let mut mask = vec![0f32; rows * vocab];
     for (row, set) in allowed.iter().enumerate().take(rows) {
@@ -355,7 +355,7 @@ impl Gpt {
         let mut decoder = self.decoder(batch, keep + budget);
         let mut logits = decoder.prefill(self, 0, 0, &trimmed);
         if first.iter().any(Option::is_some) {
-            logits = only(&logits, first);
+            logits = allow_only(&logits, first);
         }
         let mut positions: Vec<usize> = trimmed.iter().map(|p| p.len()).collect();
         let each = vec![sampling.clone(); batch];

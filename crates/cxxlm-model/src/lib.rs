@@ -10,7 +10,7 @@ pub mod packing;
 
 pub use config::{Activation, ModelConfig, ModelOverrides, Yarn, PRESETS};
 pub use explicit::{check_explicit_pass, explicit_unsupported, Part, Phases, WeightStore};
-pub use generate::{sample, Decoder, Rows, Sampling};
+pub use generate::{allow_only, sample, Decoder, Rows, Sampling};
 pub use gpt::Gpt;
 pub use packing::Packing;
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cxxlm_tokenizer::chat::{self, Message, Role};
+use cxxlm_tokenizer::Healing;
 use serde_json::{json, Map, Value};
 
 use crate::engine::{Engine, Event, Finish, Job, COMPLETE, GONE, GO_ON};
@@ -190,11 +191,15 @@ struct Generation {
     body: Option<BodyStop>,
     /// Chat: the agent's markers (thoughts, tool calls) are written out, not stops.
     agent_markers: bool,
+    /// A plain prompt's last token, taken off (see [`cxxlm_tokenizer::Bpe::heal`]).
+    healing: Option<Healing>,
 }
 
 struct Choice {
     events: Receiver<Event>,
     cancel: Arc<AtomicU8>,
+    /// What the first token repeats of the prompt, left out of the text.
+    heal: Option<Healing>,
     utf8: Utf8Stream,
     fit: Option<Reindent>,
     body: Option<BodyEnd>,
@@ -542,6 +547,7 @@ impl Server {
                 sampling: g.sampling.clone(),
                 max_tokens,
                 stop_tokens: stop_tokens.clone(),
+                first_tokens: g.healing.as_ref().map(|h| h.allowed.clone()),
                 cancel: cancel.clone(),
                 events: tx,
             };
@@ -558,6 +564,7 @@ impl Server {
             choices.push(Choice {
                 events: rx,
                 cancel,
+                heal: g.healing.clone(),
                 utf8: Utf8Stream::default(),
                 fit: g.fit.clone(),
                 body: g.body.map(BodyEnd::new),
@@ -636,7 +643,11 @@ impl Server {
                         t.generated += 1;
                         c.tokens += 1;
                         if token < base || (g.agent_markers && self.markers.contains(&token)) {
-                            let piece = c.utf8.push(&bpe.decode(&[token]));
+                            let bytes = bpe.decode(&[token]);
+                            let piece = match c.heal.take() {
+                                Some(h) => c.utf8.push(h.strip(&bytes)),
+                                None => c.utf8.push(&bytes),
+                            };
                             new = fitted(c, &piece);
                         }
                     }
@@ -791,6 +802,7 @@ impl Server {
                 let mut ids = vec![self.info.tokenizer.special_id("<|bos|>").unwrap_or(0)];
                 ids.extend(self.info.tokenizer.encode(&prompt));
                 self.check_length(&ids)?;
+                g.healing = self.info.tokenizer.heal(&mut ids);
                 g.prompt = ids;
                 g.body = BodyStop::after(&prompt);
             }
@@ -899,6 +911,7 @@ impl Server {
             truncated: false,
             body: None,
             agent_markers: false,
+            healing: None,
         })
     }
 
@@ -1289,6 +1302,7 @@ impl Server {
                 let mut ids = vec![self.info.tokenizer.special_id("<|bos|>").unwrap_or(0)];
                 ids.extend(self.info.tokenizer.encode(&prompt));
                 self.check_length(&ids)?;
+                g.healing = self.info.tokenizer.heal(&mut ids);
                 g.prompt = ids;
                 g.body = BodyStop::after(&prompt);
             }

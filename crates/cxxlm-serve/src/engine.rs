@@ -27,6 +27,9 @@ pub struct Job {
     pub max_tokens: usize,
     /// Tokens that end the sequence (not part of it).
     pub stop_tokens: Vec<u32>,
+    /// The ids the first new token must be one of (token healing: the prompt's last
+    /// token was taken off); None: any.
+    pub first_tokens: Option<Vec<u32>>,
     /// [`GO_ON`], [`COMPLETE`] or [`GONE`], set by the request's connection.
     pub cancel: Arc<AtomicU8>,
     pub events: Sender<Event>,
@@ -243,7 +246,13 @@ fn run<M: Model>(
             let keep = common_prefix(&slot.cached, &job.prompt).min(job.prompt.len() - 1);
             slot.cached.truncate(keep);
             let started = Instant::now();
-            let first = model.prefill(index, keep, &job.prompt, &job.sampling);
+            let first = model.prefill(
+                index,
+                keep,
+                &job.prompt,
+                &job.sampling,
+                job.first_tokens.as_deref(),
+            );
             let first = match first {
                 Ok(t) => t,
                 Err(e) => {

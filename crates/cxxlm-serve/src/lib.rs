@@ -67,13 +67,14 @@ pub trait Model {
     fn context(&self) -> usize;
     /// Computes `prompt[from..]` into `slot` from position `from` on (the slot's first
     /// `from` positions hold the rest, kept from its previous sequence) and samples the
-    /// next token.
+    /// next token, one of `first` when given.
     fn prefill(
         &mut self,
         slot: usize,
         from: usize,
         prompt: &[u32],
         sampling: &Sampling,
+        first: Option<&[u32]>,
     ) -> Result<u32, String>;
     /// Feeds each row's token at its position and samples the next one of each.
     fn step(&mut self, rows: &[StepRow]) -> Result<Vec<u32>, String>;

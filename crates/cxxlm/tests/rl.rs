@@ -211,6 +211,23 @@ fn comparable(records: Vec<Value>) -> Vec<Value> {
         .collect()
 }
 
+/// Runs `settings` stopped at step `stop_at` and then resumed, into `name`: its metrics
+/// must repeat `whole`'s (the uninterrupted run's) bit for bit.
+fn stopped_and_resumed(t: &Tuned, name: &str, settings: &[&str], stop_at: &str, whole: Vec<Value>) {
+    let split = t.p.f.root.join(name);
+    run_ok(&rl_args(
+        t,
+        &split,
+        &[settings, &["--stop-at", stop_at]].concat(),
+    ));
+    run_ok(&rl_args(t, &split, &[settings, &["--resume"]].concat()));
+    assert_eq!(
+        comparable(metrics_records(&split)),
+        comparable(whole),
+        "metrics repeat bit for bit"
+    );
+}
+
 #[test]
 fn rl_rewards_completions_in_the_sandbox_and_resumes_bit_exactly() {
     let t = tuned();
@@ -272,18 +289,7 @@ fn rl_rewards_completions_in_the_sandbox_and_resumes_bit_exactly() {
     assert_eq!(held_out.len(), 3, "at the start, step 3 and the end");
 
     // Stopped in the middle of a rollout batch's updates, then resumed.
-    let split = t.p.f.root.join("split");
-    run_ok(&rl_args(
-        &t,
-        &split,
-        &[&steps[..], &["--stop-at", "3"]].concat(),
-    ));
-    run_ok(&rl_args(&t, &split, &[&steps[..], &["--resume"]].concat()));
-    assert_eq!(
-        comparable(metrics_records(&split)),
-        comparable(all),
-        "metrics repeat bit for bit"
-    );
+    stopped_and_resumed(&t, "split", &steps, "3", all);
 
     // Bad settings and inputs are named.
     let bad = t.p.f.root.join("bad");
@@ -334,16 +340,5 @@ fn sampling_ahead_learns_from_the_batch_drawn_an_update_earlier_and_resumes_bit_
 
     // Stopped with a batch sampled and not yet learned from, then resumed: the batch
     // comes back from the checkpoint and is judged again.
-    let split = t.p.f.root.join("ahead-split");
-    run_ok(&rl_args(
-        &t,
-        &split,
-        &[&steps[..], &["--stop-at", "2"]].concat(),
-    ));
-    run_ok(&rl_args(&t, &split, &[&steps[..], &["--resume"]].concat()));
-    assert_eq!(
-        comparable(metrics_records(&split)),
-        comparable(all),
-        "metrics repeat bit for bit"
-    );
+    stopped_and_resumed(&t, "ahead-split", &steps, "2", all);
 }

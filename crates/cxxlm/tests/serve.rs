@@ -368,3 +368,44 @@ fn infill_without_context_gets_it_from_the_repository_index() {
     own["input_extra"] = serde_json::json!([{"filename": "mine.h", "text": "int mine();\n"}]);
     assert!(post(&server, "/infill", own).get("index_context").is_none());
 }
+
+#[test]
+fn a_plain_prompt_is_healed_alike_by_serve_and_sample() {
+    let t = trained();
+    let bpe = cxxlm_tokenizer::load(&t._f.tokenizer).unwrap();
+    // A prompt whose last token the training text extended (a brace before an indented
+    // line, or a word cut at the cursor): it is taken off, and the first token written
+    // must begin with it.
+    let prompt = [
+        "int count(const char* s) {\n",
+        "namespace std {\n",
+        "typedef std::vec",
+        "typename iterator_tra",
+    ]
+    .into_iter()
+    .find(|p| bpe.heal(&mut bpe.encode(p)).is_some())
+    .expect("one of the prompts ends with a token that longer ones begin with");
+    let server = serve(&t.run, &[]);
+    let answer = post(
+        &server,
+        "/v1/completions",
+        serde_json::json!({"prompt": prompt, "max_tokens": 12, "temperature": 0}),
+    );
+    let text = answer["choices"][0]["text"].as_str().unwrap();
+    let sampled = run_ok(&[
+        "sample",
+        "--checkpoint",
+        t.run.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&sampled.stdout),
+        format!("{prompt}{text}\n"),
+        "serve and sample continue the healed prompt alike"
+    );
+}

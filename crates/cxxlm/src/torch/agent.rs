@@ -38,6 +38,7 @@ impl Model for InProcess {
             sampling: self.sampling.clone(),
             max_tokens,
             stop_tokens: vec![chat::end_of_turn(&self.bpe)],
+            first_tokens: None,
             cancel: Arc::new(AtomicU8::new(GO_ON)),
             events,
         };

@@ -128,7 +128,12 @@ pub fn run(args: SampleArgs) -> Result<()> {
     if fim.is_none() && args.prompt.is_none() {
         bail!("give --prompt, or --fim-prefix and --fim-suffix");
     }
-    let ids = prompt_ids(&bpe, &text, fim);
+    let mut ids = prompt_ids(&bpe, &text, fim);
+    // A plain prompt is healed (`Bpe::heal`): its last token may be a cut one.
+    let healing = match fim {
+        None => bpe.heal(&mut ids),
+        Some(_) => None,
+    };
     let eos = special(&bpe, "<|eos|>");
     let sampling = Sampling {
         temperature: args.temperature,
@@ -146,9 +151,12 @@ pub fn run(args: SampleArgs) -> Result<()> {
     };
     let written = |t: &[u32]| {
         let body: Vec<u32> = t.iter().copied().filter(|&t| t != eos).collect();
-        String::from_utf8_lossy(&bpe.decode(&body)).into_owned()
+        let bytes = bpe.decode(&body);
+        let bytes = healing.as_ref().map_or(&bytes[..], |h| h.strip(&bytes));
+        String::from_utf8_lossy(bytes).into_owned()
     };
-    let outs = model.generate(&vec![ids; args.n], &sampling, &mut |_, t| {
+    let first = vec![healing.as_ref().map(|h| h.allowed.clone()); args.n];
+    let outs = model.generate_healed(&vec![ids; args.n], &first, &sampling, &mut |_, t| {
         t.last() == Some(&eos) || body.is_some_and(|b| b.end(&written(t)).is_some())
     });
     for (i, out) in outs.iter().enumerate() {

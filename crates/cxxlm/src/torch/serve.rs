@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use cxxlm::cli::ServeArgs;
-use cxxlm_model::{sample, Decoder, Gpt, Rows};
+use cxxlm_model::{allow_only, sample, Decoder, Gpt, Rows};
 use cxxlm_pack::Manifest;
 use cxxlm_serve::text::Layout;
 use cxxlm_serve::{ModelInfo, Options, StepRow};
@@ -51,10 +51,14 @@ impl cxxlm_serve::Model for Served {
         from: usize,
         prompt: &[u32],
         s: &cxxlm_serve::Sampling,
+        first: Option<&[u32]>,
     ) -> Result<u32, String> {
         let Served { model, decoder } = self;
         guarded("prefill", || {
-            let logits = decoder.prefill(model, slot, from, &[&prompt[from..]]);
+            let mut logits = decoder.prefill(model, slot, from, &[&prompt[from..]]);
+            if let Some(first) = first {
+                logits = allow_only(&logits, &[Some(first.to_vec())]);
+            }
             sample(&logits, &[sampling(s)], &[s.recent(prompt)])[0]
         })
     }
