@@ -523,8 +523,9 @@ struct Rollout {
     rewarded: Option<Rewarded>,
 }
 
-/// Rollouts handed to the reward pool: under which of its batch numbers (None: not in
-/// this process, as after a resume), and the seconds their sampling took.
+/// Rollouts handed to the reward pool, their rewards not yet read: under which of its
+/// batch numbers (None: not in this process, as after a resume), and the seconds their
+/// sampling took.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 struct Drawn {
     rollouts: Vec<Rollout>,
@@ -833,7 +834,8 @@ impl RolloutSource<'_> {
         }
     }
 
-    /// The sampling of the batch drawn last, in its replacement round `round`.
+    /// The sampling of replacement round `round` (0: the batch itself), seeded by the
+    /// batches drawn so far, the round and the rank.
     fn sampling(&self, round: u64) -> Sampling {
         let s = self.settings;
         Sampling {
