@@ -7,12 +7,14 @@
 
 use cxxlm_eval::functions::function_bodies;
 use rayon::prelude::*;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::io::Write;
+use std::path::Path;
 
 use crate::bugs::score;
 use crate::judge::Judge;
 use crate::task::{Check, Task};
-use crate::Result;
+use crate::{Result, TaskError};
 
 pub const KIND: &str = "function_body";
 
@@ -69,23 +71,68 @@ pub fn body_tasks(bugs: &[Task]) -> Vec<Task> {
 }
 
 /// The tasks whose stub, built and run in the sandbox, fails; and how many passed with
-/// the body empty (left out).
-pub fn failing_stubs(judge: &Judge, tasks: Vec<Task>) -> Result<(Vec<Task>, usize)> {
-    let fails = tasks
-        .par_iter()
-        .map(|t| {
-            let check = t.check.as_ref().expect("body tasks have a check");
-            score(judge, check, &check.buggy, false).map(|v| !v.passed)
-        })
-        .collect::<Result<Vec<bool>>>()?;
-    let all = tasks.len();
-    let kept: Vec<Task> = tasks
-        .into_iter()
-        .zip(fails)
-        .filter_map(|(t, fails)| fails.then_some(t))
+/// the body empty (left out). Verdicts are appended to `journal` (JSON lines of `id` and
+/// `fails`) a chunk at a time, and those it already holds are not judged again: a killed
+/// run goes on where it stopped (a line cut short by the kill is judged again).
+pub fn failing_stubs(
+    judge: &Judge,
+    tasks: Vec<Task>,
+    journal: &Path,
+) -> Result<(Vec<Task>, usize)> {
+    let (mut known, cut_short) = read_journal(journal)?;
+    let todo: Vec<&Task> = tasks
+        .iter()
+        .filter(|t| !known.contains_key(&t.id))
         .collect();
+    let io = |e| TaskError::io(journal, e);
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(journal)
+        .map_err(io)?;
+    if cut_short {
+        log.write_all(b"\n").map_err(io)?;
+    }
+    for chunk in todo.chunks(JOURNAL_CHUNK) {
+        let fails = chunk
+            .par_iter()
+            .map(|t| {
+                let check = t.check.as_ref().expect("body tasks have a check");
+                score(judge, check, &check.buggy, false).map(|v| !v.passed)
+            })
+            .collect::<Result<Vec<bool>>>()?;
+        let mut lines = String::new();
+        for (t, fails) in chunk.iter().zip(fails) {
+            lines += &serde_json::json!({"id": t.id, "fails": fails}).to_string();
+            lines.push('\n');
+            known.insert(t.id.clone(), fails);
+        }
+        log.write_all(lines.as_bytes()).map_err(io)?;
+        log.sync_data().map_err(io)?;
+    }
+    let all = tasks.len();
+    let kept: Vec<Task> = tasks.into_iter().filter(|t| known[&t.id]).collect();
     let passing = all - kept.len();
     Ok((kept, passing))
+}
+
+/// Stubs judged between two writes of the journal.
+const JOURNAL_CHUNK: usize = 64;
+
+/// The verdicts a journal holds, by task id (none when it does not exist yet), and
+/// whether its last line was cut short.
+fn read_journal(journal: &Path) -> Result<(HashMap<String, bool>, bool)> {
+    let text = match std::fs::read_to_string(journal) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((HashMap::new(), false)),
+        Err(e) => return Err(TaskError::io(journal, e)),
+    };
+    let known = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some((v["id"].as_str()?.to_string(), v["fails"].as_bool()?)))
+        .collect();
+    Ok((known, !text.is_empty() && !text.ends_with('\n')))
 }
 
 /// A task id's source: the program it was made from (before the `#`).
@@ -138,5 +185,31 @@ mod tests {
         let mut other = bug();
         other.id = "pkg/twice.cc#off_by_one@5.0".into();
         assert_eq!(body_tasks(&[bug(), other]).len(), 1);
+    }
+
+    #[test]
+    fn stubs_are_judged_in_the_sandbox_and_a_journal_resumes_the_judging() {
+        let judge = Judge::new().unwrap();
+        let task = body_task(&bug()).unwrap();
+        // A stub that does nothing fails the assertion: the task is kept.
+        let dir = tempfile::tempdir().unwrap();
+        let journal = dir.path().join("bodies.jsonl.judged");
+        let (kept, passing) = failing_stubs(&judge, vec![task.clone()], &journal).unwrap();
+        assert_eq!((kept.len(), passing), (1, 0));
+        let written = std::fs::read_to_string(&journal).unwrap();
+        assert_eq!(written.lines().count(), 1, "{written}");
+        // A verdict in the journal is not judged again (this one says the stub passes,
+        // which the sandbox would not), and a line cut short by a kill is left aside.
+        let resumed = dir.path().join("resumed.judged");
+        let line = serde_json::json!({"id": task.id, "fails": false}).to_string();
+        std::fs::write(&resumed, format!("{line}\n{{\"id\": \"other\", \"fa")).unwrap();
+        let mut other = task.clone();
+        other.id = "other".into();
+        let (kept, passing) = failing_stubs(&judge, vec![task, other], &resumed).unwrap();
+        assert_eq!((kept.len(), passing), (1, 1));
+        assert_eq!(kept[0].id, "other");
+        // The verdict judged now starts a line of its own.
+        let (known, cut) = read_journal(&resumed).unwrap();
+        assert_eq!((known.len(), cut), (2, false));
     }
 }

@@ -30,7 +30,7 @@ pub enum TasksCommand {
     Verify(VerifyArgs),
     /// Function-body tasks from runnable bug tasks: the fixed program with the buggy
     /// function's body left empty, judged by the same oracle (one per function, kept when
-    /// the empty body fails).
+    /// the empty body fails); a killed run resumes from the verdicts in OUT.judged.
     Bodies(BodiesArgs),
     /// Tool-use chat examples for `train sft`: each runnable task's fix replayed through
     /// the agent's tools (test, open, edit, test, submit), kept when it ends solved.
@@ -552,13 +552,18 @@ fn run_trajectories(a: TrajectoriesArgs) -> Result<()> {
 fn run_bodies(a: BodiesArgs) -> Result<()> {
     let bugs = bugs::read_tasks(&a.inputs)?;
     let made = cxxlm_tasks::bodies::body_tasks(&bugs);
-    let (bodies, passing) = cxxlm_tasks::bodies::failing_stubs(&Judge::new()?, made)?;
+    // The stubs' verdicts so far, beside the output until it is written.
+    let mut journal = a.out.clone().into_os_string();
+    journal.push(".judged");
+    let journal = PathBuf::from(journal);
+    let (bodies, passing) = cxxlm_tasks::bodies::failing_stubs(&Judge::new()?, made, &journal)?;
     let mut text = String::new();
     for t in &bodies {
         text += &serde_json::to_string(t)?;
         text.push('\n');
     }
     cxxlm_data::shard::write_atomic(&a.out, text.as_bytes())?;
+    std::fs::remove_file(&journal)?;
     let runnable = bugs.iter().filter(|t| t.check.is_some()).count();
     let test = bodies.iter().filter(|t| t.split == "test").count();
     outln!(

@@ -264,6 +264,8 @@ fn injected_bugs_are_verified_resumed_and_judged() {
         })
         .collect();
     assert_eq!(made.len(), functions.len(), "{printed}");
+    // The verdicts a killed run would resume from go once the tasks are written.
+    assert!(!dir.path().join("bodies.jsonl.judged").exists());
     assert!(made.iter().all(|t| t["kind"] == "function_body"
         && t["input"]
             .as_str()
