@@ -71,6 +71,17 @@ third = max(1, len(batches) // 3)
 first = statistics.mean(r["reward_mean"] for r in batches[:third])
 last = statistics.mean(r["reward_mean"] for r in batches[-third:])
 print(f"RESULT mean reward, first third {first:+.3f} -> last third {last:+.3f}")
+# The trend as a least-squares slope per batch with its standard error: batches draw
+# different prompts, so one batch against another says little.
+if len(batches) >= 3:
+    xs = [float(r["step"]) for r in batches]
+    ys = [r["reward_mean"] for r in batches]
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    resid = [y - my - slope * (x - mx) for x, y in zip(xs, ys)]
+    se = (sum(e * e for e in resid) / (len(xs) - 2) / sxx) ** 0.5
+    print(f"RESULT reward slope {slope:+.4f} per step (standard error {se:.4f}, t = {slope / se if se else float('inf'):.2f})")
 for run, label in (("sft", "before"), ("rl", "after")):
     try:
         b = json.load(open(f"{out}/bugfix-{run}.json"))
