@@ -765,6 +765,21 @@ impl Server {
         }
     }
 
+    /// A plain prompt (no suffix): laid out as the training text was, healed at its last
+    /// token, its completion re-indented into the prompt's layout and ended where a
+    /// function body it opens ends.
+    fn plain(&self, g: &mut Generation, prompt: &str) -> Result<(), ApiError> {
+        let (bpe, layout) = (&self.info.tokenizer, self.info.layout);
+        let mut ids = vec![bpe.special_id("<|bos|>").unwrap_or(0)];
+        ids.extend(bpe.encode(&text::prefix(prompt, layout).text));
+        self.check_length(&ids)?;
+        g.healing = bpe.heal(&mut ids);
+        g.prompt = ids;
+        g.fit = Some(Reindent::new(prompt, "", layout, 0));
+        g.body = BodyStop::after(prompt);
+        Ok(())
+    }
+
     fn completions(&self, r: &Request, conn: &mut Conn, started: Instant) -> Result<(), ApiError> {
         let mut known = OPENAI_SAMPLING.to_vec();
         known.extend(OPENAI_NEUTRAL);
@@ -798,14 +813,7 @@ impl Server {
                 g.truncated = truncated;
                 g.fit = Some(fit);
             }
-            None => {
-                let mut ids = vec![self.info.tokenizer.special_id("<|bos|>").unwrap_or(0)];
-                ids.extend(self.info.tokenizer.encode(&prompt));
-                self.check_length(&ids)?;
-                g.healing = self.info.tokenizer.heal(&mut ids);
-                g.prompt = ids;
-                g.body = BodyStop::after(&prompt);
-            }
+            None => self.plain(&mut g, &prompt)?,
         }
         let id = format!("cmpl-{}", self.ids.fetch_add(1, Ordering::Relaxed));
         let (created, model) = (now_secs(), self.info.name.clone());
@@ -1298,14 +1306,7 @@ impl Server {
                 g.truncated = truncated;
                 g.fit = Some(fit);
             }
-            None => {
-                let mut ids = vec![self.info.tokenizer.special_id("<|bos|>").unwrap_or(0)];
-                ids.extend(self.info.tokenizer.encode(&prompt));
-                self.check_length(&ids)?;
-                g.healing = self.info.tokenizer.heal(&mut ids);
-                g.prompt = ids;
-                g.body = BodyStop::after(&prompt);
-            }
+            None => self.plain(&mut g, &prompt)?,
         }
         // Ollama streams unless told not to.
         let stream = f.get("stream").and_then(Value::as_bool).unwrap_or(true);

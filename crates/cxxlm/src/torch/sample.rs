@@ -6,6 +6,7 @@ use cxxlm::outln;
 use cxxlm_eval::functions::BodyStop;
 use cxxlm_model::{Gpt, Sampling};
 use cxxlm_pack::{tokenizer_sha256, Manifest};
+use cxxlm_serve::text::{self, Reindent};
 use cxxlm_tokenizer::Bpe;
 use std::path::{Path, PathBuf};
 
@@ -128,11 +129,16 @@ pub fn run(args: SampleArgs) -> Result<()> {
     if fim.is_none() && args.prompt.is_none() {
         bail!("give --prompt, or --fim-prefix and --fim-suffix");
     }
-    let mut ids = prompt_ids(&bpe, &text, fim);
-    // A plain prompt is healed (`Bpe::heal`): its last token may be a cut one.
-    let healing = match fim {
-        None => bpe.heal(&mut ids),
-        Some(_) => None,
+    // A plain prompt is taken as `serve` takes one: laid out as the training text was,
+    // healed at its last token (`Bpe::heal`), its completion re-indented into its layout.
+    let layout = crate::serve::layout(&args.checkpoint, "auto");
+    let (ids, healing) = match fim {
+        None => {
+            let mut ids = prompt_ids(&bpe, &text::prefix(&text, layout).text, None);
+            let healing = bpe.heal(&mut ids);
+            (ids, healing)
+        }
+        Some(_) => (prompt_ids(&bpe, &text, fim), None),
     };
     let eos = special(&bpe, "<|eos|>");
     let sampling = Sampling {
@@ -153,7 +159,11 @@ pub fn run(args: SampleArgs) -> Result<()> {
         let body: Vec<u32> = t.iter().copied().filter(|&t| t != eos).collect();
         let bytes = bpe.decode(&body);
         let bytes = healing.as_ref().map_or(&bytes[..], |h| h.strip(&bytes));
-        String::from_utf8_lossy(bytes).into_owned()
+        let raw = String::from_utf8_lossy(bytes).into_owned();
+        match fim {
+            None => Reindent::new(&text, "", layout, 0).push(&raw),
+            Some(_) => raw,
+        }
     };
     let first = vec![healing.as_ref().map(|h| h.allowed.clone()); args.n];
     let outs = model.generate_healed(&vec![ids; args.n], &first, &sampling, &mut |_, t| {
