@@ -8,6 +8,8 @@
 # rate on the held-out (test split) tasks before and after RL.
 # With PRETRAINED set to a pretraining run on this machine (benches/tok/judged.sh leaves
 # one in /tmp/cxxlm-judged/d12), that run is fine-tuned instead of a fresh brief one.
+# Every EVAL_EVERY (5) steps, RL answers its 64 held-out tasks greedily: the same prompts
+# each time, so their mean reward is the curve to read for a trend.
 # RL samples each rollout batch while the last rewards of the one before come in
 # (rl.sample_ahead; SAMPLE_AHEAD=false for on-policy batches that wait for their rewards).
 # Results (metrics, logs, summary) land in $OUT (or gpu-out/).
@@ -38,7 +40,7 @@ pretrained_d12 "$pretrain_seconds"
     --set rl.sample_ahead="${SAMPLE_AHEAD:-true}" \
     --set train.device_batch=32 --set train.steps=1000 --set train.time_budget="$rl_seconds" \
     --set optim.matrix_lr=1e-5 --set optim.embedding_lr=1e-5 --set optim.unembedding_lr=1e-5 \
-    --set eval.every=0 --set checkpoint.every=0 --log-every 1 >"$out/rl.log" 2>&1 \
+    --set eval.every="${EVAL_EVERY:-5}" --set checkpoint.every=0 --log-every 1 >"$out/rl.log" 2>&1 \
     || { tail -30 "$out/rl.log"; exit 1; }
 cp "$work/rl/metrics.jsonl" "$out/metrics-rl.jsonl"
 cp "$work/rl/samples.jsonl" "$out/samples-rl.jsonl" 2>/dev/null || true
@@ -67,6 +69,10 @@ print("RESULT reward curve (step mean compile pass zero_std_groups truncated kl)
 for r in batches:
     print(f"  {r['step']:4d} {r['reward_mean']:+.3f} {r['compile_rate']:.3f} {r['test_pass_rate']:.3f} "
           f"{r['zero_std_groups']:.2f} {r['truncated_share']:.2f} {r.get('kl', 0.0):.5f}")
+evals = [r for r in rs if "val_reward" in r]
+if evals:
+    print("RESULT held-out tasks during RL, greedy (step reward compile pass): " + ", ".join(
+        f"{r['step']} {r['val_reward']:+.3f} {r['val_compile_rate']:.3f} {r['val_pass_at_1']:.3f}" for r in evals))
 third = max(1, len(batches) // 3)
 first = statistics.mean(r["reward_mean"] for r in batches[:third])
 last = statistics.mean(r["reward_mean"] for r in batches[-third:])
