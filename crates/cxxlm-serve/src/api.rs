@@ -770,8 +770,7 @@ impl Server {
     /// function body it opens ends.
     fn plain(&self, g: &mut Generation, prompt: &str) -> Result<(), ApiError> {
         let (bpe, layout) = (&self.info.tokenizer, self.info.layout);
-        let mut ids = vec![bpe.special_id("<|bos|>").unwrap_or(0)];
-        ids.extend(bpe.encode(&text::prefix(prompt, layout).text));
+        let mut ids = text::plain_prompt(bpe, prompt, layout);
         self.check_length(&ids)?;
         g.healing = bpe.heal(&mut ids);
         g.prompt = ids;

@@ -68,6 +68,14 @@ pub fn prefix(text: &str, layout: Layout) -> Prefix {
     }
 }
 
+/// A plain prompt (no suffix) as the model reads it: `<|bos|>`, then the text laid out
+/// as the training text was ([`prefix`]); its completion goes back through [`Reindent`].
+pub fn plain_prompt(bpe: &Bpe, text: &str, layout: Layout) -> Vec<u32> {
+    let mut ids = vec![bpe.special_id("<|bos|>").unwrap_or(0)];
+    ids.extend(bpe.encode(&prefix(text, layout).text));
+    ids
+}
+
 /// The text after the cursor, normalized: the rest of the cursor's line keeps its
 /// leading spaces (they are inside the line) unless the cursor is in the indentation.
 pub fn suffix(text: &str, prefix_cursor_line: &str, layout: Layout) -> String {

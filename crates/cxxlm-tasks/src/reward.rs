@@ -2,8 +2,8 @@
 //! +0.5, tests 5 x the share passed, a `/* REASONING:` comment +0.5), judged in the
 //! sandbox by a pool of workers that score answers as they are handed in, so that the
 //! caller waits only for the last ones (and, with answers handed in under several batch
-//! numbers, for the last ones of the batch it needs). A program judged before is not built again:
-//! verdicts are kept by the hash of the program and its headers.
+//! numbers, for the last ones of the batch it needs). A program judged before is not
+//! built again: verdicts are kept by the hash of the program and its headers.
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;

@@ -471,7 +471,7 @@ fn generate_completions(
             bpe,
             group
                 .iter()
-                .map(|p| prompt_ids(bpe, &text::prefix(&p.prompt, layout).text, None))
+                .map(|p| text::plain_prompt(bpe, &p.prompt, layout))
                 .collect(),
         );
         let generation = Generation {

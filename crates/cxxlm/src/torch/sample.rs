@@ -134,7 +134,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let layout = crate::serve::layout(&args.checkpoint, "auto");
     let (ids, healing) = match fim {
         None => {
-            let mut ids = prompt_ids(&bpe, &text::prefix(&text, layout).text, None);
+            let mut ids = text::plain_prompt(&bpe, &text, layout);
             let healing = bpe.heal(&mut ids);
             (ids, healing)
         }
