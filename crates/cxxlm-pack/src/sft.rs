@@ -9,6 +9,7 @@
 //!   `<|bos|><|fim_prefix|>P<|fim_suffix|>S<|fim_middle|>M<|eos|>`); the middle and
 //!   `<|eos|>` are learned.
 //!
+//! Every text is laid out as the model's training text was (`cxxlm_tokenizer::layout`).
 //! Other keys are ignored. A malformed record stops the load naming its file and line, or
 //! is skipped and counted by reason. An example longer than a row of the context has its
 //! input cut from the start (counted), or stops the load. Examples are split into
@@ -16,6 +17,7 @@
 //! of `context + 1` tokens, in an order drawn per epoch from a seed ([`PackedRows`]).
 
 use cxxlm_tokenizer::chat::{self, Message, Role};
+use cxxlm_tokenizer::layout::{normalize_pieces, Layout as TextLayout};
 use cxxlm_tokenizer::Bpe;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -147,6 +149,7 @@ pub fn load(
     bpe: &Bpe,
     context: usize,
     config: &SftDataConfig,
+    layout: TextLayout,
 ) -> Result<SftData> {
     if !(0.0..1.0).contains(&config.val_fraction) {
         return Err(PackError::Config(format!(
@@ -159,6 +162,7 @@ pub fn load(
         specials: Specials::of(bpe),
         row: context + 1,
         config,
+        layout,
     };
     let mut stats = SftStats::default();
     let mut data = SftData {
@@ -329,6 +333,8 @@ struct Renderer<'a> {
     /// Tokens of a row.
     row: usize,
     config: &'a SftDataConfig,
+    /// As the model's training text was laid out.
+    layout: TextLayout,
 }
 
 impl Renderer<'_> {
@@ -442,7 +448,7 @@ impl Renderer<'_> {
                 "an assistant turn is empty".into(),
             ));
         }
-        let (tokens, learned) = chat::render(self.bpe, conversation)
+        let (tokens, learned) = chat::render(self.bpe, conversation, self.layout)
             .map_err(|e| Reject::Invalid("not a conversation", e.to_string()))?;
         let head = 1 + chat::header(self.bpe, conversation[0].role).len();
         let answer_header = chat::header(self.bpe, Role::Assistant).len();
@@ -451,6 +457,10 @@ impl Renderer<'_> {
     }
 
     fn fim(&self, prefix: &str, suffix: &str, middle: &str) -> (Example, usize, usize) {
+        // Laid out as the whole text would be: pretraining cut its FIM examples from
+        // normalized documents.
+        let laid = normalize_pieces(&[prefix, middle, suffix], self.layout);
+        let (prefix, middle, suffix) = (&laid[0], &laid[1], &laid[2]);
         let s = &self.specials;
         let mut tokens = vec![s.bos, s.prefix];
         tokens.extend(self.bpe.encode(prefix));
@@ -709,6 +719,10 @@ fn best_fit(examples: &[Example], mut order: Vec<u32>, cols: usize) -> Vec<Vec<u
 mod tests {
     use super::*;
 
+    const KEEP: TextLayout = TextLayout {
+        strip_indentation: false,
+    };
+
     fn bpe() -> Bpe {
         let texts: Vec<String> = (0..40)
             .map(|i| format!("int f{i}(int x) {{\n    return x * {i};\n}}\n"))
@@ -743,6 +757,35 @@ mod tests {
     }
 
     #[test]
+    fn examples_are_laid_out_as_the_models_training_text_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let bpe = bpe();
+        let lines = [
+            r#"{"input": "int f(int x) {\r\n    return x  \n}", "output": "int f(int x) {\n    return x;\n}"}"#,
+            r#"{"prefix": "int f(int x) {\n    int y = ", "middle": "x  +\n        1;", "suffix": "\n    return y;\n}\n"}"#,
+        ]
+        .map(String::from);
+        let path = write(dir.path(), "a.jsonl", &lines);
+        let strip = TextLayout {
+            strip_indentation: true,
+        };
+        let data = load(&[path], &[], &bpe, 64, &config(), strip).unwrap();
+        let [io, fim] = &data.train[..] else {
+            panic!("two examples")
+        };
+        assert_eq!(
+            String::from_utf8(bpe.decode(&io.tokens)).unwrap(),
+            "<|bos|>user\nint f(int x) {\nreturn x\n}<|eos|>assistant\nint f(int x) {\nreturn x;\n}<|eos|>"
+        );
+        // The middle keeps the spaces inside its first line and loses the indentation
+        // of the next, as the whole normalized text had them.
+        assert_eq!(
+            String::from_utf8(bpe.decode(&fim.tokens)).unwrap(),
+            "<|bos|><|fim_prefix|>int f(int x) {\nint y = <|fim_suffix|>\nreturn y;\n}\n<|fim_middle|>x  +\n1;<|eos|>"
+        );
+    }
+
+    #[test]
     fn each_format_learns_its_answer_and_specials_in_text_stay_text() {
         let dir = tempfile::tempdir().unwrap();
         let bpe = bpe();
@@ -753,7 +796,7 @@ mod tests {
         ]
         .map(String::from);
         let path = write(dir.path(), "a.jsonl", &lines);
-        let data = load(&[path], &[], &bpe, 64, &config()).unwrap();
+        let data = load(&[path], &[], &bpe, 64, &config(), KEEP).unwrap();
         assert_eq!(data.train.len(), 3);
         assert_eq!(
             data.stats.formats,
@@ -787,7 +830,7 @@ mod tests {
             mask_input: false,
             ..config()
         };
-        let data = load(&[dir.path().join("a.jsonl")], &[], &bpe, 64, &all).unwrap();
+        let data = load(&[dir.path().join("a.jsonl")], &[], &bpe, 64, &all, KEEP).unwrap();
         for e in &data.train {
             assert!(!e.learned[0] && e.learned[1..].iter().all(|&l| l));
         }
@@ -823,7 +866,7 @@ mod tests {
                 "b.jsonl",
                 &[good.clone(), String::new(), line.to_string()],
             );
-            let e = match load(std::slice::from_ref(&path), &[], &bpe, 64, &config()) {
+            let e = match load(std::slice::from_ref(&path), &[], &bpe, 64, &config(), KEEP) {
                 Err(e) => e.to_string(),
                 Ok(_) => panic!("{line} was accepted"),
             };
@@ -832,7 +875,7 @@ mod tests {
                 invalid: Invalid::Skip,
                 ..config()
             };
-            let data = load(std::slice::from_ref(&path), &[], &bpe, 64, &skip).unwrap();
+            let data = load(std::slice::from_ref(&path), &[], &bpe, 64, &skip, KEEP).unwrap();
             assert_eq!(data.train.len(), 1, "case {i}");
             assert_eq!(
                 data.stats.skipped[*reason].first,
@@ -846,7 +889,7 @@ mod tests {
             invalid: Invalid::Skip,
             ..config()
         };
-        let e = load(&[empty], &[], &bpe, 64, &skip)
+        let e = load(&[empty], &[], &bpe, 64, &skip, KEEP)
             .err()
             .unwrap()
             .to_string();
@@ -866,7 +909,7 @@ mod tests {
             serde_json::json!({"input": "x", "output": input}).to_string(),
         ];
         let path = write(dir.path(), "long.jsonl", &lines);
-        let data = load(std::slice::from_ref(&path), &[], &bpe, 40, &config()).unwrap();
+        let data = load(std::slice::from_ref(&path), &[], &bpe, 40, &config(), KEEP).unwrap();
         assert_eq!(data.train.len(), 1);
         let e = &data.train[0];
         assert_eq!(e.tokens.len(), 41);
@@ -888,7 +931,7 @@ mod tests {
             too_long: TooLong::Refuse,
             ..config()
         };
-        let e = load(std::slice::from_ref(&path), &[], &bpe, 40, &refuse)
+        let e = load(std::slice::from_ref(&path), &[], &bpe, 40, &refuse, KEEP)
             .err()
             .unwrap()
             .to_string();
@@ -923,7 +966,7 @@ mod tests {
             std::fs::write(tasks.join(part), packed).unwrap();
         }
         std::fs::write(tasks.join("stats.json"), "{}").unwrap();
-        let data = load(std::slice::from_ref(&tasks), &[], &bpe, 64, &config()).unwrap();
+        let data = load(std::slice::from_ref(&tasks), &[], &bpe, 64, &config(), KEEP).unwrap();
         assert_eq!(data.stats.files.len(), 2);
         assert_eq!((data.stats.records, data.train.len()), (10, 8));
         let left_out = &data.stats.skipped[EVALUATION];
@@ -941,7 +984,7 @@ mod tests {
             .all(|a| !a.contains("f3(") && !a.contains("f7(")));
         let empty = dir.path().join("empty");
         std::fs::create_dir_all(&empty).unwrap();
-        let e = load(&[empty], &[], &bpe, 64, &config())
+        let e = load(&[empty], &[], &bpe, 64, &config(), KEEP)
             .err()
             .unwrap()
             .to_string();
@@ -967,6 +1010,7 @@ mod tests {
             &bpe,
             64,
             &split,
+            KEEP,
         )
         .unwrap();
         assert!((20..60).contains(&a.val.len()), "{}", a.val.len());
@@ -978,6 +1022,7 @@ mod tests {
             &bpe,
             64,
             &split,
+            KEEP,
         )
         .unwrap();
         let set = |v: &[Example]| v.iter().map(|e| e.tokens.clone()).collect::<BTreeSet<_>>();
@@ -992,6 +1037,7 @@ mod tests {
             &bpe,
             64,
             &split,
+            KEEP,
         )
         .unwrap();
         assert_eq!((given.train.len(), given.val.len()), (200, 200));
@@ -1017,6 +1063,7 @@ mod tests {
             &bpe(),
             64,
             &split,
+            KEEP,
         )
         .unwrap();
         assert!((16..150).contains(&data.val.len()), "{}", data.val.len());

@@ -978,7 +978,7 @@ impl Server {
         if messages.is_empty() {
             return Err(bad("`messages` is empty"));
         }
-        let prompt = chat::prompt(&self.info.tokenizer, &messages);
+        let prompt = chat::prompt(&self.info.tokenizer, &messages, self.info.layout);
         self.check_length(&prompt)?;
         let limit = match f.int("n_predict")? {
             Some(n) if n >= 0 => Some(n as usize),

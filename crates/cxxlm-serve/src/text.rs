@@ -6,38 +6,13 @@
 //! assembled across tokens, and stop strings held back until they can be ruled out.
 
 use cxxlm_eval::functions::BodyStop;
+use cxxlm_tokenizer::layout::trim_trailing;
+pub use cxxlm_tokenizer::layout::{normalize, Layout};
 use cxxlm_tokenizer::Bpe;
 
 /// The repository name that repository context is rendered under (clients send files,
 /// not a repository name).
 const REPO_NAME: &str = "project";
-
-/// A prompt's text as the model was trained to see it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Layout {
-    /// The training text had its indentation stripped.
-    pub strip_indentation: bool,
-}
-
-fn trim_trailing(line: &str) -> &str {
-    line.trim_end_matches([' ', '\t', '\u{b}', '\u{c}'])
-}
-
-/// Whole lines normalized: LF, no trailing whitespace, no indentation when stripped.
-pub fn normalize(text: &str, layout: Layout) -> String {
-    let text = text.replace("\r\n", "\n").replace('\r', "\n");
-    text.split('\n')
-        .map(|line| {
-            let line = trim_trailing(line);
-            if layout.strip_indentation {
-                line.trim_start_matches([' ', '\t'])
-            } else {
-                line
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
 
 /// The text before the cursor, normalized (the cursor's line loses its trailing
 /// whitespace too: [`Reindent`] drops it from the completion's start).

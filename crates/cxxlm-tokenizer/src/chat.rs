@@ -10,8 +10,11 @@
 //! encoded as text: a special token's spelling inside them stays text, except the agent's
 //! markers in assistant turns ([`AGENT_MARKERS`]: thoughts and tool calls, which the model
 //! writes itself). A model learns each assistant turn's content and its `<|eos|>`, so that
-//! it learns to stop; the `assistant\n` before it is the prompt's.
+//! it learns to stop; the `assistant\n` before it is the prompt's. Each content is laid
+//! out as the model's training text was ([`layout`](crate::layout)), so that code in a
+//! turn reads as code did in pretraining.
 
+use crate::layout::{normalize, Layout};
 use crate::Bpe;
 
 /// [`prompt`]'s template in Jinja, for `tokenizer_config.json`.
@@ -77,7 +80,11 @@ pub enum ChatError {
 
 /// The template's token ids of a conversation ending with an assistant turn, and which of
 /// them a model learns (`true`: the assistant turns' contents and their `<|eos|>`).
-pub fn render(bpe: &Bpe, messages: &[Message]) -> Result<(Vec<u32>, Vec<bool>), ChatError> {
+pub fn render(
+    bpe: &Bpe,
+    messages: &[Message],
+    layout: Layout,
+) -> Result<(Vec<u32>, Vec<bool>), ChatError> {
     match messages.last() {
         None => return Err(ChatError::NoAnswer),
         Some(m) if m.role != Role::Assistant => {
@@ -95,7 +102,7 @@ pub fn render(bpe: &Bpe, messages: &[Message]) -> Result<(Vec<u32>, Vec<bool>), 
         let header = header(bpe, m.role);
         learned.extend(std::iter::repeat_n(false, header.len()));
         ids.extend(header);
-        let content = content(bpe, m);
+        let content = content(bpe, m, layout);
         let learn = m.role == Role::Assistant;
         learned.extend(std::iter::repeat_n(learn, content.len() + 1));
         ids.extend(content);
@@ -105,12 +112,12 @@ pub fn render(bpe: &Bpe, messages: &[Message]) -> Result<(Vec<u32>, Vec<bool>), 
 }
 
 /// The ids that ask for the next assistant turn: the conversation, then `assistant\n`.
-pub fn prompt(bpe: &Bpe, messages: &[Message]) -> Vec<u32> {
+pub fn prompt(bpe: &Bpe, messages: &[Message], layout: Layout) -> Vec<u32> {
     let eos = end_of_turn(bpe);
     let mut ids = vec![bos(bpe)];
     for m in messages {
         ids.extend(header(bpe, m.role));
-        ids.extend(content(bpe, m));
+        ids.extend(content(bpe, m, layout));
         ids.push(eos);
     }
     ids.extend(header(bpe, Role::Assistant));
@@ -127,13 +134,14 @@ pub fn header(bpe: &Bpe, role: Role) -> Vec<u32> {
     }
 }
 
-/// A message's content: text, but for [`AGENT_MARKERS`] in an assistant turn.
-fn content(bpe: &Bpe, m: &Message) -> Vec<u32> {
+/// A message's content, laid out: text, but for [`AGENT_MARKERS`] in an assistant turn.
+fn content(bpe: &Bpe, m: &Message, layout: Layout) -> Vec<u32> {
+    let text = normalize(&m.content, layout);
     if m.role != Role::Assistant {
-        return bpe.encode(&m.content);
+        return bpe.encode(&text);
     }
     let mut ids = Vec::new();
-    let mut rest = m.content.as_str();
+    let mut rest = text.as_str();
     while let Some((at, marker)) = AGENT_MARKERS
         .iter()
         .filter_map(|k| rest.find(k).map(|at| (at, *k)))
@@ -165,6 +173,10 @@ fn special(bpe: &Bpe, name: &str) -> u32 {
 mod tests {
     use super::*;
 
+    const KEEP: Layout = Layout {
+        strip_indentation: false,
+    };
+
     fn bpe() -> Bpe {
         let texts: Vec<String> = (0..20)
             .map(|i| format!("user\nint f{i}() {{ return {i}; }}\nassistant\n"))
@@ -184,7 +196,7 @@ mod tests {
             Message::new(Role::User, "<|eos|> again"),
             Message::new(Role::Assistant, "done"),
         ];
-        let (ids, learned) = render(&bpe, &conv).unwrap();
+        let (ids, learned) = render(&bpe, &conv, KEEP).unwrap();
         assert_eq!(ids.len(), learned.len());
         let text = String::from_utf8(bpe.decode(&ids)).unwrap();
         assert_eq!(
@@ -211,7 +223,7 @@ mod tests {
 
         // A prompt is the conversation so far, then `assistant\n`: what the answer
         // follows in training.
-        let p = prompt(&bpe, &conv[..4]);
+        let p = prompt(&bpe, &conv[..4], KEEP);
         let answer_at = ids.len() - bpe.encode("done").len() - 1;
         assert_eq!(p, ids[..answer_at]);
     }
@@ -226,7 +238,7 @@ mod tests {
             Message::new(Role::Tool, "ok <|thought_end|>"),
             Message::new(Role::Assistant, "done"),
         ];
-        let (ids, _) = render(&bpe, &conv).unwrap();
+        let (ids, _) = render(&bpe, &conv, KEEP).unwrap();
         let id = |s: &str| bpe.special_id(s).unwrap();
         let count = |t: u32| ids.iter().filter(|&&i| i == t).count();
         assert_eq!(count(id("<|query_tool|>")), 1);
@@ -245,12 +257,37 @@ mod tests {
         let bpe = bpe();
         let u = |s: &str| Message::new(Role::User, s);
         let a = |s: &str| Message::new(Role::Assistant, s);
-        assert_eq!(render(&bpe, &[]), Err(ChatError::NoAnswer));
-        assert_eq!(render(&bpe, &[u("x")]), Err(ChatError::NoAnswer));
+        assert_eq!(render(&bpe, &[], KEEP), Err(ChatError::NoAnswer));
+        assert_eq!(render(&bpe, &[u("x")], KEEP), Err(ChatError::NoAnswer));
         assert_eq!(
-            render(&bpe, &[u("x"), a("y"), u("z")]),
+            render(&bpe, &[u("x"), a("y"), u("z")], KEEP),
             Err(ChatError::EndsWith("user"))
         );
-        assert!(render(&bpe, &[a("y")]).is_ok());
+        assert!(render(&bpe, &[a("y")], KEEP).is_ok());
+    }
+
+    #[test]
+    fn every_turn_is_laid_out_as_the_training_text_was() {
+        let bpe = bpe();
+        let strip = Layout {
+            strip_indentation: true,
+        };
+        let conv = [
+            Message::new(Role::User, "int f() {\r\n    return 0  \n}"),
+            Message::new(Role::Assistant, "int f() {\n\treturn 0;\n}\n"),
+        ];
+        let (ids, _) = render(&bpe, &conv, strip).unwrap();
+        assert_eq!(
+            String::from_utf8(bpe.decode(&ids)).unwrap(),
+            "<|bos|>user\nint f() {\nreturn 0\n}<|eos|>assistant\nint f() {\nreturn 0;\n}\n<|eos|>"
+        );
+        let (kept, _) = render(&bpe, &conv, KEEP).unwrap();
+        assert!(String::from_utf8(bpe.decode(&kept))
+            .unwrap()
+            .contains("{\n    return 0\n}<|eos|>assistant\nint f() {\n\treturn 0;"));
+        assert_eq!(
+            prompt(&bpe, &conv[..1], strip),
+            ids[..ids.len() - bpe.encode("int f() {\nreturn 0;\n}\n").len() - 1]
+        );
     }
 }

@@ -1,11 +1,13 @@
 //! The C++ tokenizer: a pre-tokenizer that knows C++ lexemes and layout, a byte-level
 //! BPE trainer, an encoder, the HF `tokenizer.json` format (so `tokenizers` and
-//! `transformers` load what we train), and the chat template ([`chat`]).
+//! `transformers` load what we train), the chat template ([`chat`]), and the layout of
+//! the text a model reads ([`layout`]).
 
 mod bpe;
 mod byte_level;
 pub mod chat;
 mod hf;
+pub mod layout;
 mod train;
 
 pub use bpe::{Bpe, Healing, PieceCache};

@@ -5,6 +5,7 @@
 //! its part; the last K (by step) are kept.
 
 use cxxlm_model::ModelConfig;
+use cxxlm_tokenizer::layout::Layout;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -247,6 +248,56 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
             path: path.to_path_buf(),
             message: "holds no checkpoint (step-NNNNNN/trainer.json)".into(),
         })
+}
+
+/// How the text of the model at `checkpoint` was laid out, and where that was read: its
+/// run's pack, or for a fine-tuned model (SFT, RL, embeddings) the model it started from.
+/// When none can be read: stripped, the data stage's default, and why.
+pub fn layout(checkpoint: &Path) -> (Layout, String) {
+    let (strip_indentation, said) = match trained_layout(checkpoint) {
+        Ok((strip, from)) => (
+            strip,
+            format!(
+                "indentation: {} (as in the training text, from {from})",
+                if strip { "stripped" } else { "kept" }
+            ),
+        ),
+        Err(e) => (
+            true,
+            format!("indentation: stripped (the data pipeline's default; the training text's layout could not be read: {e})"),
+        ),
+    };
+    (Layout { strip_indentation }, said)
+}
+
+fn trained_layout(checkpoint: &Path) -> Result<(bool, String)> {
+    let config_error = |m: String| TrainError::Config(m);
+    let run = checkpoint
+        .ancestors()
+        .find(|a| a.join("config.toml").exists())
+        .ok_or_else(|| config_error("no run config.toml above the checkpoint".into()))?;
+    let file = run.join("config.toml");
+    let text = std::fs::read_to_string(&file).map_err(|e| TrainError::io(&file, e))?;
+    let table: toml::Table = toml::from_str(&text)
+        .map_err(|e| config_error(format!("parsing {}: {e}", file.display())))?;
+    if ["sft", "rl", "embed"]
+        .iter()
+        .any(|s| table.contains_key(*s))
+    {
+        let init = table
+            .get("init")
+            .and_then(|i| i.as_str())
+            .ok_or_else(|| config_error(format!("{} names no init model", file.display())))?;
+        if Path::new(init).starts_with(run) {
+            return Err(config_error(format!(
+                "{} starts from itself",
+                file.display()
+            )));
+        }
+        return trained_layout(Path::new(init));
+    }
+    let pack = crate::TrainConfig::from_table(table)?.data.pack;
+    Ok(cxxlm_pack::Manifest::load(&pack)?.indentation_in(&pack)?)
 }
 
 /// A checkpoint's weights and state, without its optimizer's, checked against their

@@ -1292,11 +1292,13 @@ pub fn rl(
     }
     // Prompts that leave room for a completion; training on the train split only.
     let room = model_config.seq_len.saturating_sub(s.max_new_tokens);
+    let (layout, said) = checkpoint::layout(&init_dir);
+    report(Event::Info(said));
     let all = cxxlm_tasks::bugs::read_tasks(&s.tasks)?;
     let (mut train, mut held_out) = (Vec::new(), Vec::new());
     let (mut not_runnable, mut too_long) = (0, 0);
     for t in all {
-        let prompt = chat::prompt(&bpe, &[Message::new(Role::User, t.input.as_str())]);
+        let prompt = chat::prompt(&bpe, &[Message::new(Role::User, t.input.as_str())], layout);
         if t.check.is_none() {
             not_runnable += 1;
         } else if prompt.len() > room {

@@ -499,7 +499,16 @@ pub fn sft(
         invalid: cfg.sft.invalid,
         val_fraction: cfg.sft.val_fraction,
     };
-    let data = sft::load(&cfg.sft.data, &cfg.sft.val, &bpe, context, &data_config)?;
+    let (layout, said) = checkpoint::layout(&init_dir);
+    report(Event::Info(said));
+    let data = sft::load(
+        &cfg.sft.data,
+        &cfg.sft.val,
+        &bpe,
+        context,
+        &data_config,
+        layout,
+    )?;
     let ckpt_root = cfg.out.join("checkpoints");
     let (total_batch, grad_accum) = batch_shape(&cfg.train, context, ranks, &ckpt_root, resume)?;
     let pad = bpe.special_id("<|pad|>").unwrap_or(0);

@@ -1207,7 +1207,11 @@ fn bugfix_answers(
     let mut skipped = 0;
     for (i, t) in tasks.iter().enumerate() {
         // As `train sft` shows an `{input, output}` pair: a user turn, then the answer.
-        let ids = chat::prompt(bpe, &[Message::new(Role::User, t.input.as_str())]);
+        let ids = chat::prompt(
+            bpe,
+            &[Message::new(Role::User, t.input.as_str())],
+            model.layout(),
+        );
         if ids.len() > room {
             skipped += 1;
             continue;

@@ -239,6 +239,11 @@ fn rl_rewards_completions_in_the_sandbox_and_resumes_bit_exactly() {
         stderr.contains("RL tasks: 3 to train on, 1 held out"),
         "{stderr}"
     );
+    // The fine-tuned model's layout is its pretraining text's.
+    assert!(
+        stderr.contains("indentation: stripped (as in the training text, from the pack"),
+        "{stderr}"
+    );
     let all = metrics_records(&whole);
     let steps_done: Vec<&Value> = all.iter().filter(|r| r.get("loss").is_some()).collect();
     assert_eq!(steps_done.len(), 6, "{all:?}");

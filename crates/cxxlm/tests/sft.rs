@@ -105,6 +105,11 @@ fn fine_tuning_lowers_the_held_out_loss_and_a_stopped_or_killed_run_resumes_bit_
         "{stderr}"
     );
     assert!(stderr.contains("state tensors carried over"), "{stderr}");
+    // Examples are laid out as the pretraining text was, read from its pack.
+    assert!(
+        stderr.contains("indentation: stripped (as in the training text, from the pack"),
+        "{stderr}"
+    );
     let all = metrics_records(&whole);
     let steps: Vec<&Value> = all.iter().filter(|r| r.get("loss").is_some()).collect();
     assert!(steps.len() > 10, "{} steps", steps.len());

@@ -8,6 +8,7 @@ use cxxlm_agent::{Model, Reply};
 use cxxlm_serve::engine::{Engine, Event, Job, GO_ON};
 use cxxlm_serve::Sampling;
 use cxxlm_tokenizer::chat::{self, Message};
+use cxxlm_tokenizer::layout::Layout;
 use cxxlm_tokenizer::Bpe;
 use std::sync::atomic::{AtomicBool, AtomicU8};
 use std::sync::{mpsc, Arc};
@@ -18,6 +19,7 @@ use crate::serve::Served;
 struct InProcess {
     engine: Arc<Engine>,
     bpe: Bpe,
+    layout: Layout,
     context: usize,
     max_tokens: usize,
     sampling: Sampling,
@@ -25,7 +27,7 @@ struct InProcess {
 
 impl Model for InProcess {
     fn reply(&mut self, messages: &[Message]) -> Result<Reply, String> {
-        let mut prompt = chat::prompt(&self.bpe, messages);
+        let mut prompt = chat::prompt(&self.bpe, messages, self.layout);
         // The context holds the reply and the end of the conversation.
         let max_tokens = self.max_tokens.min(self.context / 2);
         let keep = self.context - max_tokens;
@@ -63,6 +65,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
     let m = args.model();
     let checkpoint = m.checkpoint.clone().context("--checkpoint")?;
     let (model, bpe) = load_checkpoint(&checkpoint, m.tokenizer.as_deref())?;
+    let layout = crate::serve::layout(&checkpoint, "auto");
     let context = model.config.seq_len;
     // One slot per conversation held at once: their turns are decoded together.
     let slots = args.conversations();
@@ -90,6 +93,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
             Box::new(InProcess {
                 engine: engine.clone(),
                 bpe: bpe.clone(),
+                layout,
                 context,
                 max_tokens: m.max_tokens,
                 sampling: sampling.clone(),

@@ -4,15 +4,12 @@
 use anyhow::{Context, Result};
 use cxxlm::cli::ServeArgs;
 use cxxlm_model::{allow_only, sample, Decoder, Gpt, Rows};
-use cxxlm_pack::Manifest;
 use cxxlm_serve::text::Layout;
 use cxxlm_serve::{ModelInfo, Options, StepRow};
-use std::io::BufRead;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use crate::sample::load_checkpoint;
-use crate::train::load_config;
 
 pub(crate) struct Served {
     pub(crate) model: Gpt,
@@ -77,93 +74,19 @@ impl cxxlm_serve::Model for Served {
     }
 }
 
-/// Whether the model's training text had its indentation stripped, read from the first
-/// document of its shards (run config -> pack -> the pack's inputs; a fine-tuned model's
-/// from the model it started from), and where from.
-fn trained_layout(checkpoint: &Path) -> Result<(bool, String)> {
-    let run = checkpoint
-        .ancestors()
-        .find(|a| a.join("config.toml").exists())
-        .context("no run config.toml above the checkpoint")?;
-    let file = run.join("config.toml");
-    let table: toml::Table = toml::from_str(&std::fs::read_to_string(&file)?)
-        .with_context(|| format!("parsing {}", file.display()))?;
-    if ["sft", "rl", "embed"]
-        .iter()
-        .any(|s| table.contains_key(*s))
-    {
-        let init = table
-            .get("init")
-            .and_then(|i| i.as_str())
-            .with_context(|| format!("{} names no init model", file.display()))?;
-        anyhow::ensure!(
-            !Path::new(init).starts_with(run),
-            "{} starts from itself",
-            file.display()
-        );
-        return trained_layout(Path::new(init));
-    }
-    let config = load_config(Some(&file), &[])?;
-    let manifest = Manifest::load(&config.data.pack)?;
-    if let Some(stripped) = manifest.indentation_stripped() {
-        return Ok((stripped, format!("the pack {}", config.data.pack.display())));
-    }
-    for input in &manifest.settings.inputs {
-        let input = PathBuf::from(input);
-        let mut shards: Vec<PathBuf> = if input.is_dir() {
-            std::fs::read_dir(&input)?
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.to_string_lossy().ends_with(".jsonl.zst"))
-                .collect()
-        } else {
-            vec![input]
-        };
-        shards.sort();
-        if let Some(shard) = shards.first() {
-            let file = std::fs::File::open(shard)
-                .with_context(|| format!("opening {}", shard.display()))?;
-            let mut lines = std::io::BufReader::new(zstd::Decoder::new(file)?).lines();
-            let first = lines
-                .next()
-                .with_context(|| format!("{} is empty", shard.display()))??;
-            let doc: serde_json::Value = serde_json::from_str(&first)?;
-            let stripped = doc["meta"]["normalized"]["indent_stripped"]
-                .as_bool()
-                .with_context(|| {
-                    format!("{}: documents record no normalization", shard.display())
-                })?;
-            return Ok((stripped, shard.display().to_string()));
-        }
-    }
-    anyhow::bail!("the pack {} lists no shards", config.data.pack.display())
-}
-
 /// How text is laid out for the model of `checkpoint`: `indentation` is `strip`, `keep`
 /// or `auto` (as its training text was, else the data pipeline's default, stripped);
 /// the choice is said on stderr. Serving strips prompts and re-indents completions.
 pub(crate) fn layout(checkpoint: &Path, indentation: &str) -> Layout {
-    let strip = match indentation {
-        "strip" => true,
-        "keep" => false,
-        _ => match trained_layout(checkpoint) {
-            Ok((strip, from)) => {
-                eprintln!(
-                    "indentation: {} (as in the training text, from {from})",
-                    if strip { "stripped" } else { "kept" }
-                );
-                strip
-            }
-            Err(e) => {
-                eprintln!(
-                    "indentation: stripped (the data pipeline's default; the training shards could not be read: {e:#})"
-                );
-                true
-            }
+    match indentation {
+        "strip" | "keep" => Layout {
+            strip_indentation: indentation == "strip",
         },
-    };
-    Layout {
-        strip_indentation: strip,
+        _ => {
+            let (layout, said) = cxxlm_train::checkpoint::layout(checkpoint);
+            eprintln!("{said}");
+            layout
+        }
     }
 }
 
