@@ -6,25 +6,28 @@
 # MBPP-C++: the first 100 problems with 5 samples at T 0.2, and all 398 greedy, with the
 # compile rate and the share of completions that ran to the 384-token limit (GREEDY=0 leaves
 # out the 398-problem greedy pass, so that training and the first 100 fit one 10-minute call
-# with TRAIN_SECONDS=440). FIM_RATE sets the pack's FIM rate (default the pipeline's 0.5).
-# gpu/ comes from benches/tok/judged-prepare.sh. The checkpoint stays in
-# /tmp/cxxlm-judged/d12 for a later call on the same machine (PRETRAINED= of
-# benches/sft/gpu.sh); results land in $OUT (or gpu-out/).
+# with TRAIN_SECONDS=440). FIM_RATE sets the pack's FIM rate (default the pipeline's 0.5);
+# TOKENIZER another tokenizer of the same sample (a variant: `tok train` on
+# bench-out/judged/sample with other flags, carried in gpu/). gpu/ comes from
+# benches/tok/judged-prepare.sh. The checkpoint stays in WORK/d12 (default
+# /tmp/cxxlm-judged; a variant needs its own) for a later call on the same machine
+# (PRETRAINED= of benches/sft/gpu.sh); results land in $OUT (or gpu-out/).
 #
 #   benches/tok/judged.sh [STEPS]
 set -euo pipefail
 steps=${1:-3045}
 out=${OUT:-gpu-out}
-work=/tmp/cxxlm-judged
+work=${WORK:-/tmp/cxxlm-judged}
+tokenizer=${TOKENIZER:-gpu/tokenizer.json}
 mkdir -p "$out" "$work"
 source "$(dirname "$0")/../gpu-env.sh"
 x=$work/cxxlm
 # Each stage is skipped when its result exists, so a call cut short is continued by the next
 # call on the same machine: training runs at most TRAIN_SECONDS (default 480) per call and
 # resumes from its newest checkpoint.
-[ -f "$work/pack/pack.json" ] || /usr/bin/time -f "pack: %e s, %M KB" "$x" pack --tokenizer gpu/tokenizer.json \
+[ -f "$work/pack/pack.json" ] || /usr/bin/time -f "pack: %e s, %M KB" "$x" pack --tokenizer "$tokenizer" \
     -i gpu/data -o "$work/pack" --val-fraction 0.005 ${FIM_RATE:+--fim-rate "$FIM_RATE"} >"$out/pack.log" 2>&1
-[ -f "$work/held-out/pack.json" ] || "$x" pack --tokenizer gpu/tokenizer.json -i gpu/held-out -o "$work/held-out" \
+[ -f "$work/held-out/pack.json" ] || "$x" pack --tokenizer "$tokenizer" -i gpu/held-out -o "$work/held-out" \
     --fim-rate 0 --val-fraction 1 >"$out/pack-held-out.log" 2>&1
 final=$work/d12/checkpoints/step-$(printf %06d "$steps")
 if [ ! -f "$final/trainer.json" ]; then
