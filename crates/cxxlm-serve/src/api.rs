@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 
 use crate::engine::{Engine, Event, Finish, Job, COMPLETE, GONE, GO_ON};
 use crate::http::{Conn, Request};
-use crate::text::{self, BodyEnd, ContextFile, Reindent, Stops, Utf8Stream};
+use crate::text::{self, BodyEnd, CodeBlocks, ContextFile, Fit, Reindent, Stops, Utf8Stream};
 use crate::{ModelInfo, Sampling};
 use cxxlm_eval::functions::BodyStop;
 
@@ -182,8 +182,9 @@ struct Generation {
     n: usize,
     stops: Vec<String>,
     ignore_eos: bool,
-    /// Re-indentation (and `n_indent`) for completions of code in an editor.
-    fit: Option<Reindent>,
+    /// Re-indentation: of completions of code in an editor (and `n_indent`), or of a
+    /// chat answer's code blocks.
+    fit: Option<Fit>,
     /// Stop once a line is done after this long (llama.cpp's `t_max_predict_ms`).
     predict_limit: Option<Duration>,
     truncated: bool,
@@ -201,7 +202,7 @@ struct Choice {
     /// What the first token repeats of the prompt, left out of the text.
     heal: Option<Healing>,
     utf8: Utf8Stream,
-    fit: Option<Reindent>,
+    fit: Option<Fit>,
     body: Option<BodyEnd>,
     stops: Stops,
     text: String,
@@ -774,7 +775,7 @@ impl Server {
         self.check_length(&ids)?;
         g.healing = bpe.heal(&mut ids);
         g.prompt = ids;
-        g.fit = Some(Reindent::new(prompt, "", layout, 0));
+        g.fit = Some(Fit::Cursor(Reindent::new(prompt, "", layout, 0)));
         g.body = BodyStop::after(prompt);
         Ok(())
     }
@@ -810,7 +811,7 @@ impl Server {
                 let (ids, truncated, fit) = self.fim(&[], &prompt, s, max_tokens, 0);
                 g.prompt = ids;
                 g.truncated = truncated;
-                g.fit = Some(fit);
+                g.fit = Some(Fit::Cursor(fit));
             }
             None => self.plain(&mut g, &prompt)?,
         }
@@ -993,6 +994,7 @@ impl Server {
         let mut g = self.generation(&f, max_tokens, 1.0, stops)?;
         g.prompt = prompt;
         g.agent_markers = true;
+        g.fit = Some(Fit::Chat(CodeBlocks::new(self.info.layout)));
         let id = format!("chatcmpl-{}", self.ids.fetch_add(1, Ordering::Relaxed));
         let (created, model) = (now_secs(), self.info.name.clone());
         let stream = f.flag("stream")?;
@@ -1117,7 +1119,7 @@ impl Server {
             self.fim(&files, &cursor_prefix, &suffix, max_tokens, min_indent);
         g.prompt = ids;
         g.truncated = truncated;
-        g.fit = Some(fit);
+        g.fit = Some(Fit::Cursor(fit));
         g.predict_limit = match f.int("t_max_predict_ms")? {
             Some(ms) if ms > 0 => Some(Duration::from_millis(ms as u64)),
             _ => None,
@@ -1303,7 +1305,7 @@ impl Server {
                 let (ids, truncated, fit) = self.fim(&[], &prompt, s, max_tokens, 0);
                 g.prompt = ids;
                 g.truncated = truncated;
-                g.fit = Some(fit);
+                g.fit = Some(Fit::Cursor(fit));
             }
             None => self.plain(&mut g, &prompt)?,
         }

@@ -327,6 +327,114 @@ impl Reindent {
     }
 }
 
+/// Puts the code blocks (between ``` fences) of a chat answer into an indented layout,
+/// by bracket depth as [`Reindent`] does, when the model was trained without
+/// indentation; the prose around them is left as written. Fed the answer in pieces.
+#[derive(Debug, Clone)]
+pub struct CodeBlocks {
+    layout: Layout,
+    /// The open code block's re-indentation.
+    block: Option<Reindent>,
+    /// The start of a line, held until it is known whether it is a fence.
+    held: String,
+    at_line_start: bool,
+    /// Within a fence's line, which passes as written.
+    in_fence: bool,
+}
+
+impl CodeBlocks {
+    pub fn new(layout: Layout) -> Self {
+        CodeBlocks {
+            layout,
+            block: None,
+            held: String::new(),
+            at_line_start: true,
+            in_fence: false,
+        }
+    }
+
+    pub fn push(&mut self, text: &str) -> String {
+        if !self.layout.strip_indentation {
+            return text.to_string();
+        }
+        let mut out = String::new();
+        for c in text.chars() {
+            if self.in_fence {
+                out.push(c);
+                self.in_fence = c != '\n';
+                self.at_line_start = c == '\n';
+            } else if self.at_line_start {
+                self.held.push(c);
+                let content = self.held.trim_start_matches([' ', '\t']);
+                if content.starts_with("```") {
+                    if let Some(mut block) = self.block.take() {
+                        out.push_str(&block.finish());
+                    } else {
+                        self.block = Some(Reindent::new("", "", self.layout, 0));
+                    }
+                    out.push_str(&std::mem::take(&mut self.held));
+                    (self.in_fence, self.at_line_start) = (true, false);
+                } else if c == '\n' || !"```".starts_with(content) {
+                    let held = std::mem::take(&mut self.held);
+                    self.at_line_start = c == '\n';
+                    self.emit(&held, &mut out);
+                }
+            } else {
+                self.emit(c.encode_utf8(&mut [0; 4]), &mut out);
+                self.at_line_start = c == '\n';
+            }
+        }
+        out
+    }
+
+    fn emit(&mut self, text: &str, out: &mut String) {
+        match &mut self.block {
+            Some(block) => out.push_str(&block.push(text)),
+            None => out.push_str(text),
+        }
+    }
+
+    /// What is still held at the end.
+    pub fn finish(&mut self) -> String {
+        let mut out = String::new();
+        let held = std::mem::take(&mut self.held);
+        self.emit(&held, &mut out);
+        if let Some(block) = &mut self.block {
+            out.push_str(&block.finish());
+        }
+        out
+    }
+}
+
+/// How a completion is put into the user's layout: code written at an editor's cursor,
+/// or the code blocks of a chat answer.
+#[derive(Debug, Clone)]
+pub enum Fit {
+    Cursor(Reindent),
+    Chat(CodeBlocks),
+}
+
+impl Fit {
+    pub fn push(&mut self, text: &str) -> String {
+        match self {
+            Fit::Cursor(r) => r.push(text),
+            Fit::Chat(b) => b.push(text),
+        }
+    }
+
+    pub fn finish(&mut self) -> String {
+        match self {
+            Fit::Cursor(r) => r.finish(),
+            Fit::Chat(b) => b.finish(),
+        }
+    }
+
+    /// Whether a line indented less than `n_indent` ended a cursor's completion.
+    pub fn stopped(&self) -> bool {
+        matches!(self, Fit::Cursor(r) if r.stopped())
+    }
+}
+
 /// Bytes of tokens assembled into text: a character split across tokens waits for its
 /// last byte; invalid bytes become U+FFFD.
 #[derive(Debug, Default)]
@@ -635,5 +743,30 @@ mod tests {
         assert_eq!(s.push("N"), "");
         assert_eq!(s.push("D tail"), "");
         assert_eq!(s.matched.as_deref(), Some("END"));
+    }
+
+    #[test]
+    fn code_blocks_of_a_chat_answer_are_indented_and_prose_is_left_alone() {
+        let answer = "Fixed:\n```cpp\nint f(int x) {\nif (x) {\nreturn 1;\n}\nreturn 0;\n}\n```\n  Then call `f`:\n```\nf(1);\n```";
+        let want = "Fixed:\n```cpp\nint f(int x) {\n    if (x) {\n        return 1;\n    }\n    return 0;\n}\n```\n  Then call `f`:\n```\nf(1);\n```";
+        // Whole, and a character at a time (fences split across pieces).
+        let mut whole = CodeBlocks::new(STRIP);
+        assert_eq!(whole.push(answer) + &whole.finish(), want);
+        let mut pieces = CodeBlocks::new(STRIP);
+        let mut got: String = answer
+            .chars()
+            .map(|c| pieces.push(&c.to_string()))
+            .collect();
+        got += &pieces.finish();
+        assert_eq!(got, want);
+        // A model trained on indented text answers as it should be shown.
+        let mut kept = CodeBlocks::new(KEEP);
+        assert_eq!(kept.push(answer) + &kept.finish(), answer);
+        // An unclosed block and a held line start come out at the end.
+        let mut open = CodeBlocks::new(STRIP);
+        assert_eq!(
+            open.push("```\n{\nx;\n``") + &open.finish(),
+            "```\n{\n    x;\n    ``"
+        );
     }
 }
