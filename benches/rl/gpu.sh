@@ -65,6 +65,12 @@ print(f"RESULT rollouts_s={rps:.1f} vs_nanochat_5.8={rps / 5.8:.1f}x reward_wait
       f"(d12, K=8, 256 prompts x tokens, {len(batches)} rollout batches)")
 print(f"RESULT time split per batch: {step:.1f}s = generation {gen:.1f}s + reward wait {rwait:.2f}s "
       f"+ update and the rest {step - gen - rwait:.1f}s")
+if "prefill_seconds" in steady[0]:
+    med = lambda k: statistics.median(r[k] for r in steady)
+    dec, n = med("decode_seconds"), med("decode_steps")
+    print(f"RESULT generation split: prefill {med('prefill_seconds'):.2f}s + decoding {dec:.2f}s "
+          f"({n:.0f} steps, {1000 * dec / max(n, 1):.1f} ms a step) + sampled log-probabilities "
+          f"{med('sampled_logprob_seconds'):.2f}s")
 print("RESULT reward curve (step mean compile pass zero_std_groups truncated kl):")
 for r in batches:
     print(f"  {r['step']:4d} {r['reward_mean']:+.3f} {r['compile_rate']:.3f} {r['test_pass_rate']:.3f} "

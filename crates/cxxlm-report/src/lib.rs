@@ -1104,6 +1104,18 @@ fn reinforcement(r: &mut Report) {
             ),
         ],
         vec![
+            "median sampling: prefill + decoding (ms a step) + sampled log-probabilities".into(),
+            match steady("decode_seconds") {
+                d if d.is_nan() => "–".into(),
+                d => format!(
+                    "{:.2} s + {d:.2} s ({:.1} ms) + {:.2} s",
+                    steady("prefill_seconds"),
+                    1000.0 * d / steady("decode_steps").max(1.0),
+                    steady("sampled_logprob_seconds")
+                ),
+            },
+        ],
+        vec![
             "median share of a batch spent waiting for rewards".into(),
             format!("{:.1}%", 100.0 * steady("reward_wait_share")),
         ],
@@ -1383,7 +1395,7 @@ mod tests {
         for step in 1..=9u32 {
             let reward = f64::from(step) * 0.25 - 1.0;
             lines.push(format!(
-                r#"{{"step":{step},"loss":0.1,"rollouts":256,"rollouts_s":16.0,"step_seconds":16.0,"generation_seconds":10.0,"reward_wait_seconds":2.0,"reward_wait_share":0.125,"reward_mean":{reward},"compile_rate":0.5,"test_pass_rate":0.25,"truncated_share":0.1,"zero_std_groups":0.2,"kl":0.001}}"#
+                r#"{{"step":{step},"loss":0.1,"rollouts":256,"rollouts_s":16.0,"step_seconds":16.0,"generation_seconds":10.0,"prefill_seconds":1.0,"decode_seconds":8.0,"sampled_logprob_seconds":1.0,"decode_steps":256,"reward_wait_seconds":2.0,"reward_wait_share":0.125,"reward_mean":{reward},"compile_rate":0.5,"test_pass_rate":0.25,"truncated_share":0.1,"zero_std_groups":0.2,"kl":0.001}}"#
             ));
             lines.push(format!(r#"{{"step":{step},"lr_scale":1.0}}"#));
         }
@@ -1411,6 +1423,10 @@ mod tests {
         );
         assert!(md.contains("| rollout batches | 9 |"), "{md}");
         assert!(md.contains("16.0 s = 10.0 s + 2.0 s + 4.0 s"), "{md}");
+        assert!(
+            md.contains("| 1.00 s + 8.00 s (31.2 ms) + 1.00 s |"),
+            "{md}"
+        );
         assert!(md.contains("| 12.5% |"), "{md}");
         assert!(
             md.contains("| pretrained | 0.000 | 3 of 100 | 100 |"),

@@ -534,7 +534,31 @@ struct Drawn {
     #[serde(skip)]
     pool_batch: Option<u64>,
     #[serde(skip)]
-    generation: f64,
+    generation: Generation,
+}
+
+/// Where sampling's seconds went: the prompts' prefill (to the first token of every
+/// row), the decoding steps after it, and the sampled tokens' log-probabilities.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Generation {
+    prefill: f64,
+    decode: f64,
+    logprobs: f64,
+    /// Decoding steps: the longest completion's tokens.
+    steps: usize,
+}
+
+impl Generation {
+    fn seconds(&self) -> f64 {
+        self.prefill + self.decode + self.logprobs
+    }
+
+    fn add(&mut self, o: &Generation) {
+        self.prefill += o.prefill;
+        self.decode += o.decode;
+        self.logprobs += o.logprobs;
+        self.steps += o.steps;
+    }
 }
 
 /// The text a completion's tokens make, without the end-of-turn token.
@@ -567,8 +591,8 @@ struct Sampler<'a> {
 impl Sampler<'_> {
     /// Samples what `req` asks with the shared sampler, each completion handed to the
     /// pool under `pool_batch` as soon as it ends; returns them, without their rewards
-    /// yet, and the seconds spent generating.
-    fn sample(&self, req: &Request, pool_batch: u64) -> (Vec<Rollout>, f64) {
+    /// yet, and where the time went.
+    fn sample(&self, req: &Request, pool_batch: u64) -> (Vec<Rollout>, Generation) {
         let (model, bpe) = (self.model, self.bpe);
         let stop_token = chat::end_of_turn(bpe);
         let rows: Vec<(usize, usize)> = req
@@ -580,8 +604,10 @@ impl Sampler<'_> {
         let row_prompts: Vec<Vec<u32>> =
             rows.iter().map(|&(t, _)| self.prompts[t].clone()).collect();
         let started = Instant::now();
+        let mut first_token = None;
         let mut finished = vec![false; rows.len()];
         let generated = model.generate(&row_prompts, &req.sampling, &mut |row, ids| {
+            first_token.get_or_insert_with(Instant::now);
             let done = answer_ends(ids, stop_token, |t| bpe.decode(t));
             if done {
                 finished[row] = true;
@@ -596,6 +622,8 @@ impl Sampler<'_> {
                     .submit(pool_batch, row, rows[row].0, completion_text(bpe, ids));
             }
         }
+        let sampled = Instant::now();
+        let first_token = first_token.unwrap_or(sampled);
         let logprobs = match req.logprob_rows {
             Some(per_pass) => {
                 let prompts: Vec<&[u32]> = row_prompts.iter().map(Vec::as_slice).collect();
@@ -607,7 +635,12 @@ impl Sampler<'_> {
             }
             None => vec![None; rows.len()],
         };
-        let generation = started.elapsed().as_secs_f64();
+        let generation = Generation {
+            prefill: (first_token - started).as_secs_f64(),
+            decode: (sampled - first_token).as_secs_f64(),
+            logprobs: sampled.elapsed().as_secs_f64(),
+            steps: generated.iter().map(Vec::len).max().unwrap_or(0),
+        };
         let rollouts = rows
             .into_iter()
             .zip(generated)
@@ -627,13 +660,13 @@ impl Sampler<'_> {
         (rollouts, generation)
     }
 
-    /// [`Sampler::sample`], then [`collect`]: rollouts with their rewards, the seconds
-    /// generating and the seconds waiting.
+    /// [`Sampler::sample`], then [`collect`]: rollouts with their rewards, where
+    /// generating spent its time, and the seconds waiting.
     fn sample_and_judge(
         &self,
         req: &Request,
         next_batch: &mut u64,
-    ) -> Result<(Vec<Rollout>, f64, f64)> {
+    ) -> Result<(Vec<Rollout>, Generation, f64)> {
         let batch = take(next_batch);
         let (mut rollouts, generation) = self.sample(req, batch);
         let wait = collect(self.pool, self.bpe, Some(batch), next_batch, &mut rollouts)?;
@@ -775,8 +808,8 @@ impl RolloutSource<'_> {
             let generation = drawn.generation;
             return self.settle(model, drawn, generation);
         }
-        let (ready, before) = match self.state.pending.take() {
-            Some(d) => (d, 0.0),
+        let (ready, mut generation) = match self.state.pending.take() {
+            Some(d) => (d, Generation::default()),
             None => {
                 let d = self.draw(model);
                 let g = d.generation;
@@ -784,7 +817,7 @@ impl RolloutSource<'_> {
             }
         };
         let next = self.draw(model);
-        let generation = before + next.generation;
+        generation.add(&next.generation);
         self.state.pending = Some(next);
         self.settle(model, ready, generation)
     }
@@ -852,9 +885,9 @@ impl RolloutSource<'_> {
     }
 
     /// The drawn rollouts with their rewards (groups of equal rewards replaced with
-    /// `rl.dynamic_sampling`) as the micro-batches to learn from; `generation`: the
-    /// seconds this step has spent sampling so far.
-    fn settle(&mut self, model: &Gpt, drawn: Drawn, mut generation: f64) -> Result<()> {
+    /// `rl.dynamic_sampling`) as the micro-batches to learn from; `generation`: where
+    /// this step's sampling has spent its time so far.
+    fn settle(&mut self, model: &Gpt, drawn: Drawn, mut generation: Generation) -> Result<()> {
         let s = self.settings;
         let per_rank = s.prompts / self.ranks;
         let Drawn {
@@ -915,7 +948,7 @@ impl RolloutSource<'_> {
             let mut batches = self.pool_batches;
             let (more, g, w) = self.sampler(model).sample_and_judge(&req, &mut batches)?;
             self.pool_batches = batches;
-            generation += g;
+            generation.add(&g);
             wait += w;
             round += 1;
             // Each fresh group with something to teach takes the place of an equal one.
@@ -1000,8 +1033,16 @@ impl RolloutSource<'_> {
         self.warnings
             .extend(guard(&check, s, &mut self.state.equal_batches)?);
         self.figures = rollout_figures(&rollouts, &rewards, &check, replaced);
+        for (name, value) in [
+            ("generation_seconds", generation.seconds()),
+            ("prefill_seconds", generation.prefill),
+            ("decode_seconds", generation.decode),
+            ("sampled_logprob_seconds", generation.logprobs),
+        ] {
+            self.figures.insert(name.into(), value.into());
+        }
         self.figures
-            .insert("generation_seconds".into(), generation.into());
+            .insert("decode_steps".into(), (generation.steps as u64).into());
         self.figures
             .insert("reward_wait_seconds".into(), wait.into());
         self.figures.insert(

@@ -278,6 +278,14 @@ fn rl_rewards_completions_in_the_sandbox_and_resumes_bit_exactly() {
         ] {
             assert!(b[k].as_f64().is_some(), "{k} missing: {b}");
         }
+        // Sampling's time, split: the parts make the whole; the steps are the longest
+        // completion's tokens in each round sampled.
+        let part = |k: &str| b[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {b}"));
+        let split =
+            part("prefill_seconds") + part("decode_seconds") + part("sampled_logprob_seconds");
+        assert!((split - part("generation_seconds")).abs() < 1e-9, "{b}");
+        let steps = b["decode_steps"].as_u64().unwrap();
+        assert!(steps > 0, "{b}");
     }
     // Samples of the fine-tuned model compile and pass at times, fail at others.
     let compiled: f64 = batches

@@ -244,13 +244,16 @@ pub fn metrics_records(out: &Path) -> Vec<Value> {
 
 /// Records without the figures of time.
 pub fn timeless(records: Vec<Value>) -> Vec<Value> {
-    const TIMES: [&str; 9] = [
+    const TIMES: [&str; 12] = [
         "tok_s",
         "mfu",
         "step_seconds",
         "forward_backward_seconds",
         "rollouts_s",
         "generation_seconds",
+        "prefill_seconds",
+        "decode_seconds",
+        "sampled_logprob_seconds",
         "reward_wait_seconds",
         "reward_wait_share",
         "update_seconds",
