@@ -17,8 +17,20 @@
 use crate::layout::{normalize, Layout};
 use crate::Bpe;
 
-/// [`prompt`]'s template in Jinja, for `tokenizer_config.json`.
-pub const TEMPLATE: &str = "<|bos|>{% for m in messages %}{% if m['role'] == 'tool' %}<|tool_result|>{% else %}{{ m['role'] }}\n{% endif %}{{ m['content'] }}<|eos|>{% endfor %}{% if add_generation_prompt %}assistant\n{% endif %}";
+/// [`prompt`]'s template in Jinja, for `tokenizer_config.json`: each content laid out as
+/// [`normalize`] does, for a model of `layout`.
+pub fn template(layout: Layout) -> String {
+    let line = match layout.strip_indentation {
+        true => r"line.rstrip(' \t\x0b\x0c').lstrip(' \t')",
+        false => r"line.rstrip(' \t\x0b\x0c')",
+    };
+    // Lines are joined by an expression: a newline right after a block tag would be
+    // dropped by transformers' `trim_blocks`.
+    let content = format!(
+        r"{{% for line in m['content'].replace('\r\n', '\n').replace('\r', '\n').split('\n') %}}{{% if not loop.first %}}{{{{ '\n' }}}}{{% endif %}}{{{{ {line} }}}}{{% endfor %}}"
+    );
+    format!("<|bos|>{{% for m in messages %}}{{% if m['role'] == 'tool' %}}<|tool_result|>{{% else %}}{{{{ m['role'] }}}}\n{{% endif %}}{content}<|eos|>{{% endfor %}}{{% if add_generation_prompt %}}assistant\n{{% endif %}}")
+}
 
 /// Specials an assistant turn may hold as tokens: `<|thought_start|>` reasoning
 /// `<|thought_end|>`, then `<|query_tool|>` and a call (`cxxlm-agent` reads it).

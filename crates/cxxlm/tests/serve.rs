@@ -154,6 +154,8 @@ fn the_hf_export_loads_in_transformers_with_our_logits() {
     assert_eq!(parity["passed"], true, "{parity}");
     assert_eq!(parity["class"], "NanoChatForCausalLM");
     assert!(parity["max_abs_logit_diff"].as_f64().unwrap() < 1e-3);
+    // transformers' chat template lays an indented conversation out as our prompt does.
+    assert_eq!(parity["chat_template_ids_equal"], true, "{parity}");
     for file in [
         "model.safetensors",
         "config.json",

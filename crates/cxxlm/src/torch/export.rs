@@ -7,6 +7,8 @@ use anyhow::{bail, Context, Result};
 use cxxlm::cli::{prompt_ids, ExportHfArgs};
 use cxxlm::outln;
 use cxxlm_model::{Activation, Gpt, ModelConfig};
+use cxxlm_tokenizer::chat::{self, Message, Role};
+use cxxlm_tokenizer::layout::Layout;
 use cxxlm_tokenizer::Bpe;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -81,7 +83,7 @@ fn config_json(c: &ModelConfig, bpe: &Bpe) -> Value {
     })
 }
 
-fn tokenizer_config(c: &ModelConfig, bpe: &Bpe) -> Value {
+fn tokenizer_config(c: &ModelConfig, bpe: &Bpe, layout: Layout) -> Value {
     let specials: Vec<String> = cxxlm_tokenizer::SPECIALS
         .iter()
         .map(|s| s.to_string())
@@ -101,9 +103,20 @@ fn tokenizer_config(c: &ModelConfig, bpe: &Bpe) -> Value {
         "fim_suffix_token": "<|fim_suffix|>",
         "file_separator_token": "<|file_sep|>",
         "repo_name_token": "<|repo_name|>",
-        "chat_template": cxxlm_tokenizer::chat::TEMPLATE,
+        "chat_template": chat::template(layout),
         "vocab_size": bpe.vocab_size(),
     })
+}
+
+/// A conversation for the chat template's check: indented code with CRLF line ends and
+/// trailing spaces, a tool's answer.
+fn parity_chat() -> Vec<Message> {
+    vec![
+        Message::new(Role::System, "Fix the bug.  "),
+        Message::new(Role::User, "int f(int x) {\r\n    return x\r\n}\n"),
+        Message::new(Role::Assistant, "int f(int x) {\n\treturn x;  \n}"),
+        Message::new(Role::Tool, "    1  int f(int x) {\n"),
+    ]
 }
 
 /// Fixed prompts for the parity check: plain code, and a FIM layout.
@@ -128,8 +141,14 @@ fn write_json(path: &Path, value: &Value) -> Result<()> {
 }
 
 /// Runs transformers on the export and compares its logits with ours.
-fn parity(dir: &Path, model: &Gpt, bpe: &Bpe, python: &str) -> Result<Value> {
+fn parity(dir: &Path, model: &Gpt, bpe: &Bpe, layout: Layout, python: &str) -> Result<Value> {
     let prompts = parity_prompts(bpe);
+    let chat = parity_chat();
+    let chat_ids = chat::prompt(bpe, &chat, layout);
+    let chat: Vec<Value> = chat
+        .iter()
+        .map(|m| json!({"role": m.role.name(), "content": m.content}))
+        .collect();
     let scratch = tempfile_dir(dir)?;
     let script = scratch.join("hf_parity.py");
     std::fs::write(&script, PARITY_SCRIPT)?;
@@ -137,7 +156,10 @@ fn parity(dir: &Path, model: &Gpt, bpe: &Bpe, python: &str) -> Result<Value> {
     let ids: Vec<&Vec<u32>> = prompts.iter().map(|(_, ids)| ids).collect();
     // The FIM prompt holds specials, which text does not make: its tokens are not compared.
     let texts: Vec<&str> = prompts.iter().map(|(t, _)| t.as_str()).collect();
-    write_json(&prompts_path, &json!({"ids": ids, "texts": texts}))?;
+    write_json(
+        &prompts_path,
+        &json!({"ids": ids, "texts": texts, "chat": chat}),
+    )?;
     let logits_path = scratch.join("logits.f32");
     let out = std::process::Command::new(python)
         .arg(&script)
@@ -193,7 +215,8 @@ fn parity(dir: &Path, model: &Gpt, bpe: &Bpe, python: &str) -> Result<Value> {
             .zip(&prompts)
             .all(|(v, (t, _))| t.is_empty() || v == &json!(true))
     });
-    let passed = max_diff <= PARITY_TOLERANCE && greedy_equal && tokens_equal;
+    let chat_equal = report["chat_ids"] == json!(chat_ids);
+    let passed = max_diff <= PARITY_TOLERANCE && greedy_equal && tokens_equal && chat_equal;
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(json!({
         "passed": passed,
@@ -203,6 +226,7 @@ fn parity(dir: &Path, model: &Gpt, bpe: &Bpe, python: &str) -> Result<Value> {
         "tolerance": PARITY_TOLERANCE,
         "greedy_tokens_equal": greedy_equal,
         "tokenizer_ids_equal": tokens_equal,
+        "chat_template_ids_equal": chat_equal,
         "transformers": report["transformers"],
         "class": report["class"],
         "tokenizer_class": report["tokenizer_class"],
@@ -226,6 +250,7 @@ pub fn hf(args: ExportHfArgs) -> Result<()> {
     };
     let c = &model.config;
     check_expressible(c)?;
+    let layout = crate::serve::layout(&args.checkpoint, "auto");
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for (name, t) in model.params() {
         let hf = hf_name(name).with_context(|| {
@@ -253,7 +278,7 @@ pub fn hf(args: ExportHfArgs) -> Result<()> {
     )?;
     write_json(
         &tmp.join("tokenizer_config.json"),
-        &tokenizer_config(c, &bpe),
+        &tokenizer_config(c, &bpe, layout),
     )?;
     write_json(
         &tmp.join("special_tokens_map.json"),
@@ -262,7 +287,7 @@ pub fn hf(args: ExportHfArgs) -> Result<()> {
     let report = if args.no_parity {
         json!({"passed": null, "skipped": "--no-parity"})
     } else {
-        parity(&tmp, &model, &bpe, &args.python)?
+        parity(&tmp, &model, &bpe, layout, &args.python)?
     };
     write_json(&tmp.join("parity.json"), &report)?;
     if report["passed"] == json!(false) {
@@ -278,13 +303,14 @@ pub fn hf(args: ExportHfArgs) -> Result<()> {
     match args.no_parity {
         true => outln!("{}: written, not checked (--no-parity)", out.display()),
         false => outln!(
-            "{}: NanoChatForCausalLM; parity through transformers {}: max |logit difference| {:.2e} over {} positions, greedy tokens equal: {}, tokenizer ids equal: {} (parity.json)",
+            "{}: NanoChatForCausalLM; parity through transformers {}: max |logit difference| {:.2e} over {} positions, greedy tokens equal: {}, tokenizer ids equal: {}, chat template ids equal: {} (parity.json)",
             out.display(),
             report["transformers"].as_str().unwrap_or("?"),
             report["max_abs_logit_diff"].as_f64().unwrap_or(f64::NAN),
             report["positions"],
             report["greedy_tokens_equal"],
             report["tokenizer_ids_equal"],
+            report["chat_template_ids_equal"],
         ),
     }?;
     Ok(())

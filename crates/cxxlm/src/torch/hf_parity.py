@@ -1,8 +1,10 @@
 """Loads a `cxxlm export hf` directory with transformers' own classes (no remote code)
-and writes the logits of the given prompts, for the exporter to compare with its own.
+and writes the logits of the given prompts, for the exporter to compare with its own, and
+the ids its chat template gives a conversation.
 
 usage: hf_parity.py EXPORT_DIR PROMPTS_JSON LOGITS_OUT
-PROMPTS_JSON: {"ids": [[int...]...], "texts": [str...]}; LOGITS_OUT: float32 rows."""
+PROMPTS_JSON: {"ids": [[int...]...], "texts": [str...], "chat": [{"role", "content"}...]};
+LOGITS_OUT: float32 rows."""
 import json
 import sys
 
@@ -21,6 +23,8 @@ report = {
     "tokenizer_class": type(tok).__name__,
     "tokens_equal": [tok(t, add_special_tokens=False)["input_ids"] == ids[1:]
                      for t, ids in zip(prompts["texts"], prompts["ids"])],
+    "chat_ids": list(tok.apply_chat_template(prompts["chat"], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False)),
 }
 with open(out, "wb") as f, torch.no_grad():
     for ids in prompts["ids"]:
