@@ -253,6 +253,28 @@ pub fn against_definitions(fused: Fused, dev: Device) -> Vec<Check> {
         ));
     }
 
+    // The 3B preset's hidden width, and one that takes the unvectorized kernels.
+    for (rows, hidden) in [(2048, 6912), (100, 300)] {
+        let tag = format!("{rows}x{hidden}");
+        let (fc, fcf) = random(&[rows, 2 * hidden], 2.0, dev);
+        let parts = fcf.chunk(2, -1);
+        let want = parts[0].silu() * &parts[1];
+        checks.push(compare(
+            format!("SwiGLU forward {tag}"),
+            &fused.swiglu(&fc),
+            &want,
+            BF16_TOLERANCE,
+        ));
+        let (da, daf) = random(&[rows, hidden], 1.0, dev);
+        (&want * &daf.detach()).sum(Kind::Float).backward();
+        checks.push(compare(
+            format!("SwiGLU backward {tag}"),
+            &fused.swiglu_backward(&da, &fc),
+            &fcf.grad(),
+            BF16_TOLERANCE,
+        ));
+    }
+
     for (rows, vocab) in [(512, 32768), (100, 300)] {
         let tag = format!("{rows}x{vocab}");
         let cap = 15.0;

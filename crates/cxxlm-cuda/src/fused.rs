@@ -12,7 +12,7 @@ use crate::nvrtc::{self, Arg, Function};
 
 const SOURCE: &str = include_str!("kernels.cu");
 
-const KERNELS: [&str; 15] = [
+const KERNELS: [&str; 19] = [
     "rmsnorm_forward_v8",
     "rmsnorm_forward_v1",
     "rmsnorm_backward_v8",
@@ -23,6 +23,10 @@ const KERNELS: [&str; 15] = [
     "relu2_forward_v1",
     "relu2_backward_v8",
     "relu2_backward_v1",
+    "swiglu_forward_v8",
+    "swiglu_forward_v1",
+    "swiglu_backward_v8",
+    "swiglu_backward_v1",
     "softcap_cross_entropy_v8",
     "softcap_cross_entropy_v1",
     "adamw_step",
@@ -396,25 +400,61 @@ impl Fused {
         }
     }
 
-    /// SwiGLU of `fc`, the gate and the value side by side `(rows, 2 hidden)`:
-    /// `silu(gate) * value`, in `fc`'s precision. Plain tch operations on every device
-    /// (fp32 arithmetic, as the reference's other steps).
+    /// SwiGLU of `fc`, the gate and the value side by side `(.., 2 hidden)`:
+    /// `silu(gate) * value`, in `fc`'s precision.
     pub fn swiglu(&self, fc: &Tensor) -> Tensor {
-        let parts = fc.to_kind(Kind::Float).chunk(2, -1);
-        (parts[0].silu() * &parts[1]).to_kind(fc.kind())
+        match self {
+            Fused::Reference => {
+                let parts = fc.to_kind(Kind::Float).chunk(2, -1);
+                (parts[0].silu() * &parts[1]).to_kind(fc.kind())
+            }
+            Fused::Kernels(k) => {
+                expect_bf16(fc, "SwiGLU input");
+                let (rows, hidden, mut shape) = halves(fc);
+                *shape.last_mut().expect("dimensions") = hidden;
+                let a = Tensor::empty(&shape, (Kind::BFloat16, fc.device()));
+                let wide = vec8(hidden, &[fc, &a]);
+                let args = [ptr(fc), ptr(&a), Arg::I64(rows), Arg::I64(hidden)];
+                let name = variant("swiglu_forward", wide);
+                k.launch(&name, elementwise_grid(rows * hidden, wide), 256, &args);
+                a
+            }
+        }
     }
 
-    /// The gradient of `fc` `(rows, 2 hidden)` from that of SwiGLU's output `da`:
+    /// The gradient of `fc` `(.., 2 hidden)` from that of SwiGLU's output `da`:
     /// `[da value silu'(gate), da silu(gate)]`, where `silu'(g) = s (1 + g (1 - s))`.
     pub fn swiglu_backward(&self, da: &Tensor, fc: &Tensor) -> Tensor {
-        let parts = fc.to_kind(Kind::Float).chunk(2, -1);
-        let (gate, value) = (&parts[0], &parts[1]);
-        let da = da.to_kind(Kind::Float);
-        let s = gate.sigmoid();
-        let dsilu = &s * (gate * (1.0 - &s) + 1.0);
-        let dgate = &da * value * dsilu;
-        let dvalue = da * gate * s;
-        Tensor::cat(&[dgate, dvalue], -1).to_kind(fc.kind())
+        match self {
+            Fused::Reference => {
+                let parts = fc.to_kind(Kind::Float).chunk(2, -1);
+                let (gate, value) = (&parts[0], &parts[1]);
+                let da = da.to_kind(Kind::Float);
+                let s = gate.sigmoid();
+                let dsilu = &s * (gate * (1.0 - &s) + 1.0);
+                let dgate = &da * value * dsilu;
+                let dvalue = da * gate * s;
+                Tensor::cat(&[dgate, dvalue], -1).to_kind(fc.kind())
+            }
+            Fused::Kernels(k) => {
+                expect_bf16(da, "SwiGLU gradient");
+                expect_bf16(fc, "SwiGLU input");
+                let (rows, hidden, _) = halves(fc);
+                assert_eq!(da.numel() as i64, rows * hidden, "SwiGLU gradient's size");
+                let dfc = Tensor::empty(fc.size(), (Kind::BFloat16, fc.device()));
+                let wide = vec8(hidden, &[da, fc, &dfc]);
+                let args = [
+                    ptr(da),
+                    ptr(fc),
+                    ptr(&dfc),
+                    Arg::I64(rows),
+                    Arg::I64(hidden),
+                ];
+                let name = variant("swiglu_backward", wide);
+                k.launch(&name, elementwise_grid(rows * hidden, wide), 256, &args);
+                dfc
+            }
+        }
     }
 
     /// Cross-entropy of softcapped logits `cap tanh(logits / cap)` `(rows, vocab)` against
@@ -644,6 +684,14 @@ pub struct AdamwStep {
     pub eps: f64,
     pub weight_decay: f64,
     pub step: f64,
+}
+
+/// Rows, and the width of each half, of a gate|value tensor `(.., 2 hidden)`; its shape.
+fn halves(fc: &Tensor) -> (i64, i64, Vec<i64>) {
+    let shape = fc.size();
+    let cols = *shape.last().expect("dimensions");
+    assert!(cols % 2 == 0, "SwiGLU input of odd width {cols}");
+    (fc.numel() as i64 / cols.max(1), cols / 2, shape)
 }
 
 /// `cos` and `sin` `(T', dim / 2)` as fp32 `(1, T, 1, dim / 2)` for broadcasting.

@@ -271,6 +271,65 @@ extern "C" __global__ void relu2_forward_v1(bf16* u, long long n) { relu2_forwar
 extern "C" __global__ void relu2_backward_v8(bf16* da, const bf16* a, long long n) { relu2_backward<8>(da, a, n); }
 extern "C" __global__ void relu2_backward_v1(bf16* da, const bf16* a, long long n) { relu2_backward<1>(da, a, n); }
 
+// ---- SwiGLU -------------------------------------------------------------------------------
+//
+// `fc` is (rows, 2 hidden): the gate and the value side by side. a = silu(gate) value is
+// (rows, hidden). `VEC` divides `hidden`, so a vector never crosses a row.
+template <int VEC>
+__device__ void swiglu_forward(const bf16* fc, bf16* a, long long rows, long long hidden) {
+    float g[VEC], v[VEC];
+    const long long n = rows * hidden;
+    for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * VEC; i < n;
+         i += (long long)gridDim.x * blockDim.x * VEC) {
+        const bf16* gate = fc + i + (i / hidden) * hidden;
+        load<VEC>(gate, g);
+        load<VEC>(gate + hidden, v);
+#pragma unroll
+        for (int j = 0; j < VEC; j++) g[j] = g[j] / (1.f + expf(-g[j])) * v[j];
+        store<VEC>(a + i, g);
+    }
+}
+
+// From the gradient of a: d gate = da value s (1 + gate (1 - s)) and d value = da gate s,
+// with s = sigmoid(gate), side by side in `dfc` (rows, 2 hidden).
+template <int VEC>
+__device__ void swiglu_backward(const bf16* da, const bf16* fc, bf16* dfc, long long rows,
+                                long long hidden) {
+    float d[VEC], g[VEC], v[VEC];
+    const long long n = rows * hidden;
+    for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * VEC; i < n;
+         i += (long long)gridDim.x * blockDim.x * VEC) {
+        const long long at = i + (i / hidden) * hidden;
+        load<VEC>(da + i, d);
+        load<VEC>(fc + at, g);
+        load<VEC>(fc + at + hidden, v);
+#pragma unroll
+        for (int j = 0; j < VEC; j++) {
+            const float s = 1.f / (1.f + expf(-g[j]));
+            const float dgate = d[j] * v[j] * s * (1.f + g[j] * (1.f - s));
+            v[j] = d[j] * g[j] * s;
+            g[j] = dgate;
+        }
+        store<VEC>(dfc + at, g);
+        store<VEC>(dfc + at + hidden, v);
+    }
+}
+
+extern "C" __global__ void swiglu_forward_v8(const bf16* fc, bf16* a, long long rows, long long hidden) {
+    swiglu_forward<8>(fc, a, rows, hidden);
+}
+extern "C" __global__ void swiglu_forward_v1(const bf16* fc, bf16* a, long long rows, long long hidden) {
+    swiglu_forward<1>(fc, a, rows, hidden);
+}
+extern "C" __global__ void swiglu_backward_v8(const bf16* da, const bf16* fc, bf16* dfc, long long rows,
+                                              long long hidden) {
+    swiglu_backward<8>(da, fc, dfc, rows, hidden);
+}
+extern "C" __global__ void swiglu_backward_v1(const bf16* da, const bf16* fc, bf16* dfc, long long rows,
+                                              long long hidden) {
+    swiglu_backward<1>(da, fc, dfc, rows, hidden);
+}
+
 // ---- Softcapped cross-entropy, forward and backward in one kernel ----------------------
 //
 // One block per row of `vocab` bf16 logits l. z = cap tanh(l / cap) lies in [-cap, cap],

@@ -4,9 +4,8 @@
 //! stream in place), weight gradients accumulated in fp32 straight from bf16 matmuls,
 //! and only what the backward reads kept per layer: the normalized inputs of the
 //! matmuls, the rotated and normalized q|k|v, the attention output and its statistics,
-//! and relu^2's output (or SwiGLU's input, whose two elementwise steps are plain tch
-//! operations, not kernels). With [`Fused::Reference`] the same pass runs in plain tch
-//! operations, which is how it is tested against autograd on any host.
+//! and relu^2's output (or SwiGLU's input). With [`Fused::Reference`] the same pass runs
+//! in plain tch operations, which is how it is tested against autograd on any host.
 
 use cxxlm_cuda::check::Check;
 use cxxlm_cuda::{attention, Fused};
