@@ -1,7 +1,7 @@
 //! Continuous batching: requests wait in a bounded queue, take a free slot of the
 //! model's cache (the one whose previous sequence shares the longest prefix with the
-//! prompt, so a client's next keystroke reuses what its last request computed), are
-//! prefilled there, and then advance one token per step together with every other
+//! prompt, so a client's next keystroke reuses what its last request computed, unless
+//! what it shares is short beside the rest), are prefilled there, and then advance one token per step together with every other
 //! active request. A cancelled request (its client went away, or its text hit a stop)
 //! leaves at the next step; the others are not disturbed.
 
@@ -172,6 +172,17 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
+/// How much of a cached prefix of `shared` tokens a prompt of `len` reuses: all of it, or
+/// none when it is short beside what is left to compute. A prompt continued after cached
+/// positions attends through an explicit mask, which rules out flash attention; from
+/// position 0 it attends causally. Two unrelated FIM prompts share their first specials.
+fn reused(shared: usize, len: usize) -> usize {
+    match shared * 4 >= len - shared {
+        true => shared,
+        false => 0,
+    }
+}
+
 fn run<M: Model>(
     mut model: M,
     rx: Receiver<Job>,
@@ -243,7 +254,8 @@ fn run<M: Model>(
             clock += 1;
             let slot = &mut slots[index];
             slot.last_used = clock;
-            let keep = common_prefix(&slot.cached, &job.prompt).min(job.prompt.len() - 1);
+            let shared = common_prefix(&slot.cached, &job.prompt).min(job.prompt.len() - 1);
+            let keep = reused(shared, job.prompt.len());
             slot.cached.truncate(keep);
             let started = Instant::now();
             let first = model.prefill(
@@ -361,5 +373,22 @@ fn take_token(
     // The token just sent is fed at position `cached.len()`, which must fit.
     if a.generated >= a.job.max_tokens || slot.cached.len() >= context {
         finish(slot, Finish::Length, counters);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reused;
+
+    #[test]
+    fn a_short_shared_prefix_is_computed_again() {
+        // The next keystroke reuses what it shares; an unrelated prompt does not.
+        assert_eq!(reused(1990, 2000), 1990);
+        assert_eq!(reused(2, 2000), 0);
+        assert_eq!(reused(0, 10), 0);
+        // Up to a fifth of the prompt is computed again.
+        assert_eq!(reused(400, 2000), 400);
+        assert_eq!(reused(399, 2000), 0);
+        assert_eq!(reused(9, 10), 9);
     }
 }

@@ -64,6 +64,11 @@ def editors():
     check(r2.choices[0].text == c.text, "greedy FIM is repeatable")
     cached = (r2.usage.prompt_tokens_details.cached_tokens if r2.usage.prompt_tokens_details else 0) or 0
     check(cached >= r2.usage.prompt_tokens - 1, f"the repeated prompt came from the cache ({cached} of {r2.usage.prompt_tokens})")
+    # Another FIM prompt shares only its first specials with the last one: it is computed
+    # from the start, not continued after them.
+    r3 = client.completions.create(model="tiny", prompt="double scale(double x) {\n    return x", suffix=suffix, max_tokens=4, temperature=0)
+    other = (r3.usage.prompt_tokens_details.cached_tokens if r3.usage.prompt_tokens_details else 0) or 0
+    check(other == 0, f"an unrelated prompt reuses no short prefix ({other} tokens)")
     streamed = client.completions.create(model="tiny", prompt=prefix, suffix=suffix, max_tokens=24, temperature=0, stream=True)
     parts, finish = [], None
     for chunk in streamed:
