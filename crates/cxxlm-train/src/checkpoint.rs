@@ -271,7 +271,7 @@ pub fn layout(checkpoint: &Path) -> (Layout, String) {
 }
 
 fn trained_layout(checkpoint: &Path) -> Result<(bool, String)> {
-    let config_error = |m: String| TrainError::Config(m);
+    let config_error = TrainError::Config;
     let run = checkpoint
         .ancestors()
         .find(|a| a.join("config.toml").exists())
