@@ -299,7 +299,40 @@ pub fn against_definitions(fused: Fused, dev: Device) -> Vec<Check> {
             BF16_TOLERANCE,
         ));
     }
-    let state = |scale: f64| Tensor::randn([1 << 20], (Kind::Float, dev)) * scale;
+    checks.extend(optimizer_steps(fused, dev));
+    checks
+}
+
+/// Compares the optimizer's steps (Muon's passes around Newton-Schulz, AdamW) on `dev`
+/// with their definitions: before a run trusts the kernels with its weights.
+pub fn optimizer_steps(fused: Fused, dev: Device) -> Vec<Check> {
+    let mut checks = Vec::new();
+    // Values spread like random ones without drawing from torch's generators, which the
+    // run that calls this goes on to use.
+    let mut seed = 0.0;
+    let mut state = |scale: f64| {
+        seed += 1.0;
+        (Tensor::arange(1 << 20, (Kind::Float, dev)) * (seed * 12.9898)).sin() * (scale * 1.7)
+    };
+    let (g, m) = (state(1e-3), state(1e-3));
+    let beta = 0.95;
+    let want_m = &m + (&g - &m) * (1.0 - beta);
+    let want_blend = &g + (&want_m - &g) * beta;
+    let blend = fused.muon_momentum_(&g, &m, beta);
+    checks.push(compare("Muon momentum".into(), &m, &want_m, 1e-5));
+    checks.push(compare(
+        "Muon Nesterov blend".into(),
+        &blend,
+        &want_blend,
+        BF16_TOLERANCE,
+    ));
+    // The update as Newton-Schulz leaves a tall matrix's: transposed, not contiguous.
+    let p = state(0.1).view([1024, 1024]);
+    let update = state(1.0).to_kind(Kind::BFloat16).view([1024, 1024]).tr();
+    let want = &p + update.to_kind(Kind::Float) * -0.02;
+    fused.muon_update_(&p, &update, -0.02);
+    checks.push(compare("Muon update".into(), &p, &want, 1e-5));
+
     let (p, g, m, v) = (state(0.1), state(1e-3), state(1e-4), state(1e-4).square());
     let settings = crate::fused::AdamwStep {
         lr: 0.004,

@@ -12,7 +12,7 @@ use crate::nvrtc::{self, Arg, Function};
 
 const SOURCE: &str = include_str!("kernels.cu");
 
-const KERNELS: [&str; 19] = [
+const KERNELS: [&str; 21] = [
     "rmsnorm_forward_v8",
     "rmsnorm_forward_v1",
     "rmsnorm_backward_v8",
@@ -29,6 +29,8 @@ const KERNELS: [&str; 19] = [
     "swiglu_backward_v1",
     "softcap_cross_entropy_v8",
     "softcap_cross_entropy_v1",
+    "muon_momentum",
+    "muon_update",
     "adamw_step",
     "decode_attention_split",
     "decode_attention_merge",
@@ -118,6 +120,15 @@ fn elementwise_grid(n: i64, wide: bool) -> usize {
 /// Warps of 32 threads, eight to a block.
 fn warp_grid(warps: i64) -> usize {
     (warps as usize).div_ceil(8)
+}
+
+fn expect_fp32(t: &Tensor, numel: i64, what: &str) {
+    assert!(
+        t.kind() == Kind::Float && t.is_contiguous() && t.numel() as i64 == numel,
+        "{what}: contiguous fp32 of {numel} elements, got {:?} {:?}",
+        t.kind(),
+        t.size()
+    );
 }
 
 fn expect_bf16(t: &Tensor, what: &str) {
@@ -614,6 +625,58 @@ impl Fused {
                 ];
                 k.launch("decode_attention_merge", warp_grid(n * heads), 256, &args);
                 y
+            }
+        }
+    }
+
+    /// Muon's momentum `m <- m + (1 - beta) (g - m)`, in place, and the Nesterov blend
+    /// `g + beta (m - g)` that Newton-Schulz orthogonalizes: fp32 here, bf16 (its
+    /// precision there) from the kernel.
+    pub fn muon_momentum_(&self, grad: &Tensor, momentum: &Tensor, beta: f64) -> Tensor {
+        match self {
+            Fused::Reference => {
+                let _ = momentum.shallow_clone().lerp_(grad, 1.0 - beta);
+                grad.lerp(momentum, beta)
+            }
+            Fused::Kernels(k) => {
+                let n = grad.numel() as i64;
+                expect_fp32(grad, n, "Muon gradient");
+                expect_fp32(momentum, n, "Muon momentum");
+                let blend = Tensor::empty(grad.size(), (Kind::BFloat16, grad.device()));
+                let args = [
+                    ptr(grad),
+                    ptr(momentum),
+                    ptr(&blend),
+                    Arg::I64(n),
+                    Arg::F32(beta as f32),
+                ];
+                k.launch("muon_momentum", elementwise_grid(n, false), 256, &args);
+                blend
+            }
+        }
+    }
+
+    /// `weights += scale * update`: Muon's orthogonalized update (in Newton-Schulz's
+    /// precision, any layout) added to fp32 weights of its size.
+    pub fn muon_update_(&self, weights: &Tensor, update: &Tensor, scale: f64) {
+        match self {
+            Fused::Reference => {
+                let _ = weights
+                    .shallow_clone()
+                    .g_add_(&(update.to_kind(Kind::Float) * scale));
+            }
+            Fused::Kernels(k) => {
+                let n = weights.numel() as i64;
+                expect_fp32(weights, n, "Muon weights");
+                let update = update.to_kind(Kind::BFloat16).contiguous();
+                assert_eq!(update.numel() as i64, n, "Muon update's size");
+                let args = [
+                    ptr(weights),
+                    ptr(&update),
+                    Arg::I64(n),
+                    Arg::F32(scale as f32),
+                ];
+                k.launch("muon_update", elementwise_grid(n, false), 256, &args);
             }
         }
     }

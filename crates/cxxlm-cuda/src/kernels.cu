@@ -386,6 +386,27 @@ extern "C" __global__ void softcap_cross_entropy_v1(bf16* logits, const long lon
     softcap_cross_entropy<1>(logits, targets, losses, vocab, cap, scale);
 }
 
+// ---- Muon's passes around Newton-Schulz, over fp32 weights and momentum -----------------
+//
+// m <- m + (1 - beta) (g - m), and the Nesterov blend g + beta (m - g) in bf16, the
+// precision Newton-Schulz takes.
+extern "C" __global__ void muon_momentum(const float* g, float* m, bf16* blend, long long n, float beta) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float gi = g[i];
+        const float mi = m[i] + (1.f - beta) * (gi - m[i]);
+        m[i] = mi;
+        blend[i] = to_bf(gi + beta * (mi - gi));
+    }
+}
+
+// p <- p + scale u: the orthogonalized update, in bf16, added to fp32 weights.
+extern "C" __global__ void muon_update(float* p, const bf16* u, long long n, float scale) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        p[i] += scale * to_f(u[i]);
+}
+
 // ---- AdamW, one pass over fp32 weights and their state --------------------------------
 //
 // m <- m + (1 - beta1) (g - m); v <- beta2 v + (1 - beta2) g^2;

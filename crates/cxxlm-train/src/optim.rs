@@ -241,7 +241,8 @@ struct AdamSlot {
 /// the identity.
 pub struct Optimizer {
     config: OptimConfig,
-    /// Where AdamW's arithmetic runs: one kernel per weight on a GPU, or tch operations.
+    /// Where AdamW's arithmetic and Muon's passes around Newton-Schulz run: kernels on a
+    /// GPU, or tch operations.
     fused: Fused,
     muon: Vec<MuonGroup>,
     adam: Vec<AdamSlot>,
@@ -311,20 +312,16 @@ impl MuonGroup {
 
     /// Adds `scale` x this rank's orthogonalized matrices to the weights: to the whole
     /// ones once every rank's are gathered, or to the ones it keeps.
-    fn apply(&mut self, orthogonal: &Tensor, scale: f64, comm: &Comm) -> Result<()> {
+    fn apply(&mut self, orthogonal: &Tensor, scale: f64, fused: Fused, comm: &Comm) -> Result<()> {
         match &mut self.held {
             Held::All(params) => {
                 // Gathered in Newton-Schulz's dtype, and scaled after.
-                let update = comm.all_gather(orthogonal)?.to_kind(Kind::Float) * scale;
-                for (i, p) in params.iter_mut().enumerate() {
-                    let _ = p.g_add_(&update.select(0, i as i64));
+                let update = comm.all_gather(orthogonal)?;
+                for (i, p) in params.iter().enumerate() {
+                    fused.muon_update_(p, &update.select(0, i as i64), scale);
                 }
             }
-            Held::Part(shard) => {
-                let _ = shard
-                    .weights
-                    .g_add_(&(orthogonal.to_kind(Kind::Float) * scale));
-            }
+            Held::Part(shard) => fused.muon_update_(&shard.weights, orthogonal, scale),
         }
         Ok(())
     }
@@ -405,9 +402,22 @@ impl Optimizer {
         }
     }
 
-    /// Runs AdamW with `fused`'s steps (the model's kernels, on a GPU).
-    pub fn use_fused(&mut self, fused: Fused) {
-        self.fused = fused;
+    /// Runs AdamW, and Muon's passes around Newton-Schulz, with `fused`'s steps (the
+    /// model's kernels, on a GPU).
+    /// Refused, with the step that disagrees, unless each step gives its definition's
+    /// result on `device` first.
+    pub fn use_fused(&mut self, fused: Fused, device: tch::Device) -> Result<(), String> {
+        let checks = cxxlm_cuda::check::optimizer_steps(fused, device);
+        match checks.iter().find(|c| !c.ok()) {
+            Some(bad) => Err(format!(
+                "{} error {:.2e} > {:.0e}",
+                bad.name, bad.error, bad.tolerance
+            )),
+            None => {
+                self.fused = fused;
+                Ok(())
+            }
+        }
     }
 
     /// One update at `lr_scale` of the configured LRs (`step` counts from 0), after
@@ -445,11 +455,10 @@ impl Optimizer {
         let warm = (step as f64 / c.momentum_warmup_steps.max(1) as f64).min(1.0);
         let momentum = (1.0 - warm) * c.muon_momentum_start + warm * c.muon_momentum;
         for (group, g) in self.muon.iter_mut().zip(&muon_grads) {
-            let _ = group.momentum.lerp_(g, 1.0 - momentum);
-            let nesterov = g.lerp(&group.momentum, momentum);
+            let nesterov = self.fused.muon_momentum_(g, &group.momentum, momentum);
             let orthogonal = orthogonalize(&nesterov, c.newton_schulz_steps);
             let scale = -c.matrix_lr * lr_scale * group.shape_scale;
-            group.apply(&orthogonal, scale, comm)?;
+            group.apply(&orthogonal, scale, self.fused, comm)?;
         }
 
         for (slot, g) in self.adam.iter_mut().zip(&adam_grads) {

@@ -507,7 +507,9 @@ impl<'a> Stage<'a> {
             comm.size(),
         );
         if let Some(fused) = model.fused() {
-            optimizer.use_fused(fused);
+            if let Err(why) = optimizer.use_fused(fused, model.device()) {
+                backward += &format!(", the optimizer in tch operations (its kernels disagree with their definitions: {why})");
+            }
         }
         let sharding = full.then(|| {
             optimizer.shard_weights();
