@@ -65,8 +65,11 @@ print(f"RESULT rollouts_s={rps:.1f} vs_nanochat_5.8={rps / 5.8:.1f}x reward_wait
       f"(d12, K=8, 256 prompts x tokens, {len(batches)} rollout batches)")
 print(f"RESULT time split per batch: {step:.1f}s = generation {gen:.1f}s + reward wait {rwait:.2f}s "
       f"+ update and the rest {step - gen - rwait:.1f}s")
+med = lambda k: statistics.median(r[k] for r in steady)
+if "gpu_alloc_retries" in steady[0]:
+    print(f"RESULT torch's allocator per batch (median): {med('gpu_alloc_retries'):.0f} retries, "
+          f"{med('gpu_device_allocs'):.0f} cudaMallocs")
 if "prefill_seconds" in steady[0]:
-    med = lambda k: statistics.median(r[k] for r in steady)
     dec, n = med("decode_seconds"), med("decode_steps")
     print(f"RESULT generation split: prefill {med('prefill_seconds'):.2f}s + decoding {dec:.2f}s "
           f"({n:.0f} steps, {1000 * dec / max(n, 1):.1f} ms a step) + sampled log-probabilities "

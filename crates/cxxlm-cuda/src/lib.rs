@@ -17,6 +17,38 @@ extern "C" {
     fn cxxlm_current_stream(device: std::ffi::c_int) -> *mut std::ffi::c_void;
     fn cxxlm_peak_allocated(device: std::ffi::c_int) -> u64;
     fn cxxlm_reset_peak(device: std::ffi::c_int);
+    fn cxxlm_allocator_counts(device: std::ffi::c_int, out: *mut i64);
+}
+
+/// What torch's allocator on a CUDA device has done since the process began.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AllocatorCounts {
+    /// Times it found no cached block, freed them all and retried: each a device
+    /// synchronization, then fresh `cudaMalloc`s.
+    pub retries: i64,
+    pub device_allocs: i64,
+    pub device_frees: i64,
+}
+
+/// [`AllocatorCounts`] of CUDA device `device`; None without the shim.
+pub fn allocator_counts(device: usize) -> Option<AllocatorCounts> {
+    #[cfg(cxxlm_cuda)]
+    {
+        let mut out = [0i64; 3];
+        // SAFETY: reads the allocator's statistics of an initialized device into three
+        // integers.
+        unsafe { cxxlm_allocator_counts(device as std::ffi::c_int, out.as_mut_ptr()) };
+        Some(AllocatorCounts {
+            retries: out[0],
+            device_allocs: out[1],
+            device_frees: out[2],
+        })
+    }
+    #[cfg(not(cxxlm_cuda))]
+    {
+        let _ = device;
+        None
+    }
 }
 
 /// The most bytes torch's allocator has handed out on CUDA device `device` since

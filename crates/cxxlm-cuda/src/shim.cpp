@@ -84,6 +84,16 @@ uint64_t cxxlm_peak_allocated(int device) {
 }
 void cxxlm_reset_peak(int device) { c10::cuda::CUDACachingAllocator::resetPeakStats(device); }
 
+// Since the process began, on `device`: how often torch's allocator found no cached block
+// and freed them all to retry (a synchronization, then fresh cudaMallocs), and its
+// cudaMalloc and cudaFree calls.
+void cxxlm_allocator_counts(int device, int64_t* out) {
+    auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device);
+    out[0] = stats.num_alloc_retries;
+    out[1] = stats.num_device_alloc;
+    out[2] = stats.num_device_free;
+}
+
 // The stream torch enqueues work on for `device` (a cudaStream_t).
 void* cxxlm_current_stream(int device) { return c10::cuda::getCurrentCUDAStream(device).stream(); }
 

@@ -644,6 +644,11 @@ pub fn train(
     };
     let flops_per_token = state.model.flops_per_token();
     let mut peak_memory = 0u64;
+    let allocator = |dev: Device| match dev {
+        Device::Cuda(index) => cxxlm_cuda::allocator_counts(index),
+        _ => None,
+    };
+    let mut allocator_before = allocator(dev);
     let mut step_times: Vec<f64> = Vec::new();
     let save = |state: &TrainerState,
                 model: &Gpt,
@@ -832,6 +837,14 @@ pub fn train(
             "tokens": state.tokens,
             "step_seconds": seconds, "forward_backward_seconds": forward_backward_seconds,
         });
+        // What the step cost torch's allocator: retries and cudaMallocs in steady state
+        // mean its cache no longer fits the step's tensors (each retry synchronizes).
+        let allocator_now = allocator(dev);
+        if let (Some(now), Some(before)) = (allocator_now, allocator_before) {
+            fields["gpu_alloc_retries"] = (now.retries - before.retries).into();
+            fields["gpu_device_allocs"] = (now.device_allocs - before.device_allocs).into();
+        }
+        allocator_before = allocator_now;
         if let Some(padding) = padding_share {
             fields["supervised_share"] = (supervised / stage.step_tokens as f64).into();
             fields["padding_share"] = padding.into();
