@@ -228,14 +228,20 @@ pub fn load(
     stats.val_examples = data.val.len() as u64;
     if data.train.is_empty() {
         return Err(PackError::Config(format!(
-            "no training example in {}: {} records read, {} skipped",
+            "no training example in {}: {} records read, {} skipped ({})",
             train
                 .iter()
                 .map(|p| p.display().to_string())
                 .collect::<Vec<_>>()
                 .join(", "),
             stats.records,
-            stats.skipped.values().map(|s| s.records).sum::<u64>()
+            stats.skipped.values().map(|s| s.records).sum::<u64>(),
+            stats
+                .skipped
+                .iter()
+                .map(|(reason, s)| format!("{} {reason}, the first at {}", s.records, s.first[0]))
+                .collect::<Vec<_>>()
+                .join("; ")
         )));
     }
     data.stats = stats;
@@ -894,7 +900,11 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(
-            e.contains("no training example") && e.contains("1 skipped"),
+            e.contains("no training example") && e.contains("1 skipped (1 "),
+            "{e}"
+        );
+        assert!(
+            e.contains("the first at ") && e.contains("c.jsonl:1"),
             "{e}"
         );
     }
