@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -128,6 +129,7 @@ pub struct RewardPool {
     done: Mutex<Returns>,
     workers: Vec<JoinHandle<()>>,
     cache: Arc<Cache>,
+    batches: AtomicU64,
 }
 
 impl RewardPool {
@@ -180,7 +182,13 @@ impl RewardPool {
             }),
             workers,
             cache,
+            batches: AtomicU64::new(0),
         })
+    }
+
+    /// A batch number not given before, to hand completions in under.
+    pub fn new_batch(&self) -> u64 {
+        self.batches.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Hands in a completion of `batch` (`id` names it in [`RewardPool::wait`]'s

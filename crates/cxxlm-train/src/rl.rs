@@ -662,14 +662,10 @@ impl Sampler<'_> {
 
     /// [`Sampler::sample`], then [`collect`]: rollouts with their rewards, where
     /// generating spent its time, and the seconds waiting.
-    fn sample_and_judge(
-        &self,
-        req: &Request,
-        next_batch: &mut u64,
-    ) -> Result<(Vec<Rollout>, Generation, f64)> {
-        let batch = take(next_batch);
+    fn sample_and_judge(&self, req: &Request) -> Result<(Vec<Rollout>, Generation, f64)> {
+        let batch = self.pool.new_batch();
         let (mut rollouts, generation) = self.sample(req, batch);
-        let wait = collect(self.pool, self.bpe, Some(batch), next_batch, &mut rollouts)?;
+        let wait = collect(self.pool, self.bpe, Some(batch), &mut rollouts)?;
         Ok((rollouts, generation, wait))
     }
 }
@@ -707,13 +703,12 @@ fn collect(
     pool: &RewardPool,
     bpe: &Bpe,
     pool_batch: Option<u64>,
-    next_batch: &mut u64,
     rollouts: &mut [Rollout],
 ) -> Result<f64> {
     let batch = match pool_batch {
         Some(b) => b,
         None => {
-            let b = take(next_batch);
+            let b = pool.new_batch();
             for (row, r) in rollouts.iter().enumerate() {
                 pool.submit(b, row, r.task, completion_text(bpe, &r.tokens));
             }
@@ -725,12 +720,6 @@ fn collect(
         rollouts[row].rewarded = Some(r);
     }
     Ok(waited.elapsed().as_secs_f64())
-}
-
-/// The current value of a counter, which moves on.
-fn take(counter: &mut u64) -> u64 {
-    *counter += 1;
-    *counter - 1
 }
 
 /// A deterministic permutation of `0..n` for `seed`.
@@ -788,8 +777,6 @@ struct RolloutSource<'a> {
     figures: Map<String, Value>,
     warnings: Vec<String>,
     rollouts_since: (usize, Instant),
-    /// The reward pool's batch number for the next rollouts handed in.
-    pool_batches: u64,
 }
 
 impl RolloutSource<'_> {
@@ -839,7 +826,7 @@ impl RolloutSource<'_> {
             .filter(|j| (*j as usize) % self.ranks == self.rank)
             .map(|j| self.task_at(self.state.position + j))
             .collect();
-        let pool_batch = take(&mut self.pool_batches);
+        let pool_batch = self.pool.new_batch();
         let req = Request {
             tasks: &mine[..per_rank.min(mine.len())],
             samples: s.samples,
@@ -896,13 +883,7 @@ impl RolloutSource<'_> {
             pool_batch,
             ..
         } = drawn;
-        let mut wait = collect(
-            self.pool,
-            self.bpe,
-            pool_batch,
-            &mut self.pool_batches,
-            &mut rollouts,
-        )?;
+        let mut wait = collect(self.pool, self.bpe, pool_batch, &mut rollouts)?;
         let penalized = |r: &Rollout| {
             let base = r.rewarded.as_ref().map_or(f64::NAN, |x| x.reward);
             match s.overlong {
@@ -945,9 +926,7 @@ impl RolloutSource<'_> {
                 first_group: per_rank,
                 logprob_rows: s.sample_ahead.then_some(self.device_batch),
             };
-            let mut batches = self.pool_batches;
-            let (more, g, w) = self.sampler(model).sample_and_judge(&req, &mut batches)?;
-            self.pool_batches = batches;
+            let (more, g, w) = self.sampler(model).sample_and_judge(&req)?;
             generation.add(&g);
             wait += w;
             round += 1;
@@ -1267,7 +1246,7 @@ impl Evaluation for RlEval<'_> {
             first_group: 0,
             logprob_rows: None,
         };
-        let (answers, _, _) = sampler.sample_and_judge(&req, &mut 0)?;
+        let (answers, _, _) = sampler.sample_and_judge(&req)?;
         let n = answers.len() as f64;
         let judged: Vec<&Rewarded> = answers.iter().filter_map(|a| a.rewarded.as_ref()).collect();
         let share =
@@ -1428,7 +1407,6 @@ pub fn rl(
         figures: Map::new(),
         warnings: Vec::new(),
         rollouts_since: (0, Instant::now()),
-        pool_batches: 0,
     };
     let mut evaluation = RlEval {
         tasks: &eval_tasks,
