@@ -66,6 +66,13 @@ fn fim_documents_rearrange_back_to_the_shards_byte_for_byte() {
         .collect();
     assert_eq!(laid_out, [("stripped", shard_texts.len() as u64)]);
     assert_eq!(manifest.indentation_stripped(), Some(true));
+    let (stripped, from) = manifest.indentation_in(&out).unwrap();
+    assert!(stripped && from.starts_with("the pack "), "{from}");
+    // A pack made before the layout was recorded: its first shard's first document says.
+    let mut older = manifest.clone();
+    older.indentation.clear();
+    let (stripped, from) = older.indentation_in(&out).unwrap();
+    assert!(stripped && from.ends_with(".jsonl.zst"), "{from}");
     assert!(
         (c.fim_psm + c.fim_spm) * 4 > c.documents && (c.fim_psm + c.fim_spm) * 4 < c.documents * 3,
         "about half of {} documents rearranged",
