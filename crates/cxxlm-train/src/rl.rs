@@ -978,7 +978,9 @@ impl RolloutSource<'_> {
         tch::no_grad(|| {
             for (k, b) in batches.iter_mut().enumerate() {
                 let d = b.to_device(model.device());
-                let need_policy = s.updates > 1 || self.reference.is_some();
+                // The policy's own log-probabilities: for the KL, and as the ratio's old
+                // ones when several updates learn from a batch whose sampling kept none.
+                let need_policy = self.reference.is_some() || (s.updates > 1 && !s.sample_ahead);
                 let policy = need_policy.then(|| target_logprobs(model, &d).0);
                 let reference = self.reference.as_ref().map(|m| target_logprobs(m, &d).0);
                 if let (Some(p), Some(r)) = (&policy, &reference) {
