@@ -155,7 +155,7 @@ impl Manifest {
 
     /// Whether the pack in `dir` (this manifest) had its indentation stripped, and where
     /// that was read: this record, or, for packs made before it was kept, the first
-    /// document of the first shard of its first input.
+    /// document of the first shard among its inputs.
     pub fn indentation_in(&self, dir: &Path) -> Result<(bool, String)> {
         if let Some(stripped) = self.indentation_stripped() {
             return Ok((stripped, format!("the pack {}", dir.display())));
@@ -164,36 +164,22 @@ impl Manifest {
             path: path.to_path_buf(),
             message,
         };
-        let input = PathBuf::from(
-            self.settings
-                .inputs
-                .first()
-                .ok_or_else(|| format(&Self::path(dir), "lists no inputs".into()))?,
-        );
-        let mut shards: Vec<PathBuf> = match input.is_dir() {
-            true => std::fs::read_dir(&input)
-                .map_err(|e| PackError::io(&input, e))?
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.to_string_lossy().ends_with(".jsonl.zst"))
-                .collect(),
-            false => vec![input.clone()],
-        };
-        shards.sort();
-        let shard = shards
-            .first()
-            .ok_or_else(|| format(&input, "holds no .jsonl.zst shards".into()))?;
-        let file = std::fs::File::open(shard).map_err(|e| PackError::io(shard, e))?;
-        let decoder = zstd::Decoder::new(file).map_err(|e| PackError::io(shard, e))?;
+        let shard = read::shard_inputs(&self.settings.inputs)
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.to_string_lossy().ends_with(".jsonl.zst"))
+            .ok_or_else(|| format(&Self::path(dir), "lists no .jsonl.zst shard".into()))?;
+        let file = std::fs::File::open(&shard).map_err(|e| PackError::io(&shard, e))?;
+        let decoder = zstd::Decoder::new(file).map_err(|e| PackError::io(&shard, e))?;
         let first = std::io::BufRead::lines(std::io::BufReader::new(decoder))
             .next()
-            .ok_or_else(|| format(shard, "is empty".into()))?
-            .map_err(|e| PackError::io(shard, e))?;
+            .ok_or_else(|| format(&shard, "is empty".into()))?
+            .map_err(|e| PackError::io(&shard, e))?;
         let doc: serde_json::Value =
-            serde_json::from_str(&first).map_err(|e| format(shard, e.to_string()))?;
+            serde_json::from_str(&first).map_err(|e| format(&shard, e.to_string()))?;
         let meta = doc["meta"].as_object().cloned().unwrap_or_default();
         match indentation(&meta) {
-            "unrecorded" => Err(format(shard, "documents record no normalization".into())),
+            "unrecorded" => Err(format(&shard, "documents record no normalization".into())),
             how => Ok((how == "stripped", shard.display().to_string())),
         }
     }
