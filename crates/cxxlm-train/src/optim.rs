@@ -403,8 +403,7 @@ impl Optimizer {
     }
 
     /// Runs AdamW, and Muon's passes around Newton-Schulz, with `fused`'s steps (the
-    /// model's kernels, on a GPU).
-    /// Refused, with the step that disagrees, unless each step gives its definition's
+    /// model's kernels, on a GPU). Refused, with the step that disagrees, unless each step gives its definition's
     /// result on `device` first.
     pub fn use_fused(&mut self, fused: Fused, device: tch::Device) -> Result<(), String> {
         let checks = cxxlm_cuda::check::optimizer_steps(fused, device);

@@ -644,11 +644,11 @@ pub fn train(
     };
     let flops_per_token = state.model.flops_per_token();
     let mut peak_memory = 0u64;
-    let allocator = |dev: Device| match dev {
+    let allocator = || match dev {
         Device::Cuda(index) => cxxlm_cuda::allocator_counts(index),
         _ => None,
     };
-    let mut allocator_before = allocator(dev);
+    let mut allocator_before = allocator();
     let mut step_times: Vec<f64> = Vec::new();
     let save = |state: &TrainerState,
                 model: &Gpt,
@@ -839,7 +839,7 @@ pub fn train(
         });
         // What the step cost torch's allocator: retries and cudaMallocs in steady state
         // mean its cache no longer fits the step's tensors (each retry synchronizes).
-        let allocator_now = allocator(dev);
+        let allocator_now = allocator();
         if let (Some(now), Some(before)) = (allocator_now, allocator_before) {
             fields["gpu_alloc_retries"] = (now.retries - before.retries).into();
             fields["gpu_device_allocs"] = (now.device_allocs - before.device_allocs).into();
