@@ -313,34 +313,38 @@ impl Gpt {
         }
     }
 
-    /// Continues each prompt by up to `max_new_tokens`, in slots of one [`Decoder`], so
-    /// each row continues as it would alone. A row stops when `stop(row, generated so
-    /// far)` says so; generation ends when every row has stopped. Prompts longer than
-    /// the model's context keep their last tokens.
+    /// Continues each prompt by up to `max_new_tokens`, each row as it would alone, in
+    /// one [`Decoder`] of a slot per prompt ([`Gpt::generate_healed`]).
     pub fn generate(
         &self,
         prompts: &[Vec<u32>],
         sampling: &Sampling,
         stop: &mut dyn FnMut(usize, &[u32]) -> bool,
     ) -> Vec<Vec<u32>> {
-        self.generate_healed(prompts, &[], sampling, stop)
+        self.generate_healed(prompts, &[], sampling, 0, stop)
     }
 
-    /// [`Gpt::generate`] with the first token of row `i` one of `first[i]` where that
-    /// is given (token healing: the prompt's last token was taken off, and what follows
-    /// must begin with it); `first` may be empty.
+    /// Continues each prompt by up to `max_new_tokens` (fewer where the context ends),
+    /// each row as it would alone, in the `slots` slots of one [`Decoder`] (0: one per
+    /// prompt). A row stops when `stop(row, generated so far)` says so; each step
+    /// advances only the rows still going, and waiting prompts take the slots of the
+    /// stopped ones, so a batch does not run at the pace of its longest row. The first
+    /// token of row `i` is one of `first[i]` where that is given (token healing: the
+    /// prompt's last token was taken off, and what follows must begin with it); `first`
+    /// may be empty. Prompts longer than the model's context keep their last tokens.
     pub fn generate_healed(
         &self,
         prompts: &[Vec<u32>],
         first: &[Option<Vec<u32>>],
         sampling: &Sampling,
+        slots: usize,
         stop: &mut dyn FnMut(usize, &[u32]) -> bool,
     ) -> Vec<Vec<u32>> {
         let _guard = tch::no_grad_guard();
         tch::manual_seed(sampling.seed as i64);
-        let batch = prompts.len();
-        if batch == 0 {
-            return Vec::new();
+        let n = prompts.len();
+        if n == 0 || sampling.max_new_tokens == 0 {
+            return vec![Vec::new(); n];
         }
         let context = self.config.seq_len;
         let trimmed: Vec<&[u32]> = prompts
@@ -350,44 +354,100 @@ impl Gpt {
                 &p[p.len().saturating_sub(context.saturating_sub(1).max(1))..]
             })
             .collect();
-        let keep = trimmed.iter().map(|p| p.len()).max().unwrap_or(1);
-        let budget = sampling.max_new_tokens.min(context - keep);
-        let mut decoder = self.decoder(batch, keep + budget);
-        let mut logits = decoder.prefill(self, 0, 0, &trimmed);
-        if first.iter().any(Option::is_some) {
-            logits = allow_only(&logits, first);
-        }
-        let mut positions: Vec<usize> = trimmed.iter().map(|p| p.len()).collect();
-        let each = vec![sampling.clone(); batch];
-        let mut out: Vec<Vec<u32>> = vec![Vec::new(); batch];
-        let mut done = vec![false; batch];
+        let budget = |row: usize| sampling.max_new_tokens.min(context - trimmed[row].len());
+        let capacity = (0..n)
+            .map(|r| trimmed[r].len() + budget(r))
+            .max()
+            .unwrap_or(1);
+        let slots = match slots {
+            0 => n,
+            s => s.min(n),
+        };
+        let mut decoder = self.decoder(slots, capacity);
+        // Waiting prompts are prefilled together: all that fit at the start, then once
+        // an eighth of the slots are free (or the last ones are).
+        let batch_admission = slots.div_ceil(8);
+        let each = vec![sampling.clone(); slots];
+        let guard = sampling.guards_repetition();
         // The tokens the repetition guard looks back on: the prompt's, then the row's.
-        let mut recent: Vec<Vec<u32>> = match sampling.guards_repetition() {
+        let mut recent: Vec<Vec<u32>> = match guard {
             true => trimmed.iter().map(|p| p.to_vec()).collect(),
             false => Vec::new(),
         };
-        for _ in 0..budget {
-            let views: Vec<&[u32]> = recent.iter().map(Vec::as_slice).collect();
-            let next = sample(&logits, &each, &views);
-            for (r, &t) in recent.iter_mut().zip(&next) {
-                r.push(t);
+        let mut out: Vec<Vec<u32>> = vec![Vec::new(); n];
+        let mut free: Vec<usize> = (0..slots).rev().collect();
+        let mut waiting = 0..n;
+        // The rows being decoded, and the logits `(live, V)` of their next tokens.
+        let mut live: Vec<Live> = Vec::with_capacity(slots);
+        let mut logits: Option<Tensor> = None;
+        loop {
+            let left = waiting.len();
+            if left > 0 && (free.len() >= batch_admission.min(left) || live.is_empty()) {
+                let rows: Vec<usize> = waiting.by_ref().take(free.len()).collect();
+                let at: Vec<usize> = (0..rows.len()).map(|_| free.pop().unwrap()).collect();
+                let texts: Vec<&[u32]> = rows.iter().map(|&r| trimmed[r]).collect();
+                let mut new = decoder.prefill(self, &at, 0, &texts);
+                let healed: Vec<Option<Vec<u32>>> = rows
+                    .iter()
+                    .map(|&r| first.get(r).cloned().flatten())
+                    .collect();
+                if healed.iter().any(Option::is_some) {
+                    new = allow_only(&new, &healed);
+                }
+                logits = Some(match logits.take() {
+                    Some(old) => Tensor::cat(&[old, new], 0),
+                    None => new,
+                });
+                live.extend(rows.iter().zip(&at).map(|(&row, &slot)| Live {
+                    row,
+                    slot,
+                    position: trimmed[row].len(),
+                }));
             }
-            for (row, &t) in next.iter().enumerate() {
-                if !done[row] {
-                    out[row].push(t);
-                    done[row] = stop(row, &out[row]);
+            let Some(current) = logits.take() else {
+                break;
+            };
+            let views: Vec<&[u32]> = match guard {
+                true => live.iter().map(|l| recent[l.row].as_slice()).collect(),
+                false => Vec::new(),
+            };
+            let next = sample(&current, &each[..live.len()], &views);
+            let mut going = Vec::with_capacity(live.len());
+            let mut tokens = Vec::with_capacity(live.len());
+            for (l, t) in live.drain(..).zip(next) {
+                if guard {
+                    recent[l.row].push(t);
+                }
+                let row = &mut out[l.row];
+                row.push(t);
+                if stop(l.row, row) || row.len() >= budget(l.row) {
+                    free.push(l.slot);
+                } else {
+                    going.push(l);
+                    tokens.push(t);
                 }
             }
-            if done.iter().all(|&d| d) {
-                break;
+            live = going;
+            if live.is_empty() {
+                continue;
             }
-            logits = decoder.step(self, Rows::Range(0, batch), &next, &positions);
-            for p in &mut positions {
-                *p += 1;
+            let at: Vec<usize> = live.iter().map(|l| l.slot).collect();
+            let positions: Vec<usize> = live.iter().map(|l| l.position).collect();
+            logits = Some(decoder.step_some(self, &at, &tokens, &positions));
+            for l in &mut live {
+                l.position += 1;
             }
         }
         out
     }
+}
+
+/// A row of [`Gpt::generate_healed`] being decoded: its slot, and the position its
+/// next token is fed at.
+struct Live {
+    row: usize,
+    slot: usize,
+    position: usize,
 }
 
 impl Decoder {
@@ -400,13 +460,42 @@ impl Decoder {
         self.capacity
     }
 
-    /// Stores `prompts[i]` in slot `first + i` from position `from` on (the slot's first
+    /// [`Decoder::step`] of the slots `slots` (any, in any order) of the `self.slots`.
+    /// Where a step would gather copies of their cache rows (without the decoding
+    /// attention kernel), every slot is stepped in place instead, the others on a
+    /// placeholder at position 0 (a prompt taking such a slot writes over it), and the
+    /// logits of `slots` are kept.
+    fn step_some(
+        &mut self,
+        model: &Gpt,
+        slots: &[usize],
+        tokens: &[u32],
+        positions: &[usize],
+    ) -> Tensor {
+        let all = Rows::Range(0, self.slots);
+        if slots.iter().copied().eq(0..self.slots) {
+            return self.step(model, all, tokens, positions);
+        }
+        if self.kernel.is_some() {
+            return self.step(model, Rows::List(slots), tokens, positions);
+        }
+        let (mut every_token, mut every_position) = (vec![0; self.slots], vec![0; self.slots]);
+        for ((&slot, &t), &p) in slots.iter().zip(tokens).zip(positions) {
+            every_token[slot] = t;
+            every_position[slot] = p;
+        }
+        let logits = self.step(model, all, &every_token, &every_position);
+        let kept: Vec<i64> = slots.iter().map(|&s| s as i64).collect();
+        logits.index_select(0, &Tensor::from_slice(&kept).to_device(logits.device()))
+    }
+
+    /// Stores `prompts[i]` in slot `slots[i]` from position `from` on (the slots' first
     /// `from` positions are kept as they are) and returns the logits `(n, V)` after
     /// each prompt's last token. Prompts must be non-empty and end within the capacity.
     pub fn prefill(
         &mut self,
         model: &Gpt,
-        first: usize,
+        slots: &[usize],
         from: usize,
         prompts: &[&[u32]],
     ) -> Tensor {
@@ -414,8 +503,12 @@ impl Decoder {
         let n = prompts.len();
         let t = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
         assert!(
-            first + n <= self.slots && prompts.iter().all(|p| !p.is_empty()) && from + t <= self.capacity,
-            "prefill of {n} prompts of up to {t} tokens from {from} into slots {first}.. of {} x {}",
+            n > 0
+                && slots.len() == n
+                && slots.iter().all(|&s| s < self.slots)
+                && prompts.iter().all(|p| !p.is_empty())
+                && from + t <= self.capacity,
+            "prefill of {n} prompts of up to {t} tokens from {from} into slots {slots:?} of {} x {}",
             self.slots,
             self.capacity
         );
@@ -424,12 +517,21 @@ impl Decoder {
             ids.extend(p.iter().map(|&x| x as i64));
             ids.extend(std::iter::repeat_n(0, t - p.len()));
         }
+        let device = model.device();
         let idx = Tensor::from_slice(&ids)
             .view([n as i64, t as i64])
-            .to_device(model.device());
+            .to_device(device);
+        let in_order = slots.windows(2).all(|w| w[1] == w[0] + 1);
+        let read = match in_order {
+            true => Read::Range(slots[0] as i64),
+            false => Read::Gather,
+        };
+        let rows: Vec<i64> = slots.iter().map(|&s| s as i64).collect();
+        let rows = Tensor::from_slice(&rows).to_device(device);
         let cached = Cached::Fill {
             cache: &self.cache,
-            first: first as i64,
+            rows: &rows,
+            read,
             from: from as i64,
         };
         let h = model.forward(&self.weights, &idx, cached);
@@ -438,7 +540,7 @@ impl Decoder {
             .enumerate()
             .map(|(i, p)| (i * t + p.len() - 1) as i64)
             .collect();
-        let last = Tensor::from_slice(&last).to_device(model.device());
+        let last = Tensor::from_slice(&last).to_device(device);
         let h = h.view([(n * t) as i64, -1]).index_select(0, &last);
         model.logits(&h, self.weights.last().expect("lm_head"))
     }
@@ -647,6 +749,32 @@ mod tests {
     }
 
     #[test]
+    fn waiting_prompts_take_the_slots_of_stopped_rows_and_continue_as_alone() {
+        let _rng = crate::TORCH_RNG.lock();
+        let m = model();
+        let prompts: Vec<Vec<u32>> = (0..7u32)
+            .map(|i| (0..2 + i % 4).map(|j| (i * 13 + j * 7) % 100).collect())
+            .collect();
+        // Rows 0 and 2 stop together, so two prompts are prefilled at once into slots
+        // out of order, and the steps after read slots out of order.
+        let lengths = [3, 6, 3, 5, 2, 4, 7];
+        let greedy = Sampling {
+            max_new_tokens: 8,
+            ..Default::default()
+        };
+        let mut calls = 0;
+        let got = m.generate_healed(&prompts, &[], &greedy, 4, &mut |row, t| {
+            calls += 1;
+            t.len() == lengths[row]
+        });
+        for (row, p) in prompts.iter().enumerate() {
+            assert_eq!(got[row], alone(&m, p, lengths[row]), "row {row}");
+        }
+        // Rows are asked about once per token they write, none after they stopped.
+        assert_eq!(calls, lengths.iter().sum::<usize>());
+    }
+
+    #[test]
     fn slots_join_leave_and_reuse_a_cached_prefix_as_if_alone() {
         let _rng = crate::TORCH_RNG.lock();
         let m = model();
@@ -654,13 +782,13 @@ mod tests {
         let mut d = m.decoder(4, 32);
         let (a, b): (Vec<u32>, Vec<u32>) = (vec![5, 17, 3, 99], vec![8, 1, 2, 3, 4, 5, 6]);
         // Slot 2 decodes `a` alone for three tokens, then slot 0 joins with `b`.
-        let mut got_a = sample(&d.prefill(&m, 2, 0, &[&a]), &greedy, &[]);
+        let mut got_a = sample(&d.prefill(&m, &[2], 0, &[&a]), &greedy, &[]);
         for i in 0..3 {
             let last = *got_a.last().unwrap();
             let next = d.step(&m, Rows::List(&[2]), &[last], &[a.len() + i]);
             got_a.extend(sample(&next, &greedy, &[]));
         }
-        let mut got_b = sample(&d.prefill(&m, 0, 0, &[&b]), &greedy, &[]);
+        let mut got_b = sample(&d.prefill(&m, &[0], 0, &[&b]), &greedy, &[]);
         for i in 3..7 {
             let tokens = [*got_a.last().unwrap(), *got_b.last().unwrap()];
             let pos = [a.len() + i, b.len() + i - 3];
@@ -676,8 +804,8 @@ mod tests {
         assert_eq!(got_b, alone(&m, &b, 5));
         // Slot 2 holds `a` and what followed; a prompt sharing `a` continues from there.
         let c: Vec<u32> = a.iter().copied().chain([42, 42]).collect();
-        let reused = d.prefill(&m, 2, a.len(), &[&c[a.len()..]]);
-        let fresh = m.decoder(1, 32).prefill(&m, 0, 0, &[&c]);
+        let reused = d.prefill(&m, &[2], a.len(), &[&c[a.len()..]]);
+        let fresh = m.decoder(1, 32).prefill(&m, &[0], 0, &[&c]);
         assert!((reused - fresh).abs().max().double_value(&[]) < 1e-4);
     }
 
@@ -698,7 +826,7 @@ mod tests {
             .take(2)
             .collect();
         let first = [Some(unlikely.clone()), Some(vec![unlikely[1]])];
-        let healed = m.generate_healed(&prompts, &first, &s, &mut |_, _| false);
+        let healed = m.generate_healed(&prompts, &first, &s, 0, &mut |_, _| false);
         assert!(unlikely.contains(&healed[0][0]));
         assert_eq!(healed[1][0], unlikely[1]);
         // The row without a set, and every step after the first, sample as before.

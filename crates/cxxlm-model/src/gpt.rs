@@ -50,7 +50,7 @@ fn offset_causal_mask(from: i64, t: i64, device: Device) -> Tensor {
     k.le_tensor(&q)
 }
 
-/// Which rows of the cache a decoding step reads.
+/// Which rows of the cache a prefill or a decoding step reads and writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Read {
     /// Rows `first..first + n`, read in place.
@@ -63,12 +63,14 @@ pub(crate) enum Read {
 pub(crate) enum Cached<'a> {
     /// Training and scoring: none.
     No,
-    /// Prompts of rows `first..first + n` of the cache, all starting at position `from`
-    /// (what the cache holds before it is kept): their keys and values are stored.
-    /// Shorter prompts are padded on the right, which causal attention never sees.
+    /// Prompts of the cache's rows `rows` (device tensor; read in place when `read`
+    /// says they are a range), all starting at position `from` (what the cache holds
+    /// before it is kept): their keys and values are stored. Shorter prompts are padded
+    /// on the right, which causal attention never sees.
     Fill {
         cache: &'a KvCache,
-        first: i64,
+        rows: &'a Tensor,
+        read: Read,
         from: i64,
     },
     /// One token per row: row `rows[i]` of the cache (device tensors, so that a captured
@@ -377,13 +379,29 @@ impl Gpt {
             let mut v = v.transpose(1, 2);
             let mut decoded = None;
             match &cached {
-                Cached::Fill { cache, first, from } => {
-                    let rows = cache.keys[layer].narrow(0, *first, b);
-                    rows.narrow(2, *from, t).copy_(&k);
-                    k = rows.narrow(2, 0, from + t);
-                    let rows = cache.values[layer].narrow(0, *first, b);
-                    rows.narrow(2, *from, t).copy_(&v);
-                    v = rows.narrow(2, 0, from + t);
+                Cached::Fill {
+                    cache,
+                    rows,
+                    read,
+                    from,
+                } => {
+                    // Stores the prompts' part and returns what they attend to.
+                    let store = |all: &Tensor, new: &Tensor| match read {
+                        Read::Range(first) => {
+                            let mine = all.narrow(0, *first, b);
+                            mine.narrow(2, *from, t).copy_(new);
+                            mine.narrow(2, 0, from + t)
+                        }
+                        Read::Gather => {
+                            let _ = all.narrow(2, *from, t).index_copy_(0, rows, new);
+                            match *from {
+                                0 => new.shallow_clone(),
+                                _ => all.index_select(0, rows).narrow(2, 0, from + t),
+                            }
+                        }
+                    };
+                    k = store(&cache.keys[layer], &k);
+                    v = store(&cache.values[layer], &v);
                 }
                 Cached::Step {
                     cache,

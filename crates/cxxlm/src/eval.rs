@@ -176,7 +176,7 @@ pub struct FimArgs {
     /// Longest block or body written, in tokens (a line gets 64).
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
-    /// Documents filled together.
+    /// Documents filled at once (a waiting one takes the place of one that ended).
     #[arg(long, default_value_t = 32)]
     batch: usize,
     /// Where the precompiled header is kept (for the compile check of refilled files).
@@ -231,7 +231,8 @@ pub struct BenchArgs {
     repeat_penalty: f64,
     #[arg(long, default_value_t = 64)]
     repeat_last_n: usize,
-    /// Sequences generated together (prompts of any problems, padded on the left).
+    /// Sequences decoded at once (prompts of any problems; a waiting one takes the
+    /// place of one that ended).
     #[arg(long, default_value_t = 32)]
     batch: usize,
     /// Only the first N problems.
@@ -280,6 +281,9 @@ pub struct Generation {
     /// Per prompt, the ids its first generated token must be one of (token healing,
     /// see [`Healed`]); empty: no constraint.
     pub first_tokens: Vec<Option<Vec<u32>>>,
+    /// Sequences decoded at once (a waiting prompt takes the place of one that ended);
+    /// 0: every prompt at once.
+    pub slots: usize,
 }
 
 impl Default for Generation {
@@ -293,6 +297,7 @@ impl Default for Generation {
             repeat_penalty: 1.0,
             repeat_last_n: 64,
             first_tokens: Vec::new(),
+            slots: 0,
         }
     }
 }
@@ -338,7 +343,8 @@ pub trait TextModel {
     /// Tokens it attends to.
     fn context(&self) -> usize;
     /// Continues each prompt until `stop(row, generated so far)` says so or
-    /// `max_new_tokens` are written; prompts of different lengths share the batch.
+    /// `max_new_tokens` are written, `slots` at a time; prompts of different lengths
+    /// share the batch.
     fn generate(
         &self,
         prompts: &[Vec<u32>],
@@ -464,48 +470,44 @@ fn generate_completions(
         .iter()
         .flat_map(|p| std::iter::repeat_n(p, args.samples))
         .collect();
-    let mut out = Vec::new();
-    let mut limited = Vec::new();
-    for (chunk, group) in rows.chunks(args.batch.max(1)).enumerate() {
-        let healed = Healed::new(
-            bpe,
-            group
+    let healed = Healed::new(
+        bpe,
+        rows.iter()
+            .map(|p| text::plain_prompt(bpe, &p.prompt, layout))
+            .collect(),
+    );
+    let generation = Generation {
+        temperature: if args.samples > 1 {
+            args.temperature
+        } else {
+            0.0
+        },
+        top_k: 0,
+        top_p: 0.95,
+        max_new_tokens: args.max_tokens,
+        seed: 0,
+        repeat_penalty: args.repeat_penalty,
+        repeat_last_n: args.repeat_last_n,
+        first_tokens: healed.first_tokens(),
+        slots: args.batch.max(1),
+    };
+    let mut stopped = vec![false; rows.len()];
+    let generated = model.generate(&healed.prompts, &generation, &mut |row, t| {
+        stopped[row] = t.last() == Some(&eos) || {
+            let text = completion(rows[row], healed.text(bpe, row, t));
+            rows[row]
+                .stop_tokens
                 .iter()
-                .map(|p| text::plain_prompt(bpe, &p.prompt, layout))
-                .collect(),
-        );
-        let generation = Generation {
-            temperature: if args.samples > 1 {
-                args.temperature
-            } else {
-                0.0
-            },
-            top_k: 0,
-            top_p: 0.95,
-            max_new_tokens: args.max_tokens,
-            seed: chunk as u64,
-            repeat_penalty: args.repeat_penalty,
-            repeat_last_n: args.repeat_last_n,
-            first_tokens: healed.first_tokens(),
+                .any(|s| text.contains(s.as_str()))
         };
-        let mut stopped = vec![false; group.len()];
-        let generated = model.generate(&healed.prompts, &generation, &mut |row, t| {
-            stopped[row] = t.last() == Some(&eos) || {
-                let text = completion(group[row], healed.text(bpe, row, t));
-                group[row]
-                    .stop_tokens
-                    .iter()
-                    .any(|s| text.contains(s.as_str()))
-            };
-            stopped[row]
-        });
-        limited.extend(stopped.iter().map(|s| !s));
-        for (i, (p, row)) in group.iter().zip(generated).enumerate() {
-            let body: Vec<u32> = row.into_iter().filter(|&t| t != eos).collect();
-            let text = completion(p, healed.text(bpe, i, &body));
-            out.push((p.name.clone(), p.truncate(&text).to_string()));
-        }
-        eprintln!("generated {} of {} completions", out.len(), rows.len());
+        stopped[row]
+    });
+    let limited = stopped.iter().map(|s| !s).collect();
+    let mut out = Vec::with_capacity(rows.len());
+    for (i, (p, row)) in rows.iter().zip(generated).enumerate() {
+        let body: Vec<u32> = row.into_iter().filter(|&t| t != eos).collect();
+        let text = completion(p, healed.text(bpe, i, &body));
+        out.push((p.name.clone(), p.truncate(&text).to_string()));
     }
     (out, limited)
 }
@@ -625,41 +627,38 @@ fn write_bodies(
         .context_tokens
         .min(model.context().saturating_sub(args.max_tokens))
         .max(1);
-    let mut bodies = Vec::new();
-    let mut limited = 0;
-    for group in hidden.chunks(args.batch.max(1)) {
-        let healed = Healed::new(
-            bpe,
-            group
-                .iter()
-                .map(|h| {
-                    let ids = bpe.encode(&h.prefix);
-                    ids[ids.len().saturating_sub(context)..].to_vec()
-                })
-                .collect(),
-        );
-        let generation = Generation {
-            max_new_tokens: args.max_tokens,
-            first_tokens: healed.first_tokens(),
-            ..Default::default()
+    let healed = Healed::new(
+        bpe,
+        hidden
+            .iter()
+            .map(|h| {
+                let ids = bpe.encode(&h.prefix);
+                ids[ids.len().saturating_sub(context)..].to_vec()
+            })
+            .collect(),
+    );
+    let generation = Generation {
+        max_new_tokens: args.max_tokens,
+        first_tokens: healed.first_tokens(),
+        slots: args.batch.max(1),
+        ..Default::default()
+    };
+    let mut stopped = vec![false; hidden.len()];
+    let generated = model.generate(&healed.prompts, &generation, &mut |row, t| {
+        stopped[row] = t.last() == Some(&eos) || body_end(&healed.text(bpe, row, t)).is_some();
+        stopped[row]
+    });
+    let limited = stopped.iter().filter(|s| !**s).count();
+    let mut bodies = Vec::with_capacity(hidden.len());
+    for (i, row) in generated.into_iter().enumerate() {
+        let ids: Vec<u32> = row.into_iter().filter(|&t| t != eos).collect();
+        let text = healed.text(bpe, i, &ids);
+        // Up to the brace that closes the body, without it (the file's own follows).
+        let body = match body_end(&text) {
+            Some(end) => text[..end - 1].to_string(),
+            None => text,
         };
-        let mut stopped = vec![false; group.len()];
-        let generated = model.generate(&healed.prompts, &generation, &mut |row, t| {
-            stopped[row] = t.last() == Some(&eos) || body_end(&healed.text(bpe, row, t)).is_some();
-            stopped[row]
-        });
-        limited += stopped.iter().filter(|s| !**s).count();
-        for (i, row) in generated.into_iter().enumerate() {
-            let ids: Vec<u32> = row.into_iter().filter(|&t| t != eos).collect();
-            let text = healed.text(bpe, i, &ids);
-            // Up to the brace that closes the body, without it (the file's own follows).
-            let body = match body_end(&text) {
-                Some(end) => text[..end - 1].to_string(),
-                None => text,
-            };
-            bodies.push(body);
-        }
-        eprintln!("wrote {} of {} bodies", bodies.len(), hidden.len());
+        bodies.push(body);
     }
     (bodies, limited)
 }
@@ -877,43 +876,45 @@ fn fim(args: FimArgs, model: &dyn TextModel) -> Result<()> {
         c.self_contained = live.next().flatten().is_some();
     }
 
-    let mut filled = Vec::with_capacity(cases.len());
-    for group in cases.chunks(args.batch.max(1)) {
-        let prompts: Vec<Vec<u32>> = group
-            .iter()
-            .map(|c| {
-                let (p, s) = (&c.hidden.prefix, &c.hidden.suffix);
-                let from = p.floor_char_boundary(p.len().saturating_sub(args.context_chars));
-                let to = s.ceil_char_boundary(args.context_chars.min(s.len()));
-                prompt_ids(bpe, "", Some((&p[from..], &s[..to])))
-            })
-            .collect();
-        let only_lines = group.iter().all(|c| c.span == Span::Line);
-        let generation = Generation {
-            max_new_tokens: if only_lines { 64 } else { args.max_tokens },
-            ..Default::default()
-        };
-        let out = model.generate(&prompts, &generation, &mut |row, t| {
-            t.last() == Some(&eos)
-                || match group[row].span {
-                    Span::Line => bpe.decode(&t[t.len() - 1..]).contains(&b'\n'),
-                    // Past the span: the text closes a brace it did not open.
-                    _ => body_end(&String::from_utf8_lossy(&bpe.decode(t))).is_some(),
+    let prompts: Vec<Vec<u32>> = cases
+        .iter()
+        .map(|c| {
+            let (p, s) = (&c.hidden.prefix, &c.hidden.suffix);
+            let from = p.floor_char_boundary(p.len().saturating_sub(args.context_chars));
+            let to = s.ceil_char_boundary(args.context_chars.min(s.len()));
+            prompt_ids(bpe, "", Some((&p[from..], &s[..to])))
+        })
+        .collect();
+    let generation = Generation {
+        max_new_tokens: args.max_tokens,
+        slots: args.batch.max(1),
+        ..Default::default()
+    };
+    let out = model.generate(&prompts, &generation, &mut |row, t| {
+        t.last() == Some(&eos)
+            || match cases[row].span {
+                Span::Line => {
+                    t.len() >= LINE_TOKENS || bpe.decode(&t[t.len() - 1..]).contains(&b'\n')
                 }
-        });
-        for (c, row) in group.iter().zip(out) {
+                // Past the span: the text closes a brace it did not open.
+                _ => body_end(&String::from_utf8_lossy(&bpe.decode(t))).is_some(),
+            }
+    });
+    let filled: Vec<String> = cases
+        .iter()
+        .zip(out)
+        .map(|(c, row)| {
             let ids: Vec<u32> = row.into_iter().filter(|&t| t != eos).collect();
             let text = String::from_utf8_lossy(&bpe.decode(&ids)).into_owned();
-            filled.push(match c.span {
+            match c.span {
                 Span::Line => text.split('\n').next().unwrap_or("").to_string(),
                 _ => match body_end(&text) {
                     Some(end) => text[..end - 1].to_string(),
                     None => text,
                 },
-            });
-        }
-        eprintln!("filled {} of {} spans", filled.len(), cases.len());
-    }
+            }
+        })
+        .collect();
     let refilled: Vec<String> = cases
         .iter()
         .zip(&filled)
@@ -1221,35 +1222,37 @@ fn bugfix_answers(
     if skipped > 0 {
         eprintln!("{skipped} tasks skipped: their prompt leaves fewer than --max-tokens of the model's context");
     }
-    let mut out = Vec::new();
-    for (chunk, group) in rows.chunks(args.batch.max(1)).enumerate() {
-        let prompts: Vec<Vec<u32>> = group.iter().map(|(_, p)| p.clone()).collect();
-        let generation = Generation {
-            temperature: if args.samples > 1 {
-                args.temperature
-            } else {
-                0.0
-            },
-            top_k: 0,
-            top_p: 0.95,
-            max_new_tokens: args.max_tokens,
-            seed: chunk as u64,
-            ..Default::default()
-        };
-        let generated = model.generate(&prompts, &generation, &mut |_, t| {
-            cxxlm_tasks::task::answer_ends(t, eos, |ids| bpe.decode(ids))
-        });
-        for ((i, _), row) in group.iter().zip(generated) {
+    let prompts: Vec<Vec<u32>> = rows.iter().map(|(_, p)| p.clone()).collect();
+    let generation = Generation {
+        temperature: if args.samples > 1 {
+            args.temperature
+        } else {
+            0.0
+        },
+        top_k: 0,
+        top_p: 0.95,
+        max_new_tokens: args.max_tokens,
+        slots: args.batch.max(1),
+        ..Default::default()
+    };
+    let generated = model.generate(&prompts, &generation, &mut |_, t| {
+        cxxlm_tasks::task::answer_ends(t, eos, |ids| bpe.decode(ids))
+    });
+    rows.iter()
+        .zip(generated)
+        .map(|((i, _), row)| {
             let ids: Vec<u32> = row.into_iter().filter(|&t| t != eos).collect();
-            out.push((
+            let answer = bpe.decode(&ids);
+            (
                 *i,
-                cxxlm_tasks::task::cut_answer(&String::from_utf8_lossy(&bpe.decode(&ids))),
-            ));
-        }
-        eprintln!("answered {} of {}", out.len(), rows.len());
-    }
-    out
+                cxxlm_tasks::task::cut_answer(&String::from_utf8_lossy(&answer)),
+            )
+        })
+        .collect()
 }
+/// Tokens a line span may take: a line not ended by then is not the line.
+const LINE_TOKENS: usize = 64;
+
 /// Compile failures whose message the printed report shows.
 const SHOWN_COMPILE_FAILURES: usize = 5;
 

@@ -170,23 +170,22 @@ fn measure(
             })
             .collect();
         let (mut copied, mut shares) = (0, 0.0);
-        for group in asked.chunks(args.batch.max(1)) {
-            let prompts: Vec<Vec<u32>> = group.iter().map(|(p, _)| p.clone()).collect();
-            let generation = Generation {
-                max_new_tokens: args.tokens + slack,
-                ..Default::default()
-            };
-            let out = model.generate(&prompts, &generation, &mut |_, _| false);
-            for ((_, want), row) in group.iter().zip(out) {
-                let written = String::from_utf8_lossy(&bpe.decode(&row)).into_owned();
-                copied += usize::from(written.starts_with(want));
-                let same = written
-                    .bytes()
-                    .zip(want.bytes())
-                    .take_while(|(a, b)| a == b)
-                    .count();
-                shares += same as f64 / want.len().max(1) as f64;
-            }
+        let prompts: Vec<Vec<u32>> = asked.iter().map(|(p, _)| p.clone()).collect();
+        let generation = Generation {
+            max_new_tokens: args.tokens + slack,
+            slots: args.batch.max(1),
+            ..Default::default()
+        };
+        let out = model.generate(&prompts, &generation, &mut |_, _| false);
+        for ((_, want), row) in asked.iter().zip(out) {
+            let written = String::from_utf8_lossy(&bpe.decode(&row)).into_owned();
+            copied += usize::from(written.starts_with(want));
+            let same = written
+                .bytes()
+                .zip(want.bytes())
+                .take_while(|(a, b)| a == b)
+                .count();
+            shares += same as f64 / want.len().max(1) as f64;
         }
         rows.push(Row {
             distance,

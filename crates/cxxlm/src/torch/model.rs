@@ -47,8 +47,24 @@ impl TextModel for Checkpoint {
             repeat_penalty: g.repeat_penalty,
             repeat_last_n: g.repeat_last_n,
         };
+        // Progress of long evaluations, each time as many rows as there are slots end.
+        let every = match g.slots {
+            0 => prompts.len(),
+            s => s,
+        };
+        let mut ended = 0;
+        let mut counted = |row: usize, t: &[u32]| {
+            let stopped = stop(row, t);
+            if stopped || t.len() >= g.max_new_tokens {
+                ended += 1;
+                if ended % every == 0 && ended < prompts.len() {
+                    eprintln!("generated {ended} of {}", prompts.len());
+                }
+            }
+            stopped
+        };
         self.model
-            .generate_healed(prompts, &g.first_tokens, &sampling, stop)
+            .generate_healed(prompts, &g.first_tokens, &sampling, g.slots, &mut counted)
     }
 }
 

@@ -166,7 +166,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
         }
     };
     let first = vec![healing.as_ref().map(|h| h.allowed.clone()); args.n];
-    let outs = model.generate_healed(&vec![ids; args.n], &first, &sampling, &mut |_, t| {
+    let outs = model.generate_healed(&vec![ids; args.n], &first, &sampling, 0, &mut |_, t| {
         t.last() == Some(&eos) || body.is_some_and(|b| b.end(&written(t)).is_some())
     });
     for (i, out) in outs.iter().enumerate() {

@@ -52,7 +52,7 @@ impl cxxlm_serve::Model for Served {
     ) -> Result<u32, String> {
         let Served { model, decoder } = self;
         guarded("prefill", || {
-            let mut logits = decoder.prefill(model, slot, from, &[&prompt[from..]]);
+            let mut logits = decoder.prefill(model, &[slot], from, &[&prompt[from..]]);
             if let Some(first) = first {
                 logits = allow_only(&logits, &[Some(first.to_vec())]);
             }
