@@ -8,10 +8,10 @@
 //! summary.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use cxxlm_data::journal::Journal;
 use cxxlm_tasks::judge::Judge;
 use cxxlm_tasks::task::Task;
 use serde::{Deserialize, Serialize};
@@ -164,12 +164,13 @@ impl Summary {
 pub struct Run {
     out: PathBuf,
     settings: Settings,
+    results: Journal,
     done: Vec<Judged>,
 }
 
 impl Run {
     /// Opens `out` for `settings`: a new folder, or one holding a run of the same
-    /// settings, whose judged runs are kept. A line cut short by a stop is dropped.
+    /// settings, whose judged runs are kept ([`Journal`]).
     pub fn open(out: &Path, settings: Settings) -> Result<Run, AgentError> {
         std::fs::create_dir_all(out).map_err(|e| AgentError::io(out, e))?;
         let stored = out.join("settings.json");
@@ -195,31 +196,11 @@ impl Run {
             }
             Err(e) => return Err(AgentError::io(&stored, e)),
         }
-        let results = out.join("results.jsonl");
-        let mut done = Vec::new();
-        let mut cut = false;
-        match std::fs::read_to_string(&results) {
-            Ok(text) => {
-                for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                    match serde_json::from_str::<Judged>(line) {
-                        Ok(j) => done.push(j),
-                        Err(_) => cut = true,
-                    }
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(AgentError::io(&results, e)),
-        }
-        if cut {
-            let lines: String = done
-                .iter()
-                .map(|j| serde_json::to_string(j).unwrap_or_default() + "\n")
-                .collect();
-            write_atomic(&results, &lines)?;
-        }
+        let (results, done) = Journal::open::<Judged>(&out.join("results.jsonl"))?;
         Ok(Run {
             out: out.to_path_buf(),
             settings,
+            results,
             done,
         })
     }
@@ -233,16 +214,7 @@ impl Run {
 
     /// Records a judged run: its line appended to `results.jsonl`.
     pub fn record(&mut self, judged: Judged) -> Result<&Judged, AgentError> {
-        let results = self.out.join("results.jsonl");
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&results)
-            .map_err(|e| AgentError::io(&results, e))?;
-        let line = serde_json::to_string(&judged).unwrap_or_default() + "\n";
-        file.write_all(line.as_bytes())
-            .and_then(|_| file.sync_data())
-            .map_err(|e| AgentError::io(&results, e))?;
+        self.results.append(std::slice::from_ref(&judged))?;
         self.done.push(judged);
         Ok(&self.done[self.done.len() - 1])
     }

@@ -39,6 +39,8 @@ pub enum AgentError {
     Input(String),
     #[error(transparent)]
     Sandbox(#[from] cxxlm_eval::EvalError),
+    #[error(transparent)]
+    Data(#[from] cxxlm_data::DataError),
     #[error("the model: {0}")]
     Model(String),
 }

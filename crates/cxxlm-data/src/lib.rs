@@ -9,6 +9,7 @@
 pub mod config;
 pub mod document;
 pub mod error;
+pub mod journal;
 pub mod near_dedup;
 pub mod pipeline;
 pub mod read;

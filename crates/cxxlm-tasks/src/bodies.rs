@@ -5,16 +5,16 @@
 //! is kept only when its stub fails: many test functions pass with nothing in them, and an
 //! empty answer must not earn a reward.
 
+use cxxlm_data::journal::Journal;
 use cxxlm_eval::functions::function_bodies;
 use rayon::prelude::*;
 use std::collections::{BTreeSet, HashMap};
-use std::io::Write;
 use std::path::Path;
 
 use crate::bugs::score;
 use crate::judge::Judge;
 use crate::task::{Check, Task};
-use crate::{Result, TaskError};
+use crate::Result;
 
 pub const KIND: &str = "function_body";
 
@@ -79,36 +79,26 @@ pub fn failing_stubs(
     tasks: Vec<Task>,
     journal: &Path,
 ) -> Result<(Vec<Task>, usize)> {
-    let (mut known, cut_short) = read_journal(journal)?;
+    let (mut log, judged) = Journal::open::<Verdict>(journal)?;
+    let mut known: HashMap<String, bool> = judged.into_iter().map(|v| (v.id, v.fails)).collect();
     let todo: Vec<&Task> = tasks
         .iter()
         .filter(|t| !known.contains_key(&t.id))
         .collect();
-    let io = |e| TaskError::io(journal, e);
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(journal)
-        .map_err(io)?;
-    if cut_short {
-        log.write_all(b"\n").map_err(io)?;
-    }
     for chunk in todo.chunks(JOURNAL_CHUNK) {
-        let fails = chunk
+        let verdicts = chunk
             .par_iter()
             .map(|t| {
                 let check = t.check.as_ref().expect("body tasks have a check");
-                score(judge, check, &check.buggy, false).map(|v| !v.passed)
+                let fails = !score(judge, check, &check.buggy, false)?.passed;
+                Ok(Verdict {
+                    id: t.id.clone(),
+                    fails,
+                })
             })
-            .collect::<Result<Vec<bool>>>()?;
-        let mut lines = String::new();
-        for (t, fails) in chunk.iter().zip(fails) {
-            lines += &serde_json::json!({"id": t.id, "fails": fails}).to_string();
-            lines.push('\n');
-            known.insert(t.id.clone(), fails);
-        }
-        log.write_all(lines.as_bytes()).map_err(io)?;
-        log.sync_data().map_err(io)?;
+            .collect::<Result<Vec<Verdict>>>()?;
+        log.append(&verdicts)?;
+        known.extend(verdicts.into_iter().map(|v| (v.id, v.fails)));
     }
     let all = tasks.len();
     let kept: Vec<Task> = tasks.into_iter().filter(|t| known[&t.id]).collect();
@@ -119,20 +109,11 @@ pub fn failing_stubs(
 /// Stubs judged between two writes of the journal.
 const JOURNAL_CHUNK: usize = 64;
 
-/// The verdicts a journal holds, by task id (none when it does not exist yet), and
-/// whether its last line was cut short.
-fn read_journal(journal: &Path) -> Result<(HashMap<String, bool>, bool)> {
-    let text = match std::fs::read_to_string(journal) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((HashMap::new(), false)),
-        Err(e) => return Err(TaskError::io(journal, e)),
-    };
-    let known = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| Some((v["id"].as_str()?.to_string(), v["fails"].as_bool()?)))
-        .collect();
-    Ok((known, !text.is_empty() && !text.ends_with('\n')))
+/// A line of the journal: whether the stub of task `id` fails.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Verdict {
+    id: String,
+    fails: bool,
 }
 
 /// A task id's source: the program it was made from (before the `#`).
@@ -208,8 +189,8 @@ mod tests {
         let (kept, passing) = failing_stubs(&judge, vec![task, other], &resumed).unwrap();
         assert_eq!((kept.len(), passing), (1, 1));
         assert_eq!(kept[0].id, "other");
-        // The verdict judged now starts a line of its own.
-        let (known, cut) = read_journal(&resumed).unwrap();
-        assert_eq!((known.len(), cut), (2, false));
+        // The verdict judged now is on a line of its own.
+        let (_, verdicts) = Journal::open::<Verdict>(&resumed).unwrap();
+        assert_eq!(verdicts.len(), 2);
     }
 }

@@ -414,8 +414,7 @@ impl BugRun {
                 path.display()
             ))),
             Ok(_) => Ok(()),
-            Err(_) => cxxlm_data::shard::write_atomic(&path, mine.as_bytes())
-                .map_err(|e| TaskError::Input(e.to_string())),
+            Err(_) => Ok(cxxlm_data::shard::write_atomic(&path, mine.as_bytes())?),
         }
     }
 
@@ -477,8 +476,7 @@ impl BugRun {
                         .map_err(|e| TaskError::Input(e.to_string()))?;
                     stats.wall_seconds = started.elapsed().as_secs_f64();
                     let json = serde_json::to_vec_pretty(&stats).map_err(TaskError::json)?;
-                    cxxlm_data::shard::write_atomic(&self.part_stats(index, c), &json)
-                        .map_err(|e| TaskError::Input(e.to_string()))?;
+                    cxxlm_data::shard::write_atomic(&self.part_stats(index, c), &json)?;
                     progress(&package.project, &stats);
                 }
                 Ok(())
@@ -508,8 +506,7 @@ impl BugRun {
             total.merge(&s);
         }
         let json = serde_json::to_vec_pretty(&total).map_err(TaskError::json)?;
-        cxxlm_data::shard::write_atomic(&self.out.join("stats.json"), &json)
-            .map_err(|e| TaskError::Input(e.to_string()))?;
+        cxxlm_data::shard::write_atomic(&self.out.join("stats.json"), &json)?;
         Ok(total)
     }
 }

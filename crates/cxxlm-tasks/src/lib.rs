@@ -36,6 +36,8 @@ pub enum TaskError {
     Input(String),
     #[error(transparent)]
     Eval(#[from] cxxlm_eval::EvalError),
+    #[error(transparent)]
+    Data(#[from] cxxlm_data::DataError),
     #[error("{0}")]
     Resume(String),
     #[error("git: {0}")]

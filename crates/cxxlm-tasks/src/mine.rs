@@ -430,8 +430,7 @@ pub fn mine_to(repo: &Path, out: &Path, settings: &MineSettings) -> Result<MineS
         .finish()
         .map_err(|e| TaskError::Input(e.to_string()))?;
     let json = serde_json::to_vec_pretty(&stats).map_err(TaskError::json)?;
-    cxxlm_data::shard::write_atomic(&out.join("stats.json"), &json)
-        .map_err(|e| TaskError::Input(e.to_string()))?;
+    cxxlm_data::shard::write_atomic(&out.join("stats.json"), &json)?;
     Ok(stats)
 }
 

@@ -404,7 +404,7 @@ pub fn run(cmd: EvalCommand, load: Option<LoadModel>) -> Result<()> {
                     json!({"name": n, "completion": c, "length_limited": l}).to_string()
                 })
                 .collect();
-            write_atomically(out, (lines.join("\n") + "\n").as_bytes())?;
+            cxxlm_data::shard::write_atomic(out, (lines.join("\n") + "\n").as_bytes())?;
             if args.generate_only {
                 eprintln!(
                     "wrote {} completions to {}; judge them with --completions {0}",
@@ -442,7 +442,7 @@ pub fn run(cmd: EvalCommand, load: Option<LoadModel>) -> Result<()> {
         json["length_limited_share"] = share(n, completions.len()).into();
     }
     if let Some(path) = &args.json {
-        write_atomically(path, &serde_json::to_vec_pretty(&json)?)?;
+        cxxlm_data::shard::write_atomic(path, &serde_json::to_vec_pretty(&json)?)?;
     }
     Ok(())
 }
@@ -978,14 +978,6 @@ fn fim(args: FimArgs, model: &dyn TextModel) -> Result<()> {
         )?;
     }
     Ok(())
-}
-
-/// Writes `bytes` to a temporary name beside `path`, then renames it to `path`.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", path.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
 /// `(problem name, completion)` pairs.

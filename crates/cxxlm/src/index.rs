@@ -537,7 +537,7 @@ pub fn recall(a: &RecallArgs, others: &[(&str, Ranker)]) -> Result<()> {
             .to_string();
             text.push('\n');
         }
-        crate::eval::write_atomically(path, text.as_bytes())?;
+        cxxlm_data::shard::write_atomic(path, text.as_bytes())?;
     }
     let held_out: Vec<&Pair> = mined.held_out().collect();
     let mut results: Vec<(String, Recall, f64)> = Vec::new();
