@@ -1,8 +1,10 @@
 """Data-parallel scaling on paper: step time per GPU on N GPUs, for today's optimizer
 sharding (gradients reduce-scattered, updates all-gathered once a step) and for full
 sharding (each layer's weights all-gathered for the forward and again for the backward,
-its gradients reduce-scattered), with the collectives exposed (as today: on the stream
-that computes) or hidden behind the layers' compute but one layer's worth.
+its gradients reduce-scattered), with the collectives exposed (on the stream that
+computes, as optimizer sharding runs them) or hidden behind the layers' compute but one
+layer's worth (full sharding gathers the next layer and reduce-scatters the last on a
+side stream).
 
 Measured inputs are named below with their BENCHMARKS.md section. Two figures are derived:
 the effective collective bandwidth, calibrated from the two-H200 run (the 2-GPU step less
@@ -59,8 +61,9 @@ def sent(m, gpus, mode):
         # Gradients reduce-scattered in fp32; Muon's updates gathered in bf16, AdamW's
         # weights in fp32.
         return ring(4 * (muon + adam), gpus) + ring(2 * muon + 4 * adam, gpus)
-    # fp32 weights gathered twice (forward, backward), gradients reduce-scattered.
-    return ring(3 * 4 * (muon + adam), gpus)
+    # Weights gathered twice (forward, backward) in the bf16 they compute in, fp32
+    # gradients reduce-scattered.
+    return ring((2 * 2 + 4) * (muon + adam), gpus)
 
 
 small = d20()

@@ -1,6 +1,7 @@
 //! CUDA work that tch does not bind: graphs of captured work ([`graph`]), causal
-//! attention with an explicit backward ([`attention`]), and the fused kernels of the
-//! GPT's explicit training step, compiled at run time by NVRTC ([`fused`], [`nvrtc`]).
+//! attention with an explicit backward ([`attention`]), streams and events ([`stream`]),
+//! and the fused kernels of the GPT's explicit training step, compiled at run time by
+//! NVRTC ([`fused`], [`nvrtc`]).
 //! Builds whose libtorch lacks CUDA (or the CUDA headers) keep the CPU paths.
 
 pub mod attention;
@@ -8,6 +9,7 @@ pub mod check;
 pub mod fused;
 pub mod graph;
 pub mod nvrtc;
+pub mod stream;
 
 pub use fused::{Fused, Kernels};
 pub use graph::CudaGraph;

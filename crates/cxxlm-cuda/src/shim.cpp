@@ -1,12 +1,14 @@
 // What libtorch has and tch does not bind: CUDA graphs (at::cuda::CUDAGraph: capture the
 // work torch enqueues between begin and end, on a side stream into the graph's own memory
-// pool, then replay it with one launch), torch's current stream (for our own kernels),
-// and the attention kernels' forward with the statistics their backward needs.
+// pool, then replay it with one launch), torch's streams (for our own kernels, and for
+// collectives beside the computation) and events between them, and the attention
+// kernels' forward with the statistics their backward needs.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/core/Event.h>
 
 #include <cstring>
 #include <exception>
@@ -96,6 +98,57 @@ void cxxlm_allocator_counts(int device, int64_t* out) {
 
 // The stream torch enqueues work on for `device` (a cudaStream_t).
 void* cxxlm_current_stream(int device) { return c10::cuda::getCurrentCUDAStream(device).stream(); }
+
+// Streams as torch knows them (heap c10::cuda::CUDAStream): torch's current one on
+// `device`, or one of its pool's (non-blocking, to run beside the current one).
+void* cxxlm_stream_current(int device) { return new c10::cuda::CUDAStream(c10::cuda::getCurrentCUDAStream(device)); }
+void* cxxlm_stream_from_pool(int device) {
+    return new c10::cuda::CUDAStream(c10::cuda::getStreamFromPool(false, device));
+}
+void cxxlm_stream_free(void* stream) { delete static_cast<c10::cuda::CUDAStream*>(stream); }
+
+// Makes `stream` torch's current stream on its device: what torch enqueues goes there.
+void cxxlm_stream_make_current(void* stream) {
+    c10::cuda::setCurrentCUDAStream(*static_cast<c10::cuda::CUDAStream*>(stream));
+}
+
+// An event at the end of what `stream` holds now (null, and `error` filled, on failure).
+void* cxxlm_event_record(void* stream, char* error, size_t len) {
+    try {
+        auto* event = new c10::Event(c10::DeviceType::CUDA);
+        try {
+            event->record(*static_cast<c10::cuda::CUDAStream*>(stream));
+        } catch (...) {
+            delete event;
+            throw;
+        }
+        return event;
+    } catch (const std::exception& e) {
+        report(e, error, len);
+        return nullptr;
+    }
+}
+
+// What `stream` is given from now on waits for `event`; 0 on success.
+int cxxlm_stream_wait(void* stream, void* event, char* error, size_t len) {
+    try {
+        static_cast<c10::Event*>(event)->block(*static_cast<c10::cuda::CUDAStream*>(stream));
+        return 0;
+    } catch (const std::exception& e) {
+        report(e, error, len);
+        return 1;
+    }
+}
+
+// CUDA releases the event once the work before it is done.
+void cxxlm_event_free(void* event) { delete static_cast<c10::Event*>(event); }
+
+// `t`'s memory is used on `stream` too: torch's allocator hands it out again only after
+// what `stream` holds now has run.
+void cxxlm_record_stream(const at::Tensor* t, void* stream) {
+    c10::cuda::CUDACachingAllocator::recordStream(t->storage().data_ptr(),
+                                                  *static_cast<c10::cuda::CUDAStream*>(stream));
+}
 
 // Causal attention over (B, H, T, D) views, by the kernel SDPA would choose (cuDNN or
 // flash), or within segments of (N, H, D) token rows by flash attention's variable-length

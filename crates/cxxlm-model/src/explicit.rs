@@ -46,6 +46,29 @@ impl Part {
         }
     }
 
+    /// The part whose weights the explicit pass asks for next, after `self` (and
+    /// `previous` before it) in a model `depth` layers deep: the forward goes from the
+    /// embedding up through the layers to the head, the backward down the layers again;
+    /// None at the end of the pass.
+    pub fn after(self, previous: Option<Part>, depth: usize) -> Option<Part> {
+        let backward = match (previous, self) {
+            (Some(Part::Head), Part::Layer(_)) => true,
+            (Some(Part::Layer(before)), Part::Layer(l)) => before == l + 1,
+            _ => false,
+        };
+        match self {
+            Part::Embedding => Some(if depth > 0 {
+                Part::Layer(0)
+            } else {
+                Part::Head
+            }),
+            Part::Layer(l) if backward => l.checked_sub(1).map(Part::Layer),
+            Part::Layer(l) if l + 1 < depth => Some(Part::Layer(l + 1)),
+            Part::Layer(_) => Some(Part::Head),
+            Part::Head => depth.checked_sub(1).map(Part::Layer),
+        }
+    }
+
     /// Every part of a model `depth` layers deep, in the order of its weights.
     pub fn all(depth: usize) -> impl Iterator<Item = Part> {
         std::iter::once(Part::Embedding)
@@ -679,6 +702,58 @@ mod tests {
                     err <= 1e-4 * size.max(1e-3),
                     "{name} (kv heads {kv_heads}, packed: {packed}, {activation:?}): {err} against {size}"
                 );
+            }
+        }
+    }
+
+    /// The parts a pass asks for, in order.
+    struct Recording {
+        resident: Resident,
+        asked: std::cell::RefCell<Vec<Part>>,
+    }
+
+    impl WeightStore for Recording {
+        fn weights(&self, part: Part) -> Vec<Tensor> {
+            self.asked.borrow_mut().push(part);
+            self.resident.weights(part)
+        }
+        fn gradients(&self, part: Part) -> Vec<Tensor> {
+            self.resident.gradients(part)
+        }
+        fn gradients_done(&self, part: Part, grads: Vec<Tensor>) {
+            self.resident.gradients_done(part, grads)
+        }
+    }
+
+    /// What full sharding gathers ahead is what the pass asks for next, with layers
+    /// checkpointed or not, and nothing after the pass's last part.
+    #[test]
+    fn the_part_asked_for_next_is_known_ahead() {
+        let _rng = crate::TORCH_RNG.lock();
+        for (depth, every) in [(1, 0), (3, 0), (3, 1), (4, 2)] {
+            let config = ModelConfig {
+                seq_len: 16,
+                depth,
+                ..ModelConfig::preset("tiny", 300).unwrap()
+            };
+            let mut m = Gpt::random(config, 5);
+            m.set_activation_checkpointing(every);
+            let idx = Tensor::randint(300, [2, 16], (Kind::Int64, Device::Cpu));
+            let store = Recording {
+                resident: m.resident(),
+                asked: Default::default(),
+            };
+            let _ = m.forward_backward_from(&store, &idx, &idx, None, 1.0);
+            let asked = store.asked.into_inner();
+            assert_eq!(asked.len(), 2 * depth + 2, "depth {depth}: {asked:?}");
+            let mut previous = None;
+            for (i, &part) in asked.iter().enumerate() {
+                assert_eq!(
+                    part.after(previous, depth),
+                    asked.get(i + 1).copied(),
+                    "{asked:?} at {i}"
+                );
+                previous = Some(part);
             }
         }
     }

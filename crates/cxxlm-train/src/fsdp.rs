@@ -5,8 +5,15 @@
 //! of a [`Part`] of the model (the embedding, a layer, the head) just before it uses them,
 //! for the forward and again for the backward, and lets them go after; a part's
 //! gradients are reduce-scattered to the ranks that keep them as soon as its backward
-//! ends. Gathers and reduce-scatters run on the stream that computes (no overlap yet).
+//! ends. On GPUs the collectives run on a side stream, beside the computation: while a
+//! part computes, the part the pass asks for next ([`Part::after`]) is gathered, and a
+//! part's reduce-scatter runs while the backward goes on below it; the computation waits
+//! only where it uses a gather's weights, and for the last reduce-scatter before the
+//! optimizer's step ([`ShardedWeights::finish`]).
 
+use std::cell::{Cell, RefCell};
+
+use cxxlm_cuda::stream::{Event, Stream};
 use cxxlm_model::{Gpt, Part, WeightStore};
 use tch::{Device, Kind, Tensor};
 
@@ -107,11 +114,18 @@ impl FullSharding {
         }]
     }
 
-    /// The explicit pass's weights and gradients, through `comm`.
+    /// The explicit pass's weights and gradients for one step, through `comm`.
     pub fn store<'a>(&'a self, comm: &'a Comm) -> ShardedWeights<'a> {
+        let streams = match self.device {
+            Device::Cuda(index) => Stream::current(index).zip(Stream::side(index)),
+            _ => None,
+        };
         ShardedWeights {
             sharding: self,
             comm,
+            streams,
+            last: Cell::new(None),
+            ahead: RefCell::new(None),
         }
     }
 
@@ -189,18 +203,83 @@ impl FullSharding {
     }
 }
 
-/// The explicit pass's [`WeightStore`] under full sharding. A collective that fails
-/// panics with its error (the pass has no error path; the trainer reports the panic).
+/// The explicit pass's [`WeightStore`] under full sharding, for one step. A collective
+/// that fails panics with its error (the pass has no error path; the trainer reports
+/// the panic).
 pub struct ShardedWeights<'a> {
     sharding: &'a FullSharding,
     comm: &'a Comm,
+    /// On GPUs: the stream torch computes on, and the side stream every collective of
+    /// the step runs on (one stream for them all keeps them in the same order on every
+    /// rank's GPU).
+    streams: Option<(Stream, Stream)>,
+    /// The part asked for last.
+    last: Cell<Option<Part>>,
+    ahead: RefCell<Option<Ahead>>,
+}
+
+/// A part gathered ahead, and the point of the side stream where it is ready.
+struct Ahead {
+    part: Part,
+    weights: Vec<Tensor>,
+    ready: Option<Event>,
+}
+
+impl ShardedWeights<'_> {
+    /// Runs the collective `work` on the side stream once the computation so far is
+    /// done (on the CPU: now), and returns what it made with the point it is ready at.
+    fn collective<T>(&self, work: impl FnOnce() -> Result<T>) -> (T, Option<Event>) {
+        let Some((compute, side)) = &self.streams else {
+            return (work().unwrap_or_else(|e| panic!("{e}")), None);
+        };
+        side.wait_for(compute).unwrap_or_else(side_stream_failed);
+        let entered = side.enter();
+        let out = work().unwrap_or_else(|e| panic!("{e}"));
+        drop(entered);
+        (out, Some(side.record().unwrap_or_else(side_stream_failed)))
+    }
+
+    /// Makes the computation wait for the side stream's work so far, so that the
+    /// optimizer reads every gradient the step reduce-scattered; ends the step's store.
+    pub fn finish(self) -> Result<()> {
+        if let Some((compute, side)) = &self.streams {
+            compute
+                .wait_for(side)
+                .map_err(|e| crate::TrainError::Torch(format!("{SIDE_STREAM}: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+const SIDE_STREAM: &str = "the side stream of full sharding";
+
+fn side_stream_failed<T>(e: String) -> T {
+    panic!("{SIDE_STREAM}: {e}")
 }
 
 impl WeightStore for ShardedWeights<'_> {
     fn weights(&self, part: Part) -> Vec<Tensor> {
         let s = self.sharding;
-        s.gather(part, s.compute, self.comm)
-            .unwrap_or_else(|e| panic!("{e}"))
+        let previous = self.last.replace(Some(part));
+        let (weights, ready) = match self.ahead.take() {
+            Some(ahead) if ahead.part == part => (ahead.weights, ahead.ready),
+            _ => self.collective(|| s.gather(part, s.compute, self.comm)),
+        };
+        if let (Some((compute, _)), Some(ready)) = (&self.streams, &ready) {
+            compute.wait(ready).unwrap_or_else(side_stream_failed);
+            for w in &weights {
+                compute.uses(w);
+            }
+        }
+        if let Some(next) = part.after(previous, s.depth) {
+            let (weights, ready) = self.collective(|| s.gather(next, s.compute, self.comm));
+            *self.ahead.borrow_mut() = Some(Ahead {
+                part: next,
+                weights,
+                ready,
+            });
+        }
+        weights
     }
 
     fn gradients(&self, part: Part) -> Vec<Tensor> {
@@ -213,9 +292,12 @@ impl WeightStore for ShardedWeights<'_> {
     }
 
     fn gradients_done(&self, part: Part, grads: Vec<Tensor>) {
-        self.sharding
-            .reduce_scatter(part, &grads, self.comm)
-            .unwrap_or_else(|e| panic!("{e}"));
+        if let Some((_, side)) = &self.streams {
+            for g in &grads {
+                side.uses(g);
+            }
+        }
+        self.collective(|| self.sharding.reduce_scatter(part, &grads, self.comm));
     }
 }
 

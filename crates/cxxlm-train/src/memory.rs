@@ -5,7 +5,8 @@
 //! (`train.sharding = "full"`), each rank keeps its part of the weights and gradients, and
 //! whole only the part of the model the pass works on (the embedding, a layer or the
 //! head, gathered in bf16) with its fp32 gradients and the buffer they are
-//! reduce-scattered from. Counted from what the
+//! reduce-scattered from, and the neighbouring parts being gathered ahead or
+//! reduce-scattered beside it. Counted from what the
 //! explicit pass keeps (`cxxlm_model::explicit`), which matched the allocator's measured
 //! peak within 2% at d12 and d20 on an H100 (BENCHMARKS.md; the test below).
 
@@ -108,10 +109,12 @@ pub fn plan(
     let largest_part = c.embedding_params().max(matrices / c.depth.max(1));
     let (weights, gradients) = match full {
         // The weights and gradients of the part computed, gathered: bf16 weights, fp32
-        // gradients and the buffer they are reduce-scattered from.
+        // gradients and the buffer they are reduce-scattered from; and beside them, the
+        // next part's weights gathered ahead and the last part's gradients still being
+        // reduce-scattered.
         true => (
-            4 * params.div_ceil(ranks) + 2 * largest_part + joined_qkv,
-            4 * params.div_ceil(ranks) + 8 * largest_part,
+            4 * params.div_ceil(ranks) + 2 * 2 * largest_part + joined_qkv,
+            4 * params.div_ceil(ranks) + 2 * 8 * largest_part,
         ),
         // bf16 copies to compute with.
         false => (4 * params + 2 * params + joined_qkv, 4 * params),
@@ -258,10 +261,11 @@ mod tests {
         let replicated = plan(&model, &run(Sharding::Optimizer), &optim, 8, true);
         let full = plan(&model, &run(Sharding::Full), &optim, 8, true);
         let kept = |p: &MemoryPlan| part(p, "weights") + part(p, "gradients");
-        // An eighth of the fp32 weights and gradients, and one part of the model whole.
+        // An eighth of the fp32 weights and gradients, and two parts of the model whole
+        // (the one computing, and the next gathered or the last reduce-scattered).
         let eighth = 8 * (model.params() as u64).div_ceil(8);
         assert!(kept(&full) > eighth, "{full:?}");
-        assert!(kept(&full) < eighth + kept(&replicated) / 20, "{full:?}");
+        assert!(kept(&full) < eighth + kept(&replicated) / 10, "{full:?}");
         for same in ["optimizer", "activations", "workspace"] {
             assert_eq!(part(&full, same), part(&replicated, same), "{same}");
         }

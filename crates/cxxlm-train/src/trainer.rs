@@ -765,6 +765,9 @@ pub fn train(
             }
             other => other?,
         };
+        if let Some(store) = store {
+            store.finish()?;
+        }
         let losses = Tensor::stack(&micro_losses, 0).to_kind(Kind::Double);
         comm.all_reduce_sum(&losses)?;
         let values: Vec<f64> =

@@ -1,7 +1,8 @@
 //! NCCL through its C API, from the `libnccl.so.2` that torch's CUDA library already
-//! loaded (the `nvidia-nccl` wheel beside torch). Every call is enqueued on the default
-//! stream of the current device, the stream torch computes on, so it is ordered with the
-//! kernels before and after it without extra synchronization.
+//! loaded (the `nvidia-nccl` wheel beside torch). Every call is enqueued on torch's
+//! current stream of the device, so it is ordered with the kernels before and after it
+//! without extra synchronization: the stream torch computes on, or the side stream that
+//! full sharding makes current for its gathers and reduce-scatters.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::OnceLock;
@@ -140,6 +141,11 @@ impl Nccl {
         Ok(Nccl { lib, comm, device })
     }
 
+    /// Torch's current stream on the device.
+    fn stream(&self) -> Stream {
+        cxxlm_cuda::current_stream(self.device).unwrap_or(std::ptr::null_mut())
+    }
+
     fn on_device(&self, t: &Tensor) -> Result<(), String> {
         if t.device() != tch::Device::Cuda(self.device) || !t.is_contiguous() {
             return Err(format!(
@@ -162,7 +168,7 @@ impl Nccl {
                 data_type(t.kind())?,
                 SUM,
                 self.comm,
-                std::ptr::null_mut(),
+                self.stream(),
             )
         };
         check(self.lib, "ncclAllReduce", rc)
@@ -184,7 +190,7 @@ impl Nccl {
                 data_type(t.kind())?,
                 AVG,
                 self.comm,
-                std::ptr::null_mut(),
+                self.stream(),
             )
         };
         check(self.lib, "ncclReduceScatter", rc)?;
@@ -205,7 +211,7 @@ impl Nccl {
                 t.numel(),
                 data_type(t.kind())?,
                 self.comm,
-                std::ptr::null_mut(),
+                self.stream(),
             )
         };
         check(self.lib, "ncclAllGather", rc)?;
