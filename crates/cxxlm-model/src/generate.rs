@@ -492,6 +492,8 @@ impl Decoder {
     /// Stores `prompts[i]` in slot `slots[i]` from position `from` on (the slots' first
     /// `from` positions are kept as they are) and returns the logits `(n, V)` after
     /// each prompt's last token. Prompts must be non-empty and end within the capacity.
+    /// A prompt given several times from position 0 (samples of one prompt) runs through
+    /// the model once, and its keys and values are copied to the other slots.
     pub fn prefill(
         &mut self,
         model: &Gpt,
@@ -512,6 +514,13 @@ impl Decoder {
             self.slots,
             self.capacity
         );
+        let mut seen: HashMap<&[u32], usize> = HashMap::new();
+        let first_of: Vec<usize> = (0..n)
+            .map(|i| *seen.entry(prompts[i]).or_insert(i))
+            .collect();
+        if from == 0 && first_of.iter().enumerate().any(|(i, &f)| f != i) {
+            return self.prefill_once_each(model, slots, prompts, &first_of);
+        }
         let mut ids: Vec<i64> = Vec::with_capacity(n * t);
         for p in prompts {
             ids.extend(p.iter().map(|&x| x as i64));
@@ -543,6 +552,49 @@ impl Decoder {
         let last = Tensor::from_slice(&last).to_device(device);
         let h = h.view([(n * t) as i64, -1]).index_select(0, &last);
         model.logits(&h, self.weights.last().expect("lm_head"))
+    }
+
+    /// [`Decoder::prefill`] from position 0 of the prompts `i` with `first_of[i] == i`,
+    /// the others (`prompts[i] == prompts[first_of[i]]`) copied from their slots.
+    fn prefill_once_each(
+        &mut self,
+        model: &Gpt,
+        slots: &[usize],
+        prompts: &[&[u32]],
+        first_of: &[usize],
+    ) -> Tensor {
+        let unique: Vec<usize> = (0..prompts.len()).filter(|&i| first_of[i] == i).collect();
+        let logits = self.prefill(
+            model,
+            &unique.iter().map(|&i| slots[i]).collect::<Vec<_>>(),
+            0,
+            &unique.iter().map(|&i| prompts[i]).collect::<Vec<_>>(),
+        );
+        let copies: Vec<usize> = (0..prompts.len()).filter(|&i| first_of[i] != i).collect();
+        let device = model.device();
+        let index = |v: Vec<usize>| {
+            let v: Vec<i64> = v.into_iter().map(|x| x as i64).collect();
+            Tensor::from_slice(&v).to_device(device)
+        };
+        let to = index(copies.iter().map(|&i| slots[i]).collect());
+        let from = index(copies.iter().map(|&i| slots[first_of[i]]).collect());
+        let t = copies.iter().map(|&i| prompts[i].len()).max().unwrap_or(0) as i64;
+        for all in self.cache.keys.iter().chain(&self.cache.values) {
+            let mut filled = all.narrow(2, 0, t);
+            let _ = filled.index_copy_(0, &to, &filled.index_select(0, &from));
+        }
+        let row_of = index(
+            first_of
+                .iter()
+                .map(|f| {
+                    unique
+                        .iter()
+                        .position(|u| u == f)
+                        .expect("a first is unique")
+                })
+                .collect(),
+        );
+        logits.index_select(0, &row_of)
     }
 
     /// Feeds `tokens[i]` to slot `rows[i]` at position `positions[i]` (the slot holds
@@ -772,6 +824,35 @@ mod tests {
         }
         // Rows are asked about once per token they write, none after they stopped.
         assert_eq!(calls, lengths.iter().sum::<usize>());
+    }
+
+    #[test]
+    fn samples_of_one_prompt_share_its_prefill_and_continue_as_alone() {
+        let _rng = crate::TORCH_RNG.lock();
+        let m = model();
+        let (a, b): (Vec<u32>, Vec<u32>) = (vec![5, 17, 3, 99], vec![8, 1, 2]);
+        let mut d = m.decoder(5, 32);
+        let prompts: [&[u32]; 5] = [&a, &b, &a, &a, &b];
+        let slots = [3, 0, 4, 1, 2];
+        let shared = d.prefill(&m, &slots, 0, &prompts);
+        let mut each = m.decoder(5, 32);
+        let alone: Vec<Tensor> = (0..5)
+            .map(|i| each.prefill(&m, &[slots[i]], 0, &[prompts[i]]))
+            .collect();
+        let difference = (shared - Tensor::cat(&alone, 0))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(difference < 1e-5, "{difference}");
+        // The copied slots decode as the computed ones do.
+        let greedy = Sampling {
+            max_new_tokens: 6,
+            ..Default::default()
+        };
+        let got = m.generate(&prompts.map(<[u32]>::to_vec), &greedy, &mut |_, _| false);
+        for (p, g) in prompts.iter().zip(&got) {
+            assert_eq!(g, &self::alone(&m, p, 6));
+        }
     }
 
     #[test]
