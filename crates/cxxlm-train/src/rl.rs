@@ -466,48 +466,85 @@ pub fn micro_batches(
     let order: Vec<usize> = (0..prompts.len()).collect();
     order
         .chunks(device_batch.max(1))
-        .map(|chunk| {
-            let cols = chunk
-                .iter()
-                .map(|&i| prompts[i].len() + completions[i].len())
-                .max()
-                .unwrap_or(2)
-                .max(2);
-            let t = cols - 1;
-            let mut tokens = Vec::with_capacity(chunk.len() * cols);
-            let mut supervised = vec![false; chunk.len() * t];
-            let mut weights = vec![0f32; chunk.len() * t];
-            for (row, &i) in chunk.iter().enumerate() {
-                let (prompt, completion) = (prompts[i], completions[i]);
-                tokens.extend(prompt);
-                tokens.extend(completion);
-                tokens.extend(std::iter::repeat_n(
-                    pad,
-                    cols - prompt.len() - completion.len(),
-                ));
-                if let (Some(a), false) = (advantages[i], prompt.is_empty()) {
-                    // The target at `k` is the token at `k + 1`.
-                    let start = row * t + prompt.len() - 1;
-                    for k in start..start + completion.len() {
-                        supervised[k] = true;
-                        weights[k] = a as f32;
-                    }
-                }
-            }
-            MicroBatch {
-                rows: chunk.len(),
-                cols,
-                tokens,
-                supervised: Some(supervised),
-                examples: None,
-                weights: Some(TargetWeights {
-                    advantages: weights,
-                    old_logprobs: None,
-                    ref_logprobs: None,
-                }),
+        .map(|rows| micro_batch(rows, prompts, completions, advantages, pad))
+        .collect()
+}
+
+/// Which completions each of `count` micro-batches holds: only those with an advantage
+/// (the others teach nothing: no target of theirs is learned, the KL term included), by
+/// length, so that each micro-batch pads its rows little, as evenly shared as can be. A
+/// micro-batch left with none holds the shortest of the others, learning nothing.
+pub fn learning_rows(
+    lengths: &[usize],
+    advantages: &[Option<f64>],
+    count: usize,
+) -> Vec<Vec<usize>> {
+    let mut learned: Vec<usize> = (0..lengths.len())
+        .filter(|&i| advantages[i].is_some())
+        .collect();
+    learned.sort_by_key(|&i| lengths[i]);
+    // (There is one when a micro-batch is left empty: `count` is at most the rows.)
+    let shortest = (0..lengths.len())
+        .filter(|&i| advantages[i].is_none())
+        .min_by_key(|&i| lengths[i]);
+    (0..count)
+        .map(|k| {
+            let run = &learned[k * learned.len() / count..(k + 1) * learned.len() / count];
+            match run.is_empty() {
+                true => shortest.into_iter().collect(),
+                false => run.to_vec(),
             }
         })
         .collect()
+}
+
+/// The micro-batch of completions `rows` (padded with `pad` to the longest).
+fn micro_batch(
+    rows: &[usize],
+    prompts: &[&[u32]],
+    completions: &[&[u32]],
+    advantages: &[Option<f64>],
+    pad: u32,
+) -> MicroBatch {
+    let cols = rows
+        .iter()
+        .map(|&i| prompts[i].len() + completions[i].len())
+        .max()
+        .unwrap_or(2)
+        .max(2);
+    let t = cols - 1;
+    let mut tokens = Vec::with_capacity(rows.len() * cols);
+    let mut supervised = vec![false; rows.len() * t];
+    let mut weights = vec![0f32; rows.len() * t];
+    for (row, &i) in rows.iter().enumerate() {
+        let (prompt, completion) = (prompts[i], completions[i]);
+        tokens.extend(prompt);
+        tokens.extend(completion);
+        tokens.extend(std::iter::repeat_n(
+            pad,
+            cols - prompt.len() - completion.len(),
+        ));
+        if let (Some(a), false) = (advantages[i], prompt.is_empty()) {
+            // The target at `k` is the token at `k + 1`.
+            let start = row * t + prompt.len() - 1;
+            for k in start..start + completion.len() {
+                supervised[k] = true;
+                weights[k] = a as f32;
+            }
+        }
+    }
+    MicroBatch {
+        rows: rows.len(),
+        cols,
+        tokens,
+        supervised: Some(supervised),
+        examples: None,
+        weights: Some(TargetWeights {
+            advantages: weights,
+            old_logprobs: None,
+            ref_logprobs: None,
+        }),
+    }
 }
 
 /// A completion sampled for a prompt, and what it earned.
@@ -963,20 +1000,24 @@ impl RolloutSource<'_> {
             .map(|r| self.prompts[r.task].as_slice())
             .collect();
         let completions: Vec<&[u32]> = rollouts.iter().map(|r| r.tokens.as_slice()).collect();
-        let mut batches = micro_batches(
-            &prompts,
-            &completions,
-            &learned,
-            self.device_batch,
-            self.pad,
-        );
+        // As many micro-batches as the step takes, of the completions it learns from.
+        let lengths: Vec<usize> = prompts
+            .iter()
+            .zip(&completions)
+            .map(|(p, c)| p.len() + c.len())
+            .collect();
+        let count = rollouts.len().div_ceil(self.device_batch.max(1));
+        let arranged = learning_rows(&lengths, &learned, count);
+        let mut batches: Vec<MicroBatch> = arranged
+            .iter()
+            .map(|rows| micro_batch(rows, &prompts, &completions, &learned, self.pad))
+            .collect();
         // Log-probabilities of the sampling policy (several updates, the KL guard) and
         // of the reference.
         let mut kl_sum = 0.0;
         let mut kl_targets = 0.0;
-        let rows = self.device_batch.max(1);
         tch::no_grad(|| {
-            for (k, b) in batches.iter_mut().enumerate() {
+            for (b, rows) in batches.iter_mut().zip(&arranged) {
                 let d = b.to_device(model.device());
                 // The policy's own log-probabilities: for the KL, and as the ratio's old
                 // ones when several updates learn from a batch whose sampling kept none.
@@ -992,7 +1033,7 @@ impl RolloutSource<'_> {
                 }
                 let sampled = s
                     .sample_ahead
-                    .then(|| sampled_targets(b, &prompts[k * rows..], &rollouts[k * rows..]));
+                    .then(|| sampled_targets(b, rows, &prompts, &rollouts));
                 let w = b.weights.as_mut().expect("made above");
                 if sampled.is_some() {
                     w.old_logprobs = sampled;
@@ -1038,14 +1079,19 @@ impl RolloutSource<'_> {
     }
 }
 
-/// A micro-batch's targets' log-probabilities under the policy that sampled its rows
-/// (`prompts` and `rollouts` from its first row on; 0 outside the completions).
-fn sampled_targets(b: &MicroBatch, prompts: &[&[u32]], rollouts: &[Rollout]) -> Vec<f32> {
+/// A micro-batch's targets' log-probabilities under the policy that sampled its rows,
+/// the completions `rows` of `rollouts` (0 outside the completions).
+fn sampled_targets(
+    b: &MicroBatch,
+    rows: &[usize],
+    prompts: &[&[u32]],
+    rollouts: &[Rollout],
+) -> Vec<f32> {
     let t = b.cols - 1;
     let mut out = vec![0f32; b.rows * t];
-    for (row, (prompt, r)) in prompts.iter().zip(rollouts).take(b.rows).enumerate() {
-        let lp = r.sampled_logprobs.as_deref().unwrap_or_default();
-        let start = row * t + prompt.len() - 1;
+    for (row, &i) in rows.iter().enumerate() {
+        let lp = rollouts[i].sampled_logprobs.as_deref().unwrap_or_default();
+        let start = row * t + prompts[i].len() - 1;
         out[start..start + lp.len()].copy_from_slice(lp);
     }
     out
@@ -1616,14 +1662,25 @@ mod tests {
                     .collect()
             })
             .collect();
-        let step = |groups: &[usize], rewards: &[f64]| {
+        // With `arranged`, the micro-batches hold only what is learned, by length.
+        let step = |groups: &[usize], rewards: &[f64], arranged: bool| {
             let members: Vec<usize> = (0..9).filter(|i| groups.contains(&(i / 3))).collect();
             let g: Vec<usize> = members.iter().map(|i| i / 3).collect();
             let r: Vec<f64> = members.iter().map(|&i| rewards[i]).collect();
             let (learned, equal) = learned_advantages(&g, &r, &vec![false; r.len()], &settings);
             let p: Vec<&[u32]> = members.iter().map(|i| prompts[i / 3].as_slice()).collect();
             let c: Vec<&[u32]> = members.iter().map(|&i| completions[i].as_slice()).collect();
-            let batches = micro_batches(&p, &c, &learned, 4, 299);
+            let batches = match arranged {
+                false => micro_batches(&p, &c, &learned, 4, 299),
+                true => {
+                    let lengths: Vec<usize> =
+                        p.iter().zip(&c).map(|(p, c)| p.len() + c.len()).collect();
+                    learning_rows(&lengths, &learned, members.len().div_ceil(4))
+                        .iter()
+                        .map(|rows| micro_batch(rows, &p, &c, &learned, 299))
+                        .collect()
+                }
+            };
             let n = batches.len();
             let mut source = Given(batches.into());
             let first = source.next_batch(&m).unwrap();
@@ -1644,15 +1701,40 @@ mod tests {
         };
         // Group 1's rewards are all equal.
         let rewards = [1.0, -1.0, 7.0, 1.5, 1.5, 1.5, -1.0, 6.5, 1.0];
-        let (alone, g_alone, equal_alone) = step(&[0, 2], &rewards);
-        let (with, g_with, equal_with) = step(&[0, 1, 2], &rewards);
+        let (alone, g_alone, equal_alone) = step(&[0, 2], &rewards, false);
+        let (with, g_with, equal_with) = step(&[0, 1, 2], &rewards, false);
+        let (arranged, g_arranged, _) = step(&[0, 1, 2], &rewards, true);
         assert_eq!((equal_alone, equal_with), (0, 1));
         // The same sums, in other micro-batches (so up to rounding).
-        assert!((alone - with).abs() < 1e-6 * alone.abs(), "{alone} {with}");
-        let (diff, size) = max_difference(&g_alone, &g_with);
-        assert!(size > 0.0 && diff < 1e-6 * size, "{diff} of {size}");
+        for (loss, grads) in [(with, &g_with), (arranged, &g_arranged)] {
+            assert!((alone - loss).abs() < 1e-6 * alone.abs(), "{alone} {loss}");
+            let (diff, size) = max_difference(&g_alone, grads);
+            assert!(size > 0.0 && diff < 1e-6 * size, "{diff} of {size}");
+        }
         assert_eq!(advantages(&[0.1, 0.1, 0.1], true), None);
         assert_eq!(advantages(&[1.0, 3.0], false), Some(vec![-1.0, 1.0]));
+    }
+
+    #[test]
+    fn micro_batches_hold_what_is_learned_by_length() {
+        let lengths = [5, 3, 9, 4, 7, 2, 8, 6];
+        let a = |learned: &[usize]| -> Vec<Option<f64>> {
+            (0..8)
+                .map(|i| learned.contains(&i).then_some(1.0))
+                .collect()
+        };
+        // Sorted by length (4, 5, 6, 8, 9), shared as evenly as can be.
+        let rows = learning_rows(&lengths, &a(&[0, 2, 3, 6, 7]), 3);
+        assert_eq!(rows, vec![vec![3], vec![0, 7], vec![6, 2]]);
+        // Two learned rows for four micro-batches: the others hold the shortest row that
+        // teaches nothing (5), which their targets do not learn from.
+        let rows = learning_rows(&lengths, &a(&[2, 3]), 4);
+        assert_eq!(rows, vec![vec![5], vec![3], vec![5], vec![2]]);
+        let ids: Vec<Vec<u32>> = lengths.iter().map(|&n| vec![7; n - 1]).collect();
+        let prompts: Vec<&[u32]> = vec![&[1]; 8];
+        let completions: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        let b = micro_batch(&rows[0], &prompts, &completions, &a(&[2, 3]), 0);
+        assert_eq!((b.rows, b.supervised_count()), (1, 0));
     }
 
     #[test]
