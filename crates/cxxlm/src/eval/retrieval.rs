@@ -11,7 +11,7 @@ use cxxlm_tokenizer::Bpe;
 use serde_json::json;
 use std::path::PathBuf;
 
-use super::{Generation, ModelArgs, TextModel};
+use super::{Generation, Healed, ModelArgs, TextModel};
 use crate::cli::special;
 
 #[derive(Args)]
@@ -170,15 +170,17 @@ fn measure(
             })
             .collect();
         let (mut copied, mut shares) = (0, 0.0);
-        let prompts: Vec<Vec<u32>> = asked.iter().map(|(p, _)| p.clone()).collect();
+        // The head ends where its body opens, where a token may go on across the line.
+        let healed = Healed::new(bpe, asked.iter().map(|(p, _)| p.clone()).collect());
         let generation = Generation {
             max_new_tokens: args.tokens + slack,
+            first_tokens: healed.first_tokens(),
             slots: args.batch.max(1),
             ..Default::default()
         };
-        let out = model.generate(&prompts, &generation, &mut |_, _| false);
-        for ((_, want), row) in asked.iter().zip(out) {
-            let written = String::from_utf8_lossy(&bpe.decode(&row)).into_owned();
+        let out = model.generate(&healed.prompts, &generation, &mut |_, _| false);
+        for (i, ((_, want), row)) in asked.iter().zip(out).enumerate() {
+            let written = healed.text(bpe, i, &row);
             copied += usize::from(written.starts_with(want));
             let same = written
                 .bytes()
