@@ -286,6 +286,20 @@ pub struct Generation {
     pub slots: usize,
 }
 
+impl Generation {
+    /// For `samples` completions of each prompt: greedy for one, else sampled at
+    /// `temperature` within the nucleus of 0.95; `slots` decoded at once.
+    fn samples(samples: usize, temperature: f64, max_new_tokens: usize, slots: usize) -> Self {
+        Generation {
+            temperature: if samples > 1 { temperature } else { 0.0 },
+            top_p: 0.95,
+            max_new_tokens,
+            slots: slots.max(1),
+            ..Default::default()
+        }
+    }
+}
+
 impl Default for Generation {
     fn default() -> Self {
         Generation {
@@ -477,19 +491,10 @@ fn generate_completions(
             .collect(),
     );
     let generation = Generation {
-        temperature: if args.samples > 1 {
-            args.temperature
-        } else {
-            0.0
-        },
-        top_k: 0,
-        top_p: 0.95,
-        max_new_tokens: args.max_tokens,
-        seed: 0,
         repeat_penalty: args.repeat_penalty,
         repeat_last_n: args.repeat_last_n,
         first_tokens: healed.first_tokens(),
-        slots: args.batch.max(1),
+        ..Generation::samples(args.samples, args.temperature, args.max_tokens, args.batch)
     };
     let mut stopped = vec![false; rows.len()];
     let generated = model.generate(&healed.prompts, &generation, &mut |row, t| {
@@ -1215,18 +1220,8 @@ fn bugfix_answers(
         eprintln!("{skipped} tasks skipped: their prompt leaves fewer than --max-tokens of the model's context");
     }
     let prompts: Vec<Vec<u32>> = rows.iter().map(|(_, p)| p.clone()).collect();
-    let generation = Generation {
-        temperature: if args.samples > 1 {
-            args.temperature
-        } else {
-            0.0
-        },
-        top_k: 0,
-        top_p: 0.95,
-        max_new_tokens: args.max_tokens,
-        slots: args.batch.max(1),
-        ..Default::default()
-    };
+    let generation =
+        Generation::samples(args.samples, args.temperature, args.max_tokens, args.batch);
     let generated = model.generate(&prompts, &generation, &mut |_, t| {
         cxxlm_tasks::task::answer_ends(t, eos, |ids| bpe.decode(ids))
     });
