@@ -18,7 +18,9 @@ const QUERIES: usize = 101;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let functions: usize = args.first().map_or(100_000, |a| a.parse().expect("FUNCTIONS"));
+    let functions: usize = args
+        .first()
+        .map_or(100_000, |a| a.parse().expect("FUNCTIONS"));
     let dim: usize = args.get(1).map_or(768, |a| a.parse().expect("DIM"));
     let kind = match args.get(2).map(String::as_str) {
         Some("f16") => ScalarKind::F16,
@@ -39,7 +41,10 @@ fn main() {
     let mut draw = |i: usize| {
         let v: Vec<f32> = match uniform {
             true => (0..dim).map(|_| noise()).collect(),
-            false => centres[i % centres.len()].iter().map(|c| c + 0.6 * noise()).collect(),
+            false => centres[i % centres.len()]
+                .iter()
+                .map(|c| c + 0.6 * noise())
+                .collect(),
         };
         let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         v.into_iter().map(|x| x / n).collect::<Vec<f32>>()
@@ -61,7 +66,9 @@ fn main() {
                 .collect(),
             function_vectors: chunk.concat(),
         };
-        store.insert(format!("file{f:07}.cpp"), v).expect("the store's dimension");
+        store
+            .insert(format!("file{f:07}.cpp"), v)
+            .expect("the store's dimension");
     }
 
     let options = IndexOptions {
@@ -90,7 +97,10 @@ fn main() {
         let t = Instant::now();
         let matches = graph.search(q, 10).expect("a search");
         graph_ms.push(t.elapsed().as_secs_f64() * 1e3);
-        let truth: Vec<u64> = hits.iter().map(|h| h.name.parse().expect("a number")).collect();
+        let truth: Vec<u64> = hits
+            .iter()
+            .map(|h| h.name.parse().expect("a number"))
+            .collect();
         found += matches.keys.iter().filter(|k| truth.contains(k)).count();
     }
     let median = |mut v: Vec<f64>| {
