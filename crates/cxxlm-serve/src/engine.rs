@@ -1,8 +1,9 @@
 //! Continuous batching: requests wait in a bounded queue, take a free slot of the
 //! model's cache (the one whose previous sequence shares the longest prefix with the
 //! prompt, so a client's next keystroke reuses what its last request computed, unless
-//! what it shares is short beside the rest), are prefilled there, and then advance one token per step together with every other
-//! active request. A cancelled request (its client went away, or its text hit a stop)
+//! what it shares is short beside the rest), are prefilled there (those waiting together
+//! in one batch, so the last of a burst does not wait for each other's prefill in turn),
+//! and then advance one token per step together with every other active request. A cancelled request (its client went away, or its text hit a stop)
 //! leaves at the next step; the others are not disturbed.
 
 use std::collections::VecDeque;
@@ -11,7 +12,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::{Model, Sampling, StepRow};
+use crate::{Model, Prefill, Sampling, StepRow};
 
 /// What [`Job::cancel`] says: the request goes on, its text is complete (a stop string,
 /// a time limit), or its client went away.
@@ -168,6 +169,10 @@ struct Slot {
     last_used: u64,
 }
 
+/// Prompt tokens computed in one prefill of waiting requests, padded to the longest, at
+/// the most (a request longer than that is prefilled alone).
+const PREFILL_TOKENS: usize = 16_384;
+
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
@@ -236,64 +241,94 @@ fn run<M: Model>(
                 finish(slot, Finish::Cancelled, &counters);
             }
         }
-        // Waiting requests take free slots, reusing the longest cached prefix.
-        while let Some(free) = slots.iter().position(|s| s.active.is_none()) {
+        // Waiting requests take free slots, reusing the longest cached prefix, and are
+        // prefilled together, up to PREFILL_TOKENS padded (the decoding of the others
+        // waits no longer than that between two steps).
+        let mut admitted: Vec<(usize, usize, Job, Instant)> = Vec::new();
+        let mut longest_admitted = 0;
+        loop {
+            let free: Vec<usize> = (0..slots.len())
+                .filter(|&i| slots[i].active.is_none() && admitted.iter().all(|a| a.0 != i))
+                .collect();
+            if free.is_empty() {
+                break;
+            }
             let Some((job, queued)) = queue.pop_front() else {
                 break;
             };
             waiting.fetch_sub(1, Ordering::SeqCst);
-            let index = (0..slots.len())
-                .filter(|&i| slots[i].active.is_none())
+            let index = free
+                .iter()
+                .copied()
                 .max_by_key(|&i| {
                     (
                         common_prefix(&slots[i].cached, &job.prompt),
                         u64::MAX - slots[i].last_used,
                     )
                 })
-                .unwrap_or(free);
-            clock += 1;
+                .expect("a free slot");
             let slot = &mut slots[index];
-            slot.last_used = clock;
             let shared = common_prefix(&slot.cached, &job.prompt).min(job.prompt.len() - 1);
             let keep = reused(shared, job.prompt.len());
+            // Prompts of a batch are padded to its longest.
+            let longest = longest_admitted.max(job.prompt.len() - keep);
+            if !admitted.is_empty() && (admitted.len() + 1) * longest > PREFILL_TOKENS {
+                waiting.fetch_add(1, Ordering::SeqCst);
+                queue.push_front((job, queued));
+                break;
+            }
+            clock += 1;
+            slot.last_used = clock;
             slot.cached.truncate(keep);
+            admitted.push((index, keep, job, queued));
+            longest_admitted = longest;
+        }
+        if !admitted.is_empty() {
             let started = Instant::now();
-            let first = model.prefill(
-                index,
-                keep,
-                &job.prompt,
-                &job.sampling,
-                job.first_tokens.as_deref(),
-            );
-            let first = match first {
-                Ok(t) => t,
-                Err(e) => {
-                    slot.cached.clear();
-                    counters.failed.fetch_add(1, Ordering::Relaxed);
-                    let _ = job.events.send(Event::Failed(e));
-                    continue;
-                }
-            };
-            slot.cached.extend_from_slice(&job.prompt[keep..]);
-            counters
-                .prompt_tokens
-                .fetch_add(job.prompt.len() as u64, Ordering::Relaxed);
-            counters
-                .cached_tokens
-                .fetch_add(keep as u64, Ordering::Relaxed);
-            let _ = job.events.send(Event::Prefilled {
-                slot: index,
-                cached: keep,
-                queued_ms: started.duration_since(queued).as_secs_f64() * 1e3,
-                prompt_ms: started.elapsed().as_secs_f64() * 1e3,
-            });
-            counters.active.fetch_add(1, Ordering::Relaxed);
-            slot.active = Some(Active {
-                job,
-                next: first,
-                generated: 0,
-            });
-            take_token(slot, context, &counters, &finish);
+            let prompts: Vec<Prefill> = admitted
+                .iter()
+                .map(|(slot, keep, job, _)| Prefill {
+                    slot: *slot,
+                    from: *keep,
+                    prompt: &job.prompt,
+                    sampling: &job.sampling,
+                    first: job.first_tokens.as_deref(),
+                })
+                .collect();
+            let firsts = model.prefill(&prompts);
+            let prompt_ms = started.elapsed().as_secs_f64() * 1e3;
+            for ((index, keep, job, queued), first) in admitted.into_iter().zip(firsts) {
+                let slot = &mut slots[index];
+                let first = match first {
+                    Ok(t) => t,
+                    Err(e) => {
+                        slot.cached.clear();
+                        counters.failed.fetch_add(1, Ordering::Relaxed);
+                        let _ = job.events.send(Event::Failed(e));
+                        continue;
+                    }
+                };
+                slot.cached.extend_from_slice(&job.prompt[keep..]);
+                counters
+                    .prompt_tokens
+                    .fetch_add(job.prompt.len() as u64, Ordering::Relaxed);
+                counters
+                    .cached_tokens
+                    .fetch_add(keep as u64, Ordering::Relaxed);
+                let _ = job.events.send(Event::Prefilled {
+                    slot: index,
+                    cached: keep,
+                    queued_ms: started.duration_since(queued).as_secs_f64() * 1e3,
+                    prompt_ms,
+                });
+                counters.active.fetch_add(1, Ordering::Relaxed);
+                slot.active = Some(Active {
+                    job,
+                    next: first,
+                    generated: 0,
+                });
+                take_token(slot, context, &counters, &finish);
+            }
         }
         let rows: Vec<StepRow> = slots
             .iter()
@@ -378,7 +413,83 @@ fn take_token(
 
 #[cfg(test)]
 mod tests {
-    use super::reused;
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A model that writes token 7 and records the prompt lengths of each prefill.
+    struct Recording {
+        prefills: Arc<Mutex<Vec<Vec<usize>>>>,
+    }
+
+    impl Model for Recording {
+        fn slots(&self) -> usize {
+            4
+        }
+        fn context(&self) -> usize {
+            1 << 20
+        }
+        fn prefill(&mut self, prompts: &[Prefill]) -> Vec<Result<u32, String>> {
+            let lengths = prompts.iter().map(|p| p.prompt.len() - p.from).collect();
+            self.prefills.lock().unwrap().push(lengths);
+            prompts.iter().map(|_| Ok(7)).collect()
+        }
+        fn step(&mut self, rows: &[StepRow]) -> Result<Vec<u32>, String> {
+            Ok(vec![7; rows.len()])
+        }
+    }
+
+    /// The prefills the engine asks for when requests of `lengths` arrive together.
+    fn prefills_of(lengths: &[usize]) -> Vec<Vec<usize>> {
+        let prefills = Arc::new(Mutex::new(Vec::new()));
+        let (go, wait) = mpsc::channel::<()>();
+        let model = Recording {
+            prefills: prefills.clone(),
+        };
+        // The model is ready only once every request is queued.
+        let load = move || {
+            wait.recv().map_err(|e| e.to_string())?;
+            Ok(model)
+        };
+        let engine = Engine::start(load, 4, 16, Arc::new(AtomicBool::new(false))).unwrap();
+        let mut ends = Vec::new();
+        for (i, &n) in lengths.iter().enumerate() {
+            let (events, end) = mpsc::channel();
+            let job = Job {
+                prompt: (0..n as u32).map(|t| t + 1000 * i as u32).collect(),
+                sampling: Sampling {
+                    temperature: 0.0,
+                    top_k: 0,
+                    top_p: 1.0,
+                    repeat_penalty: 1.0,
+                    repeat_last_n: 64,
+                },
+                max_tokens: 2,
+                stop_tokens: Vec::new(),
+                first_tokens: None,
+                cancel: Arc::new(AtomicU8::new(GO_ON)),
+                events,
+            };
+            engine.submit(job).unwrap();
+            ends.push(end);
+        }
+        go.send(()).unwrap();
+        for end in ends {
+            while !matches!(end.recv().unwrap(), Event::Finished(_)) {}
+        }
+        let got = prefills.lock().unwrap().clone();
+        got
+    }
+
+    #[test]
+    fn requests_that_wait_together_are_prefilled_together() {
+        assert_eq!(prefills_of(&[30, 5, 12]), vec![vec![30, 5, 12]]);
+        // Up to PREFILL_TOKENS at once, padded to the longest; a longer request alone.
+        let long = PREFILL_TOKENS / 2;
+        assert_eq!(
+            prefills_of(&[long, 20, long + 1, 20_000, 7]),
+            vec![vec![long, 20], vec![long + 1], vec![20_000], vec![7]]
+        );
+    }
 
     #[test]
     fn a_short_shared_prefix_is_computed_again() {

@@ -60,22 +60,26 @@ pub struct StepRow {
     pub recent: Vec<u32>,
 }
 
+/// A prompt to compute into a slot: `prompt[from..]` from position `from` on (the slot's
+/// first `from` positions hold the rest, kept from its previous sequence); the next token
+/// is sampled after it, one of `first` when given.
+#[derive(Debug, Clone, Copy)]
+pub struct Prefill<'a> {
+    pub slot: usize,
+    pub from: usize,
+    pub prompt: &'a [u32],
+    pub sampling: &'a Sampling,
+    pub first: Option<&'a [u32]>,
+}
+
 /// A model with a cache of `slots` sequences: what the engine drives.
 pub trait Model {
     fn slots(&self) -> usize;
     /// Tokens one sequence holds, prompt and completion.
     fn context(&self) -> usize;
-    /// Computes `prompt[from..]` into `slot` from position `from` on (the slot's first
-    /// `from` positions hold the rest, kept from its previous sequence) and samples the
-    /// next token, one of `first` when given.
-    fn prefill(
-        &mut self,
-        slot: usize,
-        from: usize,
-        prompt: &[u32],
-        sampling: &Sampling,
-        first: Option<&[u32]>,
-    ) -> Result<u32, String>;
+    /// Computes each prompt into its slot (together, where the model can) and samples
+    /// each one's next token.
+    fn prefill(&mut self, prompts: &[Prefill]) -> Vec<Result<u32, String>>;
     /// Feeds each row's token at its position and samples the next one of each.
     fn step(&mut self, rows: &[StepRow]) -> Result<Vec<u32>, String>;
 }

@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use cxxlm::cli::ServeArgs;
 use cxxlm_model::{allow_only, sample, Decoder, Gpt, Rows};
 use cxxlm_serve::text::Layout;
-use cxxlm_serve::{ModelInfo, Options, StepRow};
+use cxxlm_serve::{ModelInfo, Options, Prefill, StepRow};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -42,22 +42,45 @@ impl cxxlm_serve::Model for Served {
         self.decoder.capacity()
     }
 
-    fn prefill(
-        &mut self,
-        slot: usize,
-        from: usize,
-        prompt: &[u32],
-        s: &cxxlm_serve::Sampling,
-        first: Option<&[u32]>,
-    ) -> Result<u32, String> {
-        let Served { model, decoder } = self;
-        guarded("prefill", || {
-            let mut logits = decoder.prefill(model, &[slot], from, &[&prompt[from..]]);
-            if let Some(first) = first {
-                logits = allow_only(&logits, &[Some(first.to_vec())]);
+    fn prefill(&mut self, prompts: &[Prefill]) -> Vec<Result<u32, String>> {
+        // Prompts from position 0 are computed in one batch; one continued after a
+        // cached prefix, alone (each from its own position).
+        let (fresh, continued): (Vec<usize>, Vec<usize>) =
+            (0..prompts.len()).partition(|&i| prompts[i].from == 0);
+        let mut out = vec![Err(String::new()); prompts.len()];
+        for group in std::iter::once(fresh).chain(continued.into_iter().map(|i| vec![i])) {
+            if group.is_empty() {
+                continue;
             }
-            sample(&logits, &[sampling(s)], &[s.recent(prompt)])[0]
-        })
+            let Served { model, decoder } = self;
+            let sampled = guarded("prefill", || {
+                let from = prompts[group[0]].from;
+                let slots: Vec<usize> = group.iter().map(|&i| prompts[i].slot).collect();
+                let texts: Vec<&[u32]> =
+                    group.iter().map(|&i| &prompts[i].prompt[from..]).collect();
+                let mut logits = decoder.prefill(model, &slots, from, &texts);
+                let first: Vec<Option<Vec<u32>>> = group
+                    .iter()
+                    .map(|&i| prompts[i].first.map(<[u32]>::to_vec))
+                    .collect();
+                if first.iter().any(Option::is_some) {
+                    logits = allow_only(&logits, &first);
+                }
+                let each: Vec<_> = group
+                    .iter()
+                    .map(|&i| sampling(prompts[i].sampling))
+                    .collect();
+                let recent: Vec<&[u32]> = group
+                    .iter()
+                    .map(|&i| prompts[i].sampling.recent(prompts[i].prompt))
+                    .collect();
+                sample(&logits, &each, &recent)
+            });
+            for (k, &i) in group.iter().enumerate() {
+                out[i] = sampled.as_ref().map(|t| t[k]).map_err(Clone::clone);
+            }
+        }
+        out
     }
 
     fn step(&mut self, rows: &[StepRow]) -> Result<Vec<u32>, String> {
