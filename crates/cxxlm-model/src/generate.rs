@@ -460,6 +460,26 @@ impl Decoder {
         self.capacity
     }
 
+    /// On CUDA, captures the decoding step of every batch size a server's set of active
+    /// slots can take ([`Rows::List`]), so that no request waits for a capture. The
+    /// slots' position 0 is written with a placeholder, which their first prompt writes
+    /// over. Elsewhere nothing is captured, and this does nothing.
+    pub fn capture_steps(&mut self, model: &Gpt) {
+        let mut n = 1;
+        while self.graphs {
+            let rows: Vec<usize> = (0..n.min(self.slots)).collect();
+            let (tokens, positions) = (vec![0; rows.len()], vec![0; rows.len()]);
+            // The first run of a shape is eager, the second captured.
+            for _ in 0..2 {
+                let _ = self.step(model, Rows::List(&rows), &tokens, &positions);
+            }
+            if n >= self.slots {
+                break;
+            }
+            n *= 2;
+        }
+    }
+
     /// [`Decoder::step`] of the slots `slots` (any, in any order) of the `self.slots`.
     /// Where a step would gather copies of their cache rows (without the decoding
     /// attention kernel), every slot is stepped in place instead, the others on a

@@ -71,10 +71,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
     let slots = args.conversations();
     let engine = Arc::new(
         Engine::start(
-            move || {
-                let decoder = model.decoder(slots, context);
-                Ok(Served { model, decoder })
-            },
+            move || Served::new(model, slots, context),
             slots,
             slots,
             Arc::new(AtomicBool::new(false)),

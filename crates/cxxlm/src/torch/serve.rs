@@ -12,8 +12,20 @@ use std::sync::Arc;
 use crate::sample::load_checkpoint;
 
 pub(crate) struct Served {
-    pub(crate) model: Gpt,
-    pub(crate) decoder: Decoder,
+    model: Gpt,
+    decoder: Decoder,
+}
+
+impl Served {
+    /// `model` with a cache of `slots` sequences of `context` tokens, its decoding steps
+    /// captured before the first request.
+    pub(crate) fn new(model: Gpt, slots: usize, context: usize) -> Result<Served, String> {
+        let mut decoder = model.decoder(slots, context);
+        guarded("capturing the decoding steps", || {
+            decoder.capture_steps(&model)
+        })?;
+        Ok(Served { model, decoder })
+    }
 }
 
 fn sampling(s: &cxxlm_serve::Sampling) -> cxxlm_model::Sampling {
@@ -169,8 +181,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_body: args.max_body_mib << 20,
     };
     cxxlm_serve::serve(listener, info, options, move || {
-        let decoder = model.decoder(slots, context);
-        Ok(Served { model, decoder })
+        Served::new(model, slots, context)
     })
     .map_err(anyhow::Error::msg)
 }
