@@ -100,10 +100,21 @@ void cxxlm_allocator_counts(int device, int64_t* out) {
 void* cxxlm_current_stream(int device) { return c10::cuda::getCurrentCUDAStream(device).stream(); }
 
 // Streams as torch knows them (heap c10::cuda::CUDAStream): torch's current one on
-// `device`, or one of its pool's (non-blocking, to run beside the current one).
-void* cxxlm_stream_current(int device) { return new c10::cuda::CUDAStream(c10::cuda::getCurrentCUDAStream(device)); }
+// `device`, or one of its pool's (non-blocking, to run beside the current one); null
+// where torch refuses.
+void* cxxlm_stream_current(int device) {
+    try {
+        return new c10::cuda::CUDAStream(c10::cuda::getCurrentCUDAStream(device));
+    } catch (...) {
+        return nullptr;
+    }
+}
 void* cxxlm_stream_from_pool(int device) {
-    return new c10::cuda::CUDAStream(c10::cuda::getStreamFromPool(false, device));
+    try {
+        return new c10::cuda::CUDAStream(c10::cuda::getStreamFromPool(false, device));
+    } catch (...) {
+        return nullptr;
+    }
 }
 void cxxlm_stream_free(void* stream) { delete static_cast<c10::cuda::CUDAStream*>(stream); }
 
@@ -146,8 +157,12 @@ void cxxlm_event_free(void* event) { delete static_cast<c10::Event*>(event); }
 // `t`'s memory is used on `stream` too: torch's allocator hands it out again only after
 // what `stream` holds now has run.
 void cxxlm_record_stream(const at::Tensor* t, void* stream) {
-    c10::cuda::CUDACachingAllocator::recordStream(t->storage().data_ptr(),
-                                                  *static_cast<c10::cuda::CUDAStream*>(stream));
+    try {
+        c10::cuda::CUDACachingAllocator::recordStream(t->storage().data_ptr(),
+                                                      *static_cast<c10::cuda::CUDAStream*>(stream));
+    } catch (...) {
+        // Memory the caching allocator did not hand out is not its to hold back.
+    }
 }
 
 // Causal attention over (B, H, T, D) views, by the kernel SDPA would choose (cuDNN or

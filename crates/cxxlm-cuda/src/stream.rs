@@ -54,11 +54,8 @@ impl Stream {
     /// Torch's current stream on CUDA device `device`; None without the shim.
     pub fn current(device: usize) -> Option<Stream> {
         #[cfg(cxxlm_cuda)]
-        // SAFETY: the shim returns a heap copy of torch's stream handle.
-        return Some(Stream {
-            stream: unsafe { ffi::cxxlm_stream_current(device as i32) },
-            device,
-        });
+        // SAFETY: the shim returns a heap copy of torch's stream handle, or null.
+        return Stream::adopt(unsafe { ffi::cxxlm_stream_current(device as i32) }, device);
         #[cfg(not(cxxlm_cuda))]
         {
             let _ = device;
@@ -71,10 +68,10 @@ impl Stream {
     pub fn side(device: usize) -> Option<Stream> {
         #[cfg(cxxlm_cuda)]
         // SAFETY: as in `current`.
-        return Some(Stream {
-            stream: unsafe { ffi::cxxlm_stream_from_pool(device as i32) },
+        return Stream::adopt(
+            unsafe { ffi::cxxlm_stream_from_pool(device as i32) },
             device,
-        });
+        );
         #[cfg(not(cxxlm_cuda))]
         {
             let _ = device;
@@ -82,11 +79,16 @@ impl Stream {
         }
     }
 
+    #[cfg(cxxlm_cuda)]
+    fn adopt(stream: *mut std::ffi::c_void, device: usize) -> Option<Stream> {
+        (!stream.is_null()).then_some(Stream { stream, device })
+    }
+
     /// Makes this stream torch's current one until the guard is dropped.
     pub fn enter(&self) -> Entered {
         #[cfg(cxxlm_cuda)]
         {
-            let previous = Stream::current(self.device).expect("a CUDA build");
+            let previous = Stream::current(self.device).expect("torch's current stream");
             // SAFETY: a live stream handle.
             unsafe { ffi::cxxlm_stream_make_current(self.stream) };
             Entered { previous }

@@ -3,8 +3,9 @@
 //! prompt, so a client's next keystroke reuses what its last request computed, unless
 //! what it shares is short beside the rest), are prefilled there (those waiting together
 //! in one batch, so the last of a burst does not wait for each other's prefill in turn),
-//! and then advance one token per step together with every other active request. A cancelled request (its client went away, or its text hit a stop)
-//! leaves at the next step; the others are not disturbed.
+//! and then advance one token per step together with every other active request. A
+//! cancelled request (its client went away, or its text hit a stop) leaves at the next
+//! step; the others are not disturbed.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};

@@ -78,7 +78,7 @@ pub trait Model {
     /// Tokens one sequence holds, prompt and completion.
     fn context(&self) -> usize;
     /// Computes each prompt into its slot (together, where the model can) and samples
-    /// each one's next token.
+    /// each one's next token: one result per prompt, in their order.
     fn prefill(&mut self, prompts: &[Prefill]) -> Vec<Result<u32, String>>;
     /// Feeds each row's token at its position and samples the next one of each.
     fn step(&mut self, rows: &[StepRow]) -> Result<Vec<u32>, String>;
