@@ -13,6 +13,8 @@
 #   benches/train/gpu.sh kernels          # each fused kernel against its definition, then the
 #                                         # explicit pass against autograd: speed, memory, phases
 #   benches/train/gpu.sh agree [STEPS]    # d12 loss curves, fused against autograd, same start
+#   benches/train/gpu.sh sharding [STEPS] # d12 with full sharding's side stream against the
+#                                         # default on one GPU: loss agreement, tok/s, memory
 #   benches/train/gpu.sh ours D B STEPS [--set ...]  # one run of ours, summarized
 #   benches/train/gpu.sh train STEPS      # d12 on the packed corpus (B=32 x 2048 per step), eval + samples
 #   benches/train/gpu.sh sample [STEPS]   # generation tok/s (CUDA graphs on and off) against HF
@@ -113,6 +115,32 @@ for label, other in (("fused vs autograd", fused), ("autograd 2x16 vs autograd (
     d = [abs(a - b) for a, b in zip(other, auto)]
     print(f"{label}: {len(d)} steps, max |diff| {max(d):.4f}, mean {statistics.mean(d):.4f}, "
           f"final {other[-1]:.4f} vs {auto[-1]:.4f}")
+PY
+    ;;
+sharding)
+    # Full sharding's side stream on one GPU: the same initialization and batches with
+    # the weights gathered per part on a side stream (one rank: the gathers copy) against
+    # the default; the losses must agree to bf16 noise, and the tok/s shows the cost.
+    steps=${2:-100}
+    for mode in optimizer full; do
+        rm -rf "$work/sharding-$mode"
+        ours 12 32 "$steps" "$work/sharding-$mode" --set train.sharding=$mode --log-every 25 \
+            >"$out/sharding-$mode.log" 2>&1 || { tail -20 "$out/sharding-$mode.log"; exit 1; }
+        cp "$work/sharding-$mode/metrics.jsonl" "$out/metrics-sharding-$mode.jsonl"
+    done
+    python3 - "$out" <<'PY' | tee "$out/sharding.txt"
+import json, statistics, sys
+out = sys.argv[1]
+def rows(mode):
+    return [json.loads(l) for l in open(f"{out}/metrics-sharding-{mode}.jsonl") if '"loss"' in l]
+a, b = rows("optimizer"), rows("full")
+d = [abs(x["loss"] - y["loss"]) for x, y in zip(a, b)]
+print(f"full vs optimizer sharding, one GPU: {len(d)} steps, max |loss diff| {max(d):.4f}, "
+      f"mean {statistics.mean(d):.4f}, final {b[-1]['loss']:.4f} vs {a[-1]['loss']:.4f}")
+for name, r in (("optimizer", a), ("full", b)):
+    r = r[5:]
+    print(f"RESULT {name}: {statistics.median(x['tok_s'] for x in r):.0f} tok/s, "
+          f"{max(x['gpu_memory_gib'] for x in r):.1f} GiB")
 PY
     ;;
 train)
