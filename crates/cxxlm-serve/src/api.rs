@@ -771,9 +771,9 @@ impl Server {
     /// function body it opens ends.
     fn plain(&self, g: &mut Generation, prompt: &str) -> Result<(), ApiError> {
         let (bpe, layout) = (&self.info.tokenizer, self.info.layout);
-        let mut ids = text::plain_prompt(bpe, prompt, layout);
+        let (ids, healing) = text::healed_prompt(bpe, prompt, layout);
         self.check_length(&ids)?;
-        g.healing = bpe.heal(&mut ids);
+        g.healing = healing;
         g.prompt = ids;
         g.fit = Some(Fit::Cursor(Reindent::new(prompt, "", layout, 0)));
         g.body = BodyStop::after(prompt);

@@ -8,7 +8,7 @@
 use cxxlm_eval::functions::BodyStop;
 use cxxlm_tokenizer::layout::trim_trailing;
 pub use cxxlm_tokenizer::layout::{normalize, Layout};
-use cxxlm_tokenizer::Bpe;
+use cxxlm_tokenizer::{Bpe, Healing};
 
 /// The repository name that repository context is rendered under (clients send files,
 /// not a repository name).
@@ -49,6 +49,14 @@ pub fn plain_prompt(bpe: &Bpe, text: &str, layout: Layout) -> Vec<u32> {
     let mut ids = vec![bpe.special_id("<|bos|>").unwrap_or(0)];
     ids.extend(bpe.encode(&prefix(text, layout).text));
     ids
+}
+
+/// [`plain_prompt`] healed at its last token ([`Bpe::heal`]): the ids, and what the
+/// completion's first token must begin with.
+pub fn healed_prompt(bpe: &Bpe, text: &str, layout: Layout) -> (Vec<u32>, Option<Healing>) {
+    let mut ids = plain_prompt(bpe, text, layout);
+    let healing = bpe.heal(&mut ids);
+    (ids, healing)
 }
 
 /// The text after the cursor, normalized: the rest of the cursor's line keeps its

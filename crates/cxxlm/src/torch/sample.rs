@@ -133,11 +133,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
     // healed at its last token (`Bpe::heal`), its completion re-indented into its layout.
     let layout = crate::serve::layout(&args.checkpoint, "auto");
     let (ids, healing) = match fim {
-        None => {
-            let mut ids = text::plain_prompt(&bpe, &text, layout);
-            let healing = bpe.heal(&mut ids);
-            (ids, healing)
-        }
+        None => text::healed_prompt(&bpe, &text, layout),
         Some(_) => (prompt_ids(&bpe, &text, fim), None),
     };
     let eos = special(&bpe, "<|eos|>");
