@@ -80,6 +80,12 @@ fn decode_kernel(model: &Gpt) -> Option<Fused> {
     check.ok().then_some(fused)
 }
 
+/// `values` (slots, rows, positions) as an int64 tensor on `device`.
+fn indices(values: impl IntoIterator<Item = usize>, device: Device) -> Tensor {
+    let values: Vec<i64> = values.into_iter().map(|v| v as i64).collect();
+    Tensor::from_slice(&values).to_device(device)
+}
+
 /// Whether decoding steps are replayed as CUDA graphs on `device`.
 fn use_graphs(device: Device) -> bool {
     device.is_cuda() && std::env::var("CXXLM_CUDA_GRAPHS").map_or(true, |v| v != "0")
@@ -163,8 +169,12 @@ fn penalize(logits: &Tensor, each: &[Sampling], recent: &[&[u32]]) -> Tensor {
 }
 
 /// `logits (B, V)` with row `i`'s tokens outside `allowed[i]` ruled out (rows without a
-/// set, or past the end of `allowed`, keep every token).
+/// set, or past the end of `allowed`, keep every token; with no set at all, `logits`
+/// themselves, no mask made).
 pub fn allow_only(logits: &Tensor, allowed: &[Option<Vec<u32>>]) -> Tensor {
+    if allowed.iter().all(Option::is_none) {
+        return logits.shallow_clone();
+    }
     let (rows, vocab) = (logits.size()[0] as usize, logits.size()[1] as usize);
     let mut mask = vec![0f32; rows * vocab];
     for (row, set) in allowed.iter().enumerate().take(rows) {
@@ -386,14 +396,11 @@ impl Gpt {
                 let rows: Vec<usize> = waiting.by_ref().take(free.len()).collect();
                 let at: Vec<usize> = (0..rows.len()).map(|_| free.pop().unwrap()).collect();
                 let texts: Vec<&[u32]> = rows.iter().map(|&r| trimmed[r]).collect();
-                let mut new = decoder.prefill(self, &at, 0, &texts);
                 let healed: Vec<Option<Vec<u32>>> = rows
                     .iter()
                     .map(|&r| first.get(r).cloned().flatten())
                     .collect();
-                if healed.iter().any(Option::is_some) {
-                    new = allow_only(&new, &healed);
-                }
+                let new = allow_only(&decoder.prefill(self, &at, 0, &texts), &healed);
                 logits = Some(match logits.take() {
                     Some(old) => Tensor::cat(&[old, new], 0),
                     None => new,
@@ -505,8 +512,7 @@ impl Decoder {
             every_position[slot] = p;
         }
         let logits = self.step(model, all, &every_token, &every_position);
-        let kept: Vec<i64> = slots.iter().map(|&s| s as i64).collect();
-        logits.index_select(0, &Tensor::from_slice(&kept).to_device(logits.device()))
+        logits.index_select(0, &indices(slots.iter().copied(), logits.device()))
     }
 
     /// Stores `prompts[i]` in slot `slots[i]` from position `from` on (the slots' first
@@ -555,8 +561,7 @@ impl Decoder {
             true => Read::Range(slots[0] as i64),
             false => Read::Gather,
         };
-        let rows: Vec<i64> = slots.iter().map(|&s| s as i64).collect();
-        let rows = Tensor::from_slice(&rows).to_device(device);
+        let rows = indices(slots.iter().copied(), device);
         let cached = Cached::Fill {
             cache: &self.cache,
             rows: &rows,
@@ -564,12 +569,10 @@ impl Decoder {
             from: from as i64,
         };
         let h = model.forward(&self.weights, &idx, cached);
-        let last: Vec<i64> = prompts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (i * t + p.len() - 1) as i64)
-            .collect();
-        let last = Tensor::from_slice(&last).to_device(device);
+        let last = indices(
+            prompts.iter().enumerate().map(|(i, p)| i * t + p.len() - 1),
+            device,
+        );
         let h = h.view([(n * t) as i64, -1]).index_select(0, &last);
         model.logits(&h, self.weights.last().expect("lm_head"))
     }
@@ -592,27 +595,21 @@ impl Decoder {
         );
         let copies: Vec<usize> = (0..prompts.len()).filter(|&i| first_of[i] != i).collect();
         let device = model.device();
-        let index = |v: Vec<usize>| {
-            let v: Vec<i64> = v.into_iter().map(|x| x as i64).collect();
-            Tensor::from_slice(&v).to_device(device)
-        };
-        let to = index(copies.iter().map(|&i| slots[i]).collect());
-        let from = index(copies.iter().map(|&i| slots[first_of[i]]).collect());
+        let to = indices(copies.iter().map(|&i| slots[i]), device);
+        let from = indices(copies.iter().map(|&i| slots[first_of[i]]), device);
         let t = copies.iter().map(|&i| prompts[i].len()).max().unwrap_or(0) as i64;
         for all in self.cache.keys.iter().chain(&self.cache.values) {
             let mut filled = all.narrow(2, 0, t);
             let _ = filled.index_copy_(0, &to, &filled.index_select(0, &from));
         }
-        let row_of = index(
-            first_of
-                .iter()
-                .map(|f| {
-                    unique
-                        .iter()
-                        .position(|u| u == f)
-                        .expect("a first is unique")
-                })
-                .collect(),
+        let row_of = indices(
+            first_of.iter().map(|f| {
+                unique
+                    .iter()
+                    .position(|u| u == f)
+                    .expect("a first is unique")
+            }),
+            device,
         );
         logits.index_select(0, &row_of)
     }

@@ -70,14 +70,11 @@ impl cxxlm_serve::Model for Served {
                 let slots: Vec<usize> = group.iter().map(|&i| prompts[i].slot).collect();
                 let texts: Vec<&[u32]> =
                     group.iter().map(|&i| &prompts[i].prompt[from..]).collect();
-                let mut logits = decoder.prefill(model, &slots, from, &texts);
                 let first: Vec<Option<Vec<u32>>> = group
                     .iter()
                     .map(|&i| prompts[i].first.map(<[u32]>::to_vec))
                     .collect();
-                if first.iter().any(Option::is_some) {
-                    logits = allow_only(&logits, &first);
-                }
+                let logits = allow_only(&decoder.prefill(model, &slots, from, &texts), &first);
                 let each: Vec<_> = group
                     .iter()
                     .map(|&i| sampling(prompts[i].sampling))
