@@ -14,13 +14,15 @@
 //! until a deadline.
 
 mod seccomp;
+mod spawn;
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::{EvalError, Result};
@@ -261,75 +263,68 @@ impl Sandbox {
                 });
             }
         }
-        let mut cmd = self.command(&files, argv);
+        let cmd = self.command(&files, argv);
         let (filter_read, filter_write) = pipe()?;
         File::from(filter_write)
             .write_all(&self.filter)
             .map_err(|e| EvalError::io("seccomp filter pipe", e))?;
         let (info_read, info_write) = pipe()?;
-        let limits = self.limits.clone();
+        let limits = &self.limits;
         let own_processes = if root { 0 } else { processes_of_this_user() };
         let (filter_fd, info_fd) = (filter_read.as_raw_fd(), info_write.as_raw_fd());
-        // SAFETY: only async-signal-safe calls (setrlimit, getpriority, setpriority,
-        // setgroups, setgid, setuid, setpgid, fcntl, dup2) run between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                let check = |r: libc::c_int| {
-                    if r < 0 {
-                        Err(std::io::Error::last_os_error())
-                    } else {
-                        Ok(r)
-                    }
-                };
-                let set_soft = |resource, soft: u64, hard: u64| {
-                    let lim = libc::rlimit {
-                        rlim_cur: soft,
-                        rlim_max: hard,
-                    };
-                    check(libc::setrlimit(resource, &lim)).map(drop)
-                };
-                let set = |resource, value: u64| set_soft(resource, value, value);
-                // SIGXCPU at the soft limit names the cause; SIGKILL a second later.
-                set_soft(libc::RLIMIT_CPU, limits.cpu_seconds, limits.cpu_seconds + 1)?;
-                set(libc::RLIMIT_AS, limits.memory_bytes)?;
-                set(libc::RLIMIT_FSIZE, limits.file_bytes)?;
-                set(libc::RLIMIT_CORE, 0)?;
-                set(libc::RLIMIT_NPROC, own_processes + limits.processes)?;
-                if limits.nice > 0 {
-                    let now = libc::getpriority(libc::PRIO_PROCESS, 0);
-                    let lower = (now + i32::from(limits.nice)).min(19);
-                    check(libc::setpriority(libc::PRIO_PROCESS, 0, lower))?;
+        // SAFETY: only system calls (setrlimit, getpriority, setpriority, setgroups,
+        // setgid, setuid, setpgid, fcntl, dup2) run between the clone and the exec.
+        let mut setup = || unsafe {
+            let check = |r: libc::c_int| {
+                if r < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(r)
                 }
-                if root {
-                    check(libc::setgroups(0, std::ptr::null()))?;
-                    check(libc::setgid(uid))?;
-                    check(libc::setuid(uid))?;
-                }
-                libc::setpgid(0, 0);
-                // Out of the way of the numbers they move to, then there (without
-                // close-on-exec).
-                let filter = check(libc::fcntl(filter_fd, libc::F_DUPFD_CLOEXEC, 10))?;
-                let info = check(libc::fcntl(info_fd, libc::F_DUPFD_CLOEXEC, 10))?;
-                check(libc::dup2(filter, SECCOMP_FD))?;
-                check(libc::dup2(info, INFO_FD))?;
-                Ok(())
-            });
-        }
+            };
+            let set_soft = |resource, soft: u64, hard: u64| {
+                let lim = libc::rlimit {
+                    rlim_cur: soft,
+                    rlim_max: hard,
+                };
+                check(libc::setrlimit(resource, &lim)).map(drop)
+            };
+            let set = |resource, value: u64| set_soft(resource, value, value);
+            // SIGXCPU at the soft limit names the cause; SIGKILL a second later.
+            set_soft(libc::RLIMIT_CPU, limits.cpu_seconds, limits.cpu_seconds + 1)?;
+            set(libc::RLIMIT_AS, limits.memory_bytes)?;
+            set(libc::RLIMIT_FSIZE, limits.file_bytes)?;
+            set(libc::RLIMIT_CORE, 0)?;
+            set(libc::RLIMIT_NPROC, own_processes + limits.processes)?;
+            if limits.nice > 0 {
+                let now = libc::getpriority(libc::PRIO_PROCESS, 0);
+                let lower = (now + i32::from(limits.nice)).min(19);
+                check(libc::setpriority(libc::PRIO_PROCESS, 0, lower))?;
+            }
+            if root {
+                spawn::drop_to(uid)?;
+            }
+            libc::setpgid(0, 0);
+            // Out of the way of the numbers they move to, then there (without
+            // close-on-exec).
+            let filter = check(libc::fcntl(filter_fd, libc::F_DUPFD_CLOEXEC, 10))?;
+            let info = check(libc::fcntl(info_fd, libc::F_DUPFD_CLOEXEC, 10))?;
+            check(libc::dup2(filter, SECCOMP_FD))?;
+            check(libc::dup2(info, INFO_FD))?;
+            Ok(())
+        };
         let started = Instant::now();
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
+        let args: Vec<&OsStr> = cmd.get_args().collect();
+        let child = spawn::spawn(cmd.get_program(), &args, &mut setup)
             .map_err(|e| EvalError::io(&self.bwrap, e))?;
         drop((filter_read, info_write));
-        let monitor = child.id() as i32;
+        let monitor = child.pid;
         let monitor_fd = match pidfd_open(monitor) {
             Ok(fd) => fd,
             Err(e) => {
                 // SAFETY: signalling our own unreaped child's process group.
                 unsafe { libc::kill(-monitor, libc::SIGKILL) };
-                let _ = child.wait();
+                let _ = spawn::wait(monitor);
                 return Err(EvalError::Sandbox(format!(
                     "pidfd_open: {e} (the sandbox needs Linux 5.3 or later)"
                 )));
@@ -340,12 +335,9 @@ impl Sandbox {
             monitor_fd: Some(monitor_fd),
             init: None,
             info: Some((info_read, Vec::new())),
-            stdin: child
-                .stdin
-                .take()
-                .map(|p| (File::from(OwnedFd::from(p)), 0)),
-            stdout: Capture::new(child.stdout.take()),
-            stderr: Capture::new(child.stderr.take()),
+            stdin: Some((File::from(child.stdin), 0)),
+            stdout: Capture::new(child.stdout),
+            stderr: Capture::new(child.stderr),
             cap: self.limits.output_bytes,
         };
         let watched = run.watch(stdin, started + self.limits.wall);
@@ -358,7 +350,7 @@ impl Sandbox {
             // SAFETY: signalling our own unreaped child's process group.
             unsafe { libc::kill(-monitor, libc::SIGKILL) };
         }
-        let status = child.wait().map_err(|e| EvalError::io(&self.bwrap, e))?;
+        let status = spawn::wait(monitor).map_err(|e| EvalError::io(&self.bwrap, e))?;
         watched?;
         run.drain();
         let (stdout, stderr) = (run.stdout.data, run.stderr.data);
@@ -607,33 +599,30 @@ impl Run {
 
 /// Output read from a pipe, up to a cap.
 struct Capture {
-    pipe: Option<File>,
+    pipe: File,
     data: Vec<u8>,
     done: bool,
 }
 
 impl Capture {
-    fn new(pipe: Option<impl Into<OwnedFd>>) -> Self {
-        let pipe = pipe.map(|p| File::from(p.into()));
+    fn new(pipe: OwnedFd) -> Self {
         Capture {
-            done: pipe.is_none(),
-            pipe,
+            pipe: File::from(pipe),
             data: Vec::new(),
+            done: false,
         }
     }
 
     fn fd(&self) -> Option<RawFd> {
-        self.pipe
-            .as_ref()
-            .filter(|_| !self.done)
-            .map(AsRawFd::as_raw_fd)
+        (!self.done).then(|| self.pipe.as_raw_fd())
     }
 
     /// Reads what is there; true when it went past `cap` (kept up to it).
     fn read(&mut self, cap: usize) -> bool {
-        let Some(pipe) = self.pipe.as_mut().filter(|_| !self.done) else {
+        if self.done {
             return false;
-        };
+        }
+        let pipe = &mut self.pipe;
         let mut buf = [0u8; 65536];
         loop {
             match pipe.read(&mut buf) {
