@@ -66,6 +66,8 @@ print(f"RESULT rollouts_s={rps:.1f} vs_nanochat_5.8={rps / 5.8:.1f}x reward_wait
 print(f"RESULT time split per batch: {step:.1f}s = generation {gen:.1f}s + reward wait {rwait:.2f}s "
       f"+ update and the rest {step - gen - rwait:.1f}s")
 med = lambda k: statistics.median(r[k] for r in steady)
+if "padding_share" in steady[0]:
+    print(f"RESULT padding in the update's micro-batches (median): {100 * med('padding_share'):.1f}%")
 if "gpu_alloc_retries" in steady[0]:
     print(f"RESULT torch's allocator per batch (median): {med('gpu_alloc_retries'):.0f} retries, "
           f"{med('gpu_device_allocs'):.0f} cudaMallocs")

@@ -62,13 +62,24 @@ impl MicroBatch {
         }
     }
 
-    /// Tokens of the rows that belong to no example.
+    /// Tokens of the rows that belong to no example; in rows of one sequence each (RL's
+    /// completions, embedding pairs), the tokens past the last learned target.
     pub fn padding(&self) -> usize {
-        self.examples.as_ref().map_or(0, |rows| {
-            rows.iter()
+        match (&self.examples, &self.supervised) {
+            (Some(rows), _) => rows
+                .iter()
                 .map(|row| self.cols - row.iter().sum::<usize>().min(self.cols))
-                .sum()
-        })
+                .sum(),
+            (None, Some(mask)) => mask
+                .chunks(self.cols - 1)
+                .map(|row| match row.iter().rposition(|&s| s) {
+                    // The target at `k` is the token at `k + 1`.
+                    Some(k) => self.cols - (k + 2),
+                    None => self.cols,
+                })
+                .sum(),
+            (None, None) => 0,
+        }
     }
 
     /// Inputs, targets (-1 where not learned) and packing, on `device`.
@@ -920,7 +931,7 @@ pub struct StepGradients {
     pub supervised: f64,
     /// What the summed loss is divided by ([`Loss::normalizer`]).
     pub normalizer: f64,
-    /// The share of the step's tokens that is padding (batches of packed examples).
+    /// The share of the step's tokens that is padding (batches not read densely).
     pub padding_share: Option<f64>,
 }
 
@@ -1032,6 +1043,24 @@ pub(crate) mod tests {
 
     fn model() -> Gpt {
         tiny_model(16, 5)
+    }
+
+    #[test]
+    fn padding_counts_what_no_example_or_learned_target_uses() {
+        let batch = |supervised: Option<Vec<bool>>, examples: Option<Vec<Vec<usize>>>| MicroBatch {
+            rows: 2,
+            cols: 5,
+            tokens: vec![1; 10],
+            supervised,
+            examples,
+            weights: None,
+        };
+        // Packed: rows of 5 holding 2 + 2 and 5 tokens.
+        assert_eq!(batch(None, Some(vec![vec![2, 2], vec![5]])).padding(), 1);
+        // One sequence a row: learned up to target 1 (token 2), and not learned at all.
+        let mask = vec![true, true, false, false, false, false, false, false];
+        assert_eq!(batch(Some(mask), None).padding(), 2 + 5);
+        assert_eq!(batch(None, None).padding(), 0);
     }
 
     /// The tiny preset with rows of `seq_len` and every weight drawn at random.
