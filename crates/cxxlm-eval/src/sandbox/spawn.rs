@@ -137,7 +137,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         let child = &mut *(arg as *mut Child);
         // The caller's handlers are not ours to run; SIGPIPE, ignored by Rust's runtime,
         // back to its default as `Command` does.
-        for signal in 1..libc::SIGRTMAX() {
+        for signal in 1..=libc::SIGRTMAX() {
             let mut action: libc::sigaction = std::mem::zeroed();
             if libc::sigaction(signal, std::ptr::null(), &mut action) != 0 {
                 continue;
