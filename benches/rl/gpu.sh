@@ -29,10 +29,10 @@ cxxlm=$work/cxxlm
 shapes=(--set train.device_batch=32 --set train.total_batch_tokens=65536 --set checkpoint.every=0 --log-every 20)
 rm -rf "$work/sft" "$work/rl"
 pretrained_d12 "$pretrain_seconds"
-# The train split of the tasks, nanochat's recipe, at most a minute.
+# The train split of the tasks, nanochat's recipe, at most SFT_SECONDS (60).
 "$cxxlm" train sft --init "$work/pre" --data gpu/tasks -o "$work/sft" "${shapes[@]}" \
     --set sft.recipe=nanochat --set sft.epochs=2 --set sft.val_fraction=0.02 --set eval.every=0 \
-    --set train.time_budget=60 >"$out/sft.log" 2>&1 || { tail -20 "$out/sft.log"; exit 1; }
+    --set train.time_budget="${SFT_SECONDS:-60}" >"$out/sft.log" 2>&1 || { tail -20 "$out/sft.log"; exit 1; }
 # K = 8 completions of up to 256 tokens for 32 prompts: 256 rollouts per batch, 32 per pass.
 # The seeds' 5e-7 barely moves a d12 in a few minutes: 1e-5, as SFT's seeds' rate.
 "$cxxlm" train rl --init "$work/sft" --tasks gpu/tasks -o "$work/rl" \
