@@ -256,6 +256,38 @@ mod tests {
     }
 
     #[test]
+    fn superwords_kept_within_lines_take_in_no_line_break() {
+        let texts: Vec<String> = (0..50)
+            .map(|i| format!("int value_{i} = compute({i});\nreturn value_{i};\n}}\n"))
+            .collect();
+        let train = |line_breaks| {
+            let mut t = Trainer::new(512)
+                .unwrap()
+                .with_second_stage_bytes(1 << 20)
+                .with_superword_line_breaks(line_breaks);
+            t.feed(&texts);
+            t.train().unwrap()
+        };
+        // First-stage pieces hold a line break only after punctuation (`;\n`): a token
+        // with a line break and a letter or digit is a superword that took one in.
+        let joins_a_line_break = |bpe: &Bpe| {
+            bpe.tokens()
+                .iter()
+                .any(|t| t.contains(&b'\n') && t.iter().any(u8::is_ascii_alphanumeric))
+        };
+        assert!(joins_a_line_break(&train(true)));
+        let within = train(false);
+        assert!(!joins_a_line_break(&within));
+        assert!(within
+            .tokens()
+            .iter()
+            .any(|t| t.as_slice() == b" = compute("));
+        for text in &texts {
+            assert_eq!(within.decode(&within.encode(text)), text.as_bytes());
+        }
+    }
+
+    #[test]
     fn healing_backs_off_a_token_that_training_text_extended() {
         let texts: Vec<String> = (0..50)
             .map(|i| format!("namespace n_{i} {{\nint f_{i}() {{\n    return {i};\n}}\n}}\n"))

@@ -24,6 +24,7 @@ pub struct Trainer {
     line_bytes: usize,
     second_stage_bytes: usize,
     max_token_bytes: usize,
+    superword_line_breaks: bool,
 }
 
 impl Trainer {
@@ -40,6 +41,7 @@ impl Trainer {
             line_bytes: 0,
             second_stage_bytes: 0,
             max_token_bytes: 0,
+            superword_line_breaks: true,
         })
     }
 
@@ -53,6 +55,14 @@ impl Trainer {
     /// Never learn a token longer than `bytes` (0, the default: no limit), in either stage.
     pub fn with_max_token_bytes(mut self, bytes: usize) -> Self {
         self.max_token_bytes = bytes;
+        self
+    }
+
+    /// Whether a second-stage merge may join a piece that holds a line break (`;\n`,
+    /// ` {\n`) to what comes before it (true, the default): false keeps superwords
+    /// within a line, no whole lines as tokens.
+    pub fn with_superword_line_breaks(mut self, allowed: bool) -> Self {
+        self.superword_line_breaks = allowed;
         self
     }
 
@@ -77,12 +87,13 @@ impl Trainer {
         };
         let mut state = Learner::new(self.counts, None);
         if self.second_stage_bytes == 0 {
-            state.learn(learned, cap);
+            state.learn(learned, cap, true);
             return Bpe::new(state.tokens, state.merges, self.vocab_size, PIECE_PATTERN);
         }
         state.learn(
             256 + ((learned - 256) as f64 * FIRST_STAGE_SHARE) as usize,
             cap,
+            true,
         );
         let stage_one = Bpe::new(
             state.tokens.clone(),
@@ -91,7 +102,7 @@ impl Trainer {
             PIECE_PATTERN,
         )?;
         let mut state = Learner::new(self.line_counts, Some((&stage_one, state)));
-        state.learn(learned, cap);
+        state.learn(learned, cap, self.superword_line_breaks);
         Bpe::new(state.tokens, state.merges, self.vocab_size, PATTERN)
     }
 }
@@ -263,8 +274,9 @@ impl Learner {
     }
 
     /// Learn merges until there are `target` tokens (or no pair occurs twice), none making
-    /// a token longer than `cap` bytes.
-    fn learn(&mut self, target: usize, cap: usize) {
+    /// a token longer than `cap` bytes, nor (unless `line_breaks`) joining a token that
+    /// holds a line break to another.
+    fn learn(&mut self, target: usize, cap: usize, line_breaks: bool) {
         let Learner {
             words,
             counts,
@@ -279,7 +291,9 @@ impl Learner {
         // plain vectors for the lists: they cost a quarter of hash sets.
         // A pair whose token would be too long is never tracked.
         let fits = |tokens: &[Vec<u8>], p: Pair| {
-            tokens[p.0 as usize].len() + tokens[p.1 as usize].len() <= cap
+            let (a, b) = (&tokens[p.0 as usize], &tokens[p.1 as usize]);
+            a.len() + b.len() <= cap
+                && (line_breaks || !a.iter().chain(b.iter()).any(|&c| c == b'\n'))
         };
         let mut seen: HashMap<Pair, i64> = HashMap::default();
         for (i, w) in words.iter().enumerate() {

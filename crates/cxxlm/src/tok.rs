@@ -42,6 +42,9 @@ pub struct TrainArgs {
     /// Never learn a token longer than this many bytes, in either stage (0: no limit).
     #[arg(long, default_value_t = 0)]
     max_token_bytes: usize,
+    /// Keep superwords within a line: no second-stage merge takes in a line break.
+    #[arg(long)]
+    superwords_within_lines: bool,
     #[arg(long, short)]
     out: PathBuf,
 }
@@ -144,7 +147,8 @@ fn train(args: TrainArgs) -> Result<()> {
     let started = Instant::now();
     let mut trainer = Trainer::new(args.vocab)?
         .with_second_stage_bytes(args.second_stage_mib << 20)
-        .with_max_token_bytes(args.max_token_bytes);
+        .with_max_token_bytes(args.max_token_bytes)
+        .with_superword_line_breaks(!args.superwords_within_lines);
     let mut batch: Vec<String> = Vec::new();
     let mut batch_bytes = 0usize;
     let total = read_texts(&args.inputs, args.max_bytes, |_, text| {
