@@ -649,13 +649,7 @@ impl Capture {
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 writes two descriptors into the array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(EvalError::io("pipe", std::io::Error::last_os_error()));
-    }
-    // SAFETY: both descriptors are new and ours.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    spawn::pipe().map_err(|e| EvalError::io("pipe", e))
 }
 
 fn set_nonblocking(fd: RawFd) -> Result<()> {
