@@ -12,7 +12,8 @@
 //! glibc's wrappers change every thread of the process, which would be the caller's).
 
 use std::ffi::{CString, OsStr};
-use std::io;
+use std::fs::File;
+use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
@@ -100,27 +101,16 @@ pub(super) fn spawn(
         pid
     };
     drop((stdin_read, stdout_write, stderr_write, error_write));
+    // The pipe ends at the exec; before that, the child writes why it failed (four
+    // bytes: one write, whole).
     let mut errno = [0u8; 4];
-    let mut got = 0;
-    while got < 4 {
-        // SAFETY: reading into our own buffer from a descriptor we hold.
-        let n = unsafe {
-            libc::read(
-                error_read.as_raw_fd(),
-                errno[got..].as_mut_ptr().cast(),
-                4 - got,
-            )
-        };
-        match n {
-            0 => break,
-            n if n > 0 => got += n as usize,
-            _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
-            _ => break,
+    match File::from(error_read).read_exact(&mut errno) {
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {}
+        failed => {
+            let _ = wait(pid);
+            failed?;
+            return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)));
         }
-    }
-    if got > 0 {
-        let _ = wait(pid);
-        return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)));
     }
     Ok(Spawned {
         pid,
