@@ -475,10 +475,21 @@ impl Gpt {
     }
 
     /// Softcapped fp32 logits `(B, T, V)` of token ids `(B, T)` with gradients, for losses
-    /// other than cross-entropy (RL's); packed or not.
-    pub fn logits_with_grad(&self, idx: &Tensor, packing: Option<&Packing>) -> Tensor {
+    /// other than cross-entropy (RL's); packed or not. With `at` (indices into the `B x T`
+    /// positions, row-major), the logits `(N, V)` of those positions only: the head and
+    /// what follows it cost nothing for the others (a completion's prompt).
+    pub fn logits_with_grad(
+        &self,
+        idx: &Tensor,
+        packing: Option<&Packing>,
+        at: Option<&Tensor>,
+    ) -> Tensor {
         let w = self.compute_weights();
         let h = self.forward(&w, idx, Self::uncached(packing));
+        let h = match at {
+            Some(at) => h.view([-1, h.size()[2]]).index_select(0, at),
+            None => h,
+        };
         self.logits(&h, w.last().expect("lm_head"))
     }
 

@@ -208,18 +208,26 @@ impl RlConfig {
 
 /// Log-probabilities `(B, T)` of the targets under `model` (0 where a target is
 /// negative), with gradients unless under `no_grad`; and the entropy `(B, T)` of each
-/// position's distribution, without.
+/// target's distribution (0 where none), without.
 pub fn target_logprobs(model: &Gpt, batch: &DeviceBatch) -> (Tensor, Tensor) {
-    let logits = model.logits_with_grad(&batch.inputs, batch.packing.as_ref());
+    // Only the positions of targets: a completion's prompt needs no head.
+    let targets = batch.targets.view([-1]);
+    let at = targets.ge(0).nonzero().squeeze_dim(1);
+    let logits = model.logits_with_grad(&batch.inputs, batch.packing.as_ref(), Some(&at));
     let all = logits.log_softmax(-1, Kind::Float);
-    let learned = batch.targets.ge(0).to_kind(Kind::Float);
-    let index = batch.targets.clamp_min(0).unsqueeze(-1);
-    let logp = all.gather(-1, &index, false).squeeze_dim(-1) * &learned;
+    let picked = all
+        .gather(-1, &targets.index_select(0, &at).unsqueeze(-1), false)
+        .squeeze_dim(-1);
     let entropy = tch::no_grad(|| {
         let a = all.detach();
         -(a.exp() * &a).sum_dim_intlist(-1, false, Kind::Float)
     });
-    (logp, entropy)
+    let spread = |values: &Tensor| {
+        Tensor::zeros(targets.size(), (Kind::Float, targets.device()))
+            .index_put(&[Some(&at)], values, false)
+            .view(batch.targets.size().as_slice())
+    };
+    (spread(&picked), spread(&entropy))
 }
 
 /// GRPO's objective per target: the clipped ratio times the advantage (PPO), plus the
@@ -1536,7 +1544,7 @@ mod tests {
     #[allow(clippy::assign_op_pattern)]
     fn direct(m: &Gpt, batch: &MicroBatch, clip: (f64, f64), kl_coef: f64, normalizer: f64) -> f64 {
         let d = batch.to_device(Device::Cpu);
-        let logits = m.logits_with_grad(&d.inputs, None);
+        let logits = m.logits_with_grad(&d.inputs, None, None);
         let w = batch.weights.as_ref().unwrap();
         let t = batch.cols - 1;
         let mut total = Tensor::zeros([], (Kind::Float, Device::Cpu));
