@@ -462,22 +462,6 @@ pub fn learned_advantages(
     (out, equal)
 }
 
-/// Micro-batches of `device_batch` rows, each a prompt and its completion (padded with
-/// `pad`), the completion's targets learned with its advantage where it has one.
-pub fn micro_batches(
-    prompts: &[&[u32]],
-    completions: &[&[u32]],
-    advantages: &[Option<f64>],
-    device_batch: usize,
-    pad: u32,
-) -> Vec<MicroBatch> {
-    let order: Vec<usize> = (0..prompts.len()).collect();
-    order
-        .chunks(device_batch.max(1))
-        .map(|rows| micro_batch(rows, prompts, completions, advantages, pad))
-        .collect()
-}
-
 /// Which completions each of `count` micro-batches holds: only those with an advantage
 /// (the others teach nothing: no target of theirs is learned, the KL term included), by
 /// length, so that each micro-batch pads its rows little, as evenly shared as can be. A
@@ -715,27 +699,26 @@ impl Sampler<'_> {
     }
 }
 
-/// Each completion's tokens' log-probabilities under `model`, after its prompt.
+/// Each completion's tokens' log-probabilities under `model`, after its prompt, in
+/// passes of `rows` rows of similar lengths (little padding).
 fn completion_logprobs(
     model: &Gpt,
     prompts: &[&[u32]],
     completions: &[&[u32]],
     rows: usize,
 ) -> Vec<Vec<f32>> {
-    let rows = rows.max(1);
     let layout = vec![Some(0.0); prompts.len()];
-    let mut out = Vec::with_capacity(prompts.len());
+    let mut order: Vec<usize> = (0..prompts.len()).collect();
+    order.sort_by_key(|&i| prompts[i].len() + completions[i].len());
+    let mut out = vec![Vec::new(); prompts.len()];
     tch::no_grad(|| {
-        for (k, b) in micro_batches(prompts, completions, &layout, rows, 0)
-            .iter()
-            .enumerate()
-        {
+        for pass in order.chunks(rows.max(1)) {
+            let b = micro_batch(pass, prompts, completions, &layout, 0);
             let all = host_f32(&target_logprobs(model, &b.to_device(model.device())).0);
             let t = b.cols - 1;
-            for row in 0..b.rows {
-                let i = k * rows + row;
+            for (row, &i) in pass.iter().enumerate() {
                 let start = row * t + prompts[i].len() - 1;
-                out.push(all[start..start + completions[i].len()].to_vec());
+                out[i] = all[start..start + completions[i].len()].to_vec();
             }
         }
     });
@@ -1507,6 +1490,23 @@ mod tests {
         tiny_model(32, 11)
     }
 
+    /// Micro-batches of `device_batch` rows in order, each a prompt and its completion
+    /// (padded with `pad`), the completion's targets learned with its advantage where it
+    /// has one.
+    fn micro_batches(
+        prompts: &[&[u32]],
+        completions: &[&[u32]],
+        advantages: &[Option<f64>],
+        device_batch: usize,
+        pad: u32,
+    ) -> Vec<MicroBatch> {
+        let order: Vec<usize> = (0..prompts.len()).collect();
+        order
+            .chunks(device_batch.max(1))
+            .map(|rows| micro_batch(rows, prompts, completions, advantages, pad))
+            .collect()
+    }
+
     fn max_difference(a: &[Tensor], b: &[Tensor]) -> (f64, f64) {
         let diff = a
             .iter()
@@ -1634,6 +1634,25 @@ mod tests {
                     f["clip_low_share"].as_f64().unwrap() + f["clip_high_share"].as_f64().unwrap();
                 assert_eq!(clip_shares > 0.0, clipped, "{what}: {f:?}");
                 assert_eq!(f.contains_key("kl"), kl_coef > 0.0);
+            }
+        }
+    }
+
+    #[test]
+    fn sampled_log_probabilities_are_each_rows_own_in_passes_of_any_size() {
+        let m = model();
+        let prompts: Vec<Vec<u32>> = (0..5).map(|i| (1..4 + 3 * i).collect()).collect();
+        let completions: Vec<Vec<u32>> = (0..5).map(|i| (20..22 + (7 * i) % 5).collect()).collect();
+        let p: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let c: Vec<&[u32]> = completions.iter().map(Vec::as_slice).collect();
+        let alone = completion_logprobs(&m, &p, &c, 1);
+        for (row, lp) in alone.iter().enumerate() {
+            assert_eq!(lp.len(), c[row].len());
+        }
+        for rows in [2, 5] {
+            let together = completion_logprobs(&m, &p, &c, rows);
+            for (a, b) in alone.iter().flatten().zip(together.iter().flatten()) {
+                assert!((a - b).abs() < 1e-4, "{rows} rows a pass: {a} vs {b}");
             }
         }
     }
