@@ -125,6 +125,8 @@ struct TokenizerSettings {
     second_stage_mib: usize,
     /// The longest token learned, in bytes (0 = no limit).
     max_token_bytes: usize,
+    /// Superwords kept within a line (no second-stage merge takes in a line break).
+    superwords_within_lines: bool,
 }
 
 impl Default for TokenizerSettings {
@@ -134,6 +136,7 @@ impl Default for TokenizerSettings {
             max_mb: 0,
             second_stage_mib: 0,
             max_token_bytes: 0,
+            superwords_within_lines: false,
         }
     }
 }
@@ -272,6 +275,9 @@ fn stages(config: &Config, l: &Layout, tomls: &Configs) -> Vec<Stage> {
             "--max-token-bytes".into(),
             config.tokenizer.max_token_bytes.to_string(),
         ]);
+    }
+    if config.tokenizer.superwords_within_lines {
+        tok_args.push("--superwords-within-lines".into());
     }
     let p = &config.pack;
     // `cxxlm pack` of the deduplicated shards into `out`, with the run's settings.
