@@ -88,6 +88,33 @@ fn trains_evaluates_and_python_tokenizers_agree() {
     assert_eq!(pattern(&tok), cxxlm_tokenizer::PIECE_PATTERN);
     assert_eq!(pattern(&superwords), cxxlm_tokenizer::PATTERN);
     python_tokenizers_agree(tmp.path(), &superwords);
+
+    // Kept within lines: no superword takes in a line break (the first stage's pieces
+    // hold one only after punctuation).
+    let within = tmp.path().join("within.json");
+    run_ok(&[
+        "tok",
+        "train",
+        "-i",
+        shards.to_str().unwrap(),
+        "--vocab",
+        "600",
+        "--second-stage-mib",
+        "1",
+        "--superwords-within-lines",
+        "-o",
+        within.to_str().unwrap(),
+    ]);
+    let joins_a_line_break = |p: &std::path::Path| {
+        cxxlm_tokenizer::load(p)
+            .unwrap()
+            .tokens()
+            .iter()
+            .any(|t| t.contains(&b'\n') && t.iter().any(u8::is_ascii_alphanumeric))
+    };
+    assert!(joins_a_line_break(&superwords));
+    assert!(!joins_a_line_break(&within));
+    python_tokenizers_agree(tmp.path(), &within);
 }
 
 fn bos_id(tok: &std::path::Path) -> u32 {
