@@ -19,17 +19,16 @@ fn trains_evaluates_and_python_tokenizers_agree() {
     corpus(&src);
     let shards = tmp.path().join("shards");
     data_run(&src, &shards, &[]);
-    let tok = tmp.path().join("tokenizer.json");
-    run_ok(&[
-        "tok",
-        "train",
-        "-i",
-        shards.to_str().unwrap(),
-        "--vocab",
-        "600",
-        "-o",
-        tok.to_str().unwrap(),
-    ]);
+    let trained = |name: &str, flags: &[&str]| {
+        let out = tmp.path().join(name);
+        let mut args = vec!["tok", "train", "-i", shards.to_str().unwrap()];
+        args.extend(["--vocab", "600"]);
+        args.extend(flags);
+        args.extend(["-o", out.to_str().unwrap()]);
+        run_ok(&args);
+        out
+    };
+    let tok = trained("tokenizer.json", &[]);
 
     // Raw files (not normalized) round-trip and are counted against tiktoken.
     let report = tmp.path().join("eval.json");
@@ -67,19 +66,7 @@ fn trains_evaluates_and_python_tokenizers_agree() {
     python_tokenizers_agree(tmp.path(), &tok);
 
     // With superword merges (lines as pieces), Python `tokenizers` agrees too.
-    let superwords = tmp.path().join("superwords.json");
-    run_ok(&[
-        "tok",
-        "train",
-        "-i",
-        shards.to_str().unwrap(),
-        "--vocab",
-        "600",
-        "--second-stage-mib",
-        "1",
-        "-o",
-        superwords.to_str().unwrap(),
-    ]);
+    let superwords = trained("superwords.json", &["--second-stage-mib", "1"]);
     let pattern = |p: &std::path::Path| {
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
@@ -91,20 +78,10 @@ fn trains_evaluates_and_python_tokenizers_agree() {
 
     // Kept within lines: no superword takes in a line break (the first stage's pieces
     // hold one only after punctuation).
-    let within = tmp.path().join("within.json");
-    run_ok(&[
-        "tok",
-        "train",
-        "-i",
-        shards.to_str().unwrap(),
-        "--vocab",
-        "600",
-        "--second-stage-mib",
-        "1",
-        "--superwords-within-lines",
-        "-o",
-        within.to_str().unwrap(),
-    ]);
+    let within = trained(
+        "within.json",
+        &["--second-stage-mib", "1", "--superwords-within-lines"],
+    );
     let joins_a_line_break = |p: &std::path::Path| {
         cxxlm_tokenizer::load(p)
             .unwrap()
