@@ -211,7 +211,7 @@ impl RlConfig {
 /// target's distribution (0 where none), without.
 pub fn target_logprobs(model: &Gpt, batch: &DeviceBatch) -> (Tensor, Tensor) {
     // Only the positions of targets: a completion's prompt needs no head.
-    let targets = batch.targets.view([-1]);
+    let targets = batch.targets.reshape([-1]);
     let at = targets.ge(0).nonzero().squeeze_dim(1);
     let logits = model.logits_with_grad(&batch.inputs, batch.packing.as_ref(), Some(&at));
     let all = logits.log_softmax(-1, Kind::Float);
