@@ -394,3 +394,29 @@ fn undefined_behaviour_stops_the_program() {
     assert_eq!(r.ending, Ending::UndefinedBehaviour, "{r:?}");
     assert!(!r.success());
 }
+
+#[test]
+fn descriptors_the_host_left_open_do_not_reach_the_run() {
+    use std::os::fd::AsRawFd;
+    // A host file open for writing without close-on-exec, as C libraries (a GPU
+    // driver's device files, sockets) and build tools (a jobserver's pipe) leave theirs;
+    // above the numbers the sandbox gives its own descriptors.
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), b"host secret").unwrap();
+    let file = std::fs::File::options()
+        .write(true)
+        .open(secret.path())
+        .unwrap();
+    // SAFETY: fcntl on our own descriptor; the copy is closed below.
+    let fd = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_DUPFD, 40) };
+    assert!(fd >= 40);
+    let (_scratch, r) = shell("ls /proc/self/fd", limits());
+    // SAFETY: our own descriptor.
+    unsafe { libc::close(fd) };
+    assert!(r.success(), "{r:?}");
+    let open = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        !open.lines().any(|l| l == fd.to_string()),
+        "descriptor {fd} reached the run: {open}"
+    );
+}

@@ -43,9 +43,9 @@ struct Child<'a> {
 const STACK_BYTES: usize = 256 << 10;
 
 /// Starts `program` with `args` and an empty environment, running `setup` in the child
-/// just before the exec (under the rules of this module's comment); the descriptors
-/// the caller holds stay out of the child unless `setup` moves them somewhere without
-/// close-on-exec.
+/// just before the exec (under the rules of this module's comment); no descriptor the
+/// caller holds beyond the pipes reaches the program, close-on-exec or not, unless
+/// `setup` puts it somewhere (`dup2` makes a descriptor without close-on-exec).
 pub(super) fn spawn(
     program: &OsStr,
     args: &[&OsStr],
@@ -154,6 +154,9 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             let moved = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 10);
             failed |= moved < 0 || libc::dup2(moved, target as RawFd) < 0;
         }
+        // Descriptors left open without close-on-exec (a C library's device files,
+        // sockets, a build tool's jobserver pipe) end at the exec too.
+        failed |= !close_on_exec_from(3);
         if !failed {
             match (child.setup)() {
                 Ok(()) => {
@@ -168,6 +171,31 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         let errno = (*libc::__errno_location()).to_ne_bytes();
         libc::write(error, errno.as_ptr().cast(), 4);
         libc::_exit(127)
+    }
+}
+
+/// Marks every descriptor from `first` on close-on-exec: `close_range` (Linux 5.11), else
+/// one by one up to the descriptor limit. Only system calls: it runs in the child.
+fn close_on_exec_from(first: RawFd) -> bool {
+    // SAFETY: system calls on this process's own descriptor table.
+    unsafe {
+        if libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        ) == 0
+        {
+            return true;
+        }
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return false;
+        }
+        for fd in first..limit.rlim_cur.min(1 << 20) as RawFd {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
+        true
     }
 }
 
