@@ -33,15 +33,10 @@ pretrained_d12 "$pretrain_seconds"
 "$cxxlm" train sft --init "$work/pre" --data gpu/tasks -o "$work/sft" "${shapes[@]}" \
     --set sft.recipe=nanochat --set sft.epochs=2 --set sft.val_fraction=0.02 --set eval.every=0 \
     --set train.time_budget="${SFT_SECONDS:-60}" >"$out/sft.log" 2>&1 || { tail -20 "$out/sft.log"; exit 1; }
-# K = 8 completions of up to 256 tokens for 32 prompts: 256 rollouts per batch, 32 per pass.
-# The seeds' 5e-7 barely moves a d12 in a few minutes: 1e-5, as SFT's seeds' rate.
-"$cxxlm" train rl --init "$work/sft" --tasks gpu/tasks -o "$work/rl" \
-    --set rl.prompts=32 --set rl.samples=8 --set rl.max_new_tokens=256 --set rl.temperature=0.8 \
-    --set rl.sample_ahead="${SAMPLE_AHEAD:-true}" \
-    --set train.device_batch=32 --set train.steps=1000 --set train.time_budget="$rl_seconds" \
-    --set optim.matrix_lr=1e-5 --set optim.embedding_lr=1e-5 --set optim.unembedding_lr=1e-5 \
-    --set eval.every="${EVAL_EVERY:-5}" --set checkpoint.every=0 --log-every 1 >"$out/rl.log" 2>&1 \
-    || { tail -30 "$out/rl.log"; exit 1; }
+source "$(dirname "$0")/settings.sh"
+"$cxxlm" train rl --init "$work/sft" --tasks gpu/tasks -o "$work/rl" "${rl_settings[@]}" \
+    --set rl.sample_ahead="${SAMPLE_AHEAD:-true}" --set train.time_budget="$rl_seconds" \
+    --set eval.every="${EVAL_EVERY:-5}" >"$out/rl.log" 2>&1 || { tail -30 "$out/rl.log"; exit 1; }
 cp "$work/rl/metrics.jsonl" "$out/metrics-rl.jsonl"
 cp "$work/rl/samples.jsonl" "$out/samples-rl.jsonl" 2>/dev/null || true
 for run in sft rl; do

@@ -13,6 +13,7 @@ work=/tmp/cxxlm-rl
 mkdir -p "$out/rl"
 EVAL_EVERY=0 OUT=$out/rl timeout 300 "$(dirname "$0")/gpu.sh" 90 80 16 >"$out/rl.txt" 2>&1
 source "$(dirname "$0")/../gpu-env.sh"
+source "$(dirname "$0")/settings.sh"
 x=$work/cxxlm
 sample() {
     "$x" sample --checkpoint "$work/sft" --benchmark-batch 256 --benchmark-prompt 700 --max-tokens 256 2>&1 | grep RESULT
@@ -25,12 +26,9 @@ sample
 kill $(jobs -p) 2>/dev/null
 wait 2>/dev/null
 for workers in 2 16; do
-    timeout 95 "$x" train rl --init "$work/sft" --tasks gpu/tasks -o "$work/rl-$workers" \
-        --set rl.prompts=32 --set rl.samples=8 --set rl.max_new_tokens=256 --set rl.temperature=0.8 \
-        --set rl.sample_ahead=true --set rl.reward_workers="$workers" \
-        --set train.device_batch=32 --set train.steps=1000 --set train.time_budget=70 \
-        --set optim.matrix_lr=1e-5 --set optim.embedding_lr=1e-5 --set optim.unembedding_lr=1e-5 \
-        --set eval.every=0 --set checkpoint.every=0 --log-every 1 >"$out/rl-$workers.log" 2>&1
+    timeout 95 "$x" train rl --init "$work/sft" --tasks gpu/tasks -o "$work/rl-$workers" "${rl_settings[@]}" \
+        --set rl.sample_ahead=true --set rl.reward_workers="$workers" --set train.time_budget=70 \
+        --set eval.every=0 >"$out/rl-$workers.log" 2>&1
     cp "$work/rl-$workers/metrics.jsonl" "$out/metrics-$workers.jsonl"
     echo "== train rl, rl.reward_workers=$workers"
     python3 - "$out/metrics-$workers.jsonl" <<'PY'
