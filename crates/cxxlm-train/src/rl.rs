@@ -238,6 +238,9 @@ pub struct Grpo {
     pub kl_coef: f64,
     /// The step's divisor when constant (Dr. GRPO); None: its supervised targets.
     pub constant: Option<f64>,
+    /// The KL estimate above which a step's update is refused (the policy has run away
+    /// from the reference).
+    pub max_kl: f64,
     /// Sums over the step's supervised targets: targets, ratios clipped below and above,
     /// entropy, KL, the largest distance of a ratio from 1.
     sums: [f64; 5],
@@ -251,6 +254,7 @@ impl Grpo {
             clip_high,
             kl_coef,
             constant,
+            max_kl: f64::INFINITY,
             sums: [0.0; 5],
             max_ratio_distance: 0.0,
         }
@@ -329,6 +333,15 @@ impl Loss for Grpo {
     fn watches_spikes(&self) -> bool {
         false
     }
+
+    fn refusal(&self) -> Option<String> {
+        let [n, .., kl] = self.sums;
+        let kl = kl / n;
+        (self.kl_coef > 0.0 && n > 0.0 && (kl.is_nan() || kl > self.max_kl)).then(|| format!(
+            "the KL estimate to the reference reached {kl:.4} (rl.max_kl = {}): the policy has run away from its start; lower the learning rates or raise rl.kl_coef",
+            self.max_kl
+        ))
+    }
 }
 
 /// Group-relative advantages of one group's rewards: the reward less the group's mean,
@@ -373,8 +386,6 @@ pub struct BatchCheck {
     pub equal_groups: usize,
     pub reward_min: f64,
     pub reward_max: f64,
-    /// The KL estimate to the reference of the policy that sampled the batch.
-    pub kl: Option<f64>,
 }
 
 /// The guards: an error that stops the run when training would go on with nothing to
@@ -391,14 +402,6 @@ pub fn guard(
             "a reward is not a number (between {} and {})",
             check.reward_min, check.reward_max
         )));
-    }
-    if let Some(kl) = check.kl {
-        if !kl.is_finite() || kl > settings.max_kl {
-            return Err(TrainError::Guard(format!(
-                "the KL estimate to the reference reached {kl:.4} (rl.max_kl = {}): the policy has run away from its start; lower the learning rates or raise rl.kl_coef",
-                settings.max_kl
-            )));
-        }
     }
     if check.completions > 0 && check.truncated == check.completions {
         let why = format!(
@@ -1003,34 +1006,20 @@ impl RolloutSource<'_> {
             .iter()
             .map(|rows| micro_batch(rows, &prompts, &completions, &learned, self.pad))
             .collect();
-        // Log-probabilities of the sampling policy (several updates, the KL guard) and
-        // of the reference.
-        let mut kl_sum = 0.0;
-        let mut kl_targets = 0.0;
+        // Log-probabilities of the sampling policy (the ratio's old ones when several
+        // updates learn from a batch whose sampling kept none) and of the reference. The
+        // KL to the reference is the update's to compute: its forward pass has the
+        // policy's.
         tch::no_grad(|| {
             for (b, rows) in batches.iter_mut().zip(&arranged) {
                 let d = b.to_device(model.device());
-                // The policy's own log-probabilities: for the KL, and as the ratio's old
-                // ones when several updates learn from a batch whose sampling kept none.
-                let need_policy = self.reference.is_some() || (s.updates > 1 && !s.sample_ahead);
-                let policy = need_policy.then(|| target_logprobs(model, &d).0);
+                let old = match s.sample_ahead {
+                    true => Some(sampled_targets(b, rows, &prompts, &rollouts)),
+                    false => (s.updates > 1).then(|| host_f32(&target_logprobs(model, &d).0)),
+                };
                 let reference = self.reference.as_ref().map(|m| target_logprobs(m, &d).0);
-                if let (Some(p), Some(r)) = (&policy, &reference) {
-                    let learned = d.targets.ge(0).to_kind(Kind::Float);
-                    let diff = r - p;
-                    let k3 = diff.exp() - &diff - 1.0;
-                    kl_sum += (k3 * &learned).sum(Kind::Double).double_value(&[]);
-                    kl_targets += learned.sum(Kind::Double).double_value(&[]);
-                }
-                let sampled = s
-                    .sample_ahead
-                    .then(|| sampled_targets(b, rows, &prompts, &rollouts));
                 let w = b.weights.as_mut().expect("made above");
-                if sampled.is_some() {
-                    w.old_logprobs = sampled;
-                } else if s.updates > 1 {
-                    w.old_logprobs = policy.as_ref().map(host_f32);
-                }
+                w.old_logprobs = old;
                 w.ref_logprobs = reference.as_ref().map(host_f32);
             }
         });
@@ -1041,7 +1030,6 @@ impl RolloutSource<'_> {
             equal_groups,
             reward_min: rewards.iter().copied().fold(f64::INFINITY, f64::min),
             reward_max: rewards.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-            kl: (kl_targets > 0.0).then(|| kl_sum / kl_targets),
         };
         self.warnings
             .extend(guard(&check, s, &mut self.state.equal_batches)?);
@@ -1156,9 +1144,6 @@ fn rollout_figures(
         "truncated_share".into(),
         (check.truncated as f64 / n).into(),
     );
-    if let Some(kl) = check.kl {
-        f.insert("rollout_kl".into(), kl.into());
-    }
     f
 }
 
@@ -1460,6 +1445,7 @@ pub fn rl(
         Normalization::Constant => Some(step_tokens as f64),
     };
     let mut loss = Grpo::new(s.clip_low, s.clip_high, s.kl_coef, constant);
+    loss.max_kl = s.max_kl;
     let stage = Stage::new(
         cfg.common(),
         Parts {
@@ -1803,7 +1789,6 @@ mod tests {
             equal_groups: 1,
             reward_min: -1.0,
             reward_max: 7.0,
-            kl: Some(0.01),
         };
         let mut equal = 0;
         assert_eq!(
@@ -1848,26 +1833,37 @@ mod tests {
         guard(&healthy, &settings, &mut equal).unwrap();
         assert_eq!(equal, 0);
 
-        let away = BatchCheck {
-            kl: Some(0.8),
-            ..healthy.clone()
-        };
-        let e = guard(&away, &settings, &mut equal).unwrap_err().to_string();
-        assert!(
-            e.contains("KL estimate to the reference reached 0.8000"),
-            "{e}"
-        );
-        let nan = BatchCheck {
-            kl: Some(f64::NAN),
-            ..healthy.clone()
-        };
-        assert!(guard(&nan, &settings, &mut equal).is_err());
         let bad = BatchCheck {
             reward_max: f64::NAN,
             ..healthy
         };
         let e = guard(&bad, &settings, &mut equal).unwrap_err().to_string();
         assert!(e.contains("not a number"), "{e}");
+    }
+
+    #[test]
+    fn the_update_is_refused_once_the_policy_runs_away_from_the_reference() {
+        let m = model();
+        let base = rollout_batch();
+        let current =
+            tch::no_grad(|| host_f32(&target_logprobs(&m, &base.to_device(Device::Cpu)).0));
+        // A reference 3 nats below the policy at every target: k3 = e^-3 + 3 - 1.
+        let far = 3f64.exp().recip() + 2.0;
+        for (offset, refused) in [(0.0, None), (-3.0, Some(far)), (f32::NAN, Some(f64::NAN))] {
+            let mut batch = base.clone();
+            let reference = current.iter().map(|c| c + offset).collect();
+            batch.weights.as_mut().unwrap().ref_logprobs = Some(reference);
+            let mut grpo = Grpo::new(0.2, 0.2, 0.01, None);
+            grpo.max_kl = 0.5;
+            let _ = grpo.forward_backward(&m, None, &batch.to_device(Device::Cpu), 1.0);
+            take_grads(&m);
+            let why = grpo.refusal();
+            assert_eq!(why.is_some(), refused.is_some(), "offset {offset}: {why:?}");
+            if let (Some(why), Some(kl)) = (why, refused) {
+                let figure = format!("reached {kl:.4} (rl.max_kl = 0.5)");
+                assert!(why.contains(&figure), "{why} lacks {figure}");
+            }
+        }
     }
 
     #[test]

@@ -183,6 +183,11 @@ pub trait Loss {
     fn watches_spikes(&self) -> bool {
         true
     }
+    /// Why the step's update must not be made, read from its passes before the optimizer
+    /// steps (a run that has run away); None: it may.
+    fn refusal(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Cross-entropy of the supervised targets (pretraining and SFT).
@@ -798,6 +803,9 @@ pub fn train(
                 loss: values[bad],
                 saved,
             });
+        }
+        if let Some(why) = stage.loss.refusal() {
+            return Err(TrainError::Guard(why));
         }
         let forward_backward_seconds = started.elapsed().as_secs_f64();
         let loss = values.iter().sum::<f64>() / normalizer;

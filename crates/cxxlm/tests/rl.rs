@@ -274,7 +274,6 @@ fn rl_rewards_completions_in_the_sandbox_and_resumes_bit_exactly() {
             "entropy",
             "clip_low_share",
             "kl",
-            "rollout_kl",
         ] {
             assert!(b[k].as_f64().is_some(), "{k} missing: {b}");
         }
@@ -300,6 +299,30 @@ fn rl_rewards_completions_in_the_sandbox_and_resumes_bit_exactly() {
         .filter(|r| r.get("val_pass_at_1").is_some())
         .collect();
     assert_eq!(held_out.len(), 3, "at the start, step 3 and the end");
+
+    // The policy's KL to the reference above rl.max_kl refuses the update: here the
+    // second (the first's KL is 0, the policy being the reference).
+    let kl = steps_done[1]["kl"].as_f64().unwrap();
+    assert!(
+        steps_done[0]["kl"].as_f64() == Some(0.0) && kl > 0.0,
+        "{all:?}"
+    );
+    let runaway = t.p.f.root.join("runaway");
+    let max_kl = format!("rl.max_kl={}", kl / 2.0);
+    let e = run_fails(&rl_args(
+        &t,
+        &runaway,
+        &[&steps[..], &["--set", &max_kl]].concat(),
+    ));
+    assert!(
+        e.contains("the KL estimate to the reference reached"),
+        "{e}"
+    );
+    let steps_taken = metrics_records(&runaway)
+        .iter()
+        .filter(|r| r.get("loss").is_some())
+        .count();
+    assert_eq!(steps_taken, 1);
 
     // Stopped in the middle of a rollout batch's updates, then resumed.
     stopped_and_resumed(&t, "split", &steps, "3", all);
