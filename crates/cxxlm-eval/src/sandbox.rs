@@ -16,13 +16,12 @@
 mod seccomp;
 mod spawn;
 
-use std::ffi::OsStr;
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::{EvalError, Result};
@@ -170,64 +169,62 @@ impl Sandbox {
         self
     }
 
-    fn command(&self, entries: &[Entry], argv: &[&str]) -> Command {
-        let mut cmd = Command::new(&self.bwrap);
-        // bubblewrap itself gets no environment: its init's is readable in the sandbox.
-        cmd.env_clear();
-        cmd.args(["--unshare-all", "--die-with-parent", "--new-session"]);
-        cmd.args(["--setenv", "PATH", "/usr/bin", "--setenv", "HOME", "/work"]);
-        cmd.args(["--setenv", "LANG", "C.UTF-8"]);
-        cmd.args(["--ro-bind", "/usr", "/usr"]);
+    /// bubblewrap's arguments for a run of `argv` that sees `entries` in /work.
+    fn arguments(&self, entries: &[Entry], argv: &[&str]) -> Vec<OsString> {
+        let mut args: Vec<OsString> = Vec::new();
+        args.extend(["--unshare-all", "--die-with-parent", "--new-session"].map(OsString::from));
+        args.extend(
+            ["--setenv", "PATH", "/usr/bin", "--setenv", "HOME", "/work"].map(OsString::from),
+        );
+        args.extend(
+            ["--setenv", "LANG", "C.UTF-8", "--ro-bind", "/usr", "/usr"].map(OsString::from),
+        );
         for (link, target) in [
             ("/bin", "usr/bin"),
             ("/lib", "usr/lib"),
             ("/lib64", "usr/lib64"),
         ] {
-            if Path::new(link).is_symlink() {
-                cmd.args(["--symlink", target, link]);
-            } else {
-                cmd.args(["--ro-bind-try", link, link]);
-            }
+            let mount = match Path::new(link).is_symlink() {
+                true => ["--symlink", target, link],
+                false => ["--ro-bind-try", link, link],
+            };
+            args.extend(mount.map(OsString::from));
         }
-        cmd.args(["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]);
+        args.extend(["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"].map(OsString::from));
         for (dir, inside) in &self.read_only {
-            cmd.arg("--ro-bind").arg(dir).arg(inside);
+            args.extend(["--ro-bind".into(), dir.into(), inside.into()]);
         }
         // The init process stays reachable only from outside: its memory would be a way
-        // to free it from the parent-death signal.
-        cmd.args([
-            "--proc",
-            "/proc",
-            "--tmpfs",
-            "/proc/1",
-            "--remount-ro",
-            "/proc/1",
-        ]);
-        // /dev/shm is part of /dev: read-only with it.
-        cmd.args(["--dev", "/dev", "--remount-ro", "/dev"]);
-        cmd.arg("--size")
-            .arg(self.limits.tmp_bytes.to_string())
-            .args([
+        // to free it from the parent-death signal. /dev/shm is part of /dev: read-only
+        // with it.
+        args.extend(
+            [
+                "--proc",
+                "/proc",
                 "--tmpfs",
-                "/work",
-                "--dir",
-                "/work/.tmp",
-                "--symlink",
-                "work/.tmp",
-                "/tmp",
-            ]);
+                "/proc/1",
+                "--remount-ro",
+                "/proc/1",
+            ]
+            .map(OsString::from),
+        );
+        args.extend(["--dev", "/dev", "--remount-ro", "/dev"].map(OsString::from));
+        let size = self.limits.tmp_bytes.to_string();
+        args.extend(
+            ["--size", &size, "--tmpfs", "/work", "--dir", "/work/.tmp"].map(OsString::from),
+        );
+        args.extend(["--symlink", "work/.tmp", "/tmp"].map(OsString::from));
         for e in entries {
-            cmd.arg(if e.dir { "--ro-bind" } else { "--bind" })
-                .arg(&e.host)
-                .arg(Path::new("/work").join(&e.name));
+            let bind = if e.dir { "--ro-bind" } else { "--bind" };
+            let inside = Path::new("/work").join(&e.name);
+            args.extend([bind.into(), (&e.host).into(), inside.into()]);
         }
         // Everything else of the root (a tmpfs of bubblewrap's) is read-only.
-        cmd.args(["--remount-ro", "/", "--chdir", "/work"]);
-        cmd.arg("--seccomp").arg(SECCOMP_FD.to_string());
-        cmd.arg("--info-fd").arg(INFO_FD.to_string());
-        cmd.arg("--");
-        cmd.args(argv);
-        cmd
+        let (seccomp, info) = (SECCOMP_FD.to_string(), INFO_FD.to_string());
+        args.extend(["--remount-ro", "/", "--chdir", "/work"].map(OsString::from));
+        args.extend(["--seccomp", &seccomp, "--info-fd", &info, "--"].map(OsString::from));
+        args.extend(argv.iter().map(OsString::from));
+        args
     }
 
     /// Runs `argv` in the sandbox. The regular files directly in `scratch` appear in
@@ -263,7 +260,7 @@ impl Sandbox {
                 });
             }
         }
-        let cmd = self.command(&files, argv);
+        let args = self.arguments(&files, argv);
         let (filter_read, filter_write) = pipe()?;
         File::from(filter_write)
             .write_all(&self.filter)
@@ -314,8 +311,7 @@ impl Sandbox {
             Ok(())
         };
         let started = Instant::now();
-        let args: Vec<&OsStr> = cmd.get_args().collect();
-        let child = spawn::spawn(cmd.get_program(), &args, &mut setup)
+        let child = spawn::spawn(self.bwrap.as_os_str(), &args, &mut setup)
             .map_err(|e| EvalError::io(&self.bwrap, e))?;
         drop((filter_read, info_write));
         let monitor = child.pid;

@@ -48,7 +48,7 @@ const STACK_BYTES: usize = 256 << 10;
 /// `setup` puts it somewhere (`dup2` makes a descriptor without close-on-exec).
 pub(super) fn spawn(
     program: &OsStr,
-    args: &[&OsStr],
+    args: &[impl AsRef<OsStr>],
     setup: &mut dyn FnMut() -> io::Result<()>,
 ) -> io::Result<Spawned> {
     let c_string = |s: &OsStr| {
@@ -56,7 +56,7 @@ pub(super) fn spawn(
     };
     let program = c_string(program)?;
     let args = std::iter::once(Ok(program.clone()))
-        .chain(args.iter().map(|a| c_string(a)))
+        .chain(args.iter().map(|a| c_string(a.as_ref())))
         .collect::<io::Result<Vec<_>>>()?;
     let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
@@ -175,19 +175,25 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
 }
 
 /// Marks every descriptor from `first` on close-on-exec: `close_range` (Linux 5.11), else
-/// one by one up to the descriptor limit. Only system calls: it runs in the child.
+/// [`close_on_exec_one_by_one`]. Only system calls: it runs in the child.
 fn close_on_exec_from(first: RawFd) -> bool {
-    // SAFETY: system calls on this process's own descriptor table.
-    unsafe {
-        if libc::syscall(
+    // SAFETY: a system call on this process's own descriptor table.
+    let marked = unsafe {
+        libc::syscall(
             libc::SYS_close_range,
             first as libc::c_uint,
             libc::c_uint::MAX,
             libc::CLOSE_RANGE_CLOEXEC,
         ) == 0
-        {
-            return true;
-        }
+    };
+    marked || close_on_exec_one_by_one(first)
+}
+
+/// Marks every descriptor from `first` up to the descriptor limit close-on-exec, where
+/// `close_range` is missing.
+fn close_on_exec_one_by_one(first: RawFd) -> bool {
+    // SAFETY: system calls on this process's own descriptor table.
+    unsafe {
         let mut limit: libc::rlimit = std::mem::zeroed();
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
             return false;
@@ -252,7 +258,7 @@ mod tests {
     #[test]
     fn runs_a_program_with_its_setup_and_pipes() {
         let mut setup_ran = false;
-        let args = [OsStr::new("-c"), OsStr::new("cat; echo err >&2; exit 3")];
+        let args = ["-c", "cat; echo err >&2; exit 3"];
         let mut setup = || {
             setup_ran = true;
             Ok(())
@@ -272,13 +278,39 @@ mod tests {
     }
 
     #[test]
+    fn descriptors_are_marked_one_by_one_where_close_range_is_missing() {
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let fd = null.as_raw_fd();
+        let check = ["-c", "[ -e /proc/self/fd/40 ] && echo open || echo closed"];
+        for one_by_one in [false, true] {
+            // In the child, after the spawn's own marking: a descriptor without
+            // close-on-exec at 40, then the fallback alone.
+            let mut setup = || unsafe {
+                if libc::dup2(fd, 40) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                match !one_by_one || close_on_exec_one_by_one(3) {
+                    true => Ok(()),
+                    false => Err(io::Error::from_raw_os_error(libc::EBADF)),
+                }
+            };
+            let s = spawn(OsStr::new("/bin/sh"), &check, &mut setup).unwrap();
+            let mut out = String::new();
+            File::from(s.stdout).read_to_string(&mut out).unwrap();
+            assert!(wait(s.pid).unwrap().success());
+            let want = if one_by_one { "closed" } else { "open" };
+            assert_eq!(out.trim(), want, "marked one by one: {one_by_one}");
+        }
+    }
+
+    #[test]
     fn a_failed_setup_or_exec_is_the_callers_error() {
         let mut failing = || Err(io::Error::from_raw_os_error(libc::EPERM));
-        let e = spawn(OsStr::new("/bin/true"), &[], &mut failing)
+        let e = spawn(OsStr::new("/bin/true"), &[""; 0], &mut failing)
             .err()
             .unwrap();
         assert_eq!(e.raw_os_error(), Some(libc::EPERM));
-        let e = spawn(OsStr::new("/nonexistent/program"), &[], &mut || Ok(()))
+        let e = spawn(OsStr::new("/nonexistent/program"), &[""; 0], &mut || Ok(()))
             .err()
             .unwrap();
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
