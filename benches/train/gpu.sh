@@ -50,9 +50,10 @@ tok = statistics.median(r["tok_s"] for r in rows)
 mfu = statistics.median(r["mfu"] for r in rows)
 mem = max(r["gpu_memory_gib"] for r in rows)
 alloc = max(r.get("gpu_peak_allocated_gib", 0) for r in rows)
+reserved = max(r.get("gpu_peak_reserved_gib", 0) for r in rows)
 fb = statistics.median(r["forward_backward_seconds"] for r in rows) * 1e3
 step = statistics.median(r["step_seconds"] for r in rows) * 1e3
-print(f"RESULT impl=cxxlm tok_s={tok:.0f} mfu={mfu:.4f} gpu_used_gib={mem:.2f} peak_alloc_gib={alloc:.2f} "
+print(f"RESULT impl=cxxlm tok_s={tok:.0f} mfu={mfu:.4f} gpu_used_gib={mem:.2f} peak_alloc_gib={alloc:.2f} peak_reserved_gib={reserved:.2f} "
       f"step_ms={step:.1f} fwd_bwd_ms={fb:.1f} opt_ms={step - fb:.1f} loss_last={rows[-1]['loss']:.4f}")
 PY
 }
@@ -139,8 +140,10 @@ print(f"full vs optimizer sharding, one GPU: {len(d)} steps, max |loss diff| {ma
       f"mean {statistics.mean(d):.4f}, final {b[-1]['loss']:.4f} vs {a[-1]['loss']:.4f}")
 for name, r in (("optimizer", a), ("full", b)):
     r = r[5:]
+    peak = lambda k: max(x.get(k, 0) for x in r)
     print(f"RESULT {name}: {statistics.median(x['tok_s'] for x in r):.0f} tok/s, "
-          f"{max(x['gpu_memory_gib'] for x in r):.1f} GiB")
+          f"device {peak('gpu_memory_gib'):.1f} GiB, allocator's peak {peak('gpu_peak_allocated_gib'):.2f} "
+          f"GiB handed out, {peak('gpu_peak_reserved_gib'):.2f} GiB held")
 PY
     ;;
 train)

@@ -17,7 +17,7 @@ pub use graph::CudaGraph;
 #[cfg(cxxlm_cuda)]
 extern "C" {
     fn cxxlm_current_stream(device: std::ffi::c_int) -> *mut std::ffi::c_void;
-    fn cxxlm_peak_allocated(device: std::ffi::c_int) -> u64;
+    fn cxxlm_peak_memory(device: std::ffi::c_int, out: *mut u64);
     fn cxxlm_reset_peak(device: std::ffi::c_int);
     fn cxxlm_allocator_counts(device: std::ffi::c_int, out: *mut i64);
 }
@@ -53,12 +53,29 @@ pub fn allocator_counts(device: usize) -> Option<AllocatorCounts> {
     }
 }
 
-/// The most bytes torch's allocator has handed out on CUDA device `device` since
-/// [`reset_peak_allocated`] (PyTorch's `max_memory_allocated`); None without the shim.
-pub fn peak_allocated(device: usize) -> Option<u64> {
+/// The most bytes torch's allocator has had on a CUDA device since [`reset_peak_memory`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeakMemory {
+    /// Handed out to tensors (PyTorch's `max_memory_allocated`).
+    pub allocated: u64,
+    /// Held from the device (`max_memory_reserved`): beyond `allocated`, blocks cached
+    /// for reuse, among them those a stream's pending work still holds.
+    pub reserved: u64,
+}
+
+/// [`PeakMemory`] of CUDA device `device`; None without the shim.
+pub fn peak_memory(device: usize) -> Option<PeakMemory> {
     #[cfg(cxxlm_cuda)]
-    // SAFETY: reads the allocator's statistics of an initialized device.
-    return Some(unsafe { cxxlm_peak_allocated(device as std::ffi::c_int) });
+    {
+        let mut out = [0u64; 2];
+        // SAFETY: reads the allocator's statistics of an initialized device into two
+        // integers.
+        unsafe { cxxlm_peak_memory(device as std::ffi::c_int, out.as_mut_ptr()) };
+        Some(PeakMemory {
+            allocated: out[0],
+            reserved: out[1],
+        })
+    }
     #[cfg(not(cxxlm_cuda))]
     {
         let _ = device;
@@ -66,7 +83,7 @@ pub fn peak_allocated(device: usize) -> Option<u64> {
     }
 }
 
-pub fn reset_peak_allocated(device: usize) {
+pub fn reset_peak_memory(device: usize) {
     #[cfg(cxxlm_cuda)]
     // SAFETY: resets the allocator's peak statistics.
     unsafe {

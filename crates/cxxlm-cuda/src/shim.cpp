@@ -78,11 +78,13 @@ int cxxlm_graph_replay(void* capture, char* error, size_t len) {
 
 void cxxlm_graph_free(void* capture) { delete static_cast<Capture*>(capture); }
 
-// The most memory torch's allocator has handed out on `device` since the last reset
-// (PyTorch's max_memory_allocated), and the reset.
-uint64_t cxxlm_peak_allocated(int device) {
+// Since the last reset, on `device`: the most memory torch's allocator has handed out
+// (PyTorch's max_memory_allocated) and the most it has held from the device
+// (max_memory_reserved); and the reset.
+void cxxlm_peak_memory(int device, uint64_t* out) {
     auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device);
-    return stats.allocated_bytes[0].peak;  // StatType::AGGREGATE
+    out[0] = stats.allocated_bytes[0].peak;  // StatType::AGGREGATE
+    out[1] = stats.reserved_bytes[0].peak;
 }
 void cxxlm_reset_peak(int device) { c10::cuda::CUDACachingAllocator::resetPeakStats(device); }
 

@@ -847,15 +847,17 @@ pub fn train(
             peak_memory = peak_memory.max(used);
         }
         let gib = peak_memory as f64 / (1u64 << 30) as f64;
-        // torch's allocator's peak (PyTorch's max_memory_allocated), since the run began.
-        let allocated = match dev {
-            Device::Cuda(index) => cxxlm_cuda::peak_allocated(index).unwrap_or(0),
-            _ => 0,
-        } as f64
-            / (1u64 << 30) as f64;
+        // torch's allocator's peaks since the run began.
+        let peak = match dev {
+            Device::Cuda(index) => cxxlm_cuda::peak_memory(index).unwrap_or_default(),
+            _ => Default::default(),
+        };
+        let in_gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
+        let (allocated, reserved) = (in_gib(peak.allocated), in_gib(peak.reserved));
         let mut fields = json!({
             "loss": loss, "loss_ema": loss_ema, "lr_scale": lr_scale, "grad_norm": grad_norm,
             "tok_s": tok_s, "mfu": mfu, "gpu_memory_gib": gib, "gpu_peak_allocated_gib": allocated,
+            "gpu_peak_reserved_gib": reserved,
             "tokens": state.tokens,
             "step_seconds": seconds, "forward_backward_seconds": forward_backward_seconds,
         });
