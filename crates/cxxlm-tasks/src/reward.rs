@@ -54,17 +54,20 @@ pub struct Rewarded {
 }
 
 impl Rewarded {
-    /// The reward's parts by name (they sum to it): `compile`, `warnings`, `tests`,
-    /// `reasoning`.
+    /// The names of the reward's parts, in the order of [`Rewarded::parts`].
+    pub const PARTS: [&'static str; 4] = ["compile", "warnings", "tests", "reasoning"];
+
+    /// The reward's parts by name (they sum to it).
     pub fn parts(&self) -> [(&'static str, f64); 4] {
         let j = &self.judged;
         let on = |b: bool, v: f64| if b { v } else { 0.0 };
-        [
-            ("compile", if j.compiled { 1.0 } else { -1.0 }),
-            ("warnings", on(j.compiled && j.warnings == 0, 0.5)),
-            ("tests", on(j.compiled && j.passed, 5.0)),
-            ("reasoning", on(j.compiled && self.reasoning, 0.5)),
-        ]
+        let values = [
+            if j.compiled { 1.0 } else { -1.0 },
+            on(j.compiled && j.warnings == 0, 0.5),
+            on(j.compiled && j.passed, 5.0),
+            on(j.compiled && self.reasoning, 0.5),
+        ];
+        std::array::from_fn(|k| (Self::PARTS[k], values[k]))
     }
 }
 

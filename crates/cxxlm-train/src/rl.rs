@@ -15,6 +15,7 @@ use cxxlm_tokenizer::chat::{self, Message, Role};
 use cxxlm_tokenizer::Bpe;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -314,9 +315,13 @@ impl Loss for Grpo {
         self.constant.unwrap_or(supervised)
     }
 
-    fn figures(&mut self) -> Map<String, Value> {
-        let [n, low, high, entropy, kl] = std::mem::take(&mut self.sums);
+    fn figures(&mut self, comm: &Comm) -> Result<Map<String, Value>> {
+        let sums = std::mem::take(&mut self.sums);
         let distance = std::mem::take(&mut self.max_ratio_distance);
+        let (sums, distance) = comm.sums_and_maxima(&sums, &[distance])?;
+        let (&[n, low, high, entropy, kl], &[distance]) = (&sums[..], &distance[..]) else {
+            unreachable!("as many figures as were given")
+        };
         let mut f = Map::new();
         if n > 0.0 {
             f.insert("clip_low_share".into(), (low / n).into());
@@ -327,17 +332,17 @@ impl Loss for Grpo {
                 f.insert("kl".into(), (kl / n).into());
             }
         }
-        f
+        Ok(f)
     }
 
     fn watches_spikes(&self) -> bool {
         false
     }
 
-    fn refusal(&self) -> Option<String> {
-        let [n, .., kl] = self.sums;
-        let kl = kl / n;
-        (self.kl_coef > 0.0 && n > 0.0 && (kl.is_nan() || kl > self.max_kl)).then(|| format!(
+    fn refusal(&self, figures: &Map<String, Value>) -> Option<String> {
+        // A KL that is not a number is null in the figures.
+        let kl = figures.get("kl")?.as_f64().unwrap_or(f64::NAN);
+        (kl.is_nan() || kl > self.max_kl).then(|| format!(
             "the KL estimate to the reference reached {kl:.4} (rl.max_kl = {}): the policy has run away from its start; lower the learning rates or raise rl.kl_coef",
             self.max_kl
         ))
@@ -804,8 +809,8 @@ struct RolloutSource<'a> {
     rank: usize,
     ranks: usize,
     state: RolloutState,
-    /// The figures of the rollout batch made last, until read.
-    figures: Map<String, Value>,
+    /// This rank's figures of the rollout batch settled last, until read.
+    tally: Option<Tally>,
     warnings: Vec<String>,
     rollouts_since: (usize, Instant),
 }
@@ -1033,23 +1038,17 @@ impl RolloutSource<'_> {
         };
         self.warnings
             .extend(guard(&check, s, &mut self.state.equal_batches)?);
-        self.figures = rollout_figures(&rollouts, &rewards, &check, replaced);
-        for (name, value) in [
-            ("generation_seconds", generation.seconds()),
-            ("prefill_seconds", generation.prefill),
-            ("decode_seconds", generation.decode),
-            ("sampled_logprob_seconds", generation.logprobs),
-        ] {
-            self.figures.insert(name.into(), value.into());
-        }
-        self.figures
-            .insert("decode_steps".into(), (generation.steps as u64).into());
-        self.figures
-            .insert("reward_wait_seconds".into(), wait.into());
-        self.figures.insert(
-            "programs_judged".into(),
-            (self.pool.cached_programs() as u64).into(),
-        );
+        let mut tally = Tally::of(&rollouts, &rewards, &check, replaced);
+        tally.sums.extend([
+            ("generation_seconds".into(), generation.seconds()),
+            ("prefill_seconds".into(), generation.prefill),
+            ("decode_seconds".into(), generation.decode),
+            ("sampled_logprob_seconds".into(), generation.logprobs),
+            ("decode_steps".into(), generation.steps as f64),
+            ("reward_wait_seconds".into(), wait),
+            ("programs_judged".into(), self.pool.cached_programs() as f64),
+        ]);
+        self.tally = Some(tally);
         self.rollouts_since.0 += rollouts.len();
         self.state.current = batches;
         self.state.next = 0;
@@ -1081,70 +1080,56 @@ fn host_f32(t: &Tensor) -> Vec<f32> {
         .expect("a float tensor")
 }
 
-/// The figures of a rollout batch: rewards and their parts, what the sandbox saw, the
-/// completions' lengths.
-fn rollout_figures(
-    rollouts: &[Rollout],
-    rewards: &[f64],
-    check: &BatchCheck,
-    replaced: usize,
-) -> Map<String, Value> {
-    let n = rollouts.len().max(1) as f64;
-    let mean = rewards.iter().sum::<f64>() / n;
-    let std = (rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n).sqrt();
-    let judged: Vec<&Rewarded> = rollouts
-        .iter()
-        .filter_map(|r| r.rewarded.as_ref())
-        .collect();
-    let share = |f: &dyn Fn(&Rewarded) -> bool| judged.iter().filter(|r| f(r)).count() as f64 / n;
-    let lengths: Vec<usize> = rollouts.iter().map(|r| r.tokens.len()).collect();
-    let mut f = Map::new();
-    f.insert("rollouts".into(), (rollouts.len() as u64).into());
-    f.insert("reward_mean".into(), mean.into());
-    f.insert("reward_std".into(), std.into());
-    for (k, (name, _)) in judged
-        .first()
-        .map(|r| r.parts())
-        .unwrap_or_default()
-        .iter()
-        .enumerate()
-    {
-        let part = judged.iter().map(|r| r.parts()[k].1).sum::<f64>() / n;
-        f.insert(format!("reward_{name}"), part.into());
+/// One rank's share of the figures of the rollout batch it settled last: sums over its
+/// rollouts, and the longest completion, by name in the same order on every rank; the
+/// step's figures add them up over the ranks ([`RolloutSource::figures`]).
+#[derive(Debug, Default)]
+struct Tally {
+    sums: Vec<(String, f64)>,
+    longest: f64,
+}
+
+impl Tally {
+    fn of(rollouts: &[Rollout], rewards: &[f64], check: &BatchCheck, replaced: usize) -> Tally {
+        let judged: Vec<&Rewarded> = rollouts
+            .iter()
+            .filter_map(|r| r.rewarded.as_ref())
+            .collect();
+        let count = |f: &dyn Fn(&Rewarded) -> bool| judged.iter().filter(|r| f(r)).count() as f64;
+        let mut sums: Vec<(String, f64)> = vec![
+            ("rollouts".into(), rollouts.len() as f64),
+            ("reward".into(), rewards.iter().sum()),
+            ("reward_squares".into(), rewards.iter().map(|r| r * r).sum()),
+        ];
+        for (k, name) in Rewarded::PARTS.iter().enumerate() {
+            let part = judged.iter().map(|r| r.parts()[k].1).sum();
+            sums.push((format!("reward_{name}"), part));
+        }
+        sums.extend([
+            ("compiled".into(), count(&|r| r.judged.compiled)),
+            (
+                "warning_free".into(),
+                count(&|r| r.judged.compiled && r.judged.warnings == 0),
+            ),
+            ("passed".into(), count(&|r| r.judged.passed)),
+            ("timed_out".into(), count(&|r| r.judged.timed_out())),
+            ("sanitizer".into(), count(&|r| r.judged.sanitizer_fired())),
+            ("cached".into(), count(&|r| r.cached)),
+            (
+                "tokens".into(),
+                rollouts.iter().map(|r| r.tokens.len() as f64).sum(),
+            ),
+            ("truncated".into(), check.truncated as f64),
+            ("groups".into(), check.groups as f64),
+            ("equal_groups".into(), check.equal_groups as f64),
+            ("groups_replaced".into(), replaced as f64),
+        ]);
+        let longest = rollouts.iter().map(|r| r.tokens.len()).max().unwrap_or(0);
+        Tally {
+            sums,
+            longest: longest as f64,
+        }
     }
-    f.insert(
-        "zero_std_groups".into(),
-        (check.equal_groups as f64 / check.groups.max(1) as f64).into(),
-    );
-    f.insert("groups_replaced".into(), (replaced as u64).into());
-    f.insert("compile_rate".into(), share(&|r| r.judged.compiled).into());
-    f.insert(
-        "warning_free_rate".into(),
-        share(&|r| r.judged.compiled && r.judged.warnings == 0).into(),
-    );
-    f.insert("test_pass_rate".into(), share(&|r| r.judged.passed).into());
-    f.insert(
-        "timeout_rate".into(),
-        share(&|r| r.judged.timed_out()).into(),
-    );
-    f.insert(
-        "sanitizer_rate".into(),
-        share(&|r| r.judged.sanitizer_fired()).into(),
-    );
-    f.insert("reward_cache_share".into(), share(&|r| r.cached).into());
-    f.insert(
-        "completion_tokens_mean".into(),
-        (lengths.iter().sum::<usize>() as f64 / n).into(),
-    );
-    f.insert(
-        "completion_tokens_max".into(),
-        (lengths.iter().copied().max().unwrap_or(0) as u64).into(),
-    );
-    f.insert(
-        "truncated_share".into(),
-        (check.truncated as f64 / n).into(),
-    );
-    f
 }
 
 impl BatchSource for RolloutSource<'_> {
@@ -1215,18 +1200,74 @@ impl BatchSource for RolloutSource<'_> {
         std::mem::take(&mut self.warnings)
     }
 
-    fn figures(&mut self) -> Map<String, Value> {
-        let mut f = std::mem::take(&mut self.figures);
-        let (n, since) = std::mem::replace(&mut self.rollouts_since, (0, Instant::now()));
+    fn figures(&mut self, comm: &Comm) -> Result<Map<String, Value>> {
+        // Every rank settles its batch at the same steps, so all of them take part.
+        let Some(tally) = self.tally.take() else {
+            return Ok(Map::new());
+        };
+        let (made, since) = std::mem::replace(&mut self.rollouts_since, (0, Instant::now()));
         let seconds = since.elapsed().as_secs_f64();
-        if n > 0 {
-            // Rollouts per second of everything: sampling, rewards and the update.
-            f.insert("rollouts_s".into(), (n as f64 / seconds).into());
-            if let Some(wait) = f.get("reward_wait_seconds").and_then(Value::as_f64) {
-                f.insert("reward_wait_share".into(), (wait / seconds).into());
-            }
+        let (names, values): (Vec<String>, Vec<f64>) = tally
+            .sums
+            .into_iter()
+            .chain([("rollouts_made".to_string(), made as f64)])
+            .collect();
+        let (totals, longest) = comm.sums_and_maxima(&values, &[tally.longest])?;
+        let total: HashMap<&str, f64> = names.iter().map(String::as_str).zip(totals).collect();
+        let n = total["rollouts"].max(1.0);
+        let per_rank = |k: &str| total[k] / comm.size() as f64;
+        let mean = total["reward"] / n;
+        let mut f = Map::new();
+        let mut put = |k: &str, v: Value| f.insert(k.into(), v);
+        put("rollouts", (total["rollouts"] as u64).into());
+        put("reward_mean", mean.into());
+        let variance = total["reward_squares"] / n - mean * mean;
+        put("reward_std", variance.max(0.0).sqrt().into());
+        for name in Rewarded::PARTS {
+            let k = format!("reward_{name}");
+            put(&k, (total[k.as_str()] / n).into());
         }
-        f
+        for (figure, counted) in [
+            ("compile_rate", "compiled"),
+            ("warning_free_rate", "warning_free"),
+            ("test_pass_rate", "passed"),
+            ("timeout_rate", "timed_out"),
+            ("sanitizer_rate", "sanitizer"),
+            ("reward_cache_share", "cached"),
+            ("completion_tokens_mean", "tokens"),
+            ("truncated_share", "truncated"),
+        ] {
+            put(figure, (total[counted] / n).into());
+        }
+        put("completion_tokens_max", (longest[0] as u64).into());
+        put(
+            "zero_std_groups",
+            (total["equal_groups"] / total["groups"].max(1.0)).into(),
+        );
+        put("groups_replaced", (total["groups_replaced"] as u64).into());
+        put("programs_judged", (total["programs_judged"] as u64).into());
+        // Where a rank's time went, on average over the ranks.
+        for k in [
+            "generation_seconds",
+            "prefill_seconds",
+            "decode_seconds",
+            "sampled_logprob_seconds",
+            "reward_wait_seconds",
+        ] {
+            put(k, per_rank(k).into());
+        }
+        put(
+            "decode_steps",
+            (per_rank("decode_steps").round() as u64).into(),
+        );
+        // Rollouts of every rank per second of everything since the last batch's
+        // figures: sampling, rewards and the updates.
+        put("rollouts_s", (total["rollouts_made"] / seconds).into());
+        put(
+            "reward_wait_share",
+            (per_rank("reward_wait_seconds") / seconds).into(),
+        );
+        Ok(f)
     }
 }
 
@@ -1428,7 +1469,7 @@ pub fn rl(
         rank,
         ranks,
         state: RolloutState::default(),
-        figures: Map::new(),
+        tally: None,
         warnings: Vec::new(),
         rollouts_since: (0, Instant::now()),
     };
@@ -1615,7 +1656,7 @@ mod tests {
                     size > 0.0 && diff <= 1e-4 * size,
                     "{what}: {diff} of {size}"
                 );
-                let f = grpo.figures();
+                let f = grpo.figures(&Comm::single()).unwrap();
                 let clip_shares =
                     f["clip_low_share"].as_f64().unwrap() + f["clip_high_share"].as_f64().unwrap();
                 assert_eq!(clip_shares > 0.0, clipped, "{what}: {f:?}");
@@ -1651,7 +1692,7 @@ mod tests {
         // On-policy (no old log-probabilities): the current ones, detached.
         let mut grpo = Grpo::new(0.2, 0.2, 0.0, None);
         let _ = grpo.forward_backward(&m, None, &d, 1.0);
-        let f = grpo.figures();
+        let f = grpo.figures(&Comm::single()).unwrap();
         assert_eq!(f["ratio_max_distance"].as_f64(), Some(0.0));
         assert_eq!(f["clip_low_share"].as_f64(), Some(0.0));
         // The first update of several: old log-probabilities taken at the same weights.
@@ -1659,7 +1700,10 @@ mod tests {
         first.weights.as_mut().unwrap().old_logprobs =
             Some(tch::no_grad(|| host_f32(&target_logprobs(&m, &d).0)));
         let _ = grpo.forward_backward(&m, None, &first.to_device(Device::Cpu), 1.0);
-        assert_eq!(grpo.figures()["ratio_max_distance"].as_f64(), Some(0.0));
+        assert_eq!(
+            grpo.figures(&Comm::single()).unwrap()["ratio_max_distance"].as_f64(),
+            Some(0.0)
+        );
         take_grads(&m);
     }
 
@@ -1857,7 +1901,8 @@ mod tests {
             grpo.max_kl = 0.5;
             let _ = grpo.forward_backward(&m, None, &batch.to_device(Device::Cpu), 1.0);
             take_grads(&m);
-            let why = grpo.refusal();
+            let figures = grpo.figures(&Comm::single()).unwrap();
+            let why = grpo.refusal(&figures);
             assert_eq!(why.is_some(), refused.is_some(), "offset {offset}: {why:?}");
             if let (Some(why), Some(kl)) = (why, refused) {
                 let figure = format!("reached {kl:.4} (rl.max_kl = 0.5)");

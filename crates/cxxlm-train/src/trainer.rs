@@ -146,9 +146,10 @@ pub trait BatchSource {
     fn dense(&self) -> bool;
     /// The data, as errors name it.
     fn describe(&self) -> String;
-    /// Figures of the batches of the step just taken, for `metrics.jsonl` (rank 0's).
-    fn figures(&mut self) -> Map<String, Value> {
-        Map::new()
+    /// Figures of the batches of the step just taken, over every rank, for
+    /// `metrics.jsonl`. Every rank calls it once a step.
+    fn figures(&mut self, _comm: &Comm) -> Result<Map<String, Value>> {
+        Ok(Map::new())
     }
     /// Warnings about the batches read since the last call.
     fn warnings(&mut self) -> Vec<String> {
@@ -174,18 +175,19 @@ pub trait Loss {
     fn normalizer(&self, supervised: f64) -> f64 {
         supervised
     }
-    /// Figures of the step just taken, for `metrics.jsonl` (rank 0's).
-    fn figures(&mut self) -> Map<String, Value> {
-        Map::new()
+    /// Figures of the step's passes, over every rank, for `metrics.jsonl`. Every rank
+    /// calls it once a step, after the passes and before the update.
+    fn figures(&mut self, _comm: &Comm) -> Result<Map<String, Value>> {
+        Ok(Map::new())
     }
     /// Whether a loss far above its moving average means trouble (a checkpoint and a
     /// warning): not for losses without a scale of their own.
     fn watches_spikes(&self) -> bool {
         true
     }
-    /// Why the step's update must not be made, read from its passes before the optimizer
-    /// steps (a run that has run away); None: it may.
-    fn refusal(&self) -> Option<String> {
+    /// Why the step's update must not be made, read from its [`Loss::figures`] (a run
+    /// that has run away); None: it may.
+    fn refusal(&self, _figures: &Map<String, Value>) -> Option<String> {
         None
     }
 }
@@ -804,7 +806,8 @@ pub fn train(
                 saved,
             });
         }
-        if let Some(why) = stage.loss.refusal() {
+        let loss_figures = stage.loss.figures(&comm)?;
+        if let Some(why) = stage.loss.refusal(&loss_figures) {
             return Err(TrainError::Guard(why));
         }
         let forward_backward_seconds = started.elapsed().as_secs_f64();
@@ -815,8 +818,8 @@ pub fn train(
                 .step(step + stage.optimizer_steps_before, lr_scale, &comm)?;
         let source_after = stage.source.state();
         // Read before the next step's first batch is.
-        let mut stage_figures = stage.source.figures();
-        stage_figures.extend(stage.loss.figures());
+        let mut stage_figures = stage.source.figures(&comm)?;
+        stage_figures.extend(loss_figures);
         for w in stage.source.warnings() {
             report(Event::Warning(format!("step {}: {w}", step + 1)));
         }

@@ -225,6 +225,31 @@ impl Comm {
         Ok(t.double_value(&[0]))
     }
 
+    /// Host figures over the ranks: the sums of `sums` and the maxima of `maxima` (each
+    /// rank's in the same order), in one collective.
+    pub fn sums_and_maxima(&self, sums: &[f64], maxima: &[f64]) -> Result<(Vec<f64>, Vec<f64>)> {
+        if self.world.size == 1 {
+            return Ok((sums.to_vec(), maxima.to_vec()));
+        }
+        let device = match &self.backend {
+            Backend::Nccl(c) => Device::Cuda(c.device),
+            _ => Device::Cpu,
+        };
+        let mine: Vec<f64> = sums.iter().chain(maxima).copied().collect();
+        let n = mine.len() as i64;
+        let all = self.all_gather(&Tensor::from_slice(&mine).view([1, n]).to_device(device))?;
+        let split = sums.len() as i64;
+        let values =
+            |t: Tensor| Vec::<f64>::try_from(&t.to_device(Device::Cpu)).map_err(|e| self.failed(e));
+        Ok((
+            values(
+                all.narrow(1, 0, split)
+                    .sum_dim_intlist(0, false, Kind::Double),
+            )?,
+            values(all.narrow(1, split, n - split).amax(0, false))?,
+        ))
+    }
+
     /// Whether `flag` is true on any rank.
     pub fn any(&self, flag: bool, device: Device) -> Result<bool> {
         if self.world.size == 1 {
@@ -465,19 +490,28 @@ mod tests {
                 .unwrap();
             let from0 = comm.from_rank0(7.0 + r as f64, Device::Cpu).unwrap();
             let any = comm.any(comm.rank() == 2, Device::Cpu).unwrap();
+            let figures = comm.sums_and_maxima(&[0.5, r as f64], &[-(r as f64), 2.0 * r as f64]);
             comm.barrier().unwrap();
             let v = |t: &Tensor| Vec::<f32>::try_from(t).unwrap();
-            let out = (v(&sum), v(&mean_part), v(&gathered), from0, any);
+            let out = (
+                v(&sum),
+                v(&mean_part),
+                v(&gathered),
+                from0,
+                any,
+                figures.unwrap(),
+            );
             comm.finish().unwrap();
             out
         });
-        for (rank, (sum, part, gathered, from0, any)) in results.into_iter().enumerate() {
+        for (rank, (sum, part, gathered, from0, any, figures)) in results.into_iter().enumerate() {
             assert_eq!(sum, vec![3.0, 6.0, 9.0, 12.0, 15.0, 18.0]);
             // The mean is [1, 2, ..., 6]; rank r gets elements 2r and 2r+1.
             let r = rank as f32;
             assert_eq!(part, vec![2.0 * r + 1.0, 2.0 * r + 2.0]);
             assert_eq!(gathered, vec![0.0, 0.0, 1.0, 10.0, 2.0, 20.0]);
             assert_eq!((from0, any), (7.0, true));
+            assert_eq!(figures, (vec![1.5, 3.0], vec![0.0, 4.0]));
         }
     }
 

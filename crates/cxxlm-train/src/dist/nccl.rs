@@ -113,7 +113,7 @@ pub(super) fn unique_id() -> Result<[u8; 128], String> {
 pub(super) struct Nccl {
     lib: &'static Lib,
     comm: Comm,
-    device: usize,
+    pub(super) device: usize,
 }
 
 // SAFETY: the communicator is used from one thread at a time (the training loop's).

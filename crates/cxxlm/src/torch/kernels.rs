@@ -93,7 +93,9 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
         timed.sort_by(f64::total_cmp);
         let seconds = timed[timed.len() / 2];
         let tok_s = (args.batch * t) as f64 / seconds;
-        let peak = cxxlm_cuda::peak_memory(args.device).unwrap_or_default().allocated as f64
+        let peak = cxxlm_cuda::peak_memory(args.device)
+            .unwrap_or_default()
+            .allocated as f64
             / (1u64 << 30) as f64;
         outln!(
             "RESULT impl=cxxlm-{path} preset={} B={} T={t} fwd_bwd_ms={:.2} tok_s={tok_s:.0} mfu={:.4} peak_alloc_gib={peak:.2} loss={loss:.4}",
