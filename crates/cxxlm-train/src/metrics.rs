@@ -8,6 +8,27 @@ use std::path::{Path, PathBuf};
 
 use crate::{Result, TrainError};
 
+/// Opens the JSON lines `path` for appending, keeping of what it holds only the records
+/// whose number `key` passes `keep`: those before the point a run resumes from.
+pub(crate) fn reopen_records(path: &Path, key: &str, keep: impl Fn(u64) -> bool) -> Result<File> {
+    let io = |e| TrainError::io(path, e);
+    let kept: String = match std::fs::read_to_string(path) {
+        Ok(text) => text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<Value>(l)
+                    .ok()
+                    .and_then(|v| v[key].as_u64())
+                    .is_some_and(&keep)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect(),
+        Err(_) => String::new(),
+    };
+    std::fs::write(path, kept).map_err(io)?;
+    OpenOptions::new().append(true).open(path).map_err(io)
+}
+
 pub struct Metrics {
     jsonl_path: PathBuf,
     jsonl: File,
@@ -21,24 +42,9 @@ impl Metrics {
     pub fn open(dir: &Path, resumed_step: Option<u64>) -> Result<Self> {
         let jsonl_path = dir.join("metrics.jsonl");
         let io = |p: &Path, e| TrainError::io(p, e);
-        let kept = match (resumed_step, std::fs::read_to_string(&jsonl_path)) {
-            (Some(step), Ok(text)) => text
-                .lines()
-                .filter(|l| {
-                    serde_json::from_str::<Value>(l)
-                        .ok()
-                        .and_then(|v| v["step"].as_u64())
-                        .is_some_and(|s| s <= step)
-                })
-                .map(|l| format!("{l}\n"))
-                .collect::<String>(),
-            _ => String::new(),
-        };
-        std::fs::write(&jsonl_path, kept).map_err(|e| io(&jsonl_path, e))?;
-        let jsonl = OpenOptions::new()
-            .append(true)
-            .open(&jsonl_path)
-            .map_err(|e| io(&jsonl_path, e))?;
+        let jsonl = reopen_records(&jsonl_path, "step", |s| {
+            resumed_step.is_some_and(|step| s <= step)
+        })?;
         let tb = dir.join("tensorboard");
         std::fs::create_dir_all(&tb).map_err(|e| io(&tb, e))?;
         let now = std::time::SystemTime::now()

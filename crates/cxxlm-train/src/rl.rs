@@ -16,6 +16,8 @@ use cxxlm_tokenizer::Bpe;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,6 +25,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, TrainerState};
 use crate::dist::Comm;
+use crate::metrics;
 use crate::optim::{OptimConfig, Schedule};
 use crate::pretrain::{merge, CheckpointConfig, LogConfig, RunConfig};
 use crate::trainer::{
@@ -565,6 +568,9 @@ struct Rollout {
 /// sampling took.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 struct Drawn {
+    /// Its number among the rollout batches drawn.
+    #[serde(default)]
+    batch: u64,
     rollouts: Vec<Rollout>,
     /// Further tasks of the batch's window, for groups of equal rewards to give way to.
     spare: Vec<usize>,
@@ -811,6 +817,7 @@ struct RolloutSource<'a> {
     state: RolloutState,
     /// This rank's figures of the rollout batch settled last, until read.
     tally: Option<Tally>,
+    log: RolloutLog,
     warnings: Vec<String>,
     rollouts_since: (usize, Instant),
 }
@@ -874,6 +881,7 @@ impl RolloutSource<'_> {
         self.state.position += window;
         self.state.batches += 1;
         Drawn {
+            batch: self.state.batches - 1,
             rollouts,
             spare: mine.into_iter().skip(per_rank).collect(),
             pool_batch: Some(pool_batch),
@@ -914,6 +922,7 @@ impl RolloutSource<'_> {
         let s = self.settings;
         let per_rank = s.prompts / self.ranks;
         let Drawn {
+            batch,
             mut rollouts,
             spare,
             pool_batch,
@@ -1050,6 +1059,20 @@ impl RolloutSource<'_> {
         ]);
         self.tally = Some(tally);
         self.rollouts_since.0 += rollouts.len();
+        let records: Vec<Value> = rollouts
+            .iter()
+            .zip(&rewards)
+            .zip(&learned)
+            .map(|((r, reward), advantage)| {
+                json!({
+                    "batch": batch, "task": self.tasks[r.task].id, "group": r.group,
+                    "tokens": r.tokens.len(), "truncated": r.truncated, "reward": reward,
+                    "advantage": advantage, "verdict": r.rewarded,
+                    "completion": completion_text(self.bpe, &r.tokens),
+                })
+            })
+            .collect();
+        self.log.write(&records)?;
         self.state.current = batches;
         self.state.next = 0;
         self.state.updates_done = 0;
@@ -1078,6 +1101,34 @@ fn sampled_targets(
 fn host_f32(t: &Tensor) -> Vec<f32> {
     Vec::<f32>::try_from(&t.reshape([-1]).to_kind(Kind::Float).to_device(Device::Cpu))
         .expect("a float tensor")
+}
+
+/// Every completion of the rollout batches a rank made, a JSON line each: its batch, task,
+/// group, reward and advantage (null: not learned from), the verdict's parts and the text
+/// (`rollouts.jsonl`; rank r > 0: `rollouts-rank{r}.jsonl`).
+struct RolloutLog {
+    path: PathBuf,
+    /// Records of the batches before this one are kept from the run resumed.
+    keep_before: u64,
+    file: Option<File>,
+}
+
+impl RolloutLog {
+    fn write(&mut self, records: &[Value]) -> Result<()> {
+        let keep_before = self.keep_before;
+        let file = match &mut self.file {
+            Some(f) => f,
+            None => self
+                .file
+                .insert(metrics::reopen_records(&self.path, "batch", |b| {
+                    b < keep_before
+                })?),
+        };
+        let text: String = records.iter().map(|r| format!("{r}\n")).collect();
+        file.write_all(text.as_bytes())
+            .and_then(|_| file.flush())
+            .map_err(|e| TrainError::io(&self.path, e))
+    }
 }
 
 /// One rank's share of the figures of the rollout batch it settled last: sums over its
@@ -1168,6 +1219,10 @@ impl BatchSource for RolloutSource<'_> {
     fn restore(&mut self, state: &Value) -> Result<()> {
         self.state = serde_json::from_value(state.clone())
             .map_err(|e| TrainError::Config(format!("rollout state: {e}")))?;
+        self.log.keep_before = match &self.state.pending {
+            Some(drawn) => drawn.batch,
+            None => self.state.batches,
+        };
         // A checkpoint holds rank 0's rollouts: other ranks' are not there, so with
         // several ranks the run goes on from a fresh rollout batch.
         if self.ranks > 1 {
@@ -1470,6 +1525,14 @@ pub fn rl(
         ranks,
         state: RolloutState::default(),
         tally: None,
+        log: RolloutLog {
+            path: cfg.out.join(match rank {
+                0 => "rollouts.jsonl".to_string(),
+                r => format!("rollouts-rank{r}.jsonl"),
+            }),
+            keep_before: 0,
+            file: None,
+        },
         warnings: Vec::new(),
         rollouts_since: (0, Instant::now()),
     };

@@ -211,9 +211,22 @@ fn comparable(records: Vec<Value>) -> Vec<Value> {
         .collect()
 }
 
+/// The completions a run's rank logged (`rollouts.jsonl`, `rollouts-rank{r}.jsonl`),
+/// without whether a verdict was the cache's (what one process happened to hold).
+fn rollouts(run: &Path, file: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(run.join(file)).unwrap();
+    text.lines()
+        .map(|l| {
+            let mut r: Value = serde_json::from_str(l).unwrap();
+            r["verdict"].as_object_mut().unwrap().remove("cached");
+            r
+        })
+        .collect()
+}
+
 /// Runs `settings` stopped at step `stop_at` and then resumed, into `name`: its metrics
-/// must repeat `whole`'s (the uninterrupted run's) bit for bit.
-fn stopped_and_resumed(t: &Tuned, name: &str, settings: &[&str], stop_at: &str, whole: Vec<Value>) {
+/// and logged completions must repeat `whole`'s (the uninterrupted run's) bit for bit.
+fn stopped_and_resumed(t: &Tuned, name: &str, settings: &[&str], stop_at: &str, whole: &Path) {
     let split = t.p.f.root.join(name);
     run_ok(&rl_args(
         t,
@@ -223,8 +236,13 @@ fn stopped_and_resumed(t: &Tuned, name: &str, settings: &[&str], stop_at: &str, 
     run_ok(&rl_args(t, &split, &[settings, &["--resume"]].concat()));
     assert_eq!(
         comparable(metrics_records(&split)),
-        comparable(whole),
+        comparable(metrics_records(whole)),
         "metrics repeat bit for bit"
+    );
+    assert_eq!(
+        rollouts(&split, "rollouts.jsonl"),
+        rollouts(whole, "rollouts.jsonl"),
+        "the logged completions too"
     );
 }
 
@@ -324,8 +342,45 @@ fn rl_rewards_completions_in_the_sandbox_and_resumes_bit_exactly() {
         .count();
     assert_eq!(steps_taken, 1);
 
+    // Every completion is logged with its reward, task and verdict. A batch with nothing
+    // to learn is drawn again: the one learned from is the next whose mean reward is the
+    // metrics' figure.
+    let logged = rollouts(&whole, "rollouts.jsonl");
+    let tasks: Vec<String> = fixture_tasks().into_iter().map(|t| t.id).collect();
+    for r in &logged {
+        assert!(
+            tasks.contains(&r["task"].as_str().unwrap().to_string()),
+            "{r}"
+        );
+        assert_eq!(r["verdict"]["reward"], r["reward"], "{r}");
+        assert!(r["verdict"]["judged"]["compiled"].is_boolean(), "{r}");
+        assert!(
+            r["completion"].is_string() && r["tokens"].as_u64() > Some(0),
+            "{r}"
+        );
+    }
+    let drawn = logged.last().unwrap()["batch"].as_u64().unwrap() + 1;
+    let mut next = 0;
+    for b in &batches {
+        loop {
+            let batch: Vec<&Value> = logged.iter().filter(|r| r["batch"] == next).collect();
+            assert_eq!(batch.len(), 8, "batch {next}: {logged:?}");
+            next += 1;
+            let mean = batch
+                .iter()
+                .map(|r| r["reward"].as_f64().unwrap())
+                .sum::<f64>()
+                / 8.0;
+            if (mean - b["reward_mean"].as_f64().unwrap()).abs() < 1e-9 {
+                break;
+            }
+            assert!(batch.iter().all(|r| r["advantage"].is_null()), "{batch:?}");
+            assert!(next < drawn, "no logged batch has the mean of {b}");
+        }
+    }
+
     // Stopped in the middle of a rollout batch's updates, then resumed.
-    stopped_and_resumed(&t, "split", &steps, "3", all);
+    stopped_and_resumed(&t, "split", &steps, "3", &whole);
 
     // Bad settings and inputs are named.
     let bad = t.p.f.root.join("bad");
@@ -376,5 +431,5 @@ fn sampling_ahead_learns_from_the_batch_drawn_an_update_earlier_and_resumes_bit_
 
     // Stopped with a batch sampled and not yet learned from, then resumed: the batch
     // comes back from the checkpoint and is judged again.
-    stopped_and_resumed(&t, "ahead-split", &steps, "2", all);
+    stopped_and_resumed(&t, "ahead-split", &steps, "2", &whole);
 }
