@@ -220,7 +220,7 @@ impl PairSource {
 }
 
 impl BatchSource for PairSource {
-    fn next_batch(&mut self, _: &Gpt) -> Result<MicroBatch> {
+    fn next_batch(&mut self, _: &Gpt, _: &Comm) -> Result<MicroBatch> {
         let step = self.per_batch * self.world;
         if self.at + step > self.order.len() {
             self.epoch += 1;

@@ -337,7 +337,7 @@ mod tests {
     }
 
     impl BatchSource for Stream {
-        fn next_batch(&mut self, _: &Gpt) -> Result<MicroBatch> {
+        fn next_batch(&mut self, _: &Gpt, _: &Comm) -> Result<MicroBatch> {
             let index = self.read * self.world + self.rank;
             self.read += 1;
             Ok(MicroBatch {

@@ -400,7 +400,7 @@ struct PackSource {
 }
 
 impl BatchSource for PackSource {
-    fn next_batch(&mut self, _: &Gpt) -> Result<MicroBatch> {
+    fn next_batch(&mut self, _: &Gpt, _: &Comm) -> Result<MicroBatch> {
         let b = self.loader.next_batch();
         Ok(MicroBatch {
             rows: b.rows,
@@ -655,7 +655,7 @@ mod tests {
                 pack: prefix.clone(),
                 document_mask,
             };
-            let b = source.next_batch(&model).unwrap();
+            let b = source.next_batch(&model, &Comm::single()).unwrap();
             let d = b.to_device(Device::Cpu);
             let packed = model.token_losses(&d.inputs, &d.targets, d.packing.as_ref());
             // The same window's documents, as the loader cut them.

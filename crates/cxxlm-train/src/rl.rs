@@ -396,6 +396,31 @@ pub struct BatchCheck {
     pub reward_max: f64,
 }
 
+impl BatchCheck {
+    /// The check of the whole batch, every rank's share of it counted.
+    fn over_ranks(&self, comm: &Comm) -> Result<BatchCheck> {
+        let counts = [
+            self.completions,
+            self.truncated,
+            self.groups,
+            self.equal_groups,
+        ];
+        let (sums, maxima) = comm.sums_and_maxima(
+            &counts.map(|c| c as f64),
+            &[-self.reward_min, self.reward_max],
+        )?;
+        let count = |k: usize| sums[k] as usize;
+        Ok(BatchCheck {
+            completions: count(0),
+            truncated: count(1),
+            groups: count(2),
+            equal_groups: count(3),
+            reward_min: -maxima[0],
+            reward_max: maxima[1],
+        })
+    }
+}
+
 /// The guards: an error that stops the run when training would go on with nothing to
 /// learn or has run away; warnings otherwise. `equal_batches` counts the rollout batches
 /// in a row whose rewards were all equal (this one included when so).
@@ -832,11 +857,11 @@ impl RolloutSource<'_> {
 
     /// A new rollout batch to learn from, made with `model`; with `rl.sample_ahead`,
     /// the one sampled last time, while the next one is sampled now.
-    fn roll_out(&mut self, model: &Gpt) -> Result<()> {
+    fn roll_out(&mut self, model: &Gpt, comm: &Comm) -> Result<()> {
         if !self.settings.sample_ahead {
             let drawn = self.draw(model);
             let generation = drawn.generation;
-            return self.settle(model, drawn, generation);
+            return self.settle(model, comm, drawn, generation);
         }
         let (ready, mut generation) = match self.state.pending.take() {
             Some(d) => (d, Generation::default()),
@@ -849,7 +874,7 @@ impl RolloutSource<'_> {
         let next = self.draw(model);
         generation.add(&next.generation);
         self.state.pending = Some(next);
-        self.settle(model, ready, generation)
+        self.settle(model, comm, ready, generation)
     }
 
     /// This rank's prompts of the next window of the task stream, sampled and handed to
@@ -918,7 +943,13 @@ impl RolloutSource<'_> {
     /// The drawn rollouts with their rewards (groups of equal rewards replaced with
     /// `rl.dynamic_sampling`) as the micro-batches to learn from; `generation`: where
     /// this step's sampling has spent its time so far.
-    fn settle(&mut self, model: &Gpt, drawn: Drawn, mut generation: Generation) -> Result<()> {
+    fn settle(
+        &mut self,
+        model: &Gpt,
+        comm: &Comm,
+        drawn: Drawn,
+        mut generation: Generation,
+    ) -> Result<()> {
         let s = self.settings;
         let per_rank = s.prompts / self.ranks;
         let Drawn {
@@ -1045,8 +1076,9 @@ impl RolloutSource<'_> {
             reward_min: rewards.iter().copied().fold(f64::INFINITY, f64::min),
             reward_max: rewards.iter().copied().fold(f64::NEG_INFINITY, f64::max),
         };
+        let whole = check.over_ranks(comm)?;
         self.warnings
-            .extend(guard(&check, s, &mut self.state.equal_batches)?);
+            .extend(guard(&whole, s, &mut self.state.equal_batches)?);
         let mut tally = Tally::of(&rollouts, &rewards, &check, replaced);
         tally.sums.extend([
             ("generation_seconds".into(), generation.seconds()),
@@ -1184,14 +1216,16 @@ impl Tally {
 }
 
 impl BatchSource for RolloutSource<'_> {
-    fn next_batch(&mut self, model: &Gpt) -> Result<MicroBatch> {
+    fn next_batch(&mut self, model: &Gpt, comm: &Comm) -> Result<MicroBatch> {
         if self.state.next == self.state.current.len() {
             self.state.updates_done += 1;
             if self.state.current.is_empty() || self.state.updates_done >= self.settings.updates {
-                // A batch with nothing to learn is replaced (the guards see each one).
+                // A batch with nothing to learn on any rank is replaced (the guards see
+                // each one); every rank draws again, so they keep to one stream.
                 let mut empty = 0;
-                self.roll_out(model)?;
-                while self.state.current.iter().all(|b| b.supervised_count() == 0) {
+                self.roll_out(model, comm)?;
+                let learns = |s: &Self| s.state.current.iter().any(|b| b.supervised_count() > 0);
+                while !comm.any(learns(self), model.device())? {
                     empty += 1;
                     if empty >= self.settings.equal_reward_batches {
                         return Err(TrainError::Guard(format!(
@@ -1201,7 +1235,7 @@ impl BatchSource for RolloutSource<'_> {
                     }
                     self.warnings
                         .push("a rollout batch had nothing to learn: another one is drawn".into());
-                    self.roll_out(model)?;
+                    self.roll_out(model, comm)?;
                 }
             } else {
                 self.state.next = 0;
@@ -1803,7 +1837,7 @@ mod tests {
             };
             let n = batches.len();
             let mut source = Given(batches.into());
-            let first = source.next_batch(&m).unwrap();
+            let first = source.next_batch(&m, &Comm::single()).unwrap();
             let mut grpo = Grpo::new(0.2, 0.2, 0.0, None);
             let g = step_gradients(
                 &m,

@@ -190,7 +190,7 @@ struct SftSource {
 }
 
 impl BatchSource for SftSource {
-    fn next_batch(&mut self, _: &Gpt) -> Result<MicroBatch> {
+    fn next_batch(&mut self, _: &Gpt, _: &Comm) -> Result<MicroBatch> {
         let b = micro_batch(self.rows.next_batch(self.batch, self.rank, self.world));
         let Some(replay) = &mut self.replay else {
             return Ok(b);

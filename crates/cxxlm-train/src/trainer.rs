@@ -137,7 +137,7 @@ pub struct DeviceBatch {
 pub trait BatchSource {
     /// This rank's next micro-batch; `model` is the policy as trained so far (RL samples
     /// its batches with it).
-    fn next_batch(&mut self, model: &Gpt) -> Result<MicroBatch>;
+    fn next_batch(&mut self, model: &Gpt, comm: &Comm) -> Result<MicroBatch>;
     /// Where the source stands: restoring it gives the batches from here again.
     fn state(&self) -> Value;
     fn restore(&mut self, state: &Value) -> Result<()>;
@@ -744,7 +744,7 @@ pub fn train(
         let lr_scale = stage.schedule.lr_scale(step, steps);
         let first = match prefetched.take() {
             Some(b) => b,
-            None => stage.source.next_batch(&stage.model)?,
+            None => stage.source.next_batch(&stage.model, &comm)?,
         };
         let store = stage.sharding.as_ref().map(|s| s.store(&comm));
         let counted = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -824,7 +824,7 @@ pub fn train(
             report(Event::Warning(format!("step {}: {w}", step + 1)));
         }
         if step + 1 < steps {
-            prefetched = Some(stage.source.next_batch(&stage.model)?);
+            prefetched = Some(stage.source.next_batch(&stage.model, &comm)?);
         }
         let grad_norm = grad_norm.double_value(&[]);
         stage.optimizer.zero_grad();
@@ -973,7 +973,7 @@ pub fn step_gradients(
         (step_tokens as f64, None)
     } else {
         for _ in 1..grad_accum {
-            batches.push(source.next_batch(model)?);
+            batches.push(source.next_batch(model, comm)?);
         }
         let sum = |f: fn(&MicroBatch) -> usize| batches.iter().map(f).sum::<usize>() as f64;
         let counts = Tensor::from_slice(&[
@@ -1000,7 +1000,7 @@ pub fn step_gradients(
         // Dense sources are read as the passes go (the GPU works meanwhile).
         let b = match batches.next() {
             Some(b) => b,
-            None => source.next_batch(model)?,
+            None => source.next_batch(model, comm)?,
         };
         micro_losses.push(loss.forward_backward(model, weights, &b.to_device(dev), scale));
     }
@@ -1035,7 +1035,7 @@ pub(crate) mod tests {
     pub(crate) struct Given(pub(crate) VecDeque<MicroBatch>);
 
     impl BatchSource for Given {
-        fn next_batch(&mut self, _: &Gpt) -> Result<MicroBatch> {
+        fn next_batch(&mut self, _: &Gpt, _: &Comm) -> Result<MicroBatch> {
             self.0
                 .pop_front()
                 .ok_or_else(|| TrainError::Config("no batch left".into()))
@@ -1127,7 +1127,7 @@ pub(crate) mod tests {
     fn step(m: &Gpt, batches: Vec<MicroBatch>) -> Result<(f64, Vec<Tensor>)> {
         let n = batches.len();
         let mut source = Given(batches.into());
-        let first = source.next_batch(m)?;
+        let first = source.next_batch(m, &Comm::single())?;
         let g = step_gradients(
             m,
             None,

@@ -433,3 +433,80 @@ fn sampling_ahead_learns_from_the_batch_drawn_an_update_earlier_and_resumes_bit_
     // comes back from the checkpoint and is judged again.
     stopped_and_resumed(&t, "ahead-split", &steps, "2", &whole);
 }
+
+/// Two ranks share out a rollout batch's prompts (each samples K completions of its
+/// half), learn from the batch together, and report it whole: its figures are those of
+/// both ranks' logged completions.
+#[test]
+fn two_ranks_sample_half_the_prompts_each_and_report_the_whole_batch() {
+    let t = tuned();
+    let run = t.p.f.root.join("two");
+    // Varied completions, rewards that fall with length: no batch is drawn again.
+    let settings = [
+        "--set",
+        "train.steps=2",
+        "--set",
+        "eval.every=0",
+        "--set",
+        "rl.temperature=1.5",
+        "--set",
+        "rl.overlong=\"penalty\"",
+        "--set",
+        "rl.overlong_buffer=22",
+    ];
+    let mut args: Vec<String> = ["launch", "--gpus", "2", "--"].map(String::from).to_vec();
+    args.extend(rl_args(&t, &run, &settings));
+    run_ok(&args);
+    let all = metrics_records(&run);
+    let batches: Vec<&Value> = all
+        .iter()
+        .filter(|r| r.get("reward_mean").is_some())
+        .collect();
+    assert_eq!(batches.len(), 2, "{all:?}");
+    let ranks = [
+        rollouts(&run, "rollouts.jsonl"),
+        rollouts(&run, "rollouts-rank1.jsonl"),
+    ];
+    // A batch with nothing to learn on either rank is drawn again by both.
+    let mut next = 0;
+    for b in &batches {
+        assert_eq!(b["rollouts"], 8, "{b}");
+        loop {
+            let of = |rank: usize| -> Vec<&Value> {
+                ranks[rank].iter().filter(|r| r["batch"] == next).collect()
+            };
+            let (first, second) = (of(0), of(1));
+            assert_eq!(
+                (first.len(), second.len()),
+                (4, 4),
+                "batch {next}: {ranks:?}"
+            );
+            assert_ne!(
+                first[0]["task"], second[0]["task"],
+                "each rank its own prompt"
+            );
+            next += 1;
+            let both: Vec<&Value> = first.into_iter().chain(second).collect();
+            if both.iter().all(|r| r["advantage"].is_null()) {
+                continue;
+            }
+            let mean = |f: &dyn Fn(&Value) -> f64| both.iter().map(|r| f(r)).sum::<f64>() / 8.0;
+            let reward = mean(&|r| r["reward"].as_f64().unwrap());
+            let compiled =
+                mean(&|r| f64::from(u8::from(r["verdict"]["judged"]["compiled"] == true)));
+            let length = mean(&|r| r["tokens"].as_f64().unwrap());
+            for (figure, want) in [
+                ("reward_mean", reward),
+                ("compile_rate", compiled),
+                ("completion_tokens_mean", length),
+            ] {
+                let got = b[figure].as_f64().unwrap();
+                assert!(
+                    (got - want).abs() < 1e-9,
+                    "{figure}: {got} against {want}: {b}"
+                );
+            }
+            break;
+        }
+    }
+}
