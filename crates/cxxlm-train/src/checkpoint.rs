@@ -21,6 +21,11 @@ fn optimizer_file(rank: usize) -> String {
     format!("optimizer-rank{rank}.safetensors")
 }
 
+/// Where rank `rank` > 0 keeps its batch source's state (rank 0's is `trainer.json`'s).
+fn source_file(rank: usize) -> String {
+    format!("source-rank{rank}.json")
+}
+
 fn one() -> usize {
     1
 }
@@ -89,7 +94,8 @@ pub fn latest(root: &Path) -> Option<PathBuf> {
 }
 
 /// Writes a checkpoint of `state.step` and removes all but the newest `keep`. Every rank
-/// calls it, with its part of the optimizer state; rank 0 writes the rest.
+/// calls it, with its part of the optimizer state and its source's state (`state.loader`);
+/// rank 0 writes the rest.
 pub fn save(
     root: &Path,
     mut state: TrainerState,
@@ -116,6 +122,12 @@ pub fn save(
     let mine = tmp.join(optimizer_file(comm.rank()));
     write_tensors(&mine, optimizer)?;
     synced(&mine)?;
+    if comm.rank() > 0 {
+        let source = tmp.join(source_file(comm.rank()));
+        std::fs::write(&source, serde_json::to_vec(&state.loader).expect("json"))
+            .map_err(|e| io(&source, e))?;
+        synced(&source)?;
+    }
     comm.barrier()?;
     if comm.rank() == 0 {
         write_tensors(&tmp.join(MODEL), model)?;
@@ -129,6 +141,7 @@ pub fn save(
         let files: Vec<String> = [MODEL.to_string(), "config.json".into()]
             .into_iter()
             .chain((0..comm.size()).map(optimizer_file))
+            .chain((1..comm.size()).map(source_file))
             .collect();
         for name in &files {
             state
@@ -160,6 +173,9 @@ pub struct Loaded {
     pub model: Vec<(String, Tensor)>,
     /// Every rank's part of the optimizer state, in rank order.
     pub optimizer: Vec<Vec<(String, Tensor)>>,
+    /// Every rank's batch source state, in rank order, where the checkpoint holds it
+    /// (rank 0's is `state.loader`).
+    pub sources: Vec<Option<serde_json::Value>>,
 }
 
 /// Reads a checkpoint, verifying every file against the checksums in `trainer.json`.
@@ -206,8 +222,16 @@ fn read(dir: &Path, optimizer: bool) -> Result<Loaded> {
         true => (0..state.world).map(optimizer_file).collect(),
         false => Vec::new(),
     };
+    // Checkpoints of several ranks written before sources were kept per rank lack them.
+    let source_files: Vec<Option<String>> = match optimizer {
+        true => (1..state.world)
+            .map(|r| Some(source_file(r)).filter(|name| state.files.contains_key(name)))
+            .collect(),
+        false => Vec::new(),
+    };
     for name in optimizer_files
         .iter()
+        .chain(source_files.iter().flatten())
         .map(String::as_str)
         .chain([MODEL, "config.json"])
     {
@@ -227,12 +251,24 @@ fn read(dir: &Path, optimizer: bool) -> Result<Loaded> {
         let path = dir.join(name);
         Tensor::read_safetensors(&path).map_err(|e| bad(&path, e.to_string()))
     };
+    let read_source = |name: &String| {
+        let path = dir.join(name);
+        let bytes = std::fs::read(&path).map_err(|e| TrainError::io(&path, e))?;
+        serde_json::from_slice(&bytes).map_err(|e| bad(&path, e.to_string()))
+    };
+    let others: Vec<Option<serde_json::Value>> = source_files
+        .iter()
+        .map(|name| name.as_ref().map(read_source).transpose())
+        .collect::<Result<_>>()?;
     Ok(Loaded {
         model: read(MODEL)?,
         optimizer: optimizer_files
             .iter()
             .map(|name| read(name))
             .collect::<Result<_>>()?,
+        sources: std::iter::once(Some(state.loader.clone()))
+            .chain(others)
+            .collect(),
         state,
     })
 }

@@ -240,7 +240,7 @@ impl BatchSource for PairSource {
         json!({"epoch": self.epoch, "at": self.at})
     }
 
-    fn restore(&mut self, state: &Value) -> Result<()> {
+    fn restore(&mut self, state: &Value, _: bool) -> Result<()> {
         let (Some(epoch), Some(at)) = (state["epoch"].as_u64(), state["at"].as_u64()) else {
             return Err(TrainError::Config(format!(
                 "a checkpoint's position in the pairs is not {{epoch, at}}: {state}"

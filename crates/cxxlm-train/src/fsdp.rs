@@ -352,7 +352,7 @@ mod tests {
         fn state(&self) -> Value {
             json!(self.read * self.world)
         }
-        fn restore(&mut self, state: &Value) -> Result<()> {
+        fn restore(&mut self, state: &Value, _: bool) -> Result<()> {
             self.read = state.as_u64().expect("a position") as usize / self.world;
             Ok(())
         }

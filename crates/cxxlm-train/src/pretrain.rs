@@ -416,7 +416,7 @@ impl BatchSource for PackSource {
         serde_json::to_value(self.loader.state()).expect("loader state as JSON")
     }
 
-    fn restore(&mut self, state: &Value) -> Result<()> {
+    fn restore(&mut self, state: &Value, _: bool) -> Result<()> {
         let state = serde_json::from_value(state.clone())
             .map_err(|e| TrainError::Config(format!("loader state: {e}")))?;
         Ok(self.loader.restore(state)?)

@@ -1163,9 +1163,9 @@ impl RolloutLog {
     }
 }
 
-/// One rank's share of the figures of the rollout batch it settled last: sums over its
-/// rollouts, and the longest completion, by name in the same order on every rank; the
-/// step's figures add them up over the ranks ([`RolloutSource::figures`]).
+/// One rank's share of the figures of the rollout batch it settled last: what adds up
+/// over the ranks (counts and sums over its rollouts, its seconds), by name in the same
+/// order on every rank, and its longest completion ([`RolloutSource::figures`]).
 #[derive(Debug, Default)]
 struct Tally {
     sums: Vec<(String, f64)>,
@@ -1250,16 +1250,16 @@ impl BatchSource for RolloutSource<'_> {
         serde_json::to_value(&self.state).expect("rollout state as JSON")
     }
 
-    fn restore(&mut self, state: &Value) -> Result<()> {
+    fn restore(&mut self, state: &Value, own: bool) -> Result<()> {
         self.state = serde_json::from_value(state.clone())
             .map_err(|e| TrainError::Config(format!("rollout state: {e}")))?;
         self.log.keep_before = match &self.state.pending {
             Some(drawn) => drawn.batch,
             None => self.state.batches,
         };
-        // A checkpoint holds rank 0's rollouts: other ranks' are not there, so with
-        // several ranks the run goes on from a fresh rollout batch.
-        if self.ranks > 1 {
+        // Rank 0's rollouts are not this rank's share of the batch (the run had another
+        // number of ranks): the run goes on from a fresh rollout batch.
+        if !own {
             self.state.current.clear();
             self.state.next = 0;
             self.state.updates_done = 0;

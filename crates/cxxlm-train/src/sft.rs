@@ -216,7 +216,7 @@ impl BatchSource for SftSource {
         }
     }
 
-    fn restore(&mut self, state: &Value) -> Result<()> {
+    fn restore(&mut self, state: &Value, _: bool) -> Result<()> {
         let bad = |what: &str, e: serde_json::Error| TrainError::Config(format!("{what}: {e}"));
         let rows = match &mut self.replay {
             None => state,

@@ -140,7 +140,9 @@ pub trait BatchSource {
     fn next_batch(&mut self, model: &Gpt, comm: &Comm) -> Result<MicroBatch>;
     /// Where the source stands: restoring it gives the batches from here again.
     fn state(&self) -> Value;
-    fn restore(&mut self, state: &Value) -> Result<()>;
+    /// Restores `state`: this rank's own (`own`), or rank 0's where the checkpoint was
+    /// written by another number of ranks.
+    fn restore(&mut self, state: &Value, own: bool) -> Result<()>;
     /// Whether every target of every batch is learned: a step's count of supervised
     /// targets is then its size, known without reading its batches first.
     fn dense(&self) -> bool;
@@ -634,7 +636,13 @@ pub fn train(
                 None => stage.model.load(&loaded.model)?,
             }
             stage.optimizer.load_state(&loaded.optimizer).map_err(bad)?;
-            stage.source.restore(&loaded.state.loader)?;
+            // A run of as many ranks goes on from each rank's own state; another takes
+            // rank 0's.
+            let own = (loaded.state.world == ranks).then(|| &loaded.sources[rank]);
+            match own.and_then(Option::as_ref) {
+                Some(mine) => stage.source.restore(mine, true)?,
+                None => stage.source.restore(&loaded.state.loader, false)?,
+            }
             resumed_from = Some(loaded.state.step);
             state = loaded.state;
         }
@@ -1043,7 +1051,7 @@ pub(crate) mod tests {
         fn state(&self) -> Value {
             Value::Null
         }
-        fn restore(&mut self, _: &Value) -> Result<()> {
+        fn restore(&mut self, _: &Value, _: bool) -> Result<()> {
             Ok(())
         }
         fn dense(&self) -> bool {

@@ -436,15 +436,18 @@ fn sampling_ahead_learns_from_the_batch_drawn_an_update_earlier_and_resumes_bit_
 
 /// Two ranks share out a rollout batch's prompts (each samples K completions of its
 /// half), learn from the batch together, and report it whole: its figures are those of
-/// both ranks' logged completions.
+/// both ranks' logged completions. Stopped with a batch in flight and resumed, each rank
+/// goes on from its own share, bit for bit.
 #[test]
-fn two_ranks_sample_half_the_prompts_each_and_report_the_whole_batch() {
+fn two_ranks_sample_half_the_prompts_each_report_the_whole_batch_and_resume_exactly() {
     let t = tuned();
     let run = t.p.f.root.join("two");
-    // Varied completions, rewards that fall with length: no batch is drawn again.
+    // Varied completions, rewards that fall with length: batches with something to learn.
     let settings = [
         "--set",
-        "train.steps=2",
+        "train.steps=3",
+        "--set",
+        "rl.sample_ahead=true",
         "--set",
         "eval.every=0",
         "--set",
@@ -454,15 +457,18 @@ fn two_ranks_sample_half_the_prompts_each_and_report_the_whole_batch() {
         "--set",
         "rl.overlong_buffer=22",
     ];
-    let mut args: Vec<String> = ["launch", "--gpus", "2", "--"].map(String::from).to_vec();
-    args.extend(rl_args(&t, &run, &settings));
-    run_ok(&args);
+    let on_two_ranks = |out: &Path, extra: &[&str]| {
+        let mut args: Vec<String> = ["launch", "--gpus", "2", "--"].map(String::from).to_vec();
+        args.extend(rl_args(&t, out, &[&settings[..], extra].concat()));
+        run_ok(&args);
+    };
+    on_two_ranks(&run, &[]);
     let all = metrics_records(&run);
     let batches: Vec<&Value> = all
         .iter()
         .filter(|r| r.get("reward_mean").is_some())
         .collect();
-    assert_eq!(batches.len(), 2, "{all:?}");
+    assert_eq!(batches.len(), 3, "{all:?}");
     let ranks = [
         rollouts(&run, "rollouts.jsonl"),
         rollouts(&run, "rollouts-rank1.jsonl"),
@@ -508,5 +514,18 @@ fn two_ranks_sample_half_the_prompts_each_and_report_the_whole_batch() {
             }
             break;
         }
+    }
+
+    // Stopped with the batch sampled ahead in flight on each rank, then resumed.
+    let split = t.p.f.root.join("two-split");
+    on_two_ranks(&split, &["--stop-at", "2"]);
+    on_two_ranks(&split, &["--resume"]);
+    assert_eq!(
+        comparable(metrics_records(&split)),
+        comparable(all.clone()),
+        "metrics repeat bit for bit"
+    );
+    for file in ["rollouts.jsonl", "rollouts-rank1.jsonl"] {
+        assert_eq!(rollouts(&split, file), rollouts(&run, file), "{file}");
     }
 }
