@@ -211,9 +211,13 @@ fn comparable(records: Vec<Value>) -> Vec<Value> {
         .collect()
 }
 
-/// The completions a run's rank logged (`rollouts.jsonl`, `rollouts-rank{r}.jsonl`),
-/// without whether a verdict was the cache's (what one process happened to hold).
-fn rollouts(run: &Path, file: &str) -> Vec<Value> {
+/// The completions rank `rank` of a run logged, without whether a verdict was the
+/// cache's (what one process happened to hold).
+fn rollouts(run: &Path, rank: usize) -> Vec<Value> {
+    let file = match rank {
+        0 => "rollouts.jsonl".to_string(),
+        r => format!("rollouts-rank{r}.jsonl"),
+    };
     let text = std::fs::read_to_string(run.join(file)).unwrap();
     text.lines()
         .map(|l| {
@@ -224,26 +228,70 @@ fn rollouts(run: &Path, file: &str) -> Vec<Value> {
         .collect()
 }
 
-/// Runs `settings` stopped at step `stop_at` and then resumed, into `name`: its metrics
-/// and logged completions must repeat `whole`'s (the uninterrupted run's) bit for bit.
-fn stopped_and_resumed(t: &Tuned, name: &str, settings: &[&str], stop_at: &str, whole: &Path) {
+/// `cxxlm train rl` with `settings` into `out`, on `ranks` ranks (`cxxlm launch`).
+fn rl_run(t: &Tuned, ranks: usize, out: &Path, settings: &[&str]) {
+    let mut args: Vec<String> = match ranks {
+        1 => Vec::new(),
+        n => vec!["launch".into(), "--gpus".into(), n.to_string(), "--".into()],
+    };
+    args.extend(rl_args(t, out, settings));
+    run_ok(&args);
+}
+
+/// Sampling ahead, varied completions and rewards that fall with length: groups of equal
+/// rewards are rare, so the batches drawn are learned from (one with nothing to learn is
+/// replaced at once, by a batch the same policy sampled).
+const AHEAD: [&str; 10] = [
+    "--set",
+    "rl.sample_ahead=true",
+    "--set",
+    "eval.every=0",
+    "--set",
+    "rl.temperature=1.5",
+    "--set",
+    "rl.overlong=\"penalty\"",
+    "--set",
+    "rl.overlong_buffer=22",
+];
+
+/// The metrics records of the steps that drew a rollout batch.
+fn batch_records(all: &[Value]) -> Vec<&Value> {
+    all.iter()
+        .filter(|r| r.get("reward_mean").is_some())
+        .collect()
+}
+
+/// Runs `settings` on `ranks` ranks stopped at step `stop_at` and then resumed, into
+/// `name`: its metrics and every rank's logged completions must repeat `whole`'s (the
+/// uninterrupted run's) bit for bit.
+fn stopped_and_resumed(
+    t: &Tuned,
+    ranks: usize,
+    name: &str,
+    settings: &[&str],
+    stop_at: &str,
+    whole: &Path,
+) {
     let split = t.p.f.root.join(name);
-    run_ok(&rl_args(
+    rl_run(
         t,
+        ranks,
         &split,
         &[settings, &["--stop-at", stop_at]].concat(),
-    ));
-    run_ok(&rl_args(t, &split, &[settings, &["--resume"]].concat()));
+    );
+    rl_run(t, ranks, &split, &[settings, &["--resume"]].concat());
     assert_eq!(
         comparable(metrics_records(&split)),
         comparable(metrics_records(whole)),
         "metrics repeat bit for bit"
     );
-    assert_eq!(
-        rollouts(&split, "rollouts.jsonl"),
-        rollouts(whole, "rollouts.jsonl"),
-        "the logged completions too"
-    );
+    for rank in 0..ranks {
+        assert_eq!(
+            rollouts(&split, rank),
+            rollouts(whole, rank),
+            "rank {rank}'s logged completions too"
+        );
+    }
 }
 
 #[test]
@@ -266,11 +314,7 @@ fn rl_rewards_completions_in_the_sandbox_and_resumes_bit_exactly() {
     let steps_done: Vec<&Value> = all.iter().filter(|r| r.get("loss").is_some()).collect();
     assert_eq!(steps_done.len(), 6, "{all:?}");
     // A rollout batch every second step (two updates each), its figures on its first.
-    let batches: Vec<&Value> = steps_done
-        .iter()
-        .copied()
-        .filter(|r| r.get("reward_mean").is_some())
-        .collect();
+    let batches = batch_records(&all);
     assert_eq!(batches.len(), 3, "{all:?}");
     for b in &batches {
         assert_eq!(b["rollouts"], 8, "{b}");
@@ -345,7 +389,7 @@ fn rl_rewards_completions_in_the_sandbox_and_resumes_bit_exactly() {
     // Every completion is logged with its reward, task and verdict. A batch with nothing
     // to learn is drawn again: the one learned from is the next whose mean reward is the
     // metrics' figure.
-    let logged = rollouts(&whole, "rollouts.jsonl");
+    let logged = rollouts(&whole, 0);
     let tasks: Vec<String> = fixture_tasks().into_iter().map(|t| t.id).collect();
     for r in &logged {
         assert!(
@@ -380,7 +424,7 @@ fn rl_rewards_completions_in_the_sandbox_and_resumes_bit_exactly() {
     }
 
     // Stopped in the middle of a rollout batch's updates, then resumed.
-    stopped_and_resumed(&t, "split", &steps, "3", &whole);
+    stopped_and_resumed(&t, 1, "split", &steps, "3", &whole);
 
     // Bad settings and inputs are named.
     let bad = t.p.f.root.join("bad");
@@ -396,29 +440,10 @@ fn rl_rewards_completions_in_the_sandbox_and_resumes_bit_exactly() {
 fn sampling_ahead_learns_from_the_batch_drawn_an_update_earlier_and_resumes_bit_exactly() {
     let t = tuned();
     let whole = t.p.f.root.join("ahead");
-    let steps = [
-        "--set",
-        "train.steps=4",
-        "--set",
-        "rl.sample_ahead=true",
-        "--set",
-        "eval.every=0",
-        // Varied completions, and rewards that fall with length: groups of equal
-        // rewards are rare, so the batches drawn are learned from (one with nothing to
-        // learn is replaced at once, by a batch the same policy sampled).
-        "--set",
-        "rl.temperature=1.5",
-        "--set",
-        "rl.overlong=\"penalty\"",
-        "--set",
-        "rl.overlong_buffer=22",
-    ];
-    run_ok(&rl_args(&t, &whole, &steps));
+    let steps = [&AHEAD[..], &["--set", "train.steps=4"]].concat();
+    rl_run(&t, 1, &whole, &steps);
     let all = metrics_records(&whole);
-    let batches: Vec<&Value> = all
-        .iter()
-        .filter(|r| r.get("reward_mean").is_some())
-        .collect();
+    let batches = batch_records(&all);
     assert_eq!(batches.len(), 4, "{all:?}");
     // The first batch was sampled by the policy it updates; every later one by the
     // policy before the last update, which the ratio now sees moved.
@@ -431,7 +456,7 @@ fn sampling_ahead_learns_from_the_batch_drawn_an_update_earlier_and_resumes_bit_
 
     // Stopped with a batch sampled and not yet learned from, then resumed: the batch
     // comes back from the checkpoint and is judged again.
-    stopped_and_resumed(&t, "ahead-split", &steps, "2", &whole);
+    stopped_and_resumed(&t, 1, "ahead-split", &steps, "2", &whole);
 }
 
 /// Two ranks share out a rollout batch's prompts (each samples K completions of its
@@ -442,37 +467,12 @@ fn sampling_ahead_learns_from_the_batch_drawn_an_update_earlier_and_resumes_bit_
 fn two_ranks_sample_half_the_prompts_each_report_the_whole_batch_and_resume_exactly() {
     let t = tuned();
     let run = t.p.f.root.join("two");
-    // Varied completions, rewards that fall with length: batches with something to learn.
-    let settings = [
-        "--set",
-        "train.steps=3",
-        "--set",
-        "rl.sample_ahead=true",
-        "--set",
-        "eval.every=0",
-        "--set",
-        "rl.temperature=1.5",
-        "--set",
-        "rl.overlong=\"penalty\"",
-        "--set",
-        "rl.overlong_buffer=22",
-    ];
-    let on_two_ranks = |out: &Path, extra: &[&str]| {
-        let mut args: Vec<String> = ["launch", "--gpus", "2", "--"].map(String::from).to_vec();
-        args.extend(rl_args(&t, out, &[&settings[..], extra].concat()));
-        run_ok(&args);
-    };
-    on_two_ranks(&run, &[]);
+    let settings = [&AHEAD[..], &["--set", "train.steps=3"]].concat();
+    rl_run(&t, 2, &run, &settings);
     let all = metrics_records(&run);
-    let batches: Vec<&Value> = all
-        .iter()
-        .filter(|r| r.get("reward_mean").is_some())
-        .collect();
+    let batches = batch_records(&all);
     assert_eq!(batches.len(), 3, "{all:?}");
-    let ranks = [
-        rollouts(&run, "rollouts.jsonl"),
-        rollouts(&run, "rollouts-rank1.jsonl"),
-    ];
+    let ranks = [rollouts(&run, 0), rollouts(&run, 1)];
     // A batch with nothing to learn on either rank is drawn again by both.
     let mut next = 0;
     for b in &batches {
@@ -517,15 +517,5 @@ fn two_ranks_sample_half_the_prompts_each_report_the_whole_batch_and_resume_exac
     }
 
     // Stopped with the batch sampled ahead in flight on each rank, then resumed.
-    let split = t.p.f.root.join("two-split");
-    on_two_ranks(&split, &["--stop-at", "2"]);
-    on_two_ranks(&split, &["--resume"]);
-    assert_eq!(
-        comparable(metrics_records(&split)),
-        comparable(all.clone()),
-        "metrics repeat bit for bit"
-    );
-    for file in ["rollouts.jsonl", "rollouts-rank1.jsonl"] {
-        assert_eq!(rollouts(&split, file), rollouts(&run, file), "{file}");
-    }
+    stopped_and_resumed(&t, 2, "two-split", &settings, "2", &run);
 }
