@@ -39,6 +39,7 @@ source "$(dirname "$0")/settings.sh"
     --set eval.every="${EVAL_EVERY:-5}" >"$out/rl.log" 2>&1 || { tail -30 "$out/rl.log"; exit 1; }
 cp "$work/rl/metrics.jsonl" "$out/metrics-rl.jsonl"
 cp "$work/rl/samples.jsonl" "$out/samples-rl.jsonl" 2>/dev/null || true
+gzip -c "$work/rl/rollouts.jsonl" >"$out/rollouts-rl.jsonl.gz"
 for run in sft rl; do
     "$cxxlm" eval bugfix --tasks gpu/tasks --split test --checkpoint "$work/$run" \
         --limit "$held_out" --max-tokens 256 --batch 128 --json "$out/bugfix-$run.json" \
