@@ -350,6 +350,27 @@ impl Gpt {
         slots: usize,
         stop: &mut dyn FnMut(usize, &[u32]) -> bool,
     ) -> Vec<Vec<u32>> {
+        let slots = match slots {
+            0 => prompts.len(),
+            s => s.min(prompts.len()),
+        };
+        let mut decoder = None;
+        self.generate_reusing(&mut decoder, prompts, first, sampling, slots, stop)
+    }
+
+    /// [`Gpt::generate_healed`] in `decoder`, kept between calls: the one given where it
+    /// has the slots and the room (its weights brought up to the model's, its captured
+    /// steps kept), else a new one of at least its capacity. A caller that generates
+    /// batch after batch (RL) so captures its decoding steps once.
+    pub fn generate_reusing(
+        &self,
+        decoder: &mut Option<Decoder>,
+        prompts: &[Vec<u32>],
+        first: &[Option<Vec<u32>>],
+        sampling: &Sampling,
+        slots: usize,
+        stop: &mut dyn FnMut(usize, &[u32]) -> bool,
+    ) -> Vec<Vec<u32>> {
         let _guard = tch::no_grad_guard();
         tch::manual_seed(sampling.seed as i64);
         let n = prompts.len();
@@ -369,11 +390,17 @@ impl Gpt {
             .map(|r| trimmed[r].len() + budget(r))
             .max()
             .unwrap_or(1);
-        let slots = match slots {
-            0 => n,
-            s => s.min(n),
+        let slots = slots.clamp(1, n);
+        let decoder = match decoder.take() {
+            Some(mut d) if d.slots >= slots && d.capacity >= capacity => {
+                d.refresh_weights(self);
+                decoder.insert(d)
+            }
+            old => {
+                let capacity = old.map_or(capacity, |d| d.capacity.max(capacity));
+                decoder.insert(self.decoder(slots, capacity))
+            }
         };
-        let mut decoder = self.decoder(slots, capacity);
         // Waiting prompts are prefilled together: all that fit at the start, then once
         // an eighth of the slots are free (or the last ones are).
         let batch_admission = slots.div_ceil(8);
@@ -465,6 +492,17 @@ impl Decoder {
     /// Tokens a slot holds at most.
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// Brings the weights the decoder reads up to `model`'s, in place: its captured steps
+    /// read them where they are.
+    fn refresh_weights(&mut self, model: &Gpt) {
+        let _guard = tch::no_grad_guard();
+        for (mine, now) in self.weights.iter_mut().zip(model.compute_weights()) {
+            if mine.data_ptr() != now.data_ptr() {
+                mine.copy_(&now);
+            }
+        }
     }
 
     /// On CUDA, captures the decoding step of every batch size a server's set of active
@@ -804,6 +842,45 @@ mod tests {
         for (p, got) in prompts.iter().zip(&together) {
             let alone = m.generate(std::slice::from_ref(p), &greedy, &mut |_, _| false);
             assert_eq!(got, &alone[0], "prompt {p:?}");
+        }
+    }
+
+    #[test]
+    fn a_kept_decoder_samples_as_a_new_one_after_the_weights_change() {
+        let _rng = crate::TORCH_RNG.lock();
+        let sampling = Sampling {
+            max_new_tokens: 6,
+            temperature: 0.9,
+            seed: 11,
+            ..Default::default()
+        };
+        let go = &mut |_: usize, _: &[u32]| false;
+        let batches: [Vec<Vec<u32>>; 3] = [
+            vec![vec![5, 17, 3], vec![9, 9], vec![4]],
+            // Fewer prompts: the kept decoder, two of its slots used.
+            vec![vec![1, 2, 3], vec![7]],
+            // Longer than it holds: a new decoder, with room for it.
+            vec![vec![8; 20], vec![6, 5]],
+        ];
+        // In bf16 the decoder reads copies of the weights, in fp32 the weights themselves.
+        for compute in [Kind::BFloat16, Kind::Float] {
+            let mut m = model();
+            m.compute = compute;
+            let mut kept = None;
+            for (k, prompts) in batches.iter().enumerate() {
+                let got = m.generate_reusing(&mut kept, prompts, &[], &sampling, prompts.len(), go);
+                let want = m.generate(prompts, &sampling, go);
+                assert_eq!(got, want, "{compute:?}, batch {k}");
+                let capacity = kept.as_ref().map(Decoder::capacity);
+                assert_eq!(capacity, Some(if k < 2 { 9 } else { 26 }), "batch {k}");
+                // The model learns between batches (its weights change in place).
+                let moved: Vec<(String, Tensor)> = m
+                    .params()
+                    .iter()
+                    .map(|(n, p)| (n.clone(), p * 1.5 + 0.05))
+                    .collect();
+                m.load(&moved).unwrap();
+            }
         }
     }
 

@@ -7,7 +7,7 @@
 //! initial model. Guards stop a run that would train on nothing; checkpoints resume
 //! bit-exactly (the rollout batch in use is part of the source's state).
 
-use cxxlm_model::{Gpt, Sampling, WeightStore};
+use cxxlm_model::{Decoder, Gpt, Sampling, WeightStore};
 use cxxlm_pack::tokenizer_sha256;
 use cxxlm_tasks::reward::{RewardPool, Rewarded};
 use cxxlm_tasks::task::{answer_ends, Task};
@@ -15,6 +15,7 @@ use cxxlm_tokenizer::chat::{self, Message, Role};
 use cxxlm_tokenizer::Bpe;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
@@ -648,12 +649,14 @@ struct Request<'a> {
     logprob_rows: Option<usize>,
 }
 
-/// The policy with what it samples for: the tasks' prompts, and the pool that judges.
+/// The policy with what it samples for: the tasks' prompts, and the pool that judges;
+/// and the decoder it samples in, kept from batch to batch.
 struct Sampler<'a> {
     model: &'a Gpt,
     bpe: &'a Bpe,
     prompts: &'a [Vec<u32>],
     pool: &'a RewardPool,
+    decoder: &'a RefCell<Option<Decoder>>,
 }
 
 impl Sampler<'_> {
@@ -674,16 +677,26 @@ impl Sampler<'_> {
         let started = Instant::now();
         let mut first_token = None;
         let mut finished = vec![false; rows.len()];
-        let generated = model.generate(&row_prompts, &req.sampling, &mut |row, ids| {
-            first_token.get_or_insert_with(Instant::now);
-            let done = answer_ends(ids, stop_token, |t| bpe.decode(t));
-            if done {
-                finished[row] = true;
-                self.pool
-                    .submit(pool_batch, row, rows[row].0, completion_text(bpe, ids));
-            }
-            done
-        });
+        let mut decoder = self.decoder.borrow_mut();
+        let slots = row_prompts.len();
+        let generated = model.generate_reusing(
+            &mut decoder,
+            &row_prompts,
+            &[],
+            &req.sampling,
+            slots,
+            &mut |row, ids| {
+                first_token.get_or_insert_with(Instant::now);
+                let done = answer_ends(ids, stop_token, |t| bpe.decode(t));
+                if done {
+                    finished[row] = true;
+                    self.pool
+                        .submit(pool_batch, row, rows[row].0, completion_text(bpe, ids));
+                }
+                done
+            },
+        );
+        drop(decoder);
         for (row, ids) in generated.iter().enumerate() {
             if !finished[row] {
                 self.pool
@@ -840,6 +853,8 @@ struct RolloutSource<'a> {
     rank: usize,
     ranks: usize,
     state: RolloutState,
+    /// The decoder the rollouts are sampled in (its steps captured once).
+    decoder: RefCell<Option<Decoder>>,
     /// This rank's figures of the rollout batch settled last, until read.
     tally: Option<Tally>,
     log: RolloutLog,
@@ -920,6 +935,7 @@ impl RolloutSource<'_> {
             bpe: self.bpe,
             prompts: &self.prompts,
             pool: self.pool,
+            decoder: &self.decoder,
         }
     }
 
@@ -1387,11 +1403,14 @@ impl Evaluation for RlEval<'_> {
             ..Default::default()
         };
         let all: Vec<usize> = (0..self.tasks.len()).collect();
+        // Evaluations are rare: their decoder is not kept.
+        let decoder = RefCell::new(None);
         let sampler = Sampler {
             model,
             bpe: self.bpe,
             prompts: &self.prompts,
             pool: self.pool,
+            decoder: &decoder,
         };
         let req = Request {
             tasks: &all,
@@ -1558,6 +1577,7 @@ pub fn rl(
         rank,
         ranks,
         state: RolloutState::default(),
+        decoder: RefCell::new(None),
         tally: None,
         log: RolloutLog {
             path: cfg.out.join(match rank {
