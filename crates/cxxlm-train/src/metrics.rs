@@ -3,30 +3,41 @@
 
 use serde_json::{Map, Value};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{BufRead, BufReader, BufWriter, ErrorKind, Write};
 use std::path::{Path, PathBuf};
 
 use crate::{Result, TrainError};
 
 /// Opens the JSON lines `path` for appending, keeping of what it holds only the records
-/// whose number `key` passes `keep`: those before the point a run resumes from.
+/// whose number `key` passes `keep`: those before the point a run resumes from. The file
+/// is streamed through a new one (a long log is not held in memory); a line a kill cut
+/// short is not a record and goes too.
 pub(crate) fn reopen_records(path: &Path, key: &str, keep: impl Fn(u64) -> bool) -> Result<File> {
     let io = |e| TrainError::io(path, e);
-    let kept: String = match std::fs::read_to_string(path) {
-        Ok(text) => text
-            .lines()
-            .filter(|l| {
-                serde_json::from_str::<Value>(l)
-                    .ok()
-                    .and_then(|v| v[key].as_u64())
-                    .is_some_and(&keep)
-            })
-            .map(|l| format!("{l}\n"))
-            .collect(),
-        Err(_) => String::new(),
-    };
-    std::fs::write(path, kept).map_err(io)?;
-    OpenOptions::new().append(true).open(path).map_err(io)
+    match File::open(path) {
+        Ok(old) => {
+            let tmp = path.with_extension("jsonl.tmp");
+            let mut out = BufWriter::new(File::create(&tmp).map_err(io)?);
+            for line in BufReader::new(old).split(b'\n') {
+                let line = line.map_err(io)?;
+                let record = serde_json::from_slice::<Value>(&line).ok();
+                if record.and_then(|v| v[key].as_u64()).is_some_and(&keep) {
+                    out.write_all(&line)
+                        .and_then(|_| out.write_all(b"\n"))
+                        .map_err(io)?;
+                }
+            }
+            out.into_inner().map_err(|e| io(e.into_error()))?;
+            std::fs::rename(&tmp, path).map_err(io)?;
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io)
 }
 
 pub struct Metrics {
@@ -175,9 +186,21 @@ mod tests {
             m.log(step, &f).unwrap();
         }
         drop(m);
+        // A kill cut the last line short, within a character.
+        let path = dir.path().join("metrics.jsonl");
+        let mut torn = OpenOptions::new().append(true).open(&path).unwrap();
+        torn.write_all(b"{\"step\": 6, \"note\": \"\xc3").unwrap();
         Metrics::open(dir.path(), Some(3)).unwrap();
-        let text = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
-        assert_eq!(text.lines().count(), 3);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let steps: Vec<u64> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(steps, [1, 2, 3]);
         let events = std::fs::read_dir(dir.path().join("tensorboard"))
             .unwrap()
             .count();
