@@ -23,16 +23,20 @@ impl Journal {
     /// other than the last that is not a record is an error: the file is not one this
     /// type wrote.
     pub fn open<T: DeserializeOwned + Serialize>(path: &Path) -> Result<(Journal, Vec<T>)> {
-        let text = match std::fs::read_to_string(path) {
+        // Bytes, not text: a stop can cut a line within a character.
+        let text = match std::fs::read(path) {
             Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(DataError::io(path, e)),
         };
-        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        let lines: Vec<&[u8]> = text
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.trim_ascii().is_empty())
+            .collect();
         let mut records = Vec::with_capacity(lines.len());
         let mut cut = false;
         for (i, line) in lines.iter().enumerate() {
-            match serde_json::from_str::<T>(line) {
+            match serde_json::from_slice::<T>(line) {
                 Ok(record) => records.push(record),
                 Err(_) if i + 1 == lines.len() => cut = true,
                 Err(e) => {
@@ -43,12 +47,13 @@ impl Journal {
                 }
             }
         }
-        if cut || (!text.is_empty() && !text.ends_with('\n')) {
-            let whole: String = lines[..records.len()]
+        if cut || (!text.is_empty() && !text.ends_with(b"\n")) {
+            let whole: Vec<u8> = lines[..records.len()]
                 .iter()
-                .map(|l| format!("{l}\n"))
+                .flat_map(|l| l.iter().chain(b"\n"))
+                .copied()
                 .collect();
-            write_atomic(path, whole.as_bytes())?;
+            write_atomic(path, &whole)?;
         }
         let file = OpenOptions::new()
             .create(true)
@@ -104,12 +109,14 @@ mod tests {
         assert!(none.is_empty());
         journal.append(&[verdict("a"), verdict("bb")]).unwrap();
         drop(journal);
-        // A stop in the middle of the next write.
-        let mut text = std::fs::read_to_string(&path).unwrap();
-        text += r#"{"id":"ccc","fa"#;
-        std::fs::write(&path, text).unwrap();
-        let (mut journal, kept) = Journal::open::<Verdict>(&path).unwrap();
-        assert_eq!(kept, vec![verdict("a"), verdict("bb")]);
+        // A stop in the middle of the next write, the second time within a character.
+        let written = std::fs::read(&path).unwrap();
+        for torn in [&br#"{"id":"ccc","fa"#[..], b"{\"id\":\"\xc3"] {
+            std::fs::write(&path, [&written[..], torn].concat()).unwrap();
+            let (_, kept) = Journal::open::<Verdict>(&path).unwrap();
+            assert_eq!(kept, vec![verdict("a"), verdict("bb")]);
+        }
+        let (mut journal, _) = Journal::open::<Verdict>(&path).unwrap();
         journal.append(&[verdict("ccc")]).unwrap();
         let (_, all) = Journal::open::<Verdict>(&path).unwrap();
         assert_eq!(all, vec![verdict("a"), verdict("bb"), verdict("ccc")]);
