@@ -7,6 +7,7 @@ pub mod plot;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use plot::Series;
@@ -152,15 +153,46 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
         })
 }
 
-/// Every line of a JSON-lines file that parses (a line cut by a kill is left out).
+/// Every line of a JSON-lines file that parses (a line cut by a kill is left out, even
+/// within a character).
 fn read_json_lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .map(|t| {
-            t.lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect()
-        })
+    std::fs::read(path)
+        .map(|bytes| json_lines(&bytes).collect())
         .unwrap_or_default()
+}
+
+fn json_lines(bytes: &[u8]) -> impl Iterator<Item = Value> + '_ {
+    bytes
+        .split(|&b| b == b'\n')
+        .filter_map(|l| serde_json::from_slice(l).ok())
+}
+
+/// The completions of the last rollout batch in an RL run's `rollouts.jsonl`, read from
+/// its last `tail_bytes` (the log of a long run is large; a batch larger than that is
+/// seen in part).
+fn last_rollout_batch(path: &Path, tail_bytes: u64) -> Vec<Value> {
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let start = file
+        .metadata()
+        .map_or(0, |m| m.len().saturating_sub(tail_bytes));
+    // From the byte before, to tell whether the first line read is whole.
+    let from = start.saturating_sub(1);
+    let mut tail = Vec::new();
+    if file.seek(SeekFrom::Start(from)).is_err() || file.read_to_end(&mut tail).is_err() {
+        return Vec::new();
+    }
+    let whole = match start {
+        0 => &tail[..],
+        _ => tail.splitn(2, |&b| b == b'\n').nth(1).unwrap_or_default(),
+    };
+    let records: Vec<Value> = json_lines(whole).collect();
+    let last = records.iter().filter_map(|r| r["batch"].as_u64()).max();
+    records
+        .into_iter()
+        .filter(|r| last.is_some() && r["batch"].as_u64() == last)
+        .collect()
 }
 
 /// `v` at a dotted path.
@@ -1165,6 +1197,54 @@ fn reinforcement(r: &mut Report) {
             &rates,
         )
     });
+    rollout_examples(r);
+}
+
+/// The highest and the lowest rewarded completion of the last rollout batch, with what
+/// the judge said of them (every completion is in `rl/rollouts.jsonl`).
+fn rollout_examples(r: &mut Report) {
+    let last = last_rollout_batch(&r.layout.rl().join("rollouts.jsonl"), 16 << 20);
+    let reward = |c: &&Value| num(c, "reward");
+    let best = last.iter().max_by(|a, b| reward(a).total_cmp(&reward(b)));
+    let worst = last.iter().min_by(|a, b| reward(a).total_cmp(&reward(b)));
+    let (Some(best), Some(worst)) = (best, worst) else {
+        return;
+    };
+    let _ = writeln!(
+        r.md,
+        "The last rollout batch ({}, {} completions): its highest and lowest rewarded.\n",
+        best["batch"],
+        last.len()
+    );
+    const LINES: usize = 60;
+    for (which, c) in [("highest", best), ("lowest", worst)] {
+        let judged = &c["verdict"]["judged"];
+        let yes = |k: &str| if judged[k] == true { "yes" } else { "no" };
+        let failure = match (judged["failure"].as_str(), judged["detector"].as_str()) {
+            (Some(f), Some(d)) => format!(", failure `{f}` ({d})"),
+            (Some(f), None) => format!(", failure `{f}`"),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            r.md,
+            "**{which}**: reward {:+.2}, task `{}`, compiled {}, warnings {}, test passed {}{failure}, {} tokens{}:\n",
+            num(c, "reward"),
+            c["task"].as_str().unwrap_or(""),
+            yes("compiled"),
+            judged["warnings"],
+            yes("passed"),
+            c["tokens"],
+            if c["truncated"] == true { ", cut at the limit" } else { "" },
+        );
+        let text = c["completion"].as_str().unwrap_or("");
+        let shown: Vec<&str> = text.lines().take(LINES).collect();
+        let more = text.lines().count().saturating_sub(LINES);
+        let mut block = shown.join("\n");
+        if more > 0 {
+            let _ = write!(block, "\n// ... {more} more lines");
+        }
+        code_block(&mut r.md, "cpp", &block);
+    }
 }
 
 /// The held-out bug fixes (the tasks' test split: projects no stage trained on), as each
@@ -1265,6 +1345,7 @@ img {{ max-width: 100%; }}
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn an_empty_run_directory_reads_as_not_run() {
@@ -1387,6 +1468,23 @@ mod tests {
     }
 
     #[test]
+    fn the_last_rollout_batch_is_read_from_the_end_of_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rollouts.jsonl");
+        let lines: Vec<String> = (0..40)
+            .map(|i| json!({"batch": i / 10, "completion": "x".repeat(30)}).to_string())
+            .collect();
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        let whole = std::fs::metadata(&path).unwrap().len();
+        // 58 bytes a line: the last 5 lines whole, then 5 and part of one.
+        for (tail, seen) in [(whole, 10), (whole / 8, 5), (whole / 8 + 20, 5), (0, 0)] {
+            let last = last_rollout_batch(&path, tail);
+            assert_eq!(last.len(), seen, "last {tail} bytes");
+            assert!(last.iter().all(|r| r["batch"] == 3), "{last:?}");
+        }
+    }
+
+    #[test]
     fn rl_batches_and_each_models_bug_fixes_are_reported() {
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::new(dir.path());
@@ -1400,6 +1498,27 @@ mod tests {
             lines.push(format!(r#"{{"step":{step},"lr_scale":1.0}}"#));
         }
         std::fs::write(layout.rl().join("metrics.jsonl"), lines.join("\n")).unwrap();
+        // Two batches of completions; the last line cut by a kill within a character.
+        let mut rollouts = String::new();
+        for (batch, reward, text) in [
+            (0, 9.0, "int old_best() {}"),
+            (1, 6.5, "int add(int a, int b) { return a + b; }"),
+            (1, -1.0, "int add(int a, int b) { return a -"),
+            (1, 1.5, "int add(int a, int b) { return b; }"),
+        ] {
+            let compiled = reward > 0.0;
+            let judged = json!({"compiled": compiled, "warnings": 0, "passed": reward > 6.0,
+                "failure": if compiled { Value::Null } else { json!("compile") }, "detector": null});
+            rollouts += &json!({"batch": batch, "task": "fixture-add", "group": 0, "tokens": 12,
+                "truncated": false, "reward": reward, "advantage": 0.5,
+                "verdict": {"reward": reward, "judged": judged, "reasoning": false, "cached": false},
+                "completion": text})
+            .to_string();
+            rollouts.push('\n');
+        }
+        let mut log = rollouts.into_bytes();
+        log.extend_from_slice(b"{\"batch\": 1, \"completion\": \"\xc3");
+        std::fs::write(layout.rl().join("rollouts.jsonl"), log).unwrap();
         std::fs::create_dir_all(layout.root.join("eval")).unwrap();
         for (file, pass, compiled) in [("bugfix", 0.0, 3), ("bugfix-rl", 0.05, 40)] {
             std::fs::write(
@@ -1447,6 +1566,20 @@ mod tests {
             md.contains("![RL mean reward](plots/rl-reward.png)"),
             "{md}"
         );
+        assert!(
+            md.contains("The last rollout batch (1, 3 completions)"),
+            "{md}"
+        );
+        assert!(
+            md.contains("**highest**: reward +6.50, task `fixture-add`, compiled yes, warnings 0, test passed yes, 12 tokens:"),
+            "{md}"
+        );
+        assert!(
+            md.contains("**lowest**: reward -1.00, task `fixture-add`, compiled no, warnings 0, test passed no, failure `compile`, 12 tokens:"),
+            "{md}"
+        );
+        assert!(md.contains("{ return a + b; }"), "{md}");
+        assert!(!md.contains("old_best"), "{md}");
     }
 
     #[test]
