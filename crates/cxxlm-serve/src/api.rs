@@ -249,6 +249,60 @@ struct Outcome {
     started: Instant,
 }
 
+/// An answer to `/v1/completions` or `/v1/chat/completions`: what every chunk and the
+/// whole body carry, and how the request asked for it.
+struct OpenAiAnswer {
+    id: String,
+    created: u64,
+    model: String,
+    /// The whole body's `object`, and a streamed chunk's.
+    object: &'static str,
+    chunk_object: &'static str,
+    stream: bool,
+    /// A last chunk with the usage (`stream_options.include_usage`).
+    usage_chunk: bool,
+}
+
+impl OpenAiAnswer {
+    /// A streamed chunk of one choice.
+    fn chunk(&self, choice: Value) -> Value {
+        json!({"id": self.id, "object": self.chunk_object, "created": self.created,
+               "model": self.model, "choices": [choice]})
+    }
+
+    /// Ends the answer once generation is `out`: streamed, each choice's `tail` chunks
+    /// and the usage chunk when asked for; else the whole body, a `whole` choice each.
+    fn finish(
+        &self,
+        conn: &mut Conn,
+        out: &Outcome,
+        tail: &dyn Fn(usize, &Choice) -> Vec<Value>,
+        whole: &dyn Fn(usize, &Choice) -> Value,
+    ) -> Result<(), ApiError> {
+        let usage = usage(out);
+        let (id, created, model) = (&self.id, self.created, &self.model);
+        let gone = |_| bad("the client went away");
+        if self.stream {
+            let mut chunks: Vec<Value> = (out.choices.iter().enumerate())
+                .flat_map(|(i, c)| tail(i, c))
+                .collect();
+            if self.usage_chunk {
+                chunks.push(
+                    json!({"id": id, "object": self.chunk_object, "created": created,
+                                   "model": model, "choices": [], "usage": usage}),
+                );
+            }
+            return finish_sse(conn, &chunks).map_err(gone);
+        }
+        let choices: Vec<Value> = (out.choices.iter().enumerate())
+            .map(|(i, c)| whole(i, c))
+            .collect();
+        let body = json!({"id": id, "object": self.object, "created": created, "model": model,
+                          "choices": choices, "usage": usage, "timings": timings(out)});
+        conn.json(200, &body).map_err(gone)
+    }
+}
+
 enum Abort {
     /// The client went away: nothing more to send.
     Gone,
@@ -815,17 +869,12 @@ impl Server {
             }
             None => self.plain(&mut g, &prompt)?,
         }
-        let id = format!("cmpl-{}", self.ids.fetch_add(1, Ordering::Relaxed));
-        let (created, model) = (now_secs(), self.info.name.clone());
-        let stream = f.flag("stream")?;
-        let usage_chunk = stream
-            && f.get("stream_options")
-                .and_then(|o| o.get("include_usage"))
-                .and_then(Value::as_bool)
-                .unwrap_or(false);
+        let answer = self.openai_answer(&f, "cmpl", "text_completion", "text_completion")?;
+        let stream = answer.stream;
         let chunk = |index: usize, text: &str, finish: Value| {
-            json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                   "choices": [{"text": text, "index": index, "logprobs": null, "finish_reason": finish}]})
+            answer.chunk(
+                json!({"text": text, "index": index, "logprobs": null, "finish_reason": finish}),
+            )
         };
         let mut echoed = vec![false; g.n];
         let mut delta = |conn: &mut Conn, i: usize, text: &str| {
@@ -851,33 +900,41 @@ impl Server {
         else {
             return Ok(());
         };
-        let usage = usage(&out);
-        if stream {
-            let mut tail = Vec::new();
-            for (i, c) in out.choices.iter().enumerate() {
-                tail.push(chunk(i, "", json!(c.finish.unwrap_or("stop"))));
-            }
-            if usage_chunk {
-                tail.push(
-                    json!({"id": id, "object": "text_completion", "created": created,
-                                 "model": model, "choices": [], "usage": usage}),
-                );
-            }
-            return finish_sse(conn, &tail).map_err(|_| bad("the client went away"));
-        }
-        let choices: Vec<Value> = out
-            .choices
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let text = if echo { format!("{prompt}{}", c.text) } else { c.text.clone() };
-                json!({"text": text, "index": i, "logprobs": null, "finish_reason": c.finish.unwrap_or("stop")})
-            })
-            .collect();
-        let body = json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                          "choices": choices, "usage": usage, "timings": timings(&out)});
-        conn.json(200, &body)
-            .map_err(|_| bad("the client went away"))
+        let tail = |i: usize, c: &Choice| vec![chunk(i, "", json!(c.finish.unwrap_or("stop")))];
+        let whole = |i: usize, c: &Choice| {
+            let text = if echo {
+                format!("{prompt}{}", c.text)
+            } else {
+                c.text.clone()
+            };
+            json!({"text": text, "index": i, "logprobs": null, "finish_reason": c.finish.unwrap_or("stop")})
+        };
+        answer.finish(conn, &out, &tail, &whole)
+    }
+
+    /// An OpenAI answer's identity (a new id with `prefix`, the time, the model) and how
+    /// the request asked for it (streamed, with a usage chunk).
+    fn openai_answer(
+        &self,
+        f: &Fields,
+        prefix: &str,
+        object: &'static str,
+        chunk_object: &'static str,
+    ) -> Result<OpenAiAnswer, ApiError> {
+        let stream = f.flag("stream")?;
+        Ok(OpenAiAnswer {
+            id: format!("{prefix}-{}", self.ids.fetch_add(1, Ordering::Relaxed)),
+            created: now_secs(),
+            model: self.info.name.clone(),
+            object,
+            chunk_object,
+            stream,
+            usage_chunk: stream
+                && f.get("stream_options")
+                    .and_then(|o| o.get("include_usage"))
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
+        })
     }
 
     fn openai_neutral(&self, f: &Fields) -> Result<(), ApiError> {
@@ -995,17 +1052,13 @@ impl Server {
         g.prompt = prompt;
         g.agent_markers = true;
         g.fit = Some(Fit::Chat(CodeBlocks::new(self.info.layout)));
-        let id = format!("chatcmpl-{}", self.ids.fetch_add(1, Ordering::Relaxed));
-        let (created, model) = (now_secs(), self.info.name.clone());
-        let stream = f.flag("stream")?;
-        let usage_chunk = stream
-            && f.get("stream_options")
-                .and_then(|o| o.get("include_usage"))
-                .and_then(Value::as_bool)
-                .unwrap_or(false);
+        let answer =
+            self.openai_answer(&f, "chatcmpl", "chat.completion", "chat.completion.chunk")?;
+        let stream = answer.stream;
         let chunk = |index: usize, delta: Value, finish: Value| {
-            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": [{"index": index, "delta": delta, "logprobs": null, "finish_reason": finish}]})
+            answer.chunk(
+                json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish}),
+            )
         };
         let mut started_choice = vec![false; g.n];
         let mut delta = |conn: &mut Conn, i: usize, text: &str| {
@@ -1032,40 +1085,18 @@ impl Server {
         else {
             return Ok(());
         };
-        let usage = usage(&out);
-        if stream {
-            let mut tail = Vec::new();
-            for (i, c) in out.choices.iter().enumerate() {
-                if !started_choice[i] {
-                    tail.push(chunk(
-                        i,
-                        json!({"role": "assistant", "content": ""}),
-                        Value::Null,
-                    ));
-                }
-                tail.push(chunk(i, json!({}), json!(c.finish.unwrap_or("stop"))));
-            }
-            if usage_chunk {
-                tail.push(
-                    json!({"id": id, "object": "chat.completion.chunk", "created": created,
-                                 "model": model, "choices": [], "usage": usage}),
-                );
-            }
-            return finish_sse(conn, &tail).map_err(|_| bad("the client went away"));
-        }
-        let choices: Vec<Value> = out
-            .choices
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                json!({"index": i, "message": {"role": "assistant", "content": c.text},
-                       "logprobs": null, "finish_reason": c.finish.unwrap_or("stop")})
-            })
-            .collect();
-        let body = json!({"id": id, "object": "chat.completion", "created": created, "model": model,
-                          "choices": choices, "usage": usage, "timings": timings(&out)});
-        conn.json(200, &body)
-            .map_err(|_| bad("the client went away"))
+        // A choice that streamed no text still opens with its role.
+        let tail = |i: usize, c: &Choice| {
+            let opening = (!started_choice[i])
+                .then(|| chunk(i, json!({"role": "assistant", "content": ""}), Value::Null));
+            let end = chunk(i, json!({}), json!(c.finish.unwrap_or("stop")));
+            opening.into_iter().chain([end]).collect()
+        };
+        let whole = |i: usize, c: &Choice| {
+            json!({"index": i, "message": {"role": "assistant", "content": c.text},
+                   "logprobs": null, "finish_reason": c.finish.unwrap_or("stop")})
+        };
+        answer.finish(conn, &out, &tail, &whole)
     }
 
     fn infill(&self, r: &Request, conn: &mut Conn, started: Instant) -> Result<(), ApiError> {
