@@ -379,6 +379,10 @@ impl Gpt {
                     )
                 }
                 Some(p) => {
+                    assert!(
+                        p.prefix.is_none(),
+                        "the explicit pass keeps examples apart: a shared prefix is for autograd"
+                    );
                     let (out, saved) = attention::forward_segments(&q, &k, &v, &p.segments);
                     (out.view([n, heads * dim]), saved)
                 }

@@ -360,7 +360,7 @@ impl Gpt {
                         .index_select(0, &p.positions)
                         .view([-1, t, 1, half])
                 };
-                (at(&self.cos), at(&self.sin), Some(p.segments.mask()))
+                (at(&self.cos), at(&self.sin), Some(p.mask()))
             }
         };
         let logit_scale = c.logit_scale().map(|s| s / (hd as f64).sqrt());
@@ -818,6 +818,40 @@ mod tests {
         assert!(diff < 1e-5, "{diff}");
         let norms = e.norm_scalaropt_dim(2, [1], false);
         assert!((norms - 1.0).abs().max().double_value(&[]) < 1e-5);
+    }
+
+    #[test]
+    fn samples_packed_after_their_shared_prompt_score_as_alone() {
+        let _rng = crate::TORCH_RNG.lock();
+        let m = Gpt::random(tiny(), 4);
+        let _guard = tch::no_grad_guard();
+        let prompt = [5i64, 6, 7, 8];
+        let samples: [&[i64]; 3] = [&[9, 10, 11], &[12], &[13, 14]];
+        // The prompt but its last token, then each sample after a copy of that token.
+        let mut row: Vec<i64> = prompt[..3].to_vec();
+        let mut lengths = vec![3];
+        for s in samples {
+            row.push(prompt[3]);
+            row.extend(s);
+            lengths.push(1 + s.len());
+        }
+        row.extend([0, 0]);
+        let t = row.len();
+        let packing = Packing::with_shared_prefix(&[lengths], t, Device::Cpu);
+        let shared =
+            m.logits_with_grad(&Tensor::from_slice(&row).unsqueeze(0), Some(&packing), None);
+        let mut at = 3;
+        for s in samples {
+            let alone: Vec<i64> = prompt.iter().chain(s.iter()).copied().collect();
+            let logits = m.logits_with_grad(&Tensor::from_slice(&alone).unsqueeze(0), None, None);
+            // From the prompt's last token on.
+            let n = 1 + s.len() as i64;
+            let want = logits.narrow(1, 3, n);
+            let got = shared.narrow(1, at, n);
+            let diff = (got - want).abs().max().double_value(&[]);
+            assert!(diff < 1e-4, "sample {s:?}: {diff}");
+            at += n;
+        }
     }
 
     #[test]

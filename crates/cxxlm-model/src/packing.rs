@@ -1,15 +1,21 @@
 //! Examples packed side by side in the rows of a batch, kept apart: each starts at rotary
 //! position 0 and attends only to its own earlier tokens (block-diagonal causal
-//! attention), so that a packed example is trained as it would be alone.
+//! attention), so that a packed example is trained as it would be alone. A row may also
+//! open with a prefix that its later examples share (samples of one prompt): they attend
+//! to it as well, their positions continuing it, so each is scored as the prefix followed
+//! by itself, the prefix computed once.
 
 use cxxlm_cuda::attention::Segments;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 pub struct Packing {
     /// The rows cut into examples, then each row's padding.
     pub segments: Segments,
     /// Every token's position in its example, `(B x T)` int64 on the device.
     pub positions: Tensor,
+    /// Each row's shared prefix, `(B)` lengths, for rows packed by
+    /// [`Packing::with_shared_prefix`].
+    pub prefix: Option<Tensor>,
 }
 
 impl Packing {
@@ -18,27 +24,63 @@ impl Packing {
     /// window is only a target): it is cut there. What is left of a row after its
     /// examples is padding, a segment of its own.
     pub fn new(rows: &[Vec<usize>], t: usize, device: Device) -> Packing {
+        Self::packed(rows, t, false, device)
+    }
+
+    /// [`Packing::new`], each row's first length (which may be 0) a prefix that the
+    /// row's later examples attend to, their positions continuing it.
+    pub fn with_shared_prefix(rows: &[Vec<usize>], t: usize, device: Device) -> Packing {
+        Self::packed(rows, t, true, device)
+    }
+
+    fn packed(rows: &[Vec<usize>], t: usize, shared: bool, device: Device) -> Packing {
         let mut cut = Vec::with_capacity(rows.len());
         let mut positions = Vec::with_capacity(rows.len() * t);
+        let mut prefixes = Vec::with_capacity(rows.len());
         for lengths in rows {
             let mut used = 0;
             let mut segments = Vec::with_capacity(lengths.len() + 1);
-            for &n in lengths {
+            let prefix = match shared {
+                true => lengths.first().map_or(0, |&n| n.min(t)),
+                false => 0,
+            };
+            for (k, &n) in lengths.iter().enumerate() {
                 let n = n.min(t - used);
                 if n > 0 {
+                    let from = if k > 0 { prefix } else { 0 };
+                    positions.extend((from..from + n).map(|p| p as i64));
                     segments.push(n);
                     used += n;
                 }
             }
             if used < t {
+                positions.extend(0..(t - used) as i64);
                 segments.push(t - used);
             }
-            positions.extend(segments.iter().flat_map(|&n| 0..n as i64));
+            prefixes.push(prefix as i64);
             cut.push(segments);
         }
         Packing {
             segments: Segments::new(&cut, t, device),
             positions: Tensor::from_slice(&positions).to_device(device),
+            prefix: shared.then(|| Tensor::from_slice(&prefixes).to_device(device)),
         }
+    }
+
+    /// Which keys each query may attend to: `(B, 1, T, T)`, earlier or equal positions of
+    /// its own example, and of its row's shared prefix.
+    pub fn mask(&self) -> Tensor {
+        let own = self.segments.mask();
+        let Some(prefix) = &self.prefix else {
+            return own;
+        };
+        let t = own.size()[3];
+        let device = own.device();
+        let keys = Tensor::arange(t, (Kind::Int64, device));
+        let in_prefix = keys
+            .view([1, 1, 1, t])
+            .lt_tensor(&prefix.view([-1, 1, 1, 1]));
+        let causal = Tensor::ones([t, t], (Kind::Bool, device)).tril(0);
+        own.logical_or(&in_prefix.logical_and(&causal))
     }
 }

@@ -190,6 +190,7 @@ fn micro_batch(pairs: &[&Rows], cols: usize, pad: u32) -> MicroBatch {
         tokens,
         supervised: Some(pooled),
         examples: None,
+        shared_prefix: false,
         weights: None,
     }
 }

@@ -346,6 +346,7 @@ mod tests {
                 tokens: tokens(index),
                 supervised: None,
                 examples: None,
+                shared_prefix: false,
                 weights: None,
             })
         }

@@ -408,6 +408,7 @@ impl BatchSource for PackSource {
             tokens: b.tokens,
             supervised: None,
             examples: self.document_mask.then_some(b.documents),
+            shared_prefix: false,
             weights: None,
         })
     }

@@ -499,45 +499,63 @@ pub fn learned_advantages(
     (out, equal)
 }
 
-/// Which completions each of `count` micro-batches holds: only those with an advantage
-/// (the others teach nothing: no target of theirs is learned, the KL term included), by
-/// length, so that each micro-batch pads its rows little, as evenly shared as can be. A
+/// Which completions each of `count` micro-batches learns from, a row for each group's
+/// (completions of one prompt, numbered in `groups`): only those with an advantage (the
+/// others teach nothing: no target of theirs is learned, the KL term included), rows by
+/// length so that each micro-batch pads little, as evenly shared as can be. A
 /// micro-batch left with none holds the shortest of the others, learning nothing.
 pub fn learning_rows(
-    lengths: &[usize],
+    groups: &[usize],
+    prompts: &[&[u32]],
+    completions: &[&[u32]],
     advantages: &[Option<f64>],
     count: usize,
-) -> Vec<Vec<usize>> {
-    let mut learned: Vec<usize> = (0..lengths.len())
-        .filter(|&i| advantages[i].is_some())
-        .collect();
-    learned.sort_by_key(|&i| lengths[i]);
-    // (There is one when a micro-batch is left empty: `count` is at most the rows.)
-    let shortest = (0..lengths.len())
+) -> Vec<Vec<Vec<usize>>> {
+    let mut rows: Vec<Vec<usize>> = Vec::new();
+    for i in (0..groups.len()).filter(|&i| advantages[i].is_some()) {
+        match rows.iter_mut().find(|row| groups[row[0]] == groups[i]) {
+            Some(row) => row.push(i),
+            None => rows.push(vec![i]),
+        }
+    }
+    rows.sort_by_key(|row| row_length(row, prompts, completions));
+    // (There is one when a micro-batch is left empty: `count` is at most the completions.)
+    let shortest = (0..groups.len())
         .filter(|&i| advantages[i].is_none())
-        .min_by_key(|&i| lengths[i]);
+        .min_by_key(|&i| row_length(&[i], prompts, completions));
     (0..count)
         .map(|k| {
-            let run = &learned[k * learned.len() / count..(k + 1) * learned.len() / count];
+            let run = &rows[k * rows.len() / count..(k + 1) * rows.len() / count];
             match run.is_empty() {
-                true => shortest.into_iter().collect(),
+                true => shortest.map(|i| vec![i]).into_iter().collect(),
                 false => run.to_vec(),
             }
         })
         .collect()
 }
 
-/// The micro-batch of completions `rows` (padded with `pad` to the longest).
+/// The tokens of the row of completions `row` of one prompt in [`micro_batch`].
+fn row_length(row: &[usize], prompts: &[&[u32]], completions: &[&[u32]]) -> usize {
+    let prompt = prompts[row[0]].len().saturating_sub(1);
+    prompt + row.iter().map(|&i| 1 + completions[i].len()).sum::<usize>()
+}
+
+/// The micro-batch of `rows`, each completions of one prompt: the prompt but its last
+/// token, then each completion after a copy of that token, attending to the prompt and
+/// to itself ([`cxxlm_model::Packing::with_shared_prefix`]): the prompt is computed once
+/// for its samples. Rows are padded with `pad` to the longest. Also where each
+/// completion's targets start among the `(rows, cols - 1)` targets, in the order of
+/// `rows`' completions.
 fn micro_batch(
-    rows: &[usize],
+    rows: &[Vec<usize>],
     prompts: &[&[u32]],
     completions: &[&[u32]],
     advantages: &[Option<f64>],
     pad: u32,
-) -> MicroBatch {
+) -> (MicroBatch, Vec<usize>) {
     let cols = rows
         .iter()
-        .map(|&i| prompts[i].len() + completions[i].len())
+        .map(|row| row_length(row, prompts, completions))
         .max()
         .unwrap_or(2)
         .max(2);
@@ -545,35 +563,46 @@ fn micro_batch(
     let mut tokens = Vec::with_capacity(rows.len() * cols);
     let mut supervised = vec![false; rows.len() * t];
     let mut weights = vec![0f32; rows.len() * t];
-    for (row, &i) in rows.iter().enumerate() {
-        let (prompt, completion) = (prompts[i], completions[i]);
-        tokens.extend(prompt);
-        tokens.extend(completion);
-        tokens.extend(std::iter::repeat_n(
-            pad,
-            cols - prompt.len() - completion.len(),
-        ));
-        if let (Some(a), false) = (advantages[i], prompt.is_empty()) {
-            // The target at `k` is the token at `k + 1`.
-            let start = row * t + prompt.len() - 1;
-            for k in start..start + completion.len() {
-                supervised[k] = true;
-                weights[k] = a as f32;
+    let mut examples = Vec::with_capacity(rows.len());
+    let mut starts = Vec::new();
+    for (r, row) in rows.iter().enumerate() {
+        let prompt = prompts[row[0]];
+        // An empty prompt: the completions follow padding, and teach nothing.
+        let (last, before) = prompt.split_last().map_or((pad, &[][..]), |(l, b)| (*l, b));
+        let begin = tokens.len();
+        tokens.extend(before);
+        let mut lengths = vec![before.len()];
+        for &i in row {
+            let start = r * t + tokens.len() - begin;
+            starts.push(start);
+            tokens.push(last);
+            tokens.extend(completions[i]);
+            lengths.push(1 + completions[i].len());
+            if let (Some(a), false) = (advantages[i], prompt.is_empty()) {
+                // The target at `k` is the token at `k + 1`.
+                for k in start..start + completions[i].len() {
+                    supervised[k] = true;
+                    weights[k] = a as f32;
+                }
             }
         }
+        tokens.resize(begin + cols, pad);
+        examples.push(lengths);
     }
-    MicroBatch {
+    let batch = MicroBatch {
         rows: rows.len(),
         cols,
         tokens,
         supervised: Some(supervised),
-        examples: None,
+        examples: Some(examples),
+        shared_prefix: true,
         weights: Some(TargetWeights {
             advantages: weights,
             old_logprobs: None,
             ref_logprobs: None,
         }),
-    }
+    };
+    (batch, starts)
 }
 
 /// A completion sampled for a prompt, and what it earned.
@@ -752,7 +781,8 @@ impl Sampler<'_> {
 }
 
 /// Each completion's tokens' log-probabilities under `model`, after its prompt, in
-/// passes of `rows` rows of similar lengths (little padding).
+/// passes of about `rows` completions, the samples of one prompt (neighbours with the same
+/// prompt) a row, rows of similar lengths together (little padding).
 fn completion_logprobs(
     model: &Gpt,
     prompts: &[&[u32]],
@@ -760,16 +790,34 @@ fn completion_logprobs(
     rows: usize,
 ) -> Vec<Vec<f32>> {
     let layout = vec![Some(0.0); prompts.len()];
-    let mut order: Vec<usize> = (0..prompts.len()).collect();
-    order.sort_by_key(|&i| prompts[i].len() + completions[i].len());
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for i in 0..prompts.len() {
+        match groups.last_mut() {
+            Some(g) if prompts[g[0]] == prompts[i] => g.push(i),
+            _ => groups.push(vec![i]),
+        }
+    }
+    groups.sort_by_key(|g| row_length(g, prompts, completions));
+    let mut passes: Vec<Vec<Vec<usize>>> = vec![Vec::new()];
+    for g in groups {
+        let full = passes
+            .last()
+            .expect("one")
+            .iter()
+            .map(Vec::len)
+            .sum::<usize>()
+            >= rows;
+        if full {
+            passes.push(Vec::new());
+        }
+        passes.last_mut().expect("one").push(g);
+    }
     let mut out = vec![Vec::new(); prompts.len()];
     tch::no_grad(|| {
-        for pass in order.chunks(rows.max(1)) {
-            let b = micro_batch(pass, prompts, completions, &layout, 0);
+        for pass in passes.iter().filter(|p| !p.is_empty()) {
+            let (b, starts) = micro_batch(pass, prompts, completions, &layout, 0);
             let all = host_f32(&target_logprobs(model, &b.to_device(model.device())).0);
-            let t = b.cols - 1;
-            for (row, &i) in pass.iter().enumerate() {
-                let start = row * t + prompts[i].len() - 1;
+            for (&i, start) in pass.iter().flatten().zip(starts) {
                 out[i] = all[start..start + completions[i].len()].to_vec();
             }
         }
@@ -1056,26 +1104,21 @@ impl RolloutSource<'_> {
             .collect();
         let completions: Vec<&[u32]> = rollouts.iter().map(|r| r.tokens.as_slice()).collect();
         // As many micro-batches as the step takes, of the completions it learns from.
-        let lengths: Vec<usize> = prompts
-            .iter()
-            .zip(&completions)
-            .map(|(p, c)| p.len() + c.len())
-            .collect();
         let count = rollouts.len().div_ceil(self.device_batch.max(1));
-        let arranged = learning_rows(&lengths, &learned, count);
-        let mut batches: Vec<MicroBatch> = arranged
+        let arranged = learning_rows(&groups, &prompts, &completions, &learned, count);
+        let (mut batches, starts): (Vec<MicroBatch>, Vec<Vec<usize>>) = arranged
             .iter()
             .map(|rows| micro_batch(rows, &prompts, &completions, &learned, self.pad))
-            .collect();
+            .unzip();
         // Log-probabilities of the sampling policy (the ratio's old ones when several
         // updates learn from a batch whose sampling kept none) and of the reference. The
         // KL to the reference is the update's to compute: its forward pass has the
         // policy's.
         tch::no_grad(|| {
-            for (b, rows) in batches.iter_mut().zip(&arranged) {
+            for ((b, rows), starts) in batches.iter_mut().zip(&arranged).zip(&starts) {
                 let d = b.to_device(model.device());
                 let old = match s.sample_ahead {
-                    true => Some(sampled_targets(b, rows, &prompts, &rollouts)),
+                    true => Some(sampled_targets(b, rows, starts, &rollouts)),
                     false => (s.updates > 1).then(|| host_f32(&target_logprobs(model, &d).0)),
                 };
                 let reference = self.reference.as_ref().map(|m| target_logprobs(m, &d).0);
@@ -1128,19 +1171,17 @@ impl RolloutSource<'_> {
     }
 }
 
-/// A micro-batch's targets' log-probabilities under the policy that sampled its rows,
-/// the completions `rows` of `rollouts` (0 outside the completions).
+/// A micro-batch's targets' log-probabilities under the policy that sampled its
+/// completions `rows`, whose targets begin at `starts` (0 outside the completions).
 fn sampled_targets(
     b: &MicroBatch,
-    rows: &[usize],
-    prompts: &[&[u32]],
+    rows: &[Vec<usize>],
+    starts: &[usize],
     rollouts: &[Rollout],
 ) -> Vec<f32> {
-    let t = b.cols - 1;
-    let mut out = vec![0f32; b.rows * t];
-    for (row, &i) in rows.iter().enumerate() {
+    let mut out = vec![0f32; b.rows * (b.cols - 1)];
+    for (&i, &start) in rows.iter().flatten().zip(starts) {
         let lp = rollouts[i].sampled_logprobs.as_deref().unwrap_or_default();
-        let start = row * t + prompts[i].len() - 1;
         out[start..start + lp.len()].copy_from_slice(lp);
     }
     out
@@ -1634,7 +1675,7 @@ mod tests {
         tiny_model(32, 11)
     }
 
-    /// Micro-batches of `device_batch` rows in order, each a prompt and its completion
+    /// Micro-batches of `device_batch` rows in order, each a prompt and one completion
     /// (padded with `pad`), the completion's targets learned with its advantage where it
     /// has one.
     fn micro_batches(
@@ -1644,10 +1685,10 @@ mod tests {
         device_batch: usize,
         pad: u32,
     ) -> Vec<MicroBatch> {
-        let order: Vec<usize> = (0..prompts.len()).collect();
-        order
+        let alone: Vec<Vec<usize>> = (0..prompts.len()).map(|i| vec![i]).collect();
+        alone
             .chunks(device_batch.max(1))
-            .map(|rows| micro_batch(rows, prompts, completions, advantages, pad))
+            .map(|rows| micro_batch(rows, prompts, completions, advantages, pad).0)
             .collect()
     }
 
@@ -1688,7 +1729,7 @@ mod tests {
     #[allow(clippy::assign_op_pattern)]
     fn direct(m: &Gpt, batch: &MicroBatch, clip: (f64, f64), kl_coef: f64, normalizer: f64) -> f64 {
         let d = batch.to_device(Device::Cpu);
-        let logits = m.logits_with_grad(&d.inputs, None, None);
+        let logits = m.logits_with_grad(&d.inputs, d.packing.as_ref(), None);
         let w = batch.weights.as_ref().unwrap();
         let t = batch.cols - 1;
         let mut total = Tensor::zeros([], (Kind::Float, Device::Cpu));
@@ -1836,7 +1877,8 @@ mod tests {
                     .collect()
             })
             .collect();
-        // With `arranged`, the micro-batches hold only what is learned, by length.
+        // With `arranged`, the micro-batches hold only what is learned, by length, each
+        // group's completions a row after their shared prompt.
         let step = |groups: &[usize], rewards: &[f64], arranged: bool| {
             let members: Vec<usize> = (0..9).filter(|i| groups.contains(&(i / 3))).collect();
             let g: Vec<usize> = members.iter().map(|i| i / 3).collect();
@@ -1846,14 +1888,10 @@ mod tests {
             let c: Vec<&[u32]> = members.iter().map(|&i| completions[i].as_slice()).collect();
             let batches = match arranged {
                 false => micro_batches(&p, &c, &learned, 4, 299),
-                true => {
-                    let lengths: Vec<usize> =
-                        p.iter().zip(&c).map(|(p, c)| p.len() + c.len()).collect();
-                    learning_rows(&lengths, &learned, members.len().div_ceil(4))
-                        .iter()
-                        .map(|rows| micro_batch(rows, &p, &c, &learned, 299))
-                        .collect()
-                }
+                true => learning_rows(&g, &p, &c, &learned, members.len().div_ceil(4))
+                    .iter()
+                    .map(|rows| micro_batch(rows, &p, &c, &learned, 299).0)
+                    .collect(),
             };
             let n = batches.len();
             let mut source = Given(batches.into());
@@ -1891,24 +1929,54 @@ mod tests {
 
     #[test]
     fn micro_batches_hold_what_is_learned_by_length() {
+        // One-token prompts: a completion's row is 1 + its tokens, these lengths.
         let lengths = [5, 3, 9, 4, 7, 2, 8, 6];
+        let ids: Vec<Vec<u32>> = lengths.iter().map(|&n| vec![7; n - 1]).collect();
+        let prompts: Vec<&[u32]> = vec![&[1]; 8];
+        let completions: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
         let a = |learned: &[usize]| -> Vec<Option<f64>> {
             (0..8)
                 .map(|i| learned.contains(&i).then_some(1.0))
                 .collect()
         };
+        let alone: Vec<usize> = (0..8).collect();
+        let rows = |groups: &[usize], learned: &[usize], count: usize| {
+            learning_rows(groups, &prompts, &completions, &a(learned), count)
+        };
         // Sorted by length (4, 5, 6, 8, 9), shared as evenly as can be.
-        let rows = learning_rows(&lengths, &a(&[0, 2, 3, 6, 7]), 3);
-        assert_eq!(rows, vec![vec![3], vec![0, 7], vec![6, 2]]);
+        assert_eq!(
+            rows(&alone, &[0, 2, 3, 6, 7], 3),
+            vec![
+                vec![vec![3]],
+                vec![vec![0], vec![7]],
+                vec![vec![6], vec![2]]
+            ]
+        );
+        // A group's learned completions share a row: 5 + 3, then 9, then 8 + 6.
+        assert_eq!(
+            rows(&[0, 0, 1, 1, 2, 2, 3, 3], &[0, 1, 2, 6, 7], 2),
+            vec![vec![vec![0, 1]], vec![vec![2], vec![6, 7]]]
+        );
         // Two learned rows for four micro-batches: the others hold the shortest row that
         // teaches nothing (5), which their targets do not learn from.
-        let rows = learning_rows(&lengths, &a(&[2, 3]), 4);
-        assert_eq!(rows, vec![vec![5], vec![3], vec![5], vec![2]]);
-        let ids: Vec<Vec<u32>> = lengths.iter().map(|&n| vec![7; n - 1]).collect();
-        let prompts: Vec<&[u32]> = vec![&[1]; 8];
-        let completions: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-        let b = micro_batch(&rows[0], &prompts, &completions, &a(&[2, 3]), 0);
+        let spread = rows(&alone, &[2, 3], 4);
+        assert_eq!(
+            spread,
+            [vec![vec![5]], vec![vec![3]], vec![vec![5]], vec![vec![2]]]
+        );
+        let (b, _) = micro_batch(&spread[0], &prompts, &completions, &a(&[2, 3]), 0);
         assert_eq!((b.rows, b.supervised_count()), (1, 0));
+        // A row: the prompt but its last token, then each completion after that token.
+        let prompt: &[u32] = &[1, 40, 41];
+        let two: [&[u32]; 2] = [&[50, 51], &[60]];
+        let (b, starts) = micro_batch(&[vec![0, 1]], &[prompt; 2], &two, &[Some(1.0); 2], 0);
+        assert_eq!(b.tokens, [1, 40, 41, 50, 51, 41, 60]);
+        assert_eq!(starts, [2, 5]);
+        assert_eq!(
+            b.supervised.as_deref(),
+            Some(&[false, false, true, true, false, true][..])
+        );
+        assert_eq!(b.examples, Some(vec![vec![2, 3, 2]]));
     }
 
     #[test]

@@ -204,6 +204,7 @@ impl BatchSource for SftSource {
             tokens: [r.tokens, b.tokens].concat(),
             supervised: Some([vec![true; targets], learned].concat()),
             examples: Some([r.documents, b.examples.expect("SFT rows")].concat()),
+            shared_prefix: false,
             weights: None,
         })
     }
@@ -276,6 +277,7 @@ fn micro_batch(b: sft::SftBatch) -> MicroBatch {
         tokens: b.tokens,
         supervised: Some(b.learned),
         examples: Some(b.examples),
+        shared_prefix: false,
         weights: None,
     }
 }

@@ -35,6 +35,10 @@ pub struct MicroBatch {
     /// must attend only to itself from position 0 (the rest of a row is padding); None:
     /// each row is attended as one sequence.
     pub examples: Option<Vec<Vec<usize>>>,
+    /// With `examples`: each row's first example is a prefix its later examples attend to
+    /// as well, their positions continuing it (RL's samples of one prompt).
+    #[serde(default)]
+    pub shared_prefix: bool,
     /// What a policy-gradient loss weighs each target by (RL); None: nothing.
     pub weights: Option<TargetWeights>,
 }
@@ -100,10 +104,10 @@ impl MicroBatch {
         let shape = [self.rows as i64, t];
         let per_target = |v: &[f32]| Tensor::from_slice(v).view(shape).to_device(device);
         DeviceBatch {
-            packing: self
-                .examples
-                .as_ref()
-                .map(|rows| Packing::new(rows, t as usize, device)),
+            packing: self.examples.as_ref().map(|rows| match self.shared_prefix {
+                true => Packing::with_shared_prefix(rows, t as usize, device),
+                false => Packing::new(rows, t as usize, device),
+            }),
             weights: self.weights.as_ref().map(|w| DeviceWeights {
                 advantages: per_target(&w.advantages),
                 old_logprobs: w.old_logprobs.as_deref().map(per_target),
@@ -1074,6 +1078,7 @@ pub(crate) mod tests {
             tokens: vec![1; 10],
             supervised,
             examples,
+            shared_prefix: false,
             weights: None,
         };
         // Packed: rows of 5 holding 2 + 2 and 5 tokens.
@@ -1116,6 +1121,7 @@ pub(crate) mod tests {
             tokens,
             supervised: Some(supervised),
             examples: Some(rows.to_vec()),
+            shared_prefix: false,
             weights: None,
         }
     }
@@ -1208,6 +1214,7 @@ pub(crate) mod tests {
                     tokens: whole.tokens[k * 34..(k + 1) * 34].to_vec(),
                     supervised: whole.supervised.as_ref().map(|s| range(s, 16)),
                     examples: Some(rows[k * 2..k * 2 + 2].to_vec()),
+                    shared_prefix: false,
                     weights: None,
                 }
             })
