@@ -1728,8 +1728,9 @@ mod tests {
     /// term; summed and divided by `normalizer`, then backward.
     #[allow(clippy::assign_op_pattern)]
     fn direct(m: &Gpt, batch: &MicroBatch, clip: (f64, f64), kl_coef: f64, normalizer: f64) -> f64 {
+        // A row of one completion holds its prompt and it, as plain causal text does.
         let d = batch.to_device(Device::Cpu);
-        let logits = m.logits_with_grad(&d.inputs, d.packing.as_ref(), None);
+        let logits = m.logits_with_grad(&d.inputs, None, None);
         let w = batch.weights.as_ref().unwrap();
         let t = batch.cols - 1;
         let mut total = Tensor::zeros([], (Kind::Float, Device::Cpu));
