@@ -311,6 +311,7 @@ impl Sandbox {
             Ok(())
         };
         let started = Instant::now();
+        // bubblewrap itself gets no environment: its init's is readable in the sandbox.
         let child = spawn::spawn(self.bwrap.as_os_str(), &args, &mut setup)
             .map_err(|e| EvalError::io(&self.bwrap, e))?;
         drop((filter_read, info_write));

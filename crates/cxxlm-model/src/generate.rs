@@ -350,10 +350,7 @@ impl Gpt {
         slots: usize,
         stop: &mut dyn FnMut(usize, &[u32]) -> bool,
     ) -> Vec<Vec<u32>> {
-        let slots = match slots {
-            0 => prompts.len(),
-            s => s.min(prompts.len()),
-        };
+        let slots = if slots == 0 { prompts.len() } else { slots };
         let mut decoder = None;
         self.generate_reusing(&mut decoder, prompts, first, sampling, slots, stop)
     }

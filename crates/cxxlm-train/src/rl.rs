@@ -798,23 +798,20 @@ fn completion_logprobs(
         }
     }
     groups.sort_by_key(|g| row_length(g, prompts, completions));
-    let mut passes: Vec<Vec<Vec<usize>>> = vec![Vec::new()];
+    let mut passes: Vec<Vec<Vec<usize>>> = Vec::new();
+    // Completions in the last pass (as many as a full one: the first group opens one).
+    let mut in_pass = rows;
     for g in groups {
-        let full = passes
-            .last()
-            .expect("one")
-            .iter()
-            .map(Vec::len)
-            .sum::<usize>()
-            >= rows;
-        if full {
+        if in_pass >= rows {
             passes.push(Vec::new());
+            in_pass = 0;
         }
-        passes.last_mut().expect("one").push(g);
+        in_pass += g.len();
+        passes.last_mut().expect("opened above").push(g);
     }
     let mut out = vec![Vec::new(); prompts.len()];
     tch::no_grad(|| {
-        for pass in passes.iter().filter(|p| !p.is_empty()) {
+        for pass in &passes {
             let (b, starts) = micro_batch(pass, prompts, completions, &layout, 0);
             let all = host_f32(&target_logprobs(model, &b.to_device(model.device())).0);
             for (&i, start) in pass.iter().flatten().zip(starts) {
