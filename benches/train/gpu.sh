@@ -10,6 +10,9 @@
 #                                         # BENCH_SHAPES="12 32,20 16" picks shapes, a
 #                                         # third field the row length: "12 8 8192";
 #                                         # OURS_STEPS, REF_STEPS the steps timed)
+#   benches/train/gpu.sh 3b               # the seeds' 3B at T=8192: memory plan, tok/s and MFU
+#                                         # by device batch and checkpointing, against
+#                                         # torch.compile (ref_3b.py), and a profile
 #   benches/train/gpu.sh kernels          # each fused kernel against its definition, then the
 #                                         # explicit pass against autograd: speed, memory, phases
 #   benches/train/gpu.sh agree [STEPS]    # d12 loss curves, fused against autograd, same start
@@ -89,6 +92,32 @@ ours)
     rm -rf "$work/ours"
     ours "$depth" "$batch" "$steps" "$work/ours" --log-every 5 "$@" >"$out/ours.log" 2>&1 || { tail -20 "$out/ours.log"; exit 1; }
     echo "d$depth B=$batch $*: $(summary "$work/ours/metrics.jsonl")" | tee -a "$out/ours.txt"
+    ;;
+3b)
+    # The seeds' 3B (SwiGLU, 8 key/value heads) at T=8192 with Muon, for each device batch
+    # and activation checkpointing (every k-th layer, 0: none) of THREE_B ("B:k ..."): the
+    # memory plan (`--check`), then OURS_STEPS (12) steps, the plan against the measured
+    # peak; torch.compile on the same shape (benches/train/ref_3b.py, AdamW) for each
+    # REF_3B ("B:checkpoint ..."); last, where the explicit pass's time goes at B=1.
+    for cfg in ${THREE_B:-2:0 4:2 4:1 8:1}; do
+        IFS=: read -r batch every <<<"$cfg"
+        dir="$work/3b-b$batch-k$every"
+        rm -rf "$dir"
+        args=(--pack "$work/pack" --out "$dir" --set model.preset=3b --set train.device_batch="$batch"
+            --set train.total_batch_tokens=$((batch * 8192)) --set train.activation_checkpointing="$every"
+            --set train.steps="${OURS_STEPS:-12}" --set eval.every=0 --set checkpoint.every=0 --log-every 1)
+        "$work/cxxlm" train pretrain "${args[@]}" --check >"$out/plan-3b-b$batch-k$every.txt" 2>&1 || true
+        "$work/cxxlm" train pretrain "${args[@]}" >"$out/ours-3b-b$batch-k$every.log" 2>&1 || { tail -5 "$out/ours-3b-b$batch-k$every.log"; continue; }
+        planned=$(grep -o 'total *[0-9.]* GiB' "$out/plan-3b-b$batch-k$every.txt" | head -1 | grep -o '[0-9.]*')
+        echo "3b B=$batch T=8192 checkpoint every $every, planned ${planned} GiB: $(summary "$dir/metrics.jsonl")" | tee -a "$out/3b.txt"
+        cp "$dir/metrics.jsonl" "$out/metrics-3b-b$batch-k$every.jsonl"
+    done
+    for cfg in ${REF_3B:-1:0 2:1}; do
+        IFS=: read -r batch ckpt <<<"$cfg"
+        python3 "$(dirname "$0")/ref_3b.py" --batch "$batch" --seq 8192 --mode compile --steps "${REF_STEPS:-8}" \
+            $([ "$ckpt" = 1 ] && echo --checkpoint) 2>&1 | grep RESULT | tail -1 | tee -a "$out/3b.txt" || true
+    done
+    "$work/cxxlm" train profile --preset 3b --batch 1 --steps 5 | tee "$out/profile-3b.md"
     ;;
 kernels)
     "$work/cxxlm" train check-kernels | tee "$out/check-kernels.md"

@@ -120,11 +120,13 @@ impl ModelConfig {
             "d12" => Self::from_depth(12, vocab_size, 2048),
             "d20" => Self::from_depth(20, vocab_size, 2048),
             "d26" => Self::from_depth(26, vocab_size, 2048),
-            // The seeds' 3B: 32 layers of 2560, 32 heads (80 wide), 8 key/value heads.
+            // The seeds' 3B: 32 layers of 2560, 32 heads (80 wide), 8 key/value heads,
+            // SwiGLU.
             "3b" => ModelConfig {
                 width: 2560,
                 heads: 32,
                 kv_heads: 8,
+                activation: Activation::Swiglu,
                 rope_base: 500_000.0,
                 ..Self::from_depth(32, vocab_size, 8192)
             },
@@ -314,10 +316,12 @@ mod tests {
         assert_eq!((d20.width, d20.heads), (1280, 10));
         let big = ModelConfig::preset("3b", 32_768).unwrap();
         assert_eq!((big.head_dim(), big.kv_heads, big.seq_len), (80, 8, 8192));
-        // 2 x 32768 x 2560 embeddings + 32 x (q 2560^2, k/v 2 x 640 x 2560, proj, mlp 8 x 2560^2)
+        // 2 x 32768 x 2560 embeddings + 32 x (q 2560^2, k/v 2 x 640 x 2560, proj, SwiGLU's
+        // gate, up and down of 2560 x 6848)
+        assert_eq!(big.hidden(), 6848);
         assert_eq!(
             big.params(),
-            2 * 32_768 * 2560 + 32 * (2 * 2560 * 2560 + 2 * 640 * 2560 + 8 * 2560 * 2560)
+            2 * 32_768 * 2560 + 32 * (2 * 2560 * 2560 + 2 * 640 * 2560 + 3 * 2560 * 6848)
         );
         assert!(ModelConfig::preset("d7", 100).is_err());
         let o = ModelOverrides {
