@@ -21,8 +21,7 @@ use crate::dist::Comm;
 use crate::optim::{OptimConfig, Schedule};
 use crate::pretrain::{merge, CheckpointConfig, LogConfig, RunConfig};
 use crate::trainer::{
-    self, Backward, BatchSource, Common, DeviceBatch, Evaluation, Event, Loss, MicroBatch, Parts,
-    Stage,
+    self, Backward, BatchSource, DeviceBatch, Evaluation, Event, Loss, MicroBatch, Parts, Stage,
 };
 use crate::{Result, TrainError};
 
@@ -83,19 +82,9 @@ impl Default for EmbedEvalConfig {
     }
 }
 
-impl EmbedConfig {
-    /// The sections every stage shares.
-    pub fn common(&self) -> Common<'_> {
-        Common {
-            out: &self.out,
-            train: &self.train,
-            optim: &self.optim,
-            schedule: &self.schedule,
-            checkpoint: &self.checkpoint,
-            log: &self.log,
-        }
-    }
+crate::trainer::shared_sections!(EmbedConfig);
 
+impl EmbedConfig {
     /// A config from TOML, on top of the defaults of fine-tuning: AdamW at a small rate
     /// on every weight, 16 pairs a batch.
     pub fn from_table(table: toml::Table) -> Result<Self> {

@@ -17,8 +17,8 @@ use crate::dist::Comm;
 use crate::memory::{self, MemoryPlan};
 use crate::optim::{OptimConfig, Schedule, Sharding};
 use crate::trainer::{
-    self, batch_shape, to_device_ids, Backward, BatchSource, Common, CrossEntropy, Evaluation,
-    Event, MicroBatch, Parts, Stage,
+    self, batch_shape, to_device_ids, Backward, BatchSource, CrossEntropy, Evaluation, Event,
+    MicroBatch, Parts, Stage,
 };
 use crate::{Result, TrainError};
 
@@ -41,19 +41,9 @@ pub struct TrainConfig {
     pub log: LogConfig,
 }
 
-impl TrainConfig {
-    /// The sections every stage shares.
-    pub fn common(&self) -> Common<'_> {
-        Common {
-            out: &self.out,
-            train: &self.train,
-            optim: &self.optim,
-            schedule: &self.schedule,
-            checkpoint: &self.checkpoint,
-            log: &self.log,
-        }
-    }
+crate::trainer::shared_sections!(TrainConfig);
 
+impl TrainConfig {
     /// A config from TOML, on top of defaults that depend on `model.preset`: nanochat's
     /// for the small presets, the seeds' for `3b` (Muon 0.015, head 0.003, weight decay
     /// 0.1, 2% warmup, 30% warmdown to 0.1, 16 x 8192 per device, 2M tokens per step).

@@ -30,8 +30,8 @@ use crate::metrics;
 use crate::optim::{OptimConfig, Schedule};
 use crate::pretrain::{merge, CheckpointConfig, LogConfig, RunConfig};
 use crate::trainer::{
-    self, Backward, BatchSource, Common, DeviceBatch, Evaluation, Event, Loss, MicroBatch, Parts,
-    Stage, TargetWeights,
+    self, Backward, BatchSource, DeviceBatch, Evaluation, Event, Loss, MicroBatch, Parts, Stage,
+    TargetWeights,
 };
 use crate::{Result, TrainError};
 
@@ -175,19 +175,9 @@ impl Default for RlEvalConfig {
     }
 }
 
-impl RlConfig {
-    /// The sections every stage shares.
-    pub fn common(&self) -> Common<'_> {
-        Common {
-            out: &self.out,
-            train: &self.train,
-            optim: &self.optim,
-            schedule: &self.schedule,
-            checkpoint: &self.checkpoint,
-            log: &self.log,
-        }
-    }
+crate::trainer::shared_sections!(RlConfig);
 
+impl RlConfig {
     /// A config from TOML on top of the seeds' RL defaults: AdamW at 5e-7 on every
     /// weight, a constant rate.
     pub fn from_table(table: toml::Table) -> Result<Self> {

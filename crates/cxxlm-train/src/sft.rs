@@ -22,8 +22,8 @@ use crate::dist::Comm;
 use crate::optim::{OptimConfig, Schedule};
 use crate::pretrain::{merge, CheckpointConfig, DataConfig, LogConfig, RunConfig};
 use crate::trainer::{
-    self, batch_shape, Backward, BatchSource, Common, CrossEntropy, Evaluation, Event, MicroBatch,
-    Parts, Stage,
+    self, batch_shape, Backward, BatchSource, CrossEntropy, Evaluation, Event, MicroBatch, Parts,
+    Stage,
 };
 use crate::{Result, TrainError};
 
@@ -133,19 +133,9 @@ impl Default for SftEvalConfig {
     }
 }
 
-impl SftConfig {
-    /// The sections every stage shares.
-    pub fn common(&self) -> Common<'_> {
-        Common {
-            out: &self.out,
-            train: &self.train,
-            optim: &self.optim,
-            schedule: &self.schedule,
-            checkpoint: &self.checkpoint,
-            log: &self.log,
-        }
-    }
+crate::trainer::shared_sections!(SftConfig);
 
+impl SftConfig {
     /// A config from TOML, on top of the defaults of its `sft.recipe`.
     pub fn from_table(table: toml::Table) -> Result<Self> {
         let recipe = table

@@ -434,6 +434,26 @@ pub struct Stage<'a> {
     pub fresh: TrainerState,
 }
 
+/// `common()` for a stage's config, whose shared sections are fields of these names.
+macro_rules! shared_sections {
+    ($config:ty) => {
+        impl $config {
+            /// The sections every stage shares.
+            pub fn common(&self) -> $crate::trainer::Common<'_> {
+                $crate::trainer::Common {
+                    out: &self.out,
+                    train: &self.train,
+                    optim: &self.optim,
+                    schedule: &self.schedule,
+                    checkpoint: &self.checkpoint,
+                    log: &self.log,
+                }
+            }
+        }
+    };
+}
+pub(crate) use shared_sections;
+
 /// The config sections every stage shares.
 #[derive(Clone, Copy)]
 pub struct Common<'a> {
