@@ -82,7 +82,7 @@ fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
 }
 
 /// Finished checkpoints, oldest first (by step).
-fn checkpoint_dirs(root: &Path) -> Vec<PathBuf> {
+pub(crate) fn checkpoint_dirs(root: &Path) -> Vec<PathBuf> {
     cxxlm_report::finished_checkpoints(root)
         .into_iter()
         .map(|(_, dir)| dir)
@@ -91,6 +91,59 @@ fn checkpoint_dirs(root: &Path) -> Vec<PathBuf> {
 
 pub fn latest(root: &Path) -> Option<PathBuf> {
     checkpoint_dirs(root).pop()
+}
+
+/// Bytes a checkpoint takes: the model's fp32 weights and every rank's part of the
+/// optimizer state (this rank's, `ranks` times).
+pub fn bytes(model: &ModelConfig, optimizer: &[(String, Tensor)], ranks: usize) -> u64 {
+    let state: u64 = optimizer
+        .iter()
+        .map(|(_, t)| t.numel() as u64 * t.kind().elt_size_in_bytes() as u64)
+        .sum();
+    model.params() as u64 * 4 + state * ranks as u64
+}
+
+/// Bytes an unprivileged writer may still use on the file system that holds `dir`.
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: all-zero bytes are a valid `statvfs`, which the call fills in.
+    let mut fs: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `fs` is a valid place to write.
+    let ok = unsafe { libc::statvfs(path.as_ptr(), &mut fs) } == 0;
+    ok.then(|| fs.f_bavail as u64 * fs.f_frsize as u64)
+}
+
+/// Whether a run's checkpoints of `each` bytes fit in the `free` bytes of `root`, which
+/// holds `held` of them: an error when the next one does not (the run could never save
+/// its work), a warning when the `keep` kept and the one being written would not.
+pub fn check_room(
+    root: &Path,
+    each: u64,
+    free: u64,
+    keep: usize,
+    held: usize,
+) -> Result<Option<String>> {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    if free < each {
+        return Err(TrainError::Config(format!(
+            "a checkpoint of this run takes {:.2} GiB and {} has {:.2} GiB free: make room or choose another out directory",
+            gib(each),
+            root.display(),
+            gib(free)
+        )));
+    }
+    let more = (keep.max(1) + 1).saturating_sub(held).max(1) as u64;
+    Ok((free < each * more).then(|| {
+        format!(
+            "{} has {:.2} GiB free; keeping {} checkpoints of {:.2} GiB (checkpoint.keep) takes {:.2} GiB more while the next is written",
+            root.display(),
+            gib(free),
+            keep.max(1),
+            gib(each),
+            gib(each * more)
+        )
+    }))
 }
 
 /// Writes a checkpoint of `state.step` and removes all but the newest `keep`. Every rank
@@ -119,42 +172,53 @@ pub fn save(
         std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
     }
     comm.barrier()?;
+    // A write that fails (a full disk) leaves nothing half-written behind to fill it.
+    let unwritten = |e: TrainError| {
+        let _ = std::fs::remove_dir_all(&tmp);
+        e
+    };
     let mine = tmp.join(optimizer_file(comm.rank()));
-    write_tensors(&mine, optimizer)?;
-    synced(&mine)?;
+    write_tensors(&mine, optimizer)
+        .and_then(|_| synced(&mine))
+        .map_err(unwritten)?;
     if comm.rank() > 0 {
         let source = tmp.join(source_file(comm.rank()));
         std::fs::write(&source, serde_json::to_vec(&state.loader).expect("json"))
-            .map_err(|e| io(&source, e))?;
-        synced(&source)?;
+            .map_err(|e| io(&source, e))
+            .and_then(|_| synced(&source))
+            .map_err(unwritten)?;
     }
     comm.barrier()?;
     if comm.rank() == 0 {
-        write_tensors(&tmp.join(MODEL), model)?;
-        let config = tmp.join("config.json");
-        std::fs::write(
-            &config,
-            serde_json::to_vec_pretty(&state.model).expect("json"),
-        )
-        .map_err(|e| io(&config, e))?;
-        state.world = comm.size();
-        let files: Vec<String> = [MODEL.to_string(), "config.json".into()]
-            .into_iter()
-            .chain((0..comm.size()).map(optimizer_file))
-            .chain((1..comm.size()).map(source_file))
-            .collect();
-        for name in &files {
-            state
-                .files
-                .insert(name.clone(), sha256_file(&tmp.join(name))?);
-        }
-        state.checksum = state.own_checksum();
-        let trainer = tmp.join("trainer.json");
-        std::fs::write(&trainer, serde_json::to_vec_pretty(&state).expect("json"))
-            .map_err(|e| io(&trainer, e))?;
-        for name in [MODEL, "config.json", "trainer.json"] {
-            synced(&tmp.join(name))?;
-        }
+        let mut write = || -> Result<()> {
+            write_tensors(&tmp.join(MODEL), model)?;
+            let config = tmp.join("config.json");
+            std::fs::write(
+                &config,
+                serde_json::to_vec_pretty(&state.model).expect("json"),
+            )
+            .map_err(|e| io(&config, e))?;
+            state.world = comm.size();
+            let files: Vec<String> = [MODEL.to_string(), "config.json".into()]
+                .into_iter()
+                .chain((0..comm.size()).map(optimizer_file))
+                .chain((1..comm.size()).map(source_file))
+                .collect();
+            for name in &files {
+                state
+                    .files
+                    .insert(name.clone(), sha256_file(&tmp.join(name))?);
+            }
+            state.checksum = state.own_checksum();
+            let trainer = tmp.join("trainer.json");
+            std::fs::write(&trainer, serde_json::to_vec_pretty(&state).expect("json"))
+                .map_err(|e| io(&trainer, e))?;
+            for name in [MODEL, "config.json", "trainer.json"] {
+                synced(&tmp.join(name))?;
+            }
+            Ok(())
+        };
+        write().map_err(unwritten)?;
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))?;
         }
@@ -407,5 +471,51 @@ mod tests {
         std::fs::write(&trainer, serde_json::to_vec_pretty(&beyond).unwrap()).unwrap();
         let e = read_state(&dir).unwrap_err().to_string();
         assert!(e.contains("beyond the run's 2000000 steps"), "{e}");
+    }
+
+    #[test]
+    fn a_checkpoint_that_cannot_be_written_leaves_nothing_behind() {
+        let root = tempfile::tempdir().unwrap();
+        let kept = save_at(root.path(), 5, 3);
+        // safetensors holds no complex numbers: the model's file cannot be written.
+        let complex = vec![(
+            "w".to_string(),
+            Tensor::ones([2], (Kind::ComplexFloat, Device::Cpu)),
+        )];
+        let real = vec![(
+            "w".to_string(),
+            Tensor::ones([2], (Kind::Float, Device::Cpu)),
+        )];
+        save(root.path(), state(6), &complex, &real, 3, &Comm::single()).unwrap_err();
+        assert!(!root.path().join("step-000006.tmp").exists());
+        assert_eq!(checkpoint_dirs(root.path()), vec![kept]);
+    }
+
+    #[test]
+    fn a_run_without_room_for_its_checkpoints_is_refused_or_warned() {
+        let out = Path::new("runs/big");
+        let gib = 1u64 << 30;
+        let e = check_room(out, 30 * gib, 12 * gib, 3, 0).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains("takes 30.00 GiB") && e.contains("12.00 GiB free"),
+            "{e}"
+        );
+        // Three kept and a fourth being written.
+        let w = check_room(out, 30 * gib, 100 * gib, 3, 0).unwrap().unwrap();
+        assert!(w.contains("120.00 GiB more"), "{w}");
+        assert_eq!(check_room(out, 30 * gib, 120 * gib, 3, 0).unwrap(), None);
+        // A resumed run holding two needs room for two more.
+        assert_eq!(check_room(out, 30 * gib, 60 * gib, 3, 2).unwrap(), None);
+
+        let dir = tempfile::tempdir().unwrap();
+        assert!(free_bytes(dir.path()).unwrap() > 0);
+        assert_eq!(free_bytes(&dir.path().join("missing")), None);
+        let model = ModelConfig::preset("tiny", 512).unwrap();
+        let state = vec![(
+            "m".to_string(),
+            Tensor::ones([10], (Kind::BFloat16, Device::Cpu)),
+        )];
+        assert_eq!(bytes(&model, &state, 4), model.params() as u64 * 4 + 4 * 20);
     }
 }

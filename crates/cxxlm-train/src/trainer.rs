@@ -688,6 +688,26 @@ pub fn train(
         resumed_from,
         backward: stage.backward.clone(),
     });
+    // Rank 0 writes the checkpoints: a run that could never save is refused by every rank.
+    let room = match (rank, checkpoint::free_bytes(stage.out)) {
+        (0, Some(free)) => checkpoint::check_room(
+            stage.out,
+            checkpoint::bytes(&state.model, &stage.optimizer.state(), ranks),
+            free,
+            stage.checkpoint.keep,
+            checkpoint::checkpoint_dirs(&ckpt_root).len(),
+        ),
+        _ => Ok(None),
+    };
+    if comm.any(room.is_err(), dev)? {
+        room?;
+        return Err(TrainError::Config(
+            "rank 0 has no room for a checkpoint".into(),
+        ));
+    }
+    if let Ok(Some(w)) = room {
+        report(Event::Warning(w));
+    }
     let mut metrics = match rank {
         0 => Some(Metrics::open(stage.out, resumed_from)?),
         _ => None,
