@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Fills gpu/ (ignored; carried to the GPU machine, at most 64 MiB) for every GPU bench, from
+# a fresh checkout, in about 50 minutes on 2 cores: the Debian corpus
+# (scripts/corpus/debian-cpp.sh), `cxxlm data run` of the training projects (LLVM 15, Boost
+# 1.81, OpenCV 4.6 with contrib, Qt 5 base) and of the held-out ones (abseil, eigen3,
+# fmtlib, grpc, ninja-build, protobuf, spdlog), the default pipeline's 355 MiB sample with
+# its tokenizer and the held-out quarter (benches/tok/judged-prepare.sh), bug-fix tasks
+# from GCC's tests (`cxxlm tasks bugs` for TASK_MINUTES, default 30; it resumes where a
+# run stopped) with their function-body tasks in gpu/tasks, and the superwords-within-lines
+# tokenizer as gpu/tokenizer-super-lines.json.xz.
+#
+# Usage: [TASK_MINUTES=30] benches/prepare.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+scripts/corpus/debian-cpp.sh
+cargo build --release -q -p cxxlm
+x=target/release/cxxlm
+data_run() { # out package...
+    local out=$1 args=()
+    shift
+    for p in "$@"; do
+        for f in corpus/debian/"${p}"_*; do args+=(-i "$f"); done
+    done
+    [ -f "$out/stats.json" ] || "$x" data run "${args[@]}" -o "$out" | tail -1
+}
+data_run runs/train-data llvm-toolchain-15 boost1.81 opencv qtbase-opensource-src
+data_run runs/held-out-data abseil eigen3 fmtlib grpc ninja-build protobuf spdlog
+EXCLUDE=gcc-12 benches/tok/judged-prepare.sh runs/train-data runs/held-out-data 355
+# Killed at its time limit, `tasks bugs` keeps every finished part.
+timeout "$((${TASK_MINUTES:-30} * 60))" nice -n 10 "$x" tasks bugs \
+    -i corpus/debian/gcc-12_12.2.0.orig-gcc-12.2.0-dfsg.tar.xz -o runs/tasks/bugs \
+    --test-projects gcc-12/libstdc++-v3 --threads "$(nproc)" | tail -1 || true
+"$x" tasks bodies -i runs/tasks/bugs -o runs/tasks/bodies.jsonl | tail -1
+rm -rf gpu/tasks && mkdir -p gpu/tasks
+cp runs/tasks/bugs/*.jsonl.zst gpu/tasks/
+zstd -q -19 -f runs/tasks/bodies.jsonl -o gpu/tasks/bodies.jsonl.zst
+"$x" tok train -i bench-out/judged/sample --vocab 32768 --second-stage-mib 512 \
+    --superwords-within-lines -o bench-out/judged/tokenizer-super-lines.json | tail -1
+xz -9e -c bench-out/judged/tokenizer-super-lines.json >gpu/tokenizer-super-lines.json.xz
+bytes=$(du -sb gpu | cut -f1)
+echo "gpu/: $((bytes / 1000000)) MB (a call carries at most 67 MB with the tree)"
+[ "$bytes" -le 64000000 ] || { echo "gpu/ is over 64 MB: fewer tasks parts, or a smaller sample" >&2; exit 1; }
