@@ -98,7 +98,7 @@ if len(batches) >= 3:
 for run, label in (("sft", "before"), ("rl", "after")):
     try:
         b = json.load(open(f"{out}/bugfix-{run}.json"))
-        print(f"RESULT bugfix_{label} pass@1={b['pass@1']:.3f} compile_rate={b['compiled'] / b['answers']:.3f} of {b['tasks']} held-out tasks")
+        print(f"RESULT bugfix_{label} pass@1={b['pass@1']:.3f} compile_rate={b['compiled'] / b['answers']:.3f} over the {b['answers']} answered of {b['tasks']} held-out tasks (the rest leave no room to answer)")
     except (OSError, KeyError, ValueError) as e:
         print(f"RESULT bugfix_{label} missing ({e})")
 PY
