@@ -98,7 +98,7 @@ ours)
     # and activation checkpointing (every k-th layer, 0: none) of THREE_B ("B:k ..."): the
     # memory plan (`--check`), then OURS_STEPS (12) steps of TOKENS_3B tokens (default one
     # pass; the seeds' 262144 a GPU is 32 rows accumulated), the plan against the measured
-    # peak (each run's 30 GB checkpoint is deleted); torch.compile on the same shape
+    # peak (each run's 18 GiB checkpoint is deleted); torch.compile on the same shape
     # (benches/train/ref_3b.py, AdamW) for each REF_3B ("B:checkpoint ..."); last, where the explicit pass's time goes at B=1.
     for cfg in ${THREE_B:-2:0 4:2 4:1 8:1}; do
         IFS=: read -r batch every <<<"$cfg"

@@ -39,6 +39,8 @@ pub struct MemoryPlan {
     pub seq_len: usize,
     /// With full sharding: the ranks, and the weights of the largest part gathered whole.
     pub fully_sharded: Option<(usize, usize)>,
+    /// Bytes of one checkpoint on disk: the fp32 weights and all ranks' optimizer state.
+    pub checkpoint_bytes: u64,
 }
 
 impl MemoryPlan {
@@ -79,6 +81,10 @@ impl MemoryPlan {
                  activations are estimated at {AUTOGRAD_ACTIVATIONS}x the explicit pass's, as measured at d12 and d20"
             );
         }
+        out += &format!(
+            "\n  a checkpoint takes {:.2} GiB on disk (fp32 weights and the optimizer's state)",
+            gib(self.checkpoint_bytes)
+        );
         out
     }
 }
@@ -173,6 +179,7 @@ pub fn plan(
         rows: device_batch,
         seq_len: c.seq_len,
         fully_sharded: full.then_some((ranks, largest_part)),
+        checkpoint_bytes: (4 * params + optimizer_state) as u64,
     }
 }
 
@@ -205,6 +212,25 @@ mod tests {
             assert!(
                 (planned / measured - 1.0).abs() < 0.02,
                 "{preset} B={batch} {matrices:?}: planned {planned:.2} GiB, measured {measured}"
+            );
+        }
+    }
+
+    /// The 3B at T=8192 with Muon (`benches/train/gpu.sh 3b`, one H200, BENCHMARKS.md
+    /// "The seeds' 3B"): by device batch and layers checkpointed (every k-th).
+    #[test]
+    fn the_plan_matches_the_measured_peaks_of_the_3b() {
+        let model = ModelConfig::preset("3b", 32_768).unwrap();
+        for (batch, every, measured) in [(2, 0, 57.76), (4, 2, 61.41), (4, 1, 42.65)] {
+            let run = RunConfig {
+                device_batch: batch,
+                activation_checkpointing: every,
+                ..Default::default()
+            };
+            let planned = plan(&model, &run, &OptimConfig::default(), 1, true).total() as f64 / GIB;
+            assert!(
+                (planned / measured - 1.0).abs() < 0.06,
+                "3b B={batch} every {every}: planned {planned:.2} GiB, measured {measured}"
             );
         }
     }

@@ -242,6 +242,11 @@ fn bad_input_is_named() {
         stderr.contains("8 rank(s), 32 rows of 2048 tokens") && stderr.contains("of 80.00 GiB"),
         "{stderr}"
     );
+    // And the disk its checkpoints take, beside the room where they go.
+    assert!(
+        stderr.contains("a checkpoint takes") && stderr.contains("GiB free in"),
+        "{stderr}"
+    );
     let e = run_fails(&plan(&["--gpu-memory", "8"]));
     assert!(
         e.contains("more memory per GPU than the 8.00 GiB") && e.contains("activations"),

@@ -130,7 +130,21 @@ fn check_memory(config: &TrainConfig, args: &PretrainArgs) -> Result<()> {
         None if on_gpu => cxxlm_train::cuda::total_bytes(),
         None => None,
     };
-    let text = plan.describe(capacity);
+    let mut text = plan.describe(capacity);
+    // The out directory, or where it will be made.
+    let out = config
+        .out
+        .ancestors()
+        .find(|d| d.is_dir())
+        .unwrap_or(Path::new("."));
+    if let Some(free) = cxxlm_train::checkpoint::free_bytes(out) {
+        text += &format!(
+            ", with {:.2} GiB free in {} ({} kept: checkpoint.keep)",
+            free as f64 / (1u64 << 30) as f64,
+            config.out.display(),
+            config.checkpoint.keep.max(1)
+        );
+    }
     let shape = format!(
         "{ranks} rank(s), {} rows of {} tokens per pass",
         plan.rows, plan.seq_len
