@@ -64,6 +64,10 @@ print(f"RESULT time split per batch: {step:.1f}s = generation {gen:.1f}s + rewar
 med = lambda k: statistics.median(r[k] for r in steady)
 if "padding_share" in steady[0]:
     print(f"RESULT padding in the update's micro-batches (median): {100 * med('padding_share'):.1f}%")
+if "gpu_peak_reserved_gib" in steady[0]:
+    # The kept decoder's KV cache stays through the update: the peaks include it.
+    print(f"RESULT GPU memory (peak over the run): {max(r['gpu_peak_allocated_gib'] for r in steps):.2f} GiB "
+          f"handed out, {max(r['gpu_peak_reserved_gib'] for r in steps):.2f} GiB held by torch's allocator")
 if "gpu_alloc_retries" in steady[0]:
     print(f"RESULT torch's allocator per batch (median): {med('gpu_alloc_retries'):.0f} retries, "
           f"{med('gpu_device_allocs'):.0f} cudaMallocs")
