@@ -27,10 +27,12 @@ data_run() { # out package...
 data_run runs/train-data llvm-toolchain-15 boost1.81 opencv qtbase-opensource-src
 data_run runs/held-out-data abseil eigen3 fmtlib grpc ninja-build protobuf spdlog
 EXCLUDE=gcc-12 benches/tok/judged-prepare.sh runs/train-data runs/held-out-data 355
-# Killed at its time limit, `tasks bugs` keeps every finished part.
+# Stopped at its time limit (exit 124), `tasks bugs` keeps every finished part.
+rc=0
 timeout "$((${TASK_MINUTES:-30} * 60))" nice -n 10 "$x" tasks bugs \
     -i corpus/debian/gcc-12_12.2.0.orig-gcc-12.2.0-dfsg.tar.xz -o runs/tasks/bugs \
-    --test-projects gcc-12/libstdc++-v3 --threads "$(nproc)" | tail -1 || true
+    --test-projects gcc-12/libstdc++-v3,llvm-toolchain-15/lldb --threads "$(nproc)" || rc=$?
+[ "$rc" = 0 ] || [ "$rc" = 124 ] || exit "$rc"
 "$x" tasks bodies -i runs/tasks/bugs -o runs/tasks/bodies.jsonl | tail -1
 rm -rf gpu/tasks && mkdir -p gpu/tasks
 cp runs/tasks/bugs/*.jsonl.zst gpu/tasks/
