@@ -188,7 +188,9 @@ pub fn save(
             .and_then(|_| synced(&source))
             .map_err(unwritten)?;
     }
-    comm.barrier()?;
+    // A rank that could not write its part fails this barrier on the others: none keeps the
+    // partial checkpoint.
+    comm.barrier().map_err(unwritten)?;
     if comm.rank() == 0 {
         let mut write = || -> Result<()> {
             write_tensors(&tmp.join(MODEL), model)?;
