@@ -99,18 +99,20 @@ ours)
     # memory plan (`--check`), then OURS_STEPS (12) steps of TOKENS_3B tokens (default one
     # pass; the seeds' 262144 a GPU is 32 rows accumulated), the plan against the measured
     # peak (each run's 18 GiB checkpoint is deleted); torch.compile on the same shape
-    # (benches/train/ref_3b.py, AdamW) for each REF_3B ("B:checkpoint ..."); last, where the explicit pass's time goes at B=1.
+    # (benches/train/ref_3b.py, AdamW) for each REF_3B ("B:checkpoint ..."); last, where
+    # the explicit pass's time goes at B=1.
     for cfg in ${THREE_B:-2:0 4:2 4:1 8:1}; do
         IFS=: read -r batch every <<<"$cfg"
+        tokens=${TOKENS_3B:-$((batch * 8192))}
         dir="$work/3b-b$batch-k$every"
         rm -rf "$dir"
         args=(--pack "$work/pack" --out "$dir" --set model.preset=3b --set train.device_batch="$batch"
-            --set train.total_batch_tokens="${TOKENS_3B:-$((batch * 8192))}" --set train.activation_checkpointing="$every"
+            --set train.total_batch_tokens="$tokens" --set train.activation_checkpointing="$every"
             --set train.steps="${OURS_STEPS:-12}" --set eval.every=0 --set checkpoint.every=0 --log-every 1)
         "$work/cxxlm" train pretrain "${args[@]}" --check >"$out/plan-3b-b$batch-k$every.txt" 2>&1 || true
         "$work/cxxlm" train pretrain "${args[@]}" >"$out/ours-3b-b$batch-k$every.log" 2>&1 || { tail -5 "$out/ours-3b-b$batch-k$every.log"; continue; }
         planned=$(grep -o 'total *[0-9.]* GiB' "$out/plan-3b-b$batch-k$every.txt" | head -1 | grep -o '[0-9.]*')
-        echo "3b B=$batch T=8192 checkpoint every $every, ${TOKENS_3B:-$((batch * 8192))} tokens a step, planned ${planned} GiB: $(summary "$dir/metrics.jsonl")" | tee -a "$out/3b.txt"
+        echo "3b B=$batch T=8192 checkpoint every $every, $tokens tokens a step, planned ${planned} GiB: $(summary "$dir/metrics.jsonl")" | tee -a "$out/3b.txt"
         cp "$dir/metrics.jsonl" "$out/metrics-3b-b$batch-k$every.jsonl"
         rm -rf "$dir"
     done

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
 
 use crate::dist::Comm;
+use crate::memory::gib;
 use crate::{Result, TrainError};
 
 const MODEL: &str = "model.safetensors";
@@ -124,7 +125,6 @@ pub fn check_room(
     keep: usize,
     held: usize,
 ) -> Result<Option<String>> {
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     if free < each {
         return Err(TrainError::Config(format!(
             "a checkpoint of this run takes {:.2} GiB and {} has {:.2} GiB free: make room or choose another out directory",

@@ -15,7 +15,10 @@ use cxxlm_model::{Activation, ModelConfig};
 use crate::optim::{Matrices, OptimConfig, Sharding};
 use crate::pretrain::RunConfig;
 
-const GIB: f64 = (1u64 << 30) as f64;
+/// `bytes` in GiB.
+pub fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
 
 /// Rows of the loss computed at once: the explicit pass's chunk of `2^27` logits.
 const LOSS_CHUNK_ELEMENTS: usize = 1 << 27;
@@ -50,7 +53,6 @@ impl MemoryPlan {
 
     /// The plan as lines of text, against `capacity` bytes when known.
     pub fn describe(&self, capacity: Option<u64>) -> String {
-        let gib = |b: u64| b as f64 / GIB;
         let mut out = String::new();
         for (name, bytes) in &self.parts {
             out += &format!("  {name:<12} {:>8.2} GiB\n", gib(*bytes));
@@ -208,7 +210,7 @@ mod tests {
                 device_batch: batch,
                 ..Default::default()
             };
-            let planned = plan(&model, &run, &optim, 1, true).total() as f64 / GIB;
+            let planned = gib(plan(&model, &run, &optim, 1, true).total());
             assert!(
                 (planned / measured - 1.0).abs() < 0.02,
                 "{preset} B={batch} {matrices:?}: planned {planned:.2} GiB, measured {measured}"
@@ -227,7 +229,7 @@ mod tests {
                 activation_checkpointing: every,
                 ..Default::default()
             };
-            let planned = plan(&model, &run, &OptimConfig::default(), 1, true).total() as f64 / GIB;
+            let planned = gib(plan(&model, &run, &OptimConfig::default(), 1, true).total());
             assert!(
                 (planned / measured - 1.0).abs() < 0.06,
                 "3b B={batch} every {every}: planned {planned:.2} GiB, measured {measured}"

@@ -16,6 +16,7 @@ use tch::{Device, Kind, Tensor};
 use crate::checkpoint::{self, TrainerState};
 use crate::dist::{Comm, World};
 use crate::fsdp::FullSharding;
+use crate::memory::gib;
 use crate::metrics::Metrics;
 use crate::optim::{OptimConfig, Optimizer, Schedule, Sharding};
 use crate::pretrain::{CheckpointConfig, LogConfig, RunConfig};
@@ -689,15 +690,18 @@ pub fn train(
         backward: stage.backward.clone(),
     });
     // Rank 0 writes the checkpoints: a run that could never save is refused by every rank.
-    let room = match (rank, checkpoint::free_bytes(stage.out)) {
-        (0, Some(free)) => checkpoint::check_room(
+    let free = (rank == 0)
+        .then(|| checkpoint::free_bytes(stage.out))
+        .flatten();
+    let room = match free {
+        Some(free) => checkpoint::check_room(
             stage.out,
             checkpoint::bytes(&state.model, &stage.optimizer.state(), ranks),
             free,
             stage.checkpoint.keep,
             checkpoint::checkpoint_dirs(&ckpt_root).len(),
         ),
-        _ => Ok(None),
+        None => Ok(None),
     };
     if comm.any(room.is_err(), dev)? {
         room?;
@@ -901,17 +905,16 @@ pub fn train(
         if let Some(used) = cuda::used_bytes() {
             peak_memory = peak_memory.max(used);
         }
-        let gib = peak_memory as f64 / (1u64 << 30) as f64;
         // torch's allocator's peaks since the run began.
         let peak = match dev {
             Device::Cuda(index) => cxxlm_cuda::peak_memory(index).unwrap_or_default(),
             _ => Default::default(),
         };
-        let in_gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
-        let (allocated, reserved) = (in_gib(peak.allocated), in_gib(peak.reserved));
+        let used = gib(peak_memory);
+        let (allocated, reserved) = (gib(peak.allocated), gib(peak.reserved));
         let mut fields = json!({
             "loss": loss, "loss_ema": loss_ema, "lr_scale": lr_scale, "grad_norm": grad_norm,
-            "tok_s": tok_s, "mfu": mfu, "gpu_memory_gib": gib, "gpu_peak_allocated_gib": allocated,
+            "tok_s": tok_s, "mfu": mfu, "gpu_memory_gib": used, "gpu_peak_allocated_gib": allocated,
             "gpu_peak_reserved_gib": reserved,
             "tokens": state.tokens,
             "step_seconds": seconds, "forward_backward_seconds": forward_backward_seconds,
@@ -956,7 +959,7 @@ pub fn train(
             lr_scale,
             tok_s,
             mfu,
-            gpu_memory_gib: gib,
+            gpu_memory_gib: used,
         });
         if step > 10 && stage.log.mfu_warn > 0.0 && mfu < stage.log.mfu_warn {
             report(Event::Warning(format!(

@@ -5,6 +5,7 @@ use anyhow::{bail, Result};
 use cxxlm::cli::ProfileArgs;
 use cxxlm::outln;
 use cxxlm_model::{Gpt, ModelConfig, Phases};
+use cxxlm_train::memory::gib;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -93,10 +94,9 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
         timed.sort_by(f64::total_cmp);
         let seconds = timed[timed.len() / 2];
         let tok_s = (args.batch * t) as f64 / seconds;
-        let peak = cxxlm_cuda::peak_memory(args.device)
+        let peak = gib(cxxlm_cuda::peak_memory(args.device)
             .unwrap_or_default()
-            .allocated as f64
-            / (1u64 << 30) as f64;
+            .allocated);
         outln!(
             "RESULT impl=cxxlm-{path} preset={} B={} T={t} fwd_bwd_ms={:.2} tok_s={tok_s:.0} mfu={:.4} peak_alloc_gib={peak:.2} loss={loss:.4}",
             args.preset,

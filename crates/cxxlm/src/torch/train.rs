@@ -7,6 +7,7 @@ use cxxlm::{interrupt, lock, outln};
 use crate::sample::run_tokenizer;
 use crate::{fit, kernels};
 use cxxlm_train::checkpoint::TrainerState;
+use cxxlm_train::memory::gib;
 use cxxlm_train::{EmbedConfig, Event, RlConfig, SftConfig, TrainConfig};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -140,7 +141,7 @@ fn check_memory(config: &TrainConfig, args: &PretrainArgs) -> Result<()> {
     if let Some(free) = cxxlm_train::checkpoint::free_bytes(out) {
         text += &format!(
             ", with {:.2} GiB free in {} ({} kept: checkpoint.keep)",
-            free as f64 / (1u64 << 30) as f64,
+            gib(free),
             config.out.display(),
             config.checkpoint.keep.max(1)
         );
@@ -153,7 +154,7 @@ fn check_memory(config: &TrainConfig, args: &PretrainArgs) -> Result<()> {
         bail!(
             "this run needs more memory per GPU than the {:.2} GiB it has ({shape}):\n{text}\n\
              lower train.device_batch (gradient accumulation keeps train.total_batch_tokens), or use more ranks",
-            capacity as f64 / (1u64 << 30) as f64
+            gib(capacity)
         );
     }
     eprintln!("memory per GPU ({shape}):\n{text}");
