@@ -6,7 +6,8 @@
 # fmtlib, grpc, ninja-build, protobuf, spdlog), the default pipeline's 355 MiB sample with
 # its tokenizer and the held-out quarter (benches/tok/judged-prepare.sh), bug-fix tasks
 # from GCC's tests (`cxxlm tasks bugs` for TASK_MINUTES, default 30; it resumes where a
-# run stopped) with their function-body tasks in gpu/tasks, and the superwords-within-lines
+# run stopped) with their function-body tasks in gpu/tasks, the agent's tool-use examples
+# (gpu/tool-use.jsonl.zst), abseil's sources (gpu/absl.tar.xz) and the superwords-within-lines
 # tokenizer as gpu/tokenizer-super-lines.json.xz.
 #
 # Usage: [TASK_MINUTES=30] benches/prepare.sh
@@ -37,6 +38,15 @@ timeout "$((${TASK_MINUTES:-30} * 60))" nice -n 10 "$x" tasks bugs \
 rm -rf gpu/tasks && mkdir -p gpu/tasks
 cp runs/tasks/bugs/*.jsonl.zst gpu/tasks/
 zstd -q -19 -f runs/tasks/bodies.jsonl -o gpu/tasks/bodies.jsonl.zst
+# The agent's tool-use examples (their sandboxed replays would keep the GPU waiting).
+[ -f runs/tasks/tool-use.jsonl ] || "$x" tasks trajectories -i gpu/tasks -o runs/tasks/tool-use.jsonl --limit 300 | head -1
+zstd -q -19 -f runs/tasks/tool-use.jsonl -o gpu/tool-use.jsonl.zst
+# A held-out project's C/C++ files for the embeddings' retrieval (benches/index/gpu.sh).
+abseil=$(mktemp -d)
+tar -xzf corpus/debian/abseil_*.orig.tar.gz -C "$abseil"
+(cd "$abseil"/abseil-* && find absl -type f \( -name '*.h' -o -name '*.cc' -o -name '*.inc' \) | sort \
+    | XZ_OPT=-9e tar -cJf - -T -) >gpu/absl.tar.xz
+rm -rf "$abseil"
 "$x" tok train -i bench-out/judged/sample --vocab 32768 --second-stage-mib 512 \
     --superwords-within-lines -o bench-out/judged/tokenizer-super-lines.json | tail -1
 xz -9e -c bench-out/judged/tokenizer-super-lines.json >gpu/tokenizer-super-lines.json.xz

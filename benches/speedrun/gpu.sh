@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The gpu-10min speedrun on the GPU machine, from the corpus shards in gpu/data (see
 # benches/train/prepare.sh; its binary, plus gpu/DejaVuSans.ttf for the plots). With
-# gpu/tasks (`cxxlm tasks bugs` parts, benches/rl/prepare.sh) and gpu/bodies.jsonl.zst, the run goes on: SFT on the
+# gpu/tasks (`cxxlm tasks bugs` parts and function bodies, benches/prepare.sh), the run goes on: SFT on the
 # tasks' train split, RL with the compiler as judge, and the held-out bug fixes of their
 # test split answered by each model. The report card, the stages' JSON, logs and metrics
 # (not checkpoints or tokens) land in $OUT (or gpu-out/).
@@ -43,9 +43,8 @@ if [ -n "${WAIT:-}" ]; then
 fi
 
 tasks=()
+# Function-body tasks (`cxxlm tasks bodies`, gpu/tasks/bodies.jsonl.zst) join both.
 [ -d gpu/tasks ] && tasks=(--sft-data gpu/tasks --rl-tasks gpu/tasks)
-# Function-body tasks (`cxxlm tasks bodies`) join both.
-[ -f gpu/bodies.jsonl.zst ] && tasks=(--sft-data gpu/tasks gpu/bodies.jsonl.zst --rl-tasks gpu/tasks gpu/bodies.jsonl.zst)
 rm -f "$work/exit.txt"
 speedrun() {
     local start=$(date +%s)

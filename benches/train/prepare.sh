@@ -23,9 +23,10 @@ XZ_OPT=${XZ_OPT:--9e -T2} tar -cJf gpu/cxxlm.tar.xz -C "$bins" cxxlm cxxlm-torch
 rm -rf "$bins" gpu/cxxlm.xz
 cp "$tokenizer" gpu/tokenizer.json
 cp ../shared/bench/ref_gpt.py gpu/
-# The sandbox's bubblewrap and the libraries it links, for machines without it.
+# The sandbox's bubblewrap and the libraries it links, and make (the agent's tasks build
+# with it), for machines without them.
 mkdir -p gpu/bin gpu/lib
-cp "$(command -v bwrap)" gpu/bin/
+cp "$(command -v bwrap)" /usr/bin/make gpu/bin/
 ldd "$(command -v bwrap)" | awk '$3 ~ /^\// && $1 !~ /^(libc|ld-linux)/ {print $3}' | xargs -r cp -L -t gpu/lib
 # The trainer's zstd reader accepts windows up to 2^27.
 for s in "${shards[@]}"; do zstd -dc "$s"; done | zstd -16 --long=27 -T0 -q -f -o gpu/data/part-00000-00000.jsonl.zst
