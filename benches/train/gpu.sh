@@ -99,8 +99,8 @@ ours)
     # memory plan (`--check`), then OURS_STEPS (12) steps of TOKENS_3B tokens (default one
     # pass; the seeds' 262144 a GPU is 32 rows accumulated), the plan against the measured
     # peak (each run's 18 GiB checkpoint is deleted); torch.compile on the same shape
-    # (benches/train/ref_3b.py, AdamW) for each REF_3B ("B:checkpoint ..."); last, where
-    # the explicit pass's time goes at B=1.
+    # (benches/train/ref_3b.py, AdamW) for each REF_3B ("B:checkpoint ..."); last, unless
+    # PROFILE_3B=0, where the explicit pass's time goes at B=1.
     for cfg in ${THREE_B:-2:0 4:2 4:1 8:1}; do
         IFS=: read -r batch every <<<"$cfg"
         tokens=${TOKENS_3B:-$((batch * 8192))}
@@ -121,7 +121,7 @@ ours)
         python3 "$(dirname "$0")/ref_3b.py" --batch "$batch" --seq 8192 --mode compile --steps "${REF_STEPS:-8}" \
             $([ "$ckpt" = 1 ] && echo --checkpoint) 2>&1 | grep RESULT | tail -1 | tee -a "$out/3b.txt" || true
     done
-    "$work/cxxlm" train profile --preset 3b --batch 1 --steps 5 | tee "$out/profile-3b.md"
+    [ "${PROFILE_3B:-1}" = 0 ] || "$work/cxxlm" train profile --preset 3b --batch 1 --steps 5 | tee "$out/profile-3b.md"
     ;;
 kernels)
     "$work/cxxlm" train check-kernels | tee "$out/check-kernels.md"
