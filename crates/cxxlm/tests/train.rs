@@ -252,6 +252,18 @@ fn bad_input_is_named() {
         e.contains("more memory per GPU than the 8.00 GiB") && e.contains("activations"),
         "{e}"
     );
+    // Kept checkpoints that would not fit are warned of, as the run's start does.
+    let said = run_ok(&plan(&[
+        "--gpu-memory",
+        "80",
+        "--set",
+        "checkpoint.keep=1000000",
+    ]));
+    let stderr = String::from_utf8_lossy(&said.stderr);
+    assert!(
+        stderr.contains("warning: ") && stderr.contains("keeping 1000000 checkpoints"),
+        "{stderr}"
+    );
 
     // Tokens packed with another tokenizer.
     let other = p.f.root.join("other.json");

@@ -138,12 +138,22 @@ fn check_memory(config: &TrainConfig, args: &PretrainArgs) -> Result<()> {
         .ancestors()
         .find(|d| d.is_dir())
         .unwrap_or(Path::new("."));
+    // The rule the run applies at its start: refused when one checkpoint cannot be written.
+    let mut room = Ok(None);
     if let Some(free) = cxxlm_train::checkpoint::free_bytes(out) {
         text += &format!(
             ", with {:.2} GiB free in {} ({} kept: checkpoint.keep)",
             gib(free),
             config.out.display(),
             config.checkpoint.keep.max(1)
+        );
+        let held = cxxlm_report::finished_checkpoints(&config.out.join("checkpoints")).len();
+        room = cxxlm_train::checkpoint::check_room(
+            out,
+            plan.checkpoint_bytes,
+            free,
+            config.checkpoint.keep,
+            held,
         );
     }
     let shape = format!(
@@ -156,6 +166,11 @@ fn check_memory(config: &TrainConfig, args: &PretrainArgs) -> Result<()> {
              lower train.device_batch (gradient accumulation keeps train.total_batch_tokens), or use more ranks",
             gib(capacity)
         );
+    }
+    match room {
+        Err(e) => bail!("{e}:\n{text}"),
+        Ok(Some(warning)) => eprintln!("warning: {warning}"),
+        Ok(None) => {}
     }
     eprintln!("memory per GPU ({shape}):\n{text}");
     Ok(())
