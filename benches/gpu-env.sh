@@ -6,7 +6,10 @@
 export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
 command -v bwrap >/dev/null || export PATH=$PWD/gpu/bin:$PATH LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$PWD/gpu/lib
 # The sandbox runs /usr/bin's programs: the agent's task repositories build with make.
-[ -x /usr/bin/make ] || { cp gpu/bin/make /usr/bin/make && echo "installed gpu/bin/make as /usr/bin/make"; }
+if [ ! -x /usr/bin/make ] && [ -x gpu/bin/make ]; then
+    { cp gpu/bin/make /usr/bin/make 2>/dev/null && echo "installed gpu/bin/make as /usr/bin/make"; } ||
+        echo "no make in /usr/bin: the agent's task repositories cannot build" >&2
+fi
 [ -x "$work/cxxlm-torch" ] || python3 -c "import sys,tarfile;tarfile.open(sys.argv[1]).extractall(sys.argv[2])" gpu/cxxlm.tar.xz "$work"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 nproc >"$out/cores.txt"
