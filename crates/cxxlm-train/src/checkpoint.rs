@@ -83,7 +83,7 @@ fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
 }
 
 /// Finished checkpoints, oldest first (by step).
-pub(crate) fn checkpoint_dirs(root: &Path) -> Vec<PathBuf> {
+fn checkpoint_dirs(root: &Path) -> Vec<PathBuf> {
     cxxlm_report::finished_checkpoints(root)
         .into_iter()
         .map(|(_, dir)| dir)
@@ -115,21 +115,17 @@ pub fn free_bytes(dir: &Path) -> Option<u64> {
     ok.then(|| fs.f_bavail as u64 * fs.f_frsize as u64)
 }
 
-/// Whether a run's checkpoints of `each` bytes fit in the `free` bytes of `root`, which
-/// holds `held` of them: an error when the next one does not (the run could never save
-/// its work), a warning when the `keep` kept and the one being written would not.
-pub fn check_room(
-    root: &Path,
-    each: u64,
-    free: u64,
-    keep: usize,
-    held: usize,
-) -> Result<Option<String>> {
+/// Whether the checkpoints of `each` bytes of the run writing to `out` fit in the `free`
+/// bytes there, counting those it already holds: an error when the next one does not (the
+/// run could never save its work), a warning when the `keep` kept and the one being
+/// written would not.
+pub fn check_room(out: &Path, each: u64, free: u64, keep: usize) -> Result<Option<String>> {
+    let held = checkpoint_dirs(&out.join("checkpoints")).len();
     if free < each {
         return Err(TrainError::Config(format!(
             "a checkpoint of this run takes {:.2} GiB and {} has {:.2} GiB free: make room or choose another out directory",
             gib(each),
-            root.display(),
+            out.display(),
             gib(free)
         )));
     }
@@ -137,7 +133,7 @@ pub fn check_room(
     Ok((free < each * more).then(|| {
         format!(
             "{} has {:.2} GiB free; keeping {} checkpoints of {:.2} GiB (checkpoint.keep) takes {:.2} GiB more while the next is written",
-            root.display(),
+            out.display(),
             gib(free),
             keep.max(1),
             gib(each),
@@ -495,22 +491,24 @@ mod tests {
 
     #[test]
     fn a_run_without_room_for_its_checkpoints_is_refused_or_warned() {
-        let out = Path::new("runs/big");
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
         let gib = 1u64 << 30;
-        let e = check_room(out, 30 * gib, 12 * gib, 3, 0).unwrap_err();
+        let e = check_room(out, 30 * gib, 12 * gib, 3).unwrap_err();
         let e = e.to_string();
         assert!(
             e.contains("takes 30.00 GiB") && e.contains("12.00 GiB free"),
             "{e}"
         );
         // Three kept and a fourth being written.
-        let w = check_room(out, 30 * gib, 100 * gib, 3, 0).unwrap().unwrap();
+        let w = check_room(out, 30 * gib, 100 * gib, 3).unwrap().unwrap();
         assert!(w.contains("120.00 GiB more"), "{w}");
-        assert_eq!(check_room(out, 30 * gib, 120 * gib, 3, 0).unwrap(), None);
+        assert_eq!(check_room(out, 30 * gib, 120 * gib, 3).unwrap(), None);
         // A resumed run holding two needs room for two more.
-        assert_eq!(check_room(out, 30 * gib, 60 * gib, 3, 2).unwrap(), None);
+        save_at(&out.join("checkpoints"), 1, 3);
+        save_at(&out.join("checkpoints"), 2, 3);
+        assert_eq!(check_room(out, 30 * gib, 60 * gib, 3).unwrap(), None);
 
-        let dir = tempfile::tempdir().unwrap();
         assert!(free_bytes(dir.path()).unwrap() > 0);
         assert_eq!(free_bytes(&dir.path().join("missing")), None);
         let model = ModelConfig::preset("tiny", 512).unwrap();

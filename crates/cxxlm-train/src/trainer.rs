@@ -699,7 +699,6 @@ pub fn train(
             checkpoint::bytes(&state.model, &stage.optimizer.state(), ranks),
             free,
             stage.checkpoint.keep,
-            checkpoint::checkpoint_dirs(&ckpt_root).len(),
         ),
         None => Ok(None),
     };

@@ -147,13 +147,11 @@ fn check_memory(config: &TrainConfig, args: &PretrainArgs) -> Result<()> {
             config.out.display(),
             config.checkpoint.keep.max(1)
         );
-        let held = cxxlm_report::finished_checkpoints(&config.out.join("checkpoints")).len();
         room = cxxlm_train::checkpoint::check_room(
-            out,
+            &config.out,
             plan.checkpoint_bytes,
             free,
             config.checkpoint.keep,
-            held,
         );
     }
     let shape = format!(
