@@ -237,6 +237,39 @@ mod tests {
         }
     }
 
+    /// `--check` sizes a checkpoint by formula, before any model exists; the trainer sizes
+    /// it from the optimizer's real tensors. Both must agree, or `--check` passes a run
+    /// that later has no room for its checkpoints.
+    #[test]
+    fn the_planned_checkpoint_is_the_size_of_the_real_one() {
+        let tiny = ModelConfig::preset("tiny", 512).unwrap();
+        let gqa_swiglu = ModelConfig {
+            heads: 4,
+            kv_heads: 2,
+            activation: Activation::Swiglu,
+            ..tiny.clone()
+        };
+        for model in [tiny, gqa_swiglu] {
+            for matrices in [Matrices::Muon, Matrices::Adamw] {
+                let optim = OptimConfig {
+                    matrices,
+                    ..Default::default()
+                };
+                let gpt = cxxlm_model::Gpt::new(model.clone(), tch::Device::Cpu, 0).unwrap();
+                let state =
+                    crate::optim::Optimizer::new(gpt.params(), model.width, optim.clone(), 0, 1)
+                        .state();
+                let planned = plan(&model, &RunConfig::default(), &optim, 1, true);
+                assert_eq!(
+                    planned.checkpoint_bytes,
+                    crate::checkpoint::bytes(&model, &state, 1),
+                    "{:?} {matrices:?}",
+                    model.activation
+                );
+            }
+        }
+    }
+
     #[test]
     fn ranks_share_the_optimizer_state_and_checkpointing_keeps_layer_inputs() {
         let model = ModelConfig::preset("d20", 32_768).unwrap();
