@@ -6,7 +6,8 @@
 #   benches/train/gpu.sh bench            # d12 B=32, d20 B=16 and B=32, T=2048: tok/s and memory
 #                                         # against torch.compile (explicit pass with fused kernels,
 #                                         # and autograd with CXXLM_FUSED=0; BENCH_VARIANTS
-#                                         # picks among fused, fused-adamw, autograd;
+#                                         # picks among fused, fused-adamw, autograd, and
+#                                         # fused-phases: fused with the step's phases timed;
 #                                         # BENCH_SHAPES="12 32,20 16" picks shapes, a
 #                                         # third field the row length: "12 8 8192";
 #                                         # OURS_STEPS, REF_STEPS the steps timed)
@@ -56,8 +57,13 @@ alloc = max(r.get("gpu_peak_allocated_gib", 0) for r in rows)
 reserved = max(r.get("gpu_peak_reserved_gib", 0) for r in rows)
 fb = statistics.median(r["forward_backward_seconds"] for r in rows) * 1e3
 step = statistics.median(r["step_seconds"] for r in rows) * 1e3
+phases = {}
+for r in rows:
+    for name, ms in r.get("phase_ms", {}).items():
+        phases.setdefault(name, []).append(ms)
+phases = "".join(f" {name}_ms={statistics.median(v):.1f}" for name, v in phases.items())
 print(f"RESULT impl=cxxlm tok_s={tok:.0f} mfu={mfu:.4f} gpu_used_gib={mem:.2f} peak_alloc_gib={alloc:.2f} peak_reserved_gib={reserved:.2f} "
-      f"step_ms={step:.1f} fwd_bwd_ms={fb:.1f} opt_ms={step - fb:.1f} loss_last={rows[-1]['loss']:.4f}")
+      f"step_ms={step:.1f} fwd_bwd_ms={fb:.1f} opt_ms={step - fb:.1f} loss_last={rows[-1]['loss']:.4f}{phases}")
 PY
 }
 
@@ -75,10 +81,11 @@ bench)
             [ "$backward $1 $2" = "autograd 20 32" ] && continue
             dir="$work/bench-d$1-b$2-t$seq-$backward"
             rm -rf "$dir"
-            adamw=()
-            [ $backward = fused-adamw ] && adamw=(--set optim.matrices=adamw --set optim.matrix_lr=0.0003)
+            variant=()
+            [ $backward = fused-adamw ] && variant=(--set optim.matrices=adamw --set optim.matrix_lr=0.0003)
+            [ $backward = fused-phases ] && variant=(--set log.phases=true)
             CXXLM_FUSED=$([ $backward = autograd ] && echo 0 || echo 1) \
-                ours "$1" "$2" "${OURS_STEPS:-25}" "$dir" --log-every 5 "${adamw[@]}" >"$out/ours-d$1-b$2-t$seq-$backward.log" 2>&1 || { tail -20 "$out/ours-d$1-b$2-t$seq-$backward.log"; continue; }
+                ours "$1" "$2" "${OURS_STEPS:-25}" "$dir" --log-every 5 "${variant[@]}" >"$out/ours-d$1-b$2-t$seq-$backward.log" 2>&1 || { tail -20 "$out/ours-d$1-b$2-t$seq-$backward.log"; continue; }
             echo "d$1 B=$2 T=$seq $backward: $(summary "$dir/metrics.jsonl")" | tee -a "$out/bench.txt"
             cp "$dir/metrics.jsonl" "$out/metrics-d$1-b$2-t$seq-$backward.jsonl"
         done

@@ -152,7 +152,7 @@ pub struct Phases {
 
 impl Phases {
     /// Ends the phase `name` (the empty name starts timing).
-    fn mark(&mut self, device: tch::Device, name: &'static str) {
+    pub fn mark(&mut self, device: tch::Device, name: &'static str) {
         if let tch::Device::Cuda(index) = device {
             tch::Cuda::synchronize(index as i64);
         }

@@ -215,6 +215,10 @@ pub struct LogConfig {
     pub mfu_warn: f64,
     /// A loss above this multiple of its moving average saves a checkpoint and warns.
     pub spike_factor: f64,
+    /// Where each step's time goes: the device is synchronized at the end of each phase
+    /// of the step and the phases' milliseconds are logged (`phase_ms`). The phases no
+    /// longer overlap, so steps are slower: for finding time, not for measuring speed.
+    pub phases: bool,
 }
 
 impl Default for LogConfig {
@@ -223,6 +227,7 @@ impl Default for LogConfig {
             peak_flops: 989e12,
             mfu_warn: 0.0,
             spike_factor: 2.0,
+            phases: false,
         }
     }
 }

@@ -5,7 +5,7 @@
 //! its schedule, metrics, checkpoints, resuming, stop requests, time budgets and data
 //! parallelism.
 
-use cxxlm_model::{Gpt, ModelConfig, Packing, WeightStore};
+use cxxlm_model::{Gpt, ModelConfig, Packing, Phases, WeightStore};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::panic::AssertUnwindSafe;
@@ -748,6 +748,12 @@ pub fn train(
     // The next step's first micro-batch, read while the GPU finishes this step (the
     // source's position in `state` stays the one before it, for checkpoints).
     let mut prefetched: Option<MicroBatch> = None;
+    let mut phases = stage.log.phases.then(Phases::default);
+    let mark = |phases: &mut Option<Phases>, name| {
+        if let Some(p) = phases {
+            p.mark(dev, name);
+        }
+    };
     loop {
         let step = state.step;
         let last = step == steps;
@@ -794,6 +800,9 @@ pub fn train(
             break;
         }
 
+        // The host's work after the last step's synchronization: metrics, evaluation,
+        // checkpoints.
+        mark(&mut phases, "between_steps");
         let started = Instant::now();
         let source_before = state.loader.clone();
         let lr_scale = stage.schedule.lr_scale(step, steps);
@@ -801,6 +810,7 @@ pub fn train(
             Some(b) => b,
             None => stage.source.next_batch(&stage.model, &comm)?,
         };
+        mark(&mut phases, "batch");
         let store = stage.sharding.as_ref().map(|s| s.store(&comm));
         let counted = std::panic::catch_unwind(AssertUnwindSafe(|| {
             step_gradients(
@@ -841,6 +851,7 @@ pub fn train(
         if let Some(store) = store {
             store.finish()?;
         }
+        mark(&mut phases, "forward_backward");
         let losses = Tensor::stack(&micro_losses, 0).to_kind(Kind::Double);
         comm.all_reduce_sum(&losses)?;
         let values: Vec<f64> =
@@ -865,12 +876,14 @@ pub fn train(
         if let Some(why) = stage.loss.refusal(&loss_figures) {
             return Err(TrainError::Guard(why));
         }
+        mark(&mut phases, "loss_check");
         let forward_backward_seconds = started.elapsed().as_secs_f64();
         let loss = values.iter().sum::<f64>() / normalizer;
         let grad_norm =
             stage
                 .optimizer
                 .step(step + stage.optimizer_steps_before, lr_scale, &comm)?;
+        mark(&mut phases, "optimizer");
         let source_after = stage.source.state();
         // Read before the next step's first batch is.
         let mut stage_figures = stage.source.figures(&comm)?;
@@ -881,11 +894,13 @@ pub fn train(
         if step + 1 < steps {
             prefetched = Some(stage.source.next_batch(&stage.model, &comm)?);
         }
+        mark(&mut phases, "next_batch");
         let grad_norm = grad_norm.double_value(&[]);
         stage.optimizer.zero_grad();
         if let Device::Cuda(index) = dev {
             tch::Cuda::synchronize(index as i64);
         }
+        mark(&mut phases, "zero_grad");
         let seconds = started.elapsed().as_secs_f64();
 
         state.step += 1;
@@ -929,6 +944,13 @@ pub fn train(
         if let Some(padding) = padding_share {
             fields["supervised_share"] = (supervised / stage.step_tokens as f64).into();
             fields["padding_share"] = padding.into();
+        }
+        if let Some(p) = &mut phases {
+            let ms: Map<String, Value> = std::mem::take(&mut p.seconds)
+                .into_iter()
+                .map(|(name, s)| (name.to_string(), (s * 1e3).into()))
+                .collect();
+            fields["phase_ms"] = ms.into();
         }
         if let Some(fields) = fields.as_object_mut() {
             fields.extend(stage_figures);

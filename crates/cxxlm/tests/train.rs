@@ -104,6 +104,52 @@ fn the_loss_falls_and_a_resumed_run_repeats_the_uninterrupted_one() {
     );
 }
 
+/// `log.phases` times each phase of a step (the device synchronized between them) and
+/// changes nothing else: the losses are those of a run without it.
+#[test]
+fn phases_are_timed_without_changing_the_run() {
+    let p = packed();
+    let plain = p.f.root.join("plain");
+    let timed = p.f.root.join("timed");
+    train(&p, &plain, &["--set", "train.steps=3"]);
+    train(
+        &p,
+        &timed,
+        &["--set", "train.steps=3", "--set", "log.phases=true"],
+    );
+    assert_eq!(metrics(&timed).0, metrics(&plain).0);
+    let text = std::fs::read_to_string(timed.join("metrics.jsonl")).unwrap();
+    let records: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v.get("loss").is_some())
+        .collect();
+    for (i, r) in records.iter().enumerate() {
+        let phases = r["phase_ms"].as_object().expect("phase_ms");
+        let mut names = vec![
+            "batch",
+            "forward_backward",
+            "loss_check",
+            "optimizer",
+            "next_batch",
+            "zero_grad",
+        ];
+        // The first step has no step before it.
+        if i > 0 {
+            names.insert(0, "between_steps");
+        }
+        let mut got: Vec<&str> = phases.keys().map(String::as_str).collect();
+        got.sort();
+        names.sort();
+        assert_eq!(got, names);
+        assert!(phases.values().all(|ms| ms.as_f64().unwrap() >= 0.0));
+    }
+    assert!(std::fs::read_to_string(plain.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .all(|l| !l.contains("phase_ms")));
+}
+
 /// A trained model continued at twice its context, with YaRN and document masking: the
 /// run starts from its weights, records the new rotary in its checkpoints, and a run
 /// stopped and resumed after the switch repeats the uninterrupted one bit for bit.
