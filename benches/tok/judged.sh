@@ -8,7 +8,8 @@
 # out the 398-problem greedy pass, so that training and the first 100 fit one 10-minute call
 # with TRAIN_SECONDS=440). FIM_RATE sets the pack's FIM rate (default the pipeline's 0.5);
 # TOKENIZER another tokenizer of the same sample (a variant: `tok train` on
-# bench-out/judged/sample with other flags, carried in gpu/). gpu/ comes from
+# bench-out/judged/sample with other flags, carried in gpu/); DATA other shards (default
+# gpu/data; a variant: the sample through `cxxlm data run` with another filter). gpu/ comes from
 # benches/tok/judged-prepare.sh. The checkpoint stays in WORK/d12 (default
 # /tmp/cxxlm-judged; a variant needs its own) for a later call on the same machine
 # (PRETRAINED= of benches/sft/gpu.sh); results land in $OUT (or gpu-out/).
@@ -26,7 +27,7 @@ x=$work/cxxlm
 # call on the same machine: training runs at most TRAIN_SECONDS (default 480) per call and
 # resumes from its newest checkpoint.
 [ -f "$work/pack/pack.json" ] || /usr/bin/time -f "pack: %e s, %M KB" "$x" pack --tokenizer "$tokenizer" \
-    -i gpu/data -o "$work/pack" --val-fraction 0.005 ${FIM_RATE:+--fim-rate "$FIM_RATE"} >"$out/pack.log" 2>&1
+    -i "${DATA:-gpu/data}" -o "$work/pack" --val-fraction 0.005 ${FIM_RATE:+--fim-rate "$FIM_RATE"} >"$out/pack.log" 2>&1
 [ -f "$work/held-out/pack.json" ] || "$x" pack --tokenizer "$tokenizer" -i gpu/held-out -o "$work/held-out" \
     --fim-rate 0 --val-fraction 1 >"$out/pack-held-out.log" 2>&1
 final=$work/d12/checkpoints/step-$(printf %06d "$steps")

@@ -141,7 +141,16 @@ pub struct QualityConfig {
     /// ...and so do matches covering more than this fraction of it.
     pub encoded_max_fraction: f64,
     pub xml: bool,
+    /// Drops a file when its lines that repeat an earlier line of it (compared without
+    /// their surrounding whitespace) hold more than this share of its characters: test
+    /// files that list one assertion hundreds of times teach a model to loop. Lines under
+    /// [`REPEATED_LINE_MIN_CHARS`] (braces, `break;`, `#endif`) are not counted. 1 keeps
+    /// every file.
+    pub max_repeated_line_fraction: f64,
 }
+
+/// Lines shorter than this repeat in any code.
+pub const REPEATED_LINE_MIN_CHARS: usize = 10;
 
 impl Default for QualityConfig {
     fn default() -> Self {
@@ -158,6 +167,7 @@ impl Default for QualityConfig {
             encoded_max_match_chars: 1024,
             encoded_max_fraction: 0.5,
             xml: true,
+            max_repeated_line_fraction: 1.0,
         }
     }
 }
