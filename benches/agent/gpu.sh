@@ -50,7 +50,8 @@ if [ -n "${TOOL_SFT:-}" ]; then
         fi
         timeout -s INT $(( deadline - $(date +%s) )) "$work/cxxlm" train sft --init "$checkpoint" \
             --data "$examples" -o "$tuned" --resume --set sft.recipe=nanochat \
-            --set sft.epochs=2 --set sft.val_fraction=0.05 --set checkpoint.every=0 --log-every 20 \
+            --set sft.epochs=3 --set sft.val_fraction=0.05 --set checkpoint.every=0 --log-every 20 \
+            --set train.device_batch=4 --set train.total_batch_tokens=8192 \
             >"$out/tool-sft.log" 2>&1 && touch "$tuned/done"
         tail -3 "$out/tool-sft.log"
         [ -f "$tuned/done" ] || exit 0 # the next call goes on
