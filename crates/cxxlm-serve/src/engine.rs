@@ -86,9 +86,11 @@ fn count_end(cancel: &AtomicU8, counters: &Counters) {
 }
 
 /// The submitting side of the engine.
-#[derive(Clone)]
 pub struct Engine {
     jobs: Sender<Job>,
+    /// Joined when the engine is dropped: a process that ends while the thread still
+    /// loads the model or captures its graphs would tear CUDA down under it (an abort).
+    thread: Option<std::thread::JoinHandle<()>>,
     waiting: Arc<AtomicUsize>,
     max_waiting: usize,
     pub slots: usize,
@@ -116,7 +118,7 @@ impl Engine {
         let waiting = Arc::new(AtomicUsize::new(0));
         let counters = Arc::new(Counters::default());
         let (w, c) = (waiting.clone(), counters.clone());
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("cxxlm-engine".into())
             .spawn(move || match load() {
                 Ok(model) => {
@@ -131,6 +133,7 @@ impl Engine {
             .map_err(|e| format!("starting the engine thread: {e}"))?;
         Ok(Engine {
             jobs,
+            thread: Some(thread),
             waiting,
             max_waiting,
             slots,
@@ -153,6 +156,16 @@ impl Engine {
 
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // The thread ends once no sender is left and its jobs are done.
+        self.jobs = mpsc::channel().0;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -490,6 +503,23 @@ mod tests {
             prefills_of(&[long, 20, long + 1, 20_000, 7]),
             vec![vec![long, 20], vec![long + 1], vec![20_000], vec![7]]
         );
+    }
+
+    #[test]
+    fn dropping_the_engine_waits_for_its_thread() {
+        let prefills = Arc::new(Mutex::new(Vec::new()));
+        let model = Recording {
+            prefills: prefills.clone(),
+        };
+        // Still loading when the engine is dropped, as when there is nothing left to do.
+        let load = move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            Ok(model)
+        };
+        let engine = Engine::start(load, 4, 16, Arc::new(AtomicBool::new(false))).unwrap();
+        drop(engine);
+        // The thread has ended: it no longer holds the model.
+        assert_eq!(Arc::strong_count(&prefills), 1);
     }
 
     #[test]
