@@ -6,7 +6,7 @@
 # else its fine-tuned one, from benches/speedrun/gpu.sh; else, with PRETRAIN_SECONDS=N, a d12
 # pretrained here on gpu/data for N seconds). The evaluation resumes: a call stopped at
 # LIMIT_SECONDS (540) is continued by the next call on the same warm machine. Summaries land in $OUT
-# (or gpu-out/): agent-bugs.txt/.json, agent-bodies.txt/.json.
+# (or gpu-out/): agent-bugs.txt/.json, agent-bodies.txt/.json and their transcripts.
 # With TOOL_SFT=N, the model is first fine-tuned on the tool-use trajectories of N bug
 # tasks (`cxxlm tasks trajectories`, spread over gpu/tasks; `train sft` leaves their test
 # split out), so that it has seen the call format: that model is then evaluated.
@@ -70,5 +70,7 @@ for kind in bugs bodies; do
         >"$out/agent-$kind.txt" 2>"$out/agent-$kind.log"
     echo "$kind: exit $?"
     cp "$work/eval-$kind/summary.json" "$out/agent-$kind.json" 2>/dev/null
+    # What the model wrote, to read its unreadable calls.
+    tar -czf "$out/transcripts-$kind.tgz" -C "$work/eval-$kind" transcripts 2>/dev/null
     cat "$out/agent-$kind.txt"
 done
