@@ -2,8 +2,9 @@
 # Fills gpu/ for benches/tok/judged.sh: a fixed sample of MIB (default 355) MiB of the
 # documents of TRAIN_DATA (chosen by a hash of their id, so the same shards give the same
 # sample), the default tokenizer trained on it (TOKENIZER_ARGS adds `tok train` flags, e.g.
-# `--second-stage-mib 512` for the superword variant), the binaries (benches/train/prepare.sh)
-# and the shards of HELD_OUT_DATA in gpu/held-out. Documents whose id contains EXCLUDE are
+# `--second-stage-mib 512` for the superword variant), the binaries (benches/train/prepare.sh),
+# the shards of HELD_OUT_DATA in gpu/held-out, and the sample without files of repeated
+# lines in gpu/data-norepeat. Documents whose id contains EXCLUDE are
 # left out of the sample (the bug-fix tasks' source, whose test split the SFT run scores).
 # TRAIN_DATA and HELD_OUT_DATA are `cxxlm data run` outputs of different projects; the
 # figures in BENCHMARKS.md used the LLVM 15, Boost 1.81, OpenCV 4.6 (with contrib), Qt 5
@@ -48,6 +49,11 @@ for line in sys.stdin.buffer:
     if hashlib.sha256(json.loads(line)["id"].encode()).digest()[0] < 64:
         sys.stdout.buffer.write(line)
 ' | zstd -19 --long=27 -T0 -q -o gpu/held-out/part-00000-00000.jsonl.zst
-du -sh gpu gpu/data gpu/held-out
+# The sample without files of repeated lines (`DATA=gpu/data-norepeat` in judged.sh).
+printf '[quality]\nmax_repeated_line_fraction = 0.5\n' >bench-out/judged/norepeat.toml
+rm -rf bench-out/judged/sample-norepeat gpu/data-norepeat && mkdir -p gpu/data-norepeat
+target/release/cxxlm data run --config bench-out/judged/norepeat.toml -i "$sample" -o bench-out/judged/sample-norepeat | tail -4
+zstd -dc bench-out/judged/sample-norepeat/*.jsonl.zst | zstd -19 --long=27 -T0 -q -o gpu/data-norepeat/part-00000-00000.jsonl.zst
+du -sh gpu gpu/data gpu/data-norepeat gpu/held-out
 # Last, as it takes minutes: the tokenizer's compression on the sample.
 target/release/cxxlm tok eval --tokenizer bench-out/judged/tokenizer.json "$sample" | tail -3
