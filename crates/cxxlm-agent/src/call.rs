@@ -88,6 +88,18 @@ pub fn parse(output: &str) -> Turn {
     Turn { thought, call }
 }
 
+/// Whether `output` holds a whole call: the marker, then a complete JSON object. A reply
+/// can end there, as whatever the model wrote after it would make the turn unreadable.
+pub fn holds_a_call(output: &str) -> bool {
+    output.find(QUERY_TOOL).is_some_and(|at| {
+        let text = &output[at + QUERY_TOOL.len()..];
+        let first = serde_json::Deserializer::from_str(text)
+            .into_iter::<serde_json::Value>()
+            .next();
+        matches!(first, Some(Ok(v)) if v.is_object())
+    })
+}
+
 fn call(text: &str) -> Result<Call, String> {
     let mut values = serde_json::Deserializer::from_str(text).into_iter::<serde_json::Value>();
     let value = match values.next() {
@@ -120,6 +132,22 @@ pub fn render(thought: Option<&str>, call: &Call) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_call_is_whole_once_its_object_closes() {
+        let call = render(Some("look"), &Call::Test {});
+        assert!(holds_a_call(&call));
+        assert!(holds_a_call(&format!("{call}\nand then more")));
+        let open =
+            r#"<|query_tool|>{"tool": "edit", "path": "a.cpp", "start": 1, "end": 1, "text": "}\n"#;
+        assert!(
+            !holds_a_call(open),
+            "a brace inside a string does not close the object"
+        );
+        assert!(holds_a_call(&format!("{open}\"}}")));
+        assert!(!holds_a_call("<|thought_start|>no call yet"));
+        assert!(!holds_a_call("<|query_tool|>12"), "not an object");
+    }
 
     #[test]
     fn calls_round_trip_and_bad_ones_say_why() {

@@ -4,13 +4,13 @@
 
 use anyhow::{Context, Result};
 use cxxlm::agent::AgentArgs;
-use cxxlm_agent::{Model, Reply};
-use cxxlm_serve::engine::{Engine, Event, Job, GO_ON};
+use cxxlm_agent::{call, Model, Reply};
+use cxxlm_serve::engine::{Engine, Event, Job, COMPLETE, GO_ON};
 use cxxlm_serve::Sampling;
 use cxxlm_tokenizer::chat::{self, Message};
 use cxxlm_tokenizer::layout::Layout;
 use cxxlm_tokenizer::Bpe;
-use std::sync::atomic::{AtomicBool, AtomicU8};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc};
 
 use crate::sample::load_checkpoint;
@@ -35,20 +35,28 @@ impl Model for InProcess {
             prompt.drain(..prompt.len() - keep);
         }
         let (events, rx) = mpsc::channel();
+        let cancel = Arc::new(AtomicU8::new(GO_ON));
         let job = Job {
             prompt: prompt.clone(),
             sampling: self.sampling.clone(),
             max_tokens,
             stop_tokens: vec![chat::end_of_turn(&self.bpe)],
             first_tokens: None,
-            cancel: Arc::new(AtomicU8::new(GO_ON)),
+            cancel: cancel.clone(),
             events,
         };
         self.engine.submit(job).map_err(|e| e.to_string())?;
         let mut reply = Vec::new();
         for event in rx {
             match event {
-                Event::Token(t) => reply.push(t),
+                // The turn ends with its call, as an endpoint's tool call does.
+                Event::Token(_) if cancel.load(Ordering::SeqCst) == COMPLETE => {}
+                Event::Token(t) => {
+                    reply.push(t);
+                    if call::holds_a_call(&String::from_utf8_lossy(&self.bpe.decode(&reply))) {
+                        cancel.store(COMPLETE, Ordering::SeqCst);
+                    }
+                }
                 Event::Finished(_) => break,
                 Event::Failed(e) => return Err(e),
                 Event::Prefilled { .. } => {}
