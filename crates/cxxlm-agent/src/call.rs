@@ -92,22 +92,23 @@ pub fn parse(output: &str) -> Turn {
 /// can end there, as whatever the model wrote after it would make the turn unreadable.
 pub fn holds_a_call(output: &str) -> bool {
     output.find(QUERY_TOOL).is_some_and(|at| {
-        let text = &output[at + QUERY_TOOL.len()..];
-        let first = serde_json::Deserializer::from_str(text)
-            .into_iter::<serde_json::Value>()
-            .next();
-        matches!(first, Some(Ok(v)) if v.is_object())
+        matches!(leading_json(&output[at + QUERY_TOOL.len()..]), Some(Ok((v, _))) if v.is_object())
     })
 }
 
-fn call(text: &str) -> Result<Call, String> {
+/// The JSON value `text` begins with, and the byte where it ends.
+fn leading_json(text: &str) -> Option<serde_json::Result<(serde_json::Value, usize)>> {
     let mut values = serde_json::Deserializer::from_str(text).into_iter::<serde_json::Value>();
-    let value = match values.next() {
+    values.next().map(|v| v.map(|v| (v, values.byte_offset())))
+}
+
+fn call(text: &str) -> Result<Call, String> {
+    let (value, end) = match leading_json(text) {
         None => return Err(format!("{QUERY_TOOL} is followed by no JSON object")),
         Some(Err(e)) => return Err(format!("the call is not JSON: {e}")),
         Some(Ok(v)) => v,
     };
-    if !text[values.byte_offset()..].trim().is_empty() {
+    if !text[end..].trim().is_empty() {
         return Err(
             "one call per turn: the text after the call's JSON object is not allowed".into(),
         );
