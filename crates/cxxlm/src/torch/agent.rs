@@ -53,7 +53,11 @@ impl Model for InProcess {
                 Event::Token(_) if cancel.load(Ordering::SeqCst) == COMPLETE => {}
                 Event::Token(t) => {
                     reply.push(t);
-                    if call::holds_a_call(&String::from_utf8_lossy(&self.bpe.decode(&reply))) {
+                    // Only a token that writes `}` can close the call's object.
+                    let closes = self.bpe.decode(&[t]).contains(&b'}');
+                    if closes
+                        && call::holds_a_call(&String::from_utf8_lossy(&self.bpe.decode(&reply)))
+                    {
                         cancel.store(COMPLETE, Ordering::SeqCst);
                     }
                 }
