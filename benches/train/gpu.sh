@@ -45,11 +45,11 @@ ours() { # depth batch steps out extra... (rows of $seq tokens)
         --set eval.every=0 --set checkpoint.every=0 "$@"
 }
 
-summary() { # metrics.jsonl -> median tok/s, MFU, memory over steps after the first 5
+summary() { # metrics.jsonl -> median tok/s, MFU, memory over steps after the first 5 (of a shorter run, the first)
     python3 - "$1" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if '"loss"' in l]
-rows = rows[5:]
+rows = rows[min(5, len(rows) - 1):]
 tok = statistics.median(r["tok_s"] for r in rows)
 mfu = statistics.median(r["mfu"] for r in rows)
 mem = max(r["gpu_memory_gib"] for r in rows)

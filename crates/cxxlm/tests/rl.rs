@@ -169,7 +169,7 @@ const SMALL: [&str; 22] = [
     "--set",
     "rl.max_new_tokens=24",
     "--set",
-    "rl.temperature=0.8",
+    "rl.temperature=1.0",
     "--set",
     "train.device_batch=4",
     "--set",

@@ -7,7 +7,8 @@ use std::process::Command;
 
 fn corpus(root: &std::path::Path) {
     for n in 0..60 {
-        write(&root.join(format!("src/f{n}.cpp")), cpp_source(n).repeat(3));
+        let text: String = (0..3).map(|k| cpp_source(n * 3 + k)).collect();
+        write(&root.join(format!("src/f{n}.cpp")), text);
     }
     write(&root.join("src/odd.cpp"), "// unicode: naïve café — ✓ 😀\nconst char* s = \"<|bos|> is text here\";\nint x\t=\t1;   \r\n");
 }
