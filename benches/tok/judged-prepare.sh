@@ -4,7 +4,8 @@
 # sample), the default tokenizer trained on it (TOKENIZER_ARGS adds `tok train` flags, e.g.
 # `--second-stage-mib 512` for the superword variant), the binaries (benches/train/prepare.sh),
 # the shards of HELD_OUT_DATA in gpu/held-out, and the sample without files of repeated
-# lines in gpu/data-norepeat. Documents whose id contains EXCLUDE are
+# lines in gpu/data-norepeat (the default pipeline's filter since the shards of BENCHMARKS.md
+# were made: judge today's default with DATA=gpu/data-norepeat). Documents whose id contains EXCLUDE are
 # left out of the sample (the bug-fix tasks' source, whose test split the SFT run scores).
 # TRAIN_DATA and HELD_OUT_DATA are `cxxlm data run` outputs of different projects; the
 # figures in BENCHMARKS.md used the LLVM 15, Boost 1.81, OpenCV 4.6 (with contrib), Qt 5

@@ -2,7 +2,8 @@
 # A tokenizer judged by the model it produces, on the GPU machine: d12 trained on the
 # default pipeline's pack (normalized text, FIM 0.5) of gpu/data with gpu/tokenizer.json
 # for STEPS steps of 32 x 2,048 tokens (3,045 = 2.0e8 tokens), then bits per byte on the
-# held-out projects of gpu/held-out (shards of projects the training sample lacks), and
+# held-out projects of gpu/held-out (shards of projects the training sample lacks; whole, and
+# the files that today's data filters keep and drop, apart), and
 # MBPP-C++: the first 100 problems with 5 samples at T 0.2, and all 398 greedy, with the
 # compile rate and the share of completions that ran to the 384-token limit (GREEDY=0 leaves
 # out the 398-problem greedy pass, so that training and the first 100 fit one 10-minute call
@@ -30,6 +31,16 @@ x=$work/cxxlm
     -i "${DATA:-gpu/data}" -o "$work/pack" --val-fraction 0.005 ${FIM_RATE:+--fim-rate "$FIM_RATE"} >"$out/pack.log" 2>&1
 [ -f "$work/held-out/pack.json" ] || "$x" pack --tokenizer "$tokenizer" -i gpu/held-out -o "$work/held-out" \
     --fim-rate 0 --val-fraction 1 >"$out/pack-held-out.log" 2>&1
+# The held-out files split by today's data filters (gpu/held-out may predate one): what the
+# default pipeline keeps and what it drops are scored apart.
+if [ ! -f "$work/held-out-dropped/pack.json" ]; then
+    printf '[output]\nwrite_removed = true\n' >"$work/held-out.toml"
+    "$x" data run --config "$work/held-out.toml" -i gpu/held-out -o "$work/held-out-data" >"$out/held-out-data.log" 2>&1
+    for part in kept:. dropped:removed; do
+        "$x" pack --tokenizer "$tokenizer" -i "$work/held-out-data/${part#*:}" -o "$work/held-out-${part%%:*}" \
+            --fim-rate 0 --val-fraction 1 >>"$out/pack-held-out.log" 2>&1
+    done
+fi
 final=$work/d12/checkpoints/step-$(printf %06d "$steps")
 if [ ! -f "$final/trainer.json" ]; then
     resume=()
@@ -43,8 +54,10 @@ if [ ! -f "$final/trainer.json" ]; then
 fi
 cp "$work/train.log" "$work/d12/metrics.jsonl" "$out/"
 mkdir -p "$work/results"
-[ -f "$work/results/bpb-held-out.json" ] || "$x" eval bpb --checkpoint "$work/d12" --pack "$work/held-out" \
-    --json "$work/results/bpb-held-out.json" | tee "$out/eval.txt"
+for set in held-out held-out-kept held-out-dropped; do
+    [ -f "$work/results/bpb-$set.json" ] || "$x" eval bpb --checkpoint "$work/d12" --pack "$work/$set" \
+        --json "$work/results/bpb-$set.json" | tee -a "$out/eval.txt"
+done
 [ -f "$work/results/mbpp-100x5.json" ] || "$x" eval mbpp --checkpoint "$work/d12" --limit 100 --samples 5 \
     --temperature 0.2 --max-tokens 384 --batch 128 --json "$work/results/mbpp-100x5.json" \
     --completions-out "$work/results/mbpp-100x5.jsonl" 2>&1 | tail -4 | tee -a "$out/eval.txt"
@@ -57,9 +70,10 @@ import json, os, statistics, sys
 out = sys.argv[1]
 rows = [json.loads(l) for l in open(f"{out}/metrics.jsonl") if '"loss"' in l]
 tok_s = statistics.median(r["tok_s"] for r in rows[5:])
-bpb = json.load(open(f"{out}/bpb-held-out.json"))
+bpb = {s: json.load(open(f"{out}/bpb-{s}.json"))["bits_per_byte"] for s in ("held-out", "held-out-kept", "held-out-dropped")}
 print(f"RESULT steps={rows[-1]['step']} tokens={rows[-1]['step'] * 65536:.3g} tok_s={tok_s:.0f} "
-      f"held_out_bpb={bpb['bits_per_byte']:.4f}")
+      f"held_out_bpb={bpb['held-out']:.4f} kept_by_the_filters={bpb['held-out-kept']:.4f} "
+      f"dropped_by_them={bpb['held-out-dropped']:.4f}")
 for name in ("mbpp-100x5", "mbpp-greedy"):
     if not os.path.exists(f"{out}/{name}.json"):
         continue
