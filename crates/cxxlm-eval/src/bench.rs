@@ -106,7 +106,17 @@ impl Problem {
     pub fn program(&self, completion: &str) -> String {
         format!("{}{}{}", self.prompt, self.truncate(completion), self.tests)
     }
+
+    /// Whether any body can compile between the prompt and the tests: tried with one that
+    /// never returns. Some of MultiPL-E's translations cannot (`std::any` compared with
+    /// `==`, a parameter named `char`).
+    pub fn buildable(&self, compiler: &Compiler) -> Result<bool> {
+        Ok(compiler.check(&self.program(NEVER_RETURNS))?.ok)
+    }
 }
+
+/// A function body valid for any return type, whichever headers the prompt includes.
+const NEVER_RETURNS: &str = "    __builtin_trap();\n";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Verdict {
@@ -164,6 +174,12 @@ pub struct Report {
     pub samples: usize,
     pub compiled: usize,
     pub passed: usize,
+    /// The problems no body can compile for ([`Problem::buildable`]); their samples count
+    /// as failures above, as in MultiPL-E's figures...
+    pub unbuildable: Vec<String>,
+    /// ...and are left out of these two.
+    pub buildable_samples: usize,
+    pub buildable_compiled: usize,
     pub pass_at_k: BTreeMap<String, f64>,
     pub verdicts: Vec<Verdict>,
 }
@@ -192,6 +208,17 @@ pub fn score(
         e.0 += 1;
         e.1 += usize::from(v.passed);
     }
+    let unbuildable = per
+        .par_iter()
+        .map(|(name, _)| Ok((!by_name[name].buildable(compiler)?).then(|| name.to_string())))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+        .collect::<Vec<String>>();
+    let buildable: Vec<&Verdict> = verdicts
+        .iter()
+        .filter(|v| !unbuildable.contains(&v.name))
+        .collect();
     let pass_at_k = ks
         .iter()
         .map(|&k| {
@@ -208,6 +235,9 @@ pub fn score(
         samples: verdicts.len(),
         compiled: verdicts.iter().filter(|v| v.compiled).count(),
         passed: verdicts.iter().filter(|v| v.passed).count(),
+        buildable_samples: buildable.len(),
+        buildable_compiled: buildable.iter().filter(|v| v.compiled).count(),
+        unbuildable,
         pass_at_k,
         verdicts,
     })

@@ -939,6 +939,15 @@ fn evaluation(r: &mut Report) {
                 m["passed"],
                 num(&m, "pass_at_k.pass@1")
             );
+            if let Some(broken) = m["unbuildable"].as_array().filter(|b| !b.is_empty()) {
+                let _ = writeln!(
+                    r.md,
+                    "{} of the problems cannot compile with any body (their prompt or tests are broken); {:.1}% of the other problems' {} samples compiled.\n",
+                    broken.len(),
+                    100.0 * num(&m, "buildable_compiled") / num(&m, "buildable_samples"),
+                    m["buildable_samples"]
+                );
+            }
             let mut why: BTreeMap<String, usize> = BTreeMap::new();
             for v in m["verdicts"].as_array().into_iter().flatten() {
                 if v["passed"].as_bool() == Some(true) {
@@ -1598,7 +1607,7 @@ mod tests {
             ),
             (
                 "mbpp",
-                r#"{"problems":2,"samples":4,"compiled":2,"passed":1,"pass_at_k":{"pass@1":0.25},"verdicts":[]}"#,
+                r#"{"problems":2,"samples":4,"compiled":2,"passed":1,"unbuildable":["b"],"buildable_samples":2,"buildable_compiled":2,"pass_at_k":{"pass@1":0.25},"verdicts":[]}"#,
             ),
         ];
         for (name, json) in files {
@@ -1608,6 +1617,10 @@ mod tests {
         assert!(md.contains("| ours | 4.00 | 3.60 |"), "{md}");
         assert!(
             md.contains("| held-out function bodies | 25.0% of 8 | 25.0% (2) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("1 of the problems cannot compile with any body (their prompt or tests are broken); 100.0% of the other problems' 2 samples compiled."),
             "{md}"
         );
         // Completions judged elsewhere, with no record of their length: shown as unknown.

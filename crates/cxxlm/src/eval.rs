@@ -1031,10 +1031,17 @@ fn print_report(r: &Report) -> Result<()> {
         r.compiled,
         r.passed
     )?;
-    outln!(
-        "compile rate: {:.4}",
-        r.compiled as f64 / r.samples.max(1) as f64
-    )?;
+    outln!("compile rate: {:.4}", share(r.compiled, r.samples))?;
+    if !r.unbuildable.is_empty() {
+        outln!(
+            "{} of {} problems cannot compile with any body (their prompt or tests are broken: {}); over the others' {} samples the compile rate is {:.4}",
+            r.unbuildable.len(),
+            r.problems,
+            r.unbuildable.join(", "),
+            r.buildable_samples,
+            share(r.buildable_compiled, r.buildable_samples)
+        )?;
+    }
     for (k, v) in &r.pass_at_k {
         outln!("{k}: {:.4}", v)?;
     }

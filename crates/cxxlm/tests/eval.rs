@@ -91,6 +91,45 @@ fn correct_solutions_pass_and_wrong_ones_fail() {
 }
 
 #[test]
+fn problems_that_no_body_can_compile_are_named_and_set_apart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let completions = tmp.path().join("completions.jsonl");
+    // MultiPL-E translated mbpp_230's parameter as `std::string char`.
+    let lines = [
+        json!({"name": "mbpp_230_replace_blank", "completion": "    return str1;\n}\n"}),
+        json!({"name": "mbpp_127_multiply_int", "completion": "    return x * y;\n}\n"}),
+        json!({"name": "mbpp_127_multiply_int", "completion": "    return x * ;\n}\n"}),
+    ];
+    write(&completions, lines.map(|l| l.to_string()).join("\n"));
+    let report = tmp.path().join("report.json");
+    let out = run_ok(&[
+        "eval",
+        "mbpp",
+        "--problems",
+        MBPP,
+        "--completions",
+        completions.to_str().unwrap(),
+        "--json",
+        report.to_str().unwrap(),
+    ]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("compile rate: 0.3333"), "{said}");
+    assert!(
+        said.contains("1 of 2 problems cannot compile with any body (their prompt or tests are broken: mbpp_230_replace_blank); over the others' 2 samples the compile rate is 0.5000"),
+        "{said}"
+    );
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["unbuildable"], json!(["mbpp_230_replace_blank"]));
+    assert_eq!(
+        (
+            r["buildable_samples"].as_u64(),
+            r["buildable_compiled"].as_u64()
+        ),
+        (Some(2), Some(1))
+    );
+}
+
+#[test]
 fn humaneval_reference_solutions_that_do_not_build_say_why() {
     let tmp = tempfile::tempdir().unwrap();
     let problems = tmp.path().join("humaneval.jsonl");
