@@ -27,10 +27,31 @@ const SOLUTIONS: [(&str, &str, &str); 12] = [
     ("mbpp_108_merge_sorted_list", "    std::vector<long> all(num1);\n    all.insert(all.end(), num2.begin(), num2.end());\n    all.insert(all.end(), num3.begin(), num3.end());\n    std::sort(all.begin(), all.end());\n    return all;\n}\n", "    return num1;\n}\n"),
 ];
 
-#[test]
-fn correct_solutions_pass_and_wrong_ones_fail() {
+/// `eval mbpp` of completion records (JSON lines) with `extra` flags: what it printed and
+/// its JSON report.
+fn judge_mbpp(lines: &[String], extra: &[&str]) -> (String, Value) {
     let tmp = tempfile::tempdir().unwrap();
     let completions = tmp.path().join("completions.jsonl");
+    write(&completions, lines.join("\n"));
+    let report = tmp.path().join("report.json");
+    let mut args = vec![
+        "eval",
+        "mbpp",
+        "--problems",
+        MBPP,
+        "--completions",
+        completions.to_str().unwrap(),
+        "--json",
+        report.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    let out = run_ok(&args);
+    let r = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    (String::from_utf8_lossy(&out.stdout).into_owned(), r)
+}
+
+#[test]
+fn correct_solutions_pass_and_wrong_ones_fail() {
     let mut lines = Vec::new();
     for (name, good, bad) in SOLUTIONS {
         lines.push(json!({"name": name, "completion": good}).to_string());
@@ -44,26 +65,11 @@ fn correct_solutions_pass_and_wrong_ones_fail() {
     // Falls off the end without a value: undefined behaviour that "passes" when built
     // without -Werror=return-type, at any optimization level.
     lines.push(json!({"name": "mbpp_127_multiply_int", "completion": "    long r = x * y;\n    if (r < 0) return -r;\n}\n"}).to_string());
-    write(&completions, lines.join("\n"));
-    let report = tmp.path().join("report.json");
-    let out = run_ok(&[
-        "eval",
-        "mbpp",
-        "--problems",
-        MBPP,
-        "--completions",
-        completions.to_str().unwrap(),
-        "--k",
-        "1,2",
-        "--json",
-        report.to_str().unwrap(),
-    ]);
-    let said = String::from_utf8_lossy(&out.stdout);
+    let (said, r) = judge_mbpp(&lines, &["--k", "1,2"]);
     assert!(
         said.contains("12 problems, 27 samples: 25 compiled, 12 passed"),
         "{said}"
     );
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     let verdicts = r["verdicts"].as_array().unwrap();
     for (i, (name, _, _)) in SOLUTIONS.iter().enumerate() {
         assert_eq!(verdicts[2 * i]["name"], *name);
@@ -92,33 +98,18 @@ fn correct_solutions_pass_and_wrong_ones_fail() {
 
 #[test]
 fn problems_that_no_body_can_compile_are_named_and_set_apart() {
-    let tmp = tempfile::tempdir().unwrap();
-    let completions = tmp.path().join("completions.jsonl");
     // MultiPL-E translated mbpp_230's parameter as `std::string char`.
     let lines = [
         json!({"name": "mbpp_230_replace_blank", "completion": "    return str1;\n}\n"}),
         json!({"name": "mbpp_127_multiply_int", "completion": "    return x * y;\n}\n"}),
         json!({"name": "mbpp_127_multiply_int", "completion": "    return x * ;\n}\n"}),
     ];
-    write(&completions, lines.map(|l| l.to_string()).join("\n"));
-    let report = tmp.path().join("report.json");
-    let out = run_ok(&[
-        "eval",
-        "mbpp",
-        "--problems",
-        MBPP,
-        "--completions",
-        completions.to_str().unwrap(),
-        "--json",
-        report.to_str().unwrap(),
-    ]);
-    let said = String::from_utf8_lossy(&out.stdout);
+    let (said, r) = judge_mbpp(&lines.map(|l| l.to_string()), &[]);
     assert!(said.contains("compile rate: 0.3333"), "{said}");
     assert!(
         said.contains("1 of 2 problems cannot compile with any body (their prompt or tests are broken: mbpp_230_replace_blank); over the others' 2 samples the compile rate is 0.5000"),
         "{said}"
     );
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!(r["unbuildable"], json!(["mbpp_230_replace_blank"]));
     assert_eq!(
         (
