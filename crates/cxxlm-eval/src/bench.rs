@@ -7,7 +7,7 @@
 use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use crate::compile::Compiler;
@@ -208,8 +208,15 @@ pub fn score(
         e.0 += 1;
         e.1 += usize::from(v.passed);
     }
+    // A problem with a sample that compiled is buildable: only the others are tried.
+    let compiled: BTreeSet<&str> = verdicts
+        .iter()
+        .filter(|v| v.compiled)
+        .map(|v| v.name.as_str())
+        .collect();
     let unbuildable = per
         .par_iter()
+        .filter(|(name, _)| !compiled.contains(*name))
         .map(|(name, _)| Ok((!by_name[name].buildable(compiler)?).then(|| name.to_string())))
         .collect::<Result<Vec<_>>>()?
         .into_iter()

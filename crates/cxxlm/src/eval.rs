@@ -251,6 +251,9 @@ pub struct BenchArgs {
     /// pass@k for each of these k.
     #[arg(long, value_delimiter = ',', default_value = "1")]
     k: Vec<usize>,
+    /// Where the precompiled header is kept (for the check of which problems can compile).
+    #[arg(long, default_value = "runs/cache")]
+    cache: PathBuf,
     /// Write the report (with every verdict) here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -442,7 +445,7 @@ pub fn run(cmd: EvalCommand, load: Option<LoadModel>) -> Result<()> {
     } else {
         read_completions(args.completions.as_deref().expect("clap requires it"))?
     };
-    let compiler = Compiler::plain(Sandbox::new(Limits::default())?);
+    let compiler = Compiler::new(Sandbox::new(Limits::default())?, &args.cache)?;
     let report = bench::score(&compiler, &problems, &completions, &args.k)?;
     print_report(&report)?;
     let mut json = serde_json::to_value(&report)?;

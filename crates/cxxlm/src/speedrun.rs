@@ -503,6 +503,8 @@ fn stages(config: &Config, l: &Layout, tomls: &Configs) -> Vec<Stage> {
         e.batch.to_string(),
         "--completions-out".into(),
         s(&l.mbpp_completions()),
+        "--cache".into(),
+        s(&l.root.join("cache")),
     ];
     if let Some(file) = &e.mbpp_file {
         more.extend(["--problems".into(), s(file)]);

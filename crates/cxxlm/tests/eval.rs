@@ -34,6 +34,7 @@ fn judge_mbpp(lines: &[String], extra: &[&str]) -> (String, Value) {
     let completions = tmp.path().join("completions.jsonl");
     write(&completions, lines.join("\n"));
     let report = tmp.path().join("report.json");
+    let cache = tmp.path().join("cache");
     let mut args = vec![
         "eval",
         "mbpp",
@@ -41,6 +42,8 @@ fn judge_mbpp(lines: &[String], extra: &[&str]) -> (String, Value) {
         MBPP,
         "--completions",
         completions.to_str().unwrap(),
+        "--cache",
+        cache.to_str().unwrap(),
         "--json",
         report.to_str().unwrap(),
     ];
@@ -148,6 +151,8 @@ fn humaneval_reference_solutions_that_do_not_build_say_why() {
         "--problems",
         problems.to_str().unwrap(),
         "--canonical",
+        "--cache",
+        tmp.path().join("cache").to_str().unwrap(),
         "--json",
         report.to_str().unwrap(),
     ]);
