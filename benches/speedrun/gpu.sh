@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The gpu-10min speedrun on the GPU machine, from the corpus shards in gpu/data (see
-# benches/train/prepare.sh; its binary, plus gpu/DejaVuSans.ttf for the plots). With
+# benches/train/prepare.sh: its binaries, and gpu/DejaVuSans.ttf for the plots). With
 # gpu/tasks (`cxxlm tasks bugs` parts and function bodies, benches/prepare.sh), the run goes on: SFT on the
 # tasks' train split, RL with the compiler as judge, and the held-out bug fixes of their
 # test split answered by each model. The report card, the stages' JSON, logs and metrics

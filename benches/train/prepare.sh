@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fills gpu/ (ignored by git; carried to the GPU machine, at most 64 MiB) for
 # benches/train/gpu.sh: the stripped release binaries, in an xz-compressed tar; a tokenizer; the
-# PyTorch reference; and Debian C++ shards recompressed to fit.
+# PyTorch reference; a font for the report card's plots; and Debian C++ shards recompressed to fit.
 #
 # Usage: benches/train/prepare.sh [TOKENIZER] [SHARD...]
 # Defaults: bench-out/tok/tokenizer-605mb.json and the first three shards of
@@ -23,6 +23,8 @@ XZ_OPT=${XZ_OPT:--9e -T2} tar -cJf gpu/cxxlm.tar.xz -C "$bins" cxxlm cxxlm-torch
 rm -rf "$bins" gpu/cxxlm.xz
 cp "$tokenizer" gpu/tokenizer.json
 cp ../shared/bench/ref_gpt.py gpu/
+# The report card's plots need a TrueType font (benches/speedrun/gpu.sh).
+cp /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf gpu/
 # The sandbox's bubblewrap and the libraries it links, and make (the agent's tasks build
 # with it), for machines without them.
 mkdir -p gpu/bin gpu/lib
