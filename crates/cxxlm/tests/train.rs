@@ -118,10 +118,8 @@ fn phases_are_timed_without_changing_the_run() {
         &["--set", "train.steps=3", "--set", "log.phases=true"],
     );
     assert_eq!(metrics(&timed).0, metrics(&plain).0);
-    let text = std::fs::read_to_string(timed.join("metrics.jsonl")).unwrap();
-    let records: Vec<Value> = text
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+    let records: Vec<Value> = metrics_records(&timed)
+        .into_iter()
         .filter(|v| v.get("loss").is_some())
         .collect();
     for (i, r) in records.iter().enumerate() {
