@@ -855,6 +855,33 @@ mod tests {
     }
 
     #[test]
+    fn a_short_row_beside_samples_longer_than_the_context_scores_as_alone() {
+        let _rng = crate::TORCH_RNG.lock();
+        let m = Gpt::random(tiny(), 4);
+        let _guard = tch::no_grad_guard();
+        // Row 0: a prompt of 4 and three samples of 7 after it, 25 tokens in a context of
+        // 16; row 1: a prompt and one sample, 5 tokens, the other 20 padding.
+        let mut long: Vec<i64> = vec![5, 6, 7];
+        let mut lengths = vec![3];
+        for s in 0..3 {
+            long.push(8);
+            long.extend((0..6).map(|k| 20 + 6 * s + k));
+            lengths.push(7);
+        }
+        let t = long.len();
+        let short: Vec<i64> = vec![40, 41, 42, 43, 44];
+        let mut padded = short.clone();
+        padded.resize(t, 0);
+        let rows = Tensor::from_slice(&[long, padded].concat()).view([2, t as i64]);
+        let packing = Packing::with_shared_prefix(&[lengths, vec![4, 1]], t, Device::Cpu);
+        let packed = m.logits_with_grad(&rows, Some(&packing), None);
+        let alone = m.logits_with_grad(&Tensor::from_slice(&short).unsqueeze(0), None, None);
+        let got = packed.narrow(0, 1, 1).narrow(1, 0, short.len() as i64);
+        let diff = (got - alone).abs().max().double_value(&[]);
+        assert!(diff < 1e-4, "{diff}");
+    }
+
+    #[test]
     fn attention_is_causal() {
         let _rng = crate::TORCH_RNG.lock();
         let m = Gpt::random(tiny(), 2);

@@ -22,7 +22,7 @@ impl Packing {
     /// Rows of `t` input positions holding examples of `lengths` tokens each, in order.
     /// An example may run past its row's `t` positions (the last token of a `t + 1`
     /// window is only a target): it is cut there. What is left of a row after its
-    /// examples is padding, a segment of its own.
+    /// examples is padding, a segment of its own at position 0.
     pub fn new(rows: &[Vec<usize>], t: usize, device: Device) -> Packing {
         Self::packed(rows, t, false, device)
     }
@@ -53,8 +53,11 @@ impl Packing {
                     used += n;
                 }
             }
+            // Padding's positions are never read, but must index the rotary tables: a
+            // row of samples after a shared prompt can be longer than the context, and
+            // a short row beside it padded past it.
             if used < t {
-                positions.extend(0..(t - used) as i64);
+                positions.extend(std::iter::repeat_n(0, t - used));
                 segments.push(t - used);
             }
             prefixes.push(prefix as i64);
