@@ -38,6 +38,20 @@ pub enum EvalCommand {
     Bugfix(BugfixArgs),
 }
 
+/// The compile checks' g++, sandboxed, with its precompiled header kept in `--cache`.
+#[derive(Args)]
+pub struct HeaderCache {
+    /// Where the precompiled header is kept.
+    #[arg(long = "cache", default_value = "runs/cache")]
+    dir: PathBuf,
+}
+
+impl HeaderCache {
+    fn compiler(&self) -> Result<Compiler> {
+        Ok(Compiler::new(Sandbox::new(Limits::default())?, &self.dir)?)
+    }
+}
+
 #[derive(Args)]
 pub struct BugfixArgs {
     /// Outputs of `tasks bugs` (directories or part files).
@@ -120,9 +134,8 @@ pub struct CompileArgs {
     /// Also check every program with plain g++ (no header cache) and print the speed ratio.
     #[arg(long)]
     baseline: bool,
-    /// Where the precompiled header is kept.
-    #[arg(long, default_value = "runs/cache")]
-    cache: PathBuf,
+    #[command(flatten)]
+    cache: HeaderCache,
     #[arg(long)]
     json: Option<PathBuf>,
 }
@@ -179,9 +192,8 @@ pub struct FimArgs {
     /// Documents filled at once (a waiting one takes the place of one that ended).
     #[arg(long, default_value_t = 32)]
     batch: usize,
-    /// Where the precompiled header is kept (for the compile check of refilled files).
-    #[arg(long, default_value = "runs/cache")]
-    cache: PathBuf,
+    #[command(flatten)]
+    cache: HeaderCache,
     #[arg(long)]
     json: Option<PathBuf>,
 }
@@ -251,9 +263,8 @@ pub struct BenchArgs {
     /// pass@k for each of these k.
     #[arg(long, value_delimiter = ',', default_value = "1")]
     k: Vec<usize>,
-    /// Where the precompiled header is kept (for the check of which problems can compile).
-    #[arg(long, default_value = "runs/cache")]
-    cache: PathBuf,
+    #[command(flatten)]
+    cache: HeaderCache,
     /// Write the report (with every verdict) here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -445,7 +456,7 @@ pub fn run(cmd: EvalCommand, load: Option<LoadModel>) -> Result<()> {
     } else {
         read_completions(args.completions.as_deref().expect("clap requires it"))?
     };
-    let compiler = Compiler::new(Sandbox::new(Limits::default())?, &args.cache)?;
+    let compiler = args.cache.compiler()?;
     let report = bench::score(&compiler, &problems, &completions, &args.k)?;
     print_report(&report)?;
     let mut json = serde_json::to_value(&report)?;
@@ -672,7 +683,7 @@ fn write_bodies(
 }
 
 fn compile(args: CompileArgs, load: Option<LoadModel>) -> Result<()> {
-    let fast = Compiler::new(Sandbox::new(Limits::default())?, &args.cache)?;
+    let fast = args.cache.compiler()?;
     let mut baseline_warnings = None;
     let mut held_out = None;
     let length_limited: Option<usize>;
@@ -873,7 +884,7 @@ fn fim(args: FimArgs, model: &dyn TextModel) -> Result<()> {
     if cases.is_empty() {
         bail!("no validation document has a span to hide");
     }
-    let compiler = Compiler::new(Sandbox::new(Limits::default())?, &args.cache)?;
+    let compiler = args.cache.compiler()?;
     let code_spans: Vec<&Hidden> = cases
         .iter()
         .filter(|c| c.span != Span::Line)
