@@ -468,10 +468,10 @@ fn stages(r: &mut Report, record: &Value) {
     let mut rows: Vec<(u64, Vec<String>)> = stages
         .iter()
         .map(|(name, s)| {
-            let status = if s["finished"].as_bool() == Some(true) {
-                "done"
-            } else {
-                "started"
+            let status = match (s["finished"].as_bool(), s["ended"].as_str()) {
+                (Some(true), _) => "done",
+                (_, Some(why)) => why,
+                _ => "started",
             };
             let secs = num(s, "seconds");
             (

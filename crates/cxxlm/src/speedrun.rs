@@ -906,7 +906,15 @@ fn save(path: &Path, record: &Value) -> Result<()> {
 
 /// Runs `cxxlm <args>`, its output shown and kept in `log`. Ctrl-C or SIGTERM reach it
 /// (it stops at a safe point), and then the speedrun stops too.
-fn run_stage(args: &[String], log: &Path) -> Result<()> {
+/// How a stage's process ended.
+enum StageEnd {
+    Succeeded,
+    /// With its exit status.
+    Failed(String),
+    Interrupted,
+}
+
+fn run_stage(args: &[String], log: &Path) -> Result<StageEnd> {
     let exe = std::env::current_exe().context("finding the cxxlm binary")?;
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -954,13 +962,13 @@ fn run_stage(args: &[String], log: &Path) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     };
     let _ = (out.join(), err.join());
-    if interrupt::requested() {
-        bail!("interrupted; run the same command again to continue");
-    }
-    if !status.success() {
-        bail!("failed ({status}); its log: {}", log.display());
-    }
-    Ok(())
+    Ok(if interrupt::requested() {
+        StageEnd::Interrupted
+    } else if status.success() {
+        StageEnd::Succeeded
+    } else {
+        StageEnd::Failed(status.to_string())
+    })
 }
 
 pub fn run(args: SpeedrunArgs) -> Result<()> {
@@ -1044,19 +1052,45 @@ pub fn run(args: SpeedrunArgs) -> Result<()> {
         });
         save(&l.record(), &record)?;
         let t = Instant::now();
-        let outcome = run_stage(&st.args, &l.logs().join(format!("{}.log", st.name)));
-        record["stages"][st.name]["seconds"] = (earlier + t.elapsed().as_secs_f64()).into();
-        if outcome.is_ok() && !(st.complete)() {
-            save(&l.record(), &record)?;
-            bail!(
-                "stage {} ended without complete outputs; its log: {}",
-                st.name,
-                l.logs().join(format!("{}.log", st.name)).display()
-            );
+        let log = l.logs().join(format!("{}.log", st.name));
+        let ended = run_stage(&st.args, &log);
+        let stage = &mut record["stages"][st.name];
+        stage["seconds"] = (earlier + t.elapsed().as_secs_f64()).into();
+        // The report card names a stage that failed, and why.
+        let failed = match &ended {
+            Ok(StageEnd::Succeeded) if !(st.complete)() => {
+                Some("ended without complete outputs".to_string())
+            }
+            Ok(StageEnd::Succeeded) => None,
+            Ok(StageEnd::Failed(status)) => Some(format!("failed ({status})")),
+            Ok(StageEnd::Interrupted) => Some("interrupted".to_string()),
+            Err(e) => Some(format!("could not run: {e:#}")),
+        };
+        stage["finished"] = failed.is_none().into();
+        if let Some(why) = &failed {
+            stage["ended"] = why.as_str().into();
         }
-        record["stages"][st.name]["finished"] = outcome.is_ok().into();
         save(&l.record(), &record)?;
-        outcome.with_context(|| format!("stage {}", st.name))?;
+        let Some(why) = failed else {
+            continue;
+        };
+        // The stages done so far are worth their report card.
+        match cxxlm_report::write(&l) {
+            Ok(w) => eprintln!(
+                "the report card of the stages so far: {}",
+                w.markdown.display()
+            ),
+            Err(e) => eprintln!("warning: no report card: {e:#}"),
+        }
+        match ended.with_context(|| format!("stage {}", st.name))? {
+            StageEnd::Interrupted => {
+                bail!(
+                    "stage {}: interrupted; run the same command again to continue",
+                    st.name
+                )
+            }
+            _ => bail!("stage {}: {why}; its log: {}", st.name, log.display()),
+        }
     }
     let written = cxxlm_report::write(&l)?;
     for e in &written.plot_errors {

@@ -282,3 +282,43 @@ fn a_fresh_run_with_phase_b_passes_its_settings_check() {
     let written = std::fs::read_to_string(dir.path().join("run/speedrun.json")).unwrap();
     assert!(written.contains("long_context = 8192"), "{written}");
 }
+
+#[test]
+fn a_failed_stage_is_named_on_the_report_card_of_the_stages_before_it() {
+    let (dir, src) = sources();
+    let out = dir.path().join("run");
+    // Fine-tuning data that is not: the SFT stage fails after the base model's stages.
+    let tasks = dir.path().join("tasks");
+    std::fs::create_dir_all(&tasks).unwrap();
+    std::fs::write(tasks.join("part-0.jsonl"), "{\"x\": 1}\n").unwrap();
+    let quick: Vec<String> = [
+        "pretrain.train.steps=5",
+        "pretrain.eval.every=0",
+        "pretrain.checkpoint.every=0",
+        "eval.compile_functions=1",
+        "eval.mbpp_problems=1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let said = cxxlm()
+        .args(speedrun_args(&src, &out, &quick))
+        .arg("--sft-data")
+        .arg(&tasks)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&said.stderr);
+    assert!(!said.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("stage sft: failed (exit status: 1)") && stderr.contains("no known format"),
+        "{stderr}"
+    );
+    let stages = &record(&out)["stages"];
+    assert_eq!(stages["pretrain"]["finished"], true);
+    assert_eq!(stages["sft"]["finished"], false);
+    assert_eq!(stages["sft"]["ended"], "failed (exit status: 1)");
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for row in ["| pretrain | done |", "| sft | failed (exit status: 1) |"] {
+        assert!(report.contains(row), "{row}\n{report}");
+    }
+}
