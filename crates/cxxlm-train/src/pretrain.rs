@@ -551,6 +551,22 @@ pub fn pretrain(
     };
     let train = Arc::new(manifest.open(&cfg.data.pack, "train")?);
     let val = manifest.open(&cfg.data.pack, "val")?;
+    // A split shorter than one window would be read round and round (training) or not at
+    // all (validation): refused before a step is spent.
+    let window = seq as u64 + 1;
+    for (name, split, read) in [("train", &*train, true), ("val", &val, cfg.eval.every > 0)] {
+        if read && split.total_tokens() < window {
+            return Err(TrainError::Config(format!(
+                "{}: the {name} split holds {} tokens, fewer than one window of the model's context ({window}): pack more text{}",
+                cfg.data.pack.display(),
+                split.total_tokens(),
+                match name {
+                    "val" => " or a larger --val-fraction, or set eval.every = 0",
+                    _ => "",
+                }
+            )));
+        }
+    }
     let loader = Loader::new(
         train,
         LoaderConfig {

@@ -332,6 +332,25 @@ fn bad_input_is_named() {
     );
     assert!(e.contains("packed with tokenizer"), "{e}");
 
+    // A validation split shorter than one window of the model's context: refused before
+    // a step is spent, not found out when the first evaluation has nothing to score.
+    let long = p.f.root.join("long");
+    let e = fails(
+        &p,
+        &long,
+        &[
+            "--set",
+            "model.seq_len=262144",
+            "--set",
+            "train.total_batch_tokens=1048576",
+        ],
+    );
+    assert!(
+        e.contains("the val split holds") && e.contains("fewer than one window"),
+        "{e}"
+    );
+    assert!(!long.join("checkpoints").exists(), "{e}");
+
     // A diverging loss stops the run with the step and saves the state before it.
     let diverge = p.f.root.join("diverge");
     let e = fails(
