@@ -554,16 +554,16 @@ pub fn pretrain(
     // A split shorter than one window would be read round and round (training) or not at
     // all (validation): refused before a step is spent.
     let window = seq as u64 + 1;
-    for (name, split, read) in [("train", &*train, true), ("val", &val, cfg.eval.every > 0)] {
+    let val_hint = " or a larger --val-fraction, or set eval.every = 0";
+    for (name, split, read, hint) in [
+        ("train", &*train, true, ""),
+        ("val", &val, cfg.eval.every > 0, val_hint),
+    ] {
         if read && split.total_tokens() < window {
             return Err(TrainError::Config(format!(
-                "{}: the {name} split holds {} tokens, fewer than one window of the model's context ({window}): pack more text{}",
+                "{}: the {name} split holds {} tokens, fewer than one window of the model's context ({window}): pack more text{hint}",
                 cfg.data.pack.display(),
                 split.total_tokens(),
-                match name {
-                    "val" => " or a larger --val-fraction, or set eval.every = 0",
-                    _ => "",
-                }
             )));
         }
     }

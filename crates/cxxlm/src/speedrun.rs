@@ -904,8 +904,6 @@ fn save(path: &Path, record: &Value) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
-/// Runs `cxxlm <args>`, its output shown and kept in `log`. Ctrl-C or SIGTERM reach it
-/// (it stops at a safe point), and then the speedrun stops too.
 /// How a stage's process ended.
 enum StageEnd {
     Succeeded,
@@ -914,6 +912,8 @@ enum StageEnd {
     Interrupted,
 }
 
+/// Runs `cxxlm <args>`, its output shown and kept in `log`. Ctrl-C or SIGTERM reach it
+/// (it stops at a safe point), and then the speedrun stops too.
 fn run_stage(args: &[String], log: &Path) -> Result<StageEnd> {
     let exe = std::env::current_exe().context("finding the cxxlm binary")?;
     let file = std::fs::OpenOptions::new()
