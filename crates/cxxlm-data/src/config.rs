@@ -145,8 +145,8 @@ pub struct QualityConfig {
     /// their surrounding whitespace) hold more than this share of its characters: test
     /// files that list one assertion hundreds of times teach a model to loop. Lines under
     /// [`REPEATED_LINE_MIN_CHARS`] (braces, `break;`, `#endif`) are not counted. 1 keeps
-    /// every file. At 0.5 (3.9% of the bytes of a Debian sample) a d12 ran 19% of its
-    /// MBPP completions to the length limit instead of 31% (BENCHMARKS.md).
+    /// every file. 0.5 drops 3.9% of the bytes of a Debian sample: milder than Gopher's
+    /// 0.2, and within run-to-run noise for a d12's MBPP compile rate (BENCHMARKS.md).
     pub max_repeated_line_fraction: f64,
 }
 
