@@ -79,7 +79,8 @@ for name in ("mbpp-100x5", "mbpp-greedy"):
         continue
     m = json.load(open(f"{out}/{name}.json"))
     n = m["samples"]
-    print(f"RESULT {name} compiled={m['compiled']} of {n} ({m['compiled'] / n:.3f}) "
+    print(f"RESULT {name} compiled={m['compiled']} of {n} ({m['compiled'] / n:.3f} "
+          f"± {m['compile_rate_standard_error']:.3f}) "
           f"buildable_compiled={m['buildable_compiled']} of {m['buildable_samples']} "
           f"pass@1={m['pass_at_k']['pass@1']:.3f} length_limited_share={m['length_limited_share']:.3f}")
 PY

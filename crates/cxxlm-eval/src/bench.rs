@@ -168,6 +168,25 @@ pub fn pass_at_k(n: usize, c: usize, k: usize) -> f64 {
         .product::<f64>()
 }
 
+/// The standard error of a rate pooled over problems, each `(successes, trials)`, with the
+/// problem as the unit sampled: samples of one problem succeed or fail together, so
+/// counting them as independent understates the error (five samples of 100 problems are
+/// closer to 100 draws than to 500). For a score per problem, pass each as `(score, 1)`.
+/// NaN for fewer than two problems.
+pub fn standard_error_over_problems(per_problem: &[(f64, f64)]) -> f64 {
+    let p = per_problem.len() as f64;
+    let trials: f64 = per_problem.iter().map(|&(_, n)| n).sum();
+    if per_problem.len() < 2 || trials == 0.0 {
+        return f64::NAN;
+    }
+    let rate = per_problem.iter().map(|&(k, _)| k).sum::<f64>() / trials;
+    let spread: f64 = per_problem
+        .iter()
+        .map(|&(k, n)| (k - rate * n).powi(2))
+        .sum();
+    (p / (p - 1.0) * spread).sqrt() / trials
+}
+
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub problems: usize,
@@ -180,7 +199,12 @@ pub struct Report {
     /// ...and are left out of these two.
     pub buildable_samples: usize,
     pub buildable_compiled: usize,
+    /// The standard error of `compiled / samples`, over problems
+    /// ([`standard_error_over_problems`]).
+    pub compile_rate_standard_error: f64,
     pub pass_at_k: BTreeMap<String, f64>,
+    /// Each pass@k's standard error, over problems.
+    pub pass_at_k_standard_error: BTreeMap<String, f64>,
     pub verdicts: Vec<Verdict>,
 }
 
@@ -202,11 +226,13 @@ pub fn score(
             judge(compiler, problem, completion)
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut per: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    // Per problem: (samples, passed, compiled).
+    let mut per: BTreeMap<&str, (usize, usize, usize)> = BTreeMap::new();
     for v in &verdicts {
         let e = per.entry(v.name.as_str()).or_default();
         e.0 += 1;
         e.1 += usize::from(v.passed);
+        e.2 += usize::from(v.compiled);
     }
     // A problem with a sample that compiled is buildable: only the others are tried.
     let compiled: BTreeSet<&str> = verdicts
@@ -226,16 +252,21 @@ pub fn score(
         .iter()
         .filter(|v| !unbuildable.contains(&v.name))
         .collect();
-    let pass_at_k = ks
-        .iter()
-        .map(|&k| {
-            let scores: Vec<f64> = per
-                .values()
-                .filter(|(n, _)| *n >= k)
-                .map(|&(n, c)| pass_at_k(n, c, k))
-                .collect();
-            (format!("pass@{k}"), mean_score(&scores))
-        })
+    let mut pass_at_k_scores = BTreeMap::new();
+    let mut pass_at_k_standard_error = BTreeMap::new();
+    for &k in ks {
+        let scores: Vec<f64> = per
+            .values()
+            .filter(|(n, _, _)| *n >= k)
+            .map(|&(n, c, _)| pass_at_k(n, c, k))
+            .collect();
+        let each: Vec<(f64, f64)> = scores.iter().map(|&s| (s, 1.0)).collect();
+        pass_at_k_scores.insert(format!("pass@{k}"), mean_score(&scores));
+        pass_at_k_standard_error.insert(format!("pass@{k}"), standard_error_over_problems(&each));
+    }
+    let compiled_per_problem: Vec<(f64, f64)> = per
+        .values()
+        .map(|&(n, _, c)| (c as f64, n as f64))
         .collect();
     Ok(Report {
         problems: per.len(),
@@ -245,7 +276,9 @@ pub fn score(
         buildable_samples: buildable.len(),
         buildable_compiled: buildable.iter().filter(|v| v.compiled).count(),
         unbuildable,
-        pass_at_k,
+        compile_rate_standard_error: standard_error_over_problems(&compiled_per_problem),
+        pass_at_k: pass_at_k_scores,
+        pass_at_k_standard_error,
         verdicts,
     })
 }
@@ -261,6 +294,21 @@ mod tests {
         assert_eq!(pass_at_k(10, 8, 5), 1.0);
         // 1 - C(7,2)/C(10,2) = 1 - 21/45
         assert!((pass_at_k(10, 3, 2) - (1.0 - 21.0 / 45.0)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_rate_over_problems_errs_by_the_spread_between_problems() {
+        // Two problems, five samples each: all of one compile, none of the other. As 10
+        // independent samples the error would be sqrt(0.25 / 10) = 0.158; as two problems
+        // it is 0.5 (the rate could as well be 0 or 1 over other problems).
+        let se = standard_error_over_problems(&[(5.0, 5.0), (0.0, 5.0)]);
+        assert!((se - 0.5).abs() < 1e-12, "{se}");
+        // Problems that agree leave no error; one problem cannot give one.
+        assert_eq!(standard_error_over_problems(&[(2.0, 4.0), (1.0, 2.0)]), 0.0);
+        assert!(standard_error_over_problems(&[(1.0, 5.0)]).is_nan());
+        // Scores per problem, each passed as (score, 1): sd / sqrt(P).
+        let se = standard_error_over_problems(&[(0.0, 1.0), (1.0, 1.0), (0.5, 1.0)]);
+        assert!((se - (0.25f64 / 3.0).sqrt()).abs() < 1e-12, "{se}");
     }
 
     #[test]

@@ -204,6 +204,16 @@ fn num(v: &Value, path: &str) -> f64 {
     at(v, path).as_f64().unwrap_or(f64::NAN)
 }
 
+/// A figure to three places, with its standard error beside it where the eval gave one.
+fn with_error(v: &Value, path: &str, error_path: &str) -> String {
+    let error = num(v, error_path);
+    if error.is_finite() {
+        format!("{:.3} ± {error:.3}", num(v, path))
+    } else {
+        format!("{:.3}", num(v, path))
+    }
+}
+
 fn mb(bytes: f64) -> String {
     format!("{:.1}", bytes / 1e6)
 }
@@ -644,6 +654,16 @@ fn tokenizer(r: &mut Report) {
 /// Compression is a means: the model trained with the tokenizer is the judge. Its
 /// compile rates and how often its completions ran to the length limit (models that
 /// loop on repeated lines run there).
+/// A compile rate in percent of `n`, with the eval's standard error where it gave one.
+fn percent_of(rate: f64, eval: &Value, n: &Value) -> String {
+    let error = num(eval, "compile_rate_standard_error");
+    if error.is_finite() {
+        format!("{:.1}% ± {:.1} of {n}", 100.0 * rate, 100.0 * error)
+    } else {
+        format!("{:.1}% of {n}", 100.0 * rate)
+    }
+}
+
 fn judged_by_the_model(r: &mut Report) {
     let mut rows = Vec::new();
     let limit = |v: &Value| match v["length_limited"].as_u64() {
@@ -657,11 +677,7 @@ fn judged_by_the_model(r: &mut Report) {
     {
         rows.push(vec![
             "held-out function bodies".into(),
-            format!(
-                "{:.1}% of {}",
-                100.0 * num(c, "compile_rate"),
-                c["programs"]
-            ),
+            percent_of(num(c, "compile_rate"), c, &c["programs"]),
             limit(c),
         ]);
     }
@@ -672,11 +688,7 @@ fn judged_by_the_model(r: &mut Report) {
     {
         rows.push(vec![
             "MBPP-C++ completions".into(),
-            format!(
-                "{:.1}% of {}",
-                100.0 * num(m, "compiled") / num(m, "samples"),
-                m["samples"]
-            ),
+            percent_of(num(m, "compiled") / num(m, "samples"), m, &m["samples"]),
             limit(m),
         ]);
     }
@@ -932,20 +944,25 @@ fn evaluation(r: &mut Report) {
         Some(m) => {
             let _ = writeln!(
                 r.md,
-                "**MultiPL-E MBPP-C++**: {} problems, {} samples; {} compiled, {} passed their tests (sandboxed). pass@1 {:.3}.\n",
+                "**MultiPL-E MBPP-C++**: {} problems, {} samples; {} compiled, {} passed their tests (sandboxed). pass@1 {}.\n",
                 m["problems"],
                 m["samples"],
                 m["compiled"],
                 m["passed"],
-                num(&m, "pass_at_k.pass@1")
+                with_error(&m, "pass_at_k.pass@1", "pass_at_k_standard_error.pass@1")
             );
             if let Some(broken) = m["unbuildable"].as_array().filter(|b| !b.is_empty()) {
+                let others = match m["buildable_samples"].as_u64() {
+                    Some(0) | None => "there are no others".to_string(),
+                    Some(n) => format!(
+                        "{:.1}% of the other problems' {n} samples compiled",
+                        100.0 * num(&m, "buildable_compiled") / n as f64
+                    ),
+                };
                 let _ = writeln!(
                     r.md,
-                    "{} of the problems cannot compile with any body (their prompt or tests are broken); {:.1}% of the other problems' {} samples compiled.\n",
-                    broken.len(),
-                    100.0 * num(&m, "buildable_compiled") / num(&m, "buildable_samples"),
-                    m["buildable_samples"]
+                    "{} of the problems cannot compile with any body (their prompt or tests are broken); {others}.\n",
+                    broken.len()
                 );
             }
             let mut why: BTreeMap<String, usize> = BTreeMap::new();
@@ -1265,7 +1282,7 @@ fn bug_fixes(r: &mut Report) {
             let b = r.evals.get(key)?;
             Some(vec![
                 model.to_string(),
-                format!("{:.3}", num(b, "pass@1")),
+                with_error(b, "pass@1", "pass@1_standard_error"),
                 format!("{} of {}", b["compiled"], b["answers"]),
                 b["tasks"].to_string(),
             ])
@@ -1529,10 +1546,16 @@ mod tests {
         log.extend_from_slice(b"{\"batch\": 1, \"completion\": \"\xc3");
         std::fs::write(layout.rl().join("rollouts.jsonl"), log).unwrap();
         std::fs::create_dir_all(layout.root.join("eval")).unwrap();
-        for (file, pass, compiled) in [("bugfix", 0.0, 3), ("bugfix-rl", 0.05, 40)] {
+        // The pretrained model's report predates standard errors.
+        for (file, pass, compiled, error) in [
+            ("bugfix", 0.0, 3, ""),
+            ("bugfix-rl", 0.05, 40, r#","pass@1_standard_error":0.021"#),
+        ] {
             std::fs::write(
                 layout.eval(file),
-                format!(r#"{{"tasks":100,"answers":100,"compiled":{compiled},"pass@1":{pass}}}"#),
+                format!(
+                    r#"{{"tasks":100,"answers":100,"compiled":{compiled},"pass@1":{pass}{error}}}"#
+                ),
             )
             .unwrap();
         }
@@ -1561,7 +1584,7 @@ mod tests {
             "{md}"
         );
         assert!(
-            md.contains("| reinforced (RL) | 0.050 | 40 of 100 | 100 |"),
+            md.contains("| reinforced (RL) | 0.050 ± 0.021 | 40 of 100 | 100 |"),
             "{md}"
         );
         assert!(!md.contains("fine-tuned (SFT) |"), "{md}");
@@ -1603,7 +1626,7 @@ mod tests {
             ),
             (
                 "compile",
-                r#"{"programs":8,"compile_rate":0.25,"warning_free_rate":0.125,"checks_per_second":3.0,"failures":{},"length_limited":2,"length_limited_share":0.25}"#,
+                r#"{"programs":8,"compile_rate":0.25,"compile_rate_standard_error":0.1637,"warning_free_rate":0.125,"checks_per_second":3.0,"failures":{},"length_limited":2,"length_limited_share":0.25}"#,
             ),
             (
                 "mbpp",
@@ -1616,7 +1639,7 @@ mod tests {
         let md = std::fs::read_to_string(write(&layout).unwrap().markdown).unwrap();
         assert!(md.contains("| ours | 4.00 | 3.60 |"), "{md}");
         assert!(
-            md.contains("| held-out function bodies | 25.0% of 8 | 25.0% (2) |"),
+            md.contains("| held-out function bodies | 25.0% ± 16.4 of 8 | 25.0% (2) |"),
             "{md}"
         );
         assert!(
@@ -1628,5 +1651,17 @@ mod tests {
             md.contains("| MBPP-C++ completions | 50.0% of 4 | - |"),
             "{md}"
         );
+        // Every problem broken: no rate over the others to give.
+        std::fs::write(
+            layout.eval("mbpp"),
+            r#"{"problems":1,"samples":2,"compiled":0,"passed":0,"unbuildable":["b"],"buildable_samples":0,"buildable_compiled":0,"pass_at_k":{"pass@1":0.0},"verdicts":[]}"#,
+        )
+        .unwrap();
+        let md = std::fs::read_to_string(write(&layout).unwrap().markdown).unwrap();
+        assert!(
+            md.contains("1 of the problems cannot compile with any body (their prompt or tests are broken); there are no others."),
+            "{md}"
+        );
+        assert!(!md.contains("NaN"), "{md}");
     }
 }

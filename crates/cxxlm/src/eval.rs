@@ -687,6 +687,9 @@ fn compile(args: CompileArgs, load: Option<LoadModel>) -> Result<()> {
     let mut baseline_warnings = None;
     let mut held_out = None;
     let length_limited: Option<usize>;
+    // Each program's problem (samples of one problem pass or fail together); a held-out
+    // function is a problem of its own.
+    let mut problem_of: Vec<String> = Vec::new();
     let programs = match (&args.checkpoint, &args.completions) {
         (Some(checkpoint), _) => {
             let pack = args.pack.as_deref().expect("clap requires --pack");
@@ -720,6 +723,7 @@ fn compile(args: CompileArgs, load: Option<LoadModel>) -> Result<()> {
                 problems.iter().map(|p| (p.name.as_str(), p)).collect();
             let (completions, limited) = read_completions(completions)?;
             length_limited = limited;
+            problem_of = completions.iter().map(|(name, _)| name.clone()).collect();
             completions
                 .iter()
                 .map(|(name, completion)| {
@@ -749,8 +753,16 @@ fn compile(args: CompileArgs, load: Option<LoadModel>) -> Result<()> {
             *categories.entry(c.clone()).or_default() += 1;
         }
     }
+    let mut per_problem: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
+    for (i, d) in diagnoses.iter().enumerate() {
+        let problem = problem_of.get(i).cloned().unwrap_or_else(|| i.to_string());
+        let e = per_problem.entry(problem).or_default();
+        e.0 += f64::from(u8::from(d.ok));
+        e.1 += 1.0;
+    }
+    let error = bench::standard_error_over_problems(&per_problem.into_values().collect::<Vec<_>>());
     outln!(
-        "{} programs: compile rate {:.4}, warning-free {:.4}; {rate:.1} checks/s",
+        "{} programs: compile rate {:.4} ± {error:.4} (standard error over problems), warning-free {:.4}; {rate:.1} checks/s",
         diagnoses.len(),
         ok as f64 / n,
         clean as f64 / n
@@ -759,7 +771,8 @@ fn compile(args: CompileArgs, load: Option<LoadModel>) -> Result<()> {
         outln!("  {k:>5}  {c}")?;
     }
     let mut report = json!({
-        "programs": diagnoses.len(), "compile_rate": ok as f64 / n, "warning_free_rate": clean as f64 / n,
+        "programs": diagnoses.len(), "compile_rate": ok as f64 / n,
+        "compile_rate_standard_error": error, "warning_free_rate": clean as f64 / n,
         "checks_per_second": rate, "failures": categories,
     });
     if let Some(l) = length_limited {
@@ -1045,7 +1058,11 @@ fn print_report(r: &Report) -> Result<()> {
         r.compiled,
         r.passed
     )?;
-    outln!("compile rate: {:.4}", share(r.compiled, r.samples))?;
+    outln!(
+        "compile rate: {:.4} ± {:.4} (standard error over problems)",
+        share(r.compiled, r.samples),
+        r.compile_rate_standard_error
+    )?;
     if !r.unbuildable.is_empty() {
         outln!(
             "{} of {} problems cannot compile with any body (their prompt or tests are broken: {}); over the others' {} samples the compile rate is {:.4}",
@@ -1057,7 +1074,7 @@ fn print_report(r: &Report) -> Result<()> {
         )?;
     }
     for (k, v) in &r.pass_at_k {
-        outln!("{k}: {:.4}", v)?;
+        outln!("{k}: {v:.4} ± {:.4}", r.pass_at_k_standard_error[k])?;
     }
     let mut failures: std::collections::BTreeMap<String, usize> = Default::default();
     for v in r.verdicts.iter().filter(|v| !v.passed) {
@@ -1172,14 +1189,13 @@ fn bugfix(args: BugfixArgs, load: Option<LoadModel>) -> Result<()> {
             *failures.entry(f.clone()).or_default() += 1;
         }
     }
-    let pass = |filter: &dyn Fn(&cxxlm_tasks::task::Task) -> bool, k: usize| -> (usize, f64) {
-        let scores: Vec<f64> = per_task
+    let pass = |filter: &dyn Fn(&cxxlm_tasks::task::Task) -> bool, k: usize| -> Vec<f64> {
+        per_task
             .iter()
             .zip(&tasks)
             .filter(|((n, _), t)| *n >= k && filter(t))
             .map(|(&(n, c), _)| bench::pass_at_k(n, c, k))
-            .collect();
-        (scores.len(), bench::mean_score(&scores))
+            .collect()
     };
     outln!(
         "{} tasks of split {}, {} answers: {} compiled",
@@ -1190,12 +1206,17 @@ fn bugfix(args: BugfixArgs, load: Option<LoadModel>) -> Result<()> {
     )?;
     let mut report = json!({"tasks": tasks.len(), "answers": verdicts.len(), "compiled": compiled, "failures": failures});
     for &k in &args.k {
-        let (n, p) = pass(&|_| true, k);
-        outln!("pass@{k}: {p:.4} ({n} tasks)")?;
+        let scores = pass(&|_| true, k);
+        let (n, p) = (scores.len(), bench::mean_score(&scores));
+        let each: Vec<(f64, f64)> = scores.iter().map(|&s| (s, 1.0)).collect();
+        let error = bench::standard_error_over_problems(&each);
+        outln!("pass@{k}: {p:.4} ± {error:.4} ({n} tasks; standard error over tasks)")?;
         report[format!("pass@{k}")] = p.into();
+        report[format!("pass@{k}_standard_error")] = error.into();
         let mut per_op = serde_json::Map::new();
         for op in cxxlm_tasks::mutate::Operator::ALL {
-            let (n, p) = pass(&|t| t.provenance.operator == Some(op), k);
+            let scores = pass(&|t| t.provenance.operator == Some(op), k);
+            let (n, p) = (scores.len(), bench::mean_score(&scores));
             if n > 0 {
                 outln!("  {:<24} {p:.4} ({n} tasks)", op.name())?;
                 per_op.insert(op.name().into(), json!({"tasks": n, "pass": p}));

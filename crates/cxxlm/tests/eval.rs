@@ -108,7 +108,11 @@ fn problems_that_no_body_can_compile_are_named_and_set_apart() {
         json!({"name": "mbpp_127_multiply_int", "completion": "    return x * ;\n}\n"}),
     ];
     let (said, r) = judge_mbpp(&lines.map(|l| l.to_string()), &[]);
-    assert!(said.contains("compile rate: 0.3333"), "{said}");
+    // Two problems: 0 of 1 and 1 of 2 compiled, a rate of 1/3 whose error is over the two
+    // problems, not the three samples.
+    assert!(said.contains("compile rate: 0.3333 ± 0.2222"), "{said}");
+    let error = r["compile_rate_standard_error"].as_f64().unwrap();
+    assert!((error - 2.0 / 9.0).abs() < 1e-9, "{error}");
     assert!(
         said.contains("1 of 2 problems cannot compile with any body (their prompt or tests are broken: mbpp_230_replace_blank); over the others' 2 samples the compile rate is 0.5000"),
         "{said}"
