@@ -155,7 +155,8 @@ pub struct BpbArgs {
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
     /// Windows of this many tokens instead of the model's context (the rotary as the
-    /// checkpoint has it: a 2k model read at 8k shows what it does beyond 2k).
+    /// checkpoint has it: a 2k model read at 8k shows what it does beyond 2k). A split
+    /// shorter than one window is read as one window of its length.
     #[arg(long)]
     pub seq_len: Option<usize>,
     /// Each document of a window attends only to itself, positions from 0, as

@@ -92,6 +92,7 @@ fn the_loss_falls_and_a_resumed_run_repeats_the_uninterrupted_one() {
     assert_eq!(tb, 1);
     let samples = std::fs::read_to_string(whole.join("samples.jsonl")).unwrap();
     assert!(samples.lines().count() >= 5);
+    bits_per_byte_of_a_split_shorter_than_one_window(&p, &whole);
 
     let split = p.f.root.join("split");
     let said = train(&p, &split, &["--set", "train.steps=40", "--stop-at", "17"]);
@@ -102,6 +103,49 @@ fn the_loss_falls_and_a_resumed_run_repeats_the_uninterrupted_one() {
         metrics(&whole),
         "losses and bpb repeat bit for bit"
     );
+}
+
+/// A held-out set of one small file, shorter than the tiny model's window of 128 tokens,
+/// is scored as one window of its length.
+fn bits_per_byte_of_a_split_shorter_than_one_window(p: &Packed, checkpoint: &Path) {
+    let root = &p.f.root;
+    write(
+        &root.join("small/add.cpp"),
+        "// Adds two numbers.\nint add(int a, int b) {\n    return a + b;\n}\n\nint twice(int a) {\n    return add(a, a);\n}\n",
+    );
+    data_run(&root.join("small"), &root.join("small-data"), &[]);
+    let pack = root.join("small-pack");
+    run_ok(&[
+        "pack",
+        "--tokenizer",
+        p.f.tokenizer.to_str().unwrap(),
+        "-i",
+        root.join("small-data").to_str().unwrap(),
+        "-o",
+        pack.to_str().unwrap(),
+        "--fim-rate",
+        "0",
+        "--val-fraction",
+        "1",
+    ]);
+    let json = root.join("small-bpb.json");
+    let out = run_ok(&[
+        "eval",
+        "bpb",
+        "--checkpoint",
+        checkpoint.to_str().unwrap(),
+        "--pack",
+        pack.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("fewer than one window of 128 + 1"), "{said}");
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let (bpb, seq_len) = (r["bits_per_byte"].as_f64().unwrap(), r["seq_len"].as_u64());
+    assert!(bpb > 0.0 && bpb.is_finite(), "{r}");
+    assert!(seq_len < Some(128) && seq_len > Some(10), "{r}");
+    assert!(r["bytes"].as_u64() > Some(60), "{r}");
 }
 
 /// `log.phases` times each phase of a step (the device synchronized between them) and

@@ -1,7 +1,7 @@
 //! Evaluations that run a model: bits per byte here, the others through
 //! [`cxxlm::eval::run`] with a checkpoint's model behind [`TextModel`].
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use cxxlm::eval::{BpbArgs, EvalCommand, Generation, TextModel};
 use cxxlm::outln;
 use cxxlm_model::{Gpt, ModelConfig, Sampling};
@@ -84,7 +84,29 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
 fn bpb(args: BpbArgs) -> Result<()> {
     let (mut model, bpe) =
         load_checkpoint(&args.model.checkpoint, args.model.tokenizer.as_deref())?;
-    if let Some(seq_len) = args.seq_len {
+    let manifest = Manifest::load(&args.pack)?;
+    manifest.check_tokenizer(&args.pack, &bpe)?;
+    let data = manifest.open(&args.pack, &args.split)?;
+    let mut seq_len = args.seq_len.unwrap_or(model.config.seq_len);
+    // A window predicts its tokens from the one before: a split of n tokens fills one of n - 1.
+    let tokens = data.total_tokens() as usize;
+    if tokens < 2 {
+        bail!(
+            "{}: the {} split holds {tokens} tokens: nothing to score",
+            args.pack.display(),
+            args.split
+        );
+    }
+    if tokens <= seq_len {
+        eprintln!(
+            "the {} split holds {tokens} tokens, fewer than one window of {} + 1: scored as one window of {}",
+            args.split,
+            seq_len,
+            tokens - 1
+        );
+        seq_len = tokens - 1;
+    }
+    if seq_len != model.config.seq_len {
         let config = ModelConfig {
             seq_len,
             ..model.config.clone()
@@ -93,9 +115,6 @@ fn bpb(args: BpbArgs) -> Result<()> {
         resized.load(model.params())?;
         model = resized;
     }
-    let manifest = Manifest::load(&args.pack)?;
-    manifest.check_tokenizer(&args.pack, &bpe)?;
-    let data = manifest.open(&args.pack, &args.split)?;
     let max = if args.tokens == 0 {
         usize::MAX
     } else {
@@ -112,7 +131,7 @@ fn bpb(args: BpbArgs) -> Result<()> {
         args.document_mask,
         &single,
     )?
-    .with_context(|| format!("{}: fewer tokens than one window", args.split))?;
+    .with_context(|| format!("the {} split holds no text to score", args.split))?;
     outln!(
         "{}: {:.4} bits per byte over {} tokens, {} bytes of text",
         args.split,
