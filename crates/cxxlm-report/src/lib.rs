@@ -204,10 +204,11 @@ fn num(v: &Value, path: &str) -> f64 {
     at(v, path).as_f64().unwrap_or(f64::NAN)
 }
 
-/// A figure to three places, with its standard error beside it where the eval gave one.
+/// A figure to three places, with its standard error beside it where the eval gave one
+/// (none when every problem scored alike: a zero error there means too few to tell).
 fn with_error(v: &Value, path: &str, error_path: &str) -> String {
     let error = num(v, error_path);
-    if error.is_finite() {
+    if error > 0.0 {
         format!("{:.3} ± {error:.3}", num(v, path))
     } else {
         format!("{:.3}", num(v, path))
@@ -654,10 +655,10 @@ fn tokenizer(r: &mut Report) {
 /// Compression is a means: the model trained with the tokenizer is the judge. Its
 /// compile rates and how often its completions ran to the length limit (models that
 /// loop on repeated lines run there).
-/// A compile rate in percent of `n`, with the eval's standard error where it gave one.
+/// A compile rate in percent of `n`, with the eval's standard error as [`with_error`].
 fn percent_of(rate: f64, eval: &Value, n: &Value) -> String {
     let error = num(eval, "compile_rate_standard_error");
-    if error.is_finite() {
+    if error > 0.0 {
         format!("{:.1}% ± {:.1} of {n}", 100.0 * rate, 100.0 * error)
     } else {
         format!("{:.1}% of {n}", 100.0 * rate)
