@@ -187,6 +187,37 @@ pub fn standard_error_over_problems(per_problem: &[(f64, f64)]) -> f64 {
     (p / (p - 1.0) * spread).sqrt() / trials
 }
 
+/// One model's share of samples against another's on the same problems: the mean of the
+/// per-problem differences and its standard error, so that two runs judged on one
+/// benchmark are told apart by what they do on each problem, not by two whole rates whose
+/// errors both hold the problems' spread.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Paired {
+    pub problems: usize,
+    pub difference: f64,
+    pub standard_error: f64,
+}
+
+/// Over the problems both have, each given as `(successes, samples)`: the mean of
+/// `other`'s share minus `baseline`'s.
+pub fn paired_difference(
+    baseline: &BTreeMap<String, (f64, f64)>,
+    other: &BTreeMap<String, (f64, f64)>,
+) -> Paired {
+    let differences: Vec<(f64, f64)> = baseline
+        .iter()
+        .filter_map(|(name, &(k, n))| {
+            let &(k2, n2) = other.get(name)?;
+            (n > 0.0 && n2 > 0.0).then(|| (k2 / n2 - k / n, 1.0))
+        })
+        .collect();
+    Paired {
+        problems: differences.len(),
+        difference: differences.iter().map(|d| d.0).sum::<f64>() / differences.len() as f64,
+        standard_error: standard_error_over_problems(&differences),
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub problems: usize,
@@ -309,6 +340,30 @@ mod tests {
         // Scores per problem, each passed as (score, 1): sd / sqrt(P).
         let se = standard_error_over_problems(&[(0.0, 1.0), (1.0, 1.0), (0.5, 1.0)]);
         assert!((se - (0.25f64 / 3.0).sqrt()).abs() < 1e-12, "{se}");
+    }
+
+    #[test]
+    fn a_paired_difference_is_over_the_shared_problems() {
+        let runs = |rows: &[(&str, f64, f64)]| {
+            rows.iter()
+                .map(|&(name, k, n)| (name.to_string(), (k, n)))
+                .collect::<BTreeMap<_, _>>()
+        };
+        // The other model compiles one more of five on `a` and `b` alike: +0.2 on each,
+        // with no spread; `c` is the baseline's alone.
+        let base = runs(&[("a", 1.0, 5.0), ("b", 4.0, 5.0), ("c", 0.0, 5.0)]);
+        let other = runs(&[("a", 2.0, 5.0), ("b", 5.0, 5.0)]);
+        let p = paired_difference(&base, &other);
+        assert_eq!(p.problems, 2);
+        assert!((p.difference - 0.2).abs() < 1e-12, "{p:?}");
+        assert!(p.standard_error.abs() < 1e-12, "{p:?}");
+        // Differences of +0.4 and -0.4: a mean of 0 whose error is 0.4.
+        let other = runs(&[("a", 3.0, 5.0), ("b", 2.0, 5.0)]);
+        let p = paired_difference(&base, &other);
+        assert!(
+            p.difference.abs() < 1e-12 && (p.standard_error - 0.4).abs() < 1e-12,
+            "{p:?}"
+        );
     }
 
     #[test]

@@ -36,6 +36,19 @@ pub enum EvalCommand {
     /// after the task's debug state; scored in the sandbox (compiles, sanitizers silent,
     /// the oracle's output), pass@k overall and per mutation operator.
     Bugfix(BugfixArgs),
+    /// Models judged on one benchmark against a baseline (`eval mbpp`/`humaneval --json`
+    /// reports): compile and pass rates, and each model's difference from the baseline
+    /// paired over the problems both were judged on, with its standard error.
+    Compare(CompareArgs),
+}
+
+#[derive(Args)]
+pub struct CompareArgs {
+    /// The baseline's report.
+    baseline: PathBuf,
+    /// The reports to compare with it.
+    #[arg(required = true)]
+    others: Vec<PathBuf>,
 }
 
 /// The compile checks' g++, sandboxed, with its precompiled header kept in `--cache`.
@@ -279,6 +292,7 @@ impl EvalCommand {
             EvalCommand::Compile(a) => a.checkpoint.is_some(),
             EvalCommand::Bugfix(a) => a.checkpoint.is_some(),
             EvalCommand::Bpb(_) | EvalCommand::Fim(_) | EvalCommand::Retrieval(_) => true,
+            EvalCommand::Compare(_) => false,
         }
     }
 }
@@ -414,6 +428,7 @@ pub fn run(cmd: EvalCommand, load: Option<LoadModel>) -> Result<()> {
             return retrieval::run(a, model.as_ref());
         }
         EvalCommand::Bugfix(a) => return bugfix(a, load),
+        EvalCommand::Compare(a) => return compare(a),
     };
     let mut problems = match (&args.problems, mbpp) {
         (None, false) => bail!("--problems: the benchmark's JSON lines"),
@@ -1049,6 +1064,88 @@ fn read_completions(path: &Path) -> Result<(Completions, Option<usize>)> {
         })
         .collect::<Result<Vec<_>>>()?;
     Ok((completions, limited))
+}
+
+/// Per problem of a benchmark report's verdicts: `(compiled, samples)` and `(passed,
+/// samples)`.
+type PerProblem = std::collections::BTreeMap<String, (f64, f64)>;
+
+fn per_problem(path: &Path) -> Result<(PerProblem, PerProblem)> {
+    let report: Value = serde_json::from_slice(
+        &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+    )
+    .with_context(|| format!("{}: not JSON", path.display()))?;
+    let verdicts = report["verdicts"]
+        .as_array()
+        .filter(|v| !v.is_empty())
+        .with_context(|| {
+            format!(
+                "{}: no verdicts (an `eval mbpp` or `eval humaneval` --json report)",
+                path.display()
+            )
+        })?;
+    let (mut compiled, mut passed) = (PerProblem::new(), PerProblem::new());
+    for (i, v) in verdicts.iter().enumerate() {
+        let (Some(name), Some(c), Some(p)) = (
+            v["name"].as_str(),
+            v["compiled"].as_bool(),
+            v["passed"].as_bool(),
+        ) else {
+            bail!(
+                "{}: verdict {i} needs `name`, `compiled` and `passed`",
+                path.display()
+            );
+        };
+        for (map, yes) in [(&mut compiled, c), (&mut passed, p)] {
+            let e = map.entry(name.to_string()).or_default();
+            e.0 += f64::from(u8::from(yes));
+            e.1 += 1.0;
+        }
+    }
+    Ok((compiled, passed))
+}
+
+fn compare(args: CompareArgs) -> Result<()> {
+    let rate = |per: &PerProblem| {
+        let (k, n) = per
+            .values()
+            .fold((0.0, 0.0), |(k, n), &(a, b)| (k + a, n + b));
+        let each: Vec<(f64, f64)> = per.values().copied().collect();
+        format!(
+            "{:.1}% ± {:.1}",
+            100.0 * k / n,
+            100.0 * bench::standard_error_over_problems(&each)
+        )
+    };
+    let (base_compiled, base_passed) = per_problem(&args.baseline)?;
+    outln!(
+        "{} (baseline): {} problems; compiled {}, passed {}",
+        args.baseline.display(),
+        base_compiled.len(),
+        rate(&base_compiled),
+        rate(&base_passed)
+    )?;
+    for path in &args.others {
+        let (compiled, passed) = per_problem(path)?;
+        let dc = bench::paired_difference(&base_compiled, &compiled);
+        let dp = bench::paired_difference(&base_passed, &passed);
+        if dc.problems == 0 {
+            bail!("{}: no problem in common with the baseline", path.display());
+        }
+        outln!(
+            "{}: {} problems; compiled {}, passed {}; against the baseline on the {} both have: compiled {:+.1} ± {:.1} points, passed {:+.1} ± {:.1}",
+            path.display(),
+            compiled.len(),
+            rate(&compiled),
+            rate(&passed),
+            dc.problems,
+            100.0 * dc.difference,
+            100.0 * dc.standard_error,
+            100.0 * dp.difference,
+            100.0 * dp.standard_error
+        )?;
+    }
+    Ok(())
 }
 
 fn print_report(r: &Report) -> Result<()> {

@@ -378,3 +378,54 @@ fn fim_hides_spans_and_recompiles_self_contained_files_and_retrieval_asks_at_eac
         .iter()
         .any(|e| e["span"] == "function" && e["expected"].as_str().unwrap().contains("return")));
 }
+
+/// Two models' reports against a baseline's: the difference is paired over the problems
+/// they share; a report without verdicts is named.
+#[test]
+fn models_are_compared_problem_by_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = |file: &str, verdicts: &[(&str, bool, bool)]| {
+        let path = dir.path().join(file);
+        let verdicts: Vec<Value> = verdicts
+            .iter()
+            .map(|&(name, compiled, passed)| json!({"name": name, "compiled": compiled, "passed": passed}))
+            .collect();
+        write(&path, json!({ "verdicts": verdicts }).to_string());
+        path.to_str().unwrap().to_string()
+    };
+    // Two samples of each problem. The baseline compiles one of `a`'s and none of `b`'s.
+    let base = report(
+        "base.json",
+        &[
+            ("a", true, false),
+            ("a", false, false),
+            ("b", false, false),
+            ("b", false, false),
+        ],
+    );
+    // The other compiles both of `a`'s (one passes) and one of `b`'s: +0.5 on each.
+    let other = report(
+        "other.json",
+        &[
+            ("a", true, true),
+            ("a", true, false),
+            ("b", true, false),
+            ("b", false, false),
+            ("c", true, true),
+            ("c", true, true),
+        ],
+    );
+    let out = run_ok(&["eval", "compare", &base, &other]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("(baseline): 2 problems; compiled 25.0% ± 25.0, passed 0.0% ± 0.0"),
+        "{said}"
+    );
+    assert!(
+        said.contains("against the baseline on the 2 both have: compiled +50.0 ± 0.0 points, passed +25.0 ± 25.0"),
+        "{said}"
+    );
+    let empty = report("empty.json", &[]);
+    let e = run_fails(&["eval", "compare", &base, &empty]);
+    assert!(e.contains("empty.json: no verdicts"), "{e}");
+}
