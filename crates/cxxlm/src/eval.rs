@@ -769,7 +769,7 @@ fn compile(args: CompileArgs, load: Option<LoadModel>) -> Result<()> {
             *categories.entry(c.clone()).or_default() += 1;
         }
     }
-    let mut per_problem: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
+    let mut per_problem = PerProblem::new();
     for (i, d) in diagnoses.iter().enumerate() {
         let problem = problem_of.get(i).cloned().unwrap_or_else(|| i.to_string());
         let e = per_problem.entry(problem).or_default();
