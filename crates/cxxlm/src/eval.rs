@@ -839,14 +839,18 @@ fn squash(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// The span of `kind` that document number `doc` hides, if it has one.
+/// The span of `kind` that document number `doc` hides, if it has one. Spans are cut
+/// where line-aligned FIM training cuts (`pack --fim-line-aligned`, the speedrun's): a
+/// line with its line break, and a block's inside from the line after its `{` to the
+/// line of its `}` when the braces end and start their lines. A prefix ending in a line
+/// break before a suffix starting with one tells such a model the middle is empty.
 fn pick_span(text: &str, kind: Span, doc: usize) -> Option<(usize, usize)> {
     use cxxlm_eval::functions::{function_bodies, inner_blocks};
     let spans: Vec<(usize, usize)> = match kind {
         Span::Line => text
             .match_indices('\n')
             .scan(0, |start, (end, _)| {
-                let line = (*start, end);
+                let line = (*start, end + 1);
                 *start = end + 1;
                 Some(line)
             })
@@ -861,7 +865,7 @@ fn pick_span(text: &str, kind: Span, doc: usize) -> Option<(usize, usize)> {
             let shortest = if kind == Span::Block { 8 } else { 16 };
             found
                 .into_iter()
-                .map(|b| (b.open, b.close))
+                .map(|b| whole_lines(text, b.open, b.close))
                 .filter(|&(a, b)| {
                     let inside = &text[a..b];
                     inside.trim().len() >= shortest && inside.lines().count() <= 30
@@ -872,6 +876,21 @@ fn pick_span(text: &str, kind: Span, doc: usize) -> Option<(usize, usize)> {
     // A line needs context: documents with fewer than three are skipped.
     let enough = if kind == Span::Line { 3 } else { 1 };
     (spans.len() >= enough).then(|| spans[(doc * 7919) % spans.len()])
+}
+
+/// A block's inside `open..close` moved to whole lines: past the line break after `{`
+/// when nothing but blanks follow it, back to the start of the line of `}` when nothing
+/// but blanks precede it.
+fn whole_lines(text: &str, open: usize, close: usize) -> (usize, usize) {
+    let start = match text[open..close].find('\n') {
+        Some(i) if text[open..open + i].trim().is_empty() => open + i + 1,
+        _ => open,
+    };
+    let end = match text[..close].rfind('\n') {
+        Some(i) if i + 1 >= start && text[i + 1..close].trim().is_empty() => i + 1,
+        _ => close,
+    };
+    (start, end.max(start))
 }
 
 struct FimCase {
@@ -1386,6 +1405,46 @@ const SHOWN_COMPILE_FAILURES: usize = 5;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hidden_spans_are_cut_where_line_aligned_fim_cuts() {
+        let text = "int f(int x) {\nint y = x + 1;\nreturn y;\n}\nint g() { return 2; }\n";
+        let cut = |kind, doc| {
+            let (a, b) = pick_span(text, kind, doc).unwrap();
+            (&text[..a], &text[a..b], &text[b..])
+        };
+        // Whole lines: the prefix ends and the suffix starts a line, as in training.
+        for doc in 0..5 {
+            let (prefix, line, suffix) = cut(Span::Line, doc);
+            assert!(prefix.is_empty() || prefix.ends_with('\n'), "{prefix:?}");
+            assert!(
+                line.ends_with('\n') && !suffix.starts_with('\n'),
+                "{line:?}"
+            );
+        }
+        let (prefix, body, suffix) = cut(Span::Function, 0);
+        assert_eq!(
+            (prefix, body, suffix),
+            (
+                "int f(int x) {\n",
+                "int y = x + 1;\nreturn y;\n",
+                "}\nint g() { return 2; }\n"
+            )
+        );
+        // Indented: the closing brace's line, indentation and all, stays in the suffix.
+        let raw = "void h() {\n    if (a) {\n        b();\n    }\n}\n";
+        let (a, b) = whole_lines(raw, 10, raw.rfind('}').unwrap());
+        assert_eq!(
+            (&raw[a..b], &raw[b..]),
+            ("    if (a) {\n        b();\n    }\n", "}\n")
+        );
+        // A body on one line keeps its cut inside the line.
+        let one = text.rfind("{ return").unwrap() + 1;
+        assert_eq!(
+            whole_lines(text, one, text.rfind('}').unwrap()),
+            (one, text.len() - 2)
+        );
+    }
 
     /// Writes `text` token by token, as a model trained on `layout` would, until told to stop.
     struct Scripted {
