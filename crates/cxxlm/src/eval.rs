@@ -842,8 +842,8 @@ fn squash(s: &str) -> String {
 /// The span of `kind` that document number `doc` hides, if it has one. Spans are cut
 /// where line-aligned FIM training cuts (`pack --fim-line-aligned`, the speedrun's): a
 /// line with its line break, and a block's inside from the line after its `{` to the
-/// line of its `}` when the braces end and start their lines. A prefix ending in a line
-/// break before a suffix starting with one tells such a model the middle is empty.
+/// line of its `}` when the braces end and start their lines. Such a model has never
+/// seen a suffix that starts with the hidden line's own line break.
 fn pick_span(text: &str, kind: Span, doc: usize) -> Option<(usize, usize)> {
     use cxxlm_eval::functions::{function_bodies, inner_blocks};
     let spans: Vec<(usize, usize)> = match kind {
