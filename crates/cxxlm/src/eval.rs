@@ -36,9 +36,9 @@ pub enum EvalCommand {
     /// after the task's debug state; scored in the sandbox (compiles, sanitizers silent,
     /// the oracle's output), pass@k overall and per mutation operator.
     Bugfix(BugfixArgs),
-    /// Models judged on one benchmark against a baseline (`eval mbpp`/`humaneval --json`
-    /// reports): compile and pass rates, and each model's difference from the baseline
-    /// paired over the problems both were judged on, with its standard error.
+    /// Models judged on one benchmark against a baseline (`eval mbpp`, `humaneval` or
+    /// `bugfix --json` reports): compile and pass rates, and each model's difference from
+    /// the baseline paired over the problems both were judged on, with its standard error.
     Compare(CompareArgs),
 }
 
@@ -1099,7 +1099,7 @@ fn per_problem(path: &Path) -> Result<(PerProblem, PerProblem)> {
         .filter(|v| !v.is_empty())
         .with_context(|| {
             format!(
-                "{}: no verdicts (an `eval mbpp` or `eval humaneval` --json report)",
+                "{}: no verdicts (an `eval mbpp`, `humaneval` or `bugfix` --json report)",
                 path.display()
             )
         })?;
@@ -1321,7 +1321,12 @@ fn bugfix(args: BugfixArgs, load: Option<LoadModel>) -> Result<()> {
         verdicts.len(),
         compiled
     )?;
-    let mut report = json!({"tasks": tasks.len(), "answers": verdicts.len(), "compiled": compiled, "failures": failures});
+    let answers: Vec<Value> = verdicts
+        .iter()
+        .map(|(i, v)| json!({"name": tasks[*i].id, "compiled": v.compiled, "passed": v.passed}))
+        .collect();
+    let mut report = json!({"tasks": tasks.len(), "answers": verdicts.len(), "compiled": compiled,
+                            "failures": failures, "verdicts": answers});
     for &k in &args.k {
         let scores = pass(&|_| true, k);
         let (n, p) = (scores.len(), bench::mean_score(&scores));

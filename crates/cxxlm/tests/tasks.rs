@@ -221,7 +221,9 @@ fn injected_bugs_are_verified_resumed_and_judged() {
         "{printed}"
     );
 
-    // The harness on its own benchmark: the fix passes every task, the bug none.
+    // The harness on its own benchmark: the fix passes every task, the bug none; the
+    // two reports compared task by task.
+    let report = |answers: &str| dir.path().join(format!("bugfix-{answers}.json"));
     for (answers, expected) in [("fixed", "pass@1: 1.0000"), ("buggy", "pass@1: 0.0000")] {
         let out = run_ok(&[
             "eval",
@@ -234,10 +236,23 @@ fn injected_bugs_are_verified_resumed_and_judged() {
             "4",
             "--answers",
             answers,
+            "--json",
+            report(answers).to_str().unwrap(),
         ]);
         let printed = String::from_utf8_lossy(&out.stdout);
         assert!(printed.contains(expected), "{answers}: {printed}");
     }
+    let out = run_ok(&[
+        "eval",
+        "compare",
+        report("buggy").to_str().unwrap(),
+        report("fixed").to_str().unwrap(),
+    ]);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        printed.contains("on the 4 both have: compiled +0.0 ± 0.0 points, passed +100.0 ± 0.0"),
+        "{printed}"
+    );
 
     // Function bodies to write again in the same programs: one task per function, whose
     // own answer passes and whose stub does not.
