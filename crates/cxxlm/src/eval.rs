@@ -1009,8 +1009,13 @@ fn fim(args: FimArgs, model: &dyn TextModel) -> Result<()> {
                 .count()
                 < 4
             {
+                // A hidden line's own line break is not shown (the fill stops before it).
+                let expected = match kind {
+                    Span::Line => c.hidden.body.trim_end_matches('\n'),
+                    _ => &c.hidden.body,
+                };
                 examples.push(
-                    json!({"span": kind.name(), "expected": c.hidden.body, "filled": f,
+                    json!({"span": kind.name(), "expected": expected, "filled": f,
                     "exact": hit, "compiles": compiles}),
                 );
             }
