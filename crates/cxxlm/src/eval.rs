@@ -1142,6 +1142,12 @@ fn compare(args: CompareArgs) -> Result<()> {
         )
     };
     let (base_compiled, base_passed) = per_problem(&args.baseline)?;
+    // Every report read before any is shown: a bad one names itself alone.
+    let others = args
+        .others
+        .iter()
+        .map(|path| per_problem(path).map(|counts| (path, counts)))
+        .collect::<Result<Vec<_>>>()?;
     outln!(
         "{} (baseline): {} problems; compiled {}, passed {}",
         args.baseline.display(),
@@ -1149,10 +1155,9 @@ fn compare(args: CompareArgs) -> Result<()> {
         rate(&base_compiled),
         rate(&base_passed)
     )?;
-    for path in &args.others {
-        let (compiled, passed) = per_problem(path)?;
-        let dc = bench::paired_difference(&base_compiled, &compiled);
-        let dp = bench::paired_difference(&base_passed, &passed);
+    for (path, (compiled, passed)) in &others {
+        let dc = bench::paired_difference(&base_compiled, compiled);
+        let dp = bench::paired_difference(&base_passed, passed);
         if dc.problems == 0 {
             bail!("{}: no problem in common with the baseline", path.display());
         }
@@ -1160,8 +1165,8 @@ fn compare(args: CompareArgs) -> Result<()> {
             "{}: {} problems; compiled {}, passed {}; against the baseline on the {} both have: compiled {:+.1} ± {:.1} points, passed {:+.1} ± {:.1}",
             path.display(),
             compiled.len(),
-            rate(&compiled),
-            rate(&passed),
+            rate(compiled),
+            rate(passed),
             dc.problems,
             100.0 * dc.difference,
             100.0 * dc.standard_error,
