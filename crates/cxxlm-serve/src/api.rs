@@ -559,26 +559,47 @@ impl Server {
     }
 
     /// A FIM prompt of the user's text around the cursor, fitted into the context with
-    /// room for `max_tokens` (at most half of it), and how to fit the completion back.
+    /// room for `g.max_tokens` (at most half of it), and how to fit the completion back.
+    /// A model that learned whole-line middles gets a cursor at the end of its line cut
+    /// at the line's start ([`text::LineCut`]), the typed text healed at its last token.
     fn fim(
         &self,
+        g: &mut Generation,
         files: &[ContextFile],
         prefix: &str,
         suffix: &str,
-        max_tokens: usize,
         min_indent: usize,
-    ) -> (Vec<u32>, bool, Reindent) {
-        let layout = self.info.layout;
-        let p = text::prefix(prefix, layout);
-        let s = text::suffix(suffix, text::cursor_line(prefix), layout);
-        let budget = self.info.context - max_tokens.clamp(1, self.info.context / 2);
-        let (ids, truncated) =
-            text::fim_prompt(&self.info.tokenizer, files, &p.text, &s, layout, budget);
-        (
-            ids,
-            truncated,
-            Reindent::new(prefix, suffix, layout, min_indent),
-        )
+    ) {
+        let (bpe, layout) = (&*self.info.tokenizer, self.info.layout);
+        let budget = self.info.context - g.max_tokens.clamp(1, self.info.context / 2);
+        let fit = Reindent::new(prefix, suffix, layout, min_indent);
+        let cut = self
+            .info
+            .fim_line_aligned
+            .then(|| text::line_cut(prefix, suffix, layout))
+            .flatten();
+        let (ids, truncated, fit) = match cut {
+            Some(cut) => {
+                let typed = bpe.encode(&cut.typed);
+                let room = budget.saturating_sub(typed.len());
+                let (mut ids, truncated) =
+                    text::fim_prompt(bpe, files, &cut.prefix, &cut.suffix, layout, room);
+                ids.extend(typed);
+                if !cut.typed.is_empty() {
+                    g.healing = bpe.heal(&mut ids);
+                }
+                (ids, truncated, fit.without_final_line_break())
+            }
+            None => {
+                let p = text::prefix(prefix, layout);
+                let s = text::suffix(suffix, text::cursor_line(prefix), layout);
+                let (ids, truncated) = text::fim_prompt(bpe, files, &p.text, &s, layout, budget);
+                (ids, truncated, fit)
+            }
+        };
+        g.prompt = ids;
+        g.truncated = truncated;
+        g.fit = Some(Fit::Cursor(fit));
     }
 
     /// Submits the request's jobs; their events arrive on the returned choices.
@@ -861,12 +882,7 @@ impl Server {
         let stops = self.openai_stops(&f)?;
         let mut g = self.generation(&f, max_tokens, 1.0, stops)?;
         match &suffix {
-            Some(s) => {
-                let (ids, truncated, fit) = self.fim(&[], &prompt, s, max_tokens, 0);
-                g.prompt = ids;
-                g.truncated = truncated;
-                g.fit = Some(Fit::Cursor(fit));
-            }
+            Some(s) => self.fim(&mut g, &[], &prompt, s, 0),
             None => self.plain(&mut g, &prompt)?,
         }
         let answer = self.openai_answer(&f, "cmpl", "text_completion", "text_completion")?;
@@ -1146,11 +1162,7 @@ impl Server {
         let min_indent = f.count("n_indent", 0, 1 << 16)?;
         let mut g = self.generation(&f, max_tokens, 0.8, f.strings("stop")?)?;
         let cursor_prefix = format!("{prefix}{middle}");
-        let (ids, truncated, fit) =
-            self.fim(&files, &cursor_prefix, &suffix, max_tokens, min_indent);
-        g.prompt = ids;
-        g.truncated = truncated;
-        g.fit = Some(Fit::Cursor(fit));
+        self.fim(&mut g, &files, &cursor_prefix, &suffix, min_indent);
         g.predict_limit = match f.int("t_max_predict_ms")? {
             Some(ms) if ms > 0 => Some(Duration::from_millis(ms as u64)),
             _ => None,
@@ -1332,12 +1344,7 @@ impl Server {
         let mut g = self.generation(&opts, max_tokens, 0.8, opts.strings("stop")?)?;
         g.n = 1;
         match &suffix {
-            Some(s) => {
-                let (ids, truncated, fit) = self.fim(&[], &prompt, s, max_tokens, 0);
-                g.prompt = ids;
-                g.truncated = truncated;
-                g.fit = Some(Fit::Cursor(fit));
-            }
+            Some(s) => self.fim(&mut g, &[], &prompt, s, 0),
             None => self.plain(&mut g, &prompt)?,
         }
         // Ollama streams unless told not to.

@@ -82,6 +82,38 @@ pub fn suffix(text: &str, prefix_cursor_line: &str, layout: Layout) -> String {
     }
 }
 
+/// A cursor at the end of its line, cut for a model that learned whole-line middles
+/// (`pack --fim-line-aligned`): its training never cut inside a line, nor gave a suffix
+/// that starts with the middle's own line break. The prefix ends where the cursor's line
+/// starts, the line's text before the cursor begins the middle, and the suffix starts at
+/// the next line; the completion then leaves out its last line break
+/// ([`Reindent::without_final_line_break`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LineCut {
+    pub prefix: String,
+    pub typed: String,
+    pub suffix: String,
+}
+
+/// None when text follows the cursor on its line.
+pub fn line_cut(prefix: &str, suffix: &str, layout: Layout) -> Option<LineCut> {
+    let suffix = suffix.replace("\r\n", "\n").replace('\r', "\n");
+    let (rest, after) = match suffix.find('\n') {
+        Some(i) => (&suffix[..i], &suffix[i + 1..]),
+        None => (suffix.as_str(), ""),
+    };
+    if !rest.trim().is_empty() {
+        return None;
+    }
+    let before = self::prefix(prefix, layout).text;
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    Some(LineCut {
+        prefix: before[..start].to_string(),
+        typed: before[start..].to_string(),
+        suffix: normalize(after, layout),
+    })
+}
+
 /// The last line of `text` (the cursor's line, up to the cursor).
 pub fn cursor_line(text: &str) -> &str {
     let text = text.strip_suffix('\r').unwrap_or(text);
@@ -198,6 +230,10 @@ pub struct Reindent {
     pending: String,
     min_indent: usize,
     stopped: bool,
+    /// Line breaks are held until text follows them: the completion's last one is left
+    /// out ([`Reindent::without_final_line_break`]).
+    hold_line_breaks: bool,
+    held: bool,
 }
 
 impl Reindent {
@@ -246,6 +282,30 @@ impl Reindent {
             pending: String::new(),
             min_indent,
             stopped: false,
+            hold_line_breaks: false,
+            held: false,
+        }
+    }
+
+    /// Leaves out the completion's last line break: the middle of a cut at a line start
+    /// ([`LineCut`]) ends with one, and the cursor's line has its own.
+    pub fn without_final_line_break(mut self) -> Self {
+        self.hold_line_breaks = true;
+        self
+    }
+
+    fn line_break(&mut self, out: &mut String) {
+        self.release(out);
+        if self.hold_line_breaks {
+            self.held = true;
+        } else {
+            out.push('\n');
+        }
+    }
+
+    fn release(&mut self, out: &mut String) {
+        if std::mem::take(&mut self.held) {
+            out.push('\n');
         }
     }
 
@@ -268,11 +328,14 @@ impl Reindent {
                 self.skip = 0;
             }
             if !self.at_line_start {
-                out.push(c);
                 self.nesting.feed(c);
                 if c == '\n' {
+                    self.line_break(&mut out);
                     self.at_line_start = true;
                     self.first_line = false;
+                } else {
+                    self.release(&mut out);
+                    out.push(c);
                 }
                 continue;
             }
@@ -281,7 +344,7 @@ impl Reindent {
                 '\n' => {
                     // A blank line keeps no indentation.
                     self.pending.clear();
-                    out.push(c);
+                    self.line_break(&mut out);
                     self.nesting.feed(c);
                     self.first_line = false;
                 }
@@ -294,6 +357,7 @@ impl Reindent {
                         self.stopped = true;
                         break;
                     }
+                    self.release(&mut out);
                     if self.first_line {
                         out.push_str(indent.get(self.present.min(indent.len())..).unwrap_or(""));
                     } else {
@@ -328,9 +392,11 @@ impl Reindent {
         }
     }
 
-    /// What is still held at the end (the whitespace of an unfinished line: none).
+    /// What is still held at the end (the whitespace of an unfinished line, a held last
+    /// line break: none).
     pub fn finish(&mut self) -> String {
         self.pending.clear();
+        self.held = false;
         String::new()
     }
 }
@@ -685,6 +751,42 @@ mod tests {
             out += &r.push(piece);
         }
         out + &r.finish()
+    }
+
+    #[test]
+    fn a_cursor_at_the_end_of_its_line_is_cut_at_the_line_start() {
+        let cut = line_cut("int f() {\n    int x = ", "  \n    return x;\n}\n", STRIP);
+        assert_eq!(
+            cut,
+            Some(LineCut {
+                prefix: "int f() {\n".into(),
+                typed: "int x =".into(),
+                suffix: "return x;\n}\n".into(),
+            })
+        );
+        // On a blank line: nothing typed; at the end of the file: no suffix.
+        let blank = line_cut("a;\n    ", "\nb;\n", STRIP).unwrap();
+        assert_eq!((blank.prefix.as_str(), blank.typed.as_str()), ("a;\n", ""));
+        assert_eq!(line_cut("a;\nb", "", KEEP).unwrap().suffix, "");
+        // Text after the cursor on its line: no whole-line cut.
+        assert_eq!(line_cut("f(", ");\n", STRIP), None);
+    }
+
+    #[test]
+    fn a_whole_line_middle_leaves_out_its_last_line_break() {
+        let mut r =
+            Reindent::new("int f() {\n    int x =", "\n}\n", KEEP, 0).without_final_line_break();
+        let mut out = String::new();
+        for piece in [" 1;\n", "    int y", " = 2;\n"] {
+            out += &r.push(piece);
+        }
+        // The line break between the lines comes out once the next line does.
+        assert_eq!(out + &r.finish(), " 1;\n    int y = 2;");
+        assert_eq!(
+            fill("a;\n", "", "b;\n", KEEP),
+            "b;\n",
+            "kept when not asked"
+        );
     }
 
     #[test]

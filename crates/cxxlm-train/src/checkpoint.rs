@@ -369,6 +369,22 @@ pub fn layout(checkpoint: &Path) -> (Layout, String) {
 }
 
 fn trained_layout(checkpoint: &Path) -> Result<(bool, String)> {
+    let pack = trained_pack(checkpoint)?;
+    Ok(cxxlm_pack::Manifest::load(&pack)?.indentation_in(&pack)?)
+}
+
+/// Whether the model at `checkpoint` learned fill-in-the-middle from cuts at line starts
+/// only (`pack --fim-line-aligned`: every middle whole lines); false when its pack cannot
+/// be read.
+pub fn fim_line_aligned(checkpoint: &Path) -> bool {
+    trained_pack(checkpoint)
+        .and_then(|pack| Ok(cxxlm_pack::Manifest::load(&pack)?))
+        .is_ok_and(|m| m.settings.fim.line_aligned)
+}
+
+/// The pack the model at `checkpoint` was pretrained on: its run's, or for a fine-tuned
+/// model (SFT, RL, embeddings) that of the model it started from.
+fn trained_pack(checkpoint: &Path) -> Result<PathBuf> {
     let config_error = TrainError::Config;
     let run = checkpoint
         .ancestors()
@@ -392,10 +408,9 @@ fn trained_layout(checkpoint: &Path) -> Result<(bool, String)> {
                 file.display()
             )));
         }
-        return trained_layout(Path::new(init));
+        return trained_pack(Path::new(init));
     }
-    let pack = crate::TrainConfig::from_table(table)?.data.pack;
-    Ok(cxxlm_pack::Manifest::load(&pack)?.indentation_in(&pack)?)
+    Ok(crate::TrainConfig::from_table(table)?.data.pack)
 }
 
 /// A checkpoint's weights and state, without its optimizer's, checked against their

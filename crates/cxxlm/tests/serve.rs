@@ -21,13 +21,19 @@ struct Trained {
     run: PathBuf,
 }
 
-/// A tiny model with a context long enough for a request to be cancelled mid-stream.
+/// A tiny model with a context long enough for a request to be cancelled mid-stream,
+/// trained on whole-line FIM middles as the speedrun's are (so the server cuts a cursor
+/// at the end of its line at the line's start).
 fn trained() -> &'static Trained {
     static TRAINED: OnceLock<Trained> = OnceLock::new();
     TRAINED.get_or_init(|| {
         let f = fixture(400, 2048);
         let pack = f.root.join("pack");
-        run_ok(&pack_args(&f, &pack, &["--val-fraction", "0.1"]));
+        run_ok(&pack_args(
+            &f,
+            &pack,
+            &["--val-fraction", "0.1", "--fim-line-aligned"],
+        ));
         let run = f.root.join("run");
         run_ok(&[
             "train",

@@ -153,11 +153,16 @@ pub fn run(args: ServeArgs) -> Result<()> {
             Some(Arc::new(index))
         }
     };
+    let fim_line_aligned = cxxlm_train::checkpoint::fim_line_aligned(&args.checkpoint);
+    if fim_line_aligned {
+        eprintln!("fill in the middle: cut at the cursor line's start (the model learned whole-line middles)");
+    }
     let info = ModelInfo {
         name,
         tokenizer: Arc::new(bpe),
         context,
         layout,
+        fim_line_aligned,
         index,
     };
     let address = format!("{}:{}", args.host, args.port);
