@@ -187,6 +187,12 @@ pub fn standard_error_over_problems(per_problem: &[(f64, f64)]) -> f64 {
     (p / (p - 1.0) * spread).sqrt() / trials
 }
 
+/// [`standard_error_over_problems`] of one score per problem.
+pub fn standard_error_of_scores(scores: &[f64]) -> f64 {
+    let each: Vec<(f64, f64)> = scores.iter().map(|&s| (s, 1.0)).collect();
+    standard_error_over_problems(&each)
+}
+
 /// One model's share of samples against another's on the same problems: the mean of the
 /// per-problem differences and its standard error, so that two runs judged on one
 /// benchmark are told apart by what they do on each problem, not by two whole rates whose
@@ -204,17 +210,17 @@ pub fn paired_difference(
     baseline: &BTreeMap<String, (f64, f64)>,
     other: &BTreeMap<String, (f64, f64)>,
 ) -> Paired {
-    let differences: Vec<(f64, f64)> = baseline
+    let differences: Vec<f64> = baseline
         .iter()
         .filter_map(|(name, &(k, n))| {
             let &(k2, n2) = other.get(name)?;
-            (n > 0.0 && n2 > 0.0).then(|| (k2 / n2 - k / n, 1.0))
+            (n > 0.0 && n2 > 0.0).then(|| k2 / n2 - k / n)
         })
         .collect();
     Paired {
         problems: differences.len(),
-        difference: differences.iter().map(|d| d.0).sum::<f64>() / differences.len() as f64,
-        standard_error: standard_error_over_problems(&differences),
+        difference: differences.iter().sum::<f64>() / differences.len() as f64,
+        standard_error: standard_error_of_scores(&differences),
     }
 }
 
@@ -291,9 +297,8 @@ pub fn score(
             .filter(|(n, _, _)| *n >= k)
             .map(|&(n, c, _)| pass_at_k(n, c, k))
             .collect();
-        let each: Vec<(f64, f64)> = scores.iter().map(|&s| (s, 1.0)).collect();
         pass_at_k_scores.insert(format!("pass@{k}"), mean_score(&scores));
-        pass_at_k_standard_error.insert(format!("pass@{k}"), standard_error_over_problems(&each));
+        pass_at_k_standard_error.insert(format!("pass@{k}"), standard_error_of_scores(&scores));
     }
     let compiled_per_problem: Vec<(f64, f64)> = per
         .values()

@@ -204,14 +204,18 @@ fn num(v: &Value, path: &str) -> f64 {
     at(v, path).as_f64().unwrap_or(f64::NAN)
 }
 
-/// A figure to three places, with its standard error beside it where the eval gave one
-/// (none when every problem scored alike: a zero error there means too few to tell).
+/// A figure to three places, with its standard error beside it where the eval gave one.
 fn with_error(v: &Value, path: &str, error_path: &str) -> String {
-    let error = num(v, error_path);
+    plus_minus(num(v, path), num(v, error_path), 3, "")
+}
+
+/// `value` (in `unit`) to `places`, then `± error` unless the error is missing or zero
+/// (every problem scored alike: too few to tell, not certainty).
+fn plus_minus(value: f64, error: f64, places: usize, unit: &str) -> String {
     if error > 0.0 {
-        format!("{:.3} ± {error:.3}", num(v, path))
+        format!("{value:.places$}{unit} ± {error:.places$}")
     } else {
-        format!("{:.3}", num(v, path))
+        format!("{value:.places$}{unit}")
     }
 }
 
@@ -652,19 +656,15 @@ fn tokenizer(r: &mut Report) {
     judged_by_the_model(r);
 }
 
-/// Compression is a means: the model trained with the tokenizer is the judge. Its
-/// compile rates and how often its completions ran to the length limit (models that
-/// loop on repeated lines run there).
 /// A compile rate in percent of `n`, with the eval's standard error as [`with_error`].
 fn percent_of(rate: f64, eval: &Value, n: &Value) -> String {
     let error = num(eval, "compile_rate_standard_error");
-    if error > 0.0 {
-        format!("{:.1}% ± {:.1} of {n}", 100.0 * rate, 100.0 * error)
-    } else {
-        format!("{:.1}% of {n}", 100.0 * rate)
-    }
+    format!("{} of {n}", plus_minus(100.0 * rate, 100.0 * error, 1, "%"))
 }
 
+/// Compression is a means: the model trained with the tokenizer is the judge. Its
+/// compile rates and how often its completions ran to the length limit (models that
+/// loop on repeated lines run there).
 fn judged_by_the_model(r: &mut Report) {
     let mut rows = Vec::new();
     let limit = |v: &Value| match v["length_limited"].as_u64() {

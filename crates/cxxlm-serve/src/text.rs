@@ -97,20 +97,18 @@ pub struct LineCut {
 
 /// None when text follows the cursor on its line.
 pub fn line_cut(prefix: &str, suffix: &str, layout: Layout) -> Option<LineCut> {
-    let suffix = suffix.replace("\r\n", "\n").replace('\r', "\n");
-    let (rest, after) = match suffix.find('\n') {
-        Some(i) => (&suffix[..i], &suffix[i + 1..]),
-        None => (suffix.as_str(), ""),
+    let after_cursor = self::suffix(suffix, cursor_line(prefix), layout);
+    let next_lines = match after_cursor.split_once('\n') {
+        Some((rest, next)) if rest.trim().is_empty() => next,
+        None if after_cursor.trim().is_empty() => "",
+        _ => return None,
     };
-    if !rest.trim().is_empty() {
-        return None;
-    }
     let before = self::prefix(prefix, layout).text;
     let start = before.rfind('\n').map_or(0, |i| i + 1);
     Some(LineCut {
         prefix: before[..start].to_string(),
         typed: before[start..].to_string(),
-        suffix: normalize(after, layout),
+        suffix: next_lines.to_string(),
     })
 }
 

@@ -772,9 +772,7 @@ fn compile(args: CompileArgs, load: Option<LoadModel>) -> Result<()> {
     let mut per_problem = PerProblem::new();
     for (i, d) in diagnoses.iter().enumerate() {
         let problem = problem_of.get(i).cloned().unwrap_or_else(|| i.to_string());
-        let e = per_problem.entry(problem).or_default();
-        e.0 += f64::from(u8::from(d.ok));
-        e.1 += 1.0;
+        tally(&mut per_problem, problem, d.ok);
     }
     let error = bench::standard_error_over_problems(&per_problem.into_values().collect::<Vec<_>>());
     outln!(
@@ -1120,13 +1118,17 @@ fn per_problem(path: &Path) -> Result<(PerProblem, PerProblem)> {
                 path.display()
             );
         };
-        for (map, yes) in [(&mut compiled, c), (&mut passed, p)] {
-            let e = map.entry(name.to_string()).or_default();
-            e.0 += f64::from(u8::from(yes));
-            e.1 += 1.0;
-        }
+        tally(&mut compiled, name.to_string(), c);
+        tally(&mut passed, name.to_string(), p);
     }
     Ok((compiled, passed))
+}
+
+/// One more sample of `problem`, a success or not.
+fn tally(per: &mut PerProblem, problem: String, success: bool) {
+    let e = per.entry(problem).or_default();
+    e.0 += f64::from(u8::from(success));
+    e.1 += 1.0;
 }
 
 fn compare(args: CompareArgs) -> Result<()> {
@@ -1340,8 +1342,7 @@ fn bugfix(args: BugfixArgs, load: Option<LoadModel>) -> Result<()> {
     for &k in &args.k {
         let scores = pass(&|_| true, k);
         let (n, p) = (scores.len(), bench::mean_score(&scores));
-        let each: Vec<(f64, f64)> = scores.iter().map(|&s| (s, 1.0)).collect();
-        let error = bench::standard_error_over_problems(&each);
+        let error = bench::standard_error_of_scores(&scores);
         outln!("pass@{k}: {p:.4} ± {error:.4} ({n} tasks; standard error over tasks)")?;
         report[format!("pass@{k}")] = p.into();
         report[format!("pass@{k}_standard_error")] = error.into();
