@@ -4,7 +4,9 @@
 //! hashes, so the cost is one table lookup per position whatever the benchmark's size
 //! (bigcode's exact substring search is a pass per item). N-grams that several items
 //! share (their common `#include` lines and test harness) are left out of the table, so
-//! that only an item's own text counts.
+//! that only an item's own text counts. Held-out projects are items too, one per file: a
+//! document is dropped as one of their files only when most of it is that file (packages
+//! vendor each other's sources), not for the licence banner it shares with it.
 
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
@@ -31,6 +33,11 @@ pub struct DecontaminateConfig {
     pub min_matches: usize,
     /// N-grams found in this many items or more are boilerplate, not counted.
     pub shared_items: usize,
+    /// Held-out projects: `data run` outputs (directories of `.jsonl[.zst]` shards) or
+    /// shard files, each file an item.
+    pub held_out: Vec<PathBuf>,
+    /// A document matches a held-out file only when this share of its n-grams is in it.
+    pub held_out_share: f64,
 }
 
 impl Default for DecontaminateConfig {
@@ -43,16 +50,20 @@ impl Default for DecontaminateConfig {
             char_ngram: 50,
             min_matches: 3,
             shared_items: 3,
+            held_out: Vec::new(),
+            held_out_share: 0.5,
         }
     }
 }
 
-/// One benchmark item: its name, where it comes from, and its text.
+/// One benchmark item: its name, where it comes from, its text, and the share of a
+/// document's n-grams that must be in it for the document to match (0: any number).
 #[derive(Debug, Clone)]
 pub struct Item {
     pub benchmark: String,
     pub name: String,
     pub text: String,
+    pub min_share: f64,
 }
 
 /// The items of a JSON lines benchmark; the name is `name`, `task_id` or `id`, else
@@ -83,7 +94,59 @@ fn parse_benchmark(text: &str, benchmark: &str) -> Result<Vec<Item>> {
             benchmark: benchmark.to_string(),
             name,
             text: strings.join("\n"),
+            min_share: 0.0,
         });
+    }
+    Ok(items)
+}
+
+/// The files of a held-out project's shards (a `data run` output or shard files), each
+/// an item named by its document id.
+pub fn read_held_out(path: &Path, min_share: f64) -> Result<Vec<Item>> {
+    let mut shards = Vec::new();
+    if path.is_dir() {
+        for entry in std::fs::read_dir(path).map_err(|e| DataError::io(path, e))? {
+            let p = entry.map_err(|e| DataError::io(path, e))?.path();
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if name.ends_with(".jsonl") || name.ends_with(".jsonl.zst") {
+                shards.push(p);
+            }
+        }
+        shards.sort();
+        if shards.is_empty() {
+            return Err(DataError::Input {
+                input: path.display().to_string(),
+                message: "held-out: no .jsonl or .jsonl.zst shards".into(),
+            });
+        }
+    } else {
+        shards.push(path.to_path_buf());
+    }
+    let mut items = Vec::new();
+    for shard in shards {
+        let bytes = std::fs::read(&shard).map_err(|e| DataError::io(&shard, e))?;
+        let bad = |message: String| DataError::Input {
+            input: shard.display().to_string(),
+            message,
+        };
+        let bytes = if shard.extension().is_some_and(|e| e == "zst") {
+            zstd::decode_all(&bytes[..]).map_err(|e| bad(format!("zstd: {e}")))?
+        } else {
+            bytes
+        };
+        for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let doc: Document =
+                serde_json::from_slice(line).map_err(|e| bad(format!("line {}: {e}", i + 1)))?;
+            items.push(Item {
+                benchmark: "held-out".into(),
+                name: doc.id,
+                text: doc.text,
+                min_share,
+            });
+        }
     }
     Ok(items)
 }
@@ -106,6 +169,7 @@ pub fn mbpp_items() -> Result<Vec<Item>> {
             benchmark: "mbpp-cpp".into(),
             name: p.name,
             text: format!("{}\n{}", p.prompt, p.tests),
+            min_share: 0.0,
         })
         .collect())
 }
@@ -248,9 +312,13 @@ impl BenchmarkIndex {
         for path in &config.benchmarks {
             items.extend(read_benchmark(path)?);
         }
+        for path in &config.held_out {
+            items.extend(read_held_out(path, config.held_out_share)?);
+        }
         if items.is_empty() {
             return Err(DataError::Config(
-                "decontaminate: no benchmark (set mbpp = true or give benchmarks)".into(),
+                "decontaminate: no benchmark (set mbpp = true or give benchmarks or held_out)"
+                    .into(),
             ));
         }
         Ok(Self::new(items, config))
@@ -264,20 +332,29 @@ impl BenchmarkIndex {
         self.table.len()
     }
 
-    /// The item `text` overlaps most, if it reaches the threshold.
+    /// The item `text` overlaps most among those whose thresholds it reaches.
     pub fn find(&self, text: &str) -> Option<Match> {
-        let mut hits: FxHashMap<u32, rustc_hash::FxHashSet<u64>> = FxHashMap::default();
+        // item -> (its distinct n-grams found, the positions where they were found)
+        let mut hits: FxHashMap<u32, (rustc_hash::FxHashSet<u64>, usize)> = FxHashMap::default();
+        let mut positions = 0usize;
         ngrams(text, self.words, self.chars, &mut |h| {
+            positions += 1;
             if let Some(&i) = self.table.get(&h) {
-                hits.entry(i).or_default().insert(h);
+                let e = hits.entry(i).or_default();
+                e.0.insert(h);
+                e.1 += 1;
             }
         });
         let (item, n) = hits
             .into_iter()
-            .map(|(i, s)| (i, s.len()))
+            .filter(|(i, (found, at))| {
+                found.len() >= self.min_matches
+                    && *at as f64 >= self.items[*i as usize].min_share * positions as f64
+            })
+            .map(|(i, (found, _))| (i, found.len()))
             .max_by_key(|&(i, n)| (n, std::cmp::Reverse(i)))?;
         let item = &self.items[item as usize];
-        (n >= self.min_matches).then(|| Match {
+        Some(Match {
             benchmark: item.benchmark.clone(),
             item: item.name.clone(),
             matches: n,
@@ -385,5 +462,46 @@ mod tests {
             Verdict::Drop("benchmark_overlap")
         );
         assert_eq!(doc.meta["decontaminate"]["item"], "X/1");
+    }
+
+    #[test]
+    fn a_copy_of_a_held_out_file_is_dropped_and_its_licence_banner_is_not() {
+        let banner = "// Copyright the Frobnicator authors. Licensed under the Frobnicator Public\n\
+                      // Licence, version 3; you may not use this file except in compliance with it.\n";
+        let held: String = (0..40)
+            .map(|i| format!("int frobnicate_step_{i}(int widget_count) {{ return widget_count * {i} + {}; }}\n", i * 7))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let shard = dir.path().join("part-00000-00000.jsonl.zst");
+        let line = format!(
+            "{}\n",
+            json!({"id": "frob/src/step.cc", "text": format!("{banner}{held}"), "meta": {}})
+        );
+        std::fs::write(&shard, zstd::encode_all(line.as_bytes(), 3).unwrap()).unwrap();
+        let config = DecontaminateConfig {
+            mbpp: false,
+            held_out: vec![dir.path().to_path_buf()],
+            ..Default::default()
+        };
+        let idx = BenchmarkIndex::from_config(&config).unwrap();
+        assert_eq!(idx.items(), 1);
+        let vendored = format!("// third_party/frob, vendored\n{banner}{held}");
+        let m = idx.find(&vendored).expect("the vendored copy");
+        assert_eq!(
+            (m.benchmark.as_str(), m.item.as_str()),
+            ("held-out", "frob/src/step.cc")
+        );
+        let own: String = (0..40)
+            .map(|i| format!("double resample_channel_{i}(double sample_rate) {{ return sample_rate / {i}.5; }}\n"))
+            .collect();
+        assert_eq!(idx.find(&format!("{banner}{own}")), None);
+        // As an ordinary benchmark item (no share asked), the banner alone would match.
+        let strict = BenchmarkIndex::new(
+            read_held_out(dir.path(), 0.0).unwrap(),
+            &DecontaminateConfig::default(),
+        );
+        assert!(strict.find(&format!("{banner}{own}")).is_some());
+        let empty = tempfile::tempdir().unwrap();
+        assert!(read_held_out(empty.path(), 0.5).is_err());
     }
 }
