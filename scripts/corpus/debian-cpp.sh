@@ -12,7 +12,15 @@ shift || true
 packages=("$@")
 if [ ${#packages[@]} -eq 0 ]; then
     packages=(llvm-toolchain-15 boost1.81 qtbase-opensource-src opencv grpc protobuf abseil
-              fmtlib spdlog googletest eigen3 ninja-build gcc-12)
+              fmtlib spdlog googletest eigen3 ninja-build gcc-12
+              # More projects, of every kind and size, so that a sample is not a few
+              # large ones (BENCHMARKS.md, "A sample spread over 60 projects").
+              aria2 armadillo benchmark botan box2d bullet capnproto catch2 cli11 cmake cppcheck
+              double-conversion fish gdal gecode gflags glm google-glog kcoreaddons kdevelop
+              kicad kio konsole krita kwin leveldb libcrypto++ libtorrent-rasterbar nlohmann-json3
+              ogre-1.12 okular onetbb opencascade openexr openscad openvdb poco poppler pugixml
+              pybind11 qbittorrent qtdeclarative-opensource-src range-v3 rapidjson re2 rocksdb
+              simdjson snappy squid thrift tinyxml2 wxwidgets3.2 xapian-core yaml-cpp z3)
 fi
 
 src_list=/etc/apt/sources.list.d/cxxlm-deb-src.sources
