@@ -22,7 +22,7 @@ data_run() { # out package...
     local out=$1 args=()
     shift
     for p in "$@"; do
-        for f in corpus/debian/"${p}"_*; do args+=(-i "$f"); done
+        for f in corpus/debian/"${p}"_*.tar.*; do [[ $f == *.asc ]] || args+=(-i "$f"); done
     done
     [ -f "$out/stats.json" ] || "$x" data run "${args[@]}" -o "$out" | tail -1
 }

@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
 # Fills gpu/ for benches/tok/judged.sh: a fixed sample of MIB (default 355) MiB of the
-# documents of TRAIN_DATA (chosen by a hash of their id, so the same shards give the same
-# sample; SPREAD=1 takes from each project, the package an archive belongs to, all of its
-# documents or an equal share, whichever is smaller, so that a few large projects do not make
-# up most of it), the default tokenizer trained on it (TOKENIZER_ARGS adds `tok train` flags, e.g.
-# `--second-stage-mib 512` for the superword variant), the binaries (benches/train/prepare.sh),
-# the shards of HELD_OUT_DATA in gpu/held-out, and the sample without files of repeated
-# lines and without copies of held-out files (`data run`'s decontamination with the
-# held-out shards: packages vendor each other's sources) in gpu/data-norepeat (the default pipeline's filter since the shards of
-# BENCHMARKS.md were made: judge today's default with DATA=gpu/data-norepeat). Documents whose id contains EXCLUDE are
-# left out of the sample (the bug-fix tasks' source, whose test split the SFT run scores).
-# TRAIN_DATA (one or more, separated by `:`) and HELD_OUT_DATA are `cxxlm data run` outputs
-# of different projects; the
-# figures in BENCHMARKS.md used the LLVM 15, Boost 1.81, OpenCV 4.6 (with contrib), Qt 5
-# base and GCC 12 tarballs of scripts/corpus/debian-cpp.sh with EXCLUDE=gcc-12 (the
-# tasks of `cxxlm tasks bugs` come from GCC's), and abseil, eigen3, fmtlib, grpc,
-# ninja-build, protobuf and spdlog held out.
+# documents of TRAIN_DATA (`cxxlm data sample`: chosen by a hash of their id, so the same
+# shards give the same sample; SPREAD=1 takes from each project all of its documents or an
+# equal share, whichever is smaller), the default tokenizer trained on it (TOKENIZER_ARGS
+# adds `tok train` flags, e.g. `--second-stage-mib 512` for the superword variant), the
+# binaries (benches/train/prepare.sh), the shards of HELD_OUT_DATA in gpu/held-out, and the
+# sample without files of repeated lines and without copies of held-out files (`data
+# run`'s decontamination with the held-out shards: packages vendor each other's sources) in
+# gpu/data-norepeat (the default pipeline's filters since the shards of BENCHMARKS.md were
+# made: judge today's default with DATA=gpu/data-norepeat). Documents whose id contains
+# EXCLUDE are left out of the sample (the bug-fix tasks' source, whose test split the SFT
+# run scores). TRAIN_DATA (one or more, separated by `:`) and HELD_OUT_DATA are `cxxlm data
+# run` outputs of different projects; the figures in BENCHMARKS.md used the LLVM 15, Boost
+# 1.81, OpenCV 4.6 (with contrib), Qt 5 base and GCC 12 tarballs of
+# scripts/corpus/debian-cpp.sh with EXCLUDE=gcc-12 (the tasks of `cxxlm tasks bugs` come
+# from GCC's), then with SPREAD=1 and 56 more of its packages, and abseil, eigen3, fmtlib,
+# grpc, ninja-build, protobuf and spdlog held out.
 #
 # Usage: benches/tok/judged-prepare.sh TRAIN_DATA HELD_OUT_DATA [MIB]
 set -euo pipefail
@@ -23,44 +23,11 @@ cd "$(dirname "$0")/../.."
 train=$1 held_out=$2 mib=${3:-355}
 cargo build --release -q -p cxxlm
 sample=bench-out/judged/sample
-rm -rf "$sample" && mkdir -p "$sample"
-for dir in ${train//:/ }; do for s in "$dir"/*.jsonl.zst; do zstd -dc "$s"; done; done | python3 -c '
-import collections, hashlib, json, os, sys
-exclude = sys.argv[3].encode()
-docs = []
-for line in sys.stdin.buffer:
-    if exclude and exclude in line.split(b"\x22text\x22", 1)[0]:
-        continue
-    doc = json.loads(line)
-    # The project: the package name of the archive (`boost1.81_1.81.0.orig.tar.xz`).
-    project = os.path.basename(doc.get("meta", {}).get("archive", doc["id"])).split("_")[0]
-    docs.append((doc["id"].encode(), project, line))
-size = collections.Counter()
-for _, project, line in docs:
-    size[project] += len(line)
-total, want = sum(size.values()), int(sys.argv[1]) * 2**20
-if os.environ.get("SPREAD") == "1":
-    # The largest share per project that gives the wanted size in all.
-    share, left, small = want, want, sorted(size.values())
-    for i, s in enumerate(small):
-        share = left / (len(small) - i)
-        if s >= share:
-            break
-        left -= s
-    keep = {p: min(1.0, share / s) for p, s in size.items()}
-else:
-    keep = collections.defaultdict(lambda: want / total)
-kept = collections.Counter()
-with open(sys.argv[2], "wb") as out:
-    for doc_id, project, line in docs:
-        if int.from_bytes(hashlib.sha256(doc_id).digest()[:8], "big") < keep[project] * 2**64:
-            out.write(line)
-            kept[project] += len(line)
-for project, n in kept.most_common():
-    print(f"  {project}: {n / 2**20:.1f} of {size[project] / 2**20:.1f} MiB", file=sys.stderr)
-print(f"sample: {sum(kept.values()) / 2**20:.1f} MiB of JSON lines from {total / 2**20:.1f} MiB", file=sys.stderr)
-' "$mib" "$sample/part-00000-00000.jsonl" "${EXCLUDE:-}"
-zstd -q --rm "$sample/part-00000-00000.jsonl"
+inputs=()
+for dir in ${train//:/ }; do inputs+=(-i "$dir"); done
+rm -rf "$sample"
+target/release/cxxlm data sample "${inputs[@]}" -o "$sample" --mib "$mib" ${EXCLUDE:+--exclude "$EXCLUDE"} \
+    $([ "${SPREAD:-}" = 1 ] && echo --spread) | tail -1
 target/release/cxxlm tok train -i "$sample" --vocab 32768 ${TOKENIZER_ARGS:-} -o bench-out/judged/tokenizer.json
 benches/train/prepare.sh bench-out/judged/tokenizer.json "$sample"/*.jsonl.zst
 # Within the 64 MiB a call carries: the sample compressed harder, a quarter of the held-out

@@ -4,7 +4,8 @@
 //! the Hugging Face Hub) into a deterministic list of units and streams each unit's
 //! documents; [`steps`] holds the cleaning steps (normalize, quality, license, PII,
 //! secrets) and exact dedup; [`pipeline`] drives them over one task's share of the units,
-//! writes shards with [`shard`], checkpoints and resumes.
+//! writes shards with [`shard`], checkpoints and resumes; [`near_dedup`] removes
+//! near-duplicates from the shards and [`sample`] draws a fixed sample of them.
 
 pub mod config;
 pub mod document;
@@ -13,6 +14,7 @@ pub mod journal;
 pub mod near_dedup;
 pub mod pipeline;
 pub mod read;
+pub mod sample;
 pub mod shard;
 pub mod stats;
 pub mod steps;

@@ -114,6 +114,26 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))
 }
 
+/// The lines of a shard, each with its index, streamed.
+pub fn shard_lines(path: &Path) -> Result<impl Iterator<Item = Result<(usize, String)>> + '_> {
+    let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+    let reader = std::io::BufReader::with_capacity(
+        1 << 20,
+        zstd::Decoder::new(file).map_err(|e| DataError::io(path, e))?,
+    );
+    Ok(std::io::BufRead::lines(reader)
+        .enumerate()
+        .map(move |(i, l)| l.map(|l| (i, l)).map_err(|e| DataError::io(path, e))))
+}
+
+/// The document of line `index` of the shard at `path`.
+pub fn parse(path: &Path, index: usize, line: &str) -> Result<Document> {
+    serde_json::from_str(line).map_err(|e| DataError::Input {
+        input: format!("{}:{}", path.display(), index + 1),
+        message: e.to_string(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

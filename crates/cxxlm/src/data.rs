@@ -20,6 +20,9 @@ pub enum DataCommand {
     Run(RunArgs),
     /// Remove near-duplicates (MinHash LSH) from the shards of `data run`.
     Dedup(DedupArgs),
+    /// A fixed sample of `data run` shards, chosen by a hash of each document's id;
+    /// `--spread` takes from each project all of it or an equal share, whichever is smaller.
+    Sample(SampleArgs),
     /// Merge the stats of the finished tasks of an output directory into stats.json.
     Stats {
         /// The output directory of `cxxlm data run`.
@@ -66,6 +69,30 @@ pub struct RunArgs {
     /// Skip files larger than this many bytes.
     #[arg(long)]
     max_bytes: Option<u64>,
+}
+
+#[derive(Args)]
+pub struct SampleArgs {
+    /// `data run` output directories or shard files. Repeatable.
+    #[arg(long = "input", short, required = true)]
+    inputs: Vec<PathBuf>,
+    /// An empty directory for the sample's shard and sample.json.
+    #[arg(long, short)]
+    out: PathBuf,
+    /// MiB of JSON lines wanted in all.
+    #[arg(long)]
+    mib: f64,
+    /// Spread over projects: the package of a document's archive, else a component of
+    /// its id (`--id-component`).
+    #[arg(long)]
+    spread: bool,
+    /// For documents of no archive: the component of the id (0: the first; a leading `/`
+    /// aside) that names the project, e.g. 2 for `/data/repos/PROJECT/...`.
+    #[arg(long, default_value_t = 0)]
+    id_component: usize,
+    /// Leave out documents whose id contains this. Repeatable.
+    #[arg(long)]
+    exclude: Vec<String>,
 }
 
 #[derive(Args)]
@@ -189,12 +216,44 @@ pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
         DataCommand::Run(args) => run_pipeline(args),
         DataCommand::Dedup(args) => run_dedup(args),
+        DataCommand::Sample(args) => run_sample(args),
         DataCommand::Stats { dir } => {
             let merged = pipeline::write_merged_stats(&dir)?;
             outln!("{}", serde_json::to_string_pretty(&merged)?)?;
             Ok(())
         }
     }
+}
+
+fn run_sample(args: SampleArgs) -> Result<()> {
+    if !(args.mib > 0.0 && args.mib.is_finite()) {
+        bail!("--mib must be a positive number of MiB, not {}", args.mib);
+    }
+    let config = cxxlm_data::sample::SampleConfig {
+        bytes: (args.mib * (1 << 20) as f64) as u64,
+        spread: args.spread,
+        exclude: args.exclude,
+        id_component: args.id_component,
+    };
+    let report = cxxlm_data::sample::sample(&args.inputs, &args.out, &config)?;
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    for p in &report.projects {
+        outln!(
+            "  {}: {:.1} of {:.1} MiB",
+            p.project,
+            mib(p.kept_bytes),
+            mib(p.bytes)
+        )?;
+    }
+    outln!(
+        "sample: {} documents, {:.1} MiB of JSON lines from {:.1} MiB of {} projects: {}",
+        report.kept_docs,
+        mib(report.kept_bytes),
+        mib(report.bytes),
+        report.projects.len(),
+        args.out.display()
+    )?;
+    Ok(())
 }
 
 fn config_from(args: &RunArgs) -> Result<PipelineConfig> {

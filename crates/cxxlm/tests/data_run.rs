@@ -547,3 +547,78 @@ fn a_huge_file_is_not_held_twice() {
         peak.saturating_sub(base)
     );
 }
+
+#[test]
+fn data_sample_spreads_a_fixed_sample_over_projects() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    for n in 0..400 {
+        write(&corpus.join(format!("big/src/f{n}.cpp")), cpp_source(n));
+    }
+    for n in 0..20 {
+        write(
+            &corpus.join(format!("small/f{n}.cpp")),
+            cpp_source(1000 + n),
+        );
+    }
+    let shards = tmp.path().join("shards");
+    data_run(&corpus, &shards, &[]);
+    let all: u64 = read_shards(&shards)
+        .iter()
+        .map(|d| d.to_string().len() as u64 + 1)
+        .sum();
+    // The project is the id's component after the corpus directory.
+    let component = corpus.components().count() - 1;
+    let sample = |out: &Path, spread: bool| {
+        let mib = format!("{}", all as f64 / 4.0 / (1 << 20) as f64);
+        let component = component.to_string();
+        let mut args = vec!["data", "sample", "-i", shards.to_str().unwrap(), "-o"];
+        args.extend([
+            out.to_str().unwrap(),
+            "--mib",
+            &mib,
+            "--id-component",
+            &component,
+        ]);
+        if spread {
+            args.push("--spread");
+        }
+        run_ok(&args);
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("sample.json")).unwrap()).unwrap();
+        let kept = |p: &str| {
+            report["projects"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["project"] == p)
+                .map_or(0, |x| x["kept_docs"].as_u64().unwrap())
+        };
+        (kept("big"), kept("small"), read_shards(out))
+    };
+    let (big, small, spread_docs) = sample(&tmp.path().join("spread"), true);
+    assert_eq!(small, 20, "a small project gives all of itself");
+    assert_eq!(spread_docs.len() as u64, big + small);
+    let (_, small_uniform, _) = sample(&tmp.path().join("uniform"), false);
+    assert!(
+        small_uniform < 12,
+        "a quarter of 20, by hash: {small_uniform}"
+    );
+    let (big_again, _, again) = sample(&tmp.path().join("again"), true);
+    assert_eq!(
+        (big_again, again),
+        (big, spread_docs),
+        "the same shards, the same sample"
+    );
+    let refused = run_fails(&[
+        "data",
+        "sample",
+        "-i",
+        shards.to_str().unwrap(),
+        "-o",
+        tmp.path().join("spread").to_str().unwrap(),
+        "--mib",
+        "1",
+    ]);
+    assert!(refused.contains("already holds shards"), "{refused}");
+}

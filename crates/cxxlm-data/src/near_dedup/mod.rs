@@ -17,13 +17,11 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
-use crate::document::Document;
 use crate::error::{DataError, Result};
 use crate::pipeline::{mismatch, read_json_if_present, TaskSpec};
-use crate::shard::{write_atomic, ShardWriter};
+use crate::shard::{parse, shard_lines, write_atomic, ShardWriter};
 use crate::steps::is_permissive;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,26 +117,6 @@ pub fn input_shards(dir: &Path) -> Result<Vec<PathBuf>> {
         });
     }
     Ok(shards)
-}
-
-/// The lines of a shard, each with its index, streamed.
-fn shard_lines(path: &Path) -> Result<impl Iterator<Item = Result<(usize, String)>> + '_> {
-    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
-    let reader = std::io::BufReader::with_capacity(
-        1 << 20,
-        zstd::Decoder::new(file).map_err(|e| DataError::io(path, e))?,
-    );
-    Ok(reader
-        .lines()
-        .enumerate()
-        .map(move |(i, l)| l.map(|l| (i, l)).map_err(|e| DataError::io(path, e))))
-}
-
-fn parse(path: &Path, index: usize, line: &str) -> Result<Document> {
-    serde_json::from_str(line).map_err(|e| DataError::Input {
-        input: format!("{}:{}", path.display(), index + 1),
-        message: e.to_string(),
-    })
 }
 
 /// Signature records of one shard: its document table and per-band bucket keys.

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use super::{Counters, Step, Verdict};
 use crate::document::Document;
 use crate::error::{DataError, Result};
+use crate::shard::{parse, shard_lines};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -103,43 +104,16 @@ fn parse_benchmark(text: &str, benchmark: &str) -> Result<Vec<Item>> {
 /// The files of a held-out project's shards (a `data run` output or shard files), each
 /// an item named by its document id.
 pub fn read_held_out(path: &Path, min_share: f64) -> Result<Vec<Item>> {
-    let mut shards = Vec::new();
-    if path.is_dir() {
-        for entry in std::fs::read_dir(path).map_err(|e| DataError::io(path, e))? {
-            let p = entry.map_err(|e| DataError::io(path, e))?.path();
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if name.ends_with(".jsonl") || name.ends_with(".jsonl.zst") {
-                shards.push(p);
-            }
-        }
-        shards.sort();
-        if shards.is_empty() {
-            return Err(DataError::Input {
-                input: path.display().to_string(),
-                message: "held-out: no .jsonl or .jsonl.zst shards".into(),
-            });
-        }
+    let shards = if path.is_dir() {
+        crate::near_dedup::input_shards(path)?
     } else {
-        shards.push(path.to_path_buf());
-    }
+        vec![path.to_path_buf()]
+    };
     let mut items = Vec::new();
-    for shard in shards {
-        let bytes = std::fs::read(&shard).map_err(|e| DataError::io(&shard, e))?;
-        let bad = |message: String| DataError::Input {
-            input: shard.display().to_string(),
-            message,
-        };
-        let bytes = if shard.extension().is_some_and(|e| e == "zst") {
-            zstd::decode_all(&bytes[..]).map_err(|e| bad(format!("zstd: {e}")))?
-        } else {
-            bytes
-        };
-        for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            let doc: Document =
-                serde_json::from_slice(line).map_err(|e| bad(format!("line {}: {e}", i + 1)))?;
+    for shard in &shards {
+        for line in shard_lines(shard)? {
+            let (i, line) = line?;
+            let doc = parse(shard, i, &line)?;
             items.push(Item {
                 benchmark: "held-out".into(),
                 name: doc.id,
