@@ -34,8 +34,8 @@ pub struct DecontaminateConfig {
     pub min_matches: usize,
     /// N-grams found in this many items or more are boilerplate, not counted.
     pub shared_items: usize,
-    /// Held-out projects: `data run` outputs (directories of `.jsonl[.zst]` shards) or
-    /// shard files, each file an item.
+    /// Held-out projects: `data run` outputs (directories of `part-*.jsonl.zst` shards)
+    /// or shard files, each of their documents an item.
     pub held_out: Vec<PathBuf>,
     /// A document matches a held-out file only when this share of its n-grams is in it.
     pub held_out_share: f64,
@@ -286,6 +286,12 @@ impl BenchmarkIndex {
         for path in &config.benchmarks {
             items.extend(read_benchmark(path)?);
         }
+        if !(0.0..=1.0).contains(&config.held_out_share) {
+            return Err(DataError::Config(format!(
+                "decontaminate: held_out_share is a share of a document's n-grams, from 0 to 1, not {}",
+                config.held_out_share
+            )));
+        }
         for path in &config.held_out {
             items.extend(read_held_out(path, config.held_out_share)?);
         }
@@ -477,5 +483,10 @@ mod tests {
         assert!(strict.find(&format!("{banner}{own}")).is_some());
         let empty = tempfile::tempdir().unwrap();
         assert!(read_held_out(empty.path(), 0.5).is_err());
+        let over = DecontaminateConfig {
+            held_out_share: 1.5,
+            ..config
+        };
+        assert!(BenchmarkIndex::from_config(&over).is_err());
     }
 }
