@@ -13,6 +13,9 @@
 # `WAIT=SECONDS benches/speedrun/gpu.sh` waits for it at most that long and collects the
 # results once it has ended.
 # A budget below the preset's 420 s leaves room when the whole call has a hard limit.
+# With the spread sample of benches/prepare.sh, gpu/data, gpu/tasks, the binary and the tree
+# are more than one call carries: stage gpu/data first (`benches/stage.sh gpu/data` in a call
+# that carries only it), then START without it, on the same warm machine.
 set -uo pipefail
 budget=${1:-420}
 limit=${2:-900}

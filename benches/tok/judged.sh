@@ -13,7 +13,9 @@
 # gpu/data; a variant: the sample through `cxxlm data run` with another filter). gpu/ comes from
 # benches/tok/judged-prepare.sh. The checkpoint stays in WORK/d12 (default
 # /tmp/cxxlm-judged; a variant needs its own) for a later call on the same machine
-# (PRETRAINED= of benches/sft/gpu.sh); results land in $OUT (or gpu-out/).
+# (PRETRAINED= of benches/sft/gpu.sh); results land in $OUT (or gpu-out/). When the data,
+# gpu/held-out, the binary and the tree are more than one call carries, stage the data first
+# (`benches/stage.sh gpu/data-norepeat` in a call that carries only it and gpu/held-out).
 #
 #   benches/tok/judged.sh [STEPS]
 set -euo pipefail
