@@ -15,7 +15,8 @@
 # /tmp/cxxlm-judged; a variant needs its own) for a later call on the same machine
 # (PRETRAINED= of benches/sft/gpu.sh); results land in $OUT (or gpu-out/). When the data,
 # gpu/held-out, the binary and the tree are more than one call carries, stage the data first
-# (`benches/stage.sh gpu/data-norepeat` in a call that carries only it and gpu/held-out).
+# (`benches/stage.sh gpu/data-norepeat gpu/held-out` in a call that carries those two), then
+# call this carrying the rest, on the same warm machine.
 #
 #   benches/tok/judged.sh [STEPS]
 set -euo pipefail
