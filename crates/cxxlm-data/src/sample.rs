@@ -150,7 +150,7 @@ pub fn sample(inputs: &[PathBuf], out: &Path, config: &SampleConfig) -> Result<S
                 continue;
             }
             let project = project_of(&doc, config.id_component);
-            if chosen(&doc.id, share[&project]) {
+            if chosen(&doc.id, share.get(&project).copied().unwrap_or(0.0)) {
                 writer.write_line(&line)?;
                 let k = kept.entry(project).or_default();
                 k.0 += line.len() as u64 + 1;
