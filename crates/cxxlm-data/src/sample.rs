@@ -69,13 +69,13 @@ pub fn project_of(doc: &Document, id_component: usize) -> String {
 /// The share of each project's bytes to keep for `want` bytes in all: the same share of
 /// every project, or, spread, the largest per-project size that sums to `want` (all of a
 /// project smaller than it).
-pub fn shares(sizes: &BTreeMap<String, u64>, want: u64, spread: bool) -> BTreeMap<String, f64> {
-    let total: u64 = sizes.values().sum();
+pub fn shares(sizes: &[u64], want: u64, spread: bool) -> Vec<f64> {
+    let total: u64 = sizes.iter().sum();
     if !spread {
         let share = (want as f64 / total.max(1) as f64).min(1.0);
-        return sizes.keys().map(|p| (p.clone(), share)).collect();
+        return vec![share; sizes.len()];
     }
-    let mut ascending: Vec<u64> = sizes.values().copied().collect();
+    let mut ascending = sizes.to_vec();
     ascending.sort_unstable();
     let (mut left, mut cap) = (want as f64, f64::INFINITY);
     for (i, &size) in ascending.iter().enumerate() {
@@ -88,87 +88,84 @@ pub fn shares(sizes: &BTreeMap<String, u64>, want: u64, spread: bool) -> BTreeMa
     }
     sizes
         .iter()
-        .map(|(p, &size)| (p.clone(), (cap / size.max(1) as f64).min(1.0)))
+        .map(|&size| (cap / size.max(1) as f64).min(1.0))
         .collect()
 }
 
-/// Whether the document named `id` falls in a sample of `share` of its project.
-fn chosen(id: &str, share: f64) -> bool {
+/// Where the document named `id` falls in [0, 2^64): it is in a sample of `share` of its
+/// project when below `share * 2^64`.
+fn id_hash(id: &str) -> u64 {
     let digest = Sha256::digest(id.as_bytes());
     let mut head = [0u8; 8];
     head.copy_from_slice(&digest[..8]);
-    (u64::from_be_bytes(head) as f64) < share * 2f64.powi(64)
-}
-
-/// The shards of `inputs` (`data run` output directories or shard files).
-fn shards_of(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    let mut shards = Vec::new();
-    for input in inputs {
-        if input.is_dir() {
-            shards.extend(crate::near_dedup::input_shards(input)?);
-        } else {
-            shards.push(input.clone());
-        }
-    }
-    Ok(shards)
+    u64::from_be_bytes(head)
 }
 
 /// Writes the sample of `inputs` to `out/part-00000-00000.jsonl.zst` (the documents' JSON
 /// lines as they were) and `out/sample.json`.
 pub fn sample(inputs: &[PathBuf], out: &Path, config: &SampleConfig) -> Result<SampleReport> {
-    let shards = shards_of(inputs)?;
+    let mut shards = Vec::new();
+    for input in inputs {
+        shards.extend(crate::near_dedup::shards_at(input)?);
+    }
     if crate::near_dedup::input_shards(out).is_ok() {
         return Err(DataError::Config(format!(
             "{} already holds shards: sample into an empty directory",
             out.display()
         )));
     }
-    let excluded = |doc: &Document| config.exclude.iter().any(|e| doc.id.contains(e.as_str()));
-    // First pass: the size of each project.
-    let mut sizes: BTreeMap<String, u64> = BTreeMap::new();
-    let mut docs = 0u64;
+    // First pass: each line's project and id hash (none when excluded), and each project's
+    // size; the second only reads the lines again to write those chosen.
+    let mut index: BTreeMap<String, usize> = BTreeMap::new();
+    let mut sizes: Vec<u64> = Vec::new();
+    let mut lines: Vec<Option<(usize, u64)>> = Vec::new();
     for shard in &shards {
         for line in shard_lines(shard)? {
             let (i, line) = line?;
             let doc = parse(shard, i, &line)?;
-            if !excluded(&doc) {
-                *sizes
-                    .entry(project_of(&doc, config.id_component))
-                    .or_default() += line.len() as u64 + 1;
-                docs += 1;
+            if config.exclude.iter().any(|e| doc.id.contains(e.as_str())) {
+                lines.push(None);
+                continue;
             }
+            let next = index.len();
+            let project = *index
+                .entry(project_of(&doc, config.id_component))
+                .or_insert(next);
+            if project == sizes.len() {
+                sizes.push(0);
+            }
+            sizes[project] += line.len() as u64 + 1;
+            lines.push(Some((project, id_hash(&doc.id))));
         }
     }
     let share = shares(&sizes, config.bytes, config.spread);
-    let mut kept: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let mut kept = vec![(0u64, 0u64); sizes.len()];
     let mut writer = ShardWriter::create(out.join("part-00000-00000.jsonl.zst"), 3)?;
+    let mut picks = lines.iter();
     for shard in &shards {
         for line in shard_lines(shard)? {
             let (i, line) = line?;
-            let doc = parse(shard, i, &line)?;
-            if excluded(&doc) {
-                continue;
-            }
-            let project = project_of(&doc, config.id_component);
-            if chosen(&doc.id, share.get(&project).copied().unwrap_or(0.0)) {
-                writer.write_line(&line)?;
-                let k = kept.entry(project).or_default();
-                k.0 += line.len() as u64 + 1;
-                k.1 += 1;
+            let pick = picks.next().ok_or_else(|| DataError::Input {
+                input: format!("{}:{}", shard.display(), i + 1),
+                message: "the shards changed while being sampled".into(),
+            })?;
+            if let Some((project, hash)) = *pick {
+                if (hash as f64) < share[project] * 2f64.powi(64) {
+                    writer.write_line(&line)?;
+                    kept[project].0 += line.len() as u64 + 1;
+                    kept[project].1 += 1;
+                }
             }
         }
     }
     writer.finish()?;
-    let mut projects: Vec<ProjectSample> = sizes
-        .iter()
-        .map(|(p, &bytes)| {
-            let (kept_bytes, kept_docs) = kept.get(p).copied().unwrap_or_default();
-            ProjectSample {
-                project: p.clone(),
-                bytes,
-                kept_bytes,
-                kept_docs,
-            }
+    let mut projects: Vec<ProjectSample> = index
+        .into_iter()
+        .map(|(project, p)| ProjectSample {
+            project,
+            bytes: sizes[p],
+            kept_bytes: kept[p].0,
+            kept_docs: kept[p].1,
         })
         .collect();
     projects.sort_by(|a, b| {
@@ -181,8 +178,8 @@ pub fn sample(inputs: &[PathBuf], out: &Path, config: &SampleConfig) -> Result<S
         wanted_bytes: config.bytes,
         spread: config.spread,
         exclude: config.exclude.clone(),
-        docs,
-        bytes: sizes.values().sum(),
+        docs: lines.iter().flatten().count() as u64,
+        bytes: sizes.iter().sum(),
         kept_docs: projects.iter().map(|p| p.kept_docs).sum(),
         kept_bytes: projects.iter().map(|p| p.kept_bytes).sum(),
         projects,
@@ -198,27 +195,19 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn sizes(list: &[(&str, u64)]) -> BTreeMap<String, u64> {
-        list.iter().map(|(p, s)| (p.to_string(), *s)).collect()
-    }
-
     #[test]
     fn spread_shares_give_small_projects_everything_and_cap_large_ones() {
-        let s = shares(
-            &sizes(&[("big", 1000), ("mid", 100), ("small", 10)]),
-            310,
-            true,
-        );
-        assert_eq!(s["small"], 1.0);
-        assert_eq!(s["mid"], 1.0);
-        assert!((s["big"] - 0.2).abs() < 1e-12, "{s:?}");
-        let s = shares(&sizes(&[("a", 1000), ("b", 500)]), 600, true);
-        assert!((s["a"] - 0.3).abs() < 1e-12 && (s["b"] - 0.6).abs() < 1e-12);
+        let s = shares(&[1000, 100, 10], 310, true);
+        assert_eq!(s[2], 1.0);
+        assert_eq!(s[1], 1.0);
+        assert!((s[0] - 0.2).abs() < 1e-12, "{s:?}");
+        let s = shares(&[1000, 500], 600, true);
+        assert!((s[0] - 0.3).abs() < 1e-12 && (s[1] - 0.6).abs() < 1e-12);
         // Less in all than wanted: everything.
-        let s = shares(&sizes(&[("a", 10), ("b", 20)]), 100, true);
-        assert!(s.values().all(|&x| x == 1.0));
-        let s = shares(&sizes(&[("a", 300), ("b", 100)]), 100, false);
-        assert!(s.values().all(|&x| (x - 0.25).abs() < 1e-12));
+        let s = shares(&[10, 20], 100, true);
+        assert!(s.iter().all(|&x| x == 1.0));
+        let s = shares(&[300, 100], 100, false);
+        assert!(s.iter().all(|&x| (x - 0.25).abs() < 1e-12));
     }
 
     #[test]

@@ -119,6 +119,15 @@ pub fn input_shards(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(shards)
 }
 
+/// The shards `path` stands for: a `data run` output directory's, or `path`, a shard file.
+pub fn shards_at(path: &Path) -> Result<Vec<PathBuf>> {
+    if path.is_dir() {
+        input_shards(path)
+    } else {
+        Ok(vec![path.to_path_buf()])
+    }
+}
+
 /// Signature records of one shard: its document table and per-band bucket keys.
 struct ShardSignatures {
     docs: Vec<[u64; 3]>,

@@ -104,13 +104,8 @@ fn parse_benchmark(text: &str, benchmark: &str) -> Result<Vec<Item>> {
 /// The files of a held-out project's shards (a `data run` output or shard files), each
 /// an item named by its document id.
 pub fn read_held_out(path: &Path, min_share: f64) -> Result<Vec<Item>> {
-    let shards = if path.is_dir() {
-        crate::near_dedup::input_shards(path)?
-    } else {
-        vec![path.to_path_buf()]
-    };
     let mut items = Vec::new();
-    for shard in &shards {
+    for shard in &crate::near_dedup::shards_at(path)? {
         for line in shard_lines(shard)? {
             let (i, line) = line?;
             let doc = parse(shard, i, &line)?;
