@@ -8,6 +8,7 @@
 # compile rate and the share of completions that ran to the 384-token limit (GREEDY=0 leaves
 # out the 398-problem greedy pass, so that training and the first 100 fit one 10-minute call
 # with TRAIN_SECONDS=440). FIM_RATE sets the pack's FIM rate (default the pipeline's 0.5);
+# TRAIN_SET one more `--set KEY=VALUE` of the pretraining (schedule.warmdown_frac=0.4, say);
 # TOKENIZER another tokenizer of the same sample (a variant: `tok train` on
 # bench-out/judged/sample with other flags, carried in gpu/); DATA other shards (default
 # gpu/data; a variant: the sample through `cxxlm data run` with another filter). gpu/ comes from
@@ -51,7 +52,7 @@ if [ ! -f "$final/trainer.json" ]; then
     timeout -s KILL "${TRAIN_SECONDS:-480}" "$x" train pretrain --pack "$work/pack" --out "$work/d12" "${resume[@]}" \
         --set model.preset=d12 --set train.device_batch=32 --set train.total_batch_tokens=65536 \
         --set train.steps="$steps" --set eval.every=0 --set checkpoint.every=250 --set checkpoint.keep=1 \
-        --log-every 100 >>"$work/train.log" 2>&1 || true
+        ${TRAIN_SET:+--set "$TRAIN_SET"} --log-every 100 >>"$work/train.log" 2>&1 || true
     cp "$work/train.log" "$work/d12/metrics.jsonl" "$out/"
     [ -f "$final/trainer.json" ] || { echo "RESUME pretraining stopped before step $steps: $(ls "$work/d12/checkpoints")"; exit 0; }
 fi
