@@ -2,10 +2,11 @@
 # FIM at an editor's cursor, on this machine's CPU: a tiny model trained on whole-line FIM
 # middles (`pack --fim-line-aligned`, as every speedrun packs) over a corpus of regular C++
 # (benches/serve/fim_cursor.py), served twice with the same weights: as it is (the server
-# cuts a cursor at the end of its line at the line's start, as the model learned), and with
-# its run pointing at a pack cut anywhere (the server cuts at the cursor, inside the line).
-# The same llama.vim-shaped `/infill` requests to both: how often the completion's first line
-# is the rest of the cursor's line exactly.
+# cuts the cursor's line at its start, as the model learned), and with its run pointing at
+# a pack cut anywhere (the server cuts at the cursor, inside the line). The same
+# llama.vim-shaped `/infill` requests to both: how often the completion's first line is the
+# rest of the cursor's line exactly, and, with text left after the cursor on its line, how
+# often the completion is exactly the text between.
 #
 # Usage: benches/serve/fim-cursor.sh [OUT_DIR]     (default bench-out/fim-cursor; STEPS, 1500)
 set -euo pipefail

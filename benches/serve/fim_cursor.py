@@ -4,7 +4,9 @@
 arithmetic chains, array fills: a line is predictable from its neighbours). `ask URL
 CASES SEED` sends `/infill` requests as llama.vim does, each a fresh file cut at a random
 point of one of its lines, and counts completions whose first line is the rest of that
-line exactly.
+line exactly; then as many with text left after the cursor on its line (an editor's
+auto-inserted `)` or `;`, or code being edited), counting completions that are exactly the
+text between the cursor and it.
 """
 import json
 import os
@@ -57,7 +59,7 @@ def ask(url, cases, seed):
         except Exception:
             time.sleep(0.1)
     rng = random.Random(seed)
-    exact = 0
+    exact = between = 0
     for i in range(cases):
         text = program(100_000 + i, rng)
         lines, start = [], 0
@@ -70,8 +72,13 @@ def ask(url, cases, seed):
         cursor = a + rng.randint(0, b - a - 1)
         got = infill(url, text[:cursor], text[b:]).split("\n")[0]
         exact += got.rstrip() == text[cursor:b].rstrip()
-    print(f"RESULT exact_rest_of_line={exact} of {cases}")
-
+        # The same line with the text from a later point of it left after the cursor.
+        a, b = rng.choice(lines)
+        cursor = a + rng.randint(0, b - a - 2)
+        rest = rng.randint(cursor + 1, b - 1)
+        got = infill(url, text[:cursor], text[rest:]).split("\n")[0]
+        between += got == text[cursor:rest]
+    print(f"RESULT exact_rest_of_line={exact} of {cases} exact_up_to_the_text_after_the_cursor={between} of {cases}")
 
 if __name__ == "__main__":
     if sys.argv[1] == "corpus":

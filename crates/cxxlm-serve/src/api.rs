@@ -14,7 +14,9 @@ use serde_json::{json, Map, Value};
 
 use crate::engine::{Engine, Event, Finish, Job, COMPLETE, GONE, GO_ON};
 use crate::http::{Conn, Request};
-use crate::text::{self, BodyEnd, CodeBlocks, ContextFile, Fit, Reindent, Stops, Utf8Stream};
+use crate::text::{
+    self, BodyEnd, CodeBlocks, ContextFile, Fit, Reindent, RestOfLine, Stops, Utf8Stream,
+};
 use crate::{ModelInfo, Sampling};
 use cxxlm_eval::functions::BodyStop;
 
@@ -560,8 +562,9 @@ impl Server {
 
     /// A FIM prompt of the user's text around the cursor, fitted into the context with
     /// room for `g.max_tokens` (at most half of it), and how to fit the completion back.
-    /// A model that learned whole-line middles gets a cursor at the end of its line cut
-    /// at the line's start ([`text::LineCut`]), the typed text healed at its last token.
+    /// A model that learned whole-line middles gets the cursor's line cut at its start
+    /// ([`text::LineCut`]), the typed text healed at its last token, and writes the line
+    /// to its end ([`RestOfLine`] when text follows the cursor).
     fn fim(
         &self,
         g: &mut Generation,
@@ -576,8 +579,7 @@ impl Server {
         let cut = self
             .info
             .fim_line_aligned
-            .then(|| text::line_cut(prefix, suffix, layout))
-            .flatten();
+            .then(|| text::line_cut(prefix, suffix, layout));
         let (ids, truncated, fit) = match cut {
             Some(cut) => {
                 let typed = bpe.encode(&cut.typed);
@@ -588,18 +590,22 @@ impl Server {
                 if !cut.typed.is_empty() {
                     g.healing = bpe.heal(&mut ids);
                 }
-                (ids, truncated, fit.without_final_line_break())
+                let fit = match cut.rest.is_empty() {
+                    true => Fit::Cursor(fit.without_final_line_break()),
+                    false => Fit::RestOfLine(RestOfLine::new(fit, &cut.rest)),
+                };
+                (ids, truncated, fit)
             }
             None => {
                 let p = text::prefix(prefix, layout);
                 let s = text::suffix(suffix, text::cursor_line(prefix), layout);
                 let (ids, truncated) = text::fim_prompt(bpe, files, &p.text, &s, layout, budget);
-                (ids, truncated, fit)
+                (ids, truncated, Fit::Cursor(fit))
             }
         };
         g.prompt = ids;
         g.truncated = truncated;
-        g.fit = Some(Fit::Cursor(fit));
+        g.fit = Some(fit);
     }
 
     /// Submits the request's jobs; their events arrive on the returned choices.

@@ -92,8 +92,8 @@ pub struct ModelInfo {
     pub tokenizer: Arc<Bpe>,
     pub context: usize,
     pub layout: text::Layout,
-    /// The model learned fill-in-the-middle from cuts at line starts only: a cursor at
-    /// the end of its line is cut at the line's start ([`text::LineCut`]).
+    /// The model learned fill-in-the-middle from cuts at line starts only: the cursor's
+    /// line is cut at its start ([`text::LineCut`]).
     pub fim_line_aligned: bool,
     /// Where `/infill` finds repository context when a client sends none.
     pub index: Option<Arc<context::RepoIndex>>,

@@ -82,34 +82,34 @@ pub fn suffix(text: &str, prefix_cursor_line: &str, layout: Layout) -> String {
     }
 }
 
-/// A cursor at the end of its line, cut for a model that learned whole-line middles
-/// (`pack --fim-line-aligned`): its training never cut inside a line, nor gave a suffix
-/// that starts with the middle's own line break. The prefix ends where the cursor's line
-/// starts, the line's text before the cursor begins the middle, and the suffix starts at
-/// the next line; the completion then leaves out its last line break
-/// ([`Reindent::without_final_line_break`]).
+/// A cursor cut for a model that learned whole-line middles (`pack --fim-line-aligned`):
+/// its training never cut inside a line, nor gave a suffix that starts with the middle's
+/// own line break. The prefix ends where the cursor's line starts, the line's text before
+/// the cursor begins the middle, and the suffix starts at the next line; the completion
+/// then leaves out its last line break ([`Reindent::without_final_line_break`]). Text after
+/// the cursor on its line (`rest`) is left for the model to write again at the end of the
+/// line ([`RestOfLine`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LineCut {
     pub prefix: String,
     pub typed: String,
     pub suffix: String,
+    /// The text after the cursor on its line, without trailing whitespace; empty when the
+    /// cursor ends its line.
+    pub rest: String,
 }
 
-/// None when text follows the cursor on its line.
-pub fn line_cut(prefix: &str, suffix: &str, layout: Layout) -> Option<LineCut> {
+pub fn line_cut(prefix: &str, suffix: &str, layout: Layout) -> LineCut {
     let after_cursor = self::suffix(suffix, cursor_line(prefix), layout);
-    let next_lines = match after_cursor.split_once('\n') {
-        Some((rest, next)) if rest.trim().is_empty() => next,
-        None if after_cursor.trim().is_empty() => "",
-        _ => return None,
-    };
+    let (rest, next_lines) = after_cursor.split_once('\n').unwrap_or((&after_cursor, ""));
     let before = self::prefix(prefix, layout).text;
     let start = before.rfind('\n').map_or(0, |i| i + 1);
-    Some(LineCut {
+    LineCut {
         prefix: before[..start].to_string(),
         typed: before[start..].to_string(),
         suffix: next_lines.to_string(),
-    })
+        rest: rest.to_string(),
+    }
 }
 
 /// The last line of `text` (the cursor's line, up to the cursor).
@@ -399,6 +399,65 @@ impl Reindent {
     }
 }
 
+/// A completion at a cursor with text after it on its line, from a model of whole-line
+/// middles ([`LineCut`]): the model writes the cursor's line to its end, that text
+/// included; what goes in at the cursor is the line up to the text's last occurrence
+/// (without the spaces before it when the text after the cursor starts with its own), and
+/// nothing when the line does not hold it. The line is held until it ends.
+#[derive(Debug, Clone)]
+pub struct RestOfLine {
+    reindent: Reindent,
+    rest: String,
+    spaced: bool,
+    line: String,
+    ended: bool,
+}
+
+impl RestOfLine {
+    pub fn new(reindent: Reindent, rest: &str) -> Self {
+        RestOfLine {
+            reindent,
+            rest: rest.trim_start().to_string(),
+            spaced: rest.starts_with([' ', '\t']),
+            line: String::new(),
+            ended: false,
+        }
+    }
+
+    pub fn push(&mut self, text: &str) -> String {
+        if self.ended {
+            return String::new();
+        }
+        match text.split_once('\n') {
+            Some((end, _)) => {
+                self.line += &self.reindent.push(end);
+                self.finish()
+            }
+            None => {
+                self.line += &self.reindent.push(text);
+                String::new()
+            }
+        }
+    }
+
+    pub fn finish(&mut self) -> String {
+        if std::mem::replace(&mut self.ended, true) {
+            return String::new();
+        }
+        let line = std::mem::take(&mut self.line);
+        match line.rfind(self.rest.as_str()) {
+            Some(at) if self.spaced => line[..at].trim_end().to_string(),
+            Some(at) => line[..at].to_string(),
+            None => String::new(),
+        }
+    }
+
+    /// Whether the cursor's line has ended.
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+}
+
 /// Puts the code blocks (between ``` fences) of a chat answer into an indented layout,
 /// by bracket depth as [`Reindent`] does, when the model was trained without
 /// indentation; the prose around them is left as written. Fed the answer in pieces.
@@ -483,6 +542,7 @@ impl CodeBlocks {
 #[derive(Debug, Clone)]
 pub enum Fit {
     Cursor(Reindent),
+    RestOfLine(RestOfLine),
     Chat(CodeBlocks),
 }
 
@@ -490,6 +550,7 @@ impl Fit {
     pub fn push(&mut self, text: &str) -> String {
         match self {
             Fit::Cursor(r) => r.push(text),
+            Fit::RestOfLine(r) => r.push(text),
             Fit::Chat(b) => b.push(text),
         }
     }
@@ -497,13 +558,19 @@ impl Fit {
     pub fn finish(&mut self) -> String {
         match self {
             Fit::Cursor(r) => r.finish(),
+            Fit::RestOfLine(r) => r.finish(),
             Fit::Chat(b) => b.finish(),
         }
     }
 
-    /// Whether a line indented less than `n_indent` ended a cursor's completion.
+    /// Whether a line indented less than `n_indent` ended a cursor's completion, or the
+    /// cursor's line ended one that had text after the cursor.
     pub fn stopped(&self) -> bool {
-        matches!(self, Fit::Cursor(r) if r.stopped())
+        match self {
+            Fit::Cursor(r) => r.stopped(),
+            Fit::RestOfLine(r) => r.ended(),
+            Fit::Chat(_) => false,
+        }
     }
 }
 
@@ -756,18 +823,52 @@ mod tests {
         let cut = line_cut("int f() {\n    int x = ", "  \n    return x;\n}\n", STRIP);
         assert_eq!(
             cut,
-            Some(LineCut {
+            LineCut {
                 prefix: "int f() {\n".into(),
                 typed: "int x =".into(),
                 suffix: "return x;\n}\n".into(),
-            })
+                rest: String::new(),
+            }
         );
         // On a blank line: nothing typed; at the end of the file: no suffix.
-        let blank = line_cut("a;\n    ", "\nb;\n", STRIP).unwrap();
+        let blank = line_cut("a;\n    ", "\nb;\n", STRIP);
         assert_eq!((blank.prefix.as_str(), blank.typed.as_str()), ("a;\n", ""));
-        assert_eq!(line_cut("a;\nb", "", KEEP).unwrap().suffix, "");
-        // Text after the cursor on its line: no whole-line cut.
-        assert_eq!(line_cut("f(", ");\n", STRIP), None);
+        assert_eq!(line_cut("a;\nb", "", KEEP).suffix, "");
+        // Text after the cursor on its line: left for the model to write again.
+        let inside = line_cut("x;\n  f(a, ", " );  \n  g();\n", STRIP);
+        assert_eq!(
+            (
+                inside.typed.as_str(),
+                inside.rest.as_str(),
+                inside.suffix.as_str()
+            ),
+            ("f(a,", " );", "g();\n")
+        );
+    }
+
+    #[test]
+    fn a_line_written_to_its_end_goes_in_up_to_the_text_after_the_cursor() {
+        let line = |pieces: &[&str], rest: &str| {
+            let mut r = RestOfLine::new(Reindent::new("  f(a, ", " );\n", KEEP, 0), rest);
+            let mut out = String::new();
+            for p in pieces {
+                out += &r.push(p);
+            }
+            (out + &r.finish(), r.ended())
+        };
+        // The cursor line already ends with a space: the model's is not repeated.
+        assert_eq!(
+            line(&[" b", ", c", ");\n", "g();"], ");"),
+            ("b, c".into(), true)
+        );
+        // Its last occurrence, so that the brackets written before it stay.
+        assert_eq!(line(&["g(b));"], ");"), ("g(b)".into(), true));
+        // A space before the text after the cursor: the user's, or the completion's.
+        assert_eq!(line(&["b  );"], " );"), ("b".into(), true));
+        assert_eq!(line(&["int x) {"], "x) {"), ("int ".into(), true));
+        // A line that does not hold the text after the cursor puts nothing in.
+        assert_eq!(line(&["b;\n"], ");"), (String::new(), true));
+        assert_eq!(line(&["b)"], ")"), ("b".into(), true));
     }
 
     #[test]

@@ -153,6 +153,14 @@ def editors():
     check(body["tokens_cached"] >= body["timings/predicted_n"], "tokens_cached counts the slot's cache")
     check(all(not l.strip() or len(l) - len(l.lstrip()) >= 4 for l in body["content"].split("\n")[1:]),
           "n_indent: no later line is indented less than 4")
+    # Text after the cursor on its line (an auto-inserted `);`): the line-aligned model
+    # writes the line to its end, and what goes in at the cursor is one line, before that text.
+    mid = dict(fim, input_prefix="#include \"point.h\"\n\nint norm2(Point p) {\n    return dot(",
+               input_suffix=");\n}\n", prompt="", n_indent=0, stream=False, response_fields=[])
+    status, data = raw("POST", "/infill", mid)
+    body = json.loads(data)
+    check(status == 200 and body["tokens_predicted"] >= 1 and "\n" not in body["content"],
+          f"a cursor inside its line gets one line: {body.get('content')!r}")
 
     # Continue's Ollama provider: /api/show says FIM, then /api/generate with suffix, NDJSON.
     status, data = raw("POST", "/api/show", {"name": "tiny"})
