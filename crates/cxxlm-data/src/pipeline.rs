@@ -64,6 +64,8 @@ struct Checkpoint {
     next_shard: u64,
     hashes: u64,
     stats: RunStats,
+    #[serde(default)]
+    shards: Vec<WrittenShard>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -72,6 +74,56 @@ pub struct TaskDone {
     pub task: usize,
     pub tasks: usize,
     pub stats: RunStats,
+    /// The shards the task wrote (absent in runs made before it was recorded).
+    #[serde(default)]
+    pub shards: Vec<WrittenShard>,
+}
+
+/// A finished shard of a task, under the output directory, and its size.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WrittenShard {
+    pub path: PathBuf,
+    pub bytes: u64,
+}
+
+impl WrittenShard {
+    fn of(dir: &Path, path: &Path) -> Result<Self> {
+        let bytes = std::fs::metadata(path)
+            .map_err(|e| DataError::io(path, e))?
+            .len();
+        Ok(WrittenShard {
+            path: path.strip_prefix(dir).unwrap_or(path).to_path_buf(),
+            bytes,
+        })
+    }
+}
+
+/// Refuses to go on from (or count as done) a task whose finished shards are gone or
+/// changed since it wrote them: their documents would be missing from the output.
+fn check_written(layout: &Layout, task: &TaskSpec, shards: &[WrittenShard]) -> Result<()> {
+    for shard in shards {
+        let path = layout.dir.join(&shard.path);
+        let found = std::fs::metadata(&path).map(|m| m.len());
+        if found.as_ref().ok() != Some(&shard.bytes) {
+            let what = match found {
+                Ok(n) => format!(
+                    "holds {n} bytes, not the {} it was written with",
+                    shard.bytes
+                ),
+                Err(e) => e.to_string(),
+            };
+            return Err(DataError::Resume {
+                dir: path,
+                message: format!(
+                    "{what}: task {} wrote it before; remove {} and this task's files under {} to redo the task",
+                    task.index,
+                    shard.path.display(),
+                    layout.tasks_dir().display()
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 pub enum TaskOutcome {
@@ -193,6 +245,7 @@ pub fn run_task(
         if done.fingerprint != fingerprint {
             return Err(mismatch(&layout.dir));
         }
+        check_written(&layout, &task, &done.shards)?;
         return Ok(TaskOutcome::AlreadyDone(done.stats));
     }
 
@@ -293,6 +346,7 @@ pub fn run_task(
         task: task.index,
         tasks: task.tasks,
         stats: stats.clone(),
+        shards: run.shards.clone(),
     };
     write_atomic(
         &marker,
@@ -528,6 +582,8 @@ struct TaskRun<'a> {
     hash_count: u64,
     shard: Option<ShardWriter>,
     removed: Option<ShardWriter>,
+    /// The shards finished so far.
+    shards: Vec<WrittenShard>,
 }
 
 impl<'a> TaskRun<'a> {
@@ -582,6 +638,8 @@ impl<'a> TaskRun<'a> {
         std::io::Seek::seek(&mut hashes, std::io::SeekFrom::End(0))
             .map_err(|e| DataError::io(&hashes_path, e))?;
 
+        let shards = checkpoint.as_ref().map_or(Vec::new(), |c| c.shards.clone());
+        check_written(layout, &task, &shards)?;
         let (stats, next, next_shard) = match checkpoint {
             Some(c) => {
                 tracing::info!(
@@ -615,6 +673,7 @@ impl<'a> TaskRun<'a> {
             hash_count,
             shard: None,
             removed: None,
+            shards,
         })
     }
 
@@ -752,12 +811,14 @@ impl<'a> TaskRun<'a> {
     fn checkpoint(&mut self) -> Result<()> {
         let mut wrote = false;
         if let Some(w) = self.shard.take() {
-            w.finish()?;
+            let path = w.finish()?;
+            self.shards.push(WrittenShard::of(&self.layout.dir, &path)?);
             self.stats.shards += 1;
             wrote = true;
         }
         if let Some(w) = self.removed.take() {
-            w.finish()?;
+            let path = w.finish()?;
+            self.shards.push(WrittenShard::of(&self.layout.dir, &path)?);
             wrote = true;
         }
         if wrote {
@@ -775,6 +836,7 @@ impl<'a> TaskRun<'a> {
             next_shard: self.next_shard,
             hashes: self.hash_count,
             stats: self.stats.clone(),
+            shards: self.shards.clone(),
         };
         write_atomic(
             &self.layout.checkpoint(&self.task),

@@ -297,6 +297,10 @@ pub fn score(
             .filter(|(n, _, _)| *n >= k)
             .map(|&(n, c, _)| pass_at_k(n, c, k))
             .collect();
+        if scores.is_empty() {
+            // No problem has k samples: pass@k has no estimate (not 0).
+            continue;
+        }
         pass_at_k_scores.insert(format!("pass@{k}"), mean_score(&scores));
         pass_at_k_standard_error.insert(format!("pass@{k}"), standard_error_of_scores(&scores));
     }

@@ -193,12 +193,22 @@ pub fn allow_only(logits: &Tensor, allowed: &[Option<Vec<u32>>]) -> Tensor {
     logits + mask
 }
 
+/// Below this temperature sampling is greedy: logits a hundredth apart are then e^100
+/// apart in probability, and smaller ones would overflow.
+const GREEDY_BELOW: f64 = 1e-4;
+
 /// The next token of each row of `logits (B, V)`.
 fn choose(logits: &Tensor, s: &Sampling) -> Tensor {
-    if s.temperature <= 0.0 {
+    if s.temperature < GREEDY_BELOW {
         return logits.argmax(-1, false);
     }
-    let mut logits = logits / s.temperature;
+    // A strong repetition guard can push logits past the float range: they stay the
+    // largest (or smallest) finite ones, so that the probabilities are defined.
+    let mut logits = (logits.to_kind(Kind::Float) / s.temperature).nan_to_num(
+        None,
+        f64::from(f32::MAX),
+        f64::from(f32::MIN),
+    );
     let vocab = logits.size()[1];
     if s.top_k > 0 && s.top_k < vocab {
         let (kth, _) = logits.topk(s.top_k, -1, true, true);
@@ -210,7 +220,7 @@ fn choose(logits: &Tensor, s: &Sampling) -> Tensor {
         let probs = sorted.softmax(-1, Kind::Float);
         // Drop a token when the tokens before it already reach top_p.
         let before = probs.cumsum(-1, Kind::Float) - &probs;
-        let drop_sorted = before.gt(s.top_p);
+        let drop_sorted = before.gt(s.top_p.max(0.0));
         let drop = drop_sorted.zeros_like().scatter(-1, &order, &drop_sorted);
         logits = logits.masked_fill(&drop, f64::NEG_INFINITY);
     }
@@ -1051,6 +1061,40 @@ mod tests {
             &mut |row, so_far| row == 0 && so_far.len() == 3,
         );
         assert_eq!((stopped[0].len(), stopped[1].len()), (3, 12));
+    }
+
+    #[test]
+    fn any_settings_give_a_token() {
+        let logits = Tensor::from_slice(&[3.0f32, -1.0, 0.5, 1.0, 2.0, -2.0]).view([2, 3]);
+        // A temperature near 0 is greedy.
+        let tiny = Sampling {
+            temperature: 1e-300,
+            ..Default::default()
+        };
+        assert_eq!(sample(&logits, &[tiny.clone(), tiny], &[]), [0, 1]);
+        // A guard of 1e-30 pushes logits past the float range; top-p at or below 0 keeps
+        // the likeliest token; settings with no meaning still give some token.
+        let recent: [&[u32]; 2] = [&[1, 2], &[0]];
+        let _rng = crate::TORCH_RNG.lock();
+        for (temperature, top_p, repeat_penalty) in [
+            (0.7, 0.9, 1e-30),
+            (0.7, -0.5, 1.0),
+            (0.7, 0.0, 0.0),
+            (f64::NAN, f64::NAN, f64::NAN),
+            (f64::INFINITY, 1.0, -1.0),
+        ] {
+            let s = Sampling {
+                temperature,
+                top_p,
+                repeat_penalty,
+                ..Default::default()
+            };
+            let got = sample(&logits, &[s.clone(), s], &recent);
+            assert!(
+                got.iter().all(|&t| t < 3),
+                "{temperature} {top_p} {repeat_penalty}: {got:?}"
+            );
+        }
     }
 
     #[test]

@@ -332,6 +332,33 @@ impl IndexedDataset {
         }
     }
 
+    /// Refuses tokens outside a vocabulary of `vocab` ids (a damaged file, or tokens of
+    /// another tokenizer), naming the first one's document.
+    pub fn check_vocab(&self, vocab: usize) -> Result<()> {
+        let size = self.token_type.size();
+        let id = |c: &[u8]| match self.token_type {
+            TokenType::Uint16 => u16::from_le_bytes([c[0], c[1]]) as u64,
+            TokenType::Int32 => u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u64,
+        };
+        let bytes = self.bytes();
+        let largest = bytes.chunks_exact(size).map(id).max().unwrap_or(0);
+        if largest < vocab as u64 {
+            return Ok(());
+        }
+        let at = bytes
+            .chunks_exact(size)
+            .position(|c| id(c) >= vocab as u64)
+            .expect("a token this large") as u64;
+        let doc = self.starts.partition_point(|&s| s <= at) - 1;
+        Err(PackError::Format {
+            path: self.bin_path.clone(),
+            message: format!(
+                "token {at} (in document {doc}) is id {}, outside the vocabulary of {vocab}: a damaged file, or tokens of another tokenizer",
+                id(&bytes[at as usize * size..][..size])
+            ),
+        })
+    }
+
     /// The global token offset of a document's first token.
     pub fn doc_start(&self, doc: usize) -> u64 {
         self.starts[doc]
@@ -383,6 +410,25 @@ mod tests {
             let mut span = Vec::new();
             ds.extend(2, 3, &mut span);
             assert_eq!(span, vec![3, 65535, 0]);
+        }
+    }
+
+    #[test]
+    fn tokens_outside_the_vocabulary_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        for t in [TokenType::Uint16, TokenType::Int32] {
+            let ds = IndexedDataset::open(&write(
+                dir.path(),
+                &[vec![1, 2, 3], vec![4, 9000, 5], vec![9001]],
+                t,
+            ))
+            .unwrap();
+            ds.check_vocab(9002).unwrap();
+            let e = ds.check_vocab(512).unwrap_err().to_string();
+            assert!(
+                e.contains("token 4 (in document 1) is id 9000, outside the vocabulary of 512"),
+                "{e}"
+            );
         }
     }
 

@@ -209,7 +209,8 @@ impl Manifest {
         Ok(())
     }
 
-    /// Opens one split, checking that it is the one this manifest describes.
+    /// Opens one split, checking that it is the one this manifest describes and that its
+    /// tokens are of the vocabulary.
     pub fn open(&self, dir: &Path, split: &str) -> Result<IndexedDataset> {
         let ds = IndexedDataset::open(&dir.join(split))?;
         let expected = self.splits.get(split).map_or(0, |c| c.tokens);
@@ -225,6 +226,7 @@ impl Manifest {
                 ),
             });
         }
+        ds.check_vocab(self.settings.vocab_size)?;
         Ok(ds)
     }
 }
@@ -340,9 +342,9 @@ pub fn pack(
     for split in SPLITS {
         let mut w = IndexedWriter::create(&config.out.join(split), settings.token_type)?;
         for i in 0..plan.units.len() {
-            w.append(&IndexedDataset::open(
-                &parts.join(format!("{i:05}.{split}")),
-            )?)?;
+            let part = IndexedDataset::open(&parts.join(format!("{i:05}.{split}")))?;
+            part.check_vocab(settings.vocab_size)?;
+            w.append(&part)?;
         }
         w.finish()?;
     }

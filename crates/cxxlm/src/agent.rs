@@ -101,7 +101,7 @@ pub struct ModelArgs {
     /// Tokens of one reply at most.
     #[arg(long, default_value_t = 1024)]
     pub max_tokens: usize,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::cli::temperature)]
     pub temperature: f64,
 }
 

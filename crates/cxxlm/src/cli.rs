@@ -157,14 +157,66 @@ pub fn exit_on_error(result: Result<()>) {
         if closed {
             std::process::exit(0);
         }
+        let e = error_chain(&e);
         match std::env::var("RANK") {
             Ok(rank) if std::env::var_os("WORLD_SIZE").is_some() => {
-                eprintln!("error (rank {rank}): {e:#}")
+                eprintln!("error (rank {rank}): {e}")
             }
-            _ => eprintln!("error: {e:#}"),
+            _ => eprintln!("error: {e}"),
         }
         std::process::exit(1);
     }
+}
+
+/// A count that must not be 0 (a batch, say).
+pub fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>().map_err(|e| e.to_string())? {
+        0 => Err("must be at least 1".into()),
+        n => Ok(n),
+    }
+}
+
+fn number(text: &str) -> Result<f64, String> {
+    text.parse().map_err(|e| format!("{e}"))
+}
+
+/// `--temperature`: 0 (greedy) or more.
+pub fn temperature(text: &str) -> Result<f64, String> {
+    match number(text)? {
+        t if t.is_finite() && t >= 0.0 => Ok(t),
+        t => Err(format!("a temperature is 0 (greedy) or more, not {t}")),
+    }
+}
+
+/// `--top-p`: above 0, at most 1.
+pub fn top_p(text: &str) -> Result<f64, String> {
+    match number(text)? {
+        p if p > 0.0 && p <= 1.0 => Ok(p),
+        p => Err(format!("top-p is above 0 and at most 1, not {p}")),
+    }
+}
+
+/// `--repeat-penalty`: above 0 (1 is off).
+pub fn repeat_penalty(text: &str) -> Result<f64, String> {
+    match number(text)? {
+        r if r.is_finite() && r > 0.0 => Ok(r),
+        r => Err(format!("the repeat penalty is above 0 (1 is off), not {r}")),
+    }
+}
+
+/// An error and its causes, `: `-separated, leaving out a cause whose text the message
+/// before it already ends with (errors that name a file print their I/O cause too).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let cause = cause.to_string();
+        if out.is_empty() {
+            out = cause;
+        } else if !out.ends_with(&cause) {
+            out = format!("{out}: {cause}");
+        }
+    }
+    out
 }
 
 #[derive(Subcommand)]
@@ -363,11 +415,11 @@ pub struct SampleArgs {
     /// Completions to draw.
     #[arg(long, default_value_t = 1)]
     pub n: usize,
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, value_parser = temperature)]
     pub temperature: f64,
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(0..))]
     pub top_k: i64,
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = 0.95, value_parser = top_p)]
     pub top_p: f64,
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
@@ -375,7 +427,7 @@ pub struct SampleArgs {
     pub seed: u64,
     /// The repetition guard: logits of the last --repeat-last-n tokens are divided by
     /// this (multiplied when negative); 1 is off.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = repeat_penalty)]
     pub repeat_penalty: f64,
     #[arg(long, default_value_t = 64)]
     pub repeat_last_n: usize,
@@ -468,4 +520,43 @@ pub fn prompt_ids(bpe: &Bpe, prompt: &str, fim: Option<(&str, &str)>) -> Vec<u32
         None => ids.extend(bpe.encode(prompt)),
     }
     ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_already_stated_is_not_repeated() {
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let named = anyhow::Error::new(cxxlm_data::DataError::io("a/b.zst", io()))
+            .context("reading the shards");
+        assert_eq!(
+            error_chain(&named),
+            "reading the shards: a/b.zst: No such file"
+        );
+        let bare = anyhow::Error::new(io()).context("opening a/b.zst");
+        assert_eq!(error_chain(&bare), "opening a/b.zst: No such file");
+    }
+
+    #[test]
+    fn sampling_flags_without_a_distribution_are_refused() {
+        for bad in ["nan", "-1", "inf", "x"] {
+            assert!(temperature(bad).is_err(), "{bad}");
+        }
+        for bad in ["0", "-0.5", "1.5", "nan"] {
+            assert!(top_p(bad).is_err(), "{bad}");
+        }
+        for bad in ["0", "-1", "nan", "inf"] {
+            assert!(repeat_penalty(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            (temperature("0"), top_p("1"), repeat_penalty("1.1")),
+            (Ok(0.0), Ok(1.0), Ok(1.1))
+        );
+        assert_eq!(
+            (at_least_one("0").is_err(), at_least_one("3")),
+            (true, Ok(3))
+        );
+    }
 }

@@ -43,7 +43,7 @@ pub struct RunArgs {
     #[arg(long, short)]
     out: Option<PathBuf>,
     /// Split the inputs into this many tasks (a Slurm array's size).
-    #[arg(long, env = "SLURM_ARRAY_TASK_COUNT")]
+    #[arg(long, env = "SLURM_ARRAY_TASK_COUNT", value_parser = crate::cli::at_least_one)]
     tasks: Option<usize>,
     /// Run only this task (0-based); without it every task runs here, one after another.
     #[arg(long, env = "SLURM_ARRAY_TASK_ID")]
@@ -107,7 +107,7 @@ pub struct DedupArgs {
     #[arg(long, default_value = "all", value_parser = ["all", "signatures", "buckets", "clusters", "filter"])]
     stage: String,
     /// Split each stage into this many tasks (a Slurm array's size).
-    #[arg(long, env = "SLURM_ARRAY_TASK_COUNT")]
+    #[arg(long, env = "SLURM_ARRAY_TASK_COUNT", value_parser = crate::cli::at_least_one)]
     tasks: Option<usize>,
     /// Run only this task; without it every task runs here.
     #[arg(long, env = "SLURM_ARRAY_TASK_ID")]

@@ -89,13 +89,13 @@ pub struct BugfixArgs {
     completions: Option<PathBuf>,
     #[arg(long, default_value_t = 1)]
     samples: usize,
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, value_parser = crate::cli::temperature)]
     temperature: f64,
     #[arg(long, default_value_t = 768)]
     max_tokens: usize,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = crate::cli::at_least_one)]
     batch: usize,
-    #[arg(long, value_delimiter = ',', default_value = "1")]
+    #[arg(long, value_delimiter = ',', default_value = "1", value_parser = crate::cli::at_least_one)]
     k: Vec<usize>,
     /// Also write the generated answers here (JSON lines, as --completions reads).
     #[arg(long)]
@@ -134,7 +134,7 @@ pub struct CompileArgs {
     /// The model sees at most this many tokens of the file before the body.
     #[arg(long, default_value_t = 1024)]
     context_tokens: usize,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = crate::cli::at_least_one)]
     batch: usize,
     /// Or: completions of a benchmark, JSON lines with `name` and `completion` (as
     /// `eval mbpp --completions-out` writes), checked as the benchmark's programs.
@@ -165,7 +165,7 @@ pub struct BpbArgs {
     /// Validation tokens to read (0 = all).
     #[arg(long, default_value_t = 0)]
     pub tokens: usize,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = crate::cli::at_least_one)]
     pub batch: usize,
     /// Windows of this many tokens instead of the model's context (the rotary as the
     /// checkpoint has it: a 2k model read at 8k shows what it does beyond 2k). A split
@@ -204,7 +204,7 @@ pub struct FimArgs {
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
     /// Documents filled at once (a waiting one takes the place of one that ended).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = crate::cli::at_least_one)]
     batch: usize,
     #[command(flatten)]
     cache: HeaderCache,
@@ -247,19 +247,19 @@ pub struct BenchArgs {
     /// Completions per problem (greedy when 1, else sampled at --temperature).
     #[arg(long, default_value_t = 1)]
     samples: usize,
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, value_parser = crate::cli::temperature)]
     temperature: f64,
     #[arg(long, default_value_t = 384)]
     max_tokens: usize,
     /// The sampler's repetition guard: logits of the last --repeat-last-n tokens divided
     /// by this (1: off, so figures stay comparable).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = crate::cli::repeat_penalty)]
     repeat_penalty: f64,
     #[arg(long, default_value_t = 64)]
     repeat_last_n: usize,
     /// Sequences decoded at once (prompts of any problems; a waiting one takes the
     /// place of one that ended).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = crate::cli::at_least_one)]
     batch: usize,
     /// Only the first N problems.
     #[arg(long)]
@@ -275,7 +275,7 @@ pub struct BenchArgs {
     #[arg(long)]
     canonical: bool,
     /// pass@k for each of these k.
-    #[arg(long, value_delimiter = ',', default_value = "1")]
+    #[arg(long, value_delimiter = ',', default_value = "1", value_parser = crate::cli::at_least_one)]
     k: Vec<usize>,
     #[command(flatten)]
     cache: HeaderCache,
@@ -474,7 +474,7 @@ pub fn run(cmd: EvalCommand, load: Option<LoadModel>) -> Result<()> {
     };
     let compiler = args.cache.compiler()?;
     let report = bench::score(&compiler, &problems, &completions, &args.k)?;
-    print_report(&report)?;
+    print_report(&report, &args.k)?;
     let mut json = serde_json::to_value(&report)?;
     if let Some(n) = limited {
         outln!(
@@ -1179,7 +1179,7 @@ fn compare(args: CompareArgs) -> Result<()> {
     Ok(())
 }
 
-fn print_report(r: &Report) -> Result<()> {
+fn print_report(r: &Report, ks: &[usize]) -> Result<()> {
     outln!(
         "{} problems, {} samples: {} compiled, {} passed",
         r.problems,
@@ -1204,6 +1204,12 @@ fn print_report(r: &Report) -> Result<()> {
     }
     for (k, v) in &r.pass_at_k {
         outln!("{k}: {v:.4} ± {:.4}", r.pass_at_k_standard_error[k])?;
+    }
+    for k in ks
+        .iter()
+        .filter(|k| !r.pass_at_k.contains_key(&format!("pass@{k}")))
+    {
+        outln!("pass@{k}: no estimate, no problem has {k} samples (--samples)")?;
     }
     let mut failures: std::collections::BTreeMap<String, usize> = Default::default();
     for v in r.verdicts.iter().filter(|v| !v.passed) {

@@ -124,7 +124,7 @@ pub struct TeacherArgs {
     backoff_ms: u64,
     #[arg(long, default_value_t = 600)]
     timeout_s: u64,
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, default_value_t = 0.7, value_parser = crate::cli::temperature)]
     temperature: f64,
     #[arg(long, default_value_t = 1024)]
     max_tokens: usize,

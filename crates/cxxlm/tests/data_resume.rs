@@ -107,7 +107,20 @@ fn interrupt_and_resume(signal: i32) -> std::process::Output {
     );
 
     let k: Vec<String> = args(&killed);
-    run_ok(&k.iter().map(String::as_str).collect::<Vec<_>>());
+    let k: Vec<&str> = k.iter().map(String::as_str).collect();
+    // A shard written before the stop that is gone or cut short is named, not left out.
+    let first = killed.join("part-00000-00000.jsonl.zst");
+    let kept = std::fs::read(&first).unwrap();
+    std::fs::write(&first, &kept[..kept.len() / 2]).unwrap();
+    let err = run_fails(&k);
+    assert!(
+        err.contains("part-00000-00000.jsonl.zst") && err.contains("bytes"),
+        "{err}"
+    );
+    std::fs::remove_file(&first).unwrap();
+    assert!(run_fails(&k).contains("part-00000-00000.jsonl.zst"));
+    std::fs::write(&first, &kept).unwrap();
+    run_ok(&k);
     assert_eq!(tree(&killed), tree(&whole));
     assert_eq!(
         without_timings(stats(&killed)),
@@ -118,6 +131,12 @@ fn interrupt_and_resume(signal: i32) -> std::process::Output {
         .file_name()
         .to_string_lossy()
         .ends_with(".tmp")));
+    // So is one of a finished run's.
+    let last = shard_paths(&whole).pop().unwrap();
+    std::fs::remove_file(&last).unwrap();
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let name = last.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(run_fails(&a).contains(&name));
     interrupted
 }
 
