@@ -312,6 +312,43 @@ fn bad_input_is_named() {
     std::fs::copy(out.join("train.bin"), &bin).unwrap();
     let e = run_fails(&["pack", "inspect", out.to_str().unwrap()]);
     assert!(e.contains("val.bin") && e.contains("val.idx"), "{e}");
+    std::fs::write(&bin, &full).unwrap();
+
+    // A token outside the vocabulary (a damaged file): named before any model sees it.
+    let mut damaged = full.clone();
+    damaged[200..202].copy_from_slice(&u16::MAX.to_le_bytes());
+    std::fs::write(&bin, &damaged).unwrap();
+    let e = run_fails(&["pack", "inspect", out.to_str().unwrap()]);
+    assert!(
+        e.contains("val.bin") && e.contains("outside the vocabulary"),
+        "{e}"
+    );
+    let run = f.root.join("run");
+    let e = run_fails(&[
+        "train",
+        "pretrain",
+        "--pack",
+        out.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--set",
+        "model.preset=tiny",
+        "--set",
+        "model.seq_len=128",
+        "--set",
+        "train.device=cpu",
+        "--set",
+        "train.device_batch=2",
+        "--set",
+        "train.total_batch_tokens=256",
+        "--set",
+        "train.steps=1",
+    ]);
+    assert!(
+        e.contains("val.bin") && e.contains("token 100 ") && e.contains("outside the vocabulary"),
+        "{e}"
+    );
+    std::fs::write(&bin, &full).unwrap();
 
     // Shards that are not what they claim: a corrupt zstd shard is a counted skip.
     let data2 = f.root.join("data2");
