@@ -104,9 +104,22 @@ fn id_hash(id: &str) -> u64 {
 /// Writes the sample of `inputs` to `out/part-00000-00000.jsonl.zst` (the documents' JSON
 /// lines as they were) and `out/sample.json`.
 pub fn sample(inputs: &[PathBuf], out: &Path, config: &SampleConfig) -> Result<SampleReport> {
-    let mut shards = Vec::new();
+    if config.exclude.iter().any(String::is_empty) {
+        return Err(DataError::Config(
+            "an empty --exclude would exclude every document".into(),
+        ));
+    }
+    // A shard named twice (the same input given again, or a directory and one of its
+    // shards) is read once.
+    let mut shards: Vec<PathBuf> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for input in inputs {
-        shards.extend(crate::near_dedup::shards_at(input)?);
+        crate::read::refuse_overlap(input, out)?;
+        for shard in crate::near_dedup::shards_at(input)? {
+            if seen.insert(std::fs::canonicalize(&shard).unwrap_or_else(|_| shard.clone())) {
+                shards.push(shard);
+            }
+        }
     }
     if crate::near_dedup::input_shards(out).is_ok() {
         return Err(DataError::Config(format!(
@@ -139,6 +152,15 @@ pub fn sample(inputs: &[PathBuf], out: &Path, config: &SampleConfig) -> Result<S
         }
     }
     let share = shares(&sizes, config.bytes, config.spread);
+    let picked = |project: usize, hash: u64| (hash as f64) < share[project] * 2f64.powi(64);
+    if !lines.iter().flatten().any(|&(p, h)| picked(p, h)) {
+        return Err(DataError::Config(format!(
+            "the sample of {} documents ({} bytes) is empty: ask for more than {} bytes",
+            lines.iter().flatten().count(),
+            sizes.iter().sum::<u64>(),
+            config.bytes
+        )));
+    }
     let mut kept = vec![(0u64, 0u64); sizes.len()];
     let mut writer = ShardWriter::create(out.join("part-00000-00000.jsonl.zst"), 3)?;
     let mut picks = lines.iter();
@@ -150,7 +172,7 @@ pub fn sample(inputs: &[PathBuf], out: &Path, config: &SampleConfig) -> Result<S
                 message: "the shards changed while being sampled".into(),
             })?;
             if let Some((project, hash)) = *pick {
-                if (hash as f64) < share[project] * 2f64.powi(64) {
+                if picked(project, hash) {
                     writer.write_line(&line)?;
                     kept[project].0 += line.len() as u64 + 1;
                     kept[project].1 += 1;
@@ -275,6 +297,24 @@ mod tests {
             "{huge:?}"
         );
         assert!(std::fs::read(dir.path().join("a/sample.json")).is_ok());
-        assert!(sample(&[input], &dir.path().join("a"), &config).is_err());
+        assert!(sample(std::slice::from_ref(&input), &dir.path().join("a"), &config).is_err());
+        // The same input twice is read once.
+        let twice = sample(
+            &[input.clone(), input.clone()],
+            &dir.path().join("c"),
+            &config,
+        );
+        assert_eq!(twice.unwrap().docs, 2050);
+        let none = SampleConfig {
+            bytes: 1,
+            ..config.clone()
+        };
+        let e = sample(std::slice::from_ref(&input), &dir.path().join("d"), &none);
+        assert!(e.unwrap_err().to_string().contains("is empty"));
+        let everything = SampleConfig {
+            exclude: vec![String::new()],
+            ..config
+        };
+        assert!(sample(&[input], &dir.path().join("e"), &everything).is_err());
     }
 }

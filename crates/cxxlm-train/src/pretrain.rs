@@ -8,7 +8,7 @@ use cxxlm_pack::{IndexedDataset, Loader, LoaderConfig, Manifest, Mode};
 use cxxlm_tokenizer::Bpe;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
@@ -381,6 +381,8 @@ pub fn memory_plan(cfg: &TrainConfig, ranks: usize) -> Result<Option<MemoryPlan>
         let state = checkpoint::read_state(&checkpoint::resolve(&cfg.init)?)?;
         state.model.extended(&cfg.model)?
     };
+    // A batch the run would refuse is refused here too.
+    batch_shape(&cfg.train, model.seq_len, ranks, Path::new(""), false)?;
     let explicit = cxxlm_model::explicit_unsupported(&model).is_none();
     Ok(Some(memory::plan(
         &model, &cfg.train, &cfg.optim, ranks, explicit,

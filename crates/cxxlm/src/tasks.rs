@@ -432,6 +432,9 @@ fn run_decontaminate(a: DecontaminateArgs) -> Result<()> {
     for b in &a.benchmarks {
         read_benchmark(b).with_context(|| format!("benchmark {}", b.display()))?;
     }
+    for input in &a.inputs {
+        cxxlm_data::read::refuse_overlap(input, &a.out)?;
+    }
     let started = Instant::now();
     let index = BenchmarkIndex::from_config(&config)?;
     let index_seconds = started.elapsed().as_secs_f64();

@@ -313,6 +313,13 @@ fn bad_input_is_named() {
         e.contains("train.device_batch = 0") && e.contains("optim.betas[1] = 1.5"),
         "{e}"
     );
+    // And a batch the run would refuse.
+    let e = fails(
+        &p,
+        &out,
+        &["--check", "--set", "train.total_batch_tokens=100"],
+    );
+    assert!(e.contains("must be a multiple of device_batch"), "{e}");
     // --check plans the memory of each GPU, and refuses a run that cannot fit.
     let plan = |extra: &[&str]| {
         let head = [
@@ -321,6 +328,8 @@ fn bad_input_is_named() {
             "model.preset=d12",
             "--set",
             "train.device_batch=32",
+            "--set",
+            "train.total_batch_tokens=0",
         ];
         train_args(&p, &out, &[&head[..], extra].concat())
     };
