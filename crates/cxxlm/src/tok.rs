@@ -73,6 +73,10 @@ pub fn run(cmd: TokCommand) -> Result<()> {
         TokCommand::Eval(a) => eval(a),
         TokCommand::Encode { tokenizer, file } => {
             let bpe = cxxlm_tokenizer::load(&tokenizer)?;
+            // A FIFO or device would block or never end.
+            if !std::fs::metadata(&file).is_ok_and(|m| m.is_file()) {
+                bail!("{}: not a regular file", file.display());
+            }
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             let ids: Vec<String> = bpe.encode(&text).iter().map(u32::to_string).collect();
@@ -83,7 +87,7 @@ pub fn run(cmd: TokCommand) -> Result<()> {
 }
 
 /// Every document of the inputs as (project, text), in input order; inputs that are not
-/// text are counted, not returned.
+/// text are counted and the first of them named, not returned. No text at all is an error.
 fn read_texts(
     inputs: &[String],
     max_bytes: Option<u64>,
@@ -96,7 +100,7 @@ fn read_texts(
     let plan = read::plan(&config, None, &crate::interrupt::STOP)?;
     let mut reader = UnitReader::new(config.clone(), None);
     let mut total = 0u64;
-    let mut skipped = 0u64;
+    let mut skipped: Vec<String> = Vec::new();
     for unit in &plan.units {
         let mut go = true;
         reader.read(
@@ -110,10 +114,12 @@ fn read_texts(
                                 total += text.len() as u64;
                                 go = sink(project, text) && max_bytes.is_none_or(|m| total < m);
                             }
-                            Err(_) => skipped += 1,
+                            Err(_) => skipped.push(format!("{}: not UTF-8", doc.id)),
                         }
                     }
-                    ReadItem::Skip { .. } => skipped += 1,
+                    ReadItem::Skip { skipped: s, .. } => {
+                        skipped.push(format!("{}: {} ({})", s.input, s.reason, s.detail))
+                    }
                     ReadItem::Ignored => {}
                 }
                 go
@@ -124,8 +130,20 @@ fn read_texts(
             break;
         }
     }
-    if skipped > 0 {
-        eprintln!("{skipped} inputs were not UTF-8 text or could not be read (see `cxxlm data run` for details)");
+    if !skipped.is_empty() {
+        eprintln!(
+            "{} inputs skipped, not UTF-8 text or unreadable:",
+            skipped.len()
+        );
+        for s in skipped.iter().take(5) {
+            eprintln!("  {s}");
+        }
+        if skipped.len() > 5 {
+            eprintln!("  ... and {} more", skipped.len() - 5);
+        }
+    }
+    if total == 0 {
+        bail!("no text in {}", inputs.join(", "));
     }
     Ok(total)
 }
@@ -231,9 +249,6 @@ fn eval(args: EvalArgs) -> Result<()> {
         docs.push((p, t));
         true
     })?;
-    if docs.is_empty() {
-        bail!("no text found in {:?}", args.inputs);
-    }
 
     let started = Instant::now();
     let texts: Vec<&str> = docs.iter().map(|(_, t)| t.as_str()).collect();

@@ -159,3 +159,42 @@ fn a_foreign_tokenizer_is_refused() {
     ]);
     assert!(err.contains("not a cxxlm tokenizer"), "{err}");
 }
+
+#[test]
+fn unreadable_inputs_are_named_and_no_text_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("shards");
+    write(
+        &shards.join("part-00000-00000.jsonl.zst"),
+        b"\x28\xb5\x2f\xfd garbage",
+    );
+    let out = tmp.path().join("tok.json");
+    let args = [
+        "tok",
+        "train",
+        "-i",
+        shards.to_str().unwrap(),
+        "--vocab",
+        "512",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    let err = run_fails(&args);
+    assert!(
+        err.contains("part-00000-00000.jsonl.zst: corrupt_compressed")
+            && err.contains("no text in"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    // Beside readable text: trained, the bad shard still named.
+    let text = tmp.path().join("text");
+    corpus(&text);
+    let mut args = args.to_vec();
+    args.extend(["-i", text.to_str().unwrap()]);
+    let said = run_ok(&args);
+    let err = String::from_utf8_lossy(&said.stderr);
+    assert!(
+        err.contains("1 inputs skipped") && err.contains("corrupt_compressed"),
+        "{err}"
+    );
+}
