@@ -522,9 +522,13 @@ pub struct Reverified {
     pub buggy_fails: bool,
     /// ... in the way the task records.
     pub same_failure_kind: bool,
+    /// The task's `output` (what a model learns to answer), spliced into the bug as an
+    /// answer is, passes.
+    pub output_passes: bool,
 }
 
-/// Builds the fixed and the buggy file of `task` on their own and runs both.
+/// Builds the fixed and the buggy file of `task` on their own and runs both, and judges
+/// the task's own `output` as an answer.
 pub fn reverify(judge: &Judge, task: &Task) -> Result<Reverified> {
     let check = task
         .check
@@ -532,6 +536,7 @@ pub fn reverify(judge: &Judge, task: &Task) -> Result<Reverified> {
         .ok_or_else(|| TaskError::Input(format!("task {} has no check", task.id)))?;
     let fixed = score(judge, check, &check.fixed, false)?;
     let buggy = score(judge, check, &check.buggy, false)?;
+    let output = score(judge, check, &task.output, true)?;
     // A function-body task's stub need only fail, in any way (it may not even build);
     // its recorded failure is the bug's it was made from.
     let body = task.kind == crate::bodies::KIND;
@@ -541,6 +546,7 @@ pub fn reverify(judge: &Judge, task: &Task) -> Result<Reverified> {
         fixed_matches_oracle: fixed.passed,
         buggy_fails: (buggy.compiled || body) && !buggy.passed,
         same_failure_kind: body || buggy.failure.as_deref() == Some(check.failure.kind.as_str()),
+        output_passes: output.passed,
     })
 }
 

@@ -599,24 +599,26 @@ fn run_verify(a: VerifyArgs) -> Result<()> {
     let fixed = results.iter().filter(|r| r.fixed_matches_oracle).count();
     let buggy = results.iter().filter(|r| r.buggy_fails).count();
     let same = results.iter().filter(|r| r.same_failure_kind).count();
+    let output = results.iter().filter(|r| r.output_passes).count();
     outln!(
-        "{n} tasks built on their own: fix matches the oracle {fixed}/{n}, bug fails {buggy}/{n}, with the recorded failure kind {same}/{n}"
+        "{n} tasks built on their own: fix matches the oracle {fixed}/{n}, bug fails {buggy}/{n}, with the recorded failure kind {same}/{n}, the task's output as an answer passes {output}/{n}"
     )?;
     for r in results
         .iter()
-        .filter(|r| !r.fixed_matches_oracle || !r.buggy_fails)
+        .filter(|r| !r.fixed_matches_oracle || !r.buggy_fails || !r.output_passes)
         .take(10)
     {
         outln!(
-            "  {}: fix ok {}, bug fails {}",
+            "  {}: fix ok {}, bug fails {}, output passes {}",
             r.id,
             r.fixed_matches_oracle,
-            r.buggy_fails
+            r.buggy_fails,
+            r.output_passes
         )?;
     }
     if let Some(path) = &a.json {
         let mut f = std::fs::File::create(path)?;
-        f.write_all(serde_json::to_string_pretty(&json!({"sampled": n, "fixed_matches_oracle": fixed, "buggy_fails": buggy, "same_failure_kind": same, "results": results}))?.as_bytes())?;
+        f.write_all(serde_json::to_string_pretty(&json!({"sampled": n, "fixed_matches_oracle": fixed, "buggy_fails": buggy, "same_failure_kind": same, "output_passes": output, "results": results}))?.as_bytes())?;
     }
     Ok(())
 }

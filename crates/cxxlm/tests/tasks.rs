@@ -217,7 +217,43 @@ fn injected_bugs_are_verified_resumed_and_judged() {
     ]);
     let printed = String::from_utf8_lossy(&out.stdout);
     assert!(
-        printed.contains("fix matches the oracle 4/4, bug fails 4/4"),
+        printed.contains("fix matches the oracle 4/4, bug fails 4/4")
+            && printed.contains("output as an answer passes 4/4"),
+        "{printed}"
+    );
+    // A task whose output (what a model learns) is wrong is named.
+    let spoiled = dir.path().join("spoiled");
+    std::fs::create_dir_all(&spoiled).unwrap();
+    for f in std::fs::read_dir(&out1).unwrap().flatten() {
+        let name = f.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".jsonl.zst") {
+            let text = zstd::decode_all(std::fs::File::open(f.path()).unwrap()).unwrap();
+            let lines: Vec<String> = String::from_utf8(text)
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    v["output"] = "garbage".into();
+                    v.to_string()
+                })
+                .collect();
+            let bytes = zstd::encode_all((lines.join("\n") + "\n").as_bytes(), 3).unwrap();
+            std::fs::write(spoiled.join(&name), bytes).unwrap();
+        } else if name == "settings.json" {
+            std::fs::copy(f.path(), spoiled.join(&name)).unwrap();
+        }
+    }
+    let out = run_ok(&[
+        "tasks",
+        "verify",
+        "-i",
+        spoiled.to_str().unwrap(),
+        "--sample",
+        "4",
+    ]);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        printed.contains("output as an answer passes 0/4"),
         "{printed}"
     );
 
@@ -299,7 +335,7 @@ fn injected_bugs_are_verified_resumed_and_judged() {
     assert!(
         printed.contains(&format!(
             "fix matches the oracle {n}/{n}, bug fails {n}/{n}"
-        )),
+        )) && printed.contains(&format!("output as an answer passes {n}/{n}")),
         "{printed}"
     );
 }
