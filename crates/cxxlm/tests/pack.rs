@@ -323,27 +323,7 @@ fn bad_input_is_named() {
         e.contains("val.bin") && e.contains("outside the vocabulary"),
         "{e}"
     );
-    let run = f.root.join("run");
-    let e = run_fails(&[
-        "train",
-        "pretrain",
-        "--pack",
-        out.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--set",
-        "model.preset=tiny",
-        "--set",
-        "model.seq_len=128",
-        "--set",
-        "train.device=cpu",
-        "--set",
-        "train.device_batch=2",
-        "--set",
-        "train.total_batch_tokens=256",
-        "--set",
-        "train.steps=1",
-    ]);
+    let e = run_fails(&pretrain_tiny_args(&out, &f.root.join("run"), 1));
     assert!(
         e.contains("val.bin") && e.contains("token 100 ") && e.contains("outside the vocabulary"),
         "{e}"

@@ -287,8 +287,13 @@ pub fn pretrained() -> Pretrained {
 
 /// The tiny model pretrained on the CPU on `pack` into `out` for `steps` steps.
 pub fn pretrain_tiny(pack: &Path, out: &Path, steps: u64) {
+    run_ok(&pretrain_tiny_args(pack, out, steps));
+}
+
+/// The command line of [`pretrain_tiny`].
+pub fn pretrain_tiny_args(pack: &Path, out: &Path, steps: u64) -> Vec<String> {
     let steps = format!("train.steps={steps}");
-    run_ok(&[
+    [
         "train",
         "pretrain",
         "--pack",
@@ -307,5 +312,7 @@ pub fn pretrain_tiny(pack: &Path, out: &Path, steps: u64) {
         "eval.every=0",
         "--set",
         "train.device=cpu",
-    ]);
+    ]
+    .map(String::from)
+    .to_vec()
 }
