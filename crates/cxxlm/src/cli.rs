@@ -91,7 +91,15 @@ pub fn run(command: Command) -> Result<()> {
         Command::Speedrun(args) => crate::speedrun::run(args),
         Command::Launch(args) => crate::launch::run(args),
         Command::Report { dir } => {
-            let w = cxxlm_report::write(&cxxlm_report::Layout::new(dir))?;
+            let layout = cxxlm_report::Layout::new(dir);
+            if !layout.record().is_file() {
+                anyhow::bail!(
+                    "{} is not a speedrun's output: it has no {}",
+                    layout.root.display(),
+                    layout.record().display()
+                );
+            }
+            let w = cxxlm_report::write(&layout)?;
             for e in &w.plot_errors {
                 eprintln!("warning: {e}");
             }

@@ -1203,7 +1203,10 @@ fn print_report(r: &Report, ks: &[usize]) -> Result<()> {
         )?;
     }
     for (k, v) in &r.pass_at_k {
-        outln!("{k}: {v:.4} ± {:.4}", r.pass_at_k_standard_error[k])?;
+        match r.pass_at_k_standard_error[k] {
+            e if e.is_finite() => outln!("{k}: {v:.4} ± {e:.4}")?,
+            _ => outln!("{k}: {v:.4} (fewer than two problems: no standard error)")?,
+        }
     }
     for k in ks
         .iter()

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{cxxlm, libstdcxx_bits};
+use common::{cxxlm, libstdcxx_bits, run_fails};
 use serde_json::Value;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -321,4 +321,15 @@ fn a_failed_stage_is_named_on_the_report_card_of_the_stages_before_it() {
     for row in ["| pretrain | done |", "| sft | failed (exit status: 1) |"] {
         assert!(report.contains(row), "{row}\n{report}");
     }
+}
+
+#[test]
+fn a_report_of_a_directory_that_no_speedrun_wrote_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let e = run_fails(&["report", tmp.path().to_str().unwrap()]);
+    assert!(
+        e.contains("is not a speedrun's output") && e.contains("speedrun.json"),
+        "{e}"
+    );
+    assert!(!tmp.path().join("report.md").exists());
 }
