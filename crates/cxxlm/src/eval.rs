@@ -126,7 +126,7 @@ pub struct CompileArgs {
     #[arg(long)]
     pack: Option<PathBuf>,
     /// Functions to hide, one per file.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = crate::cli::at_least_one)]
     functions: usize,
     /// Longest body written, in tokens.
     #[arg(long, default_value_t = 256)]
@@ -1085,6 +1085,9 @@ fn read_completions(path: &Path) -> Result<(Completions, Option<usize>)> {
             }
         })
         .collect::<Result<Vec<_>>>()?;
+    if completions.is_empty() {
+        bail!("{}: no completions to judge", path.display());
+    }
     Ok((completions, limited))
 }
 
