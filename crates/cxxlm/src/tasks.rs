@@ -65,7 +65,7 @@ pub struct BugsArgs {
     #[arg(long, value_delimiter = ',')]
     test_projects: Vec<String>,
     /// Share of projects in the test split when none are named, in percent.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=100))]
     test_percent: u64,
     /// Programs built and run at once (default: all cores).
     #[arg(long)]
@@ -91,7 +91,7 @@ pub struct MineArgs {
     max_function_lines: usize,
     #[arg(long, value_delimiter = ',')]
     test_projects: Vec<String>,
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=100))]
     test_percent: u64,
 }
 
@@ -253,6 +253,9 @@ pub fn print_bug_stats(s: &BugStats) -> Result<()> {
 
 fn run_bugs(a: BugsArgs) -> Result<()> {
     interrupt::install();
+    for input in &a.inputs {
+        cxxlm_data::read::refuse_overlap(Path::new(input), &a.out)?;
+    }
     let settings = BugSettings {
         inputs: a.inputs,
         per_operator: a.per_operator,
