@@ -39,6 +39,14 @@ impl TokenType {
         }
     }
 
+    /// The token id of `bytes`, one token of this type, little-endian.
+    fn read(self, bytes: &[u8]) -> u32 {
+        match self {
+            TokenType::Uint16 => u16::from_le_bytes([bytes[0], bytes[1]]) as u32,
+            TokenType::Int32 => u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
+        }
+    }
+
     fn code(self) -> u8 {
         match self {
             TokenType::Uint16 => 8,
@@ -318,43 +326,24 @@ impl IndexedDataset {
         let size = self.token_type.size();
         let from = start as usize * size;
         let bytes = &self.bytes()[from..from + count * size];
-        match self.token_type {
-            TokenType::Uint16 => out.extend(
-                bytes
-                    .chunks_exact(2)
-                    .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32),
-            ),
-            TokenType::Int32 => out.extend(
-                bytes
-                    .chunks_exact(4)
-                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            ),
-        }
+        out.extend(bytes.chunks_exact(size).map(|c| self.token_type.read(c)));
     }
 
     /// Refuses tokens outside a vocabulary of `vocab` ids (a damaged file, or tokens of
     /// another tokenizer), naming the first one's document.
     pub fn check_vocab(&self, vocab: usize) -> Result<()> {
-        let size = self.token_type.size();
-        let id = |c: &[u8]| match self.token_type {
-            TokenType::Uint16 => u16::from_le_bytes([c[0], c[1]]) as u64,
-            TokenType::Int32 => u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u64,
-        };
-        let bytes = self.bytes();
-        let largest = bytes.chunks_exact(size).map(id).max().unwrap_or(0);
-        if largest < vocab as u64 {
+        let ids = self
+            .bytes()
+            .chunks_exact(self.token_type.size())
+            .map(|c| self.token_type.read(c));
+        let Some((at, id)) = ids.enumerate().find(|&(_, id)| id as usize >= vocab) else {
             return Ok(());
-        }
-        let at = bytes
-            .chunks_exact(size)
-            .position(|c| id(c) >= vocab as u64)
-            .expect("a token this large") as u64;
-        let doc = self.starts.partition_point(|&s| s <= at) - 1;
+        };
+        let doc = self.starts.partition_point(|&s| s <= at as u64) - 1;
         Err(PackError::Format {
             path: self.bin_path.clone(),
             message: format!(
-                "token {at} (in document {doc}) is id {}, outside the vocabulary of {vocab}: a damaged file, or tokens of another tokenizer",
-                id(&bytes[at as usize * size..][..size])
+                "token {at} (in document {doc}) is id {id}, outside the vocabulary of {vocab}: a damaged file, or tokens of another tokenizer"
             ),
         })
     }

@@ -223,26 +223,18 @@ fn injected_bugs_are_verified_resumed_and_judged() {
     );
     // A task whose output (what a model learns) is wrong is named.
     let spoiled = dir.path().join("spoiled");
-    std::fs::create_dir_all(&spoiled).unwrap();
-    for f in std::fs::read_dir(&out1).unwrap().flatten() {
-        let name = f.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".jsonl.zst") {
-            let text = zstd::decode_all(std::fs::File::open(f.path()).unwrap()).unwrap();
-            let lines: Vec<String> = String::from_utf8(text)
-                .unwrap()
-                .lines()
-                .map(|l| {
-                    let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-                    v["output"] = "garbage".into();
-                    v.to_string()
-                })
-                .collect();
-            let bytes = zstd::encode_all((lines.join("\n") + "\n").as_bytes(), 3).unwrap();
-            std::fs::write(spoiled.join(&name), bytes).unwrap();
-        } else if name == "settings.json" {
-            std::fs::copy(f.path(), spoiled.join(&name)).unwrap();
-        }
-    }
+    let lines: String = read_shards(&out1)
+        .into_iter()
+        .map(|mut task| {
+            task["output"] = "garbage".into();
+            format!("{task}\n")
+        })
+        .collect();
+    write(
+        &spoiled.join("part-0000-00000.jsonl.zst"),
+        zstd::encode_all(lines.as_bytes(), 3).unwrap(),
+    );
+    std::fs::copy(out1.join("settings.json"), spoiled.join("settings.json")).unwrap();
     let out = run_ok(&[
         "tasks",
         "verify",
