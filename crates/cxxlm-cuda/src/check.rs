@@ -315,10 +315,11 @@ pub fn optimizer_steps(fused: Fused, dev: Device) -> Vec<Check> {
         (Tensor::arange(1 << 20, (Kind::Float, dev)) * (seed * 12.9898)).sin() * (scale * 1.7)
     };
     let (g, m) = (state(1e-3), state(1e-3));
-    let beta = 0.95;
-    let want_m = &m + (&g - &m) * (1.0 - beta);
-    let want_blend = &g + (&want_m - &g) * beta;
-    let blend = fused.muon_momentum_(&g, &m, beta);
+    let (beta, clip) = (0.95, 0.5);
+    let grad_scale = Tensor::from_slice(&[clip as f32]).to_device(dev);
+    let want_m = &m + (&g * clip - &m) * (1.0 - beta);
+    let want_blend = &g * clip + (&want_m - &g * clip) * beta;
+    let blend = fused.muon_momentum_(&g, &grad_scale, &m, beta);
     checks.push(compare("Muon momentum".into(), &m, &want_m, 1e-5));
     checks.push(compare(
         "Muon Nesterov blend".into(),
@@ -342,9 +343,17 @@ pub fn optimizer_steps(fused: Fused, dev: Device) -> Vec<Check> {
         step: 3.0,
     };
     let want = [p.copy(), m.copy(), v.copy()];
-    Fused::Reference.adamw_(&want[0], &g, &want[1], &want[2], &settings);
+    let unscaled = Tensor::from_slice(&[1f32]).to_device(dev);
+    Fused::Reference.adamw_(
+        &want[0],
+        &(&g * clip),
+        &unscaled,
+        &want[1],
+        &want[2],
+        &settings,
+    );
     let got = [p.copy(), m.copy(), v.copy()];
-    fused.adamw_(&got[0], &g, &got[1], &got[2], &settings);
+    fused.adamw_(&got[0], &g, &grad_scale, &got[1], &got[2], &settings);
     for (name, got, want) in [
         ("weights", &got[0], &want[0]),
         ("exp_avg", &got[1], &want[1]),

@@ -344,9 +344,14 @@ impl Fused {
             Fused::Kernels(k) => {
                 expect_bf16(qkv, "q|k|v");
                 for (g, what) in [(gq, "q gradient"), (gk, "k gradient"), (gv, "v gradient")] {
+                    // The kernel reads bf16 in aligned pairs.
+                    let s = g.stride();
                     assert!(
-                        g.kind() == Kind::BFloat16 && g.stride()[3] == 1,
-                        "{what}: bf16 with unit stride in dim"
+                        g.kind() == Kind::BFloat16
+                            && s[3] == 1
+                            && s[..3].iter().all(|s| s % 2 == 0)
+                            && g.data_ptr() as usize % 4 == 0,
+                        "{what}: bf16 with unit stride in dim, even strides, 4-byte aligned"
                     );
                 }
                 let mut args = Vec::new();
@@ -631,20 +636,30 @@ impl Fused {
 
     /// Muon's momentum `m <- m + (1 - beta) (g - m)`, in place, and the Nesterov blend
     /// `g + beta (m - g)` that Newton-Schulz orthogonalizes: fp32 here, bf16 (its
-    /// precision there) from the kernel.
-    pub fn muon_momentum_(&self, grad: &Tensor, momentum: &Tensor, beta: f64) -> Tensor {
+    /// precision there) from the kernel. `g` is `grad` times `grad_scale` (one fp32
+    /// element on the device: the clipping).
+    pub fn muon_momentum_(
+        &self,
+        grad: &Tensor,
+        grad_scale: &Tensor,
+        momentum: &Tensor,
+        beta: f64,
+    ) -> Tensor {
         match self {
             Fused::Reference => {
-                let _ = momentum.shallow_clone().lerp_(grad, 1.0 - beta);
+                let grad = grad * grad_scale;
+                let _ = momentum.shallow_clone().lerp_(&grad, 1.0 - beta);
                 grad.lerp(momentum, beta)
             }
             Fused::Kernels(k) => {
                 let n = grad.numel() as i64;
                 expect_fp32(grad, n, "Muon gradient");
+                expect_fp32(grad_scale, 1, "gradient scale");
                 expect_fp32(momentum, n, "Muon momentum");
                 let blend = Tensor::empty(grad.size(), (Kind::BFloat16, grad.device()));
                 let args = [
                     ptr(grad),
+                    ptr(grad_scale),
                     ptr(momentum),
                     ptr(&blend),
                     Arg::I64(n),
@@ -681,12 +696,14 @@ impl Fused {
         }
     }
 
-    /// One AdamW update of fp32 weights `param` from `grad`, with their moments
-    /// `exp_avg` and `exp_avg_sq`, all in place (contiguous, same size).
+    /// One AdamW update of fp32 weights `param` from `grad` times `grad_scale` (as in
+    /// [`Fused::muon_momentum_`]), with their moments `exp_avg` and `exp_avg_sq`, all in
+    /// place (contiguous, same size).
     pub fn adamw_(
         &self,
         param: &Tensor,
         grad: &Tensor,
+        grad_scale: &Tensor,
         exp_avg: &Tensor,
         exp_avg_sq: &Tensor,
         s: &AdamwStep,
@@ -696,6 +713,7 @@ impl Fused {
         let correction2 = (1.0 - b2.powf(s.step)).sqrt();
         match self {
             Fused::Reference => {
+                let grad = &(grad * grad_scale);
                 let mut p = param.shallow_clone();
                 if s.weight_decay > 0.0 {
                     let _ = p.g_mul_scalar_(1.0 - s.lr * s.weight_decay);
@@ -720,9 +738,11 @@ impl Fused {
                         "AdamW {what}: contiguous fp32 of the weights' size"
                     );
                 }
+                expect_fp32(grad_scale, 1, "gradient scale");
                 let args = [
                     ptr(param),
                     ptr(grad),
+                    ptr(grad_scale),
                     ptr(exp_avg),
                     ptr(exp_avg_sq),
                     Arg::I64(n as i64),

@@ -9,6 +9,10 @@ typedef unsigned short bf16;
 
 __device__ __forceinline__ float to_f(bf16 h) { return __uint_as_float(((unsigned)h) << 16); }
 
+// The low and high bf16 of a 32-bit word of two.
+__device__ __forceinline__ float lo(unsigned w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float hi(unsigned w) { return __uint_as_float(w & 0xffff0000u); }
+
 // Round to nearest even; NaN stays NaN.
 __device__ __forceinline__ bf16 to_bf(float f) {
     unsigned u = __float_as_uint(f);
@@ -151,6 +155,13 @@ extern "C" __global__ void rmsnorm_backward_v1(const bf16* dy, const bf16* y, co
 
 #define MAX_PAIR_STEPS 4  // head dims up to 4 * 64 * 2 = 512
 
+// Two adjacent bf16 as one 32-bit word: every pair starts at an even element of a row
+// whose length and stride are even (head dims are multiples of 4).
+__device__ __forceinline__ unsigned pair(const bf16* p) { return *reinterpret_cast<const unsigned*>(p); }
+__device__ __forceinline__ void put_pair(bf16* p, float a, float b) {
+    *reinterpret_cast<unsigned*>(p) = (unsigned)to_bf(a) | ((unsigned)to_bf(b) << 16);
+}
+
 // Step `s` of a lane's pairs: elements j and j + 1 of each half of the head.
 #define FOR_EACH_PAIR(s, j) \
     _Pragma("unroll") for (int s = 0, j = 2 * lane; s < MAX_PAIR_STEPS && j < half; s++, j += 64)
@@ -163,24 +174,23 @@ extern "C" __global__ void rope_norm_forward(bf16* qkv, const bf16* cos, const b
     if (w >= (long long)tokens * qk) return;
     const int token = (int)(w / qk), head = (int)(w % qk), half = dim / 2;
     bf16* x = qkv + ((long long)token * all + head) * dim;
-    const int t = token % time;
+    const bf16 *c = cos + (token % time) * half, *sn = sin + (token % time) * half;
     float y1[MAX_PAIR_STEPS][2], y2[MAX_PAIR_STEPS][2], ss = 0.f;
     FOR_EACH_PAIR(s, j) {
+        const unsigned cw = pair(c + j), sw = pair(sn + j), aw = pair(x + j), bw = pair(x + half + j);
+        const float co[2] = {lo(cw), hi(cw)}, si[2] = {lo(sw), hi(sw)}, a[2] = {lo(aw), hi(aw)},
+                    b[2] = {lo(bw), hi(bw)};
 #pragma unroll
         for (int e = 0; e < 2; e++) {
-            const float c = to_f(cos[t * half + j + e]), sn = to_f(sin[t * half + j + e]);
-            const float a = to_f(x[j + e]), b = to_f(x[half + j + e]);
-            y1[s][e] = a * c + b * sn;
-            y2[s][e] = b * c - a * sn;
+            y1[s][e] = a[e] * co[e] + b[e] * si[e];
+            y2[s][e] = b[e] * co[e] - a[e] * si[e];
             ss += y1[s][e] * y1[s][e] + y2[s][e] * y2[s][e];
         }
     }
     const float r = rsqrtf(warp_sum(ss) / dim + eps);
     FOR_EACH_PAIR(s, j) {
-        *reinterpret_cast<unsigned*>(x + j) =
-            (unsigned)to_bf(y1[s][0] * r) | ((unsigned)to_bf(y1[s][1] * r) << 16);
-        *reinterpret_cast<unsigned*>(x + half + j) =
-            (unsigned)to_bf(y2[s][0] * r) | ((unsigned)to_bf(y2[s][1] * r) << 16);
+        put_pair(x + j, y1[s][0] * r, y1[s][1] * r);
+        put_pair(x + half + j, y2[s][0] * r, y2[s][1] * r);
     }
     if (lane == 0) rstd[w] = r;
 }
@@ -204,36 +214,37 @@ extern "C" __global__ void rope_norm_backward(const bf16* gq, long long sqb, lon
     bf16* z = qkv + w * dim;
     if (head >= heads + kv_heads) {
         const bf16* g = gv + b * svb + t * svt + (head - heads - kv_heads) * svh;
-        for (int j = lane; j < dim; j += 32) z[j] = g[j];
+        for (int j = 2 * lane; j < dim; j += 64) *reinterpret_cast<unsigned*>(z + j) = pair(g + j);
         return;
     }
     const bf16* g = head < heads ? gq + b * sqb + t * sqt + head * sqh
                                  : gk + b * skb + t * skt + (head - heads) * skh;
-    float g1[MAX_PAIR_STEPS][2], g2[MAX_PAIR_STEPS][2], z1[MAX_PAIR_STEPS][2], z2[MAX_PAIR_STEPS][2];
+    unsigned g1[MAX_PAIR_STEPS], g2[MAX_PAIR_STEPS], z1[MAX_PAIR_STEPS], z2[MAX_PAIR_STEPS];
     float dot = 0.f;
     FOR_EACH_PAIR(s, j) {
-#pragma unroll
-        for (int e = 0; e < 2; e++) {
-            g1[s][e] = to_f(g[j + e]);
-            g2[s][e] = to_f(g[half + j + e]);
-            z1[s][e] = to_f(z[j + e]);
-            z2[s][e] = to_f(z[half + j + e]);
-            dot += g1[s][e] * z1[s][e] + g2[s][e] * z2[s][e];
-        }
+        g1[s] = pair(g + j);
+        g2[s] = pair(g + half + j);
+        z1[s] = pair(z + j);
+        z2[s] = pair(z + half + j);
+        dot += lo(g1[s]) * lo(z1[s]) + hi(g1[s]) * hi(z1[s]) + lo(g2[s]) * lo(z2[s]) + hi(g2[s]) * hi(z2[s]);
     }
     const float mean = warp_sum(dot) / dim, r = rstd[(long long)token * (heads + kv_heads) + head];
+    const bf16 *c = cos + t * half, *sn = sin + t * half;
     FOR_EACH_PAIR(s, j) {
+        const unsigned cw = pair(c + j), sw = pair(sn + j);
+        const float co[2] = {lo(cw), hi(cw)}, si[2] = {lo(sw), hi(sw)};
+        const float gg1[2] = {lo(g1[s]), hi(g1[s])}, gg2[2] = {lo(g2[s]), hi(g2[s])};
+        const float zz1[2] = {lo(z1[s]), hi(z1[s])}, zz2[2] = {lo(z2[s]), hi(z2[s])};
         float d1[2], d2[2];
 #pragma unroll
         for (int e = 0; e < 2; e++) {
-            const float dy1 = r * (g1[s][e] - z1[s][e] * mean);
-            const float dy2 = r * (g2[s][e] - z2[s][e] * mean);
-            const float c = to_f(cos[t * half + j + e]), sn = to_f(sin[t * half + j + e]);
-            d1[e] = dy1 * c - dy2 * sn;
-            d2[e] = dy1 * sn + dy2 * c;
+            const float dy1 = r * (gg1[e] - zz1[e] * mean);
+            const float dy2 = r * (gg2[e] - zz2[e] * mean);
+            d1[e] = dy1 * co[e] - dy2 * si[e];
+            d2[e] = dy1 * si[e] + dy2 * co[e];
         }
-        *reinterpret_cast<unsigned*>(z + j) = (unsigned)to_bf(d1[0]) | ((unsigned)to_bf(d1[1]) << 16);
-        *reinterpret_cast<unsigned*>(z + half + j) = (unsigned)to_bf(d2[0]) | ((unsigned)to_bf(d2[1]) << 16);
+        put_pair(z + j, d1[0], d1[1]);
+        put_pair(z + half + j, d2[0], d2[1]);
     }
 }
 
@@ -389,11 +400,14 @@ extern "C" __global__ void softcap_cross_entropy_v1(bf16* logits, const long lon
 // ---- Muon's passes around Newton-Schulz, over fp32 weights and momentum -----------------
 //
 // m <- m + (1 - beta) (g - m), and the Nesterov blend g + beta (m - g) in bf16, the
-// precision Newton-Schulz takes.
-extern "C" __global__ void muon_momentum(const float* g, float* m, bf16* blend, long long n, float beta) {
+// precision Newton-Schulz takes; g is the gradient times *g_scale (its clipping, a device
+// value: the step never waits for the gradient norm).
+extern "C" __global__ void muon_momentum(const float* g, const float* g_scale, float* m, bf16* blend, long long n,
+                                         float beta) {
+    const float scale = *g_scale;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
-        const float gi = g[i];
+        const float gi = g[i] * scale;
         const float mi = m[i] + (1.f - beta) * (gi - m[i]);
         m[i] = mi;
         blend[i] = to_bf(gi + beta * (mi - gi));
@@ -411,13 +425,15 @@ extern "C" __global__ void muon_update(float* p, const bf16* u, long long n, flo
 //
 // m <- m + (1 - beta1) (g - m); v <- beta2 v + (1 - beta2) g^2;
 // p <- p decay - lr / correction1 * m / (sqrt(v) / correction2 + eps), with
-// decay = 1 - lr weight_decay, correction1 = 1 - beta1^t, correction2 = sqrt(1 - beta2^t).
-extern "C" __global__ void adamw_step(float* p, const float* g, float* m, float* v, long long n, float lr,
-                                      float beta1, float beta2, float eps, float decay, float correction1,
+// decay = 1 - lr weight_decay, correction1 = 1 - beta1^t, correction2 = sqrt(1 - beta2^t);
+// g is the gradient times *g_scale, as in muon_momentum.
+extern "C" __global__ void adamw_step(float* p, const float* g, const float* g_scale, float* m, float* v, long long n,
+                                      float lr, float beta1, float beta2, float eps, float decay, float correction1,
                                       float correction2) {
+    const float scale = *g_scale;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
-        const float gi = g[i], mi = m[i] + (1.f - beta1) * (gi - m[i]);
+        const float gi = g[i] * scale, mi = m[i] + (1.f - beta1) * (gi - m[i]);
         const float vi = beta2 * v[i] + (1.f - beta2) * gi * gi;
         m[i] = mi;
         v[i] = vi;
@@ -439,8 +455,6 @@ extern "C" __global__ void adamw_step(float* p, const float* g, float* m, float*
 #define DECODE_KEYS 4
 #define DECODE_WARPS 4
 
-__device__ __forceinline__ float lo(unsigned w) { return __uint_as_float(w << 16); }
-__device__ __forceinline__ float hi(unsigned w) { return __uint_as_float(w & 0xffff0000u); }
 
 extern "C" __global__ void decode_attention_split(const bf16* q, const bf16* keys, const bf16* values,
                                                   const long long* rows, const long long* pos, float* part,

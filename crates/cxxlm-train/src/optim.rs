@@ -436,25 +436,30 @@ impl Optimizer {
             .iter()
             .map(|s| s.gradient(comm))
             .collect::<Result<Vec<_>>>()?;
-        let squares: Vec<Tensor> = muon_grads
+        // One pass over each gradient for its norm; the clipping is applied by the
+        // updates as they read the gradients.
+        let norms: Vec<Tensor> = muon_grads
             .iter()
             .chain(&adam_grads)
-            .map(|g| g.square().sum(Kind::Float))
+            .map(Tensor::norm)
             .collect();
-        let norm_sq = Tensor::stack(&squares, 0).sum(Kind::Float).reshape([1]);
+        let norm_sq = Tensor::stack(&norms, 0)
+            .square()
+            .sum(Kind::Float)
+            .reshape([1]);
         comm.all_reduce_sum(&norm_sq)?;
         let norm = norm_sq.sqrt().reshape([]);
-        if c.grad_clip > 0.0 {
-            let coef = (c.grad_clip / (&norm + 1e-6)).clamp_max(1.0);
-            for g in muon_grads.iter().chain(&adam_grads) {
-                let _ = g.shallow_clone().g_mul_(&coef);
-            }
-        }
+        let grad_scale = match c.grad_clip > 0.0 {
+            true => (c.grad_clip / (&norm + 1e-6)).clamp_max(1.0).reshape([1]),
+            false => norm.ones_like().reshape([1]),
+        };
 
         let warm = (step as f64 / c.momentum_warmup_steps.max(1) as f64).min(1.0);
         let momentum = (1.0 - warm) * c.muon_momentum_start + warm * c.muon_momentum;
         for (group, g) in self.muon.iter_mut().zip(&muon_grads) {
-            let nesterov = self.fused.muon_momentum_(g, &group.momentum, momentum);
+            let nesterov = self
+                .fused
+                .muon_momentum_(g, &grad_scale, &group.momentum, momentum);
             let orthogonal = orthogonalize(&nesterov, c.newton_schulz_steps);
             let scale = -c.matrix_lr * lr_scale * group.shape_scale;
             group.apply(&orthogonal, scale, self.fused, comm)?;
@@ -475,8 +480,14 @@ impl Optimizer {
                 weight_decay: c.weight_decay,
                 step: step as f64 + 1.0,
             };
-            self.fused
-                .adamw_(&mine, g, &slot.exp_avg, &slot.exp_avg_sq, &settings);
+            self.fused.adamw_(
+                &mine,
+                g,
+                &grad_scale,
+                &slot.exp_avg,
+                &slot.exp_avg_sq,
+                &settings,
+            );
             if let (Held::All(params), true) = (&slot.held, self.world > 1) {
                 let whole = comm.all_gather(&mine)?;
                 params[0].view([-1]).copy_(&whole.narrow(0, 0, slot.numel));
@@ -808,6 +819,43 @@ mod tests {
         let moved = (&params[2].1.detach() - &before[2]).abs();
         let off = (moved - 0.01).abs().max().double_value(&[]);
         assert!(off < 1e-6, "{off}");
+    }
+
+    #[test]
+    fn clipping_scales_the_gradients_every_update_reads() {
+        // First moments after one step from zero: (1 - beta) times the gradient the update
+        // read, for Muon's matrices and AdamW's weights alike.
+        let first_moments = |grad_clip: f64| {
+            let params = toy_params();
+            for (i, (_, p)) in params.iter().enumerate() {
+                (p * toy_grad(p, i, 0, 0) * 3.0).sum(Kind::Float).backward();
+            }
+            let config = OptimConfig {
+                grad_clip,
+                ..Default::default()
+            };
+            let mut opt = Optimizer::new(&params, 64, config, 0, 1);
+            let norm = opt.step(0, 1.0, &Comm::single()).unwrap().double_value(&[]);
+            let mut state: Vec<(String, Tensor)> = opt
+                .state()
+                .into_iter()
+                .filter(|(n, _)| n.ends_with(".momentum") || n.ends_with(".exp_avg"))
+                .collect();
+            state.sort_by(|a, b| a.0.cmp(&b.0));
+            (norm, state)
+        };
+        let (norm, unclipped) = first_moments(0.0);
+        let (clipped_norm, clipped) = first_moments(1.0);
+        assert!(norm > 2.0, "{norm}");
+        assert!(
+            (clipped_norm - norm).abs() < 1e-9,
+            "the norm before clipping is reported"
+        );
+        assert_eq!(unclipped.len(), 6);
+        for ((name, full), (_, scaled)) in unclipped.iter().zip(&clipped) {
+            let off = (full / norm - scaled).abs().max().double_value(&[]);
+            assert!(off < 1e-6, "{name}: {off}");
+        }
     }
 
     fn toy_params() -> Vec<(String, Tensor)> {
