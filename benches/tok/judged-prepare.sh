@@ -15,7 +15,8 @@
 # 1.81, OpenCV 4.6 (with contrib), Qt 5 base and GCC 12 tarballs of
 # scripts/corpus/debian-cpp.sh with EXCLUDE=gcc-12 (the tasks of `cxxlm tasks bugs` come
 # from GCC's), then with SPREAD=1 and 56 more of its packages, and abseil, eigen3, fmtlib,
-# grpc, ninja-build, protobuf and spdlog held out.
+# grpc, ninja-build, protobuf and spdlog held out. KEEP_INDENTATION=1 for shards of `data run
+# --keep-indentation` (raw text): the filtering run keeps it too.
 #
 # Usage: benches/tok/judged-prepare.sh TRAIN_DATA HELD_OUT_DATA [MIB]
 set -euo pipefail
@@ -46,7 +47,8 @@ for line in sys.stdin.buffer:
 printf '[quality]\nmax_repeated_line_fraction = 0.5\n[decontaminate]\nheld_out = ["%s"]\n' \
     "$(realpath "$held_out")" >bench-out/judged/norepeat.toml
 rm -rf bench-out/judged/sample-norepeat gpu/data-norepeat && mkdir -p gpu/data-norepeat
-target/release/cxxlm data run --config bench-out/judged/norepeat.toml -i "$sample" -o bench-out/judged/sample-norepeat | tail -4
+target/release/cxxlm data run --config bench-out/judged/norepeat.toml -i "$sample" -o bench-out/judged/sample-norepeat \
+    $([ "${KEEP_INDENTATION:-}" = 1 ] && echo --keep-indentation) | tail -4
 zstd -dc bench-out/judged/sample-norepeat/*.jsonl.zst | zstd -19 --long=27 -T0 -q -o gpu/data-norepeat/part-00000-00000.jsonl.zst
 du -sh gpu gpu/data gpu/data-norepeat gpu/held-out
 # Last, as it takes minutes: the tokenizer's compression on the sample.

@@ -9,7 +9,8 @@
 # out the 398-problem greedy pass, so that training and the first 100 fit one 10-minute call
 # with TRAIN_SECONDS=440). FIM_RATE sets the pack's FIM rate (default the pipeline's 0.5);
 # TRAIN_SET one more `--set KEY=VALUE` of the pretraining (schedule.warmdown_frac=0.4, say);
-# TOKENIZER another tokenizer of the same sample (a variant: `tok train` on
+# KEEP_INDENTATION=1 for raw text (`data run --keep-indentation` shards in DATA and
+# gpu/held-out: the held-out split keeps it); TOKENIZER another tokenizer of the same sample (a variant: `tok train` on
 # bench-out/judged/sample with other flags, carried in gpu/); DATA other shards (default
 # gpu/data; a variant: the sample through `cxxlm data run` with another filter). gpu/ comes from
 # benches/tok/judged-prepare.sh. The checkpoint stays in WORK/d12 (default
@@ -39,7 +40,8 @@ x=$work/cxxlm
 # default pipeline keeps and what it drops are scored apart.
 if [ ! -f "$work/held-out-dropped/pack.json" ]; then
     printf '[output]\nwrite_removed = true\n' >"$work/held-out.toml"
-    "$x" data run --config "$work/held-out.toml" -i gpu/held-out -o "$work/held-out-data" >"$out/held-out-data.log" 2>&1
+    "$x" data run --config "$work/held-out.toml" -i gpu/held-out -o "$work/held-out-data" \
+        $([ "${KEEP_INDENTATION:-}" = 1 ] && echo --keep-indentation) >"$out/held-out-data.log" 2>&1
     for part in kept:. dropped:removed; do
         "$x" pack --tokenizer "$tokenizer" -i "$work/held-out-data/${part#*:}" -o "$work/held-out-${part%%:*}" \
             --fim-rate 0 --val-fraction 1 >>"$out/pack-held-out.log" 2>&1

@@ -531,7 +531,13 @@ fn two_and_four_ranks_train_as_one_rank_with_micro_batches_and_resume_on_one() {
 fn fully_sharded_ranks_train_as_one_rank_and_resume_replicated() {
     let p = packed();
     let one = p.f.root.join("one");
-    train(&p, &one, &["--set", "train.steps=6"]);
+    // --resume with nothing to resume starts at step 0, and says so.
+    let said = train(&p, &one, &["--set", "train.steps=6", "--resume"]);
+    let stderr = String::from_utf8_lossy(&said.stderr);
+    assert!(
+        stderr.contains("from step 0: no checkpoint to resume"),
+        "{stderr}"
+    );
     let full = p.f.root.join("full");
     let sharded = ["--set", "train.steps=6", "--set", "train.sharding=full"];
     let said = launch(

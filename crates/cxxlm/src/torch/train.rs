@@ -276,6 +276,7 @@ struct Progress<'a> {
     out: &'a Path,
     log_every: u64,
     stop_at: Option<u64>,
+    resume: bool,
 }
 
 impl<'a> Progress<'a> {
@@ -284,6 +285,7 @@ impl<'a> Progress<'a> {
             out,
             log_every: args.log_every,
             stop_at: args.stop_at,
+            resume: args.resume,
         }
     }
 
@@ -318,6 +320,7 @@ impl<'a> Progress<'a> {
             .open(out.join("samples.jsonl"))?;
         let log_every = self.log_every;
         let stop_at = self.stop_at;
+        let resume = self.resume;
         let state = stage(
             &mut |event| match event {
                 Event::Start {
@@ -335,7 +338,11 @@ impl<'a> Progress<'a> {
                     model.depth, model.width, model.heads, model.kv_heads, model.seq_len, model.vocab_size,
                     params as f64 / 1e6,
                     if ranks > 1 { format!(" x {ranks} ranks") } else { String::new() },
-                    resumed_from.map_or(String::new(), |s| format!(", resumed after step {s}"))
+                    match (resumed_from, resume) {
+                        (Some(s), _) => format!(", resumed after step {s}"),
+                        (None, true) => ", from step 0: no checkpoint to resume".to_string(),
+                        (None, false) => String::new(),
+                    }
                 );
                 }
                 Event::Step {
