@@ -37,12 +37,13 @@ x=$work/cxxlm
 [ -f "$work/held-out/pack.json" ] || "$x" pack --tokenizer "$tokenizer" -i gpu/held-out -o "$work/held-out" \
     --fim-rate 0 --val-fraction 1 >"$out/pack-held-out.log" 2>&1
 # The held-out files split by today's data filters (gpu/held-out may predate one): what the
-# default pipeline keeps and what it drops are scored apart.
-if [ ! -f "$work/held-out-dropped/pack.json" ]; then
+# default pipeline keeps and what it drops (if any) are scored apart.
+if [ ! -f "$work/held-out-kept/pack.json" ]; then
     printf '[output]\nwrite_removed = true\n' >"$work/held-out.toml"
     "$x" data run --config "$work/held-out.toml" -i gpu/held-out -o "$work/held-out-data" \
         $([ "${KEEP_INDENTATION:-}" = 1 ] && echo --keep-indentation) >"$out/held-out-data.log" 2>&1
     for part in kept:. dropped:removed; do
+        [ -d "$work/held-out-data/${part#*:}" ] || continue
         "$x" pack --tokenizer "$tokenizer" -i "$work/held-out-data/${part#*:}" -o "$work/held-out-${part%%:*}" \
             --fim-rate 0 --val-fraction 1 >>"$out/pack-held-out.log" 2>&1
     done
@@ -61,6 +62,7 @@ fi
 cp "$work/train.log" "$work/d12/metrics.jsonl" "$out/"
 mkdir -p "$work/results"
 for set in held-out held-out-kept held-out-dropped; do
+    [ -f "$work/$set/pack.json" ] || continue
     [ -f "$work/results/bpb-$set.json" ] || "$x" eval bpb --checkpoint "$work/d12" --pack "$work/$set" \
         --json "$work/results/bpb-$set.json" | tee -a "$out/eval.txt"
 done
@@ -76,7 +78,8 @@ import json, os, statistics, sys
 out = sys.argv[1]
 rows = [json.loads(l) for l in open(f"{out}/metrics.jsonl") if '"loss"' in l]
 tok_s = statistics.median(r["tok_s"] for r in rows[5:])
-bpb = {s: json.load(open(f"{out}/bpb-{s}.json"))["bits_per_byte"] for s in ("held-out", "held-out-kept", "held-out-dropped")}
+bpb = {s: json.load(open(f"{out}/bpb-{s}.json"))["bits_per_byte"] if os.path.exists(f"{out}/bpb-{s}.json") else float("nan")
+       for s in ("held-out", "held-out-kept", "held-out-dropped")}
 print(f"RESULT steps={rows[-1]['step']} tokens={rows[-1]['step'] * 65536:.3g} tok_s={tok_s:.0f} "
       f"held_out_bpb={bpb['held-out']:.4f} kept_by_the_filters={bpb['held-out-kept']:.4f} "
       f"dropped_by_them={bpb['held-out-dropped']:.4f}")
