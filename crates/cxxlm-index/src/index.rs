@@ -50,10 +50,12 @@ pub enum Skip {
     SymlinkLoop,
     ParseTimeout,
     PathNotUtf8,
+    /// A FIFO, socket or device under a source file's name: reading it could block.
+    NotAFile,
 }
 
 impl Skip {
-    pub const ALL: [Skip; 7] = [
+    pub const ALL: [Skip; 8] = [
         Skip::NotUtf8,
         Skip::Binary,
         Skip::TooLarge,
@@ -61,6 +63,7 @@ impl Skip {
         Skip::SymlinkLoop,
         Skip::ParseTimeout,
         Skip::PathNotUtf8,
+        Skip::NotAFile,
     ];
 
     pub fn name(self) -> &'static str {
@@ -72,6 +75,7 @@ impl Skip {
             Skip::SymlinkLoop => "symlink_loop",
             Skip::ParseTimeout => "parse_timeout",
             Skip::PathNotUtf8 => "path_not_utf8",
+            Skip::NotAFile => "not_a_file",
         }
     }
 
@@ -217,8 +221,11 @@ fn read_and_parse(path: &Path, settings: &Settings, parser: &mut CppParser) -> O
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Outcome::Gone,
         Err(_) => return Outcome::Skipped(Skip::Unreadable),
     };
-    if !meta.is_file() {
+    if meta.is_dir() {
         return Outcome::Gone;
+    }
+    if !meta.is_file() {
+        return Outcome::Skipped(Skip::NotAFile);
     }
     if meta.len() > settings.max_bytes {
         return Outcome::Skipped(Skip::TooLarge);
@@ -281,10 +288,14 @@ fn walk(root: &Path, dir: &Path, own_dir: Option<&str>) -> Vec<Found> {
     for entry in walker {
         match entry {
             Ok(e) => {
-                if !e.file_type().is_file() {
+                let kind = e.file_type();
+                if kind.is_dir() {
                     continue;
                 }
                 match relative(root, e.path()) {
+                    Ok(rel) if is_source(&rel) && !kind.is_file() => {
+                        found.push(Found::Skipped(rel, Skip::NotAFile))
+                    }
                     Ok(rel) if is_source(&rel) => found.push(Found::Source(rel)),
                     Ok(_) => {}
                     Err(lossy) if is_source(&lossy) => {

@@ -260,6 +260,104 @@ fn archives_json_lines_and_git_checkouts() {
     assert_eq!(docs.len(), 4 + 2 + 2);
 }
 
+/// Debian's gcc package is a tarball of the upstream tarballs: archives among an archive's
+/// members are read too, three deep, and a damaged one is counted while its outer
+/// archive goes on.
+#[test]
+fn archives_inside_archives_are_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tree");
+    let tar = |dir: &Path, flag: &str, dest: &str, members: &[&str]| {
+        let ok = Command::new("tar")
+            .args([flag, dest, "-C"])
+            .arg(dir)
+            .args(members)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    write(&dir.join("a.cpp"), cpp_source(400));
+    write(&dir.join("zz/late.cpp"), cpp_source(401));
+    let inner = tmp.path().join("inner");
+    write(&inner.join("inner-1.0/lib/b.cpp"), cpp_source(402));
+    std::fs::create_dir_all(dir.join("bundled")).unwrap();
+    tar(
+        &inner,
+        "-czf",
+        dir.join("bundled/inner.tar.gz").to_str().unwrap(),
+        &["inner-1.0"],
+    );
+    write(&dir.join("bundled/broken.tar.gz"), b"not gzip at all");
+    // deep.tar > mid.tar.gz (read: c.cpp) > last.tar (a fourth level: skipped).
+    let deep = tmp.path().join("deep");
+    write(&deep.join("last/d.cpp"), cpp_source(404));
+    tar(
+        &deep,
+        "-cf",
+        deep.join("last.tar").to_str().unwrap(),
+        &["last"],
+    );
+    write(&deep.join("c.cpp"), cpp_source(403));
+    tar(
+        &deep,
+        "-czf",
+        deep.join("mid.tar.gz").to_str().unwrap(),
+        &["c.cpp", "last.tar"],
+    );
+    tar(
+        &deep,
+        "-cf",
+        dir.join("bundled/deep.tar").to_str().unwrap(),
+        &["mid.tar.gz"],
+    );
+    let outer = tmp.path().join("pkg_1.0.orig.tar.xz");
+    let members = [
+        "a.cpp",
+        "bundled/inner.tar.gz",
+        "bundled/broken.tar.gz",
+        "bundled/deep.tar",
+        "zz/late.cpp",
+    ];
+    tar(&dir, "-cJf", outer.to_str().unwrap(), &members);
+
+    let out = tmp.path().join("out");
+    run_ok(&[
+        "data",
+        "run",
+        "-i",
+        outer.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--keep-indentation",
+    ]);
+    let docs = read_shards(&out);
+    let text_of = |id: String| {
+        let doc = docs.iter().find(|d| d["id"] == id.as_str());
+        doc.unwrap_or_else(|| panic!("{id} not among {docs:?}"))["text"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let o = outer.to_str().unwrap();
+    assert_eq!(text_of(format!("{o}!/a.cpp")), cpp_source(400));
+    assert_eq!(text_of(format!("{o}!/zz/late.cpp")), cpp_source(401));
+    let b = format!("{o}!/bundled/inner.tar.gz!/inner-1.0/lib/b.cpp");
+    assert_eq!(text_of(b.clone()), cpp_source(402));
+    assert_eq!(
+        text_of(format!("{o}!/bundled/deep.tar!/mid.tar.gz!/c.cpp")),
+        cpp_source(403)
+    );
+    assert_eq!(docs.len(), 4, "{docs:?}");
+    let nested = docs.iter().find(|d| d["id"] == b.as_str()).unwrap();
+    assert_eq!(
+        nested["meta"]["archive"], o,
+        "the project is the outer package's"
+    );
+    let s = stats(&out);
+    assert_eq!(skipped(&s, "corrupt_archive"), 1, "{s}");
+    assert_eq!(skipped(&s, "nested_too_deep"), 1, "{s}");
+}
+
 #[test]
 fn a_full_disk_stops_the_run_with_the_file_named() {
     let tmp = tempfile::tempdir().unwrap();

@@ -44,6 +44,9 @@ fn repository(root: &Path) {
         ),
     );
     write(&root.join("src/blob.cpp"), b"\x00\x01\x02 not source");
+    let fifo = std::ffi::CString::new(root.join("src/pipe.cpp").to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) with a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
 }
 
 fn json(out: &std::process::Output) -> Value {
@@ -60,6 +63,7 @@ fn build_query_watch_and_refuse_a_damaged_index() {
     let built = json(&run_ok(&["index", "build", r, "--json"]));
     assert_eq!(built["files"], 7, "{built}");
     assert_eq!(built["skipped"]["binary"], 1, "{built}");
+    assert_eq!(built["skipped"]["not_a_file"], 1, "{built}");
 
     let main = std::fs::read_to_string(repo.join("src/main.cpp")).unwrap();
     let line = main
