@@ -100,6 +100,15 @@ pub struct TeacherStats {
 
 impl Teacher {
     pub fn new(config: TeacherConfig) -> Result<Self> {
+        if !["http://", "https://"]
+            .iter()
+            .any(|scheme| config.base_url.starts_with(scheme))
+        {
+            return Err(TaskError::Teacher(format!(
+                "{}: not an http:// or https:// URL",
+                config.base_url
+            )));
+        }
         if let Some(cache) = &config.cache {
             std::fs::create_dir_all(cache).map_err(|e| TaskError::io(cache, e))?;
         }
@@ -177,6 +186,15 @@ impl Teacher {
                             .take(500)
                             .collect::<String>()
                     )))
+                }
+                // A URL that cannot be asked (a space in the host, say) stays so.
+                Err(ureq::Error::Transport(t))
+                    if matches!(
+                        t.kind(),
+                        ureq::ErrorKind::InvalidUrl | ureq::ErrorKind::UnknownScheme
+                    ) =>
+                {
+                    return Err(TaskError::Teacher(t.to_string()))
                 }
                 // ureq's transport errors already start with the URL.
                 Err(e) => e
@@ -312,6 +330,29 @@ pub fn requests(template: &Path, records: &Path) -> Result<Vec<Request>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_url_that_cannot_be_asked_is_refused_without_retries() {
+        let config = |base_url: &str| TeacherConfig {
+            base_url: base_url.into(),
+            model: "m".into(),
+            api_key: None,
+            concurrency: 1,
+            retries: 3,
+            backoff: std::time::Duration::from_secs(60),
+            timeout: std::time::Duration::from_secs(5),
+            temperature: 0.0,
+            max_tokens: 8,
+            cache: None,
+        };
+        let e = Teacher::new(config("not a url")).err().unwrap().to_string();
+        assert!(e.contains("not an http:// or https:// URL"), "{e}");
+        // A retry would sleep a minute first.
+        let teacher = Teacher::new(config("http://bad host/v1")).unwrap();
+        let retries = AtomicUsize::new(0);
+        let e = teacher.ask("hi", &retries).unwrap_err().to_string();
+        assert_eq!(retries.load(Ordering::Relaxed), 0, "{e}");
+    }
 
     #[test]
     fn templates_fill_holes_and_name_missing_fields() {
