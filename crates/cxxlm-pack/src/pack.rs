@@ -190,10 +190,17 @@ impl Manifest {
 
     pub fn load(dir: &Path) -> Result<Self> {
         let path = Self::path(dir);
-        read_json_if_present(&path)?.ok_or_else(|| PackError::Format {
-            path,
-            message: "missing: not the output of a finished `cxxlm pack`".into(),
-        })
+        let format = |message: String| PackError::Format {
+            path: path.clone(),
+            message: format!("{message}: not the output of a finished `cxxlm pack`"),
+        };
+        let bytes = match std::fs::read(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(format("missing".into()))
+            }
+            read => read.map_err(|e| PackError::io(&path, e))?,
+        };
+        serde_json::from_slice(&bytes).map_err(|e| format(format!("unreadable ({e})")))
     }
 
     /// Refuses a tokenizer other than the one the tokens were made with.
@@ -590,6 +597,18 @@ mod tests {
             val_by_repository,
             repo: None,
             batch_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn a_missing_or_unreadable_manifest_is_no_finished_pack() {
+        let dir = tempfile::tempdir().unwrap();
+        for contents in [None, Some(""), Some("{\"settings\": 3}")] {
+            if let Some(c) = contents {
+                std::fs::write(Manifest::path(dir.path()), c).unwrap();
+            }
+            let e = Manifest::load(dir.path()).err().unwrap().to_string();
+            assert!(e.contains("not the output of a finished `cxxlm pack`"), "{e}");
         }
     }
 
