@@ -4,7 +4,9 @@
 #
 # Run from the repository root with gpu/ carried (see benches/train/prepare.sh):
 #   benches/train/gpu.sh bench            # d12 B=32, d20 B=16 and B=32, T=2048: tok/s and memory
-#                                         # against torch.compile (explicit pass with fused kernels,
+#                                         # against torch.compile, with AdamW (ref_gpt.py) and with
+#                                         # Muon as ours (ref_muon.py; REF_MUON=0 leaves it out)
+#                                         # (explicit pass with fused kernels,
 #                                         # and autograd with CXXLM_FUSED=0; BENCH_VARIANTS
 #                                         # picks among fused, fused-adamw, autograd, and
 #                                         # fused-phases: fused with the step's phases timed;
@@ -74,6 +76,8 @@ bench)
         set -- $shape
         seq=${3:-2048}
         python3 gpu/ref_gpt.py train --depth "$1" --batch "$2" --seq "$seq" --mode compile --steps "${REF_STEPS:-20}" 2>&1 | grep RESULT | tee -a "$out/bench.txt" || true
+        [ "${REF_MUON:-1}" = 0 ] || python3 "$(dirname "$0")/ref_muon.py" --depth "$1" --batch "$2" --seq "$seq" --mode compile \
+            --steps "${REF_STEPS:-20}" 2>&1 | grep RESULT | tee -a "$out/bench.txt" || true
         # fused-adamw: AdamW on every weight, as the reference does (Muon's Newton-Schulz
         # is work the reference does not do).
         for backward in ${BENCH_VARIANTS:-fused fused-adamw autograd}; do

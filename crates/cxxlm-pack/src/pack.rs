@@ -608,7 +608,10 @@ mod tests {
                 std::fs::write(Manifest::path(dir.path()), c).unwrap();
             }
             let e = Manifest::load(dir.path()).err().unwrap().to_string();
-            assert!(e.contains("not the output of a finished `cxxlm pack`"), "{e}");
+            assert!(
+                e.contains("not the output of a finished `cxxlm pack`"),
+                "{e}"
+            );
         }
     }
 
