@@ -350,7 +350,7 @@ impl Fused {
                         g.kind() == Kind::BFloat16
                             && s[3] == 1
                             && s[..3].iter().all(|s| s % 2 == 0)
-                            && g.data_ptr() as usize % 4 == 0,
+                            && (g.data_ptr() as usize).is_multiple_of(4),
                         "{what}: bf16 with unit stride in dim, even strides, 4-byte aligned"
                     );
                 }
