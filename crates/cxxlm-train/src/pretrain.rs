@@ -474,7 +474,12 @@ impl Evaluation for PretrainEval<'_> {
                 model.config.seq_len + 1
             ))),
         }
-        let samples = if comm.rank() == 0 { self.samples } else { 0 };
+        // An untrained model has nothing to show (its zero head writes token 0 over and over).
+        let samples = if comm.rank() == 0 && step > 0 {
+            self.samples
+        } else {
+            0
+        };
         let (bos, eos) = (
             self.bpe.special_id("<|bos|>"),
             self.bpe.special_id("<|eos|>"),

@@ -91,7 +91,19 @@ fn the_loss_falls_and_a_resumed_run_repeats_the_uninterrupted_one() {
         .count();
     assert_eq!(tb, 1);
     let samples = std::fs::read_to_string(whole.join("samples.jsonl")).unwrap();
-    assert!(samples.lines().count() >= 5);
+    let steps: Vec<u64> = samples
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    // At each evaluation but the untrained model's at step 0.
+    assert!(
+        steps.len() >= 4 && steps.iter().all(|&s| s > 0),
+        "{steps:?}"
+    );
     bits_per_byte_of_a_split_shorter_than_one_window(&p, &whole);
 
     let split = p.f.root.join("split");
