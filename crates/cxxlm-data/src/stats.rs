@@ -11,14 +11,15 @@ pub struct Count {
 }
 
 impl Count {
+    /// Sizes come from headers that may be damaged: a sum saturates rather than wraps.
     pub fn add(&mut self, bytes: u64) {
         self.docs += 1;
-        self.bytes += bytes;
+        self.bytes = self.bytes.saturating_add(bytes);
     }
 
     fn merge(&mut self, other: &Count) {
         self.docs += other.docs;
-        self.bytes += other.bytes;
+        self.bytes = self.bytes.saturating_add(other.bytes);
     }
 }
 

@@ -11,6 +11,10 @@ use crate::document::RawDocument;
 /// is a tarball of the upstream tarballs); deeper ones are counted as skipped.
 const MAX_NESTING: usize = 3;
 
+/// No real member is this large (1 TiB): a header that declares more is damaged (a
+/// negative size read as unsigned), and what follows it cannot be found.
+const MAX_MEMBER_BYTES: u64 = 1 << 40;
+
 /// The C/C++ members of a tar archive, streamed: members over the size limit are
 /// skipped without being read, and a corrupt or truncated archive ends with a skip
 /// that names how far reading got. Tar archives among the members are read in turn, their
@@ -56,6 +60,10 @@ fn read_nested(
             continue;
         }
         let member_id = format!("{id}!/{member}");
+        if entry.size() > MAX_MEMBER_BYTES {
+            let detail = format!("member {member} declares {} bytes", entry.size());
+            return corrupt(sink, detail, 0);
+        }
         let kind = match Kind::of(base) {
             Some(k @ (Kind::Source | Kind::MaybeSource)) => k,
             Some(Kind::Archive(inner)) if depth < MAX_NESTING => {
@@ -115,4 +123,67 @@ fn read_nested(
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The items read from a tar archive of `members` (name, declared size, contents).
+    fn items_of(members: &[(&str, Option<[u8; 12]>, &[u8])]) -> Vec<ReadItem> {
+        let mut tar = Vec::new();
+        for (name, size_field, data) in members {
+            let mut header = tar::Header::new_gnu();
+            header.set_path(name).unwrap();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            if let Some(field) = size_field {
+                header.as_mut_bytes()[124..136].copy_from_slice(field);
+            }
+            header.set_cksum();
+            tar.extend_from_slice(header.as_bytes());
+            tar.extend_from_slice(data);
+            tar.resize(tar.len().div_ceil(512) * 512, 0);
+        }
+        tar.resize(tar.len() + 1024, 0);
+        let mut items = Vec::new();
+        let config = InputConfig::default();
+        let mut sink = |item| {
+            items.push(item);
+            true
+        };
+        read_nested(
+            &tar[..],
+            Compression::None,
+            "t.tar",
+            "t.tar",
+            &config,
+            &mut sink,
+            1,
+        );
+        items
+    }
+
+    #[test]
+    fn a_member_of_impossible_size_ends_its_archive_as_corrupt() {
+        let source: &[u8] = b"int main() { return 0; }\n";
+        // A size field in base-256 whose low eight bytes read as about 1.8e19, as in the
+        // negative-size archive of Go's archive/tar tests (inside Debian's gcc source).
+        let negative = Some([
+            0xf4, 0x31, 0x30, 0x31, 0xf4, 0x30, 0x74, 0x13, 0x30, 0x30, 0x71, 0xd4,
+        ]);
+        let items = items_of(&[("a.cpp", None, source), ("b.cpp", negative, b"")]);
+        assert!(matches!(&items[0], ReadItem::Doc(d) if d.id == "t.tar!/a.cpp"));
+        match &items[1..] {
+            [ReadItem::Skip { skipped, bytes: 0 }] => {
+                assert_eq!(skipped.reason, "corrupt_archive");
+                assert!(
+                    skipped.detail.contains("member b.cpp declares"),
+                    "{}",
+                    skipped.detail
+                );
+            }
+            other => panic!("{} items after the first", other.len()),
+        }
+    }
 }
