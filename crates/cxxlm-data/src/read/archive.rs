@@ -129,8 +129,11 @@ fn read_nested(
 mod tests {
     use super::*;
 
-    /// The items read from a tar archive of `members` (name, declared size, contents).
-    fn items_of(members: &[(&str, Option<[u8; 12]>, &[u8])]) -> Vec<ReadItem> {
+    /// A member's name, its header's size field if not the contents' size, its contents.
+    type Member<'a> = (&'a str, Option<[u8; 12]>, &'a [u8]);
+
+    /// The items read from a tar archive of `members`.
+    fn items_of(members: &[Member]) -> Vec<ReadItem> {
         let mut tar = Vec::new();
         for (name, size_field, data) in members {
             let mut header = tar::Header::new_gnu();
