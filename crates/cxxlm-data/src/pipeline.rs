@@ -811,16 +811,14 @@ impl<'a> TaskRun<'a> {
     /// rewrites identically) at most the shard being closed.
     fn checkpoint(&mut self) -> Result<()> {
         let mut wrote = false;
-        if let Some(w) = self.shard.take() {
-            let path = w.finish()?;
-            self.shards.push(WrittenShard::of(&self.layout.dir, &path)?);
-            self.stats.shards += 1;
-            wrote = true;
-        }
-        if let Some(w) = self.removed.take() {
-            let path = w.finish()?;
-            self.shards.push(WrittenShard::of(&self.layout.dir, &path)?);
-            wrote = true;
+        // The kept documents' shard counts among the run's shards; the removed ones' not.
+        for (writer, counted) in [(self.shard.take(), 1), (self.removed.take(), 0)] {
+            if let Some(w) = writer {
+                let path = w.finish()?;
+                self.shards.push(WrittenShard::of(&self.layout.dir, &path)?);
+                self.stats.shards += counted;
+                wrote = true;
+            }
         }
         if wrote {
             self.next_shard += 1;

@@ -207,15 +207,18 @@ fn injected_bugs_are_verified_resumed_and_judged() {
     assert!(e.contains("other settings"), "{e}");
 
     // Both versions of sampled tasks, built on their own, behave as recorded.
-    let out = run_ok(&[
-        "tasks",
-        "verify",
-        "-i",
-        out1.to_str().unwrap(),
-        "--sample",
-        "4",
-    ]);
-    let printed = String::from_utf8_lossy(&out.stdout);
+    let verify = |tasks: &Path| {
+        let args = [
+            "tasks",
+            "verify",
+            "-i",
+            tasks.to_str().unwrap(),
+            "--sample",
+            "4",
+        ];
+        String::from_utf8_lossy(&run_ok(&args).stdout).into_owned()
+    };
+    let printed = verify(&out1);
     assert!(
         printed.contains("fix matches the oracle 4/4, bug fails 4/4")
             && printed.contains("output as an answer passes 4/4"),
@@ -235,15 +238,7 @@ fn injected_bugs_are_verified_resumed_and_judged() {
         zstd::encode_all(lines.as_bytes(), 3).unwrap(),
     );
     std::fs::copy(out1.join("settings.json"), spoiled.join("settings.json")).unwrap();
-    let out = run_ok(&[
-        "tasks",
-        "verify",
-        "-i",
-        spoiled.to_str().unwrap(),
-        "--sample",
-        "4",
-    ]);
-    let printed = String::from_utf8_lossy(&out.stdout);
+    let printed = verify(&spoiled);
     assert!(
         printed.contains("output as an answer passes 0/4"),
         "{printed}"
