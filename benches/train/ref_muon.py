@@ -31,12 +31,18 @@ def orthogonalize(g, steps: int):
 
 
 class MuonAdamW:
-    """Muon for every matrix but those with `vocab` rows (embedding, head): AdamW."""
+    """Muon for every matrix but those with `vocab` rows (embedding, head): AdamW, at
+    `vocab_lrs` (one rate, or a list in the parameters' order)."""
 
-    def __init__(self, params, vocab, lr=0.02, momentum=0.95, steps=5):
+    def __init__(self, params, vocab, lr=0.02, momentum=0.95, steps=5, vocab_lrs=1e-4):
         params = list(params)
-        self.adamw = ADAMW([p for p in params if p.size(0) == vocab], lr=1e-4, betas=(0.8, 0.95),
+        vocab_params = [p for p in params if p.size(0) == vocab]
+        if not isinstance(vocab_lrs, list):
+            vocab_lrs = [vocab_lrs] * len(vocab_params)
+        self.adamw = ADAMW([{"params": [p], "lr": r} for p, r in zip(vocab_params, vocab_lrs)], betas=(0.8, 0.95),
                            eps=1e-10, weight_decay=0.0, fused=params[0].is_cuda)
+        for g in self.adamw.param_groups:
+            g["base_lr"] = g["lr"]
         by_shape = {}
         for p in params:
             if p.size(0) != vocab:
@@ -46,13 +52,15 @@ class MuonAdamW:
         self.params, self.lr, self.momentum, self.steps = params, lr, momentum, steps
 
     @torch.no_grad()
-    def step(self):
+    def step(self, lr_scale=1.0):
         torch.nn.utils.clip_grad_norm_(self.params, 1.0, foreach=True)
+        for g in self.adamw.param_groups:
+            g["lr"] = g["base_lr"] * lr_scale
         for group, m in zip(self.groups, self.momenta):
             g = torch.stack([p.grad for p in group])
             m.lerp_(g, 1 - self.momentum)
             update = orthogonalize(g.lerp_(m, self.momentum), self.steps)
-            scale = -self.lr * max(1.0, group[0].size(0) / group[0].size(1)) ** 0.5
+            scale = -self.lr * lr_scale * max(1.0, group[0].size(0) / group[0].size(1)) ** 0.5
             torch._foreach_add_(group, list(update.float().unbind(0)), alpha=scale)
         self.adamw.step()
 
