@@ -427,6 +427,21 @@ impl BatchSource for PackSource {
     fn describe(&self) -> String {
         format!("the pack {}", self.pack.display())
     }
+
+    /// Best-fit rows crop the documents that do not fit: the share of the tokens taken from
+    /// the pack that were cut off, since the run began (the loader's stream is every rank's).
+    fn figures(&mut self, _: &Comm) -> Result<Map<String, Value>> {
+        let s = self.loader.state();
+        let mut figures = Map::new();
+        if s.mode == Mode::BestFit {
+            let taken = s.rows * (s.seq_len as u64 + 1) + s.cropped_tokens;
+            figures.insert(
+                "cropped_share".into(),
+                (s.cropped_tokens as f64 / taken.max(1) as f64).into(),
+            );
+        }
+        Ok(figures)
+    }
 }
 
 /// Validation bits per byte, and greedy completions of C++ openings.

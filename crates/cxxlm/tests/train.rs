@@ -72,6 +72,15 @@ fn metrics(out: &Path) -> (Vec<(u64, String)>, Vec<f64>) {
     (losses, bpb)
 }
 
+/// The share of the pack's tokens that best-fit rows cropped, at every step.
+fn cropped_shares(out: &Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["cropped_share"].as_f64())
+        .collect()
+}
+
 #[test]
 fn the_loss_falls_and_a_resumed_run_repeats_the_uninterrupted_one() {
     let p = packed();
@@ -114,6 +123,18 @@ fn the_loss_falls_and_a_resumed_run_repeats_the_uninterrupted_one() {
         metrics(&split),
         metrics(&whole),
         "losses and bpb repeat bit for bit"
+    );
+    // Rows chosen from one document at a time crop every one that does not fit.
+    let one = p.f.root.join("one-candidate");
+    train(
+        &p,
+        &one,
+        &["--set", "train.steps=4", "--set", "data.buffer=1"],
+    );
+    let cropped = cropped_shares(&one);
+    assert!(
+        cropped.len() == 4 && cropped.iter().all(|&c| (0.0..1.0).contains(&c)) && cropped[3] > 0.0,
+        "{cropped:?}"
     );
 }
 
