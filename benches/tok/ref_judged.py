@@ -14,12 +14,11 @@ The tokens are kept in WORK, and training checkpoints there every 250 steps and 
   python3 benches/tok/ref_judged.py --tokenizer gpu/hf-tokenizer.json --data gpu/data-norepeat \\
       --held-out gpu/held-out --work /tmp/ref-judged --steps 3045 --seconds 480
 """
-import argparse, json, math, os, sys, time
+import argparse, json, math, sys, time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 here = Path(__file__).resolve().parent
