@@ -50,7 +50,8 @@ pub struct Bpe {
 impl Bpe {
     /// `merges` in rank order, each `[left, right, result]`; `tokens` holds the bytes
     /// of every id below the specials. Text is split into pieces by `pattern`
-    /// ([`PIECE_PATTERN`] for first-stage merges only, [`PATTERN`] with superwords).
+    /// ([`PIECE_PATTERN`] or [`crate::INDENTATION_APART_PATTERN`] for first-stage merges
+    /// only, [`PATTERN`] with superwords).
     pub fn new(
         tokens: Vec<Vec<u8>>,
         merges: Vec<[u32; 3]>,

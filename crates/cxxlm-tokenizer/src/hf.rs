@@ -10,7 +10,9 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 
 use crate::byte_level::{byte_to_char, decode, encode};
-use crate::{special_tokens, Bpe, TokenizerError, PATTERN, PIECE_PATTERN};
+use crate::{
+    special_tokens, Bpe, TokenizerError, INDENTATION_APART_PATTERN, PATTERN, PIECE_PATTERN,
+};
 
 pub fn to_hf_json(bpe: &Bpe) -> Value {
     let table = byte_to_char();
@@ -77,8 +79,9 @@ pub fn from_hf_json(text: &str) -> Result<Bpe, TokenizerError> {
     let pattern = v
         .pointer("/pre_tokenizer/pretokenizers/0/pattern/Regex")
         .and_then(Value::as_str);
-    // One stage splits into C++ pieces; with superwords, into lines.
-    let Some(pattern) = [PIECE_PATTERN, PATTERN]
+    // One stage splits into C++ pieces (indentation joined or apart); with superwords,
+    // into lines.
+    let Some(pattern) = [PIECE_PATTERN, INDENTATION_APART_PATTERN, PATTERN]
         .into_iter()
         .find(|p| pattern == Some(*p))
     else {

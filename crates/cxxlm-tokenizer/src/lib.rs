@@ -21,6 +21,12 @@ pub use train::Trainer;
 /// and `fancy-regex` split identically; every character is matched by some branch.
 pub const PIECE_PATTERN: &str = r" ?[\p{L}_][\p{L}\p{N}_]*|\p{N}{1,3}| ?[^\s\p{L}\p{N}_]+(?:[\r\n]+[ \t]*)?|[\r\n]+[ \t]*|[ \t]+|\s+";
 
+/// First-stage pieces with a line's indentation apart from the punctuation and line break
+/// before it (`;\n`, then `    `), as GPT-4's pattern splits them (`tok train
+/// --indentation-apart`): the variant that tells whether joining them costs the model.
+pub const INDENTATION_APART_PATTERN: &str =
+    r" ?[\p{L}_][\p{L}\p{N}_]*|\p{N}{1,3}| ?[^\s\p{L}\p{N}_]+[\r\n]*|[\r\n]+|[ \t]+|\s+";
+
 /// Second-stage pieces, and the encoding pattern of a tokenizer trained with a second
 /// stage: whole lines with their line break. Merges learned in the second stage cross
 /// the first stage's boundaries (superwords such as ` = 0;\n` or `std::string&`), as
@@ -162,6 +168,40 @@ mod tests {
         let back = from_hf_json(&to_hf_json(&bpe).to_string()).unwrap();
         assert_eq!(back.pattern(), PIECE_PATTERN);
         assert_eq!(back.encode(&texts[0]), bpe.encode(&texts[0]));
+    }
+
+    #[test]
+    fn indentation_apart_leaves_no_line_break_before_indentation_in_a_token() {
+        let texts = libstdcxx_headers(400_000);
+        let train = |apart| {
+            let mut t = Trainer::new(2048).unwrap().with_indentation_apart(apart);
+            t.feed(&texts);
+            t.train().unwrap()
+        };
+        let breaks_into_indentation = |bpe: &Bpe| {
+            bpe.tokens().iter().any(|t| {
+                t.windows(2)
+                    .any(|w| w[0] == b'\n' && matches!(w[1], b' ' | b'\t'))
+            })
+        };
+        assert!(breaks_into_indentation(&train(false)));
+        let apart = train(true);
+        assert_eq!(apart.pattern(), INDENTATION_APART_PATTERN);
+        assert!(!breaks_into_indentation(&apart));
+        assert!(apart.tokens().iter().any(|t| t.as_slice() == b";\n"));
+        for text in texts.iter().take(5) {
+            let ends = piece_ends(text, INDENTATION_APART_PATTERN);
+            let mut at = 0;
+            for id in apart.encode(text) {
+                let next = at + apart.decode(&[id]).len();
+                assert!(ends.range(at + 1..next).next().is_none());
+                at = next;
+            }
+            assert_eq!(at, text.len());
+        }
+        let back = from_hf_json(&to_hf_json(&apart).to_string()).unwrap();
+        assert_eq!(back.pattern(), INDENTATION_APART_PATTERN);
+        assert_eq!(back.encode(&texts[0]), apart.encode(&texts[0]));
     }
 
     #[test]

@@ -9,7 +9,10 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
 use crate::bpe::PieceCache;
-use crate::{Bpe, TokenizerError, FIRST_STAGE_SHARE, PATTERN, PIECE_PATTERN, RESERVED_SPECIALS};
+use crate::{
+    Bpe, TokenizerError, FIRST_STAGE_SHARE, INDENTATION_APART_PATTERN, PATTERN, PIECE_PATTERN,
+    RESERVED_SPECIALS,
+};
 
 type Pair = (u32, u32);
 /// Changes of pair counts.
@@ -17,6 +20,7 @@ type Deltas = Vec<(Pair, i64)>;
 
 pub struct Trainer {
     vocab_size: usize,
+    piece_pattern: &'static str,
     splitter: Regex,
     line_splitter: Regex,
     counts: HashMap<String, u64>,
@@ -34,6 +38,7 @@ impl Trainer {
         }
         Ok(Trainer {
             vocab_size,
+            piece_pattern: PIECE_PATTERN,
             splitter: Regex::new(PIECE_PATTERN).expect("static pattern"),
             line_splitter: Regex::new(PATTERN).expect("static pattern"),
             counts: HashMap::default(),
@@ -66,6 +71,18 @@ impl Trainer {
         self
     }
 
+    /// Whether first-stage pieces keep a line's indentation apart from the punctuation and
+    /// line break before it ([`INDENTATION_APART_PATTERN`]); false (the default) joins them
+    /// ([`PIECE_PATTERN`]). Set before feeding text.
+    pub fn with_indentation_apart(mut self, apart: bool) -> Self {
+        self.piece_pattern = match apart {
+            true => INDENTATION_APART_PATTERN,
+            false => PIECE_PATTERN,
+        };
+        self.splitter = Regex::new(self.piece_pattern).expect("static pattern");
+        self
+    }
+
     /// Count the pieces and lines of a batch of texts (the texts can be dropped after).
     pub fn feed(&mut self, texts: &[String]) {
         count_into(&mut self.counts, &self.splitter, texts);
@@ -88,7 +105,12 @@ impl Trainer {
         let mut state = Learner::new(self.counts, None);
         if self.second_stage_bytes == 0 {
             state.learn(learned, cap, true);
-            return Bpe::new(state.tokens, state.merges, self.vocab_size, PIECE_PATTERN);
+            return Bpe::new(
+                state.tokens,
+                state.merges,
+                self.vocab_size,
+                self.piece_pattern,
+            );
         }
         state.learn(
             256 + ((learned - 256) as f64 * FIRST_STAGE_SHARE) as usize,
@@ -99,7 +121,7 @@ impl Trainer {
             state.tokens.clone(),
             state.merges.clone(),
             self.vocab_size,
-            PIECE_PATTERN,
+            self.piece_pattern,
         )?;
         let mut state = Learner::new(self.line_counts, Some((&stage_one, state)));
         state.learn(learned, cap, self.superword_line_breaks);

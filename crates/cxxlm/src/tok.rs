@@ -45,6 +45,11 @@ pub struct TrainArgs {
     /// Keep superwords within a line: no second-stage merge takes in a line break.
     #[arg(long)]
     superwords_within_lines: bool,
+    /// First-stage pieces keep a line's indentation apart from the punctuation and line
+    /// break before it (`;\n`, then `    `, as GPT-4's pattern splits), where by default
+    /// `;\n    ` is one piece.
+    #[arg(long)]
+    indentation_apart: bool,
     #[arg(long, short)]
     out: PathBuf,
 }
@@ -166,7 +171,8 @@ fn train(args: TrainArgs) -> Result<()> {
     let mut trainer = Trainer::new(args.vocab)?
         .with_second_stage_bytes(args.second_stage_mib << 20)
         .with_max_token_bytes(args.max_token_bytes)
-        .with_superword_line_breaks(!args.superwords_within_lines);
+        .with_superword_line_breaks(!args.superwords_within_lines)
+        .with_indentation_apart(args.indentation_apart);
     let mut batch: Vec<String> = Vec::new();
     let mut batch_bytes = 0usize;
     let total = read_texts(&args.inputs, args.max_bytes, |_, text| {
