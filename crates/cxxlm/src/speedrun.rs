@@ -127,6 +127,8 @@ struct TokenizerSettings {
     max_token_bytes: usize,
     /// Superwords kept within a line (no second-stage merge takes in a line break).
     superwords_within_lines: bool,
+    /// A line's indentation kept apart from the punctuation and line break before it.
+    indentation_apart: bool,
 }
 
 impl Default for TokenizerSettings {
@@ -137,6 +139,7 @@ impl Default for TokenizerSettings {
             second_stage_mib: 0,
             max_token_bytes: 0,
             superwords_within_lines: false,
+            indentation_apart: false,
         }
     }
 }
@@ -278,6 +281,9 @@ fn stages(config: &Config, l: &Layout, tomls: &Configs) -> Vec<Stage> {
     }
     if config.tokenizer.superwords_within_lines {
         tok_args.push("--superwords-within-lines".into());
+    }
+    if config.tokenizer.indentation_apart {
+        tok_args.push("--indentation-apart".into());
     }
     let p = &config.pack;
     // `cxxlm pack` of the deduplicated shards into `out`, with the run's settings.

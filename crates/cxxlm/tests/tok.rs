@@ -93,6 +93,12 @@ fn trains_evaluates_and_python_tokenizers_agree() {
     assert!(joins_a_line_break(&superwords));
     assert!(!joins_a_line_break(&within));
     python_tokenizers_agree(tmp.path(), &within);
+
+    // Indentation apart from the line break before it: Python `tokenizers` splits that
+    // pattern as we do.
+    let apart = trained("apart.json", &["--indentation-apart"]);
+    assert_eq!(pattern(&apart), cxxlm_tokenizer::INDENTATION_APART_PATTERN);
+    python_tokenizers_agree(tmp.path(), &apart);
 }
 
 fn bos_id(tok: &std::path::Path) -> u32 {
