@@ -150,9 +150,14 @@ mod tests {
                 );
             }
         }
-        // No token of an encoded text crosses a first-stage piece boundary.
+        assert_keeps_to_pieces_and_reloads(&bpe, &texts, PIECE_PATTERN);
+    }
+
+    /// No token of an encoded text crosses a piece boundary of `pattern`, and the HF JSON
+    /// reloads with the same pattern and encoding.
+    fn assert_keeps_to_pieces_and_reloads(bpe: &Bpe, texts: &[String], pattern: &str) {
         for text in texts.iter().take(5) {
-            let ends = piece_ends(text, PIECE_PATTERN);
+            let ends = piece_ends(text, pattern);
             let mut at = 0;
             for id in bpe.encode(text) {
                 let next = at + bpe.decode(&[id]).len();
@@ -165,8 +170,8 @@ mod tests {
             }
             assert_eq!(at, text.len());
         }
-        let back = from_hf_json(&to_hf_json(&bpe).to_string()).unwrap();
-        assert_eq!(back.pattern(), PIECE_PATTERN);
+        let back = from_hf_json(&to_hf_json(bpe).to_string()).unwrap();
+        assert_eq!(back.pattern(), pattern);
         assert_eq!(back.encode(&texts[0]), bpe.encode(&texts[0]));
     }
 
@@ -189,19 +194,7 @@ mod tests {
         assert_eq!(apart.pattern(), INDENTATION_APART_PATTERN);
         assert!(!breaks_into_indentation(&apart));
         assert!(apart.tokens().iter().any(|t| t.as_slice() == b";\n"));
-        for text in texts.iter().take(5) {
-            let ends = piece_ends(text, INDENTATION_APART_PATTERN);
-            let mut at = 0;
-            for id in apart.encode(text) {
-                let next = at + apart.decode(&[id]).len();
-                assert!(ends.range(at + 1..next).next().is_none());
-                at = next;
-            }
-            assert_eq!(at, text.len());
-        }
-        let back = from_hf_json(&to_hf_json(&apart).to_string()).unwrap();
-        assert_eq!(back.pattern(), INDENTATION_APART_PATTERN);
-        assert_eq!(back.encode(&texts[0]), apart.encode(&texts[0]));
+        assert_keeps_to_pieces_and_reloads(&apart, &texts, INDENTATION_APART_PATTERN);
     }
 
     #[test]

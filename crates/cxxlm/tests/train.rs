@@ -72,15 +72,6 @@ fn metrics(out: &Path) -> (Vec<(u64, String)>, Vec<f64>) {
     (losses, bpb)
 }
 
-/// The share of the pack's tokens that best-fit rows cropped, at every step.
-fn cropped_shares(out: &Path) -> Vec<f64> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["cropped_share"].as_f64())
-        .collect()
-}
-
 #[test]
 fn the_loss_falls_and_a_resumed_run_repeats_the_uninterrupted_one() {
     let p = packed();
@@ -131,7 +122,10 @@ fn the_loss_falls_and_a_resumed_run_repeats_the_uninterrupted_one() {
         &one,
         &["--set", "train.steps=4", "--set", "data.buffer=1"],
     );
-    let cropped = cropped_shares(&one);
+    let cropped: Vec<f64> = metrics_records(&one)
+        .iter()
+        .filter_map(|r| r["cropped_share"].as_f64())
+        .collect();
     assert!(
         cropped.len() == 4 && cropped.iter().all(|&c| (0.0..1.0).contains(&c)) && cropped[3] > 0.0,
         "{cropped:?}"
