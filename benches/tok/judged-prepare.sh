@@ -16,7 +16,8 @@
 # scripts/corpus/debian-cpp.sh with EXCLUDE=gcc-12 (the tasks of `cxxlm tasks bugs` come
 # from GCC's), then with SPREAD=1 and 56 more of its packages, and abseil, eigen3, fmtlib,
 # grpc, ninja-build, protobuf and spdlog held out. KEEP_INDENTATION=1 for shards of `data run
-# --keep-indentation` (raw text): the filtering run keeps it too.
+# --keep-indentation` (raw text): the filtering run keeps it too, and the same documents are
+# also written normalized.
 #
 # Usage: benches/tok/judged-prepare.sh TRAIN_DATA HELD_OUT_DATA [MIB]
 set -euo pipefail
@@ -50,6 +51,15 @@ rm -rf bench-out/judged/sample-norepeat gpu/data-norepeat && mkdir -p gpu/data-n
 target/release/cxxlm data run --config bench-out/judged/norepeat.toml -i "$sample" -o bench-out/judged/sample-norepeat \
     $([ "${KEEP_INDENTATION:-}" = 1 ] && echo --keep-indentation) | tail -4
 zstd -dc bench-out/judged/sample-norepeat/*.jsonl.zst | zstd -19 --long=27 -T0 -q -o gpu/data-norepeat/part-00000-00000.jsonl.zst
+# Raw text: the same documents normalized too (gpu/data-normalized, gpu/held-out-normalized),
+# so that the two layouts are compared on the same documents.
+if [ "${KEEP_INDENTATION:-}" = 1 ]; then
+    for pair in bench-out/judged/sample-norepeat:data-normalized gpu/held-out:held-out-normalized; do
+        rm -rf "bench-out/judged/${pair#*:}" "gpu/${pair#*:}" && mkdir -p "gpu/${pair#*:}"
+        target/release/cxxlm data run -i "${pair%%:*}" -o "bench-out/judged/${pair#*:}" | tail -1
+        zstd -dc "bench-out/judged/${pair#*:}"/*.jsonl.zst | zstd -19 --long=27 -T0 -q -o "gpu/${pair#*:}/part-00000-00000.jsonl.zst"
+    done
+fi
 du -sh gpu gpu/data gpu/data-norepeat gpu/held-out
 # Last, as it takes minutes: the tokenizer's compression on the sample.
 target/release/cxxlm tok eval --tokenizer bench-out/judged/tokenizer.json "$sample" | tail -3
