@@ -55,9 +55,10 @@ zstd -dc bench-out/judged/sample-norepeat/*.jsonl.zst | zstd -19 --long=27 -T0 -
 # so that the two layouts are compared on the same documents.
 if [ "${KEEP_INDENTATION:-}" = 1 ]; then
     for pair in bench-out/judged/sample-norepeat:data-normalized gpu/held-out:held-out-normalized; do
-        rm -rf "bench-out/judged/${pair#*:}" "gpu/${pair#*:}" && mkdir -p "gpu/${pair#*:}"
-        target/release/cxxlm data run -i "${pair%%:*}" -o "bench-out/judged/${pair#*:}" | tail -1
-        zstd -dc "bench-out/judged/${pair#*:}"/*.jsonl.zst | zstd -19 --long=27 -T0 -q -o "gpu/${pair#*:}/part-00000-00000.jsonl.zst"
+        raw=${pair%%:*} name=${pair#*:}
+        rm -rf "bench-out/judged/$name" "gpu/$name" && mkdir -p "gpu/$name"
+        target/release/cxxlm data run -i "$raw" -o "bench-out/judged/$name" | tail -1
+        zstd -dc "bench-out/judged/$name"/*.jsonl.zst | zstd -19 --long=27 -T0 -q -o "gpu/$name/part-00000-00000.jsonl.zst"
     done
 fi
 du -sh gpu gpu/data gpu/data-norepeat gpu/held-out
