@@ -51,6 +51,14 @@ impl MemoryPlan {
         self.parts.iter().map(|(_, b)| b).sum()
     }
 
+    /// Bytes of the part named `name` (0 where there is none).
+    pub fn part(&self, name: &str) -> u64 {
+        self.parts
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(0, |p| p.1)
+    }
+
     /// The plan as lines of text, against `capacity` bytes when known.
     pub fn describe(&self, capacity: Option<u64>) -> String {
         let mut out = String::new();
@@ -61,11 +69,7 @@ impl MemoryPlan {
         if let Some(c) = capacity {
             out += &format!(" of {:.2} GiB", gib(c));
         }
-        let activations = self
-            .parts
-            .iter()
-            .find(|(n, _)| *n == "activations")
-            .map_or(0, |p| p.1);
+        let activations = self.part("activations");
         out += &format!(
             "\n  with every layer checkpointed (train.activation_checkpointing = 1) the activations would be {:.2} GiB, the total {:.2} GiB",
             gib(self.checkpointed_activations),
@@ -183,6 +187,22 @@ pub fn plan(
         fully_sharded: full.then_some((ranks, largest_part)),
         checkpoint_bytes: (4 * params + optimizer_state) as u64,
     }
+}
+
+/// What a sampler holds (`Gpt::decoder`): bf16 copies of the weights, the keys and values
+/// of `slots` sequences (and a spare row) of up to `capacity` tokens at every layer in
+/// bf16, and a step's logits in fp32.
+pub fn sampler_bytes(model: &ModelConfig, slots: usize, capacity: usize) -> u64 {
+    let c = model;
+    let rows = slots + 1;
+    let cache = 2 * c.depth * rows * c.kv_heads * capacity.clamp(1, c.seq_len) * c.head_dim() * 2;
+    (2 * c.params() + cache + 4 * rows * c.vocab_size) as u64
+}
+
+/// A frozen model scored with (RL's reference): fp32 weights and the bf16 copies its
+/// forward pass makes.
+pub fn reference_bytes(model: &ModelConfig) -> u64 {
+    6 * model.params() as u64
 }
 
 #[cfg(test)]

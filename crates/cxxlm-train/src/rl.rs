@@ -7,11 +7,12 @@
 //! initial model. Guards stop a run that would train on nothing; checkpoints resume
 //! bit-exactly (the rollout batch in use is part of the source's state).
 
-use cxxlm_model::{Decoder, Gpt, Sampling, WeightStore};
+use cxxlm_model::{Decoder, Gpt, ModelConfig, Sampling, WeightStore};
 use cxxlm_pack::tokenizer_sha256;
 use cxxlm_tasks::reward::{RewardPool, Rewarded};
 use cxxlm_tasks::task::{answer_ends, Task};
 use cxxlm_tokenizer::chat::{self, Message, Role};
+use cxxlm_tokenizer::layout::Layout;
 use cxxlm_tokenizer::Bpe;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -26,6 +27,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, TrainerState};
 use crate::dist::Comm;
+use crate::memory::{self, MemoryPlan};
 use crate::metrics;
 use crate::optim::{OptimConfig, Schedule};
 use crate::pretrain::{merge, CheckpointConfig, LogConfig, RunConfig};
@@ -1473,6 +1475,103 @@ impl Evaluation for RlEval<'_> {
     }
 }
 
+/// The runnable tasks of `rl.tasks` whose prompt leaves `rl.max_new_tokens` of a
+/// `context`-token model, with their prompts: the train split's, and at most `eval.tasks`
+/// of the test split's, spread over it.
+struct TaskSplit {
+    train: Vec<(Task, Vec<u32>)>,
+    held_out: Vec<(Task, Vec<u32>)>,
+    not_runnable: usize,
+    too_long: usize,
+}
+
+fn split_tasks(cfg: &RlConfig, bpe: &Bpe, layout: Layout, context: usize) -> Result<TaskSplit> {
+    let s = &cfg.rl;
+    let room = context.saturating_sub(s.max_new_tokens);
+    let (mut train, mut held_out) = (Vec::new(), Vec::new());
+    let (mut not_runnable, mut too_long) = (0, 0);
+    for t in cxxlm_tasks::bugs::read_tasks(&s.tasks)? {
+        let prompt = chat::prompt(bpe, &[Message::new(Role::User, t.input.as_str())], layout);
+        if t.check.is_none() {
+            not_runnable += 1;
+        } else if prompt.len() > room {
+            too_long += 1;
+        } else if t.split == "train" {
+            train.push((t, prompt));
+        } else if t.split == "test" {
+            held_out.push((t, prompt));
+        }
+    }
+    if train.is_empty() {
+        return Err(TrainError::Config(format!(
+            "no runnable train-split task of {} leaves rl.max_new_tokens = {} of the model's {context} tokens ({not_runnable} not runnable, {too_long} too long)",
+            s.tasks.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+            s.max_new_tokens,
+        )));
+    }
+    if cfg.eval.tasks < held_out.len() {
+        let n = held_out.len();
+        held_out = (0..cfg.eval.tasks)
+            .map(|i| held_out[i * n / cfg.eval.tasks].clone())
+            .collect();
+    }
+    Ok(TaskSplit {
+        train,
+        held_out,
+        not_runnable,
+        too_long,
+    })
+}
+
+/// The memory each of `ranks` ranks needs for RL as configured (`rl.tokenizer` set): the
+/// update's on autograd, over rows as long as the longest prompt and its completion; the
+/// frozen reference (with `rl.kl_coef`); the sampler's weights and cache of a rank's
+/// rollouts; and the evaluation's sampler where it outgrows the update's activations,
+/// which it replaces. `None` until the model to train exists.
+pub fn memory_plan(cfg: &RlConfig, ranks: usize) -> Result<Option<MemoryPlan>> {
+    if !cfg.init.exists() {
+        return Ok(None);
+    }
+    let s = &cfg.rl;
+    let init_dir = checkpoint::resolve(&cfg.init)?;
+    let state = checkpoint::read_state(&init_dir)?;
+    let tok_path = s.tokenizer.as_ref().ok_or_else(|| {
+        TrainError::Config("rl.tokenizer: the tokenizer the model was trained with".into())
+    })?;
+    let bpe = cxxlm_tokenizer::load(tok_path).map_err(|e| TrainError::Config(e.to_string()))?;
+    let split = split_tasks(
+        cfg,
+        &bpe,
+        checkpoint::layout(&init_dir).0,
+        state.model.seq_len,
+    )?;
+    let longest = |tasks: &[(Task, Vec<u32>)]| {
+        let prompt = tasks.iter().map(|(_, p)| p.len()).max().unwrap_or(0);
+        (prompt + s.max_new_tokens).min(state.model.seq_len)
+    };
+    let rows = ModelConfig {
+        seq_len: longest(&split.train),
+        ..state.model.clone()
+    };
+    let mut plan = memory::plan(&rows, &cfg.train, &cfg.optim, ranks, false);
+    if s.kl_coef > 0.0 {
+        plan.parts
+            .push(("reference", memory::reference_bytes(&state.model)));
+    }
+    let rollouts = (s.prompts / ranks.max(1)) * s.samples;
+    plan.parts.push((
+        "sampler",
+        memory::sampler_bytes(&state.model, rollouts, longest(&split.train)),
+    ));
+    let freed = plan.part("activations") + plan.part("workspace");
+    let evaluation =
+        memory::sampler_bytes(&state.model, split.held_out.len(), longest(&split.held_out));
+    if !split.held_out.is_empty() && evaluation > freed {
+        plan.parts.push(("evaluation", evaluation - freed));
+    }
+    Ok(Some(plan))
+}
+
 /// Trains with RL as configured (`rl.tokenizer` set), on the shared
 /// [`trainer`](crate::trainer) loop; `resume` and `stop` as for
 /// [`pretrain`](crate::pretrain::pretrain).
@@ -1511,45 +1610,18 @@ pub fn rl(
             init_dir.display()
         )));
     }
-    // Prompts that leave room for a completion; training on the train split only.
-    let room = model_config.seq_len.saturating_sub(s.max_new_tokens);
     let (layout, said) = checkpoint::layout(&init_dir);
     report(Event::Info(said));
-    let all = cxxlm_tasks::bugs::read_tasks(&s.tasks)?;
-    let (mut train, mut held_out) = (Vec::new(), Vec::new());
-    let (mut not_runnable, mut too_long) = (0, 0);
-    for t in all {
-        let prompt = chat::prompt(&bpe, &[Message::new(Role::User, t.input.as_str())], layout);
-        if t.check.is_none() {
-            not_runnable += 1;
-        } else if prompt.len() > room {
-            too_long += 1;
-        } else if t.split == "train" {
-            train.push((t, prompt));
-        } else if t.split == "test" {
-            held_out.push((t, prompt));
-        }
-    }
-    if train.is_empty() {
-        return Err(TrainError::Config(format!(
-            "no runnable train-split task of {} leaves rl.max_new_tokens = {} of the model's {} tokens ({not_runnable} not runnable, {too_long} too long)",
-            s.tasks.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
-            s.max_new_tokens,
-            model_config.seq_len
-        )));
-    }
-    if cfg.eval.tasks < held_out.len() {
-        let n = held_out.len();
-        held_out = (0..cfg.eval.tasks)
-            .map(|i| held_out[i * n / cfg.eval.tasks].clone())
-            .collect();
-    }
+    let split = split_tasks(cfg, &bpe, layout, model_config.seq_len)?;
     report(Event::Info(format!(
-        "RL tasks: {} to train on, {} held out; skipped {not_runnable} not runnable, {too_long} whose prompt leaves fewer than rl.max_new_tokens = {} of the context",
-        train.len(),
-        held_out.len(),
+        "RL tasks: {} to train on, {} held out; skipped {} not runnable, {} whose prompt leaves fewer than rl.max_new_tokens = {} of the context",
+        split.train.len(),
+        split.held_out.len(),
+        split.not_runnable,
+        split.too_long,
         s.max_new_tokens
     )));
+    let (train, held_out) = (split.train, split.held_out);
     let (train_tasks, train_prompts): (Vec<Task>, Vec<Vec<u32>>) = train.into_iter().unzip();
     let (eval_tasks, eval_prompts): (Vec<Task>, Vec<Vec<u32>>) = held_out.into_iter().unzip();
     let train_tasks = Arc::new(train_tasks);

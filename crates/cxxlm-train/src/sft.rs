@@ -4,7 +4,7 @@
 //! divided by the answers' tokens in the whole step; the held-out loss and samples of
 //! held-out prompts as it goes; checkpoints that resume bit-exactly mid-epoch.
 
-use cxxlm_model::{Gpt, Sampling};
+use cxxlm_model::{Gpt, ModelConfig, Sampling};
 use cxxlm_pack::loader::{Loader, LoaderConfig};
 use cxxlm_pack::sft::{
     self, Example, Invalid, PackState, PackedRows, SftDataConfig, SftStats, TooLong,
@@ -19,6 +19,7 @@ use tch::{Kind, Tensor};
 
 use crate::checkpoint::{self, TrainerState};
 use crate::dist::Comm;
+use crate::memory::{self, MemoryPlan};
 use crate::optim::{OptimConfig, Schedule};
 use crate::pretrain::{merge, CheckpointConfig, DataConfig, LogConfig, RunConfig};
 use crate::trainer::{
@@ -439,6 +440,37 @@ pub fn describe_data(stats: &SftStats, padding_share: f64, rows: u64) -> String 
     out
 }
 
+/// The tokens a row holds: `sft.context`, else the seeds' longest or the model's own.
+fn context(cfg: &SftConfig, model: &ModelConfig) -> Result<usize> {
+    match cfg.sft.context {
+        0 => Ok(DEFAULT_CONTEXT.min(model.seq_len)),
+        c if c <= model.seq_len => Ok(c),
+        c => Err(TrainError::Config(format!(
+            "sft.context = {c} is longer than the {} tokens the model was trained at",
+            model.seq_len
+        ))),
+    }
+}
+
+/// The memory each of `ranks` ranks needs to fine-tune as configured (the pretraining
+/// plan at the rows' context); `None` until the model to fine-tune exists.
+pub fn memory_plan(cfg: &SftConfig, ranks: usize) -> Result<Option<MemoryPlan>> {
+    if !cfg.init.exists() {
+        return Ok(None);
+    }
+    let state = checkpoint::read_state(&checkpoint::resolve(&cfg.init)?)?;
+    let model = ModelConfig {
+        seq_len: context(cfg, &state.model)?,
+        ..state.model
+    };
+    // A batch the run would refuse is refused here too.
+    batch_shape(&cfg.train, model.seq_len, ranks, Path::new(""), false)?;
+    let explicit = cxxlm_model::explicit_unsupported(&model).is_none();
+    Ok(Some(memory::plan(
+        &model, &cfg.train, &cfg.optim, ranks, explicit,
+    )))
+}
+
 /// Fine-tunes as configured (`sft.tokenizer` set), on the shared
 /// [`trainer`](crate::trainer) loop; `resume` and `stop` as for
 /// [`pretrain`](crate::pretrain::pretrain). Writes what it read to `out/sft-data.json`.
@@ -464,16 +496,7 @@ pub fn sft(
         checkpoint::load_weights(&init_dir)?
     };
     let model_config = init.state.model.clone();
-    let context = match cfg.sft.context {
-        0 => DEFAULT_CONTEXT.min(model_config.seq_len),
-        c if c <= model_config.seq_len => c,
-        c => {
-            return Err(TrainError::Config(format!(
-                "sft.context = {c} is longer than the {} tokens the model was trained at",
-                model_config.seq_len
-            )))
-        }
-    };
+    let context = context(cfg, &model_config)?;
     let tok_path = cfg.sft.tokenizer.as_ref().ok_or_else(|| {
         TrainError::Config("sft.tokenizer: the tokenizer the model was trained with".into())
     })?;

@@ -293,7 +293,8 @@ pub struct StageArgs {
     pub out: Option<PathBuf>,
     #[arg(long)]
     pub resume: bool,
-    /// Only check the config (settings and their types) and exit.
+    /// Only check the config (settings and their types), print the memory each GPU
+    /// needs where the command plans it, and exit.
     #[arg(long)]
     pub check: bool,
     /// Stop (with a checkpoint) once this many steps are done; `--resume` continues.
@@ -313,6 +314,15 @@ pub struct PretrainArgs {
     /// its newest checkpoint, or a checkpoint directory).
     #[arg(long)]
     pub init: Option<PathBuf>,
+    #[command(flatten)]
+    pub memory: MemoryArgs,
+    #[command(flatten)]
+    pub stage: StageArgs,
+}
+
+/// How `--check` plans the memory of a training command's GPUs.
+#[derive(Args)]
+pub struct MemoryArgs {
     /// With --check: plan the memory of each of this many data-parallel ranks (default:
     /// `WORLD_SIZE`, else 1).
     #[arg(long)]
@@ -321,8 +331,6 @@ pub struct PretrainArgs {
     /// machine's GPU, when training would run on it).
     #[arg(long, value_name = "GIB")]
     pub gpu_memory: Option<f64>,
-    #[command(flatten)]
-    pub stage: StageArgs,
 }
 
 #[derive(Args)]
@@ -342,6 +350,8 @@ pub struct SftArgs {
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     #[command(flatten)]
+    pub memory: MemoryArgs,
+    #[command(flatten)]
     pub stage: StageArgs,
 }
 
@@ -359,6 +369,8 @@ pub struct RlArgs {
     /// run's config names).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    pub memory: MemoryArgs,
     #[command(flatten)]
     pub stage: StageArgs,
 }

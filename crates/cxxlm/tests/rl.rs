@@ -313,6 +313,28 @@ fn rl_rewards_completions_in_the_sandbox_and_resumes_bit_exactly() {
     let all = metrics_records(&whole);
     let steps_done: Vec<&Value> = all.iter().filter(|r| r.get("loss").is_some()).collect();
     assert_eq!(steps_done.len(), 6, "{all:?}");
+
+    // --check plans the update, the reference (with a KL term) and the sampler's cache,
+    // which grows with the rollouts.
+    let plan = |extra: &[&str]| {
+        let args = rl_args(
+            &t,
+            &t.p.f.root.join("plan"),
+            &[&["--check"][..], extra].concat(),
+        );
+        let said = run_ok(&args);
+        let stderr = String::from_utf8_lossy(&said.stderr).into_owned();
+        let gib = |part: &str| -> Option<f64> {
+            let line = stderr.lines().find(|l| l.trim_start().starts_with(part))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        };
+        (stderr.clone(), gib("sampler"), gib("reference"))
+    };
+    let (stderr, sampler, reference) = plan(&["--set", "rl.kl_coef=0.01"]);
+    assert!(stderr.contains("1 rank(s), 4 rows of"), "{stderr}");
+    assert!(sampler.is_some() && reference.is_some(), "{stderr}");
+    let (stderr, more, none) = plan(&["--set", "rl.kl_coef=0", "--set", "rl.samples=4000"]);
+    assert!(none.is_none() && more > sampler, "{stderr}");
     // A rollout batch every second step (two updates each), its figures on its first.
     let batches = batch_records(&all);
     assert_eq!(batches.len(), 3, "{all:?}");

@@ -203,6 +203,41 @@ fn bad_sft_data_and_settings_are_named() {
     write_lines(&good, &lines);
     let one = ["--set", "train.steps=1", "--set", "eval.every=0"];
 
+    // --check plans the memory of each GPU, rows at the fine-tuning's context, and refuses
+    // a run that cannot fit; before the model exists, it says so.
+    let plan = p.f.root.join("plan");
+    let check = ["--check", "--set", "sft.context=128", "--gpu-memory"];
+    let said = sft(&p, &good, &plan, &[&check[..], &["80"]].concat());
+    let stderr = String::from_utf8_lossy(&said.stderr);
+    assert!(
+        stderr.contains("1 rank(s), 2 rows of 128 tokens") && stderr.contains("of 80.00 GiB"),
+        "{stderr}"
+    );
+    let e = sft_fails(&p, &good, &plan, &[&check[..], &["0.001"]].concat());
+    assert!(
+        e.contains("more memory per GPU than the 0.00 GiB") && e.contains("activations"),
+        "{e}"
+    );
+    let said = run_ok(&command_line(
+        &[
+            "train",
+            "sft",
+            "--init",
+            "nowhere",
+            "--data",
+            good.to_str().unwrap(),
+            "-o",
+            plan.to_str().unwrap(),
+        ],
+        &[&["--check", "--tokenizer", p.f.tokenizer.to_str().unwrap()]],
+    ));
+    assert!(
+        String::from_utf8_lossy(&said.stderr)
+            .contains("not planned until the model to fine-tune exists"),
+        "{said:?}"
+    );
+    assert!(!plan.exists(), "--check wrote {}", plan.display());
+
     let mut bad = lines.clone();
     bad.insert(2, "{not json".into());
     let broken = p.f.root.join("broken.jsonl");

@@ -1,13 +1,16 @@
 //! `cxxlm train pretrain` and `cxxlm train sft`.
 
 use anyhow::{bail, Context, Result};
-use cxxlm::cli::{set, EmbedArgs, PretrainArgs, RlArgs, SftArgs, StageArgs, TrainCommand};
+use cxxlm::cli::{
+    set, EmbedArgs, MemoryArgs, PretrainArgs, RlArgs, SftArgs, StageArgs, TrainCommand,
+};
 use cxxlm::{interrupt, lock, outln};
 
 use crate::sample::run_tokenizer;
 use crate::{fit, kernels};
 use cxxlm_train::checkpoint::TrainerState;
-use cxxlm_train::memory::gib;
+use cxxlm_train::memory::{gib, MemoryPlan};
+use cxxlm_train::pretrain::RunConfig;
 use cxxlm_train::{EmbedConfig, Event, RlConfig, SftConfig, TrainConfig};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -91,7 +94,15 @@ fn pretrain_command(args: PretrainArgs) -> Result<()> {
     let mut config = TrainConfig::from_table(doc)?;
     config.validate()?;
     if args.stage.check {
-        return check_memory(&config, &args);
+        let plan = |ranks| cxxlm_train::memory_plan(&config, ranks);
+        return check_memory(
+            &args.memory,
+            plan,
+            &config.train,
+            &config.out,
+            config.checkpoint.keep,
+            "the pack (and so the vocabulary)",
+        );
     }
     if config.data.pack.as_os_str().is_empty() || config.out.as_os_str().is_empty() {
         bail!("say where the packed tokens are and where the run goes: --pack DIR --out DIR (or data.pack and out in --config)");
@@ -115,44 +126,48 @@ fn pretrain_command(args: PretrainArgs) -> Result<()> {
     })
 }
 
-/// Prints the memory each rank needs, and refuses a run that cannot fit its GPUs.
-fn check_memory(config: &TrainConfig, args: &PretrainArgs) -> Result<()> {
+/// Prints the memory each rank needs (`plan` of the data-parallel ranks: `--ranks`, else
+/// `WORLD_SIZE`, else 1; `None` until `missing` exists), and refuses a run that cannot fit
+/// its GPUs or write its checkpoints in `out`.
+fn check_memory(
+    args: &MemoryArgs,
+    plan: impl FnOnce(usize) -> cxxlm_train::Result<Option<MemoryPlan>>,
+    run: &RunConfig,
+    out: &Path,
+    keep: usize,
+    missing: &str,
+) -> Result<()> {
     let world = std::env::var("WORLD_SIZE")
         .ok()
         .and_then(|w| w.parse().ok());
     let ranks = args.ranks.or(world).unwrap_or(1);
-    let Some(plan) = cxxlm_train::memory_plan(config, ranks)? else {
-        eprintln!("memory: not planned until the pack (and so the vocabulary) exists");
+    let Some(plan) = plan(ranks)? else {
+        eprintln!("memory: not planned until {missing} exists");
         return Ok(());
     };
-    let on_gpu = config.train.device != "cpu" && tch::Cuda::is_available();
     let capacity = match args.gpu_memory {
         Some(gib) => Some((gib * (1u64 << 30) as f64) as u64),
-        None if on_gpu => cxxlm_train::cuda::total_bytes(),
+        None if run.device != "cpu" && tch::Cuda::is_available() => {
+            cxxlm_train::cuda::total_bytes()
+        }
         None => None,
     };
     let mut text = plan.describe(capacity);
     // The out directory, or where it will be made.
-    let out = config
-        .out
+    let made = out
         .ancestors()
         .find(|d| d.is_dir())
         .unwrap_or(Path::new("."));
     // The rule the run applies at its start: refused when one checkpoint cannot be written.
     let mut room = Ok(None);
-    if let Some(free) = cxxlm_train::checkpoint::free_bytes(out) {
+    if let Some(free) = cxxlm_train::checkpoint::free_bytes(made) {
         text += &format!(
             ", with {:.2} GiB free in {} ({} kept: checkpoint.keep)",
             gib(free),
-            config.out.display(),
-            config.checkpoint.keep.max(1)
+            out.display(),
+            keep.max(1)
         );
-        room = cxxlm_train::checkpoint::check_room(
-            &config.out,
-            plan.checkpoint_bytes,
-            free,
-            config.checkpoint.keep,
-        );
+        room = cxxlm_train::checkpoint::check_room(out, plan.checkpoint_bytes, free, keep);
     }
     let shape = format!(
         "{ranks} rank(s), {} rows of {} tokens per pass",
@@ -198,7 +213,15 @@ fn sft_command(args: SftArgs) -> Result<()> {
     let config = sft_config(&args)?;
     config.validate()?;
     if args.stage.check {
-        return Ok(());
+        let plan = |ranks| cxxlm_train::sft::memory_plan(&config, ranks);
+        return check_memory(
+            &args.memory,
+            plan,
+            &config.train,
+            &config.out,
+            config.checkpoint.keep,
+            "the model to fine-tune",
+        );
     }
     let text = toml::to_string_pretty(&config).context("config")?;
     Progress::of(&args.stage, &config.out).run(&text, |report, stop| {
@@ -229,7 +252,15 @@ fn rl_command(args: RlArgs) -> Result<()> {
     let config = rl_config(&args)?;
     config.validate()?;
     if args.stage.check {
-        return Ok(());
+        let plan = |ranks| cxxlm_train::rl::memory_plan(&config, ranks);
+        return check_memory(
+            &args.memory,
+            plan,
+            &config.train,
+            &config.out,
+            config.checkpoint.keep,
+            "the model to train",
+        );
     }
     let text = toml::to_string_pretty(&config).context("config")?;
     Progress::of(&args.stage, &config.out).run(&text, |report, stop| {
