@@ -1524,10 +1524,11 @@ fn split_tasks(cfg: &RlConfig, bpe: &Bpe, layout: Layout, context: usize) -> Res
 }
 
 /// The memory each of `ranks` ranks needs for RL as configured (`rl.tokenizer` set): the
-/// update's on autograd, over rows as long as the longest prompt and its completion; the
-/// frozen reference (with `rl.kl_coef`); the sampler's weights and cache of a rank's
-/// rollouts; and the evaluation's sampler where it outgrows the update's activations,
-/// which it replaces. `None` until the model to train exists.
+/// update's on autograd, bounded by `train.device_batch` rows each as long as the longest
+/// prompt and a whole completion (the update's rows share a prompt among its samples, so
+/// hold fewer tokens); the frozen reference (with `rl.kl_coef`); the sampler's weights and
+/// cache of a rank's rollouts; and the evaluation's sampler where it outgrows the update's
+/// activations, which it replaces. `None` until the model to train exists.
 pub fn memory_plan(cfg: &RlConfig, ranks: usize) -> Result<Option<MemoryPlan>> {
     if !cfg.init.exists() {
         return Ok(None);
