@@ -47,7 +47,8 @@ pub struct TrainArgs {
     superwords_within_lines: bool,
     /// First-stage pieces keep a line's indentation apart from the punctuation and line
     /// break before it (`;\n`, then `    `, as GPT-4's pattern splits), where by default
-    /// `;\n    ` is one piece.
+    /// `;\n    ` is one piece: 7% more tokens, and a model of raw text that scores worse
+    /// (BENCHMARKS.md).
     #[arg(long)]
     indentation_apart: bool,
     #[arg(long, short)]
