@@ -10,7 +10,7 @@ use crate::sample::run_tokenizer;
 use crate::{fit, kernels};
 use cxxlm_train::checkpoint::TrainerState;
 use cxxlm_train::memory::{gib, MemoryPlan};
-use cxxlm_train::pretrain::RunConfig;
+use cxxlm_train::trainer::Common;
 use cxxlm_train::{EmbedConfig, Event, RlConfig, SftConfig, TrainConfig};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -98,9 +98,7 @@ fn pretrain_command(args: PretrainArgs) -> Result<()> {
         return check_memory(
             &args.memory,
             plan,
-            &config.train,
-            &config.out,
-            config.checkpoint.keep,
+            config.common(),
             "the pack (and so the vocabulary)",
         );
     }
@@ -132,11 +130,10 @@ fn pretrain_command(args: PretrainArgs) -> Result<()> {
 fn check_memory(
     args: &MemoryArgs,
     plan: impl FnOnce(usize) -> cxxlm_train::Result<Option<MemoryPlan>>,
-    run: &RunConfig,
-    out: &Path,
-    keep: usize,
+    config: Common,
     missing: &str,
 ) -> Result<()> {
+    let (out, keep) = (config.out, config.checkpoint.keep);
     let world = std::env::var("WORLD_SIZE")
         .ok()
         .and_then(|w| w.parse().ok());
@@ -147,7 +144,7 @@ fn check_memory(
     };
     let capacity = match args.gpu_memory {
         Some(gib) => Some((gib * (1u64 << 30) as f64) as u64),
-        None if run.device != "cpu" && tch::Cuda::is_available() => {
+        None if config.train.device != "cpu" && tch::Cuda::is_available() => {
             cxxlm_train::cuda::total_bytes()
         }
         None => None,
@@ -217,9 +214,7 @@ fn sft_command(args: SftArgs) -> Result<()> {
         return check_memory(
             &args.memory,
             plan,
-            &config.train,
-            &config.out,
-            config.checkpoint.keep,
+            config.common(),
             "the model to fine-tune",
         );
     }
@@ -253,14 +248,7 @@ fn rl_command(args: RlArgs) -> Result<()> {
     config.validate()?;
     if args.stage.check {
         let plan = |ranks| cxxlm_train::rl::memory_plan(&config, ranks);
-        return check_memory(
-            &args.memory,
-            plan,
-            &config.train,
-            &config.out,
-            config.checkpoint.keep,
-            "the model to train",
-        );
+        return check_memory(&args.memory, plan, config.common(), "the model to train");
     }
     let text = toml::to_string_pretty(&config).context("config")?;
     Progress::of(&args.stage, &config.out).run(&text, |report, stop| {
