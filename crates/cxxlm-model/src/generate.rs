@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 
 use crate::gpt::{Cached, Read};
-use crate::Gpt;
+use crate::{Gpt, ModelConfig};
 use cxxlm_cuda::{CudaGraph, Fused};
 
 /// Keys and values of every layer, `(slots + 1, kv_heads, capacity, head_dim)`; the last
@@ -299,6 +299,18 @@ pub struct Decoder {
     /// Step shapes run once eagerly (the second run of a shape is captured).
     warm: HashSet<(usize, Read)>,
     captured: HashMap<(usize, Read), Captured>,
+}
+
+impl Decoder {
+    /// The bytes a decoder of `config`'s model holds, made with `slots` and `capacity` as
+    /// [`Gpt::decoder`] takes them, computing in `compute`: a copy of the weights, and the
+    /// keys and values of every layer for the slots and a spare row.
+    pub fn bytes(config: &ModelConfig, slots: usize, capacity: usize, compute: Kind) -> u64 {
+        let c = config;
+        let cache =
+            2 * c.depth * (slots + 1) * c.kv_heads * capacity.clamp(1, c.seq_len) * c.head_dim();
+        ((c.params() + cache) * compute.elt_size_in_bytes()) as u64
+    }
 }
 
 impl Gpt {
@@ -795,7 +807,6 @@ impl Decoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ModelConfig;
 
     fn model() -> Gpt {
         let config = ModelConfig {
@@ -810,6 +821,20 @@ mod tests {
             .collect();
         m.load(&randomized).unwrap();
         m
+    }
+
+    #[test]
+    fn a_decoder_holds_the_bytes_it_is_said_to() {
+        let m = model();
+        for (slots, capacity) in [(1, 8), (5, 32), (3, 1000)] {
+            let d = m.decoder(slots, capacity);
+            let tensors = d.weights.iter().chain(&d.cache.keys).chain(&d.cache.values);
+            let held: usize = tensors
+                .map(|t| t.numel() * t.kind().elt_size_in_bytes())
+                .sum();
+            let said = Decoder::bytes(&m.config, slots, capacity, m.compute_kind());
+            assert_eq!(held as u64, said, "{slots} slots of {capacity}");
+        }
     }
 
     #[test]

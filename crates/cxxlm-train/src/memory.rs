@@ -10,7 +10,8 @@
 //! explicit pass keeps (`cxxlm_model::explicit`), which matched the allocator's measured
 //! peak within 2% at d12 and d20 on an H100 (BENCHMARKS.md; the test below).
 
-use cxxlm_model::{Activation, ModelConfig};
+use cxxlm_model::{Activation, Decoder, ModelConfig};
+use tch::Kind;
 
 use crate::optim::{Matrices, OptimConfig, Sharding};
 use crate::pretrain::RunConfig;
@@ -189,14 +190,11 @@ pub fn plan(
     }
 }
 
-/// What a sampler holds (`Gpt::decoder`): bf16 copies of the weights, the keys and values
-/// of `slots` sequences (and a spare row) of up to `capacity` tokens at every layer in
-/// bf16, and a step's logits in fp32.
+/// What a sampler of `slots` sequences of up to `capacity` tokens holds on a GPU: its
+/// decoder in bf16 ([`Decoder::bytes`]) and a step's logits in fp32.
 pub fn sampler_bytes(model: &ModelConfig, slots: usize, capacity: usize) -> u64 {
-    let c = model;
-    let rows = slots + 1;
-    let cache = 2 * c.depth * rows * c.kv_heads * capacity.clamp(1, c.seq_len) * c.head_dim() * 2;
-    (2 * c.params() + cache + 4 * rows * c.vocab_size) as u64
+    Decoder::bytes(model, slots, capacity, Kind::BFloat16)
+        + 4 * ((slots + 1) * model.vocab_size) as u64
 }
 
 /// A frozen model scored with (RL's reference): fp32 weights and the bf16 copies its
