@@ -1528,13 +1528,13 @@ fn split_tasks(cfg: &RlConfig, bpe: &Bpe, layout: Layout, context: usize) -> Res
 /// prompt and a whole completion (the update's rows share a prompt among its samples, so
 /// hold fewer tokens); the frozen reference (with `rl.kl_coef`); the sampler's weights and
 /// cache of a rank's rollouts; and the evaluation's sampler where it outgrows the update's
-/// activations, which it replaces. `None` until the model to train exists.
+/// activations, which it replaces. `None` until the model to train has a checkpoint.
 pub fn memory_plan(cfg: &RlConfig, ranks: usize) -> Result<Option<MemoryPlan>> {
-    if !cfg.init.exists() {
+    // A run stopped before its first checkpoint is not one yet.
+    let Ok(init_dir) = checkpoint::resolve(&cfg.init) else {
         return Ok(None);
-    }
+    };
     let s = &cfg.rl;
-    let init_dir = checkpoint::resolve(&cfg.init)?;
     let state = checkpoint::read_state(&init_dir)?;
     let tok_path = s.tokenizer.as_ref().ok_or_else(|| {
         TrainError::Config("rl.tokenizer: the tokenizer the model was trained with".into())

@@ -453,12 +453,13 @@ fn context(cfg: &SftConfig, model: &ModelConfig) -> Result<usize> {
 }
 
 /// The memory each of `ranks` ranks needs to fine-tune as configured (the pretraining
-/// plan at the rows' context); `None` until the model to fine-tune exists.
+/// plan at the rows' context); `None` until the model to fine-tune has a checkpoint.
 pub fn memory_plan(cfg: &SftConfig, ranks: usize) -> Result<Option<MemoryPlan>> {
-    if !cfg.init.exists() {
+    // A run stopped before its first checkpoint is not one yet.
+    let Ok(init_dir) = checkpoint::resolve(&cfg.init) else {
         return Ok(None);
-    }
-    let state = checkpoint::read_state(&checkpoint::resolve(&cfg.init)?)?;
+    };
+    let state = checkpoint::read_state(&init_dir)?;
     let model = ModelConfig {
         seq_len: context(cfg, &state.model)?,
         ..state.model

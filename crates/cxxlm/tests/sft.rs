@@ -204,7 +204,7 @@ fn bad_sft_data_and_settings_are_named() {
     let one = ["--set", "train.steps=1", "--set", "eval.every=0"];
 
     // --check plans the memory of each GPU, rows at the fine-tuning's context, and refuses
-    // a run that cannot fit; before the model exists, it says so.
+    // a run that cannot fit; before the model has a checkpoint, it says so.
     let plan = p.f.root.join("plan");
     let check = ["--check", "--set", "sft.context=128", "--gpu-memory"];
     let said = sft(&p, &good, &plan, &[&check[..], &["80"]].concat());
@@ -218,12 +218,15 @@ fn bad_sft_data_and_settings_are_named() {
         e.contains("more memory per GPU than the 0.00 GiB") && e.contains("activations"),
         "{e}"
     );
+    // (A run killed before its first checkpoint, as a speedrun resumed then has.)
+    let unfinished = p.f.root.join("unfinished");
+    std::fs::create_dir_all(&unfinished).unwrap();
     let said = run_ok(&command_line(
         &[
             "train",
             "sft",
             "--init",
-            "nowhere",
+            unfinished.to_str().unwrap(),
             "--data",
             good.to_str().unwrap(),
             "-o",
@@ -233,7 +236,7 @@ fn bad_sft_data_and_settings_are_named() {
     ));
     assert!(
         String::from_utf8_lossy(&said.stderr)
-            .contains("not planned until the model to fine-tune exists"),
+            .contains("not planned until a checkpoint of the model to fine-tune exists"),
         "{said:?}"
     );
     assert!(!plan.exists(), "--check wrote {}", plan.display());

@@ -215,7 +215,7 @@ fn sft_command(args: SftArgs) -> Result<()> {
             &args.memory,
             plan,
             config.common(),
-            "the model to fine-tune",
+            "a checkpoint of the model to fine-tune",
         );
     }
     let text = toml::to_string_pretty(&config).context("config")?;
@@ -248,7 +248,12 @@ fn rl_command(args: RlArgs) -> Result<()> {
     config.validate()?;
     if args.stage.check {
         let plan = |ranks| cxxlm_train::rl::memory_plan(&config, ranks);
-        return check_memory(&args.memory, plan, config.common(), "the model to train");
+        return check_memory(
+            &args.memory,
+            plan,
+            config.common(),
+            "a checkpoint of the model to train",
+        );
     }
     let text = toml::to_string_pretty(&config).context("config")?;
     Progress::of(&args.stage, &config.out).run(&text, |report, stop| {
