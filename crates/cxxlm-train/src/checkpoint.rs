@@ -245,6 +245,28 @@ pub fn load(dir: &Path) -> Result<Loaded> {
     read(dir, true)
 }
 
+/// The tokenizer a stage names in its `key` setting (`sft.tokenizer`, ...), refused unless
+/// the model of the checkpoint `init_dir` (its trainer state `state`) was trained with it.
+pub fn trained_tokenizer(
+    path: Option<&Path>,
+    key: &str,
+    init_dir: &Path,
+    state: &TrainerState,
+) -> Result<cxxlm_tokenizer::Bpe> {
+    let path = path.ok_or_else(|| {
+        TrainError::Config(format!("{key}: the tokenizer the model was trained with"))
+    })?;
+    let bpe = cxxlm_tokenizer::load(path).map_err(|e| TrainError::Config(e.to_string()))?;
+    if cxxlm_pack::tokenizer_sha256(&bpe) != state.tokenizer_sha256 {
+        return Err(TrainError::Config(format!(
+            "{} is not the tokenizer {} was trained with",
+            path.display(),
+            init_dir.display()
+        )));
+    }
+    Ok(bpe)
+}
+
 /// A checkpoint's `trainer.json`, checked against its own checksum.
 pub fn read_state(dir: &Path) -> Result<TrainerState> {
     let trainer = dir.join("trainer.json");

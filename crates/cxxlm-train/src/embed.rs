@@ -9,7 +9,6 @@
 //! accuracy are measured as it goes.
 
 use cxxlm_model::{Gpt, WeightStore};
-use cxxlm_pack::tokenizer_sha256;
 use cxxlm_tokenizer::Bpe;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -350,17 +349,12 @@ pub fn embed(
     let init_dir = checkpoint::resolve(&cfg.init)?;
     let init = checkpoint::load_weights(&init_dir)?;
     let model_config = init.state.model.clone();
-    let tok_path = cfg.embed.tokenizer.as_ref().ok_or_else(|| {
-        TrainError::Config("embed.tokenizer: the tokenizer the model was trained with".into())
-    })?;
-    let bpe = cxxlm_tokenizer::load(tok_path).map_err(|e| TrainError::Config(e.to_string()))?;
-    if tokenizer_sha256(&bpe) != init.state.tokenizer_sha256 {
-        return Err(TrainError::Config(format!(
-            "{} is not the tokenizer {} was trained with",
-            tok_path.display(),
-            init_dir.display()
-        )));
-    }
+    let bpe = checkpoint::trained_tokenizer(
+        cfg.embed.tokenizer.as_deref(),
+        "embed.tokenizer",
+        &init_dir,
+        &init.state,
+    )?;
     let text_tokens = cfg.embed.text_tokens.min(model_config.seq_len - 1);
     let (train, held_out) = read_pairs(&cfg.embed.pairs, &bpe, text_tokens)?;
     let per_batch = cfg.train.device_batch;

@@ -8,7 +8,6 @@
 //! bit-exactly (the rollout batch in use is part of the source's state).
 
 use cxxlm_model::{Decoder, Gpt, ModelConfig, Sampling, WeightStore};
-use cxxlm_pack::tokenizer_sha256;
 use cxxlm_tasks::reward::{RewardPool, Rewarded};
 use cxxlm_tasks::task::{answer_ends, Task};
 use cxxlm_tokenizer::chat::{self, Message, Role};
@@ -1536,10 +1535,8 @@ pub fn memory_plan(cfg: &RlConfig, ranks: usize) -> Result<Option<MemoryPlan>> {
     };
     let s = &cfg.rl;
     let state = checkpoint::read_state(&init_dir)?;
-    let tok_path = s.tokenizer.as_ref().ok_or_else(|| {
-        TrainError::Config("rl.tokenizer: the tokenizer the model was trained with".into())
-    })?;
-    let bpe = cxxlm_tokenizer::load(tok_path).map_err(|e| TrainError::Config(e.to_string()))?;
+    let bpe =
+        checkpoint::trained_tokenizer(s.tokenizer.as_deref(), "rl.tokenizer", &init_dir, &state)?;
     let split = split_tasks(
         cfg,
         &bpe,
@@ -1600,17 +1597,12 @@ pub fn rl(
     let init_dir = checkpoint::resolve(&cfg.init)?;
     let init = checkpoint::load_weights(&init_dir)?;
     let model_config = init.state.model.clone();
-    let tok_path = s.tokenizer.as_ref().ok_or_else(|| {
-        TrainError::Config("rl.tokenizer: the tokenizer the model was trained with".into())
-    })?;
-    let bpe = cxxlm_tokenizer::load(tok_path).map_err(|e| TrainError::Config(e.to_string()))?;
-    if tokenizer_sha256(&bpe) != init.state.tokenizer_sha256 {
-        return Err(TrainError::Config(format!(
-            "{} is not the tokenizer {} was trained with",
-            tok_path.display(),
-            init_dir.display()
-        )));
-    }
+    let bpe = checkpoint::trained_tokenizer(
+        s.tokenizer.as_deref(),
+        "rl.tokenizer",
+        &init_dir,
+        &init.state,
+    )?;
     let (layout, said) = checkpoint::layout(&init_dir);
     report(Event::Info(said));
     let split = split_tasks(cfg, &bpe, layout, model_config.seq_len)?;

@@ -9,7 +9,7 @@ use cxxlm_pack::loader::{Loader, LoaderConfig};
 use cxxlm_pack::sft::{
     self, Example, Invalid, PackState, PackedRows, SftDataConfig, SftStats, TooLong,
 };
-use cxxlm_pack::{tokenizer_sha256, Manifest};
+use cxxlm_pack::Manifest;
 use cxxlm_tokenizer::Bpe;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -498,17 +498,12 @@ pub fn sft(
     };
     let model_config = init.state.model.clone();
     let context = context(cfg, &model_config)?;
-    let tok_path = cfg.sft.tokenizer.as_ref().ok_or_else(|| {
-        TrainError::Config("sft.tokenizer: the tokenizer the model was trained with".into())
-    })?;
-    let bpe = cxxlm_tokenizer::load(tok_path).map_err(|e| TrainError::Config(e.to_string()))?;
-    if tokenizer_sha256(&bpe) != init.state.tokenizer_sha256 {
-        return Err(TrainError::Config(format!(
-            "{} is not the tokenizer {} was trained with",
-            tok_path.display(),
-            init_dir.display()
-        )));
-    }
+    let bpe = checkpoint::trained_tokenizer(
+        cfg.sft.tokenizer.as_deref(),
+        "sft.tokenizer",
+        &init_dir,
+        &init.state,
+    )?;
     let data_config = SftDataConfig {
         mask_input: cfg.sft.mask_input,
         too_long: cfg.sft.too_long,
