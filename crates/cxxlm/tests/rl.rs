@@ -328,7 +328,8 @@ fn rl_rewards_completions_in_the_sandbox_and_resumes_bit_exactly() {
             let line = stderr.lines().find(|l| l.trim_start().starts_with(part))?;
             line.split_whitespace().nth(1)?.parse().ok()
         };
-        (stderr.clone(), gib("sampler"), gib("reference"))
+        let (sampler, reference) = (gib("sampler"), gib("reference"));
+        (stderr, sampler, reference)
     };
     let (stderr, sampler, reference) = plan(&["--set", "rl.kl_coef=0.01"]);
     assert!(stderr.contains("1 rank(s), 4 rows of"), "{stderr}");
