@@ -1522,6 +1522,22 @@ fn split_tasks(cfg: &RlConfig, bpe: &Bpe, layout: Layout, context: usize) -> Res
     })
 }
 
+/// Refuses a run without tasks or whose rollout batch does not divide over its ranks.
+fn check_spread(s: &RlSettings, ranks: usize) -> Result<()> {
+    if s.tasks.is_empty() {
+        return Err(TrainError::Config(
+            "no tasks: give rl.tasks (--tasks DIR ...), outputs of `cxxlm tasks bugs`".into(),
+        ));
+    }
+    if !s.prompts.is_multiple_of(ranks) {
+        return Err(TrainError::Config(format!(
+            "rl.prompts = {} must be a multiple of the {ranks} ranks",
+            s.prompts
+        )));
+    }
+    Ok(())
+}
+
 /// The memory each of `ranks` ranks needs for RL as configured (`rl.tokenizer` set): the
 /// update's on autograd, bounded by `train.device_batch` rows each as long as the longest
 /// prompt and a whole completion (the update's rows share a prompt among its samples, so
@@ -1529,11 +1545,12 @@ fn split_tasks(cfg: &RlConfig, bpe: &Bpe, layout: Layout, context: usize) -> Res
 /// cache of a rank's rollouts; and the evaluation's sampler where it outgrows the update's
 /// activations, which it replaces. `None` until the model to train has a checkpoint.
 pub fn memory_plan(cfg: &RlConfig, ranks: usize) -> Result<Option<MemoryPlan>> {
+    let s = &cfg.rl;
+    check_spread(s, ranks)?;
     // A run stopped before its first checkpoint is not one yet.
     let Ok(init_dir) = checkpoint::resolve(&cfg.init) else {
         return Ok(None);
     };
-    let s = &cfg.rl;
     let state = checkpoint::read_state(&init_dir)?;
     let bpe =
         checkpoint::trained_tokenizer(s.tokenizer.as_deref(), "rl.tokenizer", &init_dir, &state)?;
@@ -1556,7 +1573,7 @@ pub fn memory_plan(cfg: &RlConfig, ranks: usize) -> Result<Option<MemoryPlan>> {
         plan.parts
             .push(("reference", memory::reference_bytes(&state.model)));
     }
-    let rollouts = (s.prompts / ranks.max(1)) * s.samples;
+    let rollouts = s.prompts / ranks * s.samples;
     plan.parts.push((
         "sampler",
         memory::sampler_bytes(&state.model, rollouts, longest(&split.train)),
@@ -1583,17 +1600,7 @@ pub fn rl(
     let s = &cfg.rl;
     let (comm, dev) = trainer::connect(&cfg.train.device)?;
     let (rank, ranks) = (comm.rank(), comm.size());
-    if s.tasks.is_empty() {
-        return Err(TrainError::Config(
-            "no tasks: give rl.tasks (--tasks DIR ...), outputs of `cxxlm tasks bugs`".into(),
-        ));
-    }
-    if !s.prompts.is_multiple_of(ranks) {
-        return Err(TrainError::Config(format!(
-            "rl.prompts = {} must be a multiple of the {ranks} ranks",
-            s.prompts
-        )));
-    }
+    check_spread(s, ranks)?;
     let init_dir = checkpoint::resolve(&cfg.init)?;
     let init = checkpoint::load_weights(&init_dir)?;
     let model_config = init.state.model.clone();

@@ -326,7 +326,7 @@ pub struct MemoryArgs {
     /// With --check: plan the memory of each of this many data-parallel ranks (default:
     /// `WORLD_SIZE`, else 1).
     #[arg(long)]
-    pub ranks: Option<usize>,
+    pub ranks: Option<std::num::NonZeroUsize>,
     /// With --check: the memory of each GPU to plan against, in GiB (default: this
     /// machine's GPU, when training would run on it).
     #[arg(long, value_name = "GIB")]

@@ -336,6 +336,16 @@ fn rl_rewards_completions_in_the_sandbox_and_resumes_bit_exactly() {
     assert!(sampler.is_some() && reference.is_some(), "{stderr}");
     let (stderr, more, none) = plan(&["--set", "rl.kl_coef=0", "--set", "rl.samples=4000"]);
     assert!(none.is_none() && more > sampler, "{stderr}");
+    // Refused, as the run would be, where the rollout batch does not divide over the ranks.
+    let e = run_fails(&rl_args(
+        &t,
+        &t.p.f.root.join("plan"),
+        &["--check", "--ranks", "3"],
+    ));
+    assert!(
+        e.contains("rl.prompts = 2 must be a multiple of the 3 ranks"),
+        "{e}"
+    );
     // A rollout batch every second step (two updates each), its figures on its first.
     let batches = batch_records(&all);
     assert_eq!(batches.len(), 3, "{all:?}");

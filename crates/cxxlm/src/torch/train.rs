@@ -137,7 +137,7 @@ fn check_memory(
     let world = std::env::var("WORLD_SIZE")
         .ok()
         .and_then(|w| w.parse().ok());
-    let ranks = args.ranks.or(world).unwrap_or(1);
+    let ranks = args.ranks.or(world).map_or(1, std::num::NonZeroUsize::get);
     let Some(plan) = plan(ranks)? else {
         eprintln!("memory: not planned until {missing} exists");
         return Ok(());
