@@ -360,7 +360,7 @@ impl Gpt {
                         .index_select(0, &p.positions)
                         .view([-1, t, 1, half])
                 };
-                (at(&self.cos), at(&self.sin), Some(p.mask()))
+                (at(&self.cos), at(&self.sin), Some(p.bias(self.compute)))
             }
         };
         let logit_scale = c.logit_scale().map(|s| s / (hd as f64).sqrt());

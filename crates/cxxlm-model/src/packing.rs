@@ -70,9 +70,24 @@ impl Packing {
         }
     }
 
+    /// [`Packing::visible`] as an additive bias of `kind` (0, or -inf where a key is not
+    /// visible), made once for every layer: attention converts a boolean mask on each
+    /// call and keeps each layer's copy for the backward, `(B, T, T)` elements a layer.
+    /// Each query's keys are laid out in a multiple of 8 elements, the alignment the
+    /// memory-efficient kernel reads a bias with (it copies one that lacks it).
+    pub fn bias(&self, kind: Kind) -> Tensor {
+        let visible = self.visible();
+        let size = visible.size();
+        let t = size[3];
+        let padded = [size[0], 1, size[2], (t + 7) / 8 * 8];
+        Tensor::zeros(padded, (kind, visible.device()))
+            .narrow(3, 0, t)
+            .masked_fill_(&visible.logical_not(), f64::NEG_INFINITY)
+    }
+
     /// Which keys each query may attend to: `(B, 1, T, T)`, earlier or equal positions of
     /// its own example, and of its row's shared prefix.
-    pub fn mask(&self) -> Tensor {
+    fn visible(&self) -> Tensor {
         let own = self.segments.mask();
         let Some(prefix) = &self.prefix else {
             return own;
@@ -85,5 +100,25 @@ impl Packing {
             .lt_tensor(&prefix.view([-1, 1, 1, 1]));
         let causal = Tensor::ones([t, t], (Kind::Bool, device)).tril(0);
         own.logical_or(&in_prefix.logical_and(&causal))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bias_is_the_visibility_made_additive_in_aligned_rows() {
+        // A prefix of 2, samples of 3 and 2, then 2 positions of padding.
+        let p = Packing::with_shared_prefix(&[vec![2, 3, 2]], 9, Device::Cpu);
+        let (bias, visible) = (p.bias(Kind::Float), p.visible());
+        assert_eq!(bias.size(), [1, 1, 9, 9]);
+        assert_eq!(bias.stride()[2], 16);
+        assert!(bias.eq(0.0).equal(&visible));
+        let hidden = bias.masked_select(&visible.logical_not());
+        assert!(hidden.numel() > 0 && hidden.eq(f64::NEG_INFINITY).all().int64_value(&[]) == 1);
+        // The second sample (positions 5 and 6) sees the prefix and itself only.
+        let seen: Vec<i64> = (0..9).map(|k| visible.int64_value(&[0, 0, 6, k])).collect();
+        assert_eq!(seen, [1, 1, 0, 0, 0, 1, 1, 0, 0]);
     }
 }

@@ -1539,9 +1539,9 @@ fn check_spread(s: &RlSettings, ranks: usize) -> Result<()> {
 }
 
 /// The memory each of `ranks` ranks needs for RL as configured (`rl.tokenizer` set): the
-/// update's on autograd, bounded by `train.device_batch` rows each as long as the longest
-/// prompt and a whole completion (the update's rows share a prompt among its samples, so
-/// hold fewer tokens); the frozen reference (with `rl.kl_coef`); the sampler's weights and
+/// update's on autograd, its micro-batches' rows each the longest prompt and every sample
+/// of it at full length, with their attention mask; the frozen reference (with
+/// `rl.kl_coef`); the sampler's weights and
 /// cache of a rank's rollouts; and the evaluation's sampler where it outgrows the update's
 /// activations, which it replaces. `None` until the model to train has a checkpoint.
 pub fn memory_plan(cfg: &RlConfig, ranks: usize) -> Result<Option<MemoryPlan>> {
@@ -1564,19 +1564,32 @@ pub fn memory_plan(cfg: &RlConfig, ranks: usize) -> Result<Option<MemoryPlan>> {
         let prompt = tasks.iter().map(|(_, p)| p.len()).max().unwrap_or(0);
         (prompt + s.max_new_tokens).min(state.model.seq_len)
     };
-    let rows = ModelConfig {
-        seq_len: longest(&split.train),
+    // The update's micro-batches as `learning_rows` arranges them: as many as a rank's
+    // rollouts fill `train.device_batch` rows, each an equal share of the groups, a row
+    // for each: the prompt, then every sample after a copy of its last token.
+    let per_rank = s.prompts / ranks;
+    let micro_batches = (per_rank * s.samples).div_ceil(cfg.train.device_batch.max(1));
+    let prompt = split.train.iter().map(|(_, p)| p.len()).max().unwrap_or(0);
+    let update = ModelConfig {
+        seq_len: prompt.saturating_sub(1) + s.samples * (1 + s.max_new_tokens),
         ..state.model.clone()
     };
-    let mut plan = memory::plan(&rows, &cfg.train, &cfg.optim, ranks, false);
+    let run = RunConfig {
+        device_batch: per_rank.div_ceil(micro_batches.max(1)).max(1),
+        ..cfg.train.clone()
+    };
+    let mut plan = memory::plan(&update, &run, &cfg.optim, ranks, false);
+    plan.parts.push((
+        "attention mask",
+        memory::attention_bias_bytes(run.device_batch, update.seq_len),
+    ));
     if s.kl_coef > 0.0 {
         plan.parts
             .push(("reference", memory::reference_bytes(&state.model)));
     }
-    let rollouts = s.prompts / ranks * s.samples;
     plan.parts.push((
         "sampler",
-        memory::sampler_bytes(&state.model, rollouts, longest(&split.train)),
+        memory::sampler_bytes(&state.model, per_rank * s.samples, longest(&split.train)),
     ));
     let freed = plan.part("activations") + plan.part("workspace");
     let evaluation =
