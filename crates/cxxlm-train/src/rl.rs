@@ -1541,9 +1541,9 @@ fn check_spread(s: &RlSettings, ranks: usize) -> Result<()> {
 /// The memory each of `ranks` ranks needs for RL as configured (`rl.tokenizer` set): the
 /// update's on autograd, its micro-batches' rows each the longest prompt and every sample
 /// of it at full length, with their attention mask; the frozen reference (with
-/// `rl.kl_coef`); the sampler's weights and
-/// cache of a rank's rollouts; and the evaluation's sampler where it outgrows the update's
-/// activations, which it replaces. `None` until the model to train has a checkpoint.
+/// `rl.kl_coef`); the sampler's weights and cache of a rank's rollouts; and the
+/// evaluation's sampler where it outgrows the update's activations, which it replaces.
+/// `None` until the model to train has a checkpoint.
 pub fn memory_plan(cfg: &RlConfig, ranks: usize) -> Result<Option<MemoryPlan>> {
     let s = &cfg.rl;
     check_spread(s, ranks)?;
@@ -1560,18 +1560,19 @@ pub fn memory_plan(cfg: &RlConfig, ranks: usize) -> Result<Option<MemoryPlan>> {
         checkpoint::layout(&init_dir).0,
         state.model.seq_len,
     )?;
+    let longest_prompt =
+        |tasks: &[(Task, Vec<u32>)]| tasks.iter().map(|(_, p)| p.len()).max().unwrap_or(0);
     let longest = |tasks: &[(Task, Vec<u32>)]| {
-        let prompt = tasks.iter().map(|(_, p)| p.len()).max().unwrap_or(0);
-        (prompt + s.max_new_tokens).min(state.model.seq_len)
+        (longest_prompt(tasks) + s.max_new_tokens).min(state.model.seq_len)
     };
     // The update's micro-batches as `learning_rows` arranges them: as many as a rank's
     // rollouts fill `train.device_batch` rows, each an equal share of the groups, a row
     // for each: the prompt, then every sample after a copy of its last token.
     let per_rank = s.prompts / ranks;
     let micro_batches = (per_rank * s.samples).div_ceil(cfg.train.device_batch.max(1));
-    let prompt = split.train.iter().map(|(_, p)| p.len()).max().unwrap_or(0);
     let update = ModelConfig {
-        seq_len: prompt.saturating_sub(1) + s.samples * (1 + s.max_new_tokens),
+        seq_len: longest_prompt(&split.train).saturating_sub(1)
+            + s.samples * (1 + s.max_new_tokens),
         ..state.model.clone()
     };
     let run = RunConfig {
