@@ -18,7 +18,7 @@ use tch::{Kind, Tensor};
 use crate::checkpoint::{self, TrainerState};
 use crate::dist::Comm;
 use crate::optim::{OptimConfig, Schedule};
-use crate::pretrain::{merge, CheckpointConfig, LogConfig, RunConfig};
+use crate::pretrain::{over_defaults, CheckpointConfig, LogConfig, RunConfig};
 use crate::trainer::{
     self, Backward, BatchSource, DeviceBatch, Evaluation, Event, Loss, MicroBatch, Parts, Stage,
 };
@@ -87,7 +87,7 @@ impl EmbedConfig {
     /// A config from TOML, on top of the defaults of fine-tuning: AdamW at a small rate
     /// on every weight, 16 pairs a batch.
     pub fn from_table(table: toml::Table) -> Result<Self> {
-        let mut merged: toml::Table = toml::toml! {
+        let merged: toml::Table = toml::toml! {
             [train]
             device_batch = 16
             [optim]
@@ -97,10 +97,7 @@ impl EmbedConfig {
             unembedding_lr = 1e-4
             weight_decay = 0.0
         };
-        merge(&mut merged, table);
-        toml::Value::Table(merged)
-            .try_into()
-            .map_err(|e| TrainError::Config(e.to_string()))
+        over_defaults(merged, table)
     }
 }
 

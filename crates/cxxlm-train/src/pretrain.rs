@@ -53,7 +53,7 @@ impl TrainConfig {
             .and_then(|m| m.get("preset"))
             .and_then(|p| p.as_str())
             .unwrap_or("d12");
-        let mut merged: toml::Table = match preset {
+        let merged: toml::Table = match preset {
             "3b" => toml::toml! {
                 [train]
                 device_batch = 16
@@ -69,15 +69,23 @@ impl TrainConfig {
             },
             _ => toml::Table::new(),
         };
-        merge(&mut merged, table);
-        toml::Value::Table(merged)
-            .try_into()
-            .map_err(|e| TrainError::Config(e.to_string()))
+        over_defaults(merged, table)
     }
 }
 
+/// A config of `table`, whose keys replace those of `defaults`.
+pub(crate) fn over_defaults<T: serde::de::DeserializeOwned>(
+    mut defaults: toml::Table,
+    table: toml::Table,
+) -> Result<T> {
+    merge(&mut defaults, table);
+    toml::Value::Table(defaults)
+        .try_into()
+        .map_err(|e| TrainError::Config(e.to_string()))
+}
+
 /// `over`'s keys replace `base`'s, table by table.
-pub(crate) fn merge(base: &mut toml::Table, over: toml::Table) {
+fn merge(base: &mut toml::Table, over: toml::Table) {
     for (k, v) in over {
         match (base.get_mut(&k), v) {
             (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),

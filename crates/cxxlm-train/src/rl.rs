@@ -29,7 +29,7 @@ use crate::dist::Comm;
 use crate::memory::{self, MemoryPlan};
 use crate::metrics;
 use crate::optim::{OptimConfig, Schedule};
-use crate::pretrain::{merge, CheckpointConfig, LogConfig, RunConfig};
+use crate::pretrain::{over_defaults, CheckpointConfig, LogConfig, RunConfig};
 use crate::trainer::{
     self, Backward, BatchSource, DeviceBatch, Evaluation, Event, Loss, MicroBatch, Parts, Stage,
     TargetWeights,
@@ -182,7 +182,7 @@ impl RlConfig {
     /// A config from TOML on top of the seeds' RL defaults: AdamW at 5e-7 on every
     /// weight, a constant rate.
     pub fn from_table(table: toml::Table) -> Result<Self> {
-        let mut merged = toml::toml! {
+        let merged = toml::toml! {
             [train]
             device_batch = 8
             [optim]
@@ -195,10 +195,7 @@ impl RlConfig {
             warmup_frac = 0.0
             warmdown_frac = 0.0
         };
-        merge(&mut merged, table);
-        toml::Value::Table(merged)
-            .try_into()
-            .map_err(|e| TrainError::Config(e.to_string()))
+        over_defaults(merged, table)
     }
 }
 

@@ -21,7 +21,7 @@ use crate::checkpoint::{self, TrainerState};
 use crate::dist::Comm;
 use crate::memory::{self, MemoryPlan};
 use crate::optim::{OptimConfig, Schedule};
-use crate::pretrain::{merge, CheckpointConfig, DataConfig, LogConfig, RunConfig};
+use crate::pretrain::{over_defaults, CheckpointConfig, DataConfig, LogConfig, RunConfig};
 use crate::trainer::{
     self, batch_shape, Backward, BatchSource, CrossEntropy, Evaluation, Event, MicroBatch, Parts,
     Stage,
@@ -144,7 +144,7 @@ impl SftConfig {
             .and_then(|m| m.get("recipe"))
             .and_then(|p| p.as_str())
             .unwrap_or("seeds");
-        let mut merged: toml::Table = match recipe {
+        let merged: toml::Table = match recipe {
             "nanochat" => toml::toml! {
                 [schedule]
                 warmup_frac = 0.0
@@ -161,10 +161,7 @@ impl SftConfig {
                 weight_decay = 0.0
             },
         };
-        merge(&mut merged, table);
-        toml::Value::Table(merged)
-            .try_into()
-            .map_err(|e| TrainError::Config(e.to_string()))
+        over_defaults(merged, table)
     }
 }
 
