@@ -64,18 +64,21 @@ impl MemoryPlan {
     pub fn describe(&self, capacity: Option<u64>) -> String {
         let mut out = String::new();
         for (name, bytes) in &self.parts {
-            out += &format!("  {name:<12} {:>8.2} GiB\n", gib(*bytes));
+            out += &format!("  {name:<14} {:>8.2} GiB\n", gib(*bytes));
         }
-        out += &format!("  {:<12} {:>8.2} GiB", "total", gib(self.total()));
+        out += &format!("  {:<14} {:>8.2} GiB", "total", gib(self.total()));
         if let Some(c) = capacity {
             out += &format!(" of {:.2} GiB", gib(c));
         }
-        let activations = self.part("activations");
-        out += &format!(
-            "\n  with every layer checkpointed (train.activation_checkpointing = 1) the activations would be {:.2} GiB, the total {:.2} GiB",
-            gib(self.checkpointed_activations),
-            gib(self.total() - activations + self.checkpointed_activations)
-        );
+        // Only the explicit pass checkpoints layers.
+        if self.explicit {
+            let activations = self.part("activations");
+            out += &format!(
+                "\n  with every layer checkpointed (train.activation_checkpointing = 1) the activations would be {:.2} GiB, the total {:.2} GiB",
+                gib(self.checkpointed_activations),
+                gib(self.total() - activations + self.checkpointed_activations)
+            );
+        }
         if let Some((ranks, largest)) = self.fully_sharded {
             out += &format!(
                 "\n  fully sharded over {ranks} ranks: each keeps 1/{ranks} of the weights and gradients, and whole only the part of the model being computed (the largest: {:.1}M weights)",

@@ -167,8 +167,10 @@ fn check_memory(
         room = cxxlm_train::checkpoint::check_room(out, plan.checkpoint_bytes, free, keep);
     }
     let shape = format!(
-        "{ranks} rank(s), {} rows of {} tokens per pass",
-        plan.rows, plan.seq_len
+        "{ranks} rank(s), {} row{} of {} tokens per pass",
+        plan.rows,
+        if plan.rows == 1 { "" } else { "s" },
+        plan.seq_len
     );
     if let Some(capacity) = capacity.filter(|&c| plan.total() > c) {
         bail!(
