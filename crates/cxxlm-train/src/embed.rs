@@ -87,7 +87,7 @@ impl EmbedConfig {
     /// A config from TOML, on top of the defaults of fine-tuning: AdamW at a small rate
     /// on every weight, 16 pairs a batch.
     pub fn from_table(table: toml::Table) -> Result<Self> {
-        let merged: toml::Table = toml::toml! {
+        let defaults: toml::Table = toml::toml! {
             [train]
             device_batch = 16
             [optim]
@@ -97,7 +97,7 @@ impl EmbedConfig {
             unembedding_lr = 1e-4
             weight_decay = 0.0
         };
-        over_defaults(merged, table)
+        over_defaults(defaults, table)
     }
 }
 

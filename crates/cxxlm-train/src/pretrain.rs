@@ -53,7 +53,7 @@ impl TrainConfig {
             .and_then(|m| m.get("preset"))
             .and_then(|p| p.as_str())
             .unwrap_or("d12");
-        let merged: toml::Table = match preset {
+        let defaults: toml::Table = match preset {
             "3b" => toml::toml! {
                 [train]
                 device_batch = 16
@@ -69,7 +69,7 @@ impl TrainConfig {
             },
             _ => toml::Table::new(),
         };
-        over_defaults(merged, table)
+        over_defaults(defaults, table)
     }
 }
 

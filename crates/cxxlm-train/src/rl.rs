@@ -182,7 +182,7 @@ impl RlConfig {
     /// A config from TOML on top of the seeds' RL defaults: AdamW at 5e-7 on every
     /// weight, a constant rate.
     pub fn from_table(table: toml::Table) -> Result<Self> {
-        let merged = toml::toml! {
+        let defaults = toml::toml! {
             [train]
             device_batch = 8
             [optim]
@@ -195,7 +195,7 @@ impl RlConfig {
             warmup_frac = 0.0
             warmdown_frac = 0.0
         };
-        over_defaults(merged, table)
+        over_defaults(defaults, table)
     }
 }
 

@@ -144,7 +144,7 @@ impl SftConfig {
             .and_then(|m| m.get("recipe"))
             .and_then(|p| p.as_str())
             .unwrap_or("seeds");
-        let merged: toml::Table = match recipe {
+        let defaults: toml::Table = match recipe {
             "nanochat" => toml::toml! {
                 [schedule]
                 warmup_frac = 0.0
@@ -161,7 +161,7 @@ impl SftConfig {
                 weight_decay = 0.0
             },
         };
-        over_defaults(merged, table)
+        over_defaults(defaults, table)
     }
 }
 
