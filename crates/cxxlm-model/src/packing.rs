@@ -79,10 +79,15 @@ impl Packing {
         let visible = self.visible();
         let size = visible.size();
         let t = size[3];
-        let padded = [size[0], 1, size[2], (t + 7) / 8 * 8];
+        let padded = [size[0], 1, size[2], aligned_keys(t as usize) as i64];
         Tensor::zeros(padded, (kind, visible.device()))
             .narrow(3, 0, t)
             .masked_fill_(&visible.logical_not(), f64::NEG_INFINITY)
+    }
+
+    /// The bytes [`Packing::bias`] of `rows` rows of `t` positions holds in `kind`.
+    pub fn bias_bytes(rows: usize, t: usize, kind: Kind) -> u64 {
+        (rows * t * aligned_keys(t) * kind.elt_size_in_bytes()) as u64
     }
 
     /// Which keys each query may attend to: `(B, 1, T, T)`, earlier or equal positions of
@@ -103,6 +108,11 @@ impl Packing {
     }
 }
 
+/// A query's `t` keys laid out in a multiple of 8.
+fn aligned_keys(t: usize) -> usize {
+    t.next_multiple_of(8)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,6 +124,8 @@ mod tests {
         let (bias, visible) = (p.bias(Kind::Float), p.visible());
         assert_eq!(bias.size(), [1, 1, 9, 9]);
         assert_eq!(bias.stride()[2], 16);
+        let held = bias.size()[0] * bias.stride()[0] * 4;
+        assert_eq!(held as u64, Packing::bias_bytes(1, 9, Kind::Float));
         assert!(bias.eq(0.0).equal(&visible));
         let hidden = bias.masked_select(&visible.logical_not());
         assert!(hidden.numel() > 0 && hidden.eq(f64::NEG_INFINITY).all().int64_value(&[]) == 1);

@@ -200,12 +200,6 @@ pub fn sampler_bytes(model: &ModelConfig, slots: usize, capacity: usize) -> u64 
         + 4 * ((slots + 1) * model.vocab_size) as u64
 }
 
-/// The additive attention bias of `rows` packed rows of `t` positions in bf16
-/// ([`cxxlm_model::Packing::bias`]: each query's keys padded to a multiple of 8).
-pub fn attention_bias_bytes(rows: usize, t: usize) -> u64 {
-    (2 * rows * t * t.next_multiple_of(8)) as u64
-}
-
 /// A frozen model scored with (RL's reference): fp32 weights and the bf16 copies its
 /// forward pass makes.
 pub fn reference_bytes(model: &ModelConfig) -> u64 {

@@ -7,7 +7,7 @@
 //! initial model. Guards stop a run that would train on nothing; checkpoints resume
 //! bit-exactly (the rollout batch in use is part of the source's state).
 
-use cxxlm_model::{Decoder, Gpt, ModelConfig, Sampling, WeightStore};
+use cxxlm_model::{Decoder, Gpt, ModelConfig, Packing, Sampling, WeightStore};
 use cxxlm_tasks::reward::{RewardPool, Rewarded};
 use cxxlm_tasks::task::{answer_ends, Task};
 use cxxlm_tokenizer::chat::{self, Message, Role};
@@ -1579,7 +1579,7 @@ pub fn memory_plan(cfg: &RlConfig, ranks: usize) -> Result<Option<MemoryPlan>> {
     let mut plan = memory::plan(&update, &run, &cfg.optim, ranks, false);
     plan.parts.push((
         "attention mask",
-        memory::attention_bias_bytes(run.device_batch, update.seq_len),
+        Packing::bias_bytes(run.device_batch, update.seq_len, Kind::BFloat16),
     ));
     if s.kl_coef > 0.0 {
         plan.parts
