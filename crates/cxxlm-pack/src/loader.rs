@@ -23,7 +23,8 @@ pub enum Mode {
     /// Rows filled best-fit from a buffer of shuffled documents (as nanochat does): the
     /// largest that fits, else the shortest cropped to the space left, so most rows
     /// start with `<|bos|>`. Documents longer than a row are first cut into row-sized
-    /// pieces, so only cropped tails are lost.
+    /// pieces overlapping by one token (every token after a document's first is a
+    /// target once), so only cropped tails are lost.
     BestFit,
 }
 
@@ -221,9 +222,12 @@ fn items(data: &IndexedDataset, config: &LoaderConfig) -> Vec<(u64, u32)> {
             for doc in 0..data.len() {
                 let (start, len) = (data.doc_start(doc), data.doc_len(doc) as u64);
                 let mut off = 0;
-                while off < len {
+                loop {
                     out.push((start + off, (len - off).min(row) as u32));
-                    off += row;
+                    if off + row >= len {
+                        break;
+                    }
+                    off += t;
                 }
             }
             out
@@ -384,6 +388,29 @@ mod tests {
             bos_first > 30 * 8 / 2,
             "{bos_first} rows start at a document"
         );
+    }
+
+    /// A long document's pieces overlap by one token: each of its tokens but the first is
+    /// predicted by exactly one of them.
+    #[test]
+    fn best_fit_pieces_make_every_token_a_target_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dataset(dir.path());
+        for seq_len in [4, 7, 16] {
+            let mut c = config(Mode::BestFit, 1, 0, 1);
+            c.seq_len = seq_len;
+            let pieces = items(&data, &c);
+            for doc in 0..data.len() {
+                let (start, len) = (data.doc_start(doc), data.doc_len(doc) as u64);
+                let mut targets: Vec<u64> = pieces
+                    .iter()
+                    .filter(|(s, _)| (start..start + len).contains(s))
+                    .flat_map(|&(s, n)| s + 1..s + n as u64)
+                    .collect();
+                targets.sort();
+                assert_eq!(targets, (start + 1..start + len).collect::<Vec<_>>());
+            }
+        }
     }
 
     /// Each row's document pieces cover it and each holds one document's tokens: no
