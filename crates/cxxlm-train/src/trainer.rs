@@ -253,8 +253,9 @@ pub enum Event {
         loss_ema: f64,
         lr_scale: f64,
         tok_s: f64,
-        mfu: f64,
-        gpu_memory_gib: f64,
+        /// On a GPU: its model FLOPs utilization and the memory in use.
+        mfu: Option<f64>,
+        gpu_memory_gib: Option<f64>,
     },
     /// Figures of an evaluation, by name (`val_bpb`, `val_loss`, ...).
     Eval {
@@ -911,11 +912,9 @@ pub fn train(
         let loss_ema = state.loss_ema / (1.0 - EMA_BETA.powi(state.step as i32));
         let tok_s = stage.step_tokens as f64 / seconds;
         // Per GPU: every rank does its share of the step's tokens.
-        let mfu = if dev.is_cuda() {
-            flops_per_token * tok_s / (stage.log.peak_flops * ranks as f64)
-        } else {
-            0.0
-        };
+        let mfu = dev
+            .is_cuda()
+            .then(|| flops_per_token * tok_s / (stage.log.peak_flops * ranks as f64));
         if let Some(used) = cuda::used_bytes() {
             peak_memory = peak_memory.max(used);
         }
@@ -928,7 +927,7 @@ pub fn train(
         let (allocated, reserved) = (gib(peak.allocated), gib(peak.reserved));
         let mut fields = json!({
             "loss": loss, "loss_ema": loss_ema, "lr_scale": lr_scale, "grad_norm": grad_norm,
-            "tok_s": tok_s, "mfu": mfu, "gpu_memory_gib": used, "gpu_peak_allocated_gib": allocated,
+            "tok_s": tok_s, "mfu": mfu.unwrap_or(0.0), "gpu_memory_gib": used, "gpu_peak_allocated_gib": allocated,
             "gpu_peak_reserved_gib": reserved,
             "tokens": state.tokens,
             "step_seconds": seconds, "forward_backward_seconds": forward_backward_seconds,
@@ -980,8 +979,9 @@ pub fn train(
             lr_scale,
             tok_s,
             mfu,
-            gpu_memory_gib: used,
+            gpu_memory_gib: mfu.map(|_| used),
         });
+        let mfu = mfu.unwrap_or(f64::INFINITY);
         if step > 10 && stage.log.mfu_warn > 0.0 && mfu < stage.log.mfu_warn {
             report(Event::Warning(format!(
                 "MFU {:.1}% at step {} is under log.mfu_warn ({:.0}%)",

@@ -381,10 +381,14 @@ impl<'a> Progress<'a> {
                     mfu,
                     gpu_memory_gib,
                 } => {
+                    let gpu = match (mfu, gpu_memory_gib) {
+                        (Some(mfu), Some(gib)) => {
+                            format!(" | MFU {:.1}% | GPU {gib:.1} GiB", mfu * 100.0)
+                        }
+                        _ => String::new(),
+                    };
                     let line = format!(
-                    "step {step}/{steps} | loss {loss:.4} (ema {loss_ema:.4}) | lr x{lr_scale:.3} | {:.0} tok/s | MFU {:.1}% | GPU {gpu_memory_gib:.1} GiB | {:.0}s",
-                    tok_s,
-                    mfu * 100.0,
+                    "step {step}/{steps} | loss {loss:.4} (ema {loss_ema:.4}) | lr x{lr_scale:.3} | {tok_s:.0} tok/s{gpu} | {:.0}s",
                     started.elapsed().as_secs_f64()
                 );
                     if tty {
