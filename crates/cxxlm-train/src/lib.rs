@@ -61,6 +61,10 @@ pub enum TrainError {
     Collective(String),
     #[error("RL stopped: {0}")]
     Guard(String),
+    /// A batch given up because the run is stopping ([`trainer::BatchSource::next_batch_unless`]);
+    /// the loop then stops with a checkpoint of the step before.
+    #[error("the batch was given up: the run is stopping")]
+    Interrupted,
     #[error(transparent)]
     Tasks(#[from] cxxlm_tasks::TaskError),
 }

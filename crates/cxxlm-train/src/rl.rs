@@ -679,8 +679,17 @@ struct Sampler<'a> {
 impl Sampler<'_> {
     /// Samples what `req` asks with the shared sampler, each completion handed to the
     /// pool under `pool_batch` as soon as it ends; returns them, without their rewards
-    /// yet, and where the time went.
-    fn sample(&self, req: &Request, pool_batch: u64) -> (Vec<Rollout>, Generation) {
+    /// yet, and where the time went. None: given up, once `stopping()` turned true (the
+    /// completions that ended before are judged all the same, and not asked for).
+    fn sample(
+        &self,
+        req: &Request,
+        pool_batch: u64,
+        stopping: &dyn Fn() -> bool,
+    ) -> Option<(Vec<Rollout>, Generation)> {
+        if stopping() {
+            return None;
+        }
         let (model, bpe) = (self.model, self.bpe);
         let stop_token = chat::end_of_turn(bpe);
         let rows: Vec<(usize, usize)> = req
@@ -694,6 +703,7 @@ impl Sampler<'_> {
         let started = Instant::now();
         let mut first_token = None;
         let mut finished = vec![false; rows.len()];
+        let mut given_up = false;
         let mut decoder = self.decoder.borrow_mut();
         let slots = row_prompts.len();
         let generated = model.generate_reusing(
@@ -704,6 +714,10 @@ impl Sampler<'_> {
             slots,
             &mut |row, ids| {
                 first_token.get_or_insert_with(Instant::now);
+                given_up = given_up || stopping();
+                if given_up {
+                    return true;
+                }
                 let done = answer_ends(ids, stop_token, |t| bpe.decode(t));
                 if done {
                     finished[row] = true;
@@ -714,6 +728,9 @@ impl Sampler<'_> {
             },
         );
         drop(decoder);
+        if given_up {
+            return None;
+        }
         for (row, ids) in generated.iter().enumerate() {
             if !finished[row] {
                 self.pool
@@ -755,14 +772,17 @@ impl Sampler<'_> {
                 },
             )
             .collect();
-        (rollouts, generation)
+        Some((rollouts, generation))
     }
 
     /// [`Sampler::sample`], then [`collect`]: rollouts with their rewards, where
     /// generating spent its time, and the seconds waiting.
     fn sample_and_judge(&self, req: &Request) -> Result<(Vec<Rollout>, Generation, f64)> {
         let batch = self.pool.new_batch();
-        let (mut rollouts, generation) = self.sample(req, batch);
+        // Never None: nothing stops it.
+        let (mut rollouts, generation) = self
+            .sample(req, batch, &|| false)
+            .ok_or(TrainError::Interrupted)?;
         let wait = collect(self.pool, self.bpe, Some(batch), &mut rollouts)?;
         Ok((rollouts, generation, wait))
     }
@@ -905,29 +925,30 @@ impl RolloutSource<'_> {
 
     /// A new rollout batch to learn from, made with `model`; with `rl.sample_ahead`,
     /// the one sampled last time, while the next one is sampled now.
-    fn roll_out(&mut self, model: &Gpt, comm: &Comm) -> Result<()> {
+    fn roll_out(&mut self, model: &Gpt, comm: &Comm, stopping: &dyn Fn() -> bool) -> Result<()> {
         if !self.settings.sample_ahead {
-            let drawn = self.draw(model);
+            let drawn = self.draw(model, comm, stopping)?;
             let generation = drawn.generation;
             return self.settle(model, comm, drawn, generation);
         }
         let (ready, mut generation) = match self.state.pending.take() {
             Some(d) => (d, Generation::default()),
             None => {
-                let d = self.draw(model);
+                let d = self.draw(model, comm, stopping)?;
                 let g = d.generation;
                 (d, g)
             }
         };
-        let next = self.draw(model);
+        let next = self.draw(model, comm, stopping)?;
         generation.add(&next.generation);
         self.state.pending = Some(next);
         self.settle(model, comm, ready, generation)
     }
 
     /// This rank's prompts of the next window of the task stream, sampled and handed to
-    /// the reward pool.
-    fn draw(&mut self, model: &Gpt) -> Drawn {
+    /// the reward pool; given up on every rank ([`TrainError::Interrupted`]) when
+    /// `stopping()` turns true on one.
+    fn draw(&mut self, model: &Gpt, comm: &Comm, stopping: &dyn Fn() -> bool) -> Result<Drawn> {
         let s = self.settings;
         let per_rank = s.prompts / self.ranks;
         let rounds = if s.dynamic_sampling {
@@ -950,16 +971,20 @@ impl RolloutSource<'_> {
             first_group: 0,
             logprob_rows: s.sample_ahead.then_some(self.device_batch),
         };
-        let (rollouts, generation) = self.sampler(model).sample(&req, pool_batch);
+        let sampled = self.sampler(model).sample(&req, pool_batch, stopping);
+        if comm.any(sampled.is_none(), model.device())? {
+            return Err(TrainError::Interrupted);
+        }
+        let (rollouts, generation) = sampled.ok_or(TrainError::Interrupted)?;
         self.state.position += window;
         self.state.batches += 1;
-        Drawn {
+        Ok(Drawn {
             batch: self.state.batches - 1,
             rollouts,
             spare: mine.into_iter().skip(per_rank).collect(),
             pool_batch: Some(pool_batch),
             generation,
-        }
+        })
     }
 
     fn sampler<'m>(&'m self, model: &'m Gpt) -> Sampler<'m> {
@@ -1259,13 +1284,24 @@ impl Tally {
 
 impl BatchSource for RolloutSource<'_> {
     fn next_batch(&mut self, model: &Gpt, comm: &Comm) -> Result<MicroBatch> {
+        self.next_batch_unless(model, comm, &|| false)
+    }
+
+    /// A stop asked for during the rollouts of a step's batch gives them up (the
+    /// checkpoint holds the state before them, which a resumed run samples from again).
+    fn next_batch_unless(
+        &mut self,
+        model: &Gpt,
+        comm: &Comm,
+        stopping: &dyn Fn() -> bool,
+    ) -> Result<MicroBatch> {
         if self.state.next == self.state.current.len() {
             self.state.updates_done += 1;
             if self.state.current.is_empty() || self.state.updates_done >= self.settings.updates {
                 // A batch with nothing to learn on any rank is replaced (the guards see
                 // each one); every rank draws again, so they keep to one stream.
                 let mut empty = 0;
-                self.roll_out(model, comm)?;
+                self.roll_out(model, comm, stopping)?;
                 let learns = |s: &Self| s.state.current.iter().any(|b| b.supervised_count() > 0);
                 while !comm.any(learns(self), model.device())? {
                     empty += 1;
@@ -1277,7 +1313,7 @@ impl BatchSource for RolloutSource<'_> {
                     }
                     self.warnings
                         .push("a rollout batch had nothing to learn: another one is drawn".into());
-                    self.roll_out(model, comm)?;
+                    self.roll_out(model, comm, stopping)?;
                 }
             } else {
                 self.state.next = 0;

@@ -143,6 +143,18 @@ pub trait BatchSource {
     /// This rank's next micro-batch; `model` is the policy as trained so far (RL samples
     /// its batches with it).
     fn next_batch(&mut self, model: &Gpt, comm: &Comm) -> Result<MicroBatch>;
+    /// [`BatchSource::next_batch`] for the first micro-batch of a step, which the run may
+    /// not take: a source whose batches take long to make (RL's rollouts) gives its batch up
+    /// once `stopping()` turns true on any rank, on every rank alike, with
+    /// [`TrainError::Interrupted`], so that a stop asked for is not kept waiting.
+    fn next_batch_unless(
+        &mut self,
+        model: &Gpt,
+        comm: &Comm,
+        _stopping: &dyn Fn() -> bool,
+    ) -> Result<MicroBatch> {
+        self.next_batch(model, comm)
+    }
     /// Where the source stands: restoring it gives the batches from here again.
     fn state(&self) -> Value;
     /// Restores `state`: this rank's own (`own`), or rank 0's where the checkpoint was
@@ -749,6 +761,8 @@ pub fn train(
     // The next step's first micro-batch, read while the GPU finishes this step (the
     // source's position in `state` stays the one before it, for checkpoints).
     let mut prefetched: Option<MicroBatch> = None;
+    // A batch given up for a stop (every rank's alike): the run stops before the next step.
+    let mut given_up = false;
     let mut phases = stage.log.phases.then(Phases::default);
     let mark = |phases: &mut Option<Phases>, name| {
         if let Some(p) = phases {
@@ -759,9 +773,10 @@ pub fn train(
         let step = state.step;
         let last = step == steps;
         // Before this step's evaluation, which the resumed run makes (once).
-        if !last && comm.any(stop(step), dev)? {
+        if !last && (given_up || comm.any(stop(step), dev)?) {
             report(Event::Warning(format!(
-                "stopping at step {step}; rerun with --resume to continue"
+                "stopping at step {step}{}; rerun with --resume to continue",
+                if given_up { ", its batch given up" } else { "" }
             )));
             report(Event::Checkpoint(save(
                 &state,
@@ -809,7 +824,18 @@ pub fn train(
         let lr_scale = stage.schedule.lr_scale(step, steps);
         let first = match prefetched.take() {
             Some(b) => b,
-            None => stage.source.next_batch(&stage.model, &comm)?,
+            None => {
+                let batch = stage
+                    .source
+                    .next_batch_unless(&stage.model, &comm, &|| stop(step));
+                match unless_given_up(batch)? {
+                    Some(b) => b,
+                    None => {
+                        given_up = true;
+                        continue;
+                    }
+                }
+            }
         };
         mark(&mut phases, "batch");
         let store = stage.sharding.as_ref().map(|s| s.store(&comm));
@@ -893,7 +919,11 @@ pub fn train(
             report(Event::Warning(format!("step {}: {w}", step + 1)));
         }
         if step + 1 < steps {
-            prefetched = Some(stage.source.next_batch(&stage.model, &comm)?);
+            let batch = stage
+                .source
+                .next_batch_unless(&stage.model, &comm, &|| stop(step + 1));
+            prefetched = unless_given_up(batch)?;
+            given_up = prefetched.is_none();
         }
         mark(&mut phases, "next_batch");
         let grad_norm = grad_norm.double_value(&[]);
@@ -1086,6 +1116,14 @@ pub fn step_gradients(
         normalizer,
         padding_share,
     })
+}
+
+/// A batch given up for a stop ([`TrainError::Interrupted`]) as None.
+fn unless_given_up(batch: Result<MicroBatch>) -> Result<Option<MicroBatch>> {
+    match batch {
+        Err(TrainError::Interrupted) => Ok(None),
+        batch => batch.map(Some),
+    }
 }
 
 /// Steps that fit `budget` seconds at the median time of the steps measured so far

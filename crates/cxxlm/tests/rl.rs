@@ -228,14 +228,15 @@ fn rollouts(run: &Path, rank: usize) -> Vec<Value> {
         .collect()
 }
 
-/// `cxxlm train rl` with `settings` into `out`, on `ranks` ranks (`cxxlm launch`).
-fn rl_run(t: &Tuned, ranks: usize, out: &Path, settings: &[&str]) {
+/// `cxxlm train rl` with `settings` into `out`, on `ranks` ranks (`cxxlm launch`); what
+/// it said.
+fn rl_run(t: &Tuned, ranks: usize, out: &Path, settings: &[&str]) -> String {
     let mut args: Vec<String> = match ranks {
         1 => Vec::new(),
         n => vec!["launch".into(), "--gpus".into(), n.to_string(), "--".into()],
     };
     args.extend(rl_args(t, out, settings));
-    run_ok(&args);
+    String::from_utf8_lossy(&run_ok(&args).stderr).into_owned()
 }
 
 /// Sampling ahead, varied completions and rewards that fall with length: groups of equal
@@ -263,22 +264,28 @@ fn batch_records(all: &[Value]) -> Vec<&Value> {
 
 /// Runs `settings` on `ranks` ranks stopped at step `stop_at` and then resumed, into
 /// `name`: its metrics and every rank's logged completions must repeat `whole`'s (the
-/// uninterrupted run's) bit for bit.
+/// uninterrupted run's) bit for bit. `gives_up`: whether the stop finds the rollouts of
+/// step `stop_at` asked for (the last step's prefetch), and gives them up unsampled.
 fn stopped_and_resumed(
     t: &Tuned,
     ranks: usize,
     name: &str,
     settings: &[&str],
-    stop_at: &str,
+    (stop_at, gives_up): (&str, bool),
     whole: &Path,
 ) {
     let split = t.p.f.root.join(name);
-    rl_run(
+    let said = rl_run(
         t,
         ranks,
         &split,
         &[settings, &["--stop-at", stop_at]].concat(),
     );
+    assert!(
+        said.contains(&format!("stopping at step {stop_at}")),
+        "{said}"
+    );
+    assert_eq!(said.contains("its batch given up"), gives_up, "{said}");
     rl_run(t, ranks, &split, &[settings, &["--resume"]].concat());
     assert_eq!(
         comparable(metrics_records(&split)),
@@ -460,7 +467,7 @@ fn rl_rewards_completions_in_the_sandbox_and_resumes_bit_exactly() {
     }
 
     // Stopped in the middle of a rollout batch's updates, then resumed.
-    stopped_and_resumed(&t, 1, "split", &steps, "3", &whole);
+    stopped_and_resumed(&t, 1, "split", &steps, ("3", false), &whole);
 
     // Bad settings and inputs are named.
     let bad = t.p.f.root.join("bad");
@@ -491,8 +498,9 @@ fn sampling_ahead_learns_from_the_batch_drawn_an_update_earlier_and_resumes_bit_
     }
 
     // Stopped with a batch sampled and not yet learned from, then resumed: the batch
-    // comes back from the checkpoint and is judged again.
-    stopped_and_resumed(&t, 1, "ahead-split", &steps, "2", &whole);
+    // comes back from the checkpoint and is judged again. The next batch, which the stop
+    // found asked for, is not sampled until the resumed run asks again.
+    stopped_and_resumed(&t, 1, "ahead-split", &steps, ("2", true), &whole);
 }
 
 /// Two ranks share out a rollout batch's prompts (each samples K completions of its
@@ -553,5 +561,5 @@ fn two_ranks_sample_half_the_prompts_each_report_the_whole_batch_and_resume_exac
     }
 
     // Stopped with the batch sampled ahead in flight on each rank, then resumed.
-    stopped_and_resumed(&t, 2, "two-split", &settings, "2", &run);
+    stopped_and_resumed(&t, 2, "two-split", &settings, ("2", true), &run);
 }
