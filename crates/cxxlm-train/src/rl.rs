@@ -1522,8 +1522,13 @@ fn split_tasks(cfg: &RlConfig, bpe: &Bpe, layout: Layout, context: usize) -> Res
     let room = context.saturating_sub(s.max_new_tokens);
     let (mut train, mut held_out) = (Vec::new(), Vec::new());
     let (mut not_runnable, mut too_long) = (0, 0);
+    // The shortest prompt of a runnable train-split task, for the refusal's advice.
+    let mut shortest = usize::MAX;
     for t in cxxlm_tasks::bugs::read_tasks(&s.tasks)? {
         let prompt = chat::prompt(bpe, &[Message::new(Role::User, t.input.as_str())], layout);
+        if t.check.is_some() && t.split == "train" {
+            shortest = shortest.min(prompt.len());
+        }
         if t.check.is_none() {
             not_runnable += 1;
         } else if prompt.len() > room {
@@ -1535,8 +1540,14 @@ fn split_tasks(cfg: &RlConfig, bpe: &Bpe, layout: Layout, context: usize) -> Res
         }
     }
     if train.is_empty() {
+        let advice = match context.checked_sub(shortest) {
+            Some(most) if most > 0 => {
+                format!("; its shortest prompt is {shortest} tokens: rl.max_new_tokens = {most} at most")
+            }
+            _ => String::new(),
+        };
         return Err(TrainError::Config(format!(
-            "no runnable train-split task of {} leaves rl.max_new_tokens = {} of the model's {context} tokens ({not_runnable} not runnable, {too_long} too long)",
+            "no runnable train-split task of {} leaves rl.max_new_tokens = {} of the model's {context} tokens ({not_runnable} not runnable, {too_long} too long){advice}",
             s.tasks.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
             s.max_new_tokens,
         )));

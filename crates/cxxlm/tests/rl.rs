@@ -474,7 +474,10 @@ fn rl_rewards_completions_in_the_sandbox_and_resumes_bit_exactly() {
     let e = run_fails(&rl_args(&t, &bad, &["--set", "rl.samples=1"]));
     assert!(e.contains("rl.samples = 1 must be at least 2"), "{e}");
     let e = run_fails(&rl_args(&t, &bad, &["--set", "rl.max_new_tokens=120"]));
-    assert!(e.contains("no runnable train-split task"), "{e}");
+    assert!(
+        e.contains("no runnable train-split task") && e.contains("tokens: rl.max_new_tokens = "),
+        "{e}"
+    );
     let e = run_fails(&rl_args(&t, &bad, &["--set", "rl.prompt=3"]));
     assert!(e.contains("unknown field `prompt`"), "{e}");
 }
