@@ -466,7 +466,10 @@ fn headline(r: &mut Report, record: &Value) {
         if let Some(o) = overall_tokenizer_row(&t) {
             row(
                 "tokens vs cl100k (pipeline text)",
-                format!("{:.3}x fewer", num(o, "cl100k_raw_over_ours_normalized")),
+                format!(
+                    "cl100k needs {:.3}x ours",
+                    num(o, "cl100k_raw_over_ours_normalized")
+                ),
             );
         }
     }
@@ -612,11 +615,18 @@ fn tokenizer(r: &mut Report) {
     };
     let raw = num(o, "raw_bytes");
     let norm = num(o, "normalized_bytes");
+    // Text the pipeline made already (the speedrun's shards) normalizes to itself: its raw
+    // form is not kept, and one column says all.
+    let raw_kept = raw != norm;
     let _ = writeln!(
         r.md,
-        "Bytes per token on {} files ({} MB): raw text, and the text as the pipeline feeds it to the model.\n",
+        "Bytes per token on {} files ({} MB): {}.\n",
         o["files"],
-        mb(raw)
+        mb(raw),
+        match raw_kept {
+            true => "raw text, and the text as the pipeline feeds it to the model",
+            false => "the text as the pipeline feeds it to the model (its raw form is not kept)",
+        }
     );
     let mut rows = Vec::new();
     let mut bars = Vec::new();
@@ -626,23 +636,32 @@ fn tokenizer(r: &mut Report) {
         if raw_tokens.is_nan() || raw_tokens <= 0.0 {
             continue;
         }
-        rows.push(vec![
-            e.to_string(),
-            format!("{:.2}", raw / raw_tokens),
-            format!("{:.2}", norm / norm_tokens),
-        ]);
+        let pipeline = format!("{:.2}", norm / norm_tokens);
+        rows.push(match raw_kept {
+            true => vec![e.to_string(), format!("{:.2}", raw / raw_tokens), pipeline],
+            false => vec![e.to_string(), pipeline],
+        });
         bars.push((e.to_string(), (norm / norm_tokens * 100.0).round() / 100.0));
     }
-    table(
-        &mut r.md,
-        &["encoding", "bytes/token (raw)", "bytes/token (pipeline)"],
-        &rows,
-    );
+    let header: &[&str] = match raw_kept {
+        true => &["encoding", "bytes/token (raw)", "bytes/token (pipeline)"],
+        false => &["encoding", "bytes/token (pipeline)"],
+    };
+    table(&mut r.md, header, &rows);
+    let ratios = match raw_kept {
+        true => format!(
+            "{:.3}x our tokens on raw text, {:.3}x on pipeline text",
+            num(o, "cl100k_raw_over_ours_raw"),
+            num(o, "cl100k_raw_over_ours_normalized")
+        ),
+        false => format!(
+            "{:.3}x our tokens",
+            num(o, "cl100k_raw_over_ours_normalized")
+        ),
+    };
     let _ = writeln!(
         r.md,
-        "cl100k needs {:.3}x our tokens on raw text, {:.3}x on pipeline text. Encoding: {:.1} MB/s.\n",
-        num(o, "cl100k_raw_over_ours_raw"),
-        num(o, "cl100k_raw_over_ours_normalized"),
+        "cl100k needs {ratios}. Encoding: {:.1} MB/s.\n",
         num(&t, "encode_mb_per_s")
     );
     r.plot("tokenizer", "bytes per token, pipeline text", |p| {
@@ -1640,6 +1659,11 @@ mod tests {
         let md = std::fs::read_to_string(write(&layout).unwrap().markdown).unwrap();
         assert!(md.contains("| ours | 4.00 | 3.60 |"), "{md}");
         assert!(
+            md.contains("cl100k needs 1.000x our tokens on raw text, 1.100x on pipeline text")
+                && md.contains("| tokens vs cl100k (pipeline text) | cl100k needs 1.100x ours |"),
+            "{md}"
+        );
+        assert!(
             md.contains("| held-out function bodies | 25.0% ± 16.4 of 8 | 25.0% (2) |"),
             "{md}"
         );
@@ -1664,5 +1688,22 @@ mod tests {
             "{md}"
         );
         assert!(!md.contains("NaN"), "{md}");
+
+        // Text that the pipeline made (a speedrun's shards) normalizes to itself: no raw
+        // column, which would repeat the pipeline's.
+        std::fs::write(
+            layout.eval("tokenizer"),
+            r#"{"projects":[{"project":"overall","files":3,"raw_bytes":3600,"normalized_bytes":3600,"tokens":{"ours":{"raw_tokens":1000,"normalized_tokens":1000}},"cl100k_raw_over_ours_raw":1.1,"cl100k_raw_over_ours_normalized":1.1}],"encode_mb_per_s":20.0}"#,
+        )
+        .unwrap();
+        let md = std::fs::read_to_string(write(&layout).unwrap().markdown).unwrap();
+        assert!(
+            md.contains("| encoding | bytes/token (pipeline) |")
+                && md.contains("| ours | 3.60 |")
+                && md.contains("its raw form is not kept")
+                && md.contains("cl100k needs 1.100x our tokens. "),
+            "{md}"
+        );
+        assert!(!md.contains("raw text"), "{md}");
     }
 }
