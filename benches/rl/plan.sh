@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The RL memory plan against the allocator's peak, on the GPU machine, in one call of a few
 # minutes: a d12 trained for 2 steps on gpu/held-out (packed with gpu/tokenizer.json), whose
-# completions run to rl.max_new_tokens as the plan assumes; then for each setting of
+# completions mostly run to rl.max_new_tokens as the plan assumes; then for each setting of
 # SETTINGS, `train rl --check` and 3 steps of `train rl` on the tasks of gpu/rltasks (an
 # output of `cxxlm tasks bugs`). With BEFORE (another build's gpu/*.tar.xz), its binary runs
-# the same steps beside: the peak of each build at each setting.
+# the same steps beside: the peak of each build at each setting. No completion of so young a
+# model compiles, so every reward would be equal and nothing learned (the run refused by its
+# guard): DAPO's length penalty over the whole completion makes the rewards differ.
 # Results (plans, logs, summary) land in $OUT (or gpu-out/). gpu/rltasks as made here:
 #   cxxlm tasks bugs --max-candidates 40 -o gpu/rltasks -i corpus/debian/pugixml_1.13.orig.tar.gz ...
 # (pugixml, double-conversion, tinyxml2, fmtlib, yaml-cpp, rapidjson, snappy, leveldb, cli11,
@@ -36,7 +38,8 @@ for setting in ${SETTINGS:-16:8:256:32 16:8:1024:32}; do
         name=p$prompts-k$samples-n$new-b$batch-$([ "$build" = "$x" ] && echo this || echo before)
         args=(train rl --init "$work/pre" --tasks gpu/rltasks -o "$work/$name" --set rl.prompts="$prompts"
             --set rl.samples="$samples" --set rl.max_new_tokens="$new" --set train.device_batch="$batch"
-            --set train.steps=3 --set checkpoint.every=0 --set eval.every=0 --log-every 1)
+            --set train.steps=3 --set checkpoint.every=0 --set eval.every=0 --log-every 1
+            --set rl.overlong=\"penalty\" --set rl.overlong_buffer="$new")
         rm -rf "${work:?}/$name"
         "$build" "${args[@]}" --check >"$out/plan-$name.txt" 2>&1 || true
         timeout 150 "$build" "${args[@]}" >"$out/rl-$name.log" 2>&1 || tail -5 "$out/rl-$name.log"

@@ -1628,6 +1628,15 @@ pub fn memory_plan(cfg: &RlConfig, ranks: usize) -> Result<Option<MemoryPlan>> {
         "attention mask",
         Packing::bias_bytes(run.device_batch, update.seq_len, Kind::BFloat16),
     ));
+    // At every completion token of a micro-batch, vocabulary-wide: the head's bf16 logits,
+    // their log-softmax in fp32 (kept for the backward) and the entropy's two fp32
+    // temporaries (`target_logprobs`); the update's peak, within 1.2% of the allocator's
+    // at 256 and 1,024 new tokens on d12 (BENCHMARKS.md).
+    let targets = run.device_batch * s.samples * s.max_new_tokens;
+    plan.parts.push((
+        "log-softmax",
+        (targets * state.model.vocab_size * (2 + 3 * 4)) as u64,
+    ));
     if s.kl_coef > 0.0 {
         plan.parts
             .push(("reference", memory::reference_bytes(&state.model)));

@@ -342,7 +342,10 @@ fn rl_rewards_completions_in_the_sandbox_and_resumes_bit_exactly() {
     // 2 prompts x 4 samples over passes of 4 rows: 2 micro-batches, each the row of one
     // prompt and its samples.
     assert!(stderr.contains("1 rank(s), 1 row of"), "{stderr}");
-    assert!(stderr.contains("attention mask"), "{stderr}");
+    assert!(
+        stderr.contains("attention mask") && stderr.contains("log-softmax"),
+        "{stderr}"
+    );
     assert!(sampler.is_some() && reference.is_some(), "{stderr}");
     let (stderr, more, none) = plan(&["--set", "rl.kl_coef=0", "--set", "rl.samples=4000"]);
     assert!(none.is_none() && more > sampler, "{stderr}");
