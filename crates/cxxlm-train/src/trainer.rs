@@ -1011,8 +1011,8 @@ pub fn train(
             mfu,
             gpu_memory_gib: mfu.map(|_| used),
         });
-        let mfu = mfu.unwrap_or(f64::INFINITY);
-        if step > 10 && stage.log.mfu_warn > 0.0 && mfu < stage.log.mfu_warn {
+        let warn = stage.log.mfu_warn;
+        if let Some(mfu) = mfu.filter(|&m| step > 10 && warn > 0.0 && m < warn) {
             report(Event::Warning(format!(
                 "MFU {:.1}% at step {} is under log.mfu_warn ({:.0}%)",
                 mfu * 100.0,
