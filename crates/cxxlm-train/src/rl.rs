@@ -1114,7 +1114,7 @@ impl RolloutSource<'_> {
             .collect();
         let completions: Vec<&[u32]> = rollouts.iter().map(|r| r.tokens.as_slice()).collect();
         // As many micro-batches as the step takes, of the completions it learns from.
-        let count = rollouts.len().div_ceil(self.device_batch.max(1));
+        let count = update_passes(rollouts.len(), self.device_batch);
         let arranged = learning_rows(&groups, &prompts, &completions, &learned, count);
         let (mut batches, starts): (Vec<MicroBatch>, Vec<Vec<usize>>) = arranged
             .iter()
@@ -1566,6 +1566,12 @@ fn split_tasks(cfg: &RlConfig, bpe: &Bpe, layout: Layout, context: usize) -> Res
     })
 }
 
+/// The micro-batches of an update over a rank's `rollouts` completions: as many as fill
+/// `device_batch` rows each (what `learning_rows` arranges them in).
+fn update_passes(rollouts: usize, device_batch: usize) -> usize {
+    rollouts.div_ceil(device_batch.max(1))
+}
+
 /// Refuses a run without tasks or whose rollout batch does not divide over its ranks.
 fn check_spread(s: &RlSettings, ranks: usize) -> Result<()> {
     if s.tasks.is_empty() {
@@ -1613,7 +1619,7 @@ pub fn memory_plan(cfg: &RlConfig, ranks: usize) -> Result<Option<MemoryPlan>> {
     // rollouts fill `train.device_batch` rows, each an equal share of the groups, a row
     // for each: the prompt, then every sample after a copy of its last token.
     let per_rank = s.prompts / ranks;
-    let micro_batches = (per_rank * s.samples).div_ceil(cfg.train.device_batch.max(1));
+    let micro_batches = update_passes(per_rank * s.samples, cfg.train.device_batch);
     let update = ModelConfig {
         seq_len: longest_prompt(&split.train).saturating_sub(1)
             + s.samples * (1 + s.max_new_tokens),
@@ -1702,7 +1708,7 @@ pub fn rl(
         n => n,
     };
     let rollouts_per_rank = s.prompts / ranks * s.samples;
-    let grad_accum = rollouts_per_rank.div_ceil(cfg.train.device_batch);
+    let grad_accum = update_passes(rollouts_per_rank, cfg.train.device_batch);
     let step_tokens = s.prompts * s.samples * s.max_new_tokens;
     let load = |seed: u64| -> Result<Gpt> {
         let mut m = Gpt::new(model_config.clone(), dev, seed)?;
