@@ -242,6 +242,13 @@ pub trait Evaluation {
     ) -> Result<Map<String, Value>>;
 }
 
+/// A step's figures on a GPU: its model FLOPs utilization and the memory in use.
+#[derive(Debug, Clone, Copy)]
+pub struct GpuStep {
+    pub mfu: f64,
+    pub memory_gib: f64,
+}
+
 /// What the loop reports as it goes.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -265,9 +272,8 @@ pub enum Event {
         loss_ema: f64,
         lr_scale: f64,
         tok_s: f64,
-        /// On a GPU: its model FLOPs utilization and the memory in use.
-        mfu: Option<f64>,
-        gpu_memory_gib: Option<f64>,
+        /// None on a CPU.
+        gpu: Option<GpuStep>,
     },
     /// Figures of an evaluation, by name (`val_bpb`, `val_loss`, ...).
     Eval {
@@ -1008,8 +1014,10 @@ pub fn train(
             loss_ema,
             lr_scale,
             tok_s,
-            mfu,
-            gpu_memory_gib: mfu.map(|_| used),
+            gpu: mfu.map(|mfu| GpuStep {
+                mfu,
+                memory_gib: used,
+            }),
         });
         let warn = stage.log.mfu_warn;
         if let Some(mfu) = mfu.filter(|&m| step > 10 && warn > 0.0 && m < warn) {

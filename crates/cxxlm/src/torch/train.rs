@@ -378,14 +378,13 @@ impl<'a> Progress<'a> {
                     loss_ema,
                     lr_scale,
                     tok_s,
-                    mfu,
-                    gpu_memory_gib,
+                    gpu,
                 } => {
-                    let gpu = match (mfu, gpu_memory_gib) {
-                        (Some(mfu), Some(gib)) => {
-                            format!(" | MFU {:.1}% | GPU {gib:.1} GiB", mfu * 100.0)
+                    let gpu = match gpu {
+                        Some(g) => {
+                            format!(" | MFU {:.1}% | GPU {:.1} GiB", g.mfu * 100.0, g.memory_gib)
                         }
-                        _ => String::new(),
+                        None => String::new(),
                     };
                     let line = format!(
                     "step {step}/{steps} | loss {loss:.4} (ema {loss_ema:.4}) | lr x{lr_scale:.3} | {tok_s:.0} tok/s{gpu} | {:.0}s",
