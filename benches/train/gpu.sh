@@ -9,7 +9,9 @@
 #                                         # (explicit pass with fused kernels,
 #                                         # and autograd with CXXLM_FUSED=0; BENCH_VARIANTS
 #                                         # picks among fused, fused-adamw, autograd, and
-#                                         # fused-phases: fused with the step's phases timed;
+#                                         # fused-phases: fused with the step's phases timed,
+#                                         # before: fused with the build of BEFORE (another
+#                                         # build's gpu/*.tar.xz), the same call's baseline;
 #                                         # BENCH_SHAPES="12 32,20 16" picks shapes, a
 #                                         # third field the row length: "12 8 8192";
 #                                         # OURS_STEPS, REF_STEPS the steps timed)
@@ -41,7 +43,7 @@ seq=2048
 ours() { # depth batch steps out extra... (rows of $seq tokens)
     local depth=$1 batch=$2 steps=$3 dir=$4
     shift 4
-    $runner "$work/cxxlm" train pretrain --pack "$work/pack" --out "$dir" \
+    $runner "${build:-$work/cxxlm}" train pretrain --pack "$work/pack" --out "$dir" \
         --set model.preset=d$depth --set model.seq_len=$seq --set train.device_batch=$batch \
         --set train.total_batch_tokens=$((batch * seq)) --set train.steps=$steps \
         --set eval.every=0 --set checkpoint.every=0 "$@"
@@ -88,6 +90,12 @@ bench)
             variant=()
             [ $backward = fused-adamw ] && variant=(--set optim.matrices=adamw --set optim.matrix_lr=0.0003)
             [ $backward = fused-phases ] && variant=(--set log.phases=true)
+            build=
+            if [ $backward = before ]; then
+                build=$work/before/cxxlm-torch
+                [ -x "$build" ] || python3 -c "import sys,tarfile;tarfile.open(sys.argv[1]).extractall(sys.argv[2])" \
+                    "${BEFORE:?before needs BEFORE, a build's .tar.xz}" "$work/before"
+            fi
             CXXLM_FUSED=$([ $backward = autograd ] && echo 0 || echo 1) \
                 ours "$1" "$2" "${OURS_STEPS:-25}" "$dir" --log-every 5 "${variant[@]}" >"$out/ours-d$1-b$2-t$seq-$backward.log" 2>&1 || { tail -20 "$out/ours-d$1-b$2-t$seq-$backward.log"; continue; }
             echo "d$1 B=$2 T=$seq $backward: $(summary "$dir/metrics.jsonl")" | tee -a "$out/bench.txt"

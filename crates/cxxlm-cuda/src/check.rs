@@ -319,7 +319,9 @@ pub fn optimizer_steps(fused: Fused, dev: Device) -> Vec<Check> {
     let grad_scale = Tensor::from_slice(&[clip as f32]).to_device(dev);
     let want_m = &m + (&g * clip - &m) * (1.0 - beta);
     let want_blend = &g * clip + (&want_m - &g * clip) * beta;
-    let blend = fused.muon_momentum_(&g, &grad_scale, &m, beta);
+    // The same step again for the Gram form of Newton-Schulz, which takes fp16.
+    let m_again = m.copy();
+    let blend = fused.muon_momentum_(&g, &grad_scale, &m, beta, Kind::BFloat16);
     checks.push(compare("Muon momentum".into(), &m, &want_m, 1e-5));
     checks.push(compare(
         "Muon Nesterov blend".into(),
@@ -327,12 +329,24 @@ pub fn optimizer_steps(fused: Fused, dev: Device) -> Vec<Check> {
         &want_blend,
         BF16_TOLERANCE,
     ));
+    let blend = fused.muon_momentum_(&g, &grad_scale, &m_again, beta, Kind::Half);
+    checks.push(compare(
+        "Muon Nesterov blend in fp16".into(),
+        &blend,
+        &want_blend,
+        1e-3,
+    ));
     // The update as Newton-Schulz leaves a tall matrix's: transposed, not contiguous.
     let p = state(0.1).view([1024, 1024]);
     let update = state(1.0).to_kind(Kind::BFloat16).view([1024, 1024]).tr();
     let want = &p + update.to_kind(Kind::Float) * -0.02;
     fused.muon_update_(&p, &update, -0.02);
     checks.push(compare("Muon update".into(), &p, &want, 1e-5));
+    let p = want.copy();
+    let update = update.to_kind(Kind::Half);
+    let want = &p + update.to_kind(Kind::Float) * -0.02;
+    fused.muon_update_(&p, &update, -0.02);
+    checks.push(compare("Muon update from fp16".into(), &p, &want, 1e-5));
 
     let (p, g, m, v) = (state(0.1), state(1e-3), state(1e-4), state(1e-4).square());
     let settings = crate::fused::AdamwStep {

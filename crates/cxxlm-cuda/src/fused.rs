@@ -635,15 +635,16 @@ impl Fused {
     }
 
     /// Muon's momentum `m <- m + (1 - beta) (g - m)`, in place, and the Nesterov blend
-    /// `g + beta (m - g)` that Newton-Schulz orthogonalizes: fp32 here, bf16 (its
-    /// precision there) from the kernel. `g` is `grad` times `grad_scale` (one fp32
-    /// element on the device: the clipping).
+    /// `g + beta (m - g)` that Newton-Schulz orthogonalizes: fp32 here, `kind` (bf16 or
+    /// fp16, the precision Newton-Schulz takes) from the kernel. `g` is `grad` times
+    /// `grad_scale` (one fp32 element on the device: the clipping).
     pub fn muon_momentum_(
         &self,
         grad: &Tensor,
         grad_scale: &Tensor,
         momentum: &Tensor,
         beta: f64,
+        kind: Kind,
     ) -> Tensor {
         match self {
             Fused::Reference => {
@@ -656,7 +657,11 @@ impl Fused {
                 expect_fp32(grad, n, "Muon gradient");
                 expect_fp32(grad_scale, 1, "gradient scale");
                 expect_fp32(momentum, n, "Muon momentum");
-                let blend = Tensor::empty(grad.size(), (Kind::BFloat16, grad.device()));
+                assert!(
+                    matches!(kind, Kind::BFloat16 | Kind::Half),
+                    "Muon's blend in {kind:?}"
+                );
+                let blend = Tensor::empty(grad.size(), (kind, grad.device()));
                 let args = [
                     ptr(grad),
                     ptr(grad_scale),
@@ -664,6 +669,7 @@ impl Fused {
                     ptr(&blend),
                     Arg::I64(n),
                     Arg::F32(beta as f32),
+                    Arg::I32((kind == Kind::Half) as i32),
                 ];
                 k.launch("muon_momentum", elementwise_grid(n, false), 256, &args);
                 blend
@@ -683,13 +689,17 @@ impl Fused {
             Fused::Kernels(k) => {
                 let n = weights.numel() as i64;
                 expect_fp32(weights, n, "Muon weights");
-                let update = update.to_kind(Kind::BFloat16).contiguous();
+                let update = match update.kind() {
+                    Kind::Half => update.contiguous(),
+                    _ => update.to_kind(Kind::BFloat16).contiguous(),
+                };
                 assert_eq!(update.numel() as i64, n, "Muon update's size");
                 let args = [
                     ptr(weights),
                     ptr(&update),
                     Arg::I64(n),
                     Arg::F32(scale as f32),
+                    Arg::I32((update.kind() == Kind::Half) as i32),
                 ];
                 k.launch("muon_update", elementwise_grid(n, false), 256, &args);
             }

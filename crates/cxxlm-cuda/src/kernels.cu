@@ -399,26 +399,40 @@ extern "C" __global__ void softcap_cross_entropy_v1(bf16* logits, const long lon
 
 // ---- Muon's passes around Newton-Schulz, over fp32 weights and momentum -----------------
 //
-// m <- m + (1 - beta) (g - m), and the Nesterov blend g + beta (m - g) in bf16, the
-// precision Newton-Schulz takes; g is the gradient times *g_scale (its clipping, a device
-// value: the step never waits for the gradient norm).
-extern "C" __global__ void muon_momentum(const float* g, const float* g_scale, float* m, bf16* blend, long long n,
-                                         float beta) {
+// m <- m + (1 - beta) (g - m), and the Nesterov blend g + beta (m - g) in the precision
+// Newton-Schulz takes (bf16, or fp16 where `half`); g is the gradient times *g_scale (its
+// clipping, a device value: the step never waits for the gradient norm).
+extern "C" __global__ void muon_momentum(const float* g, const float* g_scale, float* m, unsigned short* blend,
+                                         long long n, float beta, int half) {
     const float scale = *g_scale;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         const float gi = g[i] * scale;
         const float mi = m[i] + (1.f - beta) * (gi - m[i]);
         m[i] = mi;
-        blend[i] = to_bf(gi + beta * (mi - gi));
+        const float b = gi + beta * (mi - gi);
+        if (half) {
+            unsigned short h;
+            asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(b));
+            blend[i] = h;
+        } else {
+            blend[i] = to_bf(b);
+        }
     }
 }
 
-// p <- p + scale u: the orthogonalized update, in bf16, added to fp32 weights.
-extern "C" __global__ void muon_update(float* p, const bf16* u, long long n, float scale) {
+// p <- p + scale u: the orthogonalized update, in bf16 (or fp16 where `half`), added to
+// fp32 weights.
+extern "C" __global__ void muon_update(float* p, const unsigned short* u, long long n, float scale, int half) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x)
-        p[i] += scale * to_f(u[i]);
+         i += (long long)gridDim.x * blockDim.x) {
+        float ui;
+        if (half)
+            asm("cvt.f32.f16 %0, %1;" : "=f"(ui) : "h"(u[i]));
+        else
+            ui = to_f(u[i]);
+        p[i] += scale * ui;
+    }
 }
 
 // ---- AdamW, one pass over fp32 weights and their state --------------------------------

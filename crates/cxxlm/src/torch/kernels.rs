@@ -20,6 +20,9 @@ fn require_cuda(device: usize) -> Result<()> {
 pub fn check(device: usize) -> Result<()> {
     require_cuda(device)?;
     let mut checks = cxxlm_cuda::check::kernels(device).map_err(anyhow::Error::msg)?;
+    checks.extend(cxxlm_train::optim::newton_schulz_checks(Device::Cuda(
+        device,
+    )));
     // The step of d12 (heads of 128) and of the 3B preset (heads of 80, GQA), on rows
     // and on examples packed into rows (SFT's batches).
     for preset in ["d12", "3b"] {
