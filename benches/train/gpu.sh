@@ -10,8 +10,8 @@
 #                                         # and autograd with CXXLM_FUSED=0; BENCH_VARIANTS
 #                                         # picks among fused, fused-adamw, autograd, and
 #                                         # fused-phases: fused with the step's phases timed,
-#                                         # before: fused with the build of BEFORE (another
-#                                         # build's gpu/*.tar.xz), the same call's baseline;
+#                                         # build-NAME: fused with the build carried as
+#                                         # gpu/cxxlm-NAME.tar.xz, a baseline in the same call;
 #                                         # BENCH_SHAPES="12 32,20 16" picks shapes, a
 #                                         # third field the row length: "12 8 8192";
 #                                         # OURS_STEPS, REF_STEPS the steps timed)
@@ -91,10 +91,10 @@ bench)
             [ $backward = fused-adamw ] && variant=(--set optim.matrices=adamw --set optim.matrix_lr=0.0003)
             [ $backward = fused-phases ] && variant=(--set log.phases=true)
             build=
-            if [ $backward = before ]; then
-                build=$work/before/cxxlm-torch
+            if [[ $backward = build-* ]]; then
+                build=$work/$backward/cxxlm-torch
                 [ -x "$build" ] || python3 -c "import sys,tarfile;tarfile.open(sys.argv[1]).extractall(sys.argv[2])" \
-                    "${BEFORE:?before needs BEFORE, a build's .tar.xz}" "$work/before"
+                    "gpu/cxxlm-${backward#build-}.tar.xz" "$work/$backward"
             fi
             CXXLM_FUSED=$([ $backward = autograd ] && echo 0 || echo 1) \
                 ours "$1" "$2" "${OURS_STEPS:-25}" "$dir" --log-every 5 "${variant[@]}" >"$out/ours-d$1-b$2-t$seq-$backward.log" 2>&1 || { tail -20 "$out/ours-d$1-b$2-t$seq-$backward.log"; continue; }

@@ -317,15 +317,24 @@ pub(crate) enum Placement {
     Flat { part: i64 },
 }
 
-/// Same-shape matrices updated together: their gradients are stacked so that
-/// Newton-Schulz runs as a few batched GEMMs instead of many small ones. With several
-/// ranks, each owns `per_rank` consecutive matrices of the stack (padded with zero
-/// matrices to a multiple of the ranks): it keeps their momentum, orthogonalizes them,
-/// and the updates are gathered (or, with full sharding, applied to the matrices it
-/// keeps: `[per_rank, rows, cols]`).
+/// What a rank keeps of a group's matrices.
+enum Stack {
+    /// All of them, `[matrices, rows, cols]`: the model's weights and their gradients are
+    /// views of these stacks, so that a step reads every gradient and updates every
+    /// weight of the group at once, without copying them together.
+    Whole(Shard),
+    /// Only the matrices it owns, `[per_rank, rows, cols]` (full sharding).
+    Part(Shard),
+}
+
+/// Same-shape matrices updated together: Newton-Schulz runs on their stack as a few
+/// batched GEMMs instead of many small ones. With several ranks, each owns `per_rank`
+/// consecutive matrices of the stack (padded with zero matrices to a multiple of the
+/// ranks): it keeps their momentum, orthogonalizes them, and the updates are gathered
+/// (or, with full sharding, applied to the matrices it keeps).
 struct MuonGroup {
     names: Vec<String>,
-    held: Held,
+    stack: Stack,
     per_rank: usize,
     /// This rank's matrices: `[per_rank, rows, cols]`.
     momentum: Tensor,
@@ -391,7 +400,8 @@ impl Held {
 }
 
 impl MuonGroup {
-    fn new(names: Vec<String>, params: Vec<Tensor>, world: usize) -> MuonGroup {
+    /// The group of `params`, which from now on are views of its stacks.
+    fn new(names: Vec<String>, mut params: Vec<Tensor>, world: usize) -> MuonGroup {
         let s = params[0].size();
         let per_rank = params.len().div_ceil(world);
         MuonGroup {
@@ -401,7 +411,7 @@ impl MuonGroup {
             ),
             shape_scale: (s[0] as f64 / s[1] as f64).max(1.0).sqrt(),
             names,
-            held: Held::All(params),
+            stack: Stack::Whole(stack_in_place(&mut params)),
             per_rank,
         }
     }
@@ -413,13 +423,11 @@ impl MuonGroup {
 
     /// This rank's share of the group's gradients, averaged over the ranks.
     fn gradients(&self, comm: &Comm) -> Result<Tensor> {
-        let params = match &self.held {
-            Held::Part(shard) => return Ok(shard.grad.shallow_clone()),
-            Held::All(params) => params,
+        let mut stacked = match &self.stack {
+            Stack::Part(shard) => return Ok(shard.grad.shallow_clone()),
+            Stack::Whole(whole) => whole.grad.shallow_clone(),
         };
-        let grads: Vec<Tensor> = params.iter().map(Tensor::grad).collect();
-        let mut stacked = Tensor::stack(&grads, 0);
-        let padding = (self.per_rank * comm.size() - grads.len()) as i64;
+        let padding = (self.per_rank * comm.size() - self.names.len()) as i64;
         if padding > 0 {
             let s = stacked.size();
             let zeros =
@@ -432,18 +440,32 @@ impl MuonGroup {
     /// Adds `scale` x this rank's orthogonalized matrices to the weights: to the whole
     /// ones once every rank's are gathered, or to the ones it keeps.
     fn apply(&mut self, orthogonal: &Tensor, scale: f64, fused: Fused, comm: &Comm) -> Result<()> {
-        match &mut self.held {
-            Held::All(params) => {
+        match &self.stack {
+            Stack::Whole(whole) => {
                 // Gathered in Newton-Schulz's dtype, and scaled after.
                 let update = comm.all_gather(orthogonal)?;
-                for (i, p) in params.iter().enumerate() {
-                    fused.muon_update_(p, &update.select(0, i as i64), scale);
-                }
+                let matrices = self.names.len() as i64;
+                fused.muon_update_(&whole.weights, &update.narrow(0, 0, matrices), scale);
             }
-            Held::Part(shard) => fused.muon_update_(&shard.weights, orthogonal, scale),
+            Stack::Part(shard) => fused.muon_update_(&shard.weights, orthogonal, scale),
         }
         Ok(())
     }
+}
+
+/// Moves same-shape weights into one stack and their gradients into another, of which
+/// they become views.
+fn stack_in_place(params: &mut [Tensor]) -> Shard {
+    let weights = tch::no_grad(|| Tensor::stack(params, 0));
+    let grad = weights.zeros_like();
+    for (i, p) in params.iter_mut().enumerate() {
+        p.set_data(&weights.select(0, i as i64));
+        if !p.grad().defined() {
+            tch::with_grad(|| (p.sum(Kind::Float) * 0.0).backward());
+        }
+        p.grad().set_data(&grad.select(0, i as i64));
+    }
+    Shard { weights, grad }
 }
 
 impl AdamSlot {
@@ -619,7 +641,8 @@ impl Optimizer {
 
     pub fn zero_grad(&mut self) {
         for g in &mut self.muon {
-            g.held.zero_grad();
+            let (Stack::Whole(shard) | Stack::Part(shard)) = &g.stack;
+            let _ = shard.grad.shallow_clone().zero_();
         }
         for s in &mut self.adam {
             s.held.zero_grad();
@@ -633,13 +656,9 @@ impl Optimizer {
     pub fn shard_weights(&mut self) {
         let mut whole = Vec::new();
         for g in &self.muon {
-            if let Held::All(params) = &g.held {
-                whole.extend(
-                    g.names
-                        .iter()
-                        .cloned()
-                        .zip(params.iter().map(Tensor::shallow_clone)),
-                );
+            if let Stack::Whole(stack) = &g.stack {
+                let matrices = (0..g.names.len()).map(|i| stack.weights.select(0, i as i64));
+                whole.extend(g.names.iter().cloned().zip(matrices));
             }
         }
         for s in &self.adam {
@@ -648,7 +667,7 @@ impl Optimizer {
             }
         }
         for g in &mut self.muon {
-            g.held = Held::Part(Shard::zeros(&g.momentum.size(), g.momentum.device()));
+            g.stack = Stack::Part(Shard::zeros(&g.momentum.size(), g.momentum.device()));
         }
         for s in &mut self.adam {
             s.held = Held::Part(Shard::zeros(&[s.part()], s.exp_avg.device()));
@@ -673,7 +692,9 @@ impl Optimizer {
             Ok(t.reshape([-1]).to_device(device))
         };
         for g in &self.muon {
-            let Held::Part(shard) = &g.held else { continue };
+            let Stack::Part(shard) = &g.stack else {
+                continue;
+            };
             for (i, slot) in g.owned(self.rank) {
                 let t = flat(&g.names[i], g.matrix_numel(), shard.weights.device())?;
                 shard.weights.select(0, slot as i64).view([-1]).copy_(&t);
@@ -706,7 +727,7 @@ impl Optimizer {
     /// the optimizer updates in place, with full sharding. None where it keeps no part.
     pub(crate) fn shard(&self, name: &str) -> Option<Shard> {
         for g in &self.muon {
-            let (Some(i), Held::Part(shard)) = (g.names.iter().position(|n| n == name), &g.held)
+            let (Some(i), Stack::Part(shard)) = (g.names.iter().position(|n| n == name), &g.stack)
             else {
                 continue;
             };
@@ -1004,6 +1025,41 @@ mod tests {
         for ((name, full), (_, scaled)) in unclipped.iter().zip(&clipped) {
             let off = (full / norm - scaled).abs().max().double_value(&[]);
             assert!(off < 1e-6, "{name}: {off}");
+        }
+    }
+
+    /// Muon updates the model's own weights, from the gradients autograd accumulated in
+    /// the model's own gradients, and zeroes those: one step gives its definition.
+    #[test]
+    fn muon_steps_the_models_weights_and_gradients() {
+        let params = toy_params();
+        let config = OptimConfig {
+            grad_clip: 0.0,
+            ..Default::default()
+        };
+        let mut opt = Optimizer::new(&params, 64, config.clone(), 0, 1);
+        for (i, (_, p)) in params.iter().enumerate() {
+            (p * toy_grad(p, i, 0, 0)).sum(Kind::Float).backward();
+        }
+        let before: Vec<Tensor> = params.iter().map(|(_, p)| p.detach().copy()).collect();
+        let _norm = opt.step(0, 1.0, &Comm::single()).unwrap();
+        for i in [2, 3, 5] {
+            let (name, p) = &params[i];
+            // From zero momentum, the Nesterov blend is the gradient scaled, which
+            // Newton-Schulz's normalization takes out.
+            let update = orthogonalize(&toy_grad(p, i, 0, 0), config.newton_schulz_steps);
+            let shape_scale = (p.size()[0] as f64 / p.size()[1] as f64).max(1.0).sqrt();
+            let want = &before[i] - update * (config.matrix_lr * shape_scale);
+            let error = (p.detach() - want).abs().max().double_value(&[]);
+            assert!(error < 1e-5, "{name}: {error}");
+        }
+        opt.zero_grad();
+        for (name, p) in &params {
+            assert_eq!(
+                p.grad().abs().sum(Kind::Float).double_value(&[]),
+                0.0,
+                "{name}"
+            );
         }
     }
 
