@@ -12,7 +12,7 @@ use crate::nvrtc::{self, Arg, Function};
 
 const SOURCE: &str = include_str!("kernels.cu");
 
-const KERNELS: [&str; 21] = [
+const KERNELS: [&str; 22] = [
     "rmsnorm_forward_v8",
     "rmsnorm_forward_v1",
     "rmsnorm_backward_v8",
@@ -30,6 +30,7 @@ const KERNELS: [&str; 21] = [
     "softcap_cross_entropy_v8",
     "softcap_cross_entropy_v1",
     "muon_momentum",
+    "normalize_to_half",
     "muon_update",
     "adamw_step",
     "decode_attention_split",
@@ -635,16 +636,15 @@ impl Fused {
     }
 
     /// Muon's momentum `m <- m + (1 - beta) (g - m)`, in place, and the Nesterov blend
-    /// `g + beta (m - g)` that Newton-Schulz orthogonalizes: fp32 here, `kind` (bf16 or
-    /// fp16, the precision Newton-Schulz takes) from the kernel. `g` is `grad` times
-    /// `grad_scale` (one fp32 element on the device: the clipping).
+    /// `g + beta (m - g)` that Newton-Schulz orthogonalizes: fp32 here, bf16 from the
+    /// kernel. `g` is `grad` times `grad_scale` (one fp32 element on the device: the
+    /// clipping).
     pub fn muon_momentum_(
         &self,
         grad: &Tensor,
         grad_scale: &Tensor,
         momentum: &Tensor,
         beta: f64,
-        kind: Kind,
     ) -> Tensor {
         match self {
             Fused::Reference => {
@@ -657,11 +657,7 @@ impl Fused {
                 expect_fp32(grad, n, "Muon gradient");
                 expect_fp32(grad_scale, 1, "gradient scale");
                 expect_fp32(momentum, n, "Muon momentum");
-                assert!(
-                    matches!(kind, Kind::BFloat16 | Kind::Half),
-                    "Muon's blend in {kind:?}"
-                );
-                let blend = Tensor::empty(grad.size(), (kind, grad.device()));
+                let blend = Tensor::empty(grad.size(), (Kind::BFloat16, grad.device()));
                 let args = [
                     ptr(grad),
                     ptr(grad_scale),
@@ -669,10 +665,42 @@ impl Fused {
                     ptr(&blend),
                     Arg::I64(n),
                     Arg::F32(beta as f32),
-                    Arg::I32((kind == Kind::Half) as i32),
                 ];
                 k.launch("muon_momentum", elementwise_grid(n, false), 256, &args);
                 blend
+            }
+        }
+    }
+
+    /// Each matrix of the stack `x` (`[matrices, rows, cols]`) divided by its Frobenius
+    /// norm, in `kind`: where Newton-Schulz starts. The kernel takes a contiguous bf16
+    /// stack (Muon's blend) to fp16; tch does the rest, in `kind` or, for fp16, in fp32.
+    pub fn normalize_matrices(&self, x: &Tensor, kind: Kind) -> Tensor {
+        match self {
+            Fused::Kernels(k)
+                if x.kind() == Kind::BFloat16 && kind == Kind::Half && x.is_contiguous() =>
+            {
+                let n = x.numel() as i64;
+                let norms = x.norm_scalaropt_dim(2, [-2, -1], false);
+                let out = Tensor::empty(x.size(), (Kind::Half, x.device()));
+                let args = [
+                    ptr(x),
+                    ptr(&norms),
+                    ptr(&out),
+                    Arg::I64(n / x.size()[0].max(1)),
+                    Arg::I64(n),
+                ];
+                k.launch("normalize_to_half", elementwise_grid(n, false), 256, &args);
+                out
+            }
+            _ => {
+                // fp16 may not hold the input's values before the division.
+                let x = x.to_kind(match kind {
+                    Kind::Half => Kind::Float,
+                    _ => kind,
+                });
+                let norm = x.norm_scalaropt_dim(2, [-2, -1], true);
+                (x / (norm + 1e-7)).to_kind(kind)
             }
         }
     }

@@ -399,25 +399,32 @@ extern "C" __global__ void softcap_cross_entropy_v1(bf16* logits, const long lon
 
 // ---- Muon's passes around Newton-Schulz, over fp32 weights and momentum -----------------
 //
-// m <- m + (1 - beta) (g - m), and the Nesterov blend g + beta (m - g) in the precision
-// Newton-Schulz takes (bf16, or fp16 where `half`); g is the gradient times *g_scale (its
-// clipping, a device value: the step never waits for the gradient norm).
-extern "C" __global__ void muon_momentum(const float* g, const float* g_scale, float* m, unsigned short* blend,
-                                         long long n, float beta, int half) {
+// m <- m + (1 - beta) (g - m), and the Nesterov blend g + beta (m - g) in bf16, whose range
+// holds any gradient; g is the gradient times *g_scale (its clipping, a device value: the
+// step never waits for the gradient norm).
+extern "C" __global__ void muon_momentum(const float* g, const float* g_scale, float* m, bf16* blend, long long n,
+                                         float beta) {
     const float scale = *g_scale;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         const float gi = g[i] * scale;
         const float mi = m[i] + (1.f - beta) * (gi - m[i]);
         m[i] = mi;
-        const float b = gi + beta * (mi - gi);
-        if (half) {
-            unsigned short h;
-            asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(b));
-            blend[i] = h;
-        } else {
-            blend[i] = to_bf(b);
-        }
+        blend[i] = to_bf(gi + beta * (mi - gi));
+    }
+}
+
+// Each matrix of a stack of bf16 ones divided by its Frobenius norm (`norms`, one bf16 a
+// matrix, of `per_matrix` elements) into fp16, which Newton-Schulz's Gram form takes and
+// whose range holds the normalized values, not always a gradient's.
+extern "C" __global__ void normalize_to_half(const bf16* x, const bf16* norms, unsigned short* out,
+                                             long long per_matrix, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float v = to_f(x[i]) / (to_f(norms[i / per_matrix]) + 1e-7f);
+        unsigned short h;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+        out[i] = h;
     }
 }
 

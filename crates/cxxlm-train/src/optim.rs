@@ -179,25 +179,38 @@ pub fn orthogonalize(g: &Tensor, steps: usize) -> Tensor {
 
 /// [`orthogonalize`] in a given form and dtype.
 pub fn orthogonalize_as(g: &Tensor, steps: usize, form: NewtonSchulz, kind: Kind) -> Tensor {
-    if g.dim() == 2 {
-        return orthogonalize_as(&g.unsqueeze(0), steps, form, kind).squeeze_dim(0);
+    let stack = match g.dim() {
+        2 => g.unsqueeze(0),
+        _ => g.shallow_clone(),
+    };
+    let x = newton_schulz(
+        &Fused::Reference.normalize_matrices(&stack, kind),
+        steps,
+        form,
+    );
+    match g.dim() {
+        2 => x.squeeze_dim(0),
+        _ => x,
     }
-    let size = g.size();
+}
+
+/// `steps` steps of Newton-Schulz in `form` on a stack of matrices each divided by its
+/// Frobenius norm, in the form's dtype.
+fn newton_schulz(x: &Tensor, steps: usize, form: NewtonSchulz) -> Tensor {
+    let size = x.size();
     let tall = size[1] > size[2];
-    let mut x = g.to_kind(kind);
-    if tall {
-        x = x.transpose(-2, -1);
-    }
-    let norm = x.norm_scalaropt_dim(2, [-2, -1], true);
-    x = &x / (norm + 1e-7);
-    x = match form {
+    let x = match tall {
+        true => x.transpose(-2, -1),
+        false => x.shallow_clone(),
+    };
+    let x = match form {
         NewtonSchulz::Standard => standard_newton_schulz(x, steps),
         NewtonSchulz::Gram => gram_newton_schulz(x, steps),
     };
-    if tall {
-        x = x.transpose(-2, -1);
+    match tall {
+        true => x.transpose(-2, -1),
+        false => x,
     }
-    x
 }
 
 const NEWTON_SCHULZ: (f64, f64, f64) = (3.4445, -4.7750, 2.0315);
@@ -599,11 +612,14 @@ impl Optimizer {
         let momentum = (1.0 - warm) * c.muon_momentum_start + warm * c.muon_momentum;
         for (group, g) in self.muon.iter_mut().zip(&muon_grads) {
             let s = group.momentum.size();
-            let kind = NewtonSchulz::cheaper(s[1], s[2]).kind(g.device());
-            let nesterov =
-                self.fused
-                    .muon_momentum_(g, &grad_scale, &group.momentum, momentum, kind);
-            let orthogonal = orthogonalize(&nesterov, c.newton_schulz_steps);
+            let form = NewtonSchulz::cheaper(s[1], s[2]);
+            let nesterov = self
+                .fused
+                .muon_momentum_(g, &grad_scale, &group.momentum, momentum);
+            let x = self
+                .fused
+                .normalize_matrices(&nesterov, form.kind(g.device()));
+            let orthogonal = newton_schulz(&x, c.newton_schulz_steps, form);
             let scale = -c.matrix_lr * lr_scale * group.shape_scale;
             group.apply(&orthogonal, scale, self.fused, comm)?;
         }
