@@ -49,6 +49,14 @@ ours() { # depth batch steps out extra... (rows of $seq tokens)
         --set eval.every=0 --set checkpoint.every=0 "$@"
 }
 
+# The binary of the build carried as gpu/cxxlm-NAME.tar.xz, unpacked once: a baseline run in
+# the same call.
+build_named() {
+    [ -x "$work/build-$1/cxxlm-torch" ] || python3 -c "import sys,tarfile;tarfile.open(sys.argv[1]).extractall(sys.argv[2])" \
+        "gpu/cxxlm-$1.tar.xz" "$work/build-$1"
+    echo "$work/build-$1/cxxlm-torch"
+}
+
 summary() { # metrics.jsonl -> median tok/s, MFU, memory over steps after the first 5 (of a shorter run, the first)
     python3 - "$1" <<'PY'
 import json, statistics, sys
@@ -91,11 +99,7 @@ bench)
             [ $backward = fused-adamw ] && variant=(--set optim.matrices=adamw --set optim.matrix_lr=0.0003)
             [ $backward = fused-phases ] && variant=(--set log.phases=true)
             build=
-            if [[ $backward = build-* ]]; then
-                build=$work/$backward/cxxlm-torch
-                [ -x "$build" ] || python3 -c "import sys,tarfile;tarfile.open(sys.argv[1]).extractall(sys.argv[2])" \
-                    "gpu/cxxlm-${backward#build-}.tar.xz" "$work/$backward"
-            fi
+            [[ $backward = build-* ]] && build=$(build_named "${backward#build-}")
             CXXLM_FUSED=$([ $backward = autograd ] && echo 0 || echo 1) \
                 ours "$1" "$2" "${OURS_STEPS:-25}" "$dir" --log-every 5 "${variant[@]}" >"$out/ours-d$1-b$2-t$seq-$backward.log" 2>&1 || { tail -20 "$out/ours-d$1-b$2-t$seq-$backward.log"; continue; }
             echo "d$1 B=$2 T=$seq $backward: $(summary "$dir/metrics.jsonl")" | tee -a "$out/bench.txt"
@@ -119,20 +123,24 @@ ours)
     # pass; the seeds' 262144 a GPU is 32 rows accumulated), the plan against the measured
     # peak (each run's 18 GiB checkpoint is deleted); torch.compile on the same shape
     # (benches/train/ref_3b.py, AdamW) for each REF_3B ("B:checkpoint ..."); last, unless
-    # PROFILE_3B=0, where the explicit pass's time goes at B=1.
+    # PROFILE_3B=0, where the explicit pass's time goes at B=1. BUILD_3B=NAME runs ours with
+    # the build carried as gpu/cxxlm-NAME.tar.xz.
+    x=$work/cxxlm
+    [ -z "${BUILD_3B:-}" ] || x=$(build_named "$BUILD_3B")
     for cfg in ${THREE_B:-2:0 4:2 4:1 8:1}; do
         IFS=: read -r batch every <<<"$cfg"
         tokens=${TOKENS_3B:-$((batch * 8192))}
-        dir="$work/3b-b$batch-k$every"
+        run=3b-b$batch-k$every${BUILD_3B:+-$BUILD_3B}
+        dir="$work/$run"
         rm -rf "$dir"
         args=(--pack "$work/pack" --out "$dir" --set model.preset=3b --set train.device_batch="$batch"
             --set train.total_batch_tokens="$tokens" --set train.activation_checkpointing="$every"
             --set train.steps="${OURS_STEPS:-12}" --set eval.every=0 --set checkpoint.every=0 --log-every 1)
-        "$work/cxxlm" train pretrain "${args[@]}" --check >"$out/plan-3b-b$batch-k$every.txt" 2>&1 || true
-        "$work/cxxlm" train pretrain "${args[@]}" >"$out/ours-3b-b$batch-k$every.log" 2>&1 || { tail -5 "$out/ours-3b-b$batch-k$every.log"; continue; }
-        planned=$(grep -o 'total *[0-9.]* GiB' "$out/plan-3b-b$batch-k$every.txt" | head -1 | grep -o '[0-9.]*')
-        echo "3b B=$batch T=8192 checkpoint every $every, $tokens tokens a step, planned ${planned} GiB: $(summary "$dir/metrics.jsonl")" | tee -a "$out/3b.txt"
-        cp "$dir/metrics.jsonl" "$out/metrics-3b-b$batch-k$every.jsonl"
+        "$x" train pretrain "${args[@]}" --check >"$out/plan-$run.txt" 2>&1 || true
+        "$x" train pretrain "${args[@]}" >"$out/ours-$run.log" 2>&1 || { tail -5 "$out/ours-$run.log"; continue; }
+        planned=$(grep -o 'total *[0-9.]* GiB' "$out/plan-$run.txt" | head -1 | grep -o '[0-9.]*')
+        echo "3b${BUILD_3B:+ ($BUILD_3B)} B=$batch T=8192 checkpoint every $every, $tokens tokens a step, planned ${planned} GiB: $(summary "$dir/metrics.jsonl")" | tee -a "$out/3b.txt"
+        cp "$dir/metrics.jsonl" "$out/metrics-$run.jsonl"
         rm -rf "$dir"
     done
     for cfg in ${REF_3B:-1:0 2:1}; do
