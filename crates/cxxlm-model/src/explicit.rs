@@ -185,61 +185,6 @@ fn add_weight_grad(g: &mut Tensor, dy: &Tensor, x: &Tensor) {
     }
 }
 
-/// Each of `weights` in `kind`, those that lie one after another in memory (as Muon's
-/// stacks of same-shape matrices do) cast together: a launch a run instead of one a
-/// weight (5 instead of 74 at d12, every micro-batch), whose launching would leave the
-/// GPU waiting at the start of every pass. Keeps no graph.
-fn cast_in_runs(weights: &[Tensor], kind: Kind) -> Vec<Tensor> {
-    let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
-    let follows = |prev: &Tensor, next: &Tensor| {
-        next.kind() == prev.kind()
-            && next.device() == prev.device()
-            && prev.is_contiguous()
-            && next.is_contiguous()
-            && next.data_ptr() as usize == prev.data_ptr() as usize + bytes(prev)
-    };
-    let mut order: Vec<usize> = (0..weights.len()).collect();
-    order.sort_by_key(|&i| weights[i].data_ptr() as usize);
-    let mut out: Vec<Option<Tensor>> = weights.iter().map(|_| None).collect();
-    let mut start = 0;
-    while start < order.len() {
-        let mut end = start + 1;
-        while end < order.len() && follows(&weights[order[end - 1]], &weights[order[end]]) {
-            end += 1;
-        }
-        let run = &order[start..end];
-        let first = &weights[run[0]];
-        let total: i64 = run.iter().map(|&i| weights[i].numel() as i64).sum();
-        // A view of the whole run through the first one's storage: refused where the run
-        // spans more than one storage, and then cast weight by weight.
-        let whole = match (run.len() > 1, first.kind() == kind) {
-            (true, false) => first.f_as_strided([total], [1], None::<i64>).ok(),
-            _ => None,
-        };
-        match whole {
-            Some(whole) => {
-                let cast = whole.to_kind(kind);
-                let mut offset = 0;
-                for &i in run {
-                    let w = &weights[i];
-                    let n = w.numel() as i64;
-                    out[i] = Some(cast.narrow(0, offset, n).view(w.size().as_slice()));
-                    offset += n;
-                }
-            }
-            None => {
-                for &i in run {
-                    out[i] = Some(weights[i].to_kind(kind));
-                }
-            }
-        }
-        start = end;
-    }
-    out.into_iter()
-        .map(|w| w.expect("every weight is in a run"))
-        .collect()
-}
-
 /// Why the explicit pass cannot train a model of this config, if it cannot.
 pub fn explicit_unsupported(c: &ModelConfig) -> Option<String> {
     if c.softcap <= 0.0 {
@@ -331,9 +276,8 @@ impl Gpt {
 
     /// The model's own weights in the compute precision and their gradients.
     fn resident(&self) -> Resident {
-        let params: Vec<Tensor> = self.params.iter().map(|(_, p)| p.shallow_clone()).collect();
         Resident {
-            weights: cast_in_runs(&params, self.compute),
+            weights: self.compute_weights(),
             grads: self.param_grads(),
             depth: self.config.depth,
         }
@@ -708,39 +652,6 @@ mod tests {
             m.forward_backward_explicit(Fused::Reference, None, idx, tgt, packing, scale, None);
         let grads = m.params.iter().map(|(_, p)| p.grad().copy()).collect();
         (loss.double_value(&[]), grads)
-    }
-
-    /// Weights that follow one another in memory are cast in one go, the others one by
-    /// one, each to the values of its own cast.
-    #[test]
-    fn weights_in_one_stack_are_cast_together() {
-        let stack = Tensor::randn([3, 4, 5], (Kind::Float, Device::Cpu));
-        let alone = Tensor::randn([4, 5], (Kind::Float, Device::Cpu));
-        let weights = [
-            stack.select(0, 1),
-            alone.shallow_clone(),
-            stack.select(0, 0),
-            stack.select(0, 2),
-        ];
-        let cast = cast_in_runs(&weights, Kind::BFloat16);
-        for (w, c) in weights.iter().zip(&cast) {
-            assert_eq!(c.kind(), Kind::BFloat16);
-            assert_eq!(c.size(), w.size());
-            assert!(c.equal(&w.to_kind(Kind::BFloat16)));
-        }
-        let end = |t: &Tensor| t.data_ptr() as usize + t.numel() * 2;
-        assert_eq!(
-            end(&cast[2]),
-            cast[0].data_ptr() as usize,
-            "one cast for the stack"
-        );
-        assert_eq!(end(&cast[0]), cast[3].data_ptr() as usize);
-        let same = cast_in_runs(&weights, Kind::Float);
-        assert_eq!(
-            same[1].data_ptr(),
-            alone.data_ptr(),
-            "no cast to its own kind"
-        );
     }
 
     /// The explicit pass with the reference steps against autograd, on the CPU (fp32):
