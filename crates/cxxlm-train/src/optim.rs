@@ -473,6 +473,9 @@ fn stack_in_place(params: &mut [Tensor]) -> Shard {
     let grad = weights.zeros_like();
     for (i, p) in params.iter_mut().enumerate() {
         p.set_data(&weights.select(0, i as i64));
+        if !p.requires_grad() {
+            continue;
+        }
         if !p.grad().defined() {
             tch::with_grad(|| (p.sum(Kind::Float) * 0.0).backward());
         }
