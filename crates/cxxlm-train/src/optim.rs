@@ -312,10 +312,10 @@ pub(crate) struct Shard {
     pub(crate) grad: Tensor,
 }
 
-/// What a rank keeps of the weights it updates.
+/// What a rank keeps of an AdamW weight.
 enum Held {
-    /// Each weight whole (the model's own), updated with every rank's part, gathered.
-    All(Vec<Tensor>),
+    /// The weight whole (the model's own), updated with every rank's part, gathered.
+    All(Tensor),
     /// Only this rank's part, with its gradient (full sharding).
     Part(Shard),
 }
@@ -404,7 +404,7 @@ impl Shard {
 impl Held {
     fn zero_grad(&mut self) {
         match self {
-            Held::All(params) => params.iter_mut().for_each(Tensor::zero_grad),
+            Held::All(param) => param.zero_grad(),
             Held::Part(shard) => {
                 let _ = shard.grad.zero_();
             }
@@ -490,7 +490,7 @@ impl AdamSlot {
         let state = || param.new_zeros([part], (Kind::Float, param.device()));
         AdamSlot {
             name: name.to_string(),
-            held: Held::All(vec![param.shallow_clone()]),
+            held: Held::All(param.shallow_clone()),
             numel: param.numel() as i64,
             lr,
             exp_avg: state(),
@@ -505,9 +505,7 @@ impl AdamSlot {
     /// This rank's part of the gradient, averaged over the ranks.
     fn gradient(&self, comm: &Comm) -> Result<Tensor> {
         match &self.held {
-            Held::All(params) => {
-                comm.reduce_scatter_mean(&flat_padded(&params[0].grad(), comm.size()))
-            }
+            Held::All(param) => comm.reduce_scatter_mean(&flat_padded(&param.grad(), comm.size())),
             Held::Part(shard) => Ok(shard.grad.shallow_clone()),
         }
     }
@@ -630,8 +628,8 @@ impl Optimizer {
         for (slot, g) in self.adam.iter_mut().zip(&adam_grads) {
             let part = slot.part();
             let mine = match &slot.held {
-                Held::All(params) => {
-                    flat_padded(&params[0], self.world).narrow(0, self.rank as i64 * part, part)
+                Held::All(param) => {
+                    flat_padded(param, self.world).narrow(0, self.rank as i64 * part, part)
                 }
                 Held::Part(shard) => shard.weights.shallow_clone(),
             };
@@ -650,9 +648,9 @@ impl Optimizer {
                 &slot.exp_avg_sq,
                 &settings,
             );
-            if let (Held::All(params), true) = (&slot.held, self.world > 1) {
+            if let (Held::All(param), true) = (&slot.held, self.world > 1) {
                 let whole = comm.all_gather(&mine)?;
-                params[0].view([-1]).copy_(&whole.narrow(0, 0, slot.numel));
+                param.view([-1]).copy_(&whole.narrow(0, 0, slot.numel));
             }
         }
         Ok(norm)
@@ -681,8 +679,8 @@ impl Optimizer {
             }
         }
         for s in &self.adam {
-            if let Held::All(params) = &s.held {
-                whole.push((s.name.clone(), params[0].shallow_clone()));
+            if let Held::All(param) = &s.held {
+                whole.push((s.name.clone(), param.shallow_clone()));
             }
         }
         for g in &mut self.muon {
