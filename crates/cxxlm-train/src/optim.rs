@@ -170,24 +170,26 @@ impl NewtonSchulz {
 /// The orthogonal factor of `g`'s polar decomposition, approximately: `steps` steps of the
 /// quintic Newton-Schulz iteration (Keller Jordan's coefficients), which map every
 /// singular value into roughly [0.7, 1.2], in the form with less work and its dtype. `g`
-/// is one matrix or a stack of them.
-pub fn orthogonalize(g: &Tensor, steps: usize) -> Tensor {
+/// is one matrix or a stack of them; `fused` divides them by their norms first.
+pub fn orthogonalize(fused: Fused, g: &Tensor, steps: usize) -> Tensor {
     let size = g.size();
     let form = NewtonSchulz::cheaper(size[size.len() - 2], size[size.len() - 1]);
-    orthogonalize_as(g, steps, form, form.kind(g.device()))
+    orthogonalize_as(fused, g, steps, form, form.kind(g.device()))
 }
 
 /// [`orthogonalize`] in a given form and dtype.
-pub fn orthogonalize_as(g: &Tensor, steps: usize, form: NewtonSchulz, kind: Kind) -> Tensor {
+pub fn orthogonalize_as(
+    fused: Fused,
+    g: &Tensor,
+    steps: usize,
+    form: NewtonSchulz,
+    kind: Kind,
+) -> Tensor {
     let stack = match g.dim() {
         2 => g.unsqueeze(0),
         _ => g.shallow_clone(),
     };
-    let x = newton_schulz(
-        &Fused::Reference.normalize_matrices(&stack, kind),
-        steps,
-        form,
-    );
+    let x = newton_schulz(&fused.normalize_matrices(&stack, kind), steps, form);
     match g.dim() {
         2 => x.squeeze_dim(0),
         _ => x,
@@ -275,7 +277,7 @@ pub fn newton_schulz_checks(device: tch::Device) -> Vec<cxxlm_cuda::check::Check
         let (v, _) = Tensor::linalg_qr(&Tensor::randn([count, cols, short], float), "reduced");
         let spectrum = Tensor::logspace(0.0, -3.0, short, 10.0, float);
         let g = (u * spectrum.unsqueeze(0)).matmul(&v.transpose(-2, -1));
-        let want = orthogonalize_as(&g, 5, NewtonSchulz::Standard, Kind::Float);
+        let want = orthogonalize_as(Fused::Reference, &g, 5, NewtonSchulz::Standard, Kind::Float);
         let used = NewtonSchulz::cheaper(rows, cols);
         let mut forms = vec![(used, used.kind(device))];
         if used != NewtonSchulz::Standard {
@@ -284,7 +286,7 @@ pub fn newton_schulz_checks(device: tch::Device) -> Vec<cxxlm_cuda::check::Check
         for (form, kind) in forms {
             checks.push(cxxlm_cuda::check::Check::relative_l2(
                 format!("Newton-Schulz, {form:?} form in {kind:?}, {count} x {rows} x {cols}"),
-                &orthogonalize_as(&g, 5, form, kind),
+                &orthogonalize_as(Fused::Reference, &g, 5, form, kind),
                 &want,
                 0.1,
             ));
@@ -612,15 +614,10 @@ impl Optimizer {
         let warm = (step as f64 / c.momentum_warmup_steps.max(1) as f64).min(1.0);
         let momentum = (1.0 - warm) * c.muon_momentum_start + warm * c.muon_momentum;
         for (group, g) in self.muon.iter_mut().zip(&muon_grads) {
-            let s = group.momentum.size();
-            let form = NewtonSchulz::cheaper(s[1], s[2]);
             let nesterov = self
                 .fused
                 .muon_momentum_(g, &grad_scale, &group.momentum, momentum);
-            let x = self
-                .fused
-                .normalize_matrices(&nesterov, form.kind(g.device()));
-            let orthogonal = newton_schulz(&x, c.newton_schulz_steps, form);
+            let orthogonal = orthogonalize(self.fused, &nesterov, c.newton_schulz_steps);
             let scale = -c.matrix_lr * lr_scale * group.shape_scale;
             group.apply(&orthogonal, scale, self.fused, comm)?;
         }
@@ -896,7 +893,7 @@ mod tests {
             Tensor::randn([32, 128], (Kind::Float, Device::Cpu)),
         ] {
             let shape = g.size();
-            let x = orthogonalize(&g, 5).to_kind(Kind::Float);
+            let x = orthogonalize(Fused::Reference, &g, 5).to_kind(Kind::Float);
             let (_, s, _) = x.svd(true, true);
             let (lo, hi) = (s.min().double_value(&[]), s.max().double_value(&[]));
             assert!(
@@ -911,8 +908,8 @@ mod tests {
         }
         // A stack is orthogonalized matrix by matrix.
         let stack = Tensor::randn([3, 16, 48], (Kind::Float, Device::Cpu));
-        let together = orthogonalize(&stack, 5);
-        let alone = orthogonalize(&stack.select(0, 1), 5);
+        let together = orthogonalize(Fused::Reference, &stack, 5);
+        let alone = orthogonalize(Fused::Reference, &stack.select(0, 1), 5);
         let diff = (together.select(0, 1) - alone)
             .abs()
             .max()
@@ -930,8 +927,15 @@ mod tests {
         let wide = (u * spectrum.unsqueeze(0)).matmul(&v.transpose(-2, -1));
         for g in [wide.shallow_clone(), wide.transpose(-2, -1)] {
             for steps in [1, 2, 3, 5, 7] {
-                let standard = orthogonalize_as(&g, steps, NewtonSchulz::Standard, Kind::Float);
-                let gram = orthogonalize_as(&g, steps, NewtonSchulz::Gram, Kind::Float);
+                let standard = orthogonalize_as(
+                    Fused::Reference,
+                    &g,
+                    steps,
+                    NewtonSchulz::Standard,
+                    Kind::Float,
+                );
+                let gram =
+                    orthogonalize_as(Fused::Reference, &g, steps, NewtonSchulz::Gram, Kind::Float);
                 assert_eq!(gram.size(), g.size());
                 let error = (&gram - &standard).norm().double_value(&[])
                     / standard.norm().double_value(&[]);
@@ -947,7 +951,7 @@ mod tests {
         assert_eq!(NewtonSchulz::cheaper(3072, 768), NewtonSchulz::Gram);
         assert_eq!(NewtonSchulz::cheaper(2560, 3840), NewtonSchulz::Standard);
         let g = Tensor::randn([2, 32, 64], FLOAT_CPU);
-        assert_eq!(orthogonalize(&g, 5).kind(), Kind::Float);
+        assert_eq!(orthogonalize(Fused::Reference, &g, 5).kind(), Kind::Float);
         let gpu = Device::Cuda(0);
         assert_eq!(NewtonSchulz::Standard.kind(gpu), Kind::BFloat16);
         assert_eq!(NewtonSchulz::Gram.kind(gpu), Kind::Half);
@@ -1064,7 +1068,11 @@ mod tests {
             let (name, p) = &params[i];
             // From zero momentum, the Nesterov blend is the gradient scaled, which
             // Newton-Schulz's normalization takes out.
-            let update = orthogonalize(&toy_grad(p, i, 0, 0), config.newton_schulz_steps);
+            let update = orthogonalize(
+                Fused::Reference,
+                &toy_grad(p, i, 0, 0),
+                config.newton_schulz_steps,
+            );
             let shape_scale = (p.size()[0] as f64 / p.size()[1] as f64).max(1.0).sqrt();
             let want = &before[i] - update * (config.matrix_lr * shape_scale);
             let error = (p.detach() - want).abs().max().double_value(&[]);
