@@ -375,6 +375,22 @@ pub fn optimizer_steps(fused: Fused, dev: Device) -> Vec<Check> {
     ] {
         checks.push(compare(format!("AdamW {name}"), got, want, 1e-5));
     }
+
+    // A scale of 0 skips the step, whatever the gradient holds.
+    let (skip, poisoned) = (grad_scale.zeros_like(), g.full_like(f64::NAN));
+    let kept = got.each_ref().map(Tensor::copy);
+    fused.adamw_(&got[0], &poisoned, &skip, &got[1], &got[2], &settings);
+    let kept_m = m.copy();
+    let blend = fused.muon_momentum_(&poisoned, &skip, &m, beta);
+    for (name, got, want) in [
+        ("AdamW weights", &got[0], &kept[0]),
+        ("AdamW exp_avg", &got[1], &kept[1]),
+        ("AdamW exp_avg_sq", &got[2], &kept[2]),
+        ("Muon momentum", &m, &kept_m),
+        ("Muon Nesterov blend (zeros)", &blend, &blend.zeros_like()),
+    ] {
+        checks.push(compare(format!("{name}, step skipped"), got, want, 0.0));
+    }
     checks
 }
 

@@ -123,6 +123,12 @@ fn warp_grid(warps: i64) -> usize {
     (warps as usize).div_ceil(8)
 }
 
+/// Whether a step's gradient scale says to skip it; the reference reads it on the host.
+fn skips(grad_scale: &Tensor) -> bool {
+    let scale = grad_scale.double_value(&[0]);
+    scale.is_nan() || scale <= 0.0
+}
+
 fn expect_fp32(t: &Tensor, numel: i64, what: &str) {
     assert!(
         t.kind() == Kind::Float && t.is_contiguous() && t.numel() as i64 == numel,
@@ -638,7 +644,7 @@ impl Fused {
     /// Muon's momentum `m <- m + (1 - beta) (g - m)`, in place, and the Nesterov blend
     /// `g + beta (m - g)` that Newton-Schulz orthogonalizes: fp32 here, bf16 from the
     /// kernel. `g` is `grad` times `grad_scale` (one fp32 element on the device: the
-    /// clipping).
+    /// clipping); a scale of 0 skips the step: the momentum stays, the blend is zeros.
     pub fn muon_momentum_(
         &self,
         grad: &Tensor,
@@ -647,6 +653,7 @@ impl Fused {
         beta: f64,
     ) -> Tensor {
         match self {
+            Fused::Reference if skips(grad_scale) => grad.zeros_like(),
             Fused::Reference => {
                 let grad = grad * grad_scale;
                 let _ = momentum.shallow_clone().lerp_(&grad, 1.0 - beta);
@@ -735,8 +742,8 @@ impl Fused {
     }
 
     /// One AdamW update of fp32 weights `param` from `grad` times `grad_scale` (as in
-    /// [`Fused::muon_momentum_`]), with their moments `exp_avg` and `exp_avg_sq`, all in
-    /// place (contiguous, same size).
+    /// [`Fused::muon_momentum_`], 0 skipping it), with their moments `exp_avg` and
+    /// `exp_avg_sq`, all in place (contiguous, same size).
     pub fn adamw_(
         &self,
         param: &Tensor,
@@ -750,6 +757,7 @@ impl Fused {
         let correction1 = 1.0 - b1.powf(s.step);
         let correction2 = (1.0 - b2.powf(s.step)).sqrt();
         match self {
+            Fused::Reference if skips(grad_scale) => {}
             Fused::Reference => {
                 let grad = &(grad * grad_scale);
                 let mut p = param.shallow_clone();

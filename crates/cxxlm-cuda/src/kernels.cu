@@ -401,12 +401,17 @@ extern "C" __global__ void softcap_cross_entropy_v1(bf16* logits, const long lon
 //
 // m <- m + (1 - beta) (g - m), and the Nesterov blend g + beta (m - g) in bf16, whose range
 // holds any gradient; g is the gradient times *g_scale (its clipping, a device value: the
-// step never waits for the gradient norm).
+// step never waits for the gradient norm). A scale of 0 skips the step (a gradient or loss
+// that is not finite): m is left as it is and the blend is 0, which adds nothing.
 extern "C" __global__ void muon_momentum(const float* g, const float* g_scale, float* m, bf16* blend, long long n,
                                          float beta) {
     const float scale = *g_scale;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
+        if (!(scale > 0.f)) {
+            blend[i] = 0;
+            continue;
+        }
         const float gi = g[i] * scale;
         const float mi = m[i] + (1.f - beta) * (gi - m[i]);
         m[i] = mi;
@@ -447,11 +452,12 @@ extern "C" __global__ void muon_update(float* p, const unsigned short* u, long l
 // m <- m + (1 - beta1) (g - m); v <- beta2 v + (1 - beta2) g^2;
 // p <- p decay - lr / correction1 * m / (sqrt(v) / correction2 + eps), with
 // decay = 1 - lr weight_decay, correction1 = 1 - beta1^t, correction2 = sqrt(1 - beta2^t);
-// g is the gradient times *g_scale, as in muon_momentum.
+// g is the gradient times *g_scale, and a scale of 0 skips the step, as in muon_momentum.
 extern "C" __global__ void adamw_step(float* p, const float* g, const float* g_scale, float* m, float* v, long long n,
                                       float lr, float beta1, float beta2, float eps, float decay, float correction1,
                                       float correction2) {
     const float scale = *g_scale;
+    if (!(scale > 0.f)) return;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         const float gi = g[i] * scale, mi = m[i] + (1.f - beta1) * (gi - m[i]);

@@ -125,10 +125,12 @@ void cxxlm_stream_make_current(void* stream) {
     c10::cuda::setCurrentCUDAStream(*static_cast<c10::cuda::CUDAStream*>(stream));
 }
 
-// An event at the end of what `stream` holds now (null, and `error` filled, on failure).
-void* cxxlm_event_record(void* stream, char* error, size_t len) {
+// An event at the end of what `stream` holds now, that records when the device reaches it
+// where `timed` (null, and `error` filled, on failure).
+void* cxxlm_event_record(void* stream, int timed, char* error, size_t len) {
     try {
-        auto* event = new c10::Event(c10::DeviceType::CUDA);
+        auto* event = new c10::Event(c10::DeviceType::CUDA,
+                                     timed ? c10::EventFlag::BACKEND_DEFAULT : c10::EventFlag::PYTORCH_DEFAULT);
         try {
             event->record(*static_cast<c10::cuda::CUDAStream*>(stream));
         } catch (...) {
@@ -150,6 +152,17 @@ int cxxlm_stream_wait(void* stream, void* event, char* error, size_t len) {
     } catch (const std::exception& e) {
         report(e, error, len);
         return 1;
+    }
+}
+
+// Seconds from timed event `start` to timed event `end`, both reached (negative, and
+// `error` filled, on failure).
+double cxxlm_event_seconds_between(void* start, void* end, char* error, size_t len) {
+    try {
+        return static_cast<c10::Event*>(start)->elapsedTime(*static_cast<c10::Event*>(end)) / 1e3;
+    } catch (const std::exception& e) {
+        report(e, error, len);
+        return -1.0;
     }
 }
 

@@ -14,9 +14,16 @@ mod ffi {
         pub fn cxxlm_stream_make_current(stream: *mut c_void);
         pub fn cxxlm_event_record(
             stream: *mut c_void,
+            timed: c_int,
             error: *mut c_char,
             len: usize,
         ) -> *mut c_void;
+        pub fn cxxlm_event_seconds_between(
+            start: *mut c_void,
+            end: *mut c_void,
+            error: *mut c_char,
+            len: usize,
+        ) -> f64;
         pub fn cxxlm_stream_wait(
             stream: *mut c_void,
             event: *mut c_void,
@@ -99,19 +106,32 @@ impl Stream {
 
     /// The point this stream's work has reached so far (once enqueued).
     pub fn record(&self) -> Result<Event, String> {
+        self.record_as(false)
+    }
+
+    /// [`Stream::record`], keeping when the device reaches the point
+    /// ([`Event::seconds_since`]).
+    pub fn record_timed(&self) -> Result<Event, String> {
+        self.record_as(true)
+    }
+
+    fn record_as(&self, timed: bool) -> Result<Event, String> {
         #[cfg(cxxlm_cuda)]
         {
             let mut event = std::ptr::null_mut();
             // SAFETY: a live stream handle; the shim takes a buffer and its length for
             // the message.
             crate::call(|e, n| {
-                event = unsafe { ffi::cxxlm_event_record(self.stream, e, n) };
+                event = unsafe { ffi::cxxlm_event_record(self.stream, timed as i32, e, n) };
                 !event.is_null()
             })?;
             Ok(Event { event })
         }
         #[cfg(not(cxxlm_cuda))]
-        unreachable!("no stream exists without the shim")
+        {
+            let _ = timed;
+            unreachable!("no stream exists without the shim")
+        }
     }
 
     /// Work enqueued on this stream from now on waits for `event`.
@@ -145,6 +165,29 @@ impl Stream {
         {
             let _ = t;
             unreachable!("no stream exists without the shim")
+        }
+    }
+}
+
+impl Event {
+    /// Seconds on the device's clock from `start` to this event, both recorded timed and
+    /// both reached.
+    pub fn seconds_since(&self, start: &Event) -> Result<f64, String> {
+        #[cfg(cxxlm_cuda)]
+        {
+            let mut seconds = 0.0;
+            // SAFETY: two live events; as in `record`.
+            crate::call(|e, n| {
+                seconds =
+                    unsafe { ffi::cxxlm_event_seconds_between(start.event, self.event, e, n) };
+                seconds >= 0.0
+            })?;
+            Ok(seconds)
+        }
+        #[cfg(not(cxxlm_cuda))]
+        {
+            let _ = start;
+            unreachable!("no event exists without the shim")
         }
     }
 }

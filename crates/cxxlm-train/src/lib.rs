@@ -47,6 +47,12 @@ pub enum TrainError {
         loss: f64,
         saved: PathBuf,
     },
+    #[error("the gradient norm became {norm} at step {step} (the loss was finite); the state before that step is saved in {saved}")]
+    NonFiniteGradient {
+        step: u64,
+        norm: f64,
+        saved: PathBuf,
+    },
     #[error("out of GPU memory at step {step} with train.device_batch = {device_batch}: lower train.device_batch (gradient accumulation keeps the total batch) or the model size")]
     OutOfMemory { step: u64, device_batch: usize },
     #[error("step {step} has no supervised target in any micro-batch on any rank: {data} gives nothing to learn there")]

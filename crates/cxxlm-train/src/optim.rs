@@ -578,9 +578,12 @@ impl Optimizer {
 
     /// One update at `lr_scale` of the configured LRs (`step` counts from 0), after
     /// averaging the gradients over the ranks and clipping them to the configured global
-    /// norm. Returns the norm before clipping (a device scalar: reading it waits for the
-    /// GPU).
-    pub fn step(&mut self, step: u64, lr_scale: f64, comm: &Comm) -> Result<Tensor> {
+    /// norm; none where that norm or `loss` (a device scalar, the same on every rank) is
+    /// not finite, decided on the device so that the host need not wait for the passes
+    /// before launching the update. Returns the norm before clipping (a device scalar:
+    /// reading it waits for the GPU); the weights and the state are those before the step
+    /// where it is not finite.
+    pub fn step(&mut self, step: u64, lr_scale: f64, loss: &Tensor, comm: &Comm) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
         let c = &self.config;
         let muon_grads = self
@@ -607,9 +610,14 @@ impl Optimizer {
         comm.all_reduce_sum(&norm_sq)?;
         let norm = norm_sq.sqrt().reshape([]);
         let grad_scale = match c.grad_clip > 0.0 {
-            true => (c.grad_clip / (&norm + 1e-6)).clamp_max(1.0).reshape([1]),
-            false => norm.ones_like().reshape([1]),
+            true => (c.grad_clip / (&norm + 1e-6)).clamp_max(1.0),
+            false => norm.ones_like(),
         };
+        // 0 makes the updates skip the step.
+        let finite = norm.isfinite().logical_and(&loss.isfinite());
+        let grad_scale = grad_scale
+            .where_self(&finite, &grad_scale.zeros_like())
+            .reshape([1]);
 
         let warm = (step as f64 / c.momentum_warmup_steps.max(1) as f64).min(1.0);
         let momentum = (1.0 - warm) * c.muon_momentum_start + warm * c.muon_momentum;
@@ -980,7 +988,10 @@ mod tests {
             .sum(Kind::Float)
             .backward();
         let mut opt = Optimizer::new(&params, 768, OptimConfig::default(), 0, 1);
-        let norm = opt.step(0, 1.0, &Comm::single()).unwrap().double_value(&[]);
+        let norm = opt
+            .step(0, 1.0, &Tensor::from(2.5), &Comm::single())
+            .unwrap()
+            .double_value(&[]);
         assert!((norm - (9.0f64 + 0.25).sqrt()).abs() < 1e-5);
         // First AdamW step moves each weight by lr against the gradient's sign.
         let moved: Vec<f32> = Vec::try_from(&p).unwrap();
@@ -1004,7 +1015,9 @@ mod tests {
             ..Default::default()
         };
         let mut opt = Optimizer::new(&params, 768, config, 0, 1);
-        let _norm = opt.step(0, 1.0, &Comm::single()).unwrap();
+        let _norm = opt
+            .step(0, 1.0, &Tensor::from(2.5), &Comm::single())
+            .unwrap();
         assert!(opt.state().iter().all(|(n, _)| !n.ends_with(".momentum")));
         // A first AdamW step: every matrix weight moves by its LR against the gradient.
         let moved = (&params[2].1.detach() - &before[2]).abs();
@@ -1026,7 +1039,10 @@ mod tests {
                 ..Default::default()
             };
             let mut opt = Optimizer::new(&params, 64, config, 0, 1);
-            let norm = opt.step(0, 1.0, &Comm::single()).unwrap().double_value(&[]);
+            let norm = opt
+                .step(0, 1.0, &Tensor::from(2.5), &Comm::single())
+                .unwrap()
+                .double_value(&[]);
             let mut state: Vec<(String, Tensor)> = opt
                 .state()
                 .into_iter()
@@ -1063,7 +1079,9 @@ mod tests {
             (p * toy_grad(p, i, 0, 0)).sum(Kind::Float).backward();
         }
         let before: Vec<Tensor> = params.iter().map(|(_, p)| p.detach().copy()).collect();
-        let _norm = opt.step(0, 1.0, &Comm::single()).unwrap();
+        let _norm = opt
+            .step(0, 1.0, &Tensor::from(2.5), &Comm::single())
+            .unwrap();
         for i in [2, 3, 5] {
             let (name, p) = &params[i];
             // From zero momentum, the Nesterov blend is the gradient scaled, which
@@ -1086,6 +1104,54 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    /// A step whose gradient norm or loss is not finite leaves the weights and every
+    /// state as they were: the run can be resumed from them.
+    #[test]
+    fn a_step_that_is_not_finite_changes_nothing() {
+        let params = toy_params();
+        let mut opt = Optimizer::new(&params, 64, OptimConfig::default(), 0, 1);
+        let backward = |poison: f64| {
+            for (i, (_, p)) in params.iter().enumerate() {
+                (p * toy_grad(p, i, 0, 0) * poison)
+                    .sum(Kind::Float)
+                    .backward();
+            }
+        };
+        backward(1.0);
+        let _norm = opt
+            .step(0, 1.0, &Tensor::from(2.5), &Comm::single())
+            .unwrap();
+        opt.zero_grad();
+        let snapshot = |opt: &Optimizer| -> Vec<Tensor> {
+            let state = opt.state().into_iter().map(|(_, t)| t.copy());
+            params
+                .iter()
+                .map(|(_, p)| p.detach().copy())
+                .chain(state)
+                .collect()
+        };
+        let before = snapshot(&opt);
+        for (poison, loss) in [(f64::NAN, 2.5), (1.0, f64::INFINITY), (1.0, f64::NAN)] {
+            backward(poison);
+            let norm = opt
+                .step(1, 1.0, &Tensor::from(loss), &Comm::single())
+                .unwrap();
+            assert_eq!(norm.double_value(&[]).is_nan(), poison.is_nan());
+            opt.zero_grad();
+            for (a, b) in snapshot(&opt).iter().zip(&before) {
+                assert!(a.equal(b), "a step at loss {loss}, gradient x {poison}");
+            }
+        }
+        backward(1.0);
+        let _norm = opt
+            .step(1, 1.0, &Tensor::from(2.5), &Comm::single())
+            .unwrap();
+        assert!(
+            !params[2].1.detach().equal(&before[2]),
+            "a finite step updates"
+        );
     }
 
     fn toy_params() -> Vec<(String, Tensor)> {
@@ -1138,7 +1204,7 @@ mod tests {
             for (i, (_, p)) in params.iter().enumerate() {
                 (p * grads_of(p, i, step)).sum(Kind::Float).backward();
             }
-            let _norm = opt.step(step, 1.0, comm).unwrap();
+            let _norm = opt.step(step, 1.0, &Tensor::from(2.5), comm).unwrap();
             opt.zero_grad();
         }
         let values = params

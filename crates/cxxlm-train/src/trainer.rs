@@ -5,6 +5,7 @@
 //! its schedule, metrics, checkpoints, resuming, stop requests, time budgets and data
 //! parallelism.
 
+use cxxlm_cuda::stream::{Event as DeviceEvent, Stream};
 use cxxlm_model::{Gpt, ModelConfig, Packing, Phases, WeightStore};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -644,6 +645,11 @@ pub fn train(
 ) -> Result<TrainerState> {
     let (rank, ranks) = (comm.rank(), comm.size());
     let dev = stage.model.device();
+    // Times the passes on the device, whose work the host does not wait for.
+    let device_clock = match dev {
+        Device::Cuda(index) => Stream::current(index),
+        _ => None,
+    };
     let mut report = |event: Event| {
         if rank == 0 {
             report(event)
@@ -826,6 +832,7 @@ pub fn train(
         // checkpoints.
         mark(&mut phases, "between_steps");
         let started = Instant::now();
+        let started_on_device = timed(&device_clock)?;
         let source_before = state.loader.clone();
         let lr_scale = stage.schedule.lr_scale(step, steps);
         let first = match prefetched.take() {
@@ -885,37 +892,23 @@ pub fn train(
             store.finish()?;
         }
         mark(&mut phases, "forward_backward");
+        let passes_on_device = timed(&device_clock)?;
+        let passes_on_host = started.elapsed().as_secs_f64();
         let losses = Tensor::stack(&micro_losses, 0).to_kind(Kind::Double);
         comm.all_reduce_sum(&losses)?;
-        let values: Vec<f64> =
-            Vec::<f64>::try_from(&losses).map_err(|e| TrainError::Torch(e.to_string()))?;
-        if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
-            let mut before = state.clone();
-            before.loader = source_before;
-            let saved = save(
-                &before,
-                &stage.model,
-                &stage.optimizer,
-                stage.sharding.as_ref(),
-            )?;
-            return Err(TrainError::NonFinite {
-                step,
-                micro_batch: bad,
-                loss: values[bad],
-                saved,
-            });
-        }
         let loss_figures = stage.loss.figures(&comm)?;
         if let Some(why) = stage.loss.refusal(&loss_figures) {
             return Err(TrainError::Guard(why));
         }
         mark(&mut phases, "loss_check");
-        let forward_backward_seconds = started.elapsed().as_secs_f64();
-        let loss = values.iter().sum::<f64>() / normalizer;
-        let grad_norm =
-            stage
-                .optimizer
-                .step(step + stage.optimizer_steps_before, lr_scale, &comm)?;
+        // Launched without waiting for the passes: the device skips the update if the
+        // loss or the gradient is not finite, which is read at the end of the step.
+        let grad_norm = stage.optimizer.step(
+            step + stage.optimizer_steps_before,
+            lr_scale,
+            &losses.sum(Kind::Double),
+            &comm,
+        )?;
         mark(&mut phases, "optimizer");
         let source_after = stage.source.state();
         // Read before the next step's first batch is.
@@ -932,13 +925,44 @@ pub fn train(
             given_up = prefetched.is_none();
         }
         mark(&mut phases, "next_batch");
+        let values: Vec<f64> =
+            Vec::<f64>::try_from(&losses).map_err(|e| TrainError::Torch(e.to_string()))?;
         let grad_norm = grad_norm.double_value(&[]);
+        let bad = values.iter().position(|v| !v.is_finite());
+        if bad.is_some() || !grad_norm.is_finite() {
+            let mut before = state.clone();
+            before.loader = source_before;
+            let saved = save(
+                &before,
+                &stage.model,
+                &stage.optimizer,
+                stage.sharding.as_ref(),
+            )?;
+            return Err(match bad {
+                Some(bad) => TrainError::NonFinite {
+                    step,
+                    micro_batch: bad,
+                    loss: values[bad],
+                    saved,
+                },
+                None => TrainError::NonFiniteGradient {
+                    step,
+                    norm: grad_norm,
+                    saved,
+                },
+            });
+        }
+        let loss = values.iter().sum::<f64>() / normalizer;
         stage.optimizer.zero_grad();
         if let Device::Cuda(index) = dev {
             tch::Cuda::synchronize(index as i64);
         }
         mark(&mut phases, "zero_grad");
         let seconds = started.elapsed().as_secs_f64();
+        let forward_backward_seconds = match (started_on_device, passes_on_device) {
+            (Some(start), Some(end)) => end.seconds_since(&start).map_err(TrainError::Torch)?,
+            _ => passes_on_host,
+        };
 
         state.step += 1;
         state.tokens += stage.step_tokens as u64;
@@ -1071,6 +1095,12 @@ pub struct StepGradients {
 /// optimizer, or under full sharding by `weights` as each layer's are done), so each rank
 /// scales its own by `ranks / supervised`.
 #[allow(clippy::too_many_arguments)]
+/// A timed event at the end of what `clock` holds now, where there is a clock.
+fn timed(clock: &Option<Stream>) -> Result<Option<DeviceEvent>> {
+    let event = clock.as_ref().map(Stream::record_timed).transpose();
+    event.map_err(TrainError::Torch)
+}
+
 pub fn step_gradients(
     model: &Gpt,
     weights: Option<&dyn WeightStore>,
