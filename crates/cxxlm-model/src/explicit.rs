@@ -443,7 +443,7 @@ impl Gpt {
         let mut total = Tensor::zeros([], (Kind::Float, self.device));
         let mut start = 0;
         while start < n {
-            let len = self.loss_chunk.min(n - start);
+            let len = self.explicit_loss_chunk.min(n - start);
             let rows = hf.narrow(0, start, len);
             let logits = rows.mm(&head.tr());
             let losses = fused.softcap_cross_entropy_(
@@ -687,7 +687,7 @@ mod tests {
             };
             assert_eq!(config.heads, 2, "the tiny preset has two heads");
             let mut m = Gpt::random(config, 3);
-            m.loss_chunk = 20;
+            m.explicit_loss_chunk = 20;
             let idx = Tensor::randint(300, [3, 16], (Kind::Int64, Device::Cpu));
             let tgt = Tensor::randint(300, [3, 16], (Kind::Int64, Device::Cpu));
             let _ = tgt.get(0).get(5).fill_(-1);

@@ -16,6 +16,11 @@ use crate::ModelError;
 /// Tokens whose fp32 logits are materialized at once by the loss.
 const LOSS_CHUNK_ELEMENTS: i64 = 1 << 27;
 
+/// The explicit pass's logits (bf16) made at once: 1 GiB of them. Each chunk costs a pass
+/// over the head's fp32 gradient and matrix products of its size; at d12 B=32, chunks of
+/// 2^27 took 1.6 ms a step more (`BENCHMARKS.md`).
+pub const EXPLICIT_LOSS_CHUNK_ELEMENTS: usize = 1 << 29;
+
 pub struct Gpt {
     pub config: ModelConfig,
     /// `wte`, then each block's matrices, then `lm_head`, as fp32 leaves.
@@ -25,8 +30,9 @@ pub struct Gpt {
     /// Rotary tables `(1, seq_len, 1, head_dim / 2)` in the compute precision.
     pub(crate) cos: Tensor,
     pub(crate) sin: Tensor,
-    /// Tokens whose logits the loss materializes at once.
+    /// Tokens whose logits the loss materializes at once: autograd's, the explicit pass's.
     pub(crate) loss_chunk: i64,
+    pub(crate) explicit_loss_chunk: i64,
     /// Trains by the explicit pass with these steps instead of autograd.
     fused: Option<Fused>,
     /// The explicit pass keeps only the input of every this-many-th layer (0: none) and
@@ -153,6 +159,7 @@ impl Gpt {
             cos: freqs.cos().to_kind(compute).to_device(device),
             sin: freqs.sin().to_kind(compute).to_device(device),
             loss_chunk: (LOSS_CHUNK_ELEMENTS / config.vocab_size as i64).max(1),
+            explicit_loss_chunk: (EXPLICIT_LOSS_CHUNK_ELEMENTS / config.vocab_size).max(1) as i64,
             config,
             params,
             device,

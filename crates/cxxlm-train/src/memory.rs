@@ -10,6 +10,7 @@
 //! explicit pass keeps (`cxxlm_model::explicit`), which matched the allocator's measured
 //! peak within 2% at d12 and d20 on an H100 (BENCHMARKS.md; the test below).
 
+use cxxlm_model::gpt::EXPLICIT_LOSS_CHUNK_ELEMENTS;
 use cxxlm_model::{Activation, Decoder, ModelConfig};
 use tch::Kind;
 
@@ -20,9 +21,6 @@ use crate::pretrain::RunConfig;
 pub fn gib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
 }
-
-/// Rows of the loss computed at once: the explicit pass's chunk of `2^27` logits.
-const LOSS_CHUNK_ELEMENTS: usize = 1 << 27;
 
 /// Autograd keeps this many times the explicit pass's activations (measured at d12 B=32:
 /// 23.78 against 13.92 GiB for the pass, at d20 B=16: 34.81 against 21.45); it trains the
@@ -166,9 +164,10 @@ pub fn plan(
         0
     };
     let activations = kept(every);
-    let logits = 2 * tokens.min(LOSS_CHUNK_ELEMENTS / c.vocab_size.max(1)) * c.vocab_size;
-    // One layer's backward: the MLP's gradients beside its activation.
-    let workspace = logits + 2 * 2 * tokens * mlp;
+    // Beside the kept activations, one at a time: the head's chunk of logits (bf16), then
+    // a layer's backward, the MLP's gradients beside its activation.
+    let logits = 2 * tokens.min(EXPLICIT_LOSS_CHUNK_ELEMENTS / c.vocab_size.max(1)) * c.vocab_size;
+    let workspace = logits.max(2 * 2 * tokens * mlp);
     let (activations, weights) = match explicit {
         true => (activations as u64, weights as u64),
         false => (
