@@ -1086,6 +1086,12 @@ pub struct StepGradients {
     pub padding_share: Option<f64>,
 }
 
+/// A timed event at the end of what `clock` holds now, where there is a clock.
+fn timed(clock: &Option<Stream>) -> Result<Option<DeviceEvent>> {
+    let event = clock.as_ref().map(Stream::record_timed).transpose();
+    event.map_err(TrainError::Torch)
+}
+
 /// Forward and backward of one step's `grad_accum` micro-batches (`first`, then the
 /// source's next): adds to every weight's gradient that of the step's summed loss
 /// divided by its supervised targets over every micro-batch and rank, counted in one
@@ -1095,12 +1101,6 @@ pub struct StepGradients {
 /// optimizer, or under full sharding by `weights` as each layer's are done), so each rank
 /// scales its own by `ranks / supervised`.
 #[allow(clippy::too_many_arguments)]
-/// A timed event at the end of what `clock` holds now, where there is a clock.
-fn timed(clock: &Option<Stream>) -> Result<Option<DeviceEvent>> {
-    let event = clock.as_ref().map(Stream::record_timed).transpose();
-    event.map_err(TrainError::Torch)
-}
-
 pub fn step_gradients(
     model: &Gpt,
     weights: Option<&dyn WeightStore>,
