@@ -159,7 +159,7 @@ impl NewtonSchulz {
 /// tensor cores take it as fast as bf16 and whose three more bits of mantissa leave about
 /// an eighth of bf16's rounding in the result (the values stay far inside fp16's range:
 /// X's singular values under 1.3, the Gram form's R under 1 and Q under 3.5^3).
-pub fn newton_schulz_kind(device: tch::Device) -> Kind {
+fn newton_schulz_kind(device: tch::Device) -> Kind {
     match device {
         tch::Device::Cuda(_) => Kind::Half,
         _ => Kind::Float,
