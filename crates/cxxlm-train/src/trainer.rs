@@ -900,7 +900,7 @@ pub fn train(
         if let Some(why) = stage.loss.refusal(&loss_figures) {
             return Err(TrainError::Guard(why));
         }
-        mark(&mut phases, "loss_check");
+        mark(&mut phases, "loss_figures");
         // Launched without waiting for the passes: the device skips the update if the
         // loss or the gradient is not finite, which is read at the end of the step.
         let grad_norm = stage.optimizer.step(

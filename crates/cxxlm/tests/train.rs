@@ -201,7 +201,7 @@ fn phases_are_timed_without_changing_the_run() {
         let mut names = vec![
             "batch",
             "forward_backward",
-            "loss_check",
+            "loss_figures",
             "optimizer",
             "next_batch",
             "zero_grad",
