@@ -373,4 +373,24 @@ mod tests {
         assert_eq!(pool.cached_programs(), 4);
         assert!(got[5].1.cached);
     }
+
+    /// RL gives a batch up mid-sampling when a stop is asked for: its completions handed
+    /// in so far are never waited for. The next batch still gets its own verdicts alone,
+    /// and dropping the pool returns once the workers have judged what was queued.
+    #[test]
+    fn a_batch_given_up_leaves_the_next_its_own_and_the_pool_still_shuts_down() {
+        let pool = RewardPool::new(Arc::new(vec![add_task()]), 1).unwrap();
+        let given_up = pool.new_batch();
+        for i in 0..3 {
+            let wrong = format!("int add(int a, int b) {{ return a - b + {i}; }}");
+            pool.submit(given_up, i, 0, wrong);
+        }
+        let next = pool.new_batch();
+        pool.submit(next, 7, 0, "int add(int a, int b) { return a + b; }".into());
+        let got = pool.wait(next).unwrap();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].0, 7);
+        assert!(got[0].1.judged.passed, "{got:?}");
+        drop(pool);
+    }
 }
