@@ -712,8 +712,9 @@ impl Fused {
         }
     }
 
-    /// `weights += scale * update`: Muon's orthogonalized update (in Newton-Schulz's
-    /// precision, any layout) added to fp32 weights of its size.
+    /// `weights += scale * update`: Muon's orthogonalized update (any layout; the kernel
+    /// reads it in fp16, Newton-Schulz's precision on GPUs) added to fp32 weights of its
+    /// size.
     pub fn muon_update_(&self, weights: &Tensor, update: &Tensor, scale: f64) {
         match self {
             Fused::Reference => {
@@ -724,17 +725,13 @@ impl Fused {
             Fused::Kernels(k) => {
                 let n = weights.numel() as i64;
                 expect_fp32(weights, n, "Muon weights");
-                let update = match update.kind() {
-                    Kind::Half => update.contiguous(),
-                    _ => update.to_kind(Kind::BFloat16).contiguous(),
-                };
+                let update = update.to_kind(Kind::Half).contiguous();
                 assert_eq!(update.numel() as i64, n, "Muon update's size");
                 let args = [
                     ptr(weights),
                     ptr(&update),
                     Arg::I64(n),
                     Arg::F32(scale as f32),
-                    Arg::I32((update.kind() == Kind::Half) as i32),
                 ];
                 k.launch("muon_update", elementwise_grid(n, false), 256, &args);
             }

@@ -433,16 +433,13 @@ extern "C" __global__ void normalize_to_half(const bf16* x, const bf16* norms, u
     }
 }
 
-// p <- p + scale u: the orthogonalized update, in bf16 (or fp16 where `half`), added to
-// fp32 weights.
-extern "C" __global__ void muon_update(float* p, const unsigned short* u, long long n, float scale, int half) {
+// p <- p + scale u: the orthogonalized update, in fp16 (Newton-Schulz's precision), added
+// to fp32 weights.
+extern "C" __global__ void muon_update(float* p, const unsigned short* u, long long n, float scale) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         float ui;
-        if (half)
-            asm("cvt.f32.f16 %0, %1;" : "=f"(ui) : "h"(u[i]));
-        else
-            ui = to_f(u[i]);
+        asm("cvt.f32.f16 %0, %1;" : "=f"(ui) : "h"(u[i]));
         p[i] += scale * ui;
     }
 }
